@@ -1,0 +1,127 @@
+"""LoRA adapter state: the only thing that travels between clients, the server and replicas.
+
+An adapter state is a flat ``dict[str, np.ndarray]`` keyed exactly as PEFT saves it in
+``adapter_model.safetensors`` (``base_model.model.<module path>.lora_A.weight`` with shape
+``(r, d_in)`` and ``...lora_B.weight`` with shape ``(d_out, r)``), always float32. Keeping PEFT's
+names means a stored version is a PEFT directory as is, and vLLM can load it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from collm_fl.errors import AdapterValidationError, ConfigError
+
+log = logging.getLogger(__name__)
+
+AdapterState = dict[str, np.ndarray]
+
+LORA_A_SUFFIX = ".lora_A.weight"
+LORA_B_SUFFIX = ".lora_B.weight"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA hyper-parameters every participant of a run must share."""
+
+    rank: int = 8  # r: inner dimension of B @ A
+    alpha: float = 16.0  # scaling = alpha / rank
+    dropout: float = 0.0  # lora_dropout during local training
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # module names that get an adapter
+    extra: dict[str, str] = field(default_factory=dict)  # reserved for forward compatibility
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"lora-rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            problems.append(f"lora-alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"lora-dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            problems.append("lora-targets must name at least one module")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def to_peft_config_dict(self, base_model_name: str) -> dict[str, object]:
+        """The ``adapter_config.json`` PEFT (and vLLM) expect for this spec."""
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": sorted(self.target_modules),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "use_rslora": False,
+            "use_dora": False,
+        }
+
+    @classmethod
+    def from_peft_config_dict(cls, cfg: Mapping[str, object]) -> LoraSpec:
+        """Read back the fields this project uses from an ``adapter_config.json`` dict."""
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise AdapterValidationError([f"peft_type must be LORA, got {cfg.get('peft_type')!r}"])
+        targets = cfg.get("target_modules")
+        if isinstance(targets, str):
+            targets_t: tuple[str, ...] = (targets,)
+        elif isinstance(targets, list | tuple):
+            targets_t = tuple(str(t) for t in targets)
+        else:
+            raise AdapterValidationError([f"target_modules must be a list, got {targets!r}"])
+        return cls(
+            rank=int(cfg["r"]),  # type: ignore[call-overload]
+            alpha=float(cfg["lora_alpha"]),  # type: ignore[arg-type]
+            dropout=float(cfg.get("lora_dropout", 0.0)),  # type: ignore[arg-type]
+            target_modules=tuple(sorted(targets_t)),
+        )
+
+    def replace(self, **changes: object) -> LoraSpec:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def lora_module_names(state: Mapping[str, np.ndarray]) -> list[str]:
+    """The module prefixes that carry an (A, B) pair, sorted; raises if a pair is incomplete."""
+    a_mods = {k[: -len(LORA_A_SUFFIX)] for k in state if k.endswith(LORA_A_SUFFIX)}
+    b_mods = {k[: -len(LORA_B_SUFFIX)] for k in state if k.endswith(LORA_B_SUFFIX)}
+    problems = [f"{m}: lora_B without lora_A" for m in sorted(b_mods - a_mods)]
+    problems += [f"{m}: lora_A without lora_B" for m in sorted(a_mods - b_mods)]
+    other = [k for k in state if not k.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX))]
+    problems += [f"unexpected key {k!r} (not a LoRA A/B weight)" for k in sorted(other)]
+    if problems:
+        raise AdapterValidationError(problems)
+    return sorted(a_mods)
+
+
+def lora_pairs(state: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Module prefix -> (A (r, d_in), B (d_out, r))."""
+    return {
+        m: (state[m + LORA_A_SUFFIX], state[m + LORA_B_SUFFIX]) for m in lora_module_names(state)
+    }
+
+
+def state_from_pairs(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> AdapterState:
+    """Inverse of :func:`lora_pairs`."""
+    out: AdapterState = {}
+    for m, (a, b) in pairs.items():
+        out[m + LORA_A_SUFFIX] = np.ascontiguousarray(a, dtype=np.float32)
+        out[m + LORA_B_SUFFIX] = np.ascontiguousarray(b, dtype=np.float32)
+    return out
+
+
+def adapter_nbytes(state: Mapping[str, np.ndarray]) -> int:
+    return int(sum(v.nbytes for v in state.values()))

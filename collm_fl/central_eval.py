@@ -1,0 +1,39 @@
+"""Central evaluation: held-out loss and perplexity of an adapter on data no client trains on."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from collm_fl.config import RunConfig
+from collm_fl.data import load_central_heldout
+from collm_fl.data.tokenize import TokenizedBlocks, tokenize_samples
+from collm_fl.models import LoadedModel, load_base_model
+from collm_fl.training import EvalResult, attach_lora, evaluate_loss, set_adapter_state
+
+log = logging.getLogger(__name__)
+
+
+def central_heldout_blocks(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TokenizedBlocks:
+    """The tokenized central held-out set (a seeded, spread-out subset when capped)."""
+    samples = load_central_heldout(cfg.data_spec, cfg.central_eval_samples or None, tokenizer)
+    blocks = tokenize_samples(samples, tokenizer, cfg.seq_len)
+    log.info("central held-out set: %d rows of %d tokens", blocks.input_ids.shape[0], cfg.seq_len)
+    return blocks
+
+
+class CentralEvaluator:
+    """One base model with a LoRA slot, and the tokenized central held-out set."""
+
+    def __init__(self, cfg: RunConfig, loaded: LoadedModel | None = None) -> None:
+        self.cfg = cfg
+        self.loaded = loaded or load_base_model(cfg.model, quantization=cfg.quantization)
+        self.blocks = central_heldout_blocks(cfg, self.loaded.tokenizer)
+        self.model = attach_lora(self.loaded.model, cfg.lora)
+
+    def evaluate(self, state: Mapping[str, np.ndarray]) -> EvalResult:
+        set_adapter_state(self.model, state)
+        return evaluate_loss(self.model, self.blocks, batch_size=self.cfg.batch_size)

@@ -1,0 +1,153 @@
+"""The ``collm`` command line: prepare models, run the federation, benchmarks, inspect versions.
+
+Exit codes: 0 success, 2 bad input (arguments, config, data, missing packages) with a one-line
+reason on stderr, 1 for a failure of the work itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from collm_fl.errors import CollmError
+from collm_fl.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="collm",
+        description="CoLLM-FL: federated LoRA fine-tuning and serving on the same edge replicas.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build/convert a built-in model into the cache (once)")
+    p.add_argument("--model", default="smollm2-135m", help="tiny, smollm2-135m, HF id or path")
+
+    p = sub.add_parser(
+        "federate",
+        help="run the Flower federation locally (flwr run) and stop the local SuperLink afterwards",
+    )
+    p.add_argument("--app", default=".", help="path of the Flower app (default: .)")
+    p.add_argument("--supernodes", type=int, default=4, help="simulated SuperNodes (clients)")
+    p.add_argument(
+        "-c",
+        "--run-config",
+        default="",
+        help="run-config overrides, e.g. \"num-server-rounds=2 model='tiny'\"",
+    )
+
+    p = sub.add_parser("versions", help="list the stored adapter versions of a run")
+    p.add_argument("--output-dir", default="outputs")
+    p.add_argument("--store-url", default="")
+    p.add_argument("--run-name", default="default")
+
+    bench = sub.add_parser("bench", help="benchmarks (write JSON + markdown)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("aggregation", help="seconds and error of FedAvg vs exact aggregation")
+    b.add_argument("--clients", type=_positive_int_list, default=[10, 100])
+    b.add_argument("--layers", type=int, default=32)
+    b.add_argument("--dim", type=int, default=4096)
+    b.add_argument("--rank", type=int, default=16)
+    b.add_argument("--out", default="docs/bench")
+
+    b = bsub.add_parser("quality", help="central held-out perplexity: base vs stored versions")
+    b.add_argument("--output-dir", default="outputs", help="the run's output-dir")
+    b.add_argument("--store-url", default="")
+    b.add_argument("--run-name", default="default")
+    b.add_argument("--out", default="", help="report dir (default: <output-dir>/reports)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return _dispatch(args)
+    except CollmError as e:
+        print(f"collm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("collm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "prepare":
+        from collm_fl.models import load_base_model
+
+        loaded = load_base_model(args.model)
+        print(f"{args.model}: {loaded.num_parameters / 1e6:.1f}M parameters at {loaded.path}")
+        return 0
+    if args.command == "federate":
+        from collm_fl.federate import run_local_federation
+
+        return run_local_federation(Path(args.app), args.supernodes, args.run_config)
+    if args.command == "versions":
+        from collm_fl.store import VersionStore
+
+        out = Path(args.output_dir).resolve()
+        store = VersionStore(out, args.store_url or None)
+        run = store.find_run(args.run_name)
+        for v in store.list_versions(run.id):
+            loss = "-" if v.eval_loss is None else f"{v.eval_loss:.4f}"
+            where = store.version_dir(v)
+            print(f"v{v.number:<4d} round {v.round_number:<4d} eval-loss {loss:>8s}  {where}")
+        return 0
+    if args.command == "bench" and args.bench == "aggregation":
+        from collm_fl.bench.aggregation import run_aggregation_benchmark, write_benchmark_report
+
+        result = run_aggregation_benchmark(
+            client_counts=args.clients,
+            layers=args.layers,
+            d=args.dim,
+            rank=args.rank,
+            progress=lambda line: print(line, flush=True),
+        )
+        json_path, md_path = write_benchmark_report(result, Path(args.out), _command_line())
+        print(md_path.read_text())
+        print(f"wrote {json_path} and {md_path}")
+        return 0
+    if args.command == "bench" and args.bench == "quality":
+        from collm_fl.bench.quality import run_quality_benchmark
+
+        out_dir = Path(args.out) if args.out else Path(args.output_dir) / "reports"
+        result, md_path = run_quality_benchmark(
+            Path(args.output_dir), args.run_name, args.store_url or None, out_dir, _command_line()
+        )
+        print(md_path.read_text())
+        print(
+            json.dumps(
+                {
+                    "base_perplexity": result["base"]["perplexity"],
+                    "final_perplexity": result["final"]["perplexity"],
+                }
+            )
+        )
+        return 0
+    raise AssertionError(f"unhandled command {args}")  # argparse guarantees a known command
+
+
+def _command_line() -> str:
+    return " ".join(["collm", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

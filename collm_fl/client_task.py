@@ -1,0 +1,112 @@
+"""One client's work in a round: train the global adapter on its private partition, or evaluate it.
+
+Used by the Flower ClientApp for nodes without a replica (devices train in-process). Only the
+adapter tensors and scalar metrics are returned; the base weights and the raw data stay here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from collm_fl.adapters import AdapterState
+from collm_fl.config import RunConfig
+from collm_fl.data import load_client_data
+from collm_fl.data.tokenize import iterate_batches, tokenize_samples
+from collm_fl.models import load_base_model
+from collm_fl.training import (
+    attach_lora,
+    evaluate_loss,
+    get_adapter_state,
+    set_adapter_state,
+    train_lora,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainBudget:
+    """What the server asks of a client this round (the allocation policy may change it)."""
+
+    local_steps: int
+    learning_rate: float
+    batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, overrides: Mapping[str, object]) -> TrainBudget:
+        return cls(
+            local_steps=int(overrides.get("local-steps", cfg.local_steps)),  # type: ignore[call-overload]
+            learning_rate=float(overrides.get("learning-rate", cfg.learning_rate)),  # type: ignore[arg-type]
+            batch_size=int(overrides.get("batch-size", cfg.batch_size)),  # type: ignore[call-overload]
+        )
+
+
+def apply_thread_budget(cfg: RunConfig) -> None:
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+
+
+def train_on_partition(
+    cfg: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    global_state: Mapping[str, np.ndarray],
+    budget: TrainBudget,
+    server_round: int,
+) -> tuple[AdapterState, dict[str, float]]:
+    """Train ``budget.local_steps`` steps from the global adapter; return it with metrics."""
+    apply_thread_budget(cfg)
+    started = time.perf_counter()
+    loaded = load_base_model(cfg.model, quantization=cfg.quantization)
+    model = attach_lora(loaded.model, cfg.lora)
+    set_adapter_state(model, global_state)
+    data = load_client_data(cfg.data_spec, partition_id, num_partitions, loaded.tokenizer)
+    blocks = tokenize_samples(data.train, loaded.tokenizer, cfg.seq_len)
+    batches = iterate_batches(blocks, budget.batch_size, seed=cfg.seed * 100_003 + server_round)
+    result = train_lora(model, batches, budget.local_steps, budget.learning_rate)
+    state = get_adapter_state(model)
+    metrics = {
+        "num-examples": float(blocks.input_ids.shape[0]),
+        "train-loss": result.loss,
+        "train-tokens": float(result.tokens),
+        "train-seconds": result.seconds,
+        "total-seconds": time.perf_counter() - started,
+        "local-steps": float(result.steps),
+    }
+    log.info(
+        "partition %d (%s): %d steps, loss %.4f, %d tokens in %.1fs",
+        partition_id,
+        data.name,
+        result.steps,
+        result.loss,
+        result.tokens,
+        result.seconds,
+    )
+    return state, metrics
+
+
+def evaluate_on_partition(
+    cfg: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    global_state: Mapping[str, np.ndarray],
+) -> dict[str, float]:
+    """Held-out loss of the global adapter on this client's own held-out split."""
+    apply_thread_budget(cfg)
+    loaded = load_base_model(cfg.model, quantization=cfg.quantization)
+    model = attach_lora(loaded.model, cfg.lora)
+    set_adapter_state(model, global_state)
+    data = load_client_data(cfg.data_spec, partition_id, num_partitions, loaded.tokenizer)
+    blocks = tokenize_samples(data.heldout, loaded.tokenizer, cfg.seq_len)
+    result = evaluate_loss(model, blocks, batch_size=cfg.batch_size)
+    return {
+        "num-examples": float(blocks.input_ids.shape[0]),
+        "eval-loss": result.loss,
+        "eval-perplexity": result.perplexity,
+    }

@@ -1,0 +1,191 @@
+"""Run configuration: every run-time knob of a federated run, validated in one place.
+
+The same keys appear in ``[tool.flwr.app.config]`` of pyproject.toml, in ``flwr run -c "..."``
+overrides, and in the ``collm`` CLI. :func:`RunConfig.from_flower` turns Flower's flat
+``context.run_config`` into a typed, validated object; a bad value raises ``ConfigError`` naming
+the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from collm_fl.adapters import LoraSpec
+from collm_fl.data.partition import DataSpec
+from collm_fl.errors import ConfigError
+
+Scalar = str | int | float | bool
+AGGREGATION_MODES = ("exact", "fedavg")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All knobs of a federated LoRA run (kebab-case keys in Flower's run config)."""
+
+    model: str = "smollm2-135m"  # "tiny", "smollm2-135m", an HF id or a local path
+    quantization: str = "none"  # "none" | "4bit" | "8bit" (bitsandbytes, CUDA only)
+    data: str = "shakespeare"  # "shakespeare" or a path to JSON/JSONL/text data
+    partitioning: str = "play"  # "play" | "character" | "iid" | "dirichlet"
+    dirichlet_alpha: float = 0.5
+    heldout_fraction: float = 0.1  # per-client held-out share
+    central_heldout: int = 2  # plays reserved for the server's central evaluation
+    max_samples_per_client: int = 0  # 0 = all
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0  # share of connected nodes sampled per round
+    min_train_nodes: int = 2
+    min_good_replies: int = 1  # fewer valid updates than this keeps the previous version
+    local_steps: int = 10
+    batch_size: int = 4
+    seq_len: int = 128
+    learning_rate: float = 5e-4
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    aggregation: str = "exact"  # "exact" (SVD of the summed products) | "fedavg" (factors)
+    max_update_norm: float = 50.0  # reject updates whose ||ΔBA||_F exceeds this; 0 = no bound
+    central_eval_samples: int = 48  # central held-out samples evaluated each round; 0 = all
+    output_dir: str = "outputs"
+    store_url: str = ""  # SQLAlchemy URL; "" = sqlite file in output-dir
+    run_name: str = "default"  # resumes when a run of this name exists in the store
+    seed: int = 0
+    torch_threads: int = 0  # 0 = leave torch's default
+    round_timeout: float = 3600.0  # seconds to wait for replies in a round
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+
+        def check(ok: bool, key: str, value: object, rule: str) -> None:
+            if not ok:
+                problems.append(f"{key}={value!r}: {rule}")
+
+        check(bool(self.model), "model", self.model, "must not be empty")
+        check(
+            self.quantization in ("none", "4bit", "8bit"),
+            "quantization",
+            self.quantization,
+            "must be none, 4bit or 8bit",
+        )
+        check(
+            self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "must be >= 1"
+        )
+        check(
+            0.0 < self.fraction_train <= 1.0,
+            "fraction-train",
+            self.fraction_train,
+            "must be in (0, 1]",
+        )
+        check(self.min_train_nodes >= 1, "min-train-nodes", self.min_train_nodes, "must be >= 1")
+        check(self.min_good_replies >= 1, "min-good-replies", self.min_good_replies, "must be >= 1")
+        check(self.local_steps >= 1, "local-steps", self.local_steps, "must be >= 1")
+        check(self.batch_size >= 1, "batch-size", self.batch_size, "must be >= 1")
+        check(8 <= self.seq_len <= 8192, "seq-len", self.seq_len, "must be in [8, 8192]")
+        check(
+            0.0 < self.learning_rate < 1.0, "learning-rate", self.learning_rate, "must be in (0, 1)"
+        )
+        check(
+            self.aggregation in AGGREGATION_MODES,
+            "aggregation",
+            self.aggregation,
+            f"must be one of {', '.join(AGGREGATION_MODES)}",
+        )
+        check(self.max_update_norm >= 0, "max-update-norm", self.max_update_norm, "must be >= 0")
+        check(
+            self.central_eval_samples >= 0,
+            "central-eval-samples",
+            self.central_eval_samples,
+            "must be >= 0",
+        )
+        check(self.torch_threads >= 0, "torch-threads", self.torch_threads, "must be >= 0")
+        check(self.round_timeout > 0, "round-timeout", self.round_timeout, "must be > 0")
+        check(bool(self.run_name), "run-name", self.run_name, "must not be empty")
+        if problems:
+            raise ConfigError("invalid run config: " + "; ".join(problems))
+        self.data_spec  # noqa: B018 - validates the data fields now, not on first use
+
+    @property
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            source=self.data,
+            partitioning=self.partitioning,
+            dirichlet_alpha=self.dirichlet_alpha,
+            heldout_fraction=self.heldout_fraction,
+            central_heldout=self.central_heldout,
+            max_samples_per_client=self.max_samples_per_client or None,
+            seed=self.seed,
+        )
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The config as Flower-style flat kebab-case keys (what is stored with a run)."""
+        out: dict[str, Scalar] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "lora":
+                continue
+            out[f.name.replace("_", "-")] = getattr(self, f.name)
+        out["lora-rank"] = self.lora.rank
+        out["lora-alpha"] = self.lora.alpha
+        out["lora-dropout"] = self.lora.dropout
+        out["lora-targets"] = ",".join(self.lora.target_modules)
+        return out
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Scalar]) -> RunConfig:
+        """Build from Flower's ``context.run_config``; unknown keys and bad types are errors."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "lora"}
+        lora_keys = {"lora-rank", "lora-alpha", "lora-dropout", "lora-targets"}
+        kwargs: dict[str, object] = {}
+        problems: list[str] = []
+        for key, value in run_config.items():
+            if key in lora_keys:
+                continue
+            name = key.replace("-", "_")
+            if name not in fields:
+                problems.append(f"unknown key {key!r}")
+                continue
+            try:
+                kwargs[name] = _coerce(value, fields[name].default)
+            except (TypeError, ValueError):
+                expected = type(fields[name].default).__name__
+                problems.append(f"{key}={value!r}: expected {expected}")
+        try:
+            lora_defaults = LoraSpec()
+            targets = str(run_config.get("lora-targets", ",".join(lora_defaults.target_modules)))
+            kwargs["lora"] = LoraSpec(
+                rank=int(run_config.get("lora-rank", lora_defaults.rank)),
+                alpha=float(run_config.get("lora-alpha", lora_defaults.alpha)),
+                dropout=float(run_config.get("lora-dropout", lora_defaults.dropout)),
+                target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()),
+            )
+        except (TypeError, ValueError) as e:
+            problems.append(f"lora-*: {e}")
+        if problems:
+            raise ConfigError("invalid run config: " + "; ".join(problems))
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> RunConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _coerce(value: Scalar, default: object) -> object:
+    """Coerce a Flower config scalar to the type of the field's default."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise TypeError(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TypeError(value)
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
+    if isinstance(value, str):
+        return value
+    raise TypeError(value)

@@ -1,0 +1,38 @@
+"""Domain errors: every failure a user can cause has a type and a message naming what is wrong."""
+
+from __future__ import annotations
+
+
+class CollmError(Exception):
+    """Base class of every error CoLLM-FL raises on purpose."""
+
+
+class ConfigError(CollmError):
+    """A run-config value, CLI argument or option is invalid (names the key and the value)."""
+
+
+class DataFormatError(CollmError):
+    """A data file is malformed; the message names the file and, where known, the line."""
+
+    def __init__(self, path: str, reason: str, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        self.reason = reason
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {reason}")
+
+
+class ModelLoadError(CollmError):
+    """A base model or tokenizer cannot be loaded (missing file, missing package, no GPU)."""
+
+
+class AdapterValidationError(CollmError):
+    """An adapter update or stored version fails validation; carries every problem found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems) if self.problems else "invalid adapter")
+
+
+class StoreError(CollmError):
+    """The version store cannot read or write a run, round or version."""

@@ -1,0 +1,97 @@
+"""Run the Flower app on a local simulation SuperLink, and stop that SuperLink afterwards.
+
+``flwr run .`` starts a detached local SuperLink on first use and leaves it running. This wrapper
+sets the environment the project needs (no per-run dependency install: it would pull a CUDA
+torch), runs ``flwr run --stream``, and stops the SuperLink by its process id if this call started
+it. Plain ``flwr run`` keeps working; this is the managed one-machine path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+
+from collm_fl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+NO_RUNTIME_INSTALL = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+DEFAULT_HTTP_PORT = "39091"
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """The environment ``flwr`` commands need for this project."""
+    env = dict(os.environ)
+    env.update(NO_RUNTIME_INSTALL)
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def local_superlink_running(env: dict[str, str]) -> bool:
+    port = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", DEFAULT_HTTP_PORT)
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def find_local_superlinks(flwr_home: Path) -> list[psutil.Process]:
+    """SuperLink processes whose database lives under ``flwr_home`` (the ones ``flwr`` starts)."""
+    marker = str(flwr_home / "local-superlink")
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if any("flower-superlink" in part for part in cmd[:2]) and any(marker in c for c in cmd):
+            found.append(proc)
+    return found
+
+
+def stop_processes(procs: list[psutil.Process], timeout: float = 10.0) -> None:
+    for proc in procs:
+        log.info("stopping %s (pid %d)", " ".join(proc.cmdline()[:2]), proc.pid)
+        proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        proc.kill()
+
+
+@contextmanager
+def managed_local_superlink(env: dict[str, str]) -> Iterator[None]:
+    """Stop, on exit, a local SuperLink that was not running when the block started."""
+    flwr_home = Path(env.get("FLWR_HOME", Path.home() / ".flwr"))
+    already = local_superlink_running(env)
+    try:
+        yield
+    finally:
+        if not already:
+            stop_processes(find_local_superlinks(flwr_home))
+
+
+def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
+    """``flwr run <app> --stream`` on a local simulation with ``supernodes`` clients."""
+    if supernodes < 1:
+        raise ConfigError(f"--supernodes must be >= 1, got {supernodes}")
+    if not (app / "pyproject.toml").is_file():
+        raise ConfigError(f"{app} is not a Flower app (no pyproject.toml)")
+    flwr = shutil.which("flwr")
+    if flwr is None:
+        raise ConfigError(
+            "the flwr command is not on PATH: install with pip install 'flwr[simulation]'"
+        )
+    env = flower_env()
+    cmd = [flwr, "run", str(app), "--stream", "--federation-config", f"num-supernodes={supernodes}"]
+    if run_config:
+        cmd += ["--run-config", run_config]
+    log.info("running: %s", shlex.join(cmd))
+    with managed_local_superlink(env):
+        return subprocess.call(cmd, env=env)

@@ -1,0 +1,31 @@
+"""Conversions between adapter states and Flower records, and the message keys both sides use."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from collm_fl.adapters import AdapterState
+
+ARRAYS_KEY = "arrays"  # the adapter (global on the way out, local on the way back)
+CONFIG_KEY = "config"  # the round's budget and settings
+METRICS_KEY = "metrics"  # client metrics (num-examples, train-loss, tokens, seconds)
+
+# Keys of the train MetricRecord a client returns.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_TOKENS = "train-tokens"
+TRAIN_SECONDS = "train-seconds"
+EVAL_LOSS = "eval-loss"
+
+
+def state_to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
+    )
+
+
+def arrayrecord_to_state(record: ArrayRecord) -> AdapterState:
+    return {k: np.asarray(v.numpy()) for k, v in record.items()}

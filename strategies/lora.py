@@ -1,0 +1,177 @@
+"""LoRA-aware federated averaging: validate every update, then aggregate factors or products.
+
+``LoraFedAvg`` is Flower's ``FedAvg`` with two hooks changed:
+- ``configure_train`` remembers the global adapter it sends (the reference replies are checked
+  against) and never mutates the caller's ConfigRecord;
+- ``aggregate_train`` validates each reply (keys, shapes, finite values, update-norm bound), logs
+  and reports every rejection with its node and reason, and aggregates the good ones with
+  :func:`aggregate_lora_exact` (default) or :func:`aggregate_lora_fedavg`. A round with fewer good
+  replies than ``min_good_replies`` returns no arrays, so the previous version stays in force.
+
+It composes with Flower's wrappers, e.g.
+``DifferentialPrivacyClientSideFixedClipping(LoraFedAvg(...))``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from collm_fl.adapters import AdapterState
+from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg
+from collm_fl.flower_records import (
+    ARRAYS_KEY,
+    NUM_EXAMPLES,
+    arrayrecord_to_state,
+    state_to_arrayrecord,
+)
+from collm_fl.validation import validate_update
+
+log = logging.getLogger(__name__)
+
+OK, REJECTED, FAILED = "ok", "rejected", "failed"
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    """What happened to one node's reply in a round."""
+
+    node_id: int
+    status: str  # "ok" | "rejected" | "failed"
+    reason: str | None = None
+    num_examples: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    update_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """Per-round bookkeeping the ServerApp stores: who contributed, who was rejected and why."""
+
+    server_round: int
+    outcomes: tuple[ReplyOutcome, ...]
+    aggregated: bool
+
+    def count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+
+class LoraFedAvg(FedAvg):
+    """FedAvg for LoRA adapters with reply validation and exact (product-space) aggregation."""
+
+    def __init__(
+        self,
+        *,
+        mode: str = "exact",
+        max_update_norm: float | None = None,
+        min_good_replies: int = 1,
+        **fedavg_kwargs: object,
+    ) -> None:
+        if mode not in ("exact", "fedavg"):
+            raise ValueError(f"mode must be 'exact' or 'fedavg', got {mode!r}")
+        if min_good_replies < 1:
+            raise ValueError(f"min_good_replies must be >= 1, got {min_good_replies}")
+        super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        self.mode = mode
+        self.max_update_norm = max_update_norm if max_update_norm else None
+        self.min_good_replies = min_good_replies
+        self.current_arrays = ArrayRecord()
+        self.last_report: RoundReport | None = None
+
+    def summary(self) -> None:
+        log.info(
+            "LoraFedAvg: mode=%s max-update-norm=%s min-good-replies=%d",
+            self.mode,
+            self.max_update_norm,
+            self.min_good_replies,
+        )
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current_arrays = arrays
+        return super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        reference = arrayrecord_to_state(self.current_arrays)
+        outcomes: list[ReplyOutcome] = []
+        good: list[tuple[AdapterState, int, Message]] = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                reason = f"error reply: {msg.error.reason}"
+                log.warning("round %d: node %d failed: %s", server_round, node, reason)
+                outcomes.append(ReplyOutcome(node, FAILED, reason))
+                continue
+            problems, state, metrics = self._check_reply(msg)
+            norm = None
+            if not problems:
+                check = validate_update(state, reference, self.max_update_norm)
+                problems = list(check.reasons)
+                norm = check.update_norm
+            if problems:
+                reason = "; ".join(problems)
+                log.warning(
+                    "round %d: rejected update from node %d: %s", server_round, node, reason
+                )
+                outcomes.append(ReplyOutcome(node, REJECTED, reason, metrics=metrics))
+                continue
+            n = int(metrics[NUM_EXAMPLES])
+            outcomes.append(ReplyOutcome(node, OK, None, n, metrics, norm))
+            good.append((state, n, msg))
+
+        aggregated = len(good) >= self.min_good_replies
+        self.last_report = RoundReport(server_round, tuple(outcomes), aggregated)
+        if not aggregated:
+            log.warning(
+                "round %d: %d good replies < min-good-replies=%d; keeping the previous version",
+                server_round,
+                len(good),
+                self.min_good_replies,
+            )
+            return None, None
+        states = [state for state, _, _ in good]
+        weights = [float(n) for _, n, _ in good]
+        if self.mode == "exact":
+            new_state = aggregate_lora_exact(states, weights)
+        else:
+            new_state = aggregate_lora_fedavg(states, weights)
+        agg_metrics = self.train_metrics_aggr_fn(
+            [m.content for _, _, m in good], self.weighted_by_key
+        )
+        return state_to_arrayrecord(new_state), agg_metrics
+
+    def _check_reply(self, msg: Message) -> tuple[list[str], AdapterState, dict[str, float]]:
+        """Structural checks Flower's own consistency check would raise on; here they reject."""
+        content = msg.content
+        problems: list[str] = []
+        state: AdapterState = {}
+        metrics: dict[str, float] = {}
+        if len(content.array_records) != 1 or ARRAYS_KEY not in content.array_records:
+            problems.append(
+                f"expected one ArrayRecord {ARRAYS_KEY!r}, got {list(content.array_records)}"
+            )
+        else:
+            state = arrayrecord_to_state(content.array_records[ARRAYS_KEY])
+        if len(content.metric_records) != 1:
+            problems.append(f"expected one MetricRecord, got {list(content.metric_records)}")
+        else:
+            raw = next(iter(content.metric_records.values()))
+            metrics = {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
+            n = metrics.get(NUM_EXAMPLES)
+            if n is None or not n > 0 or n != n:
+                problems.append(f"{NUM_EXAMPLES} must be a positive number, got {n!r}")
+        return problems, state, metrics

@@ -1,0 +1,298 @@
+"""VersionStore: numbering, resume, crash safety, atomic round results, other database URLs."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import safetensors.numpy as st_np
+from sqlalchemy import event
+
+from collm_fl.errors import StoreError
+from collm_fl.store import ParticipationRecord, RoundRecord, VersionStore, repository
+from collm_fl.store.models import Version
+
+T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+T1 = datetime(2025, 1, 1, 12, 1, tzinfo=UTC)
+
+
+def _round(number: int, version_number: int | None = None) -> RoundRecord:
+    return RoundRecord(
+        number=number,
+        status="aggregated",
+        started_at=T0,
+        finished_at=T1,
+        seconds=60.0,
+        num_ok=2,
+        num_rejected=1,
+        train_loss=1.5,
+        eval_loss=1.25,
+        eval_perplexity=3.49,
+        version_number=version_number,
+        metrics={"update_norm": 0.5},
+    )
+
+
+def _parts() -> list[ParticipationRecord]:
+    return [
+        ParticipationRecord(node_id=2**62 + 1, status="ok", num_examples=10, train_loss=1.4),
+        ParticipationRecord(node_id=7, status="ok", num_examples=20, train_loss=1.6),
+        ParticipationRecord(node_id=9, status="rejected", reason="NaN in lora_B"),
+    ]
+
+
+def _dirs(store: VersionStore, run_name: str) -> list[str]:
+    return sorted(p.name for p in (store.root / "runs" / run_name / "versions").iterdir())
+
+
+def test_saved_version_loads_back_identical_with_checksum(
+    store: VersionStore, make_state, assert_states_equal, peft_config
+) -> None:
+    run = store.open_run("r", {"rounds": 3}, "tiny")
+    state = make_state(0)
+    info = store.save_version(run.id, 0, state, peft_config, {"norm": 1.0}, eval_loss=2.0)
+    assert (info.number, info.round_number, info.parent_number) == (0, 0, None)
+    assert info.path == "runs/r/versions/v0000" and info.metrics == {"norm": 1.0}
+    assert store.version_dir(info) == store.root / "runs/r/versions/v0000"
+    assert_states_equal(store.load_version(info), state)
+    assert store.get_version(run.id, 0) == info
+
+
+def test_versions_are_numbered_from_zero_at_round_zero_then_consecutively(
+    store: VersionStore, make_state, peft_config
+) -> None:
+    run = store.open_run("r", {}, "tiny")
+    for rnd in (0, 1, 2):
+        store.save_version(run.id, rnd, make_state(rnd), peft_config, {})
+    infos = store.list_versions(run.id)
+    assert [(v.number, v.round_number, v.parent_number) for v in infos] == [
+        (0, 0, None),
+        (1, 1, 0),
+        (2, 2, 1),
+    ]
+    assert _dirs(store, "r") == ["v0000", "v0001", "v0002"]
+
+
+def test_first_version_after_round_zero_is_number_one(
+    store: VersionStore, make_state, peft_config
+) -> None:
+    run = store.open_run("r", {}, "tiny")
+    assert store.latest_version(run.id) is None
+    assert store.save_version(run.id, 3, make_state(0), peft_config, {}).number == 1
+
+
+def test_version_older_than_latest_round_is_refused(
+    store: VersionStore, make_state, peft_config
+) -> None:
+    run = store.open_run("r", {}, "tiny")
+    store.save_version(run.id, 2, make_state(0), peft_config, {})
+    with pytest.raises(StoreError, match="older"):
+        store.save_version(run.id, 1, make_state(1), peft_config, {})
+
+
+def test_reopened_store_resumes_latest_version_and_last_completed_round(
+    tmp_path: Path, make_state, assert_states_equal, peft_config
+) -> None:
+    with VersionStore(tmp_path / "s") as first:
+        run = first.open_run("r", {"rounds": 5}, "tiny")
+        first.save_version(run.id, 0, make_state(0), peft_config, {})
+        first.save_version(run.id, 1, make_state(1), peft_config, {})
+        first.record_round(run.id, _round(1, version_number=1))
+    with VersionStore(tmp_path / "s") as second:
+        resumed = second.open_run("r", {"rounds": 5}, "tiny")
+        assert resumed == run
+        latest = second.latest_version(run.id)
+        assert latest is not None and latest.number == 1
+        assert_states_equal(second.load_version(latest), make_state(1))
+        assert second.last_completed_round(run.id) == 1
+        assert second.list_rounds(run.id)[0].version_number == 1
+
+
+def test_resuming_a_run_on_another_base_model_is_refused(store: VersionStore) -> None:
+    store.open_run("r", {}, "tiny")
+    with pytest.raises(StoreError, match="base model"):
+        store.open_run("r", {}, "other")
+
+
+def test_run_names_that_are_not_safe_directory_names_are_refused(store: VersionStore) -> None:
+    for bad in ("../x", "", "a/b", ".hidden"):
+        with pytest.raises(StoreError, match="run name"):
+            store.open_run(bad, {}, "tiny")
+
+
+@pytest.mark.parametrize("where", ["safetensors", "rename"])
+def test_crash_mid_write_leaves_no_dir_temp_or_row_and_previous_still_loads(
+    store: VersionStore,
+    make_state,
+    assert_states_equal,
+    peft_config,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    run = store.open_run("r", {}, "tiny")
+    store.save_version(run.id, 0, make_state(0), peft_config, {})
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise OSError("crash injected")
+
+    if where == "safetensors":
+        monkeypatch.setattr(st_np, "save_file", boom)
+    else:
+        monkeypatch.setattr(os, "rename", boom)
+    with pytest.raises(StoreError, match="crash injected"):
+        store.save_version(run.id, 1, make_state(1), peft_config, {})
+    monkeypatch.undo()
+    assert _dirs(store, "r") == ["v0000"]
+    assert [v.number for v in store.list_versions(run.id)] == [0]
+    latest = store.latest_version(run.id)
+    assert latest is not None
+    assert_states_equal(store.load_version(latest), make_state(0))
+    # and the next save takes the number the failed one would have had
+    assert store.save_version(run.id, 1, make_state(1), peft_config, {}).number == 1
+
+
+def test_database_failure_during_save_removes_the_written_dir(
+    store: VersionStore, make_state, peft_config
+) -> None:
+    run = store.open_run("r", {}, "tiny")
+    store.save_version(run.id, 0, make_state(0), peft_config, {})
+
+    def fail_insert(*args: object) -> None:
+        raise RuntimeError("database went away")
+
+    event.listen(Version, "before_insert", fail_insert)
+    try:
+        with pytest.raises(RuntimeError, match="went away"):
+            store.save_version(run.id, 1, make_state(1), peft_config, {})
+    finally:
+        event.remove(Version, "before_insert", fail_insert)
+    assert _dirs(store, "r") == ["v0000"]
+    assert [v.number for v in store.list_versions(run.id)] == [0]
+
+
+def test_tampered_weights_raise_store_error_on_load(
+    store: VersionStore, make_state, peft_config
+) -> None:
+    run = store.open_run("r", {}, "tiny")
+    info = store.save_version(run.id, 0, make_state(0), peft_config, {})
+    weights = store.version_dir(info) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        store.load_version(info)
+
+
+def test_round_result_stores_round_and_participations_together(store: VersionStore) -> None:
+    run = store.open_run("r", {}, "tiny")
+    info = store.record_round_result(run.id, _round(1), _parts())
+    assert info.started_at == T0 and info.metrics == {"update_norm": 0.5}
+    assert store.list_rounds(run.id) == [info]
+    parts = store.participations(run.id, 1)
+    assert [(p.node_id, p.status, p.reason) for p in parts] == [
+        (2**62 + 1, "ok", None),
+        (7, "ok", None),
+        (9, "rejected", "NaN in lora_B"),
+    ]
+    assert store.participations(run.id, 2) == []
+
+
+def test_round_result_failing_midway_commits_nothing(
+    store: VersionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = store.open_run("r", {}, "tiny")
+    real = repository._participation_row
+    calls = []
+
+    def second_fails(run_id: int, round_number: int, p: ParticipationRecord) -> object:
+        calls.append(p.node_id)
+        if len(calls) == 2:
+            raise RuntimeError("crash injected")
+        return real(run_id, round_number, p)
+
+    monkeypatch.setattr(repository, "_participation_row", second_fails)
+    with pytest.raises(RuntimeError, match="crash injected"):
+        store.record_round_result(run.id, _round(1), _parts())
+    assert store.list_rounds(run.id) == []
+    assert store.participations(run.id) == []
+    assert store.last_completed_round(run.id) == 0
+
+
+def test_recording_the_same_round_twice_is_refused(store: VersionStore) -> None:
+    run = store.open_run("r", {}, "tiny")
+    store.record_round(run.id, _round(1))
+    with pytest.raises(StoreError):
+        store.record_round_result(run.id, _round(1), _parts())
+    assert store.participations(run.id) == []
+
+
+def test_single_participation_is_recorded_with_its_reason(store: VersionStore) -> None:
+    run = store.open_run("r", {}, "tiny")
+    store.record_participation(run.id, 1, 5, "failed", reason="timeout")
+    assert [(p.node_id, p.reason) for p in store.participations(run.id)] == [(5, "timeout")]
+
+
+def test_unknown_participation_status_is_refused(store: VersionStore) -> None:
+    run = store.open_run("r", {}, "tiny")
+    with pytest.raises(StoreError, match="participation status"):
+        store.record_participation(run.id, 1, 6, "maybe")  # type: ignore[arg-type]
+
+
+def test_events_are_stored_in_order_and_filtered_by_kind(store: VersionStore) -> None:
+    run = store.open_run("r", {}, "tiny")
+    store.record_event(run.id, "allocation", {"replica": "a", "train_share": 0.25})
+    store.record_event(run.id, "slo", {"ok": True})
+    store.record_event(run.id, "allocation", {"replica": "b", "train_share": 0.5})
+    alloc = store.events(run.id, "allocation")
+    assert [e.payload["replica"] for e in alloc] == ["a", "b"]
+    assert len(store.events(run.id)) == 3
+    with pytest.raises(StoreError, match="JSON"):
+        store.record_event(run.id, "bad", {"x": object()})
+
+
+def test_store_works_with_a_database_url_in_another_directory(
+    tmp_path: Path, make_state, assert_states_equal, peft_config
+) -> None:
+    url = f"sqlite:///{tmp_path / 'elsewhere' / 'nested' / 'meta.db'}"
+    with VersionStore(tmp_path / "files", url=url) as store:
+        run = store.open_run("r", {}, "tiny")
+        store.save_version(run.id, 0, make_state(0), peft_config, {})
+    assert (tmp_path / "elsewhere" / "nested" / "meta.db").is_file()
+    assert not (tmp_path / "files" / "store.db").exists()
+    with VersionStore(tmp_path / "files", url=url) as store:
+        latest = store.latest_version(run.id)
+        assert latest is not None
+        assert_states_equal(store.load_version(latest), make_state(0))
+
+
+def test_opening_removes_temp_dirs_and_version_dirs_without_rows(
+    tmp_path: Path, make_state, peft_config
+) -> None:
+    with VersionStore(tmp_path / "s") as store:
+        run = store.open_run("r", {}, "tiny")
+        store.save_version(run.id, 0, make_state(0), peft_config, {})
+    versions = tmp_path / "s" / "runs" / "r" / "versions"
+    (versions / ".tmp-v0001-dead").mkdir()  # crash mid-write
+    (versions / "v0001").mkdir()  # crash between rename and commit
+    with VersionStore(tmp_path / "s") as store:
+        assert [p.name for p in store.consistency.removed_temp_dirs] == [".tmp-v0001-dead"]
+        assert [p.name for p in store.consistency.removed_orphan_dirs] == ["v0001"]
+        assert _dirs(store, "r") == ["v0000"]
+        assert store.save_version(run.id, 1, make_state(1), peft_config, {}).number == 1
+
+
+def test_version_whose_dir_vanished_is_reported_and_fails_to_load(
+    tmp_path: Path, make_state, peft_config
+) -> None:
+    with VersionStore(tmp_path / "s") as store:
+        run = store.open_run("r", {}, "tiny")
+        info = store.save_version(run.id, 0, make_state(0), peft_config, {})
+    for f in store.version_dir(info).iterdir():
+        f.unlink()
+    store.version_dir(info).rmdir()
+    with VersionStore(tmp_path / "s") as store:
+        assert store.consistency.missing_version_dirs == (store.version_dir(info),)
+        with pytest.raises(StoreError, match="missing"):
+            store.load_version(info)
