@@ -29,7 +29,6 @@ from collm_fl.aggregation import (
 
 log = logging.getLogger(__name__)
 
-CLIENT_NOISE = 0.5  # client-specific part relative to the shared part (same distribution)
 EXACT_DTYPES: tuple[ComputeDtype, ...] = ("float32", "float64")
 
 
@@ -58,6 +57,7 @@ class AggregationBenchmark(TypedDict):
     targets: list[str]
     modules: int
     seed: int
+    client_noise: float
     error_modules: list[str]
     error_note: str
     data_note: str
@@ -84,11 +84,16 @@ def _module_names(layers: int, targets: Sequence[str]) -> list[str]:
 
 
 def synthetic_updates(
-    n_clients: int, modules: Sequence[str], d: int, rank: int, seed: int
+    n_clients: int,
+    modules: Sequence[str],
+    d: int,
+    rank: int,
+    seed: int,
+    client_noise: float = 1.0,
 ) -> list[AdapterState]:
     """Client states that share a common component plus client-specific noise.
 
-    A ~ N(0, 1/d_in) and B ~ N(0, 0.01²) for both parts, client part scaled by ``CLIENT_NOISE``.
+    A ~ N(0, 1/d_in) and B ~ N(0, 0.01²) for both parts, the client part scaled by ``client_noise``.
     Purely independent clients would make the sum close to full rank K·r with a flat spectrum, and
     identical clients would make every method exact; the mix gives a meaningful truncation error.
     """
@@ -107,8 +112,8 @@ def synthetic_updates(
         for m, (a_s, b_s) in shared.items():
             noise_a = rng.standard_normal((rank, d), dtype=np.float32)  # (r, d_in)
             noise_b = rng.standard_normal((d, rank), dtype=np.float32)  # (d_out, r)
-            state[m + LORA_A_SUFFIX] = a_s + noise_a * (CLIENT_NOISE * a_std)
-            state[m + LORA_B_SUFFIX] = b_s + noise_b * (CLIENT_NOISE * b_std)
+            state[m + LORA_A_SUFFIX] = a_s + noise_a * (client_noise * a_std)
+            state[m + LORA_B_SUFFIX] = b_s + noise_b * (client_noise * b_std)
         updates.append(state)
     return updates
 
@@ -153,6 +158,7 @@ def run_aggregation_benchmark(
     seed: int = 0,
     error_modules: int = 4,
     progress: Callable[[str], None] | None = None,
+    client_noise: float = 1.0,
 ) -> AggregationBenchmark:
     """Time FedAvg and exact aggregation and measure their error vs the dense sum.
 
@@ -168,7 +174,7 @@ def run_aggregation_benchmark(
     sampled = sorted(str(m) for m in rng.choice(modules, size=n_err, replace=False))
     k_max = max(client_counts)
     say(f"generating {k_max} clients x {len(modules)} modules (d={d}, r={rank})")
-    updates = synthetic_updates(k_max, modules, d, rank, seed)
+    updates = synthetic_updates(k_max, modules, d, rank, seed, client_noise)
     all_weights = rng.integers(50, 500, size=k_max).astype(np.float64)  # examples per client
     rows: list[BenchmarkRow] = []
     for k in client_counts:
@@ -200,6 +206,7 @@ def run_aggregation_benchmark(
         targets=list(targets),
         modules=len(modules),
         seed=seed,
+        client_noise=client_noise,
         error_modules=sampled,
         error_note=(
             f"errors are measured on {n_err} of {len(modules)} modules (sampled): forming each "
@@ -207,7 +214,7 @@ def run_aggregation_benchmark(
         ),
         data_note=(
             "synthetic: per module a shared A~N(0,1/d_in), B~N(0,0.01^2) plus per-client noise "
-            f"of {CLIENT_NOISE}x that scale; weights = random example counts in [50, 500)"
+            f"of {client_noise}x that scale; weights = random example counts in [50, 500)"
         ),
         rows=rows,
         machine=machine_info(),

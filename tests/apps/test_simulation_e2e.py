@@ -1,0 +1,77 @@
+"""The Flower app end to end: `flwr run` on a local simulation SuperLink with the tiny model."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from collm_fl.federate import find_local_superlinks, flower_env, stop_processes
+from collm_fl.store import VersionStore
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def flower(tmp_path_factory):
+    """An isolated FLWR_HOME and ports; stops the local SuperLink `flwr run` starts in it."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    env = flower_env(home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    yield env
+    stop_processes(find_local_superlinks(home))
+
+
+def flwr_run(env, out: Path, rounds: int, extra: str = "") -> subprocess.CompletedProcess:
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    config = (
+        f"num-server-rounds={rounds} model='tiny' output-dir='{out}' local-steps=3 "
+        f"central-eval-samples=8 max-samples-per-client=40 {extra}"
+    )
+    cmd = [flwr, "run", str(ROOT), "--stream", "--federation-config", "num-supernodes=2"]
+    return subprocess.run(
+        [*cmd, "--run-config", config], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_two_rounds_then_resume_for_a_third(flower, tmp_path):
+    out = tmp_path / "out"
+    first = flwr_run(flower, out, rounds=2)
+    log = first.stdout + first.stderr
+    assert first.returncode == 0, log[-4000:]
+    assert "round 1 | clients ok 2 rejected 0 failed 0" in log
+    assert "round 2 | clients ok 2 rejected 0 failed 0" in log
+
+    store = VersionStore(out)
+    run = store.find_run("default")
+    assert [v.number for v in store.list_versions(run.id)] == [0, 1, 2]
+    rounds = store.list_rounds(run.id)
+    assert [(r.number, r.status) for r in rounds] == [(1, "aggregated"), (2, "aggregated")]
+    assert all(r.eval_loss is not None and r.train_loss is not None for r in rounds)
+    assert len(store.participations(run.id)) == 4
+    for v in store.list_versions(run.id):
+        vdir = store.version_dir(v)
+        assert (vdir / "adapter_config.json").is_file()
+        assert (vdir / "adapter_model.safetensors").is_file()
+    store.close()
+
+    # Same run name, more rounds: resumes from v2 and runs round 3 only.
+    second = flwr_run(flower, out, rounds=3)
+    log2 = second.stdout + second.stderr
+    assert second.returncode == 0, log2[-4000:]
+    assert "resuming run 'default' from version v2" in log2
+    assert "round 1 |" not in log2 and "round 3 |" in log2
+    store = VersionStore(out)
+    run = store.find_run("default")
+    assert [v.number for v in store.list_versions(run.id)] == [0, 1, 2, 3]
+    assert [r.number for r in store.list_rounds(run.id)] == [1, 2, 3]
+    store.close()

@@ -1,0 +1,31 @@
+"""The aggregation benchmark runs end to end on a tiny shape and writes its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from collm_fl.bench.aggregation import run_aggregation_benchmark, write_benchmark_report
+
+
+def test_benchmark_runs_on_tiny_shape_and_writes_both_files(tmp_path: Path) -> None:
+    lines: list[str] = []
+    result = run_aggregation_benchmark(
+        client_counts=(3,), layers=2, d=64, rank=4, error_modules=2, progress=lines.append
+    )
+    assert lines, "progress must be reported"
+    assert [row["mode"] for row in result["rows"]] == ["fedavg", "exact-float32", "exact-float64"]
+    for row in result["rows"]:
+        assert row["clients"] == 3 and row["seconds"] >= 0
+        assert row["rel_error_mean"] >= row["optimal_rel_error_mean"] - 1e-6
+    exact = result["rows"][2]
+    assert abs(exact["rel_error_mean"] - exact["optimal_rel_error_mean"]) < 1e-6
+
+    json_path, md_path = write_benchmark_report(result, tmp_path / "out", "collm bench agg")
+    data = json.loads(json_path.read_text())
+    assert json_path.name == "aggregation.json" and md_path.name == "aggregation.md"
+    assert data["command"] == "collm bench agg"
+    assert {"rows", "machine", "error_note", "error_modules", "modules"} <= set(data)
+    assert {"platform", "cpu_count", "torch_version", "torch_threads"} <= set(data["machine"])
+    markdown = md_path.read_text()
+    assert "| clients | mode | seconds |" in markdown and "collm bench agg" in markdown

@@ -1,0 +1,56 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from collm_fl.config import RunConfig
+from collm_fl.errors import ConfigError
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def app_config() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_app_config_is_a_valid_run_config():
+    cfg = RunConfig.from_flower(app_config())
+    assert cfg.model == "smollm2-135m"
+    assert cfg.lora.target_modules == ("q_proj", "v_proj")
+
+
+def test_every_run_config_field_is_in_pyproject():
+    flat = RunConfig().to_flat()
+    assert set(flat) == set(app_config())
+
+
+def test_flat_config_round_trips():
+    cfg = RunConfig(model="tiny", num_server_rounds=7, lora=RunConfig().lora.replace(rank=4))
+    assert RunConfig.from_flower(cfg.to_flat()) == cfg
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="unknown key 'num-rounds'"):
+        RunConfig.from_flower({"num-rounds": 3})
+
+
+def test_bad_values_are_all_named_at_once():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flower({"local-steps": 0, "aggregation": "median", "seq-len": 4})
+    msg = str(err.value)
+    assert "local-steps=0" in msg and "aggregation='median'" in msg and "seq-len=4" in msg
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="batch-size='eight': expected int"):
+        RunConfig.from_flower({"batch-size": "eight"})
+
+
+def test_bad_data_field_is_named():
+    with pytest.raises(ConfigError, match="partitioning"):
+        RunConfig.from_flower({"partitioning": "by-act"})
+
+
+def test_bad_lora_rank_is_named():
+    with pytest.raises(ConfigError, match="lora-rank"):
+        RunConfig.from_flower({"lora-rank": 0})

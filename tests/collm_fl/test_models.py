@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from collm_fl.errors import ConfigError, ModelLoadError
+from collm_fl.models import TINY_CONFIG, load_base_model, materialize_model
+
+
+def test_tiny_model_is_identical_across_loads(tiny):
+    again = load_base_model("tiny")
+    for (name, a), (_, b) in zip(
+        tiny.model.state_dict().items(), again.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_tiny_model_has_the_configured_shape_and_a_trained_tokenizer(tiny):
+    assert tiny.model.config.hidden_size == TINY_CONFIG["hidden_size"]
+    ids = tiny.tokenizer("To be, or not to be").input_ids
+    # A tokenizer trained on Shakespeare encodes this line in a handful of tokens.
+    assert 3 <= len(ids) <= 12
+    assert tiny.tokenizer.decode(ids) == "To be, or not to be"
+    assert tiny.tokenizer.pad_token_id is not None
+
+
+def test_tiny_model_is_frozen_and_fp32(tiny):
+    params = list(tiny.model.parameters())
+    assert all(not p.requires_grad for p in params)
+    assert all(p.dtype == torch.float32 for p in params)
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        materialize_model(str(tmp_path / "nope") + "/")
+
+
+def test_local_dir_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        materialize_model(str(tmp_path))
+
+
+def test_local_path_loads_a_saved_model(tiny, tmp_path):
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    loaded = load_base_model(str(tmp_path))
+    assert loaded.num_parameters == tiny.num_parameters
+
+
+def test_quantization_without_cuda_fails_clearly():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ModelLoadError, match="CUDA"):
+        load_base_model("tiny", quantization="4bit")
+
+
+def test_unknown_quantization_is_a_config_error():
+    with pytest.raises(ConfigError, match="quantization"):
+        load_base_model("tiny", quantization="2bit")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_quantized_load_on_gpu(quant):
+    loaded = load_base_model("smollm2-135m", quantization=quant, device="cuda")
+    ids = loaded.tokenizer("Hello", return_tensors="pt").to("cuda")
+    out = loaded.model(**ids).logits
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_smollm2_is_the_real_pretrained_model():
+    loaded = load_base_model("smollm2-135m")
+    assert 130e6 < loaded.num_parameters < 140e6
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = loaded.tokenizer.apply_chat_template(
+        msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = loaded.model.generate(**enc, max_new_tokens=8, do_sample=False)
+    answer = loaded.tokenizer.decode(out[0, enc["input_ids"].shape[1] :])
+    assert "Paris" in answer

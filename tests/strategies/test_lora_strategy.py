@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg
+from collm_fl.flower_records import arrayrecord_to_state, state_to_arrayrecord
+from strategies.lora import LoraFedAvg
+
+@pytest.fixture(autouse=True)
+def flower_task_identity(monkeypatch):
+    """Messages read the run/node identity Flower sets in an app process; set one for tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+SHAPES = {
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (2, 8),
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (8, 2),
+    "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight": (2, 8),
+    "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight": (4, 2),
+}
+
+
+def adapter(seed: int, scale: float = 0.1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def reply(node: int, state, num_examples: float = 10.0, extra_metrics=None) -> Message:
+    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+    metrics = {"num-examples": num_examples, "train-loss": 1.0 + node / 10, **(extra_metrics or {})}
+    content = RecordDict({"arrays": state_to_arrayrecord(state), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=instruction)
+
+
+def error_reply(node: int) -> Message:
+    instruction = Message(RecordDict({}), dst_node_id=node, message_type="train")
+    return Message(Error(code=1, reason="ClientApp crashed"), reply_to=instruction)
+
+
+def strategy(**kw) -> LoraFedAvg:
+    s = LoraFedAvg(min_train_nodes=1, min_available_nodes=1, **kw)
+    s.current_arrays = state_to_arrayrecord(adapter(0))
+    return s
+
+
+@pytest.mark.parametrize("mode", ["exact", "fedavg"])
+def test_aggregates_valid_replies_weighted_by_examples(mode):
+    s = strategy(mode=mode)
+    states = [adapter(1), adapter(2)]
+    arrays, metrics = s.aggregate_train(1, [reply(1, states[0], 10), reply(2, states[1], 30)])
+    got = arrayrecord_to_state(arrays)
+    fn = aggregate_lora_exact if mode == "exact" else aggregate_lora_fedavg
+    expected = fn(states, [10, 30])
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert metrics["train-loss"] == pytest.approx((1.1 * 10 + 1.2 * 30) / 40)
+    assert s.last_report.count("ok") == 2
+
+
+def test_bad_replies_are_rejected_with_reasons_and_the_round_completes():
+    s = strategy(max_update_norm=5.0)
+    good = adapter(1)
+    nan = adapter(2)
+    nan[next(iter(SHAPES))][0, 0] = np.nan
+    wrong_shape = adapter(3)
+    wrong_shape[next(iter(SHAPES))] = np.zeros((3, 8), np.float32)
+    missing = adapter(4)
+    del missing[list(SHAPES)[2]]
+    huge = {k: v * 1000 for k, v in adapter(5).items()}
+    replies = [
+        reply(1, good),
+        reply(2, nan),
+        reply(3, wrong_shape),
+        reply(4, missing),
+        reply(5, huge),
+        reply(6, adapter(6), num_examples=0),
+        error_reply(7),
+    ]
+    arrays, _ = s.aggregate_train(3, replies)
+    # Only the good update is in the aggregate.
+    got = arrayrecord_to_state(arrays)
+    expected = aggregate_lora_exact([good], [1.0])
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    by_node = {o.node_id: o for o in s.last_report.outcomes}
+    assert by_node[1].status == "ok"
+    assert "non-finite" in by_node[2].reason
+    assert "shape" in by_node[3].reason
+    assert "missing" in by_node[4].reason
+    assert "norm" in by_node[5].reason
+    assert "num-examples" in by_node[6].reason
+    assert by_node[7].status == "failed" and "crashed" in by_node[7].reason
+    assert s.last_report.count("rejected") == 5
+
+
+def test_too_few_good_replies_keep_the_previous_version():
+    s = strategy(min_good_replies=2)
+    bad = {k: np.full(v.shape, np.inf, np.float32) for k, v in adapter(1).items()}
+    arrays, metrics = s.aggregate_train(2, [reply(1, adapter(2)), reply(2, bad)])
+    assert arrays is None and metrics is None
+    assert not s.last_report.aggregated
+
+
+def test_configure_train_does_not_mutate_the_callers_config():
+    class OneNodeGrid:
+        def get_node_ids(self):
+            return [11]
+
+    s = LoraFedAvg(min_train_nodes=1, min_available_nodes=1)
+    config = ConfigRecord({"local-steps": 3})
+    msgs = list(s.configure_train(4, state_to_arrayrecord(adapter(0)), config, OneNodeGrid()))
+    assert dict(config) == {"local-steps": 3}
+    assert msgs[0].content["config"]["server-round"] == 4
+    assert msgs[0].metadata.dst_node_id == 11
