@@ -53,6 +53,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="run-config overrides, e.g. \"num-server-rounds=2 model='tiny'\"",
     )
 
+    p = sub.add_parser(
+        "replica",
+        help="run an edge replica: OpenAI API + control API, serving while training",
+        description="One copy of the base weights serves (unmerged LoRA, shadow swaps) and trains. "
+        "Secrets can come from COLLM_API_KEY / COLLM_CONTROL_TOKEN instead of flags.",
+    )
+    p.add_argument("--model", default="tiny", help="tiny, smollm2-135m, HF id or path")
+    p.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100, help="OpenAI-compatible API port")
+    p.add_argument("--control-host", default="127.0.0.1")
+    p.add_argument("--control-port", type=int, default=8101, help="control API port")
+    p.add_argument("--api-key", default=None, help="Bearer key for /v1 (default: $COLLM_API_KEY)")
+    p.add_argument(
+        "--control-token", default=None, help="token for /control ($COLLM_CONTROL_TOKEN)"
+    )
+    p.add_argument("--store-dir", default="replica-store", help="where received versions are kept")
+    p.add_argument(
+        "--served-model-name", default="", help="model id clients send (default --model)"
+    )
+    p.add_argument(
+        "--data", default="shakespeare", help="private data: shakespeare, a path, or none"
+    )
+    p.add_argument("--partitioning", default="play")
+    p.add_argument("--partition-id", type=int, default=0)
+    p.add_argument("--num-partitions", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--train-batch-size", type=int, default=4)
+    p.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
+    p.add_argument("--tpot-slo", type=float, default=0.2, help="seconds per output token")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--training-share", type=float, default=0.5)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default="q_proj,v_proj")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("versions", help="list the stored adapter versions of a run")
     p.add_argument("--output-dir", default="outputs")
     p.add_argument("--store-url", default="")
@@ -100,6 +138,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from collm_fl.federate import run_local_federation
 
         return run_local_federation(Path(args.app), args.supernodes, args.run_config)
+    if args.command == "replica":
+        return _run_replica(args)
     if args.command == "versions":
         from collm_fl.store import VersionStore
 
@@ -143,6 +183,57 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     raise AssertionError(f"unhandled command {args}")  # argparse guarantees a known command
+
+
+def _run_replica(args: argparse.Namespace) -> int:
+    import os
+
+    from collm_fl.adapters import LoraSpec
+    from collm_fl.data import DataSpec
+    from collm_fl.errors import ConfigError
+    from collm_fl.replica.metrics import SLO
+    from collm_fl.replica.runtime import ReplicaConfig
+    from collm_fl.replica.serve import run_replica
+
+    token = args.control_token or os.environ.get("COLLM_CONTROL_TOKEN", "")
+    if not token:
+        raise ConfigError("a control token is required: --control-token or $COLLM_CONTROL_TOKEN")
+    for name in ("port", "control_port"):
+        if not 0 < getattr(args, name) < 65536:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be a TCP port, got {getattr(args, name)}"
+            )
+    if args.ttft_slo <= 0 or args.tpot_slo <= 0:
+        raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
+    if not 0 <= args.training_share <= 1:
+        raise ConfigError(f"--training-share must be in [0, 1], got {args.training_share}")
+    data = None
+    if args.data != "none":
+        data = DataSpec(source=args.data, partitioning=args.partitioning, seed=args.seed)
+    cfg = ReplicaConfig(
+        model=args.model,
+        quantization=args.quantization,
+        lora=LoraSpec(
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        ),
+        store_dir=args.store_dir,
+        served_model_name=args.served_model_name,
+        data=data,
+        partition_id=args.partition_id,
+        num_partitions=args.num_partitions,
+        seq_len=args.seq_len,
+        train_batch_size=args.train_batch_size,
+        slo=SLO(ttft_s=args.ttft_slo, tpot_s=args.tpot_slo),
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        training_share=args.training_share,
+        seed=args.seed,
+    )
+    api_key = args.api_key or os.environ.get("COLLM_API_KEY") or None
+    run_replica(cfg, args.host, args.port, args.control_host, args.control_port, api_key, token)
+    return 0
 
 
 def _command_line() -> str:

@@ -104,7 +104,8 @@ def _markdown(r: dict[str, object]) -> str:
         f"# Central held-out quality — run `{r['run']}`",
         "",
         f"Model `{r['model']}`, data `{r['data']}` ({r['partitioning']} partitioning), "
-        f"{r['central_heldout_rows']} held-out rows of {r['seq_len']} tokens, from plays no client trains on.",
+        f"{r['central_heldout_rows']} held-out rows of {r['seq_len']} tokens "
+        "from plays no client trains on.",
         "",
         "| adapter | round | loss | perplexity |",
         "|---|---:|---:|---:|",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -231,7 +232,6 @@ def format_records(
     ``"### User:\\n{user}\\n\\n### Assistant:\\n{answer}"``.
     Plain `TextSample`s pass through unchanged.
     """
-    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     eos = (tokenizer.eos_token or "") if tokenizer is not None else ""
     samples: list[TextSample] = []
     for record in records:
@@ -239,16 +239,28 @@ def format_records(
             samples.append(record)
             continue
         history, answer = record.messages[:-1], record.messages[-1][1]
-        if tokenizer is not None and template:
-            prompt = tokenizer.apply_chat_template(
-                [{"role": role, "content": content} for role, content in history],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            if not isinstance(prompt, str):
-                raise TypeError(f"apply_chat_template returned {type(prompt).__name__}, not str")
-        else:
-            prompt = "".join(f"{FALLBACK_HEADERS[role]}{content}\n\n" for role, content in history)
-            prompt += FALLBACK_HEADERS["assistant"]
+        prompt = chat_prompt(history, tokenizer)
         samples.append(TextSample(text=f"{prompt}{answer}{eos}", prompt=prompt))
     return samples
+
+
+def chat_prompt(
+    messages: Sequence[tuple[str, str]], tokenizer: PreTrainedTokenizerBase | None
+) -> str:
+    """The prompt text that asks the model for the next assistant turn after ``messages``.
+
+    Training (`format_records`) and serving (the replica's chat endpoint) both use this, so a
+    model is served with exactly the template it was fine-tuned with.
+    """
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if tokenizer is not None and template:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": role, "content": content} for role, content in messages],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        if not isinstance(prompt, str):
+            raise TypeError(f"apply_chat_template returned {type(prompt).__name__}, not str")
+        return prompt
+    text = "".join(f"{FALLBACK_HEADERS[role]}{content}\n\n" for role, content in messages)
+    return text + FALLBACK_HEADERS["assistant"]

@@ -100,6 +100,9 @@ class MultiLoraLinear(nn.Module):
     batch use different versions and lets training run on the very same base weights.
     """
 
+    slot_a: torch.Tensor  # buffers, declared for the type checker
+    slot_b: torch.Tensor
+
     def __init__(self, base: nn.Linear, rank: int, scaling: float, num_slots: int, dropout: float):
         super().__init__()
         if num_slots < 1:
@@ -167,7 +170,7 @@ class MultiLoraLinear(nn.Module):
 
 
 class MultiLoraModules:
-    """The injected layers of one model, keyed by PEFT module prefix (``base_model.model.<path>``)."""
+    """The injected layers of one model, keyed by PEFT prefix (``base_model.model.<path>``)."""
 
     def __init__(self, layers: Mapping[str, MultiLoraLinear], spec: LoraSpec, num_slots: int):
         self.layers = dict(layers)
@@ -178,7 +181,7 @@ class MultiLoraModules:
         return len(self.layers)
 
     def expected_shapes(self) -> dict[str, tuple[int, int]]:
-        """Every PEFT key of an adapter for this model with its shape (A: (r, d_in), B: (d_out, r))."""
+        """Every PEFT key of an adapter for this model -> shape (A: (r, d_in), B: (d_out, r))."""
         shapes: dict[str, tuple[int, int]] = {}
         for prefix, layer in self.layers.items():
             shapes[prefix + LORA_A_SUFFIX] = (layer.rank, layer.in_features)

@@ -1,0 +1,54 @@
+"""The SLO guard: may the replica's trainer run its next micro-step now?
+
+Short-timescale half of the coordination. Serving has priority: training yields at the next
+micro-step boundary when a waiting request's TTFT or the running requests' TPOT is at risk, and
+otherwise takes at most its training share of time while requests are present. When the replica is
+idle, training takes the whole replica (all threads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IDLE_RECHECK_S = 0.5  # how long a yielding trainer waits before re-checking on its own
+
+
+@dataclass(frozen=True)
+class GuardInputs:
+    queue_depth: int  # requests waiting for admission
+    running: int  # requests being decoded
+    oldest_waiting_s: float  # age of the oldest waiting request
+    decode_step_s: float  # recent seconds per batched decode step
+    training_share: float  # 0..1, set by the round's allocation (or an operator)
+    busy_fraction: float  # share of recent wall time the trainer spent in micro-steps
+    train_step_s: float  # recent seconds per training micro-step
+    ttft_slo_s: float
+    tpot_slo_s: float
+    total_threads: int  # compute threads the replica may use (cores)
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    run: bool
+    threads: int  # torch threads for this micro-step
+    wait_s: float  # when not running: how long to wait before re-checking (or until woken)
+    reason: str
+
+
+def training_decision(x: GuardInputs, margin: float = 0.8) -> GuardDecision:
+    """Decide whether the next training micro-step runs now, and with how many threads."""
+    if x.training_share <= 0.0:
+        return GuardDecision(False, 0, IDLE_RECHECK_S, "training share is 0")
+    if x.queue_depth == 0 and x.running == 0:
+        return GuardDecision(True, max(1, x.total_threads), 0.0, "idle: training takes the replica")
+    # A micro-step started now delays admission of waiting requests by about its duration.
+    if x.queue_depth > 0 and x.oldest_waiting_s + x.train_step_s > margin * x.ttft_slo_s:
+        return GuardDecision(False, 0, min(IDLE_RECHECK_S, x.train_step_s), "TTFT at risk")
+    if x.running > 0 and x.decode_step_s > margin * x.tpot_slo_s:
+        return GuardDecision(False, 0, min(IDLE_RECHECK_S, x.train_step_s), "TPOT at risk")
+    if x.training_share < 1.0 and x.busy_fraction >= x.training_share:
+        # Duty cycle: after a step of t seconds, rest t·(1−s)/s so training gets share s.
+        rest = x.train_step_s * (1.0 - x.training_share) / x.training_share
+        return GuardDecision(False, 0, max(rest, 1e-3), "over training share")
+    # Serving keeps its own core; training takes the rest.
+    return GuardDecision(True, max(1, x.total_threads - 1), 0.0, "within share and SLOs")

@@ -1,0 +1,146 @@
+"""The replica's control API: what the Flower ClientApp (and an operator) call, token-protected.
+
+- ``PUT  /control/adapters/{version}``  safetensors body → persist, shadow, validate, promote
+- ``POST /control/train``              JSON budget → trained adapter (safetensors, with metrics)
+- ``GET  /control/load?reset=true``    load report since the last reset
+- ``PUT  /control/share``              ``{"share": 0..1}``: training share, changeable at run time
+- ``POST /control/rollback``           ``{"version": N}``: serve a stored older version again
+- ``GET  /control/status``             versions, slots, trainer state
+
+Every call needs ``Authorization: Bearer <control token>`` (constant-time check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from collm_fl.api.errors import APIError, BodySizeLimit, check_bearer, install_error_handlers
+from collm_fl.errors import AdapterValidationError, ConfigError, StoreError
+from collm_fl.replica.runtime import Replica
+from collm_fl.replica.wire import decode_adapter, encode_adapter
+
+log = logging.getLogger(__name__)
+
+MAX_ADAPTER_BYTES = 512 * 1024 * 1024
+
+
+class TrainBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    round: int = Field(ge=0)
+    steps: int = Field(ge=0, le=1_000_000)
+    learning_rate: float = Field(gt=0, lt=1)
+    deadline_s: float = Field(gt=0, le=7 * 24 * 3600)
+    base_version: int | None = Field(default=None, ge=0)  # must be the served version if given
+    share: float | None = Field(default=None, ge=0, le=1)
+
+
+class ShareBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    share: float = Field(ge=0, le=1)
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=0)
+
+
+def create_control_app(replica: Replica, token: str) -> FastAPI:
+    if not token:
+        raise ConfigError("the control API needs a token (--control-token or COLLM_CONTROL_TOKEN)")
+    app = FastAPI(title="CoLLM-FL replica control", version="1")
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_ADAPTER_BYTES)  # type: ignore[arg-type]
+
+    def auth(authorization: Annotated[str | None, Header()] = None) -> None:
+        check_bearer(authorization, token)
+
+    guarded = [Depends(auth)]
+
+    @app.put("/control/adapters/{version}", dependencies=guarded)
+    async def push(version: int, request: Request) -> dict[str, object]:
+        blob = await request.body()
+        try:
+            state, config, blob_version, _ = decode_adapter(blob)
+            if blob_version is not None and blob_version != version:
+                raise ConfigError(f"payload says version {blob_version}, URL says {version}")
+            result = await asyncio.to_thread(replica.push_version, state, config, version)
+        except (AdapterValidationError, ConfigError) as e:
+            raise APIError(400, f"version {version} rejected: {e}", code="invalid_adapter") from e
+        return {"status": "served", **asdict(result)}
+
+    @app.post("/control/train", dependencies=guarded)
+    async def train(body: TrainBody) -> Response:
+        served = replica.served_version
+        if body.base_version is not None and served != body.base_version:
+            raise APIError(
+                409,
+                f"replica serves version {served}, not base_version {body.base_version}",
+                code="version_mismatch",
+            )
+        try:
+            if body.share is not None:
+                replica.set_training_share(body.share)
+            outcome = await asyncio.to_thread(
+                replica.train, body.steps, body.learning_rate, body.deadline_s, body.round
+            )
+        except ConfigError as e:
+            raise APIError(400, str(e), code="cannot_train") from e
+        metrics = {
+            "train-loss": outcome.loss,
+            "train-tokens": float(outcome.tokens),
+            "train-seconds": outcome.train_seconds,
+            "total-seconds": outcome.seconds,
+            "local-steps": float(outcome.steps),
+            "yielded-seconds": outcome.yielded_seconds,
+            "yields": float(outcome.yields),
+            "deadline-hit": float(outcome.deadline_hit),
+        }
+        blob = encode_adapter(
+            outcome.state, replica.cfg.lora.to_peft_config_dict(replica.cfg.model), None, metrics
+        )
+        return Response(blob, media_type="application/octet-stream")
+
+    @app.get("/control/load", dependencies=guarded)
+    async def load(reset: bool = True) -> dict[str, float]:
+        return replica.load_report(reset=reset).to_metrics(prefix="")
+
+    @app.put("/control/share", dependencies=guarded)
+    async def share(body: ShareBody) -> dict[str, float]:
+        try:
+            replica.set_training_share(body.share)
+        except ConfigError as e:
+            raise APIError(400, str(e), code="cannot_train") from e
+        return {"share": replica.training_share}
+
+    @app.post("/control/rollback", dependencies=guarded)
+    async def rollback(body: RollbackBody) -> dict[str, object]:
+        try:
+            result = await asyncio.to_thread(replica.rollback, body.version)
+        except StoreError as e:
+            raise APIError(404, str(e), "not_found_error", code="version_not_found") from e
+        except AdapterValidationError as e:
+            raise APIError(400, str(e), code="invalid_adapter") from e
+        return {"status": "served", **asdict(result)}
+
+    @app.get("/control/status", dependencies=guarded)
+    async def status() -> dict[str, object]:
+        return {
+            "model": replica.cfg.model,
+            "served_version": replica.served_version,
+            "stored_versions": replica.stored_versions(),
+            "slots": [asdict(s) for s in replica.slots.snapshot()],
+            "history": replica.slots.history,
+            "training_share": replica.training_share,
+            "can_train": replica.trainer is not None,
+            "training": bool(replica.trainer and replica.trainer.running_job),
+        }
+
+    return app

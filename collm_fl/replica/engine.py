@@ -1,0 +1,606 @@
+"""Iteration-level (continuous) batching on CPU through unmerged multi-LoRA slots.
+
+One engine thread loops: admit waiting requests (each pins the current adapter slot *at
+admission*, so its version is fixed then), prefill the newcomers as one left-padded batch, run one
+batched decode step for every running row, emit tokens, and drop finished rows. Every forward runs
+under ``lora_context(serve(slot of each row))``, so rows of one batch may use different versions.
+
+The running rows share one ``DynamicCache``, left-padded to a common length; each row carries an
+attention mask (0 on pads) and its true position ids, so padding never shifts RoPE and a row's
+tokens equal its tokens when run alone. The cache is rebuilt only when membership changes.
+
+Threads: the replica runs one compute thread per core (DESIGN.md: ``torch.set_num_threads(1)``
+per compute thread interferes least with a training thread); pass ``num_threads`` and the engine
+thread applies it to itself when it starts. Nothing here sets it for the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from collm_fl.errors import CollmError, ConfigError
+from collm_fl.replica.lora_layers import MultiLoraModules, lora_context, serve
+from collm_fl.replica.sampling import (
+    SamplingParams,
+    emittable_length,
+    find_stop,
+    make_generator,
+    sample_next,
+)
+from collm_fl.replica.slots import AdapterSlots
+
+log = logging.getLogger(__name__)
+
+EWMA_ALPHA = 0.2  # weight of the newest sample in the recent-timing averages
+
+FINISH_STOP = "stop"  # eos token or a stop string
+FINISH_LENGTH = "length"  # max_tokens reached
+FINISH_CANCELLED = "cancelled"  # RequestHandle.cancel() (client went away)
+FINISH_ERROR = "error"  # a forward failed or the engine stopped; RequestHandle.error says why
+
+
+class QueueFullError(CollmError):
+    """The engine's bounded waiting queue is full (HTTP 429/503)."""
+
+
+class PromptTooLongError(CollmError):
+    """prompt tokens + max_tokens exceed the model's context length (HTTP 400)."""
+
+
+class EngineStoppedError(CollmError):
+    """A request was submitted to an engine that is not running."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion request, already tokenized."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a request's output; the last one has a ``finish_reason``."""
+
+    token_id: int | None  # None on a final event that carries no token (cancelled, error)
+    text_delta: str  # new text (UTF-8 complete; stop strings never included)
+    finish_reason: str | None  # None while running, else one of the FINISH_* reasons
+
+
+class RequestHandle:
+    """The caller's side of a submitted request: its events, its timing, and cancel().
+
+    Events can be read from any thread (``for ev in handle``) or from an asyncio loop
+    (``async for ev in handle.aiter()``), by several readers, each seeing every event.
+    """
+
+    def __init__(self, request: GenerationRequest, on_cancel: Callable[[], None] | None = None):
+        self.request = request
+        self.request_id = request.request_id
+        self.num_prompt_tokens = len(request.prompt_ids)
+        self.arrival = time.monotonic()  # all timestamps are time.monotonic() seconds
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.slot: int | None = None  # serving slot pinned at admission (-1: base model)
+        self.version: int | None = None  # adapter version pinned at admission (None: base)
+        self.num_generated = 0
+        self.token_ids: list[int] = []
+        self.text = ""  # everything emitted so far
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self._on_cancel = on_cancel
+        self._cancelled = False
+        self._cond = threading.Condition()
+        self._events: list[TokenEvent] = []
+        self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenEvent]]] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token (s), from submission."""
+        return None if self.first_token_at is None else self.first_token_at - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first (s)."""
+        if self.finished_at is None or self.first_token_at is None or self.num_generated < 2:
+            return None
+        return (self.finished_at - self.first_token_at) / (self.num_generated - 1)
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away): the row is dropped at the next engine step."""
+        self._cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request finished; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.finished, timeout)
+
+    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        """Every event in order; raises TimeoutError if one takes longer than ``timeout``."""
+        i = 0
+        while True:
+            event = self._event_at(i, timeout)
+            i += 1
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def _event_at(self, i: int, timeout: float | None) -> TokenEvent:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._events) > i, timeout):
+                raise TimeoutError(f"request {self.request_id}: no event in {timeout}s")
+            return self._events[i]
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        return self.events()
+
+    async def aiter(self) -> AsyncIterator[TokenEvent]:
+        """Every event in order, for an asyncio consumer (the engine thread never blocks on it)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        with self._cond:  # replay and subscribe atomically: no event is lost or doubled
+            past = list(self._events)
+            self._subscribers.append((loop, queue))
+        try:
+            for event in past:
+                yield event
+                if event.finish_reason is not None:
+                    return
+            while True:
+                event = await queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            with self._cond:
+                self._subscribers.remove((loop, queue))
+
+    def _admit(self, slot: int, version: int | None) -> None:
+        self.slot, self.version, self.admitted_at = slot, version, time.monotonic()
+
+    def _push(self, event: TokenEvent, error: str | None = None) -> None:
+        """Engine thread only: record one event and hand it to every reader."""
+        now = time.monotonic()
+        with self._cond:
+            if event.token_id is not None:
+                self.token_ids.append(event.token_id)
+                self.num_generated += 1
+                if self.first_token_at is None:
+                    self.first_token_at = now
+            self.text += event.text_delta
+            if event.finish_reason is not None:
+                self.finished_at, self.finish_reason, self.error = now, event.finish_reason, error
+            self._events.append(event)
+            subscribers = list(self._subscribers)
+            self._cond.notify_all()
+        for loop, queue in subscribers:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # that reader's loop is closed: it is gone
+                log.debug("request %s: dropped an event for a closed loop", self.request_id)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A consistent snapshot of the engine's load, for the SLO guard and the co-execution loop."""
+
+    queue_depth: int  # submitted, not yet admitted
+    running: int  # admitted, not yet finished
+    oldest_waiting_s: float  # age of the oldest waiting request (0 if none)
+    tokens_generated: int  # total since start
+    decode_step_s: float  # EWMA of one batched decode step's seconds
+    prefill_s_per_token: float  # EWMA of prefill seconds per prompt token
+    requests_finished: int  # total since start, any finish reason
+
+
+@dataclass(eq=False)
+class _Row:
+    """One running request as the engine sees it."""
+
+    handle: RequestHandle
+    slot: int
+    generator: torch.Generator | None
+    generated: list[int]
+    sent: int = 0  # characters of the generated text already emitted
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.handle.request.params
+
+    @property
+    def next_position(self) -> int:
+        """The true position of the last sampled token, which the next decode step feeds."""
+        return self.handle.num_prompt_tokens + len(self.generated) - 1
+
+
+class InferenceEngine:
+    """Continuous batching over the replica's shared base model and serving slots."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        modules: MultiLoraModules,
+        slots: AdapterSlots,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        max_model_len: int | None = None,
+        num_threads: int | None = None,
+    ):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ConfigError(f"max_batch_size {max_batch_size}, max_queue {max_queue}: need >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.modules = modules
+        self.slots = slots
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        config = getattr(model, "config", None)
+        self.max_model_len = int(max_model_len or config.max_position_embeddings)  # type: ignore[union-attr]
+        self.num_threads = num_threads
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        # One condition guards the queue and the counters; it is also what the co-execution
+        # trainer waits on (``busy_changed``) to learn that serving went idle or busy.
+        self.busy_changed = threading.Condition()
+        self._waiting: deque[RequestHandle] = deque()
+        self._active = 0  # admitted and not finished
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._tokens_generated = 0
+        self._finished = 0
+        self._decode_ewma = 0.0
+        self._prefill_ewma = 0.0
+        # Engine-thread state: the running rows and their shared left-padded KV cache.
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros(0, 0, dtype=torch.long)  # (B, T) 1 = real token, 0 = pad
+
+    # ---- lifecycle and submission (any thread) ----
+
+    def start(self) -> None:
+        with self.busy_changed:
+            if self._thread is not None:
+                raise RuntimeError("engine already started")
+            self._thread = threading.Thread(target=self._loop, name="collm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the loop; requests still waiting or running finish with ``"error"``."""
+        with self.busy_changed:
+            self._stopping = True
+            self.busy_changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; raises QueueFullError, PromptTooLongError or EngineStoppedError."""
+        if not request.prompt_ids:
+            raise PromptTooLongError("prompt must hold at least one token")
+        needed = len(request.prompt_ids) + request.params.max_tokens
+        if needed > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens "
+                f"({request.params.max_tokens}) = {needed} > max_model_len {self.max_model_len}"
+            )
+        handle = RequestHandle(request, on_cancel=self._wake)
+        with self.busy_changed:
+            if self._thread is None or self._stopping:
+                raise EngineStoppedError("the inference engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests already waiting")
+            self._waiting.append(handle)
+            self.busy_changed.notify_all()
+        return handle
+
+    def stats(self) -> EngineStats:
+        with self.busy_changed:
+            oldest = time.monotonic() - self._waiting[0].arrival if self._waiting else 0.0
+            return EngineStats(
+                queue_depth=len(self._waiting),
+                running=self._active,
+                oldest_waiting_s=oldest,
+                tokens_generated=self._tokens_generated,
+                decode_step_s=self._decode_ewma,
+                prefill_s_per_token=self._prefill_ewma,
+                requests_finished=self._finished,
+            )
+
+    def is_idle(self) -> bool:
+        """No request is waiting or running."""
+        with self.busy_changed:
+            return not self._waiting and self._active == 0
+
+    def wait_for_idle(self, timeout: float | None = None) -> bool:
+        with self.busy_changed:
+            return self.busy_changed.wait_for(self.is_idle, timeout)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        with self.busy_changed:
+            return self.busy_changed.wait_for(lambda: not self.is_idle(), timeout)
+
+    def _wake(self) -> None:
+        with self.busy_changed:
+            self.busy_changed.notify_all()
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        while True:
+            with self.busy_changed:
+                self.busy_changed.wait_for(self._has_work)
+                if self._stopping:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as e:  # the loop must survive anything one step does
+                log.exception("engine step failed; failing %d running requests", len(self._rows))
+                self._fail_rows(self._rows, f"internal error: {e}")
+                self._reset_batch()
+        self._fail_rows(self._rows, "engine stopped")
+        self._reset_batch()
+        with self.busy_changed:
+            waiting, self._waiting = list(self._waiting), deque()
+        for handle in waiting:
+            self._finish_handle(handle, FINISH_ERROR, "engine stopped")
+
+    def _has_work(self) -> bool:
+        return self._stopping or bool(self._waiting or self._rows)
+
+    def _step(self) -> None:
+        cancelled = [r for r in self._rows if r.handle.cancelled]
+        if cancelled:
+            for row in cancelled:
+                self._finish_row(row, FINISH_CANCELLED)
+            self._keep_rows([i for i, r in enumerate(self._rows) if not r.handle.cancelled])
+        newcomers = self._admit()
+        if newcomers:
+            self._prefill(newcomers)
+        if self._rows:
+            self._decode()
+
+    def _admit(self) -> list[_Row]:
+        rows: list[_Row] = []
+        with self.busy_changed:
+            while self._waiting and len(self._rows) + len(rows) < self.max_batch_size:
+                handle = self._waiting.popleft()
+                if handle.cancelled:  # never admitted: nothing to release
+                    self._finished += 1
+                    handle._push(TokenEvent(None, "", FINISH_CANCELLED))
+                    continue
+                # The version is fixed here, at admission, for the request's whole life.
+                slot, version = self.slots.acquire()
+                handle._admit(slot, version)
+                self._active += 1
+                gen = make_generator(handle.request.params)
+                rows.append(_Row(handle=handle, slot=slot, generator=gen, generated=[]))
+        return rows
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        started = time.perf_counter()
+        lengths = [r.handle.num_prompt_tokens for r in rows]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (n, L) left-padded
+        mask = torch.zeros(len(rows), width, dtype=torch.long)  # (n, L)
+        for i, r in enumerate(rows):
+            ids[i, width - lengths[i] :] = torch.tensor(r.handle.request.prompt_ids)
+            mask[i, width - lengths[i] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L) true positions; pads at 0
+        cache = DynamicCache(config=self.model.config)  # type: ignore[arg-type]
+        try:
+            with lora_context(serve([r.slot for r in rows])):
+                out = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            tokens = sample_next(
+                out.logits[:, -1], [r.params for r in rows], [r.generator for r in rows]
+            )  # (n,)
+        except Exception as e:  # only the newcomers shared this forward
+            log.exception("prefill of %d requests failed", len(rows))
+            self._fail_rows(rows, f"prefill failed: {e}")
+            return
+        self._record("prefill", time.perf_counter() - started, sum(lengths))
+        alive = [i for i, r in enumerate(rows) if not self._emit(r, int(tokens[i]))]
+        if not alive:
+            return
+        cache_layers_select(cache, alive)
+        self._merge([rows[i] for i in alive], cache, mask[alive])
+
+    def _decode(self) -> None:
+        started = time.perf_counter()
+        rows = self._rows
+        ids = torch.tensor([[r.generated[-1]] for r in rows])  # (B, 1)
+        positions = torch.tensor([[r.next_position] for r in rows])  # (B, 1)
+        self._mask = F.pad(self._mask, (0, 1), value=1)  # (B, T+1)
+        with lora_context(serve([r.slot for r in rows])):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self._mask,
+                position_ids=positions,
+                cache=self._cache,
+                use_cache=True,
+            )
+        tokens = sample_next(
+            out.logits[:, -1], [r.params for r in rows], [r.generator for r in rows]
+        )  # (B,)
+        self._record("decode", time.perf_counter() - started, 1)
+        done = [self._emit(r, int(tokens[i])) for i, r in enumerate(rows)]
+        if any(done):
+            self._keep_rows([i for i, d in enumerate(done) if not d])
+
+    def _emit(self, row: _Row, token: int) -> bool:
+        """Record one token, send its text delta, finish the row if due; True when it finished."""
+        try:
+            row.generated.append(token)
+            params = row.params
+            finish = FINISH_STOP if token in self.eos_ids else None
+            text = str(
+                self.tokenizer.decode(
+                    row.generated, skip_special_tokens=True, clean_up_tokenization_spaces=False
+                )
+            )
+            cut = find_stop(text, params.stop, row.sent)
+            if cut is not None:
+                text, finish = text[:cut], FINISH_STOP
+            elif finish is None and len(row.generated) >= params.max_tokens:
+                finish = FINISH_LENGTH
+            upto = len(text) if finish else emittable_length(text, params.stop, row.sent)
+            delta = text[row.sent : upto]
+            row.sent = max(row.sent, upto)
+            with self.busy_changed:
+                self._tokens_generated += 1
+            row.handle._push(TokenEvent(token, delta, finish))
+        except Exception as e:  # e.g. a detokenizer failure: only this request fails
+            log.exception("request %s failed after token %d", row.handle.request_id, token)
+            self._finish_row(row, FINISH_ERROR, f"detokenization failed: {e}")
+            return True
+        if finish is not None:
+            self._release(row)
+        return finish is not None
+
+    # ---- finishing rows and the shared cache ----
+
+    def _finish_row(self, row: _Row, reason: str, error: str | None = None) -> None:
+        if not row.handle.finished:
+            row.handle._push(TokenEvent(None, "", reason), error)
+        self._release(row)
+
+    def _release(self, row: _Row) -> None:
+        self.slots.release(row.slot)
+        with self.busy_changed:
+            self._active -= 1
+            self._finished += 1
+            self.busy_changed.notify_all()
+
+    def _finish_handle(self, handle: RequestHandle, reason: str, error: str | None) -> None:
+        handle._push(TokenEvent(None, "", reason), error)
+        with self.busy_changed:
+            self._finished += 1
+            self.busy_changed.notify_all()
+
+    def _fail_rows(self, rows: list[_Row], error: str) -> None:
+        for row in list(rows):
+            if not row.handle.finished:
+                self._finish_row(row, FINISH_ERROR, error)
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache = [], None
+        self._mask = torch.zeros(0, 0, dtype=torch.long)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Drop every other row from the batch and the cache, then trim all-pad columns."""
+        if not keep:
+            self._reset_batch()
+            return
+        assert self._cache is not None
+        self._rows = [self._rows[i] for i in keep]
+        cache_layers_select(self._cache, keep)
+        self._mask = self._mask[keep]  # (B', T)
+        self._trim()
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append prefilled rows to the running batch (left-pad the shorter side to one length)."""
+        if self._cache is None:
+            self._rows, self._cache, self._mask = rows, cache, mask
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            pairs = zip(_dynamic_layers(self._cache), _dynamic_layers(cache), strict=True)
+            for run, new in pairs:
+                assert run.keys is not None and run.values is not None
+                assert new.keys is not None and new.values is not None
+                run.keys = torch.cat([_left_pad(run.keys, width), _left_pad(new.keys, width)])
+                run.values = torch.cat([_left_pad(run.values, width), _left_pad(new.values, width)])
+            self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
+            self._rows = self._rows + rows
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding in every row (they only cost attention time)."""
+        assert self._cache is not None
+        first = int(self._mask.any(dim=0).int().argmax())
+        if first > 0:
+            self._mask = self._mask[:, first:]
+            for layer in _dynamic_layers(self._cache):
+                layer.keys = layer.keys[:, :, first:]  # type: ignore[index]
+                layer.values = layer.values[:, :, first:]  # type: ignore[index]
+
+    def _record(self, kind: str, seconds: float, tokens: int) -> None:
+        with self.busy_changed:
+            if kind == "decode":
+                self._decode_ewma = _ewma(self._decode_ewma, seconds)
+            else:
+                self._prefill_ewma = _ewma(self._prefill_ewma, seconds / max(tokens, 1))
+
+
+def cache_layers_select(cache: DynamicCache, rows: list[int]) -> None:
+    """Keep only batch ``rows`` of every layer of ``cache`` (in that order)."""
+    index = torch.tensor(rows, dtype=torch.long)
+    for layer in _dynamic_layers(cache):
+        layer.keys = layer.keys.index_select(0, index)  # type: ignore[union-attr]  # (B', H, T, D)
+        layer.values = layer.values.index_select(0, index)  # type: ignore[union-attr]
+
+
+def _dynamic_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    layers = []
+    for layer in cache.layers:
+        # Sliding-window or linear-attention layers keep state the left-padding logic can't move.
+        if type(layer) is not DynamicLayer or not layer.is_initialized:
+            raise ConfigError(f"continuous batching needs full-attention layers, got {layer!r}")
+        layers.append(layer)
+    return layers
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the sequence dim (-2 for (B, H, T, D) keys, -1 for a (B, T) mask) to ``width``."""
+    if t.dim() == 2:
+        return F.pad(t, (width - t.shape[1], 0))  # (B, width)
+    return F.pad(t, (0, 0, width - t.shape[2], 0))  # (B, H, width, D)
+
+
+def _eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, list | tuple):
+        ids.update(int(i) for i in gen_eos)
+    return frozenset(ids)
+
+
+def _ewma(old: float, new: float) -> float:
+    return new if old == 0.0 else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * new

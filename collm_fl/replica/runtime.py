@@ -1,0 +1,268 @@
+"""The edge replica: one base model, serving + shadow + training adapters, and its local versions.
+
+``Replica`` owns the long-lived pieces (model, multi-LoRA modules, slots, engine, trainer,
+metrics, local version directory) and offers the operations the HTTP and control APIs expose:
+serve, push a version (persist → shadow → validate → promote), roll back, train a round's budget,
+report load. A restarted replica serves the latest version it had stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from collm_fl.adapters import LoraSpec
+from collm_fl.data import DataSpec, load_client_data
+from collm_fl.data.tokenize import iterate_batches, tokenize_samples
+from collm_fl.errors import AdapterValidationError, ConfigError, StoreError
+from collm_fl.models import load_base_model
+from collm_fl.replica.coexec import CoTrainer, TrainJob, TrainOutcome
+from collm_fl.replica.engine import InferenceEngine
+from collm_fl.replica.lora_layers import inject_multi_lora
+from collm_fl.replica.metrics import SLO, LoadReport, LoadWindow, ReplicaMetrics
+from collm_fl.replica.slots import AdapterSlots, canary_check
+from collm_fl.store.adapter_io import cleanup_partial_dirs, read_adapter_dir, write_adapter_dir
+
+log = logging.getLogger(__name__)
+
+_VERSION_DIR = re.compile(r"v(\d{4,})")
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """Everything a replica process needs; built from CLI flags by ``collm replica``."""
+
+    model: str = "tiny"
+    quantization: str = "none"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    store_dir: str = "replica-store"  # this replica's received versions (PEFT dirs)
+    served_model_name: str = ""  # model id clients use; "" = the base model's name
+    data: DataSpec | None = None  # the site's private data; None = this replica cannot train
+    partition_id: int = 0
+    num_partitions: int = 1
+    seq_len: int = 128
+    train_batch_size: int = 4
+    slo: SLO = field(default_factory=SLO)
+    max_batch_size: int = 8
+    max_queue: int = 64
+    num_slots: int = 4
+    training_share: float = 0.5
+    serve_threads: int = 1
+    seed: int = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    version: int
+    previous: int | None
+    load_ms: float  # persist + validate + write into the shadow slot + canary
+    promoted_at: float  # time.time()
+
+
+class Replica:
+    """One co-executing replica (see module docstring)."""
+
+    def __init__(self, cfg: ReplicaConfig) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        self.loaded = load_base_model(cfg.model, quantization=cfg.quantization)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.modules = inject_multi_lora(self.model, cfg.lora, num_slots=cfg.num_slots)
+        self.slots = AdapterSlots(self.modules)
+        self.engine = InferenceEngine(
+            self.model,
+            self.tokenizer,
+            self.modules,
+            self.slots,
+            max_batch_size=cfg.max_batch_size,
+            max_queue=cfg.max_queue,
+            num_threads=cfg.serve_threads,
+        )
+        self.metrics = ReplicaMetrics()
+        self.load_window = LoadWindow(cfg.slo)
+        self.store_dir = Path(cfg.store_dir).resolve()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._push_lock = threading.Lock()  # one version load at a time
+        self._canary = torch.tensor([[self.tokenizer.eos_token_id or 0] * 4])  # (1, 4)
+        self.trainer: CoTrainer | None = None
+        if cfg.data is not None:
+            data = load_client_data(cfg.data, cfg.partition_id, cfg.num_partitions, self.tokenizer)
+            blocks = tokenize_samples(data.train, self.tokenizer, cfg.seq_len)
+            batches = iterate_batches(blocks, cfg.train_batch_size, seed=cfg.seed)
+            self.trainer = CoTrainer(
+                self.modules, self.model, self.engine, batches, cfg.slo, cfg.training_share
+            )
+            log.info("private data: %s (%d training rows)", data.name, blocks.input_ids.shape[0])
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        self.recover()
+        self.engine.start()
+        if self.trainer is not None:
+            self.trainer.start()
+        self.metrics.training_share.set(self.training_share)
+
+    def stop(self) -> None:
+        if self.trainer is not None:
+            self.trainer.stop()
+        self.engine.stop()
+
+    def recover(self) -> int | None:
+        """Serve the newest valid stored version (after a restart); returns its number."""
+        for tmp in cleanup_partial_dirs(self.store_dir):
+            log.warning("removed an interrupted version write: %s", tmp)
+        for number in sorted(self.stored_versions(), reverse=True):
+            try:
+                state, config = read_adapter_dir(self.version_dir(number))
+                self._load_and_promote(state, config, number)
+                log.info("recovered: serving stored version %d", number)
+                return number
+            except (StoreError, AdapterValidationError) as e:
+                log.error("stored version %d is unusable (%s); trying an older one", number, e)
+        log.info("no stored version: serving the base model until a version arrives")
+        return None
+
+    # ---- versions ----
+
+    def version_dir(self, number: int) -> Path:
+        return self.store_dir / f"v{number:04d}"
+
+    def stored_versions(self) -> list[int]:
+        return sorted(
+            int(m.group(1))
+            for p in self.store_dir.iterdir()
+            if p.is_dir() and (m := _VERSION_DIR.fullmatch(p.name))
+        )
+
+    @property
+    def served_version(self) -> int | None:
+        return self.slots.current_version
+
+    def push_version(
+        self, state: Mapping[str, np.ndarray], peft_config: Mapping[str, object], version: int
+    ) -> SwapResult:
+        """Persist, shadow-load, validate and promote ``version``; serving never pauses.
+
+        Re-pushing the served version is a no-op; an older version than the served one is
+        refused (use :meth:`rollback`).
+        """
+        if version < 0:
+            raise ConfigError(f"version must be >= 0, got {version}")
+        with self._push_lock:
+            current = self.served_version
+            if current is not None and version == current:
+                return SwapResult(version, current, 0.0, time.time())
+            if current is not None and version < current:
+                raise ConfigError(
+                    f"version {version} is older than the served version {current}; "
+                    "use rollback to serve an older version"
+                )
+            started = time.perf_counter()
+            problems = self._config_problems(peft_config)
+            if problems:
+                raise AdapterValidationError(problems)
+            if not self.version_dir(version).exists():
+                write_adapter_dir(self.version_dir(version), dict(state), peft_config)
+            previous = self._load_and_promote(state, peft_config, version)
+            return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
+
+    def rollback(self, version: int) -> SwapResult:
+        """Serve a previously stored version again (through the shadow slot)."""
+        with self._push_lock:
+            if version not in self.stored_versions():
+                raise StoreError(f"version {version} is not stored on this replica")
+            started = time.perf_counter()
+            state, config = read_adapter_dir(self.version_dir(version))
+            previous = self._load_and_promote(state, config, version)
+            return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
+
+    def _load_and_promote(
+        self, state: Mapping[str, np.ndarray], peft_config: Mapping[str, object], version: int
+    ) -> int | None:
+        spec = LoraSpec.from_peft_config_dict(peft_config)
+        t0 = time.perf_counter()
+        try:
+            shadow = self.slots.load_shadow(
+                state,
+                version,
+                spec,
+                validate_fn=lambda slot: canary_check(self.model, self.modules, slot, self._canary),
+            )
+        except AdapterValidationError:
+            self.metrics.swaps.labels("rejected").inc()
+            raise
+        previous = shadow.promote()
+        self.metrics.swap_seconds.observe(time.perf_counter() - t0)
+        self.metrics.swaps.labels("promoted").inc()
+        self.metrics.served_version.set(version)
+        return previous
+
+    def _config_problems(self, peft_config: Mapping[str, object]) -> list[str]:
+        try:
+            spec = LoraSpec.from_peft_config_dict(peft_config)
+        except (KeyError, TypeError, ValueError, AdapterValidationError, ConfigError) as e:
+            return [f"adapter_config is not a valid LoRA config: {e}"]
+        mine = self.cfg.lora
+        problems = []
+        if spec.rank != mine.rank:
+            problems.append(f"rank {spec.rank} != replica rank {mine.rank}")
+        if spec.alpha != mine.alpha:
+            problems.append(f"lora_alpha {spec.alpha} != replica lora_alpha {mine.alpha}")
+        if set(spec.target_modules) != set(mine.target_modules):
+            problems.append(
+                f"target_modules {spec.target_modules} != replica {mine.target_modules}"
+            )
+        return problems
+
+    # ---- training and load ----
+
+    @property
+    def training_share(self) -> float:
+        return self.trainer.share if self.trainer is not None else 0.0
+
+    def set_training_share(self, share: float) -> None:
+        if self.trainer is None:
+            raise ConfigError("this replica has no training data (start it with --data)")
+        self.trainer.set_share(share)
+        self.metrics.training_share.set(share)
+
+    def train(
+        self,
+        steps: int,
+        learning_rate: float,
+        deadline_s: float,
+        round_number: int,
+        start_state: Mapping[str, np.ndarray] | None = None,
+    ) -> TrainOutcome:
+        """Train a round's budget from ``start_state`` (default: the served version)."""
+        if self.trainer is None:
+            raise ConfigError("this replica has no training data (start it with --data)")
+        if start_state is None:
+            slot = self.slots.current_slot
+            if slot < 0:
+                raise ConfigError("no adapter version is served yet: push one before training")
+            start_state = self.modules.read_slot(slot)
+        job = TrainJob(start_state, steps, learning_rate, deadline_s, round_number)
+        outcome = self.trainer.submit(job).result()
+        self.metrics.training_steps.inc(outcome.steps)
+        self.metrics.training_tokens.inc(outcome.tokens)
+        return outcome
+
+    def load_report(self, reset: bool) -> LoadReport:
+        s = self.engine.stats()
+        steps = self.trainer.steps_total if self.trainer is not None else 0
+        return self.load_window.report(s.queue_depth, s.running, self.training_share, steps, reset)

@@ -1,0 +1,286 @@
+"""The replica's OpenAI-compatible HTTP API (thin: parse, submit to the engine, format).
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streaming), GET /v1/models,
+GET /health, GET /metrics (Prometheus). Every response names the adapter version that produced it
+(``adapter_version`` in the body, ``X-Adapter-Version`` header).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from collm_fl.api.errors import (
+    APIError,
+    BodySizeLimit,
+    check_bearer,
+    install_error_handlers,
+    overloaded,
+)
+from collm_fl.api.schemas import (
+    ChatChoice,
+    ChatChoiceMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    Usage,
+)
+from collm_fl.data.files import chat_prompt
+from collm_fl.replica.engine import (
+    GenerationRequest,
+    PromptTooLongError,
+    QueueFullError,
+    RequestHandle,
+    TokenEvent,
+)
+from collm_fl.replica.metrics import RequestRecord
+from collm_fl.replica.runtime import Replica
+from collm_fl.replica.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+VERSION_HEADER = "X-Adapter-Version"
+DEFAULT_MAX_TOKENS_CHAT = 256
+
+
+def create_app(replica: Replica, api_key: str | None = None) -> FastAPI:
+    """The OpenAI-compatible app of one replica (lifecycle is the caller's: see serve.py)."""
+    app = FastAPI(title="CoLLM-FL replica", version="1")
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit)  # type: ignore[arg-type]
+
+    def auth(authorization: Annotated[str | None, Header()] = None) -> None:
+        check_bearer(authorization, api_key)
+
+    guarded = [Depends(auth)]
+
+    @app.get("/health")
+    async def health() -> dict[str, object]:
+        s = replica.engine.stats()
+        return {
+            "status": "ok",
+            "model": replica.cfg.model_id,
+            "adapter_version": replica.served_version,
+            "queue_depth": s.queue_depth,
+            "running": s.running,
+            "training_share": replica.training_share,
+            "training": bool(replica.trainer and replica.trainer.running_job),
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        s = replica.engine.stats()
+        m = replica.metrics
+        m.queue_depth.set(s.queue_depth)
+        m.running.set(s.running)
+        m.tokens_per_s.set(s.running / s.decode_step_s if s.decode_step_s > 0 else 0.0)
+        return Response(m.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> ModelList:
+        card = ModelCard(
+            id=replica.cfg.model_id,
+            created=int(replica.started_at),
+            root=replica.cfg.model,
+            adapter_version=replica.served_version,
+        )
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions", dependencies=guarded, response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        ids = replica.tokenizer(body.prompt_text(), add_special_tokens=True).input_ids
+        return await _generate(replica, body, ids, request, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=guarded, response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        prompt = chat_prompt([(m.role, m.content) for m in body.messages], replica.tokenizer)
+        ids = replica.tokenizer(prompt, add_special_tokens=False).input_ids
+        return await _generate(replica, body, ids, request, chat=True)
+
+    return app
+
+
+def _sampling(body: SamplingFields, chat: bool) -> SamplingParams:
+    max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS_CHAT
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop_list(),
+            seed=body.seed,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_parameter") from e
+
+
+async def _generate(
+    replica: Replica, body: SamplingFields, ids: list[int], request: Request, chat: bool
+) -> Response:
+    if body.model != replica.cfg.model_id:
+        raise APIError(
+            404,
+            f"model {body.model!r} does not exist; this replica serves {replica.cfg.model_id!r}",
+            "not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+    params = _sampling(body, chat)
+    req_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    try:
+        handle = replica.engine.submit(GenerationRequest(list(ids), params, req_id))
+    except QueueFullError as e:
+        replica.load_window.add(RequestRecord(time.monotonic(), None, None, "rejected", 0))
+        replica.metrics.requests.labels("rejected").inc()
+        raise overloaded(retry_after_s=1, message=str(e)) from e
+    except PromptTooLongError as e:
+        raise APIError(
+            400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded"
+        ) from e
+    created = int(time.time())
+    events = handle.aiter()
+    try:
+        # The first event comes after admission, when the request's version is pinned.
+        first = await anext(events)
+    except BaseException:
+        handle.cancel()
+        _record(replica, handle, None)
+        raise
+    if body.stream:
+        return StreamingResponse(
+            _sse(replica, handle, first, events, body.model, created, chat),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", **_version_headers(handle)},
+        )
+    text, finish = [first.text_delta], first.finish_reason
+    try:
+        async for ev in events:
+            text.append(ev.text_delta)
+            finish = ev.finish_reason or finish
+            if await request.is_disconnected():
+                handle.cancel()
+                break
+    finally:
+        _record(replica, handle, finish)
+    if finish == "error":
+        raise APIError(
+            500, "generation failed on the replica", "server_error", code="generation_error"
+        )
+    usage = Usage(
+        prompt_tokens=handle.num_prompt_tokens,
+        completion_tokens=handle.num_generated,
+        total_tokens=handle.num_prompt_tokens + handle.num_generated,
+    )
+    headers = _version_headers(handle)
+    out: ChatCompletionResponse | CompletionResponse
+    if chat:
+        out = ChatCompletionResponse(
+            id=req_id,
+            created=created,
+            model=body.model,
+            choices=[
+                ChatChoice(message=ChatChoiceMessage(content="".join(text)), finish_reason=finish)
+            ],
+            usage=usage,
+            adapter_version=handle.version,
+        )
+    else:
+        out = CompletionResponse(
+            id=req_id,
+            created=created,
+            model=body.model,
+            choices=[CompletionChoice(text="".join(text), finish_reason=finish)],
+            usage=usage,
+            adapter_version=handle.version,
+        )
+    return JSONResponse(out.model_dump(), headers=headers)
+
+
+async def _sse(
+    replica: Replica,
+    handle: RequestHandle,
+    first: TokenEvent,
+    events: AsyncIterator[TokenEvent],
+    model: str,
+    created: int,
+    chat: bool,
+) -> AsyncIterator[bytes]:
+    finish = None
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    async def all_events() -> AsyncIterator[TokenEvent]:
+        yield first
+        async for ev in events:
+            yield ev
+
+    try:
+        if chat:  # OpenAI sends the role first
+            yield _chunk(
+                handle, obj, model, created, {"role": "assistant", "content": ""}, None, chat
+            )
+        async for ev in all_events():
+            finish = ev.finish_reason or finish
+            if not (ev.text_delta or ev.finish_reason):
+                continue
+            if chat:
+                delta = {"content": ev.text_delta} if ev.text_delta else {}
+                yield _chunk(handle, obj, model, created, delta, ev.finish_reason, chat)
+            else:
+                yield _chunk(handle, obj, model, created, ev.text_delta, ev.finish_reason, chat)
+        yield b"data: [DONE]\n\n"
+    finally:
+        if not handle.finished:
+            handle.cancel()  # the client went away mid-stream
+        _record(replica, handle, finish)
+
+
+def _chunk(
+    handle: RequestHandle,
+    obj: str,
+    model: str,
+    created: int,
+    delta: dict[str, str] | str,
+    finish: str | None,
+    chat: bool,
+) -> bytes:
+    choice: dict[str, object] = {"index": 0, "finish_reason": finish}
+    if chat:
+        choice["delta"] = delta
+    else:
+        choice["text"] = delta
+        choice["logprobs"] = None
+    payload = {
+        "id": handle.request_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "adapter_version": handle.version,
+    }
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def _version_headers(handle: RequestHandle) -> dict[str, str]:
+    return {VERSION_HEADER: "base" if handle.version is None else str(handle.version)}
+
+
+def _record(replica: Replica, handle: RequestHandle, finish: str | None) -> None:
+    status = {"error": "error", "cancelled": "cancelled"}.get(finish or "", "ok")
+    if finish is None:
+        status = "cancelled"
+    end = handle.finished_at or time.monotonic()
+    record = RequestRecord(end, handle.ttft, handle.tpot, status, handle.num_generated)
+    replica.load_window.add(record)
+    replica.metrics.observe_request(record, end - handle.arrival)
