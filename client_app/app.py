@@ -1,17 +1,28 @@
 """Flower ClientApp: trains or evaluates the global LoRA adapter on this node's private data.
 
-Flower recreates the ClientApp for every message, so nothing heavy lives here between rounds: the
-node's partition comes from ``node_config`` (``partition-id``, ``num-partitions``), the round's
-budget from the message's ConfigRecord, the rest from the run config. The reply carries only the
-adapter tensors and scalar metrics.
+Flower recreates the ClientApp for every message, so nothing heavy lives here between rounds.
+Two kinds of node:
+- **replica node**: ``node_config`` has ``replica-address`` (host:port of a ``collm replica``
+  control API; token in ``$COLLM_CONTROL_TOKEN`` or ``replica-token``). The replica, a long-lived
+  process beside the SuperNode, serves and trains on the same base weights; this app only relays.
+- **device node**: no replica; it loads the model and trains in-process on its partition
+  (``partition-id``, ``num-partitions``).
+Replies carry only adapter tensors and scalar metrics.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import os
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from collm_fl.client_task import TrainBudget, evaluate_on_partition, train_on_partition
+from collm_fl.client_task import (
+    TrainBudget,
+    evaluate_on_partition,
+    train_on_partition,
+    train_on_replica,
+)
 from collm_fl.config import RunConfig
 from collm_fl.errors import ConfigError
 from collm_fl.flower_records import (
@@ -22,6 +33,7 @@ from collm_fl.flower_records import (
     state_to_arrayrecord,
 )
 from collm_fl.logs import setup_logging
+from collm_fl.replica.control_client import ReplicaClient
 
 app = ClientApp()
 
@@ -36,18 +48,52 @@ def _partition(context: Context) -> tuple[int, int]:
         ) from e
 
 
+def _replica(context: Context, cfg: RunConfig) -> ReplicaClient | None:
+    address = context.node_config.get("replica-address")
+    if not address:
+        return None
+    token = os.environ.get("COLLM_CONTROL_TOKEN") or str(
+        context.node_config.get("replica-token", "")
+    )
+    if not token:
+        raise ConfigError(
+            "replica-address is set but no control token: export COLLM_CONTROL_TOKEN for the "
+            "SuperNode (or set replica-token in its node config)"
+        )
+    return ReplicaClient(str(address), token, timeout=cfg.round_timeout)
+
+
+def _round_config(msg: Message) -> ConfigRecord:
+    return msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = RunConfig.from_flower(context.run_config)
-    partition_id, num_partitions = _partition(context)
     global_state = arrayrecord_to_state(msg.content[ARRAYS_KEY])
-    round_config = msg.content.config_records.get(CONFIG_KEY, {})
-    budget = TrainBudget.from_config(cfg, dict(round_config))
-    server_round = int(round_config.get("server-round", 0))
-    state, metrics = train_on_partition(
-        cfg, partition_id, num_partitions, global_state, budget, server_round
-    )
+    rc = _round_config(msg)
+    budget = TrainBudget.from_config(cfg, dict(rc))
+    server_round = int(rc.get("server-round", 0))  # type: ignore[arg-type]
+    replica = _replica(context, cfg)
+    if replica is not None:
+        with replica:
+            share = rc.get("training-share")
+            state, metrics = train_on_replica(
+                cfg,
+                replica,
+                global_state,
+                int(rc.get("global-version", 0)),  # type: ignore[arg-type]
+                budget,
+                server_round,
+                deadline_s=float(rc.get("deadline-s", cfg.round_timeout)),  # type: ignore[arg-type]
+                training_share=None if share is None else float(share),  # type: ignore[arg-type]
+            )
+    else:
+        partition_id, num_partitions = _partition(context)
+        state, metrics = train_on_partition(
+            cfg, partition_id, num_partitions, global_state, budget, server_round
+        )
     content = RecordDict(
         {ARRAYS_KEY: state_to_arrayrecord(state), METRICS_KEY: MetricRecord(metrics)}
     )
@@ -62,3 +108,21 @@ def evaluate(msg: Message, context: Context) -> Message:
     arrays: ArrayRecord = msg.content[ARRAYS_KEY]
     metrics = evaluate_on_partition(cfg, partition_id, num_partitions, arrayrecord_to_state(arrays))
     return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("publish")
+def publish(msg: Message, context: Context) -> Message:
+    """A new global version: a replica node swaps it in now (shadow slot); a device ignores it."""
+    setup_logging()
+    cfg = RunConfig.from_flower(context.run_config)
+    version = int(_round_config(msg).get("version", -1))  # type: ignore[arg-type]
+    replica = _replica(context, cfg)
+    served = -1.0
+    if replica is not None:
+        with replica:
+            state = arrayrecord_to_state(msg.content[ARRAYS_KEY])
+            replica.push_version(state, cfg.lora.to_peft_config_dict(cfg.model), version)
+            served = float(version)
+    return Message(
+        content=RecordDict({METRICS_KEY: MetricRecord({"served-version": served})}), reply_to=msg
+    )

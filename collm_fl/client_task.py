@@ -19,6 +19,7 @@ from collm_fl.config import RunConfig
 from collm_fl.data import load_client_data
 from collm_fl.data.tokenize import iterate_batches, tokenize_samples
 from collm_fl.models import load_base_model
+from collm_fl.replica.control_client import ReplicaClient
 from collm_fl.training import (
     attach_lora,
     evaluate_loss,
@@ -110,3 +111,32 @@ def evaluate_on_partition(
         "eval-loss": result.loss,
         "eval-perplexity": result.perplexity,
     }
+
+
+def train_on_replica(
+    cfg: RunConfig,
+    client: ReplicaClient,
+    global_state: Mapping[str, np.ndarray],
+    global_version: int,
+    budget: TrainBudget,
+    server_round: int,
+    deadline_s: float,
+    training_share: float | None,
+) -> tuple[AdapterState, dict[str, float]]:
+    """A round on a co-executing replica: make sure it serves the global version, train there.
+
+    The replica trains on its site's private data while it keeps serving; its load report since
+    the last round rides back with the metrics (``load-*`` keys) for the allocation policy.
+    """
+    client.push_version(global_state, cfg.lora.to_peft_config_dict(cfg.model), global_version)
+    state, metrics = client.train(
+        server_round,
+        budget.local_steps,
+        budget.learning_rate,
+        deadline_s,
+        base_version=global_version,
+        share=training_share,
+    )
+    load = client.load_report(reset=True)
+    metrics.update({f"load-{k}": float(v) for k, v in load.items()})
+    return state, metrics

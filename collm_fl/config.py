@@ -51,6 +51,7 @@ class RunConfig:
     seed: int = 0
     torch_threads: int = 0  # 0 = leave torch's default
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
+    publish_versions: bool = True  # push each new version to every node right after aggregation
 
     def __post_init__(self) -> None:
         problems: list[str] = []

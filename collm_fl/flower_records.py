@@ -13,6 +13,8 @@ ARRAYS_KEY = "arrays"  # the adapter (global on the way out, local on the way ba
 CONFIG_KEY = "config"  # the round's budget and settings
 METRICS_KEY = "metrics"  # client metrics (num-examples, train-loss, tokens, seconds)
 
+PUBLISH = "query.publish"  # message type: a new global version for every node
+
 # Keys of the train MetricRecord a client returns.
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"

@@ -14,14 +14,21 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from collm_fl.adapters import AdapterState
 from collm_fl.central_eval import CentralEvaluator
 from collm_fl.config import RunConfig
-from collm_fl.flower_records import TRAIN_LOSS, arrayrecord_to_state, state_to_arrayrecord
+from collm_fl.flower_records import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    PUBLISH,
+    TRAIN_LOSS,
+    arrayrecord_to_state,
+    state_to_arrayrecord,
+)
 from collm_fl.store import ParticipationRecord, RoundRecord, VersionInfo, VersionStore
 from collm_fl.training import get_adapter_state
 from strategies.lora import LoraFedAvg, RoundReport
@@ -159,6 +166,8 @@ def _run_round(
             ev.loss,
         )
         arrays = new_arrays
+        if cfg.publish_versions:
+            publish_version(grid, arrays, version.number, timeout=cfg.round_timeout)
     seconds = time.perf_counter() - started
     store.record_round_result(
         run_id,
@@ -206,6 +215,37 @@ def _run_round(
         seconds,
     )
     return arrays, version
+
+
+def publish_version(grid: Grid, arrays: ArrayRecord, version: int, timeout: float) -> int:
+    """Send version ``version`` to every connected node right after aggregation.
+
+    Replica nodes swap it in through their shadow slot (also those that sat the round out);
+    devices ignore it. Returns how many nodes acknowledged; failures are logged, never raised.
+    """
+    nodes = list(grid.get_node_ids())
+    messages = [
+        Message(
+            RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"version": version})}),
+            dst_node_id=node,
+            message_type=PUBLISH,
+        )
+        for node in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    acked = 0
+    for reply in replies:
+        if reply.has_error():
+            log.warning(
+                "publish v%d: node %d failed: %s",
+                version,
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
+        else:
+            acked += 1
+    log.info("published v%d to %d/%d nodes", version, acked, len(nodes))
+    return acked
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:

@@ -94,6 +94,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
         except ConfigError as e:
             raise APIError(400, str(e), code="cannot_train") from e
         metrics = {
+            "num-examples": float(replica.num_train_rows),
             "train-loss": outcome.loss,
             "train-tokens": float(outcome.tokens),
             "train-seconds": outcome.train_seconds,

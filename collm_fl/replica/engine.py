@@ -55,7 +55,11 @@ class QueueFullError(CollmError):
     """The engine's bounded waiting queue is full (HTTP 429/503)."""
 
 
-class PromptTooLongError(CollmError):
+class InvalidPromptError(CollmError):
+    """The prompt is empty or holds token ids outside the vocabulary (HTTP 400)."""
+
+
+class PromptTooLongError(InvalidPromptError):
     """prompt tokens + max_tokens exceed the model's context length (HTTP 400)."""
 
 
@@ -260,8 +264,13 @@ class InferenceEngine:
         self.slots = slots
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        config = getattr(model, "config", None)
-        self.max_model_len = int(max_model_len or config.max_position_embeddings)  # type: ignore[union-attr]
+        self.config = getattr(model, "config", None)
+        context = getattr(self.config, "max_position_embeddings", 0)
+        self.max_model_len = int(max_model_len or context)
+        if self.max_model_len < 1:
+            raise ConfigError("max_model_len is needed: the model config names no context length")
+        self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)  # 0: unknown, unchecked
+        _dynamic_layers(DynamicCache(config=self.config), initialized=False)  # fail early
         self.num_threads = num_threads
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -277,6 +286,7 @@ class InferenceEngine:
         self._decode_ewma = 0.0
         self._prefill_ewma = 0.0
         # Engine-thread state: the running rows and their shared left-padded KV cache.
+        self._newcomers: list[_Row] = []  # admitted, not yet merged into the running batch
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long)  # (B, T) 1 = real token, 0 = pad
@@ -299,9 +309,12 @@ class InferenceEngine:
             self._thread.join(timeout)
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue a request; raises QueueFullError, PromptTooLongError or EngineStoppedError."""
+        """Queue a request; raises QueueFullError, InvalidPromptError (PromptTooLongError) or
+        EngineStoppedError."""
         if not request.prompt_ids:
-            raise PromptTooLongError("prompt must hold at least one token")
+            raise InvalidPromptError("prompt must hold at least one token")
+        if self.vocab_size and not all(0 <= t < self.vocab_size for t in request.prompt_ids):
+            raise InvalidPromptError(f"prompt token ids must be in [0, {self.vocab_size})")
         needed = len(request.prompt_ids) + request.params.max_tokens
         if needed > self.max_model_len:
             raise PromptTooLongError(
@@ -362,15 +375,17 @@ class InferenceEngine:
                 with torch.inference_mode():
                     self._step()
             except Exception as e:  # the loop must survive anything one step does
-                log.exception("engine step failed; failing %d running requests", len(self._rows))
-                self._fail_rows(self._rows, f"internal error: {e}")
+                log.exception("engine step failed; failing %d requests", len(self._rows))
+                self._fail_rows(self._newcomers + self._rows, f"internal error: {e}")
                 self._reset_batch()
         self._fail_rows(self._rows, "engine stopped")
         self._reset_batch()
         with self.busy_changed:
             waiting, self._waiting = list(self._waiting), deque()
+            self._finished += len(waiting)
+            self.busy_changed.notify_all()
         for handle in waiting:
-            self._finish_handle(handle, FINISH_ERROR, "engine stopped")
+            handle._push(TokenEvent(None, "", FINISH_ERROR), "engine stopped")
 
     def _has_work(self) -> bool:
         return self._stopping or bool(self._waiting or self._rows)
@@ -381,9 +396,10 @@ class InferenceEngine:
             for row in cancelled:
                 self._finish_row(row, FINISH_CANCELLED)
             self._keep_rows([i for i, r in enumerate(self._rows) if not r.handle.cancelled])
-        newcomers = self._admit()
-        if newcomers:
-            self._prefill(newcomers)
+        self._newcomers = self._admit()
+        if self._newcomers:
+            self._prefill(self._newcomers)
+            self._newcomers = []
         if self._rows:
             self._decode()
 
@@ -414,7 +430,7 @@ class InferenceEngine:
             ids[i, width - lengths[i] :] = torch.tensor(r.handle.request.prompt_ids)
             mask[i, width - lengths[i] :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L) true positions; pads at 0
-        cache = DynamicCache(config=self.model.config)  # type: ignore[arg-type]
+        cache = DynamicCache(config=self.config)
         try:
             with lora_context(serve([r.slot for r in rows])):
                 out = self.model(
@@ -505,19 +521,13 @@ class InferenceEngine:
             self._finished += 1
             self.busy_changed.notify_all()
 
-    def _finish_handle(self, handle: RequestHandle, reason: str, error: str | None) -> None:
-        handle._push(TokenEvent(None, "", reason), error)
-        with self.busy_changed:
-            self._finished += 1
-            self.busy_changed.notify_all()
-
     def _fail_rows(self, rows: list[_Row], error: str) -> None:
         for row in list(rows):
             if not row.handle.finished:
                 self._finish_row(row, FINISH_ERROR, error)
 
     def _reset_batch(self) -> None:
-        self._rows, self._cache = [], None
+        self._newcomers, self._rows, self._cache = [], [], None
         self._mask = torch.zeros(0, 0, dtype=torch.long)
 
     def _keep_rows(self, keep: list[int]) -> None:
@@ -573,11 +583,11 @@ def cache_layers_select(cache: DynamicCache, rows: list[int]) -> None:
         layer.values = layer.values.index_select(0, index)  # type: ignore[union-attr]
 
 
-def _dynamic_layers(cache: DynamicCache) -> list[DynamicLayer]:
+def _dynamic_layers(cache: DynamicCache, initialized: bool = True) -> list[DynamicLayer]:
     layers = []
     for layer in cache.layers:
         # Sliding-window or linear-attention layers keep state the left-padding logic can't move.
-        if type(layer) is not DynamicLayer or not layer.is_initialized:
+        if type(layer) is not DynamicLayer or (initialized and not layer.is_initialized):
             raise ConfigError(f"continuous batching needs full-attention layers, got {layer!r}")
         layers.append(layer)
     return layers

@@ -98,10 +98,12 @@ class Replica:
         self._push_lock = threading.Lock()  # one version load at a time
         self._canary = torch.tensor([[self.tokenizer.eos_token_id or 0] * 4])  # (1, 4)
         self.trainer: CoTrainer | None = None
+        self.num_train_rows = 0
         if cfg.data is not None:
             data = load_client_data(cfg.data, cfg.partition_id, cfg.num_partitions, self.tokenizer)
             blocks = tokenize_samples(data.train, self.tokenizer, cfg.seq_len)
             batches = iterate_batches(blocks, cfg.train_batch_size, seed=cfg.seed)
+            self.num_train_rows = int(blocks.input_ids.shape[0])
             self.trainer = CoTrainer(
                 self.modules, self.model, self.engine, batches, cfg.slo, cfg.training_share
             )

@@ -34,7 +34,7 @@ def test_missing_local_path_is_a_clear_error(tmp_path):
 
 
 def test_local_dir_without_config_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         materialize_model(str(tmp_path))
 
 

@@ -6,6 +6,7 @@ from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg
 from collm_fl.flower_records import arrayrecord_to_state, state_to_arrayrecord
 from strategies.lora import LoraFedAvg
 
+
 @pytest.fixture(autouse=True)
 def flower_task_identity(monkeypatch):
     """Messages read the run/node identity Flower sets in an app process; set one for tests."""
@@ -30,7 +31,9 @@ def adapter(seed: int, scale: float = 0.1) -> dict[str, np.ndarray]:
 
 
 def reply(node: int, state, num_examples: float = 10.0, extra_metrics=None) -> Message:
-    instruction = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+    instruction = Message(
+        RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train"
+    )
     metrics = {"num-examples": num_examples, "train-loss": 1.0 + node / 10, **(extra_metrics or {})}
     content = RecordDict({"arrays": state_to_arrayrecord(state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=instruction)

@@ -16,8 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from collm_fl.adapters import AdapterState, LoraSpec
 from collm_fl.models import LoadedModel
 from collm_fl.replica.engine import (
+    EngineStoppedError,
     GenerationRequest,
     InferenceEngine,
+    InvalidPromptError,
     PromptTooLongError,
     QueueFullError,
     RequestHandle,
@@ -194,7 +196,7 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(rig: Rig) -> None:
     assert other_seed.token_ids != alone.token_ids
 
 
-def test_full_queue_and_too_long_prompt_are_refused(rig: Rig) -> None:
+def test_full_queue_bad_prompts_and_stopped_engine_are_refused(rig: Rig) -> None:
     prompt = rig.prompt(PROMPTS[0])
     with rig.engine.busy_changed:  # holds the engine thread off the queue while we fill it
         queued = [rig.submit(prompt) for _ in range(rig.engine.max_queue)]
@@ -205,6 +207,13 @@ def test_full_queue_and_too_long_prompt_are_refused(rig: Rig) -> None:
         assert h.wait(TIMEOUT) and h.finish_reason in ("length", "stop")
     with pytest.raises(PromptTooLongError):
         rig.submit([5] * 250, SamplingParams(max_tokens=7))
+    with pytest.raises(InvalidPromptError):
+        rig.submit([5, rig.model.config.vocab_size])
+    with pytest.raises(InvalidPromptError):
+        rig.submit([])
+    rig.engine.stop()
+    with pytest.raises(EngineStoppedError):
+        rig.submit(prompt)
 
 
 def test_cancel_drops_the_row_and_releases_its_slot(rig: Rig) -> None:
@@ -268,3 +277,27 @@ def test_failed_forward_fails_its_requests_and_the_engine_goes_on(rig: Rig) -> N
     assert stats.requests_finished == 2 and stats.running == 0 and stats.queue_depth == 0
     assert stats.tokens_generated == ok.num_generated and stats.decode_step_s > 0
     assert rig.engine.is_idle()
+
+
+@pytest.mark.parametrize(("stop", "want"), [((), "Hi é😀 ok STOP tail"), (("STOP",), "Hi é😀 ok ")])
+def test_text_deltas_are_whole_utf8_and_never_hold_a_stop_string(
+    rig: Rig, stop: tuple[str, ...], want: str
+) -> None:
+    script = rig.prompt("Hi é😀 ok STOP tail")
+    step = {"n": 0}
+
+    def force_next_token(module: torch.nn.Module, args: object, output: object) -> None:
+        logits = output.logits  # type: ignore[attr-defined]  # (1, L, V)
+        logits.fill_(-1e9)
+        logits[..., script[min(step["n"], len(script) - 1)]] = 0.0
+        step["n"] += 1
+
+    hook = rig.model.register_forward_hook(force_next_token)
+    try:
+        h = rig.submit([5, 6], SamplingParams(max_tokens=len(script), temperature=0.0, stop=stop))
+        deltas = [ev.text_delta for ev in h.events(timeout=TIMEOUT)]
+    finally:
+        hook.remove()
+    assert "".join(deltas) == want
+    assert all("\ufffd" not in d for d in deltas)
+    assert not any("S" in d for d in deltas) or not stop  # no piece of the stop string went out
