@@ -17,13 +17,7 @@ import os
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from collm_fl.client_task import (
-    TrainBudget,
-    evaluate_on_partition,
-    train_on_partition,
-    train_on_replica,
-)
-from collm_fl.config import RunConfig
+from collm_fl.config import RunConfig, TrainBudget
 from collm_fl.errors import ConfigError
 from collm_fl.flower_records import (
     ARRAYS_KEY,
@@ -34,6 +28,7 @@ from collm_fl.flower_records import (
 )
 from collm_fl.logs import setup_logging
 from collm_fl.replica.control_client import ReplicaClient
+from collm_fl.replica.relay import train_on_replica
 
 app = ClientApp()
 
@@ -90,6 +85,8 @@ def train(msg: Message, context: Context) -> Message:
                 training_share=None if share is None else float(share),  # type: ignore[arg-type]
             )
     else:
+        from collm_fl.client_task import train_on_partition  # torch + transformers: devices only
+
         partition_id, num_partitions = _partition(context)
         state, metrics = train_on_partition(
             cfg, partition_id, num_partitions, global_state, budget, server_round
@@ -102,6 +99,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from collm_fl.client_task import evaluate_on_partition
+
     setup_logging()
     cfg = RunConfig.from_flower(context.run_config)
     partition_id, num_partitions = _partition(context)

@@ -9,17 +9,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from collm_fl.adapters import AdapterState
-from collm_fl.config import RunConfig
+from collm_fl.config import RunConfig, TrainBudget
 from collm_fl.data import load_client_data
 from collm_fl.data.tokenize import iterate_batches, tokenize_samples
 from collm_fl.models import load_base_model
-from collm_fl.replica.control_client import ReplicaClient
 from collm_fl.training import (
     attach_lora,
     evaluate_loss,
@@ -29,23 +27,6 @@ from collm_fl.training import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainBudget:
-    """What the server asks of a client this round (the allocation policy may change it)."""
-
-    local_steps: int
-    learning_rate: float
-    batch_size: int
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig, overrides: Mapping[str, object]) -> TrainBudget:
-        return cls(
-            local_steps=int(overrides.get("local-steps", cfg.local_steps)),  # type: ignore[call-overload]
-            learning_rate=float(overrides.get("learning-rate", cfg.learning_rate)),  # type: ignore[arg-type]
-            batch_size=int(overrides.get("batch-size", cfg.batch_size)),  # type: ignore[call-overload]
-        )
 
 
 def apply_thread_budget(cfg: RunConfig) -> None:
@@ -111,32 +92,3 @@ def evaluate_on_partition(
         "eval-loss": result.loss,
         "eval-perplexity": result.perplexity,
     }
-
-
-def train_on_replica(
-    cfg: RunConfig,
-    client: ReplicaClient,
-    global_state: Mapping[str, np.ndarray],
-    global_version: int,
-    budget: TrainBudget,
-    server_round: int,
-    deadline_s: float,
-    training_share: float | None,
-) -> tuple[AdapterState, dict[str, float]]:
-    """A round on a co-executing replica: make sure it serves the global version, train there.
-
-    The replica trains on its site's private data while it keeps serving; its load report since
-    the last round rides back with the metrics (``load-*`` keys) for the allocation policy.
-    """
-    client.push_version(global_state, cfg.lora.to_peft_config_dict(cfg.model), global_version)
-    state, metrics = client.train(
-        server_round,
-        budget.local_steps,
-        budget.learning_rate,
-        deadline_s,
-        base_version=global_version,
-        share=training_share,
-    )
-    load = client.load_report(reset=True)
-    metrics.update({f"load-{k}": float(v) for k, v in load.items()})
-    return state, metrics

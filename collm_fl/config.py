@@ -190,3 +190,20 @@ def _coerce(value: Scalar, default: object) -> object:
     if isinstance(value, str):
         return value
     raise TypeError(value)
+
+
+@dataclass(frozen=True)
+class TrainBudget:
+    """What the server asks of a client this round (the allocation policy may change it)."""
+
+    local_steps: int
+    learning_rate: float
+    batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, overrides: Mapping[str, object]) -> TrainBudget:
+        return cls(
+            local_steps=int(overrides.get("local-steps", cfg.local_steps)),  # type: ignore[call-overload]
+            learning_rate=float(overrides.get("learning-rate", cfg.learning_rate)),  # type: ignore[arg-type]
+            batch_size=int(overrides.get("batch-size", cfg.batch_size)),  # type: ignore[call-overload]
+        )

@@ -51,7 +51,9 @@ def free_port() -> int:
 class ReplicaProcess:
     """A real `collm replica` subprocess on loopback ports; stopped by its pid."""
 
-    def __init__(self, store_dir, *extra: str, api_key: str | None = None, token: str = "test-token"):
+    def __init__(
+        self, store_dir, *extra: str, api_key: str | None = None, token: str = "test-token"
+    ):
         import os
         import subprocess
         import sys
@@ -62,9 +64,19 @@ class ReplicaProcess:
         self.store_dir = store_dir
         collm = str(Path(sys.executable).with_name("collm"))
         cmd = [
-            collm, "replica", "--model", "tiny", "--port", str(self.port),
-            "--control-port", str(self.control_port), "--store-dir", str(store_dir),
-            "--num-partitions", "4", *extra,
+            collm,
+            "replica",
+            "--model",
+            "tiny",
+            "--port",
+            str(self.port),
+            "--control-port",
+            str(self.control_port),
+            "--store-dir",
+            str(store_dir),
+            "--num-partitions",
+            "4",
+            *extra,
         ]
         env = dict(os.environ, COLLM_CONTROL_TOKEN=token)
         if api_key:

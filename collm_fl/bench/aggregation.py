@@ -49,6 +49,8 @@ class MachineInfo(TypedDict):
     torch_version: str
     torch_threads: int
     numpy_version: str
+    matmul_gflops_start: float  # CPU speed probe before the run (shared VMs drift)
+    matmul_gflops_end: float  # and after it; a large gap means the timings are noisy
 
 
 class AggregationBenchmark(TypedDict):
@@ -66,7 +68,18 @@ class AggregationBenchmark(TypedDict):
     machine: MachineInfo
 
 
-def machine_info() -> MachineInfo:
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Best-of-``repeats`` float32 matmul throughput: a probe of how fast the CPU is right now."""
+    x = torch.randn(n, n)  # (n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(x, x)  # (n, n)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
+
+
+def machine_info(gflops_start: float, gflops_end: float) -> MachineInfo:
     """What the numbers were measured on."""
     return MachineInfo(
         platform=platform.platform(),
@@ -75,6 +88,8 @@ def machine_info() -> MachineInfo:
         torch_version=torch.__version__,
         torch_threads=torch.get_num_threads(),
         numpy_version=np.__version__,
+        matmul_gflops_start=gflops_start,
+        matmul_gflops_end=gflops_end,
     )
 
 
@@ -175,6 +190,7 @@ def run_aggregation_benchmark(
     n_err = min(error_modules, len(modules))
     sampled = sorted(str(m) for m in rng.choice(modules, size=n_err, replace=False))
     k_max = max(client_counts)
+    gflops_start = matmul_gflops()
     say(f"generating {k_max} clients x {len(modules)} modules (d={d}, r={rank})")
     updates = synthetic_updates(k_max, modules, d, rank, seed, client_noise)
     all_weights = rng.integers(50, 500, size=k_max).astype(np.float64)  # examples per client
@@ -219,7 +235,7 @@ def run_aggregation_benchmark(
             f"of {client_noise}x that scale; weights = random example counts in [50, 500)"
         ),
         rows=rows,
-        machine=machine_info(),
+        machine=machine_info(gflops_start, matmul_gflops()),
     )
 
 
@@ -238,7 +254,8 @@ def write_benchmark_report(
         "",
         f"Machine: {mach['platform']}, {mach['processor']}, {mach['cpu_count']} CPUs, "
         f"torch {mach['torch_version']} ({mach['torch_threads']} threads), "
-        f"numpy {mach['numpy_version']}",
+        f"numpy {mach['numpy_version']}; float32 matmul probe {mach['matmul_gflops_start']:.0f} "
+        f"GFLOP/s before, {mach['matmul_gflops_end']:.0f} after",
         "",
         f"Shapes: {result['layers']} layers x {result['targets']} = {result['modules']} modules, "
         f"d={result['d']}, rank={result['rank']}.",

@@ -27,11 +27,13 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from collm_fl.data.types import ROLES, ChatRecord, Record, TextSample
 from collm_fl.errors import DataFormatError
+
+if TYPE_CHECKING:  # transformers is heavy; only the type is needed here
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 

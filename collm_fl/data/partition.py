@@ -31,14 +31,17 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from collm_fl.data.files import SUFFIXES, cut_text, format_records, load_records, pack_text
 from collm_fl.data.shakespeare import load_plays
 from collm_fl.data.types import ClientData, TextSample
 from collm_fl.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers is heavy; only the type is needed here
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 

@@ -38,8 +38,9 @@ from collm_fl.api.schemas import (
     Usage,
 )
 from collm_fl.data.files import chat_prompt
-from collm_fl.replica.engine import (
+from collm_fl.replica.requests import (
     GenerationRequest,
+    InvalidPromptError,
     PromptTooLongError,
     QueueFullError,
     RequestHandle,

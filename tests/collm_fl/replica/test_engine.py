@@ -15,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from collm_fl.adapters import AdapterState, LoraSpec
 from collm_fl.models import LoadedModel
-from collm_fl.replica.engine import (
+from collm_fl.replica.engine import InferenceEngine
+from collm_fl.replica.requests import (
     EngineStoppedError,
     GenerationRequest,
-    InferenceEngine,
     InvalidPromptError,
     PromptTooLongError,
     QueueFullError,

@@ -86,7 +86,9 @@ def test_stop_sequence_ends_generation_without_the_stop_text(replica):
     if len(text) < 4:
         pytest.skip("reference too short to pick a stop string")
     stop = text[2:4]
-    out = c.completions.create(model="tiny", prompt="KING:", max_tokens=20, temperature=0, stop=[stop])
+    out = c.completions.create(
+        model="tiny", prompt="KING:", max_tokens=20, temperature=0, stop=[stop]
+    )
     assert out.choices[0].finish_reason == "stop"
     assert out.choices[0].text == text[: text.index(stop)]
 
@@ -112,6 +114,7 @@ def test_missing_or_wrong_api_key_is_401(replica):
         ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "frequency_penalty": 1}, "unknown_parameter"),
         ({"model": "tiny"}, "invalid_parameter"),
+        ({"model": "tiny", "prompt": ""}, "invalid_prompt"),
         ([1, 2, 3], "invalid_parameter"),
     ],
 )
@@ -120,12 +123,18 @@ def test_bad_requests_get_a_400_with_an_openai_error(replica, body, code):
 
 
 def test_unknown_model_is_404(replica):
-    r = post(replica, "/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})
+    r = post(
+        replica,
+        "/v1/chat/completions",
+        {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert_openai_error(r, 404, "model_not_found")
 
 
 def test_prompt_over_the_context_is_400(replica):
-    r = post(replica, "/v1/completions", {"model": "tiny", "prompt": "word " * 2000, "max_tokens": 4})
+    r = post(
+        replica, "/v1/completions", {"model": "tiny", "prompt": "word " * 2000, "max_tokens": 4}
+    )
     assert_openai_error(r, 400, "context_length_exceeded")
 
 
@@ -165,7 +174,9 @@ def test_overload_gets_503_with_retry_after_and_the_server_keeps_serving(start_r
     replica = start_replica("--max-queue", "1", "--max-batch-size", "1")
     body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 200, "temperature": 0}
     with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda _: post(replica, "/v1/completions", body, key=None), range(12)))
+        results = list(
+            pool.map(lambda _: post(replica, "/v1/completions", body, key=None), range(12))
+        )
     codes = sorted(r.status_code for r in results)
     assert 200 in codes and 503 in codes, codes
     assert set(codes) <= {200, 503}

@@ -1,0 +1,44 @@
+"""The ClientApp's side of a round on a co-executing replica (light: no torch import).
+
+Flower starts a ClientApp process per message in the deployment engine, so a replica node's app
+must import fast; it only relays to the long-lived replica over its control API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from collm_fl.adapters import AdapterState
+from collm_fl.config import RunConfig, TrainBudget
+from collm_fl.replica.control_client import ReplicaClient
+
+
+def train_on_replica(
+    cfg: RunConfig,
+    client: ReplicaClient,
+    global_state: Mapping[str, np.ndarray],
+    global_version: int,
+    budget: TrainBudget,
+    server_round: int,
+    deadline_s: float,
+    training_share: float | None,
+) -> tuple[AdapterState, dict[str, float]]:
+    """A round on a co-executing replica: make sure it serves the global version, train there.
+
+    The replica trains on its site's private data while it keeps serving; its load report since
+    the last round rides back with the metrics (``load-*`` keys) for the allocation policy.
+    """
+    client.push_version(global_state, cfg.lora.to_peft_config_dict(cfg.model), global_version)
+    state, metrics = client.train(
+        server_round,
+        budget.local_steps,
+        budget.learning_rate,
+        deadline_s,
+        base_version=global_version,
+        share=training_share,
+    )
+    load = client.load_report(reset=True)
+    metrics.update({f"load-{k}": float(v) for k, v in load.items()})
+    return state, metrics

@@ -1,0 +1,177 @@
+"""Shadow swaps, the control API and restart recovery, against real `collm replica` processes."""
+
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from collm_fl.adapters import LoraSpec
+from collm_fl.replica.control_client import ReplicaClient, ReplicaUnavailable
+from collm_fl.training import attach_lora, get_adapter_state, set_adapter_state
+
+SPEC = LoraSpec()  # the replica's defaults: r=8, alpha=16, q_proj/v_proj
+PROMPTS = ["ROMEO:", "To be, or not", "KING LEAR: Blow, winds", "Good morrow"]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def reference(request):
+    """Greedy generations of the tiny model through PEFT, per adapter state (the oracle)."""
+    from collm_fl.models import load_base_model
+
+    loaded = load_base_model("tiny")
+    model = attach_lora(loaded.model, SPEC)
+    shapes = {k: v.shape for k, v in get_adapter_state(model).items()}
+
+    def adapter(seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {k: (rng.standard_normal(s) * 0.3).astype(np.float32) for k, s in shapes.items()}
+
+    def generate(state, prompt: str) -> str:
+        set_adapter_state(model, state)
+        ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)
+        return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    return adapter, generate
+
+
+def control(replica) -> ReplicaClient:
+    return ReplicaClient(replica.control_address, replica.token, timeout=120)
+
+
+def stream_completion(replica, prompt: str) -> tuple[str, set, str]:
+    """Stream one greedy completion; returns (text, versions named in chunks, header version)."""
+    body = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": True,
+    }
+    text, versions = [], set()
+    with httpx.stream("POST", replica.url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        header = r.headers["X-Adapter-Version"]
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            import json
+
+            chunk = json.loads(line[6:])
+            versions.add(chunk["adapter_version"])
+            text.append(chunk["choices"][0]["text"])
+    return "".join(text), versions, header
+
+
+def test_control_api_refuses_calls_without_the_token(start_replica):
+    replica = start_replica()
+    r = httpx.get(f"http://{replica.control_address}/control/status")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(ReplicaUnavailable, match="401"):
+        ReplicaClient(replica.control_address, "wrong").status()
+
+
+def test_control_round_trip_push_train_load_share_rollback(start_replica, reference):
+    adapter, _ = reference
+    replica = start_replica()
+    with control(replica) as c:
+        v0 = adapter(0)
+        assert c.push_version(v0, SPEC.to_peft_config_dict("tiny"), 0)["version"] == 0
+        state, metrics = c.train(1, steps=3, learning_rate=1e-3, deadline_s=60, base_version=0)
+        assert state.keys() == v0.keys()
+        assert any(not np.array_equal(state[k], v0[k]) for k in v0)
+        assert metrics["local-steps"] == 3 and metrics["train-tokens"] > 0
+        assert metrics["num-examples"] > 0
+        load = c.load_report()
+        assert {"request-rate", "ttft-p99", "tpot-p99", "slo-attainment", "training-share"} <= set(
+            load
+        )
+        c.set_share(0.25)
+        assert c.status()["training_share"] == 0.25
+        c.push_version(state, SPEC.to_peft_config_dict("tiny"), 1)
+        assert httpx.get(replica.url + "/health").json()["adapter_version"] == 1
+        c.rollback(0)
+        assert httpx.get(replica.url + "/health").json()["adapter_version"] == 0
+        # A wrong base version for training is a conflict, not silent training on another base.
+        with pytest.raises(ReplicaUnavailable, match="409"):
+            c.train(2, steps=1, learning_rate=1e-3, deadline_s=60, base_version=5)
+
+
+def test_invalid_versions_are_rejected_and_serving_keeps_the_old_one(start_replica, reference):
+    adapter, _ = reference
+    replica = start_replica()
+    with control(replica) as c:
+        c.push_version(adapter(0), SPEC.to_peft_config_dict("tiny"), 0)
+        bad = adapter(1)
+        first = next(iter(bad))
+        bad[first][0, 0] = np.nan
+        with pytest.raises(ReplicaUnavailable, match="400"):
+            c.push_version(bad, SPEC.to_peft_config_dict("tiny"), 1)
+        wrong_rank = SPEC.replace(rank=4).to_peft_config_dict("tiny")
+        with pytest.raises(ReplicaUnavailable, match="rank"):
+            c.push_version(adapter(2), wrong_rank, 2)
+        r = httpx.put(
+            f"http://{replica.control_address}/control/adapters/3",
+            content=b"not safetensors",
+            headers={"Authorization": f"Bearer {replica.token}"},
+        )
+        assert r.status_code == 400
+        assert c.status()["served_version"] == 0
+        assert c.status()["stored_versions"] == [0]
+
+
+def test_swaps_under_concurrent_streaming_never_mix_versions(start_replica, reference):
+    adapter, generate = reference
+    replica = start_replica("--data", "none")
+    states = {v: adapter(100 + v) for v in range(6)}
+    expected = {(v, p): generate(states[v], p) for v in states for p in PROMPTS}
+    assert len({expected[(v, PROMPTS[0])] for v in states}) > 1, "versions must differ"
+    results, errors = [], []
+    with control(replica) as c:
+        c.push_version(states[0], SPEC.to_peft_config_dict("tiny"), 0)
+
+        def client_loop(i: int) -> None:
+            try:
+                for j in range(4):
+                    prompt = PROMPTS[(i + j) % len(PROMPTS)]
+                    results.append((prompt, *stream_completion(replica, prompt)))
+            except Exception as e:  # collected and asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for v in range(1, 6):  # swaps while the streams run
+            c.push_version(states[v], SPEC.to_peft_config_dict("tiny"), v)
+        for t in threads:
+            t.join(timeout=300)
+    assert not errors, errors
+    assert len(results) == 16
+    seen = set()
+    for prompt, text, versions, header in results:
+        assert len(versions) == 1, versions  # one version per request, every chunk
+        (version,) = versions
+        assert header == str(version)
+        assert text == expected[(version, prompt)]  # tokens equal that version's reference
+        seen.add(version)
+    assert len(seen) >= 2, f"swaps happened during the streams: {seen}"
+
+
+def test_restarted_replica_serves_the_latest_stored_version(start_replica, reference, tmp_path):
+    adapter, generate = reference
+    store = tmp_path / "persistent-store"
+    first = start_replica("--data", "none", store_dir=store)
+    with control(first) as c:
+        for v in range(3):
+            c.push_version(adapter(200 + v), SPEC.to_peft_config_dict("tiny"), v)
+    first.stop()
+    assert not list(store.glob(".tmp-*"))
+    second = start_replica("--data", "none", store_dir=store)
+    assert httpx.get(second.url + "/health").json()["adapter_version"] == 2
+    text, versions, _ = stream_completion(second, PROMPTS[0])
+    assert versions == {2}
+    assert text == generate(adapter(202), PROMPTS[0])
