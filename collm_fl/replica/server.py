@@ -38,6 +38,7 @@ from collm_fl.api.schemas import (
     Usage,
 )
 from collm_fl.data.files import chat_prompt
+from collm_fl.replica.metrics import RequestRecord
 from collm_fl.replica.requests import (
     GenerationRequest,
     InvalidPromptError,
@@ -46,7 +47,6 @@ from collm_fl.replica.requests import (
     RequestHandle,
     TokenEvent,
 )
-from collm_fl.replica.metrics import RequestRecord
 from collm_fl.replica.runtime import Replica
 from collm_fl.replica.sampling import SamplingParams
 
@@ -146,10 +146,9 @@ async def _generate(
         replica.load_window.add(RequestRecord(time.monotonic(), None, None, "rejected", 0))
         replica.metrics.requests.labels("rejected").inc()
         raise overloaded(retry_after_s=1, message=str(e)) from e
-    except PromptTooLongError as e:
-        raise APIError(
-            400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded"
-        ) from e
+    except InvalidPromptError as e:  # empty, out of vocabulary, or over the context
+        code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else "invalid_prompt"
+        raise APIError(400, str(e), param="messages" if chat else "prompt", code=code) from e
     created = int(time.time())
     events = handle.aiter()
     try:

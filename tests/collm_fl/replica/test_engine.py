@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from collm_fl.adapters import AdapterState, LoraSpec
 from collm_fl.models import LoadedModel
 from collm_fl.replica.engine import InferenceEngine
+from collm_fl.replica.lora_layers import MultiLoraModules, inject_multi_lora, lora_context, serve
 from collm_fl.replica.requests import (
     EngineStoppedError,
     GenerationRequest,
@@ -24,7 +25,6 @@ from collm_fl.replica.requests import (
     QueueFullError,
     RequestHandle,
 )
-from collm_fl.replica.lora_layers import MultiLoraModules, inject_multi_lora, lora_context, serve
 from collm_fl.replica.sampling import SamplingParams
 from collm_fl.replica.slots import AdapterSlots
 
