@@ -169,15 +169,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from collm_fl.bench.quality import run_quality_benchmark
 
         out_dir = Path(args.out) if args.out else Path(args.output_dir) / "reports"
-        result, md_path = run_quality_benchmark(
+        quality, md_path = run_quality_benchmark(
             Path(args.output_dir), args.run_name, args.store_url or None, out_dir, _command_line()
         )
         print(md_path.read_text())
         print(
             json.dumps(
                 {
-                    "base_perplexity": result["base"]["perplexity"],
-                    "final_perplexity": result["final"]["perplexity"],
+                    "base_perplexity": quality["base"]["perplexity"],  # type: ignore[index]
+                    "final_perplexity": quality["final"]["perplexity"],  # type: ignore[index]
                 }
             )
         )

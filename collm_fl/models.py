@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -49,7 +50,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # A ~1.6M-parameter Llama: big enough to learn Shakespeare's surface statistics in a few
 # hundred steps, small enough that a federated round of the test suite takes seconds.
-TINY_CONFIG = {
+TINY_CONFIG: dict[str, Any] = {
     "vocab_size": 2048,
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -115,7 +116,7 @@ def load_base_model(
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model {name!r} from {path}: {e}") from e
     if quantization == "none":
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
@@ -244,7 +245,7 @@ def _convert_smollm2(out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # The weights are plain fp32 tensors now; drop the GGUF quantizer marker so it can be saved.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -49,7 +49,7 @@ def attach_lora(model: PreTrainedModel, spec: LoraSpec) -> PeftModel:
     """Wrap a frozen base model with a fresh LoRA adapter (B = 0, so it starts as the base)."""
     config = LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT annotates int; floats work
         lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules),
         bias="none",
@@ -77,7 +77,7 @@ def set_adapter_state(
         raise AdapterValidationError(problems)
     tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
     result = set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
-    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]  # type: ignore[attr-defined]
     if unexpected:
         raise AdapterValidationError([f"unexpected key {k}" for k in unexpected])
 

@@ -96,7 +96,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), type_, headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, str(exc.detail), type_, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -130,7 +131,7 @@ class BodySizeLimit:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers", []))  # type: ignore[arg-type]
+        headers = dict(scope.get("headers", []))  # type: ignore[call-overload]
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             await self._reject(send)
