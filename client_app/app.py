@@ -120,7 +120,9 @@ def publish(msg: Message, context: Context) -> Message:
     if replica is not None:
         with replica:
             state = arrayrecord_to_state(msg.content[ARRAYS_KEY])
-            replica.push_version(state, cfg.lora.to_peft_config_dict(cfg.model), version)
+            replica.push_version(
+                state, cfg.lora.to_peft_config_dict(cfg.model), version, cfg.run_name
+            )
             served = float(version)
     return Message(
         content=RecordDict({METRICS_KEY: MetricRecord({"served-version": served})}), reply_to=msg

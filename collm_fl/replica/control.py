@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from collm_fl.api.errors import APIError, BodySizeLimit, check_bearer, install_error_handlers
 from collm_fl.errors import AdapterValidationError, ConfigError, StoreError
-from collm_fl.replica.runtime import Replica
+from collm_fl.replica.runtime import DEFAULT_RUN, Replica
 from collm_fl.replica.wire import decode_adapter, encode_adapter
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,13 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
     guarded = [Depends(auth)]
 
     @app.put("/control/adapters/{version}", dependencies=guarded)
-    async def push(version: int, request: Request) -> dict[str, object]:
+    async def push(version: int, request: Request, run: str = DEFAULT_RUN) -> dict[str, object]:
         blob = await request.body()
         try:
             state, config, blob_version, _ = decode_adapter(blob)
             if blob_version is not None and blob_version != version:
                 raise ConfigError(f"payload says version {blob_version}, URL says {version}")
-            result = await asyncio.to_thread(replica.push_version, state, config, version)
+            result = await asyncio.to_thread(replica.push_version, state, config, version, run)
         except (AdapterValidationError, ConfigError) as e:
             raise APIError(400, f"version {version} rejected: {e}", code="invalid_adapter") from e
         return {"status": "served", **asdict(result)}
@@ -135,6 +135,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
     async def status() -> dict[str, object]:
         return {
             "model": replica.cfg.model,
+            "run": replica.run,
             "served_version": replica.served_version,
             "stored_versions": replica.stored_versions(),
             "slots": [asdict(s) for s in replica.slots.snapshot()],

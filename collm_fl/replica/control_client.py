@@ -38,10 +38,15 @@ class ReplicaClient:
         self.close()
 
     def push_version(
-        self, state: Mapping[str, np.ndarray], peft_config: Mapping[str, object], version: int
+        self,
+        state: Mapping[str, np.ndarray],
+        peft_config: Mapping[str, object],
+        version: int,
+        run: str = "default",
     ) -> dict[str, object]:
         blob = encode_adapter(state, peft_config, version)
-        return self._call("PUT", f"/control/adapters/{version}", content=blob).json()  # type: ignore[no-any-return]
+        path = f"/control/adapters/{version}"
+        return self._call("PUT", path, content=blob, params={"run": run}).json()  # type: ignore[no-any-return]
 
     def train(
         self,

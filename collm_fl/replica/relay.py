@@ -30,7 +30,9 @@ def train_on_replica(
     The replica trains on its site's private data while it keeps serving; its load report since
     the last round rides back with the metrics (``load-*`` keys) for the allocation policy.
     """
-    client.push_version(global_state, cfg.lora.to_peft_config_dict(cfg.model), global_version)
+    client.push_version(
+        global_state, cfg.lora.to_peft_config_dict(cfg.model), global_version, cfg.run_name
+    )
     state, metrics = client.train(
         server_round,
         budget.local_steps,

@@ -34,6 +34,8 @@ from collm_fl.store.adapter_io import cleanup_partial_dirs, read_adapter_dir, wr
 log = logging.getLogger(__name__)
 
 _VERSION_DIR = re.compile(r"v(\d{4,})")
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+DEFAULT_RUN = "default"
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Replica:
         self.load_window = LoadWindow(cfg.slo)
         self.store_dir = Path(cfg.store_dir).resolve()
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.run = DEFAULT_RUN  # the federation run whose versions are served
         self._push_lock = threading.Lock()  # one version load at a time
         self._canary = torch.tensor([[self.tokenizer.eos_token_id or 0] * 4])  # (1, 4)
         self.trainer: CoTrainer | None = None
@@ -124,29 +127,39 @@ class Replica:
         self.engine.stop()
 
     def recover(self) -> int | None:
-        """Serve the newest valid stored version (after a restart); returns its number."""
-        for tmp in cleanup_partial_dirs(self.store_dir):
-            log.warning("removed an interrupted version write: %s", tmp)
-        for number in sorted(self.stored_versions(), reverse=True):
-            try:
-                state, config = read_adapter_dir(self.version_dir(number))
-                self._load_and_promote(state, config, number)
-                log.info("recovered: serving stored version %d", number)
-                return number
-            except (StoreError, AdapterValidationError) as e:
-                log.error("stored version %d is unusable (%s); trying an older one", number, e)
+        """Serve the newest valid stored version (after a restart); returns its number.
+
+        Versions are kept per federation run (``<store-dir>/<run>/vNNNN``); the run written to
+        most recently is the one resumed.
+        """
+        runs = [p for p in self.store_dir.iterdir() if p.is_dir() and _RUN_NAME.fullmatch(p.name)]
+        for run_dir in runs:
+            for tmp in cleanup_partial_dirs(run_dir):
+                log.warning("removed an interrupted version write: %s", tmp)
+        for run_dir in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True):
+            for number in sorted(self.stored_versions(run_dir.name), reverse=True):
+                try:
+                    state, config = read_adapter_dir(self.version_dir(number, run_dir.name))
+                    self._load_and_promote(state, config, number, run_dir.name)
+                    log.info("recovered: serving run %r version %d", run_dir.name, number)
+                    return number
+                except (StoreError, AdapterValidationError) as e:
+                    log.error("stored version %d is unusable (%s); trying an older one", number, e)
         log.info("no stored version: serving the base model until a version arrives")
         return None
 
     # ---- versions ----
 
-    def version_dir(self, number: int) -> Path:
-        return self.store_dir / f"v{number:04d}"
+    def version_dir(self, number: int, run: str | None = None) -> Path:
+        return self.store_dir / (run or self.run) / f"v{number:04d}"
 
-    def stored_versions(self) -> list[int]:
+    def stored_versions(self, run: str | None = None) -> list[int]:
+        run_dir = self.store_dir / (run or self.run)
+        if not run_dir.is_dir():
+            return []
         return sorted(
             int(m.group(1))
-            for p in self.store_dir.iterdir()
+            for p in run_dir.iterdir()
             if p.is_dir() and (m := _VERSION_DIR.fullmatch(p.name))
         )
 
@@ -155,45 +168,57 @@ class Replica:
         return self.slots.current_version
 
     def push_version(
-        self, state: Mapping[str, np.ndarray], peft_config: Mapping[str, object], version: int
+        self,
+        state: Mapping[str, np.ndarray],
+        peft_config: Mapping[str, object],
+        version: int,
+        run: str = DEFAULT_RUN,
     ) -> SwapResult:
-        """Persist, shadow-load, validate and promote ``version``; serving never pauses.
+        """Persist, shadow-load, validate and promote ``version`` of ``run``; serving never pauses.
 
-        Re-pushing the served version is a no-op; an older version than the served one is
-        refused (use :meth:`rollback`).
+        Re-pushing the served version is a no-op; an older version of the served run is refused
+        (use :meth:`rollback`); a version of another run starts that run's lineage here.
         """
         if version < 0:
             raise ConfigError(f"version must be >= 0, got {version}")
+        if not _RUN_NAME.fullmatch(run):
+            raise ConfigError(f"run name {run!r} must be letters, digits, '.', '_' or '-'")
         with self._push_lock:
-            current = self.served_version
+            current = self.served_version if run == self.run else None
             if current is not None and version == current:
                 return SwapResult(version, current, 0.0, time.time())
             if current is not None and version < current:
                 raise ConfigError(
-                    f"version {version} is older than the served version {current}; "
-                    "use rollback to serve an older version"
+                    f"version {version} is older than the served version {current} of run "
+                    f"{run!r}; use rollback to serve an older version"
                 )
             started = time.perf_counter()
             problems = self._config_problems(peft_config)
             if problems:
                 raise AdapterValidationError(problems)
-            if not self.version_dir(version).exists():
-                write_adapter_dir(self.version_dir(version), dict(state), peft_config)
-            previous = self._load_and_promote(state, peft_config, version)
+            vdir = self.version_dir(version, run)
+            if not vdir.exists():
+                vdir.parent.mkdir(parents=True, exist_ok=True)
+                write_adapter_dir(vdir, dict(state), peft_config)
+            previous = self._load_and_promote(state, peft_config, version, run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
 
     def rollback(self, version: int) -> SwapResult:
-        """Serve a previously stored version again (through the shadow slot)."""
+        """Serve a previously stored version of the served run again (through the shadow slot)."""
         with self._push_lock:
             if version not in self.stored_versions():
-                raise StoreError(f"version {version} is not stored on this replica")
+                raise StoreError(f"version {version} of run {self.run!r} is not stored here")
             started = time.perf_counter()
             state, config = read_adapter_dir(self.version_dir(version))
-            previous = self._load_and_promote(state, config, version)
+            previous = self._load_and_promote(state, config, version, self.run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
 
     def _load_and_promote(
-        self, state: Mapping[str, np.ndarray], peft_config: Mapping[str, object], version: int
+        self,
+        state: Mapping[str, np.ndarray],
+        peft_config: Mapping[str, object],
+        version: int,
+        run: str,
     ) -> int | None:
         spec = LoraSpec.from_peft_config_dict(peft_config)
         t0 = time.perf_counter()
@@ -208,6 +233,7 @@ class Replica:
             self.metrics.swaps.labels("rejected").inc()
             raise
         previous = shadow.promote()
+        self.run = run
         self.metrics.swap_seconds.observe(time.perf_counter() - t0)
         self.metrics.swaps.labels("promoted").inc()
         self.metrics.served_version.set(version)

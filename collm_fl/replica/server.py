@@ -74,6 +74,7 @@ def create_app(replica: Replica, api_key: str | None = None) -> FastAPI:
             "status": "ok",
             "model": replica.cfg.model_id,
             "adapter_version": replica.served_version,
+            "run": replica.run,
             "queue_depth": s.queue_depth,
             "running": s.running,
             "training_share": replica.training_share,

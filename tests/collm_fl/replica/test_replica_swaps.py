@@ -169,7 +169,7 @@ def test_restarted_replica_serves_the_latest_stored_version(start_replica, refer
         for v in range(3):
             c.push_version(adapter(200 + v), SPEC.to_peft_config_dict("tiny"), v)
     first.stop()
-    assert not list(store.glob(".tmp-*"))
+    assert not list(store.rglob(".tmp-*"))
     second = start_replica("--data", "none", store_dir=store)
     assert httpx.get(second.url + "/health").json()["adapter_version"] == 2
     text, versions, _ = stream_completion(second, PROMPTS[0])
