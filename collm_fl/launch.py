@@ -1,0 +1,261 @@
+"""A whole CoLLM-FL site on one machine, on Flower's deployment engine: start, run, stop.
+
+Starts, on loopback ports: a ``flower-superlink``; one ``collm replica`` per replica node, each
+beside a ``flower-supernode`` whose ``node_config`` points at it (``replica-address``); optional
+device supernodes that train in-process. ``flwr run`` then drives the federation through a
+connection written into a private ``FLWR_HOME``. Every process this starts, it stops by pid.
+
+Across machines the same pieces run on different hosts: see docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from collm_fl.errors import CollmError, ConfigError
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "collm-local"
+
+
+class LaunchError(CollmError):
+    """A process of the local federation failed to start (its log is named)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _executable(name: str) -> str:
+    beside = Path(sys.executable).with_name(name)  # the venv's own entry points first
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise ConfigError(f"{name} not found: is the project installed (pip install -e .)?")
+    return found
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes]
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.alive():
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.popen.pid)
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class ReplicaNode:
+    index: int
+    api_url: str  # the replica's OpenAI-compatible base URL
+    control_address: str
+    process: ManagedProcess
+    supernode: ManagedProcess | None = None
+
+
+@dataclass
+class LocalFederation:
+    """Start with :meth:`start`, drive with :meth:`flwr_run`, always :meth:`stop` (or use ``with``)."""
+
+    workdir: Path
+    num_replicas: int = 2
+    num_devices: int = 0
+    model: str = "tiny"
+    replica_args: tuple[str, ...] = ()  # extra ``collm replica`` flags (SLOs, shares, ...)
+    api_key: str | None = None
+    control_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    processes: list[ManagedProcess] = field(default_factory=list)
+    replicas: list[ReplicaNode] = field(default_factory=list)
+    superlink_port: int = 0
+
+    def __enter__(self) -> LocalFederation:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_replicas + self.num_devices
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.workdir / "flwr-home"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(self.flwr_home)
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env["COLLM_CONTROL_TOKEN"] = self.control_token
+        if self.api_key:
+            env["COLLM_API_KEY"] = self.api_key
+        return env
+
+    def start(self, timeout: float = 180.0) -> None:
+        if self.num_nodes < 1:
+            raise ConfigError("a federation needs at least one replica or device node")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_superlink(timeout)
+            for i in range(self.num_replicas):
+                self._start_replica(i)
+            for node in self.replicas:
+                _wait_http(f"{node.api_url}/health", node.process, timeout)
+            for i in range(self.num_nodes):
+                self._start_supernode(i)
+            self._write_flwr_config()
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "local federation up: SuperLink 127.0.0.1:%d, %d replica node(s), %d device node(s)",
+            self.superlink_port,
+            self.num_replicas,
+            self.num_devices,
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+    def flwr_run_command(self, run_config: str, app: Path) -> list[str]:
+        cmd = [_executable("flwr"), "run", str(app), CONNECTION, "--stream"]
+        if run_config:
+            cmd += ["--run-config", run_config]
+        return cmd
+
+    def flwr_run(self, run_config: str, app: Path, timeout: float | None = None) -> int:
+        """Run the Flower app on this federation, streaming its logs; returns flwr's exit code."""
+        cmd = self.flwr_run_command(run_config, app)
+        log.info("running: %s", shlex.join(cmd))
+        return subprocess.call(cmd, env=self.env(), timeout=timeout)
+
+    # ---- pieces ----
+
+    def _spawn(self, name: str, cmd: list[str]) -> ManagedProcess:
+        log_path = self.workdir / f"{name}.log"
+        handle = open(log_path, "wb")  # noqa: SIM115 - owned by the ManagedProcess
+        popen = subprocess.Popen(cmd, env=self.env(), stdout=handle, stderr=subprocess.STDOUT)
+        proc = ManagedProcess(name, popen, log_path, handle)
+        self.processes.append(proc)
+        log.debug("started %s (pid %d): %s", name, popen.pid, shlex.join(cmd))
+        return proc
+
+    def _start_superlink(self, timeout: float) -> None:
+        self.superlink_port = free_port()
+        proc = self._spawn(
+            "superlink",
+            [
+                _executable("flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.superlink_port),
+                "--database",
+                str(self.workdir / "superlink.db"),
+            ],
+        )
+        _wait_http(f"http://127.0.0.1:{self.superlink_port}/health", proc, timeout)
+
+    def _start_replica(self, i: int) -> None:
+        port, control_port = free_port(), free_port()
+        cmd = [
+            _executable("collm"),
+            "replica",
+            "--model",
+            self.model,
+            "--port",
+            str(port),
+            "--control-port",
+            str(control_port),
+            "--store-dir",
+            str(self.workdir / f"replica{i}-store"),
+            "--partition-id",
+            str(i),
+            "--num-partitions",
+            str(self.num_nodes),
+            *self.replica_args,
+        ]
+        proc = self._spawn(f"replica{i}", cmd)
+        url = f"http://127.0.0.1:{port}"
+        self.replicas.append(ReplicaNode(i, url, f"127.0.0.1:{control_port}", proc))
+
+    def _start_supernode(self, i: int) -> None:
+        node_config = f"partition-id={i} num-partitions={self.num_nodes}"
+        if i < self.num_replicas:
+            node_config += f" replica-address='{self.replicas[i].control_address}'"
+        proc = self._spawn(
+            f"supernode{i}",
+            [
+                _executable("flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{self.superlink_port}",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node_config,
+            ],
+        )
+        if i < self.num_replicas:
+            self.replicas[i].supernode = proc
+
+    def _write_flwr_config(self) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.superlink_port}"\n'
+            "insecure = true\n"
+        )
+
+
+def _wait_http(url: str, proc: ManagedProcess, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; fail early with the log if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise LaunchError(f"{proc.name} exited (code {proc.popen.returncode}):\n{proc.tail()}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)  # polling another process's readiness; nothing to wait on here
+    raise LaunchError(f"{proc.name} not ready at {url} after {timeout:.0f}s:\n{proc.tail()}")
