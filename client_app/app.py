@@ -28,7 +28,7 @@ from collm_fl.flower_records import (
 )
 from collm_fl.logs import setup_logging
 from collm_fl.replica.control_client import ReplicaClient
-from collm_fl.replica.relay import train_on_replica
+from collm_fl.replica.relay import publish_on_replica, train_on_replica
 
 app = ClientApp()
 
@@ -116,14 +116,9 @@ def publish(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     version = int(_round_config(msg).get("version", -1))  # type: ignore[arg-type]
     replica = _replica(context, cfg)
-    served = -1.0
+    metrics = {"served-version": -1.0}
     if replica is not None:
         with replica:
             state = arrayrecord_to_state(msg.content[ARRAYS_KEY])
-            replica.push_version(
-                state, cfg.lora.to_peft_config_dict(cfg.model), version, cfg.run_name
-            )
-            served = float(version)
-    return Message(
-        content=RecordDict({METRICS_KEY: MetricRecord({"served-version": served})}), reply_to=msg
-    )
+            metrics = publish_on_replica(cfg, replica, state, version)
+    return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

@@ -19,6 +19,7 @@ from collm_fl.errors import ConfigError
 
 Scalar = str | int | float | bool
 AGGREGATION_MODES = ("exact", "fedavg")
+ALLOCATIONS = ("quality-aware", "static")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class RunConfig:
     torch_threads: int = 0  # 0 = leave torch's default
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     publish_versions: bool = True  # push each new version to every node right after aggregation
+    allocation: str = "quality-aware"  # "quality-aware" (per-node budgets) | "static"
+    round_deadline_s: float = 600.0  # training time a replica may take per round
+    quality_gate_margin: float = 0.1  # nats a new version may be worse than the served; <0 = off
+    ttft_slo_s: float = 2.0  # the replicas' TTFT objective, for the allocation policy
+    tpot_slo_s: float = 0.2  # the replicas' TPOT objective
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -99,6 +105,15 @@ class RunConfig:
         )
         check(self.torch_threads >= 0, "torch-threads", self.torch_threads, "must be >= 0")
         check(self.round_timeout > 0, "round-timeout", self.round_timeout, "must be > 0")
+        check(
+            self.allocation in ALLOCATIONS,
+            "allocation",
+            self.allocation,
+            f"must be one of {', '.join(ALLOCATIONS)}",
+        )
+        check(self.round_deadline_s > 0, "round-deadline-s", self.round_deadline_s, "must be > 0")
+        check(self.ttft_slo_s > 0, "ttft-slo-s", self.ttft_slo_s, "must be > 0")
+        check(self.tpot_slo_s > 0, "tpot-slo-s", self.tpot_slo_s, "must be > 0")
         check(bool(self.run_name), "run-name", self.run_name, "must not be empty")
         if problems:
             raise ConfigError("invalid run config: " + "; ".join(problems))

@@ -89,7 +89,7 @@ class ReplicaNode:
 
 @dataclass
 class LocalFederation:
-    """Start with :meth:`start`, drive with :meth:`flwr_run`, always :meth:`stop` (or use ``with``)."""
+    """:meth:`start`, drive with :meth:`flwr_run`, always :meth:`stop` (or use ``with``)."""
 
     workdir: Path
     num_replicas: int = 2

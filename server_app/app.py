@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from collm_fl.config import RunConfig
 from collm_fl.logs import setup_logging
-from server_app.federation import open_store, run_federation
+from server_app.federation import Federation, open_store
 from strategies.lora import LoraFedAvg
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.aggregation,
         cfg.output_path,
     )
-    summary = run_federation(grid, cfg, strategy, strategy, store)
+    summary = Federation(grid, cfg, strategy, strategy, store).run()
     log.info(
         "done: rounds %d..%d, latest version v%d, central eval loss %s -> %s",
         summary.first_round,

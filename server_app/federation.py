@@ -1,9 +1,10 @@
-"""The server's round loop: train, validate, aggregate, evaluate, store a version, report.
+"""The server's round loop: allocate, train, validate, aggregate, evaluate, gate, store, publish.
 
 It drives any Flower ``Strategy`` through its four hooks (so Flower's DP wrappers compose), and
-adds what ``Strategy.start`` does not do: resuming from the latest stored version, storing each
-aggregated adapter as a numbered PEFT version with its metrics, recording per-client outcomes,
-and one progress line per round.
+adds what ``Strategy.start`` does not do: resuming from the latest stored version, per-node
+budgets from the quality-aware allocation policy, a quality gate before a version is served,
+storing each version as a numbered PEFT directory with its metrics, recording per-client
+outcomes, publishing each new version to every node at once, and one progress line per round.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from collm_fl.adapters import AdapterState
 from collm_fl.central_eval import CentralEvaluator
 from collm_fl.config import RunConfig
 from collm_fl.flower_records import (
@@ -31,6 +31,7 @@ from collm_fl.flower_records import (
 )
 from collm_fl.store import ParticipationRecord, RoundRecord, VersionInfo, VersionStore
 from collm_fl.training import get_adapter_state
+from server_app.coordination import CoordinationState
 from strategies.lora import LoraFedAvg, RoundReport
 
 log = logging.getLogger(__name__)
@@ -54,198 +55,237 @@ def open_store(cfg: RunConfig) -> VersionStore:
     return VersionStore(root, cfg.store_url or None)
 
 
-def run_federation(
-    grid: Grid,
-    cfg: RunConfig,
-    strategy: Strategy,
-    lora_strategy: LoraFedAvg,
-    store: VersionStore,
-) -> FederationSummary:
-    """Run the remaining rounds of ``cfg.run_name`` (resuming if some are stored)."""
-    evaluator = CentralEvaluator(cfg)
-    run = store.open_run(cfg.run_name, cfg.to_flat(), base_model=cfg.model)
-    peft_config = cfg.lora.to_peft_config_dict(cfg.model)
+class Federation:
+    """One run of ``cfg.run_name``: :meth:`run` does the remaining rounds (resuming if stored)."""
 
-    latest = store.latest_version(run.id)
-    initial_loss: float | None = None
-    if latest is None:
-        state = get_adapter_state(evaluator.model)  # fresh LoRA: B = 0, so version 0 == base
-        ev = evaluator.evaluate(state)
-        initial_loss = ev.loss
-        latest = store.save_version(
-            run.id,
-            0,
-            state,
-            peft_config,
-            {"eval-loss": ev.loss, "eval-perplexity": ev.perplexity},
-            ev.loss,
-        )
-        log.info(
-            "round 0: initial adapter v0 | central eval loss %.4f ppl %.2f", ev.loss, ev.perplexity
-        )
-    else:
-        state = store.load_version(latest)
-        log.info(
-            "resuming run %r from version v%d (round %d)",
-            cfg.run_name,
-            latest.number,
-            latest.round_number,
-        )
-    done = max(store.last_completed_round(run.id), latest.round_number)
-    first = done + 1
-    if first > cfg.num_server_rounds:
-        log.info("run %r already completed %d rounds; nothing to do", cfg.run_name, done)
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        strategy: Strategy,
+        lora_strategy: LoraFedAvg,
+        store: VersionStore,
+    ) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.strategy = strategy  # possibly a wrapper (DP) around lora_strategy
+        self.lora = lora_strategy
+        self.store = store
+        self.evaluator = CentralEvaluator(cfg)
+        self.run_info = store.open_run(cfg.run_name, cfg.to_flat(), base_model=cfg.model)
+        self.coordination = CoordinationState()
+        self.peft_config = cfg.lora.to_peft_config_dict(cfg.model)
 
-    arrays = state_to_arrayrecord(state)
-    for rnd in range(first, cfg.num_server_rounds + 1):
-        arrays, latest = _run_round(
-            grid, cfg, strategy, lora_strategy, store, evaluator, run.id, rnd, arrays, latest
+    def run(self) -> FederationSummary:
+        latest = self._initial_version()
+        done = max(self.store.last_completed_round(self.run_info.id), latest.round_number)
+        first = done + 1
+        if first > self.cfg.num_server_rounds:
+            log.info("run %r already completed %d rounds; nothing to do", self.cfg.run_name, done)
+        arrays = state_to_arrayrecord(self.store.load_version(latest))
+        for rnd in range(first, self.cfg.num_server_rounds + 1):
+            arrays, latest = self._round(rnd, arrays, latest)
+        versions = self.store.list_versions(self.run_info.id)
+        return FederationSummary(
+            run_name=self.cfg.run_name,
+            first_round=first,
+            last_round=self.cfg.num_server_rounds,
+            latest_version=versions[-1].number,
+            initial_eval_loss=versions[0].eval_loss,
+            final_eval_loss=versions[-1].eval_loss,
+            versions_dir=str(self.store.version_dir(versions[-1]).parent),
+            store_url=self.store.url,
         )
 
-    final = store.latest_version(run.id)
-    assert final is not None  # version 0 was saved above
-    versions = store.list_versions(run.id)
-    return FederationSummary(
-        run_name=cfg.run_name,
-        first_round=first,
-        last_round=cfg.num_server_rounds,
-        latest_version=final.number,
-        initial_eval_loss=initial_loss if initial_loss is not None else versions[0].eval_loss,
-        final_eval_loss=final.eval_loss,
-        versions_dir=str(store.version_dir(final).parent),
-        store_url=store.url,
-    )
-
-
-def _run_round(
-    grid: Grid,
-    cfg: RunConfig,
-    strategy: Strategy,
-    lora_strategy: LoraFedAvg,
-    store: VersionStore,
-    evaluator: CentralEvaluator,
-    run_id: int,
-    rnd: int,
-    arrays: ArrayRecord,
-    latest: VersionInfo,
-) -> tuple[ArrayRecord, VersionInfo]:
-    started_at = datetime.now(UTC)
-    started = time.perf_counter()
-    train_config = ConfigRecord(
-        {
-            "local-steps": cfg.local_steps,
-            "learning-rate": cfg.learning_rate,
-            "batch-size": cfg.batch_size,
-            "global-version": latest.number,
-        }
-    )
-    messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
-    replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
-    new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-    report = lora_strategy.last_report or RoundReport(rnd, (), False)
-
-    eval_loss = eval_ppl = None
-    train_loss = (
-        float(train_metrics[TRAIN_LOSS]) if train_metrics and TRAIN_LOSS in train_metrics else None
-    )
-    version = latest
-    if new_arrays is not None:
-        new_state: AdapterState = arrayrecord_to_state(new_arrays)
-        ev = evaluator.evaluate(new_state)
-        eval_loss, eval_ppl = ev.loss, ev.perplexity
-        version = store.save_version(
-            run_id,
-            rnd,
-            new_state,
-            cfg.lora.to_peft_config_dict(cfg.model),
-            {
-                "eval-loss": ev.loss,
-                "eval-perplexity": ev.perplexity,
-                **({"train-loss": train_loss} if train_loss is not None else {}),
-            },
-            ev.loss,
-        )
-        arrays = new_arrays
-        if cfg.publish_versions:
-            publish_version(grid, arrays, version.number, timeout=cfg.round_timeout)
-    seconds = time.perf_counter() - started
-    store.record_round_result(
-        run_id,
-        RoundRecord(
-            number=rnd,
-            status="aggregated" if new_arrays is not None else "kept-previous",
-            started_at=started_at,
-            finished_at=datetime.now(UTC),
-            num_ok=report.count("ok"),
-            num_rejected=report.count("rejected"),
-            num_failed=report.count("failed"),
-            train_loss=train_loss,
-            eval_loss=eval_loss,
-            eval_perplexity=eval_ppl,
-            version_number=version.number,
-            seconds=seconds,
-            metrics={
-                k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)
-            },
-        ),
-        [
-            ParticipationRecord(
-                node_id=o.node_id,
-                status=o.status,
-                reason=o.reason,
-                num_examples=o.num_examples,
-                train_loss=o.metrics.get(TRAIN_LOSS),
-                metrics=dict(o.metrics),
+    def _initial_version(self) -> VersionInfo:
+        """Version 0 (fresh LoRA, B = 0, so it serves exactly the base model), or the latest."""
+        run_id = self.run_info.id
+        latest = self.store.latest_version(run_id)
+        if latest is None:
+            state = get_adapter_state(self.evaluator.model)
+            ev = self.evaluator.evaluate(state)
+            metrics = {"eval-loss": ev.loss, "eval-perplexity": ev.perplexity}
+            latest = self.store.save_version(run_id, 0, state, self.peft_config, metrics, ev.loss)
+            log.info(
+                "round 0: initial adapter v0 | central eval loss %.4f ppl %.2f",
+                ev.loss,
+                ev.perplexity,
             )
-            for o in report.outcomes
-        ],
-    )
-    log.info(
-        "round %d | clients ok %d rejected %d failed %d | train loss %s | "
-        "central eval loss %s ppl %s | version v%d%s | %.1fs",
-        rnd,
-        report.count("ok"),
-        report.count("rejected"),
-        report.count("failed"),
-        _fmt(train_loss),
-        _fmt(eval_loss),
-        _fmt(eval_ppl, 2),
-        version.number,
-        "" if new_arrays is not None else " (kept previous)",
-        seconds,
-    )
-    return arrays, version
-
-
-def publish_version(grid: Grid, arrays: ArrayRecord, version: int, timeout: float) -> int:
-    """Send version ``version`` to every connected node right after aggregation.
-
-    Replica nodes swap it in through their shadow slot (also those that sat the round out);
-    devices ignore it. Returns how many nodes acknowledged; failures are logged, never raised.
-    """
-    nodes = list(grid.get_node_ids())
-    messages = [
-        Message(
-            RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"version": version})}),
-            dst_node_id=node,
-            message_type=PUBLISH,
-        )
-        for node in nodes
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    acked = 0
-    for reply in replies:
-        if reply.has_error():
-            log.warning(
-                "publish v%d: node %d failed: %s",
-                version,
-                reply.metadata.src_node_id,
-                reply.error.reason,
-            )
+            if self.cfg.publish_versions:
+                self._publish(state_to_arrayrecord(state), 0)
         else:
+            log.info(
+                "resuming run %r from version v%d (round %d)",
+                self.cfg.run_name,
+                latest.number,
+                latest.round_number,
+            )
+        first = self.store.list_versions(run_id)[0]
+        if first.eval_loss is not None:
+            self.coordination.loss_history.append((0, first.eval_loss))
+        for r in self.store.list_rounds(run_id):  # the loss curve so far, for the policy
+            self.coordination.observe_round(int(r.metrics.get("steps-total", 0)), r.eval_loss)
+        return latest
+
+    def _round(
+        self, rnd: int, arrays: ArrayRecord, latest: VersionInfo
+    ) -> tuple[ArrayRecord, VersionInfo]:
+        cfg, store, run_id = self.cfg, self.store, self.run_info.id
+        started_at, started = datetime.now(UTC), time.perf_counter()
+        nodes = list(self.grid.get_node_ids())
+        self.lora.node_budgets = self.coordination.budgets(cfg, nodes, store, run_id, rnd)
+        train_config = ConfigRecord(
+            {
+                "local-steps": cfg.local_steps,
+                "learning-rate": cfg.learning_rate,
+                "batch-size": cfg.batch_size,
+                "global-version": latest.number,
+                "deadline-s": cfg.round_deadline_s,
+            }
+        )
+        messages = list(self.strategy.configure_train(rnd, arrays, train_config, self.grid))
+        replies = self.grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
+        new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+        report = self.lora.last_report or RoundReport(rnd, (), False)
+        for o in report.outcomes:
+            self.coordination.observe(o.node_id, o.metrics)
+        steps_total = int(
+            sum(o.metrics.get("local-steps", 0) for o in report.outcomes if o.status == "ok")
+        )
+        train_loss = (
+            float(train_metrics[TRAIN_LOSS])
+            if train_metrics and TRAIN_LOSS in train_metrics
+            else None
+        )
+
+        eval_loss = eval_ppl = None
+        version, note = latest, ""
+        if new_arrays is not None:
+            new_state = arrayrecord_to_state(new_arrays)
+            ev = self.evaluator.evaluate(new_state)
+            eval_loss, eval_ppl = ev.loss, ev.perplexity
+            if self._passes_quality_gate(rnd, ev.loss, latest):
+                metrics = {"eval-loss": ev.loss, "eval-perplexity": ev.perplexity}
+                if train_loss is not None:
+                    metrics["train-loss"] = train_loss
+                version = store.save_version(
+                    run_id, rnd, new_state, self.peft_config, metrics, ev.loss
+                )
+                arrays = new_arrays
+                if cfg.publish_versions:
+                    self._publish(arrays, version.number)
+            else:
+                note = " (quality gate: kept previous)"
+        elif not report.aggregated:
+            note = " (kept previous)"
+        self.coordination.observe_round(steps_total, eval_loss if version is not latest else None)
+        seconds = time.perf_counter() - started
+        metrics = {
+            k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)
+        }
+        metrics["steps-total"] = float(steps_total)
+        store.record_round_result(
+            run_id,
+            RoundRecord(
+                number=rnd,
+                status="aggregated" if version is not latest else "kept-previous",
+                started_at=started_at,
+                finished_at=datetime.now(UTC),
+                num_ok=report.count("ok"),
+                num_rejected=report.count("rejected"),
+                num_failed=report.count("failed"),
+                train_loss=train_loss,
+                eval_loss=eval_loss,
+                eval_perplexity=eval_ppl,
+                version_number=version.number,
+                seconds=seconds,
+                metrics=metrics,
+            ),
+            [
+                ParticipationRecord(
+                    node_id=o.node_id,
+                    status=o.status,
+                    reason=o.reason,
+                    num_examples=o.num_examples,
+                    train_loss=o.metrics.get(TRAIN_LOSS),
+                    metrics=dict(o.metrics),
+                )
+                for o in report.outcomes
+            ],
+        )
+        log.info(
+            "round %d | clients ok %d rejected %d failed %d | train loss %s | "
+            "central eval loss %s ppl %s | version v%d%s | %.1fs",
+            rnd,
+            report.count("ok"),
+            report.count("rejected"),
+            report.count("failed"),
+            _fmt(train_loss),
+            _fmt(eval_loss),
+            _fmt(eval_ppl, 2),
+            version.number,
+            note,
+            seconds,
+        )
+        return arrays, version
+
+    def _passes_quality_gate(self, rnd: int, loss: float, served: VersionInfo) -> bool:
+        """A version worse than the served one by more than the margin is not promoted."""
+        margin = self.cfg.quality_gate_margin
+        if margin < 0 or served.eval_loss is None or loss <= served.eval_loss + margin:
+            return True
+        log.warning(
+            "round %d: quality gate: eval loss %.4f > served v%d's %.4f + margin %.4f; "
+            "not promoted",
+            rnd,
+            loss,
+            served.number,
+            served.eval_loss,
+            margin,
+        )
+        self.store.record_event(
+            self.run_info.id,
+            "quality-gate",
+            {
+                "round": rnd,
+                "loss": loss,
+                "served_version": served.number,
+                "served_loss": served.eval_loss,
+            },
+        )
+        return False
+
+    def _publish(self, arrays: ArrayRecord, version: int) -> int:
+        """Send ``version`` to every connected node right after aggregation.
+
+        Replica nodes swap it in through their shadow slot (also those that sat the round out)
+        and answer with their load report; devices ignore it. Returns how many nodes
+        acknowledged; failures are logged, never raised.
+        """
+        nodes = list(self.grid.get_node_ids())
+        messages = [
+            Message(
+                RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"version": version})}),
+                dst_node_id=node,
+                message_type=PUBLISH,
+            )
+            for node in nodes
+        ]
+        acked = 0
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                log.warning("publish v%d: node %d failed: %s", version, node, reply.error.reason)
+                continue
             acked += 1
-    log.info("published v%d to %d/%d nodes", version, acked, len(nodes))
-    return acked
+            for record in reply.content.metric_records.values():
+                self.coordination.observe(node, _floats(record))
+        log.info("published v%d to %d/%d nodes", version, acked, len(nodes))
+        return acked
+
+
+def _floats(record: MetricRecord) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:

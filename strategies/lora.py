@@ -18,7 +18,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -26,11 +26,13 @@ from collm_fl.adapters import AdapterState
 from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg
 from collm_fl.flower_records import (
     ARRAYS_KEY,
+    CONFIG_KEY,
     NUM_EXAMPLES,
     arrayrecord_to_state,
     state_to_arrayrecord,
 )
 from collm_fl.validation import validate_update
+from strategies.allocation import NodeBudget
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,9 @@ class LoraFedAvg(FedAvg):
         self.min_good_replies = min_good_replies
         self.current_arrays = ArrayRecord()
         self.last_report: RoundReport | None = None
+        # Per-node budgets for the next round (set by the ServerApp from the allocation policy);
+        # a node with 0 steps sits the round out. None: every sampled node gets the round config.
+        self.node_budgets: dict[int, NodeBudget] | None = None
 
     def summary(self) -> None:
         log.info(
@@ -96,7 +101,35 @@ class LoraFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current_arrays = arrays
-        return super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+        messages = super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+        if not self.node_budgets:
+            return messages
+        out = []
+        for msg in messages:
+            node = int(msg.metadata.dst_node_id)
+            budget = self.node_budgets.get(node)
+            if budget is None:
+                out.append(msg)
+                continue
+            if budget.steps == 0:
+                log.info("round %d: node %d sits out (%s)", server_round, node, budget.reason)
+                continue
+            node_config = ConfigRecord(
+                {
+                    **dict(msg.content[CONFIG_KEY]),
+                    "local-steps": budget.steps,
+                    "training-share": budget.share,
+                    "deadline-s": budget.deadline_s,
+                }
+            )
+            out.append(
+                Message(
+                    RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: node_config}),
+                    dst_node_id=node,
+                    message_type=msg.metadata.message_type,
+                )
+            )
+        return out
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -44,3 +44,12 @@ def train_on_replica(
     load = client.load_report(reset=True)
     metrics.update({f"load-{k}": float(v) for k, v in load.items()})
     return state, metrics
+
+
+def publish_on_replica(
+    cfg: RunConfig, client: ReplicaClient, state: Mapping[str, np.ndarray], version: int
+) -> dict[str, float]:
+    """Swap a freshly aggregated version in; answer with the load since the last report."""
+    client.push_version(state, cfg.lora.to_peft_config_dict(cfg.model), version, cfg.run_name)
+    load = client.load_report(reset=True)
+    return {"served-version": float(version), **{f"load-{k}": float(v) for k, v in load.items()}}

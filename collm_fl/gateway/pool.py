@@ -1,0 +1,366 @@
+"""The gateway's view of its replicas: health polling, in-flight accounting and learned latencies.
+
+A background task polls every replica's ``/health`` (queue depth, running requests, training state,
+adapter version). The gateway itself counts what it has sent to each replica and learns each
+replica's unloaded TTFT/TPOT (EWMAs) from the responses it proxies. :meth:`ReplicaPool.views`
+turns all of it into the :class:`ReplicaView` list the routing policy reads.
+
+Everything runs on the gateway's event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from collm_fl.errors import ConfigError
+from collm_fl.policies.routing import (
+    DEFAULT_LATENCY_MODEL,
+    LatencyModel,
+    ReplicaView,
+    unloaded_tpot,
+    unloaded_ttft,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Replica:
+    name: str
+    url: str
+    healthy: bool = False
+    poll_failures: int = 0  # consecutive failed /health polls
+    queue_depth: int = 0
+    running: int = 0
+    training_share: float = 0.0
+    training: bool = False
+    max_batch: int | None = None
+    adapter_version: int | None = None
+    model: str | None = None
+    in_flight: int = 0
+    in_flight_tokens: int = 0
+    ewma_ttft_s: float | None = None
+    ewma_tpot_s: float | None = None
+    consecutive_failures: int = 0  # failed proxied requests since the last success
+    last_error_at: float | None = None
+    last_error: str | None = None
+    routed: int = 0
+
+
+@dataclass
+class Ticket:
+    """One request on one replica, from sending it to its end (see :meth:`ReplicaPool.begin`)."""
+
+    replica: str
+    prompt_tokens: int
+    sent_at: float
+    load_at_send: int  # requests already on the replica when this one was sent
+    capacity: int  # the replica's batch slots
+    training_share: float  # the replica's effective training share when sent
+    remaining: int  # output tokens still expected
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    tokens: int = 0  # tokens seen so far (streaming)
+    done: bool = False
+
+
+def replica_name(url: str) -> str:
+    """A replica's name: its ``host:port`` (plus path, if any)."""
+    parts = urlsplit(url)
+    return parts.netloc + parts.path.rstrip("/")
+
+
+def normalize_url(url: str) -> str:
+    """A replica base URL without a trailing ``/`` or ``/v1`` (both spellings are accepted)."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"replica URL must look like http://host:port, got {url!r}")
+    return url
+
+
+class ReplicaPool:
+    """The replicas behind a gateway. :meth:`start` before use and :meth:`close` after."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        poll_interval_s: float = 0.5,
+        health_timeout_s: float = 2.0,
+        unhealthy_after: int = 2,
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 300.0,
+        ewma_alpha: float = 0.3,
+        model: LatencyModel = DEFAULT_LATENCY_MODEL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not urls:
+            raise ConfigError("the gateway needs at least one replica URL")
+        if poll_interval_s <= 0 or unhealthy_after < 1 or not 0 < ewma_alpha <= 1:
+            raise ConfigError("poll_interval_s > 0, unhealthy_after >= 1, 0 < ewma_alpha <= 1")
+        self._replicas: dict[str, _Replica] = {}
+        for url in urls:
+            base = normalize_url(url)
+            name = replica_name(base)
+            if name in self._replicas:
+                raise ConfigError(f"replica {name} is listed twice")
+            self._replicas[name] = _Replica(name, base)
+        self.poll_interval_s = poll_interval_s
+        self.unhealthy_after = unhealthy_after
+        self.ewma_alpha = ewma_alpha
+        self.model = model
+        self.clock = clock
+        self._health_timeout = httpx.Timeout(health_timeout_s)
+        self._proxy_timeout = httpx.Timeout(
+            connect=connect_timeout_s, read=read_timeout_s, write=30.0, pool=30.0
+        )
+        self._proxy: httpx.AsyncClient | None = None
+        self._health: httpx.AsyncClient | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        """Open the HTTP clients, poll every replica once, then keep polling in the background."""
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=64)
+        self._proxy = httpx.AsyncClient(timeout=self._proxy_timeout, limits=limits)
+        # A separate client, so a saturated proxy pool cannot starve the health checks.
+        self._health = httpx.AsyncClient(timeout=self._health_timeout)
+        await self.poll_once()
+        self._poller = asyncio.create_task(self._poll_forever(), name="replica-health-poller")
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        for client in (self._proxy, self._health):
+            if client is not None:
+                await client.aclose()
+        self._proxy = self._health = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The client requests are proxied with (only between start and close)."""
+        if self._proxy is None:
+            raise RuntimeError("ReplicaPool.start() has not been awaited")
+        return self._proxy
+
+    # ---- health ----
+
+    async def poll_once(self) -> None:
+        """Poll every replica's /health once (concurrently)."""
+        await asyncio.gather(*(self._poll(r) for r in self._replicas.values()))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)  # the polling cadence itself
+            try:
+                await self.poll_once()
+            except Exception:  # a bug in one round must not stop health checking for good
+                log.exception("health poll round failed")
+
+    async def _poll(self, r: _Replica) -> None:
+        assert self._health is not None  # only called between start and close
+        try:
+            resp = await self._health.get(r.url + "/health")
+            resp.raise_for_status()
+            body = resp.json()
+            if not isinstance(body, dict):
+                raise ValueError("/health did not return a JSON object")
+            self._apply_health(r, body)
+        except (httpx.HTTPError, ValueError) as e:
+            r.poll_failures += 1
+            if r.healthy and r.poll_failures >= self.unhealthy_after:
+                r.healthy = False
+                log.warning("replica %s unhealthy: /health failed (%s)", r.name, _describe(e))
+            return
+        r.poll_failures = 0
+        if not r.healthy:
+            r.healthy = True
+            log.info("replica %s healthy (adapter version %s)", r.name, r.adapter_version)
+
+    @staticmethod
+    def _apply_health(r: _Replica, body: dict[str, object]) -> None:
+        r.queue_depth = _int(body.get("queue_depth"), 0)
+        r.running = _int(body.get("running"), 0)
+        r.training = bool(body.get("training", False))
+        share = body.get("training_share", 0.0)
+        r.training_share = float(share) if isinstance(share, int | float) else 0.0
+        batch = body.get("max_batch_size")
+        r.max_batch = batch if isinstance(batch, int) and batch > 0 else None
+        version = body.get("adapter_version")
+        r.adapter_version = version if isinstance(version, int) else None
+        model = body.get("model")
+        r.model = model if isinstance(model, str) else None
+
+    # ---- what the policy reads ----
+
+    def views(self) -> list[ReplicaView]:
+        now = self.clock()
+        return [
+            ReplicaView(
+                name=r.name,
+                healthy=r.healthy,
+                queue_depth=r.queue_depth,
+                running=r.running,
+                in_flight=r.in_flight,
+                in_flight_tokens=r.in_flight_tokens,
+                # A share slows serving only while a training job actually runs.
+                training_share=r.training_share if r.training else 0.0,
+                ewma_ttft_s=r.ewma_ttft_s,
+                ewma_tpot_s=r.ewma_tpot_s,
+                max_batch=r.max_batch,
+                consecutive_failures=r.consecutive_failures,
+                last_error_age_s=None if r.last_error_at is None else now - r.last_error_at,
+            )
+            for r in self._replicas.values()
+        ]
+
+    def names(self) -> list[str]:
+        return list(self._replicas)
+
+    def url_of(self, name: str) -> str:
+        return self._replicas[name].url
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """Each replica's state, for the gateway's /health."""
+        out: list[dict[str, object]] = []
+        for r, v in zip(self._replicas.values(), self.views(), strict=True):
+            out.append(
+                {
+                    "name": r.name,
+                    "url": r.url,
+                    "healthy": r.healthy,
+                    "model": r.model,
+                    "adapter_version": r.adapter_version,
+                    "queue_depth": r.queue_depth,
+                    "running": r.running,
+                    "in_flight": r.in_flight,
+                    "in_flight_tokens": r.in_flight_tokens,
+                    "training": r.training,
+                    "training_share": r.training_share,
+                    "ewma_ttft_s": r.ewma_ttft_s,
+                    "ewma_tpot_s": r.ewma_tpot_s,
+                    "consecutive_failures": r.consecutive_failures,
+                    "last_error": r.last_error,
+                    "last_error_age_s": v.last_error_age_s,
+                    "routed": r.routed,
+                }
+            )
+        return out
+
+    # ---- per-request accounting ----
+
+    def begin(self, name: str, prompt_tokens: int, max_tokens: int) -> Ticket:
+        """Count a request as sent to ``name``; end it with succeed, fail or release."""
+        r = self._replicas[name]
+        view = next(v for v in self.views() if v.name == name)
+        ticket = Ticket(
+            replica=name,
+            prompt_tokens=prompt_tokens,
+            sent_at=self.clock(),
+            load_at_send=max(r.in_flight, r.queue_depth + r.running),
+            capacity=r.max_batch or self.model.default_max_batch,
+            training_share=view.training_share,
+            remaining=max_tokens,
+        )
+        r.in_flight += 1
+        r.in_flight_tokens += max_tokens
+        r.routed += 1
+        return ticket
+
+    def on_token(self, ticket: Ticket) -> None:
+        """A streamed token of ``ticket`` reached the gateway."""
+        now = self.clock()
+        if ticket.first_token_at is None:
+            ticket.first_token_at = now
+        ticket.last_token_at = now
+        ticket.tokens += 1
+        if ticket.remaining > 0 and not ticket.done:
+            ticket.remaining -= 1
+            self._replicas[ticket.replica].in_flight_tokens -= 1
+
+    def succeed(self, ticket: Ticket, completion_tokens: int | None = None) -> None:
+        """The request ended well: learn its latencies and clear the replica's failure streak."""
+        if ticket.done:
+            return
+        self._finish(ticket)
+        r = self._replicas[ticket.replica]
+        r.consecutive_failures = 0
+        self._learn(r, ticket, completion_tokens)
+
+    def fail(self, ticket: Ticket, reason: str, replica_down: bool = False) -> None:
+        """The replica failed this request; ``replica_down`` (connection refused) marks it unhealthy
+        at once instead of waiting for the health poll."""
+        if ticket.done:
+            return
+        self._finish(ticket)
+        r = self._replicas[ticket.replica]
+        r.consecutive_failures += 1
+        r.last_error_at = self.clock()
+        r.last_error = reason
+        if replica_down and r.healthy:
+            r.healthy = False
+            log.warning("replica %s marked unhealthy: %s", r.name, reason)
+
+    def release(self, ticket: Ticket) -> None:
+        """The request ended without saying anything about the replica (client left, 4xx)."""
+        if not ticket.done:
+            self._finish(ticket)
+
+    def _finish(self, ticket: Ticket) -> None:
+        r = self._replicas[ticket.replica]
+        ticket.done = True
+        r.in_flight -= 1
+        r.in_flight_tokens -= ticket.remaining
+        ticket.remaining = 0
+
+    def _learn(self, r: _Replica, t: Ticket, completion_tokens: int | None) -> None:
+        batch = min(t.load_at_send + 1, t.capacity)
+        base_tpot = r.ewma_tpot_s if r.ewma_tpot_s is not None else self.model.prior_tpot_s
+        if t.first_token_at is not None:  # streamed: TTFT and TPOT are both visible
+            ttft = unloaded_ttft(
+                t.first_token_at - t.sent_at,
+                t.prompt_tokens,
+                t.load_at_send,
+                t.capacity,
+                base_tpot,
+                t.training_share,
+                self.model,
+            )
+            if ttft is not None:
+                r.ewma_ttft_s = self._ewma(r.ewma_ttft_s, ttft)
+            if t.tokens >= 2 and t.last_token_at is not None:
+                tpot = (t.last_token_at - t.first_token_at) / (t.tokens - 1)
+                sample = unloaded_tpot(tpot, batch, t.training_share, self.model)
+                r.ewma_tpot_s = self._ewma(r.ewma_tpot_s, sample)
+        elif completion_tokens is not None and completion_tokens >= 2:
+            # One JSON body at the end: split its time with the TTFT learned so far.
+            base_ttft = r.ewma_ttft_s if r.ewma_ttft_s is not None else self.model.prior_ttft_s
+            e2e = self.clock() - t.sent_at
+            tpot = max(e2e - base_ttft, 0.0) / (completion_tokens - 1)
+            sample = unloaded_tpot(tpot, batch, t.training_share, self.model)
+            r.ewma_tpot_s = self._ewma(r.ewma_tpot_s, sample)
+
+    def _ewma(self, old: float | None, sample: float) -> float:
+        return sample if old is None else old + self.ewma_alpha * (sample - old)
+
+
+def _int(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

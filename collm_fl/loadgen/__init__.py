@@ -1,0 +1,194 @@
+"""Workload generation: open-loop load on an OpenAI-compatible endpoint, and its serving metrics.
+
+``arrivals`` (synthetic arrival processes) and ``trace`` (Azure-format traces) say *when* requests
+go out and how long they are; ``client`` builds and replays them; ``goodput`` turns the per-request
+results into goodput, SLO attainment and latency percentiles. ``run_load_cli`` strings them
+together for the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from collm_fl.errors import ConfigError
+from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, arrival_times
+from collm_fl.loadgen.client import (
+    FillerPrompts,
+    ReplayProgress,
+    RequestResult,
+    RequestSpec,
+    build_requests,
+    read_results_jsonl,
+    replay,
+    write_results_jsonl,
+)
+from collm_fl.loadgen.goodput import (
+    LoadSummary,
+    SLOSpec,
+    meets_slo,
+    served_quality_at,
+    slo_from_unloaded,
+    summarize_results,
+    time_to_quality,
+)
+from collm_fl.loadgen.trace import TraceRow, load_azure_trace, scale_trace, write_sample_trace
+
+__all__ = [
+    "ARRIVAL_KINDS",
+    "FillerPrompts",
+    "LoadSummary",
+    "ReplayProgress",
+    "RequestResult",
+    "RequestSpec",
+    "SLOSpec",
+    "TraceRow",
+    "arrival_times",
+    "build_requests",
+    "format_summary",
+    "load_azure_trace",
+    "meets_slo",
+    "read_results_jsonl",
+    "replay",
+    "run_load_cli",
+    "scale_trace",
+    "served_quality_at",
+    "slo_from_unloaded",
+    "summarize_results",
+    "time_to_quality",
+    "write_results_jsonl",
+    "write_sample_trace",
+]
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 10.0
+
+
+def run_load_cli(
+    target: str,
+    model: str,
+    kind: str,
+    rate: float,
+    duration_s: float,
+    trace: str | None,
+    out: Path,
+    ttft_slo: float,
+    tpot_slo: float,
+    prompt_tokens: int,
+    output_tokens: int,
+    api_key: str | None,
+    seed: int,
+    chat: bool,
+    *,
+    timeout_s: float = 120.0,
+    max_in_flight: int = 256,
+) -> int:
+    """Replay a schedule against ``target`` and write ``requests.jsonl`` and ``summary.json``.
+
+    The schedule is ``kind`` arrivals at ``rate`` for ``duration_s`` with fixed lengths, or, given a
+    ``trace``, its requests rescaled to ``rate`` (``rate <= 0`` keeps the recorded timing) and cut
+    to ``duration_s``, with ``prompt_tokens``/``output_tokens`` as the length caps. Returns 0, or 1
+    when no request succeeded; bad arguments raise ConfigError / DataFormatError.
+    """
+    slo = SLOSpec(ttft_s=ttft_slo, tpot_s=tpot_slo)
+    if not target.startswith(("http://", "https://")):
+        raise ConfigError(f"target: expected an http(s):// URL, got {target!r}")
+    if trace:
+        rows = load_azure_trace(trace)
+        rows = scale_trace(
+            rows, rate if rate > 0 else None, duration_s, prompt_tokens, output_tokens
+        )
+        specs = build_requests(rows, prompt_tokens, output_tokens, chat=chat)
+    else:
+        offsets = arrival_times(kind, rate, duration_s, seed)
+        specs = build_requests(offsets, prompt_tokens, output_tokens, chat=chat)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("replaying %d requests over %.0fs against %s", len(specs), duration_s, target)
+    results = asyncio.run(
+        replay(
+            target,
+            model,
+            specs,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            max_in_flight=max_in_flight,
+            progress=_progress_printer(slo),
+            progress_every_s=PROGRESS_EVERY_S,
+        )
+    )
+    write_results_jsonl(results, out / "requests.jsonl")
+    summary = summarize_results(results, slo, duration_s)
+    config = {
+        "target": target,
+        "model": model,
+        "schedule": "trace" if trace else kind,
+        "trace": trace,
+        "rate": rate,
+        "duration_s": duration_s,
+        "seed": seed,
+        "chat": chat,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "ttft_slo_s": ttft_slo,
+        "tpot_slo_s": tpot_slo,
+        "timeout_s": timeout_s,
+        "max_in_flight": max_in_flight,
+    }
+    summary_json = json.dumps({"config": config, **asdict(summary)}, indent=2)
+    (out / "summary.json").write_text(summary_json + "\n", encoding="utf-8")
+    print(format_summary(summary, slo))
+    print(f"wrote {out / 'requests.jsonl'} and {out / 'summary.json'}")
+    if summary.ok == 0:
+        log.error("no request succeeded (%s)", summary.errors)
+        return 1
+    return 0
+
+
+def _progress_printer(slo: SLOSpec) -> Callable[[ReplayProgress], None]:
+    def show(p: ReplayProgress) -> None:
+        errors = sum(r.status != "ok" for r in p.completed)
+        met = sum(meets_slo(r, slo) for r in p.completed)
+        print(
+            f"[{p.elapsed_s:6.0f}s] sent {p.sent}  done {len(p.completed)}  errors {errors}  "
+            f"dropped {p.dropped}  in flight {p.in_flight}  "
+            f"goodput {met / max(p.elapsed_s, 1e-9):.2f} req/s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
+
+
+def format_summary(summary: LoadSummary, slo: SLOSpec) -> str:
+    """A short, human-readable table of a run's summary."""
+
+    def ms(value: float | None) -> str:
+        return f"{value * 1000:9.1f}" if value is not None else f"{'-':>9}"
+
+    errors = ", ".join(f"{k} {v}" for k, v in summary.errors.items()) or "none"
+    versions = ", ".join(f"{k}: {v}" for k, v in summary.adapter_versions.items()) or "-"
+    ttft = f"{ms(summary.ttft_p50_s)} {ms(summary.ttft_p90_s)} {ms(summary.ttft_p99_s)}"
+    tpot = f"{ms(summary.tpot_p50_s)} {ms(summary.tpot_p90_s)} {ms(summary.tpot_p99_s)}"
+    e2e = f"{ms(summary.e2e_p50_s)} {ms(summary.e2e_p90_s)} {ms(summary.e2e_p99_s)}"
+    lines = [
+        f"requests         {summary.requests} in {summary.duration_s:.0f}s "
+        f"(ok {summary.ok}; failed: {errors})",
+        f"SLO              TTFT <= {slo.ttft_s * 1000:.0f} ms, TPOT <= {slo.tpot_s * 1000:.0f} ms",
+        f"SLO attainment   {summary.slo_attainment:.1%}",
+        f"goodput          {summary.goodput_rps:.3f} req/s",
+        f"throughput       {summary.throughput_rps:.3f} req/s, "
+        f"{summary.output_tokens_per_s:.1f} output tokens/s",
+        f"{'latency (ms)':<16} {'p50':>9} {'p90':>9} {'p99':>9}",
+        f"{'  TTFT':<16} {ttft}",
+        f"{'  TPOT':<16} {tpot}",
+        f"{'  E2E':<16} {e2e}",
+        f"adapter versions {versions}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,409 @@
+"""Open-loop replay of a request schedule against an OpenAI-compatible endpoint.
+
+Open loop: every request is sent at its scheduled offset whether or not earlier ones have finished
+(closed-loop clients slow down with the server and hide its queueing). Requests stream, so the time
+to first token is taken at the first content chunk. The run is bounded by construction: at most
+``max_in_flight`` requests are open (a request that finds the bound full is recorded as ``dropped``
+and not sent), and each one is cut off after ``timeout_s``, so a replay ends by its last offset plus
+``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from collm_fl.errors import ConfigError, DataFormatError
+from collm_fl.loadgen.trace import TraceRow
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"  # transport failure, malformed stream, or an error reported mid-stream
+STATUS_TIMEOUT = "timeout"
+STATUS_DROPPED = "dropped"  # not sent: max_in_flight requests were already open
+MAX_ERROR_BODY_BYTES = 65_536
+
+# Original filler in an Elizabethan manner (not from any play), cut into prompts by FillerPrompts.
+FILLER_TEXT = """
+Good morrow to the patient clerk who counts the hours by candle and by bell, for he shall hear
+of ships that sail from Tyre with spices, silk and letters sealed in wax. The steward swears the
+granary is full, yet mice make merry in the loft above the stair, and every groom that saddles
+the grey mare says the road to Mantua is mired past the knee. What news, good cousin, from the
+court? The duke is pleased to hunt at dawn and sup at dusk; the duchess reads her almanac and
+frowns at every comet. Fair Rosalind hath writ a sonnet to the moon, which rhymes but little and
+scans less, yet all the pages learn it by the heart. Come, fill the cup and mend the fire; the
+wind is sharp upon the battlements tonight, and the watch hath seen a lantern on the marsh that
+no honest traveller would carry. Let the players in, and bid them speak the speech as it was
+taught them, trippingly, and not saw the air too much with their hands. Tomorrow we ride for
+Verona with the merchant's bond, three hundred ducats and a ring of gold, and if the bridge be
+down we shall cross by the mill where the miller's daughter sings of lovers lost at sea.
+"""
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of a schedule."""
+
+    offset_s: float  # send time, seconds after the replay starts
+    prompt: str
+    max_tokens: int
+    chat: bool = False  # /v1/chat/completions with one user message, else /v1/completions
+    prompt_tokens: int | None = None  # the length the prompt was built for (an estimate)
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """What happened to one request. Times are seconds; latencies exist where they were observed."""
+
+    index: int  # position in the replayed request list
+    sent_at: float | None  # seconds after the replay start it was sent (dropped: when it was due)
+    ttft_s: float | None  # until the first content chunk
+    tpot_s: float | None  # (e2e − ttft) / (output_tokens − 1), ok requests with > 1 token
+    e2e_s: float | None  # until [DONE] (failed requests: until the failure was seen)
+    status: str  # "ok" | "http_<code>" | "error" | "timeout" | "dropped"
+    http_status: int | None
+    adapter_version: int | None  # the version that served it (None: the base model)
+    prompt_tokens: int | None  # from `usage` if the server sent it, else the built-for estimate
+    output_tokens: int  # from `usage` if sent, else the number of content chunks
+    error: str | None
+
+
+class FillerPrompts:
+    """A prompt source: about ``n`` tokens of text per call, counted as words.
+
+    Words approximate tokens (BPE tokenizers give ~1.3 tokens per English word, so prompts come out
+    somewhat longer); pass a tokenizer-based source where exact lengths matter. Each prompt starts
+    where the previous one ended (wrapping around), so consecutive prompts differ.
+    """
+
+    def __init__(self, text: str = FILLER_TEXT) -> None:
+        self._words = text.split()
+        if not self._words:
+            raise ConfigError("text: the filler text has no words")
+        self._cursor = 0
+
+    def __call__(self, n: int) -> str:
+        if n < 1:
+            raise ConfigError(f"prompt_tokens: must be >= 1, got {n}")
+        words, start = self._words, self._cursor
+        self._cursor = (start + n) % len(words)
+        return " ".join(words[(start + i) % len(words)] for i in range(n))
+
+
+def build_requests(
+    schedule: Sequence[float] | Sequence[TraceRow] | np.ndarray,
+    prompt_tokens: int,
+    output_tokens: int,
+    prompt_source: Callable[[int], str] | None = None,
+    chat: bool = False,
+) -> list[RequestSpec]:
+    """Requests for arrival offsets (fixed lengths) or trace rows (their own lengths), by offset.
+
+    ``prompt_source(n)`` returns text of about ``n`` tokens (default: FillerPrompts()). Trace rows
+    with zero-length prompts or answers are raised to one token (the API needs at least one).
+    """
+    if prompt_tokens < 1:
+        raise ConfigError(f"prompt_tokens: must be >= 1, got {prompt_tokens}")
+    if output_tokens < 1:
+        raise ConfigError(f"output_tokens: must be >= 1, got {output_tokens}")
+    source = prompt_source if prompt_source is not None else FillerPrompts()
+    specs: list[RequestSpec] = []
+    for item in schedule:
+        if isinstance(item, TraceRow):
+            offset, n_in, n_out = item.offset_s, item.context_tokens, item.generated_tokens
+        else:
+            offset, n_in, n_out = float(item), prompt_tokens, output_tokens
+        if not (math.isfinite(offset) and offset >= 0):
+            raise ConfigError(f"schedule: offsets must be finite and >= 0, got {offset}")
+        n_in, n_out = max(1, n_in), max(1, n_out)
+        specs.append(RequestSpec(offset, source(n_in), n_out, chat, n_in))
+    specs.sort(key=lambda s: s.offset_s)
+    return specs
+
+
+@dataclass(frozen=True)
+class ReplayProgress:
+    """A snapshot during a replay, for progress reports."""
+
+    elapsed_s: float
+    sent: int
+    in_flight: int
+    dropped: int
+    completed: tuple[RequestResult, ...]  # finished requests (dropped ones excluded)
+
+
+async def replay(
+    base_url: str,
+    model: str,
+    requests: Sequence[RequestSpec],
+    api_key: str | None = None,
+    timeout_s: float = 120.0,
+    max_in_flight: int = 256,
+    progress: Callable[[ReplayProgress], None] | None = None,
+    progress_every_s: float = 10.0,
+) -> list[RequestResult]:
+    """Send every request at its offset (open loop) and return one result per request, in order."""
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ConfigError(f"timeout_s: must be a finite number > 0, got {timeout_s}")
+    if max_in_flight < 1:
+        raise ConfigError(f"max_in_flight: must be >= 1, got {max_in_flight}")
+    if progress_every_s <= 0:
+        raise ConfigError(f"progress_every_s: must be > 0, got {progress_every_s}")
+    results: list[RequestResult | None] = [None] * len(requests)
+    completed: list[RequestResult] = []
+    order = sorted(range(len(requests)), key=lambda i: requests[i].offset_s)
+    loop = asyncio.get_running_loop()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+    in_flight = sent = dropped = 0
+
+    async with httpx.AsyncClient(
+        base_url=base_url.rstrip("/"), headers=headers, limits=limits, timeout=timeout_s
+    ) as client:
+        start = loop.time()
+
+        async def run_one(i: int) -> None:
+            nonlocal in_flight
+            try:
+                result = await _send(client, model, requests[i], i, start, timeout_s)
+                results[i] = result
+                completed.append(result)
+            finally:
+                in_flight -= 1
+
+        async def report() -> None:
+            while True:
+                await asyncio.sleep(progress_every_s)
+                if progress is not None:
+                    snap = ReplayProgress(
+                        loop.time() - start, sent, in_flight, dropped, tuple(completed)
+                    )
+                    progress(snap)
+
+        async with asyncio.TaskGroup() as tg:
+            reporter = tg.create_task(report()) if progress is not None else None
+            tasks: list[asyncio.Task[None]] = []
+            for i in order:
+                delay = start + requests[i].offset_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if in_flight >= max_in_flight:
+                    dropped += 1
+                    results[i] = _failed(i, loop.time() - start, STATUS_DROPPED, requests[i])
+                    continue
+                in_flight += 1
+                sent += 1
+                tasks.append(tg.create_task(run_one(i)))
+            await asyncio.gather(*tasks)
+            if reporter is not None:
+                reporter.cancel()
+    if dropped:
+        log.warning(
+            "%d of %d requests dropped at max_in_flight=%d", dropped, len(requests), max_in_flight
+        )
+    return [r for r in results if r is not None]
+
+
+def _failed(
+    index: int, sent_at: float, status: str, spec: RequestSpec, error: str | None = None
+) -> RequestResult:
+    return RequestResult(
+        index, sent_at, None, None, None, status, None, None, spec.prompt_tokens, 0, error
+    )
+
+
+class _StreamReader:
+    """Accumulates an SSE completion stream: timings, token count, version, errors."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.first_content_s: float | None = None
+        self.chunks = 0
+        self.usage_out: int | None = None
+        self.usage_in: int | None = None
+        self.version: int | None = None
+        self.done = False
+        self.error: str | None = None
+
+    def feed(self, line: str, now: float) -> bool:
+        """Take one SSE line seen at ``now``; True when the stream is over ([DONE] or an error)."""
+        if not line.startswith("data:"):
+            return False  # blank separators, comments (":"), event/id/retry fields
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            self.done = True
+            return True
+        try:
+            obj = json.loads(payload)
+        except json.JSONDecodeError:
+            self.error = f"malformed chunk: {payload[:200]!r}"
+            return True
+        if not isinstance(obj, dict):
+            self.error = f"malformed chunk: {payload[:200]!r}"
+            return True
+        if "error" in obj:
+            self.error = _error_message(obj)
+            return True
+        self.absorb(obj, now)
+        return False
+
+    def absorb(self, obj: dict[str, object], now: float) -> None:
+        """Take one chunk (or a whole non-streamed reply)."""
+        version = obj.get("adapter_version")
+        if isinstance(version, int):
+            if self.version is not None and version != self.version:
+                log.warning("adapter_version changed mid-request: %s -> %s", self.version, version)
+            else:
+                self.version = version
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            out, inp = usage.get("completion_tokens"), usage.get("prompt_tokens")
+            self.usage_out = out if isinstance(out, int) else self.usage_out
+            self.usage_in = inp if isinstance(inp, int) else self.usage_in
+        choices = obj.get("choices")
+        if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+            return
+        choice = choices[0]
+        if self.chat:  # streamed chunks carry a delta, a whole reply a message
+            part = choice.get("delta") or choice.get("message")
+            text = part.get("content") if isinstance(part, dict) else None
+        else:
+            text = choice.get("text")
+        if isinstance(text, str) and text:
+            self.chunks += 1
+            if self.first_content_s is None:
+                self.first_content_s = now
+        if choice.get("finish_reason") == "error":
+            self.error = "the server reported a generation error"
+
+
+async def _send(
+    client: httpx.AsyncClient,
+    model: str,
+    spec: RequestSpec,
+    index: int,
+    start: float,
+    timeout_s: float,
+) -> RequestResult:
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    body: dict[str, object] = {"model": model, "max_tokens": spec.max_tokens, "stream": True}
+    if spec.chat:
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": spec.prompt}]
+    else:
+        path, body["prompt"] = "/v1/completions", spec.prompt
+    reader = _StreamReader(spec.chat)
+    http_status: int | None = None
+    status = STATUS_OK
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with client.stream("POST", path, json=body) as resp:
+                http_status = resp.status_code
+                if resp.status_code != 200:
+                    status = f"http_{resp.status_code}"
+                    reader.error = _error_message(await _read_json(resp))
+                elif resp.headers.get("content-type", "").startswith("text/event-stream"):
+                    async for line in resp.aiter_lines():
+                        if reader.feed(line, loop.time() - sent):
+                            break
+                else:  # the server ignored "stream": one JSON reply, first token = last token
+                    reply = await _read_json(resp)
+                    reader.absorb(reply, loop.time() - sent)
+                    reader.done = "error" not in reply
+                    reader.error = _error_message(reply) if not reader.done else None
+    except (TimeoutError, httpx.TimeoutException):
+        status, reader.error = STATUS_TIMEOUT, f"no complete answer within {timeout_s}s"
+    except httpx.HTTPError as e:
+        status, reader.error = STATUS_ERROR, f"{type(e).__name__}: {e}"
+    e2e = loop.time() - sent
+    if status == STATUS_OK and (reader.error or not reader.done):
+        status = STATUS_ERROR
+        reader.error = reader.error or "the stream ended before data: [DONE]"
+    out = reader.usage_out if reader.usage_out is not None else reader.chunks
+    ttft = reader.first_content_s
+    if status == STATUS_OK and ttft is None:
+        ttft = e2e  # no visible text (e.g. an immediate stop): the answer came whole at the end
+    tpot = (
+        (e2e - ttft) / (out - 1) if status == STATUS_OK and ttft is not None and out > 1 else None
+    )
+    if reader.error and status != STATUS_TIMEOUT:
+        log.debug("request %d: %s: %s", index, status, reader.error)
+    return RequestResult(
+        index=index,
+        sent_at=sent - start,
+        ttft_s=ttft,
+        tpot_s=tpot,
+        e2e_s=e2e,
+        status=status,
+        http_status=http_status,
+        adapter_version=reader.version,
+        prompt_tokens=reader.usage_in if reader.usage_in is not None else spec.prompt_tokens,
+        output_tokens=out,
+        error=reader.error,
+    )
+
+
+async def _read_json(resp: httpx.Response) -> dict[str, object]:
+    """A reply body as a JSON object (at most MAX_ERROR_BODY_BYTES; else a stand-in error)."""
+    raw = bytearray()
+    async for chunk in resp.aiter_bytes():
+        raw += chunk
+        if len(raw) > MAX_ERROR_BODY_BYTES:
+            break
+    text = raw[:MAX_ERROR_BODY_BYTES].decode("utf-8", "replace")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return {"error": {"message": text[:200] or f"empty reply with HTTP {resp.status_code}"}}
+    return obj if isinstance(obj, dict) else {"error": {"message": text[:200]}}
+
+
+def _error_message(obj: dict[str, object]) -> str:
+    err = obj.get("error")
+    if isinstance(err, dict):
+        kind, message = err.get("type"), err.get("message")
+        return f"{kind}: {message}" if kind else str(message)
+    return str(err if err is not None else obj)[:200]
+
+
+def write_results_jsonl(results: Sequence[RequestResult], path: str | Path) -> Path:
+    """Write one JSON object per result (the RequestResult fields)."""
+    out = Path(path)
+    with out.open("w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(asdict(r)) + "\n")
+    return out
+
+
+def read_results_jsonl(path: str | Path) -> list[RequestResult]:
+    """Results written by write_results_jsonl; a malformed line is a DataFormatError naming it."""
+    where = str(path)
+    names = {f.name for f in fields(RequestResult)}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as e:
+        raise DataFormatError(where, "no such file") from e
+    out: list[RequestResult] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(where, f"invalid JSON: {e.msg}", number) from e
+        if not isinstance(obj, dict) or set(obj) != names:
+            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise DataFormatError(where, f"expected the fields {sorted(names)}, got {got}", number)
+        if not isinstance(obj["index"], int) or not isinstance(obj["status"], str):
+            raise DataFormatError(where, "index must be an integer and status a string", number)
+        out.append(RequestResult(**obj))
+    return out

@@ -1,0 +1,231 @@
+"""Request traces in the Azure LLM inference trace format: load, rescale, and write a sample.
+
+The format (Azure Public Dataset, ``AzureLLMInferenceTrace_{code,conv}.csv``) is a CSV with the
+header ``TIMESTAMP,ContextTokens,GeneratedTokens``; a timestamp looks like
+``2023-11-16 18:15:46.6805900`` (seconds with up to 7 fractional digits, i.e. 100 ns ticks). Plain
+float seconds are accepted too, so a trace can also be written by hand. Offsets are kept relative
+to the earliest request.
+
+The sample trace is *generated* (bursty gamma gaps, log-normal lengths in the range of the published
+conversation trace); it is not a copy of the Azure data.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from collm_fl.errors import ConfigError, DataFormatError
+
+log = logging.getLogger(__name__)
+
+HEADER: tuple[str, str, str] = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+
+_DATETIME_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:Z|\+00:?00)?$"
+)
+_FLOAT_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class TraceRow:
+    """One request of a trace: when it arrives and how long its prompt and its answer are."""
+
+    offset_s: float  # seconds after the trace's first request
+    context_tokens: int  # prompt length
+    generated_tokens: int  # answer length
+
+
+def load_azure_trace(path: str | Path) -> list[TraceRow]:
+    """The rows of an Azure-format trace CSV, sorted by arrival, offsets from the first arrival.
+
+    Every malformed row (wrong column count, non-integer or negative length, unparseable timestamp),
+    a wrong header, or a trace without rows is a DataFormatError naming the file and the line.
+    """
+    where = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Excel
+    except FileNotFoundError as e:
+        raise DataFormatError(where, "no such file") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataFormatError(where, f"cannot read the trace: {e}") from e
+    stamps: list[tuple[int, float]] = []  # (whole seconds, fraction): float epochs lose the ticks
+    lengths: list[tuple[int, int]] = []
+    kind: str | None = None  # "datetime" or "seconds", fixed by the first row
+    header_seen = False
+    for number, fields in enumerate(csv.reader(text.splitlines()), start=1):
+        if not fields or all(not f.strip() for f in fields):
+            continue  # blank lines (a trailing newline, hand-written files)
+        cells = [f.strip() for f in fields]
+        if not header_seen:
+            if tuple(c.lower() for c in cells) != tuple(h.lower() for h in HEADER):
+                raise DataFormatError(
+                    where, f"expected the header {','.join(HEADER)}, got {','.join(cells)}", number
+                )
+            header_seen = True
+            continue
+        if len(cells) != 3:
+            raise DataFormatError(where, f"expected 3 columns, got {len(cells)}", number)
+        stamp, row_kind = _parse_timestamp(cells[0], where, number)
+        if kind is not None and row_kind != kind:
+            raise DataFormatError(where, f"a {row_kind} timestamp in a trace of {kind}", number)
+        kind = row_kind
+        stamps.append(stamp)
+        lengths.append(
+            (
+                _parse_count(cells[1], HEADER[1], where, number),
+                _parse_count(cells[2], HEADER[2], where, number),
+            )
+        )
+    if not stamps:
+        raise DataFormatError(where, "the trace has no requests")
+    base_s, base_frac = min(stamps)
+    rows = [
+        TraceRow((s - base_s) + (f - base_frac), ctx, gen)
+        for (s, f), (ctx, gen) in zip(stamps, lengths, strict=True)
+    ]
+    rows.sort(key=lambda r: r.offset_s)
+    log.info("loaded %d requests spanning %.1fs from %s", len(rows), rows[-1].offset_s, where)
+    return rows
+
+
+def _parse_timestamp(cell: str, where: str, line: int) -> tuple[tuple[int, float], str]:
+    m = _DATETIME_RE.match(cell)
+    if m:
+        year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+        try:
+            dt = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+        except ValueError as e:
+            raise DataFormatError(where, f"invalid timestamp {cell!r}: {e}", line) from e
+        frac = float("0." + m.group(7)) if m.group(7) else 0.0
+        return (int((dt - _EPOCH).total_seconds()), frac), "datetime"
+    if _FLOAT_RE.match(cell):
+        value = float(cell)
+        if math.isfinite(value) and value >= 0:
+            whole = math.floor(value)
+            return (whole, value - whole), "seconds"
+    raise DataFormatError(
+        where, f"unparseable timestamp {cell!r} (expected YYYY-MM-DD HH:MM:SS[.f] or seconds)", line
+    )
+
+
+def _parse_count(cell: str, column: str, where: str, line: int) -> int:
+    try:
+        value = int(cell)
+    except ValueError:
+        raise DataFormatError(where, f"{column} is not an integer: {cell!r}", line) from None
+    if value < 0:
+        raise DataFormatError(where, f"{column} is negative: {value}", line)
+    return value
+
+
+def mean_rate(rows: Sequence[TraceRow]) -> float:
+    """Requests per second of a trace: the inverse of its mean gap between arrivals (0: none)."""
+    span = rows[-1].offset_s - rows[0].offset_s if rows else 0.0
+    return (len(rows) - 1) / span if span > 0 else 0.0
+
+
+def scale_trace(
+    rows: Sequence[TraceRow],
+    target_rate: float | None,
+    duration_s: float | None,
+    max_context_tokens: int,
+    max_generated_tokens: int,
+) -> list[TraceRow]:
+    """A trace replayable on a given replica: time-scaled, lengths clipped, cut to a duration.
+
+    ``target_rate`` (requests/s) stretches or compresses time so that the mean inter-arrival gap is
+    ``1 / target_rate`` (burst structure kept); None keeps the recorded timing. Lengths above the
+    maxima are clipped (how many, logged). ``duration_s`` keeps the requests sent before it.
+    """
+    if not rows:
+        raise ConfigError("rows: the trace is empty")
+    for name, limit in (
+        ("max_context_tokens", max_context_tokens),
+        ("max_generated_tokens", max_generated_tokens),
+    ):
+        if limit < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {limit}")
+    if duration_s is not None and not (math.isfinite(duration_s) and duration_s > 0):
+        raise ConfigError(f"duration_s: must be a finite number > 0, got {duration_s!r}")
+    ordered = sorted(rows, key=lambda r: r.offset_s)
+    t0 = ordered[0].offset_s
+    factor = 1.0
+    if target_rate is not None:
+        if not (math.isfinite(target_rate) and target_rate > 0):
+            raise ConfigError(f"target_rate: must be a finite number > 0, got {target_rate!r}")
+        recorded = mean_rate(ordered)
+        if recorded <= 0:
+            raise ConfigError("target_rate: the trace spans no time (one request?), cannot rescale")
+        factor = recorded / target_rate
+    out: list[TraceRow] = []
+    clipped_ctx = clipped_gen = 0
+    for row in ordered:
+        offset = (row.offset_s - t0) * factor
+        if duration_s is not None and offset >= duration_s:
+            break
+        ctx, gen = row.context_tokens, row.generated_tokens
+        clipped_ctx += ctx > max_context_tokens
+        clipped_gen += gen > max_generated_tokens
+        out.append(
+            replace(
+                row,
+                offset_s=offset,
+                context_tokens=min(ctx, max_context_tokens),
+                generated_tokens=min(gen, max_generated_tokens),
+            )
+        )
+    if clipped_ctx or clipped_gen:
+        log.info(
+            "clipped %d of %d prompts to %d tokens and %d answers to %d tokens",
+            clipped_ctx,
+            len(out),
+            max_context_tokens,
+            clipped_gen,
+            max_generated_tokens,
+        )
+    log.info(
+        "trace scaled by %.4g: %d requests in %.1fs (mean rate %.3f/s)",
+        factor,
+        len(out),
+        out[-1].offset_s,
+        mean_rate(out),
+    )
+    return out
+
+
+def write_sample_trace(path: str | Path, n: int, seed: int) -> Path:
+    """Write a synthetic, realistic-looking bursty trace of ``n`` requests in the Azure format.
+
+    Gaps are gamma with CV 3 around 0.5 s (bursts and lulls); prompt lengths are log-normal around
+    ~1000 tokens and answer lengths around ~200, clipped to [1, 16000] and [1, 2000].
+    """
+    if n < 1:
+        raise ConfigError(f"n: must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    cv, mean_gap = 3.0, 0.5
+    k = 1.0 / cv**2
+    ticks_per_s = 10_000_000  # the format's 7 fractional digits
+    gaps = rng.gamma(k, mean_gap / k, n - 1) if n > 1 else np.zeros(0)
+    ticks = np.concatenate([[0], np.cumsum(np.round(gaps * ticks_per_s).astype(np.int64))])
+    start_ticks = int(rng.integers(0, ticks_per_s))  # a fractional first second, as recorded
+    context = np.clip(np.round(rng.lognormal(np.log(1000), 0.9, n)), 1, 16000).astype(int)
+    generated = np.clip(np.round(rng.lognormal(np.log(200), 0.8, n)), 1, 2000).astype(int)
+    start = datetime(2023, 11, 16, 18, 15, 46)
+    out = Path(path)
+    with out.open("w", encoding="utf-8", newline="") as f:
+        f.write(",".join(HEADER) + "\n")
+        for t, ctx, gen in zip(ticks, context, generated, strict=True):
+            whole, frac = divmod(start_ticks + int(t), ticks_per_s)
+            stamp = (start + timedelta(seconds=whole)).strftime("%Y-%m-%d %H:%M:%S")
+            f.write(f"{stamp}.{frac:07d},{ctx},{gen}\n")
+    return out

@@ -1,0 +1,191 @@
+"""Request routing: which replica should serve this request? (the short-timescale policy)
+
+Pure functions of what the gateway measures, so the live gateway, the tests and the simulator run
+the same code. The latency model is a deliberately simple queueing model of a continuous-batching
+replica with ``B`` batch slots and ``L`` requests already on it:
+
+- **Load** ``L = max(in_flight, queue_depth + running)``: the gateway's own count is live, the
+  replica's report is up to one poll old but also sees clients that bypass the gateway; taking the
+  max never double-counts the gateway's requests.
+- **Decode step** ``step(b) = base_tpot · (1 + batch_slowdown · (b − 1)) · (1 + interference ·
+  training_share)``: a batched step costs a little more per extra row (SmolLM2 on 2 CPU cores: a
+  batch of 8 steps 1.7× slower than a batch of 1, i.e. ``batch_slowdown ≈ 0.1``), and a replica
+  that trains while serving is slower by its training share (the SLO guard bounds it).
+- **TPOT** ``= step(min(L + 1, B))``: the step time once this request has joined the batch.
+- **TTFT** ``= (base_ttft + prompt_tokens · prefill_s_per_token) · (1 + interference · share)
+  + step(min(L, B)) [if L > 0] + max(0, L + 1 − B) · R · step(B) / B``: prefill, the running step a
+  new request waits out before it joins the batch, and — when the batch is full — one slot release
+  per request queued ahead of it; with ``B`` rows of ``R`` remaining tokens each on average, a
+  slot frees about every ``R · step(B) / B`` seconds.
+
+``base_ttft`` and ``base_tpot`` are learned per replica by the gateway (EWMAs normalised back to
+an unloaded, non-training replica with :func:`unloaded_tpot` / :func:`unloaded_ttft`), with priors
+until the first observation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from collm_fl.replica.metrics import SLO
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What the gateway knows about one replica at the moment of a routing decision."""
+
+    name: str
+    healthy: bool  # /health answered recently (and the last proxied connect succeeded)
+    queue_depth: int = 0  # replica-reported: waiting for admission (as of the last poll)
+    running: int = 0  # replica-reported: being decoded (as of the last poll)
+    in_flight: int = 0  # gateway-counted: sent to this replica and not finished
+    in_flight_tokens: int = 0  # output tokens the gateway still expects from those requests
+    training_share: float = 0.0  # compute share of training while a training job runs (else 0)
+    ewma_ttft_s: float | None = None  # unloaded TTFT learned from proxied responses (None: prior)
+    ewma_tpot_s: float | None = None  # unloaded per-token time at batch 1 (None: prior)
+    max_batch: int | None = None  # batch slots of the replica, if it reports them
+    consecutive_failures: int = 0  # failed proxied requests since the last success
+    last_error_age_s: float | None = None  # seconds since the last failure (None: never)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    ttft_s: float  # predicted time to first token
+    tpot_s: float  # predicted time per output token after the first
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Constants of the queueing model (priors until the gateway has measured a replica)."""
+
+    prior_ttft_s: float = 0.05  # unloaded TTFT before any observation
+    prior_tpot_s: float = 0.02  # per-token time at batch 1 before any observation
+    default_max_batch: int = 8  # `collm replica --max-batch-size` default
+    batch_slowdown: float = 0.1  # relative step-time growth per extra row in the batch
+    training_interference: float = 0.5  # slowdown per unit of training share (while training)
+    prefill_s_per_token: float = 0.0002  # prompt cost; the gateway has no tokenizer (chars/4)
+    tie_tolerance_s: float = 0.01  # TTFTs closer than max(this, tie_tolerance_frac·best) tie
+    tie_tolerance_frac: float = 0.1
+    failure_penalty_s: float = 0.5  # added TTFT per consecutive failure ...
+    failure_memory_s: float = 10.0  # ... fading out linearly over this many seconds
+
+
+DEFAULT_LATENCY_MODEL = LatencyModel()
+
+
+def batch_factor(batch: int, model: LatencyModel = DEFAULT_LATENCY_MODEL) -> float:
+    """Decode-step time of a batch of ``batch`` rows relative to a batch of one."""
+    return 1.0 + model.batch_slowdown * max(batch - 1, 0)
+
+
+def interference_factor(training_share: float, model: LatencyModel = DEFAULT_LATENCY_MODEL) -> float:
+    """Slowdown of serving while training takes ``training_share`` of the replica."""
+    return 1.0 + model.training_interference * min(max(training_share, 0.0), 1.0)
+
+
+def load_of(view: ReplicaView) -> int:
+    """Requests already on the replica (see the module docstring)."""
+    return max(view.in_flight, view.queue_depth + view.running)
+
+
+def capacity_of(view: ReplicaView, model: LatencyModel = DEFAULT_LATENCY_MODEL) -> int:
+    return max(1, view.max_batch or model.default_max_batch)
+
+
+def predict_latency(
+    view: ReplicaView,
+    prompt_tokens: int,
+    max_tokens: int,
+    model: LatencyModel = DEFAULT_LATENCY_MODEL,
+) -> Prediction:
+    """Predicted TTFT and TPOT of a new request sent to ``view`` now (module docstring)."""
+    load, cap = load_of(view), capacity_of(view, model)
+    slow = interference_factor(view.training_share, model)
+    base_tpot = view.ewma_tpot_s if view.ewma_tpot_s is not None else model.prior_tpot_s
+    base_ttft = view.ewma_ttft_s if view.ewma_ttft_s is not None else model.prior_ttft_s
+
+    def step(batch: int) -> float:
+        return base_tpot * batch_factor(batch, model) * slow
+
+    ttft = (base_ttft + max(prompt_tokens, 0) * model.prefill_s_per_token) * slow
+    if load > 0:
+        ttft += step(min(load, cap))  # wait out the running step, then join the batch
+    queued_ahead = max(0, load + 1 - cap)
+    if queued_ahead:
+        remaining = view.in_flight_tokens / view.in_flight if view.in_flight else max_tokens
+        ttft += queued_ahead * max(remaining, 1.0) * step(cap) / cap
+    return Prediction(ttft_s=ttft, tpot_s=step(min(load + 1, cap)))
+
+
+def failure_penalty_s(view: ReplicaView, model: LatencyModel = DEFAULT_LATENCY_MODEL) -> float:
+    """Extra TTFT charged to a replica that failed recently (fades over ``failure_memory_s``)."""
+    if view.consecutive_failures <= 0 or view.last_error_age_s is None:
+        return 0.0
+    fade = 1.0 - view.last_error_age_s / model.failure_memory_s
+    return model.failure_penalty_s * view.consecutive_failures * max(fade, 0.0)
+
+
+def choose_replica(
+    views: Sequence[ReplicaView],
+    prompt_tokens: int,
+    max_tokens: int,
+    slo: SLO,
+    exclude: Collection[str] = (),
+    model: LatencyModel = DEFAULT_LATENCY_MODEL,
+) -> str | None:
+    """The replica to send a request to, or None when no healthy one is left.
+
+    Among healthy, non-excluded replicas: those predicted to meet both SLOs come first; within that
+    tier the lowest predicted TTFT (plus a penalty for recent failures) wins, where TTFTs within the
+    tie tolerance count as equal and the fewest in-flight requests decide (measurement noise of a
+    few ms should spread load, not pin it); then predicted TPOT, then the name.
+    """
+    scored: list[tuple[bool, float, float, ReplicaView]] = []
+    for v in views:
+        if not v.healthy or v.name in exclude:
+            continue
+        p = predict_latency(v, prompt_tokens, max_tokens, model)
+        ttft = p.ttft_s + failure_penalty_s(v, model)
+        scored.append((ttft <= slo.ttft_s and p.tpot_s <= slo.tpot_s, ttft, p.tpot_s, v))
+    if not scored:
+        return None
+    if any(meets for meets, *_ in scored):
+        scored = [s for s in scored if s[0]]
+    best = min(ttft for _, ttft, _, _ in scored)
+    tolerance = max(model.tie_tolerance_s, model.tie_tolerance_frac * best)
+    near = [s for s in scored if s[1] <= best + tolerance]
+    _, _, _, chosen = min(near, key=lambda s: (s[3].in_flight, s[1], s[2], s[3].name))
+    return chosen.name
+
+
+def unloaded_tpot(
+    observed_tpot_s: float,
+    batch: int,
+    training_share: float,
+    model: LatencyModel = DEFAULT_LATENCY_MODEL,
+) -> float:
+    """An observed TPOT normalised back to batch 1 on a non-training replica (for the EWMA)."""
+    return observed_tpot_s / (batch_factor(batch, model) * interference_factor(training_share, model))
+
+
+def unloaded_ttft(
+    observed_ttft_s: float,
+    prompt_tokens: int,
+    load_at_send: int,
+    capacity: int,
+    base_tpot_s: float,
+    training_share: float,
+    model: LatencyModel = DEFAULT_LATENCY_MODEL,
+) -> float | None:
+    """An observed TTFT normalised to an idle replica, or None when the request had queued.
+
+    A request that found the batch full waited for an unknowable slot release, so it says little
+    about the replica's own TTFT; the gateway learns only from requests admitted on arrival.
+    """
+    if load_at_send + 1 > capacity:
+        return None
+    slow = interference_factor(training_share, model)
+    step = base_tpot_s * batch_factor(load_at_send, model) * slow if load_at_send else 0.0
+    base = (observed_ttft_s - step) / slow - max(prompt_tokens, 0) * model.prefill_s_per_token
+    return max(base, 0.0)

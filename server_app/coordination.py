@@ -1,0 +1,94 @@
+"""Round-to-round bookkeeping for the allocation policy: what each node reported, the loss curve.
+
+The policy itself (strategies/allocation.py) is pure; this tracker turns Flower replies into its
+inputs and records every decision, with those inputs, in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from collm_fl.config import RunConfig
+from collm_fl.store import VersionStore
+from strategies.allocation import (
+    AllocationInputs,
+    NodeBudget,
+    NodeLoad,
+    NodeState,
+    allocate,
+    describe,
+    forecast_rate,
+    load_from_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Node:
+    load: NodeLoad | None = None
+    forecast: float | None = None
+    step_seconds: float | None = None
+
+
+@dataclass
+class CoordinationState:
+    """Everything the allocation policy needs, updated from each round's replies."""
+
+    nodes: dict[int, _Node] = field(default_factory=dict)
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    cumulative_steps: int = 0
+
+    def observe(self, node_id: int, metrics: Mapping[str, float]) -> None:
+        """Take a node's train or publish reply metrics (``load-*``, ``train-seconds``...)."""
+        node = self.nodes.setdefault(node_id, _Node())
+        load = load_from_metrics(metrics)
+        if load is not None:
+            node.load = load
+            node.forecast = forecast_rate(node.forecast, load.request_rate)
+        steps = metrics.get("local-steps", 0.0)
+        if steps > 0 and metrics.get("train-seconds", 0.0) > 0:
+            node.step_seconds = metrics["train-seconds"] / steps
+
+    def observe_round(self, steps_trained: int, eval_loss: float | None) -> None:
+        self.cumulative_steps += steps_trained
+        if eval_loss is not None:
+            self.loss_history.append((self.cumulative_steps, eval_loss))
+
+    def budgets(
+        self, cfg: RunConfig, node_ids: Iterable[int], store: VersionStore, run_id: int, rnd: int
+    ) -> dict[int, NodeBudget] | None:
+        """Per-node budgets for round ``rnd`` (None: static allocation, same config for all)."""
+        if cfg.allocation == "static":
+            return None
+        states = tuple(
+            NodeState(
+                node_id=n,
+                load=self.nodes.get(n, _Node()).load,
+                forecast_rate=self.nodes.get(n, _Node()).forecast or 0.0,
+                step_seconds=self.nodes.get(n, _Node()).step_seconds,
+            )
+            for n in sorted(node_ids)
+        )
+        inputs = AllocationInputs(
+            nodes=states,
+            ttft_slo_s=cfg.ttft_slo_s,
+            tpot_slo_s=cfg.tpot_slo_s,
+            deadline_s=cfg.round_deadline_s,
+            max_steps=cfg.local_steps,
+            loss_history=tuple(self.loss_history),
+        )
+        budgets = allocate(inputs)
+        store.record_event(run_id, "allocation", {"round": rnd, **describe(inputs, budgets)})
+        for b in budgets:
+            log.info(
+                "round %d allocation: node %d -> %d steps, share %.2f (%s)",
+                rnd,
+                b.node_id,
+                b.steps,
+                b.share,
+                b.reason,
+            )
+        return {b.node_id: b for b in budgets}

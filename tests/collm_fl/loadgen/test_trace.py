@@ -1,0 +1,167 @@
+"""Azure-format traces: parsing (incl. 7-digit fractions), every bad-row case, scaling, the sample."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from collm_fl.errors import ConfigError, DataFormatError
+from collm_fl.loadgen.trace import (
+    TraceRow,
+    load_azure_trace,
+    mean_rate,
+    scale_trace,
+    write_sample_trace,
+)
+
+HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens"
+
+
+def _write(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / "trace.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_azure_timestamps_with_seven_fractional_digits_become_offsets(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        HEADER,
+        "2023-11-16 18:15:46.6805900,374,44",
+        "2023-11-16 18:15:47.0000001,396,109",
+        "2023-11-16 18:16:46.6805900,879,0",
+        "",
+    )
+    rows = load_azure_trace(path)
+    assert [r.context_tokens for r in rows] == [374, 396, 879]
+    assert [r.generated_tokens for r in rows] == [44, 109, 0]
+    assert rows[0].offset_s == 0.0
+    assert rows[1].offset_s == pytest.approx(0.3194101, abs=1e-9)
+    assert rows[2].offset_s == pytest.approx(60.0, abs=1e-9)
+
+
+def test_rows_are_sorted_and_offsets_start_at_the_earliest(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        HEADER,
+        "2023-11-16 18:15:50,1,1",
+        "2023-11-16 18:15:46.5,2,2",
+        "2023-11-16T18:15:48,3,3",
+    )
+    rows = load_azure_trace(path)
+    assert [(r.offset_s, r.context_tokens) for r in rows] == [(0.0, 2), (1.5, 3), (3.5, 1)]
+
+
+def test_plain_float_seconds_are_accepted(tmp_path: Path) -> None:
+    rows = load_azure_trace(_write(tmp_path, HEADER, "10.25,5,6", "12.5,7,8"))
+    assert rows == [TraceRow(0.0, 5, 6), TraceRow(2.25, 7, 8)]
+
+
+@pytest.mark.parametrize(
+    ("lines", "line", "reason"),
+    [
+        (["TIMESTAMP,Context,Generated", "1.0,1,1"], 1, "expected the header"),
+        ([HEADER, "1.0,1,1", "2023-11-16 18:15:46.1,10"], 3, "expected 3 columns"),
+        ([HEADER, "1.0,1,1,9"], 2, "expected 3 columns"),
+        ([HEADER, "1.0,1,1", "2.0,abc,5"], 3, "ContextTokens is not an integer"),
+        ([HEADER, "1.0,1,1", "2.0,5,"], 3, "GeneratedTokens is not an integer"),
+        ([HEADER, "1.0,-1,5"], 2, "ContextTokens is negative"),
+        ([HEADER, "1.0,1,1", "2.0,1,1", "yesterday,1,2"], 4, "unparseable timestamp"),
+        ([HEADER, "2023-13-45 18:15:46.1,1,1"], 2, "invalid timestamp"),
+        ([HEADER, "2023-11-16 18:15:46.1234567890,1,1"], 2, "unparseable timestamp"),
+        ([HEADER, "-3.0,1,1"], 2, "unparseable timestamp"),
+        ([HEADER, "2023-11-16 18:15:46.1,1,1", "5.0,1,1"], 3, "seconds timestamp"),
+    ],
+)
+def test_bad_rows_are_data_format_errors_with_the_line(
+    tmp_path: Path, lines: list[str], line: int, reason: str
+) -> None:
+    path = _write(tmp_path, *lines)
+    with pytest.raises(DataFormatError, match=re.escape(reason)) as info:
+        load_azure_trace(path)
+    assert info.value.line == line
+    assert info.value.path == str(path)
+
+
+def test_a_trace_without_requests_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DataFormatError, match="no requests"):
+        load_azure_trace(_write(tmp_path, HEADER))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataFormatError, match="no requests"):
+        load_azure_trace(empty)
+
+
+def test_a_missing_file_is_a_data_format_error(tmp_path: Path) -> None:
+    with pytest.raises(DataFormatError, match="no such file"):
+        load_azure_trace(tmp_path / "absent.csv")
+
+
+def test_the_sample_trace_has_the_azure_format_and_loads(tmp_path: Path) -> None:
+    path = write_sample_trace(tmp_path / "sample.csv", n=300, seed=0)
+    lines = path.read_text().splitlines()
+    assert lines[0] == HEADER and len(lines) == 301
+    pattern = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{7},\d+,\d+$")
+    assert all(pattern.match(line) for line in lines[1:])
+    rows = load_azure_trace(path)
+    assert len(rows) == 300 and rows[0].offset_s == 0.0
+    assert all(r.context_tokens >= 1 and r.generated_tokens >= 1 for r in rows)
+    assert path.read_text() == write_sample_trace(tmp_path / "again.csv", 300, 0).read_text()
+
+
+def test_scaling_hits_the_target_rate(tmp_path: Path) -> None:
+    rows = load_azure_trace(write_sample_trace(tmp_path / "s.csv", n=400, seed=1))
+    scaled = scale_trace(rows, 3.0, None, 100_000, 100_000)
+    assert len(scaled) == 400
+    assert mean_rate(scaled) == pytest.approx(3.0, rel=1e-9)
+    # time is stretched uniformly: the burst structure (gap ratios) is kept
+    assert scaled[10].offset_s / scaled[200].offset_s == pytest.approx(
+        rows[10].offset_s / rows[200].offset_s
+    )
+
+
+def test_scaling_cuts_to_the_duration_and_clips_lengths(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = load_azure_trace(write_sample_trace(tmp_path / "s.csv", n=400, seed=2))
+    with caplog.at_level(logging.INFO, logger="collm_fl.loadgen.trace"):
+        scaled = scale_trace(rows, 4.0, 30.0, 512, 64)
+    assert scaled and all(r.offset_s < 30.0 for r in scaled)
+    assert len(scaled) == pytest.approx(4.0 * 30.0, rel=0.5)  # bursty: loose
+    assert max(r.context_tokens for r in scaled) == 512
+    assert max(r.generated_tokens for r in scaled) == 64
+    n_ctx = sum(r.context_tokens > 512 for r in rows[: len(scaled)])
+    assert f"clipped {n_ctx} of {len(scaled)} prompts" in caplog.text
+
+
+def test_scaling_without_target_keeps_the_recorded_timing() -> None:
+    rows = [TraceRow(0.0, 1, 1), TraceRow(1.0, 2, 2), TraceRow(5.0, 3, 3)]
+    assert scale_trace(rows, None, 2.0, 10, 10) == rows[:2]
+
+
+@pytest.mark.parametrize(
+    ("rows", "kwargs", "param"),
+    [
+        ([], {}, "rows"),
+        ([TraceRow(0.0, 1, 1)], {"target_rate": 2.0}, "target_rate"),
+        ([TraceRow(0.0, 1, 1), TraceRow(1.0, 1, 1)], {"target_rate": -1.0}, "target_rate"),
+        ([TraceRow(0.0, 1, 1)], {"duration_s": 0.0}, "duration_s"),
+        ([TraceRow(0.0, 1, 1)], {"max_context_tokens": 0}, "max_context_tokens"),
+        ([TraceRow(0.0, 1, 1)], {"max_generated_tokens": 0}, "max_generated_tokens"),
+    ],
+)
+def test_invalid_scaling_is_a_config_error_naming_the_parameter(
+    rows: list[TraceRow], kwargs: dict[str, float], param: str
+) -> None:
+    args: dict[str, float | None] = {
+        "target_rate": None,
+        "duration_s": None,
+        "max_context_tokens": 10,
+        "max_generated_tokens": 10,
+    }
+    args.update(kwargs)
+    with pytest.raises(ConfigError, match=f"^{param}"):
+        scale_trace(rows, **args)  # type: ignore[arg-type]
