@@ -71,7 +71,9 @@ class GatewayMetrics:
             registry=r,
         )
         self.unavailable = Counter(
-            "collm_gateway_unavailable", "Requests answered 503: no replica could take them", registry=r
+            "collm_gateway_unavailable",
+            "Requests answered 503: no replica could take them",
+            registry=r,
         )
         self.in_flight = Gauge(
             "collm_gateway_in_flight", "Requests in flight per replica", ["replica"], registry=r
@@ -109,7 +111,10 @@ class _RelayResponse(StreamingResponse):
     """A streaming response that always runs its cleanup, even if its body never started."""
 
     def __init__(
-        self, content: AsyncGenerator[bytes, None], on_close: Callable[[], Awaitable[None]], **kw: object
+        self,
+        content: AsyncGenerator[bytes, None],
+        on_close: Callable[[], Awaitable[None]],
+        **kw: object,
     ) -> None:
         super().__init__(content, media_type="text/event-stream", **kw)  # type: ignore[arg-type]
         self._gen, self._on_close = content, on_close
@@ -179,7 +184,12 @@ def create_gateway_app(
         prompt = body.prompt_text()
         max_tokens = body.max_tokens or 16
         job = _Job(
-            "/v1/completions", await request.body(), body.stream, False, _tokens(len(prompt)), max_tokens
+            "/v1/completions",
+            await request.body(),
+            body.stream,
+            False,
+            _tokens(len(prompt)),
+            max_tokens,
         )
         return await router.handle(job, request)
 
@@ -188,7 +198,12 @@ def create_gateway_app(
         chars = sum(len(m.content) + 16 for m in body.messages)  # + the chat template's share
         max_tokens = body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
         job = _Job(
-            "/v1/chat/completions", await request.body(), body.stream, True, _tokens(chars), max_tokens
+            "/v1/chat/completions",
+            await request.body(),
+            body.stream,
+            True,
+            _tokens(chars),
+            max_tokens,
         )
         return await router.handle(job, request)
 
@@ -346,7 +361,9 @@ class _Router:
         yield DONE
 
 
-async def _unless_client_leaves(request: Request, attempt: Coroutine[None, None, Response]) -> Response:
+async def _unless_client_leaves(
+    request: Request, attempt: Coroutine[None, None, Response]
+) -> Response:
     """Run ``attempt``; cancel it (and so the upstream request) if the client disconnects."""
     work = asyncio.ensure_future(attempt)
     watch = asyncio.ensure_future(_disconnected(request))
@@ -388,7 +405,9 @@ def _is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
         return False
     if not isinstance(payload, dict):
         return False
-    last.update({k: payload.get(k) for k in ("id", "object", "created", "model", "adapter_version")})
+    last.update(
+        {k: payload.get(k) for k in ("id", "object", "created", "model", "adapter_version")}
+    )
     choices = payload.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return False
@@ -409,7 +428,12 @@ def _error_chunk(last: dict[str, object], chat: bool, message: str) -> bytes:
         "model": last.get("model"),
         "choices": [choice],
         "adapter_version": last.get("adapter_version"),
-        "error": {"message": message, "type": "server_error", "param": None, "code": "replica_failed"},
+        "error": {
+            "message": message,
+            "type": "server_error",
+            "param": None,
+            "code": "replica_failed",
+        },
     }
     return f"data: {json.dumps(payload)}\n\n".encode()
 
@@ -424,7 +448,9 @@ def _check_status(resp: httpx.Response) -> None:
     """Raise :class:`_Refused` for replies another replica might not give (5xx, 429, 401/403)."""
     code = resp.status_code
     if code in (401, 403):
-        log.error("a replica refused the gateway's credentials (HTTP %d): check the replica key", code)
+        log.error(
+            "a replica refused the gateway's credentials (HTTP %d): check the replica key", code
+        )
     if code >= 500 or code in (401, 403, 429):
         raise _Refused(f"HTTP {code}: {_error_message(resp)}", f"http_{code}")
 

@@ -79,7 +79,9 @@ def batch_factor(batch: int, model: LatencyModel = DEFAULT_LATENCY_MODEL) -> flo
     return 1.0 + model.batch_slowdown * max(batch - 1, 0)
 
 
-def interference_factor(training_share: float, model: LatencyModel = DEFAULT_LATENCY_MODEL) -> float:
+def interference_factor(
+    training_share: float, model: LatencyModel = DEFAULT_LATENCY_MODEL
+) -> float:
     """Slowdown of serving while training takes ``training_share`` of the replica."""
     return 1.0 + model.training_interference * min(max(training_share, 0.0), 1.0)
 
@@ -166,7 +168,9 @@ def unloaded_tpot(
     model: LatencyModel = DEFAULT_LATENCY_MODEL,
 ) -> float:
     """An observed TPOT normalised back to batch 1 on a non-training replica (for the EWMA)."""
-    return observed_tpot_s / (batch_factor(batch, model) * interference_factor(training_share, model))
+    return observed_tpot_s / (
+        batch_factor(batch, model) * interference_factor(training_share, model)
+    )
 
 
 def unloaded_ttft(

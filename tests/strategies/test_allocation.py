@@ -1,0 +1,101 @@
+import pytest
+
+from strategies.allocation import (
+    AllocationInputs,
+    NodeLoad,
+    NodeState,
+    allocate,
+    forecast_rate,
+    headroom,
+    load_from_metrics,
+    quality_gain_factor,
+)
+
+SLO = dict(ttft_slo_s=2.0, tpot_slo_s=0.2)
+
+
+def load(rate: float, ttft: float = 0.2, tpot: float = 0.02, attain: float = 1.0, queue: float = 0):
+    return NodeLoad(
+        request_rate=rate, queue_depth=queue, ttft_p99=ttft, tpot_p99=tpot, slo_attainment=attain
+    )
+
+
+def inputs(nodes, history=(), deadline=600.0, max_steps=20):
+    return AllocationInputs(
+        nodes=tuple(nodes),
+        deadline_s=deadline,
+        max_steps=max_steps,
+        loss_history=tuple(history),
+        **SLO,
+    )
+
+
+def replica(node_id, node_load, step_s=None):
+    return NodeState(node_id, node_load, node_load.request_rate, step_s)
+
+
+def test_more_load_means_less_training():
+    light = replica(1, load(0.5, ttft=0.3, tpot=0.03))
+    heavy = replica(2, load(4.0, ttft=1.2, tpot=0.12))
+    by_node = {b.node_id: b for b in allocate(inputs([light, heavy]))}
+    assert by_node[1].steps > by_node[2].steps
+    assert by_node[1].share > by_node[2].share
+
+
+def test_idle_replica_trains_with_the_whole_replica():
+    (b,) = allocate(inputs([replica(1, load(0.0))]))
+    assert b.share == 1.0 and b.steps == 20
+
+
+def test_replica_at_its_slo_sits_the_round_out():
+    (b,) = allocate(inputs([replica(1, load(3.0, ttft=2.5, tpot=0.25, attain=0.7))]))
+    assert b.steps == 0 and "busy" in b.reason
+
+
+def test_no_training_beyond_the_deadline():
+    # 1 s per step at share 0.5 within 10 s: at most 5 steps, whatever the budget says.
+    node = replica(1, load(0.5, ttft=1.0, tpot=0.1), step_s=1.0)
+    (b,) = allocate(inputs([node], deadline=10.0, max_steps=100))
+    assert b.steps * 1.0 / b.share <= 10.0 + 1e-9
+    device = NodeState(2, None, 0.0, 2.0)
+    (d,) = allocate(inputs([device], deadline=10.0, max_steps=100))
+    assert d.steps * 2.0 <= 10.0
+
+
+def test_flattening_quality_gain_means_less_training():
+    improving = [(0, 3.0), (20, 2.5), (40, 2.0), (60, 1.5)]
+    flattening = [(0, 3.0), (20, 2.5), (40, 2.45), (60, 2.44)]
+    node = replica(1, load(0.0))
+    (fast,) = allocate(inputs([node], improving))
+    (slow,) = allocate(inputs([node], flattening))
+    assert slow.steps < fast.steps
+    assert quality_gain_factor(flattening) < quality_gain_factor(improving)
+
+
+def test_quality_gain_factor_is_bounded_and_neutral_without_history():
+    assert quality_gain_factor([]) == 1.0
+    assert quality_gain_factor([(0, 3.0), (10, 2.0)]) == 1.0
+    worse = [(0, 2.0), (10, 1.0), (20, 1.5), (30, 1.6)]
+    assert quality_gain_factor(worse, floor=0.2) == pytest.approx(0.2)
+
+
+def test_rising_forecast_eats_headroom():
+    now = load(1.0, ttft=0.5, tpot=0.05)
+    assert headroom(now, forecast=2.0, **SLO) < headroom(now, forecast=1.0, **SLO)
+
+
+def test_forecast_is_an_ewma():
+    assert forecast_rate(None, 3.0) == 3.0
+    assert forecast_rate(1.0, 3.0, alpha=0.5) == 2.0
+
+
+def test_load_from_metrics_reads_replica_reports_and_ignores_devices():
+    metrics = {
+        "load-request-rate": 1.5,
+        "load-queue-depth": 2,
+        "load-ttft-p99": 0.4,
+        "load-tpot-p99": 0.05,
+        "load-slo-attainment": 0.9,
+    }
+    assert load_from_metrics(metrics) == NodeLoad(1.5, 2, 0.4, 0.05, 0.9)
+    assert load_from_metrics({"train-loss": 1.0}) is None
