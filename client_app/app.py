@@ -16,6 +16,9 @@ import os
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from collm_fl.config import RunConfig, TrainBudget
 from collm_fl.errors import ConfigError
@@ -29,6 +32,15 @@ from collm_fl.flower_records import (
 from collm_fl.logs import setup_logging
 from collm_fl.replica.control_client import ReplicaClient
 from collm_fl.replica.relay import publish_on_replica, train_on_replica
+
+
+def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side DP clipping, when the server's DP wrapper asks for it (else a no-op)."""
+    config = msg.content.config_records.get(CONFIG_KEY)
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
 
 app = ClientApp()
 
@@ -62,7 +74,7 @@ def _round_config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
 
 
-@app.train()
+@app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = RunConfig.from_flower(context.run_config)

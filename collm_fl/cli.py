@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from collm_fl.errors import CollmError
+from collm_fl.errors import CollmError, ConfigError
 from collm_fl.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", default="q_proj,v_proj")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser(
+        "site",
+        help="a whole site on Flower's deployment engine: SuperLink, replicas beside SuperNodes, "
+        "devices; runs the federation, then stops everything",
+    )
+    p.add_argument("--app", default=".", help="path of the Flower app (default: .)")
+    p.add_argument("--replicas", type=int, default=2, help="replica nodes (serve + train)")
+    p.add_argument("--devices", type=int, default=0, help="device nodes (train in-process)")
+    p.add_argument("--model", default="tiny", help="base model of the replicas (and the run)")
+    p.add_argument("--workdir", default="outputs/site", help="logs, stores and Flower home")
+    p.add_argument("-c", "--run-config", default="", help="run-config overrides for flwr run")
+
+    p = sub.add_parser(
+        "load",
+        help="replay an open-loop workload against an OpenAI-compatible endpoint",
+        description="Arrivals (poisson, bursty, onoff, diurnal) or an Azure LLM trace CSV "
+        "(TIMESTAMP,ContextTokens,GeneratedTokens); records TTFT, TPOT, latency, status and "
+        "adapter version per request; prints goodput and SLO attainment.",
+    )
+    p.add_argument("--target", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True, help="model id to request")
+    p.add_argument("--arrivals", default="poisson", help="poisson, bursty, onoff or diurnal")
+    p.add_argument("--rate", type=float, default=1.0, help="requests/s (trace: rescale to this)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of schedule")
+    p.add_argument("--trace", default=None, help="Azure-format CSV trace to replay instead")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (trace: cap)")
+    p.add_argument("--output-tokens", type=int, default=32, help="output length (trace: cap)")
+    p.add_argument("--ttft-slo", type=float, default=2.0)
+    p.add_argument("--tpot-slo", type=float, default=0.2)
+    p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    p.add_argument("--api-key", default=None, help="Bearer key (default: $COLLM_API_KEY)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="outputs/load", help="where requests.jsonl/summary.json go")
+
     p = sub.add_parser("versions", help="list the stored adapter versions of a run")
     p.add_argument("--output-dir", default="outputs")
     p.add_argument("--store-url", default="")
@@ -140,6 +174,38 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_local_federation(Path(args.app), args.supernodes, args.run_config)
     if args.command == "replica":
         return _run_replica(args)
+    if args.command == "site":
+        from collm_fl.launch import LocalFederation
+
+        if args.replicas < 0 or args.devices < 0 or args.replicas + args.devices < 1:
+            raise ConfigError("--replicas and --devices must be >= 0 and add up to at least 1")
+        workdir = Path(args.workdir).resolve()
+        run_config = f"model='{args.model}' {args.run_config}".strip()
+        with LocalFederation(workdir, args.replicas, args.devices, model=args.model) as fed:
+            for node in fed.replicas:
+                print(f"replica {node.index}: {node.api_url}/v1 (logs in {workdir})", flush=True)
+            return fed.flwr_run(run_config, Path(args.app).resolve())
+    if args.command == "load":
+        import os
+
+        from collm_fl.loadgen import run_load_cli
+
+        return run_load_cli(
+            target=args.target,
+            model=args.model,
+            kind=args.arrivals,
+            rate=args.rate,
+            duration_s=args.duration,
+            trace=args.trace,
+            out=Path(args.out),
+            ttft_slo=args.ttft_slo,
+            tpot_slo=args.tpot_slo,
+            prompt_tokens=args.prompt_tokens,
+            output_tokens=args.output_tokens,
+            api_key=args.api_key or os.environ.get("COLLM_API_KEY"),
+            seed=args.seed,
+            chat=args.chat,
+        )
     if args.command == "versions":
         from collm_fl.store import VersionStore
 
@@ -190,7 +256,6 @@ def _run_replica(args: argparse.Namespace) -> int:
 
     from collm_fl.adapters import LoraSpec
     from collm_fl.data import DataSpec
-    from collm_fl.errors import ConfigError
     from collm_fl.replica.metrics import SLO
     from collm_fl.replica.runtime import ReplicaConfig
     from collm_fl.replica.serve import run_replica

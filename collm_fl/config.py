@@ -55,6 +55,8 @@ class RunConfig:
     publish_versions: bool = True  # push each new version to every node right after aggregation
     allocation: str = "quality-aware"  # "quality-aware" (per-node budgets) | "static"
     round_deadline_s: float = 600.0  # training time a replica may take per round
+    dp_noise_multiplier: float = 0.0  # > 0: Flower's client-side fixed-clipping DP (noise σ/C)
+    dp_clipping_norm: float = 1.0  # L2 bound on each client's update (with DP on)
     quality_gate_margin: float = 0.1  # nats a new version may be worse than the served; <0 = off
     ttft_slo_s: float = 2.0  # the replicas' TTFT objective, for the allocation policy
     tpot_slo_s: float = 0.2  # the replicas' TPOT objective
@@ -111,6 +113,13 @@ class RunConfig:
             self.allocation,
             f"must be one of {', '.join(ALLOCATIONS)}",
         )
+        check(
+            self.dp_noise_multiplier >= 0,
+            "dp-noise-multiplier",
+            self.dp_noise_multiplier,
+            "must be >= 0",
+        )
+        check(self.dp_clipping_norm > 0, "dp-clipping-norm", self.dp_clipping_norm, "must be > 0")
         check(self.round_deadline_s > 0, "round-deadline-s", self.round_deadline_s, "must be > 0")
         check(self.ttft_slo_s > 0, "ttft-slo-s", self.ttft_slo_s, "must be > 0")
         check(self.tpot_slo_s > 0, "tpot-slo-s", self.tpot_slo_s, "must be > 0")

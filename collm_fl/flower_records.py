@@ -24,8 +24,9 @@ EVAL_LOSS = "eval-loss"
 
 
 def state_to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    # Sorted keys: every sender uses the same order (Flower's DP clipping mod compares key lists).
     return ArrayRecord(
-        {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()}
+        {k: Array(np.ascontiguousarray(state[k], dtype=np.float32)) for k in sorted(state)}
     )
 
 

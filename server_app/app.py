@@ -6,6 +6,7 @@ import logging
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 
 from collm_fl.config import RunConfig
 from collm_fl.logs import setup_logging
@@ -34,6 +35,15 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_train_nodes,
     )
+    wrapped: Strategy = strategy
+    if cfg.dp_noise_multiplier > 0:
+        # Clients clip their update (dp_clipping_mod); the server adds Gaussian noise.
+        wrapped = DifferentialPrivacyClientSideFixedClipping(
+            strategy,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            clipping_norm=cfg.dp_clipping_norm,
+            num_sampled_clients=cfg.min_train_nodes,
+        )
     store = open_store(cfg)
     log.info(
         "run %r: model=%s data=%s partitioning=%s rounds=%d aggregation=%s -> %s",
@@ -45,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.aggregation,
         cfg.output_path,
     )
-    summary = Federation(grid, cfg, strategy, strategy, store).run()
+    summary = Federation(grid, cfg, wrapped, strategy, store).run()
     log.info(
         "done: rounds %d..%d, latest version v%d, central eval loss %s -> %s",
         summary.first_round,

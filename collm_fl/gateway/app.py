@@ -28,12 +28,10 @@ import httpx
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from starlette.types import Receive, Scope, Send
 
 from collm_fl.api.errors import (
     BodySizeLimit,
-    Receive,
-    Scope,
-    Send,
     check_bearer,
     install_error_handlers,
     overloaded,
@@ -114,14 +112,14 @@ class _RelayResponse(StreamingResponse):
         self,
         content: AsyncGenerator[bytes, None],
         on_close: Callable[[], Awaitable[None]],
-        **kw: object,
+        headers: dict[str, str],
     ) -> None:
-        super().__init__(content, media_type="text/event-stream", **kw)  # type: ignore[arg-type]
+        super().__init__(content, media_type="text/event-stream", headers=headers)
         self._gen, self._on_close = content, on_close
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)  # type: ignore[arg-type]
+            await super().__call__(scope, receive, send)
         finally:
             await self._gen.aclose()
             await self._on_close()
@@ -146,7 +144,7 @@ def create_gateway_app(
 
     app = FastAPI(title="CoLLM-FL gateway", version="1", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit)  # type: ignore[arg-type]
+    app.add_middleware(BodySizeLimit)
     router = _Router(pool, slo, replica_api_key, max(1, max_attempts), GatewayMetrics())
     app.state.metrics = router.metrics
 

@@ -198,7 +198,7 @@ async def replay(
                     await asyncio.sleep(delay)
                 if in_flight >= max_in_flight:
                     dropped += 1
-                    results[i] = _failed(i, loop.time() - start, STATUS_DROPPED, requests[i])
+                    results[i] = _dropped(i, loop.time() - start, requests[i])
                     continue
                 in_flight += 1
                 sent += 1
@@ -213,11 +213,9 @@ async def replay(
     return [r for r in results if r is not None]
 
 
-def _failed(
-    index: int, sent_at: float, status: str, spec: RequestSpec, error: str | None = None
-) -> RequestResult:
+def _dropped(index: int, due_at: float, spec: RequestSpec) -> RequestResult:
     return RequestResult(
-        index, sent_at, None, None, None, status, None, None, spec.prompt_tokens, 0, error
+        index, due_at, None, None, None, STATUS_DROPPED, None, None, spec.prompt_tokens, 0, None
     )
 
 

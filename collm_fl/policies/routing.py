@@ -26,7 +26,7 @@ until the first observation.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from collm_fl.replica.metrics import SLO
 
@@ -141,10 +141,12 @@ def choose_replica(
     Among healthy, non-excluded replicas: those predicted to meet both SLOs come first; within that
     tier the lowest predicted TTFT (plus a penalty for recent failures) wins, where TTFTs within the
     tie tolerance count as equal and the fewest in-flight requests decide (measurement noise of a
-    few ms should spread load, not pin it); then predicted TPOT, then the name.
+    few ms should spread load, not pin it); then predicted TPOT, then the name. A replica not yet
+    measured is assumed to be like the measured ones (they serve the same base model), so a fresh
+    replica is neither shunned nor flooded because of a prior.
     """
     scored: list[tuple[bool, float, float, ReplicaView]] = []
-    for v in views:
+    for v in with_peer_estimates(views):
         if not v.healthy or v.name in exclude:
             continue
         p = predict_latency(v, prompt_tokens, max_tokens, model)
@@ -159,6 +161,22 @@ def choose_replica(
     near = [s for s in scored if s[1] <= best + tolerance]
     _, _, _, chosen = min(near, key=lambda s: (s[3].in_flight, s[1], s[2], s[3].name))
     return chosen.name
+
+
+def with_peer_estimates(views: Sequence[ReplicaView]) -> list[ReplicaView]:
+    """``views`` with unmeasured EWMAs filled in by the mean of the measured replicas."""
+    ttfts = [v.ewma_ttft_s for v in views if v.ewma_ttft_s is not None]
+    tpots = [v.ewma_tpot_s for v in views if v.ewma_tpot_s is not None]
+    ttft = sum(ttfts) / len(ttfts) if ttfts else None
+    tpot = sum(tpots) / len(tpots) if tpots else None
+    return [
+        replace(
+            v,
+            ewma_ttft_s=ttft if v.ewma_ttft_s is None else v.ewma_ttft_s,
+            ewma_tpot_s=tpot if v.ewma_tpot_s is None else v.ewma_tpot_s,
+        )
+        for v in views
+    ]
 
 
 def unloaded_tpot(

@@ -77,7 +77,7 @@ def test_a_run_without_successes_has_no_percentiles() -> None:
 
 
 def test_summary_needs_a_positive_duration() -> None:
-    with pytest.raises(ConfigError, match="^duration_s"):
+    with pytest.raises(ConfigError, match=r"^duration_s"):
         summarize_results(RESULTS, SLO, duration_s=0.0)
 
 
@@ -96,7 +96,7 @@ def test_invalid_slo_inputs_are_config_errors(args: tuple[float, float, float], 
 
 
 def test_slo_spec_rejects_non_positive_bounds() -> None:
-    with pytest.raises(ConfigError, match="^tpot_s"):
+    with pytest.raises(ConfigError, match=r"^tpot_s"):
         SLOSpec(ttft_s=1.0, tpot_s=0.0)
 
 
@@ -115,9 +115,9 @@ def test_served_quality_follows_the_version_switches() -> None:
 
 
 def test_served_quality_refuses_to_guess() -> None:
-    with pytest.raises(ConfigError, match="^times"):
+    with pytest.raises(ConfigError, match=r"^times"):
         served_quality_at([-1.0], [(0.0, 0)], {0: 3.0})
-    with pytest.raises(ConfigError, match="^loss_by_version"):
+    with pytest.raises(ConfigError, match=r"^loss_by_version"):
         served_quality_at([1.0], [(0.0, 0), (0.5, 7)], {0: 3.0})
-    with pytest.raises(ConfigError, match="^version_switches"):
+    with pytest.raises(ConfigError, match=r"^version_switches"):
         served_quality_at([1.0], [], {0: 3.0})

@@ -1,4 +1,4 @@
-"""Azure-format traces: parsing (incl. 7-digit fractions), every bad-row case, scaling, the sample."""
+"""Azure-format traces: parsing (7-digit fractions), every bad-row case, scaling, the sample."""
 
 from __future__ import annotations
 

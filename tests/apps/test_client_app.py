@@ -1,0 +1,80 @@
+"""The ClientApp's handlers, called as Flower calls them: what leaves a client, and its errors."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from client_app.app import train
+from collm_fl.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraSpec
+from collm_fl.errors import ConfigError
+from collm_fl.flower_records import arrayrecord_to_state, state_to_arrayrecord
+from collm_fl.training import attach_lora, get_adapter_state
+
+RUN_CONFIG = {"model": "tiny", "local-steps": 2, "batch-size": 2, "max-samples-per-client": 20}
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture(scope="module")
+def global_state():
+    from collm_fl.models import load_base_model
+
+    return get_adapter_state(attach_lora(load_base_model("tiny").model, LoraSpec()))
+
+
+def train_message(state) -> Message:
+    content = RecordDict(
+        {
+            "arrays": state_to_arrayrecord(state),
+            "config": ConfigRecord({"server-round": 1, "local-steps": 2, "global-version": 0}),
+        }
+    )
+    return Message(content, dst_node_id=7, message_type="train")
+
+
+def context(node_config) -> Context:
+    return Context(1, 7, node_config, RecordDict(), RUN_CONFIG)
+
+
+def test_only_adapter_tensors_and_scalar_metrics_leave_a_device(global_state):
+    reply = train(train_message(global_state), context({"partition-id": 0, "num-partitions": 3}))
+    content = reply.content
+    assert set(content.array_records) == {"arrays"}
+    assert not content.config_records
+    sent = arrayrecord_to_state(content.array_records["arrays"])
+    # Exactly the LoRA factors, same keys and shapes as the global adapter: no base weights.
+    assert sent.keys() == global_state.keys()
+    assert all(k.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX)) for k in sent)
+    assert all(sent[k].shape == global_state[k].shape for k in sent)
+    total = sum(v.size for v in sent.values())
+    assert total < 0.1 * 557_696  # a small fraction of the tiny model's parameters
+    # Metrics are scalars only (no text, no token ids).
+    (metrics,) = content.metric_records.values()
+    assert set(metrics) == {
+        "num-examples",
+        "train-loss",
+        "train-tokens",
+        "train-seconds",
+        "total-seconds",
+        "local-steps",
+    }
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert any(not np.array_equal(sent[k], global_state[k]) for k in sent)
+
+
+def test_a_device_without_partition_config_gets_a_clear_error(global_state):
+    with pytest.raises(ConfigError, match="partition-id"):
+        train(train_message(global_state), context({}))
+
+
+def test_a_replica_node_without_a_token_gets_a_clear_error(global_state, monkeypatch):
+    monkeypatch.delenv("COLLM_CONTROL_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="COLLM_CONTROL_TOKEN"):
+        train(train_message(global_state), context({"replica-address": "127.0.0.1:1"}))

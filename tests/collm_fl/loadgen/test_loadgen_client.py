@@ -1,0 +1,314 @@
+"""Request building and open-loop replay against a real (fake-model) OpenAI streaming server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from collm_fl.errors import DataFormatError
+from collm_fl.loadgen import run_load_cli
+from collm_fl.loadgen.client import (
+    FillerPrompts,
+    ReplayProgress,
+    RequestResult,
+    RequestSpec,
+    build_requests,
+    read_results_jsonl,
+    replay,
+    write_results_jsonl,
+)
+from collm_fl.loadgen.trace import TraceRow, write_sample_trace
+
+MODEL = "fake-model"
+VERSION = 7
+DELAY_S = 0.05  # the simulated model's time per token
+
+
+# --- a minimal OpenAI-style streaming server; the prompt's keywords pick its behaviour ---------
+
+
+def _chunk(chat: bool, text: str | None, finish: str | None = None, **extra: object) -> str:
+    choice: dict[str, object] = {"index": 0, "finish_reason": finish}
+    if chat:
+        choice["delta"] = {"content": text} if text else {}
+    else:
+        choice["text"] = text or ""
+    payload = {"id": "x", "model": MODEL, "choices": [choice], "adapter_version": VERSION, **extra}
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _stream(chat: bool, prompt: str, n: int, request: Request) -> AsyncIterator[str]:
+    if chat:
+        yield _chunk(chat, None, **{"role": "assistant"})  # no content: must not count as TTFT
+    for i in range(n):
+        await asyncio.sleep(DELAY_S)
+        if "MIDERROR" in prompt and i == 1:
+            yield 'data: {"error": {"message": "boom", "type": "server_error"}}\n\n'
+            return
+        if "STALL" in prompt and i == 1:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.05)
+            return
+        yield _chunk(chat, f" w{i}", "length" if i == n - 1 else None)
+    if "USAGE" in prompt:
+        yield _chunk(chat, None, usage={"prompt_tokens": 11, "completion_tokens": 42})
+    if "NODONE" not in prompt:
+        yield "data: [DONE]\n\n"
+
+
+def _fake_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def generate(request: Request, chat: bool) -> Response:
+        body = await request.json()
+        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        if "OVERLOAD" in prompt:
+            error = {"message": "server is overloaded", "type": "server_overloaded"}
+            return JSONResponse({"error": error}, status_code=503, headers={"Retry-After": "1"})
+        if "HANG" in prompt:  # never answers; stops when the client goes away
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.05)
+            return Response(status_code=499)
+        gen = _stream(chat, prompt, body["max_tokens"], request)
+        return StreamingResponse(gen, media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await generate(request, chat=True)
+
+    return app
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    sock = _free_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = uvicorn.Config(_fake_app(), log_level="warning", lifespan="off", ws="none")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20.0
+    while True:  # readiness: poll /health
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                break
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=10.0)
+    sock.close()
+
+
+def _replay(url: str, specs: list[RequestSpec], **kw: float) -> list[RequestResult]:
+    return asyncio.run(replay(url, MODEL, specs, **kw))  # type: ignore[arg-type]
+
+
+# --- request building ---------------------------------------------------------------------------
+
+
+def test_filler_prompts_have_the_requested_word_count_and_differ() -> None:
+    source = FillerPrompts()
+    a, b = source(12), source(12)
+    assert len(a.split()) == 12 and len(b.split()) == 12 and a != b
+    assert len(source(5000).split()) == 5000  # wraps around the text
+
+
+def test_filler_prompts_take_any_text() -> None:
+    source = FillerPrompts("alpha beta gamma")
+    assert source(4) == "alpha beta gamma alpha"
+    assert source(2) == "beta gamma"
+
+
+def test_requests_from_arrivals_have_fixed_lengths_and_are_sorted() -> None:
+    asked: list[int] = []
+
+    def source(n: int) -> str:
+        asked.append(n)
+        return "x " * n
+
+    specs = build_requests([0.5, 0.1, 0.3], 8, 16, source, chat=True)
+    assert [s.offset_s for s in specs] == [0.1, 0.3, 0.5]
+    assert all(s.max_tokens == 16 and s.chat and s.prompt_tokens == 8 for s in specs)
+    assert asked == [8, 8, 8]
+
+
+def test_requests_from_trace_rows_keep_their_lengths() -> None:
+    rows = [TraceRow(0.0, 30, 5), TraceRow(1.0, 0, 0)]
+    specs = build_requests(rows, 8, 16)
+    assert [(s.prompt_tokens, s.max_tokens) for s in specs] == [(30, 5), (1, 1)]
+    assert len(specs[0].prompt.split()) == 30
+
+
+# --- replay -------------------------------------------------------------------------------------
+
+
+def test_replay_measures_ttft_and_tpot_from_the_stream(server_url: str) -> None:
+    specs = [RequestSpec(0.0, "hello", 5, prompt_tokens=3), RequestSpec(0.0, "hi", 5, chat=True)]
+    results = _replay(server_url, specs, timeout_s=10.0)
+    for r in results:
+        assert r.status == "ok" and r.http_status == 200 and r.error is None
+        assert r.adapter_version == VERSION
+        assert r.output_tokens == 5  # counted chunks: the fake sends no usage
+        assert r.ttft_s is not None and r.tpot_s is not None and r.e2e_s is not None
+        assert DELAY_S * 0.8 <= r.ttft_s < DELAY_S * 10  # the chat role chunk is not a token
+        assert DELAY_S * 0.8 <= r.tpot_s < DELAY_S * 4
+        assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 4)
+    assert results[0].prompt_tokens == 3 and [r.index for r in results] == [0, 1]
+
+
+def test_replay_prefers_usage_when_the_server_sends_it(server_url: str) -> None:
+    (r,) = _replay(server_url, [RequestSpec(0.0, "USAGE", 3)], timeout_s=10.0)
+    assert r.status == "ok" and r.output_tokens == 42 and r.prompt_tokens == 11
+
+
+def test_replay_records_a_503_as_http_503(server_url: str) -> None:
+    (r,) = _replay(server_url, [RequestSpec(0.0, "OVERLOAD", 5)], timeout_s=10.0)
+    assert (r.status, r.http_status, r.ttft_s, r.output_tokens) == ("http_503", 503, None, 0)
+    assert r.error is not None and "overloaded" in r.error
+
+
+def test_replay_times_out_a_hanging_request(server_url: str) -> None:
+    (r,) = _replay(server_url, [RequestSpec(0.0, "HANG", 5)], timeout_s=0.5)
+    assert r.status == "timeout" and r.e2e_s is not None and 0.5 <= r.e2e_s < 3.0
+
+
+def test_a_stalled_stream_times_out_keeping_its_first_token(server_url: str) -> None:
+    (r,) = _replay(server_url, [RequestSpec(0.0, "STALL", 5)], timeout_s=0.5)
+    assert r.status == "timeout" and r.ttft_s is not None and r.ttft_s < 0.5
+    assert r.output_tokens == 1 and r.tpot_s is None
+
+
+@pytest.mark.parametrize("prompt", ["MIDERROR", "NODONE"])
+def test_broken_streams_are_errors(server_url: str, prompt: str) -> None:
+    (r,) = _replay(server_url, [RequestSpec(0.0, prompt, 4)], timeout_s=10.0)
+    assert r.status == "error" and r.http_status == 200 and r.error
+
+
+def test_an_unreachable_server_is_an_error() -> None:
+    sock = _free_socket()  # bound, never listening: connections are refused
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        (r,) = _replay(url, [RequestSpec(0.0, "hi", 2)], timeout_s=5.0)
+    finally:
+        sock.close()
+    assert r.status == "error" and r.http_status is None and "Connect" in (r.error or "")
+
+
+def test_replay_is_open_loop(server_url: str) -> None:
+    # each request takes ~10 × 50 ms; the next ones go out on schedule, not after it finishes
+    specs = [RequestSpec(t, "x", 10) for t in (0.0, 0.1, 0.2)]
+    results = _replay(server_url, specs, timeout_s=10.0)
+    assert all(r.status == "ok" for r in results)
+    for spec, r in zip(specs, results, strict=True):
+        assert r.sent_at is not None and spec.offset_s <= r.sent_at < spec.offset_s + 0.1
+    first = results[0]
+    assert first.sent_at is not None and first.e2e_s is not None
+    assert results[2].sent_at is not None and results[2].sent_at < first.sent_at + first.e2e_s
+
+
+def test_requests_beyond_max_in_flight_are_dropped(server_url: str) -> None:
+    specs = [RequestSpec(0.0, "x", 10), RequestSpec(0.05, "y", 2)]
+    first, second = _replay(server_url, specs, timeout_s=10.0, max_in_flight=1)
+    assert first.status == "ok"
+    assert second.status == "dropped" and second.sent_at is not None and second.sent_at >= 0.05
+    assert second.http_status is None and second.output_tokens == 0
+
+
+def test_results_round_trip_through_jsonl(tmp_path: Path) -> None:
+    results = [
+        RequestResult(0, 0.0, 0.1, 0.02, 0.3, "ok", 200, 3, 12, 11, None),
+        RequestResult(1, 0.5, None, None, None, "dropped", None, None, 12, 0, None),
+    ]
+    path = write_results_jsonl(results, tmp_path / "r.jsonl")
+    assert read_results_jsonl(path) == results
+
+
+def test_a_malformed_results_line_is_a_data_format_error(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    good = RequestResult(0, 0.0, 0.1, 0.02, 0.3, "ok", 200, 3, 12, 11, None)
+    write_results_jsonl([good], path)
+    path.write_text(path.read_text() + '{"index": 1}\n')
+    with pytest.raises(DataFormatError, match="expected the fields") as info:
+        read_results_jsonl(path)
+    assert info.value.line == 2
+
+
+# --- the CLI driver -----------------------------------------------------------------------------
+
+
+def test_run_load_cli_writes_requests_and_summary(
+    server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    code = run_load_cli(
+        server_url, MODEL, "poisson", 8.0, 1.0, None, out, 1.0, 0.5, 4, 3, None, 0, False
+    )
+    assert code == 0
+    results = read_results_jsonl(out / "requests.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert results and summary["requests"] == len(results) == summary["ok"]
+    assert summary["adapter_versions"] == {str(VERSION): len(results)}
+    assert summary["config"]["schedule"] == "poisson"
+    assert "goodput" in capsys.readouterr().out
+
+
+def test_run_load_cli_replays_a_trace(server_url: str, tmp_path: Path) -> None:
+    trace = write_sample_trace(tmp_path / "trace.csv", n=50, seed=3)
+    out = tmp_path / "run"
+    code = run_load_cli(
+        server_url, MODEL, "poisson", 10.0, 1.0, str(trace), out, 1.0, 0.5, 16, 2, None, 0, True
+    )
+    assert code == 0
+    results = read_results_jsonl(out / "requests.jsonl")
+    assert results and all(r.status == "ok" and r.output_tokens <= 2 for r in results)
+    assert all(r.prompt_tokens is not None and r.prompt_tokens <= 16 for r in results)
+
+
+def test_replay_reports_progress_while_running(server_url: str) -> None:
+    snapshots: list[ReplayProgress] = []
+    specs = [RequestSpec(0.0, "x", 10), RequestSpec(0.0, "OVERLOAD", 1)]
+    results = asyncio.run(
+        replay(
+            server_url,
+            MODEL,
+            specs,
+            timeout_s=10.0,
+            progress=snapshots.append,
+            progress_every_s=0.1,
+        )
+    )
+    assert [r.status for r in results] == ["ok", "http_503"]
+    assert snapshots and all(s.sent == 2 and s.dropped == 0 for s in snapshots)
+    # while the long request streams, the rejected one is already reported as completed
+    assert any(
+        s.in_flight == 1 and [r.status for r in s.completed] == ["http_503"] for s in snapshots
+    )

@@ -1,0 +1,162 @@
+"""The routing policy: a pure function of what the gateway measures."""
+
+from dataclasses import replace
+
+import pytest
+
+from collm_fl.policies.routing import (
+    LatencyModel,
+    ReplicaView,
+    choose_replica,
+    predict_latency,
+    unloaded_tpot,
+    unloaded_ttft,
+)
+from collm_fl.replica.metrics import SLO
+
+SLO_ = SLO(ttft_s=1.0, tpot_s=0.1)
+IDLE = ReplicaView(name="a", healthy=True, ewma_ttft_s=0.05, ewma_tpot_s=0.01, max_batch=4)
+
+
+def view(name: str, **kw: object) -> ReplicaView:
+    return replace(IDLE, name=name, **kw)
+
+
+def test_idle_replica_is_predicted_at_its_learned_latencies():
+    p = predict_latency(IDLE, prompt_tokens=0, max_tokens=16)
+    assert p.ttft_s == pytest.approx(0.05)
+    assert p.tpot_s == pytest.approx(0.01)
+
+
+def test_priors_stand_in_until_a_replica_is_measured():
+    model = LatencyModel(prior_ttft_s=0.3, prior_tpot_s=0.04)
+    p = predict_latency(ReplicaView("x", True), 0, 16, model)
+    assert p.ttft_s == pytest.approx(0.3) and p.tpot_s == pytest.approx(0.04)
+
+
+def test_predictions_grow_with_every_kind_of_load():
+    base = predict_latency(IDLE, 10, 32)
+    for loaded in (
+        view("a", in_flight=2, in_flight_tokens=40),
+        view("a", queue_depth=1, running=1),
+        view("a", in_flight=6, in_flight_tokens=600),  # beyond the 4 batch slots: queueing
+    ):
+        p = predict_latency(loaded, 10, 32)
+        assert p.ttft_s > base.ttft_s and p.tpot_s > base.tpot_s
+
+
+def test_queueing_beyond_the_batch_costs_slot_releases():
+    full = view("a", in_flight=4, in_flight_tokens=400)  # 4 slots, 100 tokens left each
+    over = view("a", in_flight=6, in_flight_tokens=600)
+    gap = predict_latency(over, 0, 16).ttft_s - predict_latency(full, 0, 16).ttft_s
+    # Two more queued ahead → two more slot releases of ~100 tokens · step / 4 slots each.
+    step = 0.01 * (1 + 0.1 * 3)
+    assert gap == pytest.approx(2 * 100 * step / 4, rel=0.01)
+
+
+def test_gateway_and_replica_counts_of_the_same_requests_are_not_added():
+    both = view("a", in_flight=3, in_flight_tokens=30, queue_depth=1, running=2)
+    gateway_only = view("a", in_flight=3, in_flight_tokens=30)
+    assert predict_latency(both, 0, 16) == predict_latency(gateway_only, 0, 16)
+
+
+def test_training_share_slows_a_replica():
+    training = view("a", training_share=0.5)
+    assert predict_latency(training, 0, 16).tpot_s > predict_latency(IDLE, 0, 16).tpot_s
+    assert predict_latency(training, 0, 16).ttft_s > predict_latency(IDLE, 0, 16).ttft_s
+
+
+def test_prefers_the_replica_predicted_to_meet_the_slo():
+    fast_but_loaded = view("a", in_flight=40, in_flight_tokens=8000)  # TTFT way over 1 s
+    slower_idle = view("b", ewma_ttft_s=0.4, ewma_tpot_s=0.05)
+    assert predict_latency(fast_but_loaded, 0, 64).ttft_s > SLO_.ttft_s
+    assert choose_replica([fast_but_loaded, slower_idle], 0, 64, SLO_) == "b"
+
+
+def test_meeting_the_tpot_slo_matters_too():
+    low_ttft_slow_decode = view("a", ewma_ttft_s=0.01, ewma_tpot_s=0.5)
+    meets_both = view("b", ewma_ttft_s=0.3, ewma_tpot_s=0.02)
+    assert choose_replica([low_ttft_slow_decode, meets_both], 0, 64, SLO_) == "b"
+
+
+def test_when_none_meets_the_slo_the_lowest_ttft_wins():
+    a = view("a", ewma_ttft_s=5.0)
+    b = view("b", ewma_ttft_s=3.0)
+    assert choose_replica([a, b], 0, 16, SLO_) == "b"
+
+
+def test_avoids_unhealthy_and_excluded_replicas():
+    views = [view("a"), view("b", healthy=False), view("c", in_flight=3, in_flight_tokens=300)]
+    assert choose_replica(views, 0, 16, SLO_) == "a"
+    assert choose_replica(views, 0, 16, SLO_, exclude={"a"}) == "c"
+    assert choose_replica(views, 0, 16, SLO_, exclude={"a", "c"}) is None
+
+
+def test_no_healthy_replica_gives_none():
+    assert choose_replica([view("a", healthy=False)], 0, 16, SLO_) is None
+    assert choose_replica([], 0, 16, SLO_) is None
+
+
+def test_more_load_means_less_preference():
+    for n in range(1, 8):
+        light = view("a", in_flight=n - 1, in_flight_tokens=(n - 1) * 20)
+        heavy = view("b", in_flight=n, in_flight_tokens=n * 20)
+        assert choose_replica([heavy, light], 0, 16, SLO_) == "a"
+        assert (
+            choose_replica([replace(light, name="b"), replace(heavy, name="a")], 0, 16, SLO_) == "b"
+        )
+
+
+def test_near_equal_ttfts_tie_and_the_fewest_in_flight_wins():
+    # 2 ms apart (measurement noise): spread the load instead of pinning it to the "faster" one.
+    a = view("a", ewma_ttft_s=0.050, in_flight=1, in_flight_tokens=16)
+    b = view("b", ewma_ttft_s=0.040, in_flight=2, in_flight_tokens=32)
+    c = view("c", ewma_ttft_s=0.048, in_flight=0)
+    assert choose_replica([a, b, c], 0, 16, SLO_) == "c"
+
+
+def test_training_share_makes_a_replica_less_attractive_under_equal_load():
+    for load in (0, 2, 5):
+        kw = {"in_flight": load, "in_flight_tokens": load * 30}
+        plain, training = view("a", **kw), view("b", training_share=0.6, **kw)
+        assert choose_replica([training, plain], 0, 16, SLO_) == "a"
+        assert (
+            choose_replica([replace(training, name="a"), replace(plain, name="b")], 0, 16, SLO_)
+            == "b"
+        )
+
+
+def test_a_recent_failure_weighs_against_a_replica_then_fades():
+    failed = view("a", consecutive_failures=2, last_error_age_s=0.5)
+    assert choose_replica([failed, view("b", in_flight=1, in_flight_tokens=16)], 0, 16, SLO_) == "b"
+    forgotten = replace(failed, last_error_age_s=60.0)
+    assert (
+        choose_replica([forgotten, view("b", in_flight=1, in_flight_tokens=16)], 0, 16, SLO_) == "a"
+    )
+
+
+def test_normalising_an_observation_inverts_the_prediction():
+    loaded = view("a", in_flight=2, in_flight_tokens=40, training_share=0.4)
+    p = predict_latency(loaded, 100, 16)
+    assert unloaded_tpot(p.tpot_s, batch=3, training_share=0.4) == pytest.approx(0.01)
+    base = unloaded_ttft(
+        p.ttft_s, 100, load_at_send=2, capacity=4, base_tpot_s=0.01, training_share=0.4
+    )
+    assert base == pytest.approx(0.05)
+
+
+def test_a_request_that_queued_teaches_nothing_about_ttft():
+    assert (
+        unloaded_ttft(3.0, 0, load_at_send=4, capacity=4, base_tpot_s=0.01, training_share=0)
+        is None
+    )
+
+
+def test_an_unmeasured_replica_is_assumed_to_be_like_its_peers():
+    # A pessimistic prior would flood the measured replica; an optimistic one the fresh replica.
+    measured = view("a", ewma_ttft_s=0.01, ewma_tpot_s=0.004, in_flight=1, in_flight_tokens=16)
+    fresh = ReplicaView("b", True, max_batch=4)
+    model = LatencyModel(prior_ttft_s=0.5, prior_tpot_s=0.05)
+    assert choose_replica([measured, fresh], 0, 16, SLO_, model=model) == "b"
+    busy_fresh = replace(fresh, in_flight=2, in_flight_tokens=32)
+    assert choose_replica([measured, busy_fresh], 0, 16, SLO_, model=model) == "a"
