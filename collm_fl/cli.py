@@ -125,6 +125,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/load", help="where requests.jsonl/summary.json go")
 
+    p = sub.add_parser(
+        "gateway",
+        help="OpenAI-compatible gateway: routes each request to the replica predicted to meet "
+        "the SLO, fails over when one dies or refuses",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replica", action="append", required=True, help="replica base URL (repeat)")
+    p.add_argument("--api-key", default=None, help="key clients send (default: $COLLM_API_KEY)")
+    p.add_argument("--replica-api-key", default=None, help="key for the replicas' /v1 API")
+    p.add_argument("--ttft-slo", type=float, default=2.0)
+    p.add_argument("--tpot-slo", type=float, default=0.2)
+
+    p = sub.add_parser(
+        "live",
+        help="the main job: replicas + gateway + live load while the federation trains; "
+        "progress per round and a report; stops everything it started",
+    )
+    p.add_argument("--app", default=".", help="path of the Flower app (default: .)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--devices", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--rate", type=float, default=0.5, help="requests/s offered to the gateway")
+    p.add_argument("--arrivals", default="bursty", help="poisson, bursty, onoff or diurnal")
+    p.add_argument("--prompt-tokens", type=int, default=48)
+    p.add_argument("--output-tokens", type=int, default=24)
+    p.add_argument("--ttft-slo", type=float, default=5.0)
+    p.add_argument("--tpot-slo", type=float, default=0.5)
+    p.add_argument("--out", default="outputs/live")
+    p.add_argument("-c", "--run-config", default="", help="extra run-config overrides")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("versions", help="list the stored adapter versions of a run")
     p.add_argument("--output-dir", default="outputs")
     p.add_argument("--store-url", default="")
@@ -185,6 +219,49 @@ def _dispatch(args: argparse.Namespace) -> int:
             for node in fed.replicas:
                 print(f"replica {node.index}: {node.api_url}/v1 (logs in {workdir})", flush=True)
             return fed.flwr_run(run_config, Path(args.app).resolve())
+    if args.command == "live":
+        from collm_fl.live import LiveConfig, run_live
+
+        if args.replicas < 1 or args.devices < 0 or args.rounds < 1 or args.rate <= 0:
+            raise ConfigError(
+                "--replicas >= 1, --devices >= 0, --rounds >= 1 and --rate > 0 needed"
+            )
+        cfg = LiveConfig(
+            model=args.model,
+            replicas=args.replicas,
+            devices=args.devices,
+            rounds=args.rounds,
+            local_steps=args.local_steps,
+            rate=args.rate,
+            arrivals=args.arrivals,
+            prompt_tokens=args.prompt_tokens,
+            output_tokens=args.output_tokens,
+            ttft_slo_s=args.ttft_slo,
+            tpot_slo_s=args.tpot_slo,
+            out=Path(args.out),
+            run_config=args.run_config,
+            seed=args.seed,
+        )
+        return run_live(cfg, Path(args.app).resolve())
+    if args.command == "gateway":
+        import os
+
+        from collm_fl.gateway.serve import run_gateway
+        from collm_fl.replica.metrics import SLO
+
+        if args.ttft_slo <= 0 or args.tpot_slo <= 0:
+            raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
+        api_key = args.api_key or os.environ.get("COLLM_API_KEY") or None
+        replica_key = args.replica_api_key or os.environ.get("COLLM_REPLICA_API_KEY") or api_key
+        run_gateway(
+            args.replica,
+            args.host,
+            args.port,
+            api_key,
+            replica_key,
+            SLO(args.ttft_slo, args.tpot_slo),
+        )
+        return 0
     if args.command == "load":
         import os
 

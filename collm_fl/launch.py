@@ -42,7 +42,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _executable(name: str) -> str:
+def executable(name: str) -> str:
     beside = Path(sys.executable).with_name(name)  # the venv's own entry points first
     found = str(beside) if beside.exists() else shutil.which(name)
     if found is None:
@@ -135,7 +135,7 @@ class LocalFederation:
             for i in range(self.num_replicas):
                 self._start_replica(i)
             for node in self.replicas:
-                _wait_http(f"{node.api_url}/health", node.process, timeout)
+                wait_http(f"{node.api_url}/health", node.process, timeout)
             for i in range(self.num_nodes):
                 self._start_supernode(i)
             self._write_flwr_config()
@@ -155,7 +155,7 @@ class LocalFederation:
         self.processes.clear()
 
     def flwr_run_command(self, run_config: str, app: Path) -> list[str]:
-        cmd = [_executable("flwr"), "run", str(app), CONNECTION, "--stream"]
+        cmd = [executable("flwr"), "run", str(app), CONNECTION, "--stream"]
         if run_config:
             cmd += ["--run-config", run_config]
         return cmd
@@ -168,7 +168,7 @@ class LocalFederation:
 
     # ---- pieces ----
 
-    def _spawn(self, name: str, cmd: list[str]) -> ManagedProcess:
+    def spawn(self, name: str, cmd: list[str]) -> ManagedProcess:
         log_path = self.workdir / f"{name}.log"
         handle = open(log_path, "wb")  # noqa: SIM115 - owned by the ManagedProcess
         popen = subprocess.Popen(cmd, env=self.env(), stdout=handle, stderr=subprocess.STDOUT)
@@ -179,10 +179,10 @@ class LocalFederation:
 
     def _start_superlink(self, timeout: float) -> None:
         self.superlink_port = free_port()
-        proc = self._spawn(
+        proc = self.spawn(
             "superlink",
             [
-                _executable("flower-superlink"),
+                executable("flower-superlink"),
                 "--insecure",
                 "--host",
                 "127.0.0.1",
@@ -192,12 +192,12 @@ class LocalFederation:
                 str(self.workdir / "superlink.db"),
             ],
         )
-        _wait_http(f"http://127.0.0.1:{self.superlink_port}/health", proc, timeout)
+        wait_http(f"http://127.0.0.1:{self.superlink_port}/health", proc, timeout)
 
     def _start_replica(self, i: int) -> None:
         port, control_port = free_port(), free_port()
         cmd = [
-            _executable("collm"),
+            executable("collm"),
             "replica",
             "--model",
             self.model,
@@ -213,7 +213,7 @@ class LocalFederation:
             str(self.num_nodes),
             *self.replica_args,
         ]
-        proc = self._spawn(f"replica{i}", cmd)
+        proc = self.spawn(f"replica{i}", cmd)
         url = f"http://127.0.0.1:{port}"
         self.replicas.append(ReplicaNode(i, url, f"127.0.0.1:{control_port}", proc))
 
@@ -221,10 +221,10 @@ class LocalFederation:
         node_config = f"partition-id={i} num-partitions={self.num_nodes}"
         if i < self.num_replicas:
             node_config += f" replica-address='{self.replicas[i].control_address}'"
-        proc = self._spawn(
+        proc = self.spawn(
             f"supernode{i}",
             [
-                _executable("flower-supernode"),
+                executable("flower-supernode"),
                 "--insecure",
                 "--superlink",
                 f"127.0.0.1:{self.superlink_port}",
@@ -246,7 +246,7 @@ class LocalFederation:
         )
 
 
-def _wait_http(url: str, proc: ManagedProcess, timeout: float) -> None:
+def wait_http(url: str, proc: ManagedProcess, timeout: float) -> None:
     """Poll ``url`` until it answers 200; fail early with the log if the process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ runtime's own share. Every process runs on loopback ports and is stopped by its 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import secrets
@@ -142,7 +143,9 @@ def _wait_http(url: str, proc: _Proc) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.25)  # polling another process's readiness; nothing to wait on here
-    raise LaunchError(f"{proc.name} not ready at {url} after {READY_TIMEOUT_S:.0f}s:\n{proc.tail()}")
+    raise LaunchError(
+        f"{proc.name} not ready at {url} after {READY_TIMEOUT_S:.0f}s:\n{proc.tail()}"
+    )
 
 
 def _read_line(proc: _Proc, expected: str) -> None:
@@ -203,6 +206,7 @@ class _ServingLoad:
     def __init__(self, url: str, model: str, clients: int, max_tokens: int) -> None:
         self.url, self.model, self.max_tokens = url, model, max_tokens
         self.completed = 0
+        self.first_done = threading.Event()  # serving is warm: one request came back
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
@@ -231,9 +235,11 @@ class _ServingLoad:
                     http.post("/v1/completions", json={**body, "prompt": prompt}).raise_for_status()
                 except httpx.HTTPError as e:  # the RSS numbers stand; say why the load stopped
                     log.warning("serving load client %d stopped: %s", i, e)
+                    self.first_done.set()  # nobody waits for a load that will not come
                     return
                 with self._lock:
                     self.completed += 1
+                self.first_done.set()
 
 
 def _worker_cmd(mode: str, model: str, steps: int) -> list[str]:
@@ -277,6 +283,7 @@ def measure_memory(
                 _PeakSampler({"replica": replica.popen.pid}) as sampler,
                 _ServingLoad(url, model, clients, max_tokens) as load,
             ):
+                load.first_done.wait(READY_TIMEOUT_S)
                 _, metrics = control.train(1, train_steps, LEARNING_RATE, 3600.0, 1, share=0.5)
             coexec, coexec_served = sampler.peaks["replica"], load.completed
             steps = int(metrics.get("local-steps", 0))
@@ -294,8 +301,12 @@ def measure_memory(
             control.close()
             _read_line(trainer, "ready")
             pids = {"serving": replica.popen.pid, "training": trainer.popen.pid}
-            with _PeakSampler(pids) as sampler, _ServingLoad(url, model, clients, max_tokens) as load:
+            with (
+                _PeakSampler(pids) as sampler,
+                _ServingLoad(url, model, clients, max_tokens) as load,
+            ):
                 assert trainer.popen.stdin is not None
+                load.first_done.wait(READY_TIMEOUT_S)
                 trainer.popen.stdin.write(b"go\n")
                 trainer.popen.stdin.flush()
                 _read_line(trainer, "done")
@@ -371,8 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "train":
         _train_worker(args.model, args.steps, args.seq_len, args.batch_size)
     else:
-        import collm_fl.replica.serve  # noqa: F401 - the serving stack's imports
-        import collm_fl.training  # noqa: F401 - and the training stack's
+        for module in ("collm_fl.replica.serve", "collm_fl.training"):  # both stacks' imports
+            importlib.import_module(module)
 
         _say("ready")
     sys.stdin.read()  # stay alive (for the parent's RSS reading) until it closes our stdin

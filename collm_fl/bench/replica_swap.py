@@ -18,6 +18,8 @@ request length; the decode thread and the swap thread each use 1 torch thread (2
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import queue
 import tempfile
@@ -154,8 +156,13 @@ def _swap_loop(
     return run
 
 
-def _start_readers(clock: _TokenClock, targets: Sequence[Callable[[], None]]) -> list[threading.Thread]:
-    threads = [threading.Thread(target=t, name=f"bench-reader-{i}", daemon=True) for i, t in enumerate(targets)]
+def _start_readers(
+    clock: _TokenClock, targets: Sequence[Callable[[], None]]
+) -> list[threading.Thread]:
+    threads = [
+        threading.Thread(target=t, name=f"bench-reader-{i}", daemon=True)
+        for i, t in enumerate(targets)
+    ]
     for t in threads:
         t.start()
     return threads
@@ -194,7 +201,7 @@ def _run_shadow(
             clock = _TokenClock(len(handles))
             readers = _start_readers(
                 clock,
-                [lambda i=i, h=h: clock.read_handle(i, h) for i, h in enumerate(handles)],
+                [functools.partial(clock.read_handle, i, h) for i, h in enumerate(handles)],
             )
 
             def swap(k: int) -> None:
@@ -285,7 +292,7 @@ def _run_peft(
 
         decoding = threading.Thread(target=decode_loop, name="bench-decode", daemon=True)
         readers = _start_readers(
-            clock, [lambda i=i, q=q: clock.read_queue(i, q) for i, q in enumerate(outs)]
+            clock, [functools.partial(clock.read_queue, i, q) for i, q in enumerate(outs)]
         )
         decoding.start()
         run = run_in_thread(
@@ -314,10 +321,11 @@ def _downsample_max(points: list[tuple[float, float]], limit: int) -> list[list[
 
 def summarize_run(method: str, run: _Run) -> SwapMethodResult:
     """Split the gaps of the measured window by whether they overlap a swap, and summarize."""
-    inside, outside = [], []
+    inside: list[float] = []
+    outside: list[float] = []
     points: list[tuple[float, float]] = []
     for times in run.token_times:
-        for a, b in zip(times, times[1:], strict=False):
+        for a, b in itertools.pairwise(times):
             if a < run.start or b > run.end:
                 continue
             gap = b - a
@@ -359,7 +367,9 @@ def measure_swap_stall(
     say = progress or (lambda line: log.info("%s", line))
     spec = spec or LoraSpec()
     shapes = adapter_shapes(model, spec)
-    states = [random_adapter_state(shapes, seed) for seed in range(int(duration_s / interval_s) + 2)]
+    states = [
+        random_adapter_state(shapes, seed) for seed in range(int(duration_s / interval_s) + 2)
+    ]
     results: list[SwapMethodResult] = []
     for method in methods:
         say(f"swap: {method} ({requests} requests, a version every {interval_s:g}s)")

@@ -78,6 +78,11 @@ def _decode_tokens_per_s(
     return run_in_thread(work, 1, "bench-decode")
 
 
+def _serving(slots: list[int]) -> Callable[[], AbstractContextManager[None]]:
+    """A forward context that serves every batch row from ``slots`` (-1: no adapter)."""
+    return lambda: lora_context(serve(slots))
+
+
 def measure_unmerged_cost(
     model: str = "smollm2-135m",
     batch_sizes: Sequence[int] = (1, 8),
@@ -105,12 +110,12 @@ def measure_unmerged_cost(
     for batch in batch_sizes:
         prompts = prompt_ids(tokenizer, batch)
         runs: dict[str, tuple[nn.Module, Callable[[], AbstractContextManager[None]] | None]] = {
-            "no-adapter": (served.model, lambda b=batch: lora_context(serve([NO_SLOT] * b))),
-            "unmerged": (served.model, lambda b=batch: lora_context(serve([0] * b))),
+            "no-adapter": (served.model, _serving([NO_SLOT] * batch)),
+            "unmerged": (served.model, _serving([0] * batch)),
             "merged": (merged, None),
         }
         samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
-        for name, (net, ctx) in runs.items():
+        for net, ctx in runs.values():
             _decode_tokens_per_s(net, prompts, pad, WARMUP_STEPS, ctx)
         for r in range(repeats):
             order = CONFIGS[r % 3 :] + CONFIGS[: r % 3]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 
@@ -42,6 +47,7 @@ def run_gateway(
         host=host,
         port=port,
         log_level="warning",
+        ws="none",  # HTTP only
         timeout_keep_alive=30,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
@@ -52,5 +58,25 @@ def run_gateway(
         len(pool.names()),
         ", ".join(pool.names()),
     )
-    uvicorn.Server(config).run()
+    with _signals_end_the_server_not_the_process():
+        uvicorn.Server(config).run()
     log.info("gateway stopped")
+
+
+@contextlib.contextmanager
+def _signals_end_the_server_not_the_process() -> Iterator[None]:
+    """uvicorn shuts down on SIGINT/SIGTERM, then re-raises the signal to the handler it found;
+    with this one in place the re-raised signal is logged and ``run_gateway`` simply returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach only the main thread; uvicorn does not install handlers either
+        return
+
+    def note(signum: int, _: FrameType | None) -> None:
+        log.info("gateway shutting down on %s", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -129,6 +129,8 @@ class InferenceEngine:
         self._waiting: deque[RequestHandle] = deque()
         self._active = 0  # admitted and not finished
         self._stopping = False
+        self._paused = False
+        self._step_lock = threading.Lock()  # held while a step runs (pause() waits on it)
         self._thread: threading.Thread | None = None
         self._tokens_generated = 0
         self._finished = 0
@@ -221,8 +223,9 @@ class InferenceEngine:
                 if self._stopping:
                     break
             try:
-                with torch.inference_mode():
-                    self._step()
+                with self._step_lock, torch.inference_mode():
+                    if not self._paused or self._stopping:
+                        self._step()
             except Exception as e:  # the loop must survive anything one step does
                 log.exception("engine step failed; failing %d requests", len(self._rows))
                 self._fail_rows(self._newcomers + self._rows, f"internal error: {e}")
@@ -237,7 +240,26 @@ class InferenceEngine:
             handle._push(TokenEvent(None, "", FINISH_ERROR), "engine stopped")
 
     def _has_work(self) -> bool:
-        return self._stopping or bool(self._waiting or self._rows)
+        if self._stopping:
+            return True
+        return not self._paused and bool(self._waiting or self._rows)
+
+    def pause(self) -> None:
+        """Stop stepping after the current step (requests stay queued/running, nothing fails).
+
+        Only for baselines that must stop the world (a reload, a merge, training with priority);
+        CoLLM-FL itself never pauses serving. Returns once the loop is outside any step.
+        """
+        with self.busy_changed:
+            self._paused = True
+            self.busy_changed.notify_all()
+        with self._step_lock:  # the step in progress (if any) has finished
+            pass
+
+    def resume(self) -> None:
+        with self.busy_changed:
+            self._paused = False
+            self.busy_changed.notify_all()
 
     def _step(self) -> None:
         cancelled = [r for r in self._rows if r.handle.cancelled]

@@ -1,0 +1,349 @@
+"""The main job, co-executing: federated rounds on replicas that serve a live workload meanwhile.
+
+Starts a local site on Flower's deployment engine (SuperLink, replicas beside SuperNodes), a
+gateway in front of the replicas, and an open-loop load generator against the gateway; runs the
+federation with ``flwr run``; prints one progress line per round (served version and its held-out
+loss, goodput and SLO attainment since the previous round, each replica's training share);
+writes a report (markdown, PNG plots, JSON); and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from collm_fl.launch import LocalFederation, executable, free_port, wait_http
+from collm_fl.loadgen.arrivals import arrival_times
+from collm_fl.loadgen.client import ReplayProgress, RequestResult, build_requests, replay
+from collm_fl.loadgen.goodput import SLOSpec, summarize_results
+from collm_fl.store import VersionStore
+
+log = logging.getLogger(__name__)
+
+ROUND_LINE = re.compile(
+    r"round (\d+) \| clients ok (\d+) rejected (\d+) failed (\d+) .*version v(\d+)"
+)
+MAX_SCHEDULE_S = 4 * 3600.0  # the load runs until the federation ends (bounded by this)
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    model: str = "smollm2-135m"
+    replicas: int = 2
+    devices: int = 0
+    rounds: int = 3
+    local_steps: int = 10
+    rate: float = 0.5  # requests/s offered to the gateway
+    arrivals: str = "bursty"
+    prompt_tokens: int = 48
+    output_tokens: int = 24
+    ttft_slo_s: float = 5.0
+    tpot_slo_s: float = 0.5
+    out: Path = Path("outputs/live")
+    run_config: str = ""  # extra flwr run-config overrides
+    seed: int = 0
+
+
+@dataclass
+class RoundRow:
+    round: int
+    at_s: float
+    version: int
+    eval_loss: float | None
+    clients_ok: int
+    clients_failed: int
+    requests: int
+    goodput_rps: float
+    slo_attainment: float
+    shares: dict[str, float] = field(default_factory=dict)
+
+
+class _Load:
+    """The open-loop workload in a thread; ``snapshot()`` gives the requests finished so far."""
+
+    def __init__(self, url: str, cfg: LiveConfig) -> None:
+        offsets = arrival_times(cfg.arrivals, cfg.rate, MAX_SCHEDULE_S, cfg.seed)
+        self.requests = build_requests(offsets, cfg.prompt_tokens, cfg.output_tokens)
+        self.url, self.model = url, cfg.model
+        self._completed: tuple[RequestResult, ...] = ()
+        self._loop = asyncio.new_event_loop()
+        self._task: asyncio.Task[list[RequestResult]] | None = None
+        self._thread = threading.Thread(target=self._run, name="collm-live-load", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def snapshot(self) -> tuple[RequestResult, ...]:
+        return self._completed
+
+    def _progress(self, p: ReplayProgress) -> None:
+        self._completed = p.completed
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        coro = replay(
+            self.url, self.model, self.requests, progress=self._progress, progress_every_s=1.0
+        )
+        self._task = self._loop.create_task(coro)
+        try:
+            self._loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._loop.close()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(timeout=60)
+
+
+def run_live(cfg: LiveConfig, app: Path) -> int:
+    """Run the co-executing main job; returns flwr's exit code."""
+    out = cfg.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    slo = SLOSpec(cfg.ttft_slo_s, cfg.tpot_slo_s)
+    replica_args = ("--ttft-slo", str(cfg.ttft_slo_s), "--tpot-slo", str(cfg.tpot_slo_s))
+    run_config = (
+        f"model='{cfg.model}' num-server-rounds={cfg.rounds} local-steps={cfg.local_steps} "
+        f"output-dir='{out / 'federation'}' run-name='live' ttft-slo-s={cfg.ttft_slo_s} "
+        f"tpot-slo-s={cfg.tpot_slo_s} min-train-nodes={cfg.replicas + cfg.devices} "
+        f"{cfg.run_config}"
+    ).strip()
+    rows: list[RoundRow] = []
+    timeline: list[tuple[float, str, int | None, float]] = []  # (t, replica, version, share)
+    with LocalFederation(
+        out / "site", cfg.replicas, cfg.devices, model=cfg.model, replica_args=replica_args
+    ) as fed:
+        port = free_port()
+        cmd = [executable("collm"), "gateway", "--port", str(port)]
+        for node in fed.replicas:
+            cmd += ["--replica", node.api_url]
+        cmd += ["--ttft-slo", str(cfg.ttft_slo_s), "--tpot-slo", str(cfg.tpot_slo_s)]
+        gateway = fed.spawn("gateway", cmd)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", gateway, 60)
+        print(
+            f"gateway {url}/v1 in front of {len(fed.replicas)} replicas; "
+            f"load: {cfg.arrivals} at {cfg.rate} req/s",
+            flush=True,
+        )
+        load = _Load(url, cfg)
+        started = time.monotonic()
+        stop_monitor = threading.Event()
+        monitor = threading.Thread(
+            target=_monitor, args=(fed, started, timeline, stop_monitor), daemon=True
+        )
+        monitor.start()
+        load.start()
+        try:
+            code = _drive_flwr(fed, app, run_config, out, started, load, slo, rows, timeline)
+        finally:
+            load.stop()
+            stop_monitor.set()
+            monitor.join(timeout=10)
+        results = list(load.snapshot())
+    report = _report(cfg, out, rows, timeline, results, slo, time.monotonic() - started)
+    print(f"report: {report}", flush=True)
+    return code
+
+
+def _drive_flwr(
+    fed: LocalFederation,
+    app: Path,
+    run_config: str,
+    out: Path,
+    started: float,
+    load: _Load,
+    slo: SLOSpec,
+    rows: list[RoundRow],
+    timeline: list[tuple[float, str, int | None, float]],
+) -> int:
+    cmd = fed.flwr_run_command(run_config, app)
+    last_t, last_n = 0.0, 0
+    with (out / "flwr-run.log").open("w") as logf:
+        proc = subprocess.Popen(
+            cmd, env=fed.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logf.write(line)
+            m = ROUND_LINE.search(line)
+            if not m:
+                continue
+            now = time.monotonic() - started
+            done = [r for r in load.snapshot() if r.sent_at is not None and r.sent_at >= last_t]
+            summary = summarize_results(done, slo, max(now - last_t, 1e-9))
+            rnd, ok, failed, version = int(m[1]), int(m[2]), int(m[4]), int(m[5])
+            loss = _float_after(line, "central eval loss ")
+            shares = {name: share for _, name, _, share in timeline[-len(fed.replicas) :]}
+            rows.append(
+                RoundRow(
+                    rnd,
+                    now,
+                    version,
+                    loss,
+                    ok,
+                    failed,
+                    summary.requests,
+                    summary.goodput_rps,
+                    summary.slo_attainment,
+                    shares,
+                )
+            )
+            share_text = " ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items()))
+            loss_text = "-" if loss is None else f"{loss:.3f}"
+            print(
+                f"round {rnd} | served v{version} (central loss {loss_text}) | "
+                f"{summary.requests} requests, goodput {summary.goodput_rps:.2f} req/s, "
+                f"SLO attainment {100 * summary.slo_attainment:.0f}% | "
+                f"training share {share_text} | {now:.0f}s",
+                flush=True,
+            )
+            last_t, last_n = now, last_n + summary.requests
+        return proc.wait()
+
+
+def _float_after(line: str, marker: str) -> float | None:
+    i = line.find(marker)
+    if i < 0:
+        return None
+    token = line[i + len(marker) :].split()[0]
+    try:
+        return float(token)
+    except ValueError:
+        return None
+
+
+def _monitor(
+    fed: LocalFederation,
+    started: float,
+    timeline: list[tuple[float, str, int | None, float]],
+    stop: threading.Event,
+) -> None:
+    """Record each replica's served version and training share once a second."""
+    with httpx.Client(timeout=2.0) as client:
+        while not stop.wait(1.0):
+            for node in fed.replicas:
+                try:
+                    h = client.get(node.api_url + "/health").json()
+                except (httpx.HTTPError, ValueError):
+                    continue
+                share = float(h.get("training_share", 0.0))  # as set by the round's allocation
+                timeline.append(
+                    (
+                        time.monotonic() - started,
+                        f"replica{node.index}",
+                        h.get("adapter_version"),
+                        share,
+                    )
+                )
+
+
+def _report(
+    cfg: LiveConfig,
+    out: Path,
+    rows: list[RoundRow],
+    timeline: list[tuple[float, str, int | None, float]],
+    results: list[RequestResult],
+    slo: SLOSpec,
+    duration_s: float,
+) -> Path:
+    losses: dict[int, float] = {}
+    store_root = out / "federation"
+    if (store_root / "store.db").exists():
+        with VersionStore(store_root) as store:
+            run = store.find_run("live")
+            losses = {
+                v.number: v.eval_loss
+                for v in store.list_versions(run.id)
+                if v.eval_loss is not None
+            }
+    summary = summarize_results(results, slo, duration_s)
+    data = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "slo": asdict(slo),
+        "rounds": [asdict(r) for r in rows],
+        "summary": asdict(summary),
+        "loss_by_version": losses,
+        "timeline": timeline,
+    }
+    (out / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    lines = [
+        "# CoLLM-FL live run",
+        "",
+        f"{cfg.replicas} replicas of `{cfg.model}` behind the gateway, {cfg.arrivals} load at "
+        f"{cfg.rate} req/s ({cfg.prompt_tokens}-token prompts, {cfg.output_tokens} output tokens), "
+        f"SLO TTFT {cfg.ttft_slo_s}s / TPOT {cfg.tpot_slo_s}s, {cfg.rounds} rounds.",
+        "",
+        "| round | at (s) | served version | central loss | clients ok/failed | requests "
+        "| goodput (req/s) | SLO attainment | training share |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        loss = "-" if r.eval_loss is None else f"{r.eval_loss:.4f}"
+        shares = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.shares.items()))
+        lines.append(
+            f"| {r.round} | {r.at_s:.0f} | v{r.version} | {loss} | "
+            f"{r.clients_ok}/{r.clients_failed} | {r.requests} | {r.goodput_rps:.3f} | "
+            f"{100 * r.slo_attainment:.0f}% | {shares} |"
+        )
+    lines += [
+        "",
+        f"Whole run: {summary.requests} requests, goodput {summary.goodput_rps:.3f} req/s, "
+        f"SLO attainment {100 * summary.slo_attainment:.0f}%, errors {summary.errors}.",
+        "",
+    ]
+    md = out / "report.md"
+    md.write_text("\n".join(lines))
+    _plot(out, timeline, losses, results, slo)
+    return md
+
+
+def _plot(
+    out: Path,
+    timeline: list[tuple[float, str, int | None, float]],
+    losses: dict[int, float],
+    results: list[RequestResult],
+    slo: SLOSpec,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from collm_fl.loadgen.goodput import meets_slo
+
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    for name in sorted({n for _, n, _, _ in timeline}):
+        pts = [(t, v, s) for t, n, v, s in timeline if n == name]
+        ax1.step(
+            [t for t, _, _ in pts],
+            [losses.get(v, float("nan")) if v is not None else float("nan") for _, v, _ in pts],
+            where="post",
+            label=name,
+        )
+        ax3.plot([t for t, _, _ in pts], [s for _, _, s in pts], label=name)
+    ax1.set_ylabel("served held-out loss")
+    ax1.legend()
+    window = 10.0
+    sent = [(r.sent_at, meets_slo(r, slo)) for r in results if r.sent_at is not None]
+    end = max((t for t, _ in sent), default=0.0)
+    edges = [i * window for i in range(int(end // window) + 1)]
+    good = [sum(1 for t, ok in sent if ok and e <= t < e + window) / window for e in edges]
+    ax2.plot(edges, good)
+    ax2.set_ylabel(f"goodput (req/s, {window:.0f}s bins)")
+    ax3.set_ylabel("training share")
+    ax3.set_xlabel("seconds since start")
+    fig.tight_layout()
+    fig.savefig(out / "live.png", dpi=110)
+    plt.close(fig)

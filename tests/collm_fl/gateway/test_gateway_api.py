@@ -1,0 +1,255 @@
+"""The gateway's OpenAI surface, in front of two real `collm replica` processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from gateway_harness import (
+    GATEWAY_KEY,
+    REPLICA_KEY,
+    GatewayServer,
+    name_of,
+    start_replicas,
+    wait_for,
+)
+
+from collm_fl.launch import free_port
+
+AUTH = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+CHAT = [{"role": "user", "content": "Speak, friend."}]
+
+
+@pytest.fixture(scope="module")
+def replicas(start_module_replica, tmp_path_factory):
+    return start_replicas(start_module_replica, tmp_path_factory.mktemp("gw"), 2)
+
+
+@pytest.fixture(scope="module")
+def gateway(replicas):
+    gw = GatewayServer([r.url for r in replicas])
+    yield gw
+    gw.stop()
+
+
+def client(gw: GatewayServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/v1", api_key=GATEWAY_KEY, max_retries=0)
+
+
+def post(gw: GatewayServer, path: str, body, key: str | None = GATEWAY_KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    kw.setdefault("timeout", 60)
+    if isinstance(body, (dict, list)):
+        return httpx.post(gw.url + path, json=body, headers=headers, **kw)
+    headers["Content-Type"] = "application/json"
+    return httpx.post(gw.url + path, content=body, headers=headers, **kw)
+
+
+def routed_total(gw: GatewayServer) -> int:
+    return sum(r["routed"] for r in gw.health()["replicas"])
+
+
+def test_completion_reaches_a_replica_and_names_it_and_the_adapter_version(gateway, replicas):
+    raw = client(gateway).completions.with_raw_response.create(
+        model="tiny", prompt="ROMEO:", max_tokens=8, temperature=0
+    )
+    assert raw.headers["X-Routed-To"] in {name_of(r) for r in replicas}
+    assert raw.headers["X-Adapter-Version"] == "base"
+    out = raw.parse()
+    assert out.choices[0].finish_reason in ("length", "stop")
+    assert 0 < out.usage.completion_tokens <= 8
+    assert "adapter_version" in out.model_extra and out.model_extra["adapter_version"] is None
+
+
+def test_chat_completion_through_the_gateway(gateway):
+    out = client(gateway).chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=6, temperature=0
+    )
+    assert out.choices[0].message.role == "assistant"
+    assert out.model_extra["adapter_version"] is None
+
+
+def test_streaming_chat_carries_the_adapter_version_and_matches_the_json_reply(gateway):
+    c = client(gateway)
+    stream = c.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=12, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert all("adapter_version" in ch.model_extra for ch in chunks)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    full = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0)
+    assert text == full.choices[0].message.content
+
+
+def sse_payloads(url: str, body: dict, key: str) -> tuple[list[str], httpx.Headers]:
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")], r.headers
+
+
+def test_a_stream_is_relayed_unchanged(gateway, replicas):
+    body = {"model": "tiny", "prompt": "KING:", "max_tokens": 10, "temperature": 0, "stream": True}
+    via_gw, headers = sse_payloads(gateway.url + "/v1/completions", body, GATEWAY_KEY)
+    replica = next(r for r in replicas if name_of(r) == headers["X-Routed-To"])
+    direct, _ = sse_payloads(replica.url + "/v1/completions", body, REPLICA_KEY)
+    assert via_gw[-1] == direct[-1] == "[DONE]"
+
+    def strip(payloads: list[str]) -> list[dict]:  # ids and timestamps differ per request
+        return [{**json.loads(p), "id": None, "created": None} for p in payloads[:-1]]
+
+    assert strip(via_gw) == strip(direct)
+    assert headers["content-type"].startswith("text/event-stream")
+
+
+def test_models_come_from_a_healthy_replica(gateway):
+    assert [m.id for m in client(gateway).models.list().data] == ["tiny"]
+
+
+def test_concurrent_requests_spread_over_both_replicas(gateway, replicas):
+    body = {"model": "tiny", "prompt": "JULIET:", "max_tokens": 64, "temperature": 0}
+    with ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(lambda _: post(gateway, "/v1/completions", body), range(16)))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results]
+    routes = {r.headers["X-Routed-To"] for r in results}
+    assert routes == {name_of(r) for r in replicas}
+    for name in routes:
+        assert gateway.metric("collm_gateway_requests_total", replica=name, outcome="ok") > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ("{not json", "invalid_json"),
+        ({"model": "tiny", "prompt": "x", "frequency_penalty": 1}, "unknown_parameter"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": -1}, "invalid_parameter"),
+        ({"model": "tiny", "prompt": "x", "n": 3}, "invalid_parameter"),
+        ({"model": "tiny"}, "invalid_parameter"),
+    ],
+)
+def test_bad_requests_are_a_400_from_the_gateway_itself(gateway, body, code):
+    before = routed_total(gateway)
+    r = post(gateway, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == code
+    assert "X-Routed-To" not in r.headers
+    assert routed_total(gateway) == before  # never forwarded
+
+
+def test_unknown_chat_field_is_refused_before_routing(gateway):
+    r = post(gateway, "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "tools": []})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_parameter"
+
+
+def test_the_gateway_api_key_is_enforced(gateway):
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2}
+    for key in (None, "wrong", REPLICA_KEY):  # a replica's key is not the gateway's
+        r = post(gateway, "/v1/completions", body, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(gateway.url + "/v1/models").status_code == 401
+    assert httpx.get(gateway.url + "/health").status_code == 200
+    assert httpx.get(gateway.url + "/metrics").status_code == 200
+
+
+def test_a_replica_4xx_passes_through_without_failover(gateway):
+    failovers = gateway.metric("collm_gateway_failovers_total")
+    r = post(gateway, "/v1/completions", {"model": "tiny", "prompt": "word " * 2000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "X-Routed-To" in r.headers  # the replica's answer, not the gateway's
+    r = post(gateway, "/v1/chat/completions", {"model": "gpt-9", "messages": CHAT})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert gateway.metric("collm_gateway_failovers_total") == failovers
+
+
+def test_health_shows_each_replica(gateway, replicas):
+    health = gateway.health()
+    assert health["status"] == "ok" and health["healthy_replicas"] == 2
+    by_name = {r["name"]: r for r in health["replicas"]}
+    assert set(by_name) == {name_of(r) for r in replicas}
+    for r in by_name.values():
+        assert r["healthy"] is True and r["model"] == "tiny" and r["adapter_version"] is None
+        assert {"queue_depth", "running", "in_flight", "training_share", "ewma_tpot_s"} <= set(r)
+
+
+def replica_cancelled(replica) -> float:
+    text = httpx.get(replica.url + "/metrics", timeout=5).text
+    line = next(
+        (
+            ln
+            for ln in text.splitlines()
+            if ln.startswith('collm_requests_total{status="cancelled"}')
+        ),
+        None,
+    )
+    return float(line.split()[-1]) if line else 0.0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_cancels_the_upstream_request(gateway, replicas, stream):
+    before = {name_of(r): replica_cancelled(r) for r in replicas}
+    body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 450, "stream": stream}
+    if stream:
+        with httpx.stream("POST", gateway.url + "/v1/completions", json=body, headers=AUTH) as r:
+            name = r.headers["X-Routed-To"]
+            next(r.iter_lines())  # one event, then hang up
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            post(gateway, "/v1/completions", body, timeout=0.3)
+    # The replica records the request as cancelled well before 450 tokens could be generated.
+    wait_for(
+        lambda: sum(replica_cancelled(r) - before[name_of(r)] for r in replicas) >= 1,
+        10,
+        "no replica saw the request cancelled",
+    )
+    wait_for(
+        lambda: all(r["in_flight"] == 0 for r in gateway.health()["replicas"]),
+        10,
+        "the gateway still counts the request in flight",
+    )
+    if stream:
+        assert replica_cancelled(next(r for r in replicas if name_of(r) == name)) > before[name]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_gateway_serves_until_a_signal_then_exits_cleanly(replicas, sig):
+    port = free_port()
+    urls = [r.url for r in replicas]
+    code = (
+        "from collm_fl.gateway.serve import run_gateway; from collm_fl.replica.metrics import SLO; "
+        f"run_gateway({urls!r}, '127.0.0.1', {port}, 'k', {REPLICA_KEY!r}, SLO())"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=dict(os.environ), stderr=subprocess.PIPE, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, "run_gateway exited early"
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 30, "run_gateway did not come up")
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": "tiny", "prompt": "A", "max_tokens": 2},
+            headers={"Authorization": "Bearer k"},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
