@@ -92,15 +92,15 @@ def run_replica_benchmarks(
         started = time.perf_counter()
         if name == "swap":
             result["swap"] = (
-                measure_swap_stall(model, 4, 256, 1.0, 0.25, progress=say)
+                measure_swap_stall(model, 4, 256, 1.0, 0.25, quiet_s=0.25, progress=say)
                 if quick
-                else measure_swap_stall(model, 8, 1024, 8.0, 0.5, progress=say)
+                else measure_swap_stall(model, 8, 1024, 8.0, 0.5, quiet_s=2.0, progress=say)
             )
         elif name == "memory":
             result["memory"] = (
                 measure_memory(model, train_steps=2, clients=1, max_tokens=8, progress=say)
                 if quick
-                else measure_memory(model, train_steps=4, clients=2, max_tokens=32, progress=say)
+                else measure_memory(model, train_steps=3, clients=2, max_tokens=32, progress=say)
             )
         elif name == "unmerged":
             result["unmerged"] = (
@@ -161,7 +161,8 @@ def _swap_lines(r: SwapBenchmark) -> list[str]:
         "## Swap stall",
         "",
         f"{r['requests']} greedy requests of up to {r['max_tokens']} tokens decode together while "
-        f"a new adapter version arrives every {r['interval_s']:g} s for {r['duration_s']:g} s. "
+        f"a new adapter version arrives every {r['interval_s']:g} s for {r['duration_s']:g} s "
+        f"(after {r['quiet_s']:g} s without swaps). "
         f"Decode thread: {r['decode_threads']} torch thread; swap thread: {r['swap_threads']}. A "
         "gap is *in a swap* when it overlaps a swap's window; the decode step is the median gap "
         "outside swaps. Goal: no gap in a swap beyond a normal decode step.",

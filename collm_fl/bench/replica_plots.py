@@ -54,7 +54,7 @@ def plot_swap(result: SwapBenchmark, path: Path) -> None:
             fontsize=9,
         )
         ax.set_ylabel("gap (ms)")
-    axes[-1].set_xlabel("seconds since swaps began (orange: swap windows)")
+    axes[-1].set_xlabel("seconds since the measured window began (orange: swap windows)")
     _save(fig, path)
 
 

@@ -79,7 +79,8 @@ class SwapBenchmark(TypedDict):
     requests: int
     max_tokens: int
     interval_s: float
-    duration_s: float
+    duration_s: float  # of the swapping phase
+    quiet_s: float  # decoding without swaps before it (part of the "outside" gaps)
     decode_threads: int
     swap_threads: int
     methods: list[SwapMethodResult]
@@ -137,21 +138,30 @@ class _TokenClock:
                 self.warm.set()  # nobody waits for warm-up of requests that are over
 
 
-def _swap_loop(
-    clock: _TokenClock, swap: Callable[[int], None], duration_s: float, interval_s: float
-) -> _Run:
-    """After warm-up, call ``swap(k)`` every ``interval_s`` for ``duration_s``; record windows."""
+@dataclass(frozen=True)
+class _Schedule:
+    quiet_s: float  # decoding without swaps first: the reference decode steps
+    duration_s: float  # then a swap every interval_s for this long
+    interval_s: float
+
+    @property
+    def swaps(self) -> int:
+        return max(1, int(self.duration_s / self.interval_s))
+
+
+def _swap_loop(clock: _TokenClock, swap: Callable[[int], None], schedule: _Schedule) -> _Run:
+    """After warm-up and a quiet phase, call ``swap(k)`` every ``interval_s``; record windows."""
     clock.warm.wait()
     run = _Run(token_times=clock.times, start=time.monotonic())
-    n_swaps = max(1, int(duration_s / interval_s))
-    for k in range(n_swaps):
-        due = run.start + (k + 0.5) * interval_s
+    for k in range(schedule.swaps):
+        due = run.start + schedule.quiet_s + (k + 0.5) * schedule.interval_s
         if clock.done.wait(max(0.0, due - time.monotonic())):  # pacing; stops early when done
             break
         started = time.monotonic()
         swap(k)
         run.windows.append((started, time.monotonic()))
-    clock.done.wait(max(0.0, run.start + duration_s - time.monotonic()))  # tail without swaps
+    finish = run.start + schedule.quiet_s + schedule.duration_s
+    clock.done.wait(max(0.0, finish - time.monotonic()))  # the rest of the last interval
     run.end = time.monotonic()
     return run
 
@@ -174,8 +184,7 @@ def _run_shadow(
     states: list[AdapterState],
     requests: int,
     max_tokens: int,
-    duration_s: float,
-    interval_s: float,
+    schedule: _Schedule,
 ) -> _Run:
     with tempfile.TemporaryDirectory(prefix="collm-bench-swap-") as tmp:
         cfg = ReplicaConfig(
@@ -207,9 +216,7 @@ def _run_shadow(
             def swap(k: int) -> None:
                 replica.push_version(states[(k + 1) % len(states)], config, k + 2)
 
-            run = run_in_thread(
-                lambda: _swap_loop(clock, swap, duration_s, interval_s), 1, "bench-swapper"
-            )
+            run = run_in_thread(lambda: _swap_loop(clock, swap, schedule), 1, "bench-swapper")
             for h in handles:
                 h.cancel()
             for t in readers:
@@ -226,8 +233,7 @@ def _run_peft(
     states: list[AdapterState],
     requests: int,
     max_tokens: int,
-    duration_s: float,
-    interval_s: float,
+    schedule: _Schedule,
 ) -> _Run:
     from peft import PeftModel
 
@@ -295,9 +301,7 @@ def _run_peft(
             clock, [functools.partial(clock.read_queue, i, q) for i, q in enumerate(outs)]
         )
         decoding.start()
-        run = run_in_thread(
-            lambda: _swap_loop(clock, swap, duration_s, interval_s), 1, "bench-swapper"
-        )
+        run = run_in_thread(lambda: _swap_loop(clock, swap, schedule), 1, "bench-swapper")
         stop.set()
         decoding.join()
         for t in readers:
@@ -356,29 +360,33 @@ def measure_swap_stall(
     max_tokens: int = 1024,
     duration_s: float = 8.0,
     interval_s: float = 0.5,
+    quiet_s: float = 2.0,
     spec: LoraSpec | None = None,
     methods: Sequence[str] = SWAP_METHODS,
     progress: Callable[[str], None] | None = None,
 ) -> SwapBenchmark:
-    """Inter-token gaps during and outside adapter swaps, for each way of swapping."""
+    """Inter-token gaps during and outside adapter swaps, for each way of swapping.
+
+    Per method: warm-up (every request streamed a few tokens), ``quiet_s`` of decoding without
+    swaps, then a new version every ``interval_s`` for ``duration_s``.
+    """
+    if requests < 1 or duration_s <= 0 or interval_s <= 0 or quiet_s < 0:
+        raise ValueError(f"requests {requests}, duration {duration_s}, interval {interval_s}")
+    schedule = _Schedule(quiet_s, duration_s, interval_s)
     unknown = sorted(set(methods) - set(SWAP_METHODS))
     if unknown:
         raise ValueError(f"unknown swap methods {unknown}; choose from {list(SWAP_METHODS)}")
     say = progress or (lambda line: log.info("%s", line))
     spec = spec or LoraSpec()
     shapes = adapter_shapes(model, spec)
-    states = [
-        random_adapter_state(shapes, seed) for seed in range(int(duration_s / interval_s) + 2)
-    ]
+    states = [random_adapter_state(shapes, seed) for seed in range(schedule.swaps + 1)]
     results: list[SwapMethodResult] = []
     for method in methods:
         say(f"swap: {method} ({requests} requests, a version every {interval_s:g}s)")
         if method == SHADOW:
-            run = _run_shadow(model, spec, states, requests, max_tokens, duration_s, interval_s)
+            run = _run_shadow(model, spec, states, requests, max_tokens, schedule)
         else:
-            run = _run_peft(
-                model, spec, method, states, requests, max_tokens, duration_s, interval_s
-            )
+            run = _run_peft(model, spec, method, states, requests, max_tokens, schedule)
         results.append(summarize_run(method, run))
         r = results[-1]
         say(
@@ -390,6 +398,7 @@ def measure_swap_stall(
         max_tokens=max_tokens,
         interval_s=interval_s,
         duration_s=duration_s,
+        quiet_s=quiet_s,
         decode_threads=1,
         swap_threads=1,
         methods=results,

@@ -1,0 +1,36 @@
+"""The ``collm`` command line: models, federation, replicas, gateway, load, benchmarks.
+
+Exit codes: 0 success, 2 bad input (arguments, config, data, missing packages) with a one-line
+reason on stderr, 1 for a failure of the work itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from collm_fl.cli.commands import dispatch
+from collm_fl.cli.parser import build_parser
+from collm_fl.errors import CollmError
+from collm_fl.logs import setup_logging
+
+__all__ = ["build_parser", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return dispatch(args)
+    except CollmError as e:
+        print(f"collm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("collm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""What each ``collm`` command does; heavy imports stay inside the command that needs them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from collm_fl.errors import ConfigError
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "prepare":
+        from collm_fl.models import load_base_model
+
+        loaded = load_base_model(args.model)
+        print(f"{args.model}: {loaded.num_parameters / 1e6:.1f}M parameters at {loaded.path}")
+        return 0
+    if args.command == "federate":
+        from collm_fl.federate import run_local_federation
+
+        return run_local_federation(Path(args.app), args.supernodes, args.run_config)
+    if args.command == "replica":
+        return _run_replica(args)
+    if args.command == "site":
+        from collm_fl.launch import LocalFederation
+
+        if args.replicas < 0 or args.devices < 0 or args.replicas + args.devices < 1:
+            raise ConfigError("--replicas and --devices must be >= 0 and add up to at least 1")
+        workdir = Path(args.workdir).resolve()
+        run_config = f"model='{args.model}' {args.run_config}".strip()
+        with LocalFederation(workdir, args.replicas, args.devices, model=args.model) as fed:
+            for node in fed.replicas:
+                print(f"replica {node.index}: {node.api_url}/v1 (logs in {workdir})", flush=True)
+            return fed.flwr_run(run_config, Path(args.app).resolve())
+    if args.command == "live":
+        from collm_fl.live import LiveConfig, run_live
+
+        if args.replicas < 1 or args.devices < 0 or args.rounds < 1 or args.rate <= 0:
+            raise ConfigError(
+                "--replicas >= 1, --devices >= 0, --rounds >= 1 and --rate > 0 needed"
+            )
+        cfg = LiveConfig(
+            model=args.model,
+            replicas=args.replicas,
+            devices=args.devices,
+            rounds=args.rounds,
+            local_steps=args.local_steps,
+            rate=args.rate,
+            arrivals=args.arrivals,
+            prompt_tokens=args.prompt_tokens,
+            output_tokens=args.output_tokens,
+            ttft_slo_s=args.ttft_slo,
+            tpot_slo_s=args.tpot_slo,
+            out=Path(args.out),
+            run_config=args.run_config,
+            seed=args.seed,
+        )
+        return run_live(cfg, Path(args.app).resolve())
+    if args.command == "gateway":
+        import os
+
+        from collm_fl.gateway.serve import run_gateway
+        from collm_fl.replica.metrics import SLO
+
+        if args.ttft_slo <= 0 or args.tpot_slo <= 0:
+            raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
+        api_key = args.api_key or os.environ.get("COLLM_API_KEY") or None
+        replica_key = args.replica_api_key or os.environ.get("COLLM_REPLICA_API_KEY") or api_key
+        run_gateway(
+            args.replica,
+            args.host,
+            args.port,
+            api_key,
+            replica_key,
+            SLO(args.ttft_slo, args.tpot_slo),
+        )
+        return 0
+    if args.command == "load":
+        import os
+
+        from collm_fl.loadgen import run_load_cli
+
+        return run_load_cli(
+            target=args.target,
+            model=args.model,
+            kind=args.arrivals,
+            rate=args.rate,
+            duration_s=args.duration,
+            trace=args.trace,
+            out=Path(args.out),
+            ttft_slo=args.ttft_slo,
+            tpot_slo=args.tpot_slo,
+            prompt_tokens=args.prompt_tokens,
+            output_tokens=args.output_tokens,
+            api_key=args.api_key or os.environ.get("COLLM_API_KEY"),
+            seed=args.seed,
+            chat=args.chat,
+        )
+    if args.command == "versions":
+        from collm_fl.store import VersionStore
+
+        out = Path(args.output_dir).resolve()
+        store = VersionStore(out, args.store_url or None)
+        run = store.find_run(args.run_name)
+        for v in store.list_versions(run.id):
+            loss = "-" if v.eval_loss is None else f"{v.eval_loss:.4f}"
+            where = store.version_dir(v)
+            print(f"v{v.number:<4d} round {v.round_number:<4d} eval-loss {loss:>8s}  {where}")
+        return 0
+    if args.command == "bench" and args.bench == "aggregation":
+        from collm_fl.bench.aggregation import run_aggregation_benchmark, write_benchmark_report
+
+        result = run_aggregation_benchmark(
+            client_counts=args.clients,
+            layers=args.layers,
+            d=args.dim,
+            rank=args.rank,
+            progress=lambda line: print(line, flush=True),
+        )
+        json_path, md_path = write_benchmark_report(result, Path(args.out), _command_line())
+        print(md_path.read_text())
+        print(f"wrote {json_path} and {md_path}")
+        return 0
+    if args.command == "bench" and args.bench == "quality":
+        from collm_fl.bench.quality import run_quality_benchmark
+
+        out_dir = Path(args.out) if args.out else Path(args.output_dir) / "reports"
+        quality, md_path = run_quality_benchmark(
+            Path(args.output_dir), args.run_name, args.store_url or None, out_dir, _command_line()
+        )
+        print(md_path.read_text())
+        print(
+            json.dumps(
+                {
+                    "base_perplexity": quality["base"]["perplexity"],  # type: ignore[index]
+                    "final_perplexity": quality["final"]["perplexity"],  # type: ignore[index]
+                }
+            )
+        )
+        return 0
+    raise AssertionError(f"unhandled command {args}")  # argparse guarantees a known command
+
+
+def _run_replica(args: argparse.Namespace) -> int:
+    import os
+
+    from collm_fl.adapters import LoraSpec
+    from collm_fl.data import DataSpec
+    from collm_fl.replica.metrics import SLO
+    from collm_fl.replica.runtime import ReplicaConfig
+    from collm_fl.replica.serve import run_replica
+
+    token = args.control_token or os.environ.get("COLLM_CONTROL_TOKEN", "")
+    if not token:
+        raise ConfigError("a control token is required: --control-token or $COLLM_CONTROL_TOKEN")
+    for name in ("port", "control_port"):
+        if not 0 < getattr(args, name) < 65536:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be a TCP port, got {getattr(args, name)}"
+            )
+    if args.ttft_slo <= 0 or args.tpot_slo <= 0:
+        raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
+    if not 0 <= args.training_share <= 1:
+        raise ConfigError(f"--training-share must be in [0, 1], got {args.training_share}")
+    data = None
+    if args.data != "none":
+        data = DataSpec(source=args.data, partitioning=args.partitioning, seed=args.seed)
+    cfg = ReplicaConfig(
+        model=args.model,
+        quantization=args.quantization,
+        lora=LoraSpec(
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        ),
+        store_dir=args.store_dir,
+        served_model_name=args.served_model_name,
+        data=data,
+        partition_id=args.partition_id,
+        num_partitions=args.num_partitions,
+        seq_len=args.seq_len,
+        train_batch_size=args.train_batch_size,
+        slo=SLO(ttft_s=args.ttft_slo, tpot_s=args.tpot_slo),
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        training_share=args.training_share,
+        seed=args.seed,
+    )
+    api_key = args.api_key or os.environ.get("COLLM_API_KEY") or None
+    run_replica(cfg, args.host, args.port, args.control_host, args.control_port, api_key, token)
+    return 0
+
+
+def _command_line() -> str:
+    return " ".join(["collm", *sys.argv[1:]])

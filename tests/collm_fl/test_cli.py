@@ -1,0 +1,79 @@
+"""The `collm` CLI: exit code 2 with a one-line reason for bad input."""
+
+import pytest
+
+from collm_fl.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    code, _, err = run_out(capsys, *argv)
+    return code, err
+
+
+def run_out(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse exits on its own errors
+        code = int(e.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_unknown_command_exits_2(capsys):
+    code, err = run(capsys, "serve-everything")
+    assert code == 2 and "invalid choice" in err
+
+
+def test_bad_flag_value_exits_2(capsys):
+    code, err = run(capsys, "bench", "aggregation", "--clients", "ten")
+    assert code == 2 and "comma-separated integers" in err
+
+
+def test_bad_port_exits_2_with_the_reason(capsys):
+    code, err = run(capsys, "replica", "--port", "70000", "--control-token", "t")
+    assert code == 2 and "--port must be a TCP port" in err
+
+
+def test_replica_without_a_control_token_exits_2(capsys, monkeypatch):
+    monkeypatch.delenv("COLLM_CONTROL_TOKEN", raising=False)
+    code, err = run(capsys, "replica")
+    assert code == 2 and "control token" in err
+
+
+def test_versions_of_an_unknown_run_exits_2(capsys, tmp_path):
+    code, err = run(capsys, "versions", "--output-dir", str(tmp_path), "--run-name", "nope")
+    assert code == 2 and "no run named 'nope'" in err
+
+
+def test_load_with_a_bad_trace_exits_2_naming_the_line(capsys, tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,10,5\nbad,row\n"
+    )
+    code, err = run(
+        capsys,
+        "load",
+        "--target",
+        "http://127.0.0.1:9",
+        "--model",
+        "m",
+        "--trace",
+        str(trace),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert code == 2 and "trace.csv:3" in err
+
+
+def test_live_with_a_bad_rate_exits_2(capsys):
+    code, err = run(capsys, "live", "--rate", "0")
+    assert code == 2 and "--rate" in err
+
+
+@pytest.mark.parametrize(
+    "sub", ["prepare", "federate", "site", "live", "gateway", "load", "replica"]
+)
+def test_every_command_has_help(sub, capsys):
+    code, out, _ = run_out(capsys, sub, "--help")
+    assert code == 0
+    assert out.startswith("usage: collm " + sub)
