@@ -101,6 +101,7 @@ class LocalFederation:
     processes: list[ManagedProcess] = field(default_factory=list)
     replicas: list[ReplicaNode] = field(default_factory=list)
     superlink_port: int = 0
+    with_flower: bool = True  # False: replicas only (benchmarks that drive them directly)
 
     def __enter__(self) -> LocalFederation:
         self.start()
@@ -131,20 +132,23 @@ class LocalFederation:
             raise ConfigError("a federation needs at least one replica or device node")
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            self._start_superlink(timeout)
+            if self.with_flower:
+                self._start_superlink(timeout)
             for i in range(self.num_replicas):
                 self._start_replica(i)
             for node in self.replicas:
                 wait_http(f"{node.api_url}/health", node.process, timeout)
-            for i in range(self.num_nodes):
-                self._start_supernode(i)
-            self._write_flwr_config()
+            if self.with_flower:
+                for i in range(self.num_nodes):
+                    self._start_supernode(i)
+                self._write_flwr_config()
         except BaseException:
             self.stop()
             raise
+        where = f"SuperLink 127.0.0.1:{self.superlink_port}" if self.with_flower else "no Flower"
         log.info(
-            "local federation up: SuperLink 127.0.0.1:%d, %d replica node(s), %d device node(s)",
-            self.superlink_port,
+            "local site up: %s, %d replica node(s), %d device node(s)",
+            where,
             self.num_replicas,
             self.num_devices,
         )

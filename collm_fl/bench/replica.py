@@ -92,7 +92,7 @@ def run_replica_benchmarks(
         started = time.perf_counter()
         if name == "swap":
             result["swap"] = (
-                measure_swap_stall(model, 4, 256, 1.0, 0.25, quiet_s=0.25, progress=say)
+                measure_swap_stall(model, 8, 1024, 1.0, 0.2, quiet_s=0.1, progress=say)
                 if quick
                 else measure_swap_stall(model, 8, 1024, 8.0, 0.5, quiet_s=2.0, progress=say)
             )

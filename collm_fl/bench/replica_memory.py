@@ -8,8 +8,9 @@
 
 RSS (psutil, whole process trees) is sampled every ``SAMPLE_S`` while both serving and training
 are active; the peak is reported. Latency is not measured here: the co-executing replica runs with
-loose SLOs and training share 1 so its SLO guard cannot starve training on a busy machine. An idle process that only imports the libraries gives the
-runtime's own share. Every process runs on loopback ports and is stopped by its pid.
+loose SLOs and training share 1, so its SLO guard cannot starve training on a busy machine. An
+idle process that only imports the libraries gives the runtime's own share. Every process runs on
+loopback ports and is stopped by its pid.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import importlib
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -121,7 +123,7 @@ class _Stack:
 
     def start_replica(self, model: str, train: bool) -> tuple[_Proc, str, ReplicaClient]:
         port, control_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "collm_fl.cli", "replica", "--model", model]
+        cmd = [_collm_executable(), "replica", "--model", model]
         cmd += ["--port", str(port), "--control-port", str(control_port)]
         cmd += ["--store-dir", str(self.workdir / "store"), "--data"]
         cmd += ["shakespeare" if train else "none"]
@@ -135,6 +137,15 @@ class _Stack:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+
+def _collm_executable() -> str:
+    """The ``collm`` entry point of this environment (beside the interpreter first)."""
+    beside = Path(sys.executable).with_name("collm")
+    found = str(beside) if beside.exists() else shutil.which("collm")
+    if found is None:
+        raise LaunchError("collm not found: is the project installed (pip install -e .)?")
+    return found
 
 
 def _wait_http(url: str, proc: _Proc) -> None:

@@ -123,6 +123,21 @@ def dispatch(args: argparse.Namespace) -> int:
         print(md_path.read_text())
         print(f"wrote {json_path} and {md_path}")
         return 0
+    if args.command == "bench" and args.bench == "soak":
+        from collm_fl.bench.soak import run_soak, write_soak_report
+
+        if args.replicas < 1 or args.duration <= 0 or args.swap_every <= 0:
+            raise ConfigError("--replicas >= 1, --duration > 0 and --swap-every > 0 needed")
+        soak = run_soak(
+            args.model,
+            args.replicas,
+            args.duration,
+            swap_every_s=args.swap_every,
+            progress=lambda line: print(line, flush=True),
+        )
+        md = write_soak_report(soak, Path(args.out), _command_line())
+        print(md.read_text())
+        return 0
     if args.command == "bench" and args.bench == "quality":
         from collm_fl.bench.quality import run_quality_benchmark
 

@@ -159,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rank", type=int, default=16)
     b.add_argument("--out", default="docs/bench")
 
+    b = bsub.add_parser(
+        "soak", help="gateway + replicas at and above capacity with adapter swaps: errors, RSS"
+    )
+    b.add_argument("--model", default="tiny")
+    b.add_argument("--replicas", type=int, default=2)
+    b.add_argument(
+        "--duration", type=float, default=240.0, help="seconds of load after calibration"
+    )
+    b.add_argument("--swap-every", type=float, default=0.5, help="seconds between adapter pushes")
+    b.add_argument("--out", default="docs/bench")
+
     b = bsub.add_parser("quality", help="central held-out perplexity: base vs stored versions")
     b.add_argument("--output-dir", default="outputs", help="the run's output-dir")
     b.add_argument("--store-url", default="")

@@ -28,7 +28,7 @@ import torch
 
 from collm_fl.adapters import AdapterState
 from collm_fl.errors import CollmError, ConfigError
-from collm_fl.policies.slo_guard import GuardInputs, training_decision
+from collm_fl.policies.slo_guard import GuardDecision, GuardInputs, training_decision
 from collm_fl.replica.engine import InferenceEngine
 from collm_fl.replica.lora_layers import MultiLoraModules, lora_context, train
 from collm_fl.replica.metrics import SLO
@@ -47,6 +47,7 @@ class TrainJob:
     learning_rate: float
     deadline_s: float  # stop early (with the steps done) when the round's deadline passes
     round_number: int = 0
+    exclusive: bool = False  # serving is paused by the caller: no SLO guard, every thread
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,11 @@ class CoTrainer:
                     job.steps,
                 )
                 break
-            decision = training_decision(self._guard_inputs())
+            decision = (
+                GuardDecision(True, self.total_threads, 0.0, "exclusive: serving is paused")
+                if job.exclusive
+                else training_decision(self._guard_inputs())
+            )
             if not decision.run:
                 t0 = time.monotonic()
                 remaining = job.deadline_s - (t0 - started)

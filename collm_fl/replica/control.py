@@ -1,7 +1,9 @@
 """The replica's control API: what the Flower ClientApp (and an operator) call, token-protected.
 
 - ``PUT  /control/adapters/{version}``  safetensors body → persist, shadow, validate, promote
+  (``?mode=reload|merge``: stop-the-world swaps, for baselines only)
 - ``POST /control/train``              JSON budget → trained adapter (safetensors, with metrics)
+  (``"exclusive": true``: serving pauses for the job, for baselines only)
 - ``GET  /control/load?reset=true``    load report since the last reset
 - ``PUT  /control/share``              ``{"share": 0..1}``: training share, changeable at run time
 - ``POST /control/rollback``           ``{"version": N}``: serve a stored older version again
@@ -23,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from collm_fl.api.errors import APIError, BodySizeLimit, check_bearer, install_error_handlers
 from collm_fl.errors import AdapterValidationError, ConfigError, StoreError
-from collm_fl.replica.runtime import DEFAULT_RUN, Replica
+from collm_fl.replica.runtime import DEFAULT_RUN, SWAP_MODES, Replica
 from collm_fl.replica.wire import decode_adapter, encode_adapter
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class TrainBody(BaseModel):
     deadline_s: float = Field(gt=0, le=7 * 24 * 3600)
     base_version: int | None = Field(default=None, ge=0)  # must be the served version if given
     share: float | None = Field(default=None, ge=0, le=1)
+    exclusive: bool = False  # baselines: pause serving for the job (see Replica.train)
 
 
 class ShareBody(BaseModel):
@@ -65,13 +68,19 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
     guarded = [Depends(auth)]
 
     @app.put("/control/adapters/{version}", dependencies=guarded)
-    async def push(version: int, request: Request, run: str = DEFAULT_RUN) -> dict[str, object]:
+    async def push(
+        version: int, request: Request, run: str = DEFAULT_RUN, mode: str = "shadow"
+    ) -> dict[str, object]:
+        if mode not in SWAP_MODES:
+            raise APIError(400, f"mode must be one of {SWAP_MODES}, got {mode!r}", param="mode")
         blob = await request.body()
         try:
             state, config, blob_version, _ = decode_adapter(blob)
             if blob_version is not None and blob_version != version:
                 raise ConfigError(f"payload says version {blob_version}, URL says {version}")
-            result = await asyncio.to_thread(replica.push_version, state, config, version, run)
+            result = await asyncio.to_thread(
+                replica.push_version, state, config, version, run, mode
+            )
         except (AdapterValidationError, ConfigError) as e:
             raise APIError(400, f"version {version} rejected: {e}", code="invalid_adapter") from e
         return {"status": "served", **asdict(result)}
@@ -89,7 +98,12 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
             if body.share is not None:
                 replica.set_training_share(body.share)
             outcome = await asyncio.to_thread(
-                replica.train, body.steps, body.learning_rate, body.deadline_s, body.round
+                replica.train,
+                body.steps,
+                body.learning_rate,
+                body.deadline_s,
+                body.round,
+                exclusive=body.exclusive,
             )
         except ConfigError as e:
             raise APIError(400, str(e), code="cannot_train") from e
@@ -142,6 +156,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
             "history": replica.slots.history,
             "training_share": replica.training_share,
             "can_train": replica.trainer is not None,
+            "adapter_shapes": {k: list(v) for k, v in replica.modules.expected_shapes().items()},
             "training": bool(replica.trainer and replica.trainer.running_job),
         }
 

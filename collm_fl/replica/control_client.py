@@ -43,10 +43,13 @@ class ReplicaClient:
         peft_config: Mapping[str, object],
         version: int,
         run: str = "default",
+        mode: str = "shadow",
     ) -> dict[str, object]:
+        """Push ``version``; ``mode`` "reload"/"merge" stop the world (baselines only)."""
         blob = encode_adapter(state, peft_config, version)
         path = f"/control/adapters/{version}"
-        return self._call("PUT", path, content=blob, params={"run": run}).json()  # type: ignore[no-any-return]
+        params = {"run": run} if mode == "shadow" else {"run": run, "mode": mode}
+        return self._call("PUT", path, content=blob, params=params).json()  # type: ignore[no-any-return]
 
     def train(
         self,
@@ -56,7 +59,9 @@ class ReplicaClient:
         deadline_s: float,
         base_version: int | None,
         share: float | None = None,
+        exclusive: bool = False,
     ) -> tuple[AdapterState, dict[str, float]]:
+        """Train a round's budget; ``exclusive`` pauses the replica's serving (baselines only)."""
         body: dict[str, object] = {
             "round": round_number,
             "steps": steps,
@@ -66,6 +71,8 @@ class ReplicaClient:
         }
         if share is not None:
             body["share"] = share
+        if exclusive:
+            body["exclusive"] = True
         r = self._call("POST", "/control/train", json=body)
         state, _, _, metrics = decode_adapter(r.content)
         return state, metrics

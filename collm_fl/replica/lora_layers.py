@@ -218,6 +218,38 @@ class MultiLoraModules:
         self._check_slot(slot)
         return _to_state(self._slot_tensors(slot))
 
+    def merge_into_base(self, state: Mapping[str, np.ndarray]) -> None:
+        """``W += scaling · B @ A`` in every layer's base weight, in place.
+
+        For baselines that serve a merged adapter (no LoRA cost per token, one version for every
+        request). The caller guarantees no forward runs meanwhile (the engine is paused). Every
+        problem with ``state`` (keys, shapes, non-finite values) is raised before any weight
+        changes, so a bad state never half-merges.
+        """
+        self._add_to_base(state, 1.0)
+
+    def unmerge_from_base(self, state: Mapping[str, np.ndarray]) -> None:
+        """``W -= scaling · B @ A``: undo :meth:`merge_into_base` of the same ``state``."""
+        self._add_to_base(state, -1.0)
+
+    def _add_to_base(self, state: Mapping[str, np.ndarray], sign: float) -> None:
+        shapes = self.expected_shapes()
+        problems = _state_problems(shapes, state)
+        problems += [
+            f"{k}: {int((~np.isfinite(state[k])).sum())} non-finite values"
+            for k in sorted(set(shapes) & set(state))
+            if tuple(state[k].shape) == shapes[k] and not np.isfinite(state[k]).all()
+        ]
+        if problems:
+            raise AdapterValidationError(problems)
+        with torch.no_grad():
+            for prefix, layer in self.layers.items():
+                weight = layer.base.weight  # (d_out, d_in)
+                a = torch.from_numpy(np.ascontiguousarray(state[prefix + LORA_A_SUFFIX]))
+                b = torch.from_numpy(np.ascontiguousarray(state[prefix + LORA_B_SUFFIX]))
+                delta = (b.to(torch.float32) @ a.to(torch.float32)) * layer.scaling  # (d_out, d_in)
+                weight.add_(delta.to(weight.dtype), alpha=sign)
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot must be in [0, {self.num_slots}), got {slot}")
@@ -275,15 +307,23 @@ def _copy_into(
     state: Mapping[str, np.ndarray],
     shapes: Mapping[str, tuple[int, int]],
 ) -> None:
-    problems = [f"missing key {k}" for k in sorted(set(dst) - set(state))]
-    problems += [f"unexpected key {k}" for k in sorted(set(state) - set(dst))]
-    problems += [
-        f"{k}: shape {tuple(state[k].shape)}, expected {shapes[k]}"
-        for k in sorted(set(dst) & set(state))
-        if tuple(state[k].shape) != shapes[k]
-    ]
+    problems = _state_problems({k: shapes[k] for k in dst}, state)
     if problems:
         raise AdapterValidationError(problems)
     keys = list(dst)
     src = [torch.from_numpy(np.ascontiguousarray(state[k], dtype=np.float32)) for k in keys]
     torch._foreach_copy_([dst[k] for k in keys], src)
+
+
+def _state_problems(
+    shapes: Mapping[str, tuple[int, int]], state: Mapping[str, np.ndarray]
+) -> list[str]:
+    """Missing, unexpected and wrongly shaped keys of ``state`` against ``shapes``."""
+    problems = [f"missing key {k}" for k in sorted(set(shapes) - set(state))]
+    problems += [f"unexpected key {k}" for k in sorted(set(state) - set(shapes))]
+    problems += [
+        f"{k}: shape {tuple(state[k].shape)}, expected {shapes[k]}"
+        for k in sorted(set(shapes) & set(state))
+        if tuple(state[k].shape) != shapes[k]
+    ]
+    return problems

@@ -8,27 +8,28 @@ report load. A restarted replica serves the latest version it had stored.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from collm_fl.adapters import LoraSpec
+from collm_fl.adapters import AdapterState, LoraSpec
 from collm_fl.data import DataSpec, load_client_data
 from collm_fl.data.tokenize import iterate_batches, tokenize_samples
 from collm_fl.errors import AdapterValidationError, ConfigError, StoreError
 from collm_fl.models import load_base_model
 from collm_fl.replica.coexec import CoTrainer, TrainJob, TrainOutcome
 from collm_fl.replica.engine import InferenceEngine
-from collm_fl.replica.lora_layers import inject_multi_lora
+from collm_fl.replica.lora_layers import NO_SLOT, inject_multi_lora, lora_context, serve
 from collm_fl.replica.metrics import SLO, LoadReport, LoadWindow, ReplicaMetrics
-from collm_fl.replica.slots import AdapterSlots, canary_check
+from collm_fl.replica.slots import AdapterSlots, canary_check, validate_adapter_state
 from collm_fl.store.adapter_io import cleanup_partial_dirs, read_adapter_dir, write_adapter_dir
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,13 @@ log = logging.getLogger(__name__)
 _VERSION_DIR = re.compile(r"v(\d{4,})")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_RUN = "default"
+# How a pushed version reaches serving. "shadow" (CoLLM-FL): loaded and validated in a free slot
+# while serving goes on, then promoted between two decode steps. The other two exist for the
+# baselines of `collm bench goodput` and stop the world: "reload" pauses serving, reads the
+# version back from its stored PEFT directory, loads, validates and promotes it, then resumes;
+# "merge" pauses serving, unmerges the previous merged version and merges the new one into the
+# base weights (no LoRA cost per token; every new request gets it on slot -1).
+SWAP_MODES = ("shadow", "reload", "merge")
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,9 @@ class Replica:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.run = DEFAULT_RUN  # the federation run whose versions are served
         self._push_lock = threading.Lock()  # one version load at a time
+        self._pause_lock = threading.Lock()
+        self._pauses = 0  # nested stop-the-world sections in progress (baseline modes only)
+        self._merged: tuple[int, AdapterState] | None = None  # (version, state) in the base
         self._canary = torch.tensor([[self.tokenizer.eos_token_id or 0] * 4])  # (1, 4)
         self.trainer: CoTrainer | None = None
         self.num_train_rows = 0
@@ -173,12 +184,17 @@ class Replica:
         peft_config: Mapping[str, object],
         version: int,
         run: str = DEFAULT_RUN,
+        mode: str = "shadow",
     ) -> SwapResult:
         """Persist, shadow-load, validate and promote ``version`` of ``run``; serving never pauses.
 
         Re-pushing the served version is a no-op; an older version of the served run is refused
         (use :meth:`rollback`); a version of another run starts that run's lineage here.
+        ``mode`` "reload" or "merge" swaps with serving paused instead (baselines; see
+        ``SWAP_MODES``); requests that arrive meanwhile wait and then complete.
         """
+        if mode not in SWAP_MODES:
+            raise ConfigError(f"mode must be one of {SWAP_MODES}, got {mode!r}")
         if version < 0:
             raise ConfigError(f"version must be >= 0, got {version}")
         if not _RUN_NAME.fullmatch(run):
@@ -200,8 +216,94 @@ class Replica:
             if not vdir.exists():
                 vdir.parent.mkdir(parents=True, exist_ok=True)
                 write_adapter_dir(vdir, dict(state), peft_config)
-            previous = self._load_and_promote(state, peft_config, version, run)
+            if mode == "merge":
+                previous = self._merge(state, peft_config, version, run)
+            elif mode == "reload":
+                with self.serving_paused():
+                    self._unmerge()
+                    stored, stored_config = read_adapter_dir(vdir)  # as a restart would
+                    previous = self._load_and_promote(stored, stored_config, version, run)
+            else:
+                if self._merged is not None:
+                    with self.serving_paused():
+                        self._unmerge()
+                previous = self._load_and_promote(state, peft_config, version, run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
+
+    @contextlib.contextmanager
+    def serving_paused(self) -> Iterator[None]:
+        """Stop the world for the block: no decode step runs; queued requests wait (baselines).
+
+        Nests: serving resumes when the outermost block exits.
+        """
+        with self._pause_lock:
+            self._pauses += 1
+            if self._pauses == 1:
+                self.engine.pause()
+        try:
+            yield
+        finally:
+            with self._pause_lock:
+                self._pauses -= 1
+                if self._pauses == 0:
+                    self.engine.resume()
+
+    def _merge(
+        self,
+        state: Mapping[str, np.ndarray],
+        peft_config: Mapping[str, object],
+        version: int,
+        run: str,
+    ) -> int | None:
+        """Serve ``version`` merged into the base weights (stop-the-world; see ``SWAP_MODES``)."""
+        spec = LoraSpec.from_peft_config_dict(peft_config)
+        shapes = self.modules.expected_shapes()
+        problems = validate_adapter_state(state, spec, self.modules.spec, shapes)
+        if problems:  # checked before the pause, like a careful stack would
+            self.metrics.swaps.labels("rejected").inc()
+            raise AdapterValidationError(problems)
+        new = {k: np.array(v, dtype=np.float32) for k, v in state.items()}
+        t0 = time.perf_counter()
+        with self.serving_paused():
+            if self.slots.pinned():
+                raise ConfigError(
+                    f"{self.slots.pinned()} running requests use an unmerged slot: merging now "
+                    "would change their weights mid-answer; push with mode='merge' from the start"
+                )
+            old = self._merged
+            self._unmerge()
+            self.modules.merge_into_base(new)
+            try:
+                self._merged_canary()
+            except AdapterValidationError:
+                self.modules.unmerge_from_base(new)
+                if old is not None:
+                    self.modules.merge_into_base(old[1])
+                    self._merged = old
+                    self.slots.set_merged(old[0])
+                self.metrics.swaps.labels("rejected").inc()
+                raise
+            self._merged = (version, new)
+            previous = self.slots.set_merged(version)
+        self.run = run
+        self.metrics.swap_seconds.observe(time.perf_counter() - t0)
+        self.metrics.swaps.labels("promoted").inc()
+        self.metrics.served_version.set(version)
+        return previous
+
+    def _unmerge(self) -> None:
+        """Restore the plain base weights if a version is merged (call with serving paused)."""
+        if self._merged is not None:
+            self.modules.unmerge_from_base(self._merged[1])
+            self._merged = None
+            self.slots.clear_merged()
+
+    def _merged_canary(self) -> None:
+        with torch.inference_mode(), lora_context(serve([NO_SLOT] * self._canary.shape[0])):
+            logits = self.model(input_ids=self._canary).logits  # (1, 4, V)
+        if not bool(torch.isfinite(logits).all()):
+            bad = int((~torch.isfinite(logits)).sum())
+            raise AdapterValidationError([f"canary forward produced {bad} non-finite logits"])
 
     def rollback(self, version: int) -> SwapResult:
         """Serve a previously stored version of the served run again (through the shadow slot)."""
@@ -210,6 +312,9 @@ class Replica:
                 raise StoreError(f"version {version} of run {self.run!r} is not stored here")
             started = time.perf_counter()
             state, config = read_adapter_dir(self.version_dir(version))
+            if self._merged is not None:
+                with self.serving_paused():
+                    self._unmerge()
             previous = self._load_and_promote(state, config, version, self.run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
 
@@ -275,20 +380,57 @@ class Replica:
         deadline_s: float,
         round_number: int,
         start_state: Mapping[str, np.ndarray] | None = None,
+        exclusive: bool = False,
     ) -> TrainOutcome:
-        """Train a round's budget from ``start_state`` (default: the served version)."""
+        """Train a round's budget from ``start_state`` (default: the served version).
+
+        ``exclusive`` (baselines only): serving is paused for the whole job and training takes
+        every core, with no SLO guard; a merged version is unmerged first (training needs the
+        plain base) and merged back after.
+        """
         if self.trainer is None:
             raise ConfigError("this replica has no training data (start it with --data)")
-        if start_state is None:
-            slot = self.slots.current_slot
-            if slot < 0:
-                raise ConfigError("no adapter version is served yet: push one before training")
-            start_state = self.modules.read_slot(slot)
-        job = TrainJob(start_state, steps, learning_rate, deadline_s, round_number)
-        outcome = self.trainer.submit(job).result()
+        if not exclusive:
+            if self._merged is not None:
+                raise ConfigError("a merged version is served: train with exclusive=True")
+            job = TrainJob(
+                self._served_state() if start_state is None else start_state,
+                steps,
+                learning_rate,
+                deadline_s,
+                round_number,
+            )
+            outcome = self.trainer.submit(job).result()
+        else:
+            with self._push_lock, self.serving_paused():  # no version change mid-job
+                job = TrainJob(
+                    self._served_state() if start_state is None else start_state,
+                    steps,
+                    learning_rate,
+                    deadline_s,
+                    round_number,
+                    exclusive=True,
+                )
+                merged = self._merged
+                if merged is not None:
+                    self.modules.unmerge_from_base(merged[1])
+                try:
+                    outcome = self.trainer.submit(job).result()
+                finally:
+                    if merged is not None:
+                        self.modules.merge_into_base(merged[1])
         self.metrics.training_steps.inc(outcome.steps)
         self.metrics.training_tokens.inc(outcome.tokens)
         return outcome
+
+    def _served_state(self) -> AdapterState:
+        """The adapter new requests get (merged or in its slot), as float32 numpy."""
+        if self._merged is not None:
+            return self._merged[1]
+        slot = self.slots.current_slot
+        if slot < 0:
+            raise ConfigError("no adapter version is served yet: push one before training")
+        return self.modules.read_slot(slot)
 
     def load_report(self, reset: bool) -> LoadReport:
         s = self.engine.stats()

@@ -12,6 +12,11 @@ decode steps changes what *new* requests get and never mixes two versions inside
 
 Before the first promotion no version is loaded: requests run on the base model (slot ``-1``,
 version ``None``). Rollback is the caller's: ``load_shadow(previous_state, ...).promote()``.
+
+Baselines that merge an adapter into the base weights (``Replica.push_version(mode="merge")``)
+call :meth:`AdapterSlots.set_merged`: new requests then get slot ``-1`` (no unmerged adapter on
+top) labelled with the merged version, until :meth:`AdapterSlots.clear_merged`. No slot may be
+loaded while a version is merged (the base under it would be wrong).
 """
 
 from __future__ import annotations
@@ -110,6 +115,7 @@ class AdapterSlots:
         self._refcounts = [0] * self.num_slots
         self._reserved = [False] * self.num_slots  # held by a ShadowSlot being loaded/validated
         self._history: list[tuple[int, float]] = []
+        self._merged: int | None = None  # the version merged into the base weights, if any
 
     @property
     def current_slot(self) -> int:
@@ -119,7 +125,13 @@ class AdapterSlots:
     @property
     def current_version(self) -> int | None:
         with self._cond:
-            return None if self._current == NO_SLOT else self._versions[self._current]
+            return self._merged if self._current == NO_SLOT else self._versions[self._current]
+
+    @property
+    def merged_version(self) -> int | None:
+        """The version merged into the base weights (None: the base is the plain base)."""
+        with self._cond:
+            return self._merged
 
     @property
     def history(self) -> list[tuple[int, float]]:
@@ -132,7 +144,7 @@ class AdapterSlots:
         with self._cond:
             slot = self._current
             if slot == NO_SLOT:
-                return NO_SLOT, None
+                return NO_SLOT, self._merged
             self._refcounts[slot] += 1
             return slot, self._versions[slot]
 
@@ -146,6 +158,31 @@ class AdapterSlots:
             self._refcounts[slot] -= 1
             if self._refcounts[slot] == 0:
                 self._cond.notify_all()
+
+    def pinned(self) -> int:
+        """In-flight requests pinned to a serving slot (requests on slot -1 are not counted)."""
+        with self._cond:
+            return sum(self._refcounts)
+
+    def set_merged(self, version: int) -> int | None:
+        """New requests get the base (slot -1) labelled ``version``, now merged into it.
+
+        The caller has merged the weights (``MultiLoraModules.merge_into_base``) with serving
+        paused; returns the version it replaced for new requests.
+        """
+        with self._cond:
+            previous = self._merged if self._current == NO_SLOT else self._versions[self._current]
+            self._current = NO_SLOT
+            self._merged = version
+            self._history = [*self._history, (version, time.time())][-HISTORY_LEN:]
+            self._cond.notify_all()  # the previous current slot is free once unpinned
+        log.info("serving version %d merged into the base, replacing version %s", version, previous)
+        return previous
+
+    def clear_merged(self) -> None:
+        """The base weights are plain again (the caller unmerged them)."""
+        with self._cond:
+            self._merged = None
 
     def snapshot(self) -> list[SlotInfo]:
         with self._cond:
@@ -170,6 +207,11 @@ class AdapterSlots:
         )
         if problems:
             raise AdapterValidationError(problems)
+        if self.merged_version is not None:
+            raise ShadowStateError(
+                f"version {self.merged_version} is merged into the base: unmerge it before "
+                "loading a slot"
+            )
         slot = self._reserve_free_slot(timeout)
         shadow = ShadowSlot(self, slot, version)
         try:

@@ -24,10 +24,9 @@ def test_quick_run_on_tiny_has_every_measurement_and_writes_the_report(tmp_path:
 
     swap = result["swap"]
     assert [m["method"] for m in swap["methods"]] == list(SWAP_METHODS)
-    for m in swap["methods"]:
-        assert m["swaps"] >= 1
+    for m in swap["methods"]:  # how many swaps fit before the short requests end is timing
+        assert len(m["timeline"]["windows"]) == m["swaps"] == m["swap_ms"]["count"]
         assert m["in_swap"]["count"] + m["outside"]["count"] > 0
-        assert len(m["timeline"]["windows"]) == m["swaps"]
 
     memory = result["memory"]
     assert (
