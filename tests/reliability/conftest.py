@@ -160,7 +160,9 @@ def replica_command(
     if python_prelude is None:
         return [venv_bin("collm"), *args]
     # The prelude patches the library in the replica's own process, then runs the real CLI.
-    code = f"{python_prelude}\nimport sys\nfrom collm_fl.cli import main\nsys.exit(main(sys.argv[1:]))"
+    code = (
+        f"{python_prelude}\nimport sys\nfrom collm_fl.cli import main\nsys.exit(main(sys.argv[1:]))"
+    )
     return [sys.executable, "-c", code, *args]
 
 

@@ -449,9 +449,7 @@ def test_many_concurrent_connections_get_200_or_503_and_idle_ones_do_not_block(r
         body = {"model": "tiny", "prompt": "To be", "max_tokens": 8, "temperature": 0}
 
         def one(_: int) -> int:
-            r = httpx.post(
-                replica.url + "/v1/completions", json=body, headers=auth(), timeout=60.0
-            )
+            r = httpx.post(replica.url + "/v1/completions", json=body, headers=auth(), timeout=60.0)
             check(r)
             return r.status_code
 
@@ -519,9 +517,7 @@ def test_control_calls_without_the_right_token_are_a_401(replica, header, method
     headers = {"Authorization": header} if header is not None else {}
     STATS["control"] += 1
     r = check(
-        httpx.request(
-            method, control_url(replica, path), content=body, headers=headers, timeout=30
-        )
+        httpx.request(method, control_url(replica, path), content=body, headers=headers, timeout=30)
     )
     assert_error(r, 401, "invalid_api_key")
     assert r.headers["www-authenticate"] == "Bearer"
@@ -593,8 +589,11 @@ def test_garbage_adapter_pushes_are_a_400_and_serving_is_unchanged(replica, tiny
         ("POST", "/control/rollback", b'{"version": -3}'),
         ("POST", "/control/rollback", b"{"),
         ("POST", "/control/train", b'{"round": 1, "steps": -1, "learning_rate": 0.1}'),
-        ("POST", "/control/train", b'{"round": 1, "steps": 1, "learning_rate": Infinity, '
-                                   b'"deadline_s": 1}'),  # fmt: skip
+        (
+            "POST",
+            "/control/train",
+            b'{"round": 1, "steps": 1, "learning_rate": Infinity, "deadline_s": 1}',
+        ),  # fmt: skip
         ("GET", "/control/load?reset=maybe", None),
     ],
 )

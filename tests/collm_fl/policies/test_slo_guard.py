@@ -1,0 +1,51 @@
+import pytest
+
+from collm_fl.policies.slo_guard import GuardInputs, training_decision
+
+
+def inputs(**kw) -> GuardInputs:
+    base = dict(
+        queue_depth=0,
+        running=0,
+        oldest_waiting_s=0.0,
+        decode_step_s=0.01,
+        training_share=0.5,
+        busy_fraction=0.0,
+        train_step_s=0.2,
+        ttft_slo_s=2.0,
+        tpot_slo_s=0.2,
+        total_threads=2,
+    )
+    return GuardInputs(**{**base, **kw})
+
+
+def test_zero_share_never_trains():
+    assert not training_decision(inputs(training_share=0.0)).run
+
+
+def test_idle_replica_trains_with_every_thread():
+    d = training_decision(inputs())
+    assert d.run and d.threads == 2
+
+
+def test_waiting_request_near_its_ttft_slo_makes_training_yield():
+    d = training_decision(inputs(queue_depth=1, oldest_waiting_s=1.5))
+    assert not d.run and d.reason == "TTFT at risk"
+
+
+def test_slow_decode_makes_training_yield():
+    d = training_decision(inputs(running=3, decode_step_s=0.19))
+    assert not d.run and d.reason == "TPOT at risk"
+
+
+def test_training_keeps_to_its_share_while_serving():
+    d = training_decision(
+        inputs(running=1, busy_fraction=0.6, training_share=0.5, train_step_s=0.2)
+    )
+    assert not d.run and d.reason == "over training share"
+    assert d.wait_s == pytest.approx(0.2 * 0.5 / 0.5)
+
+
+def test_within_share_and_slos_training_leaves_serving_its_core():
+    d = training_decision(inputs(running=1, busy_fraction=0.2))
+    assert d.run and d.threads == 1
