@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client_app.app import train
+from client_app.app import evaluate, train
 from collm_fl.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraSpec
 from collm_fl.errors import ConfigError
 from collm_fl.flower_records import arrayrecord_to_state, state_to_arrayrecord
@@ -78,3 +78,17 @@ def test_a_replica_node_without_a_token_gets_a_clear_error(global_state, monkeyp
     monkeypatch.delenv("COLLM_CONTROL_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="COLLM_CONTROL_TOKEN"):
         train(train_message(global_state), context({"replica-address": "127.0.0.1:1"}))
+
+
+def test_evaluate_returns_held_out_loss_only(global_state):
+    msg = Message(
+        RecordDict({"arrays": state_to_arrayrecord(global_state), "config": ConfigRecord({})}),
+        dst_node_id=7,
+        message_type="evaluate",
+    )
+    reply = evaluate(msg, context({"partition-id": 1, "num-partitions": 3}))
+    assert not reply.content.array_records  # evaluation sends nothing back but metrics
+    (metrics,) = reply.content.metric_records.values()
+    assert set(metrics) == {"num-examples", "eval-loss", "eval-perplexity"}
+    assert metrics["eval-loss"] > 0 and metrics["num-examples"] > 0
+    assert metrics["eval-perplexity"] == pytest.approx(np.exp(metrics["eval-loss"]), rel=1e-6)
