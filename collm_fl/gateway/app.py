@@ -36,7 +36,7 @@ from collm_fl.api.errors import (
     install_error_handlers,
     overloaded,
 )
-from collm_fl.api.schemas import ChatCompletionRequest, CompletionRequest
+from collm_fl.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from collm_fl.gateway.pool import ReplicaPool, Ticket
 from collm_fl.policies.routing import choose_replica
 from collm_fl.replica.metrics import SLO
@@ -69,9 +69,7 @@ class GatewayMetrics:
             registry=r,
         )
         self.unavailable = Counter(
-            "collm_gateway_unavailable",
-            "Requests answered 503: no replica could take them",
-            registry=r,
+            "collm_gateway_unavailable", "Requests answered 503: no replica took them", registry=r
         )
         self.in_flight = Gauge(
             "collm_gateway_in_flight", "Requests in flight per replica", ["replica"], registry=r
@@ -101,8 +99,14 @@ class _Job:
     body: bytes
     stream: bool
     chat: bool
-    prompt_tokens: int
+    prompt_tokens: int  # estimated: the gateway has no tokenizer
     max_tokens: int
+
+    @classmethod
+    def of(cls, req: SamplingFields, raw: bytes, prompt_chars: int, chat: bool) -> _Job:
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        max_tokens = req.max_tokens or DEFAULT_CHAT_MAX_TOKENS  # completions default to 16
+        return cls(path, raw, req.stream, chat, max(1, prompt_chars // CHARS_PER_TOKEN), max_tokens)
 
 
 class _RelayResponse(StreamingResponse):
@@ -179,30 +183,13 @@ def create_gateway_app(
 
     @app.post("/v1/completions", dependencies=guarded, response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompt = body.prompt_text()
-        max_tokens = body.max_tokens or 16
-        job = _Job(
-            "/v1/completions",
-            await request.body(),
-            body.stream,
-            False,
-            _tokens(len(prompt)),
-            max_tokens,
-        )
+        job = _Job.of(body, await request.body(), len(body.prompt_text()), chat=False)
         return await router.handle(job, request)
 
     @app.post("/v1/chat/completions", dependencies=guarded, response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         chars = sum(len(m.content) + 16 for m in body.messages)  # + the chat template's share
-        max_tokens = body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
-        job = _Job(
-            "/v1/chat/completions",
-            await request.body(),
-            body.stream,
-            True,
-            _tokens(chars),
-            max_tokens,
-        )
+        job = _Job.of(body, await request.body(), chars, chat=True)
         return await router.handle(job, request)
 
     return app
@@ -476,7 +463,3 @@ def _completion_tokens(resp: httpx.Response) -> int | None:
     except (ValueError, KeyError, TypeError):
         return None
     return n if isinstance(n, int) else None
-
-
-def _tokens(chars: int) -> int:
-    return max(1, chars // CHARS_PER_TOKEN)

@@ -172,7 +172,8 @@ class ReplicaPool:
                 log.exception("health poll round failed")
 
     async def _poll(self, r: _Replica) -> None:
-        assert self._health is not None  # only called between start and close
+        if self._health is None:
+            raise RuntimeError("ReplicaPool.start() has not been awaited")
         try:
             resp = await self._health.get(r.url + "/health")
             resp.raise_for_status()
@@ -266,14 +267,13 @@ class ReplicaPool:
     def begin(self, name: str, prompt_tokens: int, max_tokens: int) -> Ticket:
         """Count a request as sent to ``name``; end it with succeed, fail or release."""
         r = self._replicas[name]
-        view = next(v for v in self.views() if v.name == name)
         ticket = Ticket(
             replica=name,
             prompt_tokens=prompt_tokens,
             sent_at=self.clock(),
             load_at_send=max(r.in_flight, r.queue_depth + r.running),
             capacity=r.max_batch or self.model.default_max_batch,
-            training_share=view.training_share,
+            training_share=r.training_share if r.training else 0.0,
             remaining=max_tokens,
         )
         r.in_flight += 1

@@ -76,6 +76,7 @@ def create_app(replica: Replica, api_key: str | None = None) -> FastAPI:
             "adapter_version": replica.served_version,
             "run": replica.run,
             "queue_depth": s.queue_depth,
+            "max_batch_size": replica.cfg.max_batch_size,
             "running": s.running,
             "training_share": replica.training_share,
             "training": bool(replica.trainer and replica.trainer.running_job),

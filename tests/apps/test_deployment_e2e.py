@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collm_fl.launch import LocalFederation
+from collm_fl.launch import LocalFederation, executable, free_port, wait_http
 from collm_fl.store import VersionStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,20 +16,27 @@ pytestmark = pytest.mark.slow
 
 def test_rounds_on_the_deployment_engine_advance_every_replica_while_serving(tmp_path):
     out = tmp_path / "out"
-    served: list[tuple[int, int, object]] = []  # (replica, status, version)
+    served: list[tuple[str, int, object]] = []  # (routed-to replica, status, version)
     stop = threading.Event()
 
     with LocalFederation(tmp_path / "site", num_replicas=2, num_devices=1, model="tiny") as fed:
+        port = free_port()
+        cmd = [executable("collm"), "gateway", "--port", str(port)]
+        for node in fed.replicas:
+            cmd += ["--replica", node.api_url]
+        gateway = fed.spawn("gateway", cmd)
+        gateway_url = f"http://127.0.0.1:{port}"
+        wait_http(gateway_url + "/health", gateway, 60)
 
         def traffic() -> None:
             body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 8, "temperature": 0}
             deadline = time.monotonic() + 600  # bounded in time and count
-            for i in range(2000):
+            for _ in range(2000):
                 if stop.is_set() or time.monotonic() > deadline:
                     return
-                node = fed.replicas[i % 2]
-                r = httpx.post(node.api_url + "/v1/completions", json=body, timeout=60)
-                served.append((node.index, r.status_code, r.json().get("adapter_version")))
+                r = httpx.post(gateway_url + "/v1/completions", json=body, timeout=60)
+                routed = r.headers.get("X-Routed-To", "?")
+                served.append((routed, r.status_code, r.json().get("adapter_version")))
 
         sender = threading.Thread(target=traffic)
         sender.start()
@@ -55,10 +62,11 @@ def test_rounds_on_the_deployment_engine_advance_every_replica_while_serving(tmp
             assert health["adapter_version"] == 2, (node.index, health)
             assert health["run"] == "default"
 
-    # Requests were served throughout: all succeeded, and each replica's versions only advanced.
+    # Requests were served through the gateway throughout: all succeeded, and each replica's
+    # versions only advanced.
     assert served and all(status == 200 for _, status, _ in served)
-    for idx in (0, 1):
-        versions = [v for i, _, v in served if i == idx and v is not None]
+    for name in {n for n, _, _ in served}:
+        versions = [v for n, _, v in served if n == name and v is not None]
         assert versions == sorted(versions)
     store = VersionStore(out)
     run = store.find_run("default")

@@ -1,0 +1,99 @@
+"""The pool's bookkeeping (no network: requests are begun and ended by hand, on a fake clock)."""
+
+import pytest
+
+from collm_fl.errors import ConfigError
+from collm_fl.gateway.pool import ReplicaPool
+from collm_fl.policies.routing import LatencyModel
+
+MODEL = LatencyModel(default_max_batch=4)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_pool() -> tuple[ReplicaPool, Clock]:
+    clock = Clock()
+    return ReplicaPool(
+        ["http://127.0.0.1:8100/v1", "http://127.0.0.1:8101/"], model=MODEL, clock=clock
+    ), clock
+
+
+def view(pool: ReplicaPool, name: str):
+    return next(v for v in pool.views() if v.name == name)
+
+
+def test_replicas_are_named_by_host_and_port_and_urls_normalised():
+    pool, _ = make_pool()
+    assert pool.names() == ["127.0.0.1:8100", "127.0.0.1:8101"]
+    assert pool.url_of("127.0.0.1:8100") == "http://127.0.0.1:8100"
+    assert all(not v.healthy for v in pool.views())  # unknown until the first poll
+
+
+@pytest.mark.parametrize(
+    "urls", [[], ["127.0.0.1:8100"], ["ftp://h:1"], ["http://h:1", "http://h:1/v1"]]
+)
+def test_bad_replica_lists_are_config_errors(urls):
+    with pytest.raises(ConfigError):
+        ReplicaPool(urls)
+
+
+def test_in_flight_counts_balance_however_a_request_ends():
+    pool, _ = make_pool()
+    a = "127.0.0.1:8100"
+    tickets = [pool.begin(a, 10, 50) for _ in range(4)]
+    assert view(pool, a).in_flight == 4 and view(pool, a).in_flight_tokens == 200
+    for _ in range(5):
+        pool.on_token(tickets[0])
+    assert view(pool, a).in_flight_tokens == 195
+    pool.succeed(tickets[0])
+    pool.fail(tickets[1], "boom")
+    pool.release(tickets[2])
+    pool.release(tickets[2])  # ending twice changes nothing
+    pool.succeed(tickets[1])
+    assert view(pool, a).in_flight == 1 and view(pool, a).in_flight_tokens == 50
+    pool.release(tickets[3])
+    assert view(pool, a).in_flight == 0 and view(pool, a).in_flight_tokens == 0
+
+
+def test_a_streamed_request_teaches_unloaded_ttft_and_tpot():
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    t = pool.begin(a, 0, 10)
+    clock.now += 0.2
+    pool.on_token(t)  # first token after 0.2 s
+    for _ in range(4):
+        clock.now += 0.05
+        pool.on_token(t)
+    pool.succeed(t)
+    v = view(pool, a)
+    assert v.ewma_ttft_s == pytest.approx(0.2) and v.ewma_tpot_s == pytest.approx(0.05)
+
+
+def test_a_json_request_teaches_tpot_from_its_duration():
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    t = pool.begin(a, 0, 11)
+    clock.now += MODEL.prior_ttft_s + 10 * 0.03
+    pool.succeed(t, completion_tokens=11)
+    assert view(pool, a).ewma_tpot_s == pytest.approx(0.03)
+    assert view(pool, a).ewma_ttft_s is None  # not visible in a JSON reply
+
+
+def test_failures_count_until_a_success_and_a_refused_connection_marks_unhealthy():
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    pool._replicas[a].healthy = True  # as after a good poll
+    pool.fail(pool.begin(a, 1, 4), "HTTP 503")
+    clock.now += 2.0
+    v = view(pool, a)
+    assert v.healthy and v.consecutive_failures == 1 and v.last_error_age_s == pytest.approx(2.0)
+    pool.fail(pool.begin(a, 1, 4), "ConnectError", replica_down=True)
+    assert not view(pool, a).healthy and view(pool, a).consecutive_failures == 2
+    pool.succeed(pool.begin(a, 1, 4))
+    assert view(pool, a).consecutive_failures == 0
