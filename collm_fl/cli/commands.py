@@ -123,6 +123,16 @@ def dispatch(args: argparse.Namespace) -> int:
         print(md_path.read_text())
         print(f"wrote {json_path} and {md_path}")
         return 0
+    if args.command == "bench" and args.bench == "replica":
+        from collm_fl.bench.replica import run_replica_benchmarks, write_replica_report
+
+        which = [w.strip() for w in args.only.split(",") if w.strip()]
+        bench = run_replica_benchmarks(
+            args.model, which, quick=args.quick, progress=lambda line: print(line, flush=True)
+        )
+        _, md = write_replica_report(bench, Path(args.out), _command_line())
+        print(md.read_text())
+        return 0
     if args.command == "bench" and args.bench == "soak":
         from collm_fl.bench.soak import run_soak, write_soak_report
 

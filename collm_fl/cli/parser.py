@@ -160,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="docs/bench")
 
     b = bsub.add_parser(
+        "replica", help="replica: swap stall, memory, unmerged cost, training interference"
+    )
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--only", default="swap,memory,unmerged,interference", help="comma list")
+    b.add_argument("--quick", action="store_true", help="smoke-size run (use with --model tiny)")
+    b.add_argument("--out", default="docs/bench")
+
+    b = bsub.add_parser(
         "soak", help="gateway + replicas at and above capacity with adapter swaps: errors, RSS"
     )
     b.add_argument("--model", default="tiny")
