@@ -1,0 +1,389 @@
+"""Forwarding for the gateway: route with the policy, relay JSON or SSE, fail over.
+
+Failover: a replica that refuses a request before any byte of the reply reached the client
+(connection error, 5xx, 429, a broken body or an SSE stream that breaks before its first event) is
+marked and the request goes to the next choice, up to ``max_attempts``; then a 503 with Retry-After.
+A stream that breaks after tokens were relayed ends with a final chunk carrying ``finish_reason:
+"error"`` and an ``error`` object, then ``data: [DONE]``. A replica's 4xx is the client's problem
+and passes through as is. A client that goes away cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from starlette.types import Receive, Scope, Send
+
+from collm_fl.api.errors import (
+    overloaded,
+)
+from collm_fl.api.schemas import SamplingFields
+from collm_fl.gateway.pool import ReplicaPool, Ticket
+from collm_fl.policies.routing import choose_replica
+from collm_fl.replica.metrics import SLO
+
+log = logging.getLogger(__name__)
+ROUTED_HEADER = "X-Routed-To"
+VERSION_HEADER = "X-Adapter-Version"
+RETRY_AFTER_S = 1
+DEFAULT_CHAT_MAX_TOKENS = 256  # the replica's default when a chat request names none
+CHARS_PER_TOKEN = 4  # prompt-length estimate: the gateway has no tokenizer
+DONE = b"data: [DONE]\n\n"
+
+
+class GatewayMetrics:
+    """The gateway's Prometheus series (a registry per app, so tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "collm_gateway_requests",
+            "Requests routed to a replica, by outcome (ok, client_error, stream_error, cancelled)",
+            ["replica", "outcome"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "collm_gateway_failovers",
+            "Attempts a replica refused before any byte reached the client (retried elsewhere)",
+            ["replica", "reason"],
+            registry=r,
+        )
+        self.unavailable = Counter(
+            "collm_gateway_unavailable", "Requests answered 503: no replica took them", registry=r
+        )
+        self.in_flight = Gauge(
+            "collm_gateway_in_flight", "Requests in flight per replica", ["replica"], registry=r
+        )
+        self.healthy = Gauge(
+            "collm_gateway_replica_healthy", "1 if the replica is healthy", ["replica"], registry=r
+        )
+
+
+class _Refused(Exception):
+    """A replica refused a request before any byte of the reply reached the client."""
+
+    def __init__(self, reason: str, kind: str, replica_down: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.kind, self.replica_down = reason, kind, replica_down
+
+
+class _ClientGone(Exception):
+    """The client disconnected before the reply started."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated request, forwarded as the client sent it."""
+
+    path: str
+    body: bytes
+    stream: bool
+    chat: bool
+    prompt_tokens: int  # estimated: the gateway has no tokenizer
+    max_tokens: int
+
+    @classmethod
+    def of(cls, req: SamplingFields, raw: bytes, prompt_chars: int, chat: bool) -> Job:
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        max_tokens = req.max_tokens or DEFAULT_CHAT_MAX_TOKENS  # completions default to 16
+        return cls(path, raw, req.stream, chat, max(1, prompt_chars // CHARS_PER_TOKEN), max_tokens)
+
+
+class RelayResponse(StreamingResponse):
+    """A streaming response that always runs its cleanup, even if its body never started."""
+
+    def __init__(
+        self,
+        content: AsyncGenerator[bytes, None],
+        on_close: Callable[[], Awaitable[None]],
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._gen, self._on_close = content, on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._gen.aclose()
+            await self._on_close()
+
+
+class Router:
+    """Routing, forwarding and failover for one app."""
+
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        slo: SLO,
+        replica_api_key: str | None,
+        max_attempts: int,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.pool, self.slo, self.max_attempts, self.metrics = pool, slo, max_attempts, metrics
+        self.headers = {"Content-Type": "application/json"}
+        if replica_api_key:
+            self.headers["Authorization"] = f"Bearer {replica_api_key}"
+
+    async def handle(self, job: Job, request: Request) -> Response:
+        excluded: set[str] = set()
+        last = "no healthy replica"
+        for _ in range(self.max_attempts):
+            views = self.pool.views()
+            name = choose_replica(views, job.prompt_tokens, job.max_tokens, self.slo, excluded)
+            if name is None:
+                break
+            ticket = self.pool.begin(name, job.prompt_tokens, job.max_tokens)
+            attempt = self._open_stream(job, ticket) if job.stream else self._forward(job, ticket)
+            try:
+                return await _unless_client_leaves(request, attempt)
+            except _Refused as e:
+                self.pool.fail(ticket, e.reason, e.replica_down)
+                self.metrics.failovers.labels(name, e.kind).inc()
+                excluded.add(name)
+                last = f"{name}: {e.reason}"
+                log.warning("replica %s refused a request (%s); failing over", name, e.reason)
+            except _ClientGone:
+                self.pool.release(ticket)
+                self.metrics.requests.labels(name, "cancelled").inc()
+                return Response(status_code=499)
+            except BaseException:
+                self.pool.release(ticket)
+                raise
+        self.metrics.unavailable.inc()
+        raise overloaded(RETRY_AFTER_S, f"no replica can take the request now ({last})")
+
+    async def models(self) -> Response:
+        excluded: set[str] = set()
+        while (name := choose_replica(self.pool.views(), 0, 1, self.slo, excluded)) is not None:
+            try:
+                resp = await self.pool.client.get(
+                    self.pool.url_of(name) + "/v1/models", headers=self.headers
+                )
+                _check_status(resp)
+                return _passthrough(resp, name)
+            except (httpx.TransportError, _Refused) as e:
+                log.warning("replica %s failed /v1/models (%s)", name, e)
+                excluded.add(name)
+        self.metrics.unavailable.inc()
+        raise overloaded(RETRY_AFTER_S, "no healthy replica to list models from")
+
+    async def _forward(self, job: Job, ticket: Ticket) -> Response:
+        """A JSON request: any failure before the whole reply arrived is retried elsewhere."""
+        name = ticket.replica
+        try:
+            resp = await self.pool.client.post(
+                self.pool.url_of(name) + job.path, content=job.body, headers=self.headers
+            )
+        except httpx.TransportError as e:
+            raise _refused(e) from e
+        _check_status(resp)
+        if resp.status_code != 200:
+            self.pool.release(ticket)
+            self.metrics.requests.labels(name, "client_error").inc()
+            return _passthrough(resp, name)
+        self.pool.succeed(ticket, _completion_tokens(resp))
+        self.metrics.requests.labels(name, "ok").inc()
+        return _passthrough(resp, name)
+
+    async def _open_stream(self, job: Job, ticket: Ticket) -> Response:
+        """An SSE request: committed to this replica once its first event has arrived."""
+        name = ticket.replica
+        client = self.pool.client
+        req = client.build_request(
+            "POST", self.pool.url_of(name) + job.path, content=job.body, headers=self.headers
+        )
+        try:
+            resp = await client.send(req, stream=True)
+        except httpx.TransportError as e:
+            raise _refused(e) from e
+        try:
+            if resp.status_code != 200:
+                await resp.aread()
+                _check_status(resp)
+                self.pool.release(ticket)
+                self.metrics.requests.labels(name, "client_error").inc()
+                return _passthrough(resp, name)
+            events = _sse_events(resp)
+            try:
+                first = await anext(events)
+            except StopAsyncIteration as e:
+                raise _Refused("stream ended before its first event", "empty_stream") from e
+            except httpx.TransportError as e:
+                raise _refused(e) from e
+        except BaseException:
+            await resp.aclose()
+            raise
+
+        async def close() -> None:
+            await events.aclose()
+            await resp.aclose()
+            if not ticket.done:  # the client went away mid-stream
+                self.pool.release(ticket)
+                self.metrics.requests.labels(name, "cancelled").inc()
+
+        headers = {ROUTED_HEADER: name, "Cache-Control": "no-cache"}
+        if VERSION_HEADER in resp.headers:
+            headers[VERSION_HEADER] = resp.headers[VERSION_HEADER]
+        relay = self._relay(job, ticket, first, events)
+        return RelayResponse(relay, close, headers=headers)
+
+    async def _relay(
+        self, job: Job, ticket: Ticket, first: bytes, events: AsyncIterator[bytes]
+    ) -> AsyncGenerator[bytes, None]:
+        """Relay SSE events unchanged; end a broken stream cleanly with an error chunk."""
+        last: dict[str, object] = {}
+        event, error = first, None
+        while True:
+            if event.startswith(DONE.strip()):
+                yield event
+                break
+            if _is_token(event, last, job.chat):
+                self.pool.on_token(ticket)
+            yield event
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                error = "the replica closed the stream before it finished"
+            except httpx.TransportError as e:
+                error = f"the replica failed mid-stream ({type(e).__name__})"
+            if error is not None:
+                break
+        if error is None:
+            self.pool.succeed(ticket)
+            self.metrics.requests.labels(ticket.replica, "ok").inc()
+            return
+        log.warning("stream from replica %s broke after %d tokens", ticket.replica, ticket.tokens)
+        self.pool.fail(ticket, error)
+        self.metrics.requests.labels(ticket.replica, "stream_error").inc()
+        yield _error_chunk(last, job.chat, error)
+        yield DONE
+
+
+async def _unless_client_leaves(
+    request: Request, attempt: Coroutine[None, None, Response]
+) -> Response:
+    """Run ``attempt``; cancel it (and so the upstream request) if the client disconnects."""
+    work = asyncio.ensure_future(attempt)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        raise _ClientGone()
+    finally:
+        for task in (work, watch):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse_events(resp: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """Complete SSE events (``…\\n\\n``); a trailing partial event is dropped."""
+    buf = b""
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        while (end := buf.find(b"\n\n")) >= 0:
+            yield buf[: end + 2]
+            buf = buf[end + 2 :]
+
+
+def _is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
+    """Whether an SSE event carries generated text; remembers its envelope in ``last``."""
+    if not event.startswith(b"data: "):
+        return False
+    try:
+        payload = json.loads(event[6:])
+    except ValueError:
+        return False
+    if not isinstance(payload, dict):
+        return False
+    last.update(
+        {k: payload.get(k) for k in ("id", "object", "created", "model", "adapter_version")}
+    )
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return False
+    part = choices[0].get("delta", {}) if chat else choices[0]
+    return isinstance(part, dict) and bool(part.get("content" if chat else "text"))
+
+
+def _error_chunk(last: dict[str, object], chat: bool, message: str) -> bytes:
+    choice: dict[str, object] = {"index": 0, "finish_reason": "error"}
+    if chat:
+        choice["delta"] = {}
+    else:
+        choice.update(text="", logprobs=None)
+    payload = {
+        "id": last.get("id"),
+        "object": last.get("object") or ("chat.completion.chunk" if chat else "text_completion"),
+        "created": last.get("created") or int(time.time()),
+        "model": last.get("model"),
+        "choices": [choice],
+        "adapter_version": last.get("adapter_version"),
+        "error": {
+            "message": message,
+            "type": "server_error",
+            "param": None,
+            "code": "replica_failed",
+        },
+    }
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def _refused(e: httpx.TransportError) -> _Refused:
+    down = isinstance(e, httpx.ConnectError)  # nothing listens: the replica is gone
+    reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return _Refused(reason, type(e).__name__, replica_down=down)
+
+
+def _check_status(resp: httpx.Response) -> None:
+    """Raise :class:`_Refused` for replies another replica might not give (5xx, 429, 401/403)."""
+    code = resp.status_code
+    if code in (401, 403):
+        log.error(
+            "a replica refused the gateway's credentials (HTTP %d): check the replica key", code
+        )
+    if code >= 500 or code in (401, 403, 429):
+        raise _Refused(f"HTTP {code}: {_error_message(resp)}", f"http_{code}")
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+        return str(body["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:200]
+
+
+def _passthrough(resp: httpx.Response, name: str) -> Response:
+    headers = {ROUTED_HEADER: name}
+    for key in (VERSION_HEADER, "Retry-After", "WWW-Authenticate"):
+        if key in resp.headers:
+            headers[key] = resp.headers[key]
+    media_type = resp.headers.get("content-type", "application/json")
+    return Response(resp.content, resp.status_code, headers=headers, media_type=media_type)
+
+
+def _completion_tokens(resp: httpx.Response) -> int | None:
+    try:
+        n = resp.json()["usage"]["completion_tokens"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return n if isinstance(n, int) else None
