@@ -78,6 +78,11 @@ def run_quality_benchmark(
             "torch_threads": torch.get_num_threads(),
         },
         "run": run_name,
+        "run_config": run.config,  # how the evaluated versions were trained
+        "rounds": [
+            {"round": r.number, "status": r.status, "clients_ok": r.num_ok, "seconds": r.seconds}
+            for r in store.list_rounds(run.id)
+        ],
         "model": cfg.model,
         "data": cfg.data,
         "partitioning": cfg.partitioning,
@@ -119,6 +124,8 @@ def _markdown(r: dict[str, object]) -> str:
         "",
         f"Perplexity change base → final: {-100 * float(r['perplexity_reduction']):+.1f}%",  # type: ignore[arg-type]
         "",
+        _training_line(r),
+        "",
         f"Command: `{r['command']}`  ",
         f"Machine: {r['machine']}",
         "",
@@ -151,3 +158,20 @@ def _plot(r: dict[str, object], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _training_line(r: dict[str, object]) -> str:
+    cfg = r.get("run_config")
+    rounds = r.get("rounds")
+    if not isinstance(cfg, dict) or not isinstance(rounds, list):
+        return ""
+    clients = max((int(x["clients_ok"]) for x in rounds), default=0)
+    return (
+        f"Versions trained by the federation run `{r['run']}`: {len(rounds)} rounds, up to "
+        f"{clients} clients per round, {cfg.get('local-steps')} local steps of batch "
+        f"{cfg.get('batch-size')} × {cfg.get('seq-len')} tokens, learning rate "
+        f"{cfg.get('learning-rate')}, LoRA r={cfg.get('lora-rank')} "
+        f"alpha={cfg.get('lora-alpha')} on {cfg.get('lora-targets')}, "
+        f"{cfg.get('aggregation')} aggregation, "
+        f"{cfg.get('partitioning')} partitioning."
+    )
