@@ -1,156 +1,28 @@
-"""Quality-aware allocation: per round, how much of each replica's capacity trains vs serves.
+"""Quality-aware allocation as a strategy component (the policy itself is pure and lives in
+:mod:`collm_fl.policies.allocation`, so the benchmarks and the simulator run the same code)."""
 
-The long-timescale half of CoLLM-FL's coordination, as pure functions of measured inputs (the same
-code runs live in the ServerApp, in tests and in the simulator):
+from collm_fl.policies.allocation import (
+    AllocationInputs,
+    NodeBudget,
+    NodeLoad,
+    NodeState,
+    allocate,
+    describe,
+    forecast_rate,
+    headroom,
+    load_from_metrics,
+    quality_gain_factor,
+)
 
-1. **Quality gain.** From the history of central held-out loss vs training steps, estimate how
-   much the next steps still buy: the latest per-step improvement relative to the first rounds'.
-   Gains flattening → a smaller round budget (down to ``min_gain_factor``).
-2. **Load headroom.** Each replica's forecast load (EWMA of its reported request rate, and its
-   latency relative to the SLOs) leaves a headroom in [0, 1]; the training share is that headroom.
-   A replica at or over its SLO sits the round out; an idle one trains with the whole replica.
-3. **Deadline.** Steps are capped so ``steps × step_seconds / share`` fits the round deadline.
-
-Devices (nodes without a replica) have no serving load: they get the gain-scaled budget.
-"""
-
-from __future__ import annotations
-
-import itertools
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-
-IDLE_RATE = 0.05  # requests/s below which a replica counts as idle
-FORECAST_ALPHA = 0.5  # weight of the newest load report in the forecast
-
-
-@dataclass(frozen=True)
-class NodeLoad:
-    """What a node reported about its serving since the previous round (None for devices)."""
-
-    request_rate: float
-    queue_depth: float
-    ttft_p99: float
-    tpot_p99: float
-    slo_attainment: float
-
-
-@dataclass(frozen=True)
-class NodeState:
-    node_id: int
-    load: NodeLoad | None  # None: a device (no replica)
-    forecast_rate: float  # forecast requests/s for the next round (see forecast_rate())
-    step_seconds: float | None  # measured seconds per training micro-step (None: unknown yet)
-
-
-@dataclass(frozen=True)
-class AllocationInputs:
-    nodes: tuple[NodeState, ...]
-    ttft_slo_s: float
-    tpot_slo_s: float
-    deadline_s: float  # the round's training deadline
-    max_steps: int  # the configured local steps (the most any node trains in a round)
-    loss_history: tuple[tuple[int, float], ...]  # (cumulative global steps, central eval loss)
-    min_gain_factor: float = 0.2  # the budget never shrinks below this share of max_steps
-    min_share: float = 0.1  # a share below this is not worth the interference: sit out
-
-
-@dataclass(frozen=True)
-class NodeBudget:
-    node_id: int
-    steps: int  # 0 = sit this round out
-    share: float  # training share of the replica's compute while it serves (1.0 for devices)
-    deadline_s: float
-    reason: str
-
-
-def forecast_rate(previous: float | None, current: float, alpha: float = FORECAST_ALPHA) -> float:
-    """EWMA forecast of next round's request rate from this round's report."""
-    return current if previous is None else alpha * current + (1 - alpha) * previous
-
-
-def quality_gain_factor(history: Sequence[tuple[int, float]], floor: float = 0.2) -> float:
-    """How much training still helps, in [floor, 1]: latest per-step gain / early per-step gain.
-
-    With fewer than three points there is no trend yet: 1.0. A loss that got worse counts as no
-    gain (the quality gate elsewhere keeps a bad version from being served).
-    """
-    if len(history) < 3:
-        return 1.0
-    pts = sorted(history)
-    rates = []
-    for (s0, l0), (s1, l1) in itertools.pairwise(pts):
-        if s1 > s0:
-            rates.append(max(0.0, (l0 - l1) / (s1 - s0)))
-    if not rates or rates[0] <= 0:
-        return floor if rates else 1.0
-    early = max(rates[: max(1, len(rates) // 2)])
-    return float(min(1.0, max(floor, rates[-1] / early)))
-
-
-def headroom(load: NodeLoad, forecast: float, ttft_slo_s: float, tpot_slo_s: float) -> float:
-    """Share of a replica's compute serving can spare next round, in [0, 1]."""
-    if forecast < IDLE_RATE and load.queue_depth == 0:
-        return 1.0
-    pressure = max(
-        load.ttft_p99 / ttft_slo_s if ttft_slo_s > 0 else 0.0,
-        load.tpot_p99 / tpot_slo_s if tpot_slo_s > 0 else 0.0,
-        1.0 - load.slo_attainment,  # any SLO misses count directly
-    )
-    # Growth in the forecast rate eats headroom proportionally.
-    growth = forecast / load.request_rate if load.request_rate > IDLE_RATE else 1.0
-    return float(min(1.0, max(0.0, 1.0 - pressure * max(1.0, growth))))
-
-
-def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
-    """Per-node training budgets for the next round (see module docstring)."""
-    gain = quality_gain_factor(inputs.loss_history, inputs.min_gain_factor)
-    target = max(1, math.ceil(inputs.max_steps * gain))
-    budgets: list[NodeBudget] = []
-    for node in inputs.nodes:
-        if node.load is None:
-            steps = _fit_deadline(target, node.step_seconds, 1.0, inputs.deadline_s)
-            budgets.append(
-                NodeBudget(node.node_id, steps, 1.0, inputs.deadline_s, f"device; gain {gain:.2f}")
-            )
-            continue
-        room = headroom(node.load, node.forecast_rate, inputs.ttft_slo_s, inputs.tpot_slo_s)
-        if room < inputs.min_share:
-            budgets.append(
-                NodeBudget(node.node_id, 0, 0.0, inputs.deadline_s, f"busy: headroom {room:.2f}")
-            )
-            continue
-        # Busy replicas train less: the step budget scales with the share serving can spare.
-        wanted = max(1, round(target * room))
-        steps = _fit_deadline(wanted, node.step_seconds, room, inputs.deadline_s)
-        reason = f"headroom {room:.2f}, gain {gain:.2f}"
-        budgets.append(NodeBudget(node.node_id, steps, room, inputs.deadline_s, reason))
-    return budgets
-
-
-def _fit_deadline(steps: int, step_seconds: float | None, share: float, deadline_s: float) -> int:
-    """Cap ``steps`` so they fit the deadline at this training share (unknown speed: uncapped)."""
-    if step_seconds is None or step_seconds <= 0:
-        return steps
-    fit = math.floor(deadline_s * share / step_seconds)
-    return max(0, min(steps, fit))
-
-
-def load_from_metrics(metrics: Mapping[str, float]) -> NodeLoad | None:
-    """A NodeLoad from a train reply's ``load-*`` metrics (None if the node sent none)."""
-    try:
-        return NodeLoad(
-            request_rate=float(metrics["load-request-rate"]),
-            queue_depth=float(metrics["load-queue-depth"]),
-            ttft_p99=float(metrics["load-ttft-p99"]),
-            tpot_p99=float(metrics["load-tpot-p99"]),
-            slo_attainment=float(metrics["load-slo-attainment"]),
-        )
-    except KeyError:
-        return None
-
-
-def describe(inputs: AllocationInputs, budgets: Sequence[NodeBudget]) -> dict[str, object]:
-    """A JSON-able record of one decision with its inputs (stored as an event)."""
-    return {"inputs": asdict(inputs), "budgets": [asdict(b) for b in budgets]}
+__all__ = [
+    "AllocationInputs",
+    "NodeBudget",
+    "NodeLoad",
+    "NodeState",
+    "allocate",
+    "describe",
+    "forecast_rate",
+    "headroom",
+    "load_from_metrics",
+    "quality_gain_factor",
+]

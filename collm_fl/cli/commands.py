@@ -133,6 +133,30 @@ def dispatch(args: argparse.Namespace) -> int:
         _, md = write_replica_report(bench, Path(args.out), _command_line())
         print(md.read_text())
         return 0
+    if args.command == "bench" and args.bench == "goodput":
+        from collm_fl.bench.goodput import run_goodput_benchmark
+
+        try:
+            rates = [float(r) for r in args.rates.split(",") if r.strip()] or None
+        except ValueError as e:
+            raise ConfigError(f"--rates must be comma-separated numbers, got {args.rates!r}") from e
+        run_goodput_benchmark(
+            args.model,
+            args.replicas,
+            rates,
+            args.rounds,
+            args.duration_per_round,
+            args.out,
+            args.quick,
+            lambda line: print(line, flush=True),
+            arrivals=args.arrivals,
+            trace=args.trace,
+            slo_factor=args.slo_factor,
+            seed=args.seed,
+            command=_command_line(),
+        )
+        print((Path(args.out) / "goodput.md").read_text())
+        return 0
     if args.command == "bench" and args.bench == "soak":
         from collm_fl.bench.soak import run_soak, write_soak_report
 

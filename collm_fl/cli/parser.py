@@ -168,6 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="docs/bench")
 
     b = bsub.add_parser(
+        "goodput",
+        help="CoLLM-FL vs separate / co-located / merged on the same replicas, trace and budget",
+    )
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--replicas", type=int, default=2)
+    b.add_argument("--rates", default="", help="comma list of req/s (default: from calibration)")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--duration-per-round", type=float, default=90.0, help="seconds")
+    b.add_argument("--arrivals", default="bursty")
+    b.add_argument("--trace", default=None, help="Azure-format CSV trace instead of arrivals")
+    b.add_argument("--slo-factor", type=float, default=5.0, help="SLO = factor × unloaded latency")
+    b.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 rate, 1 round")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default="docs/bench")
+
+    b = bsub.add_parser(
         "soak", help="gateway + replicas at and above capacity with adapter swaps: errors, RSS"
     )
     b.add_argument("--model", default="tiny")

@@ -42,7 +42,8 @@ DEFAULT_RUN = "default"
 # baselines of `collm bench goodput` and stop the world: "reload" pauses serving, reads the
 # version back from its stored PEFT directory, loads, validates and promotes it, then resumes;
 # "merge" pauses serving, unmerges the previous merged version and merges the new one into the
-# base weights (no LoRA cost per token; every new request gets it on slot -1).
+# base weights (no LoRA cost per token; every new request gets it on slot -1; requests in flight
+# go on with the new weights, as in any merged-weights server that updates in place).
 SWAP_MODES = ("shadow", "reload", "merge")
 
 

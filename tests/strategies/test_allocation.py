@@ -16,7 +16,7 @@ SLO = dict(ttft_slo_s=2.0, tpot_slo_s=0.2)
 
 def load(rate: float, ttft: float = 0.2, tpot: float = 0.02, attain: float = 1.0, queue: float = 0):
     return NodeLoad(
-        request_rate=rate, queue_depth=queue, ttft_p99=ttft, tpot_p99=tpot, slo_attainment=attain
+        request_rate=rate, queue_depth=queue, ttft_p95=ttft, tpot_p95=tpot, slo_attainment=attain
     )
 
 
@@ -47,9 +47,14 @@ def test_idle_replica_trains_with_the_whole_replica():
     assert b.share == 1.0 and b.steps == 20
 
 
-def test_replica_at_its_slo_sits_the_round_out():
-    (b,) = allocate(inputs([replica(1, load(3.0, ttft=2.5, tpot=0.25, attain=0.7))]))
-    assert b.steps == 0 and "busy" in b.reason
+def test_overloaded_replica_sits_the_round_out():
+    (b,) = allocate(inputs([replica(1, load(3.0, ttft=2.5, tpot=0.25, attain=0.3))]))
+    assert b.steps == 0 and "overloaded" in b.reason
+
+
+def test_busy_replica_at_its_slo_still_trains_at_the_minimum_share():
+    (b,) = allocate(inputs([replica(1, load(3.0, ttft=2.5, tpot=0.25, attain=0.8))]))
+    assert b.share == 0.1 and 0 < b.steps < 20
 
 
 def test_no_training_beyond_the_deadline():
@@ -93,8 +98,8 @@ def test_load_from_metrics_reads_replica_reports_and_ignores_devices():
     metrics = {
         "load-request-rate": 1.5,
         "load-queue-depth": 2,
-        "load-ttft-p99": 0.4,
-        "load-tpot-p99": 0.05,
+        "load-ttft-p95": 0.4,
+        "load-tpot-p95": 0.05,
         "load-slo-attainment": 0.9,
     }
     assert load_from_metrics(metrics) == NodeLoad(1.5, 2, 0.4, 0.05, 0.9)

@@ -1,0 +1,356 @@
+"""``collm bench goodput``: goodput and served quality of four ways to train and serve together.
+
+The headline benchmark. The same R replica processes (fresh ones per system × rate, so every run
+starts from the same state: same weights, data order and empty queues), the same private data, the
+same arrival schedule and the same total training budget per round, for four systems
+(:mod:`.goodput_systems`): a static train/serve split, co-located with exclusive training,
+merged-adapter serving, and CoLLM-FL. The federation is emulated by :mod:`.goodput_rounds`.
+
+Setup comes from a short calibration on one replica (:func:`.goodput_systems.calibrate`): its
+unloaded TTFT and TPOT (sequential requests) set the SLOs as ``slo_factor`` × unloaded
+(``slo_from_unloaded``); its saturated throughput (a burst of requests at once) sets the default
+rates (fractions of R × that, light to overload); its idle training step time sets the per-round
+budget (``TRAIN_FRACTION`` of the machine's compute per round). Reports: :mod:`.goodput_report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from collm_fl.bench.aggregation import machine_info, matmul_gflops
+from collm_fl.bench.goodput_report import (
+    Calibration,
+    GoodputResult,
+    MachineRecord,
+    RateOutcome,
+    RunOutcome,
+    SystemInfo,
+    write_goodput_report,
+)
+from collm_fl.bench.goodput_rounds import RunSettings, StartVersion
+from collm_fl.bench.goodput_systems import (
+    COLLM,
+    SYSTEM_SPECS,
+    SYSTEMS,
+    SystemRun,
+    calibrate,
+    run_system,
+)
+from collm_fl.central_eval import CentralEvaluator
+from collm_fl.config import RunConfig
+from collm_fl.errors import ConfigError
+from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, arrival_times
+from collm_fl.loadgen.client import RequestSpec, build_requests
+from collm_fl.loadgen.goodput import (
+    SLOSpec,
+    served_quality_at,
+    slo_from_unloaded,
+    summarize_results,
+    time_to_quality,
+)
+from collm_fl.loadgen.trace import TraceRow, load_azure_trace, scale_trace
+from collm_fl.training import get_adapter_state
+
+log = logging.getLogger(__name__)
+
+RATE_FRACTIONS = (0.15, 0.4, 1.0)  # default rates: × R × one replica's saturated throughput
+QUICK_RATE_FRACTION = 0.4
+TRAIN_FRACTION = 0.3  # training budget per round: this share of the machine's compute
+DEADLINE_FRACTION = 0.7  # training deadline within a round (the rest: aggregate, eval, push)
+WARMUP_FRACTION = 0.2  # serving v0 before round 1, × the round length
+PROMPT_TOKENS, OUTPUT_TOKENS = 48, 24
+EVAL_SAMPLES = 8  # central held-out samples (each round's evaluation runs beside the load)
+
+
+def run_goodput_benchmark(
+    model: str = "smollm2-135m",
+    replicas: int = 2,
+    rates: Sequence[float] | None = None,
+    rounds: int = 3,
+    duration_per_round_s: float = 60.0,
+    out_dir: str | Path = "docs/bench",
+    quick: bool = False,
+    progress: Callable[[str], None] | None = None,
+    *,
+    arrivals: str = "bursty",
+    trace: str | None = None,
+    slo_factor: float = 5.0,
+    seed: int = 0,
+    command: str | None = None,
+) -> dict[str, object]:
+    """Run the four systems at every rate and write ``goodput.{md,json}`` + two PNGs to ``out_dir``.
+
+    ``rates`` are requests/s (None: calibrated, see ``RATE_FRACTIONS``); ``trace`` replays an
+    Azure-format trace rescaled to each rate instead of ``arrivals``. ``quick`` is the smoke run
+    the tests use: model ``tiny``, 2 replicas, 1 rate, 1 round of 6 s (whatever was passed).
+    Returns the report's JSON content.
+    """
+    say = progress or (lambda line: log.info("%s", line))
+    if quick:
+        model, replicas, rounds = "tiny", 2, 1
+        duration_per_round_s = min(duration_per_round_s, 6.0)
+        rates = list(rates[:1]) if rates else None
+    _check_args(replicas, rates, rounds, duration_per_round_s, slo_factor)
+    if trace is None and arrivals not in ARRIVAL_KINDS:
+        raise ConfigError(f"arrivals: expected one of {ARRIVAL_KINDS}, got {arrivals!r}")
+    trace_rows = load_azure_trace(trace) if trace else None  # a bad trace fails before any run
+    started = time.monotonic()
+    load_start = list(os.getloadavg())
+    gflops_start = matmul_gflops()
+    cfg = RunConfig(model=model, seed=seed, central_eval_samples=4 if quick else EVAL_SAMPLES)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # version 0 (the fresh LoRA init) is the same for every system
+        evaluator = CentralEvaluator(cfg)
+    start_state = get_adapter_state(evaluator.model)
+    start = StartVersion(start_state, evaluator.evaluate(start_state).loss)  # once for all runs
+    with tempfile.TemporaryDirectory(prefix="collm-goodput-") as tmp:
+        work = Path(tmp)
+        say(f"calibrating one replica of {model} ...")
+        cal = calibrate(
+            model,
+            replicas,
+            start_state,
+            cfg,
+            work / "calibration",
+            quick,
+            seed,
+            PROMPT_TOKENS,
+            OUTPUT_TOKENS,
+        )
+        slo = slo_from_unloaded(cal.ttft_unloaded_s, cal.tpot_unloaded_s, slo_factor)
+        say(
+            f"calibration: unloaded TTFT {1e3 * cal.ttft_unloaded_s:.0f} ms, TPOT "
+            f"{1e3 * cal.tpot_unloaded_s:.1f} ms -> SLO {1e3 * slo.ttft_s:.0f} / "
+            f"{1e3 * slo.tpot_s:.0f} ms ({slo_factor:g}x); saturated {cal.capacity_rps:.2f} req/s "
+            f"per replica; training step {cal.train_step_s:.3f} s"
+        )
+        fractions = (QUICK_RATE_FRACTION,) if quick else RATE_FRACTIONS
+        chosen = list(rates) if rates else [f * replicas * cal.capacity_rps for f in fractions]
+        settings = _settings(model, replicas, rounds, duration_per_round_s, slo, cal, cfg, seed)
+        say(
+            f"{len(chosen)} rate(s) {', '.join(f'{r:.2f}' for r in chosen)} req/s x "
+            f"{len(SYSTEMS)} systems, {rounds} round(s) of {duration_per_round_s:g}s; budget "
+            f"{settings.steps_per_replica} steps/replica/round (x{replicas}); about "
+            f"{estimate_seconds(settings, cal, len(chosen)) / 60:.0f} min"
+        )
+        runs: list[SystemRun] = []
+        for k, rate in enumerate(chosen):
+            specs = _schedule(rate, settings, arrivals, trace_rows)
+            for system in SYSTEMS:
+                say(f"[rate {k + 1}/{len(chosen)}: {rate:.2f} req/s] {system}: starting")
+                run = run_system(
+                    system,
+                    rate,
+                    specs,
+                    settings,
+                    evaluator,
+                    start,
+                    work / f"{system}-{k}",
+                    say,
+                )
+                runs.append(run)
+                s = summarize_results(run.results, slo, settings.schedule_s)
+                say(
+                    f"  {system}: goodput {s.goodput_rps:.3f} req/s, SLO attainment "
+                    f"{100 * s.slo_attainment:.0f}% ({s.requests} requests)"
+                )
+    outcomes, by_rate = summarize_runs(runs, chosen, slo, settings.schedule_s)
+    result = GoodputResult(
+        command=command or f"collm bench goodput (run_goodput_benchmark, quick={quick})",
+        model=model,
+        replicas=replicas,
+        rounds=rounds,
+        round_s=duration_per_round_s,
+        quick=quick,
+        arrivals=f"trace {trace} rescaled" if trace else arrivals,
+        slo_factor=slo_factor,
+        seed=seed,
+        eval_samples=cfg.central_eval_samples,
+        eval_rows=int(evaluator.blocks.input_ids.shape[0]),
+        rate_fractions=None if rates else list(fractions),
+        calibration=cal,
+        slo=slo,
+        settings=settings,
+        rates=chosen,
+        systems=[_system_info(name) for name in SYSTEMS],
+        runs=outcomes,
+        by_rate=by_rate,
+        machine=MachineRecord(
+            machine_info(gflops_start, matmul_gflops()), load_start, list(os.getloadavg())
+        ),
+        seconds=time.monotonic() - started,
+    )
+    for path in write_goodput_report(result, Path(out_dir)):
+        say(f"wrote {path}")
+    return result.to_json()
+
+
+def _system_info(name: str) -> SystemInfo:
+    spec = SYSTEM_SPECS[name]
+    training = "exclusive" if spec.exclusive else "co-executed"
+    if spec.budget == "split":
+        training = "dedicated replicas"
+    return SystemInfo(spec.name, spec.title, spec.swap_mode, training, spec.summary)
+
+
+def _check_args(
+    replicas: int,
+    rates: Sequence[float] | None,
+    rounds: int,
+    round_s: float,
+    slo_factor: float,
+) -> None:
+    if replicas < 2:
+        raise ConfigError(
+            f"replicas: need at least 2 (the separate system splits them), got {replicas}"
+        )
+    if rates is not None and (not rates or any(not (math.isfinite(r) and r > 0) for r in rates)):
+        raise ConfigError(f"rates: need finite request rates > 0, got {list(rates)}")
+    if rounds < 1:
+        raise ConfigError(f"rounds: must be >= 1, got {rounds}")
+    if not (math.isfinite(round_s) and round_s >= 2):
+        raise ConfigError(f"duration_per_round_s: must be >= 2 seconds, got {round_s}")
+    if not (math.isfinite(slo_factor) and slo_factor >= 1):
+        raise ConfigError(f"slo_factor: must be >= 1, got {slo_factor}")
+
+
+def _settings(
+    model: str,
+    replicas: int,
+    rounds: int,
+    round_s: float,
+    slo: SLOSpec,
+    cal: Calibration,
+    cfg: RunConfig,
+    seed: int,
+) -> RunSettings:
+    # R replicas training at once share the cores: each step takes about R × the idle step.
+    concurrent_step_s = cal.train_step_s * replicas
+    steps = max(1, math.floor(TRAIN_FRACTION * round_s / concurrent_step_s))
+    return RunSettings(
+        model=model,
+        replicas=replicas,
+        rounds=rounds,
+        round_s=round_s,
+        warmup_s=WARMUP_FRACTION * round_s,
+        deadline_s=DEADLINE_FRACTION * round_s,
+        steps_per_replica=steps,
+        step_seconds=concurrent_step_s,
+        learning_rate=cfg.learning_rate,
+        slo=slo,
+        prompt_tokens=PROMPT_TOKENS,
+        output_tokens=OUTPUT_TOKENS,
+        request_timeout_s=max(30.0, round_s),
+        seed=seed,
+    )
+
+
+def estimate_seconds(settings: RunSettings, cal: Calibration, n_rates: int) -> float:
+    """Rough wall time of the runs: per run, starting R replicas (they load in parallel on shared
+    cores: about R/2 × one replica's startup, at least one), the schedule, and a drain tail."""
+    startup = cal.startup_s * max(1.0, settings.replicas / 2)
+    return n_rates * len(SYSTEMS) * (startup + settings.schedule_s + 15.0)
+
+
+def _schedule(
+    rate: float, settings: RunSettings, arrivals: str, trace_rows: list[TraceRow] | None
+) -> list[RequestSpec]:
+    p, o = settings.prompt_tokens, settings.output_tokens
+    if trace_rows is not None:
+        rows = scale_trace(trace_rows, rate, settings.schedule_s, p, o)
+        return build_requests(rows, p, o)
+    return build_requests(arrival_times(arrivals, rate, settings.schedule_s, settings.seed), p, o)
+
+
+def summarize_runs(
+    runs: Sequence[SystemRun], rates: Sequence[float], slo: SLOSpec, schedule_s: float
+) -> tuple[list[RunOutcome], list[RateOutcome]]:
+    """Per run: load summary, training, served quality; per rate: target and CoLLM-FL ratio."""
+    outcomes: list[RunOutcome] = []
+    by_rate: list[RateOutcome] = []
+    for rate in rates:
+        here = [r for r in runs if r.rate == rate]
+        target, source = quality_target(here)
+        rows = [summarize_run(run, slo, schedule_s, target) for run in here]
+        outcomes += rows
+        baselines = {r.system: r.summary.goodput_rps for r in rows if r.system != COLLM}
+        best = max(baselines, key=lambda k: baselines[k]) if baselines else None
+        mine = next((r.summary.goodput_rps for r in rows if r.system == COLLM), None)
+        ratio = None
+        if best is not None and mine is not None and baselines[best] > 0:
+            ratio = mine / baselines[best]
+        by_rate.append(RateOutcome(rate, target, source, best, ratio))
+    return outcomes, by_rate
+
+
+def quality_target(runs: Sequence[SystemRun]) -> tuple[float | None, str | None]:
+    """The time-to-quality target at one rate, and the system it comes from.
+
+    The held-out loss of CoLLM-FL's first version; if CoLLM-FL published none (every replica sat
+    the round out), the highest first-version loss of the others, which each of them reached.
+    """
+    firsts = {
+        r.system: r.federation.loss_by_version[1] for r in runs if 1 in r.federation.loss_by_version
+    }
+    if COLLM in firsts:
+        return firsts[COLLM], COLLM
+    if not firsts:
+        return None, None
+    source = max(firsts, key=lambda k: firsts[k])
+    return firsts[source], source
+
+
+def summarize_run(
+    run: SystemRun, slo: SLOSpec, schedule_s: float, target_loss: float | None
+) -> RunOutcome:
+    """One run as the report shows it."""
+    fed = run.federation
+    end_s = max([run.wall_s, *(t for t, _, _ in fed.switches)])
+    quality = served_quality_curve(fed.switches, run.serving, fed.loss_by_version, end_s)
+    tokens = sum(r.tokens for r in fed.rounds)
+    return RunOutcome(
+        system=run.system,
+        rate=run.rate,
+        summary=summarize_results(run.results, slo, schedule_s),
+        train_steps=sum(r.steps for r in fed.rounds),
+        train_tokens=tokens,
+        train_tokens_per_s=tokens / schedule_s,
+        rounds=fed.rounds,
+        loss_by_version=dict(sorted(fed.loss_by_version.items())),
+        switches=fed.switches,
+        quality=quality,
+        final_loss=quality[-1][1],
+        time_to_quality_s=None if target_loss is None else time_to_quality(quality, target_loss),
+        serving=run.serving,
+        training=run.training,
+        startup_s=run.startup_s,
+        wall_s=run.wall_s,
+    )
+
+
+def served_quality_curve(
+    switches: Sequence[tuple[float, int, int]],
+    serving: Sequence[int],
+    loss_by_version: dict[int, float],
+    end_s: float,
+) -> list[tuple[float, float]]:
+    """(time, mean held-out loss of what the serving replicas serve) at every switch and the end.
+
+    Mean over replicas: with requests spread over them, the expected loss of an answer.
+    """
+    times = sorted({0.0, end_s, *(t for t, _, _ in switches)})
+    curves = []
+    for replica in serving:
+        mine = [(t, v) for t, i, v in switches if i == replica]
+        if not mine:
+            raise ConfigError(f"replica {replica} never served a version")
+        curves.append(served_quality_at(times, mine, loss_by_version))
+    return [(t, sum(c[k] for c in curves) / len(curves)) for k, t in enumerate(times)]

@@ -1,0 +1,347 @@
+"""What the goodput benchmark found, and how it is written: JSON, markdown and two PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from collm_fl.bench.aggregation import MachineInfo
+from collm_fl.bench.goodput_rounds import RoundRecord, RunSettings
+from collm_fl.loadgen.goodput import LoadSummary, SLOSpec
+
+log = logging.getLogger(__name__)
+
+SHARED_LOAD = 0.5  # a 1-minute load average above this before the run: someone else was busy
+RATE_LABELS = ((0.25, "light"), (0.7, "medium"), (float("inf"), "overload"))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One replica alone: what the SLOs, rates and training budget are derived from."""
+
+    ttft_unloaded_s: float  # median over sequential requests
+    tpot_unloaded_s: float
+    capacity_rps: float  # completed requests/s with a burst of requests sent at once
+    train_step_s: float  # seconds per micro-step, idle replica (all cores)
+    unloaded_requests: int
+    burst_requests: int
+    startup_s: float  # from spawning the replica process until /health answers
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """One system at one rate."""
+
+    system: str
+    rate: float
+    summary: LoadSummary
+    train_steps: int
+    train_tokens: int
+    train_tokens_per_s: float  # over the schedule
+    rounds: list[RoundRecord]
+    loss_by_version: dict[int, float]
+    switches: list[tuple[float, int, int]]  # (seconds since load start, replica, version)
+    quality: list[tuple[float, float]]  # (seconds since load start, served loss)
+    final_loss: float
+    time_to_quality_s: float | None
+    serving: list[int]
+    training: list[int]
+    startup_s: float
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class RateOutcome:
+    rate: float
+    target_loss: float | None  # time-to-quality target (see goodput.quality_target)
+    target_source: str | None  # the system whose first version set it
+    best_baseline: str | None
+    goodput_ratio: float | None  # CoLLM-FL / best baseline (None: no baseline had goodput)
+
+
+@dataclass(frozen=True)
+class MachineRecord:
+    info: MachineInfo
+    load_avg_start: list[float]
+    load_avg_end: list[float]
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    name: str
+    title: str
+    swap_mode: str
+    training: str  # "dedicated replicas" | "exclusive" | "co-executed"
+    summary: str
+
+
+@dataclass(frozen=True)
+class GoodputResult:
+    command: str
+    model: str
+    replicas: int
+    rounds: int
+    round_s: float
+    quick: bool
+    arrivals: str
+    slo_factor: float
+    seed: int
+    eval_samples: int  # central held-out samples (speeches) each version is evaluated on
+    eval_rows: int  # the 128-token rows they make
+    rate_fractions: list[float] | None  # rates as × R × saturated throughput (None: given)
+    calibration: Calibration
+    slo: SLOSpec
+    settings: RunSettings
+    rates: list[float]
+    systems: list[SystemInfo]
+    runs: list[RunOutcome]
+    by_rate: list[RateOutcome]
+    machine: MachineRecord
+    seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["settings"]["schedule_s"] = self.settings.schedule_s
+        return data
+
+    def runs_at(self, rate: float) -> list[RunOutcome]:
+        return [r for r in self.runs if r.rate == rate]
+
+    @property
+    def quality_rate(self) -> float:
+        """The rate whose served quality over time is plotted: the middle one."""
+        return self.rates[len(self.rates) // 2]
+
+    def title(self, system: str) -> str:
+        return next(s.title for s in self.systems if s.name == system)
+
+
+def write_goodput_report(result: GoodputResult, out: Path) -> list[Path]:
+    """Write ``goodput.json``, ``goodput.md`` and the two plots into ``out``; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "goodput.json"
+    json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    md_path = out / "goodput.md"
+    md_path.write_text(render_markdown(result), encoding="utf-8")
+    rate_png, quality_png = out / "goodput_vs_rate.png", out / "quality_over_time.png"
+    plot_goodput_vs_rate(result, rate_png)
+    plot_quality_over_time(result, quality_png)
+    return [md_path, json_path, rate_png, quality_png]
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.0f}"
+
+
+def _opt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _rate_label(result: GoodputResult, rate: float) -> str:
+    capacity = result.replicas * result.calibration.capacity_rps
+    fraction = rate / capacity if capacity > 0 else 0.0
+    label = next(name for bound, name in RATE_LABELS if fraction <= bound)
+    return f"{rate:.2f} req/s ({fraction:.2f} × R × one replica's saturated throughput: {label})"
+
+
+def render_markdown(result: GoodputResult) -> str:
+    cal, slo, st, r = result.calibration, result.slo, result.settings, result.replicas
+    lines = [
+        "# Goodput: training and serving on the same replicas, four ways",
+        "",
+        f"Command: `{result.command}`" + (" (quick smoke run)" if result.quick else ""),
+        "",
+        *_machine_lines(result),
+        "",
+        "## Setup",
+        "",
+        f"- **Replicas**: {r} `collm replica` processes of `{result.model}` on this machine, "
+        "started fresh for every system × rate (same weights, data order and empty queues at "
+        f"the start of every run); replica *i* holds partition *i* of {r} of the Shakespeare "
+        "plays (two plays are held out for the central evaluation).",
+        f"- **Load**: {result.arrivals} arrivals (the same schedule for every system at a "
+        f"rate), ~{st.prompt_tokens}-word prompts, at most {st.output_tokens} output tokens, "
+        f"streaming `/v1/completions`, open loop; {st.schedule_s:.0f} s of schedule "
+        f"({st.warmup_s:.0f} s of warm-up serving version 0, then {result.rounds} round(s) of "
+        f"{st.round_s:.0f} s). Requests time out after {st.request_timeout_s:.0f} s.",
+        f"- **SLO**: TTFT ≤ {_ms(slo.ttft_s)} ms and TPOT ≤ {_ms(slo.tpot_s)} ms, "
+        f"{result.slo_factor:g} × the unloaded latency of one replica (calibration: medians of "
+        f"{cal.unloaded_requests} sequential requests, TTFT {_ms(cal.ttft_unloaded_s)} ms, "
+        f"TPOT {1e3 * cal.tpot_unloaded_s:.1f} ms).",
+        f"- **Rates**: one replica completes {cal.capacity_rps:.2f} req/s when saturated (a "
+        f"burst of {cal.burst_requests} requests at once); "
+        + (
+            "the rates were given on the command line."
+            if result.rate_fractions is None
+            else f"the rates are {', '.join(f'{f:g}' for f in result.rate_fractions)} × R × that."
+        ),
+        f"- **Training budget**: {st.steps_per_replica} micro-steps (batch 4 × 128 tokens) per "
+        f"replica and round, {r} × that in total for every system, deadline "
+        f"{st.deadline_s:.0f} s: about 30 % of the machine's compute per round (idle step "
+        f"{cal.train_step_s:.3f} s with all cores, about {r} × that when all replicas train).",
+        "- **Federation**: emulated by the benchmark process (not Flower): each round the "
+        "training replicas train (`/control/train`), the updates are aggregated exactly "
+        "(`aggregate_lora_exact`, weighted by examples), the new version is evaluated on the "
+        f"central held-out set ({result.eval_samples} samples of the two held-out plays, "
+        f"{result.eval_rows} rows of 128 tokens; one thread in the benchmark process, on the "
+        "replicas' cores, where a deployment's server would use its own) and then pushed to "
+        "every replica in the system's swap mode.",
+        "- **Routing**: baselines: client-side round-robin over their serving replicas (request "
+        "*i* to replica *i* mod *n*, no proxy hop); CoLLM-FL: `collm gateway` (SLO-aware).",
+        "- **Metrics**: goodput = requests meeting both SLOs per second of schedule; SLO "
+        "attainment over all scheduled requests (failed, timed-out and dropped ones miss); "
+        "latency percentiles over successful requests. Served loss = mean over the serving "
+        "replicas of the held-out loss of the version each serves; time to quality = first time "
+        "it is at or below a target: the loss CoLLM-FL's first version reaches at that rate.",
+        "",
+        "## Systems",
+        "",
+        "| system | swap | training | what it does |",
+        "|---|---|---|---|",
+        *(f"| {s.title} | {s.swap_mode} | {s.training} | {s.summary} |" for s in result.systems),
+        "",
+        "## Results",
+        "",
+    ]
+    for info in result.by_rate:
+        lines += [f"### {_rate_label(result, info.rate)}", "", *_rate_table(result, info), ""]
+    lines += [
+        "![goodput vs rate](goodput_vs_rate.png)",
+        "",
+        f"Served quality over time at {result.quality_rate:.2f} req/s:",
+        "",
+        "![served quality over time](quality_over_time.png)",
+        "",
+        *_rounds_table(result, result.quality_rate),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
+    lines = [
+        "| system | goodput (req/s) | SLO attainment | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
+        "| training tokens/s | final served loss | time to quality (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in result.runs_at(info.rate):
+        s = run.summary
+        lines.append(
+            f"| {result.title(run.system)} | {s.goodput_rps:.3f} | {100 * s.slo_attainment:.0f}% "
+            f"| {_ms(s.ttft_p50_s)} / {_ms(s.ttft_p99_s)} | {_ms(s.tpot_p50_s)} / "
+            f"{_ms(s.tpot_p99_s)} | {run.train_tokens_per_s:.0f} | {run.final_loss:.4f} | "
+            f"{_opt(run.time_to_quality_s, '.1f')} |"
+        )
+    best = result.title(info.best_baseline) if info.best_baseline else "-"
+    ratio = "-" if info.goodput_ratio is None else f"**{info.goodput_ratio:.2f}×**"
+    if info.target_source is None:
+        source = "no system published a version at this rate"
+    elif info.target_source == "collm-fl":
+        source = "the held-out loss of CoLLM-FL's first version"
+    else:
+        source = (
+            "CoLLM-FL published no version at this rate (its replicas had no headroom); the "
+            f"highest first-version loss of the others, {result.title(info.target_source)}'s"
+        )
+    lines += [
+        "",
+        f"Quality target: {_opt(info.target_loss, '.4f')} ({source}). Goodput, CoLLM-FL / best "
+        f"baseline ({best}): {ratio}.",
+    ]
+    return lines
+
+
+def _rounds_table(result: GoodputResult, rate: float) -> list[str]:
+    lines = [
+        f"Rounds at {rate:.2f} req/s (micro-steps trained by all replicas; the new version's "
+        "held-out loss; when the last serving replica started serving it, seconds since the "
+        "load started):",
+        "",
+        "| system | round | steps | training (s) | version | held-out loss | evaluation (s) "
+        "| served at (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in result.runs_at(rate):
+        for rr in run.rounds:
+            lines.append(
+                f"| {result.title(run.system)} | {rr.round} | {rr.steps} | {rr.train_s:.1f} | "
+                f"{_opt(rr.version, 'd')} | {_opt(rr.eval_loss, '.4f')} | "
+                f"{_opt(rr.eval_s, '.1f')} | {_opt(rr.published_s, '.1f')} |"
+            )
+    return lines
+
+
+def _machine_lines(result: GoodputResult) -> list[str]:
+    m = result.machine
+    info = m.info
+    lines = [
+        f"Machine: {info['platform']}, {info['processor']}, {info['cpu_count']} CPUs, torch "
+        f"{info['torch_version']}; float32 matmul probe {info['matmul_gflops_start']:.0f} "
+        f"GFLOP/s before, {info['matmul_gflops_end']:.0f} after; load average (1/5/15 min) "
+        f"{', '.join(f'{x:.1f}' for x in m.load_avg_start)} before, "
+        f"{', '.join(f'{x:.1f}' for x in m.load_avg_end)} after. Wall time "
+        f"{result.seconds / 60:.1f} min.",
+    ]
+    if m.load_avg_start and m.load_avg_start[0] > SHARED_LOAD:
+        lines += [
+            "",
+            f"**The machine was shared** (1-minute load average {m.load_avg_start[0]:.1f} before "
+            "the run): latencies and goodput are noisier and lower than on a quiet machine.",
+        ]
+    return lines
+
+
+def plot_goodput_vs_rate(result: GoodputResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for system in result.systems:
+        runs = sorted((r for r in result.runs if r.system == system.name), key=lambda r: r.rate)
+        rates = [r.rate for r in runs]
+        ax1.plot(rates, [r.summary.goodput_rps for r in runs], marker="o", label=system.title)
+        ax2.plot(rates, [100 * r.summary.slo_attainment for r in runs], marker="o")
+    ax1.set_xlabel("offered rate (req/s)")
+    ax1.set_ylabel("goodput (req/s within both SLOs)")
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("offered rate (req/s)")
+    ax2.set_ylabel("SLO attainment (%)")
+    ax2.set_ylim(0, 105)
+    fig.suptitle(f"{result.model}, {result.replicas} replicas, {result.arrivals} arrivals")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_quality_over_time(result: GoodputResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rate = result.quality_rate
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for run in result.runs_at(rate):
+        ax.step(
+            [t for t, _ in run.quality],
+            [loss for _, loss in run.quality],
+            where="post",
+            label=result.title(run.system),
+        )
+    target = next((b.target_loss for b in result.by_rate if b.rate == rate), None)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="quality target")
+    st = result.settings
+    for k in range(result.rounds):
+        ax.axvline(st.warmup_s + k * st.round_s, color="lightgrey", linewidth=0.8)
+    ax.set_xlabel("seconds since the load started (grey: round starts)")
+    ax.set_ylabel("served held-out loss (mean over serving replicas)")
+    ax.set_title(f"served quality at {rate:.2f} req/s")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

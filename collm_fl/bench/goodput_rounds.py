@@ -1,0 +1,281 @@
+"""The emulated federation of ``collm bench goodput``: rounds driven over the control API.
+
+Not Flower (the Flower path is tested elsewhere): the benchmark process plays the server. Round r
+starts at ``warmup + (r-1)·round_s`` seconds after the load started (later if the previous round
+ran over). It asks the system's training replicas to train (``/control/train``, in parallel),
+aggregates the updates with :func:`aggregate_lora_exact` (weighted by examples), evaluates the new
+version on the central held-out set (:class:`CentralEvaluator`), pushes it to every replica with
+the system's swap mode, and records when each serving replica started serving it.
+
+The training budget per round is the same for every system: ``R × steps_per_replica`` micro-steps
+with the same deadline. The separate system spreads it over its training replicas; the
+co-located and merged systems give each replica its share, trained exclusively; CoLLM-FL asks
+:func:`collm_fl.policies.allocation.allocate` (``max_steps = steps_per_replica``), which may
+train less where serving has no headroom. A failed train call is counted and logged, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from collm_fl.adapters import AdapterState
+from collm_fl.aggregation import aggregate_lora_exact
+from collm_fl.central_eval import CentralEvaluator
+from collm_fl.loadgen.goodput import SLOSpec
+
+# The very policy the ServerApp runs (a pure function), not a copy of it.
+from collm_fl.policies.allocation import (
+    AllocationInputs,
+    NodeLoad,
+    NodeState,
+    allocate,
+    forecast_rate,
+)
+from collm_fl.replica.control_client import ReplicaClient, ReplicaUnavailable
+
+if TYPE_CHECKING:
+    from collm_fl.bench.goodput_systems import SystemSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything the runs of all systems share (one benchmark, one set of settings)."""
+
+    model: str
+    replicas: int
+    rounds: int
+    round_s: float  # wall-clock length of a round
+    warmup_s: float  # serving version 0 before round 1 (the first load report's window)
+    deadline_s: float  # training deadline within a round
+    steps_per_replica: int  # the co-located per-replica budget; R × this per round in total
+    step_seconds: float  # estimated seconds per step with all replicas training at once
+    learning_rate: float
+    slo: SLOSpec
+    prompt_tokens: int
+    output_tokens: int
+    request_timeout_s: float
+    seed: int
+    max_batch_size: int = 8
+    initial_share: float = 0.5  # CoLLM-FL's training share before the first allocation
+
+    @property
+    def schedule_s(self) -> float:
+        """Length of the load schedule: warm-up plus every round."""
+        return self.warmup_s + self.rounds * self.round_s
+
+
+@dataclass(frozen=True)
+class StartVersion:
+    """Version 0: the fresh LoRA init (B = 0, so it serves the base model) and its held-out loss."""
+
+    state: AdapterState
+    loss: float
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    started_s: float  # seconds since the load started
+    budgets: dict[int, tuple[int, float]]  # replica -> (steps asked, training share)
+    steps: int  # micro-steps actually trained, all replicas
+    tokens: int  # training tokens, all replicas
+    train_s: float  # wall time of the training phase
+    version: int | None  # None: no update came back, nothing published
+    eval_loss: float | None
+    eval_s: float | None  # the central evaluation's wall time (it runs before the push)
+    published_s: float | None  # when the last serving replica started serving it
+    swap_ms: list[float] = field(default_factory=list)  # per replica, as the replica measured
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FederationLog:
+    switches: list[tuple[float, int, int]]  # (seconds since load start, replica, version)
+    rounds: list[RoundRecord]
+    loss_by_version: dict[int, float]
+
+
+class Orchestrator:
+    """Drives one system's rounds; :meth:`publish_initial` first, then :meth:`run` in a thread."""
+
+    def __init__(
+        self,
+        spec: SystemSpec,
+        settings: RunSettings,
+        clients: Sequence[ReplicaClient],
+        training: Sequence[int],
+        serving: Sequence[int],
+        evaluator: CentralEvaluator,
+        start: StartVersion,
+        say: Callable[[str], None],
+    ) -> None:
+        self.spec, self.s, self.clients = spec, settings, list(clients)
+        self.training, self.serving = list(training), list(serving)
+        self.evaluator, self.say = evaluator, say
+        self.peft_config = evaluator.cfg.lora.to_peft_config_dict(settings.model)
+        self.state, self.version = start.state, 0
+        self.log = FederationLog([], [], {0: start.loss})
+        self.progress_line: Callable[[], str] = lambda: ""
+        self._pushed_wall: list[tuple[float, int, int]] = []  # (replica time.time(), i, version)
+        self._forecast: dict[int, float] = {}
+        self._step_s: dict[int, float] = {}
+        self._history: list[tuple[int, float]] = [(0, start.loss)]
+        self._steps_total = 0
+
+    def publish_initial(self) -> None:
+        """Push version 0 to every replica before the load starts."""
+        self._push(0, self.state)
+
+    def run(self, t0: float, t0_wall: float) -> FederationLog:
+        # The server's evaluation shares the replicas' cores here (it would run elsewhere in a
+        # deployment): one thread, so it never takes more than one core from serving.
+        torch.set_num_threads(1)
+        for rnd in range(1, self.s.rounds + 1):
+            due = t0 + self.s.warmup_s + (rnd - 1) * self.s.round_s
+            time.sleep(max(0.0, due - time.monotonic()))  # pacing the rounds in wall time
+            self.log.rounds.append(self._round(rnd, time.monotonic() - t0, t0_wall))
+        self.log.switches = sorted(
+            (max(0.0, wall - t0_wall), i, v)
+            for wall, i, v in self._pushed_wall
+            if i in self.serving
+        )
+        return self.log
+
+    # ---- one round ----
+
+    def _round(self, rnd: int, started_s: float, t0_wall: float) -> RoundRecord:
+        budgets = self._budgets()
+        t_train = time.monotonic()
+        updates, weights, steps, tokens, failures = self._train(rnd, budgets)
+        record = RoundRecord(
+            rnd,
+            started_s,
+            budgets,
+            steps,
+            tokens,
+            time.monotonic() - t_train,
+            None,
+            None,
+            None,
+            None,
+        )
+        record.failures = failures
+        self._steps_total += steps
+        if not updates:
+            self.say(f"    round {rnd}: no update came back; still serving v{self.version}")
+            return record
+        self.state = aggregate_lora_exact(updates, weights)
+        self.version += 1
+        t_eval = time.monotonic()
+        loss = self.evaluator.evaluate(self.state).loss
+        record.eval_s = time.monotonic() - t_eval
+        self.log.loss_by_version[self.version] = loss
+        self._history.append((self._steps_total, loss))
+        record.version, record.eval_loss = self.version, loss
+        record.swap_ms = self._push(self.version, self.state)
+        served = [w for w, i, v in self._pushed_wall if v == self.version and i in self.serving]
+        record.published_s = max(served) - t0_wall if served else None
+        asked = ", ".join(f"r{i} {st}@{sh:.2f}" for i, (st, sh) in sorted(budgets.items()))
+        self.say(
+            f"    round {rnd}: budgets {asked or 'none'}; trained {steps} steps in "
+            f"{record.train_s:.1f}s; v{self.version} held-out loss {loss:.4f}, served at "
+            f"{record.published_s or 0:.1f}s ({self.spec.swap_mode}); {self.progress_line()}"
+        )
+        return record
+
+    def _budgets(self) -> dict[int, tuple[int, float]]:
+        """replica -> (steps, training share) for this round; replicas with 0 steps sit out."""
+        total = self.s.steps_per_replica * self.s.replicas
+        if self.spec.budget == "split":
+            k = len(self.training)
+            return {i: (total // k + (j < total % k), 1.0) for j, i in enumerate(self.training)}
+        if self.spec.budget == "allocate":
+            return self._allocate()
+        return {i: (self.s.steps_per_replica, 1.0) for i in self.training}
+
+    def _allocate(self) -> dict[int, tuple[int, float]]:
+        nodes = []
+        for i in self.training:
+            m = self.clients[i].load_report(reset=True)
+            load = NodeLoad(
+                request_rate=m["request-rate"],
+                queue_depth=m["queue-depth"],
+                ttft_p95=m["ttft-p95"],
+                tpot_p95=m["tpot-p95"],
+                slo_attainment=m["slo-attainment"],
+            )
+            self._forecast[i] = forecast_rate(self._forecast.get(i), load.request_rate)
+            step_s = self._step_s.get(i, self.s.step_seconds)
+            nodes.append(NodeState(i, load, self._forecast[i], step_s))
+        inputs = AllocationInputs(
+            nodes=tuple(nodes),
+            ttft_slo_s=self.s.slo.ttft_s,
+            tpot_slo_s=self.s.slo.tpot_s,
+            deadline_s=self.s.deadline_s,
+            max_steps=self.s.steps_per_replica,
+            loss_history=tuple(self._history),
+        )
+        return {b.node_id: (b.steps, b.share) for b in allocate(inputs) if b.steps > 0}
+
+    def _train(
+        self, rnd: int, budgets: dict[int, tuple[int, float]]
+    ) -> tuple[list[AdapterState], list[float], int, int, list[str]]:
+        jobs = {i: b for i, b in budgets.items() if b[0] > 0}
+        if not jobs:
+            return [], [], 0, 0, []
+
+        def one(i: int) -> tuple[AdapterState, dict[str, float]]:
+            steps, share = jobs[i]
+            return self.clients[i].train(
+                rnd,
+                steps,
+                self.s.learning_rate,
+                self.s.deadline_s,
+                base_version=self.version,
+                share=None if self.spec.exclusive else share,
+                exclusive=self.spec.exclusive,
+            )
+
+        updates, weights, failures = [], [], []
+        steps = tokens = 0
+        with ThreadPoolExecutor(len(jobs), thread_name_prefix="bench-train") as pool:
+            futures = {i: pool.submit(one, i) for i in jobs}
+            for i, fut in futures.items():
+                try:
+                    state, metrics = fut.result()
+                except ReplicaUnavailable as e:
+                    log.warning("round %d: replica %d failed to train: %s", rnd, i, e)
+                    failures.append(f"replica {i}: {e}")
+                    continue
+                done = int(metrics["local-steps"])
+                steps, tokens = steps + done, tokens + int(metrics["train-tokens"])
+                if done > 0 and metrics["train-seconds"] > 0:
+                    self._step_s[i] = metrics["train-seconds"] / done
+                if done > 0:
+                    updates.append(state)
+                    weights.append(metrics["num-examples"])
+        return updates, weights, steps, tokens, failures
+
+    def _push(self, version: int, state: AdapterState) -> list[float]:
+        """Push to every replica at once (serving ones in the system's mode); swap ms each."""
+
+        def one(i: int) -> dict[str, object]:
+            mode = self.spec.swap_mode if i in self.serving else "shadow"
+            return self.clients[i].push_version(state, self.peft_config, version, mode=mode)
+
+        with ThreadPoolExecutor(len(self.clients), thread_name_prefix="bench-push") as pool:
+            replies = list(pool.map(one, range(len(self.clients))))
+        swap_ms = []
+        for i, reply in enumerate(replies):
+            self._pushed_wall.append((float(reply["promoted_at"]), i, version))  # type: ignore[arg-type]
+            swap_ms.append(float(reply["load_ms"]))  # type: ignore[arg-type]
+        return swap_ms

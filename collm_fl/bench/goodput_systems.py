@@ -1,0 +1,377 @@
+"""The four systems of ``collm bench goodput`` and one run of a system at one request rate.
+
+A run starts R fresh ``collm replica`` processes (and, for CoLLM-FL, a ``collm gateway``) on
+loopback ports, pushes version 0 (the fresh LoRA init, equal to the base model) to every replica
+with the system's swap mode, then runs two things at once from one start time ``t0``:
+
+- **the load**: one open-loop schedule. Baselines route it client-side round-robin over their
+  serving replicas (request i of the schedule goes to serving replica i mod n: the interleaved
+  sub-schedules are replayed concurrently, each keeping its offsets, so no proxy hop is added);
+  CoLLM-FL sends it all to its gateway, which routes each request by predicted latency.
+- **the federation**, emulated by :class:`~collm_fl.bench.goodput_rounds.Orchestrator` (a thread
+  of the benchmark process, not Flower): rounds of train → aggregate → evaluate → push.
+
+Also here: :func:`calibrate`, one replica alone, which the SLOs, rates and budget come from.
+Every process started here is stopped by pid at the end of its run, even on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from collm_fl.adapters import AdapterState
+from collm_fl.bench.goodput_report import Calibration
+from collm_fl.bench.goodput_rounds import FederationLog, Orchestrator, RunSettings, StartVersion
+from collm_fl.central_eval import CentralEvaluator
+from collm_fl.config import RunConfig
+from collm_fl.errors import ConfigError
+from collm_fl.launch import LocalFederation, ManagedProcess, executable, free_port, wait_http
+from collm_fl.loadgen.client import (
+    ReplayProgress,
+    RequestResult,
+    RequestSpec,
+    build_requests,
+    replay,
+)
+from collm_fl.loadgen.goodput import SLOSpec, meets_slo
+from collm_fl.replica.control_client import ReplicaClient
+
+log = logging.getLogger(__name__)
+
+SEPARATE, COLOCATED, MERGED, COLLM = "separate", "colocated", "merged", "collm-fl"
+SYSTEMS = (SEPARATE, COLOCATED, MERGED, COLLM)
+STARTUP_TIMEOUT_S = 600.0  # a replica loads its model and tokenizes its data before /health
+MAX_IN_FLIGHT = 256  # open requests the load driver allows (beyond: recorded as dropped)
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """How one system trains, swaps and routes."""
+
+    name: str
+    title: str
+    swap_mode: str  # how its serving replicas take a new version (Replica.push_version)
+    exclusive: bool  # training pauses the replica's serving for the whole job
+    gateway: bool  # requests go through `collm gateway` (else client-side round-robin)
+    budget: str  # "split": dedicated trainers share it; "each": per replica; "allocate": policy
+    summary: str  # one line for the report
+
+
+SYSTEM_SPECS = {
+    SEPARATE: SystemSpec(
+        SEPARATE,
+        "separate (static split)",
+        "reload",
+        False,
+        False,
+        "split",
+        "⌈R/2⌉ replicas only train (no requests, training share 1), the others only serve and "
+        "take each version by a stop-the-world reload; round-robin routing",
+    ),
+    COLOCATED: SystemSpec(
+        COLOCATED,
+        "co-located, uncoordinated",
+        "reload",
+        True,
+        False,
+        "each",
+        "every replica trains its full round budget exclusively (its requests wait), versions "
+        "by stop-the-world reload; round-robin routing",
+    ),
+    MERGED: SystemSpec(
+        MERGED,
+        "merged",
+        "merge",
+        True,
+        False,
+        "each",
+        "adapter merged into the base for serving; a new version unmerges the old and merges "
+        "the new with serving paused (requests in flight go on with the new weights); training "
+        "exclusive (unmerge before, merge after); round-robin routing",
+    ),
+    COLLM: SystemSpec(
+        COLLM,
+        "CoLLM-FL",
+        "shadow",
+        False,
+        True,
+        "allocate",
+        "shadow swaps, unmerged co-execution under the SLO guard, per-round budgets from "
+        "collm_fl.policies.allocation.allocate fed with /control/load, SLO-aware gateway",
+    ),
+}
+
+
+def split_roles(system: str, replicas: int) -> tuple[list[int], list[int]]:
+    """(training replicas, serving replicas) of ``system`` on ``replicas`` replicas."""
+    if system == SEPARATE:
+        if replicas < 2:
+            raise ConfigError("the separate system needs at least 2 replicas (train + serve)")
+        k = math.ceil(replicas / 2)
+        return list(range(k)), list(range(k, replicas))
+    return list(range(replicas)), list(range(replicas))
+
+
+@dataclass
+class SystemRun:
+    """What one run of one system at one rate produced."""
+
+    system: str
+    rate: float
+    results: list[RequestResult]
+    federation: FederationLog
+    serving: list[int]
+    training: list[int]
+    startup_s: float  # starting the processes and pushing version 0
+    wall_s: float  # from t0 until both the load and the rounds were over
+
+
+class LoadProgress:
+    """Requests finished so far across the concurrent replays (for progress lines)."""
+
+    def __init__(self, parts: int, slo: SLOSpec) -> None:
+        self.slo = slo
+        self._parts: list[tuple[RequestResult, ...]] = [() for _ in range(parts)]
+
+    def updater(self, part: int) -> Callable[[ReplayProgress], None]:
+        def update(p: ReplayProgress) -> None:
+            self._parts[part] = p.completed
+
+        return update
+
+    def line(self) -> str:
+        done = [r for part in self._parts for r in part]
+        met = sum(meets_slo(r, self.slo) for r in done)
+        share = f"{100 * met / len(done):.0f}%" if done else "-"
+        return f"{len(done)} requests done, {share} within SLO"
+
+
+async def replay_round_robin(
+    targets: Sequence[str],
+    model: str,
+    specs: Sequence[RequestSpec],
+    timeout_s: float,
+    progress: LoadProgress,
+) -> list[RequestResult]:
+    """Replay ``specs`` open loop, request i to ``targets[i % n]``; results in schedule order."""
+    n = len(targets)
+    parts = [list(specs[k::n]) for k in range(n)]
+    outs = await asyncio.gather(
+        *(
+            replay(
+                target,
+                model,
+                part,
+                timeout_s=timeout_s,
+                max_in_flight=max(1, MAX_IN_FLIGHT // n),
+                progress=progress.updater(k),
+                progress_every_s=1.0,
+            )
+            for k, (target, part) in enumerate(zip(targets, parts, strict=True))
+        )
+    )
+    merged: list[RequestResult] = []
+    for k, out in enumerate(outs):
+        merged += [replace(r, index=k + n * r.index) for r in out]
+    return sorted(merged, key=lambda r: r.index)
+
+
+def run_system(
+    system: str,
+    rate: float,
+    specs: Sequence[RequestSpec],
+    settings: RunSettings,
+    evaluator: CentralEvaluator,
+    start: StartVersion,
+    workdir: Path,
+    say: Callable[[str], None],
+) -> SystemRun:
+    """Start ``system``'s processes, serve ``specs`` while the rounds run, stop everything."""
+    spec = SYSTEM_SPECS[system]
+    training, serving = split_roles(system, settings.replicas)
+    fed = LocalFederation(workdir, num_replicas=settings.replicas, model=settings.model)
+    workdir.mkdir(parents=True, exist_ok=True)
+    clients: list[ReplicaClient] = []
+    started = time.monotonic()
+    try:
+        urls, controls = _start_replicas(fed, settings)
+        clients = [ReplicaClient(c, fed.control_token) for c in controls]
+        targets = [urls[i] for i in serving]
+        if spec.gateway:
+            targets = [_start_gateway(fed, urls, settings.slo)]
+        orchestrator = Orchestrator(
+            spec, settings, clients, training, serving, evaluator, start, say
+        )
+        orchestrator.publish_initial()
+        for c in clients:  # the first load report covers the run only
+            c.load_report(reset=True)
+        startup_s = time.monotonic() - started
+        say(f"  {system}: {settings.replicas} replicas up in {startup_s:.0f}s; load starts")
+        progress = LoadProgress(len(targets), settings.slo)
+        orchestrator.progress_line = progress.line
+        results, federation, wall_s = asyncio.run(
+            _load_and_rounds(targets, settings, specs, orchestrator, progress)
+        )
+    finally:
+        for c in clients:
+            c.close()
+        fed.stop()
+    return SystemRun(system, rate, results, federation, serving, training, startup_s, wall_s)
+
+
+async def _load_and_rounds(
+    targets: Sequence[str],
+    settings: RunSettings,
+    specs: Sequence[RequestSpec],
+    orchestrator: Orchestrator,
+    progress: LoadProgress,
+) -> tuple[list[RequestResult], FederationLog, float]:
+    t0, t0_wall = time.monotonic(), time.time()
+    load = asyncio.create_task(
+        replay_round_robin(
+            targets, settings.model, specs, settings.request_timeout_s, progress=progress
+        )
+    )
+    try:
+        federation = await asyncio.to_thread(orchestrator.run, t0, t0_wall)
+    except BaseException:
+        load.cancel()
+        raise
+    results = await load
+    return results, federation, time.monotonic() - t0
+
+
+def _start_replicas(fed: LocalFederation, s: RunSettings) -> tuple[list[str], list[str]]:
+    """Spawn every replica at once (they load in parallel), then wait for each to be healthy."""
+    procs: list[ManagedProcess] = []
+    urls: list[str] = []
+    controls: list[str] = []
+    for i in range(s.replicas):
+        port, control_port = free_port(), free_port()
+        cmd = [
+            executable("collm"),
+            "replica",
+            "--model",
+            s.model,
+            "--port",
+            str(port),
+            "--control-port",
+            str(control_port),
+            "--store-dir",
+            str(fed.workdir / f"replica{i}-store"),
+            "--partition-id",
+            str(i),
+            "--num-partitions",
+            str(s.replicas),
+            "--ttft-slo",
+            repr(s.slo.ttft_s),
+            "--tpot-slo",
+            repr(s.slo.tpot_s),
+            "--max-batch-size",
+            str(s.max_batch_size),
+            "--training-share",
+            repr(s.initial_share),
+            "--seed",
+            str(s.seed),
+        ]
+        procs.append(fed.spawn(f"replica{i}", cmd))
+        urls.append(f"http://127.0.0.1:{port}")
+        controls.append(f"127.0.0.1:{control_port}")
+    for proc, url in zip(procs, urls, strict=True):
+        wait_http(url + "/health", proc, STARTUP_TIMEOUT_S)
+    return urls, controls
+
+
+def _start_gateway(fed: LocalFederation, urls: Sequence[str], slo: SLOSpec) -> str:
+    port = free_port()
+    cmd = [executable("collm"), "gateway", "--port", str(port)]
+    for url in urls:
+        cmd += ["--replica", url]
+    cmd += ["--ttft-slo", repr(slo.ttft_s), "--tpot-slo", repr(slo.tpot_s)]
+    proc = fed.spawn("gateway", cmd)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, STARTUP_TIMEOUT_S)
+    return url
+
+
+def calibrate(
+    model: str,
+    replicas: int,
+    start_state: AdapterState,
+    cfg: RunConfig,
+    workdir: Path,
+    quick: bool,
+    seed: int,
+    prompt_tokens: int,
+    output_tokens: int,
+) -> Calibration:
+    """Measure one replica alone (partition 0 of ``replicas``): latency, throughput, step time.
+
+    Unloaded latency: medians over sequential requests (after one warm-up request). Throughput:
+    a burst of 2 × the batch size sent at once, completed requests / seconds to the last one.
+    Step time: a short training job on the idle replica (all cores).
+    """
+    started = time.monotonic()
+    fed = LocalFederation(workdir, num_replicas=1, model=model)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, control_port = free_port(), free_port()
+    cmd = [
+        executable("collm"),
+        "replica",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--control-port",
+        str(control_port),
+        "--store-dir",
+        str(workdir / "store"),
+        "--num-partitions",
+        str(replicas),
+        "--seed",
+        str(seed),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    unloaded, burst = (3, 8) if quick else (10, 16)
+    try:
+        wait_http(url + "/health", fed.spawn("replica", cmd), 600.0)
+        startup_s = time.monotonic() - started
+        with ReplicaClient(f"127.0.0.1:{control_port}", fed.control_token) as client:
+            client.push_version(start_state, cfg.lora.to_peft_config_dict(model), 0)
+            lengths = (prompt_tokens, output_tokens)
+            solo, crowd = asyncio.run(_measure_latency(url, model, unloaded, burst, lengths))
+            _, metrics = client.train(0, 2 if quick else 4, cfg.learning_rate, 600.0, 0)
+    finally:
+        fed.stop()
+    ttfts = [r.ttft_s for r in solo if r.ttft_s is not None]
+    tpots = [r.tpot_s for r in solo if r.tpot_s is not None]
+    ends = [(r.sent_at or 0.0) + r.e2e_s for r in crowd if r.status == "ok" and r.e2e_s]
+    if not ttfts or not tpots or not ends:
+        raise ConfigError(f"calibration failed: no usable answer from one replica of {model}")
+    return Calibration(
+        ttft_unloaded_s=statistics.median(ttfts),
+        tpot_unloaded_s=statistics.median(tpots),
+        capacity_rps=len(ends) / max(ends),
+        train_step_s=metrics["train-seconds"] / max(metrics["local-steps"], 1.0),
+        unloaded_requests=unloaded,
+        burst_requests=burst,
+        startup_s=startup_s,
+        seconds=time.monotonic() - started,
+    )
+
+
+async def _measure_latency(
+    url: str, model: str, unloaded: int, burst: int, lengths: tuple[int, int]
+) -> tuple[list[RequestResult], list[RequestResult]]:
+    solo: list[RequestResult] = []
+    for spec in build_requests([0.0] * (unloaded + 1), *lengths):  # one at a time
+        solo += await replay(url, model, [spec], timeout_s=120.0)
+    crowd = await replay(url, model, build_requests([0.0] * burst, *lengths), timeout_s=300.0)
+    return solo[1:], crowd  # the first sequential request warmed the replica up

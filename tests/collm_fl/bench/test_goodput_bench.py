@@ -1,0 +1,140 @@
+"""`collm bench goodput`: the quick run's structure and files (never its timings), and the pure
+pieces that turn runs into the report (served quality, time-to-quality target, roles)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from collm_fl.bench.goodput import (
+    quality_target,
+    run_goodput_benchmark,
+    served_quality_curve,
+    summarize_runs,
+)
+from collm_fl.bench.goodput_rounds import FederationLog, RoundRecord
+from collm_fl.bench.goodput_systems import SYSTEMS, SystemRun, split_roles
+from collm_fl.errors import ConfigError
+from collm_fl.loadgen.client import RequestResult
+from collm_fl.loadgen.goodput import SLOSpec
+
+TITLES = ("separate (static split)", "co-located, uncoordinated", "merged", "CoLLM-FL")
+
+
+@pytest.mark.slow
+def test_quick_run_compares_the_four_systems_and_writes_every_file(tmp_path: Path) -> None:
+    lines: list[str] = []
+    result = run_goodput_benchmark(
+        model="smollm2-135m",  # quick runs tiny whatever is asked
+        replicas=3,
+        rates=None,
+        rounds=4,
+        duration_per_round_s=60.0,
+        out_dir=tmp_path,
+        quick=True,
+        progress=lines.append,
+        command="collm bench goodput --quick",
+    )
+    names = ("goodput.md", "goodput.json", "goodput_vs_rate.png", "quality_over_time.png")
+    for name in names:
+        assert (tmp_path / name).stat().st_size > 0, name
+    for png in names[2:]:
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "goodput.json").read_text())["runs"]  # valid JSON
+    assert (result["model"], result["replicas"], result["rounds"]) == ("tiny", 2, 1)
+    rates = result["rates"]
+    assert isinstance(rates, list) and len(rates) == 1
+    runs = result["runs"]
+    assert isinstance(runs, list) and [r["system"] for r in runs] == list(SYSTEMS)
+    for run in runs:
+        assert run["rate"] == rates[0]
+        assert run["summary"]["requests"] > 0
+        assert len(run["rounds"]) == 1
+        assert 0 in run["loss_by_version"]  # version 0 is evaluated before the load
+        assert run["quality"][0][0] == 0.0 and run["final_loss"] > 0
+        assert run["serving"] == ([1] if run["system"] == "separate" else [0, 1])
+    (by_rate,) = result["by_rate"]  # type: ignore[misc]
+    assert by_rate["rate"] == rates[0]
+    assert set(result["calibration"]) >= {"ttft_unloaded_s", "tpot_unloaded_s", "capacity_rps"}
+    assert result["machine"]["info"]["cpu_count"] > 0  # type: ignore[index]
+    md = (tmp_path / "goodput.md").read_text()
+    assert "Command: `collm bench goodput --quick`" in md and "Machine:" in md
+    assert "| system | goodput (req/s) | SLO attainment |" in md
+    assert all(f"| {title} |" in md for title in TITLES)
+    assert "CoLLM-FL / best baseline" in md and "quality_over_time.png" in md
+    assert any(line.startswith("calibration:") for line in lines)
+
+
+def test_bad_arguments_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="replicas"):
+        run_goodput_benchmark("tiny", 1, None, 1, 5.0, tmp_path, False)
+    with pytest.raises(ConfigError, match="rates"):
+        run_goodput_benchmark("tiny", 2, [0.0], 1, 5.0, tmp_path, False)
+    with pytest.raises(ConfigError, match="rounds"):
+        run_goodput_benchmark("tiny", 2, None, 0, 5.0, tmp_path, False)
+    with pytest.raises(ConfigError, match="arrivals"):
+        run_goodput_benchmark("tiny", 2, None, 1, 5.0, tmp_path, False, arrivals="sideways")
+    assert not list(tmp_path.iterdir())
+
+
+def test_separate_trains_on_half_the_replicas_rounded_up_and_serves_on_the_rest() -> None:
+    assert split_roles("separate", 2) == ([0], [1])
+    assert split_roles("separate", 5) == ([0, 1, 2], [3, 4])
+    assert split_roles("collm-fl", 3) == ([0, 1, 2], [0, 1, 2])
+    with pytest.raises(ConfigError):
+        split_roles("separate", 1)
+
+
+def test_served_quality_is_the_mean_over_serving_replicas_of_their_versions_loss() -> None:
+    switches = [(0.0, 0, 0), (0.0, 1, 0), (10.0, 0, 1), (12.0, 1, 1), (20.0, 0, 2)]
+    losses = {0: 4.0, 1: 3.0, 2: 2.0}
+    curve = served_quality_curve(switches, [0, 1], losses, end_s=30.0)
+    assert curve == [(0.0, 4.0), (10.0, 3.5), (12.0, 3.0), (20.0, 2.5), (30.0, 2.5)]
+    # A replica that serves nothing (a dedicated trainer) does not count.
+    assert served_quality_curve(switches, [1], losses, 30.0)[-1] == (30.0, 3.0)
+
+
+def _run(system: str, rate: float, losses: dict[int, float], met: int) -> SystemRun:
+    ok = RequestResult(0, 0.0, 0.1, 0.01, 0.5, "ok", 200, 0, 8, 4, None)
+    late = RequestResult(1, 1.0, 9.0, 0.01, 9.5, "ok", 200, 0, 8, 4, None)
+    switches = sorted((5.0 * v, i, v) for v in losses for i in (0, 1))
+    rounds = [RoundRecord(1, 1.0, {0: (3, 1.0)}, 3, 300, 2.0, 1, losses.get(1), 0.5, 5.0)]
+    return SystemRun(
+        system,
+        rate,
+        [ok] * met + [late] * (4 - met),
+        FederationLog(switches, rounds, losses),
+        serving=[0, 1],
+        training=[0, 1],
+        startup_s=1.0,
+        wall_s=12.0,
+    )
+
+
+def test_summaries_give_the_ratio_to_the_best_baseline_and_time_to_quality() -> None:
+    slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
+    runs = [
+        _run("separate", 2.0, {0: 4.0, 1: 3.8}, met=1),
+        _run("merged", 2.0, {0: 4.0, 1: 3.5}, met=2),
+        _run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
+    ]
+    outcomes, (rate,) = summarize_runs(runs, [2.0], slo, schedule_s=10.0)
+    assert (rate.best_baseline, rate.goodput_ratio) == ("merged", 2.0)
+    assert (rate.target_loss, rate.target_source) == (3.6, "collm-fl")
+    by_system = {o.system: o for o in outcomes}
+    assert by_system["collm-fl"].summary.goodput_rps == 0.4
+    assert by_system["merged"].time_to_quality_s == 5.0  # its v1 (3.5) beats the target
+    assert by_system["separate"].time_to_quality_s is None  # 3.8 never reaches 3.6
+    assert by_system["merged"].train_tokens_per_s == 30.0
+
+
+def test_without_a_collm_fl_version_the_target_is_the_worst_first_version_of_the_others() -> None:
+    runs = [
+        _run("separate", 1.0, {0: 4.0, 1: 3.8}, met=1),
+        _run("merged", 1.0, {0: 4.0, 1: 3.5}, met=1),
+        _run("collm-fl", 1.0, {0: 4.0}, met=1),
+    ]
+    assert quality_target(runs) == (3.8, "separate")
+    assert quality_target([_run("collm-fl", 1.0, {0: 4.0}, met=1)]) == (None, None)
