@@ -236,6 +236,7 @@ def _run_replica(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         training_share=args.training_share,
         seed=args.seed,
+        canary=args.canary_check,
     )
     api_key = args.api_key or os.environ.get("COLLM_API_KEY") or None
     run_replica(cfg, args.host, args.port, args.control_host, args.control_port, api_key, token)

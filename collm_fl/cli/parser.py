@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--canary-check",
+        action="store_true",
+        help="run a canary forward through each new version before promoting it",
+    )
 
     p = sub.add_parser(
         "site",
