@@ -87,6 +87,7 @@ class LoraFedAvg(FedAvg):
         # Per-node budgets for the next round (set by the ServerApp from the allocation policy);
         # a node with 0 steps sits the round out. None: every sampled node gets the round config.
         self.node_budgets: dict[int, NodeBudget] | None = None
+        self._sent_to: set[int] = set()  # nodes asked to train this round
 
     def summary(self) -> None:
         log.info(
@@ -103,6 +104,8 @@ class LoraFedAvg(FedAvg):
         self.current_arrays = arrays
         messages = super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
         if not self.node_budgets:
+            messages = list(messages)
+            self._sent_to = {int(m.metadata.dst_node_id) for m in messages}
             return messages
         out = []
         for msg in messages:
@@ -129,6 +132,7 @@ class LoraFedAvg(FedAvg):
                     message_type=msg.metadata.message_type,
                 )
             )
+        self._sent_to = {int(m.metadata.dst_node_id) for m in out}
         return out
 
     def configure_evaluate(
@@ -166,6 +170,13 @@ class LoraFedAvg(FedAvg):
             outcomes.append(ReplyOutcome(node, OK, None, n, metrics, norm))
             good.append((state, n, msg))
 
+        # Flower drops the nodes that did not answer within the round's timeout: count them too.
+        answered = {o.node_id for o in outcomes}
+        for node in sorted(self._sent_to - answered):
+            reason = "no reply within the round timeout"
+            log.warning("round %d: node %d failed: %s", server_round, node, reason)
+            outcomes.append(ReplyOutcome(node, FAILED, reason))
+        self._sent_to = set()
         aggregated = len(good) >= self.min_good_replies
         self.last_report = RoundReport(server_round, tuple(outcomes), aggregated)
         if not aggregated:

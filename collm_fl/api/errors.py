@@ -6,6 +6,7 @@ Every error a client can cause is a 4xx (or a 503 with Retry-After under overloa
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -25,6 +26,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY_BYTES = 1_000_000
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 class APIError(Exception):
@@ -121,11 +123,22 @@ def check_bearer(authorization: str | None, expected: str | None) -> None:
 
 
 class BodySizeLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` with 413, even when chunked."""
+    """ASGI middleware: read the whole request body first, bounded in size and in time.
 
-    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    Over ``max_bytes`` (by Content-Length, or counted when chunked) → 413; a client that stops
+    sending its body for ``read_timeout_s`` → 408 (a slow client cannot hold a connection and a
+    server task forever). The app then reads the buffered body as usual.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        read_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":
@@ -134,44 +147,60 @@ class BodySizeLimit:
         headers = dict(scope.get("headers", []))  # type: ignore[call-overload]
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._reject(send)
+            await _reject(
+                send, 413, f"request body larger than {self.max_bytes} bytes", "body_too_large"
+            )
             return
+        chunks: list[bytes] = []
         seen = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                msg = f"request body not received within {self.read_timeout_s:.0f} s"
+                await _reject(send, 408, msg, "body_timeout")
+                return
+            if message.get("type") == "http.disconnect":
+                return  # the client left: nobody to answer
+            body = message.get("body", b"")
+            seen += len(body)  # type: ignore[arg-type]
+            if seen > self.max_bytes:
+                await _reject(
+                    send, 413, f"request body larger than {self.max_bytes} bytes", "body_too_large"
+                )
+                return
+            chunks.append(body)  # type: ignore[arg-type]
+            if not message.get("more_body", False):
+                break
+        buffered = b"".join(chunks)
+        delivered = False
 
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message.get("type") == "http.request":
-                seen += len(message.get("body", b""))  # type: ignore[arg-type]
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge()
-            return message
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": buffered, "more_body": False}
+            return await receive()  # after the body: disconnect notifications, as usual
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._reject(send)
+        await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"request body larger than {self.max_bytes} bytes",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "body_too_large",
-                }
+
+async def _reject(send: Send, status: int, message: str, code: str) -> None:
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": code,
             }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    pass
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

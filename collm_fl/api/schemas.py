@@ -64,6 +64,7 @@ class CompletionRequest(SamplingFields):
         text = v if isinstance(v, str) else v[0]
         if len(text) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt longer than {MAX_PROMPT_CHARS} characters")
+        _check_utf8(text)
         return v
 
     def prompt_text(self) -> str:
@@ -74,6 +75,20 @@ class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=MAX_PROMPT_CHARS)
     name: str | None = Field(default=None, max_length=64)
+
+    @field_validator("content")
+    @classmethod
+    def _utf8(cls, v: str) -> str:
+        _check_utf8(v)
+        return v
+
+
+def _check_utf8(text: str) -> None:
+    """JSON can carry lone surrogates (``"\\ud800"``) that are no text: refuse them here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode at position {e.start}") from e
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -181,7 +181,7 @@ def _swap_lines(r: SwapBenchmark) -> list[str]:
         )
     lines += [
         "",
-        "Shadow swap: `Replica.push_version` (persist, shadow-load, canary forward, promote) while "
+        "Shadow swap: `Replica.push_version` (validate, persist, shadow-load, promote) while "
         "the engine keeps stepping; running requests stay on the version they were admitted on. "
         "Baselines: the same batch in a plain decode loop over a `PeftModel` that pauses between "
         "two steps to `load_adapter` + `set_adapter` + `delete_adapter` (reload) or to "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 _VERSION_DIR = re.compile(r"v(\d{4,})")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_RUN = "default"
+MAX_VERSION = 10**9  # versions count rounds; a larger number is a client bug, not a version
 # How a pushed version reaches serving. "shadow" (CoLLM-FL): loaded and validated in a free slot
 # while serving goes on, then promoted between two decode steps. The other two exist for the
 # baselines of `collm bench goodput` and stop the world: "reload" pauses serving, reads the
@@ -200,8 +202,8 @@ class Replica:
         """
         if mode not in SWAP_MODES:
             raise ConfigError(f"mode must be one of {SWAP_MODES}, got {mode!r}")
-        if version < 0:
-            raise ConfigError(f"version must be >= 0, got {version}")
+        if not 0 <= version <= MAX_VERSION:
+            raise ConfigError(f"version must be in [0, {MAX_VERSION}], got {version}")
         if not _RUN_NAME.fullmatch(run):
             raise ConfigError(f"run name {run!r} must be letters, digits, '.', '_' or '-'")
         with self._push_lock:
@@ -215,12 +217,17 @@ class Replica:
                 )
             started = time.perf_counter()
             problems = self._config_problems(peft_config)
+            if not problems:  # nothing reaches the disk before it is known to fit this model
+                spec = LoraSpec.from_peft_config_dict(peft_config)
+                expected = self.modules.expected_shapes()
+                problems = validate_adapter_state(state, spec, self.modules.spec, expected)
             if problems:
                 raise AdapterValidationError(problems)
             vdir = self.version_dir(version, run)
-            if not vdir.exists():
-                vdir.parent.mkdir(parents=True, exist_ok=True)
-                write_adapter_dir(vdir, dict(state), peft_config)
+            if vdir.exists():  # a retry of this version: keep the disk equal to what is served
+                shutil.rmtree(vdir)
+            vdir.parent.mkdir(parents=True, exist_ok=True)
+            write_adapter_dir(vdir, dict(state), peft_config)
             if mode == "merge":
                 previous = self._merge(state, peft_config, version, run)
             elif mode == "reload":

@@ -15,6 +15,7 @@ removes when the store opens. Callers get frozen dataclasses, never ORM rows.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import re
@@ -23,7 +24,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar, get_args
+from typing import IO, TypeVar, get_args
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -64,10 +65,27 @@ class VersionStore:
         self.url = url if url is not None else f"sqlite:///{self.root / 'store.db'}"
         self._engine = make_engine(self.url)
         self._write_lock = threading.Lock()
-        self.consistency = self.check_consistency()
+        # Only the process holding the root's writer lock repairs the disk on open: a reader
+        # (`collm versions`, a report) opened mid-write must not delete the writer's temp dir or
+        # its just-renamed version. The lock dies with its process, so a crashed writer's leftovers
+        # are repaired by the next one to open.
+        self._lock_file: IO[str] | None = open(self.root / ".writer.lock", "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.is_writer = True
+        except BlockingIOError:
+            self.is_writer = False
+        if self.is_writer:
+            self.consistency = self.check_consistency()
+        else:
+            log.debug("store %s is open for writing elsewhere: skipping repair", self.root)
+            self.consistency = ConsistencyReport()
 
     def close(self) -> None:
         self._engine.dispose()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the writer lock
+            self._lock_file = None
 
     def __enter__(self) -> VersionStore:
         return self

@@ -194,3 +194,29 @@ def tiny_lora_shapes() -> dict[str, tuple[int, ...]]:
 
     model = attach_lora(load_base_model("tiny").model, LoraSpec())
     return {k: tuple(v.shape) for k, v in get_adapter_state(model).items()}
+
+
+class Helpers:
+    """The helpers above, for test modules (a fixture: test modules do not import conftest)."""
+
+    free_port = staticmethod(free_port)
+    wait_until = staticmethod(wait_until)
+    kill_tree = staticmethod(kill_tree)
+    replica_command = staticmethod(replica_command)
+    venv_bin = staticmethod(venv_bin)
+    root = ROOT
+
+
+@pytest.fixture(scope="session")
+def rel() -> type[Helpers]:
+    return Helpers
+
+
+@pytest.fixture(scope="module")
+def module_procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    """Like ``procs``, for a scenario a whole module's tests share."""
+    registry = Processes(tmp_path_factory.mktemp("procs"))
+    try:
+        yield registry
+    finally:
+        registry.stop_all()

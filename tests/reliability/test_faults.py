@@ -1,0 +1,293 @@
+"""Faults injected into real federations on loopback: each a test, each bounded in time.
+
+(a) a replica SIGKILLed while it trains in round 1 (deployment engine, 3 replica nodes);
+(b) the ServerApp SIGKILLed after round 1 is stored (simulation engine), then the run resumed;
+(c) a replica too slow for ``round-timeout`` (it trains with a training share of 0, so it only
+    answers when its round deadline, set well past the timeout, expires).
+Store and replica crashes in the middle of a write are in test_store_crash.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+from contextlib import closing
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from collm_fl.federate import find_local_superlinks, stop_processes
+from collm_fl.launch import LocalFederation
+from collm_fl.store import VersionStore
+
+pytestmark = pytest.mark.slow
+
+RUN_TIMEOUT_S = 600.0  # one `flwr run` of a few tiny rounds takes 1-2 minutes here
+COMMON = "model='tiny' central-eval-samples=8 max-samples-per-client=40"
+ROUND_LINE = re.compile(r"round (\d+) \| clients ok (\d+) rejected (\d+) failed (\d+)")
+
+
+def round_lines(log: str) -> dict[int, tuple[int, int, int]]:
+    """{round: (ok, rejected, failed)} from the ServerApp's one line per round."""
+    return {int(m[1]): (int(m[2]), int(m[3]), int(m[4])) for m in ROUND_LINE.finditer(log)}
+
+
+def health(url: str) -> dict[str, object]:
+    return httpx.get(url + "/health", timeout=5).json()  # type: ignore[no-any-return]
+
+
+def finish(rel, proc, timeout: float = RUN_TIMEOUT_S) -> str:
+    """Wait for a `flwr run` process to exit; its return code must be 0; returns its log."""
+    rel.wait_until(lambda: not proc.alive(), timeout, f"{proc.name} to finish")
+    log = proc.log(200_000)
+    assert proc.popen.returncode == 0, log[-4000:]
+    return log
+
+
+def stored_versions(replica_store: Path) -> list[int]:
+    run_dir = replica_store / "default"
+    return sorted(int(p.name[1:]) for p in run_dir.glob("v[0-9]*") if p.is_dir())
+
+
+# ---- (a) a replica killed mid-round ------------------------------------------------------------
+
+
+def stream_until_cut(url: str, started: threading.Event, result: dict[str, object]) -> None:
+    """Stream a long greedy completion; record how it ended (completed, or the error)."""
+    body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 480, "temperature": 0}
+    events = 0
+    try:
+        with httpx.stream(
+            "POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events += 1
+                    started.set()
+                    if line == "data: [DONE]":
+                        result["end"] = "completed"
+                        return
+        result["end"] = "cut without [DONE]"
+    except httpx.HTTPError as e:
+        result["end"] = f"error: {type(e).__name__}"
+    finally:
+        result["events"] = events
+        started.set()
+
+
+def test_a_replica_killed_mid_round_is_counted_failed_and_rejoins_after_restart(
+    tmp_path, procs, rel
+):
+    out = tmp_path / "out"
+    config = (
+        f"{COMMON} output-dir='{out}' local-steps=100 min-train-nodes=3 min-good-replies=1 "
+        "num-server-rounds=2"
+    )
+    with LocalFederation(tmp_path / "site", num_replicas=3, model="tiny") as fed:
+        victim, others = fed.replicas[2], fed.replicas[:2]
+        run = procs.spawn("flwr-run-1", fed.flwr_run_command(config, rel.root), fed.env())
+
+        def victim_training() -> bool:
+            if not run.alive():
+                pytest.fail(f"flwr run ended before round 1 trained:\n{run.log()}")
+            return bool(health(victim.api_url)["training"])
+
+        rel.wait_until(victim_training, 300, "the victim replica to train in round 1")
+        # Requests in flight on the victim when it dies.
+        streams = []
+        for _ in range(4):
+            started, result = threading.Event(), {}
+            thread = threading.Thread(
+                target=stream_until_cut, args=(victim.api_url, started, result)
+            )
+            thread.start()
+            streams.append((thread, started, result))
+        for _, started, _ in streams:
+            assert started.wait(30), "a stream on the victim never started"
+        victim.process.popen.kill()  # SIGKILL mid-round, mid-stream
+        victim.process.popen.wait(30)
+        for thread, _, _ in streams:
+            thread.join(timeout=45)
+        assert not any(t.is_alive() for t, _, _ in streams), "a stream on the killed replica hung"
+        ends = [r["end"] for _, _, r in streams]
+        cut = [(r["end"], r["events"]) for *_, r in streams]
+        print(f"\nstreams on the killed replica (end, events): {cut}")
+        assert any(e != "completed" for e in ends), ends  # they were cut, not finished
+        assert all(e == "completed" or e.startswith(("error", "cut")) for e in ends), ends
+
+        log = finish(rel, run)
+        rounds = round_lines(log)
+        print(f"rounds (ok, rejected, failed): {rounds}")
+        assert rounds[1] == (2, 0, 1), log[-4000:]  # the victim's round-1 reply: failed
+        assert rounds[2] == (2, 0, 1), log[-4000:]  # and again while it stays down
+        for node in others:  # the survivors advanced to the newest version
+            assert health(node.api_url)["adapter_version"] == 2
+        with VersionStore(out) as store:
+            run_id = store.find_run("default").id
+            assert [v.number for v in store.list_versions(run_id)] == [0, 1, 2]
+            failed = [p for p in store.participations(run_id) if p.status == "failed"]
+            assert [p.round_number for p in failed] == [1, 2]
+            assert all(p.reason and "error reply" in p.reason for p in failed), failed
+
+        # Restarted with the same command (ports, store), it serves the newest version it stored.
+        victim_cmd = list(victim.process.popen.args)
+        victim_store = Path(victim_cmd[victim_cmd.index("--store-dir") + 1])
+        had = stored_versions(victim_store)
+        assert had, "the victim had stored v0 before it was killed"
+        back = procs.spawn("victim-restarted", victim_cmd, fed.env())
+        back.wait_http(victim.api_url + "/health")
+        assert health(victim.api_url)["adapter_version"] == max(had)
+        assert not list(victim_store.rglob(".tmp-*"))
+
+        # It rejoins: a resumed run (one more round) gets all three replies and advances it too.
+        config3 = config.replace("num-server-rounds=2", "num-server-rounds=3")
+        run2 = procs.spawn("flwr-run-2", fed.flwr_run_command(config3, rel.root), fed.env())
+        log2 = finish(rel, run2)
+        assert "resuming run 'default' from version v2" in log2
+        assert round_lines(log2) == {3: (3, 0, 0)}, log2[-4000:]
+        for node in fed.replicas:
+            assert health(node.api_url)["adapter_version"] == 3
+
+
+# ---- (b) the server killed mid-run --------------------------------------------------------------
+
+
+def recorded_rounds(db: Path) -> list[int]:
+    """Round numbers committed so far (read-only SQL: opening a VersionStore would repair)."""
+    if not db.exists():
+        return []
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            rows = conn.execute(
+                "SELECT r.number FROM rounds r JOIN runs u ON r.run_id = u.id "
+                "WHERE u.name = 'default' ORDER BY r.number"
+            ).fetchall()
+    except sqlite3.Error:
+        return []  # not created yet, or mid-migration
+    return [int(n) for (n,) in rows]
+
+
+def kill_server_app(rel, flwr_home: Path) -> list[int]:
+    """SIGKILL the simulation process (ServerApp and its Ray workers) under the SuperLink."""
+    links = find_local_superlinks(flwr_home)
+    assert links, "no local SuperLink is running"
+    killed = []
+    for link in links:
+        for child in link.children(recursive=True):
+            try:
+                is_sim = "flwr-simulation" in " ".join(child.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if is_sim:
+                killed += rel.kill_tree(child.pid)
+    assert killed, "no flwr-simulation process found below the SuperLink"
+    return killed
+
+
+def test_a_server_killed_mid_run_resumes_with_no_gap_and_no_duplicate(
+    tmp_path, procs, flower_home, rel
+):
+    out = tmp_path / "out"
+    flwr = rel.venv_bin("flwr")
+    config = f"{COMMON} output-dir='{out}' local-steps=3 num-server-rounds=3"
+    cmd = [flwr, "run", str(rel.root), "--stream", "--federation-config", "num-supernodes=2"]
+    cmd += ["--run-config", config]
+    first = procs.spawn("flwr-run-1", cmd, flower_home)
+
+    def round_one_stored() -> bool:
+        if not first.alive():
+            pytest.fail(f"the run ended before round 1 was stored:\n{first.log()}")
+        return 1 in recorded_rounds(out / "store.db")
+
+    rel.wait_until(round_one_stored, RUN_TIMEOUT_S, "round 1 to be stored")
+    home = Path(flower_home["FLWR_HOME"])
+    kill_server_app(rel, home)  # the crash under test
+    first.kill()  # the `flwr run` client streaming its logs
+    stop_processes(find_local_superlinks(home))
+    at_kill = recorded_rounds(out / "store.db")
+    print(f"\nrounds stored when the ServerApp was killed: {at_kill}")
+    assert at_kill and at_kill[-1] < 3, at_kill
+
+    second = procs.spawn("flwr-run-2", cmd, flower_home)
+    log = finish(rel, second)
+    with VersionStore(out) as store:
+        assert not store.consistency.missing_version_dirs, store.consistency
+        run_id = store.find_run("default").id
+        versions = store.list_versions(run_id)
+        latest_before = max(v.number for v in versions if v.round_number <= at_kill[-1])
+        assert f"resuming run 'default' from version v{latest_before}" in log, log[-4000:]
+        assert [r.number for r in store.list_rounds(run_id)] == [1, 2, 3]  # no gap, no duplicate
+        assert [v.number for v in versions] == [0, 1, 2, 3]
+        assert [v.round_number for v in versions] == [0, 1, 2, 3]
+        assert [v.parent_number for v in versions] == [None, 0, 1, 2]
+        for v in versions:
+            store.load_version(v)  # every version on disk, with the recorded checksum
+        per_round = [p.round_number for p in store.participations(run_id)]
+        assert sorted(per_round) == [1, 1, 2, 2, 3, 3]
+    assert sorted(round_lines(log)) == [r for r in (1, 2, 3) if r > at_kill[-1]]
+
+
+# ---- (c) a replica that misses the round timeout ------------------------------------------------
+
+ROUND_TIMEOUT_S = 30.0
+SLOW_DEADLINE_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def late_node_run(tmp_path_factory, module_procs, rel):
+    """One run in which replica 2 cannot answer within round-timeout; its facts for the tests."""
+    workdir = tmp_path_factory.mktemp("late-node")
+    out = workdir / "out"
+    config = (
+        f"{COMMON} output-dir='{out}' local-steps=5 min-train-nodes=3 num-server-rounds=1 "
+        f"allocation='static' round-timeout={ROUND_TIMEOUT_S} round-deadline-s={SLOW_DEADLINE_S}"
+    )
+    with LocalFederation(workdir / "site", num_replicas=3, model="tiny") as fed:
+        slow = fed.replicas[2]
+        # Same ports and store, training share 0: it trains nothing until its deadline expires.
+        cmd = [*slow.process.popen.args, "--training-share", "0"]
+        slow.process.popen.terminate()
+        slow.process.popen.wait(30)
+        restarted = module_procs.spawn("slow-replica", cmd, fed.env())
+        restarted.wait_http(slow.api_url + "/health")
+        assert health(slow.api_url)["training_share"] == 0.0
+        run = module_procs.spawn("flwr-run", fed.flwr_run_command(config, rel.root), fed.env())
+        rel.wait_until(lambda: not run.alive(), RUN_TIMEOUT_S, "flwr run to finish")
+        slow_alive = restarted.alive() and health(slow.api_url)["status"] == "ok"
+        restarted.kill()  # a graceful stop would wait for its train call to reach the deadline
+    with VersionStore(out) as store:
+        run_id = store.find_run("default").id
+        return {
+            "returncode": run.popen.returncode,
+            "log": run.log(200_000),
+            "rounds": store.list_rounds(run_id),
+            "versions": [v.number for v in store.list_versions(run_id)],
+            "participations": store.participations(run_id),
+            "slow_alive": slow_alive,
+        }
+
+
+def test_a_round_completes_without_a_node_that_misses_the_round_timeout(late_node_run):
+    facts = late_node_run
+    assert facts["returncode"] == 0, facts["log"][-4000:]
+    ok, rejected, _ = round_lines(facts["log"])[1]
+    assert (ok, rejected) == (2, 0), facts["log"][-4000:]
+    assert facts["versions"] == [0, 1]  # aggregated from the two in-time replies
+    (round1,) = facts["rounds"]
+    assert round1.status == "aggregated" and round1.num_ok == 2
+    # The round waited for the timeout, not for the slow node's deadline.
+    assert round1.seconds < SLOW_DEADLINE_S, round1.seconds
+    assert facts["slow_alive"], "the slow replica kept serving"
+
+
+def test_a_node_that_misses_the_round_timeout_is_counted_failed(late_node_run):
+    facts = late_node_run
+    assert round_lines(facts["log"])[1] == (2, 0, 1), json.dumps(round_lines(facts["log"]))
+    (round1,) = facts["rounds"]
+    assert round1.num_failed == 1
+    statuses = sorted(p.status for p in facts["participations"])
+    assert statuses == ["failed", "ok", "ok"], statuses
