@@ -170,6 +170,27 @@ class LocalFederation:
         log.info("running: %s", shlex.join(cmd))
         return subprocess.call(cmd, env=self.env(), timeout=timeout)
 
+    def start_gateway(
+        self,
+        urls: list[str] | None = None,
+        ttft_slo_s: float | None = None,
+        tpot_slo_s: float | None = None,
+        timeout: float = 60.0,
+    ) -> tuple[str, ManagedProcess]:
+        """Start ``collm gateway`` in front of ``urls`` (default: every replica); (URL, process)."""
+        port = free_port()
+        cmd = [executable("collm"), "gateway", "--port", str(port)]
+        for url in urls if urls is not None else [n.api_url for n in self.replicas]:
+            cmd += ["--replica", url]
+        if ttft_slo_s is not None:
+            cmd += ["--ttft-slo", repr(ttft_slo_s)]
+        if tpot_slo_s is not None:
+            cmd += ["--tpot-slo", repr(tpot_slo_s)]
+        proc = self.spawn("gateway", cmd)
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/health", proc, timeout)
+        return base, proc
+
     # ---- pieces ----
 
     def spawn(self, name: str, cmd: list[str]) -> ManagedProcess:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from collm_fl.launch import LocalFederation, executable, free_port, wait_http
+from collm_fl.launch import LocalFederation
 from collm_fl.loadgen.arrivals import arrival_times
 from collm_fl.loadgen.client import ReplayProgress, RequestResult, build_requests, replay
 from collm_fl.loadgen.goodput import SLOSpec, summarize_results
@@ -124,14 +124,7 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     with LocalFederation(
         out / "site", cfg.replicas, cfg.devices, model=cfg.model, replica_args=replica_args
     ) as fed:
-        port = free_port()
-        cmd = [executable("collm"), "gateway", "--port", str(port)]
-        for node in fed.replicas:
-            cmd += ["--replica", node.api_url]
-        cmd += ["--ttft-slo", str(cfg.ttft_slo_s), "--tpot-slo", str(cfg.tpot_slo_s)]
-        gateway = fed.spawn("gateway", cmd)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health", gateway, 60)
+        url, _ = fed.start_gateway(ttft_slo_s=cfg.ttft_slo_s, tpot_slo_s=cfg.tpot_slo_s)
         print(
             f"gateway {url}/v1 in front of {len(fed.replicas)} replicas; "
             f"load: {cfg.arrivals} at {cfg.rate} req/s",

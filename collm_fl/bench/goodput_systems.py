@@ -205,7 +205,7 @@ def run_system(
         clients = [ReplicaClient(c, fed.control_token) for c in controls]
         targets = [urls[i] for i in serving]
         if spec.gateway:
-            targets = [_start_gateway(fed, urls, settings.slo)]
+            targets = [fed.start_gateway(list(urls), settings.slo.ttft_s, settings.slo.tpot_s)[0]]
         orchestrator = Orchestrator(
             spec, settings, clients, training, serving, evaluator, start, say
         )
@@ -287,18 +287,6 @@ def _start_replicas(fed: LocalFederation, s: RunSettings) -> tuple[list[str], li
     for proc, url in zip(procs, urls, strict=True):
         wait_http(url + "/health", proc, STARTUP_TIMEOUT_S)
     return urls, controls
-
-
-def _start_gateway(fed: LocalFederation, urls: Sequence[str], slo: SLOSpec) -> str:
-    port = free_port()
-    cmd = [executable("collm"), "gateway", "--port", str(port)]
-    for url in urls:
-        cmd += ["--replica", url]
-    cmd += ["--ttft-slo", repr(slo.ttft_s), "--tpot-slo", repr(slo.tpot_s)]
-    proc = fed.spawn("gateway", cmd)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/health", proc, STARTUP_TIMEOUT_S)
-    return url
 
 
 def calibrate(

@@ -23,7 +23,7 @@ import numpy as np
 import psutil
 
 from collm_fl.adapters import LoraSpec
-from collm_fl.launch import LocalFederation, executable, free_port, wait_http
+from collm_fl.launch import LocalFederation
 from collm_fl.loadgen.arrivals import arrival_times
 from collm_fl.loadgen.client import RequestResult, build_requests, replay
 from collm_fl.replica.control_client import ReplicaClient, ReplicaUnavailable
@@ -51,13 +51,7 @@ def run_soak(
             replica_args=("--data", "none", "--max-queue", "32"),
         )
         with fed:
-            port = free_port()
-            cmd = [executable("collm"), "gateway", "--port", str(port)]
-            for node in fed.replicas:
-                cmd += ["--replica", node.api_url]
-            gateway = fed.spawn("gateway", cmd)
-            url = f"http://127.0.0.1:{port}"
-            wait_http(url + "/health", gateway, 60)
+            url, gateway = fed.start_gateway()
             procs = {f"replica{n.index}": psutil.Process(n.process.popen.pid) for n in fed.replicas}
             procs["gateway"] = psutil.Process(gateway.popen.pid)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collm_fl.launch import LocalFederation, executable, free_port, wait_http
+from collm_fl.launch import LocalFederation
 from collm_fl.store import VersionStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,13 +20,7 @@ def test_rounds_on_the_deployment_engine_advance_every_replica_while_serving(tmp
     stop = threading.Event()
 
     with LocalFederation(tmp_path / "site", num_replicas=2, num_devices=1, model="tiny") as fed:
-        port = free_port()
-        cmd = [executable("collm"), "gateway", "--port", str(port)]
-        for node in fed.replicas:
-            cmd += ["--replica", node.api_url]
-        gateway = fed.spawn("gateway", cmd)
-        gateway_url = f"http://127.0.0.1:{port}"
-        wait_http(gateway_url + "/health", gateway, 60)
+        gateway_url, _ = fed.start_gateway()
 
         def traffic() -> None:
             body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 8, "temperature": 0}
