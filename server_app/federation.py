@@ -232,7 +232,7 @@ class Federation:
     def _passes_quality_gate(self, rnd: int, loss: float, served: VersionInfo) -> bool:
         """A version worse than the served one by more than the margin is not promoted."""
         margin = self.cfg.quality_gate_margin
-        if margin < 0 or served.eval_loss is None or loss <= served.eval_loss + margin:
+        if passes_quality_gate(loss, served.eval_loss, margin):
             return True
         log.warning(
             "round %d: quality gate: eval loss %.4f > served v%d's %.4f + margin %.4f; "
@@ -282,6 +282,13 @@ class Federation:
                 self.coordination.observe(node, _floats(record))
         log.info("published v%d to %d/%d nodes", version, acked, len(nodes))
         return acked
+
+
+def passes_quality_gate(loss: float, served_loss: float | None, margin: float) -> bool:
+    """May a version with central ``loss`` replace one with ``served_loss``? (margin < 0: off)."""
+    if margin < 0 or served_loss is None:
+        return True
+    return math.isfinite(loss) and loss <= served_loss + margin
 
 
 def _floats(record: MetricRecord) -> dict[str, float]:
