@@ -20,16 +20,14 @@ import importlib
 import logging
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypedDict
+from typing import TypedDict
 
 import httpx
 import psutil
@@ -41,7 +39,7 @@ from collm_fl.bench.replica_decode import (
     checkpoint_parameters,
     random_adapter_state,
 )
-from collm_fl.launch import LaunchError, free_port
+from collm_fl.launch import LaunchError, ManagedProcess, executable, free_port, wait_http
 from collm_fl.replica.control_client import ReplicaClient
 
 log = logging.getLogger(__name__)
@@ -70,43 +68,16 @@ class MemoryBenchmark(TypedDict):
 
 
 @dataclass
-class _Proc:
-    """A child process with its log file; stopped by its pid."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    _log: IO[bytes]
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.popen.pid)
-                self.popen.kill()
-                self.popen.wait()
-        self._log.close()
-
-
-@dataclass
 class _Stack:
     """Every process one setup started, stopped together."""
 
     workdir: Path
     token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
-    procs: list[_Proc] = field(default_factory=list)
+    procs: list[ManagedProcess] = field(default_factory=list)
 
-    def spawn(self, name: str, cmd: list[str], pipes: bool = False) -> _Proc:
+    def spawn(self, name: str, cmd: list[str], pipes: bool = False) -> ManagedProcess:
         log_path = self.workdir / f"{name}.log"
-        handle = open(log_path, "wb")  # noqa: SIM115 - owned by the _Proc
+        handle = open(log_path, "wb")  # noqa: SIM115 - owned by the ManagedProcess
         env = dict(os.environ, COLLM_CONTROL_TOKEN=self.token)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -117,13 +88,13 @@ class _Stack:
             stdout=subprocess.PIPE if pipes else handle,
             stderr=handle,
         )
-        proc = _Proc(name, popen, log_path, handle)
+        proc = ManagedProcess(name, popen, log_path, handle)
         self.procs.append(proc)
         return proc
 
-    def start_replica(self, model: str, train: bool) -> tuple[_Proc, str, ReplicaClient]:
+    def start_replica(self, model: str, train: bool) -> tuple[ManagedProcess, str, ReplicaClient]:
         port, control_port = free_port(), free_port()
-        cmd = [_collm_executable(), "replica", "--model", model]
+        cmd = [executable("collm"), "replica", "--model", model]
         cmd += ["--port", str(port), "--control-port", str(control_port)]
         cmd += ["--store-dir", str(self.workdir / "store"), "--data"]
         cmd += ["shakespeare" if train else "none"]
@@ -131,7 +102,7 @@ class _Stack:
         cmd += ["--ttft-slo", str(LOOSE_SLO_S), "--tpot-slo", str(LOOSE_SLO_S)]
         proc = self.spawn("replica", cmd)
         url = f"http://127.0.0.1:{port}"
-        _wait_http(f"{url}/health", proc)
+        wait_http(f"{url}/health", proc, READY_TIMEOUT_S)
         return proc, url, ReplicaClient(f"127.0.0.1:{control_port}", self.token, timeout=3600)
 
     def stop(self) -> None:
@@ -139,32 +110,7 @@ class _Stack:
             proc.stop()
 
 
-def _collm_executable() -> str:
-    """The ``collm`` entry point of this environment (beside the interpreter first)."""
-    beside = Path(sys.executable).with_name("collm")
-    found = str(beside) if beside.exists() else shutil.which("collm")
-    if found is None:
-        raise LaunchError("collm not found: is the project installed (pip install -e .)?")
-    return found
-
-
-def _wait_http(url: str, proc: _Proc) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise LaunchError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)  # polling another process's readiness; nothing to wait on here
-    raise LaunchError(
-        f"{proc.name} not ready at {url} after {READY_TIMEOUT_S:.0f}s:\n{proc.tail()}"
-    )
-
-
-def _read_line(proc: _Proc, expected: str) -> None:
+def _read_line(proc: ManagedProcess, expected: str) -> None:
     """Block until the worker writes ``expected`` (its protocol line) on stdout."""
     assert proc.popen.stdout is not None
     for raw in proc.popen.stdout:
