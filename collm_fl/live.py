@@ -170,6 +170,7 @@ def _drive_flwr(
         assert proc.stdout is not None
         for line in proc.stdout:
             logf.write(line)
+            logf.flush()  # the log is for someone watching the run
             m = ROUND_LINE.search(line)
             if not m:
                 continue
