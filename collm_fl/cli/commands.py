@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,8 +60,6 @@ def dispatch(args: argparse.Namespace) -> int:
         )
         return run_live(cfg, Path(args.app).resolve())
     if args.command == "gateway":
-        import os
-
         from collm_fl.gateway.serve import run_gateway
         from collm_fl.replica.metrics import SLO
 
@@ -78,8 +77,6 @@ def dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "load":
-        import os
-
         from collm_fl.loadgen import run_load_cli
 
         return run_load_cli(
@@ -193,8 +190,6 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def _run_replica(args: argparse.Namespace) -> int:
-    import os
-
     from collm_fl.adapters import LoraSpec
     from collm_fl.data import DataSpec
     from collm_fl.replica.metrics import SLO
