@@ -9,6 +9,7 @@ the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from collm_fl.errors import ConfigError
 
 Scalar = str | int | float | bool
 AGGREGATION_MODES = ("exact", "fedavg")
+ROBUST_AGGREGATIONS = ("none", "median", "trimmed-mean")
 ALLOCATIONS = ("quality-aware", "static")
 
 
@@ -45,6 +47,9 @@ class RunConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     aggregation: str = "exact"  # "exact" (SVD of the summed products) | "fedavg" (factors)
     max_update_norm: float = 50.0  # reject updates whose ||ΔBA||_F exceeds this; 0 = no bound
+    robust_aggregation: str = "none"  # "median" | "trimmed-mean" of dense ΔBA instead of the mean
+    trim_fraction: float = 0.2  # trimmed-mean: share of largest and of smallest values dropped
+    max_weight_ratio: float = 0.0  # cap num-examples at this x the round median; 0 = no cap
     central_eval_samples: int = 48  # central held-out samples evaluated each round; 0 = all
     output_dir: str = "outputs"
     store_url: str = ""  # SQLAlchemy URL; "" = sqlite file in output-dir
@@ -99,6 +104,24 @@ class RunConfig:
             f"must be one of {', '.join(AGGREGATION_MODES)}",
         )
         check(self.max_update_norm >= 0, "max-update-norm", self.max_update_norm, "must be >= 0")
+        check(
+            self.robust_aggregation in ROBUST_AGGREGATIONS,
+            "robust-aggregation",
+            self.robust_aggregation,
+            f"must be one of {', '.join(ROBUST_AGGREGATIONS)}",
+        )
+        check(
+            0.0 <= self.trim_fraction < 0.5,
+            "trim-fraction",
+            self.trim_fraction,
+            "must be in [0, 0.5)",
+        )
+        check(
+            self.max_weight_ratio == 0 or 1 <= self.max_weight_ratio < math.inf,
+            "max-weight-ratio",
+            self.max_weight_ratio,
+            "must be 0 (no cap) or >= 1",
+        )
         check(
             self.central_eval_samples >= 0,
             "central-eval-samples",

@@ -30,6 +30,9 @@ def main(grid: Grid, context: Context) -> None:
         mode=cfg.aggregation,
         max_update_norm=cfg.max_update_norm,
         min_good_replies=cfg.min_good_replies,
+        robust=cfg.robust_aggregation,
+        trim_fraction=cfg.trim_fraction,
+        max_weight_ratio=cfg.max_weight_ratio,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=cfg.min_train_nodes,
@@ -46,13 +49,14 @@ def main(grid: Grid, context: Context) -> None:
         )
     store = open_store(cfg)
     log.info(
-        "run %r: model=%s data=%s partitioning=%s rounds=%d aggregation=%s -> %s",
+        "run %r: model=%s data=%s partitioning=%s rounds=%d aggregation=%s robust=%s -> %s",
         cfg.run_name,
         cfg.model,
         cfg.data,
         cfg.partitioning,
         cfg.num_server_rounds,
         cfg.aggregation,
+        cfg.robust_aggregation,
         cfg.output_path,
     )
     summary = Federation(grid, cfg, wrapped, strategy, store).run()

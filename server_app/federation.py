@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -29,12 +30,20 @@ from collm_fl.flower_records import (
     arrayrecord_to_state,
     state_to_arrayrecord,
 )
-from collm_fl.store import ParticipationRecord, RoundRecord, VersionInfo, VersionStore
+from collm_fl.store import (
+    ParticipationRecord,
+    ParticipationStatus,
+    RoundRecord,
+    VersionInfo,
+    VersionStore,
+)
 from collm_fl.training import get_adapter_state
 from server_app.coordination import CoordinationState
-from strategies.lora import LoraFedAvg, RoundReport
+from strategies.lora import LoraFedAvg, ReplyOutcome, RoundReport
 
 log = logging.getLogger(__name__)
+
+WEIGHT_USED = "weight-used"  # participation metric: the node's aggregation weight this round
 
 
 @dataclass(frozen=True)
@@ -201,17 +210,7 @@ class Federation:
                 seconds=seconds,
                 metrics=metrics,
             ),
-            [
-                ParticipationRecord(
-                    node_id=o.node_id,
-                    status=o.status,
-                    reason=o.reason,
-                    num_examples=o.num_examples,
-                    train_loss=o.metrics.get(TRAIN_LOSS),
-                    metrics=dict(o.metrics),
-                )
-                for o in report.outcomes
-            ],
+            [participation_record(o) for o in report.outcomes],
         )
         log.info(
             "round %d | clients ok %d rejected %d failed %d | train loss %s | "
@@ -282,6 +281,25 @@ class Federation:
                 self.coordination.observe(node, _floats(record))
         log.info("published v%d to %d/%d nodes", version, acked, len(nodes))
         return acked
+
+
+def participation_record(outcome: ReplyOutcome) -> ParticipationRecord:
+    """What the store keeps of one node's round: its outcome, metrics and the weight it got.
+
+    The aggregation weight goes into the metrics as ``weight-used`` (it differs from the claimed
+    ``num-examples`` when ``max-weight-ratio`` capped it; the reason then says so).
+    """
+    metrics = dict(outcome.metrics)
+    if outcome.weight_used is not None:
+        metrics[WEIGHT_USED] = outcome.weight_used
+    return ParticipationRecord(
+        node_id=outcome.node_id,
+        status=cast(ParticipationStatus, outcome.status),
+        reason=outcome.reason,
+        num_examples=outcome.num_examples,
+        train_loss=outcome.metrics.get(TRAIN_LOSS),
+        metrics=metrics,
+    )
 
 
 def passes_quality_gate(loss: float, served_loss: float | None, margin: float) -> bool:

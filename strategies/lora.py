@@ -5,8 +5,11 @@
   against) and never mutates the caller's ConfigRecord;
 - ``aggregate_train`` validates each reply (keys, shapes, finite values, update-norm bound), logs
   and reports every rejection with its node and reason, and aggregates the good ones with
-  :func:`aggregate_lora_exact` (default) or :func:`aggregate_lora_fedavg`. A round with fewer good
-  replies than ``min_good_replies`` returns no arrays, so the previous version stays in force.
+  :func:`aggregate_lora_exact` (default) or :func:`aggregate_lora_fedavg`, or, with ``robust``
+  set, the coordinate-wise median or trimmed mean of :func:`aggregate_lora_robust`. A round with
+  fewer good replies than ``min_good_replies`` returns no arrays, so the previous version stays in
+  force. Each good reply weighs its claimed ``num-examples``, capped at ``max_weight_ratio`` times
+  the round's median claim when that is set; a capped node is logged and its outcome says so.
 
 It composes with Flower's wrappers, e.g.
 ``DifferentialPrivacyClientSideFixedClipping(LoraFedAvg(...))``.
@@ -16,7 +19,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -24,6 +28,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from collm_fl.adapters import AdapterState
 from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg
+from collm_fl.aggregation_robust import (
+    ROBUST_METHODS,
+    RobustMethod,
+    aggregate_lora_robust,
+    cap_weights,
+)
 from collm_fl.flower_records import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -37,6 +47,7 @@ from strategies.allocation import NodeBudget
 log = logging.getLogger(__name__)
 
 OK, REJECTED, FAILED = "ok", "rejected", "failed"
+ROBUST_CHOICES = ("none", *ROBUST_METHODS)
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,7 @@ class ReplyOutcome:
     num_examples: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     update_norm: float | None = None
+    weight_used: float | None = None  # aggregation weight (claimed num-examples, maybe capped)
 
 
 @dataclass(frozen=True)
@@ -72,16 +84,28 @@ class LoraFedAvg(FedAvg):
         mode: str = "exact",
         max_update_norm: float | None = None,
         min_good_replies: int = 1,
+        robust: str = "none",
+        trim_fraction: float = 0.2,
+        max_weight_ratio: float = 0.0,
         **fedavg_kwargs: object,
     ) -> None:
         if mode not in ("exact", "fedavg"):
             raise ValueError(f"mode must be 'exact' or 'fedavg', got {mode!r}")
         if min_good_replies < 1:
             raise ValueError(f"min_good_replies must be >= 1, got {min_good_replies}")
+        if robust not in ROBUST_CHOICES:
+            raise ValueError(f"robust must be one of {', '.join(ROBUST_CHOICES)}, got {robust!r}")
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        if not (max_weight_ratio == 0.0 or 1.0 <= max_weight_ratio < float("inf")):
+            raise ValueError(f"max_weight_ratio must be 0 (off) or >= 1, got {max_weight_ratio}")
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.mode = mode
         self.max_update_norm = max_update_norm if max_update_norm else None
         self.min_good_replies = min_good_replies
+        self.robust = robust  # "none": combine with ``mode``; else the robust statistic
+        self.trim_fraction = trim_fraction
+        self.max_weight_ratio = max_weight_ratio  # 0: claimed num-examples used as they are
         self.current_arrays = ArrayRecord()
         self.last_report: RoundReport | None = None
         # Per-node budgets for the next round (set by the ServerApp from the allocation policy);
@@ -91,9 +115,13 @@ class LoraFedAvg(FedAvg):
 
     def summary(self) -> None:
         log.info(
-            "LoraFedAvg: mode=%s max-update-norm=%s min-good-replies=%d",
+            "LoraFedAvg: mode=%s robust=%s trim-fraction=%g max-update-norm=%s "
+            "max-weight-ratio=%g min-good-replies=%d",
             self.mode,
+            self.robust,
+            self.trim_fraction,
             self.max_update_norm,
+            self.max_weight_ratio,
             self.min_good_replies,
         )
         super().summary()
@@ -146,6 +174,7 @@ class LoraFedAvg(FedAvg):
         reference = arrayrecord_to_state(self.current_arrays)
         outcomes: list[ReplyOutcome] = []
         good: list[tuple[AdapterState, int, Message]] = []
+        good_at: list[int] = []  # index in outcomes of each good reply
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
@@ -167,8 +196,10 @@ class LoraFedAvg(FedAvg):
                 outcomes.append(ReplyOutcome(node, REJECTED, reason, metrics=metrics))
                 continue
             n = int(metrics[NUM_EXAMPLES])
+            good_at.append(len(outcomes))
             outcomes.append(ReplyOutcome(node, OK, None, n, metrics, norm))
             good.append((state, n, msg))
+        weights = self._cap_weights(server_round, outcomes, good_at)
 
         # Flower drops the nodes that did not answer within the round's timeout: count them too.
         answered = {o.node_id for o in outcomes}
@@ -188,8 +219,11 @@ class LoraFedAvg(FedAvg):
             )
             return None, None
         states = [state for state, _, _ in good]
-        weights = [float(n) for _, n, _ in good]
-        if self.mode == "exact":
+        if self.robust != "none":
+            new_state = aggregate_lora_robust(
+                states, weights, reference, cast(RobustMethod, self.robust), self.trim_fraction
+            )
+        elif self.mode == "exact":
             new_state = aggregate_lora_exact(states, weights)
         else:
             new_state = aggregate_lora_fedavg(states, weights)
@@ -197,6 +231,34 @@ class LoraFedAvg(FedAvg):
             [m.content for _, _, m in good], self.weighted_by_key
         )
         return state_to_arrayrecord(new_state), agg_metrics
+
+    def _cap_weights(
+        self, server_round: int, outcomes: list[ReplyOutcome], good_at: list[int]
+    ) -> list[float]:
+        """The good replies' aggregation weights; records each in its outcome (in place).
+
+        With ``max_weight_ratio`` set, a claim above that many times the round's median claim is
+        capped (see :func:`cap_weights`); the capped node is logged and its outcome's ``reason``
+        says what it claimed and what was used, so the store keeps it with the participation.
+        """
+        claimed = [float(outcomes[i].num_examples or 0) for i in good_at]
+        used = cap_weights(claimed, self.max_weight_ratio).tolist() if claimed else []
+        for i, c, u in zip(good_at, claimed, used, strict=True):
+            note = None
+            if u < c:
+                note = (
+                    f"num-examples {c:g} capped to {u:g} "
+                    f"(max-weight-ratio {self.max_weight_ratio:g} x the round median)"
+                )
+                log.warning(
+                    "round %d: node %d claimed %g examples; weight capped to %g",
+                    server_round,
+                    outcomes[i].node_id,
+                    c,
+                    u,
+                )
+            outcomes[i] = replace(outcomes[i], reason=note, weight_used=u)
+        return used
 
     def _check_reply(self, msg: Message) -> tuple[list[str], AdapterState, dict[str, float]]:
         """Structural checks Flower's own consistency check would raise on; here they reject."""

@@ -54,3 +54,25 @@ def test_bad_data_field_is_named():
 def test_bad_lora_rank_is_named():
     with pytest.raises(ConfigError, match="lora-rank"):
         RunConfig.from_flower({"lora-rank": 0})
+
+
+def test_bad_robust_aggregation_values_are_all_named_at_once():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flower(
+            {"robust-aggregation": "mean", "trim-fraction": 0.5, "max-weight-ratio": 0.5}
+        )
+    msg = str(err.value)
+    assert "robust-aggregation='mean'" in msg
+    assert "trim-fraction=0.5: must be in [0, 0.5)" in msg
+    assert "max-weight-ratio=0.5: must be 0 (no cap) or >= 1" in msg
+
+
+def test_robust_aggregation_keys_are_read_from_flower():
+    cfg = RunConfig.from_flower(
+        {"robust-aggregation": "trimmed-mean", "trim-fraction": 0.3, "max-weight-ratio": 4}
+    )
+    assert (cfg.robust_aggregation, cfg.trim_fraction, cfg.max_weight_ratio) == (
+        "trimmed-mean",
+        0.3,
+        4.0,
+    )

@@ -4,7 +4,9 @@ Honest clients here move the tiny model's LoRA the way a real round does (‖ΔB
 client, the size measured between v0 and v1 of a tiny-model run; SmolLM2-135M rounds measure
 0.26–0.50). One client among them sends a poisoned reply. Structural and non-finite poison is
 rejected; a norm bound rejects updates scaled past it; a sign-flipped update keeps its norm, so
-no norm check can see it: the tests measure how far it moves the aggregate instead.
+no norm check can see it: the tests measure how far it moves the aggregate instead. The last
+section measures the defences: a coordinate-wise median or trimmed mean (``robust``) and a cap on
+the claimed ``num-examples`` (``max_weight_ratio``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from collm_fl.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, lora_pairs
+from collm_fl.aggregation import dense_lora_sum
 from collm_fl.flower_records import arrayrecord_to_state, state_to_arrayrecord
-from collm_fl.store import ParticipationRecord, RoundRecord, VersionStore
+from collm_fl.store import RoundRecord, VersionStore
+from server_app.federation import participation_record
 from strategies.lora import LoraFedAvg
 
 # The tiny model's LoRA at r=8 (2 layers, q_proj 128->128, v_proj 128->64).
@@ -125,10 +129,7 @@ def store_round(tmp_path, report):
                 num_failed=report.count("failed"),
                 seconds=0.0,
             ),
-            [
-                ParticipationRecord(o.node_id, o.status, o.reason, o.num_examples)
-                for o in report.outcomes
-            ],
+            [participation_record(o) for o in report.outcomes],
         )
         return {p.node_id: p for p in store.participations(run.id)}
 
@@ -279,3 +280,85 @@ def test_a_sign_flipped_update_with_an_inflated_num_examples_reverses_the_aggreg
     rel, cos = deviation(aggregate, reference, honest_only)
     print(f"\nsign flip claiming 1e6 examples: moves the aggregate {rel:.3f}, cos {cos:.4f}")
     assert cos < -0.9 and rel > 1.8, (rel, cos)  # the global step now points the other way
+
+
+# ---- defended: robust aggregation and a weight cap -----------------------------------------------
+
+
+def deviation_from_honest_mean(aggregate, reference, honest) -> tuple[float, float]:
+    """As :func:`deviation`, against the dense mean of the honest products (``dense_lora_sum``)."""
+    ref = lora_pairs(reference)
+    mean = dense_lora_sum(honest, [1.0] * len(honest))
+    hon = flat({m: d - ref[m][1].astype(np.float64) @ ref[m][0] for m, d in mean.items()})
+    agg = flat(product_delta(aggregate, reference))
+    rel = float(np.linalg.norm(agg - hon) / np.linalg.norm(hon))
+    cos = float(agg @ hon / (np.linalg.norm(agg) * np.linalg.norm(hon)))
+    return rel, cos
+
+
+def attack(reference, honest, kind: str) -> dict[str, np.ndarray]:
+    if kind == "sign-flip":
+        return {k: -v if k.endswith(LORA_B_SUFFIX) else v for k, v in honest.items()}
+    return scaled(reference, honest, 10.0)
+
+
+@pytest.mark.parametrize("robust", ["median", "trimmed-mean"])
+def test_a_robust_aggregate_of_honest_replies_stays_close_to_their_mean(robust):
+    reference = reference_state()
+    honest = honest_updates(reference)
+    aggregate, _ = run_round(honest, reference, robust=robust)
+    rel, cos = deviation_from_honest_mean(aggregate, reference, honest)
+    print(f"\n{robust}, {N_HONEST} honest only: {rel:.3f} from their mean, cos {cos:.4f}")
+    # The price of robustness: the median of 4 is not their mean; trimming 0.2 of 4 trims nothing.
+    assert rel < 0.05 and cos > 0.998, (rel, cos)
+
+
+@pytest.mark.parametrize("robust", ["median", "trimmed-mean"])
+@pytest.mark.parametrize("kind", ["sign-flip", "10x-scaled"])
+def test_a_robust_aggregate_outvotes_a_sign_flipped_or_scaled_update(robust, kind):
+    reference = reference_state()
+    honest = honest_updates(reference)
+    bad = attack(reference, honest[0], kind)
+    aggregate, report = run_round([*honest, bad], reference, robust=robust, max_update_norm=50.0)
+    assert report.count("ok") == N_HONEST + 1  # accepted, as without the defence
+    rel, cos = deviation_from_honest_mean(aggregate, reference, honest)
+    print(f"\n{kind}, {robust}, 1 of {N_HONEST + 1}: moves the aggregate {rel:.3f}, cos {cos:.4f}")
+    # Undefended: 0.40 (sign flip) and 1.83 (10x), see the tests above.
+    assert rel < 0.1 and cos > 0.995, (rel, cos)
+
+
+@pytest.mark.parametrize(
+    "ratio,robust,rel_range,cos_range",
+    [
+        # The flip weighs 4 x 100 = all honest weight together: it cancels the step (2·400/800 = 1).
+        (4.0, "none", (0.9, 1.1), (-0.1, 0.1)),
+        # Weight 200 of 600: removes 2·200/600 = 0.67 of the honest step.
+        (2.0, "none", (0.6, 0.74), (0.95, 1.0)),
+        # The median does not use weights at all.
+        (4.0, "median", (0.0, 0.1), (0.995, 1.0)),
+    ],
+)
+def test_a_weight_cap_stops_an_inflated_num_examples_from_reversing_the_aggregate(
+    tmp_path, ratio, robust, rel_range, cos_range
+):
+    reference = reference_state()
+    honest = honest_updates(reference)
+    flipped = attack(reference, honest[0], "sign-flip")
+    aggregate, report = run_round(
+        [*honest, flipped],
+        reference,
+        weights=[100.0] * N_HONEST + [1e6],
+        max_update_norm=1.01 * HONEST_NORM,
+        max_weight_ratio=ratio,
+        robust=robust,
+    )
+    rel, cos = deviation_from_honest_mean(aggregate, reference, honest)
+    print(f"\nsign flip claiming 1e6, cap {ratio:g}, robust {robust}: {rel:.3f}, cos {cos:.4f}")
+    assert rel_range[0] < rel < rel_range[1] and cos_range[0] < cos < cos_range[1], (rel, cos)
+    # The capped weight is stored with the participation, beside the claim.
+    attacker = N_HONEST + 1
+    stored = store_round(tmp_path, report)
+    assert stored[attacker].status == "ok" and stored[attacker].num_examples == 1_000_000
+    assert stored[attacker].metrics["weight-used"] == ratio * 100
+    assert f"capped to {ratio * 100:g}" in stored[attacker].reason
+    assert all(stored[n].metrics["weight-used"] == 100.0 for n in range(1, attacker))
