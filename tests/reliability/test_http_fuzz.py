@@ -10,7 +10,6 @@ not UTF-8, bodies over the limit, slow and stalled clients, many connections at 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -20,16 +19,33 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from http_probe import (
+    API_KEY,
+    BAD_PARAMETERS,
+    COMPLETION,
+    FUZZ_CASES,
+    INVALID_CHAT_BODIES,
+    INVALID_UTF8,
+    INVALID_UTF8_IDS,
+    LONE_SURROGATE_PROMPTS,
+    MALFORMED_JSON,
+    NOT_AN_OBJECT,
+    OPERATIONS,
+    REQUEST_TIMEOUT_S,
+    WRONG_CONTENT_TYPES,
+    Probe,
+    assert_error,
+    auth,
+    fuzz_operation,
+    open_partial_request,
+)
 
 from collm_fl.adapters import LoraSpec
 from collm_fl.replica.wire import encode_adapter
 
-API_KEY = "fuzz-key"
-REQUEST_TIMEOUT_S = 30.0  # a request slower than this counts as a hang
-# Hypothesis max_examples per operation and mode; COLLM_FUZZ_EXAMPLES=500 for a deeper search.
-FUZZ_EXAMPLES = int(os.environ.get("COLLM_FUZZ_EXAMPLES", "50"))
-STATS: Counter[str] = Counter()  # requests sent, by kind: reported by the last test
-STATUSES: Counter[int] = Counter()  # responses checked, by status
+PROBE = Probe()  # the requests sent by kind and responses by status: reported by the last test
+STATS, STATUSES = PROBE.sent, PROBE.statuses
+check, post_raw, timed_completion = PROBE.check, PROBE.post_raw, PROBE.timed_completion
 
 
 @pytest.fixture(scope="module")
@@ -50,58 +66,7 @@ def api_schema(replica):
     return schemathesis.openapi.from_url(replica.url + "/openapi.json")
 
 
-def assert_well_formed(status: int, headers, content: bytes) -> None:
-    """2xx, or a 4xx/503 whose body is exactly an OpenAI error object."""
-    STATUSES[status] += 1
-    assert status < 500 or status == 503, f"server error {status}: {content[:500]!r}"
-    if status < 400:
-        return
-    body = json.loads(content)
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"], err
-    assert isinstance(err["type"], str) and err["type"], err
-    assert err["param"] is None or isinstance(err["param"], str), err
-    assert err["code"] is None or isinstance(err["code"], str), err
-    if status == 503:
-        assert int(headers["retry-after"]) >= 1
-
-
-def check(r: httpx.Response) -> httpx.Response:
-    assert_well_formed(r.status_code, r.headers, r.content)
-    return r
-
-
-def auth(key: str = API_KEY) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def post_raw(replica, path: str, content: bytes, content_type="application/json", **kw):
-    headers = {**auth(), **({"Content-Type": content_type} if content_type else {})}
-    STATS["hand-written"] += 1
-    return check(
-        httpx.post(
-            replica.url + path, content=content, headers=headers, timeout=REQUEST_TIMEOUT_S, **kw
-        )
-    )
-
-
-def assert_error(r: httpx.Response, status: int, code: str | None = None) -> None:
-    assert r.status_code == status, r.text
-    if code is not None:
-        assert r.json()["error"]["code"] == code, r.text
-
-
 # ---- schema-driven fuzzing ----------------------------------------------------------------------
-
-OPERATIONS = [
-    "GET /health",
-    "GET /metrics",
-    "GET /v1/models",
-    "POST /v1/completions",
-    "POST /v1/chat/completions",
-]
 
 
 def test_the_served_schema_has_exactly_the_fuzzed_operations(api_schema):
@@ -110,59 +75,15 @@ def test_the_served_schema_has_exactly_the_fuzzed_operations(api_schema):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "label,mode",
-    [(op, "positive") for op in OPERATIONS]
-    # Negative cases need a parameter to violate: only the POST bodies have one.
-    + [(op, "negative") for op in OPERATIONS if op.startswith("POST")],
-)
+@pytest.mark.parametrize("label,mode", FUZZ_CASES)
 def test_fuzzed_requests_get_a_2xx_or_a_well_formed_error(api_schema, label, mode):
     """Schemathesis cases from the served /openapi.json (loaded at run time, not import time)."""
-    from hypothesis import HealthCheck, given, settings
-    from schemathesis import GenerationMode
-
     operation = api_schema.find_operation_by_label(label)
     assert operation is not None, label
-
-    @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
-    @settings(
-        max_examples=FUZZ_EXAMPLES,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        database=None,
-        derandomize=True,
-    )
-    def fuzz(case) -> None:
-        # As generated (random auth header, random model name): mostly 401/404/400.
-        started = time.monotonic()
-        r = case.call(timeout=REQUEST_TIMEOUT_S)
-        STATS[f"fuzz {mode}"] += 1
-        assert_well_formed(r.status_code, r.headers, r.content)
-        # The same body with a valid key and model reaches validation, the engine, generation.
-        if case.method == "POST" and isinstance(case.body, dict):
-            case.headers = {**(case.headers or {}), **auth()}
-            case.body = {**case.body, "model": "tiny"}
-            r = case.call(timeout=REQUEST_TIMEOUT_S)
-            STATS[f"fuzz {mode}, valid key+model"] += 1
-            assert_well_formed(r.status_code, r.headers, r.content)
-        assert time.monotonic() - started < 2 * REQUEST_TIMEOUT_S
-
-    fuzz()
+    fuzz_operation(PROBE, operation, mode)
 
 
 # ---- hand-written: bodies -----------------------------------------------------------------------
-
-COMPLETION = '{"model": "tiny", "prompt": "ROMEO:", "max_tokens": 2, %s}'
-
-MALFORMED_JSON = [
-    b"{",
-    b'{"model": "tiny",',
-    b'{"model": "tiny", "prompt": "a",}',
-    b"nul",
-    b"\x00\x01\x02",
-    b'{"model": "tiny", "prompt": "a"}{"model": "tiny"}',
-    b"[" * 5000 + b"]" * 5000,  # deep nesting
-]
 
 
 @pytest.mark.parametrize("body", MALFORMED_JSON, ids=range(len(MALFORMED_JSON)))
@@ -171,47 +92,9 @@ def test_malformed_json_is_a_400(replica, body):
     assert_error(r, 400)
 
 
-@pytest.mark.parametrize("body", [b"[]", b"null", b"1", b'"prompt"', b"true", b""])
+@pytest.mark.parametrize("body", NOT_AN_OBJECT)
 def test_json_that_is_not_an_object_is_a_400(replica, body):
     assert_error(post_raw(replica, "/v1/chat/completions", body), 400)
-
-
-BAD_PARAMETERS = [
-    '"max_tokens": -1',
-    '"max_tokens": 0',
-    '"max_tokens": "ten"',
-    '"max_tokens": 2.5',
-    '"max_tokens": NaN',
-    '"max_tokens": Infinity',
-    '"max_tokens": 1e400',
-    '"max_tokens": 10000000',
-    '"max_tokens": 100000000000000000000000000000000',
-    '"temperature": -0.1',
-    '"temperature": 2.5',
-    '"temperature": "hot"',
-    '"temperature": NaN',
-    '"temperature": Infinity',
-    '"temperature": -Infinity',
-    '"top_p": 0',
-    '"top_p": 1.5',
-    '"top_p": NaN',
-    '"top_p": -Infinity',
-    '"seed": -1',
-    '"seed": 18446744073709551616',
-    '"seed": "x"',
-    '"n": 2',
-    '"n": 0',
-    '"stop": ["a", "b", "c", "d", "e"]',
-    '"stop": ""',
-    '"stop": [""]',
-    '"stop": 5',
-    f'"stop": "{"s" * 300}"',
-    '"stream": [true]',
-    f'"user": "{"u" * 300}"',
-    '"unknown_field": 1',
-    '"logprobs": 5',
-    '"messages": [{"role": "user", "content": "hi"}]',
-]
 
 
 @pytest.mark.parametrize("fields", BAD_PARAMETERS)
@@ -220,21 +103,7 @@ def test_out_of_range_or_wrongly_typed_parameters_are_a_400(replica, fields):
     assert_error(r, 400)
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"model": "tiny", "messages": []},
-        {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]},
-        {"model": "tiny", "messages": [{"role": "user"}]},
-        {"model": "tiny", "messages": [{"role": "user", "content": "hi", "extra": 1}]},
-        {"model": "tiny", "messages": [{"role": "user", "content": ["not", "text"]}]},
-        {"model": "tiny", "messages": "hi"},
-        {"model": "tiny", "messages": [{"role": "user", "content": "x"}] * 257},
-        {"model": "", "messages": [{"role": "user", "content": "hi"}]},
-        {"model": "m" * 300, "messages": [{"role": "user", "content": "hi"}]},
-    ],
-    ids=range(9),
-)
+@pytest.mark.parametrize("body", INVALID_CHAT_BODIES, ids=range(9))
 def test_invalid_chat_bodies_are_a_400(replica, body):
     assert_error(post_raw(replica, "/v1/chat/completions", json.dumps(body).encode()), 400)
 
@@ -248,36 +117,13 @@ def test_unknown_models_are_a_404(replica, path):
     assert r.json()["error"]["param"] == "model"
 
 
-@pytest.mark.parametrize(
-    "path,body",
-    [
-        ("/v1/completions", b'{"model": "tiny", "prompt": "\xff\xfe\xfd"}'),
-        ("/v1/completions", b'{"model": "tiny", "prompt": "ok", "user": "\xc3\x28"}'),
-        (
-            "/v1/chat/completions",
-            b'{"model": "tiny", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',
-        ),
-        (
-            "/v1/chat/completions",
-            b'{"model": "tiny", "max_tokens": 2, '
-            b'"messages": [{"role": "user", "content": "\\udfff"}]}',  # escaped lone surrogate
-        ),
-    ],
-    ids=["ff-fe", "bad-continuation", "surrogate-bytes", "chat-surrogate-escape"],
-)
+@pytest.mark.parametrize("path,body", INVALID_UTF8, ids=INVALID_UTF8_IDS)
 def test_invalid_utf8_is_a_4xx_not_a_crash(replica, path, body):
     r = post_raw(replica, path, body)
     assert 400 <= r.status_code < 500
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        b'{"model": "tiny", "prompt": "ok \\ud800", "max_tokens": 2}',
-        b'{"model": "tiny", "prompt": ["\\udc00"], "max_tokens": 2}',
-    ],
-    ids=["string", "list"],
-)
+@pytest.mark.parametrize("body", LONE_SURROGATE_PROMPTS, ids=["string", "list"])
 def test_an_escaped_lone_surrogate_in_a_prompt_is_a_400(spare_replica, body):
     own = spare_replica
     STATS["hand-written"] += 1
@@ -291,10 +137,7 @@ def test_an_escaped_lone_surrogate_in_a_prompt_is_a_400(spare_replica, body):
     check(r)
 
 
-@pytest.mark.parametrize(
-    "content_type",
-    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", "application/xml"],
-)
+@pytest.mark.parametrize("content_type", WRONG_CONTENT_TYPES)
 def test_wrong_content_type_is_a_4xx(replica, content_type):
     body = COMPLETION % '"seed": 1'
     r = post_raw(replica, "/v1/completions", body.encode(), content_type=content_type)
@@ -356,28 +199,6 @@ def test_a_completion_still_works_after_the_bad_bodies(replica):
 
 
 # ---- hand-written: connections ------------------------------------------------------------------
-
-
-def timed_completion(replica, max_tokens: int = 4) -> tuple[int, float]:
-    body = {"model": "tiny", "prompt": "KING:", "max_tokens": max_tokens, "temperature": 0}
-    started = time.monotonic()
-    r = check(
-        httpx.post(
-            replica.url + "/v1/completions", json=body, headers=auth(), timeout=REQUEST_TIMEOUT_S
-        )
-    )
-    STATS["hand-written"] += 1
-    return r.status_code, time.monotonic() - started
-
-
-def open_partial_request(replica, declared: int, sent: bytes) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", replica.port), timeout=REQUEST_TIMEOUT_S)
-    s.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {declared}\r\n\r\n".encode()
-        + sent
-    )
-    return s
 
 
 def test_a_client_that_dribbles_its_body_does_not_hold_up_others(replica):
