@@ -1,7 +1,9 @@
 """The gateway's view of its replicas: health polling, in-flight accounting and learned latencies.
 
 A background task polls every replica's ``/health`` (queue depth, running requests, training state,
-adapter version). The gateway itself counts what it has sent to each replica and learns each
+adapter version); a replica whose polls fail is marked unhealthy and the requests in flight on it
+are abandoned (:meth:`Ticket.abandon`), so that a hung replica does not hold its clients until the
+read timeout. The gateway itself counts what it has sent to each replica and learns each
 replica's unloaded TTFT/TPOT (EWMAs) from the responses it proxies. :meth:`ReplicaPool.views`
 turns all of it into the :class:`ReplicaView` list the routing policy reads.
 
@@ -15,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httpx
@@ -53,9 +55,10 @@ class _Replica:
     last_error_at: float | None = None
     last_error: str | None = None
     routed: int = 0
+    tickets: set[Ticket] = field(default_factory=set)  # the requests in flight on it
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the pool keeps the open ones in a set
 class Ticket:
     """One request on one replica, from sending it to its end (see :meth:`ReplicaPool.begin`)."""
 
@@ -70,6 +73,14 @@ class Ticket:
     last_token_at: float | None = None
     tokens: int = 0  # tokens seen so far (streaming)
     done: bool = False
+    abandoned: str | None = None  # why the pool gave up on the replica while this was in flight
+    on_abandon: Callable[[], None] | None = None  # set by whoever waits on the replica right now
+
+    def abandon(self, reason: str) -> None:
+        """Give up on the replica: whoever waits on it is woken (and fails over or ends)."""
+        self.abandoned = reason
+        if self.on_abandon is not None:
+            self.on_abandon()
 
 
 def replica_name(url: str) -> str:
@@ -100,6 +111,7 @@ class ReplicaPool:
         unhealthy_after: int = 2,
         connect_timeout_s: float = 2.0,
         read_timeout_s: float = 300.0,
+        stream_stall_timeout_s: float = 60.0,
         ewma_alpha: float = 0.3,
         model: LatencyModel = DEFAULT_LATENCY_MODEL,
         clock: Callable[[], float] = time.monotonic,
@@ -108,6 +120,8 @@ class ReplicaPool:
             raise ConfigError("the gateway needs at least one replica URL")
         if poll_interval_s <= 0 or unhealthy_after < 1 or not 0 < ewma_alpha <= 1:
             raise ConfigError("poll_interval_s > 0, unhealthy_after >= 1, 0 < ewma_alpha <= 1")
+        if not stream_stall_timeout_s > 0:  # NaN too
+            raise ConfigError(f"stream_stall_timeout_s must be > 0, got {stream_stall_timeout_s}")
         self._replicas: dict[str, _Replica] = {}
         for url in urls:
             base = normalize_url(url)
@@ -123,6 +137,11 @@ class ReplicaPool:
         self._health_timeout = httpx.Timeout(health_timeout_s)
         self._proxy_timeout = httpx.Timeout(
             connect=connect_timeout_s, read=read_timeout_s, write=30.0, pool=30.0
+        )
+        self.stream_stall_timeout_s = stream_stall_timeout_s
+        # A stream sends a byte per token: one silent for this long is stalled, not busy.
+        self.stream_timeout = httpx.Timeout(
+            connect=connect_timeout_s, read=stream_stall_timeout_s, write=30.0, pool=30.0
         )
         self._proxy: httpx.AsyncClient | None = None
         self._health: httpx.AsyncClient | None = None
@@ -185,7 +204,17 @@ class ReplicaPool:
             r.poll_failures += 1
             if r.healthy and r.poll_failures >= self.unhealthy_after:
                 r.healthy = False
-                log.warning("replica %s unhealthy: /health failed (%s)", r.name, _describe(e))
+                reason = f"replica {r.name} stopped answering /health ({_describe(e)})"
+                abandoned = list(r.tickets)  # each leaves the set once its waiter has ended it
+                for ticket in abandoned:
+                    ticket.abandon(reason)
+                log.warning(
+                    "replica %s unhealthy: /health failed (%s); abandoning its %d request(s) "
+                    "in flight",
+                    r.name,
+                    _describe(e),
+                    len(abandoned),
+                )
             return
         r.poll_failures = 0
         if not r.healthy:
@@ -278,6 +307,7 @@ class ReplicaPool:
         )
         r.in_flight += 1
         r.in_flight_tokens += max_tokens
+        r.tickets.add(ticket)
         r.routed += 1
         return ticket
 
@@ -323,6 +353,7 @@ class ReplicaPool:
     def _finish(self, ticket: Ticket) -> None:
         r = self._replicas[ticket.replica]
         ticket.done = True
+        r.tickets.discard(ticket)
         r.in_flight -= 1
         r.in_flight_tokens -= ticket.remaining
         ticket.remaining = 0

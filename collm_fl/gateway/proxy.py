@@ -6,6 +6,11 @@ marked and the request goes to the next choice, up to ``max_attempts``; then a 5
 A stream that breaks after tokens were relayed ends with a final chunk carrying ``finish_reason:
 "error"`` and an ``error`` object, then ``data: [DONE]``. A replica's 4xx is the client's problem
 and passes through as is. A client that goes away cancels the upstream request.
+
+A hung replica (frozen process, deadlock) is caught two ways, both handled like a refusal before the
+first byte and like a broken stream after it: the pool abandons the requests in flight on a replica
+whose ``/health`` polls fail, and a stream that sends no byte for the pool's stall timeout is given
+up on. (A JSON request rightly sends nothing until it is done: only the read timeout bounds it.)
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 from fastapi import Request
@@ -39,6 +45,7 @@ RETRY_AFTER_S = 1
 DEFAULT_CHAT_MAX_TOKENS = 256  # the replica's default when a chat request names none
 CHARS_PER_TOKEN = 4  # prompt-length estimate: the gateway has no tokenizer
 DONE = b"data: [DONE]\n\n"
+T = TypeVar("T")
 
 
 class GatewayMetrics:
@@ -75,6 +82,10 @@ class _Refused(Exception):
     def __init__(self, reason: str, kind: str, replica_down: bool = False) -> None:
         super().__init__(reason)
         self.reason, self.kind, self.replica_down = reason, kind, replica_down
+
+
+class _Abandoned(_Refused):
+    """The gateway gave up on a replica that stopped answering (its cause is already logged)."""
 
 
 class _ClientGone(Exception):
@@ -152,7 +163,8 @@ class Router:
                 self.metrics.failovers.labels(name, e.kind).inc()
                 excluded.add(name)
                 last = f"{name}: {e.reason}"
-                log.warning("replica %s refused a request (%s); failing over", name, e.reason)
+                level = logging.INFO if isinstance(e, _Abandoned) else logging.WARNING
+                log.log(level, "replica %s refused a request (%s); failing over", name, e.reason)
             except _ClientGone:
                 self.pool.release(ticket)
                 self.metrics.requests.labels(name, "cancelled").inc()
@@ -182,9 +194,10 @@ class Router:
         """A JSON request: any failure before the whole reply arrived is retried elsewhere."""
         name = ticket.replica
         try:
-            resp = await self.pool.client.post(
+            post = self.pool.client.post(
                 self.pool.url_of(name) + job.path, content=job.body, headers=self.headers
             )
+            resp = await _unless_abandoned(ticket, post)
         except httpx.TransportError as e:
             raise _refused(e) from e
         _check_status(resp)
@@ -200,11 +213,14 @@ class Router:
         """An SSE request: committed to this replica once its first event has arrived."""
         name = ticket.replica
         client = self.pool.client
+        url = self.pool.url_of(name) + job.path
         req = client.build_request(
-            "POST", self.pool.url_of(name) + job.path, content=job.body, headers=self.headers
+            "POST", url, content=job.body, headers=self.headers, timeout=self.pool.stream_timeout
         )
         try:
-            resp = await client.send(req, stream=True)
+            resp = await _unless_abandoned(ticket, client.send(req, stream=True))
+        except httpx.ReadTimeout as e:
+            raise _Abandoned(self._stalled(ticket), "stall") from e
         except httpx.TransportError as e:
             raise _refused(e) from e
         try:
@@ -216,9 +232,11 @@ class Router:
                 return _passthrough(resp, name)
             events = _sse_events(resp)
             try:
-                first = await anext(events)
+                first = await _unless_abandoned(ticket, anext(events))
             except StopAsyncIteration as e:
                 raise _Refused("stream ended before its first event", "empty_stream") from e
+            except httpx.ReadTimeout as e:
+                raise _Abandoned(self._stalled(ticket), "stall") from e
             except httpx.TransportError as e:
                 raise _refused(e) from e
         except BaseException:
@@ -243,7 +261,7 @@ class Router:
     ) -> AsyncGenerator[bytes, None]:
         """Relay SSE events unchanged; end a broken stream cleanly with an error chunk."""
         last: dict[str, object] = {}
-        event, error = first, None
+        event, error, logged = first, None, False
         while True:
             if event.startswith(DONE.strip()):
                 yield event
@@ -252,22 +270,57 @@ class Router:
                 self.pool.on_token(ticket)
             yield event
             try:
-                event = await anext(events)
+                event = await _unless_abandoned(ticket, anext(events))
             except StopAsyncIteration:
                 error = "the replica closed the stream before it finished"
+            except httpx.ReadTimeout:
+                error, logged = self._stalled(ticket), True
             except httpx.TransportError as e:
                 error = f"the replica failed mid-stream ({type(e).__name__})"
+            except _Abandoned as e:
+                error, logged = e.reason, True
             if error is not None:
                 break
         if error is None:
             self.pool.succeed(ticket)
             self.metrics.requests.labels(ticket.replica, "ok").inc()
             return
-        log.warning("stream from replica %s broke after %d tokens", ticket.replica, ticket.tokens)
+        level = logging.INFO if logged else logging.WARNING
+        log.log(
+            level, "stream from replica %s broke after %d tokens", ticket.replica, ticket.tokens
+        )
         self.pool.fail(ticket, error)
         self.metrics.requests.labels(ticket.replica, "stream_error").inc()
         yield _error_chunk(last, job.chat, error)
         yield DONE
+
+    def _stalled(self, ticket: Ticket) -> str:
+        """Log that ``ticket``'s stream stalled; the reason its client is given."""
+        reason = f"the replica sent nothing for {self.pool.stream_stall_timeout_s:g} s"
+        log.warning("replica %s stalled a stream (%s); ending 1 request", ticket.replica, reason)
+        return reason
+
+
+async def _unless_abandoned(ticket: Ticket, step: Awaitable[T]) -> T:
+    """Await ``step`` on the ticket's replica; :class:`_Abandoned` if the pool gives up on it first.
+
+    :meth:`Ticket.abandon` expires an ``asyncio.timeout`` around the wait at once: the upstream read
+    is cancelled (its connection closed) with no extra task or polling per read.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(None) as deadline:
+            ticket.on_abandon = lambda: deadline.reschedule(loop.time())
+            if ticket.abandoned is not None:  # given up on between two reads
+                ticket.on_abandon()
+            try:
+                return await step
+            finally:
+                ticket.on_abandon = None
+    except TimeoutError as e:
+        if ticket.abandoned is None:
+            raise
+        raise _Abandoned(ticket.abandoned, "unhealthy") from e
 
 
 async def _unless_client_leaves(

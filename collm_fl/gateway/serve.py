@@ -29,10 +29,12 @@ def run_gateway(
     replica_api_key: str | None,
     slo: SLO,
     max_attempts: int = 3,
+    stream_stall_timeout_s: float = 60.0,
 ) -> None:
     """Serve the gateway on ``host:port`` until SIGINT/SIGTERM (uvicorn's handlers), then stop.
 
-    Raises ConfigError for an empty, malformed or duplicated replica list or a bad port.
+    Raises ConfigError for an empty, malformed or duplicated replica list, a bad port or a stall
+    timeout that is not > 0.
     """
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be a TCP port, got {port}")
@@ -40,7 +42,7 @@ def run_gateway(
         raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
     if max_attempts < 1:
         raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
-    pool = ReplicaPool(replica_urls)
+    pool = ReplicaPool(replica_urls, stream_stall_timeout_s=stream_stall_timeout_s)
     app = create_gateway_app(pool, api_key, replica_api_key, slo, max_attempts=max_attempts)
     config = uvicorn.Config(
         app,

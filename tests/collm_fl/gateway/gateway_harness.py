@@ -31,8 +31,11 @@ class GatewayServer:
         replica_api_key: str | None = REPLICA_KEY,
         poll_interval_s: float = 0.25,
         slo: SLO | None = None,
+        stream_stall_timeout_s: float = 60.0,
     ) -> None:
-        self.pool = ReplicaPool(urls, poll_interval_s=poll_interval_s)
+        self.pool = ReplicaPool(
+            urls, poll_interval_s=poll_interval_s, stream_stall_timeout_s=stream_stall_timeout_s
+        )
         self.app = create_gateway_app(self.pool, api_key, replica_api_key, slo or SLO())
         self.port = free_port()
         config = uvicorn.Config(

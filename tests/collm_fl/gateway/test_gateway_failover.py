@@ -1,6 +1,9 @@
-"""Failover: replicas die (killed by pid) while the gateway keeps answering cleanly."""
+"""Failover: replicas die (killed by pid) or hang (SIGSTOP) while the gateway answers cleanly."""
 
 import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -12,6 +15,8 @@ from collm_fl.replica.metrics import SLO
 
 AUTH = {"Authorization": f"Bearer {GATEWAY_KEY}"}
 BODY = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 4, "temperature": 0}
+LONG = {**BODY, "max_tokens": 480}  # seconds of decoding: in flight when the replica freezes
+HANG_BOUND_S = 60.0  # the client's timeout; a frozen replica used to hold requests for 300 s
 
 
 def complete(gw) -> httpx.Response:
@@ -19,10 +24,11 @@ def complete(gw) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def pair(start_module_replica, tmp_path_factory) -> list:
-    """Two replicas for this module's killings (replica start-up is the slow part of these tests):
-    the failover test kills one, then the mid-stream test kills one that is left."""
-    return start_replicas(start_module_replica, tmp_path_factory.mktemp("failover"), 2)
+def trio(start_module_replica, tmp_path_factory) -> list:
+    """Three replicas for this module's faults (replica start-up is the slow part of these tests):
+    the SIGSTOP test freezes then stops one, the failover test kills one of the two left, then the
+    mid-stream test kills the last."""
+    return start_replicas(start_module_replica, tmp_path_factory.mktemp("failover"), 3)
 
 
 def alive(replicas: list) -> list:
@@ -36,8 +42,56 @@ def assert_503_with_retry_after(r: httpx.Response) -> None:
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == "overloaded"
 
 
-def test_a_killed_replica_is_failed_over_and_shown_unhealthy(pair, start_gateway):
-    assert len(alive(pair)) == 2, "this test must run before the mid-stream one"
+def run_to_the_end(gw, stream: bool) -> tuple[int, list[str]]:
+    """One long completion: its status and, for a stream, its ``data:`` payloads."""
+    url, body = gw.url + "/v1/completions", {**LONG, "stream": stream}
+    with httpx.stream("POST", url, json=body, headers=AUTH, timeout=HANG_BOUND_S) as r:
+        return r.status_code, [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+
+
+def test_requests_on_a_frozen_replica_fail_over_or_end_cleanly(trio, start_gateway):
+    assert len(alive(trio)) == 3, "this test must run first"
+    a, b = trio[:2]
+    by_name = {name_of(a): a, name_of(b): b}
+    gw = start_gateway([a.url, b.url], poll_interval_s=0.25)
+    streams = [True, False] * 4
+    victim = None
+    try:
+        with ThreadPoolExecutor(len(streams)) as ex:
+            replies = [ex.submit(run_to_the_end, gw, stream) for stream in streams]
+            wait_for(
+                lambda: sum(r["routed"] for r in gw.health()["replicas"]) == len(streams),
+                HANG_BOUND_S,
+                "the requests did not all reach a replica",
+            )
+            busiest = max(gw.health()["replicas"], key=lambda r: r["in_flight"])
+            victim = by_name[busiest["name"]]
+            os.kill(victim.proc.pid, signal.SIGSTOP)  # hangs: connections open, no answers
+            results = [reply.result() for reply in replies]  # each ends within the client timeout
+        frozen = gw.replica(name_of(victim))  # before SIGCONT, when it would answer again
+    finally:
+        if victim is not None:
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            victim.stop()
+
+    for stream, (status, payloads) in zip(streams, results, strict=True):
+        assert status == 200  # an unanswered request was failed over to the other replica
+        if stream:
+            assert payloads[-1] == "[DONE]"
+            final = json.loads(payloads[-2])
+            if final["choices"][0]["finish_reason"] == "error":  # was mid-way on the frozen one
+                assert "/health" in final["error"]["message"]
+    victim_name = name_of(victim)
+    abandoned = gw.metric(
+        "collm_gateway_failovers_total", replica=victim_name, reason="unhealthy"
+    ) + gw.metric("collm_gateway_requests_total", replica=victim_name, outcome="stream_error")
+    assert abandoned >= 1
+    assert frozen["healthy"] is False and frozen["in_flight"] == 0
+
+
+def test_a_killed_replica_is_failed_over_and_shown_unhealthy(trio, start_gateway):
+    pair = alive(trio)
+    assert len(pair) == 2, "this test must run before the mid-stream one"
     a, b = pair
     by_name = {name_of(a): a, name_of(b): b}
     # Slow polling: this gateway learns of the death from the refused request itself ...
@@ -76,8 +130,8 @@ def test_no_live_replica_means_503_with_retry_after(start_gateway):
     assert_503_with_retry_after(httpx.get(gw.url + "/v1/models", headers=AUTH, timeout=60))
 
 
-def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_then_done(pair, start_gateway):
-    replica = alive(pair)[0]
+def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_then_done(trio, start_gateway):
+    replica = alive(trio)[0]
     gw = start_gateway([replica.url], poll_interval_s=3600)  # the death goes unnoticed by polls
     body = {
         "model": "tiny",

@@ -1,0 +1,147 @@
+"""A replica that hangs: its stream stalls, or its /health stops answering while requests wait.
+
+The upstream is an in-process stand-in (a threaded HTTP server) that sends what the prompt says,
+then blocks until the test ends, so each case is a hang unless the gateway ends it. The client's
+timeout is the hang bound: far below the gateway's 300 s read timeout, far above the cases' own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from gateway_harness import GATEWAY_KEY
+
+AUTH = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+HANG_BOUND_S = 30.0
+FIRST_EVENT = {
+    "id": "cmpl-stall",
+    "object": "text_completion",
+    "created": 0,
+    "model": "tiny",
+    "choices": [{"index": 0, "text": "a", "logprobs": None, "finish_reason": None}],
+}
+
+
+class HangingReplica:
+    """Answers /health while ``health_ok``; a completion whose prompt is ``"after"`` streams one
+    event first; then every completion blocks until :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self.health_ok = True
+        self.received = threading.Event()  # a completion request has arrived
+        self.released = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with contextlib.suppress(ConnectionError):  # the gateway hung up as it stopped
+                    self.send_response(200 if fake.health_ok else 500)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if body.get("stream"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                    if body["prompt"] == "after":
+                        self.wfile.write(f"data: {json.dumps(FIRST_EVENT)}\n\n".encode())
+                        self.wfile.flush()
+                fake.received.set()
+                fake.released.wait()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def hanging() -> Iterator[HangingReplica]:
+    replica = HangingReplica()
+    yield replica
+    replica.stop()
+
+
+def completion(prompt: str, stream: bool) -> dict:
+    return {"model": "tiny", "prompt": prompt, "max_tokens": 8, "stream": stream}
+
+
+def stream_payloads(gw, prompt: str) -> list[str]:
+    body = completion(prompt, stream=True)
+    url = gw.url + "/v1/completions"
+    with httpx.stream("POST", url, json=body, headers=AUTH, timeout=HANG_BOUND_S) as r:
+        assert r.status_code == 200
+        return [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+
+
+def assert_error_chunk_then_done(payloads: list[str], message: str) -> None:
+    assert payloads[-1] == "[DONE]"
+    final = json.loads(payloads[-2])
+    assert final["id"] == FIRST_EVENT["id"]
+    assert final["choices"][0]["finish_reason"] == "error"
+    assert final["error"]["code"] == "replica_failed" and message in final["error"]["message"]
+
+
+def test_a_stream_that_stalls_mid_way_ends_with_an_error_chunk_then_done(hanging, start_gateway):
+    gw = start_gateway([hanging.url], stream_stall_timeout_s=0.5)
+    assert_error_chunk_then_done(stream_payloads(gw, "after"), "sent nothing for 0.5 s")
+    assert gw.metric("collm_gateway_requests_total", outcome="stream_error") == 1
+
+
+def test_a_stream_that_stalls_before_its_first_event_is_failed_over(hanging, start_gateway):
+    gw = start_gateway([hanging.url], stream_stall_timeout_s=0.5)
+    body = completion("before", stream=True)
+    r = httpx.post(gw.url + "/v1/completions", json=body, headers=AUTH, timeout=HANG_BOUND_S)
+    assert r.status_code == 503 and r.headers["Retry-After"].isdigit()  # no other replica
+    assert r.json()["error"]["code"] == "overloaded"
+    assert gw.metric("collm_gateway_failovers_total", reason="stall") == 1
+
+
+def test_a_json_request_on_a_replica_that_fails_its_health_polls_is_failed_over(
+    hanging, start_gateway
+):
+    gw = start_gateway([hanging.url], poll_interval_s=0.1)
+    body = completion("any", stream=False)
+    with ThreadPoolExecutor(1) as ex:
+        reply = ex.submit(
+            httpx.post, gw.url + "/v1/completions", json=body, headers=AUTH, timeout=HANG_BOUND_S
+        )
+        assert hanging.received.wait(HANG_BOUND_S)
+        hanging.health_ok = False
+        r = reply.result()
+    assert r.status_code == 503 and r.headers["Retry-After"].isdigit()  # no other replica
+    assert gw.metric("collm_gateway_failovers_total", reason="unhealthy") == 1
+    assert gw.health()["replicas"][0]["in_flight"] == 0
+
+
+def test_a_stream_on_a_replica_that_fails_its_health_polls_ends_with_an_error_chunk(
+    hanging, start_gateway
+):
+    gw = start_gateway([hanging.url], poll_interval_s=0.1)
+    with ThreadPoolExecutor(1) as ex:
+        payloads = ex.submit(stream_payloads, gw, "after")
+        assert hanging.received.wait(HANG_BOUND_S)
+        hanging.health_ok = False
+        assert_error_chunk_then_done(payloads.result(), "stopped answering /health")
