@@ -50,7 +50,10 @@ class CoordinationState:
             node.forecast = forecast_rate(node.forecast, load.request_rate)
         steps = metrics.get("local-steps", 0.0)
         if steps > 0 and metrics.get("train-seconds", 0.0) > 0:
-            node.step_seconds = metrics["train-seconds"] / steps
+            # The fastest round so far: the node's own speed. A loaded round's slower steps are
+            # its serving load, which the allocation's training share already accounts for.
+            step_s = metrics["train-seconds"] / steps
+            node.step_seconds = min(step_s, node.step_seconds or step_s)
 
     def observe_round(self, steps_trained: int, eval_loss: float | None) -> None:
         self.cumulative_steps += steps_trained

@@ -57,11 +57,12 @@ from collm_fl.loadgen.goodput import (
     time_to_quality,
 )
 from collm_fl.loadgen.trace import TraceRow, load_azure_trace, scale_trace
+from collm_fl.replica.affinity import available_cpus
 from collm_fl.training import get_adapter_state
 
 log = logging.getLogger(__name__)
 
-RATE_FRACTIONS = (0.15, 0.4, 1.0)  # default rates: × R × one replica's saturated throughput
+RATE_FRACTIONS = (0.1, 0.25, 0.5)  # default rates: × R × one replica's saturated throughput
 QUICK_RATE_FRACTION = 0.4
 TRAIN_FRACTION = 0.3  # training budget per round: this share of the machine's compute
 DEADLINE_FRACTION = 0.7  # training deadline within a round (the rest: aggregate, eval, push)
@@ -232,8 +233,9 @@ def _settings(
     cfg: RunConfig,
     seed: int,
 ) -> RunSettings:
-    # R replicas training at once share the cores: each step takes about R × the idle step.
-    concurrent_step_s = cal.train_step_s * replicas
+    # Each replica is pinned to one core (goodput_systems.replica_cpu); with more replicas than
+    # cores, the ones sharing a core each take about (R / cores) × the calibrated step.
+    concurrent_step_s = cal.train_step_s * max(1.0, replicas / len(available_cpus()))
     steps = max(1, math.floor(TRAIN_FRACTION * round_s / concurrent_step_s))
     return RunSettings(
         model=model,

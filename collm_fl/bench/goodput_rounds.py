@@ -95,6 +95,8 @@ class RoundRecord:
     published_s: float | None  # when the last serving replica started serving it
     swap_ms: list[float] = field(default_factory=list)  # per replica, as the replica measured
     failures: list[str] = field(default_factory=list)
+    # CoLLM-FL: each replica's allocation decision with the load report it was made from
+    allocation: list[dict[str, object]] = field(default_factory=list)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class Orchestrator:
         self._step_s: dict[int, float] = {}
         self._history: list[tuple[int, float]] = [(0, start.loss)]
         self._steps_total = 0
+        self._allocation: list[dict[str, object]] = []
 
     def publish_initial(self) -> None:
         """Push version 0 to every replica before the load starts."""
@@ -169,6 +172,9 @@ class Orchestrator:
             None,
         )
         record.failures = failures
+        record.allocation, self._allocation = self._allocation, []
+        for a in record.allocation:
+            self.say(f"    round {rnd}: replica {a['replica']}: {a['reason']} ({a['load']})")
         self._steps_total += steps
         if not updates:
             self.say(f"    round {rnd}: no update came back; still serving v{self.version}")
@@ -212,6 +218,7 @@ class Orchestrator:
                 ttft_p95=m["ttft-p95"],
                 tpot_p95=m["tpot-p95"],
                 slo_attainment=m["slo-attainment"],
+                utilization=m["serving-utilization"],
             )
             self._forecast[i] = forecast_rate(self._forecast.get(i), load.request_rate)
             step_s = self._step_s.get(i, self.s.step_seconds)
@@ -224,7 +231,24 @@ class Orchestrator:
             max_steps=self.s.steps_per_replica,
             loss_history=tuple(self._history),
         )
-        return {b.node_id: (b.steps, b.share) for b in allocate(inputs) if b.steps > 0}
+        decided = allocate(inputs)
+        for node, b in zip(nodes, decided, strict=True):
+            load = node.load
+            assert load is not None  # replicas always report their load
+            self._allocation.append(
+                {
+                    "replica": b.node_id,
+                    "steps": b.steps,
+                    "share": b.share,
+                    "reason": b.reason,
+                    "load": (
+                        f"{load.request_rate:.2f} req/s, utilization {load.utilization:.2f}, "
+                        f"p95 TTFT {load.ttft_p95:.2f}s TPOT {load.tpot_p95:.3f}s, "
+                        f"SLO attainment {load.slo_attainment:.2f}"
+                    ),
+                }
+            )
+        return {b.node_id: (b.steps, b.share) for b in decided if b.steps > 0}
 
     def _train(
         self, rnd: int, budgets: dict[int, tuple[int, float]]
@@ -259,7 +283,10 @@ class Orchestrator:
                 done = int(metrics["local-steps"])
                 steps, tokens = steps + done, tokens + int(metrics["train-tokens"])
                 if done > 0 and metrics["train-seconds"] > 0:
-                    self._step_s[i] = metrics["train-seconds"] / done
+                    # The fastest round so far: the replica's own speed. A loaded round's slower
+                    # steps are serving's load, which the allocation's share already counts.
+                    step_s = metrics["train-seconds"] / done
+                    self._step_s[i] = min(step_s, self._step_s.get(i, step_s))
                 if done > 0:
                     updates.append(state)
                     weights.append(metrics["num-examples"])

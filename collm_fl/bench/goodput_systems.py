@@ -41,6 +41,7 @@ from collm_fl.loadgen.client import (
     replay,
 )
 from collm_fl.loadgen.goodput import SLOSpec, meets_slo
+from collm_fl.replica.affinity import available_cpus
 from collm_fl.replica.control_client import ReplicaClient
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,16 @@ SYSTEM_SPECS = {
         "collm_fl.policies.allocation.allocate fed with /control/load, SLO-aware gateway",
     ),
 }
+
+
+def replica_cpu(i: int) -> int:
+    """The core replica ``i`` is pinned to: one core each, round-robin over the available ones.
+
+    Pinned, the replicas of one machine behave like replicas on their own hardware (the edge
+    deployment this emulates) rather than all contending for every core.
+    """
+    cpus = available_cpus()
+    return cpus[i % len(cpus)]
 
 
 def split_roles(system: str, replicas: int) -> tuple[list[int], list[int]]:
@@ -280,6 +291,8 @@ def _start_replicas(fed: LocalFederation, s: RunSettings) -> tuple[list[str], li
             repr(s.initial_share),
             "--seed",
             str(s.seed),
+            "--cpus",
+            str(replica_cpu(i)),
         ]
         procs.append(fed.spawn(f"replica{i}", cmd))
         urls.append(f"http://127.0.0.1:{port}")
@@ -325,6 +338,8 @@ def calibrate(
         str(replicas),
         "--seed",
         str(seed),
+        "--cpus",
+        str(replica_cpu(0)),
     ]
     url = f"http://127.0.0.1:{port}"
     unloaded, burst = (3, 8) if quick else (10, 16)

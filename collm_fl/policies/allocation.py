@@ -6,11 +6,19 @@ code runs live in the ServerApp, in tests and in the simulator):
 1. **Quality gain.** From the history of central held-out loss vs training steps, estimate how
    much the next steps still buy: the latest per-step improvement relative to the first rounds'.
    Gains flattening → a smaller round budget (down to ``min_gain_factor``).
-2. **Load headroom.** Each replica's forecast load (EWMA of its reported request rate, and its
-   latency relative to the SLOs) leaves a headroom in [0, 1]; the training share is that headroom.
-   A busy replica trains at no less than ``min_share`` (its SLO guard yields per micro-step);
-   one already missing most SLOs sits the round out; an idle one trains with the whole replica.
-3. **Deadline.** Steps are capped so ``steps × step_seconds / share`` fits the round deadline.
+2. **Load headroom.** Training takes the compute serving leaves: a replica reports the share of
+   its time its engine computed (``serving_utilization``); scaled by the forecast growth of its
+   request rate (EWMA) that is the serving it must keep, and the rest is headroom. A replica whose
+   p95 latencies already exceed the SLOs keeps up to ``SLO_RESERVE`` more for serving. (Without a
+   utilization report, latency relative to the SLOs stands in for it.) The training share is
+   that headroom.
+   A busy replica trains at no less than ``min_share`` (its trainer runs below serving's CPU
+   priority and its SLO guard yields per micro-step, so training takes what serving leaves);
+   with ``min_share`` 0 a replica without headroom sits the round out; an idle one trains with
+   the whole replica.
+3. **Deadline.** A replica trains as many of the target's steps as fit the round deadline at its
+   share (``steps × step_seconds / share <= deadline``, with ``step_seconds`` its own measured
+   speed); before its speed is known, the target scaled by the share.
 
 Devices (nodes without a replica) have no serving load: they get the gain-scaled budget.
 """
@@ -24,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 IDLE_RATE = 0.05  # requests/s below which a replica counts as idle
 FORECAST_ALPHA = 0.5  # weight of the newest load report in the forecast
-SEVERE_ATTAINMENT = 0.5  # below this SLO attainment a replica sits the round out
+SLO_RESERVE = 0.25  # extra share kept for serving by a replica missing its SLOs (pressure >= 2)
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class NodeLoad:
     ttft_p95: float
     tpot_p95: float
     slo_attainment: float
+    utilization: float | None = None  # share of the window serving computed; None: not reported
 
 
 @dataclass(frozen=True)
@@ -102,8 +111,11 @@ def headroom(load: NodeLoad, forecast: float, ttft_slo_s: float, tpot_slo_s: flo
         load.tpot_p95 / tpot_slo_s if tpot_slo_s > 0 else 0.0,
     )
     # Growth in the forecast rate eats headroom proportionally.
-    growth = forecast / load.request_rate if load.request_rate > IDLE_RATE else 1.0
-    return float(min(1.0, max(0.0, 1.0 - pressure * max(1.0, growth))))
+    growth = max(1.0, forecast / load.request_rate if load.request_rate > IDLE_RATE else 1.0)
+    if load.utilization is None:  # no measure of serving's compute: latency pressure stands in
+        return float(min(1.0, max(0.0, 1.0 - pressure * growth)))
+    reserve = SLO_RESERVE * min(1.0, max(0.0, pressure - 1.0))
+    return float(min(1.0, max(0.0, 1.0 - load.utilization * growth - reserve)))
 
 
 def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
@@ -118,18 +130,24 @@ def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
                 NodeBudget(node.node_id, steps, 1.0, inputs.deadline_s, f"device; gain {gain:.2f}")
             )
             continue
-        if node.load.slo_attainment < SEVERE_ATTAINMENT:  # every cycle goes to serving
-            reason = f"overloaded (SLO attainment {node.load.slo_attainment:.2f}): sits out"
+        room = headroom(node.load, node.forecast_rate, inputs.ttft_slo_s, inputs.tpot_slo_s)
+        # A busy replica still trains a little: its trainer runs below serving's priority and the
+        # SLO guard makes each step yield to requests at risk, so a small share costs serving
+        # little and keeps the model improving. With min_share 0 it sits the round out.
+        room = max(room, inputs.min_share)
+        if room <= 0.0:
+            reason = f"no headroom (SLO attainment {node.load.slo_attainment:.2f}): sits out"
             budgets.append(NodeBudget(node.node_id, 0, 0.0, inputs.deadline_s, reason))
             continue
-        room = headroom(node.load, node.forecast_rate, inputs.ttft_slo_s, inputs.tpot_slo_s)
-        # A busy replica still trains a little: the SLO guard makes each step yield to requests
-        # at risk, so a small share costs serving little and keeps the model improving.
-        room = max(room, inputs.min_share)
-        # Busy replicas train less: the step budget scales with the share serving can spare.
-        wanted = max(1, round(target * room))
-        steps = _fit_deadline(wanted, node.step_seconds, room, inputs.deadline_s)
+        # Busy replicas train less: as many of the target's steps as fit the deadline at the share
+        # serving leaves; with the step time unknown yet, the target scaled by that share.
+        if node.step_seconds is None or node.step_seconds <= 0:
+            steps = max(1, round(target * room))
+        else:
+            steps = _fit_deadline(target, node.step_seconds, room, inputs.deadline_s)
         reason = f"headroom {room:.2f}, gain {gain:.2f}"
+        if steps == 0:
+            reason += ": not one step fits the deadline at this share; sits out"
         budgets.append(NodeBudget(node.node_id, steps, room, inputs.deadline_s, reason))
     return budgets
 
@@ -151,6 +169,11 @@ def load_from_metrics(metrics: Mapping[str, float]) -> NodeLoad | None:
             ttft_p95=float(metrics["load-ttft-p95"]),
             tpot_p95=float(metrics["load-tpot-p95"]),
             slo_attainment=float(metrics["load-slo-attainment"]),
+            utilization=(
+                float(metrics["load-serving-utilization"])
+                if "load-serving-utilization" in metrics
+                else None
+            ),
         )
     except KeyError:
         return None

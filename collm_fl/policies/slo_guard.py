@@ -2,8 +2,9 @@
 
 Short-timescale half of the coordination. Serving has priority: training yields at the next
 micro-step boundary when a waiting request's TTFT or the running requests' TPOT is at risk, and
-otherwise takes at most its training share of time while requests are present. When the replica is
-idle, training takes the whole replica (all threads).
+otherwise takes at most its training share of time while requests are present. A trainer running
+below serving's CPU priority (``preemptible``) cannot delay admission: the kernel preempts it.
+When the replica is idle, training takes the whole replica (all threads).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IDLE_RECHECK_S = 0.5  # how long a yielding trainer waits before re-checking on its own
+MIN_RECHECK_S = 0.02  # ... and at least this long (no step timed yet must not mean a busy loop)
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class GuardInputs:
     ttft_slo_s: float
     tpot_slo_s: float
     total_threads: int  # compute threads the replica may use (cores)
+    # The trainer runs below serving's CPU priority (replica.affinity): the kernel preempts a
+    # running micro-step for serving, so admitting a waiting request never waits for one.
+    preemptible: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,14 +46,21 @@ def training_decision(x: GuardInputs, margin: float = 0.8) -> GuardDecision:
         return GuardDecision(False, 0, IDLE_RECHECK_S, "training share is 0")
     if x.queue_depth == 0 and x.running == 0:
         return GuardDecision(True, max(1, x.total_threads), 0.0, "idle: training takes the replica")
-    # A micro-step started now delays admission of waiting requests by about its duration.
-    if x.queue_depth > 0 and x.oldest_waiting_s + x.train_step_s > margin * x.ttft_slo_s:
-        return GuardDecision(False, 0, min(IDLE_RECHECK_S, x.train_step_s), "TTFT at risk")
+    # A micro-step started now delays admission of waiting requests by about its duration
+    # (unless serving preempts it).
+    at_risk = x.oldest_waiting_s + (0.0 if x.preemptible else x.train_step_s)
+    if x.queue_depth > 0 and at_risk > margin * x.ttft_slo_s:
+        return GuardDecision(False, 0, _recheck_s(x), "TTFT at risk")
     if x.running > 0 and x.decode_step_s > margin * x.tpot_slo_s:
-        return GuardDecision(False, 0, min(IDLE_RECHECK_S, x.train_step_s), "TPOT at risk")
+        return GuardDecision(False, 0, _recheck_s(x), "TPOT at risk")
     if x.training_share < 1.0 and x.busy_fraction >= x.training_share:
         # Duty cycle: after a step of t seconds, rest t·(1−s)/s so training gets share s.
         rest = x.train_step_s * (1.0 - x.training_share) / x.training_share
         return GuardDecision(False, 0, max(rest, 1e-3), "over training share")
     # Serving keeps its own core; training takes the rest.
     return GuardDecision(True, max(1, x.total_threads - 1), 0.0, "within share and SLOs")
+
+
+def _recheck_s(x: GuardInputs) -> float:
+    """How long a trainer yielding to serving waits before deciding again (unless woken)."""
+    return min(IDLE_RECHECK_S, max(MIN_RECHECK_S, x.train_step_s))

@@ -14,11 +14,10 @@ interferes least; ``torch.set_num_threads`` is per thread).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 from collm_fl.adapters import AdapterState
 from collm_fl.errors import CollmError, ConfigError
 from collm_fl.policies.slo_guard import GuardDecision, GuardInputs, training_decision
+from collm_fl.replica.affinity import available_cpus, lower_thread_priority
 from collm_fl.replica.engine import InferenceEngine
 from collm_fl.replica.lora_layers import MultiLoraModules, lora_context, train
 from collm_fl.replica.metrics import SLO
@@ -79,13 +79,15 @@ class CoTrainer:
         slo: SLO,
         training_share: float = 0.5,
         total_threads: int | None = None,
+        nice: int = 0,
     ) -> None:
         self.modules = modules
         self.model = model
         self.engine = engine
         self.batches = batches
         self.slo = slo
-        self.total_threads = total_threads or max(1, os.cpu_count() or 1)
+        self.total_threads = total_threads or len(available_cpus())
+        self.nice = nice  # the trainer thread's priority below serving (see replica.affinity)
         self._share = 0.0
         self.set_share(training_share)
         self._jobs: queue.Queue[tuple[TrainJob, Future[TrainOutcome]] | None] = queue.Queue()
@@ -136,6 +138,7 @@ class CoTrainer:
     # ---- trainer thread ----
 
     def _loop(self) -> None:
+        lower_thread_priority(self.nice)  # before any torch call: its OpenMP team inherits it
         while not self._stopping.is_set():
             item = self._jobs.get()
             if item is None:
@@ -163,6 +166,7 @@ class CoTrainer:
         optimizer = torch.optim.AdamW(params, lr=job.learning_rate)
         loss_sum, tokens, steps, train_s, yielded_s, yields = 0.0, 0, 0, 0.0, 0.0, 0
         deadline_hit = False
+        why_yielded: Counter[str] = Counter()
         while steps < job.steps:
             if self._stopping.is_set():
                 raise TrainerStopped("replica is shutting down")
@@ -181,6 +185,7 @@ class CoTrainer:
                 else training_decision(self._guard_inputs())
             )
             if not decision.run:
+                why_yielded[decision.reason] += 1
                 t0 = time.monotonic()
                 remaining = job.deadline_s - (t0 - started)
                 with self.engine.busy_changed:
@@ -199,6 +204,16 @@ class CoTrainer:
             steps += 1
         self.steps_total += steps
         self.tokens_total += tokens
+        log.info(
+            "round %d: trained %d/%d steps in %.1fs (%.1fs in steps), yielded %.1fs: %s",
+            job.round_number,
+            steps,
+            job.steps,
+            time.monotonic() - started,
+            train_s,
+            yielded_s,
+            ", ".join(f"{k} x{n}" for k, n in why_yielded.most_common()) or "never",
+        )
         return TrainOutcome(
             state=self.modules.get_training_state(),
             steps=steps,
@@ -257,4 +272,5 @@ class CoTrainer:
             ttft_slo_s=self.slo.ttft_s,
             tpot_slo_s=self.slo.tpot_s,
             total_threads=self.total_threads,
+            preemptible=self.nice > 0,
         )

@@ -69,6 +69,7 @@ class EngineStats:
     decode_step_s: float  # EWMA of one batched decode step's seconds
     prefill_s_per_token: float  # EWMA of prefill seconds per prompt token
     requests_finished: int  # total since start, any finish reason
+    busy_s: float  # total seconds spent in engine steps since start (serving's compute time)
 
 
 @dataclass(eq=False)
@@ -129,6 +130,7 @@ class InferenceEngine:
         self._waiting: deque[RequestHandle] = deque()
         self._active = 0  # admitted and not finished
         self._stopping = False
+        self._busy_s = 0.0  # written by the engine thread only
         self._paused = False
         self._step_lock = threading.Lock()  # held while a step runs (pause() waits on it)
         self._thread: threading.Thread | None = None
@@ -193,6 +195,7 @@ class InferenceEngine:
                 decode_step_s=self._decode_ewma,
                 prefill_s_per_token=self._prefill_ewma,
                 requests_finished=self._finished,
+                busy_s=self._busy_s,
             )
 
     def is_idle(self) -> bool:
@@ -225,7 +228,11 @@ class InferenceEngine:
             try:
                 with self._step_lock, torch.inference_mode():
                     if not self._paused or self._stopping:
-                        self._step()
+                        t0 = time.monotonic()
+                        try:
+                            self._step()
+                        finally:
+                            self._busy_s += time.monotonic() - t0
             except Exception as e:  # the loop must survive anything one step does
                 log.exception("engine step failed; failing %d requests", len(self._rows))
                 self._fail_rows(self._newcomers + self._rows, f"internal error: {e}")

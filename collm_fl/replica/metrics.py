@@ -59,6 +59,7 @@ class LoadReport:
     output_tokens_per_s: float
     training_share: float
     training_steps: int
+    serving_utilization: float  # share of the window the engine spent computing (0..1)
 
     def to_metrics(self, prefix: str = "load-") -> dict[str, float]:
         return {prefix + k.replace("_", "-"): float(v) for k, v in asdict(self).items()}
@@ -72,6 +73,7 @@ class LoadWindow:
         self._lock = threading.Lock()
         self._records: deque[RequestRecord] = deque(maxlen=max_records)
         self._since = time.monotonic()
+        self._busy_at_since = 0.0  # the engine's cumulative busy seconds at the window start
 
     def add(self, record: RequestRecord) -> None:
         with self._lock:
@@ -84,16 +86,27 @@ class LoadWindow:
         training_share: float,
         training_steps: int,
         reset: bool,
+        serving_busy_s: float = 0.0,
     ) -> LoadReport:
+        """Summary since the last reset; ``serving_busy_s`` is the engine's cumulative busy time."""
         with self._lock:
             records = list(self._records)
             now = time.monotonic()
             window = max(now - self._since, 1e-9)
+            busy = max(0.0, serving_busy_s - self._busy_at_since)
             if reset:
                 self._records.clear()
                 self._since = now
+                self._busy_at_since = serving_busy_s
         return summarize(
-            records, window, self.slo, queue_depth, running, training_share, training_steps
+            records,
+            window,
+            self.slo,
+            queue_depth,
+            running,
+            training_share,
+            training_steps,
+            min(1.0, busy / window),
         )
 
 
@@ -105,6 +118,7 @@ def summarize(
     running: int,
     training_share: float,
     training_steps: int,
+    serving_utilization: float = 0.0,
 ) -> LoadReport:
     """Pure summary of a window of finished requests."""
     served = [r for r in records if r.status in ("ok", "error")]
@@ -133,6 +147,7 @@ def summarize(
         output_tokens_per_s=sum(r.output_tokens for r in served) / window_s,
         training_share=training_share,
         training_steps=training_steps,
+        serving_utilization=serving_utilization,
     )
 
 

@@ -69,6 +69,8 @@ class ReplicaConfig:
     num_slots: int = 4
     training_share: float = 0.5
     serve_threads: int = 1
+    # The trainer thread's nice value (0..19): serving preempts training within a scheduler tick.
+    trainer_nice: int = 19
     # A canary forward through the shadow slot before promotion (catches adapters that are finite
     # but blow up activations). Off by default: on 2 cores it costs about one small prefill and
     # competes with decoding; keys, shapes, config and finiteness are always checked.
@@ -126,7 +128,13 @@ class Replica:
             batches = iterate_batches(blocks, cfg.train_batch_size, seed=cfg.seed)
             self.num_train_rows = int(blocks.input_ids.shape[0])
             self.trainer = CoTrainer(
-                self.modules, self.model, self.engine, batches, cfg.slo, cfg.training_share
+                self.modules,
+                self.model,
+                self.engine,
+                batches,
+                cfg.slo,
+                cfg.training_share,
+                nice=cfg.trainer_nice,
             )
             log.info("private data: %s (%d training rows)", data.name, blocks.input_ids.shape[0])
 
@@ -450,4 +458,6 @@ class Replica:
     def load_report(self, reset: bool) -> LoadReport:
         s = self.engine.stats()
         steps = self.trainer.steps_total if self.trainer is not None else 0
-        return self.load_window.report(s.queue_depth, s.running, self.training_share, steps, reset)
+        return self.load_window.report(
+            s.queue_depth, s.running, self.training_share, steps, reset, serving_busy_s=s.busy_s
+        )

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from strategies.allocation import (
@@ -47,9 +49,15 @@ def test_idle_replica_trains_with_the_whole_replica():
     assert b.share == 1.0 and b.steps == 20
 
 
-def test_overloaded_replica_sits_the_round_out():
+def test_overloaded_replica_trains_at_the_minimum_share():
     (b,) = allocate(inputs([replica(1, load(3.0, ttft=2.5, tpot=0.25, attain=0.3))]))
-    assert b.steps == 0 and "overloaded" in b.reason
+    assert b.share == 0.1 and 0 < b.steps < 20
+
+
+def test_without_a_minimum_share_an_overloaded_replica_sits_the_round_out():
+    x = replace(inputs([replica(1, load(3.0, ttft=2.5, tpot=0.25, attain=0.3))]), min_share=0.0)
+    (b,) = allocate(x)
+    assert b.steps == 0 and b.share == 0.0 and "sits out" in b.reason
 
 
 def test_busy_replica_at_its_slo_still_trains_at_the_minimum_share():
@@ -104,3 +112,32 @@ def test_load_from_metrics_reads_replica_reports_and_ignores_devices():
     }
     assert load_from_metrics(metrics) == NodeLoad(1.5, 2, 0.4, 0.05, 0.9)
     assert load_from_metrics({"train-loss": 1.0}) is None
+
+
+def test_with_a_utilization_report_training_takes_what_serving_leaves():
+    def share(utilization: float, ttft: float = 0.5) -> float:
+        node = replace(load(1.0, ttft=ttft, tpot=0.05), utilization=utilization)
+        (b,) = allocate(inputs([replica(1, node)]))
+        return b.share
+
+    assert share(0.25) == pytest.approx(0.75)
+    assert share(0.6) == pytest.approx(0.4)
+    assert share(0.6) < share(0.25)
+    # Latencies beyond the SLO (p95 TTFT 2x the 2 s SLO) keep SLO_RESERVE more for serving.
+    assert share(0.25, ttft=4.0) == pytest.approx(0.75 - 0.25)
+    # Rising forecast load scales the serving it must keep.
+    node = replace(load(1.0, ttft=0.5, tpot=0.05), utilization=0.25)
+    (b,) = allocate(inputs([NodeState(1, node, 2.0, None)]))
+    assert b.share == pytest.approx(0.5)
+
+
+def test_the_utilization_report_is_read_when_present():
+    metrics = {
+        "load-request-rate": 1.0,
+        "load-queue-depth": 0,
+        "load-ttft-p95": 0.4,
+        "load-tpot-p95": 0.05,
+        "load-slo-attainment": 1.0,
+    }
+    assert load_from_metrics(metrics).utilization is None
+    assert load_from_metrics({**metrics, "load-serving-utilization": 0.3}).utilization == 0.3

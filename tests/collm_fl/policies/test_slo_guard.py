@@ -49,3 +49,24 @@ def test_training_keeps_to_its_share_while_serving():
 def test_within_share_and_slos_training_leaves_serving_its_core():
     d = training_decision(inputs(running=1, busy_fraction=0.2))
     assert d.run and d.threads == 1
+
+
+def test_a_long_micro_step_puts_a_fresh_waiting_request_at_risk_unless_serving_preempts_it():
+    # 1.7 s step + 0.1 s waited > 0.8 × 2 s: a step started now would delay admission ...
+    waiting = dict(queue_depth=1, running=1, oldest_waiting_s=0.1, train_step_s=1.7)
+    assert training_decision(inputs(**waiting)).reason == "TTFT at risk"
+    # ... unless the trainer runs below serving's priority: admission never waits for it.
+    assert training_decision(inputs(**waiting, preemptible=True)).run
+    # A request that already waited past the margin is at risk either way.
+    late = {**waiting, "oldest_waiting_s": 1.7}
+    assert not training_decision(inputs(**late, preemptible=True)).run
+
+
+def test_a_yielding_trainer_waits_before_deciding_again_even_before_its_first_step():
+    # No step timed yet (train_step_s 0) must not turn yielding into a busy loop.
+    for x in (
+        inputs(queue_depth=1, oldest_waiting_s=1.9, train_step_s=0.0),
+        inputs(running=2, decode_step_s=0.19, train_step_s=0.0),
+    ):
+        d = training_decision(x)
+        assert not d.run and d.wait_s >= 0.01

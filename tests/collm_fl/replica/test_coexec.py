@@ -1,5 +1,7 @@
 """The co-execution trainer on a real in-process replica (tiny model): yields to serving."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -56,3 +58,12 @@ def test_share_zero_means_no_training_within_the_deadline(replica):
     replica.set_training_share(0.0)
     outcome = replica.train(steps=5, learning_rate=1e-3, deadline_s=0.5, round_number=1)
     assert outcome.steps == 0 and outcome.deadline_hit
+
+
+def test_the_trainer_thread_runs_below_the_serving_priority(replica):
+    replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1)  # thread has run
+    assert replica.trainer is not None and replica.trainer._thread is not None
+    trainer_tid = replica.trainer._thread.native_id
+    serving = os.getpriority(os.PRIO_PROCESS, 0)  # this (test) thread's nice
+    assert os.getpriority(os.PRIO_PROCESS, trainer_tid) == max(replica.cfg.trainer_nice, serving)
+    assert replica.cfg.trainer_nice > 0  # the default really lowers it

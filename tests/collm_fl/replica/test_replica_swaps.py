@@ -87,9 +87,9 @@ def test_control_round_trip_push_train_load_share_rollback(start_replica, refere
         assert metrics["local-steps"] == 3 and metrics["train-tokens"] > 0
         assert metrics["num-examples"] > 0
         load = c.load_report()
-        assert {"request-rate", "ttft-p99", "tpot-p99", "slo-attainment", "training-share"} <= set(
-            load
-        )
+        keys = {"request-rate", "ttft-p99", "tpot-p99", "slo-attainment", "training-share"}
+        assert keys | {"serving-utilization"} <= set(load)
+        assert 0.0 <= load["serving-utilization"] <= 1.0
         c.set_share(0.25)
         assert c.status()["training_share"] == 0.25
         c.push_version(state, SPEC.to_peft_config_dict("tiny"), 1)

@@ -1,0 +1,36 @@
+"""The replica's load report: what the allocation policy reads each round."""
+
+import pytest
+
+from collm_fl.replica import metrics
+from collm_fl.replica.metrics import SLO, LoadWindow, RequestRecord
+
+
+@pytest.fixture()
+def clock(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    return now
+
+
+def test_serving_utilization_is_the_engine_busy_share_of_each_window(clock):
+    window = LoadWindow(SLO(ttft_s=1.0, tpot_s=0.1))
+    clock[0] += 10.0
+    first = window.report(0, 0, 0.5, 0, reset=True, serving_busy_s=2.5)
+    assert first.serving_utilization == pytest.approx(0.25)
+    clock[0] += 4.0  # the engine computed 3 of the next 4 seconds
+    second = window.report(0, 0, 0.5, 0, reset=True, serving_busy_s=5.5)
+    assert second.serving_utilization == pytest.approx(0.75)
+    assert second.to_metrics()["load-serving-utilization"] == pytest.approx(0.75)
+
+
+def test_a_report_without_reset_keeps_the_window_open(clock):
+    window = LoadWindow(SLO(ttft_s=1.0, tpot_s=0.1))
+    window.add(RequestRecord(100.0, ttft=0.2, tpot=0.05, status="ok", output_tokens=4))
+    clock[0] += 2.0
+    peek = window.report(1, 2, 0.0, 0, reset=False, serving_busy_s=1.0)
+    clock[0] += 2.0
+    full = window.report(1, 2, 0.0, 0, reset=True, serving_busy_s=1.0)
+    assert peek.requests == full.requests == 1 and peek.slo_attainment == 1.0
+    assert peek.serving_utilization == pytest.approx(0.5)
+    assert full.serving_utilization == pytest.approx(0.25)
