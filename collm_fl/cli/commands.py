@@ -65,6 +65,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
         if args.ttft_slo <= 0 or args.tpot_slo <= 0:
             raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
+        if not args.stream_stall_timeout > 0:  # NaN too
+            raise ConfigError(
+                f"--stream-stall-timeout must be > 0 seconds, got {args.stream_stall_timeout}"
+            )
         api_key = args.api_key or os.environ.get("COLLM_API_KEY") or None
         replica_key = args.replica_api_key or os.environ.get("COLLM_REPLICA_API_KEY") or api_key
         run_gateway(
@@ -74,6 +78,7 @@ def dispatch(args: argparse.Namespace) -> int:
             api_key,
             replica_key,
             SLO(args.ttft_slo, args.tpot_slo),
+            stream_stall_timeout_s=args.stream_stall_timeout,
         )
         return 0
     if args.command == "load":
@@ -192,6 +197,7 @@ def dispatch(args: argparse.Namespace) -> int:
 def _run_replica(args: argparse.Namespace) -> int:
     from collm_fl.adapters import LoraSpec
     from collm_fl.data import DataSpec
+    from collm_fl.replica.affinity import parse_cpu_list, pin_process
     from collm_fl.replica.metrics import SLO
     from collm_fl.replica.runtime import ReplicaConfig
     from collm_fl.replica.serve import run_replica
@@ -208,6 +214,10 @@ def _run_replica(args: argparse.Namespace) -> int:
         raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
     if not 0 <= args.training_share <= 1:
         raise ConfigError(f"--training-share must be in [0, 1], got {args.training_share}")
+    if not 0 <= args.trainer_nice <= 19:
+        raise ConfigError(f"--trainer-nice must be in [0, 19], got {args.trainer_nice}")
+    if args.cpus:
+        pin_process(parse_cpu_list(args.cpus))  # before the model loads: every thread inherits it
     data = None
     if args.data != "none":
         data = DataSpec(source=args.data, partitioning=args.partitioning, seed=args.seed)
@@ -230,6 +240,7 @@ def _run_replica(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         training_share=args.training_share,
+        trainer_nice=args.trainer_nice,
         seed=args.seed,
         canary=args.canary_check,
     )

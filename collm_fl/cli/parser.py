@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--training-share", type=float, default=0.5)
+    p.add_argument(
+        "--trainer-nice",
+        type=int,
+        default=19,
+        help="nice value of the training thread (0..19): serving preempts it; 0 = same priority",
+    )
+    p.add_argument(
+        "--cpus", default="", help="pin the replica to these cores, e.g. 0 or 0-1 (default: all)"
+    )
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
@@ -128,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-api-key", default=None, help="key for the replicas' /v1 API")
     p.add_argument("--ttft-slo", type=float, default=2.0)
     p.add_argument("--tpot-slo", type=float, default=0.2)
+    p.add_argument(
+        "--stream-stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a replica's stream may send nothing before it is treated as failed "
+        "(failed over before its first event, ended with an error chunk after)",
+    )
 
     p = sub.add_parser(
         "live",

@@ -34,6 +34,15 @@ def test_bad_port_exits_2_with_the_reason(capsys):
     assert code == 2 and "--port must be a TCP port" in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--cpus", "zero"], "--cpus"), (["--trainer-nice", "30"], "--trainer-nice")],
+)
+def test_bad_replica_placement_flags_exit_2(capsys, flags, message):
+    code, err = run(capsys, "replica", "--control-token", "t", *flags)
+    assert code == 2 and message in err
+
+
 def test_replica_without_a_control_token_exits_2(capsys, monkeypatch):
     monkeypatch.delenv("COLLM_CONTROL_TOKEN", raising=False)
     code, err = run(capsys, "replica")
@@ -68,6 +77,14 @@ def test_load_with_a_bad_trace_exits_2_naming_the_line(capsys, tmp_path):
 def test_live_with_a_bad_rate_exits_2(capsys):
     code, err = run(capsys, "live", "--rate", "0")
     assert code == 2 and "--rate" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_gateway_with_a_stall_timeout_not_above_zero_exits_2(capsys, value):
+    code, err = run(
+        capsys, "gateway", "--replica", "http://127.0.0.1:1", "--stream-stall-timeout", value
+    )
+    assert code == 2 and "--stream-stall-timeout must be > 0" in err
 
 
 @pytest.mark.parametrize(
