@@ -1,53 +1,16 @@
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from lora_messages import SHAPES, adapter, reply, strategy
 
 from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg
 from collm_fl.flower_records import arrayrecord_to_state, state_to_arrayrecord
 from strategies.lora import LoraFedAvg
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity(monkeypatch):
-    """Messages read the run/node identity Flower sets in an app process; set one for tests."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-SHAPES = {
-    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (2, 8),
-    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (8, 2),
-    "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight": (2, 8),
-    "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight": (4, 2),
-}
-
-
-def adapter(seed: int, scale: float = 0.1) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in SHAPES.items()}
-
-
-def reply(node: int, state, num_examples: float = 10.0, extra_metrics=None) -> Message:
-    instruction = Message(
-        RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train"
-    )
-    metrics = {"num-examples": num_examples, "train-loss": 1.0 + node / 10, **(extra_metrics or {})}
-    content = RecordDict({"arrays": state_to_arrayrecord(state), "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=instruction)
-
-
 def error_reply(node: int) -> Message:
     instruction = Message(RecordDict({}), dst_node_id=node, message_type="train")
     return Message(Error(code=1, reason="ClientApp crashed"), reply_to=instruction)
-
-
-def strategy(**kw) -> LoraFedAvg:
-    s = LoraFedAvg(min_train_nodes=1, min_available_nodes=1, **kw)
-    s.current_arrays = state_to_arrayrecord(adapter(0))
-    return s
 
 
 @pytest.mark.parametrize("mode", ["exact", "fedavg"])
