@@ -2,8 +2,10 @@
 
 Bounded in time and count, loopback only. It checks what an operator cares about under load:
 every request gets a response or an explicit 503 (no hangs, no other errors), memory stays flat
-across many swaps (RSS slope), and how many requests of each kind there were. Writes
-``soak.json``, ``soak.md`` and ``soak_rss.png``.
+across many swaps (RSS at the end of each load phase and its slope over the phase's second half:
+a leak keeps growing at a steady load, a high-water mark does not; going back to 1× after 2× tells
+them apart), and how many requests of each kind there were. Writes ``soak.json``, ``soak.md`` and
+``soak_rss.png``.
 """
 
 from __future__ import annotations
@@ -59,21 +61,24 @@ def run_soak(
             say(f"capacity ≈ {capacity:.2f} req/s (closed loop, {output_tokens} output tokens)")
             rss: list[tuple[float, str, float]] = []
             swaps = _Swapper(fed, model, swap_every_s)
-            sampler = threading.Thread(
-                target=_sample_rss, args=(procs, rss, swaps.stop), daemon=True
-            )
             started = time.monotonic()
+            sampler = threading.Thread(
+                target=_sample_rss, args=(procs, rss, swaps.stop, started), daemon=True
+            )
             swaps.start()
             sampler.start()
             phases = []
+            bounds: list[tuple[float, float]] = []  # (start, end) of each phase, since `started`
             try:
                 for factor in load_factors:
                     rate = capacity * factor
                     phase_s = duration_s / len(load_factors)
                     say(f"phase: {factor:.1f}× capacity = {rate:.2f} req/s for {phase_s:.0f}s")
+                    t_phase = time.monotonic() - started
                     results = _run_phase(url, model, rate, phase_s, output_tokens)
+                    bounds.append((t_phase, time.monotonic() - started))
                     phases.append(_phase_summary(factor, rate, phase_s, results))
-                    say(f"  {phases[-1]['counts']}")
+                    say(f"  {phases[-1]['counts']}, {swaps.done} swaps so far")
             finally:
                 swaps.stop.set()
                 swaps.join()
@@ -88,7 +93,8 @@ def run_soak(
         "phases": phases,
         "swaps": swaps.done,
         "swap_errors": swaps.errors,
-        "rss": _rss_summary(rss),
+        "rss": _rss_summary(rss, bounds),
+        "phase_bounds_s": bounds,
         "rss_samples": rss,
         "all_processes_alive": healthy,
         "machine": {"platform": platform.platform(), "cpus": psutil.cpu_count()},
@@ -180,9 +186,11 @@ def _adapter_shapes(client: ReplicaClient) -> dict[str, tuple[int, ...]]:
 
 
 def _sample_rss(
-    procs: dict[str, psutil.Process], out: list[tuple[float, str, float]], stop: threading.Event
+    procs: dict[str, psutil.Process],
+    out: list[tuple[float, str, float]],
+    stop: threading.Event,
+    t0: float,
 ) -> None:
-    t0 = time.monotonic()
     while not stop.wait(2.0):
         for name, p in procs.items():
             try:
@@ -191,21 +199,39 @@ def _sample_rss(
                 continue
 
 
-def _rss_summary(samples: list[tuple[float, str, float]]) -> dict[str, dict[str, float]]:
-    """Per process: first, peak and last RSS (MiB) and the slope over the second half (MiB/min)."""
-    out: dict[str, dict[str, float]] = {}
+def _slope_mib_per_min(pts: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MiB) points in MiB/min (0 with fewer than 3 points)."""
+    if len(pts) < 3:
+        return 0.0
+    ts, ms = np.array([t for t, _ in pts]), np.array([m for _, m in pts])
+    return float(np.polyfit(ts, ms, 1)[0] * 60)
+
+
+def _rss_summary(
+    samples: list[tuple[float, str, float]], bounds: list[tuple[float, float]]
+) -> dict[str, dict[str, object]]:
+    """Per process: first, peak and last RSS (MiB), the slope over the second half of the run,
+    and per load phase (``bounds``: its start and end second) the RSS at its end and the slope over
+    its second half (MiB/min), where the allocator's high-water mark for that load is reached."""
+    out: dict[str, dict[str, object]] = {}
     for name in sorted({n for _, n, _ in samples}):
         pts = [(t, m) for t, n, m in samples if n == name]
-        half = pts[len(pts) // 2 :]
-        slope = 0.0
-        if len(half) >= 3:
-            ts, ms = np.array([t for t, _ in half]), np.array([m for _, m in half])
-            slope = float(np.polyfit(ts, ms, 1)[0] * 60)
+        phases = []
+        for start, end in bounds:
+            mid = (start + end) / 2
+            inside = [(t, m) for t, m in pts if start <= t <= end]
+            phases.append(
+                {
+                    "end_mib": inside[-1][1] if inside else 0.0,
+                    "slope_mib_per_min": _slope_mib_per_min([p for p in inside if p[0] >= mid]),
+                }
+            )
         out[name] = {
             "first_mib": pts[0][1] if pts else 0.0,
             "peak_mib": max((m for _, m in pts), default=0.0),
             "last_mib": pts[-1][1] if pts else 0.0,
-            "slope_second_half_mib_per_min": slope,
+            "slope_second_half_mib_per_min": _slope_mib_per_min(pts[len(pts) // 2 :]),
+            "phases": phases,
         }
     return out
 
@@ -232,15 +258,23 @@ def write_soak_report(result: dict[str, object], out_dir: Path, command: str) ->
             f"{counts.get('dropped', 0)} | {counts.get('ok', 0)} | {counts.get('http_503', 0)} | "
             f"{p['unexplained_failures']} | {len(p['versions_seen'])} |"
         )
+    factors = [f"{p['load_factor']:.1f}×" for p in result["phases"]]  # type: ignore[attr-defined]
     lines += [
         "",
-        "| process | first RSS (MiB) | peak | last | slope, 2nd half (MiB/min) |",
-        "|---|---:|---:|---:|---:|",
+        "RSS in MiB; per phase, at its end and (in brackets) the slope over its second half in "
+        "MiB/min.",
+        "",
+        "| process | first | peak | last | "
+        + " | ".join(f"phase {k + 1} ({f})" for k, f in enumerate(factors))
+        + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(factors),
     ]
     for name, r in result["rss"].items():  # type: ignore[attr-defined]
+        cells = [f"{p['end_mib']:.0f} ({p['slope_mib_per_min']:+.2f})" for p in r["phases"]]
         lines.append(
             f"| {name} | {r['first_mib']:.0f} | {r['peak_mib']:.0f} | {r['last_mib']:.0f} | "
-            f"{r['slope_second_half_mib_per_min']:+.2f} |"
+            + " | ".join(cells)
+            + " |"
         )
     lines += [
         "",

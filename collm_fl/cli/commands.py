@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -164,10 +165,19 @@ def dispatch(args: argparse.Namespace) -> int:
 
         if args.replicas < 1 or args.duration <= 0 or args.swap_every <= 0:
             raise ConfigError("--replicas >= 1, --duration > 0 and --swap-every > 0 needed")
+        try:
+            factors = tuple(float(f) for f in args.load_factors.split(","))
+        except ValueError:
+            factors = ()
+        if not factors or not all(math.isfinite(f) and f > 0 for f in factors):
+            raise ConfigError(
+                f"--load-factors: expected positive numbers like 1,2,1, got {args.load_factors!r}"
+            )
         soak = run_soak(
             args.model,
             args.replicas,
             args.duration,
+            load_factors=factors,
             swap_every_s=args.swap_every,
             progress=lambda line: print(line, flush=True),
         )

@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=240.0, help="seconds of load after calibration"
     )
     b.add_argument("--swap-every", type=float, default=0.5, help="seconds between adapter pushes")
+    b.add_argument(
+        "--load-factors",
+        default="1,2",
+        help="load phases as multiples of capacity, equal shares of --duration (e.g. 1,2,1)",
+    )
     b.add_argument("--out", default="docs/bench")
 
     b = bsub.add_parser("quality", help="central held-out perplexity: base vs stored versions")

@@ -43,6 +43,12 @@ def test_bad_replica_placement_flags_exit_2(capsys, flags, message):
     assert code == 2 and message in err
 
 
+@pytest.mark.parametrize("factors", ["", "1,x", "1,-2", "0", "nan"])
+def test_soak_with_bad_load_factors_exits_2(capsys, factors):
+    code, err = run(capsys, "bench", "soak", "--load-factors", factors)
+    assert code == 2 and "--load-factors" in err
+
+
 def test_replica_without_a_control_token_exits_2(capsys, monkeypatch):
     monkeypatch.delenv("COLLM_CONTROL_TOKEN", raising=False)
     code, err = run(capsys, "replica")
