@@ -2,6 +2,7 @@
 :mod:`collm_fl.policies.allocation`, so the benchmarks and the simulator run the same code)."""
 
 from collm_fl.policies.allocation import (
+    SLO_RESERVE,
     AllocationInputs,
     NodeBudget,
     NodeLoad,
@@ -15,6 +16,7 @@ from collm_fl.policies.allocation import (
 )
 
 __all__ = [
+    "SLO_RESERVE",
     "AllocationInputs",
     "NodeBudget",
     "NodeLoad",

@@ -33,6 +33,8 @@ from collm_fl.policies.routing import (
 
 log = logging.getLogger(__name__)
 
+PREEMPTIBLE_TRAINING_WEIGHT = 0.2  # a lowered-priority trainer slows serving this much less
+
 
 @dataclass
 class _Replica:
@@ -228,6 +230,10 @@ class ReplicaPool:
         r.training = bool(body.get("training", False))
         share = body.get("training_share", 0.0)
         r.training_share = float(share) if isinstance(share, int | float) else 0.0
+        if body.get("training_preemptible") is True:
+            # Serving preempts such a trainer within a scheduler tick; what is left of its
+            # interference is shared caches and memory bandwidth.
+            r.training_share *= PREEMPTIBLE_TRAINING_WEIGHT
         batch = body.get("max_batch_size")
         r.max_batch = batch if isinstance(batch, int) and batch > 0 else None
         version = body.get("adapter_version")
@@ -254,6 +260,7 @@ class ReplicaPool:
                 max_batch=r.max_batch,
                 consecutive_failures=r.consecutive_failures,
                 last_error_age_s=None if r.last_error_at is None else now - r.last_error_at,
+                routed=r.routed,
             )
             for r in self._replicas.values()
         ]

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 IDLE_RATE = 0.05  # requests/s below which a replica counts as idle
 FORECAST_ALPHA = 0.5  # weight of the newest load report in the forecast
-SLO_RESERVE = 0.25  # extra share kept for serving by a replica missing its SLOs (pressure >= 2)
+SLO_RESERVE = 0.1  # extra share kept for serving by a replica missing its SLOs (pressure >= 2)
 
 
 @dataclass(frozen=True)

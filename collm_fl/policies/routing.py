@@ -47,6 +47,7 @@ class ReplicaView:
     max_batch: int | None = None  # batch slots of the replica, if it reports them
     consecutive_failures: int = 0  # failed proxied requests since the last success
     last_error_age_s: float | None = None  # seconds since the last failure (None: never)
+    routed: int = 0  # requests the gateway has sent it so far (spreads ties)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,9 @@ def choose_replica(
     Among healthy, non-excluded replicas: those predicted to meet both SLOs come first; within that
     tier the lowest predicted TTFT (plus a penalty for recent failures) wins, where TTFTs within the
     tie tolerance count as equal and the fewest in-flight requests decide (measurement noise of a
-    few ms should spread load, not pin it); then predicted TPOT, then the name. A replica not yet
+    few ms should spread load, not pin it), then the fewest requests routed so far (so idle
+    replicas take turns instead of the first one taking every sequential request); then predicted
+    TPOT, then the name. A replica not yet
     measured is assumed to be like the measured ones (they serve the same base model), so a fresh
     replica is neither shunned nor flooded because of a prior.
     """
@@ -159,7 +162,7 @@ def choose_replica(
     best = min(ttft for _, ttft, _, _ in scored)
     tolerance = max(model.tie_tolerance_s, model.tie_tolerance_frac * best)
     near = [s for s in scored if s[1] <= best + tolerance]
-    _, _, _, chosen = min(near, key=lambda s: (s[3].in_flight, s[1], s[2], s[3].name))
+    _, _, _, chosen = min(near, key=lambda s: (s[3].in_flight, s[3].routed, s[1], s[2], s[3].name))
     return chosen.name
 
 

@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 
 from strategies.allocation import (
+    SLO_RESERVE,
     AllocationInputs,
     NodeLoad,
     NodeState,
@@ -124,7 +125,7 @@ def test_with_a_utilization_report_training_takes_what_serving_leaves():
     assert share(0.6) == pytest.approx(0.4)
     assert share(0.6) < share(0.25)
     # Latencies beyond the SLO (p95 TTFT 2x the 2 s SLO) keep SLO_RESERVE more for serving.
-    assert share(0.25, ttft=4.0) == pytest.approx(0.75 - 0.25)
+    assert share(0.25, ttft=4.0) == pytest.approx(0.75 - SLO_RESERVE)
     # Rising forecast load scales the serving it must keep.
     node = replace(load(1.0, ttft=0.5, tpot=0.05), utilization=0.25)
     (b,) = allocate(inputs([NodeState(1, node, 2.0, None)]))

@@ -160,3 +160,10 @@ def test_an_unmeasured_replica_is_assumed_to_be_like_its_peers():
     assert choose_replica([measured, fresh], 0, 16, SLO_, model=model) == "b"
     busy_fresh = replace(fresh, in_flight=2, in_flight_tokens=32)
     assert choose_replica([measured, busy_fresh], 0, 16, SLO_, model=model) == "a"
+
+
+def test_idle_equal_replicas_take_turns():
+    # Sequential requests at light load: both idle and equally fast; the one routed to less goes.
+    a, b = view("a", routed=5), view("b", routed=4)
+    assert choose_replica([a, b], 0, 16, SLO_) == "b"
+    assert choose_replica([a, replace(b, routed=6)], 0, 16, SLO_) == "a"
