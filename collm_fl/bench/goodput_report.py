@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from collm_fl.bench.aggregation import MachineInfo
 from collm_fl.bench.goodput_rounds import RoundRecord, RunSettings
@@ -14,7 +15,14 @@ from collm_fl.loadgen.goodput import LoadSummary, SLOSpec
 log = logging.getLogger(__name__)
 
 SHARED_LOAD = 0.5  # a 1-minute load average above this before the run: someone else was busy
-RATE_LABELS = ((0.25, "light"), (0.7, "medium"), (float("inf"), "overload"))
+RATE_LABELS = (
+    (0.15, "light"),
+    (0.35, "medium"),
+    (0.7, "high"),
+    (float("inf"), "overload"),
+)
+GOAL_RATIO = 3.0  # the goal: CoLLM-FL >= 3x the best baseline at bursty/high rates
+QUALITY_TOLERANCE = 1e-3  # nats: served losses this close count as equal
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,42 @@ class GoodputResult:
         return next(s.title for s in self.systems if s.name == system)
 
 
+def result_from_json(data: dict[str, Any]) -> GoodputResult:
+    """A :class:`GoodputResult` back from its ``goodput.json`` (to re-render the report)."""
+
+    def make(cls: Any, d: dict[str, Any], **nested: Any) -> Any:
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in names}, **nested})
+
+    def round_record(d: dict[str, Any]) -> RoundRecord:
+        budgets = {int(k): (int(v[0]), float(v[1])) for k, v in d["budgets"].items()}
+        return make(RoundRecord, d, budgets=budgets)
+
+    def run(d: dict[str, Any]) -> RunOutcome:
+        return make(
+            RunOutcome,
+            d,
+            summary=make(LoadSummary, d["summary"]),
+            rounds=[round_record(r) for r in d["rounds"]],
+            loss_by_version={int(k): float(v) for k, v in d["loss_by_version"].items()},
+            switches=[(float(t), int(i), int(v)) for t, i, v in d["switches"]],
+            quality=[(float(t), float(q)) for t, q in d["quality"]],
+        )
+
+    settings = data["settings"]
+    return make(
+        GoodputResult,
+        data,
+        calibration=make(Calibration, data["calibration"]),
+        slo=make(SLOSpec, data["slo"]),
+        settings=make(RunSettings, settings, slo=make(SLOSpec, settings["slo"])),
+        systems=[make(SystemInfo, s) for s in data["systems"]],
+        runs=[run(r) for r in data["runs"]],
+        by_rate=[make(RateOutcome, r) for r in data["by_rate"]],
+        machine=make(MachineRecord, data["machine"]),
+    )
+
+
 def write_goodput_report(result: GoodputResult, out: Path) -> list[Path]:
     """Write ``goodput.json``, ``goodput.md`` and the two plots into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -159,9 +203,10 @@ def render_markdown(result: GoodputResult) -> str:
         "## Setup",
         "",
         f"- **Replicas**: {r} `collm replica` processes of `{result.model}` on this machine, "
-        "started fresh for every system × rate (same weights, data order and empty queues at "
-        f"the start of every run); replica *i* holds partition *i* of {r} of the Shakespeare "
-        "plays (two plays are held out for the central evaluation).",
+        "each pinned to its own core (`--cpus`), started fresh for every system × rate (same "
+        "weights, data order and empty queues at the start of every run); replica *i* holds "
+        f"partition *i* of {r} of the Shakespeare plays (two plays are held out for the central "
+        "evaluation).",
         f"- **Load**: {result.arrivals} arrivals (the same schedule for every system at a "
         f"rate), ~{st.prompt_tokens}-word prompts, at most {st.output_tokens} output tokens, "
         f"streaming `/v1/completions`, open loop; {st.schedule_s:.0f} s of schedule "
@@ -180,8 +225,8 @@ def render_markdown(result: GoodputResult) -> str:
         ),
         f"- **Training budget**: {st.steps_per_replica} micro-steps (batch 4 × 128 tokens) per "
         f"replica and round, {r} × that in total for every system, deadline "
-        f"{st.deadline_s:.0f} s: about 30 % of the machine's compute per round (idle step "
-        f"{cal.train_step_s:.3f} s with all cores, about {r} × that when all replicas train).",
+        f"{st.deadline_s:.0f} s: about 30 % of the replicas' compute per round (idle step "
+        f"{cal.train_step_s:.3f} s on a replica's core).",
         "- **Federation**: emulated by the benchmark process (not Flower): each round the "
         "training replicas train (`/control/train`), the updates are aggregated exactly "
         "(`aggregate_lora_exact`, weighted by examples), the new version is evaluated on the "
@@ -206,6 +251,7 @@ def render_markdown(result: GoodputResult) -> str:
         "## Results",
         "",
     ]
+    lines += [*_goal_lines(result), ""]
     for info in result.by_rate:
         lines += [f"### {_rate_label(result, info.rate)}", "", *_rate_table(result, info), ""]
     lines += [
@@ -216,6 +262,8 @@ def render_markdown(result: GoodputResult) -> str:
         "![served quality over time](quality_over_time.png)",
         "",
         *_rounds_table(result, result.quality_rate),
+        "",
+        *_allocation_lines(result),
     ]
     return "\n".join(lines) + "\n"
 
@@ -251,6 +299,85 @@ def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
         f"baseline ({best}): {ratio}.",
     ]
     return lines
+
+
+def served_loss_at(curve: list[tuple[float, float]], t: float) -> float:
+    """The served loss at time ``t`` of a step curve [(time, loss), ...] sorted by time."""
+    value = curve[0][1]
+    for when, loss in curve:
+        if when > t:
+            break
+        value = loss
+    return value
+
+
+def share_at_least_as_good(
+    mine: list[tuple[float, float]],
+    others: list[list[tuple[float, float]]],
+    end_s: float,
+    step_s: float = 0.5,
+) -> float:
+    """Share of [0, end_s) in which ``mine`` serves a loss no worse than every one of ``others``
+    (within ``QUALITY_TOLERANCE``), sampled every ``step_s`` seconds."""
+    times = [k * step_s for k in range(max(1, int(end_s / step_s)))]
+    good = sum(
+        served_loss_at(mine, t) <= min(served_loss_at(o, t) for o in others) + QUALITY_TOLERANCE
+        for t in times
+    )
+    return good / len(times)
+
+
+def _goal_lines(result: GoodputResult) -> list[str]:
+    """Per rate: the goodput ratio and how CoLLM-FL's served quality compares over time."""
+    lines = [
+        "### Against the goals",
+        "",
+        f"Goals: CoLLM-FL's goodput at least {GOAL_RATIO:g}× the best baseline's at the "
+        "bursty/high rates and never below it, and its served quality at least as good at "
+        "every moment.",
+        "",
+        "| rate | goodput, CoLLM-FL / best baseline | time CoLLM-FL serves a loss no worse "
+        "than every baseline | final served loss, CoLLM-FL vs best baseline |",
+        "|---|---:|---:|---:|",
+    ]
+    for info in result.by_rate:
+        runs = result.runs_at(info.rate)
+        mine = next((r for r in runs if r.system == "collm-fl"), None)
+        others = [r for r in runs if r.system != "collm-fl"]
+        if mine is None or not others:
+            continue
+        share = share_at_least_as_good(
+            mine.quality, [o.quality for o in others], result.settings.schedule_s
+        )
+        best = min(others, key=lambda o: o.final_loss)
+        ratio = "-" if info.goodput_ratio is None else f"{info.goodput_ratio:.2f}×"
+        lines.append(
+            f"| {_rate_label(result, info.rate)} | {ratio} | {100 * share:.0f}% | "
+            f"{mine.final_loss:.4f} vs {best.final_loss:.4f} ({result.title(best.system)}) |"
+        )
+    return lines
+
+
+def _allocation_lines(result: GoodputResult) -> list[str]:
+    """CoLLM-FL's per-round allocation decisions with the load reports they were made from."""
+    rows = [
+        f"| {run.rate:.2f} | {rr.round} | r{a['replica']} | {a['steps']} | {a['share']:.2f} | "
+        f"{a['load']} |"
+        for run in result.runs
+        if run.system == "collm-fl"
+        for rr in run.rounds
+        for a in rr.allocation
+    ]
+    if not rows:
+        return []
+    return [
+        "CoLLM-FL's allocation decisions (`collm_fl.policies.allocation.allocate`, from each "
+        "replica's load report since the previous round):",
+        "",
+        "| rate (req/s) | round | replica | steps | share | load report |",
+        "|---:|---:|---|---:|---:|---|",
+        *rows,
+    ]
 
 
 def _rounds_table(result: GoodputResult, rate: float) -> list[str]:

@@ -136,6 +136,17 @@ def dispatch(args: argparse.Namespace) -> int:
         _, md = write_replica_report(bench, Path(args.out), _command_line())
         print(md.read_text())
         return 0
+    if args.command == "bench" and args.bench == "goodput" and args.from_json:
+        from collm_fl.bench.goodput_report import result_from_json, write_goodput_report
+
+        try:
+            data = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+            result = result_from_json(data)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--from-json: not a goodput report {args.from_json!r}: {e}") from e
+        for path in write_goodput_report(result, Path(args.out)):
+            print(f"wrote {path}")
+        return 0
     if args.command == "bench" and args.bench == "goodput":
         from collm_fl.bench.goodput import run_goodput_benchmark
 

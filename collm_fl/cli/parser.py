@@ -203,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 rate, 1 round")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default="docs/bench")
+    b.add_argument(
+        "--from-json",
+        default=None,
+        help="no run: write the report (markdown, plots) again from this goodput.json",
+    )
 
     b = bsub.add_parser(
         "soak", help="gateway + replicas at and above capacity with adapter swaps: errors, RSS"

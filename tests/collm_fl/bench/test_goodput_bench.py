@@ -14,8 +14,10 @@ from collm_fl.bench.goodput import (
     served_quality_curve,
     summarize_runs,
 )
+from collm_fl.bench.goodput_report import result_from_json
 from collm_fl.bench.goodput_rounds import FederationLog, RoundRecord
 from collm_fl.bench.goodput_systems import SYSTEMS, SystemRun, split_roles
+from collm_fl.cli import main
 from collm_fl.errors import ConfigError
 from collm_fl.loadgen.client import RequestResult
 from collm_fl.loadgen.goodput import SLOSpec
@@ -42,7 +44,19 @@ def test_quick_run_compares_the_four_systems_and_writes_every_file(tmp_path: Pat
         assert (tmp_path / name).stat().st_size > 0, name
     for png in names[2:]:
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "goodput.json").read_text())["runs"]  # valid JSON
+    data = json.loads((tmp_path / "goodput.json").read_text())
+    assert data["runs"]  # valid JSON
+    # ... that holds the whole result: `--from-json` writes the same report again without a run.
+    assert json.loads(json.dumps(result_from_json(data).to_json())) == data
+    again = tmp_path / "again"
+    assert (
+        main(
+            ["bench", "goodput", "--from-json", str(tmp_path / "goodput.json"), "--out", str(again)]
+        )
+        == 0
+    )
+    assert (again / "goodput.md").read_text() == (tmp_path / "goodput.md").read_text()
+    assert "### Against the goals" in (again / "goodput.md").read_text()
     assert (result["model"], result["replicas"], result["rounds"]) == ("tiny", 2, 1)
     rates = result["rates"]
     assert isinstance(rates, list) and len(rates) == 1

@@ -1,0 +1,35 @@
+"""The goodput report's pure pieces: served quality over time against the goals; a bad
+`collm bench goodput --from-json` file (the round trip itself runs with the quick benchmark)."""
+
+import pytest
+
+from collm_fl.bench.goodput_report import served_loss_at, share_at_least_as_good
+from collm_fl.cli import main
+
+
+def test_the_served_loss_is_a_step_function_of_time():
+    curve = [(0.0, 5.0), (10.0, 4.5), (20.0, 4.0)]
+    assert served_loss_at(curve, 0.0) == 5.0
+    assert served_loss_at(curve, 9.9) == 5.0
+    assert served_loss_at(curve, 10.0) == 4.5
+    assert served_loss_at(curve, 99.0) == 4.0
+
+
+def test_share_of_time_no_worse_than_every_other_system():
+    mine = [(0.0, 5.0), (10.0, 4.6), (30.0, 4.4)]
+    early = [(0.0, 5.0), (5.0, 4.8), (20.0, 4.5)]  # better during [5, 10) and [20, 30)
+    late = [(0.0, 5.0), (35.0, 4.0)]  # better from 35 on
+    assert share_at_least_as_good(mine, [early], 40.0) == pytest.approx(0.625)
+    assert share_at_least_as_good(mine, [late], 40.0) == pytest.approx(0.875)
+    assert share_at_least_as_good(mine, [early, late], 40.0) == pytest.approx(0.5)
+    assert share_at_least_as_good(mine, [mine], 40.0) == 1.0
+
+
+def test_a_file_that_is_not_a_goodput_report_exits_2(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text('{"model": "tiny"}')
+    try:
+        code = main(["bench", "goodput", "--from-json", str(bad), "--out", str(tmp_path)])
+    except SystemExit as e:
+        code = int(e.code or 0)
+    assert code == 2 and "--from-json" in capsys.readouterr().err
