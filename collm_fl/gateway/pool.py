@@ -34,6 +34,10 @@ from collm_fl.policies.routing import (
 log = logging.getLogger(__name__)
 
 PREEMPTIBLE_TRAINING_WEIGHT = 0.2  # a lowered-priority trainer slows serving this much less
+# A learned latency not refreshed for this long is forgotten (the replica is then assumed like its
+# peers): a replica that one bad burst made look slow would otherwise never be sent the requests
+# that could show it is fast again.
+ESTIMATE_TTL_S = 15.0
 
 
 @dataclass
@@ -53,6 +57,8 @@ class _Replica:
     in_flight_tokens: int = 0
     ewma_ttft_s: float | None = None
     ewma_tpot_s: float | None = None
+    ttft_learned_at: float | None = None  # clock() of the last TTFT / TPOT sample
+    tpot_learned_at: float | None = None
     consecutive_failures: int = 0  # failed proxied requests since the last success
     last_error_at: float | None = None
     last_error: str | None = None
@@ -255,8 +261,8 @@ class ReplicaPool:
                 in_flight_tokens=r.in_flight_tokens,
                 # A share slows serving only while a training job actually runs.
                 training_share=r.training_share if r.training else 0.0,
-                ewma_ttft_s=r.ewma_ttft_s,
-                ewma_tpot_s=r.ewma_tpot_s,
+                ewma_ttft_s=self._fresh(r.ewma_ttft_s, r.ttft_learned_at, now),
+                ewma_tpot_s=self._fresh(r.ewma_tpot_s, r.tpot_learned_at, now),
                 max_batch=r.max_batch,
                 consecutive_failures=r.consecutive_failures,
                 last_error_age_s=None if r.last_error_at is None else now - r.last_error_at,
@@ -379,21 +385,34 @@ class ReplicaPool:
                 self.model,
             )
             if ttft is not None:
-                r.ewma_ttft_s = self._ewma(r.ewma_ttft_s, ttft)
+                r.ewma_ttft_s = self._ewma(r.ewma_ttft_s, r.ttft_learned_at, ttft)
+                r.ttft_learned_at = self.clock()
             if t.tokens >= 2 and t.last_token_at is not None:
                 tpot = (t.last_token_at - t.first_token_at) / (t.tokens - 1)
                 sample = unloaded_tpot(tpot, batch, t.training_share, self.model)
-                r.ewma_tpot_s = self._ewma(r.ewma_tpot_s, sample)
+                r.ewma_tpot_s = self._ewma(r.ewma_tpot_s, r.tpot_learned_at, sample)
+                r.tpot_learned_at = self.clock()
         elif completion_tokens is not None and completion_tokens >= 2:
             # One JSON body at the end: split its time with the TTFT learned so far.
             base_ttft = r.ewma_ttft_s if r.ewma_ttft_s is not None else self.model.prior_ttft_s
             e2e = self.clock() - t.sent_at
             tpot = max(e2e - base_ttft, 0.0) / (completion_tokens - 1)
             sample = unloaded_tpot(tpot, batch, t.training_share, self.model)
-            r.ewma_tpot_s = self._ewma(r.ewma_tpot_s, sample)
+            r.ewma_tpot_s = self._ewma(r.ewma_tpot_s, r.tpot_learned_at, sample)
+            r.tpot_learned_at = self.clock()
 
-    def _ewma(self, old: float | None, sample: float) -> float:
-        return sample if old is None else old + self.ewma_alpha * (sample - old)
+    def _fresh(self, value: float | None, learned_at: float | None, now: float) -> float | None:
+        """A learned latency, or None once it is older than ``ESTIMATE_TTL_S``."""
+        if value is None or learned_at is None or now - learned_at > ESTIMATE_TTL_S:
+            return None
+        return value
+
+    def _ewma(self, old: float | None, learned_at: float | None, sample: float) -> float:
+        """The EWMA with ``sample``; a forgotten (stale) estimate restarts from the sample."""
+        if self._fresh(old, learned_at, self.clock()) is None:
+            return sample
+        assert old is not None
+        return old + self.ewma_alpha * (sample - old)
 
 
 def _int(value: object, default: int) -> int:

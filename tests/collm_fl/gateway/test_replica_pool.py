@@ -3,7 +3,7 @@
 import pytest
 
 from collm_fl.errors import ConfigError
-from collm_fl.gateway.pool import ReplicaPool
+from collm_fl.gateway.pool import ESTIMATE_TTL_S, ReplicaPool
 from collm_fl.policies.routing import LatencyModel
 
 MODEL = LatencyModel(default_max_batch=4)
@@ -97,3 +97,24 @@ def test_failures_count_until_a_success_and_a_refused_connection_marks_unhealthy
     assert not view(pool, a).healthy and view(pool, a).consecutive_failures == 2
     pool.succeed(pool.begin(a, 1, 4))
     assert view(pool, a).consecutive_failures == 0
+
+
+def test_a_latency_not_refreshed_for_a_while_is_forgotten_and_relearned_from_scratch():
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+
+    def stream(ttft: float) -> None:
+        t = pool.begin(a, 0, 10)
+        clock.now += ttft
+        pool.on_token(t)
+        clock.now += 0.05
+        pool.on_token(t)
+        pool.succeed(t)
+
+    stream(2.0)  # one bad burst made the replica look slow ...
+    assert view(pool, a).ewma_ttft_s == pytest.approx(2.0)
+    clock.now += ESTIMATE_TTL_S + 1
+    # ... but unrouted since, its estimate expires: the routing policy then assumes its peers'.
+    assert view(pool, a).ewma_ttft_s is None and view(pool, a).ewma_tpot_s is None
+    stream(0.2)  # the next sample starts a fresh estimate instead of averaging with the stale
+    assert view(pool, a).ewma_ttft_s == pytest.approx(0.2)
