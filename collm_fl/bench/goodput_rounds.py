@@ -286,7 +286,7 @@ class Orchestrator:
                     # The fastest round so far: the replica's own speed. A loaded round's slower
                     # steps are serving's load, which the allocation's share already counts.
                     step_s = metrics["train-seconds"] / done
-                    self._step_s[i] = min(step_s, self._step_s.get(i, step_s))
+                    self._step_s[i] = min(step_s, self._step_s.get(i, self.s.step_seconds))
                 if done > 0:
                     updates.append(state)
                     weights.append(metrics["num-examples"])
