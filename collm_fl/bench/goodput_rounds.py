@@ -233,8 +233,8 @@ class Orchestrator:
         )
         decided = allocate(inputs)
         for node, b in zip(nodes, decided, strict=True):
-            load = node.load
-            assert load is not None  # replicas always report their load
+            report = node.load
+            assert report is not None  # replicas always report their load
             self._allocation.append(
                 {
                     "replica": b.node_id,
@@ -242,9 +242,9 @@ class Orchestrator:
                     "share": b.share,
                     "reason": b.reason,
                     "load": (
-                        f"{load.request_rate:.2f} req/s, utilization {load.utilization:.2f}, "
-                        f"p95 TTFT {load.ttft_p95:.2f}s TPOT {load.tpot_p95:.3f}s, "
-                        f"SLO attainment {load.slo_attainment:.2f}"
+                        f"{report.request_rate:.2f} req/s, utilization {report.utilization:.2f}, "
+                        f"p95 TTFT {report.ttft_p95:.2f}s TPOT {report.tpot_p95:.3f}s, "
+                        f"SLO attainment {report.slo_attainment:.2f}"
                     ),
                 }
             )

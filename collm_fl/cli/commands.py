@@ -141,10 +141,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
         try:
             data = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-            result = result_from_json(data)
+            report = result_from_json(data)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--from-json: not a goodput report {args.from_json!r}: {e}") from e
-        for path in write_goodput_report(result, Path(args.out)):
+        for path in write_goodput_report(report, Path(args.out)):
             print(f"wrote {path}")
         return 0
     if args.command == "bench" and args.bench == "goodput":
