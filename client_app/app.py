@@ -95,6 +95,7 @@ def train(msg: Message, context: Context) -> Message:
                 server_round,
                 deadline_s=float(rc.get("deadline-s", cfg.round_timeout)),  # type: ignore[arg-type]
                 training_share=None if share is None else float(share),  # type: ignore[arg-type]
+                backfill_steps=int(rc.get("backfill-steps", 0)),  # type: ignore[call-overload]
             )
     else:
         from collm_fl.client_task import train_on_partition  # torch + transformers: devices only

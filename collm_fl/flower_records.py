@@ -17,6 +17,7 @@ PUBLISH = "query.publish"  # message type: a new global version for every node
 
 # Keys of the train MetricRecord a client returns.
 NUM_EXAMPLES = "num-examples"
+LOCAL_STEPS = "local-steps"  # micro-steps a client actually trained this round
 TRAIN_LOSS = "train-loss"
 TRAIN_TOKENS = "train-tokens"
 TRAIN_SECONDS = "train-seconds"

@@ -87,10 +87,11 @@ class CoordinationState:
         store.record_event(run_id, "allocation", {"round": rnd, **describe(inputs, budgets)})
         for b in budgets:
             log.info(
-                "round %d allocation: node %d -> %d steps, share %.2f (%s)",
+                "round %d allocation: node %d -> %d steps + %d backfill, share %.2f (%s)",
                 rnd,
                 b.node_id,
                 b.steps,
+                b.backfill_steps,
                 b.share,
                 b.reason,
             )

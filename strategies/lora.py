@@ -37,6 +37,7 @@ from collm_fl.aggregation_robust import (
 from collm_fl.flower_records import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    LOCAL_STEPS,
     NUM_EXAMPLES,
     arrayrecord_to_state,
     state_to_arrayrecord,
@@ -142,13 +143,14 @@ class LoraFedAvg(FedAvg):
             if budget is None:
                 out.append(msg)
                 continue
-            if budget.steps == 0:
+            if budget.sits_out:
                 log.info("round %d: node %d sits out (%s)", server_round, node, budget.reason)
                 continue
             node_config = ConfigRecord(
                 {
                     **dict(msg.content[CONFIG_KEY]),
                     "local-steps": budget.steps,
+                    "backfill-steps": budget.backfill_steps,
                     "training-share": budget.share,
                     "deadline-s": budget.deadline_s,
                 }
@@ -196,6 +198,13 @@ class LoraFedAvg(FedAvg):
                 outcomes.append(ReplyOutcome(node, REJECTED, reason, metrics=metrics))
                 continue
             n = int(metrics[NUM_EXAMPLES])
+            if metrics.get(LOCAL_STEPS, 1.0) <= 0:
+                # Nothing trained (the deadline came first, or a backfill-only budget found no
+                # idle time): the global state unchanged would only dilute the others' updates.
+                reason = "trained 0 steps: nothing to aggregate"
+                log.info("round %d: node %d %s", server_round, node, reason)
+                outcomes.append(ReplyOutcome(node, OK, reason, n, metrics, norm, weight_used=0.0))
+                continue
             good_at.append(len(outcomes))
             outcomes.append(ReplyOutcome(node, OK, None, n, metrics, norm))
             good.append((state, n, msg))

@@ -361,8 +361,8 @@ def _goal_lines(result: GoodputResult) -> list[str]:
 def _allocation_lines(result: GoodputResult) -> list[str]:
     """CoLLM-FL's per-round allocation decisions with the load reports they were made from."""
     rows = [
-        f"| {run.rate:.2f} | {rr.round} | r{a['replica']} | {a['steps']} | {a['share']:.2f} | "
-        f"{a['load']} |"
+        f"| {run.rate:.2f} | {rr.round} | r{a['replica']} | {a['steps']} | {a.get('backfill', 0)} "
+        f"| {a.get('trained', '–')} ({a.get('backfilled', 0)}) | {a['share']:.2f} | {a['load']} |"
         for run in result.runs
         if run.system == "collm-fl"
         for rr in run.rounds
@@ -372,10 +372,11 @@ def _allocation_lines(result: GoodputResult) -> list[str]:
         return []
     return [
         "CoLLM-FL's allocation decisions (`collm_fl.policies.allocation.allocate`, from each "
-        "replica's load report since the previous round):",
+        "replica's load report since the previous round; *backfill*: more steps allowed on idle "
+        "cycles only; *trained*: steps the replica ran, of which backfill in parentheses):",
         "",
-        "| rate (req/s) | round | replica | steps | share | load report |",
-        "|---:|---:|---|---:|---:|---|",
+        "| rate (req/s) | round | replica | planned | backfill | trained | share | load report |",
+        "|---:|---:|---|---:|---:|---:|---:|---|",
         *rows,
     ]
 

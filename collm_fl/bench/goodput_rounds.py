@@ -133,6 +133,7 @@ class Orchestrator:
         self._history: list[tuple[int, float]] = [(0, start.loss)]
         self._steps_total = 0
         self._allocation: list[dict[str, object]] = []
+        self._backfill: dict[int, int] = {}  # this round's backfill steps per replica (CoLLM-FL)
 
     def publish_initial(self) -> None:
         """Push version 0 to every replica before the load starts."""
@@ -201,6 +202,7 @@ class Orchestrator:
     def _budgets(self) -> dict[int, tuple[int, float]]:
         """replica -> (steps, training share) for this round; replicas with 0 steps sit out."""
         total = self.s.steps_per_replica * self.s.replicas
+        self._backfill = {}
         if self.spec.budget == "split":
             k = len(self.training)
             return {i: (total // k + (j < total % k), 1.0) for j, i in enumerate(self.training)}
@@ -239,6 +241,7 @@ class Orchestrator:
                 {
                     "replica": b.node_id,
                     "steps": b.steps,
+                    "backfill": b.backfill_steps,
                     "share": b.share,
                     "reason": b.reason,
                     "load": (
@@ -248,12 +251,13 @@ class Orchestrator:
                     ),
                 }
             )
-        return {b.node_id: (b.steps, b.share) for b in decided if b.steps > 0}
+        self._backfill = {b.node_id: b.backfill_steps for b in decided}
+        return {b.node_id: (b.steps, b.share) for b in decided if not b.sits_out}
 
     def _train(
         self, rnd: int, budgets: dict[int, tuple[int, float]]
     ) -> tuple[list[AdapterState], list[float], int, int, list[str]]:
-        jobs = {i: b for i, b in budgets.items() if b[0] > 0}
+        jobs = {i: b for i, b in budgets.items() if b[0] > 0 or self._backfill.get(i, 0) > 0}
         if not jobs:
             return [], [], 0, 0, []
 
@@ -267,6 +271,7 @@ class Orchestrator:
                 base_version=self.version,
                 share=None if self.spec.exclusive else share,
                 exclusive=self.spec.exclusive,
+                backfill_steps=self._backfill.get(i, 0),
             )
 
         updates, weights, failures = [], [], []
@@ -282,6 +287,10 @@ class Orchestrator:
                     continue
                 done = int(metrics["local-steps"])
                 steps, tokens = steps + done, tokens + int(metrics["train-tokens"])
+                for a in self._allocation:  # what the decision became
+                    if a["replica"] == i:
+                        a["trained"] = done
+                        a["backfilled"] = int(metrics.get("backfill-steps", 0))
                 if done > 0 and metrics["train-seconds"] > 0:
                     # The fastest round so far: the replica's own speed. A loaded round's slower
                     # steps are serving's load, which the allocation's share already counts.

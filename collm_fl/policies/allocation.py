@@ -19,6 +19,11 @@ code runs live in the ServerApp, in tests and in the simulator):
 3. **Deadline.** A replica trains as many of the target's steps as fit the round deadline at its
    share (``steps × step_seconds / share <= deadline``, with ``step_seconds`` its own measured
    speed); before its speed is known, the target scaled by the share.
+4. **Backfill.** The forecast is made from one short, bursty window and errs on the side of
+   serving, so a replica that will not sit out also gets the rest of the target as *backfill*
+   steps: it trains them only while it has no request queued or running, and only before the
+   deadline (the replica enforces both). A forecast that was too cautious then costs no
+   training, and one that was right costs no serving: backfill runs on idle cycles alone.
 
 Devices (nodes without a replica) have no serving load: they get the gain-scaled budget.
 """
@@ -33,6 +38,7 @@ from dataclasses import asdict, dataclass
 IDLE_RATE = 0.05  # requests/s below which a replica counts as idle
 FORECAST_ALPHA = 0.5  # weight of the newest load report in the forecast
 SLO_RESERVE = 0.1  # extra share kept for serving by a replica missing its SLOs (pressure >= 2)
+MIN_GAIN_POINTS = 4  # loss points (three per-step rates) before the gain factor moves off 1.0
 
 
 @dataclass(frozen=True)
@@ -65,15 +71,21 @@ class AllocationInputs:
     loss_history: tuple[tuple[int, float], ...]  # (cumulative global steps, central eval loss)
     min_gain_factor: float = 0.2  # the budget never shrinks below this share of max_steps
     min_share: float = 0.1  # the least a busy (not overloaded) replica trains with
+    backfill: bool = True  # replicas may train the rest of the target on idle cycles
 
 
 @dataclass(frozen=True)
 class NodeBudget:
     node_id: int
-    steps: int  # 0 = sit this round out
+    steps: int  # planned steps (0 with no backfill = sit this round out)
     share: float  # training share of the replica's compute while it serves (1.0 for devices)
     deadline_s: float
     reason: str
+    backfill_steps: int = 0  # more steps, trained only while the replica is idle (see module doc)
+
+    @property
+    def sits_out(self) -> bool:
+        return self.steps == 0 and self.backfill_steps == 0
 
 
 def forecast_rate(previous: float | None, current: float, alpha: float = FORECAST_ALPHA) -> float:
@@ -84,20 +96,26 @@ def forecast_rate(previous: float | None, current: float, alpha: float = FORECAS
 def quality_gain_factor(history: Sequence[tuple[int, float]], floor: float = 0.2) -> float:
     """How much training still helps, in [floor, 1]: latest per-step gain / early per-step gain.
 
-    With fewer than three points there is no trend yet: 1.0. A loss that got worse counts as no
-    gain (the quality gate elsewhere keeps a bad version from being served).
+    The central held-out loss is measured on a small set and each round's change is noisy, so a
+    trend needs at least ``MIN_GAIN_POINTS`` points (three per-step rates); until then: 1.0. The
+    latest gain is the mean of the last two rates (one noisy round does not cut the budget), the
+    early gain the best of the first half. A loss that got worse counts as no gain (the quality
+    gate elsewhere keeps a bad version from being served).
     """
-    if len(history) < 3:
+    if len(history) < MIN_GAIN_POINTS:
         return 1.0
     pts = sorted(history)
     rates = []
     for (s0, l0), (s1, l1) in itertools.pairwise(pts):
         if s1 > s0:
             rates.append(max(0.0, (l0 - l1) / (s1 - s0)))
-    if not rates or rates[0] <= 0:
-        return floor if rates else 1.0
+    if len(rates) < MIN_GAIN_POINTS - 1:  # rounds that trained nothing add no rate
+        return 1.0
     early = max(rates[: max(1, len(rates) // 2)])
-    return float(min(1.0, max(floor, rates[-1] / early)))
+    if early <= 0:
+        return floor
+    latest = sum(rates[-2:]) / 2
+    return float(min(1.0, max(floor, latest / early)))
 
 
 def headroom(load: NodeLoad, forecast: float, ttft_slo_s: float, tpot_slo_s: float) -> float:
@@ -135,7 +153,7 @@ def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
         # SLO guard makes each step yield to requests at risk, so a small share costs serving
         # little and keeps the model improving. With min_share 0 it sits the round out.
         room = max(room, inputs.min_share)
-        if room <= 0.0:
+        if room <= 0.0:  # only with min_share 0: no backfill either
             reason = f"no headroom (SLO attainment {node.load.slo_attainment:.2f}): sits out"
             budgets.append(NodeBudget(node.node_id, 0, 0.0, inputs.deadline_s, reason))
             continue
@@ -145,10 +163,14 @@ def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
             steps = max(1, round(target * room))
         else:
             steps = _fit_deadline(target, node.step_seconds, room, inputs.deadline_s)
+        backfill = target - steps if inputs.backfill else 0
         reason = f"headroom {room:.2f}, gain {gain:.2f}"
         if steps == 0:
-            reason += ": not one step fits the deadline at this share; sits out"
-        budgets.append(NodeBudget(node.node_id, steps, room, inputs.deadline_s, reason))
+            reason += ": not one step fits the deadline at this share"
+            reason += f"; {backfill} on idle cycles only" if backfill else "; sits out"
+        elif backfill:
+            reason += f"; +{backfill} backfill on idle cycles"
+        budgets.append(NodeBudget(node.node_id, steps, room, inputs.deadline_s, reason, backfill))
     return budgets
 
 

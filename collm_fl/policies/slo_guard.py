@@ -40,12 +40,17 @@ class GuardDecision:
     reason: str
 
 
-def training_decision(x: GuardInputs, margin: float = 0.8) -> GuardDecision:
-    """Decide whether the next training micro-step runs now, and with how many threads."""
-    if x.training_share <= 0.0:
+def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = False) -> GuardDecision:
+    """Decide whether the next training micro-step runs now, and with how many threads.
+
+    A ``backfill`` step (beyond the round's planned steps) runs only on an idle replica.
+    """
+    if x.training_share <= 0.0 and not backfill:
         return GuardDecision(False, 0, IDLE_RECHECK_S, "training share is 0")
     if x.queue_depth == 0 and x.running == 0:
         return GuardDecision(True, max(1, x.total_threads), 0.0, "idle: training takes the replica")
+    if backfill:  # woken by the engine when it goes idle; the recheck is a safety net
+        return GuardDecision(False, 0, IDLE_RECHECK_S, "backfill waits for an idle replica")
     # A micro-step started now delays admission of waiting requests by about its duration
     # (unless serving preempts it).
     at_risk = x.oldest_waiting_s + (0.0 if x.preemptible else x.train_step_s)

@@ -48,6 +48,7 @@ class TrainJob:
     deadline_s: float  # stop early (with the steps done) when the round's deadline passes
     round_number: int = 0
     exclusive: bool = False  # serving is paused by the caller: no SLO guard, every thread
+    backfill_steps: int = 0  # more steps after ``steps``, each run only while serving is idle
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class TrainOutcome:
     yielded_seconds: float  # time spent yielding to serving
     yields: int
     deadline_hit: bool
+    backfilled: int = 0  # of ``steps``, how many ran as backfill (on idle cycles)
 
 
 class TrainerStopped(CollmError):
@@ -127,8 +129,10 @@ class CoTrainer:
             self._thread.join(timeout)
 
     def submit(self, job: TrainJob) -> Future[TrainOutcome]:
-        if job.steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {job.steps}")
+        if job.steps < 0 or job.backfill_steps < 0:
+            raise ConfigError(
+                f"steps and backfill steps must be >= 0, got {job.steps} and {job.backfill_steps}"
+            )
         if not 0 < job.learning_rate < 1:
             raise ConfigError(f"learning rate must be in (0, 1), got {job.learning_rate}")
         fut: Future[TrainOutcome] = Future()
@@ -167,7 +171,9 @@ class CoTrainer:
         loss_sum, tokens, steps, train_s, yielded_s, yields = 0.0, 0, 0, 0.0, 0.0, 0
         deadline_hit = False
         why_yielded: Counter[str] = Counter()
-        while steps < job.steps:
+        planned = job.steps
+        total = job.steps + (0 if job.exclusive else job.backfill_steps)
+        while steps < total:
             if self._stopping.is_set():
                 raise TrainerStopped("replica is shutting down")
             if time.monotonic() - started >= job.deadline_s:
@@ -176,13 +182,13 @@ class CoTrainer:
                     "round %d: deadline reached after %d/%d steps",
                     job.round_number,
                     steps,
-                    job.steps,
+                    total,
                 )
                 break
             decision = (
                 GuardDecision(True, self.total_threads, 0.0, "exclusive: serving is paused")
                 if job.exclusive
-                else training_decision(self._guard_inputs())
+                else training_decision(self._guard_inputs(), backfill=steps >= planned)
             )
             if not decision.run:
                 why_yielded[decision.reason] += 1
@@ -205,10 +211,13 @@ class CoTrainer:
         self.steps_total += steps
         self.tokens_total += tokens
         log.info(
-            "round %d: trained %d/%d steps in %.1fs (%.1fs in steps), yielded %.1fs: %s",
+            "round %d: trained %d/%d steps (%d of %d backfill) in %.1fs (%.1fs in steps), "
+            "yielded %.1fs: %s",
             job.round_number,
             steps,
-            job.steps,
+            total,
+            max(0, steps - planned),
+            total - planned,
             time.monotonic() - started,
             train_s,
             yielded_s,
@@ -224,6 +233,7 @@ class CoTrainer:
             yielded_seconds=yielded_s,
             yields=yields,
             deadline_hit=deadline_hit,
+            backfilled=max(0, steps - planned),
         )
 
     def _micro_step(

@@ -38,6 +38,7 @@ class TrainBody(BaseModel):
 
     round: int = Field(ge=0)
     steps: int = Field(ge=0, le=1_000_000)
+    backfill_steps: int = Field(default=0, ge=0, le=1_000_000)  # only while no request is served
     learning_rate: float = Field(gt=0, lt=1)
     deadline_s: float = Field(gt=0, le=7 * 24 * 3600)
     base_version: int | None = Field(default=None, ge=0)  # must be the served version if given
@@ -104,6 +105,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
                 body.deadline_s,
                 body.round,
                 exclusive=body.exclusive,
+                backfill_steps=body.backfill_steps,
             )
         except ConfigError as e:
             raise APIError(400, str(e), code="cannot_train") from e
@@ -114,6 +116,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
             "train-seconds": outcome.train_seconds,
             "total-seconds": outcome.seconds,
             "local-steps": float(outcome.steps),
+            "backfill-steps": float(outcome.backfilled),
             "yielded-seconds": outcome.yielded_seconds,
             "yields": float(outcome.yields),
             "deadline-hit": float(outcome.deadline_hit),

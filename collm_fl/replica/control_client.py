@@ -60,8 +60,12 @@ class ReplicaClient:
         base_version: int | None,
         share: float | None = None,
         exclusive: bool = False,
+        backfill_steps: int = 0,
     ) -> tuple[AdapterState, dict[str, float]]:
-        """Train a round's budget; ``exclusive`` pauses the replica's serving (baselines only)."""
+        """Train a round's budget; ``exclusive`` pauses the replica's serving (baselines only).
+
+        ``backfill_steps`` more steps run only while the replica has no request queued or running.
+        """
         body: dict[str, object] = {
             "round": round_number,
             "steps": steps,
@@ -73,6 +77,8 @@ class ReplicaClient:
             body["share"] = share
         if exclusive:
             body["exclusive"] = True
+        if backfill_steps:
+            body["backfill_steps"] = backfill_steps
         r = self._call("POST", "/control/train", json=body)
         state, _, _, metrics = decode_adapter(r.content)
         return state, metrics

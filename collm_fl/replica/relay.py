@@ -24,11 +24,14 @@ def train_on_replica(
     server_round: int,
     deadline_s: float,
     training_share: float | None,
+    backfill_steps: int = 0,
 ) -> tuple[AdapterState, dict[str, float]]:
     """A round on a co-executing replica: make sure it serves the global version, train there.
 
     The replica trains on its site's private data while it keeps serving; its load report since
     the last round rides back with the metrics (``load-*`` keys) for the allocation policy.
+    ``backfill_steps`` more steps run only while the replica has no request (see
+    :mod:`collm_fl.policies.allocation`).
     """
     client.push_version(
         global_state, cfg.lora.to_peft_config_dict(cfg.model), global_version, cfg.run_name
@@ -40,6 +43,7 @@ def train_on_replica(
         deadline_s,
         base_version=global_version,
         share=training_share,
+        backfill_steps=backfill_steps,
     )
     load = client.load_report(reset=True)
     metrics.update({f"load-{k}": float(v) for k, v in load.items()})

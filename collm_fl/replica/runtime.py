@@ -404,12 +404,14 @@ class Replica:
         round_number: int,
         start_state: Mapping[str, np.ndarray] | None = None,
         exclusive: bool = False,
+        backfill_steps: int = 0,
     ) -> TrainOutcome:
         """Train a round's budget from ``start_state`` (default: the served version).
 
-        ``exclusive`` (baselines only): serving is paused for the whole job and training takes
-        every core, with no SLO guard; a merged version is unmerged first (training needs the
-        plain base) and merged back after.
+        ``backfill_steps`` more steps run after ``steps``, each only while no request is queued
+        or running (co-execution only). ``exclusive`` (baselines only): serving is paused for
+        the whole job and training takes every core, with no SLO guard; a merged version is
+        unmerged first (training needs the plain base) and merged back after.
         """
         if self.trainer is None:
             raise ConfigError("this replica has no training data (start it with --data)")
@@ -422,6 +424,7 @@ class Replica:
                 learning_rate,
                 deadline_s,
                 round_number,
+                backfill_steps=backfill_steps,
             )
             outcome = self.trainer.submit(job).result()
         else:

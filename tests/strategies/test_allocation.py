@@ -89,6 +89,8 @@ def test_flattening_quality_gain_means_less_training():
 def test_quality_gain_factor_is_bounded_and_neutral_without_history():
     assert quality_gain_factor([]) == 1.0
     assert quality_gain_factor([(0, 3.0), (10, 2.0)]) == 1.0
+    # Two noisy differences are no trend: three points never cut the budget.
+    assert quality_gain_factor([(0, 3.0), (10, 2.0), (20, 1.99)]) == 1.0
     worse = [(0, 2.0), (10, 1.0), (20, 1.5), (30, 1.6)]
     assert quality_gain_factor(worse, floor=0.2) == pytest.approx(0.2)
 
@@ -142,3 +144,36 @@ def test_the_utilization_report_is_read_when_present():
     }
     assert load_from_metrics(metrics).utilization is None
     assert load_from_metrics({**metrics, "load-serving-utilization": 0.3}).utilization == 0.3
+
+
+def test_one_flat_round_after_steady_gains_does_not_cut_the_budget_to_the_floor():
+    noisy = [(0, 3.0), (10, 2.8), (20, 2.6), (30, 2.6)]  # the last round measured no gain
+    assert 0.4 <= quality_gain_factor(noisy) <= 0.6  # mean of the last two rates vs the first
+
+
+def test_busy_replicas_get_the_rest_of_the_target_as_idle_only_backfill():
+    light = replica(1, load(0.5, ttft=0.3, tpot=0.03), step_s=1.0)
+    heavy = replica(2, load(4.0, ttft=1.2, tpot=0.12), step_s=1.0)
+    device = NodeState(3, None, 0.0, None)
+    by_node = {b.node_id: b for b in allocate(inputs([light, heavy, device], deadline=10.0))}
+    for n in (1, 2):
+        b = by_node[n]
+        assert b.steps + b.backfill_steps == 20  # the target, planned or on idle cycles
+        assert b.backfill_steps > 0 and "backfill" in b.reason and not b.sits_out
+    assert by_node[2].backfill_steps > by_node[1].backfill_steps  # more load: more left to idle
+    assert by_node[3].backfill_steps == 0  # a device has no serving to wait for
+
+
+def test_backfill_can_be_turned_off_and_a_true_sit_out_has_none():
+    busy = replica(1, load(3.0, ttft=2.5, tpot=0.25, attain=0.3))
+    (b,) = allocate(replace(inputs([busy]), backfill=False))
+    assert b.backfill_steps == 0
+    (out,) = allocate(replace(inputs([busy]), min_share=0.0))
+    assert out.sits_out and out.backfill_steps == 0
+
+
+def test_a_replica_whose_steps_do_not_fit_still_trains_on_idle_cycles():
+    slow = replica(1, load(3.0, ttft=2.5, tpot=0.25, attain=0.3), step_s=50.0)
+    (b,) = allocate(inputs([slow], deadline=10.0))
+    assert b.steps == 0 and b.backfill_steps == 20 and not b.sits_out
+    assert "idle cycles only" in b.reason

@@ -82,3 +82,42 @@ def test_configure_train_does_not_mutate_the_callers_config():
     assert dict(config) == {"local-steps": 3}
     assert msgs[0].content["config"]["server-round"] == 4
     assert msgs[0].metadata.dst_node_id == 11
+
+
+def test_a_reply_that_trained_no_steps_is_kept_out_of_the_average():
+    s = strategy()
+    trained, idle = adapter(1), adapter(0)  # idle: the global state sent back unchanged
+    arrays, _ = s.aggregate_train(
+        1,
+        [
+            reply(1, trained, 10, {"local-steps": 3.0}),
+            reply(2, idle, 10, {"local-steps": 0.0}),
+        ],
+    )
+    got = arrayrecord_to_state(arrays)
+    alone = aggregate_lora_exact([trained], [10])  # as if node 2 had not answered
+    for k, v in alone.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6)  # not diluted by node 2
+    by_node = {o.node_id: o for o in s.last_report.outcomes}
+    assert by_node[2].status == "ok" and by_node[2].weight_used == 0.0
+    assert "0 steps" in by_node[2].reason
+
+
+def test_backfill_budgets_reach_the_node_and_only_a_true_sit_out_is_skipped():
+    from strategies.allocation import NodeBudget
+
+    class Grid:
+        def get_node_ids(self):
+            return [11, 12, 13]
+
+    s = LoraFedAvg(min_train_nodes=1, min_available_nodes=3)
+    s.node_budgets = {
+        11: NodeBudget(11, 2, 0.4, 30.0, "busy", backfill_steps=3),
+        12: NodeBudget(12, 0, 0.1, 30.0, "nothing fits", backfill_steps=5),  # idle cycles only
+        13: NodeBudget(13, 0, 0.0, 30.0, "sits out"),
+    }
+    msgs = list(s.configure_train(2, state_to_arrayrecord(adapter(0)), ConfigRecord({}), Grid()))
+    sent = {int(m.metadata.dst_node_id): m.content["config"] for m in msgs}
+    assert sorted(sent) == [11, 12]
+    assert sent[11]["local-steps"] == 2 and sent[11]["backfill-steps"] == 3
+    assert sent[12]["local-steps"] == 0 and sent[12]["backfill-steps"] == 5

@@ -70,3 +70,11 @@ def test_a_yielding_trainer_waits_before_deciding_again_even_before_its_first_st
     ):
         d = training_decision(x)
         assert not d.run and d.wait_s >= 0.01
+
+
+def test_a_backfill_step_runs_only_on_an_idle_replica():
+    assert training_decision(inputs(), backfill=True).run  # idle
+    assert training_decision(inputs(training_share=0.0), backfill=True).run  # idle cycles are free
+    busy = training_decision(inputs(running=1, busy_fraction=0.0), backfill=True)
+    assert not busy.run and "backfill" in busy.reason
+    assert training_decision(inputs(running=1, busy_fraction=0.0)).run  # a planned step would

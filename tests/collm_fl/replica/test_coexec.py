@@ -67,3 +67,28 @@ def test_the_trainer_thread_runs_below_the_serving_priority(replica):
     serving = os.getpriority(os.PRIO_PROCESS, 0)  # this (test) thread's nice
     assert os.getpriority(os.PRIO_PROCESS, trainer_tid) == max(replica.cfg.trainer_nice, serving)
     assert replica.cfg.trainer_nice > 0  # the default really lowers it
+
+
+def test_an_idle_replica_trains_its_backfill_too(replica):
+    outcome = replica.train(
+        steps=2, learning_rate=1e-3, deadline_s=120, round_number=1, backfill_steps=2
+    )
+    assert outcome.steps == 4 and outcome.backfilled == 2 and not outcome.deadline_hit
+
+
+def test_backfill_waits_while_a_request_is_served(replica):
+    assert replica.trainer is not None
+    replica.trainer.slo = SLO(ttft_s=1e3, tpot_s=1e3)  # planned steps may run beside the request
+    replica.engine.pause()  # a request stays queued: the replica is not idle
+    handle = replica.engine.submit(
+        GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=4, temperature=0), "r1")
+    )
+    try:
+        outcome = replica.train(
+            steps=2, learning_rate=1e-3, deadline_s=2.0, round_number=1, backfill_steps=50
+        )
+    finally:
+        replica.engine.resume()
+    assert outcome.steps == 2 and outcome.backfilled == 0  # planned ran, backfill waited
+    assert outcome.deadline_hit and outcome.yields > 0
+    assert handle.wait(timeout=60) and handle.finish_reason in ("length", "stop")

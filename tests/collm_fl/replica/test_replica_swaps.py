@@ -85,7 +85,22 @@ def test_control_round_trip_push_train_load_share_rollback(start_replica, refere
         assert state.keys() == v0.keys()
         assert any(not np.array_equal(state[k], v0[k]) for k in v0)
         assert metrics["local-steps"] == 3 and metrics["train-tokens"] > 0
-        assert metrics["num-examples"] > 0
+        assert metrics["num-examples"] > 0 and metrics["backfill-steps"] == 0
+        # Backfill steps: the idle replica runs them after the planned one.
+        _, more = c.train(1, 1, 1e-3, deadline_s=60, base_version=0, backfill_steps=2)
+        assert more["local-steps"] == 3 and more["backfill-steps"] == 2
+        r = httpx.post(
+            f"http://{replica.control_address}/control/train",
+            json={
+                "round": 1,
+                "steps": 1,
+                "learning_rate": 1e-3,
+                "deadline_s": 5,
+                "backfill_steps": -1,
+            },
+            headers={"Authorization": f"Bearer {replica.token}"},
+        )
+        assert r.status_code in (400, 422) and "backfill_steps" in r.text
         load = c.load_report()
         keys = {"request-rate", "ttft-p99", "tpot-p99", "slo-attainment", "training-share"}
         assert keys | {"serving-utilization"} <= set(load)
