@@ -59,6 +59,7 @@ class RunConfig:
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     publish_versions: bool = True  # push each new version to every node right after aggregation
     allocation: str = "quality-aware"  # "quality-aware" (per-node budgets) | "static"
+    backfill: bool = True  # replicas may train the rest of the round's target on idle cycles
     round_deadline_s: float = 600.0  # training time a replica may take per round
     dp_noise_multiplier: float = 0.0  # > 0: Flower's client-side fixed-clipping DP (noise σ/C)
     dp_clipping_norm: float = 1.0  # L2 bound on each client's update (with DP on)

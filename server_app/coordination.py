@@ -82,6 +82,7 @@ class CoordinationState:
             deadline_s=cfg.round_deadline_s,
             max_steps=cfg.local_steps,
             loss_history=tuple(self.loss_history),
+            backfill=cfg.backfill,
         )
         budgets = allocate(inputs)
         store.record_event(run_id, "allocation", {"round": rnd, **describe(inputs, budgets)})

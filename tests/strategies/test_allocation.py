@@ -177,3 +177,28 @@ def test_a_replica_whose_steps_do_not_fit_still_trains_on_idle_cycles():
     (b,) = allocate(inputs([slow], deadline=10.0))
     assert b.steps == 0 and b.backfill_steps == 20 and not b.sits_out
     assert "idle cycles only" in b.reason
+
+
+def test_the_server_side_tracker_passes_the_backfill_setting_and_records_the_decision(tmp_path):
+    from collm_fl.config import RunConfig
+    from collm_fl.store import VersionStore
+    from server_app.coordination import CoordinationState
+
+    store = VersionStore(tmp_path / "store")
+    run_id = store.open_run("r", {}, "tiny").id
+    metrics = {
+        "load-request-rate": 3.0,
+        "load-queue-depth": 0.0,
+        "load-ttft-p95": 0.5,
+        "load-tpot-p95": 0.05,
+        "load-slo-attainment": 1.0,
+        "load-serving-utilization": 0.7,
+    }
+    for backfill in (True, False):
+        state = CoordinationState()
+        state.observe(1, metrics)
+        cfg = RunConfig(local_steps=10, round_deadline_s=1000.0, backfill=backfill)
+        (b,) = state.budgets(cfg, [1], store, run_id, 1).values()
+        assert b.steps < 10 and (b.backfill_steps == 10 - b.steps) is backfill
+    decisions = store.events(run_id, "allocation")
+    assert [d.payload["inputs"]["backfill"] for d in decisions] == [True, False]
