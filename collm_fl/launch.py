@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -221,23 +222,15 @@ class LocalFederation:
 
     def _start_replica(self, i: int) -> None:
         port, control_port = free_port(), free_port()
-        cmd = [
-            executable("collm"),
-            "replica",
-            "--model",
+        cmd = replica_command(
             self.model,
-            "--port",
-            str(port),
-            "--control-port",
-            str(control_port),
-            "--store-dir",
-            str(self.workdir / f"replica{i}-store"),
-            "--partition-id",
-            str(i),
-            "--num-partitions",
-            str(self.num_nodes),
-            *self.replica_args,
-        ]
+            port,
+            control_port,
+            self.workdir / f"replica{i}-store",
+            i,
+            self.num_nodes,
+            self.replica_args,
+        )
         proc = self.spawn(f"replica{i}", cmd)
         url = f"http://127.0.0.1:{port}"
         self.replicas.append(ReplicaNode(i, url, f"127.0.0.1:{control_port}", proc))
@@ -269,6 +262,35 @@ class LocalFederation:
             f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.superlink_port}"\n'
             "insecure = true\n"
         )
+
+
+def replica_command(
+    model: str,
+    port: int,
+    control_port: int,
+    store_dir: Path,
+    partition_id: int,
+    num_partitions: int,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``collm replica`` command line of a local replica (``extra``: more flags)."""
+    return [
+        executable("collm"),
+        "replica",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--control-port",
+        str(control_port),
+        "--store-dir",
+        str(store_dir),
+        "--partition-id",
+        str(partition_id),
+        "--num-partitions",
+        str(num_partitions),
+        *extra,
+    ]
 
 
 def wait_http(url: str, proc: ManagedProcess, timeout: float) -> None:

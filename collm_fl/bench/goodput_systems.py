@@ -32,7 +32,13 @@ from collm_fl.bench.goodput_rounds import FederationLog, Orchestrator, RunSettin
 from collm_fl.central_eval import CentralEvaluator
 from collm_fl.config import RunConfig
 from collm_fl.errors import ConfigError
-from collm_fl.launch import LocalFederation, ManagedProcess, executable, free_port, wait_http
+from collm_fl.launch import (
+    LocalFederation,
+    ManagedProcess,
+    free_port,
+    replica_command,
+    wait_http,
+)
 from collm_fl.loadgen.client import (
     ReplayProgress,
     RequestResult,
@@ -266,34 +272,28 @@ def _start_replicas(fed: LocalFederation, s: RunSettings) -> tuple[list[str], li
     controls: list[str] = []
     for i in range(s.replicas):
         port, control_port = free_port(), free_port()
-        cmd = [
-            executable("collm"),
-            "replica",
-            "--model",
+        cmd = replica_command(
             s.model,
-            "--port",
-            str(port),
-            "--control-port",
-            str(control_port),
-            "--store-dir",
-            str(fed.workdir / f"replica{i}-store"),
-            "--partition-id",
-            str(i),
-            "--num-partitions",
-            str(s.replicas),
-            "--ttft-slo",
-            repr(s.slo.ttft_s),
-            "--tpot-slo",
-            repr(s.slo.tpot_s),
-            "--max-batch-size",
-            str(s.max_batch_size),
-            "--training-share",
-            repr(s.initial_share),
-            "--seed",
-            str(s.seed),
-            "--cpus",
-            str(replica_cpu(i)),
-        ]
+            port,
+            control_port,
+            fed.workdir / f"replica{i}-store",
+            i,
+            s.replicas,
+            [
+                "--ttft-slo",
+                repr(s.slo.ttft_s),
+                "--tpot-slo",
+                repr(s.slo.tpot_s),
+                "--max-batch-size",
+                str(s.max_batch_size),
+                "--training-share",
+                repr(s.initial_share),
+                "--seed",
+                str(s.seed),
+                "--cpus",
+                str(replica_cpu(i)),
+            ],
+        )
         procs.append(fed.spawn(f"replica{i}", cmd))
         urls.append(f"http://127.0.0.1:{port}")
         controls.append(f"127.0.0.1:{control_port}")
@@ -323,24 +323,15 @@ def calibrate(
     fed = LocalFederation(workdir, num_replicas=1, model=model)
     workdir.mkdir(parents=True, exist_ok=True)
     port, control_port = free_port(), free_port()
-    cmd = [
-        executable("collm"),
-        "replica",
-        "--model",
+    cmd = replica_command(
         model,
-        "--port",
-        str(port),
-        "--control-port",
-        str(control_port),
-        "--store-dir",
-        str(workdir / "store"),
-        "--num-partitions",
-        str(replicas),
-        "--seed",
-        str(seed),
-        "--cpus",
-        str(replica_cpu(0)),
-    ]
+        port,
+        control_port,
+        workdir / "store",
+        0,
+        replicas,
+        ["--seed", str(seed), "--cpus", str(replica_cpu(0))],
+    )
     url = f"http://127.0.0.1:{port}"
     unloaded, burst = (3, 8) if quick else (10, 16)
     try:
