@@ -192,17 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
         "goodput",
         help="CoLLM-FL vs separate / co-located / merged on the same replicas, trace and budget",
     )
-    b.add_argument("--model", default="smollm2-135m")
-    b.add_argument("--replicas", type=int, default=2)
-    b.add_argument("--rates", default="", help="comma list of req/s (default: from calibration)")
-    b.add_argument("--rounds", type=int, default=3)
-    b.add_argument("--duration-per-round", type=float, default=90.0, help="seconds")
-    b.add_argument("--arrivals", default="bursty")
+    b.add_argument(
+        "--model", default="smollm2-135m", help="'tiny', 'smollm2-135m', an HF id or a local path"
+    )
+    b.add_argument("--replicas", type=int, default=2, help="replicas per system (each pinned)")
+    b.add_argument(
+        "--rates",
+        default="",
+        help="comma list of req/s (default: 10, 25, 50 %% of the replicas' calibrated capacity)",
+    )
+    b.add_argument("--rounds", type=int, default=3, help="federated rounds per system and rate")
+    b.add_argument(
+        "--duration-per-round", type=float, default=90.0, help="seconds of load per round"
+    )
+    b.add_argument(
+        "--arrivals",
+        default="bursty",
+        help="poisson | bursty (gamma, CV 4) | onoff | diurnal",
+    )
     b.add_argument("--trace", default=None, help="Azure-format CSV trace instead of arrivals")
     b.add_argument("--slo-factor", type=float, default=5.0, help="SLO = factor × unloaded latency")
     b.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 rate, 1 round")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default="docs/bench")
+    b.add_argument("--seed", type=int, default=0, help="arrivals, prompts and data order")
+    b.add_argument("--out", default="docs/bench", help="where the report, JSON and plots go")
     b.add_argument(
         "--from-json",
         default=None,
