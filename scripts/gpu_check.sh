@@ -3,7 +3,7 @@
 # swap) on cuda, the PEFT trainer and the central evaluator (tests marked `gpu`, tests/gpu).
 # Run from the repo root. Offline: missing packages come as wheels in .whl/ (bitsandbytes,
 # prometheus-client); .whl/pinned/ holds the transformers + peft this project pins, installed only
-# when the machine's transformers lacks the API the replica's engine calls (`cache=` kwarg).
+# when the machine's transformers predates the `cache=` forward kwarg (and kept only if it imports).
 # Needs no Flower, FastAPI or SQLAlchemy. Log: $OUT/gpu_check.log when $OUT is set. < 5 minutes.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 set -uo pipefail
@@ -21,10 +21,16 @@ sys.exit(0 if "cache" in inspect.signature(LlamaModel.forward).parameters else 1
 PY
   }
   if ! engine_api_ok; then
-    echo "machine transformers lacks LlamaModel.forward(cache=...): installing .whl/pinned"
+    echo "machine transformers predates LlamaModel.forward(cache=...): trying .whl/pinned"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/pinned/*.whl
-    engine_api_ok || echo "WARNING: the pinned transformers does not import/fit either"
+    if ! python3 -c "import transformers, peft; from transformers import LlamaForCausalLM"; then
+      # e.g. its huggingface-hub floor is above the machine's: keep the machine's transformers
+      # (the engine then passes its KV cache as past_key_values).
+      echo "pinned transformers/peft do not import here: removed, using the machine's"
+      rm -rf /tmp/site/transformers /tmp/site/transformers-*.dist-info \
+        /tmp/site/peft /tmp/site/peft-*.dist-info
+    fi
   fi
   python3 - <<'PY'
 import importlib.metadata as md

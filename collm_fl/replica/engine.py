@@ -17,6 +17,7 @@ OpenMP backend the setting is per thread: other threads keep their own).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -126,6 +127,10 @@ class InferenceEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.device = model_device(model)  # every input, mask and cache index goes here
+        # transformers renamed ``past_key_values`` to ``cache`` (5.x; the old name is deprecated):
+        # pass the KV cache under whichever name this version's forward takes.
+        forward_params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "past_key_values" if "cache" not in forward_params else "cache"
         # One condition guards the queue and the counters; it is also what the co-execution
         # trainer waits on (``busy_changed``) to learn that serving went idle or busy.
         self.busy_changed = threading.Condition()
@@ -318,7 +323,7 @@ class InferenceEngine:
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=positions,
-                    cache=cache,
+                    **{self._cache_kwarg: cache},
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -347,7 +352,7 @@ class InferenceEngine:
                 input_ids=ids,
                 attention_mask=self._mask,
                 position_ids=positions,
-                cache=self._cache,
+                **{self._cache_kwarg: self._cache},
                 use_cache=True,
             )
         tokens = sample_next(
