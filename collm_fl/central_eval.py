@@ -30,7 +30,9 @@ class CentralEvaluator:
 
     def __init__(self, cfg: RunConfig, loaded: LoadedModel | None = None) -> None:
         self.cfg = cfg
-        self.loaded = loaded or load_base_model(cfg.model, quantization=cfg.quantization)
+        self.loaded = loaded or load_base_model(
+            cfg.model, quantization=cfg.quantization, device=cfg.device
+        )
         self.blocks = central_heldout_blocks(cfg, self.loaded.tokenizer)
         self.model = attach_lora(self.loaded.model, cfg.lora)
 

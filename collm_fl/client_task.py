@@ -45,7 +45,7 @@ def train_on_partition(
     """Train ``budget.local_steps`` steps from the global adapter; return it with metrics."""
     apply_thread_budget(cfg)
     started = time.perf_counter()
-    loaded = load_base_model(cfg.model, quantization=cfg.quantization)
+    loaded = load_base_model(cfg.model, quantization=cfg.quantization, device=cfg.device)
     model = attach_lora(loaded.model, cfg.lora)
     set_adapter_state(model, global_state)
     data = load_client_data(cfg.data_spec, partition_id, num_partitions, loaded.tokenizer)
@@ -81,7 +81,7 @@ def evaluate_on_partition(
 ) -> dict[str, float]:
     """Held-out loss of the global adapter on this client's own held-out split."""
     apply_thread_budget(cfg)
-    loaded = load_base_model(cfg.model, quantization=cfg.quantization)
+    loaded = load_base_model(cfg.model, quantization=cfg.quantization, device=cfg.device)
     model = attach_lora(loaded.model, cfg.lora)
     set_adapter_state(model, global_state)
     data = load_client_data(cfg.data_spec, partition_id, num_partitions, loaded.tokenizer)

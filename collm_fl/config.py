@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class RunConfig:
 
     model: str = "smollm2-135m"  # "tiny", "smollm2-135m", an HF id or a local path
     quantization: str = "none"  # "none" | "4bit" | "8bit" (bitsandbytes, CUDA only)
+    device: str = "cpu"  # where clients train and the server evaluates: cpu | cuda | cuda:N | auto
     data: str = "shakespeare"  # "shakespeare" or a path to JSON/JSONL/text data
     partitioning: str = "play"  # "play" | "character" | "iid" | "dirichlet"
     dirichlet_alpha: float = 0.5
@@ -80,6 +82,12 @@ class RunConfig:
             "quantization",
             self.quantization,
             "must be none, 4bit or 8bit",
+        )
+        check(
+            re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device) is not None,
+            "device",
+            self.device,
+            "must be cpu, cuda, cuda:N or auto",
         )
         check(
             self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "must be >= 1"

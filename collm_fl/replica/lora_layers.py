@@ -49,9 +49,15 @@ class LoraMode:
     row_keep: torch.Tensor | None = None  # (b, 1, 1) float, 0 on rows with no adapter
 
 
-def serve(slot_ids: torch.Tensor | Sequence[int]) -> LoraMode:
-    """Serve mode: batch row i adds serving slot ``slot_ids[i]`` (``-1``: no adapter)."""
-    ids = torch.as_tensor(slot_ids, dtype=torch.long).reshape(-1)  # (b,)
+def serve(
+    slot_ids: torch.Tensor | Sequence[int], device: torch.device | str | None = None
+) -> LoraMode:
+    """Serve mode: batch row i adds serving slot ``slot_ids[i]`` (``-1``: no adapter).
+
+    ``device``: the model's device, where the per-row gather indices are put once per forward
+    (default: CPU; a layer on another device copies them itself).
+    """
+    ids = torch.as_tensor(slot_ids, dtype=torch.long).reshape(-1).cpu()  # (b,)
     if ids.numel() == 0:
         raise ValueError("slot_ids must name one slot per batch row; got an empty list")
     first = int(ids[0])
@@ -62,8 +68,8 @@ def serve(slot_ids: torch.Tensor | Sequence[int]) -> LoraMode:
     return LoraMode(
         training=False,
         slot_ids=ids,
-        gather_ids=ids.clamp(min=0),
-        row_keep=None if bool((ids >= 0).all()) else keep,
+        gather_ids=ids.clamp(min=0).to(device or "cpu"),
+        row_keep=None if bool((ids >= 0).all()) else keep.to(device or "cpu"),
     )
 
 
@@ -113,6 +119,8 @@ class MultiLoraLinear(nn.Module):
         self.scaling = scaling
         self.num_slots = num_slots
         self.dropout_p = dropout
+        # bitsandbytes Linear4bit / Linear8bitLt subclass nn.Linear and keep in/out_features
+        # (their packed weight's shape is not (d_out, d_in)); the adapters live beside it in fp32.
         d_in, d_out = base.in_features, base.out_features
         dev = base.weight.device
         # Buffers, not parameters: serving slots are never trained, and copying into them in place
@@ -144,8 +152,13 @@ class MultiLoraLinear(nn.Module):
         if mode.training:
             # Functional dropout: the module's .training flag is shared with the serving thread.
             h = F.dropout(x, self.dropout_p, training=True) if self.dropout_p > 0 else x
-            return y + self.scaling * ((h @ self.train_a.T) @ self.train_b.T)
-        return y + self._serve_delta(x, mode)
+            # The adapter stays fp32 (QLoRA): a bf16/fp16 activation is lifted to it, and the
+            # delta goes back to the base output's dtype (no-ops for an fp32 model).
+            h = h.to(self.train_a.dtype)
+            delta = (h @ self.train_a.T) @ self.train_b.T  # (b, ..., d_out)
+            return y + (self.scaling * delta).to(y.dtype)
+        served = self._serve_delta(x, mode)
+        return y + (served.to(y.dtype) if isinstance(served, torch.Tensor) else served)
 
     def _serve_delta(self, x: torch.Tensor, mode: LoraMode) -> torch.Tensor | float:
         assert mode.slot_ids is not None  # serve() always sets it
@@ -160,11 +173,12 @@ class MultiLoraLinear(nn.Module):
             return self.scaling * ((x @ a.T) @ bm.T)  # (b, ..., d_out)
         assert mode.gather_ids is not None
         xs = x.reshape(b, -1, x.shape[-1])  # (b, L, d_in)
-        a = self.slot_a.index_select(0, mode.gather_ids).to(x.dtype)  # (b, r, d_in)
-        bm = self.slot_b.index_select(0, mode.gather_ids).to(x.dtype)  # (b, d_out, r)
+        gather = mode.gather_ids.to(self.slot_a.device)  # no copy when serve() got the device
+        a = self.slot_a.index_select(0, gather).to(x.dtype)  # (b, r, d_in)
+        bm = self.slot_b.index_select(0, gather).to(x.dtype)  # (b, d_out, r)
         h = torch.bmm(xs, a.transpose(1, 2))  # (b, L, r)
         if mode.row_keep is not None:
-            h = h * mode.row_keep.to(h.dtype)  # rows with slot -1 add nothing
+            h = h * mode.row_keep.to(h.device, h.dtype)  # rows with slot -1 add nothing
         delta = torch.bmm(h, bm.transpose(1, 2))  # (b, L, d_out)
         return self.scaling * delta.reshape(*x.shape[:-1], -1)  # (b, ..., d_out)
 
@@ -242,11 +256,18 @@ class MultiLoraModules:
         ]
         if problems:
             raise AdapterValidationError(problems)
+        quantized = [p for p, layer in self.layers.items() if not _plain_weight(layer.base)]
+        if quantized:
+            raise ConfigError(
+                f"cannot merge an adapter into a quantized base ({quantized[0]} is "
+                f"{type(self.layers[quantized[0]].base).__name__}): serve it unmerged"
+            )
         with torch.no_grad():
             for prefix, layer in self.layers.items():
                 weight = layer.base.weight  # (d_out, d_in)
                 a = torch.from_numpy(np.ascontiguousarray(state[prefix + LORA_A_SUFFIX]))
                 b = torch.from_numpy(np.ascontiguousarray(state[prefix + LORA_B_SUFFIX]))
+                a, b = a.to(weight.device), b.to(weight.device)
                 delta = (b.to(torch.float32) @ a.to(torch.float32)) * layer.scaling  # (d_out, d_in)
                 weight.add_(delta.to(weight.dtype), alpha=sign)
 
@@ -312,7 +333,15 @@ def _copy_into(
         raise AdapterValidationError(problems)
     keys = list(dst)
     src = [torch.from_numpy(np.ascontiguousarray(state[k], dtype=np.float32)) for k in keys]
+    device = dst[keys[0]].device if keys else torch.device("cpu")
+    if device.type != "cpu":  # one host-to-device copy per tensor, then the fused in-place copy
+        src = [t.to(device) for t in src]
     torch._foreach_copy_([dst[k] for k in keys], src)
+
+
+def _plain_weight(base: nn.Linear) -> bool:
+    """Whether ``base.weight`` is a plain float matrix (not a bitsandbytes 4/8-bit one)."""
+    return base.weight.is_floating_point()
 
 
 def _state_problems(

@@ -25,7 +25,7 @@ from collm_fl.adapters import AdapterState, LoraSpec
 from collm_fl.data import DataSpec, load_client_data
 from collm_fl.data.tokenize import iterate_batches, tokenize_samples
 from collm_fl.errors import AdapterValidationError, ConfigError, StoreError
-from collm_fl.models import load_base_model
+from collm_fl.models import load_base_model, model_device
 from collm_fl.replica.coexec import CoTrainer, TrainJob, TrainOutcome
 from collm_fl.replica.engine import InferenceEngine
 from collm_fl.replica.lora_layers import NO_SLOT, inject_multi_lora, lora_context, serve
@@ -54,7 +54,8 @@ class ReplicaConfig:
     """Everything a replica process needs; built from CLI flags by ``collm replica``."""
 
     model: str = "tiny"
-    quantization: str = "none"
+    quantization: str = "none"  # "none" | "4bit" | "8bit" (bitsandbytes, CUDA only)
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N" | "auto" (CUDA when available)
     lora: LoraSpec = field(default_factory=LoraSpec)
     store_dir: str = "replica-store"  # this replica's received versions (PEFT dirs)
     served_model_name: str = ""  # model id clients use; "" = the base model's name
@@ -96,8 +97,9 @@ class Replica:
     def __init__(self, cfg: ReplicaConfig) -> None:
         self.cfg = cfg
         self.started_at = time.time()
-        self.loaded = load_base_model(cfg.model, quantization=cfg.quantization)
+        self.loaded = load_base_model(cfg.model, quantization=cfg.quantization, device=cfg.device)
         self.model = self.loaded.model
+        self.device = model_device(self.model)
         self.tokenizer = self.loaded.tokenizer
         self.modules = inject_multi_lora(self.model, cfg.lora, num_slots=cfg.num_slots)
         self.slots = AdapterSlots(self.modules)
@@ -119,7 +121,8 @@ class Replica:
         self._pause_lock = threading.Lock()
         self._pauses = 0  # nested stop-the-world sections in progress (baseline modes only)
         self._merged: tuple[int, AdapterState] | None = None  # (version, state) in the base
-        self._canary = torch.tensor([[self.tokenizer.eos_token_id or 0] * 4])  # (1, 4)
+        eos = self.tokenizer.eos_token_id or 0
+        self._canary = torch.tensor([[eos] * 4], device=self.device)  # (1, 4)
         self.trainer: CoTrainer | None = None
         self.num_train_rows = 0
         if cfg.data is not None:
@@ -319,7 +322,8 @@ class Replica:
             self.slots.clear_merged()
 
     def _merged_canary(self) -> None:
-        with torch.inference_mode(), lora_context(serve([NO_SLOT] * self._canary.shape[0])):
+        slots = [NO_SLOT] * self._canary.shape[0]
+        with torch.inference_mode(), lora_context(serve(slots, self.device)):
             logits = self.model(input_ids=self._canary).logits  # (1, 4, V)
         if not bool(torch.isfinite(logits).all()):
             bad = int((~torch.isfinite(logits)).sum())

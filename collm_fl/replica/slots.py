@@ -34,6 +34,7 @@ from torch import nn
 
 from collm_fl.adapters import LoraSpec
 from collm_fl.errors import AdapterValidationError, CollmError
+from collm_fl.models import model_device
 from collm_fl.replica.lora_layers import NO_SLOT, MultiLoraModules, lora_context, serve
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,9 @@ def canary_check(
     """One forward through ``slot`` on ``input_ids`` (b, L); raises if any logit is not finite."""
     if not 0 <= slot < modules.num_slots:
         raise IndexError(f"slot must be in [0, {modules.num_slots}), got {slot}")
-    with torch.inference_mode(), lora_context(serve([slot] * input_ids.shape[0])):
-        logits = model(input_ids=input_ids).logits  # (b, L, V)
+    device = model_device(model)
+    with torch.inference_mode(), lora_context(serve([slot] * input_ids.shape[0], device)):
+        logits = model(input_ids=input_ids.to(device)).logits  # (b, L, V)
     if not bool(torch.isfinite(logits).all()):
         bad = int((~torch.isfinite(logits)).sum())
         raise AdapterValidationError([f"canary forward produced {bad} non-finite logits"])

@@ -49,6 +49,23 @@ def test_soak_with_bad_load_factors_exits_2(capsys, factors):
     assert code == 2 and "--load-factors" in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "gpu0"], "device must be"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--quantization", "4bit"], "need a CUDA GPU"),
+    ],
+)
+def test_replica_device_flags_exit_2_naming_the_problem(capsys, flags, message):
+    import torch
+
+    if torch.cuda.is_available() and "gpu0" not in flags:
+        pytest.skip("CUDA present")
+    code, err = run(capsys, "replica", "--control-token", "t", *flags)
+    assert code == 2 and message in err
+
+
 def test_replica_without_a_control_token_exits_2(capsys, monkeypatch):
     monkeypatch.delenv("COLLM_CONTROL_TOKEN", raising=False)
     code, err = run(capsys, "replica")

