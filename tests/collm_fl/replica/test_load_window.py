@@ -34,3 +34,14 @@ def test_a_report_without_reset_keeps_the_window_open(clock):
     assert peek.requests == full.requests == 1 and peek.slo_attainment == 1.0
     assert peek.serving_utilization == pytest.approx(0.5)
     assert full.serving_utilization == pytest.approx(0.25)
+
+
+def test_the_window_keeps_at_most_max_records_until_a_reset(clock):
+    # Nothing resets the window on a replica no federation polls: it must stay bounded.
+    window = LoadWindow(SLO(ttft_s=1.0, tpot_s=0.1), max_records=50)
+    for i in range(175):
+        window.add(RequestRecord(100.0 + i, ttft=0.2, tpot=0.05, status="ok", output_tokens=1))
+    clock[0] += 10.0
+    assert window.report(0, 0, 0.0, 0, reset=False).requests == 50  # the newest 50
+    assert window.report(0, 0, 0.0, 0, reset=True).requests == 50
+    assert window.report(0, 0, 0.0, 0, reset=True).requests == 0

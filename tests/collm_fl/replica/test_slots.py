@@ -13,6 +13,7 @@ from collm_fl.adapters import AdapterState, LoraSpec
 from collm_fl.errors import AdapterValidationError
 from collm_fl.replica.lora_layers import MultiLoraModules, inject_multi_lora
 from collm_fl.replica.slots import (
+    HISTORY_LEN,
     AdapterSlots,
     NoFreeSlotError,
     ShadowStateError,
@@ -104,6 +105,22 @@ def test_promote_switches_new_requests_only() -> None:
     assert (old_version, new_version) == (1, 2) and new_slot == shadow.slot
     assert_state_equal(modules.read_slot(old_slot), v1)  # the pinned request still reads v1
     assert [v for v, _ in slots.history] == [1, 2]
+
+
+def test_many_swaps_keep_the_slot_bookkeeping_bounded() -> None:
+    # Per-swap state must not grow: a replica swaps thousands of times between restarts.
+    modules, slots = make_slots()
+    states = [state_for(modules, seed) for seed in range(3)]
+    swaps = 10 * HISTORY_LEN + 3
+    for version in range(1, swaps + 1):
+        slots.load_shadow(states[version % 3], version=version, spec=SPEC).promote()
+        slot, served = slots.acquire()
+        assert served == version
+        slots.release(slot)
+    assert [v for v, _ in slots.history] == list(range(swaps - HISTORY_LEN + 1, swaps + 1))
+    assert len(slots.snapshot()) == slots.num_slots
+    assert slots.pinned() == 0
+    assert sum(s.role == "current" for s in slots.snapshot()) == 1
 
 
 def test_pinned_slot_is_never_chosen_for_a_shadow() -> None:
