@@ -168,6 +168,9 @@ class _Swapper(threading.Thread):
                 for c in clients:
                     try:
                         c.push_version(state, self.peft_config, version, run="soak")
+                        # As the federation's publish does: the load window restarts with each
+                        # version (unread, it holds up to 100,000 request records, ~25 MiB).
+                        c.load_report(reset=True)
                         self.done += 1
                     except ReplicaUnavailable as e:
                         self.errors.append(str(e)[:200])

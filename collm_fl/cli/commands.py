@@ -238,6 +238,8 @@ def _run_replica(args: argparse.Namespace) -> int:
         raise ConfigError(f"--training-share must be in [0, 1], got {args.training_share}")
     if not 0 <= args.trainer_nice <= 19:
         raise ConfigError(f"--trainer-nice must be in [0, 19], got {args.trainer_nice}")
+    if args.keep_versions < 0:
+        raise ConfigError(f"--keep-versions must be >= 0 (0 = keep all), got {args.keep_versions}")
     # A bad device name, or a GPU asked for and missing, is exit 2 before anything starts.
     check_load_target(args.quantization, args.device)
     if args.cpus:
@@ -255,6 +257,7 @@ def _run_replica(args: argparse.Namespace) -> int:
             target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         ),
         store_dir=args.store_dir,
+        keep_versions=args.keep_versions,
         served_model_name=args.served_model_name,
         data=data,
         partition_id=args.partition_id,

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="nice value of the training thread (0..19): serving preempts it; 0 = same priority",
     )
     p.add_argument(
+        "--keep-versions",
+        type=int,
+        default=16,
+        help="received versions kept on disk (the newest, and always the served one); 0 = all",
+    )
+    p.add_argument(
         "--cpus", default="", help="pin the replica to these cores, e.g. 0 or 0-1 (default: all)"
     )
     p.add_argument("--lora-rank", type=int, default=8)

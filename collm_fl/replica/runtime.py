@@ -31,7 +31,12 @@ from collm_fl.replica.engine import InferenceEngine
 from collm_fl.replica.lora_layers import NO_SLOT, inject_multi_lora, lora_context, serve
 from collm_fl.replica.metrics import SLO, LoadReport, LoadWindow, ReplicaMetrics
 from collm_fl.replica.slots import AdapterSlots, canary_check, validate_adapter_state
-from collm_fl.store.adapter_io import cleanup_partial_dirs, read_adapter_dir, write_adapter_dir
+from collm_fl.store.adapter_io import (
+    cleanup_partial_dirs,
+    read_adapter_dir,
+    remove_adapter_dir,
+    write_adapter_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,9 @@ class ReplicaConfig:
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N" | "auto" (CUDA when available)
     lora: LoraSpec = field(default_factory=LoraSpec)
     store_dir: str = "replica-store"  # this replica's received versions (PEFT dirs)
+    # Versions of the served run kept on disk (newest first; the served one always); 0 = all.
+    # The central store keeps every version; a replica keeps enough to restart and roll back.
+    keep_versions: int = 16
     served_model_name: str = ""  # model id clients use; "" = the base model's name
     data: DataSpec | None = None  # the site's private data; None = this replica cannot train
     partition_id: int = 0
@@ -251,7 +259,23 @@ class Replica:
                     with self.serving_paused():
                         self._unmerge()
                 previous = self._load_and_promote(state, peft_config, version, run)
+            self._prune_versions(run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
+
+    def _prune_versions(self, run: str) -> None:
+        """Delete ``run``'s stored versions beyond the newest ``keep_versions`` (never the served
+        one). Without this a long-lived replica's disk grows by one adapter per round, forever."""
+        keep = self.cfg.keep_versions
+        if keep <= 0:
+            return
+        stored = self.stored_versions(run)
+        for number in stored[: max(0, len(stored) - keep)]:
+            if number == self.served_version:
+                continue
+            try:
+                remove_adapter_dir(self.version_dir(number, run))
+            except StoreError as e:  # serving is unaffected; the next push tries again
+                log.warning("could not prune stored version %d: %s", number, e)
 
     @contextlib.contextmanager
     def serving_paused(self) -> Iterator[None]:

@@ -103,6 +103,21 @@ def read_adapter_dir(
     return state, config
 
 
+def remove_adapter_dir(path: Path) -> None:
+    """Delete a stored adapter directory, all or nothing.
+
+    It is first renamed to a ``.tmp-*`` name (atomic), so a crash mid-delete leaves a directory
+    :func:`cleanup_partial_dirs` removes, never a half-deleted version that looks stored.
+    """
+    doomed = path.parent / f"{TEMP_PREFIX}rm-{path.name}-{uuid.uuid4().hex}"
+    try:
+        os.rename(path, doomed)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot remove adapter: {e}") from e
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def cleanup_partial_dirs(root: Path) -> list[Path]:
     """Remove ``.tmp-*`` directories left in ``root`` by interrupted writes; returns what went.
 

@@ -36,7 +36,11 @@ def test_bad_port_exits_2_with_the_reason(capsys):
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--cpus", "zero"], "--cpus"), (["--trainer-nice", "30"], "--trainer-nice")],
+    [
+        (["--cpus", "zero"], "--cpus"),
+        (["--trainer-nice", "30"], "--trainer-nice"),
+        (["--keep-versions", "-1"], "--keep-versions"),
+    ],
 )
 def test_bad_replica_placement_flags_exit_2(capsys, flags, message):
     code, err = run(capsys, "replica", "--control-token", "t", *flags)

@@ -1,0 +1,71 @@
+"""A long-lived replica keeps a bounded number of received versions on disk."""
+
+import numpy as np
+import pytest
+
+from collm_fl.adapters import LoraSpec
+from collm_fl.replica.runtime import Replica, ReplicaConfig
+from collm_fl.store.adapter_io import TEMP_PREFIX, cleanup_partial_dirs, remove_adapter_dir
+
+
+@pytest.fixture()
+def make_replica(tmp_path):
+    started: list[Replica] = []
+
+    def make(keep: int) -> Replica:
+        r = Replica(
+            ReplicaConfig(model="tiny", store_dir=str(tmp_path / "store"), keep_versions=keep)
+        )
+        r.start()
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        r.stop()
+
+
+def push(r: Replica, version: int) -> None:
+    rng = np.random.default_rng(version)
+    shapes = r.modules.expected_shapes()
+    state = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
+    r.push_version(state, LoraSpec().to_peft_config_dict("tiny"), version)
+
+
+def test_only_the_newest_versions_stay_on_disk_and_rollback_still_works(make_replica):
+    r = make_replica(keep=3)
+    for v in range(8):
+        push(r, v)
+    assert r.stored_versions() == [5, 6, 7]
+    assert not [p for p in r.version_dir(7).parent.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    r.rollback(5)
+    assert r.served_version == 5
+    push(r, 8)
+    assert r.stored_versions() == [6, 7, 8] and r.served_version == 8
+
+
+def test_keep_zero_keeps_every_version(make_replica):
+    r = make_replica(keep=0)
+    for v in range(5):
+        push(r, v)
+    assert r.stored_versions() == [0, 1, 2, 3, 4]
+
+
+def test_a_restart_recovers_the_newest_kept_version(make_replica):
+    r = make_replica(keep=2)
+    for v in range(4):
+        push(r, v)
+    r.stop()
+    again = make_replica(keep=2)
+    assert again.recover() == 3 and again.served_version == 3
+
+
+def test_removal_is_all_or_nothing(tmp_path):
+    vdir = tmp_path / "run" / "v0003"
+    vdir.mkdir(parents=True)
+    (vdir / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    remove_adapter_dir(vdir)
+    assert not vdir.exists() and list((tmp_path / "run").iterdir()) == []
+    # A crash between the rename and the delete leaves only a temp dir, which recovery removes.
+    (tmp_path / "run" / f"{TEMP_PREFIX}rm-v0002-abc").mkdir()
+    assert len(cleanup_partial_dirs(tmp_path / "run")) == 1
