@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser(
         "soak", help="gateway + replicas at and above capacity with adapter swaps: errors, RSS"
     )
-    b.add_argument("--model", default="tiny")
-    b.add_argument("--replicas", type=int, default=2)
+    b.add_argument("--model", default="tiny", help="the replicas' base model")
+    b.add_argument("--replicas", type=int, default=2, help="replicas behind the gateway")
     b.add_argument(
         "--duration", type=float, default=240.0, help="seconds of load after calibration"
     )
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="1,2",
         help="load phases as multiples of capacity, equal shares of --duration (e.g. 1,2,1)",
     )
-    b.add_argument("--out", default="docs/bench")
+    b.add_argument("--out", default="docs/bench", help="where soak.md, soak.json and the plot go")
 
     b = bsub.add_parser("quality", help="central held-out perplexity: base vs stored versions")
     b.add_argument("--output-dir", default="outputs", help="the run's output-dir")
