@@ -17,6 +17,8 @@ import numpy as np
 
 from collm_fl.errors import AdapterValidationError, ConfigError
 
+MAX_SERVER_LR = 16.0  # the largest server learning rate accepted (collm_fl.aggregation)
+
 log = logging.getLogger(__name__)
 
 AdapterState = dict[str, np.ndarray]

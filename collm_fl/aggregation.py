@@ -26,13 +26,14 @@ checked by the shapes (here and in :mod:`collm_fl.validation`), alpha comes from
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 
-from collm_fl.adapters import AdapterState, lora_pairs, state_from_pairs
+from collm_fl.adapters import MAX_SERVER_LR, AdapterState, lora_pairs, state_from_pairs
 from collm_fl.errors import AdapterValidationError
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,47 @@ def _client_pairs(updates: Sequence[Mapping[str, np.ndarray]]) -> list[Pairs]:
     return all_pairs
 
 
+def check_server_lr(server_lr: float) -> None:
+    """Raise ``ValueError`` unless ``server_lr`` is in (0, MAX_SERVER_LR].
+
+    η = 1 is plain FedAvg. η > 1 extrapolates along the mean update: K clients that each ran
+    s steps from the same start move the model about as far as one client running s steps, while
+    one client running K·s steps in sequence moves it about K times as far; η = K recovers that
+    distance (to first order, the sum of the clients' updates). η < 1 damps noisy rounds.
+    """
+    if not (math.isfinite(server_lr) and 0.0 < server_lr <= MAX_SERVER_LR):
+        raise ValueError(f"server_lr must be in (0, {MAX_SERVER_LR:g}], got {server_lr}")
+
+
+def _with_reference(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    p: np.ndarray,
+    server_lr: float,
+    reference: Mapping[str, np.ndarray] | None,
+) -> tuple[Sequence[Mapping[str, np.ndarray]], np.ndarray]:
+    """The updates and signed weights of ``ref + η·(Σ p_k u_k − ref)``: the reference is one more
+    term, weighted ``1 − η`` (unchanged when η = 1)."""
+    check_server_lr(server_lr)
+    if server_lr == 1.0:
+        return updates, p
+    if reference is None:
+        raise ValueError("server_lr != 1 needs the reference state the clients started from")
+    return [*updates, reference], np.append(server_lr * p, 1.0 - server_lr)
+
+
 def aggregate_lora_fedavg(
-    updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+    updates: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    *,
+    server_lr: float = 1.0,
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> AdapterState:
-    """Weighted mean of the A factors and, separately, of the B factors (classic FedAvg on LoRA)."""
+    """Weighted mean of the A factors and, separately, of the B factors (classic FedAvg on LoRA).
+
+    With ``server_lr`` η and ``reference``: ``A = A_ref + η·(mean A − A_ref)``, likewise for B.
+    """
     p = normalized_weights(weights, len(updates))
+    updates, p = _with_reference(updates, p, server_lr, reference)
     all_pairs = _client_pairs(updates)
     out: Pairs = {}
     for m in all_pairs[0]:
@@ -167,6 +204,8 @@ def aggregate_lora_exact(
     *,
     compute_dtype: ComputeDtype = "float32",
     modules_per_batch: int = 8,
+    server_lr: float = 1.0,
+    reference: Mapping[str, np.ndarray] | None = None,
 ) -> AdapterState:
     """Per module, the best rank-r approximation of ``Σ_k p_k · B_k @ A_k`` as (A, B) factors.
 
@@ -180,12 +219,18 @@ def aggregate_lora_exact(
     error against the optimum is far below what training notices (see the aggregation benchmark);
     float64 is there for checks. Modules of equal shape are processed ``modules_per_batch`` at a
     time (a batch of K·r × d matrices per factor, ~200 MB at K=100, r=16, d=4096 in float32).
+
+    ``server_lr`` (η) with ``reference`` (the global adapter the clients started from): a server
+    step in product space, ``M = M_ref + η·(Σ_k p_k M_k − M_ref)``, truncated once to rank r; the
+    reference enters the stacked factors as one more term with weight ``1 − η`` (see
+    :func:`check_server_lr`).
     """
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     if modules_per_batch < 1:
         raise ValueError(f"modules_per_batch must be >= 1, got {modules_per_batch}")
     p = normalized_weights(weights, len(updates))
+    updates, p = _with_reference(updates, p, server_lr, reference)
     all_pairs = _client_pairs(updates)
     groups: dict[tuple[int, int, int], list[str]] = {}
     for m, (a, b) in all_pairs[0].items():

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collm_fl.adapters import LoraSpec
+from collm_fl.adapters import MAX_SERVER_LR, LoraSpec
 from collm_fl.data.partition import DataSpec
 from collm_fl.errors import ConfigError
 
@@ -52,6 +52,7 @@ class RunConfig:
     robust_aggregation: str = "none"  # "median" | "trimmed-mean" of dense ΔBA instead of the mean
     trim_fraction: float = 0.2  # trimmed-mean: share of largest and of smallest values dropped
     max_weight_ratio: float = 0.0  # cap num-examples at this x the round median; 0 = no cap
+    server_lr: float = 1.0  # η: new = ref + η·(aggregate − ref); 1 = FedAvg (see aggregation)
     central_eval_samples: int = 48  # central held-out samples evaluated each round; 0 = all
     output_dir: str = "outputs"
     store_url: str = ""  # SQLAlchemy URL; "" = sqlite file in output-dir
@@ -130,6 +131,12 @@ class RunConfig:
             "max-weight-ratio",
             self.max_weight_ratio,
             "must be 0 (no cap) or >= 1",
+        )
+        check(
+            0 < self.server_lr <= MAX_SERVER_LR,
+            "server-lr",
+            self.server_lr,
+            f"must be in (0, {MAX_SERVER_LR:g}]",
         )
         check(
             self.central_eval_samples >= 0,

@@ -177,8 +177,12 @@ class LocalFederation:
         ttft_slo_s: float | None = None,
         tpot_slo_s: float | None = None,
         timeout: float = 60.0,
+        shed_factor: float = 0.0,
     ) -> tuple[str, ManagedProcess]:
-        """Start ``collm gateway`` in front of ``urls`` (default: every replica); (URL, process)."""
+        """Start ``collm gateway`` in front of ``urls`` (default: every replica); (URL, process).
+
+        ``shed_factor`` > 0 turns on the gateway's admission control (``--shed-factor``).
+        """
         port = free_port()
         cmd = [executable("collm"), "gateway", "--port", str(port)]
         for url in urls if urls is not None else [n.api_url for n in self.replicas]:
@@ -187,6 +191,8 @@ class LocalFederation:
             cmd += ["--ttft-slo", repr(ttft_slo_s)]
         if tpot_slo_s is not None:
             cmd += ["--tpot-slo", repr(tpot_slo_s)]
+        if shed_factor:
+            cmd += ["--shed-factor", repr(shed_factor)]
         proc = self.spawn("gateway", cmd)
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/health", proc, timeout)

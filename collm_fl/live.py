@@ -198,13 +198,23 @@ def _drive_flwr(
             loss_text = "-" if loss is None else f"{loss:.3f}"
             print(
                 f"round {rnd} | served v{version} (central loss {loss_text}) | "
-                f"{summary.requests} requests, goodput {summary.goodput_rps:.2f} req/s, "
-                f"SLO attainment {100 * summary.slo_attainment:.0f}% | "
+                f"{_load_text(summary.requests, summary.goodput_rps, summary.slo_attainment)} | "
                 f"training share {share_text} | {now:.0f}s",
                 flush=True,
             )
             last_t, last_n = now, last_n + summary.requests
         return proc.wait()
+
+
+def _load_text(requests: int, goodput_rps: float, slo_attainment: float) -> str:
+    """A round's serving figures; a round in which no request arrived says so (bursty loads have
+    gaps longer than a round) instead of reading as 0 % SLO attainment."""
+    if requests == 0:
+        return "no requests arrived since the previous round"
+    return (
+        f"{requests} requests, goodput {goodput_rps:.2f} req/s, "
+        f"SLO attainment {100 * slo_attainment:.0f}%"
+    )
 
 
 def _float_after(line: str, marker: str) -> float | None:
@@ -286,11 +296,19 @@ def _report(
     for r in rows:
         loss = "-" if r.eval_loss is None else f"{r.eval_loss:.4f}"
         shares = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.shares.items()))
+        served = (
+            "- | -" if r.requests == 0 else f"{r.goodput_rps:.3f} | {100 * r.slo_attainment:.0f}%"
+        )
         lines.append(
             f"| {r.round} | {r.at_s:.0f} | v{r.version} | {loss} | "
-            f"{r.clients_ok}/{r.clients_failed} | {r.requests} | {r.goodput_rps:.3f} | "
-            f"{100 * r.slo_attainment:.0f}% | {shares} |"
+            f"{r.clients_ok}/{r.clients_failed} | {r.requests} | {served} | {shares} |"
         )
+    if any(r.requests == 0 for r in rows):
+        lines += [
+            "",
+            f"A round with 0 requests had no arrivals: {cfg.arrivals} load has gaps longer than a "
+            "round; its goodput and SLO attainment are undefined (-).",
+        ]
     lines += [
         "",
         f"Whole run: {summary.requests} requests, goodput {summary.goodput_rps:.3f} req/s, "

@@ -33,6 +33,7 @@ def main(grid: Grid, context: Context) -> None:
         robust=cfg.robust_aggregation,
         trim_fraction=cfg.trim_fraction,
         max_weight_ratio=cfg.max_weight_ratio,
+        server_lr=cfg.server_lr,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=cfg.min_train_nodes,

@@ -10,6 +10,8 @@
   fewer good replies than ``min_good_replies`` returns no arrays, so the previous version stays in
   force. Each good reply weighs its claimed ``num-examples``, capped at ``max_weight_ratio`` times
   the round's median claim when that is set; a capped node is logged and its outcome says so.
+  With ``server_lr`` η ≠ 1 the new global adapter is ``global + η·(aggregate − global)`` (a
+  server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`).
 
 It composes with Flower's wrappers, e.g.
 ``DifferentialPrivacyClientSideFixedClipping(LoraFedAvg(...))``.
@@ -27,7 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from collm_fl.adapters import AdapterState
-from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg
+from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg, check_server_lr
 from collm_fl.aggregation_robust import (
     ROBUST_METHODS,
     RobustMethod,
@@ -88,6 +90,7 @@ class LoraFedAvg(FedAvg):
         robust: str = "none",
         trim_fraction: float = 0.2,
         max_weight_ratio: float = 0.0,
+        server_lr: float = 1.0,
         **fedavg_kwargs: object,
     ) -> None:
         if mode not in ("exact", "fedavg"):
@@ -100,6 +103,7 @@ class LoraFedAvg(FedAvg):
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
         if not (max_weight_ratio == 0.0 or 1.0 <= max_weight_ratio < float("inf")):
             raise ValueError(f"max_weight_ratio must be 0 (off) or >= 1, got {max_weight_ratio}")
+        check_server_lr(server_lr)
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.mode = mode
         self.max_update_norm = max_update_norm if max_update_norm else None
@@ -107,6 +111,7 @@ class LoraFedAvg(FedAvg):
         self.robust = robust  # "none": combine with ``mode``; else the robust statistic
         self.trim_fraction = trim_fraction
         self.max_weight_ratio = max_weight_ratio  # 0: claimed num-examples used as they are
+        self.server_lr = server_lr  # η of the server step (1: plain FedAvg)
         self.current_arrays = ArrayRecord()
         self.last_report: RoundReport | None = None
         # Per-node budgets for the next round (set by the ServerApp from the allocation policy);
@@ -117,12 +122,13 @@ class LoraFedAvg(FedAvg):
     def summary(self) -> None:
         log.info(
             "LoraFedAvg: mode=%s robust=%s trim-fraction=%g max-update-norm=%s "
-            "max-weight-ratio=%g min-good-replies=%d",
+            "max-weight-ratio=%g server-lr=%g min-good-replies=%d",
             self.mode,
             self.robust,
             self.trim_fraction,
             self.max_update_norm,
             self.max_weight_ratio,
+            self.server_lr,
             self.min_good_replies,
         )
         super().summary()
@@ -228,14 +234,19 @@ class LoraFedAvg(FedAvg):
             )
             return None, None
         states = [state for state, _, _ in good]
+        eta = self.server_lr
         if self.robust != "none":
             new_state = aggregate_lora_robust(
                 states, weights, reference, cast(RobustMethod, self.robust), self.trim_fraction
             )
+            if eta != 1.0:  # the server step on the robust statistic, in product space
+                new_state = aggregate_lora_exact(
+                    [new_state], [1.0], server_lr=eta, reference=reference
+                )
         elif self.mode == "exact":
-            new_state = aggregate_lora_exact(states, weights)
+            new_state = aggregate_lora_exact(states, weights, server_lr=eta, reference=reference)
         else:
-            new_state = aggregate_lora_fedavg(states, weights)
+            new_state = aggregate_lora_fedavg(states, weights, server_lr=eta, reference=reference)
         agg_metrics = self.train_metrics_aggr_fn(
             [m.content for _, _, m in good], self.weighted_by_key
         )

@@ -21,10 +21,12 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from collm_fl.adapters import MAX_SERVER_LR
 from collm_fl.bench.aggregation import machine_info, matmul_gflops
 from collm_fl.bench.goodput_report import (
     Calibration,
@@ -85,6 +87,8 @@ def run_goodput_benchmark(
     trace: str | None = None,
     slo_factor: float = 5.0,
     seed: int = 0,
+    server_lr: float = 1.0,
+    shed_factor: float = 0.0,
     command: str | None = None,
 ) -> dict[str, object]:
     """Run the four systems at every rate and write ``goodput.{md,json}`` + two PNGs to ``out_dir``.
@@ -99,7 +103,9 @@ def run_goodput_benchmark(
         model, replicas, rounds = "tiny", 2, 1
         duration_per_round_s = min(duration_per_round_s, 6.0)
         rates = list(rates[:1]) if rates else None
-    _check_args(replicas, rates, rounds, duration_per_round_s, slo_factor)
+    _check_args(replicas, rates, rounds, duration_per_round_s, slo_factor, server_lr)
+    if not (shed_factor == 0 or 1 <= shed_factor < math.inf):
+        raise ConfigError(f"shed_factor: must be 0 (off) or >= 1, got {shed_factor}")
     if trace is None and arrivals not in ARRIVAL_KINDS:
         raise ConfigError(f"arrivals: expected one of {ARRIVAL_KINDS}, got {arrivals!r}")
     trace_rows = load_azure_trace(trace) if trace else None  # a bad trace fails before any run
@@ -136,6 +142,7 @@ def run_goodput_benchmark(
         fractions = (QUICK_RATE_FRACTION,) if quick else RATE_FRACTIONS
         chosen = list(rates) if rates else [f * replicas * cal.capacity_rps for f in fractions]
         settings = _settings(model, replicas, rounds, duration_per_round_s, slo, cal, cfg, seed)
+        settings = replace(settings, server_lr=server_lr, shed_factor=shed_factor)
         say(
             f"{len(chosen)} rate(s) {', '.join(f'{r:.2f}' for r in chosen)} req/s x "
             f"{len(SYSTEMS)} systems, {rounds} round(s) of {duration_per_round_s:g}s; budget "
@@ -208,6 +215,7 @@ def _check_args(
     rounds: int,
     round_s: float,
     slo_factor: float,
+    server_lr: float = 1.0,
 ) -> None:
     if replicas < 2:
         raise ConfigError(
@@ -221,6 +229,8 @@ def _check_args(
         raise ConfigError(f"duration_per_round_s: must be >= 2 seconds, got {round_s}")
     if not (math.isfinite(slo_factor) and slo_factor >= 1):
         raise ConfigError(f"slo_factor: must be >= 1, got {slo_factor}")
+    if not (math.isfinite(server_lr) and 0 < server_lr <= MAX_SERVER_LR):
+        raise ConfigError(f"server_lr: must be in (0, {MAX_SERVER_LR:g}], got {server_lr}")
 
 
 def _settings(

@@ -229,13 +229,29 @@ def render_markdown(result: GoodputResult) -> str:
         f"{cal.train_step_s:.3f} s on a replica's core).",
         "- **Federation**: emulated by the benchmark process (not Flower): each round the "
         "training replicas train (`/control/train`), the updates are aggregated exactly "
-        "(`aggregate_lora_exact`, weighted by examples), the new version is evaluated on the "
+        "(`aggregate_lora_exact`, weighted by examples"
+        + (
+            f"; server learning rate η = {st.server_lr:g} where 2+ training replicas are "
+            "averaged: global + η·(aggregate − global); the separate system's one trainer's "
+            "update as it is"
+            if st.server_lr != 1.0
+            else ""
+        )
+        + "), the new version is evaluated on the "
         f"central held-out set ({result.eval_samples} samples of the two held-out plays, "
         f"{result.eval_rows} rows of 128 tokens; one thread in the benchmark process, on the "
         "replicas' cores, where a deployment's server would use its own) and then pushed to "
         "every replica in the system's swap mode.",
         "- **Routing**: baselines: client-side round-robin over their serving replicas (request "
-        "*i* to replica *i* mod *n*, no proxy hop); CoLLM-FL: `collm gateway` (SLO-aware).",
+        "*i* to replica *i* mod *n*, no proxy hop); CoLLM-FL: `collm gateway` (SLO-aware"
+        + (
+            f"; it refuses with a 503 a request whose best predicted TTFT exceeds "
+            f"{st.shed_factor:g} × the TTFT SLO, `--shed-factor {st.shed_factor:g}`; a refused "
+            "request misses the SLO in every figure"
+            if st.shed_factor
+            else ""
+        )
+        + ").",
         "- **Metrics**: goodput = requests meeting both SLOs per second of schedule; SLO "
         "attainment over all scheduled requests (failed, timed-out and dropped ones miss); "
         "latency percentiles over successful requests. Served loss = mean over the serving "

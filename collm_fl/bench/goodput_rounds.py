@@ -66,6 +66,10 @@ class RunSettings:
     seed: int
     max_batch_size: int = 8
     initial_share: float = 0.5  # CoLLM-FL's training share before the first allocation
+    # η of the server step where a system averages the updates of 2+ training replicas (the
+    # federated systems); one dedicated trainer's update (separate) is taken as it is.
+    server_lr: float = 1.0
+    shed_factor: float = 0.0  # CoLLM-FL's gateway admission control (`--shed-factor`); 0 = off
 
     @property
     def schedule_s(self) -> float:
@@ -180,7 +184,8 @@ class Orchestrator:
         if not updates:
             self.say(f"    round {rnd}: no update came back; still serving v{self.version}")
             return record
-        self.state = aggregate_lora_exact(updates, weights)
+        eta = self.s.server_lr if len(self.training) > 1 else 1.0
+        self.state = aggregate_lora_exact(updates, weights, server_lr=eta, reference=self.state)
         self.version += 1
         t_eval = time.monotonic()
         loss = self.evaluator.evaluate(self.state).loss

@@ -222,7 +222,14 @@ def run_system(
         clients = [ReplicaClient(c, fed.control_token) for c in controls]
         targets = [urls[i] for i in serving]
         if spec.gateway:
-            targets = [fed.start_gateway(list(urls), settings.slo.ttft_s, settings.slo.tpot_s)[0]]
+            targets = [
+                fed.start_gateway(
+                    list(urls),
+                    settings.slo.ttft_s,
+                    settings.slo.tpot_s,
+                    shed_factor=settings.shed_factor,
+                )[0]
+            ]
         orchestrator = Orchestrator(
             spec, settings, clients, training, serving, evaluator, start, say
         )

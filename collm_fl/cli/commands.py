@@ -61,7 +61,7 @@ def dispatch(args: argparse.Namespace) -> int:
         )
         return run_live(cfg, Path(args.app).resolve())
     if args.command == "gateway":
-        from collm_fl.gateway.serve import run_gateway
+        from collm_fl.gateway.serve import check_shed_factor, run_gateway
         from collm_fl.replica.metrics import SLO
 
         if args.ttft_slo <= 0 or args.tpot_slo <= 0:
@@ -70,6 +70,7 @@ def dispatch(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--stream-stall-timeout must be > 0 seconds, got {args.stream_stall_timeout}"
             )
+        check_shed_factor(args.shed_factor)
         api_key = args.api_key or os.environ.get("COLLM_API_KEY") or None
         replica_key = args.replica_api_key or os.environ.get("COLLM_REPLICA_API_KEY") or api_key
         run_gateway(
@@ -80,6 +81,7 @@ def dispatch(args: argparse.Namespace) -> int:
             replica_key,
             SLO(args.ttft_slo, args.tpot_slo),
             stream_stall_timeout_s=args.stream_stall_timeout,
+            shed_factor=args.shed_factor,
         )
         return 0
     if args.command == "load":
@@ -167,6 +169,8 @@ def dispatch(args: argparse.Namespace) -> int:
             trace=args.trace,
             slo_factor=args.slo_factor,
             seed=args.seed,
+            server_lr=args.server_lr,
+            shed_factor=args.shed_factor,
             command=_command_line(),
         )
         print((Path(args.out) / "goodput.md").read_text())
@@ -211,6 +215,25 @@ def dispatch(args: argparse.Namespace) -> int:
                 }
             )
         )
+        return 0
+    if args.command == "bench" and args.bench == "server-lr":
+        from collm_fl.bench.server_lr import run_server_lr_benchmark
+
+        try:
+            etas = [float(x) for x in args.server_lrs.split(",") if x.strip()]
+        except ValueError as e:
+            raise ConfigError(f"--server-lrs must be comma-separated numbers: {e}") from e
+        run_server_lr_benchmark(
+            args.model,
+            args.clients,
+            args.rounds,
+            args.steps,
+            etas,
+            Path(args.out),
+            _command_line(),
+            progress=lambda line: print(line, flush=True),
+        )
+        print((Path(args.out) / "server_lr.md").read_text())
         return 0
     raise AssertionError(f"unhandled command {args}")  # argparse guarantees a known command
 

@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a replica's stream may send nothing before it is treated as failed "
         "(failed over before its first event, ended with an error chunk after)",
     )
+    p.add_argument(
+        "--shed-factor",
+        type=float,
+        default=0.0,
+        help="admission control: refuse a request at once (503 with Retry-After) when every "
+        "replica's predicted TTFT exceeds this × --ttft-slo; 0 = off (default), else >= 1. "
+        "Never sheds before the gateway has measured a replica, nor a failover retry",
+    )
 
     p = sub.add_parser(
         "live",
@@ -225,6 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--slo-factor", type=float, default=5.0, help="SLO = factor × unloaded latency")
     b.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 rate, 1 round")
     b.add_argument("--seed", type=int, default=0, help="arrivals, prompts and data order")
+    b.add_argument(
+        "--server-lr",
+        type=float,
+        default=1.0,
+        help="server learning rate η of the systems that average 2+ training replicas "
+        "(co-located, merged, CoLLM-FL): global + η·(aggregate − global); 1 = FedAvg. The "
+        "separate system's one trainer's update is applied as it is",
+    )
+    b.add_argument(
+        "--shed-factor",
+        type=float,
+        default=0.0,
+        help="CoLLM-FL's gateway refuses (503) a request whose best predicted TTFT exceeds this "
+        "x the TTFT SLO (collm gateway --shed-factor); 0 = off",
+    )
     b.add_argument("--out", default="docs/bench", help="where the report, JSON and plots go")
     b.add_argument(
         "--from-json",
@@ -253,4 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--store-url", default="")
     b.add_argument("--run-name", default="default")
     b.add_argument("--out", default="", help="report dir (default: <output-dir>/reports)")
+
+    b = bsub.add_parser(
+        "server-lr",
+        help="held-out loss per round: K clients x s steps averaged with server lr eta, "
+        "against one client running K*s steps",
+    )
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--clients", type=int, default=2, help="clients averaged each round (K)")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--steps", type=int, default=5, help="steps per client and round (s)")
+    b.add_argument("--server-lrs", default="1,2,3,4", help="comma list of eta to measure")
+    b.add_argument("--out", default="docs/bench", help="where server_lr.{md,json} go")
     return parser

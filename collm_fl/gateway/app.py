@@ -45,8 +45,10 @@ def create_gateway_app(
     replica_api_key: str | None,
     slo: SLO,
     max_attempts: int = 3,
+    shed_factor: float = 0.0,
 ) -> FastAPI:
-    """The gateway app; its lifespan starts and closes ``pool``."""
+    """The gateway app; its lifespan starts and closes ``pool``. ``shed_factor`` > 0 turns on
+    admission control (:func:`~collm_fl.policies.routing.admission_decision`)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -59,7 +61,9 @@ def create_gateway_app(
     app = FastAPI(title="CoLLM-FL gateway", version="1", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit)
-    router = Router(pool, slo, replica_api_key, max(1, max_attempts), GatewayMetrics())
+    router = Router(
+        pool, slo, replica_api_key, max(1, max_attempts), GatewayMetrics(), shed_factor=shed_factor
+    )
     app.state.metrics = router.metrics
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:

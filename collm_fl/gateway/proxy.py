@@ -11,6 +11,10 @@ A hung replica (frozen process, deadlock) is caught two ways, both handled like 
 first byte and like a broken stream after it: the pool abandons the requests in flight on a replica
 whose ``/health`` polls fail, and a stream that sends no byte for the pool's stall timeout is given
 up on. (A JSON request rightly sends nothing until it is done: only the read timeout bounds it.)
+
+Admission control (opt-in, ``shed_factor > 0``): a request whose predicted TTFT exceeds
+``shed_factor ×`` the TTFT SLO on every replica is refused on arrival with the same 503, before
+any replica sees it (:func:`~collm_fl.policies.routing.admission_decision`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from collm_fl.api.errors import (
 )
 from collm_fl.api.schemas import SamplingFields
 from collm_fl.gateway.pool import ReplicaPool, Ticket
-from collm_fl.policies.routing import choose_replica
+from collm_fl.policies.routing import admission_decision, choose_replica
 from collm_fl.replica.metrics import SLO
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,12 @@ class GatewayMetrics:
         )
         self.unavailable = Counter(
             "collm_gateway_unavailable", "Requests answered 503: no replica took them", registry=r
+        )
+        self.shed = Counter(
+            "collm_gateway_shed",
+            "Requests refused with 503 because every replica's predicted TTFT exceeded "
+            "shed-factor × the TTFT SLO",
+            registry=r,
         )
         self.in_flight = Gauge(
             "collm_gateway_in_flight", "Requests in flight per replica", ["replica"], registry=r
@@ -140,13 +150,25 @@ class Router:
         replica_api_key: str | None,
         max_attempts: int,
         metrics: GatewayMetrics,
+        shed_factor: float = 0.0,
     ) -> None:
         self.pool, self.slo, self.max_attempts, self.metrics = pool, slo, max_attempts, metrics
+        self.shed_factor = shed_factor  # 0: admission control off
         self.headers = {"Content-Type": "application/json"}
         if replica_api_key:
             self.headers["Authorization"] = f"Bearer {replica_api_key}"
 
     async def handle(self, job: Job, request: Request) -> Response:
+        # Admission control judges a request once, on arrival, never again before a failover
+        # retry: the retry was already admitted, its first replica's refusal says nothing about
+        # how long it would wait elsewhere, and its client has already waited out one attempt.
+        shed = admission_decision(
+            self.pool.views(), job.prompt_tokens, job.max_tokens, self.slo, self.shed_factor
+        )
+        if shed is not None:
+            self.metrics.shed.inc()
+            log.debug("%s", shed.reason)
+            raise overloaded(RETRY_AFTER_S, shed.reason)
         excluded: set[str] = set()
         last = "no healthy replica"
         for _ in range(self.max_attempts):

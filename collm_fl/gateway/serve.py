@@ -30,11 +30,12 @@ def run_gateway(
     slo: SLO,
     max_attempts: int = 3,
     stream_stall_timeout_s: float = 60.0,
+    shed_factor: float = 0.0,
 ) -> None:
     """Serve the gateway on ``host:port`` until SIGINT/SIGTERM (uvicorn's handlers), then stop.
 
-    Raises ConfigError for an empty, malformed or duplicated replica list, a bad port or a stall
-    timeout that is not > 0.
+    Raises ConfigError for an empty, malformed or duplicated replica list, a bad port, a stall
+    timeout that is not > 0 or a shed factor that is neither 0 (off) nor >= 1.
     """
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be a TCP port, got {port}")
@@ -42,8 +43,11 @@ def run_gateway(
         raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
     if max_attempts < 1:
         raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
+    check_shed_factor(shed_factor)
     pool = ReplicaPool(replica_urls, stream_stall_timeout_s=stream_stall_timeout_s)
-    app = create_gateway_app(pool, api_key, replica_api_key, slo, max_attempts=max_attempts)
+    app = create_gateway_app(
+        pool, api_key, replica_api_key, slo, max_attempts=max_attempts, shed_factor=shed_factor
+    )
     config = uvicorn.Config(
         app,
         host=host,
@@ -63,6 +67,13 @@ def run_gateway(
     with _signals_end_the_server_not_the_process():
         uvicorn.Server(config).run()
     log.info("gateway stopped")
+
+
+def check_shed_factor(shed_factor: float) -> None:
+    """ConfigError unless ``shed_factor`` is 0 (off) or >= 1: below 1 the gateway would refuse
+    requests that are predicted to meet their TTFT SLO."""
+    if not (shed_factor == 0 or shed_factor >= 1):  # NaN too
+        raise ConfigError(f"--shed-factor must be 0 (off) or >= 1, got {shed_factor}")
 
 
 @contextlib.contextmanager

@@ -21,6 +21,13 @@ replica with ``B`` batch slots and ``L`` requests already on it:
 ``base_ttft`` and ``base_tpot`` are learned per replica by the gateway (EWMAs normalised back to
 an unloaded, non-training replica with :func:`unloaded_tpot` / :func:`unloaded_ttft`), with priors
 until the first observation.
+
+**Admission control** (opt-in, :func:`admission_decision`): under a burst, a request that would wait
+behind full batches misses its TTFT SLO anyway and delays every later arrival, so when even the
+best replica's predicted TTFT exceeds ``shed_factor × slo.ttft_s`` the gateway refuses it at once
+(503, Retry-After) instead. The prediction is the one :func:`choose_replica` ranks by. It never
+sheds on priors alone: before any replica has been measured the queueing term rests on a guessed
+TPOT, and refusing real traffic on a guess could also stop the gateway from ever measuring.
 """
 
 from __future__ import annotations
@@ -129,6 +136,75 @@ def failure_penalty_s(view: ReplicaView, model: LatencyModel = DEFAULT_LATENCY_M
     return model.failure_penalty_s * view.consecutive_failures * max(fade, 0.0)
 
 
+@dataclass(frozen=True)
+class Shed:
+    """Why :func:`admission_decision` refused a request: even the best replica is too slow."""
+
+    replica: str  # the healthy replica with the lowest predicted TTFT
+    predicted_ttft_s: float  # its predicted TTFT (with the failure penalty)
+    shed_factor: float
+    ttft_slo_s: float
+
+    @property
+    def limit_s(self) -> float:
+        return self.shed_factor * self.ttft_slo_s
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"request shed: its predicted TTFT {self.predicted_ttft_s:.3g} s (on the best replica, "
+            f"{self.replica}) exceeds shed-factor × TTFT SLO = {self.shed_factor:g} × "
+            f"{self.ttft_slo_s:g} s = {self.limit_s:.3g} s"
+        )
+
+
+def admission_decision(
+    views: Sequence[ReplicaView],
+    prompt_tokens: int,
+    max_tokens: int,
+    slo: SLO,
+    shed_factor: float,
+    exclude: Collection[str] = (),
+    model: LatencyModel = DEFAULT_LATENCY_MODEL,
+) -> Shed | None:
+    """A :class:`Shed` when the request should be refused now, else None (admit it).
+
+    Refused when ``shed_factor > 0`` and every healthy, non-excluded replica's predicted TTFT (as
+    :func:`choose_replica` ranks them: peer estimates filled in, failure penalty added) exceeds
+    ``shed_factor · slo.ttft_s``. ``shed_factor == 0`` turns shedding off. Never refused while no
+    replica has a measured latency (the prediction would be priors only), nor when no healthy
+    replica is left (that is the caller's "unavailable", not a prediction).
+    """
+    if shed_factor <= 0:
+        return None
+    if all(v.ewma_ttft_s is None and v.ewma_tpot_s is None for v in views):
+        return None
+    scored = _scored(views, prompt_tokens, max_tokens, exclude, model)
+    if not scored:
+        return None
+    ttft, _, best = min(scored, key=lambda s: (s[0], s[2].name))
+    if ttft <= shed_factor * slo.ttft_s:
+        return None
+    return Shed(best.name, ttft, shed_factor, slo.ttft_s)
+
+
+def _scored(
+    views: Sequence[ReplicaView],
+    prompt_tokens: int,
+    max_tokens: int,
+    exclude: Collection[str],
+    model: LatencyModel,
+) -> list[tuple[float, float, ReplicaView]]:
+    """(TTFT with the failure penalty, TPOT, view) of each healthy, non-excluded replica."""
+    scored: list[tuple[float, float, ReplicaView]] = []
+    for v in with_peer_estimates(views):
+        if not v.healthy or v.name in exclude:
+            continue
+        p = predict_latency(v, prompt_tokens, max_tokens, model)
+        scored.append((p.ttft_s + failure_penalty_s(v, model), p.tpot_s, v))
+    return scored
+
+
 def choose_replica(
     views: Sequence[ReplicaView],
     prompt_tokens: int,
@@ -148,13 +224,10 @@ def choose_replica(
     measured is assumed to be like the measured ones (they serve the same base model), so a fresh
     replica is neither shunned nor flooded because of a prior.
     """
-    scored: list[tuple[bool, float, float, ReplicaView]] = []
-    for v in with_peer_estimates(views):
-        if not v.healthy or v.name in exclude:
-            continue
-        p = predict_latency(v, prompt_tokens, max_tokens, model)
-        ttft = p.ttft_s + failure_penalty_s(v, model)
-        scored.append((ttft <= slo.ttft_s and p.tpot_s <= slo.tpot_s, ttft, p.tpot_s, v))
+    scored = [
+        (ttft <= slo.ttft_s and tpot <= slo.tpot_s, ttft, tpot, v)
+        for ttft, tpot, v in _scored(views, prompt_tokens, max_tokens, exclude, model)
+    ]
     if not scored:
         return None
     if any(meets for meets, *_ in scored):

@@ -187,3 +187,55 @@ def test_lora_delta_norm_is_accurate_for_tiny_changes(rng: np.random.Generator) 
     a_n = a_o.astype(np.float64) + 1e-9 * rng.standard_normal(a_o.shape)
     expected = np.linalg.norm(product(a_n, b_o) - product(a_o, b_o))
     assert lora_delta_norm(a_n, b_o, a_o, b_o) == pytest.approx(expected, rel=1e-5)
+
+
+# ---- server learning rate (global + η·(aggregate − global)) ----
+
+
+def test_fedavg_server_lr_steps_from_the_reference(rng: np.random.Generator) -> None:
+    ref, *updates = make_updates(rng, 3)
+    out = aggregate_lora_fedavg(updates, [1.0, 3.0], server_lr=2.5, reference=ref)
+    mean = aggregate_lora_fedavg(updates, [1.0, 3.0])
+    for key in ref:
+        expected = ref[key] + 2.5 * (mean[key].astype(np.float64) - ref[key])
+        np.testing.assert_allclose(out[key], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_server_lr_is_the_truncated_svd_of_the_server_step(rng: np.random.Generator) -> None:
+    ref, *updates = make_updates(rng, 4)
+    weights = [2.0, 1.0, 1.0]
+    out = aggregate_lora_exact(updates, weights, server_lr=3.0, reference=ref)
+    mean = dense_lora_sum(updates, weights)  # Σ p_k B_k A_k, p normalised
+    for m, (a, b) in lora_pairs(out).items():
+        ref_a, ref_b = lora_pairs(ref)[m]
+        step = product(ref_a, ref_b) + 3.0 * (mean[m] - product(ref_a, ref_b))
+        assert rel(product(a, b), truncated_svd(step, 3)) < 1e-4
+
+
+def test_exact_server_lr_on_a_shared_subspace_is_exact(rng: np.random.Generator) -> None:
+    # Every update keeps the reference's A: the step stays rank r, so nothing is truncated away.
+    ref, *others = make_updates(rng, 3)
+    updates = [{k: (ref[k] if k.endswith(LORA_A_SUFFIX) else u[k]) for k in ref} for u in others]
+    out = lora_pairs(aggregate_lora_exact(updates, [1.0, 1.0], server_lr=2.0, reference=ref))
+    for m, (ref_a, ref_b) in lora_pairs(ref).items():
+        mean_b = (lora_pairs(updates[0])[m][1] + lora_pairs(updates[1])[m][1]) / 2.0
+        expected = product(ref_a, ref_b + 2.0 * (mean_b - ref_b))
+        assert rel(product(*out[m]), expected) < 1e-5
+
+
+@pytest.mark.parametrize("fn", [aggregate_lora_exact, aggregate_lora_fedavg])
+def test_server_lr_one_is_plain_aggregation(rng: np.random.Generator, fn) -> None:  # type: ignore[no-untyped-def]
+    ref, *updates = make_updates(rng, 3)
+    plain, stepped = fn(updates, [1.0, 2.0]), fn(updates, [1.0, 2.0], server_lr=1.0, reference=ref)
+    for key in plain:
+        np.testing.assert_array_equal(plain[key], stepped[key])
+
+
+@pytest.mark.parametrize("fn", [aggregate_lora_exact, aggregate_lora_fedavg])
+def test_bad_server_lr_or_missing_reference_raise(rng: np.random.Generator, fn) -> None:  # type: ignore[no-untyped-def]
+    ref, *updates = make_updates(rng, 3)
+    for eta in (0.0, -1.0, float("nan"), 17.0):
+        with pytest.raises(ValueError, match="server_lr must be in"):
+            fn(updates, [1.0, 1.0], server_lr=eta, reference=ref)
+    with pytest.raises(ValueError, match="needs the reference"):
+        fn(updates, [1.0, 1.0], server_lr=2.0)

@@ -114,6 +114,12 @@ def test_gateway_with_a_stall_timeout_not_above_zero_exits_2(capsys, value):
     assert code == 2 and "--stream-stall-timeout must be > 0" in err
 
 
+@pytest.mark.parametrize("value", ["0.5", "-1", "nan"])
+def test_gateway_with_a_shed_factor_neither_0_nor_at_least_1_exits_2(capsys, value):
+    code, err = run(capsys, "gateway", "--replica", "http://127.0.0.1:1", "--shed-factor", value)
+    assert code == 2 and "--shed-factor must be 0 (off) or >= 1" in err
+
+
 @pytest.mark.parametrize(
     "sub", ["prepare", "federate", "site", "live", "gateway", "load", "replica"]
 )
@@ -121,3 +127,11 @@ def test_every_command_has_help(sub, capsys):
     code, out, _ = run_out(capsys, sub, "--help")
     assert code == 0
     assert out.startswith("usage: collm " + sub)
+
+
+def test_server_lr_benchmark_refuses_bad_values_with_exit_2(capsys, tmp_path):
+    code, err = run(capsys, "bench", "server-lr", "--server-lrs", "1,x", "--out", str(tmp_path))
+    assert code == 2 and "--server-lrs must be comma-separated numbers" in err
+    code, err = run(capsys, "bench", "server-lr", "--server-lrs", "0", "--out", str(tmp_path))
+    assert code == 2 and "server lrs must be in (0, 16]" in err
+    assert not list(tmp_path.iterdir())

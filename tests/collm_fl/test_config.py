@@ -87,3 +87,11 @@ def test_device_key_is_read_from_the_run_config_and_defaults_to_cpu():
 def test_a_malformed_device_is_a_config_error_naming_the_key(device):
     with pytest.raises(ConfigError, match="device="):
         RunConfig(device=device)
+
+
+def test_server_lr_is_read_from_flower_and_bounded():
+    assert RunConfig().server_lr == 1.0  # plain FedAvg unless asked
+    assert RunConfig.from_flower({"server-lr": 3}).server_lr == 3.0
+    for bad in (0.0, -1.0, 17.0):
+        with pytest.raises(ConfigError, match=r"server-lr=.*must be in \(0, 16\]"):
+            RunConfig(server_lr=bad)

@@ -121,3 +121,36 @@ def test_backfill_budgets_reach_the_node_and_only_a_true_sit_out_is_skipped():
     assert sorted(sent) == [11, 12]
     assert sent[11]["local-steps"] == 2 and sent[11]["backfill-steps"] == 3
     assert sent[12]["local-steps"] == 0 and sent[12]["backfill-steps"] == 5
+
+
+@pytest.mark.parametrize("mode", ["exact", "fedavg"])
+def test_server_lr_steps_from_the_global_adapter_the_round_sent(mode):
+    s = strategy(mode=mode, server_lr=2.0)
+    reference = arrayrecord_to_state(s.current_arrays)
+    states = [adapter(1), adapter(2)]
+    arrays, _ = s.aggregate_train(1, [reply(1, states[0], 10), reply(2, states[1], 30)])
+    fn = aggregate_lora_exact if mode == "exact" else aggregate_lora_fedavg
+    expected = fn(states, [10, 30], server_lr=2.0, reference=reference)
+    plain = fn(states, [10, 30])
+    got = arrayrecord_to_state(arrays)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(got[k], plain[k]) for k in plain)  # the step is not FedAvg
+
+
+def test_server_lr_also_applies_to_a_robust_aggregate():
+    s = strategy(robust="median", server_lr=2.0)
+    plain = strategy(robust="median")
+    replies = [reply(n, adapter(n), 10) for n in (1, 2, 3)]
+    got = arrayrecord_to_state(s.aggregate_train(1, replies)[0])
+    median = arrayrecord_to_state(plain.aggregate_train(1, replies)[0])
+    reference = arrayrecord_to_state(s.current_arrays)
+    expected = aggregate_lora_exact([median], [1.0], server_lr=2.0, reference=reference)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("eta", [0.0, -1.0, 100.0])
+def test_a_bad_server_lr_is_refused_at_construction(eta):
+    with pytest.raises(ValueError, match="server_lr"):
+        LoraFedAvg(server_lr=eta)

@@ -90,6 +90,10 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path: Path) -> Non
         run_goodput_benchmark("tiny", 2, None, 0, 5.0, tmp_path, False)
     with pytest.raises(ConfigError, match="arrivals"):
         run_goodput_benchmark("tiny", 2, None, 1, 5.0, tmp_path, False, arrivals="sideways")
+    with pytest.raises(ConfigError, match="server_lr"):
+        run_goodput_benchmark("tiny", 2, None, 1, 5.0, tmp_path, False, server_lr=0.0)
+    with pytest.raises(ConfigError, match="shed_factor"):
+        run_goodput_benchmark("tiny", 2, None, 1, 5.0, tmp_path, False, shed_factor=0.5)
     assert not list(tmp_path.iterdir())
 
 

@@ -32,11 +32,14 @@ class GatewayServer:
         poll_interval_s: float = 0.25,
         slo: SLO | None = None,
         stream_stall_timeout_s: float = 60.0,
+        shed_factor: float = 0.0,
     ) -> None:
         self.pool = ReplicaPool(
             urls, poll_interval_s=poll_interval_s, stream_stall_timeout_s=stream_stall_timeout_s
         )
-        self.app = create_gateway_app(self.pool, api_key, replica_api_key, slo or SLO())
+        self.app = create_gateway_app(
+            self.pool, api_key, replica_api_key, slo or SLO(), shed_factor=shed_factor
+        )
         self.port = free_port()
         config = uvicorn.Config(
             self.app, host="127.0.0.1", port=self.port, log_level="warning", ws="none"

@@ -1,0 +1,86 @@
+"""Admission control: shed a request when even the best replica would miss its TTFT SLO."""
+
+from dataclasses import replace
+
+import pytest
+
+from collm_fl.policies.routing import (
+    ReplicaView,
+    admission_decision,
+    failure_penalty_s,
+    predict_latency,
+)
+from collm_fl.replica.metrics import SLO
+
+SLO_ = SLO(ttft_s=1.0, tpot_s=0.1)
+IDLE = ReplicaView(name="a", healthy=True, ewma_ttft_s=0.05, ewma_tpot_s=0.01, max_batch=4)
+# 8 requests on 4 slots, 100 tokens left each: 5 slot releases to wait for (≈ 1.7 s of TTFT).
+BURST = {"in_flight": 8, "in_flight_tokens": 800}
+
+
+def view(name: str, **kw: object) -> ReplicaView:
+    return replace(IDLE, name=name, **kw)
+
+
+def saturated() -> list[ReplicaView]:
+    return [view("a", **BURST), view("b", **BURST)]
+
+
+def test_shedding_off_admits_whatever_the_load():
+    assert predict_latency(saturated()[0], 0, 16).ttft_s > SLO_.ttft_s
+    assert admission_decision(saturated(), 0, 16, SLO_, shed_factor=0) is None
+    deep = [view("a", queue_depth=10_000), view("b", queue_depth=10_000)]
+    assert admission_decision(deep, 0, 16, SLO_, shed_factor=0) is None
+
+
+def test_a_burst_that_fills_every_batch_is_shed_with_the_predicted_ttft_and_the_limit():
+    shed = admission_decision(saturated(), 0, 16, SLO_, shed_factor=1.5)
+    assert shed is not None
+    expected = predict_latency(saturated()[0], 0, 16).ttft_s
+    assert shed.predicted_ttft_s == pytest.approx(expected)
+    assert shed.predicted_ttft_s > 1.5 * SLO_.ttft_s
+    assert shed.limit_s == pytest.approx(1.5)
+    assert shed.replica == "a"  # equal predictions: the first by name
+    assert "shed" in shed.reason
+    assert f"predicted TTFT {expected:.3g} s" in shed.reason
+    assert "shed-factor × TTFT SLO = 1.5 × 1 s = 1.5 s" in shed.reason
+
+
+def test_one_idle_replica_is_enough_to_admit():
+    views = [view("a", **BURST), view("b")]
+    assert admission_decision(views, 0, 16, SLO_, shed_factor=1) is None
+
+
+def test_unhealthy_and_excluded_replicas_do_not_count_as_room():
+    views = [view("a", **BURST), view("b", healthy=False), view("c")]
+    assert admission_decision(views, 0, 16, SLO_, shed_factor=1, exclude={"c"}) is not None
+
+
+def test_nothing_is_shed_before_any_replica_is_measured():
+    unmeasured = [replace(v, ewma_ttft_s=None, ewma_tpot_s=None) for v in saturated()]
+    assert predict_latency(unmeasured[0], 0, 16).ttft_s > SLO_.ttft_s  # priors alone would shed
+    assert admission_decision(unmeasured, 0, 16, SLO_, shed_factor=1) is None
+    # One measured replica is enough: its peers are assumed like it (as routing does).
+    some = [unmeasured[0], replace(unmeasured[1], ewma_tpot_s=0.01)]
+    assert admission_decision(some, 0, 16, SLO_, shed_factor=1) is not None
+
+
+def test_the_failure_penalty_counts_as_routing_counts_it():
+    failing = view("a", consecutive_failures=3, last_error_age_s=0.0)
+    assert predict_latency(failing, 0, 16).ttft_s < SLO_.ttft_s < failure_penalty_s(failing)
+    shed = admission_decision([failing], 0, 16, SLO_, shed_factor=1)
+    assert shed is not None and shed.predicted_ttft_s > SLO_.ttft_s
+
+
+def test_more_load_is_shed_no_earlier_than_less_load():
+    def shed_at(depth: int, factor: float) -> bool:
+        views = [view("a", queue_depth=depth), view("b", queue_depth=depth + 1)]
+        return admission_decision(views, 32, 64, SLO_, shed_factor=factor) is not None
+
+    for factor in (1.0, 2.0, 4.0):
+        decisions = [shed_at(depth, factor) for depth in range(60)]
+        first = decisions.index(True)  # some load is shed, some admitted ...
+        assert first > 0 and all(decisions[first:])  # ... and once shed, more load is too
+    # A larger factor sheds no earlier.
+    firsts = [[shed_at(d, f) for d in range(60)].index(True) for f in (1.0, 2.0, 4.0)]
+    assert firsts == sorted(firsts) and firsts[0] < firsts[-1]

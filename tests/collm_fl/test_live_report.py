@@ -1,0 +1,41 @@
+"""The main job's per-round figures: a round without arrivals is reported as such."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from collm_fl.live import LiveConfig, RoundRow, _load_text, _report
+from collm_fl.loadgen.client import RequestResult
+from collm_fl.loadgen.goodput import SLOSpec
+
+
+def _ok(i: int, sent_at: float, ttft: float) -> RequestResult:
+    return RequestResult(i, sent_at, ttft, 0.05, ttft + 1.2, "ok", 200, 1, 48, 24, None)
+
+
+def test_a_round_without_requests_says_so_instead_of_zero_attainment() -> None:
+    assert _load_text(0, 0.0, 0.0) == "no requests arrived since the previous round"
+    assert _load_text(4, 0.25, 0.75) == "4 requests, goodput 0.25 req/s, SLO attainment 75%"
+
+
+def test_report_marks_rounds_without_requests(tmp_path: Path) -> None:
+    cfg = LiveConfig(rounds=2, out=tmp_path)
+    rows = [
+        RoundRow(1, 60.0, 1, 4.8, 2, 0, 2, 0.033, 1.0, {"replica0": 0.5}),
+        RoundRow(2, 120.0, 2, 4.7, 2, 0, 0, 0.0, 0.0, {"replica0": 0.5}),
+    ]
+    results = [_ok(0, 10.0, 0.3), _ok(1, 20.0, 6.0)]  # the second misses the 5 s TTFT SLO
+    timeline: list[tuple[float, str, int | None, float]] = [
+        (60.0, "replica0", 1, 0.5),
+        (120.0, "replica0", 2, 0.5),
+    ]
+    md = _report(cfg, tmp_path, rows, timeline, results, SLOSpec(5.0, 0.5), 120.0)
+    table = md.read_text().splitlines()
+    assert "| 1 | 60 | v1 | 4.8000 | 2/0 | 2 | 0.033 | 100% | replica0 0.50 |" in table
+    assert "| 2 | 120 | v2 | 4.7000 | 2/0 | 0 | - | - | replica0 0.50 |" in table
+    assert any("had no arrivals" in line for line in table)
+    assert "Whole run: 2 requests, goodput 0.008 req/s, SLO attainment 50%, errors {}." in table
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [r["requests"] for r in data["rounds"]] == [2, 0]
+    assert (tmp_path / "live.png").exists()
