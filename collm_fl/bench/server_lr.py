@@ -126,7 +126,8 @@ def _markdown(
         "",
         f"Command: `{result['command']}`",
         "",
-        f"Machine: {result['machine']}. Wall time {float(result['seconds']) / 60:.1f} min.",  # type: ignore[arg-type]
+        f"Machine: {_machine_text(result['machine'])}. "  # type: ignore[arg-type]
+        f"Wall time {float(result['seconds']) / 60:.1f} min.",  # type: ignore[arg-type]
         "",
         f"`{result['model']}`, LoRA as in the run config, AdamW lr {result['learning_rate']} "
         f"(fresh each round), batch {result['batch'][0]} × {result['batch'][1]} tokens. Per round: "  # type: ignore[index]
@@ -155,3 +156,12 @@ def _markdown(
             f"| {label} | " + " | ".join(f"{x:.4f}" for x in losses) + f" | {never_worse} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _machine_text(m: Mapping[str, object]) -> str:
+    return (
+        f"{m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, torch {m['torch_version']} "
+        f"({m['torch_threads']} threads); float32 matmul probe "
+        f"{float(m['matmul_gflops_start']):.0f} GFLOP/s before, "  # type: ignore[arg-type]
+        f"{float(m['matmul_gflops_end']):.0f} after"  # type: ignore[arg-type]
+    )

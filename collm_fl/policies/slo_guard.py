@@ -3,7 +3,9 @@
 Short-timescale half of the coordination. Serving has priority: training yields at the next
 micro-step boundary when a waiting request's TTFT or the running requests' TPOT is at risk, and
 otherwise takes at most its training share of time while requests are present. A trainer running
-below serving's CPU priority (``preemptible``) cannot delay admission: the kernel preempts it.
+below serving's CPU priority (``preemptible``) cannot delay admission: the kernel preempts it; such
+a trainer that has fallen behind its round's plan (``behind_schedule``) takes its share even while
+requests are at risk, so sustained load slows the plan instead of cancelling it.
 When the replica is idle, training takes the whole replica (all threads).
 """
 
@@ -30,6 +32,9 @@ class GuardInputs:
     # The trainer runs below serving's CPU priority (replica.affinity): the kernel preempts a
     # running micro-step for serving, so admitting a waiting request never waits for one.
     preemptible: bool = False
+    # The round's planned steps left need at least the time left before its deadline at the
+    # training share: yielding any longer means the replica's plan is not met this round.
+    behind_schedule: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,13 @@ def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = Fals
         return GuardDecision(True, max(1, x.total_threads), 0.0, "idle: training takes the replica")
     if backfill:  # woken by the engine when it goes idle; the recheck is a safety net
         return GuardDecision(False, 0, IDLE_RECHECK_S, "backfill waits for an idle replica")
+    if x.behind_schedule and x.preemptible and x.busy_fraction < x.training_share:
+        # Under sustained load a waiting request is always at risk, and yielding to it every
+        # time would starve the round's plan. A preemptible trainer then still takes its share:
+        # the kernel runs serving first, so a step only uses the cycles serving leaves.
+        return GuardDecision(
+            True, max(1, x.total_threads - 1), 0.0, "behind the round's plan: taking the share"
+        )
     # A micro-step started now delays admission of waiting requests by about its duration
     # (unless serving preempts it).
     at_risk = x.oldest_waiting_s + (0.0 if x.preemptible else x.train_step_s)

@@ -191,7 +191,17 @@ class CoTrainer:
             decision = (
                 GuardDecision(True, self.total_threads, 0.0, "exclusive: serving is paused")
                 if job.exclusive
-                else training_decision(self._guard_inputs(), backfill=steps >= planned)
+                else training_decision(
+                    self._guard_inputs(
+                        behind_schedule(
+                            planned - steps,
+                            self._step_ewma,
+                            self._share,
+                            job.deadline_s - (time.monotonic() - started),
+                        )
+                    ),
+                    backfill=steps >= planned,
+                )
             )
             if not decision.run:
                 why_yielded[decision.reason] += 1
@@ -272,7 +282,7 @@ class CoTrainer:
         busy = sum(min(e, now) - max(s, now - window) for s, e in self._busy)
         return max(0.0, busy) / window
 
-    def _guard_inputs(self) -> GuardInputs:
+    def _guard_inputs(self, behind: bool = False) -> GuardInputs:
         s = self.engine.stats()
         return GuardInputs(
             queue_depth=s.queue_depth,
@@ -286,4 +296,13 @@ class CoTrainer:
             tpot_slo_s=self.slo.tpot_s,
             total_threads=self.total_threads,
             preemptible=self.nice > 0,
+            behind_schedule=behind,
         )
+
+
+def behind_schedule(planned_left: int, step_s: float, share: float, time_left_s: float) -> bool:
+    """Whether ``planned_left`` steps of ``step_s`` at training share ``share`` need at least the
+    ``time_left_s`` before the deadline (False before any step is timed, or with nothing left)."""
+    if planned_left <= 0 or step_s <= 0 or share <= 0:
+        return False
+    return planned_left * step_s / share >= time_left_s

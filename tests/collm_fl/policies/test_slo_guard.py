@@ -78,3 +78,28 @@ def test_a_backfill_step_runs_only_on_an_idle_replica():
     busy = training_decision(inputs(running=1, busy_fraction=0.0), backfill=True)
     assert not busy.run and "backfill" in busy.reason
     assert training_decision(inputs(running=1, busy_fraction=0.0)).run  # a planned step would
+
+
+def test_a_preemptible_trainer_behind_its_plan_takes_its_share_despite_waiting_requests():
+    at_risk = dict(queue_depth=3, running=2, oldest_waiting_s=1.9, busy_fraction=0.1)
+    assert training_decision(inputs(**at_risk, preemptible=True)).reason == "TTFT at risk"
+    d = training_decision(inputs(**at_risk, preemptible=True, behind_schedule=True))
+    assert d.run and d.threads == 1 and "behind" in d.reason
+    # Not preemptible: a step would delay admission by its length, so it still yields.
+    assert not training_decision(inputs(**at_risk, behind_schedule=True)).run
+    # Behind or not, it keeps to its share ...
+    over = {**at_risk, "busy_fraction": 0.6}
+    assert not training_decision(inputs(**over, preemptible=True, behind_schedule=True)).run
+    # ... and backfill still waits for an idle replica.
+    late = inputs(**at_risk, preemptible=True, behind_schedule=True)
+    assert not training_decision(late, backfill=True).run
+
+
+def test_behind_schedule_compares_the_plan_left_at_the_share_with_the_time_left():
+    from collm_fl.replica.coexec import behind_schedule
+
+    assert behind_schedule(4, 2.0, 0.5, 16.0)  # 4 × 2 s at half the time needs 16 s
+    assert not behind_schedule(4, 2.0, 0.5, 16.1)
+    assert not behind_schedule(0, 2.0, 0.5, 1.0)  # nothing planned is left
+    assert not behind_schedule(4, 0.0, 0.5, 1.0)  # no step timed yet
+    assert not behind_schedule(4, 2.0, 0.0, 1.0)  # share 0: the plan is to sit out

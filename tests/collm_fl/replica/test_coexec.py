@@ -92,3 +92,23 @@ def test_backfill_waits_while_a_request_is_served(replica):
     assert outcome.steps == 2 and outcome.backfilled == 0  # planned ran, backfill waited
     assert outcome.deadline_hit and outcome.yields > 0
     assert handle.wait(timeout=60) and handle.finish_reason in ("length", "stop")
+
+
+def test_a_trainer_behind_its_plan_takes_its_share_while_a_request_waits(replica):
+    assert replica.trainer is not None
+    replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1)  # a timed step
+    replica.engine.pause()  # a request stays queued past its TTFT SLO the whole time
+    handle = replica.engine.submit(
+        GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=4, temperature=0), "r1")
+    )
+    try:
+        # 10,000 planned steps cannot fit 1 s: behind schedule from the first decision.
+        behind = replica.train(steps=10_000, learning_rate=1e-3, deadline_s=1.0, round_number=2)
+        replica.trainer.nice = 0  # the same trainer, seen as not preemptible, keeps yielding
+        held = replica.train(steps=10_000, learning_rate=1e-3, deadline_s=1.0, round_number=3)
+    finally:
+        replica.trainer.nice = replica.cfg.trainer_nice
+        replica.engine.resume()
+    assert behind.steps > 0 and behind.deadline_hit
+    assert held.steps == 0 and held.yields > 0 and held.deadline_hit
+    assert handle.wait(timeout=60) and handle.finish_reason in ("length", "stop")
