@@ -78,6 +78,14 @@ def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = Fals
     return GuardDecision(True, max(1, x.total_threads - 1), 0.0, "within share and SLOs")
 
 
+def behind_schedule(planned_left: int, step_s: float, share: float, time_left_s: float) -> bool:
+    """Whether ``planned_left`` steps of ``step_s`` at training share ``share`` need at least the
+    ``time_left_s`` before the deadline (False before any step is timed, or with nothing left)."""
+    if planned_left <= 0 or step_s <= 0 or share <= 0:
+        return False
+    return planned_left * step_s / share >= time_left_s
+
+
 def _recheck_s(x: GuardInputs) -> float:
     """How long a trainer yielding to serving waits before deciding again (unless woken)."""
     return min(IDLE_RECHECK_S, max(MIN_RECHECK_S, x.train_step_s))

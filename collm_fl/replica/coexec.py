@@ -29,7 +29,12 @@ from collm_fl.adapters import AdapterState
 from collm_fl.data.tokenize import batch_to
 from collm_fl.errors import CollmError, ConfigError
 from collm_fl.models import model_device
-from collm_fl.policies.slo_guard import GuardDecision, GuardInputs, training_decision
+from collm_fl.policies.slo_guard import (
+    GuardDecision,
+    GuardInputs,
+    behind_schedule,
+    training_decision,
+)
 from collm_fl.replica.affinity import available_cpus, lower_thread_priority
 from collm_fl.replica.engine import InferenceEngine
 from collm_fl.replica.lora_layers import MultiLoraModules, lora_context, train
@@ -298,11 +303,3 @@ class CoTrainer:
             preemptible=self.nice > 0,
             behind_schedule=behind,
         )
-
-
-def behind_schedule(planned_left: int, step_s: float, share: float, time_left_s: float) -> bool:
-    """Whether ``planned_left`` steps of ``step_s`` at training share ``share`` need at least the
-    ``time_left_s`` before the deadline (False before any step is timed, or with nothing left)."""
-    if planned_left <= 0 or step_s <= 0 or share <= 0:
-        return False
-    return planned_left * step_s / share >= time_left_s

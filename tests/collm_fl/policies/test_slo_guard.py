@@ -1,6 +1,6 @@
 import pytest
 
-from collm_fl.policies.slo_guard import GuardInputs, training_decision
+from collm_fl.policies.slo_guard import GuardInputs, behind_schedule, training_decision
 
 
 def inputs(**kw) -> GuardInputs:
@@ -96,8 +96,6 @@ def test_a_preemptible_trainer_behind_its_plan_takes_its_share_despite_waiting_r
 
 
 def test_behind_schedule_compares_the_plan_left_at_the_share_with_the_time_left():
-    from collm_fl.replica.coexec import behind_schedule
-
     assert behind_schedule(4, 2.0, 0.5, 16.0)  # 4 × 2 s at half the time needs 16 s
     assert not behind_schedule(4, 2.0, 0.5, 16.1)
     assert not behind_schedule(0, 2.0, 0.5, 1.0)  # nothing planned is left
