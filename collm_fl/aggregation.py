@@ -95,8 +95,10 @@ def check_server_lr(server_lr: float) -> None:
 
     η = 1 is plain FedAvg. η > 1 extrapolates along the mean update: K clients that each ran
     s steps from the same start move the model about as far as one client running s steps, while
-    one client running K·s steps in sequence moves it about K times as far; η = K recovers that
-    distance (to first order, the sum of the clients' updates). η < 1 damps noisy rounds.
+    one client running K·s steps in sequence moves it about K times as far; to first order η = K
+    recovers that distance (the sum of the clients' updates). Measured on SmolLM2 with AdamW
+    restarted each round, K = 2 needed η = 3 to match the sequential trainer in every round
+    (docs/bench/server_lr.md). η < 1 damps noisy rounds.
     """
     if not (math.isfinite(server_lr) and 0.0 < server_lr <= MAX_SERVER_LR):
         raise ValueError(f"server_lr must be in (0, {MAX_SERVER_LR:g}], got {server_lr}")
