@@ -162,8 +162,9 @@ class Router:
         # Admission control judges a request once, on arrival, never again before a failover
         # retry: the retry was already admitted, its first replica's refusal says nothing about
         # how long it would wait elsewhere, and its client has already waited out one attempt.
+        views = self.pool.views()  # one snapshot serves admission and the first routing choice
         shed = admission_decision(
-            self.pool.views(), job.prompt_tokens, job.max_tokens, self.slo, self.shed_factor
+            views, job.prompt_tokens, job.max_tokens, self.slo, self.shed_factor
         )
         if shed is not None:
             self.metrics.shed.inc()
@@ -171,8 +172,9 @@ class Router:
             raise overloaded(RETRY_AFTER_S, shed.reason)
         excluded: set[str] = set()
         last = "no healthy replica"
-        for _ in range(self.max_attempts):
-            views = self.pool.views()
+        for attempt_no in range(self.max_attempts):
+            if attempt_no:  # a failover: the refusal changed the pool's view
+                views = self.pool.views()
             name = choose_replica(views, job.prompt_tokens, job.max_tokens, self.slo, excluded)
             if name is None:
                 break
