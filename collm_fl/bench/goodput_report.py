@@ -252,6 +252,11 @@ def render_markdown(result: GoodputResult) -> str:
             else ""
         )
         + ").",
+        "- **Admission in a replica**: baselines: first come, first served (`collm replica "
+        "--schedule fcfs`, vLLM's default); CoLLM-FL: `--schedule slo` — requests that can still "
+        "meet the TTFT SLO first, a burst prefilled only as far as its oldest member still meets "
+        "it, requests already late on spare rows, none deferred past 30 s "
+        "(`collm_fl.policies.scheduling`). No request is refused or dropped by it.",
         "- **Metrics**: goodput = requests meeting both SLOs per second of schedule; SLO "
         "attainment over all scheduled requests (failed, timed-out and dropped ones miss); "
         "latency percentiles over successful requests. Served loss = mean over the serving "

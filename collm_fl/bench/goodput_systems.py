@@ -67,6 +67,7 @@ class SystemSpec:
     swap_mode: str  # how its serving replicas take a new version (Replica.push_version)
     exclusive: bool  # training pauses the replica's serving for the whole job
     gateway: bool  # requests go through `collm gateway` (else client-side round-robin)
+    schedule: str  # the replicas' admission order (`collm replica --schedule`)
     budget: str  # "split": dedicated trainers share it; "each": per replica; "allocate": policy
     summary: str  # one line for the report
 
@@ -78,9 +79,11 @@ SYSTEM_SPECS = {
         "reload",
         False,
         False,
+        "fcfs",
         "split",
         "⌈R/2⌉ replicas only train (no requests, training share 1), the others only serve and "
-        "take each version by a stop-the-world reload; round-robin routing",
+        "take each version by a stop-the-world reload; round-robin routing, "
+        "first-come-first-served admission",
     ),
     COLOCATED: SystemSpec(
         COLOCATED,
@@ -88,9 +91,10 @@ SYSTEM_SPECS = {
         "reload",
         True,
         False,
+        "fcfs",
         "each",
         "every replica trains its full round budget exclusively (its requests wait), versions "
-        "by stop-the-world reload; round-robin routing",
+        "by stop-the-world reload; round-robin routing, first-come-first-served admission",
     ),
     MERGED: SystemSpec(
         MERGED,
@@ -98,10 +102,12 @@ SYSTEM_SPECS = {
         "merge",
         True,
         False,
+        "fcfs",
         "each",
         "adapter merged into the base for serving; a new version unmerges the old and merges "
         "the new with serving paused (requests in flight go on with the new weights); training "
-        "exclusive (unmerge before, merge after); round-robin routing",
+        "exclusive (unmerge before, merge after); round-robin routing, first-come-first-served "
+        "admission",
     ),
     COLLM: SystemSpec(
         COLLM,
@@ -109,9 +115,11 @@ SYSTEM_SPECS = {
         "shadow",
         False,
         True,
+        "slo",
         "allocate",
         "shadow swaps, unmerged co-execution under the SLO guard, per-round budgets from "
-        "collm_fl.policies.allocation.allocate fed with /control/load, SLO-aware gateway",
+        "collm_fl.policies.allocation.allocate fed with /control/load, SLO-aware gateway, "
+        "SLO-aware admission in the replicas (requests that can still meet the TTFT SLO first)",
     ),
 }
 
@@ -218,7 +226,7 @@ def run_system(
     clients: list[ReplicaClient] = []
     started = time.monotonic()
     try:
-        urls, controls = _start_replicas(fed, settings)
+        urls, controls = _start_replicas(fed, settings, spec.schedule)
         clients = [ReplicaClient(c, fed.control_token) for c in controls]
         targets = [urls[i] for i in serving]
         if spec.gateway:
@@ -272,7 +280,9 @@ async def _load_and_rounds(
     return results, federation, time.monotonic() - t0
 
 
-def _start_replicas(fed: LocalFederation, s: RunSettings) -> tuple[list[str], list[str]]:
+def _start_replicas(
+    fed: LocalFederation, s: RunSettings, schedule: str
+) -> tuple[list[str], list[str]]:
     """Spawn every replica at once (they load in parallel), then wait for each to be healthy."""
     procs: list[ManagedProcess] = []
     urls: list[str] = []
@@ -293,6 +303,8 @@ def _start_replicas(fed: LocalFederation, s: RunSettings) -> tuple[list[str], li
                 repr(s.slo.tpot_s),
                 "--max-batch-size",
                 str(s.max_batch_size),
+                "--schedule",
+                schedule,
                 "--training-share",
                 repr(s.initial_share),
                 "--seed",
@@ -337,7 +349,8 @@ def calibrate(
         workdir / "store",
         0,
         replicas,
-        ["--seed", str(seed), "--cpus", str(replica_cpu(0))],
+        # First come, first served: the burst measures plain throughput, no system's policy.
+        ["--seed", str(seed), "--cpus", str(replica_cpu(0)), "--schedule", "fcfs"],
     )
     url = f"http://127.0.0.1:{port}"
     unloaded, burst = (3, 8) if quick else (10, 16)

@@ -257,6 +257,8 @@ def _run_replica(args: argparse.Namespace) -> int:
             )
     if args.ttft_slo <= 0 or args.tpot_slo <= 0:
         raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
+    if args.defer_limit <= 0:
+        raise ConfigError(f"--defer-limit must be > 0 seconds, got {args.defer_limit}")
     if not 0 <= args.training_share <= 1:
         raise ConfigError(f"--training-share must be in [0, 1], got {args.training_share}")
     if not 0 <= args.trainer_nice <= 19:
@@ -290,6 +292,8 @@ def _run_replica(args: argparse.Namespace) -> int:
         slo=SLO(ttft_s=args.ttft_slo, tpot_s=args.tpot_slo),
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
+        schedule=args.schedule,
+        defer_limit_s=args.defer_limit,
         training_share=args.training_share,
         trainer_nice=args.trainer_nice,
         seed=args.seed,

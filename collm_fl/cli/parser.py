@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S, SCHEDULES
+
 
 def _positive_int_list(text: str) -> list[int]:
     try:
@@ -76,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpot-slo", type=float, default=0.2, help="seconds per output token")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="slo",
+        help="admission order: slo = requests that can still meet --ttft-slo first (late ones "
+        "fill spare rows, none waits past --defer-limit); fcfs = first come, first served",
+    )
+    p.add_argument(
+        "--defer-limit",
+        type=float,
+        default=DEFAULT_DEFER_LIMIT_S,
+        help="seconds: with --schedule slo, a request waiting this long is admitted next",
+    )
     p.add_argument("--training-share", type=float, default=0.5)
     p.add_argument(
         "--trainer-nice",

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,12 @@ from transformers.cache_utils import DynamicLayer
 
 from collm_fl.errors import ConfigError
 from collm_fl.models import model_device
+from collm_fl.policies.scheduling import (
+    DEFAULT_DEFER_LIMIT_S,
+    SCHEDULES,
+    Waiting,
+    admission_order,
+)
 from collm_fl.replica.lora_layers import MultiLoraModules, lora_context, serve
 from collm_fl.replica.requests import (
     FINISH_CANCELLED,
@@ -72,6 +79,7 @@ class EngineStats:
     prefill_s_per_token: float  # EWMA of prefill seconds per prompt token
     requests_finished: int  # total since start, any finish reason
     busy_s: float  # total seconds spent in engine steps since start (serving's compute time)
+    admitted_late: int = 0  # admitted after their TTFT SLO had already passed (total)
 
 
 @dataclass(eq=False)
@@ -107,15 +115,30 @@ class InferenceEngine:
         max_queue: int = 64,
         max_model_len: int | None = None,
         num_threads: int | None = None,
+        schedule: str = "fcfs",
+        ttft_slo_s: float = 2.0,
+        defer_limit_s: float = DEFAULT_DEFER_LIMIT_S,
     ):
         if max_batch_size < 1 or max_queue < 1:
             raise ConfigError(f"max_batch_size {max_batch_size}, max_queue {max_queue}: need >= 1")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if ttft_slo_s <= 0 or defer_limit_s <= 0:
+            raise ConfigError(
+                f"ttft_slo_s {ttft_slo_s} and defer_limit_s {defer_limit_s} must be > 0"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.modules = modules
         self.slots = slots
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        # Admission order (collm_fl.policies.scheduling): "fcfs", or "slo" — requests that can
+        # still meet ``ttft_slo_s`` first, none waiting longer than ``defer_limit_s``.
+        self.schedule = schedule
+        self.ttft_slo_s = ttft_slo_s
+        self.defer_limit_s = defer_limit_s
+        self.admitted_late = 0  # requests admitted after their TTFT SLO had already passed
         self.config = getattr(model, "config", None)
         context = getattr(self.config, "max_position_embeddings", 0)
         self.max_model_len = int(max_model_len or context)
@@ -203,6 +226,7 @@ class InferenceEngine:
                 prefill_s_per_token=self._prefill_ewma,
                 requests_finished=self._finished,
                 busy_s=self._busy_s,
+                admitted_late=self.admitted_late,
             )
 
     def is_idle(self) -> bool:
@@ -291,8 +315,7 @@ class InferenceEngine:
     def _admit(self) -> list[_Row]:
         rows: list[_Row] = []
         with self.busy_changed:
-            while self._waiting and len(self._rows) + len(rows) < self.max_batch_size:
-                handle = self._waiting.popleft()
+            for handle in self._ordered_for_admission():
                 if handle.cancelled:  # never admitted: nothing to release
                     self._finished += 1
                     handle._push(TokenEvent(None, "", FINISH_CANCELLED))
@@ -304,6 +327,38 @@ class InferenceEngine:
                 gen = make_generator(handle.request.params)
                 rows.append(_Row(handle=handle, slot=slot, generator=gen, generated=[]))
         return rows
+
+    def _ordered_for_admission(self) -> Iterator[RequestHandle]:
+        """Take the requests to admit now off the queue, in order (``busy_changed`` held).
+
+        A cancelled request is yielded too (and takes no row): the caller finishes it.
+        """
+        now = time.monotonic()
+        if self.schedule == "fcfs":
+            admitted = 0
+            while self._waiting and len(self._rows) + admitted < self.max_batch_size:
+                handle = self._waiting.popleft()
+                if not handle.cancelled:
+                    admitted += 1
+                    self.admitted_late += now - handle.arrival >= self.ttft_slo_s
+                yield handle
+            return
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            yield handle
+        queue = list(self._waiting)  # oldest first
+        picked = admission_order(
+            [Waiting(now - h.arrival, h.num_prompt_tokens) for h in queue],
+            self.max_batch_size - len(self._rows),
+            self._prefill_ewma,
+            self.ttft_slo_s,
+            self.defer_limit_s,
+        )
+        for i in picked:
+            self._waiting.remove(queue[i])
+            if now - queue[i].arrival >= self.ttft_slo_s:
+                self.admitted_late += 1
+            yield queue[i]
 
     def _prefill(self, rows: list[_Row]) -> None:
         started = time.perf_counter()

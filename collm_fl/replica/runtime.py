@@ -26,6 +26,7 @@ from collm_fl.data import DataSpec, load_client_data
 from collm_fl.data.tokenize import iterate_batches, tokenize_samples
 from collm_fl.errors import AdapterValidationError, ConfigError, StoreError
 from collm_fl.models import load_base_model, model_device
+from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
 from collm_fl.replica.coexec import CoTrainer, TrainJob, TrainOutcome
 from collm_fl.replica.engine import InferenceEngine
 from collm_fl.replica.lora_layers import NO_SLOT, inject_multi_lora, lora_context, serve
@@ -75,6 +76,10 @@ class ReplicaConfig:
     slo: SLO = field(default_factory=SLO)
     max_batch_size: int = 8
     max_queue: int = 64
+    # Admission order (collm_fl.policies.scheduling): "slo" admits the requests that can still
+    # meet the TTFT SLO first, none deferred longer than ``defer_limit_s``; "fcfs" as vLLM.
+    schedule: str = "slo"
+    defer_limit_s: float = DEFAULT_DEFER_LIMIT_S
     num_slots: int = 4
     training_share: float = 0.5
     serve_threads: int = 1
@@ -119,6 +124,9 @@ class Replica:
             max_batch_size=cfg.max_batch_size,
             max_queue=cfg.max_queue,
             num_threads=cfg.serve_threads,
+            schedule=cfg.schedule,
+            ttft_slo_s=cfg.slo.ttft_s,
+            defer_limit_s=cfg.defer_limit_s,
         )
         self.metrics = ReplicaMetrics()
         self.load_window = LoadWindow(cfg.slo)

@@ -40,6 +40,8 @@ def test_bad_port_exits_2_with_the_reason(capsys):
         (["--cpus", "zero"], "--cpus"),
         (["--trainer-nice", "30"], "--trainer-nice"),
         (["--keep-versions", "-1"], "--keep-versions"),
+        (["--defer-limit", "0"], "--defer-limit"),
+        (["--schedule", "lifo"], "--schedule"),
     ],
 )
 def test_bad_replica_placement_flags_exit_2(capsys, flags, message):

@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from collm_fl.adapters import AdapterState, LoraSpec
+from collm_fl.errors import ConfigError
 from collm_fl.models import LoadedModel
 from collm_fl.replica.engine import InferenceEngine
 from collm_fl.replica.lora_layers import MultiLoraModules, inject_multi_lora, lora_context, serve
@@ -301,3 +302,42 @@ def test_text_deltas_are_whole_utf8_and_never_hold_a_stop_string(
     assert "".join(deltas) == want
     assert all("\ufffd" not in d for d in deltas)
     assert not any("S" in d for d in deltas) or not stop  # no piece of the stop string went out
+
+
+@pytest.mark.parametrize(("schedule", "first"), [("slo", "fresh"), ("fcfs", "late")])
+def test_slo_schedule_admits_a_request_that_can_still_meet_its_ttft_before_a_late_one(
+    rig: Rig, schedule: str, first: str
+) -> None:
+    rig.engine.stop()
+    engine = InferenceEngine(
+        rig.model,
+        rig.tokenizer,
+        rig.modules,
+        rig.slots,
+        max_batch_size=1,  # one at a time: the admission order is the order of service
+        schedule=schedule,
+        ttft_slo_s=1.0,
+    )
+    engine.start()
+    try:
+        prompt = rig.prompt(PROMPTS[0])
+        params = SamplingParams(max_tokens=4, temperature=0.0)
+        warm = engine.submit(GenerationRequest(prompt, params, request_id="warm"))
+        assert warm.wait(TIMEOUT)  # a prefill has been timed: the "slo" order has a cost model
+        with engine.busy_changed:  # holds the engine thread off the queue while both arrive
+            late = engine.submit(GenerationRequest(prompt, params, request_id="late"))
+            late.arrival -= 5.0  # it has waited 5 s: its 1-s TTFT SLO is lost
+            fresh = engine.submit(GenerationRequest(prompt, params, request_id="fresh"))
+        assert late.wait(TIMEOUT) and fresh.wait(TIMEOUT)  # both are answered
+        assert late.finish_reason == fresh.finish_reason == "length"
+        assert late.admitted_at is not None and fresh.admitted_at is not None
+        order = "fresh" if fresh.admitted_at < late.admitted_at else "late"
+        assert order == first
+        assert engine.stats().admitted_late == 1  # the late one, in either order
+    finally:
+        engine.stop()
+
+
+def test_unknown_schedule_is_refused(rig: Rig) -> None:
+    with pytest.raises(ConfigError, match="schedule must be one of"):
+        InferenceEngine(rig.model, rig.tokenizer, rig.modules, rig.slots, schedule="lifo")

@@ -1,0 +1,86 @@
+"""Admission order inside a replica: which waiting requests join the batch at this step?
+
+Goodput counts a request only when its first token comes within the TTFT SLO. First come, first
+served (vLLM's default, and what the baselines of ``collm bench goodput`` run) fails that under a
+burst in two ways: every request of the burst is prefilled in one batch, so all of them wait for
+the whole batch and miss together; and once a backlog forms, requests that can no longer meet
+their SLO are served ahead of fresh ones that still could, so the miss spreads to everyone after
+them. The ``"slo"`` order fixes both, and never refuses or drops a request:
+
+1. **Overdue first.** A request that has waited ``defer_limit_s`` or longer goes before anything
+   else (oldest first): deferring never turns a late answer into a client timeout.
+2. **Those that can still make it, within the TTFT budget.** Oldest first, a request whose wait
+   plus its own prefill fits in ``margin × ttft_slo_s`` joins the prefill batch, as long as the
+   whole batch's predicted prefill time still lets every member already in it meet its SLO (one
+   batched prefill delays each member's first token until the whole batch is done). The rest wait
+   for the next step — by then some may have become late.
+3. **Late ones fill spare rows.** A request that can no longer meet its TTFT SLO is admitted
+   (oldest first) only when nobody who still can is waiting; it is answered, just not first.
+
+With nothing timed yet (``prefill_s_per_token == 0``) the order is first come, first served and
+the whole batch's free rows are filled, as with ``"fcfs"``. A pure function of its inputs
+(STYLE.md), so the engine, the tests and a simulator run the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SCHEDULES = ("slo", "fcfs")
+DEFAULT_DEFER_LIMIT_S = 30.0  # "slo": no request waits longer than this for its turn
+DEFAULT_MARGIN = 0.9  # of the TTFT SLO: the HTTP path and a gateway hop add a little on top
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """One request waiting for admission, as the engine sees it."""
+
+    age_s: float  # since it reached the replica
+    prompt_tokens: int
+
+
+def admission_order(
+    waiting: Sequence[Waiting],
+    free_rows: int,
+    prefill_s_per_token: float,
+    ttft_slo_s: float,
+    defer_limit_s: float,
+    margin: float = DEFAULT_MARGIN,
+) -> list[int]:
+    """Indices into ``waiting`` (ordered oldest first) to admit now, in admission order."""
+    if free_rows <= 0 or not waiting:
+        return []
+    order = sorted(range(len(waiting)), key=lambda i: -waiting[i].age_s)  # oldest first
+    if prefill_s_per_token <= 0.0:
+        return order[:free_rows]
+    budget = margin * ttft_slo_s
+    overdue = [i for i in order if waiting[i].age_s >= defer_limit_s]
+    chosen = overdue[:free_rows]
+    tokens = sum(waiting[i].prompt_tokens for i in chosen)
+    # The tightest deadline among the admitted that can still meet theirs: the batch's prefill
+    # must end before it. (Overdue requests are late by definition and set no deadline.)
+    slack = float("inf")
+    late: list[int] = []
+    blocked = False  # someone who can still make it waits for the next step
+    for i in order:
+        if i in chosen:
+            continue
+        w = waiting[i]
+        if w.age_s + w.prompt_tokens * prefill_s_per_token > budget:
+            late.append(i)
+            continue
+        if len(chosen) >= free_rows:
+            blocked = True
+            break
+        cost = (tokens + w.prompt_tokens) * prefill_s_per_token
+        if cost > min(slack, budget - w.age_s):
+            blocked = True
+            continue  # a shorter prompt further back may still fit
+        chosen.append(i)
+        tokens += w.prompt_tokens
+        slack = min(slack, budget - w.age_s)
+    if not blocked and len(chosen) == len(overdue[:free_rows]):
+        # Nobody who can still make it is waiting: the late ones take the spare rows.
+        chosen += late[: free_rows - len(chosen)]
+    return chosen
