@@ -11,6 +11,7 @@ from typing import Any
 from collm_fl.bench.aggregation import MachineInfo
 from collm_fl.bench.goodput_rounds import RoundRecord, RunSettings
 from collm_fl.loadgen.goodput import LoadSummary, SLOSpec
+from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def render_markdown(result: GoodputResult) -> str:
         "- **Admission in a replica**: baselines: first come, first served (`collm replica "
         "--schedule fcfs`, vLLM's default); CoLLM-FL: `--schedule slo` — requests that can still "
         "meet the TTFT SLO first, a burst prefilled only as far as its oldest member still meets "
-        "it, requests already late on spare rows, none deferred past 30 s "
+        f"it, requests already late on spare rows, none deferred past {DEFAULT_DEFER_LIMIT_S:g} s "
         "(`collm_fl.policies.scheduling`). No request is refused or dropped by it.",
         "- **Metrics**: goodput = requests meeting both SLOs per second of schedule; SLO "
         "attainment over all scheduled requests (failed, timed-out and dropped ones miss); "
