@@ -356,8 +356,7 @@ class InferenceEngine:
         )
         for i in picked:
             self._waiting.remove(queue[i])
-            if now - queue[i].arrival >= self.ttft_slo_s:
-                self.admitted_late += 1
+            self.admitted_late += now - queue[i].arrival >= self.ttft_slo_s
             yield queue[i]
 
     def _prefill(self, rows: list[_Row]) -> None:
