@@ -243,6 +243,7 @@ def _run_replica(args: argparse.Namespace) -> int:
     from collm_fl.data import DataSpec
     from collm_fl.models import check_load_target
     from collm_fl.replica.affinity import parse_cpu_list, pin_process
+    from collm_fl.replica.engine import LEND_SHARE_LIMIT
     from collm_fl.replica.metrics import SLO
     from collm_fl.replica.runtime import ReplicaConfig
     from collm_fl.replica.serve import run_replica
@@ -261,6 +262,10 @@ def _run_replica(args: argparse.Namespace) -> int:
         raise ConfigError(f"--defer-limit must be > 0 seconds, got {args.defer_limit}")
     if not 0 <= args.training_share <= 1:
         raise ConfigError(f"--training-share must be in [0, 1], got {args.training_share}")
+    if not 0 <= args.max_lend_share <= LEND_SHARE_LIMIT:
+        raise ConfigError(
+            f"--max-lend-share must be in [0, {LEND_SHARE_LIMIT}], got {args.max_lend_share}"
+        )
     if not 0 <= args.trainer_nice <= 19:
         raise ConfigError(f"--trainer-nice must be in [0, 19], got {args.trainer_nice}")
     if args.keep_versions < 0:
@@ -295,6 +300,7 @@ def _run_replica(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         defer_limit_s=args.defer_limit,
         training_share=args.training_share,
+        max_lend_share=args.max_lend_share,
         trainer_nice=args.trainer_nice,
         seed=args.seed,
         canary=args.canary_check,

@@ -93,10 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--training-share", type=float, default=0.5)
     p.add_argument(
+        "--max-lend-share",
+        type=float,
+        default=0.0,
+        help="share of serving's time (0..0.9) the engine may rest for a training job behind "
+        "its round's plan, up to the training share; 0 (default) = training runs on idle "
+        "moments alone",
+    )
+    p.add_argument(
         "--trainer-nice",
         type=int,
-        default=19,
-        help="nice value of the training thread (0..19): serving preempts it; 0 = same priority",
+        default=0,
+        help="nice value of the thread running training steps (0..19; default 0: steps give way "
+        "to serving at every layer themselves; higher also puts them behind other processes)",
     )
     p.add_argument(
         "--keep-versions",

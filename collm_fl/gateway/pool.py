@@ -33,7 +33,6 @@ from collm_fl.policies.routing import (
 
 log = logging.getLogger(__name__)
 
-PREEMPTIBLE_TRAINING_WEIGHT = 0.2  # a lowered-priority trainer slows serving this much less
 # A learned latency not refreshed for this long is forgotten (the replica is then assumed like its
 # peers): a replica that one bad burst made look slow would otherwise never be sent the requests
 # that could show it is fast again.
@@ -236,10 +235,6 @@ class ReplicaPool:
         r.training = bool(body.get("training", False))
         share = body.get("training_share", 0.0)
         r.training_share = float(share) if isinstance(share, int | float) else 0.0
-        if body.get("training_preemptible") is True:
-            # Serving preempts such a trainer within a scheduler tick; what is left of its
-            # interference is shared caches and memory bandwidth.
-            r.training_share *= PREEMPTIBLE_TRAINING_WEIGHT
         batch = body.get("max_batch_size")
         r.max_batch = batch if isinstance(batch, int) and batch > 0 else None
         version = body.get("adapter_version")

@@ -12,8 +12,8 @@ code runs live in the ServerApp, in tests and in the simulator):
    p95 latencies already exceed the SLOs keeps up to ``SLO_RESERVE`` more for serving. (Without a
    utilization report, latency relative to the SLOs stands in for it.) The training share is
    that headroom.
-   A busy replica trains at no less than ``min_share`` (its trainer runs below serving's CPU
-   priority and its SLO guard yields per micro-step, so training takes what serving leaves);
+   A busy replica trains at no less than ``min_share`` (its steps give way to serving at every
+   layer and borrow serving's time only when behind the plan, at most the share);
    with ``min_share`` 0 a replica without headroom sits the round out; an idle one trains with
    the whole replica.
 3. **Deadline.** A replica trains as many of the target's steps as fit the round deadline at its
@@ -149,9 +149,9 @@ def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
             )
             continue
         room = headroom(node.load, node.forecast_rate, inputs.ttft_slo_s, inputs.tpot_slo_s)
-        # A busy replica still trains a little: its trainer runs below serving's priority and the
-        # SLO guard makes each step yield to requests at risk, so a small share costs serving
-        # little and keeps the model improving. With min_share 0 it sits the round out.
+        # A busy replica still trains a little: its steps give way to serving at every layer and
+        # borrow serving's time only when behind the plan, so a small share costs serving little
+        # and keeps the model improving. With min_share 0 it sits the round out.
         room = max(room, inputs.min_share)
         if room <= 0.0:  # only with min_share 0: no backfill either
             reason = f"no headroom (SLO attainment {node.load.slo_attainment:.2f}): sits out"

@@ -2,10 +2,16 @@
 
 Short-timescale half of the coordination. Serving has priority: training yields at the next
 micro-step boundary when a waiting request's TTFT or the running requests' TPOT is at risk, and
-otherwise takes at most its training share of time while requests are present. A trainer running
-below serving's CPU priority (``preemptible``) cannot delay admission: the kernel preempts it; such
-a trainer that has fallen behind its round's plan (``behind_schedule``) takes its share even while
-requests are at risk, so sustained load slows the plan instead of cancelling it.
+otherwise takes at most its training share of time while requests are present.
+
+A ``preemptible`` trainer's steps give way to serving inside the step (the co-execution trainer's
+steps wait at every LoRA layer while serving has work, see ``collm_fl.replica.coexec``): a step
+it starts cannot delay admission, and runs on serving's idle moments — unless the decision's
+``lend_share`` says serving rests that share of its time for it
+(``InferenceEngine.lend_to_training``). It says so only for a trainer that has fallen behind its
+round's plan (``behind_schedule``): idle moments first, borrowed time only as late as the plan
+allows, and then even while requests are at risk, so sustained load neither cancels the
+allocation's plan nor lets training take more than the allocation's share.
 When the replica is idle, training takes the whole replica (all threads).
 """
 
@@ -29,8 +35,8 @@ class GuardInputs:
     ttft_slo_s: float
     tpot_slo_s: float
     total_threads: int  # compute threads the replica may use (cores)
-    # The trainer runs below serving's CPU priority (replica.affinity): the kernel preempts a
-    # running micro-step for serving, so admitting a waiting request never waits for one.
+    # A running micro-step gives way to serving by itself (at every layer, or preempted by the
+    # kernel), so admitting a waiting request never waits for one to finish.
     preemptible: bool = False
     # The round's planned steps left need at least the time left before its deadline at the
     # training share: yielding any longer means the replica's plan is not met this round.
@@ -43,6 +49,7 @@ class GuardDecision:
     threads: int  # torch threads for this micro-step
     wait_s: float  # when not running: how long to wait before re-checking (or until woken)
     reason: str
+    lend_share: float = 0.0  # running: the share of serving's time to lend the step (0: none)
 
 
 def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = False) -> GuardDecision:
@@ -56,12 +63,15 @@ def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = Fals
         return GuardDecision(True, max(1, x.total_threads), 0.0, "idle: training takes the replica")
     if backfill:  # woken by the engine when it goes idle; the recheck is a safety net
         return GuardDecision(False, 0, IDLE_RECHECK_S, "backfill waits for an idle replica")
-    if x.behind_schedule and x.preemptible and x.busy_fraction < x.training_share:
+    if x.behind_schedule and x.preemptible:
         # Under sustained load a waiting request is always at risk, and yielding to it every
-        # time would starve the round's plan. A preemptible trainer then still takes its share:
-        # the kernel runs serving first, so a step only uses the cycles serving leaves.
+        # time would cancel the round's plan instead of slowing it. Serving lends the share.
         return GuardDecision(
-            True, max(1, x.total_threads - 1), 0.0, "behind the round's plan: taking the share"
+            True,
+            max(1, x.total_threads - 1),
+            0.0,
+            "behind the round's plan: taking the share",
+            lend_share=x.training_share,
         )
     # A micro-step started now delays admission of waiting requests by about its duration
     # (unless serving preempts it).
@@ -70,20 +80,31 @@ def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = Fals
         return GuardDecision(False, 0, _recheck_s(x), "TTFT at risk")
     if x.running > 0 and x.decode_step_s > margin * x.tpot_slo_s:
         return GuardDecision(False, 0, _recheck_s(x), "TPOT at risk")
-    if x.training_share < 1.0 and x.busy_fraction >= x.training_share:
-        # Duty cycle: after a step of t seconds, rest t·(1−s)/s so training gets share s.
+    if not x.preemptible and x.training_share < 1.0 and x.busy_fraction >= x.training_share:
+        # Duty cycle: after a step of t seconds, rest t·(1−s)/s so training gets share s. (A
+        # preemptible step's share is kept by the engine's rests instead.)
         rest = x.train_step_s * (1.0 - x.training_share) / x.training_share
         return GuardDecision(False, 0, max(rest, 1e-3), "over training share")
     # Serving keeps its own core; training takes the rest.
     return GuardDecision(True, max(1, x.total_threads - 1), 0.0, "within share and SLOs")
 
 
-def behind_schedule(planned_left: int, step_s: float, share: float, time_left_s: float) -> bool:
-    """Whether ``planned_left`` steps of ``step_s`` at training share ``share`` need at least the
-    ``time_left_s`` before the deadline (False before any step is timed, or with nothing left)."""
-    if planned_left <= 0 or step_s <= 0 or share <= 0:
+def behind_schedule(
+    planned_left: int, step_s: float, share: float, time_left_s: float, margin: float = 0.8
+) -> bool:
+    """Whether ``planned_left`` steps of ``step_s`` at training share ``share`` need at least
+    ``margin`` of the ``time_left_s`` before the deadline (False with nothing planned left or a
+    share of 0). The margin starts a plan on borrowed time a little before its latest start, as
+    step times vary and the trainer decides only between steps.
+
+    Before any step is timed (``step_s`` 0) the plan's cost is unknown, and waiting for an idle
+    moment to learn it can take the whole round under load: the first step counts as behind.
+    """
+    if planned_left <= 0 or share <= 0:
         return False
-    return planned_left * step_s / share >= time_left_s
+    if step_s <= 0:
+        return True
+    return planned_left * step_s / share >= margin * time_left_s
 
 
 def _recheck_s(x: GuardInputs) -> float:

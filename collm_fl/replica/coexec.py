@@ -2,9 +2,22 @@
 
 The trainer runs LoRA micro-steps on the *training* adapter of the shared :class:`MultiLoraModules`
 under ``lora_context(train())``, while the engine thread serves through the serving slots. Before
-every micro-step it asks the SLO guard (:func:`training_decision`) whether it may run and with how
-many threads; when it must yield it waits on the engine's ``busy_changed`` condition (woken when
-serving load changes) with the guard's re-check timeout.
+every micro-step it asks the SLO guard (:func:`training_decision`) whether it may run, with how
+many threads, and what share of serving's time the step may borrow; when it must yield it waits on
+the engine's ``busy_changed`` condition (woken when serving load changes) with the guard's
+re-check timeout.
+
+Steps take turns with serving at layer granularity: every LoRA layer of a step (and the LM head),
+forward and backward, calls the step's checkpoint, which waits while the engine has work and is
+not resting for training, and drops the step (the optimizer has not stepped) when the round's
+deadline passes. So a step runs on serving's idle moments, and a request arriving mid-step waits
+at most one layer. A planned step that falls behind its round's plan (the planned steps left, at
+the training share, need most of the time left) asks the engine to rest for it: the share of
+serving's time the allocation gave (``InferenceEngine.lend_to_training``), no more, and only
+while behind — idle moments first, borrowed time as late as the plan allows. Backfill steps never
+borrow. (Kernel priorities cannot do this: a step at the lowest priority gets almost nothing from
+a busy core, also from every other process on it, and an unprivileged thread cannot raise its
+priority again.)
 
 Thread budget (2 cores): the engine thread uses 1 compute thread; the trainer uses 1 while
 requests are present and both when the replica is idle (DESIGN.md: one compute thread per core
@@ -18,9 +31,10 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,12 +51,20 @@ from collm_fl.policies.slo_guard import (
 )
 from collm_fl.replica.affinity import available_cpus, lower_thread_priority
 from collm_fl.replica.engine import InferenceEngine
-from collm_fl.replica.lora_layers import MultiLoraModules, lora_context, train
+from collm_fl.replica.lora_layers import (
+    MultiLoraModules,
+    checkpoint_output_layer,
+    lora_context,
+    train,
+)
 from collm_fl.replica.metrics import SLO
 
 log = logging.getLogger(__name__)
 
 BUSY_WINDOW_S = 10.0
+GATE_RECHECK_S = 0.25  # a step waiting for its turn re-checks its deadline and plan this often
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,10 +92,51 @@ class TrainOutcome:
     yields: int
     deadline_hit: bool
     backfilled: int = 0  # of ``steps``, how many ran as backfill (on idle cycles)
+    abandoned_step: bool = False  # the deadline came mid-step: that step was dropped, not applied
+    lent_seconds: float = 0.0  # time serving rested for this job while it was behind its plan
+
+
+class _DeadlineReached(Exception):
+    """Raised at a LoRA layer boundary when the round's deadline passes mid-step."""
 
 
 class TrainerStopped(CollmError):
     """The trainer was stopped before the job finished."""
+
+
+class _Worker:
+    """The thread that runs the trainer's micro-steps, one at a time, at nice ``nice``.
+
+    Started by whoever starts the trainer (a new thread inherits its creator's nice value, and an
+    unprivileged thread cannot lower it again), so it can run at serving's priority.
+    """
+
+    def __init__(self, name: str, nice: int) -> None:
+        self._calls: queue.Queue[tuple[Callable[[], object], Future[object]] | None] = queue.Queue()
+        self._nice = nice
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def native_id(self) -> int | None:
+        return self._thread.native_id
+
+    def run(self, fn: Callable[[], T]) -> T:
+        fut: Future[object] = Future()
+        self._calls.put((fn, fut))
+        return fut.result()  # type: ignore[return-value]  # raises what fn raised
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+    def _loop(self) -> None:
+        lower_thread_priority(self._nice)  # before any torch call: its OpenMP team inherits it
+        while (item := self._calls.get()) is not None:
+            fn, fut = item
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to the caller of run()
+                fut.set_exception(e)
 
 
 class CoTrainer:
@@ -97,14 +160,18 @@ class CoTrainer:
         self.batches = batches
         self.slo = slo
         self.total_threads = total_threads or len(available_cpus())
-        self.nice = nice  # the trainer thread's priority below serving (see replica.affinity)
+        self.nice = nice  # the step worker's nice value (see replica.affinity); 0 = serving's
+        checkpoint_output_layer(model)  # steps give way around the LM head too
         self._share = 0.0
         self.set_share(training_share)
         self._jobs: queue.Queue[tuple[TrainJob, Future[TrainOutcome]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._worker: _Worker | None = None  # runs the micro-steps (started by start())
         self._stopping = threading.Event()
         self._busy: deque[tuple[float, float]] = deque()  # (start, end) of recent micro-steps
-        self._step_ewma = 0.0
+        self._step_ewma = 0.0  # wall seconds per micro-step (what a step delays serving by)
+        self._step_cost_ewma = 0.0  # compute seconds per micro-step (what the plan needs)
+        self.clock: Callable[[], float] = time.monotonic  # the deadline's clock (tests replace it)
         self.steps_total = 0
         self.tokens_total = 0
         self.running_job = False
@@ -125,6 +192,7 @@ class CoTrainer:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("trainer already started")
+        self._worker = _Worker("collm-trainer-step", self.nice)
         self._thread = threading.Thread(target=self._loop, name="collm-trainer", daemon=True)
         self._thread.start()
 
@@ -135,6 +203,8 @@ class CoTrainer:
             self.engine.busy_changed.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._worker is not None:
+            self._worker.stop()
 
     def submit(self, job: TrainJob) -> Future[TrainOutcome]:
         if job.steps < 0 or job.backfill_steps < 0:
@@ -150,7 +220,6 @@ class CoTrainer:
     # ---- trainer thread ----
 
     def _loop(self) -> None:
-        lower_thread_priority(self.nice)  # before any torch call: its OpenMP team inherits it
         while not self._stopping.is_set():
             item = self._jobs.get()
             if item is None:
@@ -172,56 +241,86 @@ class CoTrainer:
                 item[1].set_exception(TrainerStopped("replica is shutting down"))
 
     def _run(self, job: TrainJob) -> TrainOutcome:
-        started = time.monotonic()
+        lent_before = self.engine.stats().lent_s
+        try:
+            return self._train(job, lent_before)
+        finally:
+            self.engine.lend_to_training(0.0)
+
+    def _train(self, job: TrainJob, lent_before: float) -> TrainOutcome:
+        started, wall0 = self.clock(), time.monotonic()
+        abort_at = started + job.deadline_s
         self.modules.set_training_state(job.start_state)
         params = self.modules.training_parameters()
         optimizer = torch.optim.AdamW(params, lr=job.learning_rate)
         loss_sum, tokens, steps, train_s, yielded_s, yields = 0.0, 0, 0, 0.0, 0.0, 0
-        deadline_hit = False
+        deadline_hit = abandoned = False
         why_yielded: Counter[str] = Counter()
         planned = job.steps
         total = job.steps + (0 if job.exclusive else job.backfill_steps)
         while steps < total:
             if self._stopping.is_set():
                 raise TrainerStopped("replica is shutting down")
-            if time.monotonic() - started >= job.deadline_s:
+            time_left = job.deadline_s - (self.clock() - started)
+            if time_left <= 0 or not self._step_fits(time_left, 1.0):
                 deadline_hit = True
                 log.info(
-                    "round %d: deadline reached after %d/%d steps",
+                    "round %d: deadline %s after %d/%d steps",
                     job.round_number,
+                    "reached"
+                    if time_left <= 0
+                    else f"too close for another step ({time_left:.1f}s)",
                     steps,
                     total,
                 )
                 break
+            # A planned step that cannot end in time at the share serving would lend it is run
+            # like backfill: on idle moments only, at full speed.
+            lend_cap = min(self._share, self.engine.max_lend_share)
+            as_backfill = steps >= planned or (
+                lend_cap > 0 and not self._step_fits(time_left, lend_cap)
+            )
             decision = (
                 GuardDecision(True, self.total_threads, 0.0, "exclusive: serving is paused")
                 if job.exclusive
                 else training_decision(
                     self._guard_inputs(
                         behind_schedule(
-                            planned - steps,
-                            self._step_ewma,
-                            self._share,
-                            job.deadline_s - (time.monotonic() - started),
+                            planned - steps, self._step_cost_ewma, self._share, time_left
                         )
                     ),
-                    backfill=steps >= planned,
+                    backfill=as_backfill,
                 )
             )
+            self.engine.lend_to_training(decision.lend_share if decision.run else 0.0)
             if not decision.run:
                 why_yielded[decision.reason] += 1
                 t0 = time.monotonic()
-                remaining = job.deadline_s - (t0 - started)
+                remaining = job.deadline_s - (self.clock() - started)
                 with self.engine.busy_changed:
                     self.engine.busy_changed.wait(timeout=max(0.0, min(decision.wait_s, remaining)))
                 yielded_s += time.monotonic() - t0
                 yields += 1
                 continue
-            torch.set_num_threads(decision.threads)
             t0 = time.monotonic()
-            loss, n = self._micro_step(optimizer, params)
+            try:
+                checkpoint = self._checkpoint(abort_at, 0 if as_backfill else planned - steps)
+                loss, n, cpu_s = self._step(optimizer, params, checkpoint, decision.threads)
+            except _DeadlineReached:
+                # The optimizer has not stepped: the adapter is the last finished step's.
+                optimizer.zero_grad(set_to_none=True)
+                train_s += time.monotonic() - t0
+                deadline_hit = abandoned = True
+                log.info(
+                    "round %d: deadline reached during step %d: dropped it (%d/%d steps done)",
+                    job.round_number,
+                    steps + 1,
+                    steps,
+                    total,
+                )
+                break
             t1 = time.monotonic()
-            self._note_step(t0, t1)
+            self._note_step(t0, t1, cpu_s)
             train_s += t1 - t0
             loss_sum += loss * n
             tokens += n
@@ -230,15 +329,16 @@ class CoTrainer:
         self.tokens_total += tokens
         log.info(
             "round %d: trained %d/%d steps (%d of %d backfill) in %.1fs (%.1fs in steps), "
-            "yielded %.1fs: %s",
+            "yielded %.1fs, serving lent %.1fs: %s",
             job.round_number,
             steps,
             total,
             max(0, steps - planned),
             total - planned,
-            time.monotonic() - started,
+            time.monotonic() - wall0,
             train_s,
             yielded_s,
+            self.engine.stats().lent_s - lent_before,
             ", ".join(f"{k} x{n}" for k, n in why_yielded.most_common()) or "never",
         )
         return TrainOutcome(
@@ -246,19 +346,81 @@ class CoTrainer:
             steps=steps,
             loss=loss_sum / max(tokens, 1),
             tokens=tokens,
-            seconds=time.monotonic() - started,
+            seconds=time.monotonic() - wall0,
             train_seconds=train_s,
             yielded_seconds=yielded_s,
             yields=yields,
             deadline_hit=deadline_hit,
             backfilled=max(0, steps - planned),
+            abandoned_step=abandoned,
+            lent_seconds=self.engine.stats().lent_s - lent_before,
         )
 
+    def _step_fits(self, time_left: float, rate: float) -> bool:
+        """Whether a step can end before the deadline with ``rate`` of the core (its measured
+        compute time / rate <= the time left; unknown cost: yes). One that cannot would be
+        dropped at the deadline, its compute wasted."""
+        if self._step_cost_ewma <= 0:
+            return True
+        return rate > 0 and self._step_cost_ewma / rate <= time_left
+
+    def _step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.nn.Parameter],
+        checkpoint: Callable[[], None],
+        threads: int,
+    ) -> tuple[float, int, float | None]:
+        """One micro-step on the step worker: (loss, tokens, compute seconds).
+
+        The compute seconds are the worker's CPU time when one compute thread runs the whole step
+        (its cost however long it waited for the core); None with more threads.
+        """
+        if self._worker is None:
+            raise RuntimeError("trainer not started")
+
+        def step() -> tuple[float, int, float | None]:
+            torch.set_num_threads(threads)  # per thread
+            cpu0 = time.thread_time()
+            loss, n = self._micro_step(optimizer, params, checkpoint)
+            return loss, n, time.thread_time() - cpu0 if threads == 1 else None
+
+        return self._worker.run(step)
+
+    def _checkpoint(self, abort_at: float, planned_left: int = 0) -> Callable[[], None]:
+        """What every LoRA layer of a micro-step calls, forward and backward: stop there at
+        shutdown or the deadline, and give way to serving — wait while the engine has work and
+        is not resting for training (``InferenceEngine.wait_for_training_turn``).
+
+        A planned step (``planned_left``: the round's planned steps left, this one included)
+        that falls behind the plan while it waits asks serving to lend it its share; the loan
+        ends with the step (the next decision sets it again).
+        """
+
+        def check() -> None:
+            while True:
+                if self._stopping.is_set():
+                    raise TrainerStopped("replica is shutting down")
+                time_left = abort_at - self.clock()
+                if time_left <= 0:
+                    raise _DeadlineReached
+                if self.engine.wait_for_training_turn(GATE_RECHECK_S):
+                    return
+                if planned_left and behind_schedule(
+                    planned_left, self._step_cost_ewma, self._share, time_left
+                ):
+                    self.engine.lend_to_training(self._share)
+
+        return check
+
     def _micro_step(
-        self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: list[torch.nn.Parameter],
+        checkpoint: Callable[[], None] | None = None,
     ) -> tuple[float, int]:
         batch = batch_to(next(self.batches), self.device)
-        with lora_context(train()):
+        with lora_context(train(checkpoint)):
             out = self.model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -273,11 +435,10 @@ class CoTrainer:
         optimizer.step()
         return float(loss.item()), int((batch["labels"][:, 1:] != -100).sum())
 
-    def _note_step(self, t0: float, t1: float) -> None:
+    def _note_step(self, t0: float, t1: float, cost_s: float | None = None) -> None:
         self._busy.append((t0, t1))
-        self._step_ewma = (
-            (t1 - t0) if self._step_ewma == 0 else 0.8 * self._step_ewma + 0.2 * (t1 - t0)
-        )
+        self._step_ewma = _ewma(self._step_ewma, t1 - t0)
+        self._step_cost_ewma = _ewma(self._step_cost_ewma, t1 - t0 if cost_s is None else cost_s)
 
     def busy_fraction(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
@@ -300,6 +461,10 @@ class CoTrainer:
             ttft_slo_s=self.slo.ttft_s,
             tpot_slo_s=self.slo.tpot_s,
             total_threads=self.total_threads,
-            preemptible=self.nice > 0,
+            preemptible=True,  # every step gives way to serving at each LoRA layer
             behind_schedule=behind,
         )
+
+
+def _ewma(old: float, new: float) -> float:
+    return new if old == 0 else 0.8 * old + 0.2 * new

@@ -65,6 +65,11 @@ from collm_fl.replica.slots import AdapterSlots
 log = logging.getLogger(__name__)
 
 EWMA_ALPHA = 0.2  # weight of the newest sample in the recent-timing averages
+# Lending time to a co-execution trainer behind its round's plan (lend_to_training): the engine
+# rests at most this long at a time (a long prefill is not followed by one stall a request would
+# notice), and never lends more than this share, whatever it is configured to.
+MAX_LEND_REST_S = 0.5
+LEND_SHARE_LIMIT = 0.9
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class EngineStats:
     requests_finished: int  # total since start, any finish reason
     busy_s: float  # total seconds spent in engine steps since start (serving's compute time)
     admitted_late: int = 0  # admitted after their TTFT SLO had already passed (total)
+    lent_s: float = 0.0  # seconds the engine rested for a trainer behind its plan (total)
 
 
 @dataclass(eq=False)
@@ -118,11 +124,16 @@ class InferenceEngine:
         schedule: str = "fcfs",
         ttft_slo_s: float = 2.0,
         defer_limit_s: float = DEFAULT_DEFER_LIMIT_S,
+        max_lend_share: float = 0.0,
     ):
         if max_batch_size < 1 or max_queue < 1:
             raise ConfigError(f"max_batch_size {max_batch_size}, max_queue {max_queue}: need >= 1")
         if schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if not 0.0 <= max_lend_share <= LEND_SHARE_LIMIT:
+            raise ConfigError(
+                f"max_lend_share must be in [0, {LEND_SHARE_LIMIT}], got {max_lend_share}"
+            )
         if ttft_slo_s <= 0 or defer_limit_s <= 0:
             raise ConfigError(
                 f"ttft_slo_s {ttft_slo_s} and defer_limit_s {defer_limit_s} must be > 0"
@@ -161,6 +172,16 @@ class InferenceEngine:
         self._active = 0  # admitted and not finished
         self._stopping = False
         self._busy_s = 0.0  # written by the engine thread only
+        # Serving rests for a trainer behind its plan (lend_to_training) up to this share of its
+        # time; 0 = never: training runs on idle moments alone.
+        self.max_lend_share = max_lend_share
+        self._lent_share = 0.0  # share of the time lent to the trainer now
+        self._lent_s = 0.0
+        # Whose turn the core is (wait_for_training_turn): a co-executed training step waits at
+        # every LoRA layer while a step runs or serving has work it is not resting from.
+        self._step_gate = threading.Condition()
+        self._in_step = False
+        self._resting = False
         self._paused = False
         self._step_lock = threading.Lock()  # held while a step runs (pause() waits on it)
         self._thread: threading.Thread | None = None
@@ -188,6 +209,7 @@ class InferenceEngine:
         with self.busy_changed:
             self._stopping = True
             self.busy_changed.notify_all()
+        self._set_gate()  # a training step waiting for its turn goes on
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -227,6 +249,7 @@ class InferenceEngine:
                 requests_finished=self._finished,
                 busy_s=self._busy_s,
                 admitted_late=self.admitted_late,
+                lent_s=self._lent_s,
             )
 
     def is_idle(self) -> bool:
@@ -246,6 +269,62 @@ class InferenceEngine:
         with self.busy_changed:
             self.busy_changed.notify_all()
 
+    def lend_to_training(self, share: float) -> None:
+        """Rest after each step so the co-execution trainer gets ``share`` of the time (0: stop).
+
+        The trainer runs below serving's CPU priority, so under sustained load it gets almost
+        nothing (about 1.5 % of a core at nice 19) and its round's plan, the allocation's
+        training share, is never met. A trainer behind that plan asks for its share here: after
+        a step of t seconds the engine waits t·s/(1−s) (at most ``MAX_LEND_REST_S``), woken early
+        when the loan ends. ``share`` is capped at ``max_lend_share`` (0: nothing is lent).
+        """
+        share = min(max(float(share), 0.0), self.max_lend_share)
+        with self.busy_changed:
+            if share != self._lent_share:
+                self._lent_share = share
+                self.busy_changed.notify_all()
+
+    def wait_for_training_turn(self, timeout: float) -> bool:
+        """Block until training may use the core, at most ``timeout`` s (False: still not).
+
+        Training's turn: serving is paused or stopping, idle (nothing queued or running), or
+        resting for training (``lend_to_training``) — never while an engine step runs. The
+        co-execution trainer calls this at every LoRA layer of a step.
+        """
+        with self._step_gate:
+            return self._step_gate.wait_for(self._training_turn, timeout)
+
+    def _training_turn(self) -> bool:  # _step_gate held
+        if self._in_step:
+            return False
+        if self._paused or self._stopping or self._resting:
+            return True
+        return not (self._waiting or self._rows or self._newcomers)
+
+    def _set_gate(self, in_step: bool | None = None, resting: bool | None = None) -> None:
+        with self._step_gate:
+            if in_step is not None:
+                self._in_step = in_step
+            if resting is not None:
+                self._resting = resting
+            self._step_gate.notify_all()
+
+    def _rest_for_training(self, busy_s: float) -> None:
+        with self.busy_changed:
+            share = self._lent_share
+            if share <= 0.0 or self._stopping or busy_s <= 0.0:
+                return
+            t0 = time.monotonic()
+            self._set_gate(resting=True)
+            try:
+                self.busy_changed.wait_for(
+                    lambda: self._stopping or self._lent_share == 0.0,
+                    timeout=min(MAX_LEND_REST_S, busy_s * share / (1.0 - share)),
+                )
+            finally:
+                self._set_gate(resting=False)
+            self._lent_s += time.monotonic() - t0
+
     # ---- the engine thread ----
 
     def _loop(self) -> None:
@@ -256,18 +335,23 @@ class InferenceEngine:
                 self.busy_changed.wait_for(self._has_work)
                 if self._stopping:
                     break
+            busy = 0.0
             try:
                 with self._step_lock, torch.inference_mode():
                     if not self._paused or self._stopping:
                         t0 = time.monotonic()
+                        self._set_gate(in_step=True)
                         try:
                             self._step()
                         finally:
-                            self._busy_s += time.monotonic() - t0
+                            self._set_gate(in_step=False)  # a training step may go on if idle
+                            busy = time.monotonic() - t0
+                            self._busy_s += busy
             except Exception as e:  # the loop must survive anything one step does
                 log.exception("engine step failed; failing %d requests", len(self._rows))
                 self._fail_rows(self._newcomers + self._rows, f"internal error: {e}")
                 self._reset_batch()
+            self._rest_for_training(busy)
         self._fail_rows(self._rows, "engine stopped")
         self._reset_batch()
         with self.busy_changed:
@@ -291,6 +375,7 @@ class InferenceEngine:
         with self.busy_changed:
             self._paused = True
             self.busy_changed.notify_all()
+        self._set_gate()
         with self._step_lock:  # the step in progress (if any) has finished
             pass
 

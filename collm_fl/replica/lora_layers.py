@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -47,6 +47,9 @@ class LoraMode:
     uniform_slot: int | None = None  # every row uses this slot (NO_SLOT = base only): fast path
     gather_ids: torch.Tensor | None = None  # (b,) slot_ids with -1 clamped to 0, for the gather
     row_keep: torch.Tensor | None = None  # (b, 1, 1) float, 0 on rows with no adapter
+    # Train mode: called by every LoRA layer in its forward and again in its backward; it may
+    # raise to abandon the micro-step at a layer boundary (the co-execution trainer's deadline).
+    checkpoint: Callable[[], None] | None = None
 
 
 def serve(
@@ -73,9 +76,31 @@ def serve(
     )
 
 
-def train() -> LoraMode:
-    """Train mode: every row adds the training adapter (with dropout; gradients flow to it)."""
-    return LoraMode(training=True)
+def train(checkpoint: Callable[[], None] | None = None) -> LoraMode:
+    """Train mode: every row adds the training adapter (with dropout; gradients flow to it).
+
+    ``checkpoint`` runs at every LoRA layer, forward and backward: an exception it raises ends the
+    forward pass or ``loss.backward()`` there (the optimizer has not stepped; zero the gradients).
+    """
+    return LoraMode(training=True, checkpoint=checkpoint)
+
+
+class _BackwardCheckpoint(torch.autograd.Function):
+    """Identity whose backward calls the train mode's checkpoint first."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, fn: object
+    ) -> torch.Tensor:
+        ctx.fn = fn  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        ctx.fn()  # type: ignore[attr-defined]
+        return grad, None
 
 
 _local = threading.local()
@@ -150,12 +175,16 @@ class MultiLoraLinear(nn.Module):
         if mode is None:
             return y
         if mode.training:
+            if mode.checkpoint is not None:
+                mode.checkpoint()
             # Functional dropout: the module's .training flag is shared with the serving thread.
             h = F.dropout(x, self.dropout_p, training=True) if self.dropout_p > 0 else x
             # The adapter stays fp32 (QLoRA): a bf16/fp16 activation is lifted to it, and the
             # delta goes back to the base output's dtype (no-ops for an fp32 model).
             h = h.to(self.train_a.dtype)
             delta = (h @ self.train_a.T) @ self.train_b.T  # (b, ..., d_out)
+            if mode.checkpoint is not None:
+                delta = _BackwardCheckpoint.apply(delta, mode.checkpoint)
             return y + (self.scaling * delta).to(y.dtype)
         served = self._serve_delta(x, mode)
         return y + (served.to(y.dtype) if isinstance(served, torch.Tensor) else served)
@@ -317,6 +346,35 @@ def inject_multi_lora(model: nn.Module, spec: LoraSpec, num_slots: int = 4) -> M
         "injected multi-LoRA (r=%d, %d slots) into %d modules", spec.rank, num_slots, len(layers)
     )
     return MultiLoraModules(layers, spec, num_slots)
+
+
+def checkpoint_output_layer(model: nn.Module) -> None:
+    """Call the train mode's checkpoint around the model's output layer too, forward and backward.
+
+    The LM head and the loss over the vocabulary are the largest pieces of a small model's step
+    outside its LoRA layers (SmolLM2: 49,152 × 576), so a step giving way at every LoRA layer
+    would otherwise run them on in one piece. Register before other threads use the model (hooks
+    are module state); outside a train mode with a checkpoint the hooks do nothing.
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module):
+        return
+
+    def before(module: nn.Module, args: tuple[object, ...]) -> None:
+        mode = current_mode()
+        if mode is not None and mode.checkpoint is not None:
+            mode.checkpoint()
+
+    def after(module: nn.Module, args: tuple[object, ...], out: torch.Tensor) -> torch.Tensor:
+        mode = current_mode()
+        if mode is None or mode.checkpoint is None or not out.requires_grad:
+            return out
+        mode.checkpoint()  # before the loss
+        return _BackwardCheckpoint.apply(out, mode.checkpoint)  # type: ignore[no-any-return]
+
+    head.register_forward_pre_hook(before)
+    head.register_forward_hook(after)
 
 
 def _to_state(tensors: Mapping[str, torch.Tensor]) -> AdapterState:

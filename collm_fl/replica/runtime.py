@@ -80,11 +80,16 @@ class ReplicaConfig:
     # meet the TTFT SLO first, none deferred longer than ``defer_limit_s``; "fcfs" as vLLM.
     schedule: str = "slo"
     defer_limit_s: float = DEFAULT_DEFER_LIMIT_S
+    # Share of serving's time the engine may rest for a trainer behind its round's plan (up to
+    # the allocation's training share); 0 = training runs on serving's idle moments alone.
+    max_lend_share: float = 0.0
     num_slots: int = 4
     training_share: float = 0.5
     serve_threads: int = 1
-    # The trainer thread's nice value (0..19): serving preempts training within a scheduler tick.
-    trainer_nice: int = 19
+    # Nice value (0..19) of the thread running training steps. Steps give way to serving at every
+    # layer themselves (collm_fl.replica.coexec); a higher value also puts them behind every
+    # other process on the replica's cores, which can starve the round's plan under load.
+    trainer_nice: int = 0
     # A canary forward through the shadow slot before promotion (catches adapters that are finite
     # but blow up activations). Off by default: on 2 cores it costs about one small prefill and
     # competes with decoding; keys, shapes, config and finiteness are always checked.
@@ -127,6 +132,7 @@ class Replica:
             schedule=cfg.schedule,
             ttft_slo_s=cfg.slo.ttft_s,
             defer_limit_s=cfg.defer_limit_s,
+            max_lend_share=cfg.max_lend_share,
         )
         self.metrics = ReplicaMetrics()
         self.load_window = LoadWindow(cfg.slo)

@@ -80,8 +80,6 @@ def create_app(replica: Replica, api_key: str | None = None) -> FastAPI:
             "running": s.running,
             "training_share": replica.training_share,
             "training": bool(replica.trainer and replica.trainer.running_job),
-            # The trainer runs below serving's CPU priority: serving preempts it (replica.affinity).
-            "training_preemptible": replica.cfg.trainer_nice > 0,
             "schedule": replica.cfg.schedule,
             "admitted_late": s.admitted_late,
         }

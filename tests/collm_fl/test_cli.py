@@ -39,6 +39,7 @@ def test_bad_port_exits_2_with_the_reason(capsys):
     [
         (["--cpus", "zero"], "--cpus"),
         (["--trainer-nice", "30"], "--trainer-nice"),
+        (["--max-lend-share", "1.0"], "--max-lend-share"),
         (["--keep-versions", "-1"], "--keep-versions"),
         (["--defer-limit", "0"], "--defer-limit"),
         (["--schedule", "lifo"], "--schedule"),

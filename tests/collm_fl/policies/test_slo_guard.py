@@ -80,24 +80,36 @@ def test_a_backfill_step_runs_only_on_an_idle_replica():
     assert training_decision(inputs(running=1, busy_fraction=0.0)).run  # a planned step would
 
 
-def test_a_preemptible_trainer_behind_its_plan_takes_its_share_despite_waiting_requests():
+def test_a_preemptible_trainer_behind_its_plan_runs_on_time_lent_by_serving():
     at_risk = dict(queue_depth=3, running=2, oldest_waiting_s=1.9, busy_fraction=0.1)
-    assert training_decision(inputs(**at_risk, preemptible=True)).reason == "TTFT at risk"
+    ahead = training_decision(inputs(**at_risk, preemptible=True))
+    assert ahead.reason == "TTFT at risk" and ahead.lend_share == 0.0
     d = training_decision(inputs(**at_risk, preemptible=True, behind_schedule=True))
     assert d.run and d.threads == 1 and "behind" in d.reason
+    assert d.lend_share == 0.5  # serving rests for the allocation's share, no more
+    # The engine's rests keep training to its share, so the wall-time duty cycle does not apply
+    # (a step run on lent time is busy for its whole wall time).
+    over = training_decision(
+        inputs(**{**at_risk, "busy_fraction": 0.9}, preemptible=True, behind_schedule=True)
+    )
+    assert over.run and over.lend_share == 0.5
     # Not preemptible: a step would delay admission by its length, so it still yields.
     assert not training_decision(inputs(**at_risk, behind_schedule=True)).run
-    # Behind or not, it keeps to its share ...
-    over = {**at_risk, "busy_fraction": 0.6}
-    assert not training_decision(inputs(**over, preemptible=True, behind_schedule=True)).run
-    # ... and backfill still waits for an idle replica.
+    # ... and backfill still waits for an idle replica, behind or not.
     late = inputs(**at_risk, preemptible=True, behind_schedule=True)
     assert not training_decision(late, backfill=True).run
+    # Steps on an idle replica or within the SLOs do not borrow serving's time: they run on its
+    # idle moments (a preemptible step gives way to requests by itself).
+    assert training_decision(inputs()).lend_share == 0.0
+    assert training_decision(inputs(running=1, busy_fraction=0.2)).lend_share == 0.0
+    assert training_decision(inputs(running=1, preemptible=True)).lend_share == 0.0
 
 
 def test_behind_schedule_compares_the_plan_left_at_the_share_with_the_time_left():
-    assert behind_schedule(4, 2.0, 0.5, 16.0)  # 4 × 2 s at half the time needs 16 s
-    assert not behind_schedule(4, 2.0, 0.5, 16.1)
+    assert behind_schedule(4, 2.0, 0.5, 20.0)  # 4 × 2 s at half the time: 16 s, 80 % of 20 s
+    assert not behind_schedule(4, 2.0, 0.5, 20.1)
+    assert behind_schedule(4, 2.0, 0.5, 16.0, margin=1.0)
+    assert not behind_schedule(4, 2.0, 0.5, 16.1, margin=1.0)
     assert not behind_schedule(0, 2.0, 0.5, 1.0)  # nothing planned is left
-    assert not behind_schedule(4, 0.0, 0.5, 1.0)  # no step timed yet
+    assert behind_schedule(4, 0.0, 0.5, 1e6)  # no step timed yet: run one to learn its cost
     assert not behind_schedule(4, 2.0, 0.0, 1.0)  # share 0: the plan is to sit out

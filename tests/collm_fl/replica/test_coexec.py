@@ -1,6 +1,7 @@
 """The co-execution trainer on a real in-process replica (tiny model): yields to serving."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -41,13 +42,21 @@ def test_idle_replica_trains_its_whole_budget(replica):
 
 
 def test_training_yields_while_a_request_waits_past_its_slo(replica):
+    # A timed step first: an untimed plan counts as behind and would run on lent time.
+    replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1)
     replica.engine.pause()  # hold a request in the queue: its TTFT is at risk
     handle = replica.engine.submit(
         GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=4, temperature=0), "r1")
     )
+    assert replica.trainer is not None
+    ticks = iter(range(10_000))
+    # The deadline's clock moves 50 ms per reading: a tiny-model step (milliseconds) fits the time
+    # left at every decision, so the plan is never behind and the trainer keeps waiting.
+    replica.trainer.clock = lambda: 0.05 * next(ticks)
     try:
-        outcome = replica.train(steps=50, learning_rate=1e-3, deadline_s=1.0, round_number=1)
+        outcome = replica.train(steps=1, learning_rate=1e-3, deadline_s=1.0, round_number=2)
     finally:
+        replica.trainer.clock = time.monotonic
         replica.engine.resume()
     assert outcome.yields > 0 and outcome.deadline_hit
     assert outcome.steps == 0  # it never took compute from the waiting request
@@ -60,13 +69,32 @@ def test_share_zero_means_no_training_within_the_deadline(replica):
     assert outcome.steps == 0 and outcome.deadline_hit
 
 
-def test_the_trainer_thread_runs_below_the_serving_priority(replica):
-    replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1)  # thread has run
-    assert replica.trainer is not None and replica.trainer._thread is not None
-    trainer_tid = replica.trainer._thread.native_id
-    serving = os.getpriority(os.PRIO_PROCESS, 0)  # this (test) thread's nice
-    assert os.getpriority(os.PRIO_PROCESS, trainer_tid) == max(replica.cfg.trainer_nice, serving)
-    assert replica.cfg.trainer_nice > 0  # the default really lowers it
+def test_steps_run_on_a_worker_at_the_configured_priority(tmp_path):
+    cfg = ReplicaConfig(
+        model="tiny",
+        store_dir=str(tmp_path / "store"),
+        data=DataSpec(max_samples_per_client=30),
+        num_partitions=4,
+        trainer_nice=19,
+    )
+    r = Replica(cfg)
+    r.start()
+    try:
+        r.push_version(
+            {k: np.zeros(s, np.float32) for k, s in r.modules.expected_shapes().items()},
+            LoraSpec().to_peft_config_dict("tiny"),
+            0,
+        )
+        assert r.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1).steps == 1
+        assert r.trainer is not None and r.trainer._worker is not None
+        worker = r.trainer._worker.native_id
+        assert worker is not None
+        serving = os.getpriority(os.PRIO_PROCESS, 0)  # this (test) thread's nice
+        assert os.getpriority(os.PRIO_PROCESS, worker) == max(19, serving)
+    finally:
+        r.stop()
+    # By default steps run at serving's priority: they give way at every layer by themselves.
+    assert ReplicaConfig().trainer_nice == 0
 
 
 def test_an_idle_replica_trains_its_backfill_too(replica):
@@ -94,9 +122,14 @@ def test_backfill_waits_while_a_request_is_served(replica):
     assert handle.wait(timeout=60) and handle.finish_reason in ("length", "stop")
 
 
-def test_a_trainer_behind_its_plan_takes_its_share_while_a_request_waits(replica):
+def test_a_trainer_behind_its_plan_borrows_its_share_while_a_request_waits(replica, monkeypatch):
     assert replica.trainer is not None
     replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1)  # a timed step
+    loans: list[float] = []
+    lend = replica.engine.lend_to_training
+    monkeypatch.setattr(
+        replica.engine, "lend_to_training", lambda share: (loans.append(share), lend(share))[1]
+    )
     replica.engine.pause()  # a request stays queued past its TTFT SLO the whole time
     handle = replica.engine.submit(
         GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=4, temperature=0), "r1")
@@ -104,11 +137,55 @@ def test_a_trainer_behind_its_plan_takes_its_share_while_a_request_waits(replica
     try:
         # 10,000 planned steps cannot fit 1 s: behind schedule from the first decision.
         behind = replica.train(steps=10_000, learning_rate=1e-3, deadline_s=1.0, round_number=2)
-        replica.trainer.nice = 0  # the same trainer, seen as not preemptible, keeps yielding
-        held = replica.train(steps=10_000, learning_rate=1e-3, deadline_s=1.0, round_number=3)
+        # One step that fits the time left at every decision is on schedule: it waits instead
+        # (the deadline's clock moves 50 ms per reading; a tiny-model step takes milliseconds).
+        ticks = iter(range(10_000))
+        replica.trainer.clock = lambda: 0.05 * next(ticks)
+        held = replica.train(steps=1, learning_rate=1e-3, deadline_s=1.0, round_number=3)
     finally:
-        replica.trainer.nice = replica.cfg.trainer_nice
+        replica.trainer.clock = time.monotonic
         replica.engine.resume()
     assert behind.steps > 0 and behind.deadline_hit
+    # It asked serving for its share (1.0 here; the engine caps what it lends) and ended the
+    # loan with the job; the trainer on schedule never borrowed.
+    assert loans[0] == 1.0 and set(loans[loans.index(0.0) :]) == {0.0}
     assert held.steps == 0 and held.yields > 0 and held.deadline_hit
     assert handle.wait(timeout=60) and handle.finish_reason in ("length", "stop")
+
+
+def test_the_deadline_mid_step_drops_that_step_and_keeps_the_last_finished_one(replica):
+    trainer = replica.trainer
+    assert trainer is not None
+    now, countdown = [0.0], [0]
+
+    def clock() -> float:  # the deadline's clock, stopped unless a step is set to trip it
+        if countdown[0] > 0:
+            countdown[0] -= 1
+            if countdown[0] == 0:
+                now[0] = 1e9  # far past any deadline
+        return now[0]
+
+    finished: list[dict[str, np.ndarray]] = []
+    original = trainer._micro_step
+
+    def micro_step(*args, **kwargs):
+        if len(finished) == 2:
+            # The third step: its LoRA layers check the clock once each in the forward pass and
+            # again in the backward; trip it halfway through the backward.
+            countdown[0] = len(trainer.modules) + len(trainer.modules) // 2
+        out = original(*args, **kwargs)
+        finished.append(trainer.modules.get_training_state())
+        return out
+
+    trainer.clock = clock
+    trainer._micro_step = micro_step
+    outcome = replica.train(steps=5, learning_rate=1e-2, deadline_s=100.0, round_number=1)
+    assert outcome.steps == 2 and len(finished) == 2
+    assert outcome.deadline_hit and outcome.abandoned_step
+    for name, value in finished[-1].items():  # the adapter is the second step's, untouched
+        np.testing.assert_array_equal(outcome.state[name], value)
+    assert all(p.grad is None for p in trainer.modules.training_parameters())
+    # The trainer goes on: the next round trains normally.
+    trainer.clock = time.monotonic
+    nxt = replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=2)
+    assert nxt.steps == 1 and not nxt.abandoned_step

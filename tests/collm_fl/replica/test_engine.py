@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from collm_fl.adapters import AdapterState, LoraSpec
 from collm_fl.errors import ConfigError
 from collm_fl.models import LoadedModel
-from collm_fl.replica.engine import InferenceEngine
+from collm_fl.replica.engine import LEND_SHARE_LIMIT, InferenceEngine
 from collm_fl.replica.lora_layers import MultiLoraModules, inject_multi_lora, lora_context, serve
 from collm_fl.replica.requests import (
     EngineStoppedError,
@@ -338,6 +338,47 @@ def test_slo_schedule_admits_a_request_that_can_still_meet_its_ttft_before_a_lat
         engine.stop()
 
 
-def test_unknown_schedule_is_refused(rig: Rig) -> None:
+def test_unknown_schedule_and_bad_lend_share_are_refused(rig: Rig) -> None:
     with pytest.raises(ConfigError, match="schedule must be one of"):
         InferenceEngine(rig.model, rig.tokenizer, rig.modules, rig.slots, schedule="lifo")
+    for share in (-0.1, LEND_SHARE_LIMIT + 0.01):
+        with pytest.raises(ConfigError, match="max_lend_share"):
+            InferenceEngine(rig.model, rig.tokenizer, rig.modules, rig.slots, max_lend_share=share)
+
+
+def test_lending_time_to_training_rests_between_steps_and_changes_no_output(rig: Rig) -> None:
+    slot = rig.load(version=1, seed=1)
+    prompt = rig.prompt(PROMPTS[1])
+    want = solo_greedy(rig, prompt, slot, 6)
+    rig.engine.lend_to_training(0.5)  # by default serving lends nothing
+    assert rig.engine._lent_share == 0.0
+    rig.engine.max_lend_share = 0.25
+    rig.engine.lend_to_training(0.5)  # more than serving may lend: capped
+    assert rig.engine._lent_share == 0.25
+    lent = rig.submit(prompt, SamplingParams(max_tokens=6, temperature=0.0))
+    assert lent.wait(TIMEOUT) and lent.finish_reason == "length"
+    rested = rig.engine.stats().lent_s
+    assert rested > 0  # it rested after its steps
+    assert lent.token_ids == want  # ... and answered exactly as without the loan
+    rig.engine.lend_to_training(0.0)
+    after = rig.submit(prompt, SamplingParams(max_tokens=6, temperature=0.0))
+    assert after.wait(TIMEOUT) and after.token_ids == want
+    assert rig.engine.stats().lent_s == rested  # no loan, no rest
+
+
+def test_training_gets_the_core_only_when_serving_is_idle_paused_or_resting(rig: Rig) -> None:
+    assert rig.engine.wait_for_training_turn(TIMEOUT)  # idle
+    prompt = rig.prompt(PROMPTS[0])
+    with rig.engine.busy_changed:  # the engine thread cannot take the request off the queue
+        handle = rig.submit(prompt, SamplingParams(max_tokens=3, temperature=0.0))
+        # Serving has work and lends nothing: a training step waits (here until the timeout).
+        assert not rig.engine.wait_for_training_turn(0.05)
+    assert handle.wait(TIMEOUT) and handle.finish_reason == "length"
+    assert rig.engine.wait_for_training_turn(TIMEOUT)  # idle again
+    rig.engine.pause()
+    try:
+        held = rig.submit(prompt, SamplingParams(max_tokens=3, temperature=0.0))
+        assert rig.engine.wait_for_training_turn(TIMEOUT)  # paused: work waits, training runs
+    finally:
+        rig.engine.resume()
+    assert held.wait(TIMEOUT)
