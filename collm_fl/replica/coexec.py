@@ -13,11 +13,12 @@ not resting for training, and drops the step (the optimizer has not stepped) whe
 deadline passes. So a step runs on serving's idle moments, and a request arriving mid-step waits
 at most one layer. A planned step that falls behind its round's plan (the planned steps left, at
 the training share, need most of the time left) asks the engine to rest for it: the share of
-serving's time the allocation gave (``InferenceEngine.lend_to_training``), no more, and only
-while behind — idle moments first, borrowed time as late as the plan allows. Backfill steps never
-borrow. (Kernel priorities cannot do this: a step at the lowest priority gets almost nothing from
-a busy core, also from every other process on it, and an unprivileged thread cannot raise its
-priority again.)
+serving's time the allocation gave, no more, and only while behind — idle moments first, borrowed
+time as late as the plan allows. The engine lends only up to its ``max_lend_share`` (replica
+``--max-lend-share``; 0 by default: then training runs on idle moments alone, see
+``InferenceEngine.lend_to_training``). Backfill steps never borrow. (Kernel priorities cannot do
+this: a step at the lowest priority gets almost nothing from a busy core, also from every other
+process on it, and an unprivileged thread cannot raise its priority again.)
 
 Thread budget (2 cores): the engine thread uses 1 compute thread; the trainer uses 1 while
 requests are present and both when the replica is idle (DESIGN.md: one compute thread per core

@@ -272,11 +272,12 @@ class InferenceEngine:
     def lend_to_training(self, share: float) -> None:
         """Rest after each step so the co-execution trainer gets ``share`` of the time (0: stop).
 
-        The trainer runs below serving's CPU priority, so under sustained load it gets almost
-        nothing (about 1.5 % of a core at nice 19) and its round's plan, the allocation's
-        training share, is never met. A trainer behind that plan asks for its share here: after
-        a step of t seconds the engine waits t·s/(1−s) (at most ``MAX_LEND_REST_S``), woken early
-        when the loan ends. ``share`` is capped at ``max_lend_share`` (0: nothing is lent).
+        Training steps run only on serving's idle moments (``wait_for_training_turn``), so under
+        sustained load a round's plan, the allocation's training share, may not be met. A trainer
+        behind that plan asks for its share here: after a step of t seconds the engine waits
+        t·s/(1−s) (at most ``MAX_LEND_REST_S``), woken early when the loan ends, and the training
+        step runs meanwhile. ``share`` is capped at ``max_lend_share`` (0, the default: nothing is
+        lent).
         """
         share = min(max(float(share), 0.0), self.max_lend_share)
         with self.busy_changed:
