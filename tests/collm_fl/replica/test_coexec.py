@@ -14,15 +14,14 @@ from collm_fl.replica.runtime import Replica, ReplicaConfig
 from collm_fl.replica.sampling import SamplingParams
 
 
-@pytest.fixture()
-def replica(tmp_path):
+def started_replica(tmp_path, **config) -> Replica:
+    """A started tiny replica with training data, serving a small random version 0."""
     cfg = ReplicaConfig(
         model="tiny",
         store_dir=str(tmp_path / "store"),
         data=DataSpec(max_samples_per_client=30),
         num_partitions=4,
-        slo=SLO(ttft_s=1e-4, tpot_s=1e-4),  # any waiting request is "at risk"
-        training_share=1.0,
+        **config,
     )
     r = Replica(cfg)
     r.start()
@@ -30,6 +29,16 @@ def replica(tmp_path):
     rng = np.random.default_rng(0)
     state = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
     r.push_version(state, LoraSpec().to_peft_config_dict("tiny"), 0)
+    return r
+
+
+@pytest.fixture()
+def replica(tmp_path):
+    r = started_replica(
+        tmp_path,
+        slo=SLO(ttft_s=1e-4, tpot_s=1e-4),  # any waiting request is "at risk"
+        training_share=1.0,
+    )
     yield r
     r.stop()
 
@@ -70,21 +79,8 @@ def test_share_zero_means_no_training_within_the_deadline(replica):
 
 
 def test_steps_run_on_a_worker_at_the_configured_priority(tmp_path):
-    cfg = ReplicaConfig(
-        model="tiny",
-        store_dir=str(tmp_path / "store"),
-        data=DataSpec(max_samples_per_client=30),
-        num_partitions=4,
-        trainer_nice=19,
-    )
-    r = Replica(cfg)
-    r.start()
+    r = started_replica(tmp_path, trainer_nice=19)
     try:
-        r.push_version(
-            {k: np.zeros(s, np.float32) for k, s in r.modules.expected_shapes().items()},
-            LoraSpec().to_peft_config_dict("tiny"),
-            0,
-        )
         assert r.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1).steps == 1
         assert r.trainer is not None and r.trainer._worker is not None
         worker = r.trainer._worker.native_id
