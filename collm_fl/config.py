@@ -63,6 +63,8 @@ class RunConfig:
     publish_versions: bool = True  # push each new version to every node right after aggregation
     allocation: str = "quality-aware"  # "quality-aware" (per-node budgets) | "static"
     backfill: bool = True  # replicas may train the rest of the round's target on idle cycles
+    # the least training share the allocation plans for a busy replica (AllocationInputs.min_share)
+    min_training_share: float = 0.1
     round_deadline_s: float = 600.0  # training time a replica may take per round
     dp_noise_multiplier: float = 0.0  # > 0: Flower's client-side fixed-clipping DP (noise σ/C)
     dp_clipping_norm: float = 1.0  # L2 bound on each client's update (with DP on)
@@ -159,6 +161,12 @@ class RunConfig:
             "must be >= 0",
         )
         check(self.dp_clipping_norm > 0, "dp-clipping-norm", self.dp_clipping_norm, "must be > 0")
+        check(
+            0.0 <= self.min_training_share <= 1.0,
+            "min-training-share",
+            self.min_training_share,
+            "must be in [0, 1]",
+        )
         check(self.round_deadline_s > 0, "round-deadline-s", self.round_deadline_s, "must be > 0")
         check(self.ttft_slo_s > 0, "ttft-slo-s", self.ttft_slo_s, "must be > 0")
         check(self.tpot_slo_s > 0, "tpot-slo-s", self.tpot_slo_s, "must be > 0")

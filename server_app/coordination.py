@@ -82,6 +82,7 @@ class CoordinationState:
             deadline_s=cfg.round_deadline_s,
             max_steps=cfg.local_steps,
             loss_history=tuple(self.loss_history),
+            min_share=cfg.min_training_share,
             backfill=cfg.backfill,
         )
         budgets = allocate(inputs)

@@ -1,10 +1,13 @@
-"""``collm bench goodput``: goodput and served quality of four ways to train and serve together.
+"""``collm bench goodput``: goodput and served quality of ways to train and serve together.
 
 The headline benchmark. The same R replica processes (fresh ones per system × rate, so every run
 starts from the same state: same weights, data order and empty queues), the same private data, the
-same arrival schedule and the same total training budget per round, for four systems
-(:mod:`.goodput_systems`): a static train/serve split, co-located with exclusive training,
-merged-adapter serving, and CoLLM-FL. The federation is emulated by :mod:`.goodput_rounds`.
+same arrival schedule and the same total training budget per round, for five systems
+(:mod:`.goodput_systems`): three baselines (a static train/serve split, co-located with exclusive
+training, merged-adapter serving) and CoLLM-FL twice, as it ships (serving first: training takes
+the cycles serving leaves) and set to quality first (every replica plans the whole budget and
+serving lends a plan that falls behind its time). The federation is emulated by
+:mod:`.goodput_rounds`.
 
 Setup comes from a short calibration on one replica (:func:`.goodput_systems.calibrate`): its
 unloaded TTFT and TPOT (sequential requests) set the SLOs as ``slo_factor`` × unloaded
@@ -35,6 +38,7 @@ from collm_fl.bench.goodput_report import (
     RateOutcome,
     RunOutcome,
     SystemInfo,
+    is_collm_system,
     write_goodput_report,
 )
 from collm_fl.bench.goodput_rounds import RunSettings, StartVersion
@@ -91,7 +95,7 @@ def run_goodput_benchmark(
     shed_factor: float = 0.0,
     command: str | None = None,
 ) -> dict[str, object]:
-    """Run the four systems at every rate and write ``goodput.{md,json}`` + two PNGs to ``out_dir``.
+    """Run every system at every rate and write ``goodput.{md,json}`` + two PNGs to ``out_dir``.
 
     ``rates`` are requests/s (None: calibrated, see ``RATE_FRACTIONS``); ``trace`` replays an
     Azure-format trace rescaled to each rate instead of ``arrivals``. ``quick`` is the smoke run
@@ -293,13 +297,16 @@ def summarize_runs(
         target, source = quality_target(here)
         rows = [summarize_run(run, slo, schedule_s, target) for run in here]
         outcomes += rows
-        baselines = {r.system: r.summary.goodput_rps for r in rows if r.system != COLLM}
+        baselines = {r.system: r.summary.goodput_rps for r in rows if not is_collm_system(r.system)}
         best = max(baselines, key=lambda k: baselines[k]) if baselines else None
-        mine = next((r.summary.goodput_rps for r in rows if r.system == COLLM), None)
-        ratio = None
-        if best is not None and mine is not None and baselines[best] > 0:
-            ratio = mine / baselines[best]
-        by_rate.append(RateOutcome(rate, target, source, best, ratio))
+        ratios = {}
+        if best is not None and baselines[best] > 0:
+            ratios = {
+                r.system: r.summary.goodput_rps / baselines[best]
+                for r in rows
+                if is_collm_system(r.system)
+            }
+        by_rate.append(RateOutcome(rate, target, source, best, ratios.get(COLLM), ratios))
     return outcomes, by_rate
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,11 @@ RATE_LABELS = (
 )
 GOAL_RATIO = 3.0  # the goal: CoLLM-FL >= 3x the best baseline at bursty/high rates
 QUALITY_TOLERANCE = 1e-3  # nats: served losses this close count as equal
+
+
+def is_collm_system(name: str) -> bool:
+    """CoLLM-FL and its variants (``collm-fl``, ``collm-fl-quality``); the rest are baselines."""
+    return name == "collm-fl" or name.startswith("collm-fl-")
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class RateOutcome:
     target_source: str | None  # the system whose first version set it
     best_baseline: str | None
     goodput_ratio: float | None  # CoLLM-FL / best baseline (None: no baseline had goodput)
+    # every CoLLM-FL system's goodput / the best baseline's (the default one's is goodput_ratio)
+    ratios: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,11 +125,6 @@ class GoodputResult:
 
     def runs_at(self, rate: float) -> list[RunOutcome]:
         return [r for r in self.runs if r.rate == rate]
-
-    @property
-    def quality_rate(self) -> float:
-        """The rate whose served quality over time is plotted: the middle one."""
-        return self.rates[len(self.rates) // 2]
 
     def title(self, system: str) -> str:
         return next(s.title for s in self.systems if s.name == system)
@@ -195,7 +197,7 @@ def _rate_label(result: GoodputResult, rate: float) -> str:
 def render_markdown(result: GoodputResult) -> str:
     cal, slo, st, r = result.calibration, result.slo, result.settings, result.replicas
     lines = [
-        "# Goodput: training and serving on the same replicas, four ways",
+        "# Goodput: training and serving on the same replicas, four ways and a variant",
         "",
         f"Command: `{result.command}`" + (" (quick smoke run)" if result.quick else ""),
         "",
@@ -279,14 +281,14 @@ def render_markdown(result: GoodputResult) -> str:
     lines += [
         "![goodput vs rate](goodput_vs_rate.png)",
         "",
-        f"Served quality over time at {result.quality_rate:.2f} req/s:",
+        "Served quality over time at every rate:",
         "",
         "![served quality over time](quality_over_time.png)",
         "",
-        *_rounds_table(result, result.quality_rate),
-        "",
-        *_allocation_lines(result),
     ]
+    for rate in result.rates:
+        lines += [*_rounds_table(result, rate), ""]
+    lines += _allocation_lines(result)
     return "\n".join(lines) + "\n"
 
 
@@ -305,7 +307,9 @@ def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
             f"{_opt(run.time_to_quality_s, '.1f')} |"
         )
     best = result.title(info.best_baseline) if info.best_baseline else "-"
-    ratio = "-" if info.goodput_ratio is None else f"**{info.goodput_ratio:.2f}×**"
+    ratio = "; ".join(
+        f"{result.title(name)} **{value:.2f}×**" for name, value in _ratios(info).items()
+    )
     if info.target_source is None:
         source = "no system published a version at this rate"
     elif info.target_source == "collm-fl":
@@ -317,8 +321,8 @@ def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
         )
     lines += [
         "",
-        f"Quality target: {_opt(info.target_loss, '.4f')} ({source}). Goodput, CoLLM-FL / best "
-        f"baseline ({best}): {ratio}.",
+        f"Quality target: {_opt(info.target_loss, '.4f')} ({source}). Goodput / best "
+        f"baseline ({best}): {ratio or '-'}.",
     ]
     return lines
 
@@ -349,8 +353,17 @@ def share_at_least_as_good(
     return good / len(times)
 
 
+def _ratios(info: RateOutcome) -> dict[str, float]:
+    """Every CoLLM-FL system's goodput / best baseline at a rate (reports before the variant
+    stored only the default system's)."""
+    if info.ratios:
+        return info.ratios
+    return {} if info.goodput_ratio is None else {"collm-fl": info.goodput_ratio}
+
+
 def _goal_lines(result: GoodputResult) -> list[str]:
-    """Per rate: the goodput ratio and how CoLLM-FL's served quality compares over time."""
+    """Per rate and CoLLM-FL system: the goodput ratio and its served quality over time against
+    every baseline."""
     lines = [
         "### Against the goals",
         "",
@@ -358,47 +371,52 @@ def _goal_lines(result: GoodputResult) -> list[str]:
         "bursty/high rates and never below it, and its served quality at least as good at "
         "every moment.",
         "",
-        "| rate | goodput, CoLLM-FL / best baseline | time CoLLM-FL serves a loss no worse "
-        "than every baseline | final served loss, CoLLM-FL vs best baseline |",
-        "|---|---:|---:|---:|",
+        "| rate | system | goodput / best baseline | time it serves a loss no worse than every "
+        "baseline | final served loss vs best baseline |",
+        "|---|---|---:|---:|---:|",
     ]
     for info in result.by_rate:
         runs = result.runs_at(info.rate)
-        mine = next((r for r in runs if r.system == "collm-fl"), None)
-        others = [r for r in runs if r.system != "collm-fl"]
-        if mine is None or not others:
-            continue
-        share = share_at_least_as_good(
-            mine.quality, [o.quality for o in others], result.settings.schedule_s
-        )
-        best = min(others, key=lambda o: o.final_loss)
-        ratio = "-" if info.goodput_ratio is None else f"{info.goodput_ratio:.2f}×"
-        lines.append(
-            f"| {_rate_label(result, info.rate)} | {ratio} | {100 * share:.0f}% | "
-            f"{mine.final_loss:.4f} vs {best.final_loss:.4f} ({result.title(best.system)}) |"
-        )
+        baselines = [r for r in runs if not is_collm_system(r.system)]
+        best = min(baselines, key=lambda o: o.final_loss) if baselines else None
+        ratios = _ratios(info)
+        for mine in (r for r in runs if is_collm_system(r.system)):
+            if best is None:
+                continue
+            share = share_at_least_as_good(
+                mine.quality, [o.quality for o in baselines], result.settings.schedule_s
+            )
+            ratio = ratios.get(mine.system)
+            lines.append(
+                f"| {_rate_label(result, info.rate)} | {result.title(mine.system)} | "
+                f"{'-' if ratio is None else f'{ratio:.2f}×'} | {100 * share:.0f}% | "
+                f"{mine.final_loss:.4f} vs {best.final_loss:.4f} ({result.title(best.system)}) |"
+            )
     return lines
 
 
 def _allocation_lines(result: GoodputResult) -> list[str]:
     """CoLLM-FL's per-round allocation decisions with the load reports they were made from."""
     rows = [
-        f"| {run.rate:.2f} | {rr.round} | r{a['replica']} | {a['steps']} | {a.get('backfill', 0)} "
-        f"| {a.get('trained', '–')} ({a.get('backfilled', 0)}) | {a['share']:.2f} | {a['load']} |"
+        f"| {result.title(run.system)} | {run.rate:.2f} | {rr.round} | r{a['replica']} "
+        f"| {a['steps']} | {a.get('backfill', 0)} | {a.get('trained', '–')} "
+        f"({a.get('backfilled', 0)}) | {a['share']:.2f} | {a['load']} |"
         for run in result.runs
-        if run.system == "collm-fl"
+        if is_collm_system(run.system)
         for rr in run.rounds
         for a in rr.allocation
     ]
     if not rows:
         return []
     return [
-        "CoLLM-FL's allocation decisions (`collm_fl.policies.allocation.allocate`, from each "
+        "The CoLLM-FL systems' allocation decisions (`collm_fl.policies.allocation.allocate`, "
+        "from each "
         "replica's load report since the previous round; *backfill*: more steps allowed on idle "
         "cycles only; *trained*: steps the replica ran, of which backfill in parentheses):",
         "",
-        "| rate (req/s) | round | replica | planned | backfill | trained | share | load report |",
-        "|---:|---:|---|---:|---:|---:|---:|---|",
+        "| system | rate (req/s) | round | replica | planned | backfill | trained | share "
+        "| load report |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
         *rows,
     ]
 
@@ -468,30 +486,35 @@ def plot_goodput_vs_rate(result: GoodputResult, path: Path) -> None:
 
 
 def plot_quality_over_time(result: GoodputResult, path: Path) -> None:
+    """Served loss over time, one panel per rate, every system (grey: round starts)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rate = result.quality_rate
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for run in result.runs_at(rate):
-        ax.step(
-            [t for t, _ in run.quality],
-            [loss for _, loss in run.quality],
-            where="post",
-            label=result.title(run.system),
-        )
-    target = next((b.target_loss for b in result.by_rate if b.rate == rate), None)
-    if target is not None:
-        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="quality target")
+    rates = result.rates
+    fig, axes = plt.subplots(
+        1, len(rates), figsize=(5.5 * len(rates), 4), sharey=True, squeeze=False
+    )
     st = result.settings
-    for k in range(result.rounds):
-        ax.axvline(st.warmup_s + k * st.round_s, color="lightgrey", linewidth=0.8)
-    ax.set_xlabel("seconds since the load started (grey: round starts)")
-    ax.set_ylabel("served held-out loss (mean over serving replicas)")
-    ax.set_title(f"served quality at {rate:.2f} req/s")
-    ax.legend(fontsize=8)
+    for ax, rate in zip(axes[0], rates, strict=True):
+        for run in result.runs_at(rate):
+            ax.step(
+                [t for t, _ in run.quality],
+                [loss for _, loss in run.quality],
+                where="post",
+                label=result.title(run.system),
+            )
+        target = next((b.target_loss for b in result.by_rate if b.rate == rate), None)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="quality target")
+        for k in range(result.rounds):
+            ax.axvline(st.warmup_s + k * st.round_s, color="lightgrey", linewidth=0.8)
+        ax.set_xlabel("seconds since the load started")
+        ax.set_title(f"{rate:.2f} req/s")
+    axes[0][0].set_ylabel("served held-out loss (mean over serving replicas)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("served quality over time (grey: round starts)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

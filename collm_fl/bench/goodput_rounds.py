@@ -237,6 +237,7 @@ class Orchestrator:
             deadline_s=self.s.deadline_s,
             max_steps=self.s.steps_per_replica,
             loss_history=tuple(self._history),
+            min_share=self.spec.min_share,
         )
         decided = allocate(inputs)
         for node, b in zip(nodes, decided, strict=True):

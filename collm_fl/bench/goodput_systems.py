@@ -1,4 +1,4 @@
-"""The four systems of ``collm bench goodput`` and one run of a system at one request rate.
+"""The systems of ``collm bench goodput`` and one run of a system at one request rate.
 
 A run starts R fresh ``collm replica`` processes (and, for CoLLM-FL, a ``collm gateway``) on
 loopback ports, pushes version 0 (the fresh LoRA init, equal to the base model) to every replica
@@ -53,7 +53,10 @@ from collm_fl.replica.control_client import ReplicaClient
 log = logging.getLogger(__name__)
 
 SEPARATE, COLOCATED, MERGED, COLLM = "separate", "colocated", "merged", "collm-fl"
-SYSTEMS = (SEPARATE, COLOCATED, MERGED, COLLM)
+COLLM_QUALITY = "collm-fl-quality"  # CoLLM-FL set to train the whole budget (see SYSTEM_SPECS)
+SYSTEMS = (SEPARATE, COLOCATED, MERGED, COLLM, COLLM_QUALITY)
+QUALITY_FIRST_MIN_SHARE = 0.45  # the allocation's floor: 5 of 5 steps fit 42 s at 3.5 s a step
+QUALITY_FIRST_LEND_SHARE = 0.5  # `collm replica --max-lend-share` of that system
 STARTUP_TIMEOUT_S = 600.0  # a replica loads its model and tokenizes its data before /health
 MAX_IN_FLIGHT = 256  # open requests the load driver allows (beyond: recorded as dropped)
 
@@ -70,6 +73,8 @@ class SystemSpec:
     schedule: str  # the replicas' admission order (`collm replica --schedule`)
     budget: str  # "split": dedicated trainers share it; "each": per replica; "allocate": policy
     summary: str  # one line for the report
+    min_share: float = 0.1  # "allocate": the allocation's floor (AllocationInputs.min_share)
+    lend_share: float = 0.0  # the replicas' `--max-lend-share` (0: training never borrows)
 
 
 SYSTEM_SPECS = {
@@ -120,6 +125,21 @@ SYSTEM_SPECS = {
         "shadow swaps, unmerged co-execution under the SLO guard, per-round budgets from "
         "collm_fl.policies.allocation.allocate fed with /control/load, SLO-aware gateway, "
         "SLO-aware admission in the replicas (requests that can still meet the TTFT SLO first)",
+    ),
+    COLLM_QUALITY: SystemSpec(
+        COLLM_QUALITY,
+        "CoLLM-FL, quality first",
+        "shadow",
+        False,
+        True,
+        "slo",
+        "allocate",
+        "CoLLM-FL set to train the whole budget: the allocation's floor raised to a "
+        f"{QUALITY_FIRST_MIN_SHARE:g} training share (run-config `min-training-share`), so busy "
+        "replicas plan every step, and serving lends a plan that falls behind up to that share "
+        f"(`collm replica --max-lend-share {QUALITY_FIRST_LEND_SHARE:g}`)",
+        min_share=QUALITY_FIRST_MIN_SHARE,
+        lend_share=QUALITY_FIRST_LEND_SHARE,
     ),
 }
 
@@ -226,7 +246,7 @@ def run_system(
     clients: list[ReplicaClient] = []
     started = time.monotonic()
     try:
-        urls, controls = _start_replicas(fed, settings, spec.schedule)
+        urls, controls = _start_replicas(fed, settings, spec)
         clients = [ReplicaClient(c, fed.control_token) for c in controls]
         targets = [urls[i] for i in serving]
         if spec.gateway:
@@ -281,7 +301,7 @@ async def _load_and_rounds(
 
 
 def _start_replicas(
-    fed: LocalFederation, s: RunSettings, schedule: str
+    fed: LocalFederation, s: RunSettings, spec: SystemSpec
 ) -> tuple[list[str], list[str]]:
     """Spawn every replica at once (they load in parallel), then wait for each to be healthy."""
     procs: list[ManagedProcess] = []
@@ -304,7 +324,9 @@ def _start_replicas(
                 "--max-batch-size",
                 str(s.max_batch_size),
                 "--schedule",
-                schedule,
+                spec.schedule,
+                "--max-lend-share",
+                repr(spec.lend_share),
                 "--training-share",
                 repr(s.initial_share),
                 "--seed",

@@ -56,6 +56,12 @@ def test_bad_lora_rank_is_named():
         RunConfig.from_flower({"lora-rank": 0})
 
 
+def test_min_training_share_is_read_from_flower_and_checked():
+    assert RunConfig.from_flower({"min-training-share": 0.45}).min_training_share == 0.45
+    with pytest.raises(ConfigError, match=r"min-training-share=1.5: must be in \[0, 1\]"):
+        RunConfig.from_flower({"min-training-share": 1.5})
+
+
 def test_bad_robust_aggregation_values_are_all_named_at_once():
     with pytest.raises(ConfigError) as err:
         RunConfig.from_flower(

@@ -179,7 +179,7 @@ def test_a_replica_whose_steps_do_not_fit_still_trains_on_idle_cycles():
     assert "idle cycles only" in b.reason
 
 
-def test_the_server_side_tracker_passes_the_backfill_setting_and_records_the_decision(tmp_path):
+def test_the_server_side_tracker_passes_its_settings_and_records_the_decision(tmp_path):
     from collm_fl.config import RunConfig
     from collm_fl.store import VersionStore
     from server_app.coordination import CoordinationState
@@ -200,5 +200,13 @@ def test_the_server_side_tracker_passes_the_backfill_setting_and_records_the_dec
         cfg = RunConfig(local_steps=10, round_deadline_s=1000.0, backfill=backfill)
         (b,) = state.budgets(cfg, [1], store, run_id, 1).values()
         assert b.steps < 10 and (b.backfill_steps == 10 - b.steps) is backfill
+    # min-training-share: the floor lifts a busy replica's share (0.3 of headroom here) and its
+    # plan (its step time unknown yet: the target scaled by the share).
+    state = CoordinationState()
+    state.observe(1, metrics)
+    cfg = RunConfig(local_steps=10, round_deadline_s=1000.0, min_training_share=0.9)
+    (b,) = state.budgets(cfg, [1], store, run_id, 2).values()
+    assert (b.steps, b.backfill_steps, b.share) == (9, 1, 0.9)
     decisions = store.events(run_id, "allocation")
-    assert [d.payload["inputs"]["backfill"] for d in decisions] == [True, False]
+    assert [d.payload["inputs"]["backfill"] for d in decisions] == [True, False, True]
+    assert [d.payload["inputs"]["min_share"] for d in decisions] == [0.1, 0.1, 0.9]

@@ -8,25 +8,39 @@ from pathlib import Path
 
 import pytest
 
+from collm_fl.bench.aggregation import machine_info
 from collm_fl.bench.goodput import (
+    _system_info,
     quality_target,
     run_goodput_benchmark,
     served_quality_curve,
     summarize_runs,
 )
-from collm_fl.bench.goodput_report import result_from_json
-from collm_fl.bench.goodput_rounds import FederationLog, RoundRecord
+from collm_fl.bench.goodput_report import (
+    Calibration,
+    GoodputResult,
+    MachineRecord,
+    render_markdown,
+    result_from_json,
+)
+from collm_fl.bench.goodput_rounds import FederationLog, RoundRecord, RunSettings
 from collm_fl.bench.goodput_systems import SYSTEMS, SystemRun, split_roles
 from collm_fl.cli import main
 from collm_fl.errors import ConfigError
 from collm_fl.loadgen.client import RequestResult
 from collm_fl.loadgen.goodput import SLOSpec
 
-TITLES = ("separate (static split)", "co-located, uncoordinated", "merged", "CoLLM-FL")
+TITLES = (
+    "separate (static split)",
+    "co-located, uncoordinated",
+    "merged",
+    "CoLLM-FL",
+    "CoLLM-FL, quality first",
+)
 
 
 @pytest.mark.slow
-def test_quick_run_compares_the_four_systems_and_writes_every_file(tmp_path: Path) -> None:
+def test_quick_run_compares_every_system_and_writes_every_file(tmp_path: Path) -> None:
     lines: list[str] = []
     result = run_goodput_benchmark(
         model="smollm2-135m",  # quick runs tiny whatever is asked
@@ -77,7 +91,9 @@ def test_quick_run_compares_the_four_systems_and_writes_every_file(tmp_path: Pat
     assert "Command: `collm bench goodput --quick`" in md and "Machine:" in md
     assert "| system | goodput (req/s) | SLO attainment |" in md
     assert all(f"| {title} |" in md for title in TITLES)
-    assert "CoLLM-FL / best baseline" in md and "quality_over_time.png" in md
+    assert "Goodput / best baseline (" in md and "quality_over_time.png" in md
+    goals = md.split("### Against the goals")[1].split("###")[0]
+    assert "| CoLLM-FL |" in goals and "| CoLLM-FL, quality first |" in goals
     assert any(line.startswith("calibration:") for line in lines)
 
 
@@ -137,9 +153,11 @@ def test_summaries_give_the_ratio_to_the_best_baseline_and_time_to_quality() -> 
         _run("separate", 2.0, {0: 4.0, 1: 3.8}, met=1),
         _run("merged", 2.0, {0: 4.0, 1: 3.5}, met=2),
         _run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
+        _run("collm-fl-quality", 2.0, {0: 4.0, 1: 3.4}, met=3),  # not a baseline
     ]
     outcomes, (rate,) = summarize_runs(runs, [2.0], slo, schedule_s=10.0)
     assert (rate.best_baseline, rate.goodput_ratio) == ("merged", 2.0)
+    assert rate.ratios == pytest.approx({"collm-fl": 2.0, "collm-fl-quality": 1.5})
     assert (rate.target_loss, rate.target_source) == (3.6, "collm-fl")
     by_system = {o.system: o for o in outcomes}
     assert by_system["collm-fl"].summary.goodput_rps == 0.4
@@ -156,3 +174,65 @@ def test_without_a_collm_fl_version_the_target_is_the_worst_first_version_of_the
     ]
     assert quality_target(runs) == (3.8, "separate")
     assert quality_target([_run("collm-fl", 1.0, {0: 4.0}, met=1)]) == (None, None)
+
+
+def _result(runs: list[SystemRun], rate: float) -> GoodputResult:
+    slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
+    settings = RunSettings("tiny", 2, 1, 10.0, 0.0, 7.0, 3, 1.0, 5e-4, slo, 8, 4, 30.0, 0)
+    outcomes, by_rate = summarize_runs(runs, [rate], slo, settings.schedule_s)
+    return GoodputResult(
+        command="test",
+        model="tiny",
+        replicas=2,
+        rounds=1,
+        round_s=10.0,
+        quick=True,
+        arrivals="bursty",
+        slo_factor=5.0,
+        seed=0,
+        eval_samples=4,
+        eval_rows=4,
+        rate_fractions=None,
+        calibration=Calibration(0.1, 0.01, 4.0, 1.0, 10, 16, 1.0, 5.0),
+        slo=slo,
+        settings=settings,
+        rates=[rate],
+        systems=[_system_info(name) for name in SYSTEMS],
+        runs=outcomes,
+        by_rate=by_rate,
+        machine=MachineRecord(machine_info(100.0, 100.0), [0.0] * 3, [0.0] * 3),
+        seconds=1.0,
+    )
+
+
+def test_each_collm_fl_system_is_held_against_the_baselines_only() -> None:
+    runs = [
+        _run("separate", 2.0, {0: 4.0, 1: 3.8}, met=1),
+        _run("colocated", 2.0, {0: 4.0, 1: 3.6}, met=1),
+        _run("merged", 2.0, {0: 4.0, 1: 3.6}, met=2),
+        _run("collm-fl", 2.0, {0: 4.0, 1: 3.7}, met=4),  # worse than co-located from 5 s on
+        _run("collm-fl-quality", 2.0, {0: 4.0, 1: 3.5}, met=3),  # better: not a baseline
+    ]
+    md = render_markdown(_result(runs, 2.0))
+    goals = md.split("### Against the goals")[1].split("\n### ")[0]
+    rows = [line for line in goals.splitlines() if line.startswith("| 2.00 req/s")]
+    assert len(rows) == 2
+    default, quality = rows
+    # CoLLM-FL serves 3.7 from 5 s of 10 while co-located serves 3.6: no worse half the time,
+    # however much better the quality-first variant serves.
+    assert "| CoLLM-FL | 2.00× | 50% | 3.7000 vs 3.6000 (co-located, uncoordinated) |" in default
+    assert "| CoLLM-FL, quality first | 1.50× | 100% | 3.5000 vs 3.6000" in quality
+    assert "Goodput / best baseline (merged): CoLLM-FL **2.00×**; CoLLM-FL, quality first" in md
+
+
+def test_a_report_from_before_the_variant_still_renders_its_ratio() -> None:
+    runs = [
+        _run("merged", 2.0, {0: 4.0, 1: 3.6}, met=2),
+        _run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
+    ]
+    data = _result(runs, 2.0).to_json()
+    for by_rate in data["by_rate"]:  # type: ignore[union-attr]
+        del by_rate["ratios"]  # what goodput.json held before
+    md = render_markdown(result_from_json(data))
+    assert "| 2.00 req/s (0.25 × R × one replica's saturated throughput: medium) | CoLLM-FL " in md
+    assert "Goodput / best baseline (merged): CoLLM-FL **2.00×**." in md
