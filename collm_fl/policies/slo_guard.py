@@ -1,18 +1,15 @@
 """The SLO guard: may the replica's trainer run its next micro-step now?
 
-Short-timescale half of the coordination. Serving has priority: training yields at the next
-micro-step boundary when a waiting request's TTFT or the running requests' TPOT is at risk, and
-otherwise takes at most its training share of time while requests are present.
-
-A ``preemptible`` trainer's steps give way to serving inside the step (the co-execution trainer's
-steps wait at every LoRA layer while serving has work, see ``collm_fl.replica.coexec``): a step
-it starts cannot delay admission, and runs on serving's idle moments — unless the decision's
-``lend_share`` says serving rests that share of its time for it
-(``InferenceEngine.lend_to_training``). It says so only for a trainer that has fallen behind its
-round's plan (``behind_schedule``): idle moments first, borrowed time only as late as the plan
-allows, and then even while requests are at risk, so sustained load neither cancels the
-allocation's plan nor lets training take more than the allocation's share.
-When the replica is idle, training takes the whole replica (all threads).
+Short-timescale half of the coordination. Serving has priority. The co-execution trainer's steps
+give way to serving inside the step (they wait at every LoRA layer while serving has work, see
+``collm_fl.replica.coexec``), so a step it starts cannot delay admission and runs on serving's
+idle moments; the guard decides whether to start one at all (not while a waiting request's TTFT
+or the running requests' TPOT is at risk) — unless the decision's ``lend_share`` says serving
+rests that share of its time for it (``InferenceEngine.lend_to_training``). It says so only for
+a trainer that has fallen behind its round's plan (``behind_schedule``): idle moments first,
+borrowed time only as late as the plan allows, and then even while requests are at risk, so
+sustained load neither cancels the allocation's plan nor lets training take more than the
+allocation's share. When the replica is idle, training takes the whole replica (all threads).
 """
 
 from __future__ import annotations
@@ -30,14 +27,10 @@ class GuardInputs:
     oldest_waiting_s: float  # age of the oldest waiting request
     decode_step_s: float  # recent seconds per batched decode step
     training_share: float  # 0..1, set by the round's allocation (or an operator)
-    busy_fraction: float  # share of recent wall time the trainer spent in micro-steps
-    train_step_s: float  # recent seconds per training micro-step
+    train_step_s: float  # recent wall seconds per training micro-step (paces re-checks)
     ttft_slo_s: float
     tpot_slo_s: float
     total_threads: int  # compute threads the replica may use (cores)
-    # A running micro-step gives way to serving by itself (at every layer, or preempted by the
-    # kernel), so admitting a waiting request never waits for one to finish.
-    preemptible: bool = False
     # The round's planned steps left need at least the time left before its deadline at the
     # training share: yielding any longer means the replica's plan is not met this round.
     behind_schedule: bool = False
@@ -63,7 +56,7 @@ def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = Fals
         return GuardDecision(True, max(1, x.total_threads), 0.0, "idle: training takes the replica")
     if backfill:  # woken by the engine when it goes idle; the recheck is a safety net
         return GuardDecision(False, 0, IDLE_RECHECK_S, "backfill waits for an idle replica")
-    if x.behind_schedule and x.preemptible:
+    if x.behind_schedule:
         # Under sustained load a waiting request is always at risk, and yielding to it every
         # time would cancel the round's plan instead of slowing it. Serving lends the share.
         return GuardDecision(
@@ -73,19 +66,13 @@ def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = Fals
             "behind the round's plan: taking the share",
             lend_share=x.training_share,
         )
-    # A micro-step started now delays admission of waiting requests by about its duration
-    # (unless serving preempts it).
-    at_risk = x.oldest_waiting_s + (0.0 if x.preemptible else x.train_step_s)
-    if x.queue_depth > 0 and at_risk > margin * x.ttft_slo_s:
+    # A step started now gives way to a waiting request at its next layer, but a request
+    # already close to its TTFT SLO (or a slow decode) is left all the machine.
+    if x.queue_depth > 0 and x.oldest_waiting_s > margin * x.ttft_slo_s:
         return GuardDecision(False, 0, _recheck_s(x), "TTFT at risk")
     if x.running > 0 and x.decode_step_s > margin * x.tpot_slo_s:
         return GuardDecision(False, 0, _recheck_s(x), "TPOT at risk")
-    if not x.preemptible and x.training_share < 1.0 and x.busy_fraction >= x.training_share:
-        # Duty cycle: after a step of t seconds, rest t·(1−s)/s so training gets share s. (A
-        # preemptible step's share is kept by the engine's rests instead.)
-        rest = x.train_step_s * (1.0 - x.training_share) / x.training_share
-        return GuardDecision(False, 0, max(rest, 1e-3), "over training share")
-    # Serving keeps its own core; training takes the rest.
+    # Serving keeps its own core; training takes the rest (its steps wait while serving works).
     return GuardDecision(True, max(1, x.total_threads - 1), 0.0, "within share and SLOs")
 
 

@@ -31,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -62,7 +62,6 @@ from collm_fl.replica.metrics import SLO
 
 log = logging.getLogger(__name__)
 
-BUSY_WINDOW_S = 10.0
 GATE_RECHECK_S = 0.25  # a step waiting for its turn re-checks its deadline and plan this often
 
 T = TypeVar("T")
@@ -169,8 +168,7 @@ class CoTrainer:
         self._thread: threading.Thread | None = None
         self._worker: _Worker | None = None  # runs the micro-steps (started by start())
         self._stopping = threading.Event()
-        self._busy: deque[tuple[float, float]] = deque()  # (start, end) of recent micro-steps
-        self._step_ewma = 0.0  # wall seconds per micro-step (what a step delays serving by)
+        self._step_ewma = 0.0  # wall seconds per micro-step (paces the guard's re-checks)
         self._step_cost_ewma = 0.0  # compute seconds per micro-step (what the plan needs)
         self.clock: Callable[[], float] = time.monotonic  # the deadline's clock (tests replace it)
         self.steps_total = 0
@@ -437,17 +435,8 @@ class CoTrainer:
         return float(loss.item()), int((batch["labels"][:, 1:] != -100).sum())
 
     def _note_step(self, t0: float, t1: float, cost_s: float | None = None) -> None:
-        self._busy.append((t0, t1))
         self._step_ewma = _ewma(self._step_ewma, t1 - t0)
         self._step_cost_ewma = _ewma(self._step_cost_ewma, t1 - t0 if cost_s is None else cost_s)
-
-    def busy_fraction(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        window = max(BUSY_WINDOW_S, 10 * self._step_ewma)
-        while self._busy and self._busy[0][1] < now - window:
-            self._busy.popleft()
-        busy = sum(min(e, now) - max(s, now - window) for s, e in self._busy)
-        return max(0.0, busy) / window
 
     def _guard_inputs(self, behind: bool = False) -> GuardInputs:
         s = self.engine.stats()
@@ -457,12 +446,10 @@ class CoTrainer:
             oldest_waiting_s=s.oldest_waiting_s,
             decode_step_s=s.decode_step_s,
             training_share=self._share,
-            busy_fraction=self.busy_fraction(),
             train_step_s=self._step_ewma,
             ttft_slo_s=self.slo.ttft_s,
             tpot_slo_s=self.slo.tpot_s,
             total_threads=self.total_threads,
-            preemptible=True,  # every step gives way to serving at each LoRA layer
             behind_schedule=behind,
         )
 
