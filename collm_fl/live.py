@@ -51,6 +51,7 @@ class LiveConfig:
     out: Path = Path("outputs/live")
     run_config: str = ""  # extra flwr run-config overrides
     seed: int = 0
+    max_lend_share: float = 0.0  # the replicas' --max-lend-share
 
 
 @dataclass
@@ -107,12 +108,24 @@ class _Load:
         self._thread.join(timeout=60)
 
 
+def live_replica_args(cfg: LiveConfig) -> tuple[str, ...]:
+    """The ``collm replica`` flags the main job's replicas start with."""
+    return (
+        "--ttft-slo",
+        str(cfg.ttft_slo_s),
+        "--tpot-slo",
+        str(cfg.tpot_slo_s),
+        "--max-lend-share",
+        str(cfg.max_lend_share),
+    )
+
+
 def run_live(cfg: LiveConfig, app: Path) -> int:
     """Run the co-executing main job; returns flwr's exit code."""
     out = cfg.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     slo = SLOSpec(cfg.ttft_slo_s, cfg.tpot_slo_s)
-    replica_args = ("--ttft-slo", str(cfg.ttft_slo_s), "--tpot-slo", str(cfg.tpot_slo_s))
+    replica_args = live_replica_args(cfg)
     run_config = (
         f"model='{cfg.model}' num-server-rounds={cfg.rounds} local-steps={cfg.local_steps} "
         f"output-dir='{out / 'federation'}' run-name='live' ttft-slo-s={cfg.ttft_slo_s} "

@@ -43,6 +43,7 @@ def dispatch(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "--replicas >= 1, --devices >= 0, --rounds >= 1 and --rate > 0 needed"
             )
+        _check_lend_share(args.max_lend_share)
         cfg = LiveConfig(
             model=args.model,
             replicas=args.replicas,
@@ -58,6 +59,7 @@ def dispatch(args: argparse.Namespace) -> int:
             out=Path(args.out),
             run_config=args.run_config,
             seed=args.seed,
+            max_lend_share=args.max_lend_share,
         )
         return run_live(cfg, Path(args.app).resolve())
     if args.command == "gateway":
@@ -243,7 +245,6 @@ def _run_replica(args: argparse.Namespace) -> int:
     from collm_fl.data import DataSpec
     from collm_fl.models import check_load_target
     from collm_fl.replica.affinity import parse_cpu_list, pin_process
-    from collm_fl.replica.engine import LEND_SHARE_LIMIT
     from collm_fl.replica.metrics import SLO
     from collm_fl.replica.runtime import ReplicaConfig
     from collm_fl.replica.serve import run_replica
@@ -262,10 +263,7 @@ def _run_replica(args: argparse.Namespace) -> int:
         raise ConfigError(f"--defer-limit must be > 0 seconds, got {args.defer_limit}")
     if not 0 <= args.training_share <= 1:
         raise ConfigError(f"--training-share must be in [0, 1], got {args.training_share}")
-    if not 0 <= args.max_lend_share <= LEND_SHARE_LIMIT:
-        raise ConfigError(
-            f"--max-lend-share must be in [0, {LEND_SHARE_LIMIT}], got {args.max_lend_share}"
-        )
+    _check_lend_share(args.max_lend_share)
     if not 0 <= args.trainer_nice <= 19:
         raise ConfigError(f"--trainer-nice must be in [0, 19], got {args.trainer_nice}")
     if args.keep_versions < 0:
@@ -312,3 +310,11 @@ def _run_replica(args: argparse.Namespace) -> int:
 
 def _command_line() -> str:
     return " ".join(["collm", *sys.argv[1:]])
+
+
+def _check_lend_share(value: float) -> None:
+    """``--max-lend-share`` of ``collm replica`` and ``collm live``: exit 2 when out of range."""
+    from collm_fl.replica.engine import LEND_SHARE_LIMIT
+
+    if not 0 <= value <= LEND_SHARE_LIMIT:
+        raise ConfigError(f"--max-lend-share must be in [0, {LEND_SHARE_LIMIT}], got {value}")

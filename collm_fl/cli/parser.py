@@ -205,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-tokens", type=int, default=24)
     p.add_argument("--ttft-slo", type=float, default=5.0)
     p.add_argument("--tpot-slo", type=float, default=0.5)
+    p.add_argument(
+        "--max-lend-share",
+        type=float,
+        default=0.0,
+        help="the replicas' --max-lend-share (0..0.9): serving lends a round's plan that falls "
+        "behind up to this share; with -c 'min-training-share=0.45', quality first",
+    )
     p.add_argument("--out", default="outputs/live")
     p.add_argument("-c", "--run-config", default="", help="extra run-config overrides")
     p.add_argument("--seed", type=int, default=0)

@@ -109,6 +109,11 @@ def test_live_with_a_bad_rate_exits_2(capsys):
     assert code == 2 and "--rate" in err
 
 
+def test_live_with_a_lend_share_out_of_range_exits_2(capsys):
+    code, err = run(capsys, "live", "--max-lend-share", "0.95")
+    assert code == 2 and "--max-lend-share must be in [0, 0.9], got 0.95" in err
+
+
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])
 def test_gateway_with_a_stall_timeout_not_above_zero_exits_2(capsys, value):
     code, err = run(

@@ -1,11 +1,12 @@
-"""The main job's per-round figures: a round without arrivals is reported as such."""
+"""The main job: its per-round figures (a round without arrivals is reported as such) and its
+replicas' flags."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from collm_fl.live import LiveConfig, RoundRow, _load_text, _report
+from collm_fl.live import LiveConfig, RoundRow, _load_text, _report, live_replica_args
 from collm_fl.loadgen.client import RequestResult
 from collm_fl.loadgen.goodput import SLOSpec
 
@@ -39,3 +40,11 @@ def test_report_marks_rounds_without_requests(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "report.json").read_text())
     assert [r["requests"] for r in data["rounds"]] == [2, 0]
     assert (tmp_path / "live.png").exists()
+
+
+def test_the_main_jobs_replicas_start_with_its_slos_and_lend_share() -> None:
+    from collm_fl.cli.parser import build_parser
+
+    cfg = LiveConfig(ttft_slo_s=4.0, tpot_slo_s=0.3, max_lend_share=0.5)
+    args = build_parser().parse_args(["replica", *live_replica_args(cfg)])
+    assert (args.ttft_slo, args.tpot_slo, args.max_lend_share) == (4.0, 0.3, 0.5)
