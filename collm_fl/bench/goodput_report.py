@@ -378,11 +378,11 @@ def _goal_lines(result: GoodputResult) -> list[str]:
     for info in result.by_rate:
         runs = result.runs_at(info.rate)
         baselines = [r for r in runs if not is_collm_system(r.system)]
-        best = min(baselines, key=lambda o: o.final_loss) if baselines else None
+        if not baselines:
+            continue
+        best = min(baselines, key=lambda o: o.final_loss)
         ratios = _ratios(info)
         for mine in (r for r in runs if is_collm_system(r.system)):
-            if best is None:
-                continue
             share = share_at_least_as_good(
                 mine.quality, [o.quality for o in baselines], result.settings.schedule_s
             )
