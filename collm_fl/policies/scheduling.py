@@ -17,6 +17,10 @@ them. The ``"slo"`` order fixes both, and never refuses or drops a request:
 3. **Late ones fill spare rows.** A request that can no longer meet its TTFT SLO is admitted
    (oldest first) only when nobody who still can is waiting; it is answered, just not first.
 
+The same notion of late tells the replica when its work earns no goodput (:func:`only_late`):
+while every request it holds is late and none overdue, a co-executed training step may take the
+core (``InferenceEngine.want_late_turn``) — that time is lost to goodput either way.
+
 With nothing timed yet (``prefill_s_per_token == 0``) the order is first come, first served and
 the whole batch's free rows are filled, as with ``"fcfs"``. A pure function of its inputs
 (STYLE.md), so the engine, the tests and a simulator run the same code.
@@ -38,6 +42,44 @@ class Waiting:
 
     age_s: float  # since it reached the replica
     prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Running:
+    """One admitted request (its first token sent), as the engine sees it."""
+
+    age_s: float  # since it reached the replica
+    ttft_s: float  # when its first token came, seconds after it reached the replica
+
+
+def is_late(
+    w: Waiting, prefill_s_per_token: float, ttft_slo_s: float, margin: float = DEFAULT_MARGIN
+) -> bool:
+    """Whether waiting request ``w`` can no longer meet its TTFT SLO: its wait plus its own
+    prefill exceed ``margin × ttft_slo_s``."""
+    return w.age_s + w.prompt_tokens * prefill_s_per_token > margin * ttft_slo_s
+
+
+def only_late(
+    waiting: Sequence[Waiting],
+    running: Sequence[Running],
+    prefill_s_per_token: float,
+    ttft_slo_s: float,
+    defer_limit_s: float,
+    margin: float = DEFAULT_MARGIN,
+) -> bool:
+    """Whether serving's work now earns no goodput: at least one request, every waiting one can
+    no longer meet its TTFT SLO (:func:`is_late`), every running one got its first token after
+    the SLO, and none has waited ``defer_limit_s`` or longer (an overdue request is never put off:
+    deferring must not turn a late answer into a client timeout)."""
+    if not waiting and not running:
+        return False
+    if any(r.age_s >= defer_limit_s or r.ttft_s <= ttft_slo_s for r in running):
+        return False
+    return all(
+        w.age_s < defer_limit_s and is_late(w, prefill_s_per_token, ttft_slo_s, margin)
+        for w in waiting
+    )
 
 
 def admission_order(
@@ -67,7 +109,7 @@ def admission_order(
         if i in chosen:
             continue
         w = waiting[i]
-        if w.age_s + w.prompt_tokens * prefill_s_per_token > budget:
+        if is_late(w, prefill_s_per_token, ttft_slo_s, margin):
             late.append(i)
             continue
         if len(chosen) >= free_rows:

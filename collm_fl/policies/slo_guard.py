@@ -9,7 +9,11 @@ rests that share of its time for it (``InferenceEngine.lend_to_training``). It s
 a trainer that has fallen behind its round's plan (``behind_schedule``): idle moments first,
 borrowed time only as late as the plan allows, and then even while requests are at risk, so
 sustained load neither cancels the allocation's plan nor lets training take more than the
-allocation's share. When the replica is idle, training takes the whole replica (all threads).
+allocation's share. When the replica is idle, training takes the whole replica (all threads);
+so it does when every request the replica holds is already late (``only_late``: none can still
+meet its TTFT SLO, none overdue) — serving them earns no goodput, so planned and backfill steps
+alike take that time, and the engine rests for them until a fresh request arrives
+(``InferenceEngine.want_late_turn``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class GuardInputs:
     # The round's planned steps left need at least the time left before its deadline at the
     # training share: yielding any longer means the replica's plan is not met this round.
     behind_schedule: bool = False
+    # Every request the replica holds is late and none overdue (EngineStats.only_late).
+    only_late: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,17 @@ class GuardDecision:
 def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = False) -> GuardDecision:
     """Decide whether the next training micro-step runs now, and with how many threads.
 
-    A ``backfill`` step (beyond the round's planned steps) runs only on an idle replica.
+    A ``backfill`` step (beyond the round's planned steps) runs only on an idle replica, or
+    one whose requests are all late.
     """
     if x.training_share <= 0.0 and not backfill:
         return GuardDecision(False, 0, IDLE_RECHECK_S, "training share is 0")
     if x.queue_depth == 0 and x.running == 0:
         return GuardDecision(True, max(1, x.total_threads), 0.0, "idle: training takes the replica")
+    if x.only_late:  # serving them earns no goodput: the engine rests while the step runs
+        return GuardDecision(
+            True, max(1, x.total_threads), 0.0, "only late requests: training takes their turn"
+        )
     if backfill:  # woken by the engine when it goes idle; the recheck is a safety net
         return GuardDecision(False, 0, IDLE_RECHECK_S, "backfill waits for an idle replica")
     if x.behind_schedule:

@@ -94,6 +94,7 @@ class TrainOutcome:
     backfilled: int = 0  # of ``steps``, how many ran as backfill (on idle cycles)
     abandoned_step: bool = False  # the deadline came mid-step: that step was dropped, not applied
     lent_seconds: float = 0.0  # time serving rested for this job while it was behind its plan
+    late_seconds: float = 0.0  # time serving rested for its steps while all its work was late
 
 
 class _DeadlineReached(Exception):
@@ -240,13 +241,13 @@ class CoTrainer:
                 item[1].set_exception(TrainerStopped("replica is shutting down"))
 
     def _run(self, job: TrainJob) -> TrainOutcome:
-        lent_before = self.engine.stats().lent_s
+        before = self.engine.stats()
         try:
-            return self._train(job, lent_before)
+            return self._train(job, before.lent_s, before.late_rest_s)
         finally:
             self.engine.lend_to_training(0.0)
 
-    def _train(self, job: TrainJob, lent_before: float) -> TrainOutcome:
+    def _train(self, job: TrainJob, lent_before: float, late_before: float) -> TrainOutcome:
         started, wall0 = self.clock(), time.monotonic()
         abort_at = started + job.deadline_s
         self.modules.set_training_state(job.start_state)
@@ -302,6 +303,7 @@ class CoTrainer:
                 yields += 1
                 continue
             t0 = time.monotonic()
+            self.engine.want_late_turn(not job.exclusive)
             try:
                 checkpoint = self._checkpoint(abort_at, 0 if as_backfill else planned - steps)
                 loss, n, cpu_s = self._step(optimizer, params, checkpoint, decision.threads)
@@ -318,6 +320,8 @@ class CoTrainer:
                     total,
                 )
                 break
+            finally:
+                self.engine.want_late_turn(False)
             t1 = time.monotonic()
             self._note_step(t0, t1, cpu_s)
             train_s += t1 - t0
@@ -326,9 +330,10 @@ class CoTrainer:
             steps += 1
         self.steps_total += steps
         self.tokens_total += tokens
+        after = self.engine.stats()
         log.info(
             "round %d: trained %d/%d steps (%d of %d backfill) in %.1fs (%.1fs in steps), "
-            "yielded %.1fs, serving lent %.1fs: %s",
+            "yielded %.1fs, serving lent %.1fs, rested %.1fs with only late requests: %s",
             job.round_number,
             steps,
             total,
@@ -337,7 +342,8 @@ class CoTrainer:
             time.monotonic() - wall0,
             train_s,
             yielded_s,
-            self.engine.stats().lent_s - lent_before,
+            after.lent_s - lent_before,
+            after.late_rest_s - late_before,
             ", ".join(f"{k} x{n}" for k, n in why_yielded.most_common()) or "never",
         )
         return TrainOutcome(
@@ -352,7 +358,8 @@ class CoTrainer:
             deadline_hit=deadline_hit,
             backfilled=max(0, steps - planned),
             abandoned_step=abandoned,
-            lent_seconds=self.engine.stats().lent_s - lent_before,
+            lent_seconds=after.lent_s - lent_before,
+            late_seconds=after.late_rest_s - late_before,
         )
 
     def _step_fits(self, time_left: float, rate: float) -> bool:
@@ -451,6 +458,7 @@ class CoTrainer:
             tpot_slo_s=self.slo.tpot_s,
             total_threads=self.total_threads,
             behind_schedule=behind,
+            only_late=s.only_late,
         )
 
 

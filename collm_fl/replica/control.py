@@ -121,6 +121,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
             "yields": float(outcome.yields),
             "deadline-hit": float(outcome.deadline_hit),
             "lent-seconds": outcome.lent_seconds,
+            "late-rest-seconds": outcome.late_seconds,
         }
         blob = encode_adapter(
             outcome.state, replica.cfg.lora.to_peft_config_dict(replica.cfg.model), None, metrics

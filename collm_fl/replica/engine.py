@@ -36,8 +36,10 @@ from collm_fl.models import model_device
 from collm_fl.policies.scheduling import (
     DEFAULT_DEFER_LIMIT_S,
     SCHEDULES,
+    Running,
     Waiting,
     admission_order,
+    only_late,
 )
 from collm_fl.replica.lora_layers import MultiLoraModules, lora_context, serve
 from collm_fl.replica.requests import (
@@ -70,6 +72,9 @@ EWMA_ALPHA = 0.2  # weight of the newest sample in the recent-timing averages
 # notice), and never lends more than this share, whatever it is configured to.
 MAX_LEND_REST_S = 0.5
 LEND_SHARE_LIMIT = 0.9
+# Resting for a training step while all work is late (want_late_turn): how often the engine
+# re-checks whether a request it holds has become overdue (nothing else notifies that).
+LATE_RECHECK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ class EngineStats:
     busy_s: float  # total seconds spent in engine steps since start (serving's compute time)
     admitted_late: int = 0  # admitted after their TTFT SLO had already passed (total)
     lent_s: float = 0.0  # seconds the engine rested for a trainer behind its plan (total)
+    # Every request held is late and none overdue ("slo" schedule only; see want_late_turn).
+    only_late: bool = False
+    late_rest_s: float = 0.0  # seconds the engine rested for training while all it held was late
 
 
 @dataclass(eq=False)
@@ -177,6 +185,9 @@ class InferenceEngine:
         self.max_lend_share = max_lend_share
         self._lent_share = 0.0  # share of the time lent to the trainer now
         self._lent_s = 0.0
+        self._late_turn_wanted = False  # a training step runs and may take late work's turn
+        self._late_rest_s = 0.0  # finished rests; the one going on started at _late_rest_since
+        self._late_rest_since: float | None = None
         # Whose turn the core is (wait_for_training_turn): a co-executed training step waits at
         # every LoRA layer while a step runs or serving has work it is not resting from.
         self._step_gate = threading.Condition()
@@ -238,7 +249,11 @@ class InferenceEngine:
 
     def stats(self) -> EngineStats:
         with self.busy_changed:
-            oldest = time.monotonic() - self._waiting[0].arrival if self._waiting else 0.0
+            now = time.monotonic()
+            oldest = now - self._waiting[0].arrival if self._waiting else 0.0
+            late_rest = self._late_rest_s
+            if self._late_rest_since is not None:
+                late_rest += now - self._late_rest_since
             return EngineStats(
                 queue_depth=len(self._waiting),
                 running=self._active,
@@ -250,6 +265,8 @@ class InferenceEngine:
                 busy_s=self._busy_s,
                 admitted_late=self.admitted_late,
                 lent_s=self._lent_s,
+                only_late=self._only_late(),
+                late_rest_s=late_rest,
             )
 
     def is_idle(self) -> bool:
@@ -285,11 +302,24 @@ class InferenceEngine:
                 self._lent_share = share
                 self.busy_changed.notify_all()
 
+    def want_late_turn(self, wanted: bool) -> None:
+        """A co-executed training step runs (True) or ended (False): while every request the
+        engine holds is late — no waiting one can still meet its TTFT SLO, no running one got
+        its first token in time — and none is overdue, the engine rests and the step takes the
+        core (``wait_for_training_turn``). Serving such work earns no goodput, so the time costs
+        none; a fresh request ends the rest at once, an overdue one at the next re-check. Only
+        with the ``"slo"`` schedule (``collm_fl.policies.scheduling.only_late``)."""
+        with self.busy_changed:
+            if wanted != self._late_turn_wanted:
+                self._late_turn_wanted = wanted
+                self.busy_changed.notify_all()
+
     def wait_for_training_turn(self, timeout: float) -> bool:
         """Block until training may use the core, at most ``timeout`` s (False: still not).
 
         Training's turn: serving is paused or stopping, idle (nothing queued or running), or
-        resting for training (``lend_to_training``) — never while an engine step runs. The
+        resting for training (``lend_to_training``, ``want_late_turn``) — never while an engine
+        step runs. The
         co-execution trainer calls this at every LoRA layer of a step.
         """
         with self._step_gate:
@@ -326,6 +356,34 @@ class InferenceEngine:
                 self._set_gate(resting=False)
             self._lent_s += time.monotonic() - t0
 
+    def _only_late(self) -> bool:  # busy_changed held
+        if self.schedule != "slo":
+            return False
+        now = time.monotonic()
+        rows = [r.handle for r in self._rows]  # the engine thread replaces, never mutates, it
+        return only_late(
+            [Waiting(now - h.arrival, h.num_prompt_tokens) for h in self._waiting],
+            [Running(now - h.arrival, h.ttft if h.ttft is not None else 0.0) for h in rows],
+            self._prefill_ewma,
+            self.ttft_slo_s,
+            self.defer_limit_s,
+        )
+
+    def _rest_while_late(self) -> None:
+        """Rest while a training step wants late work's turn and all work is late."""
+        with self.busy_changed:
+            if not self._late_turn_wanted or self._stopping or not self._only_late():
+                return
+            self._late_rest_since = time.monotonic()
+            self._set_gate(resting=True)
+            try:
+                while self._late_turn_wanted and not self._stopping and self._only_late():
+                    self.busy_changed.wait(timeout=LATE_RECHECK_S)
+            finally:
+                self._set_gate(resting=False)
+                self._late_rest_s += time.monotonic() - self._late_rest_since
+                self._late_rest_since = None
+
     # ---- the engine thread ----
 
     def _loop(self) -> None:
@@ -353,6 +411,7 @@ class InferenceEngine:
                 self._fail_rows(self._newcomers + self._rows, f"internal error: {e}")
                 self._reset_batch()
             self._rest_for_training(busy)
+            self._rest_while_late()
         self._fail_rows(self._rows, "engine stopped")
         self._reset_batch()
         with self.busy_changed:

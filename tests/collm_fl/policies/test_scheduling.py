@@ -5,7 +5,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from collm_fl.policies.scheduling import DEFAULT_MARGIN, Waiting, admission_order
+from collm_fl.policies.scheduling import (
+    DEFAULT_MARGIN,
+    Running,
+    Waiting,
+    admission_order,
+    is_late,
+    only_late,
+)
 
 SLO = 1.0  # TTFT SLO, seconds
 P = 0.002  # prefill seconds per prompt token: a 100-token prompt takes 0.2 s
@@ -93,3 +100,27 @@ def test_admission_properties(waiting: list[Waiting], free: int, p: float) -> No
         ]
         for i in feasible:
             assert waiting[i].age_s + cost <= DEFAULT_MARGIN * SLO + 1e-9
+
+
+def late_only(waiting: list[Waiting], running: list[Running]) -> bool:
+    return only_late(waiting, running, P, SLO, LIMIT)
+
+
+def test_a_request_is_late_once_its_wait_and_prefill_exceed_the_budget() -> None:
+    # 100 tokens prefill in 0.2 s; the budget is 0.9 × 1 s.
+    assert not is_late(Waiting(0.7, 100), P, SLO)
+    assert is_late(Waiting(0.71, 100), P, SLO)
+    assert is_late(Waiting(0.0, 500), P, SLO)  # a long prompt cannot make it even now
+
+
+def test_serving_earns_no_goodput_only_when_every_request_is_late_and_none_overdue() -> None:
+    late_wait, late_run = Waiting(2.0, 100), Running(age_s=5.0, ttft_s=3.0)
+    assert late_only([late_wait], [late_run])
+    assert late_only([], [late_run]) and late_only([late_wait], [])
+    assert not late_only([], [])  # idle is not "late work" (training has the replica anyway)
+    # One request that can still meet its TTFT SLO, waiting or running on time: not late.
+    assert not late_only([late_wait, Waiting(0.1, 100)], [late_run])
+    assert not late_only([late_wait], [late_run, Running(age_s=5.0, ttft_s=0.4)])
+    # Overdue (waited the defer limit): never put off, waiting or running.
+    assert not late_only([Waiting(LIMIT, 100)], [])
+    assert not late_only([], [Running(age_s=LIMIT, ttft_s=3.0)])

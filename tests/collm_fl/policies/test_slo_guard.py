@@ -90,3 +90,16 @@ def test_behind_schedule_compares_the_plan_left_at_the_share_with_the_time_left(
     assert not behind_schedule(0, 2.0, 0.5, 1.0)  # nothing planned is left
     assert behind_schedule(4, 0.0, 0.5, 1e6)  # no step timed yet: run one to learn its cost
     assert not behind_schedule(4, 2.0, 0.0, 1.0)  # share 0: the plan is to sit out
+
+
+def test_when_every_request_is_late_planned_and_backfill_steps_take_their_turn():
+    late = dict(queue_depth=4, running=2, oldest_waiting_s=9.0, only_late=True)
+    for backfill in (False, True):
+        d = training_decision(inputs(**late), backfill=backfill)
+        assert d.run and d.threads == 2 and "late" in d.reason  # the engine rests: every thread
+        assert d.lend_share == 0.0  # nothing to lend: serving rests until a fresh request
+    # The same queue with a request that can still make it: the TTFT risk rule holds.
+    assert not training_decision(inputs(**{**late, "only_late": False})).run
+    # A zero share still means no planned training (backfill may use the late time).
+    assert not training_decision(inputs(**late, training_share=0.0)).run
+    assert training_decision(inputs(**late, training_share=0.0), backfill=True).run

@@ -37,7 +37,20 @@ def replica(tmp_path):
     r = started_replica(
         tmp_path,
         slo=SLO(ttft_s=1e-4, tpot_s=1e-4),  # any waiting request is "at risk"
+        # ... and at once overdue, so never merely late: late work gives its turn to training
+        # (see the tests at the end), overdue work does not.
+        defer_limit_s=1e-4,
         training_share=1.0,
+    )
+    yield r
+    r.stop()
+
+
+@pytest.fixture()
+def late_replica(tmp_path):
+    """Every request is late at once (TTFT SLO 1 µs) and none overdue for a minute."""
+    r = started_replica(
+        tmp_path, slo=SLO(ttft_s=1e-6, tpot_s=1e-6), defer_limit_s=60.0, training_share=1.0
     )
     yield r
     r.stop()
@@ -185,3 +198,87 @@ def test_the_deadline_mid_step_drops_that_step_and_keeps_the_last_finished_one(r
     trainer.clock = time.monotonic
     nxt = replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=2)
     assert nxt.steps == 1 and not nxt.abandoned_step
+
+
+def test_planned_and_backfill_steps_take_a_late_requests_turn(late_replica):
+    replica = late_replica
+    replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1)  # a timed step
+    replica.engine.pause()  # the request stays queued, already past its TTFT SLO
+    handle = replica.engine.submit(
+        GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=4, temperature=0), "r1")
+    )
+    try:
+        assert replica.engine.stats().only_late
+        outcome = replica.train(
+            steps=2, learning_rate=1e-3, deadline_s=120, round_number=2, backfill_steps=2
+        )
+    finally:
+        replica.engine.resume()
+    # Serving it earns no goodput either way: training did not wait for it (backfill included).
+    assert outcome.steps == 4 and outcome.backfilled == 2 and outcome.yields == 0
+    assert not outcome.deadline_hit
+    assert handle.wait(timeout=60) and handle.finish_reason in ("length", "stop")
+
+
+def test_the_engine_rests_for_training_while_its_running_requests_are_late(late_replica):
+    replica = late_replica
+    handle = replica.engine.submit(
+        GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=400, temperature=0), "long")
+    )
+    next(iter(handle.events(timeout=60)))  # running: its first token came after the SLO
+    outcome = replica.train(steps=3, learning_rate=1e-3, deadline_s=120, round_number=1)
+    assert outcome.steps == 3 and not outcome.deadline_hit
+    # The steps ran while the late request was still decoding: the engine rested for them
+    # (without the rest each step would have waited for the 400-token request to end).
+    assert not handle.finished and outcome.late_seconds > 0
+    assert replica.engine.stats().late_rest_s >= outcome.late_seconds
+    assert handle.wait(timeout=120) and handle.finish_reason in ("length", "stop")
+    assert handle.num_generated > 1
+
+
+def test_the_rest_ends_when_work_is_on_time_or_overdue(late_replica):
+    engine = late_replica.engine
+
+    def resting_behind_a_late_row(name: str):
+        late = engine.submit(
+            GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=400), name)
+        )
+        next(iter(late.events(timeout=60)))  # (a late request still waiting would wait on)
+        engine.want_late_turn(True)  # as if a training step ran from now on
+        assert engine.wait_for_training_turn(timeout=60)  # the engine rests, the late row waits
+        assert not late.finished
+        return late
+
+    try:
+        late = resting_behind_a_late_row("a")
+        engine.ttft_slo_s = 60.0  # now on time (the rest re-checks): served beside the step
+        fresh = engine.submit(
+            GenerationRequest(list(range(5, 9)), SamplingParams(max_tokens=3), "fresh")
+        )
+        assert fresh.wait(timeout=60) and late.wait(timeout=120)
+        engine.want_late_turn(False)
+        engine.ttft_slo_s = 1e-6
+        late = resting_behind_a_late_row("b")
+        engine.defer_limit_s = 1e-4  # overdue now: served
+        assert late.wait(timeout=120) and late.finish_reason in ("length", "stop")
+    finally:
+        engine.want_late_turn(False)
+
+
+def test_overdue_or_on_time_work_is_not_given_to_training(late_replica):
+    engine = late_replica.engine
+    engine.want_late_turn(True)  # as if a training step ran the whole time
+    try:
+        engine.defer_limit_s = 1e-4  # late, but overdue at once: served
+        overdue = engine.submit(
+            GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=8), "overdue")
+        )
+        assert overdue.wait(timeout=60) and overdue.finish_reason in ("length", "stop")
+        engine.defer_limit_s, engine.ttft_slo_s = 60.0, 60.0  # on time: served
+        on_time = engine.submit(
+            GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=8), "on-time")
+        )
+        assert on_time.wait(timeout=60) and on_time.finish_reason in ("length", "stop")
+    finally:
+        engine.want_late_turn(False)
+    assert engine.stats().late_rest_s == 0.0
