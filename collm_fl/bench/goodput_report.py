@@ -400,7 +400,8 @@ def _allocation_lines(result: GoodputResult) -> list[str]:
     rows = [
         f"| {result.title(run.system)} | {run.rate:.2f} | {rr.round} | r{a['replica']} "
         f"| {a['steps']} | {a.get('backfill', 0)} | {a.get('trained', '–')} "
-        f"({a.get('backfilled', 0)}) | {a['share']:.2f} | {a['load']} |"
+        f"({a.get('backfilled', 0)}) | {_seconds(a, 'lent_s')} | {_seconds(a, 'late_rest_s')} "
+        f"| {a['share']:.2f} | {a['load']} |"
         for run in result.runs
         if is_collm_system(run.system)
         for rr in run.rounds
@@ -412,13 +413,22 @@ def _allocation_lines(result: GoodputResult) -> list[str]:
         "The CoLLM-FL systems' allocation decisions (`collm_fl.policies.allocation.allocate`, "
         "from each "
         "replica's load report since the previous round; *backfill*: more steps allowed on idle "
-        "cycles only; *trained*: steps the replica ran, of which backfill in parentheses):",
+        "cycles only, or while every request the replica holds has missed its TTFT SLO; "
+        "*trained*: steps the replica ran, of which backfill in parentheses; *lent*: seconds "
+        "serving rested for a plan behind schedule (`--max-lend-share`); *late rest*: seconds "
+        "serving rested for a step while all its requests were late):",
         "",
-        "| system | rate (req/s) | round | replica | planned | backfill | trained | share "
-        "| load report |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---|",
+        "| system | rate (req/s) | round | replica | planned | backfill | trained | lent (s) "
+        "| late rest (s) | share | load report |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
         *rows,
     ]
+
+
+def _seconds(allocation: dict[str, object], key: str) -> str:
+    """One of a decision's recorded seconds ("–" in reports written before it was recorded)."""
+    value = allocation.get(key)
+    return "–" if value is None else f"{float(value):.1f}"  # type: ignore[arg-type]
 
 
 def _rounds_table(result: GoodputResult, rate: float) -> list[str]:

@@ -297,6 +297,8 @@ class Orchestrator:
                     if a["replica"] == i:
                         a["trained"] = done
                         a["backfilled"] = int(metrics.get("backfill-steps", 0))
+                        a["lent_s"] = float(metrics.get("lent-seconds", 0.0))
+                        a["late_rest_s"] = float(metrics.get("late-rest-seconds", 0.0))
                 if done > 0 and metrics["train-seconds"] > 0:
                     # The fastest round so far: the replica's own speed. A loaded round's slower
                     # steps are serving's load, which the allocation's share already counts.

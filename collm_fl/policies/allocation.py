@@ -21,9 +21,10 @@ code runs live in the ServerApp, in tests and in the simulator):
    speed); before its speed is known, the target scaled by the share.
 4. **Backfill.** The forecast is made from one short, bursty window and errs on the side of
    serving, so a replica that will not sit out also gets the rest of the target as *backfill*
-   steps: it trains them only while it has no request queued or running, and only before the
-   deadline (the replica enforces both). A forecast that was too cautious then costs no
-   training, and one that was right costs no serving: backfill runs on idle cycles alone.
+   steps: it trains them only while it has no request queued or running (or only requests that
+   have already missed their TTFT SLO, which earn no goodput), and only before the deadline (the
+   replica enforces both). A forecast that was too cautious then costs no training, and one that
+   was right costs no goodput: backfill runs on idle cycles alone.
 
 Devices (nodes without a replica) have no serving load: they get the gain-scaled budget.
 """

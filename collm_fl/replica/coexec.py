@@ -11,7 +11,10 @@ Steps take turns with serving at layer granularity: every LoRA layer of a step (
 forward and backward, calls the step's checkpoint, which waits while the engine has work and is
 not resting for training, and drops the step (the optimizer has not stepped) when the round's
 deadline passes. So a step runs on serving's idle moments, and a request arriving mid-step waits
-at most one layer. A planned step that falls behind its round's plan (the planned steps left, at
+at most one layer. Time spent on requests that have all missed their TTFT SLO earns no goodput:
+while a step runs and every request the engine holds is late (none overdue), the engine rests
+and the step — planned or backfill — takes the core (``InferenceEngine.want_late_turn``) until a
+fresh request arrives. A planned step that falls behind its round's plan (the planned steps left, at
 the training share, need most of the time left) asks the engine to rest for it: the share of
 serving's time the allocation gave, no more, and only while behind — idle moments first, borrowed
 time as late as the plan allows. The engine lends only up to its ``max_lend_share`` (replica
@@ -91,7 +94,7 @@ class TrainOutcome:
     yielded_seconds: float  # time spent yielding to serving
     yields: int
     deadline_hit: bool
-    backfilled: int = 0  # of ``steps``, how many ran as backfill (on idle cycles)
+    backfilled: int = 0  # of ``steps``, how many ran as backfill (on idle or late-only cycles)
     abandoned_step: bool = False  # the deadline came mid-step: that step was dropped, not applied
     lent_seconds: float = 0.0  # time serving rested for this job while it was behind its plan
     late_seconds: float = 0.0  # time serving rested for its steps while all its work was late

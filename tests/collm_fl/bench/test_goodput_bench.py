@@ -95,6 +95,17 @@ def test_quick_run_compares_every_system_and_writes_every_file(tmp_path: Path) -
     goals = md.split("### Against the goals")[1].split("###")[0]
     assert "| CoLLM-FL |" in goals and "| CoLLM-FL, quality first |" in goals
     assert any(line.startswith("calibration:") for line in lines)
+    # Each CoLLM-FL decision records what serving gave its steps: lent, and rested for late work.
+    decisions = [
+        a
+        for r in runs
+        if r["system"].startswith("collm-fl")
+        for rr in r["rounds"]
+        for a in rr["allocation"]
+    ]
+    assert len(decisions) == 4  # 2 systems × 2 replicas × 1 round
+    assert all(a["lent_s"] >= 0.0 and a["late_rest_s"] >= 0.0 for a in decisions)
+    assert "| lent (s) | late rest (s) |" in md
 
 
 def test_bad_arguments_are_refused_before_anything_starts(tmp_path: Path) -> None:
@@ -236,3 +247,18 @@ def test_a_report_from_before_the_variant_still_renders_its_ratio() -> None:
     md = render_markdown(result_from_json(data))
     assert "| 2.00 req/s (0.25 × R × one replica's saturated throughput: medium) | CoLLM-FL " in md
     assert "Goodput / best baseline (merged): CoLLM-FL **2.00×**." in md
+
+
+def test_a_decision_recorded_before_the_rest_seconds_renders_a_dash() -> None:
+    runs = [
+        _run("merged", 2.0, {0: 4.0, 1: 3.6}, met=2),
+        _run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
+    ]
+    decision = {"replica": 0, "steps": 3, "backfill": 2, "share": 0.3, "load": "1.0 req/s"}
+    runs[1].federation.rounds[0].allocation = [
+        {**decision, "trained": 5, "backfilled": 2, "lent_s": 0.0, "late_rest_s": 12.5},
+        {**decision, "replica": 1, "trained": 4},  # as goodput.json held it before
+    ]
+    md = render_markdown(_result(runs, 2.0))
+    assert "| CoLLM-FL | 2.00 | 1 | r0 | 3 | 2 | 5 (2) | 0.0 | 12.5 | 0.30 | 1.0 req/s |" in md
+    assert "| CoLLM-FL | 2.00 | 1 | r1 | 3 | 2 | 4 (0) | – | – | 0.30 | 1.0 req/s |" in md
