@@ -63,6 +63,7 @@ class RunConfig:
     publish_versions: bool = True  # push each new version to every node right after aggregation
     allocation: str = "quality-aware"  # "quality-aware" (per-node budgets) | "static"
     backfill: bool = True  # replicas may train the rest of the round's target on idle cycles
+    # (and while every request they hold has missed its TTFT SLO)
     # the least training share the allocation plans for a busy replica (AllocationInputs.min_share)
     min_training_share: float = 0.1
     round_deadline_s: float = 600.0  # training time a replica may take per round

@@ -24,7 +24,7 @@ code runs live in the ServerApp, in tests and in the simulator):
    steps: it trains them only while it has no request queued or running (or only requests that
    have already missed their TTFT SLO, which earn no goodput), and only before the deadline (the
    replica enforces both). A forecast that was too cautious then costs no training, and one that
-   was right costs no goodput: backfill runs on idle cycles alone.
+   was right costs no goodput: backfill runs on cycles that earn none.
 
 Devices (nodes without a replica) have no serving load: they get the gain-scaled budget.
 """
@@ -168,9 +168,9 @@ def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
         reason = f"headroom {room:.2f}, gain {gain:.2f}"
         if steps == 0:
             reason += ": not one step fits the deadline at this share"
-            reason += f"; {backfill} on idle cycles only" if backfill else "; sits out"
+            reason += f"; {backfill} on idle or late-only cycles" if backfill else "; sits out"
         elif backfill:
-            reason += f"; +{backfill} backfill on idle cycles"
+            reason += f"; +{backfill} backfill on idle or late-only cycles"
         budgets.append(NodeBudget(node.node_id, steps, room, inputs.deadline_s, reason, backfill))
     return budgets
 

@@ -319,8 +319,7 @@ class InferenceEngine:
 
         Training's turn: serving is paused or stopping, idle (nothing queued or running), or
         resting for training (``lend_to_training``, ``want_late_turn``) — never while an engine
-        step runs. The
-        co-execution trainer calls this at every LoRA layer of a step.
+        step runs. The co-execution trainer calls this at every LoRA layer of a step.
         """
         with self._step_gate:
             return self._step_gate.wait_for(self._training_turn, timeout)
