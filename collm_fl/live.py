@@ -52,6 +52,7 @@ class LiveConfig:
     run_config: str = ""  # extra flwr run-config overrides
     seed: int = 0
     max_lend_share: float = 0.0  # the replicas' --max-lend-share
+    lend_early: bool = False  # ... and --lend-early
 
 
 @dataclass
@@ -117,6 +118,7 @@ def live_replica_args(cfg: LiveConfig) -> tuple[str, ...]:
         str(cfg.tpot_slo_s),
         "--max-lend-share",
         str(cfg.max_lend_share),
+        *(("--lend-early",) if cfg.lend_early else ()),
     )
 
 

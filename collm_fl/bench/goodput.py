@@ -6,8 +6,9 @@ same arrival schedule and the same total training budget per round, for five sys
 (:mod:`.goodput_systems`): three baselines (a static train/serve split, co-located with exclusive
 training, merged-adapter serving) and CoLLM-FL twice, as it ships (serving first: training takes
 the cycles serving leaves) and set to quality first (every replica plans the whole budget and
-serving lends a plan that falls behind its time). The federation is emulated by
-:mod:`.goodput_rounds`.
+serving lends a plan that falls behind its time). ``--systems`` picks others, e.g. CoLLM-FL set
+to fresh versions (serving lends 0.9 of its time from each round's start until the plan is done).
+The federation is emulated by :mod:`.goodput_rounds`.
 
 Setup comes from a short calibration on one replica (:func:`.goodput_systems.calibrate`): its
 unloaded TTFT and TPOT (sequential requests) set the SLOs as ``slo_factor`` × unloaded
@@ -43,6 +44,7 @@ from collm_fl.bench.goodput_report import (
 )
 from collm_fl.bench.goodput_rounds import RunSettings, StartVersion
 from collm_fl.bench.goodput_systems import (
+    BASELINES,
     COLLM,
     SYSTEM_SPECS,
     SYSTEMS,
@@ -93,9 +95,13 @@ def run_goodput_benchmark(
     seed: int = 0,
     server_lr: float = 1.0,
     shed_factor: float = 0.0,
+    systems: Sequence[str] | None = None,
     command: str | None = None,
 ) -> dict[str, object]:
     """Run every system at every rate and write ``goodput.{md,json}`` + two PNGs to ``out_dir``.
+
+    ``systems``: which of ``SYSTEM_SPECS`` to run, in this order (None: ``SYSTEMS``); at least
+    one baseline and one CoLLM-FL system, as the report compares them.
 
     ``rates`` are requests/s (None: calibrated, see ``RATE_FRACTIONS``); ``trace`` replays an
     Azure-format trace rescaled to each rate instead of ``arrivals``. ``quick`` is the smoke run
@@ -108,6 +114,7 @@ def run_goodput_benchmark(
         duration_per_round_s = min(duration_per_round_s, 6.0)
         rates = list(rates[:1]) if rates else None
     _check_args(replicas, rates, rounds, duration_per_round_s, slo_factor, server_lr)
+    systems = check_systems(SYSTEMS if systems is None else systems)
     if not (shed_factor == 0 or 1 <= shed_factor < math.inf):
         raise ConfigError(f"shed_factor: must be 0 (off) or >= 1, got {shed_factor}")
     if trace is None and arrivals not in ARRIVAL_KINDS:
@@ -149,14 +156,14 @@ def run_goodput_benchmark(
         settings = replace(settings, server_lr=server_lr, shed_factor=shed_factor)
         say(
             f"{len(chosen)} rate(s) {', '.join(f'{r:.2f}' for r in chosen)} req/s x "
-            f"{len(SYSTEMS)} systems, {rounds} round(s) of {duration_per_round_s:g}s; budget "
+            f"{len(systems)} systems, {rounds} round(s) of {duration_per_round_s:g}s; budget "
             f"{settings.steps_per_replica} steps/replica/round (x{replicas}); about "
-            f"{estimate_seconds(settings, cal, len(chosen)) / 60:.0f} min"
+            f"{estimate_seconds(settings, cal, len(chosen), len(systems)) / 60:.0f} min"
         )
         runs: list[SystemRun] = []
         for k, rate in enumerate(chosen):
             specs = _schedule(rate, settings, arrivals, trace_rows)
-            for system in SYSTEMS:
+            for system in systems:
                 say(f"[rate {k + 1}/{len(chosen)}: {rate:.2f} req/s] {system}: starting")
                 run = run_system(
                     system,
@@ -192,7 +199,7 @@ def run_goodput_benchmark(
         slo=slo,
         settings=settings,
         rates=chosen,
-        systems=[_system_info(name) for name in SYSTEMS],
+        systems=[_system_info(name) for name in systems],
         runs=outcomes,
         by_rate=by_rate,
         machine=MachineRecord(
@@ -269,11 +276,32 @@ def _settings(
     )
 
 
-def estimate_seconds(settings: RunSettings, cal: Calibration, n_rates: int) -> float:
+def estimate_seconds(
+    settings: RunSettings, cal: Calibration, n_rates: int, n_systems: int = len(SYSTEMS)
+) -> float:
     """Rough wall time of the runs: per run, starting R replicas (they load in parallel on shared
     cores: about R/2 × one replica's startup, at least one), the schedule, and a drain tail."""
     startup = cal.startup_s * max(1.0, settings.replicas / 2)
-    return n_rates * len(SYSTEMS) * (startup + settings.schedule_s + 15.0)
+    return n_rates * n_systems * (startup + settings.schedule_s + 15.0)
+
+
+def check_systems(names: Sequence[str]) -> list[str]:
+    """``names`` as a list, checked: known, no repeats, a baseline and a CoLLM-FL system."""
+    chosen = list(names)
+    unknown = [n for n in chosen if n not in SYSTEM_SPECS]
+    if unknown:
+        raise ConfigError(
+            f"systems: unknown {', '.join(map(repr, unknown))}; expected some of "
+            f"{', '.join(SYSTEM_SPECS)}"
+        )
+    if len(set(chosen)) != len(chosen):
+        raise ConfigError(f"systems: each at most once, got {', '.join(chosen)}")
+    if not any(n in BASELINES for n in chosen) or all(n in BASELINES for n in chosen):
+        raise ConfigError(
+            f"systems: need at least one baseline ({', '.join(BASELINES)}) and one CoLLM-FL "
+            f"system, got {', '.join(chosen) or 'none'}"
+        )
+    return chosen
 
 
 def _schedule(

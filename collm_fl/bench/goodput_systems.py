@@ -54,11 +54,15 @@ log = logging.getLogger(__name__)
 
 SEPARATE, COLOCATED, MERGED, COLLM = "separate", "colocated", "merged", "collm-fl"
 COLLM_QUALITY = "collm-fl-quality"  # CoLLM-FL set to train the whole budget (see SYSTEM_SPECS)
-SYSTEMS = (SEPARATE, COLOCATED, MERGED, COLLM, COLLM_QUALITY)
+COLLM_FRESH = "collm-fl-fresh"  # ... and to publish each version as soon as it can
+SYSTEMS = (SEPARATE, COLOCATED, MERGED, COLLM, COLLM_QUALITY)  # what a run compares by default
+BASELINES = (SEPARATE, COLOCATED, MERGED)
 # The allocation's floor for that system: the round budget (goodput.TRAIN_FRACTION, 0.3 of a
 # round's compute) fits the deadline (DEADLINE_FRACTION, 0.7 of the round) at a share of 0.43.
 QUALITY_FIRST_MIN_SHARE = 0.45
 QUALITY_FIRST_LEND_SHARE = 0.5  # `collm replica --max-lend-share` of that system
+# Fresh versions: serving lends the most it can (engine.LEND_SHARE_LIMIT) from the round's start.
+FRESH_SHARE = 0.9
 STARTUP_TIMEOUT_S = 600.0  # a replica loads its model and tokenizes its data before /health
 MAX_IN_FLIGHT = 256  # open requests the load driver allows (beyond: recorded as dropped)
 
@@ -77,6 +81,7 @@ class SystemSpec:
     summary: str  # one line for the report
     min_share: float = 0.1  # "allocate": the allocation's floor (AllocationInputs.min_share)
     lend_share: float = 0.0  # the replicas' `--max-lend-share` (0: training never borrows)
+    lend_early: bool = False  # the replicas' `--lend-early`
 
 
 SYSTEM_SPECS = {
@@ -142,6 +147,22 @@ SYSTEM_SPECS = {
         f"(`collm replica --max-lend-share {QUALITY_FIRST_LEND_SHARE:g}`)",
         min_share=QUALITY_FIRST_MIN_SHARE,
         lend_share=QUALITY_FIRST_LEND_SHARE,
+    ),
+    COLLM_FRESH: SystemSpec(
+        COLLM_FRESH,
+        "CoLLM-FL, fresh versions",
+        "shadow",
+        False,
+        True,
+        "slo",
+        "allocate",
+        "CoLLM-FL set to publish each version as soon as it can while it serves: the allocation's "
+        f"floor at a {FRESH_SHARE:g} training share and serving lending that share from the "
+        f"round's start until the plan is done (`collm replica --max-lend-share {FRESH_SHARE:g} "
+        "--lend-early`)",
+        min_share=FRESH_SHARE,
+        lend_share=FRESH_SHARE,
+        lend_early=True,
     ),
 }
 
@@ -329,6 +350,7 @@ def _start_replicas(
                 spec.schedule,
                 "--max-lend-share",
                 repr(spec.lend_share),
+                *(["--lend-early"] if spec.lend_early else []),
                 "--training-share",
                 repr(s.initial_share),
                 "--seed",

@@ -60,6 +60,7 @@ def dispatch(args: argparse.Namespace) -> int:
             run_config=args.run_config,
             seed=args.seed,
             max_lend_share=args.max_lend_share,
+            lend_early=args.lend_early,
         )
         return run_live(cfg, Path(args.app).resolve())
     if args.command == "gateway":
@@ -158,6 +159,7 @@ def dispatch(args: argparse.Namespace) -> int:
             rates = [float(r) for r in args.rates.split(",") if r.strip()] or None
         except ValueError as e:
             raise ConfigError(f"--rates must be comma-separated numbers, got {args.rates!r}") from e
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()] or None
         run_goodput_benchmark(
             args.model,
             args.replicas,
@@ -173,6 +175,7 @@ def dispatch(args: argparse.Namespace) -> int:
             seed=args.seed,
             server_lr=args.server_lr,
             shed_factor=args.shed_factor,
+            systems=systems,
             command=_command_line(),
         )
         print((Path(args.out) / "goodput.md").read_text())
@@ -299,6 +302,7 @@ def _run_replica(args: argparse.Namespace) -> int:
         defer_limit_s=args.defer_limit,
         training_share=args.training_share,
         max_lend_share=args.max_lend_share,
+        lend_early=args.lend_early,
         trainer_nice=args.trainer_nice,
         seed=args.seed,
         canary=args.canary_check,

@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         "moments alone",
     )
     p.add_argument(
+        "--lend-early",
+        action="store_true",
+        help="with --max-lend-share: lend a round's plan its share from the round's start until "
+        "it is done (its version comes sooner), not only as late as the deadline allows",
+    )
+    p.add_argument(
         "--trainer-nice",
         type=int,
         default=0,
@@ -212,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the replicas' --max-lend-share (0..0.9): serving lends a round's plan that falls "
         "behind up to this share; with -c 'min-training-share=0.45', quality first",
     )
+    p.add_argument(
+        "--lend-early",
+        action="store_true",
+        help="the replicas' --lend-early: lend from the round's start until its plan is done",
+    )
     p.add_argument("--out", default="outputs/live")
     p.add_argument("-c", "--run-config", default="", help="extra run-config overrides")
     p.add_argument("--seed", type=int, default=0)
@@ -278,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="CoLLM-FL's gateway refuses (503) a request whose best predicted TTFT exceeds this "
         "x the TTFT SLO (collm gateway --shed-factor); 0 = off",
+    )
+    b.add_argument(
+        "--systems",
+        default="",
+        help="comma list of the systems to run, in order (default: separate, colocated, merged, "
+        "collm-fl, collm-fl-quality; also collm-fl-fresh); at least one baseline and one CoLLM-FL",
     )
     b.add_argument("--out", default="docs/bench", help="where the report, JSON and plots go")
     b.add_argument(

@@ -88,7 +88,12 @@ def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = Fals
 
 
 def behind_schedule(
-    planned_left: int, step_s: float, share: float, time_left_s: float, margin: float = 0.8
+    planned_left: int,
+    step_s: float,
+    share: float,
+    time_left_s: float,
+    margin: float = 0.8,
+    early: bool = False,
 ) -> bool:
     """Whether ``planned_left`` steps of ``step_s`` at training share ``share`` need at least
     ``margin`` of the ``time_left_s`` before the deadline (False with nothing planned left or a
@@ -97,10 +102,14 @@ def behind_schedule(
 
     Before any step is timed (``step_s`` 0) the plan's cost is unknown, and waiting for an idle
     moment to learn it can take the whole round under load: the first step counts as behind.
+
+    ``early``: the plan borrows from the round's start, not as late as it can (replica
+    ``--lend-early``): behind whenever planned steps are left, so the round's version comes as
+    soon as the share allows — at the cost of serving during the first part of the round.
     """
     if planned_left <= 0 or share <= 0:
         return False
-    if step_s <= 0:
+    if step_s <= 0 or early:
         return True
     return planned_left * step_s / share >= margin * time_left_s
 

@@ -156,6 +156,7 @@ class CoTrainer:
         training_share: float = 0.5,
         total_threads: int | None = None,
         nice: int = 0,
+        lend_early: bool = False,
     ) -> None:
         self.modules = modules
         self.model = model
@@ -165,6 +166,9 @@ class CoTrainer:
         self.slo = slo
         self.total_threads = total_threads or len(available_cpus())
         self.nice = nice  # the step worker's nice value (see replica.affinity); 0 = serving's
+        # A plan borrows serving's time from the round's start (True) or only as late as it
+        # can and still meet the deadline (False; see slo_guard.behind_schedule).
+        self.lend_early = lend_early
         checkpoint_output_layer(model)  # steps give way around the LM head too
         self._share = 0.0
         self.set_share(training_share)
@@ -289,7 +293,11 @@ class CoTrainer:
                 else training_decision(
                     self._guard_inputs(
                         behind_schedule(
-                            planned - steps, self._step_cost_ewma, self._share, time_left
+                            planned - steps,
+                            self._step_cost_ewma,
+                            self._share,
+                            time_left,
+                            early=self.lend_early,
                         )
                     ),
                     backfill=as_backfill,
@@ -416,7 +424,11 @@ class CoTrainer:
                 if self.engine.wait_for_training_turn(GATE_RECHECK_S):
                     return
                 if planned_left and behind_schedule(
-                    planned_left, self._step_cost_ewma, self._share, time_left
+                    planned_left,
+                    self._step_cost_ewma,
+                    self._share,
+                    time_left,
+                    early=self.lend_early,
                 ):
                     self.engine.lend_to_training(self._share)
 

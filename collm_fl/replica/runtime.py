@@ -83,6 +83,8 @@ class ReplicaConfig:
     # Share of serving's time the engine may rest for a trainer behind its round's plan (up to
     # the allocation's training share); 0 = training runs on serving's idle moments alone.
     max_lend_share: float = 0.0
+    # ... from the round's start until its plan is done, not as late as the plan allows.
+    lend_early: bool = False
     num_slots: int = 4
     training_share: float = 0.5
     serve_threads: int = 1
@@ -160,6 +162,7 @@ class Replica:
                 cfg.slo,
                 cfg.training_share,
                 nice=cfg.trainer_nice,
+                lend_early=cfg.lend_early,
             )
             log.info("private data: %s (%d training rows)", data.name, blocks.input_ids.shape[0])
 

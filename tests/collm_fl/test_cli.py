@@ -50,6 +50,11 @@ def test_bad_replica_placement_flags_exit_2(capsys, flags, message):
     assert code == 2 and message in err
 
 
+def test_goodput_bench_with_an_unknown_system_exits_2(capsys):
+    code, err = run(capsys, "bench", "goodput", "--systems", "merged,fastest")
+    assert code == 2 and "unknown 'fastest'" in err
+
+
 @pytest.mark.parametrize("factors", ["", "1,x", "1,-2", "0", "nan"])
 def test_soak_with_bad_load_factors_exits_2(capsys, factors):
     code, err = run(capsys, "bench", "soak", "--load-factors", factors)

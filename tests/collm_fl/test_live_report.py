@@ -48,3 +48,6 @@ def test_the_main_jobs_replicas_start_with_its_slos_and_lend_share() -> None:
     cfg = LiveConfig(ttft_slo_s=4.0, tpot_slo_s=0.3, max_lend_share=0.5)
     args = build_parser().parse_args(["replica", *live_replica_args(cfg)])
     assert (args.ttft_slo, args.tpot_slo, args.max_lend_share) == (4.0, 0.3, 0.5)
+    assert not args.lend_early
+    early = LiveConfig(max_lend_share=0.9, lend_early=True)
+    assert build_parser().parse_args(["replica", *live_replica_args(early)]).lend_early

@@ -121,7 +121,34 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path: Path) -> Non
         run_goodput_benchmark("tiny", 2, None, 1, 5.0, tmp_path, False, server_lr=0.0)
     with pytest.raises(ConfigError, match="shed_factor"):
         run_goodput_benchmark("tiny", 2, None, 1, 5.0, tmp_path, False, shed_factor=0.5)
+    for systems, why in (
+        (["merged", "fastest"], "unknown 'fastest'"),
+        (["merged", "collm-fl", "merged"], "at most once"),
+        (["merged", "colocated"], "one CoLLM-FL"),
+        (["collm-fl", "collm-fl-fresh"], "one baseline"),
+        ([], "one baseline"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            run_goodput_benchmark("tiny", 2, None, 1, 5.0, tmp_path, False, systems=systems)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_run_of_chosen_systems_compares_just_those(tmp_path: Path) -> None:
+    result = run_goodput_benchmark(
+        quick=True, out_dir=tmp_path, systems=["merged", "collm-fl-fresh"], progress=print
+    )
+    runs = result["runs"]
+    assert isinstance(runs, list)
+    assert [r["system"] for r in runs] == ["merged", "collm-fl-fresh"]
+    fresh = runs[1]
+    assert fresh["train_steps"] > 0
+    # The fresh system plans at the 0.9 floor or above (the replicas lend from the start).
+    assert all(a["share"] >= 0.9 for rr in fresh["rounds"] for a in rr["allocation"])
+    md = (tmp_path / "goodput.md").read_text()
+    assert "CoLLM-FL, fresh versions" in md and "--lend-early" in md
+    assert "separate" not in [r["system"] for r in runs] and "| separate" not in md
+    assert result["by_rate"][0]["best_baseline"] == "merged"  # type: ignore[index]
 
 
 def test_separate_trains_on_half_the_replicas_rounded_up_and_serves_on_the_rest() -> None:

@@ -92,6 +92,12 @@ def test_behind_schedule_compares_the_plan_left_at_the_share_with_the_time_left(
     assert not behind_schedule(4, 2.0, 0.0, 1.0)  # share 0: the plan is to sit out
 
 
+def test_a_plan_lending_early_is_behind_until_it_is_done():
+    assert behind_schedule(4, 2.0, 0.5, 1e6, early=True)  # however much time is left
+    assert not behind_schedule(0, 2.0, 0.5, 1.0, early=True)  # done
+    assert not behind_schedule(4, 2.0, 0.0, 1.0, early=True)  # share 0: sits out
+
+
 def test_when_every_request_is_late_planned_and_backfill_steps_take_their_turn():
     late = dict(queue_depth=4, running=2, oldest_waiting_s=9.0, only_late=True)
     for backfill in (False, True):

@@ -151,14 +151,22 @@ def test_a_trainer_behind_its_plan_borrows_its_share_while_a_request_waits(repli
         ticks = iter(range(10_000))
         replica.trainer.clock = lambda: 0.05 * next(ticks)
         held = replica.train(steps=1, learning_rate=1e-3, deadline_s=1.0, round_number=3)
+        held_loans = len(loans)
+        # Lending early (--lend-early), the same plan borrows from the start: it runs at once.
+        ticks = iter(range(10_000))
+        replica.trainer.lend_early = True
+        early = replica.train(steps=1, learning_rate=1e-3, deadline_s=1.0, round_number=4)
     finally:
+        replica.trainer.lend_early = False
         replica.trainer.clock = time.monotonic
         replica.engine.resume()
     assert behind.steps > 0 and behind.deadline_hit
     # It asked serving for its share (1.0 here; the engine caps what it lends) and ended the
     # loan with the job; the trainer on schedule never borrowed.
-    assert loans[0] == 1.0 and set(loans[loans.index(0.0) :]) == {0.0}
+    assert loans[0] == 1.0 and set(loans[loans.index(0.0) : held_loans]) == {0.0}
     assert held.steps == 0 and held.yields > 0 and held.deadline_hit
+    assert early.steps == 1 and early.yields == 0 and not early.deadline_hit
+    assert 1.0 in loans[held_loans:] and loans[-1] == 0.0
     assert handle.wait(timeout=60) and handle.finish_reason in ("length", "stop")
 
 
