@@ -187,6 +187,11 @@ def _opt(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _count(n: int, noun: str) -> str:
+    word = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}.get(n, str(n))
+    return f"{word} {noun}" + ("" if n == 1 else "s")
+
+
 def _rate_label(result: GoodputResult, rate: float) -> str:
     capacity = result.replicas * result.calibration.capacity_rps
     fraction = rate / capacity if capacity > 0 else 0.0
@@ -196,8 +201,11 @@ def _rate_label(result: GoodputResult, rate: float) -> str:
 
 def render_markdown(result: GoodputResult) -> str:
     cal, slo, st, r = result.calibration, result.slo, result.settings, result.replicas
+    mine = sum(is_collm_system(s.name) for s in result.systems)
     lines = [
-        "# Goodput: training and serving on the same replicas, four ways and a variant",
+        "# Goodput: training and serving on the same replicas — "
+        f"{_count(len(result.systems) - mine, 'baseline')} and CoLLM-FL"
+        + ("" if mine == 1 else f" ({_count(mine, 'setting')})"),
         "",
         f"Command: `{result.command}`" + (" (quick smoke run)" if result.quick else ""),
         "",
@@ -235,8 +243,12 @@ def render_markdown(result: GoodputResult) -> str:
         "(`aggregate_lora_exact`, weighted by examples"
         + (
             f"; server learning rate η = {st.server_lr:g} where 2+ training replicas are "
-            "averaged: global + η·(aggregate − global); the separate system's one trainer's "
-            "update as it is"
+            "averaged: global + η·(aggregate − global)"
+            + (
+                "; the separate system's one trainer's update as it is"
+                if any(s.name == "separate" for s in result.systems)
+                else ""
+            )
             if st.server_lr != 1.0
             else ""
         )

@@ -146,7 +146,9 @@ def test_a_run_of_chosen_systems_compares_just_those(tmp_path: Path) -> None:
     # The fresh system plans at the 0.9 floor or above (the replicas lend from the start).
     assert all(a["share"] >= 0.9 for rr in fresh["rounds"] for a in rr["allocation"])
     md = (tmp_path / "goodput.md").read_text()
+    assert md.startswith("# Goodput: training and serving on the same replicas — one baseline ")
     assert "CoLLM-FL, fresh versions" in md and "--lend-early" in md
+    assert "separate system's one trainer" not in md
     assert "separate" not in [r["system"] for r in runs] and "| separate" not in md
     assert result["by_rate"][0]["best_baseline"] == "merged"  # type: ignore[index]
 
