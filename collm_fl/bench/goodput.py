@@ -44,7 +44,6 @@ from collm_fl.bench.goodput_report import (
 )
 from collm_fl.bench.goodput_rounds import RunSettings, StartVersion
 from collm_fl.bench.goodput_systems import (
-    BASELINES,
     COLLM,
     SYSTEM_SPECS,
     SYSTEMS,
@@ -296,10 +295,11 @@ def check_systems(names: Sequence[str]) -> list[str]:
         )
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"systems: each at most once, got {', '.join(chosen)}")
-    if not any(n in BASELINES for n in chosen) or all(n in BASELINES for n in chosen):
+    if all(is_collm_system(n) for n in chosen) or not any(is_collm_system(n) for n in chosen):
+        baselines = ", ".join(n for n in SYSTEM_SPECS if not is_collm_system(n))
         raise ConfigError(
-            f"systems: need at least one baseline ({', '.join(BASELINES)}) and one CoLLM-FL "
-            f"system, got {', '.join(chosen) or 'none'}"
+            f"systems: need at least one baseline ({baselines}) and one CoLLM-FL system, got "
+            f"{', '.join(chosen) or 'none'}"
         )
     return chosen
 

@@ -56,7 +56,6 @@ SEPARATE, COLOCATED, MERGED, COLLM = "separate", "colocated", "merged", "collm-f
 COLLM_QUALITY = "collm-fl-quality"  # CoLLM-FL set to train the whole budget (see SYSTEM_SPECS)
 COLLM_FRESH = "collm-fl-fresh"  # ... and to publish each version as soon as it can
 SYSTEMS = (SEPARATE, COLOCATED, MERGED, COLLM, COLLM_QUALITY)  # what a run compares by default
-BASELINES = (SEPARATE, COLOCATED, MERGED)
 # The allocation's floor for that system: the round budget (goodput.TRAIN_FRACTION, 0.3 of a
 # round's compute) fits the deadline (DEADLINE_FRACTION, 0.7 of the round) at a share of 0.43.
 QUALITY_FIRST_MIN_SHARE = 0.45

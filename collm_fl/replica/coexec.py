@@ -291,15 +291,7 @@ class CoTrainer:
                 GuardDecision(True, self.total_threads, 0.0, "exclusive: serving is paused")
                 if job.exclusive
                 else training_decision(
-                    self._guard_inputs(
-                        behind_schedule(
-                            planned - steps,
-                            self._step_cost_ewma,
-                            self._share,
-                            time_left,
-                            early=self.lend_early,
-                        )
-                    ),
+                    self._guard_inputs(self._behind(planned - steps, time_left)),
                     backfill=as_backfill,
                 )
             )
@@ -423,13 +415,7 @@ class CoTrainer:
                     raise _DeadlineReached
                 if self.engine.wait_for_training_turn(GATE_RECHECK_S):
                     return
-                if planned_left and behind_schedule(
-                    planned_left,
-                    self._step_cost_ewma,
-                    self._share,
-                    time_left,
-                    early=self.lend_early,
-                ):
+                if planned_left and self._behind(planned_left, time_left):
                     self.engine.lend_to_training(self._share)
 
         return check
@@ -455,6 +441,12 @@ class CoTrainer:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         return float(loss.item()), int((batch["labels"][:, 1:] != -100).sum())
+
+    def _behind(self, planned_left: int, time_left: float) -> bool:
+        """Whether the round's plan is behind (``slo_guard.behind_schedule``) at this speed."""
+        return behind_schedule(
+            planned_left, self._step_cost_ewma, self._share, time_left, early=self.lend_early
+        )
 
     def _note_step(self, t0: float, t1: float, cost_s: float | None = None) -> None:
         self._step_ewma = _ewma(self._step_ewma, t1 - t0)
