@@ -43,7 +43,7 @@ def dispatch(args: argparse.Namespace) -> int:
             raise ConfigError(
                 "--replicas >= 1, --devices >= 0, --rounds >= 1 and --rate > 0 needed"
             )
-        _check_lend_share(args.max_lend_share)
+        _check_lend_share(args.max_lend_share, args.lend_early)
         cfg = LiveConfig(
             model=args.model,
             replicas=args.replicas,
@@ -266,7 +266,7 @@ def _run_replica(args: argparse.Namespace) -> int:
         raise ConfigError(f"--defer-limit must be > 0 seconds, got {args.defer_limit}")
     if not 0 <= args.training_share <= 1:
         raise ConfigError(f"--training-share must be in [0, 1], got {args.training_share}")
-    _check_lend_share(args.max_lend_share)
+    _check_lend_share(args.max_lend_share, args.lend_early)
     if not 0 <= args.trainer_nice <= 19:
         raise ConfigError(f"--trainer-nice must be in [0, 19], got {args.trainer_nice}")
     if args.keep_versions < 0:
@@ -316,9 +316,12 @@ def _command_line() -> str:
     return " ".join(["collm", *sys.argv[1:]])
 
 
-def _check_lend_share(value: float) -> None:
-    """``--max-lend-share`` of ``collm replica`` and ``collm live``: exit 2 when out of range."""
+def _check_lend_share(value: float, early: bool = False) -> None:
+    """``--max-lend-share`` (and ``--lend-early``) of ``collm replica`` and ``collm live``: exit 2
+    when out of range, or when lending early with nothing to lend."""
     from collm_fl.replica.engine import LEND_SHARE_LIMIT
 
     if not 0 <= value <= LEND_SHARE_LIMIT:
         raise ConfigError(f"--max-lend-share must be in [0, {LEND_SHARE_LIMIT}], got {value}")
+    if early and value == 0:
+        raise ConfigError("--lend-early lends nothing with --max-lend-share 0: set both")

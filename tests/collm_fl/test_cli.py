@@ -40,6 +40,7 @@ def test_bad_port_exits_2_with_the_reason(capsys):
         (["--cpus", "zero"], "--cpus"),
         (["--trainer-nice", "30"], "--trainer-nice"),
         (["--max-lend-share", "1.0"], "--max-lend-share"),
+        (["--lend-early"], "--lend-early lends nothing"),
         (["--keep-versions", "-1"], "--keep-versions"),
         (["--defer-limit", "0"], "--defer-limit"),
         (["--schedule", "lifo"], "--schedule"),
@@ -117,6 +118,8 @@ def test_live_with_a_bad_rate_exits_2(capsys):
 def test_live_with_a_lend_share_out_of_range_exits_2(capsys):
     code, err = run(capsys, "live", "--max-lend-share", "0.95")
     assert code == 2 and "--max-lend-share must be in [0, 0.9], got 0.95" in err
+    code, err = run(capsys, "live", "--lend-early")
+    assert code == 2 and "--lend-early lends nothing with --max-lend-share 0" in err
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])
