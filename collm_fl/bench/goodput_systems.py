@@ -49,6 +49,7 @@ from collm_fl.loadgen.client import (
 from collm_fl.loadgen.goodput import SLOSpec, meets_slo
 from collm_fl.replica.affinity import available_cpus
 from collm_fl.replica.control_client import ReplicaClient
+from collm_fl.replica.engine import LEND_SHARE_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ SYSTEMS = (SEPARATE, COLOCATED, MERGED, COLLM, COLLM_QUALITY)  # what a run comp
 # round's compute) fits the deadline (DEADLINE_FRACTION, 0.7 of the round) at a share of 0.43.
 QUALITY_FIRST_MIN_SHARE = 0.45
 QUALITY_FIRST_LEND_SHARE = 0.5  # `collm replica --max-lend-share` of that system
-# Fresh versions: serving lends the most it can (engine.LEND_SHARE_LIMIT) from the round's start.
-FRESH_SHARE = 0.9
+# Fresh versions: serving lends the most it can from the round's start.
+FRESH_SHARE = LEND_SHARE_LIMIT
 STARTUP_TIMEOUT_S = 600.0  # a replica loads its model and tokenizes its data before /health
 MAX_IN_FLIGHT = 256  # open requests the load driver allows (beyond: recorded as dropped)
 
