@@ -5,9 +5,9 @@ admission*, so its version is fixed then), prefill the newcomers as one left-pad
 batched decode step for every running row, emit tokens, and drop finished rows. Every forward runs
 under ``lora_context(serve(slot of each row))``, so rows of one batch may use different versions.
 
-The running rows share one ``DynamicCache``, left-padded to a common length; each row carries an
-attention mask (0 on pads) and its true position ids, so padding never shifts RoPE and a row's
-tokens equal its tokens when run alone. The cache is rebuilt only when membership changes.
+The running rows share one left-padded KV cache (``collm_fl.replica.batch.RunningBatch``), so
+padding never shifts RoPE and a row's tokens equal its tokens when run alone; it changes only when
+membership does.
 
 Threads: the replica runs one compute thread per core (DESIGN.md: ``torch.set_num_threads(1)``
 per compute thread interferes least with a training thread); pass ``num_threads`` and the engine
@@ -26,10 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
 from collm_fl.errors import ConfigError
 from collm_fl.models import model_device
@@ -41,12 +39,11 @@ from collm_fl.policies.scheduling import (
     admission_order,
     only_late,
 )
+from collm_fl.replica.batch import Row, RunningBatch, cache_layers_select, dynamic_layers
 from collm_fl.replica.lora_layers import MultiLoraModules, lora_context, serve
 from collm_fl.replica.requests import (
     FINISH_CANCELLED,
     FINISH_ERROR,
-    FINISH_LENGTH,
-    FINISH_STOP,
     EngineStoppedError,
     GenerationRequest,
     InvalidPromptError,
@@ -56,9 +53,6 @@ from collm_fl.replica.requests import (
     TokenEvent,
 )
 from collm_fl.replica.sampling import (
-    SamplingParams,
-    emittable_length,
-    find_stop,
     make_generator,
     sample_next,
 )
@@ -94,26 +88,6 @@ class EngineStats:
     # Every request held is late and none overdue ("slo" schedule only; see want_late_turn).
     only_late: bool = False
     late_rest_s: float = 0.0  # seconds the engine rested for training while all it held was late
-
-
-@dataclass(eq=False)
-class _Row:
-    """One running request as the engine sees it."""
-
-    handle: RequestHandle
-    slot: int
-    generator: torch.Generator | None
-    generated: list[int]
-    sent: int = 0  # characters of the generated text already emitted
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.handle.request.params
-
-    @property
-    def next_position(self) -> int:
-        """The true position of the last sampled token, which the next decode step feeds."""
-        return self.handle.num_prompt_tokens + len(self.generated) - 1
 
 
 class InferenceEngine:
@@ -164,7 +138,7 @@ class InferenceEngine:
         if self.max_model_len < 1:
             raise ConfigError("max_model_len is needed: the model config names no context length")
         self.vocab_size = int(getattr(self.config, "vocab_size", 0) or 0)  # 0: unknown, unchecked
-        _dynamic_layers(DynamicCache(config=self.config), initialized=False)  # fail early
+        dynamic_layers(DynamicCache(config=self.config), initialized=False)  # fail early
         self.num_threads = num_threads
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -201,10 +175,8 @@ class InferenceEngine:
         self._decode_ewma = 0.0
         self._prefill_ewma = 0.0
         # Engine-thread state: the running rows and their shared left-padded KV cache.
-        self._newcomers: list[_Row] = []  # admitted, not yet merged into the running batch
-        self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, T) 1 = real
+        self._newcomers: list[Row] = []  # admitted, not yet merged into the running batch
+        self._batch = RunningBatch(self.device)
 
     # ---- lifecycle and submission (any thread) ----
 
@@ -329,7 +301,7 @@ class InferenceEngine:
             return False
         if self._paused or self._stopping or self._resting:
             return True
-        return not (self._waiting or self._rows or self._newcomers)
+        return not (self._waiting or self._batch.rows or self._newcomers)
 
     def _set_gate(self, in_step: bool | None = None, resting: bool | None = None) -> None:
         with self._step_gate:
@@ -359,7 +331,7 @@ class InferenceEngine:
         if self.schedule != "slo":
             return False
         now = time.monotonic()
-        rows = [r.handle for r in self._rows]  # the engine thread replaces, never mutates, it
+        rows = [r.handle for r in self._batch.rows]  # replaced, never mutated
         return only_late(
             [Waiting(now - h.arrival, h.num_prompt_tokens) for h in self._waiting],
             [Running(now - h.arrival, h.ttft if h.ttft is not None else 0.0) for h in rows],
@@ -406,12 +378,12 @@ class InferenceEngine:
                             busy = time.monotonic() - t0
                             self._busy_s += busy
             except Exception as e:  # the loop must survive anything one step does
-                log.exception("engine step failed; failing %d requests", len(self._rows))
-                self._fail_rows(self._newcomers + self._rows, f"internal error: {e}")
+                log.exception("engine step failed; failing %d requests", len(self._batch))
+                self._fail_rows(self._newcomers + self._batch.rows, f"internal error: {e}")
                 self._reset_batch()
             self._rest_for_training(busy)
             self._rest_while_late()
-        self._fail_rows(self._rows, "engine stopped")
+        self._fail_rows(self._batch.rows, "engine stopped")
         self._reset_batch()
         with self.busy_changed:
             waiting, self._waiting = list(self._waiting), deque()
@@ -423,7 +395,7 @@ class InferenceEngine:
     def _has_work(self) -> bool:
         if self._stopping:
             return True
-        return not self._paused and bool(self._waiting or self._rows)
+        return not self._paused and bool(self._waiting or self._batch.rows)
 
     def pause(self) -> None:
         """Stop stepping after the current step (requests stay queued/running, nothing fails).
@@ -444,20 +416,20 @@ class InferenceEngine:
             self.busy_changed.notify_all()
 
     def _step(self) -> None:
-        cancelled = [r for r in self._rows if r.handle.cancelled]
+        cancelled = [r for r in self._batch.rows if r.handle.cancelled]
         if cancelled:
             for row in cancelled:
                 self._finish_row(row, FINISH_CANCELLED)
-            self._keep_rows([i for i, r in enumerate(self._rows) if not r.handle.cancelled])
+            self._batch.keep([i for i, r in enumerate(self._batch.rows) if not r.handle.cancelled])
         self._newcomers = self._admit()
         if self._newcomers:
             self._prefill(self._newcomers)
             self._newcomers = []
-        if self._rows:
+        if self._batch.rows:
             self._decode()
 
-    def _admit(self) -> list[_Row]:
-        rows: list[_Row] = []
+    def _admit(self) -> list[Row]:
+        rows: list[Row] = []
         with self.busy_changed:
             for handle in self._ordered_for_admission():
                 if handle.cancelled:  # never admitted: nothing to release
@@ -469,7 +441,7 @@ class InferenceEngine:
                 handle._admit(slot, version)
                 self._active += 1
                 gen = make_generator(handle.request.params)
-                rows.append(_Row(handle=handle, slot=slot, generator=gen, generated=[]))
+                rows.append(Row(handle=handle, slot=slot, generator=gen, generated=[]))
         return rows
 
     def _ordered_for_admission(self) -> Iterator[RequestHandle]:
@@ -480,7 +452,7 @@ class InferenceEngine:
         now = time.monotonic()
         if self.schedule == "fcfs":
             admitted = 0
-            while self._waiting and len(self._rows) + admitted < self.max_batch_size:
+            while self._waiting and len(self._batch) + admitted < self.max_batch_size:
                 handle = self._waiting.popleft()
                 if not handle.cancelled:
                     admitted += 1
@@ -493,7 +465,7 @@ class InferenceEngine:
         queue = list(self._waiting)  # oldest first
         picked = admission_order(
             [Waiting(now - h.arrival, h.num_prompt_tokens) for h in queue],
-            self.max_batch_size - len(self._rows),
+            self.max_batch_size - len(self._batch),
             self._prefill_ewma,
             self.ttft_slo_s,
             self.defer_limit_s,
@@ -503,7 +475,7 @@ class InferenceEngine:
             self.admitted_late += now - queue[i].arrival >= self.ttft_slo_s
             yield queue[i]
 
-    def _prefill(self, rows: list[_Row]) -> None:
+    def _prefill(self, rows: list[Row]) -> None:
         started = time.perf_counter()
         lengths = [r.handle.num_prompt_tokens for r in rows]
         width = max(lengths)
@@ -537,20 +509,19 @@ class InferenceEngine:
         if not alive:
             return
         cache_layers_select(cache, alive)
-        self._merge([rows[i] for i in alive], cache, mask[alive])
+        self._batch.add([rows[i] for i in alive], cache, mask[alive])
 
     def _decode(self) -> None:
         started = time.perf_counter()
-        rows = self._rows
+        rows = self._batch.rows
         ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[r.next_position] for r in rows], device=self.device)  # (B, 1)
-        self._mask = F.pad(self._mask, (0, 1), value=1)  # (B, T+1)
         with lora_context(serve([r.slot for r in rows], self.device)):
             out = self.model(
                 input_ids=ids,
-                attention_mask=self._mask,
+                attention_mask=self._batch.extend_mask(),  # (B, T+1)
                 position_ids=positions,
-                **{self._cache_kwarg: self._cache},
+                **{self._cache_kwarg: self._batch.cache},
                 use_cache=True,
             )
         tokens = sample_next(
@@ -559,27 +530,12 @@ class InferenceEngine:
         self._record("decode", time.perf_counter() - started, 1)
         done = [self._emit(r, int(tokens[i])) for i, r in enumerate(rows)]
         if any(done):
-            self._keep_rows([i for i, d in enumerate(done) if not d])
+            self._batch.keep([i for i, d in enumerate(done) if not d])
 
-    def _emit(self, row: _Row, token: int) -> bool:
+    def _emit(self, row: Row, token: int) -> bool:
         """Record one token, send its text delta, finish the row if due; True when it finished."""
         try:
-            row.generated.append(token)
-            params = row.params
-            finish = FINISH_STOP if token in self.eos_ids else None
-            text = str(
-                self.tokenizer.decode(
-                    row.generated, skip_special_tokens=True, clean_up_tokenization_spaces=False
-                )
-            )
-            cut = find_stop(text, params.stop, row.sent)
-            if cut is not None:
-                text, finish = text[:cut], FINISH_STOP
-            elif finish is None and len(row.generated) >= params.max_tokens:
-                finish = FINISH_LENGTH
-            upto = len(text) if finish else emittable_length(text, params.stop, row.sent)
-            delta = text[row.sent : upto]
-            row.sent = max(row.sent, upto)
+            delta, finish = row.append(token, self.tokenizer, self.eos_ids)
             with self.busy_changed:
                 self._tokens_generated += 1
             row.handle._push(TokenEvent(token, delta, finish))
@@ -591,65 +547,28 @@ class InferenceEngine:
             self._release(row)
         return finish is not None
 
-    # ---- finishing rows and the shared cache ----
+    # ---- finishing rows ----
 
-    def _finish_row(self, row: _Row, reason: str, error: str | None = None) -> None:
+    def _finish_row(self, row: Row, reason: str, error: str | None = None) -> None:
         if not row.handle.finished:
             row.handle._push(TokenEvent(None, "", reason), error)
         self._release(row)
 
-    def _release(self, row: _Row) -> None:
+    def _release(self, row: Row) -> None:
         self.slots.release(row.slot)
         with self.busy_changed:
             self._active -= 1
             self._finished += 1
             self.busy_changed.notify_all()
 
-    def _fail_rows(self, rows: list[_Row], error: str) -> None:
+    def _fail_rows(self, rows: list[Row], error: str) -> None:
         for row in list(rows):
             if not row.handle.finished:
                 self._finish_row(row, FINISH_ERROR, error)
 
     def _reset_batch(self) -> None:
-        self._newcomers, self._rows, self._cache = [], [], None
-        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
-
-    def _keep_rows(self, keep: list[int]) -> None:
-        """Drop every other row from the batch and the cache, then trim all-pad columns."""
-        if not keep:
-            self._reset_batch()
-            return
-        assert self._cache is not None
-        self._rows = [self._rows[i] for i in keep]
-        cache_layers_select(self._cache, keep)
-        self._mask = self._mask[keep]  # (B', T)
-        self._trim()
-
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append prefilled rows to the running batch (left-pad the shorter side to one length)."""
-        if self._cache is None:
-            self._rows, self._cache, self._mask = rows, cache, mask
-        else:
-            width = max(self._mask.shape[1], mask.shape[1])
-            pairs = zip(_dynamic_layers(self._cache), _dynamic_layers(cache), strict=True)
-            for run, new in pairs:
-                assert run.keys is not None and run.values is not None
-                assert new.keys is not None and new.values is not None
-                run.keys = torch.cat([_left_pad(run.keys, width), _left_pad(new.keys, width)])
-                run.values = torch.cat([_left_pad(run.values, width), _left_pad(new.values, width)])
-            self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
-            self._rows = self._rows + rows
-        self._trim()
-
-    def _trim(self) -> None:
-        """Drop leading columns that are padding in every row (they only cost attention time)."""
-        assert self._cache is not None
-        first = int(self._mask.any(dim=0).int().argmax())
-        if first > 0:
-            self._mask = self._mask[:, first:]
-            for layer in _dynamic_layers(self._cache):
-                layer.keys = layer.keys[:, :, first:]  # type: ignore[index]
-                layer.values = layer.values[:, :, first:]  # type: ignore[index]
+        self._newcomers = []
+        self._batch.reset()
 
     def _record(self, kind: str, seconds: float, tokens: int) -> None:
         with self.busy_changed:
@@ -659,37 +578,10 @@ class InferenceEngine:
                 self._prefill_ewma = _ewma(self._prefill_ewma, seconds / max(tokens, 1))
 
 
-def cache_layers_select(cache: DynamicCache, rows: list[int]) -> None:
-    """Keep only batch ``rows`` of every layer of ``cache`` (in that order)."""
-    index = torch.tensor(rows, dtype=torch.long)
-    for layer in _dynamic_layers(cache):
-        assert layer.keys is not None and layer.values is not None
-        index = index.to(layer.keys.device)  # copied once, to the cache's device
-        layer.keys = layer.keys.index_select(0, index)  # (B', H, T, D)
-        layer.values = layer.values.index_select(0, index)
-
-
 def _host_logits(logits: torch.Tensor) -> torch.Tensor:
     """The last position's logits (b, L, V) -> (b, V) as fp32 on the CPU, where sampling runs
     (each request's generator is a CPU one, so its tokens do not depend on the device)."""
     return logits[:, -1].to("cpu", torch.float32)
-
-
-def _dynamic_layers(cache: DynamicCache, initialized: bool = True) -> list[DynamicLayer]:
-    layers = []
-    for layer in cache.layers:
-        # Sliding-window or linear-attention layers keep state the left-padding logic can't move.
-        if type(layer) is not DynamicLayer or (initialized and not layer.is_initialized):
-            raise ConfigError(f"continuous batching needs full-attention layers, got {layer!r}")
-        layers.append(layer)
-    return layers
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pad the sequence dim (-2 for (B, H, T, D) keys, -1 for a (B, T) mask) to ``width``."""
-    if t.dim() == 2:
-        return F.pad(t, (width - t.shape[1], 0))  # (B, width)
-    return F.pad(t, (0, 0, width - t.shape[2], 0))  # (B, H, width, D)
 
 
 def _eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

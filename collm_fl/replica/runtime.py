@@ -29,7 +29,8 @@ from collm_fl.models import load_base_model, model_device
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
 from collm_fl.replica.coexec import CoTrainer, TrainJob, TrainOutcome
 from collm_fl.replica.engine import InferenceEngine
-from collm_fl.replica.lora_layers import NO_SLOT, inject_multi_lora, lora_context, serve
+from collm_fl.replica.lora_layers import inject_multi_lora
+from collm_fl.replica.merged import MergedVersion
 from collm_fl.replica.metrics import SLO, LoadReport, LoadWindow, ReplicaMetrics
 from collm_fl.replica.slots import AdapterSlots, canary_check, validate_adapter_state
 from collm_fl.store.adapter_io import (
@@ -144,9 +145,9 @@ class Replica:
         self._push_lock = threading.Lock()  # one version load at a time
         self._pause_lock = threading.Lock()
         self._pauses = 0  # nested stop-the-world sections in progress (baseline modes only)
-        self._merged: tuple[int, AdapterState] | None = None  # (version, state) in the base
         eos = self.tokenizer.eos_token_id or 0
         self._canary = torch.tensor([[eos] * 4], device=self.device)  # (1, 4)
+        self.merged = MergedVersion(self.model, self.modules, self.slots, self._canary)
         self.trainer: CoTrainer | None = None
         self.num_train_rows = 0
         if cfg.data is not None:
@@ -258,6 +259,7 @@ class Replica:
                 expected = self.modules.expected_shapes()
                 problems = validate_adapter_state(state, spec, self.modules.spec, expected)
             if problems:
+                self.metrics.swaps.labels("rejected").inc()
                 raise AdapterValidationError(problems)
             vdir = self.version_dir(version, run)
             if vdir.exists():  # a retry of this version: keep the disk equal to what is served
@@ -265,16 +267,16 @@ class Replica:
             vdir.parent.mkdir(parents=True, exist_ok=True)
             write_adapter_dir(vdir, dict(state), peft_config)
             if mode == "merge":
-                previous = self._merge(state, peft_config, version, run)
+                previous = self._merge(state, version, run)
             elif mode == "reload":
                 with self.serving_paused():
-                    self._unmerge()
+                    self.merged.clear()
                     stored, stored_config = read_adapter_dir(vdir)  # as a restart would
                     previous = self._load_and_promote(stored, stored_config, version, run)
             else:
-                if self._merged is not None:
+                if self.merged.current is not None:
                     with self.serving_paused():
-                        self._unmerge()
+                        self.merged.clear()
                 previous = self._load_and_promote(state, peft_config, version, run)
             self._prune_versions(run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
@@ -312,63 +314,20 @@ class Replica:
                 if self._pauses == 0:
                     self.engine.resume()
 
-    def _merge(
-        self,
-        state: Mapping[str, np.ndarray],
-        peft_config: Mapping[str, object],
-        version: int,
-        run: str,
-    ) -> int | None:
+    def _merge(self, state: Mapping[str, np.ndarray], version: int, run: str) -> int | None:
         """Serve ``version`` merged into the base weights (stop-the-world; see ``SWAP_MODES``)."""
-        spec = LoraSpec.from_peft_config_dict(peft_config)
-        shapes = self.modules.expected_shapes()
-        problems = validate_adapter_state(state, spec, self.modules.spec, shapes)
-        if problems:  # checked before the pause, like a careful stack would
-            self.metrics.swaps.labels("rejected").inc()
-            raise AdapterValidationError(problems)
-        new = {k: np.array(v, dtype=np.float32) for k, v in state.items()}
         t0 = time.perf_counter()
         with self.serving_paused():
-            if self.slots.pinned():
-                raise ConfigError(
-                    f"{self.slots.pinned()} running requests use an unmerged slot: merging now "
-                    "would change their weights mid-answer; push with mode='merge' from the start"
-                )
-            old = self._merged
-            self._unmerge()
-            self.modules.merge_into_base(new)
             try:
-                self._merged_canary()
+                previous = self.merged.replace(state, version)
             except AdapterValidationError:
-                self.modules.unmerge_from_base(new)
-                if old is not None:
-                    self.modules.merge_into_base(old[1])
-                    self._merged = old
-                    self.slots.set_merged(old[0])
                 self.metrics.swaps.labels("rejected").inc()
                 raise
-            self._merged = (version, new)
-            previous = self.slots.set_merged(version)
         self.run = run
         self.metrics.swap_seconds.observe(time.perf_counter() - t0)
         self.metrics.swaps.labels("promoted").inc()
         self.metrics.served_version.set(version)
         return previous
-
-    def _unmerge(self) -> None:
-        """Restore the plain base weights if a version is merged (call with serving paused)."""
-        if self._merged is not None:
-            self.modules.unmerge_from_base(self._merged[1])
-            self._merged = None
-            self.slots.clear_merged()
-
-    def _merged_canary(self) -> None:
-        slots = [NO_SLOT] * self._canary.shape[0]
-        with torch.inference_mode(), lora_context(serve(slots, self.device)):
-            logits = self.model(input_ids=self._canary).logits  # (1, 4, V)
-        if not bool(torch.isfinite(logits).all()):
-            bad = int((~torch.isfinite(logits)).sum())
-            raise AdapterValidationError([f"canary forward produced {bad} non-finite logits"])
 
     def rollback(self, version: int) -> SwapResult:
         """Serve a previously stored version of the served run again (through the shadow slot)."""
@@ -377,9 +336,9 @@ class Replica:
                 raise StoreError(f"version {version} of run {self.run!r} is not stored here")
             started = time.perf_counter()
             state, config = read_adapter_dir(self.version_dir(version))
-            if self._merged is not None:
+            if self.merged.current is not None:
                 with self.serving_paused():
-                    self._unmerge()
+                    self.merged.clear()
             previous = self._load_and_promote(state, config, version, self.run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
 
@@ -461,7 +420,7 @@ class Replica:
         if self.trainer is None:
             raise ConfigError("this replica has no training data (start it with --data)")
         if not exclusive:
-            if self._merged is not None:
+            if self.merged.current is not None:
                 raise ConfigError("a merged version is served: train with exclusive=True")
             job = TrainJob(
                 self._served_state() if start_state is None else start_state,
@@ -473,7 +432,8 @@ class Replica:
             )
             outcome = self.trainer.submit(job).result()
         else:
-            with self._push_lock, self.serving_paused():  # no version change mid-job
+            # No version change mid-job; training needs the plain base (merged back after).
+            with self._push_lock, self.serving_paused(), self.merged.lifted():
                 job = TrainJob(
                     self._served_state() if start_state is None else start_state,
                     steps,
@@ -482,22 +442,15 @@ class Replica:
                     round_number,
                     exclusive=True,
                 )
-                merged = self._merged
-                if merged is not None:
-                    self.modules.unmerge_from_base(merged[1])
-                try:
-                    outcome = self.trainer.submit(job).result()
-                finally:
-                    if merged is not None:
-                        self.modules.merge_into_base(merged[1])
+                outcome = self.trainer.submit(job).result()
         self.metrics.training_steps.inc(outcome.steps)
         self.metrics.training_tokens.inc(outcome.tokens)
         return outcome
 
     def _served_state(self) -> AdapterState:
         """The adapter new requests get (merged or in its slot), as float32 numpy."""
-        if self._merged is not None:
-            return self._merged[1]
+        if self.merged.state is not None:
+            return self.merged.state
         slot = self.slots.current_slot
         if slot < 0:
             raise ConfigError("no adapter version is served yet: push one before training")

@@ -137,6 +137,8 @@ def test_invalid_versions_are_rejected_and_serving_keeps_the_old_one(start_repli
         assert r.status_code == 400
         assert c.status()["served_version"] == 0
         assert c.status()["stored_versions"] == [0]
+    metrics = httpx.get(replica.url + "/metrics").text
+    assert 'collm_adapter_swaps_total{result="rejected"} 2.0' in metrics  # the NaN and the rank
 
 
 def test_swaps_under_concurrent_streaming_never_mix_versions(start_replica, reference):
