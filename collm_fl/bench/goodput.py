@@ -32,7 +32,8 @@ import torch
 
 from collm_fl.adapters import MAX_SERVER_LR
 from collm_fl.bench.aggregation import machine_info, matmul_gflops
-from collm_fl.bench.goodput_report import (
+from collm_fl.bench.goodput_report import write_goodput_report
+from collm_fl.bench.goodput_result import (
     Calibration,
     GoodputResult,
     MachineRecord,
@@ -40,7 +41,6 @@ from collm_fl.bench.goodput_report import (
     RunOutcome,
     SystemInfo,
     is_collm_system,
-    write_goodput_report,
 )
 from collm_fl.bench.goodput_rounds import RunSettings, StartVersion
 from collm_fl.bench.goodput_systems import (
@@ -334,7 +334,7 @@ def summarize_runs(
                 for r in rows
                 if is_collm_system(r.system)
             }
-        by_rate.append(RateOutcome(rate, target, source, best, ratios.get(COLLM), ratios))
+        by_rate.append(RateOutcome(rate, target, source, best, ratios))
     return outcomes, by_rate
 
 

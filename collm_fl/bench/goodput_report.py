@@ -1,16 +1,12 @@
-"""What the goodput benchmark found, and how it is written: JSON, markdown and two PNG plots."""
+"""How the goodput benchmark's result is written: JSON, markdown and two PNG plots."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
-from collm_fl.bench.aggregation import MachineInfo
-from collm_fl.bench.goodput_rounds import RoundRecord, RunSettings
-from collm_fl.loadgen.goodput import LoadSummary, SLOSpec
+from collm_fl.bench.goodput_result import GoodputResult, RateOutcome, is_collm_system
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
 
 log = logging.getLogger(__name__)
@@ -24,146 +20,6 @@ RATE_LABELS = (
 )
 GOAL_RATIO = 3.0  # the goal: CoLLM-FL >= 3x the best baseline at bursty/high rates
 QUALITY_TOLERANCE = 1e-3  # nats: served losses this close count as equal
-
-
-def is_collm_system(name: str) -> bool:
-    """CoLLM-FL and its variants (``collm-fl``, ``collm-fl-quality``); the rest are baselines."""
-    return name == "collm-fl" or name.startswith("collm-fl-")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """One replica alone: what the SLOs, rates and training budget are derived from."""
-
-    ttft_unloaded_s: float  # median over sequential requests
-    tpot_unloaded_s: float
-    capacity_rps: float  # completed requests/s with a burst of requests sent at once
-    train_step_s: float  # seconds per micro-step, idle replica (all cores)
-    unloaded_requests: int
-    burst_requests: int
-    startup_s: float  # from spawning the replica process until /health answers
-    seconds: float
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """One system at one rate."""
-
-    system: str
-    rate: float
-    summary: LoadSummary
-    train_steps: int
-    train_tokens: int
-    train_tokens_per_s: float  # over the schedule
-    rounds: list[RoundRecord]
-    loss_by_version: dict[int, float]
-    switches: list[tuple[float, int, int]]  # (seconds since load start, replica, version)
-    quality: list[tuple[float, float]]  # (seconds since load start, served loss)
-    final_loss: float
-    time_to_quality_s: float | None
-    serving: list[int]
-    training: list[int]
-    startup_s: float
-    wall_s: float
-
-
-@dataclass(frozen=True)
-class RateOutcome:
-    rate: float
-    target_loss: float | None  # time-to-quality target (see goodput.quality_target)
-    target_source: str | None  # the system whose first version set it
-    best_baseline: str | None
-    goodput_ratio: float | None  # CoLLM-FL / best baseline (None: no baseline had goodput)
-    # every CoLLM-FL system's goodput / the best baseline's (the default one's is goodput_ratio)
-    ratios: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MachineRecord:
-    info: MachineInfo
-    load_avg_start: list[float]
-    load_avg_end: list[float]
-
-
-@dataclass(frozen=True)
-class SystemInfo:
-    name: str
-    title: str
-    swap_mode: str
-    training: str  # "dedicated replicas" | "exclusive" | "co-executed"
-    summary: str
-
-
-@dataclass(frozen=True)
-class GoodputResult:
-    command: str
-    model: str
-    replicas: int
-    rounds: int
-    round_s: float
-    quick: bool
-    arrivals: str
-    slo_factor: float
-    seed: int
-    eval_samples: int  # central held-out samples (speeches) each version is evaluated on
-    eval_rows: int  # the 128-token rows they make
-    rate_fractions: list[float] | None  # rates as × R × saturated throughput (None: given)
-    calibration: Calibration
-    slo: SLOSpec
-    settings: RunSettings
-    rates: list[float]
-    systems: list[SystemInfo]
-    runs: list[RunOutcome]
-    by_rate: list[RateOutcome]
-    machine: MachineRecord
-    seconds: float
-
-    def to_json(self) -> dict[str, object]:
-        data = asdict(self)
-        data["settings"]["schedule_s"] = self.settings.schedule_s
-        return data
-
-    def runs_at(self, rate: float) -> list[RunOutcome]:
-        return [r for r in self.runs if r.rate == rate]
-
-    def title(self, system: str) -> str:
-        return next(s.title for s in self.systems if s.name == system)
-
-
-def result_from_json(data: dict[str, Any]) -> GoodputResult:
-    """A :class:`GoodputResult` back from its ``goodput.json`` (to re-render the report)."""
-
-    def make(cls: Any, d: dict[str, Any], **nested: Any) -> Any:
-        names = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in d.items() if k in names}, **nested})
-
-    def round_record(d: dict[str, Any]) -> RoundRecord:
-        budgets = {int(k): (int(v[0]), float(v[1])) for k, v in d["budgets"].items()}
-        return make(RoundRecord, d, budgets=budgets)
-
-    def run(d: dict[str, Any]) -> RunOutcome:
-        return make(
-            RunOutcome,
-            d,
-            summary=make(LoadSummary, d["summary"]),
-            rounds=[round_record(r) for r in d["rounds"]],
-            loss_by_version={int(k): float(v) for k, v in d["loss_by_version"].items()},
-            switches=[(float(t), int(i), int(v)) for t, i, v in d["switches"]],
-            quality=[(float(t), float(q)) for t, q in d["quality"]],
-        )
-
-    settings = data["settings"]
-    return make(
-        GoodputResult,
-        data,
-        calibration=make(Calibration, data["calibration"]),
-        slo=make(SLOSpec, data["slo"]),
-        settings=make(RunSettings, settings, slo=make(SLOSpec, settings["slo"])),
-        systems=[make(SystemInfo, s) for s in data["systems"]],
-        runs=[run(r) for r in data["runs"]],
-        by_rate=[make(RateOutcome, r) for r in data["by_rate"]],
-        machine=make(MachineRecord, data["machine"]),
-    )
 
 
 def write_goodput_report(result: GoodputResult, out: Path) -> list[Path]:
@@ -320,7 +176,7 @@ def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
         )
     best = result.title(info.best_baseline) if info.best_baseline else "-"
     ratio = "; ".join(
-        f"{result.title(name)} **{value:.2f}×**" for name, value in _ratios(info).items()
+        f"{result.title(name)} **{value:.2f}×**" for name, value in info.ratios.items()
     )
     if info.target_source is None:
         source = "no system published a version at this rate"
@@ -365,14 +221,6 @@ def share_at_least_as_good(
     return good / len(times)
 
 
-def _ratios(info: RateOutcome) -> dict[str, float]:
-    """Every CoLLM-FL system's goodput / best baseline at a rate (reports before the variant
-    stored only the default system's)."""
-    if info.ratios:
-        return info.ratios
-    return {} if info.goodput_ratio is None else {"collm-fl": info.goodput_ratio}
-
-
 def _goal_lines(result: GoodputResult) -> list[str]:
     """Per rate and CoLLM-FL system: the goodput ratio and its served quality over time against
     every baseline."""
@@ -393,7 +241,7 @@ def _goal_lines(result: GoodputResult) -> list[str]:
         if not baselines:
             continue
         best = min(baselines, key=lambda o: o.final_loss)
-        ratios = _ratios(info)
+        ratios = info.ratios
         for mine in (r for r in runs if is_collm_system(r.system)):
             share = share_at_least_as_good(
                 mine.quality, [o.quality for o in baselines], result.settings.schedule_s

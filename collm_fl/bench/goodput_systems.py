@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from collm_fl.adapters import AdapterState
-from collm_fl.bench.goodput_report import Calibration
+from collm_fl.bench.goodput_result import Calibration
 from collm_fl.bench.goodput_rounds import FederationLog, Orchestrator, RunSettings, StartVersion
 from collm_fl.central_eval import CentralEvaluator
 from collm_fl.config import RunConfig

@@ -142,7 +142,8 @@ def dispatch(args: argparse.Namespace) -> int:
         print(md.read_text())
         return 0
     if args.command == "bench" and args.bench == "goodput" and args.from_json:
-        from collm_fl.bench.goodput_report import result_from_json, write_goodput_report
+        from collm_fl.bench.goodput_report import write_goodput_report
+        from collm_fl.bench.goodput_result import result_from_json
 
         try:
             data = json.loads(Path(args.from_json).read_text(encoding="utf-8"))

@@ -16,11 +16,11 @@ from collm_fl.bench.goodput import (
     served_quality_curve,
     summarize_runs,
 )
-from collm_fl.bench.goodput_report import (
+from collm_fl.bench.goodput_report import render_markdown
+from collm_fl.bench.goodput_result import (
     Calibration,
     GoodputResult,
     MachineRecord,
-    render_markdown,
     result_from_json,
 )
 from collm_fl.bench.goodput_rounds import FederationLog, RoundRecord, RunSettings
@@ -196,7 +196,7 @@ def test_summaries_give_the_ratio_to_the_best_baseline_and_time_to_quality() -> 
         _run("collm-fl-quality", 2.0, {0: 4.0, 1: 3.4}, met=3),  # not a baseline
     ]
     outcomes, (rate,) = summarize_runs(runs, [2.0], slo, schedule_s=10.0)
-    assert (rate.best_baseline, rate.goodput_ratio) == ("merged", 2.0)
+    assert (rate.best_baseline, rate.ratios["collm-fl"]) == ("merged", 2.0)
     assert rate.ratios == pytest.approx({"collm-fl": 2.0, "collm-fl-quality": 1.5})
     assert (rate.target_loss, rate.target_source) == (3.6, "collm-fl")
     by_system = {o.system: o for o in outcomes}
@@ -272,7 +272,7 @@ def test_a_report_from_before_the_variant_still_renders_its_ratio() -> None:
     ]
     data = _result(runs, 2.0).to_json()
     for by_rate in data["by_rate"]:  # type: ignore[union-attr]
-        del by_rate["ratios"]  # what goodput.json held before
+        by_rate["goodput_ratio"] = by_rate.pop("ratios")["collm-fl"]  # what it held before
     md = render_markdown(result_from_json(data))
     assert "| 2.00 req/s (0.25 × R × one replica's saturated throughput: medium) | CoLLM-FL " in md
     assert "Goodput / best baseline (merged): CoLLM-FL **2.00×**." in md
