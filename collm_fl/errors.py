@@ -34,5 +34,10 @@ class AdapterValidationError(CollmError):
         super().__init__("; ".join(self.problems) if self.problems else "invalid adapter")
 
 
+class VersionConflictError(CollmError):
+    """A version change this replica cannot make in its present state (an older version than
+    the served one, a merge while requests run on a slot); nothing was changed."""
+
+
 class StoreError(CollmError):
     """The version store cannot read or write a run, round or version."""

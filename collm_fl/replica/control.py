@@ -23,9 +23,16 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from collm_fl.api.errors import APIError, BodySizeLimit, check_bearer, install_error_handlers
-from collm_fl.errors import AdapterValidationError, ConfigError, StoreError
+from collm_fl.api.errors import (
+    APIError,
+    BodySizeLimit,
+    check_bearer,
+    install_error_handlers,
+    overloaded,
+)
+from collm_fl.errors import AdapterValidationError, ConfigError, StoreError, VersionConflictError
 from collm_fl.replica.runtime import DEFAULT_RUN, SWAP_MODES, Replica
+from collm_fl.replica.slots import NoFreeSlotError, ShadowStateError
 from collm_fl.replica.wire import decode_adapter, encode_adapter
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,10 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
             )
         except (AdapterValidationError, ConfigError) as e:
             raise APIError(400, f"version {version} rejected: {e}", code="invalid_adapter") from e
+        except Exception as e:
+            if (error := _swap_error(version, e)) is None:
+                raise
+            raise error from e
         return {"status": "served", **asdict(result)}
 
     @app.post("/control/train", dependencies=guarded)
@@ -148,6 +159,10 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
             raise APIError(404, str(e), "not_found_error", code="version_not_found") from e
         except AdapterValidationError as e:
             raise APIError(400, str(e), code="invalid_adapter") from e
+        except Exception as e:
+            if (error := _swap_error(body.version, e)) is None:
+                raise
+            raise error from e
         return {"status": "served", **asdict(result)}
 
     @app.get("/control/status", dependencies=guarded)
@@ -166,3 +181,15 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
         }
 
     return app
+
+
+def _swap_error(version: int, e: Exception) -> APIError | None:
+    """The HTTP error for a push or rollback that failed for a reason other than the adapter
+    (None: an internal error, left to the 500 handler)."""
+    if isinstance(e, VersionConflictError | ShadowStateError):
+        return APIError(409, f"version {version}: {e}", code="version_conflict")
+    if isinstance(e, NoFreeSlotError):  # every slot pinned by requests in flight: try later
+        return overloaded(retry_after_s=5, message=f"version {version} not loaded: {e}")
+    if isinstance(e, StoreError):
+        return APIError(500, f"version {version}: {e}", "server_error", code="store_error")
+    return None

@@ -420,7 +420,8 @@ class InferenceEngine:
         if cancelled:
             for row in cancelled:
                 self._finish_row(row, FINISH_CANCELLED)
-            self._batch.keep([i for i, r in enumerate(self._batch.rows) if not r.handle.cancelled])
+            # The same rows as finished (a cancel may land meanwhile: it waits for the next step).
+            self._batch.keep([i for i, r in enumerate(self._batch.rows) if r not in cancelled])
         self._newcomers = self._admit()
         if self._newcomers:
             self._prefill(self._newcomers)

@@ -291,14 +291,19 @@ class MultiLoraModules:
                 f"cannot merge an adapter into a quantized base ({quantized[0]} is "
                 f"{type(self.layers[quantized[0]].base).__name__}): serve it unmerged"
             )
+        done: list[str] = []
         with torch.no_grad():
             for prefix, layer in self.layers.items():
                 weight = layer.base.weight  # (d_out, d_in)
-                a = torch.from_numpy(np.ascontiguousarray(state[prefix + LORA_A_SUFFIX]))
-                b = torch.from_numpy(np.ascontiguousarray(state[prefix + LORA_B_SUFFIX]))
-                a, b = a.to(weight.device), b.to(weight.device)
-                delta = (b.to(torch.float32) @ a.to(torch.float32)) * layer.scaling  # (d_out, d_in)
-                weight.add_(delta.to(weight.dtype), alpha=sign)
+                changed = weight.add(_delta(layer, state, prefix).to(weight.dtype), alpha=sign)
+                if not bool(torch.isfinite(changed).all()):
+                    # Finite factors can still overflow the weight: put back what changed.
+                    for p in reversed(done):
+                        undo = _delta(self.layers[p], state, p).to(weight.dtype)
+                        self.layers[p].base.weight.add_(undo, alpha=-sign)
+                    raise AdapterValidationError([f"{prefix}: the merged weight is not finite"])
+                weight.copy_(changed)
+                done.append(prefix)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
@@ -395,6 +400,14 @@ def _copy_into(
     if device.type != "cpu":  # one host-to-device copy per tensor, then the fused in-place copy
         src = [t.to(device) for t in src]
     torch._foreach_copy_([dst[k] for k in keys], src)
+
+
+def _delta(layer: MultiLoraLinear, state: Mapping[str, np.ndarray], prefix: str) -> torch.Tensor:
+    """``scaling · B @ A`` of ``prefix``'s factors in ``state``, fp32 on the layer's device."""
+    device = layer.base.weight.device
+    a = torch.from_numpy(np.ascontiguousarray(state[prefix + LORA_A_SUFFIX])).to(device)
+    b = torch.from_numpy(np.ascontiguousarray(state[prefix + LORA_B_SUFFIX])).to(device)
+    return (b.to(torch.float32) @ a.to(torch.float32)) * layer.scaling  # (d_out, d_in)
 
 
 def _plain_weight(base: nn.Linear) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from collm_fl.adapters import AdapterState
-from collm_fl.errors import AdapterValidationError, ConfigError
+from collm_fl.errors import AdapterValidationError, VersionConflictError
 from collm_fl.replica.lora_layers import NO_SLOT, MultiLoraModules, lora_context, serve
 from collm_fl.replica.slots import AdapterSlots
 
@@ -42,22 +42,26 @@ class MergedVersion:
     def replace(self, state: Mapping[str, np.ndarray], version: int) -> int | None:
         """Unmerge the merged version (if any) and merge ``version`` (already validated).
 
-        A canary forward checks the merged weights; on failure the previous version is merged
-        back and ``AdapterValidationError`` raised. Returns the version served before.
+        A merge that would make a weight non-finite, or a canary forward with non-finite logits,
+        raises ``AdapterValidationError``; on that or any other failure the previous version is
+        merged back before the error propagates. Returns the version served before.
         """
         if self.slots.pinned():
-            raise ConfigError(
+            raise VersionConflictError(
                 f"{self.slots.pinned()} running requests use an unmerged slot: merging now "
                 "would change their weights mid-answer; push with mode='merge' from the start"
             )
         new = {k: np.array(v, dtype=np.float32) for k, v in state.items()}
         old = self.current
         self.clear()
-        self.modules.merge_into_base(new)
+        merged = False
         try:
+            self.modules.merge_into_base(new)  # all or nothing
+            merged = True
             self._check_canary()
-        except AdapterValidationError:
-            self.modules.unmerge_from_base(new)
+        except Exception:  # whatever failed, the weights must go back to what was served
+            if merged:
+                self.modules.unmerge_from_base(new)
             if old is not None:
                 self.modules.merge_into_base(old[1])
                 self.current = old

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import shutil
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -24,7 +23,12 @@ import torch
 from collm_fl.adapters import AdapterState, LoraSpec
 from collm_fl.data import DataSpec, load_client_data
 from collm_fl.data.tokenize import iterate_batches, tokenize_samples
-from collm_fl.errors import AdapterValidationError, ConfigError, StoreError
+from collm_fl.errors import (
+    AdapterValidationError,
+    ConfigError,
+    StoreError,
+    VersionConflictError,
+)
 from collm_fl.models import load_base_model, model_device
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
 from collm_fl.replica.coexec import CoTrainer, TrainJob, TrainOutcome
@@ -248,7 +252,7 @@ class Replica:
             if current is not None and version == current:
                 return SwapResult(version, current, 0.0, time.time())
             if current is not None and version < current:
-                raise ConfigError(
+                raise VersionConflictError(
                     f"version {version} is older than the served version {current} of run "
                     f"{run!r}; use rollback to serve an older version"
                 )
@@ -263,23 +267,40 @@ class Replica:
                 raise AdapterValidationError(problems)
             vdir = self.version_dir(version, run)
             if vdir.exists():  # a retry of this version: keep the disk equal to what is served
-                shutil.rmtree(vdir)
+                remove_adapter_dir(vdir)
             vdir.parent.mkdir(parents=True, exist_ok=True)
             write_adapter_dir(vdir, dict(state), peft_config)
-            if mode == "merge":
-                previous = self._merge(state, version, run)
-            elif mode == "reload":
-                with self.serving_paused():
-                    self.merged.clear()
-                    stored, stored_config = read_adapter_dir(vdir)  # as a restart would
-                    previous = self._load_and_promote(stored, stored_config, version, run)
-            else:
-                if self.merged.current is not None:
-                    with self.serving_paused():
-                        self.merged.clear()
-                previous = self._load_and_promote(state, peft_config, version, run)
+            try:
+                previous = self._swap(state, peft_config, version, run, mode, vdir)
+            except BaseException:
+                # Not served, so not stored: a restart must not serve what was refused here.
+                with contextlib.suppress(StoreError):  # the swap's own error is the one to raise
+                    remove_adapter_dir(vdir)
+                raise
             self._prune_versions(run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
+
+    def _swap(
+        self,
+        state: Mapping[str, np.ndarray],
+        peft_config: Mapping[str, object],
+        version: int,
+        run: str,
+        mode: str,
+        vdir: Path,
+    ) -> int | None:
+        """Serve the stored ``version`` in ``mode`` (``SWAP_MODES``); the one it replaced."""
+        if mode == "merge":
+            return self._merge(state, version, run)
+        if mode == "reload":
+            with self.serving_paused():
+                self.merged.clear()
+                stored, stored_config = read_adapter_dir(vdir)  # as a restart would
+                return self._load_and_promote(stored, stored_config, version, run)
+        if self.merged.current is not None:
+            with self.serving_paused():
+                self.merged.clear()
+        return self._load_and_promote(state, peft_config, version, run)
 
     def _prune_versions(self, run: str) -> None:
         """Delete ``run``'s stored versions beyond the newest ``keep_versions`` (never the served

@@ -43,11 +43,12 @@ def decode_adapter(
         config = json.loads(meta.get("peft_config") or "{}")
         metrics = json.loads(meta.get("metrics") or "{}")
         version = int(meta["version"]) if meta.get("version") else None
+        if not isinstance(config, dict) or not isinstance(metrics, dict):
+            raise ValueError("metadata must be JSON objects")
+        numbers = {str(k): float(v) for k, v in metrics.items()}
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise AdapterValidationError([f"malformed adapter payload: {e}"]) from e
-    if not isinstance(config, dict) or not isinstance(metrics, dict):
-        raise AdapterValidationError(["malformed adapter payload: metadata must be JSON objects"])
-    return dict(state), config, version, {str(k): float(v) for k, v in metrics.items()}
+    return dict(state), config, version, numbers
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

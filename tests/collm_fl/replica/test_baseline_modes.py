@@ -254,6 +254,38 @@ def test_exclusive_training_on_a_merged_replica_uses_the_plain_base_and_merges_b
     assert replica.slots.merged_version == 0
 
 
+def test_a_merge_the_canary_rejects_is_neither_served_nor_stored(make_replica) -> None:
+    replica = make_replica()
+    shapes = replica.modules.expected_shapes()
+    replica.push_version(adapter(shapes, 1, 0.01), CONFIG, 0, mode="merge")
+    served = base_weights(replica)
+    overflowing = {k: np.full(s, 1e20, dtype=np.float32) for k, s in shapes.items()}  # finite
+    with pytest.raises(AdapterValidationError, match="not finite"):
+        replica.push_version(overflowing, CONFIG, 1, mode="merge")
+    assert (replica.served_version, replica.stored_versions()) == (0, [0])
+    for prefix, weight in base_weights(replica).items():
+        torch.testing.assert_close(weight, served[prefix], atol=1e-5, rtol=0)
+
+
+def test_a_canary_that_fails_in_any_way_puts_the_served_weights_back(
+    make_replica, monkeypatch
+) -> None:
+    replica = make_replica()
+    shapes = replica.modules.expected_shapes()
+    replica.push_version(adapter(shapes, 1, 0.01), CONFIG, 0, mode="merge")
+    served = base_weights(replica)
+
+    def out_of_memory() -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(replica.merged, "_check_canary", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        replica.push_version(adapter(shapes, 2, 0.01), CONFIG, 1, mode="merge")
+    assert (replica.slots.merged_version, replica.stored_versions()) == (0, [0])
+    for prefix, weight in base_weights(replica).items():
+        torch.testing.assert_close(weight, served[prefix], atol=1e-5, rtol=0)
+
+
 def test_control_api_passes_mode_and_exclusive_through(
     start_replica, tiny_fresh: LoadedModel
 ) -> None:

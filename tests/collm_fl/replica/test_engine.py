@@ -25,6 +25,7 @@ from collm_fl.replica.requests import (
     PromptTooLongError,
     QueueFullError,
     RequestHandle,
+    TokenEvent,
 )
 from collm_fl.replica.sampling import SamplingParams
 from collm_fl.replica.slots import AdapterSlots
@@ -229,6 +230,29 @@ def test_cancel_drops_the_row_and_releases_its_slot(rig: Rig) -> None:
     assert running.wait(TIMEOUT) and waiting.wait(TIMEOUT)
     assert running.finish_reason == waiting.finish_reason == "cancelled"
     assert running.num_generated < 200 and waiting.num_generated == 0
+    assert rig.engine.wait_for_idle(TIMEOUT)
+    assert all(s.refcount == 0 for s in rig.slots.snapshot())
+
+
+def test_a_cancel_landing_while_cancelled_rows_finish_still_finishes_its_row(rig: Rig) -> None:
+    rig.load(version=1, seed=1)
+    long = SamplingParams(max_tokens=200, temperature=0.0)
+    first, second = (
+        rig.submit(rig.prompt(PROMPTS[0]), long),
+        rig.submit(rig.prompt(PROMPTS[1]), long),
+    )
+    read(first, 2)
+    read(second, 2)
+    push = first._push
+
+    def push_then_cancel_second(event: TokenEvent, error: str | None = None) -> None:
+        push(event, error)
+        second.cancel()  # another thread's cancel, landing mid-step (here: deterministically)
+
+    first._push = push_then_cancel_second  # type: ignore[method-assign]
+    first.cancel()
+    assert first.wait(TIMEOUT) and second.wait(TIMEOUT)
+    assert first.finish_reason == second.finish_reason == "cancelled"
     assert rig.engine.wait_for_idle(TIMEOUT)
     assert all(s.refcount == 0 for s in rig.slots.snapshot())
 

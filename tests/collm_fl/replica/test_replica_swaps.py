@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from collm_fl.adapters import LoraSpec
+from collm_fl.api.errors import APIError
+from collm_fl.errors import StoreError, VersionConflictError
+from collm_fl.replica.control import _swap_error
 from collm_fl.replica.control_client import ReplicaClient, ReplicaUnavailable
+from collm_fl.replica.slots import NoFreeSlotError
+from collm_fl.replica.wire import encode_adapter
 from collm_fl.training import attach_lora, get_adapter_state, set_adapter_state
 
 SPEC = LoraSpec()  # the replica's defaults: r=8, alpha=16, q_proj/v_proj
@@ -135,8 +140,18 @@ def test_invalid_versions_are_rejected_and_serving_keeps_the_old_one(start_repli
             headers={"Authorization": f"Bearer {replica.token}"},
         )
         assert r.status_code == 400
-        assert c.status()["served_version"] == 0
-        assert c.status()["stored_versions"] == [0]
+        blob = encode_adapter(adapter(4), SPEC.to_peft_config_dict("tiny"), 4, {"loss": "n/a"})
+        r = httpx.put(
+            f"http://{replica.control_address}/control/adapters/4",
+            content=blob,
+            headers={"Authorization": f"Bearer {replica.token}"},
+        )
+        assert r.status_code == 400 and "malformed" in r.json()["error"]["message"]
+        c.push_version(adapter(5), SPEC.to_peft_config_dict("tiny"), 5)
+        with pytest.raises(ReplicaUnavailable, match="409"):  # a conflict, not a bad adapter
+            c.push_version(adapter(6), SPEC.to_peft_config_dict("tiny"), 3)
+        assert c.status()["served_version"] == 5
+        assert c.status()["stored_versions"] == [0, 5]
     metrics = httpx.get(replica.url + "/metrics").text
     assert 'collm_adapter_swaps_total{result="rejected"} 2.0' in metrics  # the NaN and the rank
 
@@ -192,3 +207,22 @@ def test_restarted_replica_serves_the_latest_stored_version(start_replica, refer
     text, versions, _ = stream_completion(second, PROMPTS[0])
     assert versions == {2}
     assert text == generate(adapter(202), PROMPTS[0])
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (VersionConflictError("older"), 409, "version_conflict"),
+        (NoFreeSlotError("all pinned"), 503, "overloaded"),
+        (StoreError("disk full"), 500, "store_error"),
+    ],
+)
+def test_a_swap_that_fails_beside_the_adapter_gets_its_own_status(error, status, code):
+    mapped = _swap_error(7, error)
+    assert isinstance(mapped, APIError)
+    assert (mapped.status, mapped.code) == (status, code) and "version 7" in mapped.message
+    assert status != 503 or "Retry-After" in mapped.headers
+
+
+def test_an_internal_failure_of_a_swap_is_left_to_the_500_handler():
+    assert _swap_error(7, RuntimeError("bug")) is None
