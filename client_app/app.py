@@ -102,7 +102,13 @@ def train(msg: Message, context: Context) -> Message:
 
         partition_id, num_partitions = _partition(context)
         state, metrics = train_on_partition(
-            cfg, partition_id, num_partitions, global_state, budget, server_round
+            cfg,
+            partition_id,
+            num_partitions,
+            global_state,
+            budget,
+            server_round,
+            deadline_s=float(rc.get("deadline-s", cfg.round_timeout)),  # type: ignore[arg-type]
         )
     content = RecordDict(
         {ARRAYS_KEY: state_to_arrayrecord(state), METRICS_KEY: MetricRecord(metrics)}

@@ -41,8 +41,10 @@ def train_on_partition(
     global_state: Mapping[str, np.ndarray],
     budget: TrainBudget,
     server_round: int,
+    deadline_s: float | None = None,
 ) -> tuple[AdapterState, dict[str, float]]:
-    """Train ``budget.local_steps`` steps from the global adapter; return it with metrics."""
+    """Train ``budget.local_steps`` steps from the global adapter, none starting after
+    ``deadline_s`` (from the call, loading included); return it with metrics."""
     apply_thread_budget(cfg)
     started = time.perf_counter()
     loaded = load_base_model(cfg.model, quantization=cfg.quantization, device=cfg.device)
@@ -51,7 +53,8 @@ def train_on_partition(
     data = load_client_data(cfg.data_spec, partition_id, num_partitions, loaded.tokenizer)
     blocks = tokenize_samples(data.train, loaded.tokenizer, cfg.seq_len)
     batches = iterate_batches(blocks, budget.batch_size, seed=cfg.seed * 100_003 + server_round)
-    result = train_lora(model, batches, budget.local_steps, budget.learning_rate)
+    left = None if deadline_s is None else max(0.0, deadline_s - (time.perf_counter() - started))
+    result = train_lora(model, batches, budget.local_steps, budget.learning_rate, deadline_s=left)
     state = get_adapter_state(model)
     metrics = {
         "num-examples": float(blocks.input_ids.shape[0]),

@@ -80,6 +80,10 @@ class RunConfig:
             if not ok:
                 problems.append(f"{key}={value!r}: {rule}")
 
+        for f in dataclasses.fields(self):  # NaN passes every comparison below: refuse it first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{f.name.replace('_', '-')}={value!r}: must be a finite number")
         check(bool(self.model), "model", self.model, "must not be empty")
         check(
             self.quantization in ("none", "4bit", "8bit"),
@@ -228,9 +232,11 @@ class RunConfig:
             lora_defaults = LoraSpec()
             targets = str(run_config.get("lora-targets", ",".join(lora_defaults.target_modules)))
             kwargs["lora"] = LoraSpec(
-                rank=int(run_config.get("lora-rank", lora_defaults.rank)),
-                alpha=float(run_config.get("lora-alpha", lora_defaults.alpha)),
-                dropout=float(run_config.get("lora-dropout", lora_defaults.dropout)),
+                rank=int(str(_coerce(run_config.get("lora-rank", lora_defaults.rank), 0))),
+                alpha=float(str(_coerce(run_config.get("lora-alpha", lora_defaults.alpha), 0.0))),
+                dropout=float(
+                    str(_coerce(run_config.get("lora-dropout", lora_defaults.dropout), 0.0))
+                ),
                 target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()),
             )
         except (TypeError, ValueError) as e:

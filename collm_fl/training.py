@@ -91,8 +91,11 @@ def train_lora(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     on_step: Callable[[int, float], None] | None = None,
+    deadline_s: float | None = None,
 ) -> TrainResult:
-    """Run ``steps`` AdamW steps on the trainable (LoRA) parameters."""
+    """Run ``steps`` AdamW steps on the trainable (LoRA) parameters; with ``deadline_s``, no step
+    starts once that many seconds have passed since the call (``TrainResult.steps``: those done).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AdapterValidationError(["model has no trainable parameters (no LoRA attached?)"])
@@ -100,9 +103,12 @@ def train_lora(
     device = model_device(model)
     model.train()
     started = time.perf_counter()
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens, done = 0.0, 0, 0
     try:
         for step in range(steps):
+            if deadline_s is not None and time.perf_counter() - started >= deadline_s:
+                log.info("deadline (%.1fs) reached after %d of %d steps", deadline_s, step, steps)
+                break
             batch = batch_to(next(batches), device)
             out = model(
                 input_ids=batch["input_ids"],
@@ -120,12 +126,13 @@ def train_lora(
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += loss.item() * n
             tokens += n
+            done += 1
             if on_step is not None:
                 on_step(step, loss.item())
     finally:
         model.eval()
     seconds = time.perf_counter() - started
-    return TrainResult(steps=steps, loss=loss_sum / max(tokens, 1), tokens=tokens, seconds=seconds)
+    return TrainResult(steps=done, loss=loss_sum / max(tokens, 1), tokens=tokens, seconds=seconds)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from collm_fl.store import (
 )
 from collm_fl.training import get_adapter_state
 from server_app.coordination import CoordinationState
-from strategies.lora import LoraFedAvg, ReplyOutcome, RoundReport
+from strategies.lora import LoraFedAvg, ReplyOutcome
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,15 @@ class Federation:
                 latest.number,
                 latest.round_number,
             )
+            if self.cfg.publish_versions:  # a crash may have come between storing and publishing
+                self._publish(state_to_arrayrecord(self.store.load_version(latest)), latest.number)
         first = self.store.list_versions(run_id)[0]
         if first.eval_loss is not None:
             self.coordination.loss_history.append((0, first.eval_loss))
         for r in self.store.list_rounds(run_id):  # the loss curve so far, for the policy
-            self.coordination.observe_round(int(r.metrics.get("steps-total", 0)), r.eval_loss)
+            promoted = r.status == "aggregated"  # as the live loop: a gated version's loss is not
+            loss = r.eval_loss if promoted else None
+            self.coordination.observe_round(int(r.metrics.get("steps-total", 0)), loss)
         return latest
 
     def _round(
@@ -153,9 +157,12 @@ class Federation:
             }
         )
         messages = list(self.strategy.configure_train(rnd, arrays, train_config, self.grid))
-        replies = self.grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
+        replies = list(self.grid.send_and_receive(messages=messages, timeout=cfg.round_timeout))
+        self.lora.last_report = None
         new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
-        report = self.lora.last_report or RoundReport(rnd, (), False)
+        report = self.lora.last_report
+        if report is None or report.server_round != rnd:  # a wrapper did not pass the round on
+            report = self.lora.report_unaggregated(rnd, replies)
         for o in report.outcomes:
             self.coordination.observe(o.node_id, o.metrics)
         steps_total = int(
@@ -181,8 +188,6 @@ class Federation:
                     run_id, rnd, new_state, self.peft_config, metrics, ev.loss
                 )
                 arrays = new_arrays
-                if cfg.publish_versions:
-                    self._publish(arrays, version.number)
             else:
                 note = " (quality gate: kept previous)"
         elif not report.aggregated:
@@ -212,6 +217,9 @@ class Federation:
             ),
             [participation_record(o) for o in report.outcomes],
         )
+        if cfg.publish_versions and version is not latest:
+            # After the round is on record: a crash before this publish is healed on resume.
+            self._publish(arrays, version.number)
         log.info(
             "round %d | clients ok %d rejected %d failed %d | train loss %s | "
             "central eval loss %s ppl %s | version v%d%s | %.1fs",

@@ -20,6 +20,7 @@ It composes with Flower's wrappers, e.g.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import cast
@@ -103,6 +104,12 @@ class LoraFedAvg(FedAvg):
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
         if not (max_weight_ratio == 0.0 or 1.0 <= max_weight_ratio < float("inf")):
             raise ValueError(f"max_weight_ratio must be 0 (off) or >= 1, got {max_weight_ratio}")
+        if max_update_norm is not None and not (
+            max_update_norm >= 0 and math.isfinite(max_update_norm)
+        ):
+            raise ValueError(
+                f"max_update_norm must be 0 (off) or a finite bound > 0, got {max_update_norm}"
+            )
         check_server_lr(server_lr)
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.mode = mode
@@ -252,6 +259,33 @@ class LoraFedAvg(FedAvg):
         )
         return state_to_arrayrecord(new_state), agg_metrics
 
+    def report_unaggregated(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
+        """The report of a round a wrapping strategy did not pass on (Flower's DP wrappers refuse
+        a round with any failed reply): failures with their reason, the other replies as not
+        aggregated, and the nodes that never answered."""
+        outcomes: list[ReplyOutcome] = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                outcomes.append(ReplyOutcome(node, FAILED, f"error reply: {msg.error.reason}"))
+            else:
+                reason = "not aggregated: the wrapping strategy refused the round"
+                outcomes.append(ReplyOutcome(node, REJECTED, reason))
+        answered = {o.node_id for o in outcomes}
+        outcomes += [
+            ReplyOutcome(node, FAILED, "no reply within the round timeout")
+            for node in sorted(self._sent_to - answered)
+        ]
+        self._sent_to = set()
+        log.warning(
+            "round %d: not aggregated by the wrapping strategy (%d failed); keeping the "
+            "previous version",
+            server_round,
+            sum(o.status == FAILED for o in outcomes),
+        )
+        self.last_report = RoundReport(server_round, tuple(outcomes), False)
+        return self.last_report
+
     def _cap_weights(
         self, server_round: int, outcomes: list[ReplyOutcome], good_at: list[int]
     ) -> list[float]:
@@ -298,6 +332,6 @@ class LoraFedAvg(FedAvg):
             raw = next(iter(content.metric_records.values()))
             metrics = {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
             n = metrics.get(NUM_EXAMPLES)
-            if n is None or not n > 0 or n != n:
-                problems.append(f"{NUM_EXAMPLES} must be a positive number, got {n!r}")
+            if n is None or not (math.isfinite(n) and n >= 1):
+                problems.append(f"{NUM_EXAMPLES} must be a finite number >= 1, got {n!r}")
         return problems, state, metrics

@@ -121,8 +121,8 @@ def quality_gain_factor(history: Sequence[tuple[int, float]], floor: float = 0.2
 
 def headroom(load: NodeLoad, forecast: float, ttft_slo_s: float, tpot_slo_s: float) -> float:
     """Share of a replica's compute serving can spare next round, in [0, 1]."""
-    if forecast < IDLE_RATE and load.queue_depth == 0:
-        return 1.0
+    if forecast < IDLE_RATE and load.queue_depth == 0 and load.utilization is None:
+        return 1.0  # (a measured utilization says it even of a few long requests)
     # p95 rather than p99: under bursty arrivals p99 measures the bursts, which the per-step SLO
     # guard handles; the round-level share follows the typical pressure.
     pressure = max(

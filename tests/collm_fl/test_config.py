@@ -56,6 +56,19 @@ def test_bad_lora_rank_is_named():
         RunConfig.from_flower({"lora-rank": 0})
 
 
+@pytest.mark.parametrize("rank", [8.7, True, "eight"])
+def test_a_lora_rank_that_is_not_a_whole_number_is_refused(rank):
+    with pytest.raises(ConfigError, match="lora"):
+        RunConfig.from_flower({"lora-rank": rank})
+
+
+@pytest.mark.parametrize("key", ["quality-gate-margin", "learning-rate", "round-timeout"])
+def test_a_nan_or_infinite_setting_is_refused_by_name(key):
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=f"{key}=.*finite"):
+            RunConfig.from_flower({key: value})
+
+
 def test_min_training_share_is_read_from_flower_and_checked():
     assert RunConfig.from_flower({"min-training-share": 0.45}).min_training_share == 0.45
     with pytest.raises(ConfigError, match=r"min-training-share=1.5: must be in \[0, 1\]"):

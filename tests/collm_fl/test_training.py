@@ -73,3 +73,15 @@ def test_evaluate_loss_matches_a_manual_cross_entropy(tiny, lora_spec):
     expected = -(picked * mask).sum() / mask.sum()
     assert got.loss == pytest.approx(expected, rel=1e-5)
     assert got.perplexity == pytest.approx(np.exp(expected), rel=1e-4)
+
+
+def test_no_step_starts_after_the_deadline(tiny_fresh, lora_spec):
+    blocks = tokenize_samples([TextSample(TEXT)], tiny_fresh.tokenizer, seq_len=32)
+    model = attach_lora(tiny_fresh.model, lora_spec)
+    before = get_adapter_state(model)
+    batches = iterate_batches(blocks, 4, seed=0)
+    passed = train_lora(model, batches, steps=5, learning_rate=1e-2, deadline_s=0.0)
+    assert (passed.steps, passed.tokens) == (0, 0)
+    assert all(np.array_equal(v, before[k]) for k, v in get_adapter_state(model).items())
+    ample = train_lora(model, batches, steps=3, learning_rate=1e-2, deadline_s=3600.0)
+    assert ample.steps == 3 and ample.tokens > 0

@@ -134,6 +134,14 @@ def test_with_a_utilization_report_training_takes_what_serving_leaves():
     assert b.share == pytest.approx(0.5)
 
 
+def test_few_but_long_requests_keep_what_their_measured_utilization_needs():
+    node = replace(load(0.01, ttft=0.5, tpot=0.05), utilization=0.9)  # below the idle rate
+    (b,) = allocate(inputs([replica(1, node)]))
+    assert b.share == pytest.approx(0.1)
+    quiet = replace(load(0.01, ttft=0.5, tpot=0.05), utilization=0.0)
+    assert allocate(inputs([replica(1, quiet)]))[0].share == 1.0
+
+
 def test_the_utilization_report_is_read_when_present():
     metrics = {
         "load-request-rate": 1.0,

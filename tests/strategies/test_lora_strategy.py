@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 from lora_messages import SHAPES, adapter, reply, strategy
 
 from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg
@@ -45,6 +46,8 @@ def test_bad_replies_are_rejected_with_reasons_and_the_round_completes():
         reply(5, huge),
         reply(6, adapter(6), num_examples=0),
         error_reply(7),
+        reply(8, adapter(8), num_examples=float("inf")),
+        reply(9, adapter(9), num_examples=0.5),
     ]
     arrays, _ = s.aggregate_train(3, replies)
     # Only the good update is in the aggregate.
@@ -60,7 +63,8 @@ def test_bad_replies_are_rejected_with_reasons_and_the_round_completes():
     assert "norm" in by_node[5].reason
     assert "num-examples" in by_node[6].reason
     assert by_node[7].status == "failed" and "crashed" in by_node[7].reason
-    assert s.last_report.count("rejected") == 5
+    assert "num-examples" in by_node[8].reason and "num-examples" in by_node[9].reason
+    assert s.last_report.count("rejected") == 7
 
 
 def test_too_few_good_replies_keep_the_previous_version():
@@ -154,3 +158,26 @@ def test_server_lr_also_applies_to_a_robust_aggregate():
 def test_a_bad_server_lr_is_refused_at_construction(eta):
     with pytest.raises(ValueError, match="server_lr"):
         LoraFedAvg(server_lr=eta)
+
+
+@pytest.mark.parametrize("bound", [-1.0, float("nan"), float("inf")])
+def test_a_bad_update_norm_bound_is_refused_at_construction(bound):
+    with pytest.raises(ValueError, match="max_update_norm"):
+        LoraFedAvg(max_update_norm=bound)
+
+
+def test_a_round_the_dp_wrapper_refuses_is_reported_as_that_round_with_its_failure():
+    lora = strategy()
+    dp = DifferentialPrivacyClientSideFixedClipping(
+        lora, noise_multiplier=0.1, clipping_norm=1.0, num_sampled_clients=2
+    )
+    dp.aggregate_train(1, [reply(1, adapter(1)), reply(2, adapter(2))])
+    replies = [reply(1, adapter(3)), error_reply(2)]
+    lora.last_report = None  # as the ServerApp does before each round
+    arrays, _ = dp.aggregate_train(2, replies)
+    assert arrays is None and lora.last_report is None  # Flower skipped the inner strategy
+    report = lora.report_unaggregated(2, replies)
+    assert (report.server_round, report.aggregated) == (2, False)
+    by_node = {o.node_id: o for o in report.outcomes}
+    assert by_node[2].status == "failed" and "crashed" in by_node[2].reason
+    assert by_node[1].status == "rejected" and "not aggregated" in by_node[1].reason
