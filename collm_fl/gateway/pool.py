@@ -141,7 +141,7 @@ class ReplicaPool:
         self.ewma_alpha = ewma_alpha
         self.model = model
         self.clock = clock
-        self._health_timeout = httpx.Timeout(health_timeout_s)
+        self.health_timeout = httpx.Timeout(health_timeout_s)  # also quick calls (/v1/models)
         self._proxy_timeout = httpx.Timeout(
             connect=connect_timeout_s, read=read_timeout_s, write=30.0, pool=30.0
         )
@@ -161,7 +161,7 @@ class ReplicaPool:
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=64)
         self._proxy = httpx.AsyncClient(timeout=self._proxy_timeout, limits=limits)
         # A separate client, so a saturated proxy pool cannot starve the health checks.
-        self._health = httpx.AsyncClient(timeout=self._health_timeout)
+        self._health = httpx.AsyncClient(timeout=self.health_timeout)
         await self.poll_once()
         self._poller = asyncio.create_task(self._poll_forever(), name="replica-health-poller")
 

@@ -203,8 +203,10 @@ class Router:
         excluded: set[str] = set()
         while (name := choose_replica(self.pool.views(), 0, 1, self.slo, excluded)) is not None:
             try:
-                resp = await self.pool.client.get(
-                    self.pool.url_of(name) + "/v1/models", headers=self.headers
+                resp = await self.pool.client.get(  # a list is quick: a stuck replica is skipped
+                    self.pool.url_of(name) + "/v1/models",
+                    headers=self.headers,
+                    timeout=self.pool.health_timeout,
                 )
                 _check_status(resp)
                 return _passthrough(resp, name)
@@ -305,9 +307,14 @@ class Router:
                 error, logged = e.reason, True
             if error is not None:
                 break
-        if error is None:
+        if error is None and last.get("finish_reason") != "error":
             self.pool.succeed(ticket)
             self.metrics.requests.labels(ticket.replica, "ok").inc()
+            return
+        if error is None:  # the replica ended the stream with its own error chunk and [DONE]
+            log.warning("replica %s failed a stream (its error chunk)", ticket.replica)
+            self.pool.fail(ticket, "the replica's generation failed mid-stream")
+            self.metrics.requests.labels(ticket.replica, "stream_error").inc()
             return
         level = logging.INFO if logged else logging.WARNING
         log.log(
@@ -382,7 +389,8 @@ async def _sse_events(resp: httpx.Response) -> AsyncGenerator[bytes, None]:
 
 
 def _is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
-    """Whether an SSE event carries generated text; remembers its envelope in ``last``."""
+    """Whether an SSE event carries generated text; remembers its envelope and finish reason in
+    ``last``."""
     if not event.startswith(b"data: "):
         return False
     try:
@@ -397,6 +405,7 @@ def _is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
     choices = payload.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return False
+    last["finish_reason"] = choices[0].get("finish_reason")
     part = choices[0].get("delta", {}) if chat else choices[0]
     return isinstance(part, dict) and bool(part.get("content" if chat else "text"))
 

@@ -30,8 +30,9 @@ FIRST_EVENT = {
 
 
 class HangingReplica:
-    """Answers /health while ``health_ok``; a completion whose prompt is ``"after"`` streams one
-    event first; then every completion blocks until :meth:`stop`."""
+    """Answers /health while ``health_ok`` (``/v1/models`` blocks); a completion whose prompt is
+    ``"after"`` streams one event first, ``"fails"`` one event then its own error chunk and
+    ``[DONE]``; every other completion blocks until :meth:`stop`."""
 
     def __init__(self) -> None:
         self.health_ok = True
@@ -44,6 +45,9 @@ class HangingReplica:
                 pass
 
             def do_GET(self) -> None:
+                if self.path == "/v1/models":
+                    fake.released.wait()
+                    return
                 with contextlib.suppress(ConnectionError):  # the gateway hung up as it stopped
                     self.send_response(200 if fake.health_ok else 500)
                     self.send_header("Content-Type", "application/json")
@@ -56,9 +60,14 @@ class HangingReplica:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
                     self.end_headers()
-                    if body["prompt"] == "after":
+                    if body["prompt"] in ("after", "fails"):
                         self.wfile.write(f"data: {json.dumps(FIRST_EVENT)}\n\n".encode())
                         self.wfile.flush()
+                    if body["prompt"] == "fails":
+                        choice = {"index": 0, "text": "", "finish_reason": "error"}
+                        failed = {**FIRST_EVENT, "choices": [choice]}
+                        self.wfile.write(f"data: {json.dumps(failed)}\n\ndata: [DONE]\n\n".encode())
+                        return
                 fake.received.set()
                 fake.released.wait()
 
@@ -145,3 +154,20 @@ def test_a_stream_on_a_replica_that_fails_its_health_polls_ends_with_an_error_ch
         assert hanging.received.wait(HANG_BOUND_S)
         hanging.health_ok = False
         assert_error_chunk_then_done(payloads.result(), "stopped answering /health")
+
+
+def test_a_stream_the_replica_ends_with_its_own_error_chunk_counts_as_a_stream_error(
+    hanging, start_gateway
+):
+    gw = start_gateway([hanging.url])
+    payloads = stream_payloads(gw, "fails")
+    assert payloads[-1] == "[DONE]"
+    assert json.loads(payloads[-2])["choices"][0]["finish_reason"] == "error"
+    assert gw.metric("collm_gateway_requests_total", outcome="stream_error") == 1
+    assert gw.metric("collm_gateway_requests_total", outcome="ok") == 0
+
+
+def test_listing_models_on_a_stuck_replica_is_a_503_not_a_hang(hanging, start_gateway):
+    gw = start_gateway([hanging.url])
+    r = httpx.get(gw.url + "/v1/models", headers=AUTH, timeout=HANG_BOUND_S)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
