@@ -67,8 +67,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from collm_fl.gateway.serve import check_shed_factor, run_gateway
         from collm_fl.replica.metrics import SLO
 
-        if args.ttft_slo <= 0 or args.tpot_slo <= 0:
-            raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
+        if not all(math.isfinite(v) and v > 0 for v in (args.ttft_slo, args.tpot_slo)):
+            raise ConfigError("--ttft-slo and --tpot-slo must be finite numbers > 0")
         if not args.stream_stall_timeout > 0:  # NaN too
             raise ConfigError(
                 f"--stream-stall-timeout must be > 0 seconds, got {args.stream_stall_timeout}"
@@ -261,9 +261,9 @@ def _run_replica(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--{name.replace('_', '-')} must be a TCP port, got {getattr(args, name)}"
             )
-    if args.ttft_slo <= 0 or args.tpot_slo <= 0:
-        raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
-    if args.defer_limit <= 0:
+    if not all(math.isfinite(v) and v > 0 for v in (args.ttft_slo, args.tpot_slo)):
+        raise ConfigError("--ttft-slo and --tpot-slo must be finite numbers > 0")
+    if not (math.isfinite(args.defer_limit) and args.defer_limit > 0):
         raise ConfigError(f"--defer-limit must be > 0 seconds, got {args.defer_limit}")
     if not 0 <= args.training_share <= 1:
         raise ConfigError(f"--training-share must be in [0, 1], got {args.training_share}")

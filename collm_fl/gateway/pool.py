@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from collm_fl.api.urls import normalize_url
 from collm_fl.errors import ConfigError
 from collm_fl.policies.routing import (
     DEFAULT_LATENCY_MODEL,
@@ -94,17 +95,6 @@ def replica_name(url: str) -> str:
     """A replica's name: its ``host:port`` (plus path, if any)."""
     parts = urlsplit(url)
     return parts.netloc + parts.path.rstrip("/")
-
-
-def normalize_url(url: str) -> str:
-    """A replica base URL without a trailing ``/`` or ``/v1`` (both spellings are accepted)."""
-    url = url.strip().rstrip("/")
-    if url.endswith("/v1"):
-        url = url[: -len("/v1")]
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"replica URL must look like http://host:port, got {url!r}")
-    return url
 
 
 class ReplicaPool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -39,8 +40,8 @@ def run_gateway(
     """
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be a TCP port, got {port}")
-    if slo.ttft_s <= 0 or slo.tpot_s <= 0:
-        raise ConfigError("--ttft-slo and --tpot-slo must be > 0")
+    if not all(math.isfinite(v) and v > 0 for v in (slo.ttft_s, slo.tpot_s)):
+        raise ConfigError("--ttft-slo and --tpot-slo must be finite numbers > 0")
     if max_attempts < 1:
         raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
     check_shed_factor(shed_factor)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from collm_fl.api.urls import normalize_url
 from collm_fl.errors import ConfigError
 from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, arrival_times
 from collm_fl.loadgen.client import (
@@ -37,7 +38,13 @@ from collm_fl.loadgen.goodput import (
     summarize_results,
     time_to_quality,
 )
-from collm_fl.loadgen.trace import TraceRow, load_azure_trace, scale_trace, write_sample_trace
+from collm_fl.loadgen.trace import (
+    TraceRow,
+    load_azure_trace,
+    scale_trace,
+    trace_duration,
+    write_sample_trace,
+)
 
 __all__ = [
     "ARRIVAL_KINDS",
@@ -93,24 +100,31 @@ def run_load_cli(
 
     The schedule is ``kind`` arrivals at ``rate`` for ``duration_s`` with fixed lengths, or, given a
     ``trace``, its requests rescaled to ``rate`` (``rate <= 0`` keeps the recorded timing) and cut
-    to ``duration_s``, with ``prompt_tokens``/``output_tokens`` as the length caps. Returns 0, or 1
+    to ``duration_s`` (rates are then per the time it ran, if shorter), with
+    ``prompt_tokens``/``output_tokens`` as the length caps. Returns 0, or 1
     when no request succeeded; bad arguments raise ConfigError / DataFormatError.
     """
     slo = SLOSpec(ttft_s=ttft_slo, tpot_s=tpot_slo)
-    if not target.startswith(("http://", "https://")):
-        raise ConfigError(f"target: expected an http(s):// URL, got {target!r}")
+    target = normalize_url(target, "target")  # ".../v1", as OpenAI clients take it, is fine
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} exists and is not a directory")
     if trace:
         rows = load_azure_trace(trace)
         rows = scale_trace(
             rows, rate if rate > 0 else None, duration_s, prompt_tokens, output_tokens
         )
         specs = build_requests(rows, prompt_tokens, output_tokens, chat=chat)
+        measured_s = trace_duration(rows, duration_s)  # rates per the time it ran
     else:
         offsets = arrival_times(kind, rate, duration_s, seed)
+        measured_s = duration_s
         specs = build_requests(offsets, prompt_tokens, output_tokens, chat=chat)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("replaying %d requests over %.0fs against %s", len(specs), duration_s, target)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out: cannot create {out}: {e}") from e
+    log.info("replaying %d requests over %.1fs against %s", len(specs), measured_s, target)
     results = asyncio.run(
         replay(
             target,
@@ -124,7 +138,7 @@ def run_load_cli(
         )
     )
     write_results_jsonl(results, out / "requests.jsonl")
-    summary = summarize_results(results, slo, duration_s)
+    summary = summarize_results(results, slo, measured_s)
     config = {
         "target": target,
         "model": model,

@@ -13,6 +13,7 @@ conversation trace); it is not a copy of the Azure data.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import re
@@ -28,6 +29,7 @@ from collm_fl.errors import ConfigError, DataFormatError
 log = logging.getLogger(__name__)
 
 HEADER: tuple[str, str, str] = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+_COUNT_RE = re.compile(r"-?[0-9]+")  # a token count as the trace writes it
 
 _DATETIME_RE = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:Z|\+00:?00)?$"
@@ -62,7 +64,9 @@ def load_azure_trace(path: str | Path) -> list[TraceRow]:
     lengths: list[tuple[int, int]] = []
     kind: str | None = None  # "datetime" or "seconds", fixed by the first row
     header_seen = False
-    for number, fields in enumerate(csv.reader(text.splitlines()), start=1):
+    reader = csv.reader(io.StringIO(text, newline=""))
+    for fields in reader:
+        number = reader.line_num  # the physical line a row ends on (quoted breaks count)
         if not fields or all(not f.strip() for f in fields):
             continue  # blank lines (a trailing newline, hand-written files)
         cells = [f.strip() for f in fields]
@@ -119,10 +123,9 @@ def _parse_timestamp(cell: str, where: str, line: int) -> tuple[tuple[int, float
 
 
 def _parse_count(cell: str, column: str, where: str, line: int) -> int:
-    try:
-        value = int(cell)
-    except ValueError:
-        raise DataFormatError(where, f"{column} is not an integer: {cell!r}", line) from None
+    if not _COUNT_RE.fullmatch(cell):  # int() would take "1_000", " 7" or "+3" too
+        raise DataFormatError(where, f"{column} is not an integer: {cell!r}", line)
+    value = int(cell)
     if value < 0:
         raise DataFormatError(where, f"{column} is negative: {value}", line)
     return value
@@ -132,6 +135,23 @@ def mean_rate(rows: Sequence[TraceRow]) -> float:
     """Requests per second of a trace: the inverse of its mean gap between arrivals (0: none)."""
     span = rows[-1].offset_s - rows[0].offset_s if rows else 0.0
     return (len(rows) - 1) / span if span > 0 else 0.0
+
+
+def trace_duration(rows: Sequence[TraceRow], duration_s: float) -> float:
+    """The seconds a replayed (scaled, cut) trace stands for: ``duration_s``, or less when the
+    trace ends before it — its last arrival plus one mean gap — so rates are per time it ran."""
+    rate = mean_rate(rows)
+    if not rows or rate <= 0:
+        return duration_s
+    played = rows[-1].offset_s - rows[0].offset_s + 1.0 / rate
+    if played < duration_s:
+        log.info(
+            "the trace lasts %.1fs at this rate, less than %.0fs: rates are per %.1fs",
+            played,
+            duration_s,
+            played,
+        )
+    return min(duration_s, played)
 
 
 def scale_trace(

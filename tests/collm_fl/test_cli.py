@@ -110,6 +110,21 @@ def test_load_with_a_bad_trace_exits_2_naming_the_line(capsys, tmp_path):
     assert code == 2 and "trace.csv:3" in err
 
 
+@pytest.mark.parametrize("target", ["http://127.0.0.1:99999", "http://", "ftp://host:1"])
+def test_load_against_a_malformed_target_exits_2(capsys, tmp_path, target):
+    out = str(tmp_path / "out")
+    code, err = run(capsys, "load", "--target", target, "--model", "m", "--out", out)
+    assert code == 2 and "target must look like http://host:port" in err
+
+
+def test_load_into_an_existing_file_exits_2(capsys, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    target = "http://127.0.0.1:9"
+    code, err = run(capsys, "load", "--target", target, "--model", "m", "--out", str(taken))
+    assert code == 2 and "is not a directory" in err
+
+
 def test_live_with_a_bad_rate_exits_2(capsys):
     code, err = run(capsys, "live", "--rate", "0")
     assert code == 2 and "--rate" in err
@@ -151,3 +166,10 @@ def test_server_lr_benchmark_refuses_bad_values_with_exit_2(capsys, tmp_path):
     code, err = run(capsys, "bench", "server-lr", "--server-lrs", "0", "--out", str(tmp_path))
     assert code == 2 and "server lrs must be in (0, 16]" in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sub", ["gateway", "replica"])
+def test_a_nan_slo_exits_2(capsys, sub):
+    extra = ["--replica", "http://127.0.0.1:1"] if sub == "gateway" else ["--control-token", "t"]
+    code, err = run(capsys, sub, *extra, "--ttft-slo", "nan")
+    assert code == 2 and "--ttft-slo and --tpot-slo must be finite numbers > 0" in err

@@ -293,6 +293,33 @@ def test_run_load_cli_replays_a_trace(server_url: str, tmp_path: Path) -> None:
     assert all(r.prompt_tokens is not None and r.prompt_tokens <= 16 for r in results)
 
 
+def test_a_trace_shorter_than_the_duration_is_measured_over_the_time_it_ran(
+    server_url: str, tmp_path: Path
+) -> None:
+    trace = write_sample_trace(tmp_path / "trace.csv", n=10, seed=3)
+    out = tmp_path / "run"
+    code = run_load_cli(  # the target as OpenAI clients take it, with /v1
+        server_url + "/v1",
+        MODEL,
+        "poisson",
+        10.0,
+        60.0,
+        str(trace),
+        out,
+        1.0,
+        0.5,
+        16,
+        2,
+        None,
+        0,
+        False,
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 0 and summary["ok"] == 10
+    assert summary["duration_s"] == pytest.approx(1.0)  # 10 requests at 10 req/s, not 60 s
+    assert summary["config"]["duration_s"] == 60.0
+
+
 def test_replay_reports_progress_while_running(server_url: str) -> None:
     snapshots: list[ReplayProgress] = []
     specs = [RequestSpec(0.0, "x", 10), RequestSpec(0.0, "OVERLOAD", 1)]

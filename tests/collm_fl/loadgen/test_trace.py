@@ -14,6 +14,7 @@ from collm_fl.loadgen.trace import (
     load_azure_trace,
     mean_rate,
     scale_trace,
+    trace_duration,
     write_sample_trace,
 )
 
@@ -74,6 +75,9 @@ def test_plain_float_seconds_are_accepted(tmp_path: Path) -> None:
         ([HEADER, "2023-11-16 18:15:46.1234567890,1,1"], 2, "unparseable timestamp"),
         ([HEADER, "-3.0,1,1"], 2, "unparseable timestamp"),
         ([HEADER, "2023-11-16 18:15:46.1,1,1", "5.0,1,1"], 3, "seconds timestamp"),
+        ([HEADER, "1.0,1_000,1"], 2, "ContextTokens is not an integer"),
+        ([HEADER, '1.0,"1\n2",1'], 3, "ContextTokens is not an integer"),  # a quoted break
+        ([HEADER, "1.0,1,1\u2028", "2.0,x,1"], 3, "ContextTokens is not an integer"),
     ],
 )
 def test_bad_rows_are_data_format_errors_with_the_line(
@@ -165,3 +169,10 @@ def test_invalid_scaling_is_a_config_error_naming_the_parameter(
     args.update(kwargs)
     with pytest.raises(ConfigError, match=f"^{param}"):
         scale_trace(rows, **args)  # type: ignore[arg-type]
+
+
+def test_a_trace_that_ends_before_the_duration_stands_for_the_time_it_ran() -> None:
+    rows = [TraceRow(0.0, 1, 1), TraceRow(1.0, 1, 1), TraceRow(2.0, 1, 1)]  # 1 req/s
+    assert trace_duration(rows, 60.0) == pytest.approx(3.0)  # last arrival + one mean gap
+    assert trace_duration(rows, 2.5) == 2.5
+    assert trace_duration([TraceRow(0.0, 1, 1)], 60.0) == 60.0  # no rate to go by
