@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -18,6 +18,10 @@ MAX_MESSAGES = 256
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False  # a last chunk with ``usage`` and no choices, before [DONE]
 
 
 class SamplingFields(_Strict):
@@ -30,6 +34,7 @@ class SamplingFields(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)  # one choice per request (n > 1 is refused)
     user: str | None = Field(default=None, max_length=256)
 
@@ -44,6 +49,16 @@ class SamplingFields(_Strict):
         if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"stop sequences must be 1..{MAX_STOP_CHARS} characters")
         return stops
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stop_list(self) -> tuple[str, ...]:
         stop = self.stop
@@ -71,16 +86,34 @@ class CompletionRequest(SamplingFields):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class TextPart(_Strict):
+    """A content part of a chat message; text is the only kind a text model takes."""
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    content: str | list[TextPart] = Field(max_length=MAX_PROMPT_CHARS)
     name: str | None = Field(default=None, max_length=64)
 
     @field_validator("content")
     @classmethod
-    def _utf8(cls, v: str) -> str:
-        _check_utf8(v)
+    def _utf8(cls, v: str | list[TextPart]) -> str | list[TextPart]:
+        text = v if isinstance(v, str) else "\n".join(p.text for p in v)
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"content longer than {MAX_PROMPT_CHARS} characters")
+        _check_utf8(text)
         return v
+
+    def text(self) -> str:
+        """The message's text (content parts joined by newlines)."""
+        return (
+            self.content
+            if isinstance(self.content, str)
+            else "\n".join(p.text for p in self.content)
+        )
 
 
 def _check_utf8(text: str) -> None:
@@ -93,6 +126,16 @@ def _check_utf8(text: str) -> None:
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    # OpenAI's newer name for max_tokens in chat; either may be given, not two different values.
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _one_length_limit(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens differ: give one")
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 class Usage(BaseModel):

@@ -102,7 +102,7 @@ def create_gateway_app(
 
     @app.post("/v1/chat/completions", dependencies=guarded, response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        chars = sum(len(m.content) + 16 for m in body.messages)  # + the chat template's share
+        chars = sum(len(m.text()) + 16 for m in body.messages)  # + the chat template's share
         job = Job.of(body, await request.body(), chars, chat=True)
         return await router.handle(job, request)
 

@@ -110,7 +110,7 @@ def create_app(replica: Replica, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=guarded, response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        prompt = chat_prompt([(m.role, m.content) for m in body.messages], replica.tokenizer)
+        prompt = chat_prompt([(m.role, m.text()) for m in body.messages], replica.tokenizer)
         ids = replica.tokenizer(prompt, add_special_tokens=False).input_ids
         return await _generate(replica, body, ids, request, chat=True)
 
@@ -164,7 +164,7 @@ async def _generate(
         raise
     if body.stream:
         return StreamingResponse(
-            _sse(replica, handle, first, events, body.model, created, chat),
+            _sse(replica, handle, first, events, body.model, created, chat, body.include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **_version_headers(handle)},
         )
@@ -182,11 +182,7 @@ async def _generate(
         raise APIError(
             500, "generation failed on the replica", "server_error", code="generation_error"
         )
-    usage = Usage(
-        prompt_tokens=handle.num_prompt_tokens,
-        completion_tokens=handle.num_generated,
-        total_tokens=handle.num_prompt_tokens + handle.num_generated,
-    )
+    usage = _usage(handle)
     headers = _version_headers(handle)
     out: ChatCompletionResponse | CompletionResponse
     if chat:
@@ -220,6 +216,7 @@ async def _sse(
     model: str,
     created: int,
     chat: bool,
+    include_usage: bool = False,
 ) -> AsyncIterator[bytes]:
     finish = None
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -243,6 +240,11 @@ async def _sse(
                 yield _chunk(handle, obj, model, created, delta, ev.finish_reason, chat)
             else:
                 yield _chunk(handle, obj, model, created, ev.text_delta, ev.finish_reason, chat)
+        if include_usage:  # as OpenAI: one more chunk, no choices, the request's token counts
+            usage = _usage(handle).model_dump()
+            last = {"id": handle.request_id, "object": obj, "created": created, "model": model}
+            payload = {**last, "choices": [], "usage": usage, "adapter_version": handle.version}
+            yield f"data: {json.dumps(payload)}\n\n".encode()
         yield b"data: [DONE]\n\n"
     finally:
         if not handle.finished:
@@ -274,6 +276,14 @@ def _chunk(
         "adapter_version": handle.version,
     }
     return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def _usage(handle: RequestHandle) -> Usage:
+    return Usage(
+        prompt_tokens=handle.num_prompt_tokens,
+        completion_tokens=handle.num_generated,
+        total_tokens=handle.num_prompt_tokens + handle.num_generated,
+    )
 
 
 def _version_headers(handle: RequestHandle) -> dict[str, str]:

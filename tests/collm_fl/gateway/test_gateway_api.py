@@ -97,8 +97,10 @@ def sse_payloads(url: str, body: dict, key: str) -> tuple[list[str], httpx.Heade
         return [line[6:] for line in r.iter_lines() if line.startswith("data: ")], r.headers
 
 
-def test_a_stream_is_relayed_unchanged(gateway, replicas):
+@pytest.mark.parametrize("options", [{}, {"stream_options": {"include_usage": True}}])
+def test_a_stream_is_relayed_unchanged(gateway, replicas, options):
     body = {"model": "tiny", "prompt": "KING:", "max_tokens": 10, "temperature": 0, "stream": True}
+    body |= options
     via_gw, headers = sse_payloads(gateway.url + "/v1/completions", body, GATEWAY_KEY)
     replica = next(r for r in replicas if name_of(r) == headers["X-Routed-To"])
     direct, _ = sse_payloads(replica.url + "/v1/completions", body, REPLICA_KEY)
@@ -108,6 +110,7 @@ def test_a_stream_is_relayed_unchanged(gateway, replicas):
         return [{**json.loads(p), "id": None, "created": None} for p in payloads[:-1]]
 
     assert strip(via_gw) == strip(direct)
+    assert ("usage" in json.loads(via_gw[-2])) == bool(options)
     assert headers["content-type"].startswith("text/event-stream")
     assert headers["X-Adapter-Version"] == "base"
 

@@ -73,6 +73,46 @@ def test_openai_client_chat_streaming(replica):
     assert text == full.choices[0].message.content
 
 
+def test_openai_client_streaming_usage_content_parts_and_max_completion_tokens(replica):
+    c = client(replica)
+    parts = [{"type": "text", "text": "Speak,"}, {"type": "text", "text": "friend."}]
+    stream = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": parts}],
+        max_completion_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    *tokens, last = chunks
+    assert last.choices == [] and last.usage is not None  # OpenAI's usage chunk, at the end
+    generated = "".join(ch.choices[0].delta.content or "" for ch in tokens)
+    assert 0 < last.usage.completion_tokens <= 6
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    full = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Speak,\nfriend."}],  # the parts, joined
+        max_tokens=6,
+        temperature=0,
+    )
+    assert generated == full.choices[0].message.content
+    assert full.usage.prompt_tokens == last.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"stream_options": {"include_usage": True}},  # without stream
+        {"max_tokens": 4, "max_completion_tokens": 5},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+    ],
+)
+def test_openai_parameters_it_cannot_honour_are_a_400(replica, extra):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **extra}
+    assert_openai_error(post(replica, "/v1/chat/completions", body), 400)
+
+
 def test_seeded_sampling_is_reproducible(replica):
     c = client(replica)
     kw = dict(model="tiny", prompt="JULIET:", max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
