@@ -97,9 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        headers = dict(exc.headers) if exc.headers else None
-        return error_response(exc.status_code, str(exc.detail), type_, headers=headers)
+        headers = dict(exc.headers) if exc.headers else None  # OpenAI's type for a 404 too:
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -156,7 +156,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
         try:
             result = await asyncio.to_thread(replica.rollback, body.version)
         except StoreError as e:
-            raise APIError(404, str(e), "not_found_error", code="version_not_found") from e
+            raise APIError(404, str(e), code="version_not_found") from e
         except AdapterValidationError as e:
             raise APIError(400, str(e), code="invalid_adapter") from e
         except Exception as e:

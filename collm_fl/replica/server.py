@@ -138,7 +138,6 @@ async def _generate(
         raise APIError(
             404,
             f"model {body.model!r} does not exist; this replica serves {replica.cfg.model_id!r}",
-            "not_found_error",
             param="model",
             code="model_not_found",
         )

@@ -169,6 +169,7 @@ def test_unknown_model_is_404(replica):
         {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert_openai_error(r, 404, "model_not_found")
+    assert r.json()["error"]["type"] == "invalid_request_error"  # as OpenAI answers it
 
 
 def test_prompt_over_the_context_is_400(replica):
