@@ -161,7 +161,7 @@ class Federation:
         self.lora.last_report = None
         new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
         report = self.lora.last_report
-        if report is None or report.server_round != rnd:  # a wrapper did not pass the round on
+        if report is None:  # a wrapping strategy (Flower's DP) did not pass the round on
             report = self.lora.report_unaggregated(rnd, replies)
         for o in report.outcomes:
             self.coordination.observe(o.node_id, o.metrics)
