@@ -223,13 +223,7 @@ class LoraFedAvg(FedAvg):
             good.append((state, n, msg))
         weights = self._cap_weights(server_round, outcomes, good_at)
 
-        # Flower drops the nodes that did not answer within the round's timeout: count them too.
-        answered = {o.node_id for o in outcomes}
-        for node in sorted(self._sent_to - answered):
-            reason = "no reply within the round timeout"
-            log.warning("round %d: node %d failed: %s", server_round, node, reason)
-            outcomes.append(ReplyOutcome(node, FAILED, reason))
-        self._sent_to = set()
+        self._add_missing_replies(server_round, outcomes)
         aggregated = len(good) >= self.min_good_replies
         self.last_report = RoundReport(server_round, tuple(outcomes), aggregated)
         if not aggregated:
@@ -271,12 +265,7 @@ class LoraFedAvg(FedAvg):
             else:
                 reason = "not aggregated: the wrapping strategy refused the round"
                 outcomes.append(ReplyOutcome(node, REJECTED, reason))
-        answered = {o.node_id for o in outcomes}
-        outcomes += [
-            ReplyOutcome(node, FAILED, "no reply within the round timeout")
-            for node in sorted(self._sent_to - answered)
-        ]
-        self._sent_to = set()
+        self._add_missing_replies(server_round, outcomes)
         log.warning(
             "round %d: not aggregated by the wrapping strategy (%d failed); keeping the "
             "previous version",
@@ -285,6 +274,16 @@ class LoraFedAvg(FedAvg):
         )
         self.last_report = RoundReport(server_round, tuple(outcomes), False)
         return self.last_report
+
+    def _add_missing_replies(self, server_round: int, outcomes: list[ReplyOutcome]) -> None:
+        """Flower drops the nodes that did not answer within the round's timeout: a ``failed``
+        outcome for each node asked this round that is not in ``outcomes`` (in place)."""
+        answered = {o.node_id for o in outcomes}
+        for node in sorted(self._sent_to - answered):
+            reason = "no reply within the round timeout"
+            log.warning("round %d: node %d failed: %s", server_round, node, reason)
+            outcomes.append(ReplyOutcome(node, FAILED, reason))
+        self._sent_to = set()
 
     def _cap_weights(
         self, server_round: int, outcomes: list[ReplyOutcome], good_at: list[int]
