@@ -69,7 +69,7 @@ class RunConfig:
     round_deadline_s: float = 600.0  # training time a replica may take per round
     dp_noise_multiplier: float = 0.0  # > 0: Flower's client-side fixed-clipping DP (noise σ/C)
     dp_clipping_norm: float = 1.0  # L2 bound on each client's update (with DP on)
-    quality_gate_margin: float = 0.1  # nats a new version may be worse than the served; <0 = off
+    quality_gate_margin: float = 0.1  # nats a version may be worse than the best promoted; <0 = off
     ttft_slo_s: float = 2.0  # the replicas' TTFT objective, for the allocation policy
     tpot_slo_s: float = 0.2  # the replicas' TPOT objective
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
@@ -180,7 +181,7 @@ class Federation:
             new_state = arrayrecord_to_state(new_arrays)
             ev = self.evaluator.evaluate(new_state)
             eval_loss, eval_ppl = ev.loss, ev.perplexity
-            if self._passes_quality_gate(rnd, ev.loss, latest):
+            if self._passes_quality_gate(rnd, ev.loss):
                 metrics = {"eval-loss": ev.loss, "eval-perplexity": ev.perplexity}
                 if train_loss is not None:
                     metrics["train-loss"] = train_loss
@@ -236,18 +237,18 @@ class Federation:
         )
         return arrays, version
 
-    def _passes_quality_gate(self, rnd: int, loss: float, served: VersionInfo) -> bool:
-        """A version worse than the served one by more than the margin is not promoted."""
+    def _passes_quality_gate(self, rnd: int, loss: float) -> bool:
+        """A version worse than the best promoted one by more than the margin is not promoted."""
         margin = self.cfg.quality_gate_margin
-        if passes_quality_gate(loss, served.eval_loss, margin):
+        best = gate_reference(self.store.list_versions(self.run_info.id))
+        if best is None or passes_quality_gate(loss, best.eval_loss, margin):
             return True
         log.warning(
-            "round %d: quality gate: eval loss %.4f > served v%d's %.4f + margin %.4f; "
-            "not promoted",
+            "round %d: quality gate: eval loss %.4f > best v%d's %.4f + margin %.4f; not promoted",
             rnd,
             loss,
-            served.number,
-            served.eval_loss,
+            best.number,
+            best.eval_loss,
             margin,
         )
         self.store.record_event(
@@ -256,8 +257,8 @@ class Federation:
             {
                 "round": rnd,
                 "loss": loss,
-                "served_version": served.number,
-                "served_loss": served.eval_loss,
+                "best_version": best.number,
+                "best_loss": best.eval_loss,
             },
         )
         return False
@@ -308,6 +309,13 @@ def participation_record(outcome: ReplyOutcome) -> ParticipationRecord:
         train_loss=outcome.metrics.get(TRAIN_LOSS),
         metrics=metrics,
     )
+
+
+def gate_reference(versions: Sequence[VersionInfo]) -> VersionInfo | None:
+    """The version a new one is held against: the best (lowest central loss) promoted so far,
+    so that regressions each within the margin cannot add up."""
+    scored = [v for v in versions if v.eval_loss is not None]
+    return min(scored, key=lambda v: (v.eval_loss, -v.number)) if scored else None
 
 
 def passes_quality_gate(loss: float, served_loss: float | None, margin: float) -> bool:
