@@ -249,7 +249,7 @@ class LoraFedAvg(FedAvg):
         else:
             new_state = aggregate_lora_fedavg(states, weights, server_lr=eta, reference=reference)
         agg_metrics = self.train_metrics_aggr_fn(
-            [m.content for _, _, m in good], self.weighted_by_key
+            self._weighted_as_aggregated(good, weights), self.weighted_by_key
         )
         return state_to_arrayrecord(new_state), agg_metrics
 
@@ -274,6 +274,23 @@ class LoraFedAvg(FedAvg):
         )
         self.last_report = RoundReport(server_round, tuple(outcomes), False)
         return self.last_report
+
+    def _weighted_as_aggregated(
+        self, good: list[tuple[AdapterState, int, Message]], weights: list[float]
+    ) -> list[RecordDict]:
+        """The good replies' metric records, weighted as their updates were: a capped claim
+        weighs its metrics no more than its update (with the metrics weighted by examples)."""
+        if self.weighted_by_key != NUM_EXAMPLES:
+            return [m.content for _, _, m in good]
+        return [
+            RecordDict(
+                {
+                    name: MetricRecord({**dict(record), NUM_EXAMPLES: weight})
+                    for name, record in m.content.metric_records.items()
+                }
+            )
+            for (_, _, m), weight in zip(good, weights, strict=True)
+        ]
 
     def _add_missing_replies(self, server_round: int, outcomes: list[ReplyOutcome]) -> None:
         """Flower drops the nodes that did not answer within the round's timeout: a ``failed``

@@ -58,8 +58,11 @@ def test_an_inflated_claim_is_capped_logged_and_recorded_in_its_outcome(caplog):
     claimed = [10.0, 12.0, 8.0, 1e6]  # median 11 -> cap 44
     replies = [reply(i + 1, st, w) for i, (st, w) in enumerate(zip(states, claimed, strict=True))]
     with caplog.at_level(logging.WARNING, logger="strategies.lora"):
-        arrays, _ = s.aggregate_train(3, replies)
+        arrays, metrics = s.aggregate_train(3, replies)
     assert_states_close(arrayrecord_to_state(arrays), aggregate_lora_exact(states, [10, 12, 8, 44]))
+    losses = [1.1, 1.2, 1.3, 1.4]  # each reply's train-loss; the capped one weighs 44, not 1e6
+    expected = sum(w * x for w, x in zip([10, 12, 8, 44], losses, strict=True)) / 74
+    assert metrics["train-loss"] == pytest.approx(expected)
     by_node = {o.node_id: o for o in s.last_report.outcomes}
     assert by_node[4].status == "ok" and by_node[4].num_examples == 1_000_000
     assert by_node[4].weight_used == 44.0
