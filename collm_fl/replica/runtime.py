@@ -289,18 +289,31 @@ class Replica:
         mode: str,
         vdir: Path,
     ) -> int | None:
-        """Serve the stored ``version`` in ``mode`` (``SWAP_MODES``); the one it replaced."""
+        """Serve the stored ``version`` in ``mode`` (``SWAP_MODES``); the one it replaced.
+
+        Leaving a merged version for a slot and failing to load the new one merges the old one
+        back: serving goes on with what it served, never with the plain base.
+        """
         if mode == "merge":
             return self._merge(state, version, run)
-        if mode == "reload":
-            with self.serving_paused():
-                self.merged.clear()
-                stored, stored_config = read_adapter_dir(vdir)  # as a restart would
-                return self._load_and_promote(stored, stored_config, version, run)
-        if self.merged.current is not None:
-            with self.serving_paused():
-                self.merged.clear()
-        return self._load_and_promote(state, peft_config, version, run)
+        merged = self.merged.current
+        # Paused throughout for a reload (nothing is served between the old and the new), only
+        # around the unmerge for a shadow load (which loads beside serving).
+        with self.serving_paused() if mode == "reload" else contextlib.nullcontext():
+            try:
+                if mode == "reload":
+                    self.merged.clear()
+                    stored, stored_config = read_adapter_dir(vdir)  # as a restart would
+                    return self._load_and_promote(stored, stored_config, version, run)
+                if merged is not None:
+                    with self.serving_paused():
+                        self.merged.clear()
+                return self._load_and_promote(state, peft_config, version, run)
+            except BaseException:
+                if merged is not None and self.merged.current is None:
+                    with self.serving_paused():
+                        self.merged.replace(merged[1], merged[0])
+                raise
 
     def _prune_versions(self, run: str) -> None:
         """Delete ``run``'s stored versions beyond the newest ``keep_versions`` (never the served

@@ -23,7 +23,7 @@ from collm_fl.replica.lora_layers import NO_SLOT, inject_multi_lora
 from collm_fl.replica.requests import GenerationRequest, RequestHandle
 from collm_fl.replica.runtime import Replica, ReplicaConfig
 from collm_fl.replica.sampling import SamplingParams
-from collm_fl.replica.slots import AdapterSlots, ShadowStateError
+from collm_fl.replica.slots import AdapterSlots, NoFreeSlotError, ShadowStateError
 
 SPEC = LoraSpec()  # the replica's defaults: r=8, alpha=16, q_proj/v_proj
 CONFIG = SPEC.to_peft_config_dict("tiny")
@@ -282,6 +282,25 @@ def test_a_canary_that_fails_in_any_way_puts_the_served_weights_back(
     with pytest.raises(RuntimeError, match="out of memory"):
         replica.push_version(adapter(shapes, 2, 0.01), CONFIG, 1, mode="merge")
     assert (replica.slots.merged_version, replica.stored_versions()) == (0, [0])
+    for prefix, weight in base_weights(replica).items():
+        torch.testing.assert_close(weight, served[prefix], atol=1e-5, rtol=0)
+
+
+def test_a_reload_that_fails_after_leaving_a_merged_version_serves_it_again(
+    make_replica, monkeypatch
+) -> None:
+    replica = make_replica()
+    shapes = replica.modules.expected_shapes()
+    replica.push_version(adapter(shapes, 1, 0.01), CONFIG, 0, mode="merge")
+    served = base_weights(replica)
+
+    def no_slot(*_: object) -> None:
+        raise NoFreeSlotError("every slot pinned")
+
+    monkeypatch.setattr(replica, "_load_and_promote", no_slot)
+    with pytest.raises(NoFreeSlotError):
+        replica.push_version(adapter(shapes, 2, 0.01), CONFIG, 1, mode="reload")
+    assert (replica.slots.merged_version, replica.served_version) == (0, 0)
     for prefix, weight in base_weights(replica).items():
         torch.testing.assert_close(weight, served[prefix], atol=1e-5, rtol=0)
 
