@@ -115,3 +115,5 @@ class ConsistencyReport:
     removed_temp_dirs: tuple[Path, ...] = ()  # interrupted writes
     removed_orphan_dirs: tuple[Path, ...] = ()  # renamed into place but never committed
     missing_version_dirs: tuple[Path, ...] = ()  # a row without its directory; loading it raises
+    # Version directories without a row that no crash explains (another database's?): kept.
+    unexplained_version_dirs: tuple[Path, ...] = ()

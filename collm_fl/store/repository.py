@@ -14,6 +14,7 @@ removes when the store opens. Callers get frozen dataclasses, never ORM rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -21,7 +22,7 @@ import logging
 import re
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TypeVar, get_args
@@ -54,6 +55,11 @@ log = logging.getLogger(__name__)
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION_DIR = re.compile(r"v(\d{4,})")
 _InfoT = TypeVar("_InfoT")
+MTIME_SLACK_S = 2.0
+# Settings a run's stored versions depend on (their shapes and scaling): fixed for its life.
+RESUME_FIXED_KEYS = frozenset(
+    {"lora-rank", "lora-alpha", "lora-targets"}
+)  # file times and the database's clock may round differently
 
 
 class VersionStore:
@@ -65,26 +71,39 @@ class VersionStore:
         self.url = url if url is not None else f"sqlite:///{self.root / 'store.db'}"
         self._engine = make_engine(self.url)
         self._write_lock = threading.Lock()
-        # Only the process holding the root's writer lock repairs the disk on open: a reader
-        # (`collm versions`, a report) opened mid-write must not delete the writer's temp dir or
-        # its just-renamed version. The lock dies with its process, so a crashed writer's leftovers
-        # are repaired by the next one to open.
+        # The root's disk lock is held for every version write (directory and row) and for the
+        # repair on open, by any process: so a repair never runs while a write is under way (a
+        # reader opened mid-write must not delete the writer's temp dir or its just-renamed
+        # version), and a store opened between writes finds nothing of a live writer to repair.
+        # The lock dies with its process, so a crashed writer's leftovers are repaired on the
+        # next open.
         self._lock_file: IO[str] | None = open(self.root / ".writer.lock", "a+")  # noqa: SIM115
+        with self._disk_lock(wait=False) as locked:
+            if locked:
+                self.consistency = self.check_consistency()
+            else:
+                log.debug("store %s: a version is being written: skipping repair", self.root)
+                self.consistency = ConsistencyReport()
+
+    @contextlib.contextmanager
+    def _disk_lock(self, wait: bool) -> Iterator[bool]:
+        """Hold the root's disk lock for the block (``wait=False``: yields False if taken)."""
+        if self._lock_file is None:
+            raise StoreError(f"the store at {self.root} is closed")
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.is_writer = True
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            self.is_writer = False
-        if self.is_writer:
-            self.consistency = self.check_consistency()
-        else:
-            log.debug("store %s is open for writing elsewhere: skipping repair", self.root)
-            self.consistency = ConsistencyReport()
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._engine.dispose()
         if self._lock_file is not None:
-            self._lock_file.close()  # releases the writer lock
+            self._lock_file.close()
             self._lock_file = None
 
     def __enter__(self) -> VersionStore:
@@ -116,8 +135,22 @@ class VersionStore:
                     f"cannot resume it on {base_model!r}"
                 )
             else:
-                if run.config_json != config_json:
-                    log.warning("resuming run %r with a different config; keeping the stored", name)
+                stored = json.loads(run.config_json)
+                changed = sorted(
+                    k for k in set(stored) | set(config) if stored.get(k) != config.get(k)
+                )
+                fixed = [k for k in changed if k in RESUME_FIXED_KEYS]
+                if fixed:
+                    was = ", ".join(f"{k}={stored.get(k)!r}" for k in fixed)
+                    now = ", ".join(f"{k}={config.get(k)!r}" for k in fixed)
+                    raise StoreError(
+                        f"run {name!r} was started with {was}; its versions cannot be resumed "
+                        f"with {now} (use another run name)"
+                    )
+                if changed:
+                    log.warning(
+                        "resuming run %r with changed settings: %s", name, ", ".join(changed)
+                    )
                 log.info("resuming run %r (id %d)", name, run.id)
             return _run_info(run)
 
@@ -154,7 +187,7 @@ class VersionStore:
         if round_number < 0:
             raise StoreError(f"round_number must be >= 0, got {round_number}")
         metrics_json = _dumps({k: float(v) for k, v in metrics.items()}, "version metrics")
-        with self._write_lock:
+        with self._write_lock, self._disk_lock(wait=True):
             with session_scope(self._engine) as s:
                 run_name = _require_run(s, run_id).name
                 latest = _latest_version_row(s, run_id)
@@ -311,36 +344,62 @@ class VersionStore:
     # ---- recovery -----------------------------------------------------------------------------
 
     def check_consistency(self) -> ConsistencyReport:
-        """Remove interrupted writes and uncommitted version dirs; report rows missing their dir."""
+        """Remove interrupted writes and the one uncommitted version dir a crash can leave (the
+        number after a run's latest row); report rows missing their dir and leave, reported,
+        any other version dir without a row (another database's run of the same name?)."""
         runs_root = self.root / "runs"
         temps: list[Path] = []
         if runs_root.is_dir():
             for versions_dir in sorted(runs_root.glob("*/versions")):
                 temps += cleanup_partial_dirs(versions_dir)
         with session_scope(self._engine) as s:
-            known = {name: run_id for run_id, name in s.execute(select(Run.id, Run.name))}
-            rows = s.execute(select(Version.run_id, Version.path)).all()
+            runs = s.execute(select(Run.id, Run.name, Run.created_at)).all()
+            rows = s.execute(
+                select(Version.run_id, Version.path, Version.number, Version.created_at)
+            ).all()
+        known = {name: run_id for run_id, name, _ in runs}
+        # What a crash can leave: the run's next version, written after its latest row (or after
+        # the run's own row when it has none).
+        since = {run_id: _epoch(created) for run_id, _, created in runs}
         paths_by_run: dict[int, set[str]] = {}
-        for run_id, path in rows:
+        latest_by_run: dict[int, int] = {}
+        for run_id, path, number, created in rows:
             paths_by_run.setdefault(run_id, set()).add(path)
+            if number > latest_by_run.get(run_id, -1):
+                latest_by_run[run_id], since[run_id] = number, _epoch(created)
         orphans: list[Path] = []
+        unknown: list[Path] = []
         missing: list[Path] = []
         # Only runs of this database: another database may share the root with other run names.
         for name, run_id in sorted(known.items()):
             versions_dir = runs_root / name / "versions"
             recorded = paths_by_run.get(run_id, set())
+            latest = latest_by_run.get(run_id)
+            crash_left = {latest + 1} if latest is not None else {0, 1}  # the next save's number
             if versions_dir.is_dir():
                 for d in sorted(versions_dir.iterdir()):
                     rel = f"runs/{name}/versions/{d.name}"
-                    if d.is_dir() and _VERSION_DIR.fullmatch(d.name) and rel not in recorded:
+                    m = _VERSION_DIR.fullmatch(d.name)
+                    if not d.is_dir() or m is None or rel in recorded:
+                        continue
+                    written = d.stat().st_mtime + MTIME_SLACK_S
+                    if int(m.group(1)) in crash_left and written >= since[run_id]:
                         log.warning("removing %s: version directory without a database row", d)
                         shutil.rmtree(d)
                         orphans.append(d)
+                    else:
+                        log.error(
+                            "%s has no row in %s and is not what a crash leaves: kept (is the "
+                            "root shared with another database?)",
+                            d,
+                            self.url,
+                        )
+                        unknown.append(d)
             for rel in sorted(recorded):
                 if not (self.root / rel).is_dir():
                     log.error("version directory %s is missing; loading it will fail", rel)
                     missing.append(self.root / rel)
-        return ConsistencyReport(tuple(temps), tuple(orphans), tuple(missing))
+        return ConsistencyReport(tuple(temps), tuple(orphans), tuple(missing), tuple(unknown))
 
 
 # ---- helpers: rows in, dataclasses out ---------------------------------------------------------
@@ -434,3 +493,8 @@ def _participation_info(p: Participation) -> ParticipationInfo:
 
 def _event_info(e: Event) -> EventInfo:
     return _from_row(EventInfo, e, at=_utc(e.at), payload=json.loads(e.payload_json))
+
+
+def _epoch(moment: datetime) -> float:
+    """Seconds since the epoch of a stored time (SQLite hands UTC times back without a zone)."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()

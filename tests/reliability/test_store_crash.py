@@ -198,11 +198,17 @@ def test_a_writer_killed_inside_a_round_transaction_records_nothing_of_it(
 
 
 @pytest.mark.parametrize("point", ["before-rename", "after-rename"])
+@pytest.mark.parametrize("reader_first", [False, True])
 def test_a_reader_opening_the_store_during_a_write_does_not_break_it(
-    rel, procs, store_with_v0, tmp_path, point
+    rel, procs, store_with_v0, tmp_path, point, reader_first
 ):
     root, _ = store_with_v0
+    # A reader that opened before the writer (and closes mid-write) must not hand a later one
+    # the right to repair what the writer is writing.
+    early = VersionStore(root) if reader_first else None
     writer, marker = start_writer(rel, procs, root, point, tmp_path)
+    if early is not None:
+        early.close()
     with VersionStore(root) as reader:  # what `collm versions` does
         assert [v.number for v in reader.list_versions(reader.find_run("default").id)] == [0]
     marker.with_suffix(".go").write_text("")  # let the writer finish

@@ -116,6 +116,18 @@ def test_resuming_a_run_on_another_base_model_is_refused(store: VersionStore) ->
         store.open_run("r", {}, "other")
 
 
+def test_resuming_a_run_with_another_lora_shape_is_refused_and_other_changes_apply(
+    store: VersionStore,
+) -> None:
+    store.open_run("r", {"lora-rank": 8, "lora-alpha": 16.0, "num-server-rounds": 3}, "tiny")
+    with pytest.raises(StoreError, match=r"lora-rank=8.*lora-rank=16"):
+        store.open_run("r", {"lora-rank": 16, "lora-alpha": 16.0, "num-server-rounds": 3}, "tiny")
+    with pytest.raises(StoreError, match="lora-alpha"):
+        store.open_run("r", {"lora-rank": 8, "lora-alpha": 32.0, "num-server-rounds": 3}, "tiny")
+    more_rounds = {"lora-rank": 8, "lora-alpha": 16.0, "num-server-rounds": 6}
+    assert store.open_run("r", more_rounds, "tiny").name == "r"  # resuming for more rounds
+
+
 def test_run_names_that_are_not_safe_directory_names_are_refused(store: VersionStore) -> None:
     for bad in ("../x", "", "a/b", ".hidden"):
         with pytest.raises(StoreError, match="run name"):
@@ -281,6 +293,50 @@ def test_opening_removes_temp_dirs_and_version_dirs_without_rows(
         assert [p.name for p in store.consistency.removed_orphan_dirs] == ["v0001"]
         assert _dirs(store, "r") == ["v0000"]
         assert store.save_version(run.id, 1, make_state(1), peft_config, {}).number == 1
+
+
+def test_a_version_dir_no_crash_explains_is_kept_and_reported(
+    tmp_path: Path, make_state, peft_config
+) -> None:
+    with VersionStore(tmp_path / "s") as store:
+        run = store.open_run("r", {}, "tiny")
+        store.save_version(run.id, 0, make_state(0), peft_config, {})
+    versions = tmp_path / "s" / "runs" / "r" / "versions"
+    (versions / "v0001").mkdir()  # what a crash leaves: the next number
+    (versions / "v0005").mkdir()  # not: a gap no save of this database makes
+    with VersionStore(tmp_path / "s") as store:
+        assert [p.name for p in store.consistency.removed_orphan_dirs] == ["v0001"]
+        assert [p.name for p in store.consistency.unexplained_version_dirs] == ["v0005"]
+        assert _dirs(store, "r") == ["v0000", "v0005"]
+
+
+def test_another_databases_versions_under_the_same_root_are_never_deleted(
+    tmp_path: Path, make_state, peft_config
+) -> None:
+    root = tmp_path / "s"
+    with VersionStore(root, url=f"sqlite:///{tmp_path / 'a.db'}") as first:
+        run = first.open_run("r", {}, "tiny")
+        for n in range(3):
+            first.save_version(run.id, n, make_state(n), peft_config, {})
+    hour_ago = datetime.now(UTC).timestamp() - 3600  # written well before the other run began
+    for d in (root / "runs" / "r" / "versions").iterdir():
+        os.utime(d, (hour_ago, hour_ago))
+    with VersionStore(root) as other:  # the default database, same root, same run name
+        run = other.open_run("r", {}, "tiny")
+        with pytest.raises(StoreError, match="exists"):
+            other.save_version(run.id, 0, make_state(9), peft_config, {})
+    with VersionStore(root) as other:  # opened again: v0000 and v0001 look like a crash's
+        assert not other.consistency.removed_orphan_dirs
+        assert [p.name for p in other.consistency.unexplained_version_dirs] == [
+            "v0000",
+            "v0001",
+            "v0002",
+        ]
+    with VersionStore(root, url=f"sqlite:///{tmp_path / 'a.db'}") as first:
+        run = first.find_run("r")
+        assert [first.load_version(v) is not None for v in first.list_versions(run.id)] == [
+            True
+        ] * 3
 
 
 def test_version_whose_dir_vanished_is_reported_and_fails_to_load(
