@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from collm_fl.config import RunConfig
 from collm_fl.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,13 @@ def managed_local_superlink(env: dict[str, str]) -> Iterator[None]:
             stop_processes(find_local_superlinks(flwr_home))
 
 
+def few_nodes_config(nodes: int) -> str:
+    """Run-config for a federation of fewer nodes than the app's ``min-train-nodes`` (2), which
+    would otherwise wait for a node that never comes; "" when there are enough. Goes before the
+    user's own settings, which may override it."""
+    return f"min-train-nodes={nodes} " if nodes < RunConfig.min_train_nodes else ""
+
+
 def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
     """``flwr run <app> --stream`` on a local simulation with ``supernodes`` clients."""
     if supernodes < 1:
@@ -90,6 +98,7 @@ def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
         )
     env = flower_env()
     cmd = [flwr, "run", str(app), "--stream", "--federation-config", f"num-supernodes={supernodes}"]
+    run_config = f"{few_nodes_config(supernodes)}{run_config}".strip()
     if run_config:
         cmd += ["--run-config", run_config]
     log.info("running: %s", shlex.join(cmd))

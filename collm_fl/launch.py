@@ -18,7 +18,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +39,23 @@ class LaunchError(CollmError):
     """A process of the local federation failed to start (its log is named)."""
 
 
+# Ports handed out by free_port: a port is found free by binding and closing a socket, and the
+# process it is for binds it only later, so the kernel could hand it out again meanwhile.
+_HANDED_OUT: deque[int] = deque(maxlen=4096)
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback TCP port, never one this process handed out recently."""
+    with _HANDED_OUT_LOCK:
+        for _ in range(1000):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.append(port)
+                return port
+    raise LaunchError("no free loopback port found")
 
 
 def executable(name: str) -> str:
@@ -70,6 +85,13 @@ class ManagedProcess:
                 log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.popen.pid)
                 self.popen.kill()
                 self.popen.wait()
+        self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL, no grace period (when there is no time to wait for a clean stop)."""
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait()
         self._log.close()
 
     def tail(self, chars: int = 3000) -> str:
@@ -155,9 +177,18 @@ class LocalFederation:
         )
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
+        """Stop every process, the last started first; interrupted meanwhile (a second Ctrl-C),
+        kill the rest at once rather than leave them running."""
+        pending = list(reversed(self.processes))
         self.processes.clear()
+        try:
+            while pending:
+                pending[0].stop()
+                pending.pop(0)
+        except BaseException:
+            for proc in pending:
+                proc.kill()
+            raise
 
     def flwr_run_command(self, run_config: str, app: Path) -> list[str]:
         cmd = [executable("flwr"), "run", str(app), CONNECTION, "--stream"]

@@ -16,14 +16,23 @@ import re
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
+from typing import IO
 
 import httpx
 
 from collm_fl.launch import LocalFederation
-from collm_fl.loadgen.arrivals import arrival_times
-from collm_fl.loadgen.client import ReplayProgress, RequestResult, build_requests, replay
+from collm_fl.loadgen.arrivals import MAX_ARRIVALS, arrival_times
+from collm_fl.loadgen.client import (
+    ReplayProgress,
+    RequestResult,
+    RequestSpec,
+    build_requests,
+    replay,
+)
 from collm_fl.loadgen.goodput import SLOSpec, summarize_results
 from collm_fl.store import VersionStore
 
@@ -33,6 +42,7 @@ ROUND_LINE = re.compile(
     r"round (\d+) \| clients ok (\d+) rejected (\d+) failed (\d+) .*version v(\d+)"
 )
 MAX_SCHEDULE_S = 4 * 3600.0  # the load runs until the federation ends (bounded by this)
+LOAD_TIMEOUT_S = 120.0  # a request not done by then is a timeout (and the load's stop waits that)
 
 
 @dataclass(frozen=True)
@@ -70,15 +80,16 @@ class RoundRow:
 
 
 class _Load:
-    """The open-loop workload in a thread; ``snapshot()`` gives the requests finished so far."""
+    """The open-loop workload in a thread; ``snapshot()`` gives the requests finished so far,
+    ``stop()`` ends it (requests in flight finish) and returns every request sent or dropped."""
 
-    def __init__(self, url: str, cfg: LiveConfig) -> None:
-        offsets = arrival_times(cfg.arrivals, cfg.rate, MAX_SCHEDULE_S, cfg.seed)
-        self.requests = build_requests(offsets, cfg.prompt_tokens, cfg.output_tokens)
+    def __init__(self, url: str, cfg: LiveConfig, requests: list[RequestSpec]) -> None:
+        self.requests = requests
         self.url, self.model = url, cfg.model
         self._completed: tuple[RequestResult, ...] = ()
+        self._results: list[RequestResult] = []
         self._loop = asyncio.new_event_loop()
-        self._task: asyncio.Task[list[RequestResult]] | None = None
+        self._stop = asyncio.Event()
         self._thread = threading.Thread(target=self._run, name="collm-live-load", daemon=True)
 
     def start(self) -> None:
@@ -93,20 +104,24 @@ class _Load:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         coro = replay(
-            self.url, self.model, self.requests, progress=self._progress, progress_every_s=1.0
+            self.url,
+            self.model,
+            self.requests,
+            timeout_s=LOAD_TIMEOUT_S,
+            progress=self._progress,
+            progress_every_s=1.0,
+            stop=self._stop,
         )
-        self._task = self._loop.create_task(coro)
         try:
-            self._loop.run_until_complete(self._task)
-        except asyncio.CancelledError:
-            pass
+            self._results = self._loop.run_until_complete(coro)
         finally:
             self._loop.close()
 
-    def stop(self) -> None:
-        if self._task is not None:
-            self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(timeout=60)
+    def stop(self) -> list[RequestResult]:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=LOAD_TIMEOUT_S + 30)
+        return self._results or list(self._completed)
 
 
 def live_replica_args(cfg: LiveConfig) -> tuple[str, ...]:
@@ -124,9 +139,17 @@ def live_replica_args(cfg: LiveConfig) -> tuple[str, ...]:
 
 def run_live(cfg: LiveConfig, app: Path) -> int:
     """Run the co-executing main job; returns flwr's exit code."""
+    slo = SLOSpec(cfg.ttft_slo_s, cfg.tpot_slo_s)
+    # The schedule first: a bad arrival process or rate fails before anything starts. It runs
+    # until the federation ends, bounded in time and in requests.
+    schedule_s = min(MAX_SCHEDULE_S, 0.99 * MAX_ARRIVALS / cfg.rate)
+    offsets = arrival_times(cfg.arrivals, cfg.rate, schedule_s, cfg.seed)
+    requests = build_requests(offsets, cfg.prompt_tokens, cfg.output_tokens)
     out = cfg.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    slo = SLOSpec(cfg.ttft_slo_s, cfg.tpot_slo_s)
+    kept = keep_earlier_federation(out)
+    if kept is not None:
+        print(f"an earlier run's federation store is kept in {kept}", flush=True)
     replica_args = live_replica_args(cfg)
     run_config = (
         f"model='{cfg.model}' num-server-rounds={cfg.rounds} local-steps={cfg.local_steps} "
@@ -145,7 +168,7 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
             f"load: {cfg.arrivals} at {cfg.rate} req/s",
             flush=True,
         )
-        load = _Load(url, cfg)
+        load = _Load(url, cfg, requests)
         started = time.monotonic()
         stop_monitor = threading.Event()
         monitor = threading.Thread(
@@ -153,14 +176,16 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
         )
         monitor.start()
         load.start()
+        results: list[RequestResult] = []
         try:
             code = _drive_flwr(fed, app, run_config, out, started, load, slo, rows, timeline)
         finally:
-            load.stop()
+            ended = time.monotonic()  # the schedule's end: what follows is shutting down
+            results = load.stop()  # requests in flight finish against the running replicas
             stop_monitor.set()
             monitor.join(timeout=10)
-        results = list(load.snapshot())
-    report = _report(cfg, out, rows, timeline, results, slo, time.monotonic() - started)
+    rows = recount_rounds(rows, results, slo)
+    report = _report(cfg, out, rows, timeline, results, slo, ended - started)
     print(f"report: {report}", flush=True)
     return code
 
@@ -177,48 +202,101 @@ def _drive_flwr(
     timeline: list[tuple[float, str, int | None, float]],
 ) -> int:
     cmd = fed.flwr_run_command(run_config, app)
-    last_t, last_n = 0.0, 0
     with (out / "flwr-run.log").open("w") as logf:
         proc = subprocess.Popen(
             cmd, env=fed.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            logf.write(line)
-            logf.flush()  # the log is for someone watching the run
-            m = ROUND_LINE.search(line)
-            if not m:
-                continue
-            now = time.monotonic() - started
-            done = [r for r in load.snapshot() if r.sent_at is not None and r.sent_at >= last_t]
-            summary = summarize_results(done, slo, max(now - last_t, 1e-9))
-            rnd, ok, failed, version = int(m[1]), int(m[2]), int(m[4]), int(m[5])
-            loss = _float_after(line, "central eval loss ")
-            shares = {name: share for _, name, _, share in timeline[-len(fed.replicas) :]}
-            rows.append(
-                RoundRow(
-                    rnd,
-                    now,
-                    version,
-                    loss,
-                    ok,
-                    failed,
-                    summary.requests,
-                    summary.goodput_rps,
-                    summary.slo_attainment,
-                    shares,
-                )
+        try:
+            return _follow_rounds(proc, logf, fed, started, load, slo, rows, timeline)
+        finally:
+            if proc.poll() is None:  # an error or Ctrl-C here: the run must not outlive us
+                proc.kill()
+                proc.wait()
+
+
+def _follow_rounds(
+    proc: subprocess.Popen[str],
+    logf: IO[str],
+    fed: LocalFederation,
+    started: float,
+    load: _Load,
+    slo: SLOSpec,
+    rows: list[RoundRow],
+    timeline: list[tuple[float, str, int | None, float]],
+) -> int:
+    """Log ``flwr run``'s output and print one progress line per round it reports."""
+    last_t = 0.0
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        logf.write(line)
+        logf.flush()  # the log is for someone watching the run
+        m = ROUND_LINE.search(line)
+        if not m:
+            continue
+        now = time.monotonic() - started
+        done = [r for r in load.snapshot() if r.sent_at is not None and r.sent_at >= last_t]
+        summary = summarize_results(done, slo, max(now - last_t, 1e-9))
+        rnd, ok, failed, version = int(m[1]), int(m[2]), int(m[4]), int(m[5])
+        loss = _float_after(line, "central eval loss ")
+        shares = {name: share for _, name, _, share in timeline[-len(fed.replicas) :]}
+        rows.append(
+            RoundRow(
+                rnd,
+                now,
+                version,
+                loss,
+                ok,
+                failed,
+                summary.requests,
+                summary.goodput_rps,
+                summary.slo_attainment,
+                shares,
             )
-            share_text = " ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items()))
-            loss_text = "-" if loss is None else f"{loss:.3f}"
-            print(
-                f"round {rnd} | served v{version} (central loss {loss_text}) | "
-                f"{_load_text(summary.requests, summary.goodput_rps, summary.slo_attainment)} | "
-                f"training share {share_text} | {now:.0f}s",
-                flush=True,
+        )
+        share_text = " ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items()))
+        loss_text = "-" if loss is None else f"{loss:.3f}"
+        print(
+            f"round {rnd} | served v{version} (central loss {loss_text}) | "
+            f"{_load_text(summary.requests, summary.goodput_rps, summary.slo_attainment)} | "
+            f"training share {share_text} | {now:.0f}s",
+            flush=True,
+        )
+        last_t = now
+    return proc.wait()
+
+
+def keep_earlier_federation(out: Path) -> Path | None:
+    """Move an earlier run's federation store out of the way (each run is a new federation: a
+    store left in place would be resumed, and a finished run trains nothing); where it went."""
+    earlier = out / "federation"
+    if not earlier.exists():
+        return None
+    aside = out / "previous" / datetime.now().strftime("%Y%m%dT%H%M%S.%f")
+    aside.mkdir(parents=True)
+    earlier.rename(aside / "federation")
+    return aside / "federation"
+
+
+def recount_rounds(
+    rows: list[RoundRow], results: Sequence[RequestResult], slo: SLOSpec
+) -> list[RoundRow]:
+    """Each round's serving figures again, from every request's final outcome: the progress line
+    counted the requests finished by the round's end, so one still in flight then (often a
+    slow one, an SLO miss) was in no round. A request belongs to the round it was sent in."""
+    recounted, since = [], 0.0
+    for row in rows:
+        sent = [r for r in results if r.sent_at is not None and since <= r.sent_at < row.at_s]
+        s = summarize_results(sent, slo, max(row.at_s - since, 1e-9))
+        recounted.append(
+            replace(
+                row,
+                requests=s.requests,
+                goodput_rps=s.goodput_rps,
+                slo_attainment=s.slo_attainment,
             )
-            last_t, last_n = now, last_n + summary.requests
-        return proc.wait()
+        )
+        since = row.at_s
+    return recounted
 
 
 def _load_text(requests: int, goodput_rps: float, slo_attainment: float) -> str:

@@ -26,6 +26,7 @@ from collm_fl.aggregation import (
     aggregate_lora_fedavg,
     dense_lora_sum,
 )
+from collm_fl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,12 @@ def run_aggregation_benchmark(
     the largest set. Errors are measured on ``error_modules`` randomly sampled modules only.
     """
     if not client_counts or min(client_counts) < 1:
-        raise ValueError(f"client_counts must be positive, got {list(client_counts)}")
+        raise ConfigError(f"--clients must be positive counts, got {list(client_counts)}")
+    for name, value in (("--layers", layers), ("--dim", d), ("--rank", rank)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if rank > d:
+        raise ConfigError(f"--rank ({rank}) must not exceed --dim ({d})")
     say = progress or (lambda line: log.info("%s", line))
     modules = _module_names(layers, targets)
     rng = np.random.default_rng(seed + 1)

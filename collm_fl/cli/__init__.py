@@ -7,6 +7,7 @@ reason on stderr, 1 for a failure of the work itself.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so every process a command started is
+    # stopped by its `with` block; servers that handle signals themselves install their own.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return dispatch(args)
     except CollmError as e:
@@ -30,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("collm: interrupted", file=sys.stderr)
         return 130
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

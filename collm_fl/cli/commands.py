@@ -26,12 +26,14 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "replica":
         return _run_replica(args)
     if args.command == "site":
+        from collm_fl.federate import few_nodes_config
         from collm_fl.launch import LocalFederation
 
         if args.replicas < 0 or args.devices < 0 or args.replicas + args.devices < 1:
             raise ConfigError("--replicas and --devices must be >= 0 and add up to at least 1")
         workdir = Path(args.workdir).resolve()
-        run_config = f"model='{args.model}' {args.run_config}".strip()
+        nodes = args.replicas + args.devices
+        run_config = f"model='{args.model}' {few_nodes_config(nodes)}{args.run_config}".strip()
         with LocalFederation(workdir, args.replicas, args.devices, model=args.model) as fed:
             for node in fed.replicas:
                 print(f"replica {node.index}: {node.api_url}/v1 (logs in {workdir})", flush=True)
@@ -39,10 +41,15 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "live":
         from collm_fl.live import LiveConfig, run_live
 
-        if args.replicas < 1 or args.devices < 0 or args.rounds < 1 or args.rate <= 0:
-            raise ConfigError(
-                "--replicas >= 1, --devices >= 0, --rounds >= 1 and --rate > 0 needed"
-            )
+        if args.replicas < 1 or args.devices < 0 or args.rounds < 1:
+            raise ConfigError("--replicas >= 1, --devices >= 0 and --rounds >= 1 needed")
+        if not (math.isfinite(args.rate) and args.rate > 0):
+            raise ConfigError(f"--rate must be a finite number > 0, got {args.rate}")
+        for flag in ("local_steps", "prompt_tokens", "output_tokens"):
+            if getattr(args, flag) < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out: {args.out} exists and is not a directory")
         _check_lend_share(args.max_lend_share, args.lend_early)
         cfg = LiveConfig(
             model=args.model,
@@ -160,6 +167,8 @@ def dispatch(args: argparse.Namespace) -> int:
             rates = [float(r) for r in args.rates.split(",") if r.strip()] or None
         except ValueError as e:
             raise ConfigError(f"--rates must be comma-separated numbers, got {args.rates!r}") from e
+        if rates is not None and len(set(rates)) != len(rates):
+            raise ConfigError(f"--rates: each rate once, got {args.rates!r}")
         systems = [s.strip() for s in args.systems.split(",") if s.strip()] or None
         run_goodput_benchmark(
             args.model,
@@ -184,7 +193,8 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench" and args.bench == "soak":
         from collm_fl.bench.soak import run_soak, write_soak_report
 
-        if args.replicas < 1 or args.duration <= 0 or args.swap_every <= 0:
+        finite = all(math.isfinite(v) and v > 0 for v in (args.duration, args.swap_every))
+        if args.replicas < 1 or not finite:
             raise ConfigError("--replicas >= 1, --duration > 0 and --swap-every > 0 needed")
         try:
             factors = tuple(float(f) for f in args.load_factors.split(","))

@@ -11,6 +11,7 @@ and not sent), and each one is cut off after ``timeout_s``, so a replay ends by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -150,8 +151,13 @@ async def replay(
     max_in_flight: int = 256,
     progress: Callable[[ReplayProgress], None] | None = None,
     progress_every_s: float = 10.0,
+    stop: asyncio.Event | None = None,
 ) -> list[RequestResult]:
-    """Send every request at its offset (open loop) and return one result per request, in order."""
+    """Send every request at its offset (open loop) and return one result per request, in order.
+
+    Once ``stop`` is set no further request is sent; those in flight finish (each within
+    ``timeout_s``) and the result holds the requests sent or dropped until then.
+    """
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ConfigError(f"timeout_s: must be a finite number > 0, got {timeout_s}")
     if max_in_flight < 1:
@@ -195,7 +201,9 @@ async def replay(
             for i in order:
                 delay = start + requests[i].offset_s - loop.time()
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    await _sleep_unless(stop, delay)
+                if stop is not None and stop.is_set():
+                    break
                 if in_flight >= max_in_flight:
                     dropped += 1
                     results[i] = _dropped(i, loop.time() - start, requests[i])
@@ -211,6 +219,15 @@ async def replay(
             "%d of %d requests dropped at max_in_flight=%d", dropped, len(requests), max_in_flight
         )
     return [r for r in results if r is not None]
+
+
+async def _sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:
+    """Sleep ``seconds``, or less if ``stop`` is set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _dropped(index: int, due_at: float, spec: RequestSpec) -> RequestResult:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from collm_fl.federate import find_local_superlinks, flower_env, stop_processes
+from collm_fl.federate import few_nodes_config, find_local_superlinks, flower_env, stop_processes
 from collm_fl.store import VersionStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,13 +31,22 @@ def flower(tmp_path_factory):
     stop_processes(find_local_superlinks(home))
 
 
-def flwr_run(env, out: Path, rounds: int, extra: str = "") -> subprocess.CompletedProcess:
+def flwr_run(
+    env, out: Path, rounds: int, extra: str = "", supernodes: int = 2
+) -> subprocess.CompletedProcess:
     flwr = str(Path(sys.executable).with_name("flwr"))
     config = (
         f"num-server-rounds={rounds} model='tiny' output-dir='{out}' local-steps=3 "
         f"central-eval-samples=8 max-samples-per-client=40 {extra}"
     )
-    cmd = [flwr, "run", str(ROOT), "--stream", "--federation-config", "num-supernodes=2"]
+    cmd = [
+        flwr,
+        "run",
+        str(ROOT),
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={supernodes}",
+    ]
     return subprocess.run(
         [*cmd, "--run-config", config], env=env, capture_output=True, text=True, timeout=600
     )
@@ -92,3 +101,13 @@ def test_flower_client_side_dp_runs_end_to_end_with_the_lora_strategy(flower, tm
     store = VersionStore(out)
     assert [v.number for v in store.list_versions(store.find_run("dp").id)] == [0, 1]
     store.close()
+
+
+def test_a_federation_of_one_node_runs_with_the_config_collm_gives_it(flower, tmp_path):
+    # The app's min-train-nodes is 2: without the setting `collm federate --supernodes 1` and
+    # `collm site` with one node add, the round would wait for a second node forever.
+    assert few_nodes_config(1) == "min-train-nodes=1 " and few_nodes_config(2) == ""
+    out = tmp_path / "one"
+    done = flwr_run(flower, out, rounds=1, extra=few_nodes_config(1), supernodes=1)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "round 1 | clients ok 1 rejected 0 failed 0" in done.stdout + done.stderr

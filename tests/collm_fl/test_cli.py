@@ -130,6 +130,43 @@ def test_live_with_a_bad_rate_exits_2(capsys):
     assert code == 2 and "--rate" in err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rate", "nan"], "--rate must be a finite number > 0"),
+        (["--rate", "inf"], "--rate must be a finite number > 0"),
+        (["--local-steps", "0"], "--local-steps must be >= 1"),
+        (["--output-tokens", "-3"], "--output-tokens must be >= 1"),
+        (["--arrivals", "bogus"], "bogus"),
+    ],
+)
+def test_live_with_bad_load_or_training_settings_exits_2_before_starting(capsys, args, message):
+    code, err = run(capsys, "live", *args)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "aggregation", "--layers", "0"], "--layers must be >= 1"),
+        (["bench", "aggregation", "--rank", "0"], "--rank must be >= 1"),
+        (["bench", "aggregation", "--dim", "4", "--rank", "8"], "must not exceed --dim"),
+        (["bench", "soak", "--duration", "nan"], "--duration > 0"),
+        (["bench", "goodput", "--rates", "1,1"], "each rate once"),
+    ],
+)
+def test_benchmarks_with_bad_settings_exit_2_before_running(capsys, args, message):
+    code, err = run(capsys, *args)
+    assert code == 2 and message in err
+
+
+def test_live_into_an_existing_file_exits_2(capsys, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    code, err = run(capsys, "live", "--out", str(taken))
+    assert code == 2 and "is not a directory" in err
+
+
 def test_live_with_a_lend_share_out_of_range_exits_2(capsys):
     code, err = run(capsys, "live", "--max-lend-share", "0.95")
     assert code == 2 and "--max-lend-share must be in [0, 0.9], got 0.95" in err

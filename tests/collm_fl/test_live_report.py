@@ -6,7 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from collm_fl.live import LiveConfig, RoundRow, _load_text, _report, live_replica_args
+from collm_fl.live import (
+    LiveConfig,
+    RoundRow,
+    _load_text,
+    _report,
+    keep_earlier_federation,
+    live_replica_args,
+    recount_rounds,
+)
 from collm_fl.loadgen.client import RequestResult
 from collm_fl.loadgen.goodput import SLOSpec
 
@@ -51,3 +59,29 @@ def test_the_main_jobs_replicas_start_with_its_slos_and_lend_share() -> None:
     assert not args.lend_early
     early = LiveConfig(max_lend_share=0.9, lend_early=True)
     assert build_parser().parse_args(["replica", *live_replica_args(early)]).lend_early
+
+
+def test_a_request_in_flight_at_a_round_line_counts_in_the_round_it_was_sent_in() -> None:
+    # Round 1 ended at 60 s while the slow request sent at 50 s was still running: the progress
+    # line saw only the fast one; the report counts both, the slow one as the SLO miss it was.
+    rows = [
+        RoundRow(1, 60.0, 1, 4.8, 2, 0, 1, 1 / 60, 1.0),
+        RoundRow(2, 120.0, 2, 4.7, 2, 0, 0, 0.0, 0.0),
+    ]
+    results = [_ok(0, 10.0, 0.3), _ok(1, 50.0, 12.0), _ok(2, 70.0, 0.3)]
+    first, second = recount_rounds(rows, results, SLOSpec(5.0, 0.5))
+    assert (first.requests, first.slo_attainment) == (2, 0.5)
+    assert first.goodput_rps == 1 / 60
+    assert (second.requests, second.slo_attainment) == (1, 1.0)
+    assert (first.version, second.eval_loss) == (1, 4.7)  # the rest is kept
+
+
+def test_an_earlier_runs_federation_store_is_kept_aside_not_resumed(tmp_path: Path) -> None:
+    assert keep_earlier_federation(tmp_path) is None
+    (tmp_path / "federation").mkdir()
+    (tmp_path / "federation" / "store.db").write_text("earlier")
+    kept = keep_earlier_federation(tmp_path)
+    assert kept is not None and (kept / "store.db").read_text() == "earlier"
+    assert not (tmp_path / "federation").exists()
+    (tmp_path / "federation").mkdir()  # a second earlier run is kept beside the first
+    assert keep_earlier_federation(tmp_path) != kept

@@ -243,6 +243,35 @@ def test_requests_beyond_max_in_flight_are_dropped(server_url: str) -> None:
     assert second.http_status is None and second.output_tokens == 0
 
 
+def test_a_stopped_replay_sends_nothing_more_and_lets_requests_in_flight_finish(
+    server_url: str,
+) -> None:
+    # A long schedule (one request now, the next in an hour), stopped while the first runs.
+    specs = [RequestSpec(0.0, "x", 10), RequestSpec(3600.0, "x", 2)]
+
+    async def run() -> list[RequestResult]:
+        stop = asyncio.Event()
+
+        def stop_once_sent(p: ReplayProgress) -> None:  # the first request is out
+            if p.sent >= 1:
+                stop.set()
+
+        stopped = replay(
+            server_url,
+            MODEL,
+            specs,
+            timeout_s=10.0,
+            progress=stop_once_sent,
+            progress_every_s=0.01,
+            stop=stop,
+        )
+        return await asyncio.wait_for(stopped, timeout=30.0)  # not an hour
+
+    results = asyncio.run(run())
+    assert [(r.index, r.status) for r in results] == [(0, "ok")]
+    assert results[0].output_tokens == 10
+
+
 def test_results_round_trip_through_jsonl(tmp_path: Path) -> None:
     results = [
         RequestResult(0, 0.0, 0.1, 0.02, 0.3, "ok", 200, 3, 12, 11, None),
