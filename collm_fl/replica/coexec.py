@@ -24,8 +24,8 @@ this: a step at the lowest priority gets almost nothing from a busy core, also f
 process on it, and an unprivileged thread cannot raise its priority again.)
 
 Thread budget (2 cores): the engine thread uses 1 compute thread; the trainer uses 1 while
-requests are present and both when the replica is idle (DESIGN.md: one compute thread per core
-interferes least; ``torch.set_num_threads`` is per thread).
+requests are present and both when the replica is idle (one compute thread per core interferes
+least, docs/replica.md; ``torch.set_num_threads`` is per thread).
 """
 
 from __future__ import annotations

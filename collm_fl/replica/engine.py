@@ -9,8 +9,8 @@ The running rows share one left-padded KV cache (``collm_fl.replica.batch.Runnin
 padding never shifts RoPE and a row's tokens equal its tokens when run alone; it changes only when
 membership does.
 
-Threads: the replica runs one compute thread per core (DESIGN.md: ``torch.set_num_threads(1)``
-per compute thread interferes least with a training thread); pass ``num_threads`` and the engine
+Threads: the replica runs one compute thread per core (``torch.set_num_threads(1)`` per compute
+thread interferes least with a training thread; docs/replica.md); pass ``num_threads`` and the engine
 thread applies it to itself when it starts. Nothing here sets it for the process (with torch's
 OpenMP backend the setting is per thread: other threads keep their own).
 """
