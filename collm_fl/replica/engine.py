@@ -10,9 +10,9 @@ padding never shifts RoPE and a row's tokens equal its tokens when run alone; it
 membership does.
 
 Threads: the replica runs one compute thread per core (``torch.set_num_threads(1)`` per compute
-thread interferes least with a training thread; docs/replica.md); pass ``num_threads`` and the engine
-thread applies it to itself when it starts. Nothing here sets it for the process (with torch's
-OpenMP backend the setting is per thread: other threads keep their own).
+thread interferes least with a training thread; docs/replica.md); pass ``num_threads`` and the
+engine thread applies it to itself when it starts. Nothing here sets it for the process (with
+torch's OpenMP backend the setting is per thread: other threads keep their own).
 """
 
 from __future__ import annotations
