@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from collm_fl.config import RunConfig
 from collm_fl.data import load_central_heldout
 from collm_fl.data.tokenize import TokenizedBlocks, tokenize_samples
+from collm_fl.errors import ConfigError
 from collm_fl.models import LoadedModel, load_base_model
 from collm_fl.training import EvalResult, attach_lora, evaluate_loss, set_adapter_state
 
@@ -21,6 +22,12 @@ def central_heldout_blocks(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -
     """The tokenized central held-out set (a seeded, spread-out subset when capped)."""
     samples = load_central_heldout(cfg.data_spec, cfg.central_eval_samples or None, tokenizer)
     blocks = tokenize_samples(samples, tokenizer, cfg.seq_len)
+    if blocks.input_ids.shape[0] == 0:  # every version is evaluated (and gated) on this set
+        raise ConfigError(
+            f"the central held-out set is empty (central-heldout={cfg.central_heldout}, "
+            f"data {cfg.data!r}): the server evaluates every version on it; hold out at least "
+            "one play, or give files with enough records to set some aside"
+        )
     log.info("central held-out set: %d rows of %d tokens", blocks.input_ids.shape[0], cfg.seq_len)
     return blocks
 

@@ -151,6 +151,12 @@ class RunConfig:
             self.central_eval_samples,
             "must be >= 0",
         )
+        check(
+            self.central_heldout >= 1,
+            "central-heldout",
+            self.central_heldout,
+            "must be >= 1: the server evaluates (and gates) every version on that held-out part",
+        )
         check(self.torch_threads >= 0, "torch-threads", self.torch_threads, "must be >= 0")
         check(self.round_timeout > 0, "round-timeout", self.round_timeout, "must be > 0")
         check(

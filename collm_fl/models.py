@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -161,7 +162,7 @@ def load_base_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a truncated weights file too
         raise ModelLoadError(f"cannot load model {name!r} from {path}: {e}") from e
     if quantization == "none":
         model.to(device)  # type: ignore[arg-type]

@@ -121,7 +121,8 @@ def load_records(path: str | Path) -> list[Record]:
 def _read_utf8(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8").replace("\r\n", "\n")
+        # -sig: a byte-order mark (Notepad's and Excel's exports) is not part of the text.
+        return data.decode("utf-8-sig").replace("\r\n", "\n")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataFormatError(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import safetensors.numpy as st_np
+from safetensors import SafetensorError
 
 from collm_fl.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, AdapterState, lora_module_names
 from collm_fl.errors import AdapterValidationError, StoreError
@@ -39,9 +40,9 @@ def write_adapter_dir(dest: Path, state: AdapterState, peft_config: Mapping[str,
     _validate_state(state)
     if dest.exists():
         raise StoreError(f"{dest}: already exists; refusing to overwrite a stored adapter")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f"{TEMP_PREFIX}{dest.name}-{uuid.uuid4().hex}"
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
         weights = tmp / WEIGHTS_FILE
@@ -60,7 +61,7 @@ def write_adapter_dir(dest: Path, state: AdapterState, peft_config: Mapping[str,
         _fsync_dir(dest.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError | SafetensorError):  # e.g. no space left on the device
             raise StoreError(f"{dest}: cannot write adapter: {e}") from e
         if isinstance(e, TypeError | ValueError):  # config not JSON-serialisable
             raise StoreError(f"{dest}: cannot serialise adapter: {e}") from e

@@ -114,3 +114,17 @@ def test_server_lr_is_read_from_flower_and_bounded():
     for bad in (0.0, -1.0, 17.0):
         with pytest.raises(ConfigError, match=r"server-lr=.*must be in \(0, 16\]"):
             RunConfig(server_lr=bad)
+
+
+def test_no_central_held_out_part_is_refused():
+    with pytest.raises(ConfigError, match="central-heldout=0"):
+        RunConfig.from_flower({"central-heldout": 0})
+
+
+def test_user_data_too_small_to_hold_anything_out_is_a_config_error(tmp_path):
+    from collm_fl.central_eval import CentralEvaluator
+
+    (tmp_path / "a.jsonl").write_text('{"instruction": "hi", "output": "hello"}\n')
+    cfg = RunConfig(model="tiny", data=str(tmp_path), partitioning="iid")
+    with pytest.raises(ConfigError, match="central held-out set is empty"):
+        CentralEvaluator(cfg)

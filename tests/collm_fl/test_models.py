@@ -55,6 +55,15 @@ def test_local_path_loads_a_saved_model(tiny, tmp_path):
     assert loaded.num_parameters == tiny.num_parameters
 
 
+def test_a_truncated_weights_file_is_a_clear_error(tiny, tmp_path):
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_base_model(str(tmp_path))
+
+
 def test_quantization_without_cuda_fails_clearly():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")

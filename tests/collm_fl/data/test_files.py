@@ -44,6 +44,12 @@ def test_jsonl_instruction_record_becomes_user_turn_and_answer(tmp_path: Path) -
     assert records == [ChatRecord(messages=(("user", "Add\n\n2 and 2"), ("assistant", "4")))]
 
 
+def test_a_byte_order_mark_before_the_first_record_is_not_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "excel.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n")
+    assert load_records(path) == load_records(_write_jsonl(tmp_path / "plain.jsonl", [GOOD]))
+
+
 def test_jsonl_bad_line_reports_its_line_number(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, '{"instruction": "x", "output": '])
     with pytest.raises(DataFormatError) as info:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy as st_np
+from safetensors import SafetensorError
 
 from collm_fl.errors import AdapterValidationError, StoreError
 from collm_fl.store import cleanup_partial_dirs, read_adapter_dir, write_adapter_dir
@@ -49,6 +50,18 @@ def test_crash_in_safetensors_save_leaves_no_dir_and_no_temp(
 
     monkeypatch.setattr(st_np, "save_file", boom)
     with pytest.raises(RuntimeError, match="power cut"):
+        write_adapter_dir(tmp_path / "v0001", make_state(0), peft_config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_writing_the_weights_is_a_store_error(
+    tmp_path: Path, make_state, peft_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(st_np, "save_file", full)
+    with pytest.raises(StoreError, match="No space left"):
         write_adapter_dir(tmp_path / "v0001", make_state(0), peft_config)
     assert list(tmp_path.iterdir()) == []
 
