@@ -10,6 +10,7 @@ writes a report (markdown, PNG plots, JSON); and stops everything it started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -119,7 +120,8 @@ class _Load:
 
     def stop(self) -> list[RequestResult]:
         if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to stop
+                self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=LOAD_TIMEOUT_S + 30)
         return self._results or list(self._completed)
 
