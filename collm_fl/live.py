@@ -149,9 +149,9 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     requests = build_requests(offsets, cfg.prompt_tokens, cfg.output_tokens)
     out = cfg.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    kept = keep_earlier_federation(out)
+    kept = keep_earlier_run(out)
     if kept is not None:
-        print(f"an earlier run's federation store is kept in {kept}", flush=True)
+        print(f"an earlier run's federation and replica stores are kept in {kept}", flush=True)
     replica_args = live_replica_args(cfg)
     run_config = (
         f"model='{cfg.model}' num-server-rounds={cfg.rounds} local-steps={cfg.local_steps} "
@@ -267,16 +267,24 @@ def _follow_rounds(
     return proc.wait()
 
 
-def keep_earlier_federation(out: Path) -> Path | None:
-    """Move an earlier run's federation store out of the way (each run is a new federation: a
-    store left in place would be resumed, and a finished run trains nothing); where it went."""
-    earlier = out / "federation"
-    if not earlier.exists():
+EARLIER_RUN_DIRS = ("federation", "site")  # the server's store; the replicas' stores and logs
+
+
+def keep_earlier_run(out: Path) -> Path | None:
+    """Move an earlier run's stores out of the way; where they went (None: there was none).
+
+    Each run is a new federation: a server store left in place would be resumed (and a finished
+    run trains nothing), and replicas would recover the old run's last version and refuse the
+    new run's first as older.
+    """
+    earlier = [out / name for name in EARLIER_RUN_DIRS if (out / name).exists()]
+    if not earlier:
         return None
     aside = out / "previous" / datetime.now().strftime("%Y%m%dT%H%M%S.%f")
     aside.mkdir(parents=True)
-    earlier.rename(aside / "federation")
-    return aside / "federation"
+    for path in earlier:
+        path.rename(aside / path.name)
+    return aside
 
 
 def recount_rounds(

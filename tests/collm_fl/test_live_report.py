@@ -11,7 +11,7 @@ from collm_fl.live import (
     RoundRow,
     _load_text,
     _report,
-    keep_earlier_federation,
+    keep_earlier_run,
     live_replica_args,
     recount_rounds,
 )
@@ -76,12 +76,14 @@ def test_a_request_in_flight_at_a_round_line_counts_in_the_round_it_was_sent_in(
     assert (first.version, second.eval_loss) == (1, 4.7)  # the rest is kept
 
 
-def test_an_earlier_runs_federation_store_is_kept_aside_not_resumed(tmp_path: Path) -> None:
-    assert keep_earlier_federation(tmp_path) is None
+def test_an_earlier_runs_stores_are_kept_aside_not_resumed(tmp_path: Path) -> None:
+    assert keep_earlier_run(tmp_path) is None
     (tmp_path / "federation").mkdir()
     (tmp_path / "federation" / "store.db").write_text("earlier")
-    kept = keep_earlier_federation(tmp_path)
-    assert kept is not None and (kept / "store.db").read_text() == "earlier"
-    assert not (tmp_path / "federation").exists()
-    (tmp_path / "federation").mkdir()  # a second earlier run is kept beside the first
-    assert keep_earlier_federation(tmp_path) != kept
+    (tmp_path / "site" / "replica0-store").mkdir(parents=True)  # the replicas' versions
+    kept = keep_earlier_run(tmp_path)
+    assert kept is not None and (kept / "federation" / "store.db").read_text() == "earlier"
+    assert (kept / "site" / "replica0-store").is_dir()
+    assert not (tmp_path / "federation").exists() and not (tmp_path / "site").exists()
+    (tmp_path / "site").mkdir()  # a second earlier run is kept beside the first
+    assert keep_earlier_run(tmp_path) != kept
