@@ -17,11 +17,10 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import IO
 
 import httpx
 
@@ -204,67 +203,60 @@ def _drive_flwr(
     timeline: list[tuple[float, str, int | None, float]],
 ) -> int:
     cmd = fed.flwr_run_command(run_config, app)
-    with (out / "flwr-run.log").open("w") as logf:
-        proc = subprocess.Popen(
-            cmd, env=fed.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        try:
-            return _follow_rounds(proc, logf, fed, started, load, slo, rows, timeline)
-        finally:
-            if proc.poll() is None:  # an error or Ctrl-C here: the run must not outlive us
-                proc.kill()
-                proc.wait()
-
-
-def _follow_rounds(
-    proc: subprocess.Popen[str],
-    logf: IO[str],
-    fed: LocalFederation,
-    started: float,
-    load: _Load,
-    slo: SLOSpec,
-    rows: list[RoundRow],
-    timeline: list[tuple[float, str, int | None, float]],
-) -> int:
-    """Log ``flwr run``'s output and print one progress line per round it reports."""
-    last_t = 0.0
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        logf.write(line)
-        logf.flush()  # the log is for someone watching the run
-        m = ROUND_LINE.search(line)
-        if not m:
-            continue
-        now = time.monotonic() - started
-        done = [r for r in load.snapshot() if r.sent_at is not None and r.sent_at >= last_t]
-        summary = summarize_results(done, slo, max(now - last_t, 1e-9))
-        rnd, ok, failed, version = int(m[1]), int(m[2]), int(m[4]), int(m[5])
-        loss = _float_after(line, "central eval loss ")
-        shares = {name: share for _, name, _, share in timeline[-len(fed.replicas) :]}
-        rows.append(
-            RoundRow(
-                rnd,
-                now,
-                version,
-                loss,
-                ok,
-                failed,
-                summary.requests,
-                summary.goodput_rps,
-                summary.slo_attainment,
-                shares,
+    popen = subprocess.Popen(
+        cmd, env=fed.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    with _killed_on_exit(popen) as proc, (out / "flwr-run.log").open("w") as logf:
+        last_t = 0.0
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logf.write(line)
+            logf.flush()  # the log is for someone watching the run
+            m = ROUND_LINE.search(line)
+            if not m:
+                continue
+            now = time.monotonic() - started
+            done = [r for r in load.snapshot() if r.sent_at is not None and r.sent_at >= last_t]
+            summary = summarize_results(done, slo, max(now - last_t, 1e-9))
+            rnd, ok, failed, version = int(m[1]), int(m[2]), int(m[4]), int(m[5])
+            loss = _float_after(line, "central eval loss ")
+            shares = {name: share for _, name, _, share in timeline[-len(fed.replicas) :]}
+            rows.append(
+                RoundRow(
+                    rnd,
+                    now,
+                    version,
+                    loss,
+                    ok,
+                    failed,
+                    summary.requests,
+                    summary.goodput_rps,
+                    summary.slo_attainment,
+                    shares,
+                )
             )
-        )
-        share_text = " ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items()))
-        loss_text = "-" if loss is None else f"{loss:.3f}"
-        print(
-            f"round {rnd} | served v{version} (central loss {loss_text}) | "
-            f"{_load_text(summary.requests, summary.goodput_rps, summary.slo_attainment)} | "
-            f"training share {share_text} | {now:.0f}s",
-            flush=True,
-        )
-        last_t = now
-    return proc.wait()
+            share_text = " ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items()))
+            loss_text = "-" if loss is None else f"{loss:.3f}"
+            print(
+                f"round {rnd} | served v{version} (central loss {loss_text}) | "
+                f"{_load_text(summary.requests, summary.goodput_rps, summary.slo_attainment)} | "
+                f"training share {share_text} | {now:.0f}s",
+                flush=True,
+            )
+            last_t = now
+        return proc.wait()
+
+
+@contextlib.contextmanager
+def _killed_on_exit(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """``proc`` for the block; still running after it (an error, Ctrl-C), it is killed: the run
+    must not outlive the job that started it."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 EARLIER_RUN_DIRS = ("federation", "site")  # the server's store; the replicas' stores and logs

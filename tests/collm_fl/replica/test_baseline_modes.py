@@ -41,6 +41,11 @@ def base_weights(replica_or_modules: Replica | object) -> dict[str, torch.Tensor
     return {k: layer.base.weight.detach().clone() for k, layer in modules.layers.items()}
 
 
+def assert_base_weights(replica: Replica, expected: dict[str, torch.Tensor]) -> None:
+    for prefix, weight in base_weights(replica).items():
+        torch.testing.assert_close(weight, expected[prefix], atol=1e-5, rtol=0)
+
+
 @pytest.fixture()
 def make_replica(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
     started: list[Replica] = []
@@ -263,8 +268,7 @@ def test_a_merge_the_canary_rejects_is_neither_served_nor_stored(make_replica) -
     with pytest.raises(AdapterValidationError, match="not finite"):
         replica.push_version(overflowing, CONFIG, 1, mode="merge")
     assert (replica.served_version, replica.stored_versions()) == (0, [0])
-    for prefix, weight in base_weights(replica).items():
-        torch.testing.assert_close(weight, served[prefix], atol=1e-5, rtol=0)
+    assert_base_weights(replica, served)
 
 
 def test_a_canary_that_fails_in_any_way_puts_the_served_weights_back(
@@ -282,8 +286,7 @@ def test_a_canary_that_fails_in_any_way_puts_the_served_weights_back(
     with pytest.raises(RuntimeError, match="out of memory"):
         replica.push_version(adapter(shapes, 2, 0.01), CONFIG, 1, mode="merge")
     assert (replica.slots.merged_version, replica.stored_versions()) == (0, [0])
-    for prefix, weight in base_weights(replica).items():
-        torch.testing.assert_close(weight, served[prefix], atol=1e-5, rtol=0)
+    assert_base_weights(replica, served)
 
 
 def test_a_reload_that_fails_after_leaving_a_merged_version_serves_it_again(
@@ -301,8 +304,7 @@ def test_a_reload_that_fails_after_leaving_a_merged_version_serves_it_again(
     with pytest.raises(NoFreeSlotError):
         replica.push_version(adapter(shapes, 2, 0.01), CONFIG, 1, mode="reload")
     assert (replica.slots.merged_version, replica.served_version) == (0, 0)
-    for prefix, weight in base_weights(replica).items():
-        torch.testing.assert_close(weight, served[prefix], atol=1e-5, rtol=0)
+    assert_base_weights(replica, served)
 
 
 def test_control_api_passes_mode_and_exclusive_through(
