@@ -97,7 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        headers = dict(exc.headers) if exc.headers else None  # OpenAI's type for a 404 too:
+        headers = dict(exc.headers) if exc.headers else None
+        # The default type, invalid_request_error, is what OpenAI answers a 404 with too.
         return error_response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)

@@ -259,11 +259,19 @@ def test_exclusive_training_on_a_merged_replica_uses_the_plain_base_and_merges_b
     assert replica.slots.merged_version == 0
 
 
-def test_a_merge_the_canary_rejects_is_neither_served_nor_stored(make_replica) -> None:
+@pytest.fixture()
+def merged_v0(make_replica) -> tuple[Replica, dict[str, torch.Tensor]]:
+    """A replica serving version 0 merged into its base, and those merged base weights."""
     replica = make_replica()
+    replica.push_version(
+        adapter(replica.modules.expected_shapes(), 1, 0.01), CONFIG, 0, mode="merge"
+    )
+    return replica, base_weights(replica)
+
+
+def test_a_merge_the_canary_rejects_is_neither_served_nor_stored(merged_v0) -> None:
+    replica, served = merged_v0
     shapes = replica.modules.expected_shapes()
-    replica.push_version(adapter(shapes, 1, 0.01), CONFIG, 0, mode="merge")
-    served = base_weights(replica)
     overflowing = {k: np.full(s, 1e20, dtype=np.float32) for k, s in shapes.items()}  # finite
     with pytest.raises(AdapterValidationError, match="not finite"):
         replica.push_version(overflowing, CONFIG, 1, mode="merge")
@@ -272,12 +280,10 @@ def test_a_merge_the_canary_rejects_is_neither_served_nor_stored(make_replica) -
 
 
 def test_a_canary_that_fails_in_any_way_puts_the_served_weights_back(
-    make_replica, monkeypatch
+    merged_v0, monkeypatch
 ) -> None:
-    replica = make_replica()
+    replica, served = merged_v0
     shapes = replica.modules.expected_shapes()
-    replica.push_version(adapter(shapes, 1, 0.01), CONFIG, 0, mode="merge")
-    served = base_weights(replica)
 
     def out_of_memory() -> None:
         raise RuntimeError("out of memory")
@@ -290,12 +296,10 @@ def test_a_canary_that_fails_in_any_way_puts_the_served_weights_back(
 
 
 def test_a_reload_that_fails_after_leaving_a_merged_version_serves_it_again(
-    make_replica, monkeypatch
+    merged_v0, monkeypatch
 ) -> None:
-    replica = make_replica()
+    replica, served = merged_v0
     shapes = replica.modules.expected_shapes()
-    replica.push_version(adapter(shapes, 1, 0.01), CONFIG, 0, mode="merge")
-    served = base_weights(replica)
 
     def no_slot(*_: object) -> None:
         raise NoFreeSlotError("every slot pinned")
