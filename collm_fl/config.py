@@ -172,6 +172,28 @@ class RunConfig:
             "must be >= 0",
         )
         check(self.dp_clipping_norm > 0, "dp-clipping-norm", self.dp_clipping_norm, "must be > 0")
+        if self.dp_noise_multiplier > 0:
+            # Flower's DP noise (σ·C / nodes) is calibrated for the plain mean of the clipped
+            # updates; any other aggregate changes one node's influence and voids the guarantee.
+            dp = "with dp-noise-multiplier > 0 (Flower's noise is calibrated for a plain mean)"
+            check(
+                self.aggregation == "fedavg",
+                "aggregation",
+                self.aggregation,
+                f"must be 'fedavg' {dp}: the exact aggregate's SVD factors are no mean",
+            )
+            check(
+                self.robust_aggregation == "none",
+                "robust-aggregation",
+                self.robust_aggregation,
+                f"must be 'none' {dp}",
+            )
+            check(
+                self.server_lr == 1.0,
+                "server-lr",
+                self.server_lr,
+                f"must be 1 {dp}: a server step η scales one node's influence by η",
+            )
         check(
             0.0 <= self.min_training_share <= 1.0,
             "min-training-share",
@@ -179,6 +201,14 @@ class RunConfig:
             "must be in [0, 1]",
         )
         check(self.round_deadline_s > 0, "round-deadline-s", self.round_deadline_s, "must be > 0")
+        check(
+            self.round_deadline_s < self.round_timeout,
+            "round-deadline-s",
+            self.round_deadline_s,
+            f"must be below round-timeout ({self.round_timeout:g}): the server stops waiting for"
+            " replies at round-timeout, so a replica training until its deadline would always"
+            " answer too late",
+        )
         check(self.ttft_slo_s > 0, "ttft-slo-s", self.ttft_slo_s, "must be > 0")
         check(self.tpot_slo_s > 0, "tpot-slo-s", self.tpot_slo_s, "must be > 0")
         check(bool(self.run_name), "run-name", self.run_name, "must not be empty")

@@ -34,6 +34,7 @@ def main(grid: Grid, context: Context) -> None:
         trim_fraction=cfg.trim_fraction,
         max_weight_ratio=cfg.max_weight_ratio,
         server_lr=cfg.server_lr,
+        uniform_weights=cfg.dp_noise_multiplier > 0,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,
         min_train_nodes=cfg.min_train_nodes,

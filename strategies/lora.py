@@ -11,7 +11,10 @@
   force. Each good reply weighs its claimed ``num-examples``, capped at ``max_weight_ratio`` times
   the round's median claim when that is set; a capped node is logged and its outcome says so.
   With ``server_lr`` η ≠ 1 the new global adapter is ``global + η·(aggregate − global)`` (a
-  server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`).
+  server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`). With
+  ``uniform_weights`` (set under differential privacy) every good reply weighs 1 whatever it
+  claims, and a reply that trained nothing counts as a zero update: the plain mean of the clipped
+  updates over the nodes that answered, which is what Flower's DP noise is calibrated for.
 
 It composes with Flower's wrappers, e.g.
 ``DifferentialPrivacyClientSideFixedClipping(LoraFedAvg(...))``.
@@ -92,6 +95,7 @@ class LoraFedAvg(FedAvg):
         trim_fraction: float = 0.2,
         max_weight_ratio: float = 0.0,
         server_lr: float = 1.0,
+        uniform_weights: bool = False,
         **fedavg_kwargs: object,
     ) -> None:
         if mode not in ("exact", "fedavg"):
@@ -119,6 +123,7 @@ class LoraFedAvg(FedAvg):
         self.trim_fraction = trim_fraction
         self.max_weight_ratio = max_weight_ratio  # 0: claimed num-examples used as they are
         self.server_lr = server_lr  # η of the server step (1: plain FedAvg)
+        self.uniform_weights = uniform_weights  # DP: each reply weighs 1, claims ignored
         self.current_arrays = ArrayRecord()
         self.last_report: RoundReport | None = None
         # Per-node budgets for the next round (set by the ServerApp from the allocation policy);
@@ -129,7 +134,7 @@ class LoraFedAvg(FedAvg):
     def summary(self) -> None:
         log.info(
             "LoraFedAvg: mode=%s robust=%s trim-fraction=%g max-update-norm=%s "
-            "max-weight-ratio=%g server-lr=%g min-good-replies=%d",
+            "max-weight-ratio=%g server-lr=%g min-good-replies=%d uniform-weights=%s",
             self.mode,
             self.robust,
             self.trim_fraction,
@@ -137,6 +142,7 @@ class LoraFedAvg(FedAvg):
             self.max_weight_ratio,
             self.server_lr,
             self.min_good_replies,
+            self.uniform_weights,
         )
         super().summary()
 
@@ -211,9 +217,11 @@ class LoraFedAvg(FedAvg):
                 outcomes.append(ReplyOutcome(node, REJECTED, reason, metrics=metrics))
                 continue
             n = int(metrics[NUM_EXAMPLES])
-            if metrics.get(LOCAL_STEPS, 1.0) <= 0:
+            if metrics.get(LOCAL_STEPS, 1.0) <= 0 and not self.uniform_weights:
                 # Nothing trained (the deadline came first, or a backfill-only budget found no
                 # idle time): the global state unchanged would only dilute the others' updates.
+                # (Under uniform weights it stays in: a zero update in the mean DP's noise is
+                # calibrated for.)
                 reason = "trained 0 steps: nothing to aggregate"
                 log.info("round %d: node %d %s", server_round, node, reason)
                 outcomes.append(ReplyOutcome(node, OK, reason, n, metrics, norm, weight_used=0.0))
@@ -312,6 +320,10 @@ class LoraFedAvg(FedAvg):
         says what it claimed and what was used, so the store keeps it with the participation.
         """
         claimed = [float(outcomes[i].num_examples or 0) for i in good_at]
+        if self.uniform_weights:
+            for i in good_at:
+                outcomes[i] = replace(outcomes[i], weight_used=1.0)
+            return [1.0] * len(good_at)
         used = cap_weights(claimed, self.max_weight_ratio).tolist() if claimed else []
         for i, c, u in zip(good_at, claimed, used, strict=True):
             note = None

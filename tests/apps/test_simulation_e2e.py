@@ -92,14 +92,20 @@ def test_flower_client_side_dp_runs_end_to_end_with_the_lora_strategy(flower, tm
         flower,
         out,
         rounds=1,
-        extra="run-name='dp' dp-noise-multiplier=0.1 dp-clipping-norm=0.5 quality-gate-margin=-1",
+        extra=(
+            "run-name='dp' dp-noise-multiplier=0.1 dp-clipping-norm=0.5 quality-gate-margin=-1 "
+            "aggregation='fedavg'"
+        ),
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "central DP noise" in log  # Flower's wrapper added noise to the aggregate
     assert "round 1 | clients ok 2 rejected 0 failed 0" in log
     store = VersionStore(out)
-    assert [v.number for v in store.list_versions(store.find_run("dp").id)] == [0, 1]
+    run_id = store.find_run("dp").id
+    assert [v.number for v in store.list_versions(run_id)] == [0, 1]
+    # Every reply weighed 1 (the plain mean the noise is calibrated for), not its num-examples.
+    assert [p.metrics["weight-used"] for p in store.participations(run_id)] == [1.0, 1.0]
     store.close()
 
 

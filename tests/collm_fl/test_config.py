@@ -128,3 +128,24 @@ def test_user_data_too_small_to_hold_anything_out_is_a_config_error(tmp_path):
     cfg = RunConfig(model="tiny", data=str(tmp_path), partitioning="iid")
     with pytest.raises(ConfigError, match="central held-out set is empty"):
         CentralEvaluator(cfg)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ({"aggregation": "exact"}, "aggregation"),
+        ({"aggregation": "fedavg", "robust-aggregation": "median"}, "robust-aggregation"),
+        ({"aggregation": "fedavg", "server-lr": 3.0}, "server-lr"),
+    ],
+)
+def test_dp_refuses_an_aggregate_its_noise_is_not_calibrated_for(setting, key):
+    with pytest.raises(ConfigError, match=rf"{key}=.*dp-noise-multiplier > 0"):
+        RunConfig.from_flower({"dp-noise-multiplier": 0.5, **setting})
+    RunConfig.from_flower(setting)  # fine without DP
+    RunConfig.from_flower({"dp-noise-multiplier": 0.5, "aggregation": "fedavg"})
+
+
+def test_a_round_deadline_at_or_beyond_the_round_timeout_is_refused():
+    with pytest.raises(ConfigError, match=r"round-deadline-s=60.*below round-timeout \(60\)"):
+        RunConfig.from_flower({"round-timeout": 60.0, "round-deadline-s": 60.0})
+    assert RunConfig.from_flower({"round-timeout": 60.0, "round-deadline-s": 50.0})

@@ -181,3 +181,25 @@ def test_a_round_the_dp_wrapper_refuses_is_reported_as_that_round_with_its_failu
     by_node = {o.node_id: o for o in report.outcomes}
     assert by_node[2].status == "failed" and "crashed" in by_node[2].reason
     assert by_node[1].status == "rejected" and "not aggregated" in by_node[1].reason
+
+
+def test_under_uniform_weights_every_reply_weighs_one_and_an_idle_one_is_a_zero_update():
+    # Flower's DP noise is calibrated for the plain mean of the clipped updates: claims cannot
+    # buy weight, and a node that trained nothing still counts (its update is zero).
+    s = strategy(mode="fedavg", uniform_weights=True, max_weight_ratio=2.0)
+    trained, other, idle = adapter(1), adapter(2), adapter(0)  # idle: the global state unchanged
+    arrays, metrics = s.aggregate_train(
+        1,
+        [
+            reply(1, trained, 10, {"local-steps": 3.0}),
+            reply(2, other, 1000, {"local-steps": 3.0}),
+            reply(3, idle, 10, {"local-steps": 0.0}),
+        ],
+    )
+    got = arrayrecord_to_state(arrays)
+    mean = aggregate_lora_fedavg([trained, other, idle], [1.0, 1.0, 1.0])
+    for k, v in mean.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6)
+    assert [o.weight_used for o in s.last_report.outcomes] == [1.0, 1.0, 1.0]
+    assert all(o.reason is None for o in s.last_report.outcomes)  # nothing capped or left out
+    assert metrics["train-loss"] == pytest.approx((1.1 + 1.2 + 1.3) / 3)
