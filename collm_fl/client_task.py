@@ -17,6 +17,7 @@ from collm_fl.adapters import AdapterState
 from collm_fl.config import RunConfig, TrainBudget
 from collm_fl.data import load_client_data
 from collm_fl.data.tokenize import iterate_batches, tokenize_samples
+from collm_fl.errors import ConfigError
 from collm_fl.models import load_base_model
 from collm_fl.training import (
     attach_lora,
@@ -88,6 +89,12 @@ def evaluate_on_partition(
     model = attach_lora(loaded.model, cfg.lora)
     set_adapter_state(model, global_state)
     data = load_client_data(cfg.data_spec, partition_id, num_partitions, loaded.tokenizer)
+    if not data.heldout:
+        raise ConfigError(
+            f"partition {partition_id} of {num_partitions} ({data.name}) has no held-out split to"
+            f" evaluate on: heldout-fraction={cfg.heldout_fraction:g} and"
+            f" {len(data.train)} training sample(s) (it needs 2 distinct ones and a fraction > 0)"
+        )
     blocks = tokenize_samples(data.heldout, loaded.tokenizer, cfg.seq_len)
     result = evaluate_loss(model, blocks, batch_size=cfg.batch_size)
     return {

@@ -8,7 +8,8 @@ characters, so a causal LM learns the dialogue form.
 
 First a central held-out part is set aside that no client ever trains on: ``central_heldout``
 whole plays, or (user data, ``central_heldout > 0``) a ``USER_CENTRAL_FRACTION`` of each file's
-records. The rest is dealt to ``num_partitions`` clients:
+distinct records; every copy of a held-out record, in any file, is kept out of training (a
+repeated record would otherwise leak into it). The rest is dealt to ``num_partitions`` clients:
 
 * ``"play"`` — whole plays, round-robin after a seeded shuffle (LEAF's natural non-IID split);
 * ``"character"`` — each (play, character) with at least ``MIN_CHARACTER_CHARS`` of speech is a
@@ -21,7 +22,9 @@ For user files, ``"play"`` and ``"character"`` fall back to contiguous chunks pe
 cut into ``num_partitions`` contiguous runs and client ``i`` gets run ``i`` of every file.
 
 Each client's samples (optionally capped at ``max_samples_per_client``, a seeded subset kept in
-order) end with its held-out tail: the last ``heldout_fraction`` of them, at least one.
+order) end with its held-out tail: the last ``heldout_fraction`` of its distinct samples, at least
+one, with their copies taken out of its training part (a client whose samples are all one record
+has no held-out tail).
 Everything is deterministic given ``seed``.
 """
 
@@ -148,13 +151,15 @@ def _user_split(
     central: list[TextSample] = []
     for index, path in enumerate(_user_files(spec)):
         samples = format_records(load_records(path), tokenizer)
-        held: set[int] = set()
-        if spec.central_heldout > 0 and len(samples) >= 2:
-            k = max(1, round(len(samples) * USER_CENTRAL_FRACTION))
-            held = {int(i) for i in _rng(spec, _CENTRAL, index).choice(len(samples), k, False)}
-        central.extend(s for i, s in enumerate(samples) if i in held)
-        groups.append((path.stem, [s for i, s in enumerate(samples) if i not in held]))
-    return groups, central
+        distinct = list(dict.fromkeys(samples))  # a repeated record is held out whole or not
+        if spec.central_heldout > 0 and len(distinct) >= 2:
+            k = max(1, round(len(distinct) * USER_CENTRAL_FRACTION))
+            picked = _rng(spec, _CENTRAL, index).choice(len(distinct), k, False)
+            central.extend(distinct[int(i)] for i in sorted(picked))
+        groups.append((path.stem, samples))
+    central = list(dict.fromkeys(central))
+    held = set(central)  # no copy of a held-out record trains, from this file or another
+    return [(name, [s for s in samples if s not in held]) for name, samples in groups], central
 
 
 def _deal(units: list[Group], num_partitions: int, spec: DataSpec, what: str) -> list[list[Group]]:
@@ -266,6 +271,20 @@ def _subsample(
     return [samples[int(i)] for i in keep]
 
 
+def _heldout_tail(
+    samples: list[TextSample], fraction: float
+) -> tuple[list[TextSample], list[TextSample]]:
+    """(train, held-out): the last ``fraction`` of the distinct samples (at least one, in order of
+    first appearance) held out, one copy each, and none of their copies in the training part."""
+    distinct = list(dict.fromkeys(samples))
+    if fraction <= 0 or len(distinct) < 2:
+        return samples, []
+    n_held = min(len(distinct) - 1, max(1, round(len(distinct) * fraction)))
+    heldout = distinct[len(distinct) - n_held :]
+    held = set(heldout)
+    return [s for s in samples if s not in held], heldout
+
+
 def load_client_data(
     spec: DataSpec,
     partition_id: int,
@@ -289,10 +308,14 @@ def load_client_data(
             f"partition {partition_id} of {num_partitions} gets no data from {spec.source!r}; "
             "lower num_partitions or add data"
         )
-    n_held = 0
-    if spec.heldout_fraction > 0 and len(samples) >= 2:
-        n_held = min(len(samples) - 1, max(1, round(len(samples) * spec.heldout_fraction)))
-    train, heldout = samples[: len(samples) - n_held], samples[len(samples) - n_held :]
+    train, heldout = _heldout_tail(samples, spec.heldout_fraction)
+    if spec.heldout_fraction > 0 and not heldout:
+        logger.warning(
+            "partition %d/%d has no held-out split: its %d sample(s) hold one distinct record",
+            partition_id,
+            num_partitions,
+            len(samples),
+        )
     logger.info(
         "partition %d/%d (%s): %d train, %d held-out samples",
         partition_id,

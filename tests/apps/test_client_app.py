@@ -92,3 +92,24 @@ def test_evaluate_returns_held_out_loss_only(global_state):
     assert set(metrics) == {"num-examples", "eval-loss", "eval-perplexity"}
     assert metrics["eval-loss"] > 0 and metrics["num-examples"] > 0
     assert metrics["eval-perplexity"] == pytest.approx(np.exp(metrics["eval-loss"]), rel=1e-6)
+
+
+def test_evaluate_on_a_client_without_a_heldout_split_says_why(global_state, tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"text": "a single record"}\n')
+    msg = Message(
+        RecordDict({"arrays": state_to_arrayrecord(global_state), "config": ConfigRecord({})}),
+        dst_node_id=7,
+        message_type="evaluate",
+    )
+    ctx = Context(
+        1,
+        7,
+        {"partition-id": 0, "num-partitions": 1},
+        RecordDict(),
+        {**RUN_CONFIG, "data": str(data)},
+    )
+    with pytest.raises(
+        ConfigError, match=r"partition 0 of 1 \(one.jsonl.*\) has no held-out split"
+    ):
+        evaluate(msg, ctx)

@@ -200,3 +200,36 @@ def test_user_files_play_partitioning_falls_back_to_contiguous_runs(tmp_path: Pa
 def test_missing_user_source_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="source must be"):
         load_client_data(DataSpec(source=str(tmp_path / "nope.jsonl")), 0, 1)
+
+
+def test_no_copy_of_a_central_heldout_record_trains_in_any_file(tmp_path: Path) -> None:
+    # Every record three times over, and file b repeats file a: held out by position, a record's
+    # other copies would have trained.
+    records = [json.dumps({"text": f"record {i}"}) for i in range(20)]
+    (tmp_path / "a.jsonl").write_text("\n".join(records * 3))
+    (tmp_path / "b.jsonl").write_text("\n".join(records[::-1]))
+    spec = DataSpec(source=str(tmp_path), partitioning="iid", heldout_fraction=0.0)
+    central = [s.text for s in load_central_heldout(spec)]
+    trained = {t for c in _clients(spec) for t in _texts(c)}
+    assert central and len(central) == len(set(central))  # one copy of each, for evaluation
+    assert not set(central) & trained
+    assert set(central) | trained == {f"record {i}" for i in range(20)}
+
+
+def test_a_clients_heldout_tail_has_no_copy_in_its_training_part(tmp_path: Path) -> None:
+    lines = [json.dumps({"text": f"record {i % 5}"}) for i in range(40)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines))
+    spec = DataSpec(source=str(tmp_path / "a.jsonl"), central_heldout=0, heldout_fraction=0.2)
+    client = load_client_data(spec, 0, 1)
+    assert client.heldout and client.train
+    assert not {s.text for s in client.heldout} & {s.text for s in client.train}
+
+
+@pytest.mark.parametrize("lines", [["only one"], ["the same"] * 4])
+def test_a_client_with_one_distinct_record_trains_on_it_and_has_no_heldout_tail(
+    tmp_path: Path, lines: list[str]
+) -> None:
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in lines))
+    spec = DataSpec(source=str(tmp_path / "a.jsonl"), central_heldout=0)
+    client = load_client_data(spec, 0, 1)
+    assert [s.text for s in client.train] == lines and client.heldout == []
