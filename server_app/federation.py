@@ -176,48 +176,56 @@ class Federation:
         )
 
         eval_loss = eval_ppl = None
-        version, note = latest, ""
+        new_state, note = None, ""
         if new_arrays is not None:
             new_state = arrayrecord_to_state(new_arrays)
             ev = self.evaluator.evaluate(new_state)
             eval_loss, eval_ppl = ev.loss, ev.perplexity
-            if self._passes_quality_gate(rnd, ev.loss):
-                metrics = {"eval-loss": ev.loss, "eval-perplexity": ev.perplexity}
-                if train_loss is not None:
-                    metrics["train-loss"] = train_loss
-                version = store.save_version(
-                    run_id, rnd, new_state, self.peft_config, metrics, ev.loss
-                )
-                arrays = new_arrays
-            else:
-                note = " (quality gate: kept previous)"
+            if not self._passes_quality_gate(rnd, ev.loss):
+                new_state, note = None, " (quality gate: kept previous)"
         elif not report.aggregated:
             note = " (kept previous)"
-        self.coordination.observe_round(steps_total, eval_loss if version is not latest else None)
-        seconds = time.perf_counter() - started
         metrics = {
             k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)
         }
         metrics["steps-total"] = float(steps_total)
-        store.record_round_result(
-            run_id,
-            RoundRecord(
-                number=rnd,
-                status="aggregated" if version is not latest else "kept-previous",
-                started_at=started_at,
-                finished_at=datetime.now(UTC),
-                num_ok=report.count("ok"),
-                num_rejected=report.count("rejected"),
-                num_failed=report.count("failed"),
-                train_loss=train_loss,
-                eval_loss=eval_loss,
-                eval_perplexity=eval_ppl,
-                version_number=version.number,
-                seconds=seconds,
-                metrics=metrics,
-            ),
-            [participation_record(o) for o in report.outcomes],
+        seconds = time.perf_counter() - started
+        record = RoundRecord(
+            number=rnd,
+            status="aggregated" if new_state is not None else "kept-previous",
+            started_at=started_at,
+            finished_at=datetime.now(UTC),
+            num_ok=report.count("ok"),
+            num_rejected=report.count("rejected"),
+            num_failed=report.count("failed"),
+            train_loss=train_loss,
+            eval_loss=eval_loss,
+            eval_perplexity=eval_ppl,
+            version_number=latest.number,  # the version in force; a saved one replaces it
+            seconds=seconds,
+            metrics=metrics,
         )
+        participations = [participation_record(o) for o in report.outcomes]
+        version = latest
+        if new_state is not None and new_arrays is not None:
+            version_metrics = {"eval-loss": eval_loss, "eval-perplexity": eval_ppl}
+            if train_loss is not None:
+                version_metrics["train-loss"] = train_loss
+            # The version, the round and its participations in one transaction.
+            version = store.save_version(
+                run_id,
+                rnd,
+                new_state,
+                self.peft_config,
+                version_metrics,
+                eval_loss,
+                round=record,
+                participations=participations,
+            )
+            arrays = new_arrays
+        else:
+            store.record_round_result(run_id, record, participations)
+        self.coordination.observe_round(steps_total, eval_loss if version is not latest else None)
         if cfg.publish_versions and version is not latest:
             # After the round is on record: a crash before this publish is healed on resume.
             self._publish(arrays, version.number)

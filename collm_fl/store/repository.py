@@ -182,10 +182,21 @@ class VersionStore:
         peft_config: Mapping[str, object],
         metrics: Mapping[str, float],
         eval_loss: float | None = None,
+        round: RoundRecord | None = None,
+        participations: Sequence[ParticipationRecord] = (),
     ) -> VersionInfo:
-        """Store ``state`` as the run's next version (0 if it is the first and round 0)."""
+        """Store ``state`` as the run's next version (0 if it is the first and round 0).
+
+        With ``round`` (number ``round_number``) the round and its ``participations`` are
+        recorded in the same transaction as the version, as the round that saved it: a crash
+        leaves both or neither.
+        """
         if round_number < 0:
             raise StoreError(f"round_number must be >= 0, got {round_number}")
+        if round is not None:
+            _check_choice(round.status, RoundStatus, "round status")
+            if round.number != round_number:
+                raise StoreError(f"round {round.number} cannot save a version of {round_number}")
         metrics_json = _dumps({k: float(v) for k, v in metrics.items()}, "version metrics")
         with self._write_lock, self._disk_lock(wait=True):
             with session_scope(self._engine) as s:
@@ -214,6 +225,10 @@ class VersionStore:
             try:
                 with session_scope(self._engine) as s:
                     s.add(row)
+                    if round is not None:
+                        s.flush()  # the version's id, for the round row
+                        rec = dataclasses.replace(round, version_number=number)
+                        _add_round(s, run_id, rec, row.id, participations)
             except BaseException:
                 shutil.rmtree(dest, ignore_errors=True)  # keep disk and database in agreement
                 log.error("run %r: insert of version %d failed; removed %s", run_name, number, dest)
@@ -276,25 +291,7 @@ class VersionStore:
             version_id = None
             if round.version_number is not None:
                 version_id = _version_row(s, run_id, round.version_number).id
-            row = Round(
-                run_id=run_id,
-                number=round.number,
-                started_at=round.started_at,
-                finished_at=round.finished_at,
-                status=round.status,
-                num_ok=round.num_ok,
-                num_rejected=round.num_rejected,
-                num_failed=round.num_failed,
-                train_loss=round.train_loss,
-                eval_loss=round.eval_loss,
-                eval_perplexity=round.eval_perplexity,
-                version_id=version_id,
-                seconds=round.seconds,
-                metrics_json=_dumps(dict(round.metrics), f"round {round.number} metrics"),
-            )
-            s.add(row)
-            for p in participations:
-                s.add(_participation_row(run_id, round.number, p))
+            row = _add_round(s, run_id, round, version_id, participations)
             s.flush()
             return _round_info(row, round.version_number)
 
@@ -422,6 +419,35 @@ def _version_row(s: Session, run_id: int, number: int) -> Version:
     row = s.scalar(q)
     if row is None:
         raise StoreError(f"run id {run_id} has no version {number}")
+    return row
+
+
+def _add_round(
+    s: Session,
+    run_id: int,
+    round: RoundRecord,
+    version_id: int | None,
+    participations: Sequence[ParticipationRecord],
+) -> Round:
+    row = Round(
+        run_id=run_id,
+        number=round.number,
+        started_at=round.started_at,
+        finished_at=round.finished_at,
+        status=round.status,
+        num_ok=round.num_ok,
+        num_rejected=round.num_rejected,
+        num_failed=round.num_failed,
+        train_loss=round.train_loss,
+        eval_loss=round.eval_loss,
+        eval_perplexity=round.eval_perplexity,
+        version_id=version_id,
+        seconds=round.seconds,
+        metrics_json=_dumps(dict(round.metrics), f"round {round.number} metrics"),
+    )
+    s.add(row)
+    for p in participations:
+        s.add(_participation_row(run_id, round.number, p))
     return row
 
 

@@ -232,6 +232,38 @@ def test_round_result_failing_midway_commits_nothing(
     assert store.last_completed_round(run.id) == 0
 
 
+def test_a_version_and_the_round_that_saved_it_are_one_transaction(
+    store: VersionStore, make_state, peft_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = store.open_run("r", {}, "tiny")
+    store.save_version(run.id, 0, make_state(0), peft_config, {})
+    info = store.save_version(
+        run.id, 1, make_state(1), peft_config, {}, 1.25, round=_round(1), participations=_parts()
+    )
+    (round1,) = store.list_rounds(run.id)
+    assert (round1.number, round1.version_number, info.number) == (1, 1, 1)
+    assert len(store.participations(run.id, 1)) == 3
+    # A crash while the round's rows are added: neither the version nor the round is recorded,
+    # and the version's directory is gone with it.
+    real = repository._participation_row
+
+    def fails(run_id: int, round_number: int, p: ParticipationRecord) -> object:
+        raise RuntimeError("crash injected")
+
+    monkeypatch.setattr(repository, "_participation_row", fails)
+    with pytest.raises(RuntimeError, match="crash injected"):
+        store.save_version(
+            run.id, 2, make_state(2), peft_config, {}, round=_round(2), participations=_parts()
+        )
+    monkeypatch.setattr(repository, "_participation_row", real)
+    assert [v.number for v in store.list_versions(run.id)] == [0, 1]
+    assert [r.number for r in store.list_rounds(run.id)] == [1]
+    assert _dirs(store, "r") == ["v0000", "v0001"]
+    assert store.last_completed_round(run.id) == 1
+    with pytest.raises(StoreError, match="round 3 cannot save a version of 2"):
+        store.save_version(run.id, 2, make_state(2), peft_config, {}, round=_round(3))
+
+
 def test_recording_the_same_round_twice_is_refused(store: VersionStore) -> None:
     run = store.open_run("r", {}, "tiny")
     store.record_round(run.id, _round(1))
