@@ -23,6 +23,8 @@ Scalar = str | int | float | bool
 AGGREGATION_MODES = ("exact", "fedavg")
 ROBUST_AGGREGATIONS = ("none", "median", "trimmed-mean")
 ALLOCATIONS = ("quality-aware", "static")
+# One key=value pair of a run-config string, as Flower's parse_config_args reads it.
+_CONFIG_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
 
 
 @dataclass(frozen=True)
@@ -212,9 +214,12 @@ class RunConfig:
         check(self.ttft_slo_s > 0, "ttft-slo-s", self.ttft_slo_s, "must be > 0")
         check(self.tpot_slo_s > 0, "tpot-slo-s", self.tpot_slo_s, "must be > 0")
         check(bool(self.run_name), "run-name", self.run_name, "must not be empty")
+        try:
+            self.data_spec  # noqa: B018 - validates the data fields now, not on first use
+        except ConfigError as e:
+            problems.append(str(e))
         if problems:
             raise ConfigError("invalid run config: " + "; ".join(problems))
-        self.data_spec  # noqa: B018 - validates the data fields now, not on first use
 
     @property
     def data_spec(self) -> DataSpec:
@@ -280,6 +285,26 @@ class RunConfig:
         if problems:
             raise ConfigError("invalid run config: " + "; ".join(problems))
         return cls(**kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_app(cls, app: Path, overrides: str = "") -> RunConfig:
+        """The run config ``flwr run <app> -c "<overrides>"`` gives the ServerApp: the app's
+        ``[tool.flwr.app.config]`` with the overrides on top (so launchers check it early)."""
+        import click
+        from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+        # Flower skips what is not key=value without a word ("rounds 5" would change nothing).
+        stray = _CONFIG_PAIR.sub(" ", overrides).split()
+        if stray:
+            raise ConfigError(
+                f"invalid run config {overrides!r}: not key=value: {' '.join(stray)!r}"
+            )
+        try:
+            parsed = parse_config_args([overrides]) if overrides.strip() else {}
+        except (ValueError, click.ClickException) as e:
+            detail = e.message if isinstance(e, click.ClickException) else str(e)
+            raise ConfigError(f"invalid run config {overrides!r}: {detail}") from None
+        return cls.from_flower(get_fused_config_from_dir(app, parsed))
 
     def replace(self, **changes: object) -> RunConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

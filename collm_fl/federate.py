@@ -99,6 +99,7 @@ def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
     env = flower_env()
     cmd = [flwr, "run", str(app), "--stream", "--federation-config", f"num-supernodes={supernodes}"]
     run_config = f"{few_nodes_config(supernodes)}{run_config}".strip()
+    RunConfig.from_app(app, run_config)  # a bad setting is exit 2 before Flower starts
     if run_config:
         cmd += ["--run-config", run_config]
     log.info("running: %s", shlex.join(cmd))

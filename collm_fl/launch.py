@@ -24,11 +24,14 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import httpx
 
 from collm_fl.errors import CollmError, ConfigError
+
+if TYPE_CHECKING:
+    from collm_fl.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +302,22 @@ class LocalFederation:
             f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.superlink_port}"\n'
             "insecure = true\n"
         )
+
+
+def replica_flags(cfg: RunConfig) -> tuple[str, ...]:
+    """The ``collm replica`` flags that make a local replica train as the run config says: its
+    data and split (the same partitions and central held-out part as the server and devices),
+    sequence length, batch size, LoRA shape, device and quantization."""
+    return (
+        *("--data", cfg.data, "--partitioning", cfg.partitioning),
+        *("--dirichlet-alpha", str(cfg.dirichlet_alpha)),
+        *("--central-heldout", str(cfg.central_heldout)),
+        *("--max-samples-per-client", str(cfg.max_samples_per_client), "--seed", str(cfg.seed)),
+        *("--seq-len", str(cfg.seq_len), "--train-batch-size", str(cfg.batch_size)),
+        *("--lora-rank", str(cfg.lora.rank), "--lora-alpha", str(cfg.lora.alpha)),
+        *("--lora-targets", ",".join(cfg.lora.target_modules)),
+        *("--device", cfg.device, "--quantization", cfg.quantization),
+    )
 
 
 def replica_command(

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import httpx
 
-from collm_fl.launch import LocalFederation
+from collm_fl.config import RunConfig
+from collm_fl.launch import LocalFederation, replica_flags
 from collm_fl.loadgen.arrivals import MAX_ARRIVALS, arrival_times
 from collm_fl.loadgen.client import (
     ReplayProgress,
@@ -147,17 +148,18 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     offsets = arrival_times(cfg.arrivals, cfg.rate, schedule_s, cfg.seed)
     requests = build_requests(offsets, cfg.prompt_tokens, cfg.output_tokens)
     out = cfg.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    kept = keep_earlier_run(out)
-    if kept is not None:
-        print(f"an earlier run's federation and replica stores are kept in {kept}", flush=True)
-    replica_args = live_replica_args(cfg)
     run_config = (
         f"model='{cfg.model}' num-server-rounds={cfg.rounds} local-steps={cfg.local_steps} "
         f"output-dir='{out / 'federation'}' run-name='live' ttft-slo-s={cfg.ttft_slo_s} "
         f"tpot-slo-s={cfg.tpot_slo_s} min-train-nodes={cfg.replicas + cfg.devices} "
         f"{cfg.run_config}"
     ).strip()
+    # Checked before anything starts; the replicas train as it says (data, LoRA shape, ...).
+    replica_args = (*replica_flags(RunConfig.from_app(app, run_config)), *live_replica_args(cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    kept = keep_earlier_run(out)
+    if kept is not None:
+        print(f"an earlier run's federation and replica stores are kept in {kept}", flush=True)
     rows: list[RoundRow] = []
     timeline: list[tuple[float, str, int | None, float]] = []  # (t, replica, version, share)
     with LocalFederation(

@@ -8,8 +8,12 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from collm_fl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collm_fl.data import DataSpec
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -26,15 +30,20 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "replica":
         return _run_replica(args)
     if args.command == "site":
+        from collm_fl.config import RunConfig
         from collm_fl.federate import few_nodes_config
-        from collm_fl.launch import LocalFederation
+        from collm_fl.launch import LocalFederation, replica_flags
 
         if args.replicas < 0 or args.devices < 0 or args.replicas + args.devices < 1:
             raise ConfigError("--replicas and --devices must be >= 0 and add up to at least 1")
         workdir = Path(args.workdir).resolve()
         nodes = args.replicas + args.devices
         run_config = f"model='{args.model}' {few_nodes_config(nodes)}{args.run_config}".strip()
-        with LocalFederation(workdir, args.replicas, args.devices, model=args.model) as fed:
+        # Checked before anything starts; the replicas train as it says (data, LoRA shape, ...).
+        flags = replica_flags(RunConfig.from_app(Path(args.app).resolve(), run_config))
+        with LocalFederation(
+            workdir, args.replicas, args.devices, model=args.model, replica_args=flags
+        ) as fed:
             for node in fed.replicas:
                 print(f"replica {node.index}: {node.api_url}/v1 (logs in {workdir})", flush=True)
             return fed.flwr_run(run_config, Path(args.app).resolve())
@@ -256,7 +265,6 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def _run_replica(args: argparse.Namespace) -> int:
     from collm_fl.adapters import LoraSpec
-    from collm_fl.data import DataSpec
     from collm_fl.models import check_load_target
     from collm_fl.replica.affinity import parse_cpu_list, pin_process
     from collm_fl.replica.metrics import SLO
@@ -286,9 +294,7 @@ def _run_replica(args: argparse.Namespace) -> int:
     check_load_target(args.quantization, args.device)
     if args.cpus:
         pin_process(parse_cpu_list(args.cpus))  # before the model loads: every thread inherits it
-    data = None
-    if args.data != "none":
-        data = DataSpec(source=args.data, partitioning=args.partitioning, seed=args.seed)
+    data = replica_data(args)
     cfg = ReplicaConfig(
         model=args.model,
         quantization=args.quantization,
@@ -336,3 +342,23 @@ def _check_lend_share(value: float, early: bool = False) -> None:
         raise ConfigError(f"--max-lend-share must be in [0, {LEND_SHARE_LIMIT}], got {value}")
     if early and value == 0:
         raise ConfigError("--lend-early lends nothing with --max-lend-share 0: set both")
+
+
+def replica_data(args: argparse.Namespace) -> DataSpec | None:
+    """The private data a replica trains on (``--data none``: it only serves)."""
+    from collm_fl.data import DataSpec
+
+    if args.data == "none":
+        return None
+    central = args.central_heldout
+    if central is None:  # as the server's default on the plays; a site's own file: none
+        central = DataSpec().central_heldout if args.data == "shakespeare" else 0
+    return DataSpec(
+        source=args.data,
+        partitioning=args.partitioning,
+        dirichlet_alpha=args.dirichlet_alpha,
+        heldout_fraction=0.0,  # nothing on a replica evaluates a local tail: all of it trains
+        central_heldout=central,
+        max_samples_per_client=args.max_samples_per_client or None,
+        seed=args.seed,
+    )

@@ -69,9 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", default="shakespeare", help="private data: shakespeare, a path, or none"
     )
-    p.add_argument("--partitioning", default="play")
+    p.add_argument(
+        "--partitioning",
+        default="play",
+        help="how --data is split into --num-partitions parts: play, character, iid, dirichlet",
+    )
     p.add_argument("--partition-id", type=int, default=0)
     p.add_argument("--num-partitions", type=int, default=1)
+    p.add_argument("--dirichlet-alpha", type=float, default=0.5, help="with dirichlet")
+    p.add_argument(
+        "--central-heldout",
+        type=int,
+        default=None,
+        help="the server's held-out part, never trained on: plays of shakespeare (default 2, as "
+        "the run config's), or for a path > 0 = 10 %% of its distinct records (default 0: a "
+        "site's own file is not the server's held-out set)",
+    )
+    p.add_argument(
+        "--max-samples-per-client", type=int, default=0, help="cap on the partition (0 = all)"
+    )
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--train-batch-size", type=int, default=4)
     p.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")

@@ -77,20 +77,20 @@ class DataSpec:
     def __post_init__(self) -> None:
         problems: list[str] = []
         if not self.source.strip():
-            problems.append("source must be 'shakespeare' or a path; got ''")
+            problems.append("data must be 'shakespeare' or a path; got ''")
         if self.partitioning not in PARTITIONINGS:
             problems.append(
                 f"partitioning must be one of {', '.join(PARTITIONINGS)}; got {self.partitioning!r}"
             )
         if not (math.isfinite(self.dirichlet_alpha) and self.dirichlet_alpha > 0):
-            problems.append(f"dirichlet_alpha must be > 0; got {self.dirichlet_alpha}")
+            problems.append(f"dirichlet-alpha must be > 0; got {self.dirichlet_alpha}")
         if not 0 <= self.heldout_fraction < 1:
-            problems.append(f"heldout_fraction must be in [0, 1); got {self.heldout_fraction}")
+            problems.append(f"heldout-fraction must be in [0, 1); got {self.heldout_fraction}")
         if self.central_heldout < 0:
-            problems.append(f"central_heldout must be >= 0; got {self.central_heldout}")
+            problems.append(f"central-heldout must be >= 0; got {self.central_heldout}")
         if self.max_samples_per_client is not None and self.max_samples_per_client < 1:
             problems.append(
-                f"max_samples_per_client must be >= 1 or None; got {self.max_samples_per_client}"
+                f"max-samples-per-client must be >= 0 (0 = all); got {self.max_samples_per_client}"
             )
         if self.seed < 0:
             problems.append(f"seed must be >= 0; got {self.seed}")
@@ -124,7 +124,7 @@ def _central_play_ids(play_ids: list[str], spec: DataSpec) -> list[str]:
     """The plays kept for the central held-out set: a seeded choice, the same for every caller."""
     if spec.central_heldout >= len(play_ids):
         raise ConfigError(
-            f"central_heldout must be less than the number of plays ({len(play_ids)}); "
+            f"central-heldout must be less than the number of plays ({len(play_ids)}); "
             f"got {spec.central_heldout}"
         )
     order = _rng(spec, _CENTRAL).permutation(len(play_ids))
@@ -138,9 +138,9 @@ def _user_files(spec: DataSpec) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
         if not files:
-            raise ConfigError(f"source folder {path} holds no {'/'.join(SUFFIXES)} files")
+            raise ConfigError(f"data folder {path} holds no {'/'.join(SUFFIXES)} files")
         return files
-    raise ConfigError(f"source must be 'shakespeare' or an existing file or folder; got {path}")
+    raise ConfigError(f"data must be 'shakespeare' or an existing file or folder; got {path}")
 
 
 def _user_split(

@@ -210,3 +210,14 @@ def test_a_nan_slo_exits_2(capsys, sub):
     extra = ["--replica", "http://127.0.0.1:1"] if sub == "gateway" else ["--control-token", "t"]
     code, err = run(capsys, sub, *extra, "--ttft-slo", "nan")
     assert code == 2 and "--ttft-slo and --tpot-slo must be finite numbers > 0" in err
+
+
+@pytest.mark.parametrize("command", ["site", "live", "federate"])
+def test_a_bad_run_config_exits_2_before_anything_starts(capsys, tmp_path, command):
+    out = ["--out", str(tmp_path / "live")] if command == "live" else []
+    workdir = ["--workdir", str(tmp_path / "site")] if command == "site" else []
+    code, err = run(capsys, command, *out, *workdir, "-c", "lora-rank=0")
+    assert code == 2 and "lora-rank must be >= 1" in err
+    code, err = run(capsys, command, *out, *workdir, "-c", "local-steps=2 rounds 5")
+    assert code == 2 and "not key=value: 'rounds 5'" in err
+    assert list(tmp_path.iterdir()) == []  # nothing was started or written

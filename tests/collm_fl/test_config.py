@@ -149,3 +149,21 @@ def test_a_round_deadline_at_or_beyond_the_round_timeout_is_refused():
     with pytest.raises(ConfigError, match=r"round-deadline-s=60.*below round-timeout \(60\)"):
         RunConfig.from_flower({"round-timeout": 60.0, "round-deadline-s": 60.0})
     assert RunConfig.from_flower({"round-timeout": 60.0, "round-deadline-s": 50.0})
+
+
+def test_a_run_config_string_is_read_as_flower_reads_it_and_stray_words_are_refused():
+    app = Path(__file__).parents[2]
+    cfg = RunConfig.from_app(app, "num-server-rounds=2 data='my data/x.jsonl' lora-rank=4")
+    assert (cfg.num_server_rounds, cfg.data, cfg.lora.rank) == (2, "my data/x.jsonl", 4)
+    assert RunConfig.from_app(app).num_server_rounds == 3  # pyproject.toml's value
+    with pytest.raises(ConfigError, match="not key=value: 'rounds 5'"):
+        RunConfig.from_app(app, "local-steps=2 rounds 5")  # Flower would drop it without a word
+    with pytest.raises(ConfigError, match="invalid format"):
+        RunConfig.from_app(app, 'data="unterminated')
+
+
+def test_data_settings_are_refused_by_their_run_config_names():
+    with pytest.raises(ConfigError, match=r"invalid run config: .*dirichlet-alpha must be > 0"):
+        RunConfig.from_flower({"dirichlet-alpha": 0.0})
+    with pytest.raises(ConfigError, match=r"max-samples-per-client must be >= 0 \(0 = all\)"):
+        RunConfig.from_flower({"max-samples-per-client": -1})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -32,3 +33,39 @@ def test_a_stop_interrupted_midway_still_kills_every_process(
         fed.stop()
     assert all(p.popen.wait(timeout=30) is not None for p in procs)
     assert not any(p.alive() for p in procs) and fed.processes == []
+
+
+def test_local_replicas_get_the_run_configs_data_split_and_lora_shape(tmp_path) -> None:
+
+    from collm_fl.cli.commands import replica_data
+    from collm_fl.cli.parser import build_parser
+    from collm_fl.config import RunConfig
+    from collm_fl.launch import replica_flags
+
+    data = tmp_path / "mine.jsonl"
+    overrides = (
+        f"data='{data}' partitioning='dirichlet' dirichlet-alpha=0.3 central-heldout=1 "
+        "max-samples-per-client=50 seed=7 seq-len=64 batch-size=2 lora-rank=4 lora-alpha=8 "
+        "lora-targets='q_proj,k_proj'"
+    )
+    cfg = RunConfig.from_app(Path(__file__).parents[2], overrides)
+    args = build_parser().parse_args(["replica", *replica_flags(cfg)])
+    spec = replica_data(args)
+    assert spec is not None
+    assert dataclasses.replace(spec, heldout_fraction=cfg.heldout_fraction) == cfg.data_spec
+    assert spec.heldout_fraction == 0.0  # nothing on a replica evaluates a local tail
+    assert (args.seq_len, args.train_batch_size) == (64, 2)
+    assert (args.lora_rank, args.lora_alpha, args.lora_targets) == (4, 8.0, "q_proj,k_proj")
+
+
+def test_a_replica_trains_on_all_of_its_own_file_but_not_on_the_held_out_plays() -> None:
+    from collm_fl.cli.commands import replica_data
+    from collm_fl.cli.parser import build_parser
+
+    def spec(*flags: str):
+        return replica_data(build_parser().parse_args(["replica", *flags]))
+
+    assert spec().central_heldout == 2  # the plays the server evaluates on
+    assert spec("--data", "site.jsonl").central_heldout == 0  # its own file: nothing set aside
+    assert spec("--data", "site.jsonl", "--central-heldout", "1").central_heldout == 1
+    assert spec("--data", "none") is None

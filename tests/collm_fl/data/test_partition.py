@@ -151,8 +151,8 @@ def test_data_spec_reports_every_bad_field_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         DataSpec(dirichlet_alpha=0.0, heldout_fraction=1.5, central_heldout=-1)
     message = str(info.value)
-    assert "dirichlet_alpha" in message and "heldout_fraction" in message
-    assert "central_heldout" in message
+    assert "dirichlet-alpha" in message and "heldout-fraction" in message
+    assert "central-heldout" in message
 
 
 @pytest.mark.parametrize("partition_id", [-1, N_CLIENTS])
@@ -198,7 +198,7 @@ def test_user_files_play_partitioning_falls_back_to_contiguous_runs(tmp_path: Pa
 
 
 def test_missing_user_source_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="source must be"):
+    with pytest.raises(ConfigError, match="data must be"):
         load_client_data(DataSpec(source=str(tmp_path / "nope.jsonl")), 0, 1)
 
 
