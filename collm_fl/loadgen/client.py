@@ -311,7 +311,13 @@ async def _send(
 ) -> RequestResult:
     loop = asyncio.get_running_loop()
     sent = loop.time()
-    body: dict[str, object] = {"model": model, "max_tokens": spec.max_tokens, "stream": True}
+    body: dict[str, object] = {
+        "model": model,
+        "max_tokens": spec.max_tokens,
+        "stream": True,
+        # The served token counts: a token that decodes to no text sends no chunk to count.
+        "stream_options": {"include_usage": True},
+    }
     if spec.chat:
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": spec.prompt}]
     else:

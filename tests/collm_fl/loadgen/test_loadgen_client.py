@@ -48,7 +48,9 @@ def _chunk(chat: bool, text: str | None, finish: str | None = None, **extra: obj
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def _stream(chat: bool, prompt: str, n: int, request: Request) -> AsyncIterator[str]:
+async def _stream(
+    chat: bool, prompt: str, n: int, request: Request, usage: bool
+) -> AsyncIterator[str]:
     if chat:
         yield _chunk(chat, None, **{"role": "assistant"})  # no content: must not count as TTFT
     for i in range(n):
@@ -61,8 +63,9 @@ async def _stream(chat: bool, prompt: str, n: int, request: Request) -> AsyncIte
                 await asyncio.sleep(0.05)
             return
         yield _chunk(chat, f" w{i}", "length" if i == n - 1 else None)
-    if "USAGE" in prompt:
-        yield _chunk(chat, None, usage={"prompt_tokens": 11, "completion_tokens": 42})
+    if usage and "NOUSAGE" not in prompt:  # as OpenAI's API: only when the request asks for it
+        hidden = 1 if "HIDDEN" in prompt else 0  # a token that decoded to no text: no chunk
+        yield _chunk(chat, None, usage={"prompt_tokens": 11, "completion_tokens": n + hidden})
     if "NODONE" not in prompt:
         yield "data: [DONE]\n\n"
 
@@ -84,7 +87,8 @@ def _fake_app() -> FastAPI:
             while not await request.is_disconnected():
                 await asyncio.sleep(0.05)
             return Response(status_code=499)
-        gen = _stream(chat, prompt, body["max_tokens"], request)
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        gen = _stream(chat, prompt, body["max_tokens"], request, usage)
         return StreamingResponse(gen, media_type="text/event-stream")
 
     @app.post("/v1/completions")
@@ -172,12 +176,15 @@ def test_requests_from_trace_rows_keep_their_lengths() -> None:
 
 
 def test_replay_measures_ttft_and_tpot_from_the_stream(server_url: str) -> None:
-    specs = [RequestSpec(0.0, "hello", 5, prompt_tokens=3), RequestSpec(0.0, "hi", 5, chat=True)]
+    specs = [
+        RequestSpec(0.0, "hello NOUSAGE", 5, prompt_tokens=3),
+        RequestSpec(0.0, "hi NOUSAGE", 5, chat=True),
+    ]
     results = _replay(server_url, specs, timeout_s=10.0)
     for r in results:
         assert r.status == "ok" and r.http_status == 200 and r.error is None
         assert r.adapter_version == VERSION
-        assert r.output_tokens == 5  # counted chunks: the fake sends no usage
+        assert r.output_tokens == 5  # counted chunks: no usage came
         assert r.ttft_s is not None and r.tpot_s is not None and r.e2e_s is not None
         assert DELAY_S * 0.8 <= r.ttft_s < DELAY_S * 10  # the chat role chunk is not a token
         assert DELAY_S * 0.8 <= r.tpot_s < DELAY_S * 4
@@ -185,9 +192,10 @@ def test_replay_measures_ttft_and_tpot_from_the_stream(server_url: str) -> None:
     assert results[0].prompt_tokens == 3 and [r.index for r in results] == [0, 1]
 
 
-def test_replay_prefers_usage_when_the_server_sends_it(server_url: str) -> None:
-    (r,) = _replay(server_url, [RequestSpec(0.0, "USAGE", 3)], timeout_s=10.0)
-    assert r.status == "ok" and r.output_tokens == 42 and r.prompt_tokens == 11
+def test_replay_asks_for_usage_and_prefers_it_to_counting_chunks(server_url: str) -> None:
+    # A token that decodes to no text sends no chunk: counting chunks undercounts.
+    (r,) = _replay(server_url, [RequestSpec(0.0, "hello HIDDEN", 3)], timeout_s=10.0)
+    assert r.status == "ok" and r.output_tokens == 4 and r.prompt_tokens == 11
 
 
 def test_replay_records_a_503_as_http_503(server_url: str) -> None:
