@@ -17,6 +17,7 @@ from strategies.allocation import (
     NodeBudget,
     NodeLoad,
     NodeState,
+    RateForecast,
     allocate,
     describe,
     forecast_rate,
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Node:
     load: NodeLoad | None = None
-    forecast: float | None = None
+    forecast: RateForecast | None = None
     step_seconds: float | None = None
 
 
@@ -70,7 +71,7 @@ class CoordinationState:
             NodeState(
                 node_id=n,
                 load=self.nodes.get(n, _Node()).load,
-                forecast_rate=self.nodes.get(n, _Node()).forecast or 0.0,
+                forecast_rate=_next_rate(self.nodes.get(n, _Node()).forecast),
                 step_seconds=self.nodes.get(n, _Node()).step_seconds,
             )
             for n in sorted(node_ids)
@@ -98,3 +99,7 @@ class CoordinationState:
                 b.reason,
             )
         return {b.node_id: b for b in budgets}
+
+
+def _next_rate(forecast: RateForecast | None) -> float:
+    return forecast.next if forecast is not None else 0.0

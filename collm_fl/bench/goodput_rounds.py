@@ -35,6 +35,7 @@ from collm_fl.policies.allocation import (
     AllocationInputs,
     NodeLoad,
     NodeState,
+    RateForecast,
     allocate,
     forecast_rate,
 )
@@ -132,7 +133,7 @@ class Orchestrator:
         self.log = FederationLog([], [], {0: start.loss})
         self.progress_line: Callable[[], str] = lambda: ""
         self._pushed_wall: list[tuple[float, int, int]] = []  # (replica time.time(), i, version)
-        self._forecast: dict[int, float] = {}
+        self._forecast: dict[int, RateForecast] = {}
         self._step_s: dict[int, float] = {}
         self._history: list[tuple[int, float]] = [(0, start.loss)]
         self._steps_total = 0
@@ -229,7 +230,7 @@ class Orchestrator:
             )
             self._forecast[i] = forecast_rate(self._forecast.get(i), load.request_rate)
             step_s = self._step_s.get(i, self.s.step_seconds)
-            nodes.append(NodeState(i, load, self._forecast[i], step_s))
+            nodes.append(NodeState(i, load, self._forecast[i].next, step_s))
         inputs = AllocationInputs(
             nodes=tuple(nodes),
             ttft_slo_s=self.s.slo.ttft_s,

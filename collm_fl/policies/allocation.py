@@ -8,7 +8,9 @@ code runs live in the ServerApp, in tests and in the simulator):
    Gains flattening → a smaller round budget (down to ``min_gain_factor``).
 2. **Load headroom.** Training takes the compute serving leaves: a replica reports the share of
    its time its engine computed (``serving_utilization``); scaled by the forecast growth of its
-   request rate (EWMA) that is the serving it must keep, and the rest is headroom. A replica whose
+   request rate (Holt's linear trend: a smoothed level plus a smoothed trend, so a rate that has
+   been rising is expected to go on rising) that is the serving it must keep, and the rest is
+   headroom. A replica whose
    p95 latencies already exceed the SLOs keeps up to ``SLO_RESERVE`` more for serving. (Without a
    utilization report, latency relative to the SLOs stands in for it.) The training share is
    that headroom.
@@ -37,7 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 IDLE_RATE = 0.05  # requests/s below which a replica counts as idle
-FORECAST_ALPHA = 0.5  # weight of the newest load report in the forecast
+FORECAST_ALPHA = 0.5  # weight of the newest load report in the forecast's level
+FORECAST_BETA = 0.5  # weight of the newest change of level in the forecast's trend
 SLO_RESERVE = 0.1  # extra share kept for serving by a replica missing its SLOs (pressure >= 2)
 MIN_GAIN_POINTS = 4  # loss points (three per-step rates) before the gain factor moves off 1.0
 
@@ -89,9 +92,31 @@ class NodeBudget:
         return self.steps == 0 and self.backfill_steps == 0
 
 
-def forecast_rate(previous: float | None, current: float, alpha: float = FORECAST_ALPHA) -> float:
-    """EWMA forecast of next round's request rate from this round's report."""
-    return current if previous is None else alpha * current + (1 - alpha) * previous
+@dataclass(frozen=True)
+class RateForecast:
+    """A node's request rate, smoothed: ``level`` and its per-round ``trend`` (Holt)."""
+
+    level: float
+    trend: float = 0.0
+
+    @property
+    def next(self) -> float:
+        """The forecast request rate of the next round (never below 0)."""
+        return max(0.0, self.level + self.trend)
+
+
+def forecast_rate(
+    previous: RateForecast | None,
+    current: float,
+    alpha: float = FORECAST_ALPHA,
+    beta: float = FORECAST_BETA,
+) -> RateForecast:
+    """Holt's linear-trend update with this round's reported rate: a steady rate forecasts
+    itself, a rising one more than its latest report, a falling one less."""
+    if previous is None:
+        return RateForecast(current)
+    level = alpha * current + (1 - alpha) * previous.next
+    return RateForecast(level, beta * (level - previous.level) + (1 - beta) * previous.trend)
 
 
 def quality_gain_factor(history: Sequence[tuple[int, float]], floor: float = 0.2) -> float:

@@ -100,9 +100,34 @@ def test_rising_forecast_eats_headroom():
     assert headroom(now, forecast=2.0, **SLO) < headroom(now, forecast=1.0, **SLO)
 
 
-def test_forecast_is_an_ewma():
-    assert forecast_rate(None, 3.0) == 3.0
-    assert forecast_rate(1.0, 3.0, alpha=0.5) == 2.0
+def _forecasts(rates: list[float]) -> list[float]:
+    f, out = None, []
+    for r in rates:
+        f = forecast_rate(f, r)
+        out.append(f.next)
+    return out
+
+
+def test_the_forecast_follows_the_trend_of_the_rate():
+    assert _forecasts([3.0]) == [3.0]
+    assert _forecasts([2.0] * 5)[-1] == pytest.approx(2.0)  # steady: itself
+    rising = [1.0, 2.0, 3.0, 4.0]
+    assert _forecasts(rising)[-1] > rising[-1]  # rising: more than the latest report
+    falling = rising[::-1]
+    assert _forecasts(falling)[-1] < falling[-1]  # falling: less
+    assert _forecasts([4.0, 0.0, 0.0])[-1] >= 0.0  # never negative
+
+
+def test_a_rising_rate_costs_training_and_a_falling_one_does_not():
+    # The growth factor of the headroom comes from the forecast: as the rate rises the replica
+    # keeps more for serving than its latest utilization says; as it falls, no more.
+    def room(rates: list[float]) -> float:
+        now = NodeLoad(rates[-1], 0.0, 0.5, 0.05, 1.0, utilization=0.4)
+        return headroom(now, _forecasts(rates)[-1], **SLO)
+
+    steady = room([2.0] * 4)
+    assert room([0.5, 1.0, 1.5, 2.0]) < steady
+    assert room([3.5, 3.0, 2.5, 2.0]) == pytest.approx(steady)
 
 
 def test_load_from_metrics_reads_replica_reports_and_ignores_devices():
