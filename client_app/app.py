@@ -5,13 +5,15 @@ Two kinds of node:
 - **replica node**: ``node_config`` has ``replica-address`` (host:port of a ``collm replica``
   control API; token in ``$COLLM_CONTROL_TOKEN`` or ``replica-token``). The replica, a long-lived
   process beside the SuperNode, serves and trains on the same base weights; this app only relays.
-- **device node**: no replica; it loads the model and trains in-process on its partition
-  (``partition-id``, ``num-partitions``).
+- **device node**: no replica; it loads the model and trains in-process on its part of the run
+  config's ``data`` (``partition-id``, ``num-partitions``), or on its own data: ``data``, a path
+  on the device's host (all of it, or a part with ``partition-id``/``num-partitions``).
 Replies carry only adapter tensors and scalar metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -21,6 +23,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from collm_fl.config import RunConfig, TrainBudget
+from collm_fl.data.partition import DataSpec
 from collm_fl.errors import ConfigError
 from collm_fl.flower_records import (
     ARRAYS_KEY,
@@ -46,13 +49,26 @@ app = ClientApp()
 
 
 def _partition(context: Context) -> tuple[int, int]:
+    node = context.node_config
+    if "data" in node and "partition-id" not in node and "num-partitions" not in node:
+        return 0, 1  # the node's own data: all of it
     try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        return int(node["partition-id"]), int(node["num-partitions"])
     except KeyError as e:
         raise ConfigError(
             f"node_config lacks {e.args[0]!r}: start the SuperNode with "
-            '--node-config "partition-id=<i> num-partitions=<n>"'
+            '--node-config "partition-id=<i> num-partitions=<n>" (a part of the run config\'s '
+            "data) or \"data='<path>'\" (its own data)"
         ) from e
+
+
+def _own_data(context: Context, cfg: RunConfig) -> DataSpec | None:
+    """A device's own data (node config ``data``, a path on its host), or None for its part of
+    the run config's. Its own file is not the server's held-out set: nothing is set aside."""
+    path = context.node_config.get("data")
+    if path is None:
+        return None
+    return dataclasses.replace(cfg.data_spec, source=str(path), central_heldout=0)
 
 
 def _replica(context: Context, cfg: RunConfig) -> ReplicaClient | None:
@@ -109,6 +125,7 @@ def train(msg: Message, context: Context) -> Message:
             budget,
             server_round,
             deadline_s=float(rc.get("deadline-s", cfg.round_timeout)),  # type: ignore[arg-type]
+            data_spec=_own_data(context, cfg),
         )
     content = RecordDict(
         {ARRAYS_KEY: state_to_arrayrecord(state), METRICS_KEY: MetricRecord(metrics)}
@@ -124,7 +141,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     partition_id, num_partitions = _partition(context)
     arrays: ArrayRecord = msg.content[ARRAYS_KEY]
-    metrics = evaluate_on_partition(cfg, partition_id, num_partitions, arrayrecord_to_state(arrays))
+    state = arrayrecord_to_state(arrays)
+    own = _own_data(context, cfg)
+    metrics = evaluate_on_partition(cfg, partition_id, num_partitions, state, data_spec=own)
     return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from collm_fl.adapters import AdapterState
 from collm_fl.config import RunConfig, TrainBudget
-from collm_fl.data import load_client_data
+from collm_fl.data import DataSpec, load_client_data
 from collm_fl.data.tokenize import iterate_batches, tokenize_samples
 from collm_fl.errors import ConfigError
 from collm_fl.models import load_base_model
@@ -43,15 +43,18 @@ def train_on_partition(
     budget: TrainBudget,
     server_round: int,
     deadline_s: float | None = None,
+    data_spec: DataSpec | None = None,
 ) -> tuple[AdapterState, dict[str, float]]:
     """Train ``budget.local_steps`` steps from the global adapter, none starting after
-    ``deadline_s`` (from the call, loading included); return it with metrics."""
+    ``deadline_s`` (from the call, loading included); return it with metrics. ``data_spec``:
+    the node's own data (default: the run config's)."""
     apply_thread_budget(cfg)
     started = time.perf_counter()
     loaded = load_base_model(cfg.model, quantization=cfg.quantization, device=cfg.device)
     model = attach_lora(loaded.model, cfg.lora)
     set_adapter_state(model, global_state)
-    data = load_client_data(cfg.data_spec, partition_id, num_partitions, loaded.tokenizer)
+    spec = data_spec or cfg.data_spec
+    data = load_client_data(spec, partition_id, num_partitions, loaded.tokenizer)
     blocks = tokenize_samples(data.train, loaded.tokenizer, cfg.seq_len)
     batches = iterate_batches(blocks, budget.batch_size, seed=cfg.seed * 100_003 + server_round)
     left = None if deadline_s is None else max(0.0, deadline_s - (time.perf_counter() - started))
@@ -82,13 +85,15 @@ def evaluate_on_partition(
     partition_id: int,
     num_partitions: int,
     global_state: Mapping[str, np.ndarray],
+    data_spec: DataSpec | None = None,
 ) -> dict[str, float]:
     """Held-out loss of the global adapter on this client's own held-out split."""
     apply_thread_budget(cfg)
     loaded = load_base_model(cfg.model, quantization=cfg.quantization, device=cfg.device)
     model = attach_lora(loaded.model, cfg.lora)
     set_adapter_state(model, global_state)
-    data = load_client_data(cfg.data_spec, partition_id, num_partitions, loaded.tokenizer)
+    spec = data_spec or cfg.data_spec
+    data = load_client_data(spec, partition_id, num_partitions, loaded.tokenizer)
     if not data.heldout:
         raise ConfigError(
             f"partition {partition_id} of {num_partitions} ({data.name}) has no held-out split to"

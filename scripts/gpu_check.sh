@@ -5,7 +5,12 @@
 # prometheus-client); .whl/pinned/ holds the transformers + peft this project pins, installed only
 # when the machine's transformers predates the `cache=` forward kwarg (and kept only if it imports).
 # Needs no Flower, FastAPI or SQLAlchemy. Log: $OUT/gpu_check.log when $OUT is set. < 5 minutes.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+# (.whl/ is not in the repository: put the wheels there, or have the packages installed already.)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
 set -uo pipefail
 LOG=${OUT:+$OUT/gpu_check.log}
 LOG=${LOG:-/dev/null}
@@ -20,7 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaModel
 sys.exit(0 if "cache" in inspect.signature(LlamaModel.forward).parameters else 1)
 PY
   }
-  if ! engine_api_ok; then
+  if ! engine_api_ok && compgen -G ".whl/pinned/*.whl" >/dev/null; then
     echo "machine transformers predates LlamaModel.forward(cache=...): trying .whl/pinned"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/pinned/*.whl

@@ -191,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replica", action="append", required=True, help="replica base URL (repeat)")
     p.add_argument("--api-key", default=None, help="key clients send (default: $COLLM_API_KEY)")
-    p.add_argument("--replica-api-key", default=None, help="key for the replicas' /v1 API")
+    p.add_argument(
+        "--replica-api-key",
+        default=None,
+        help="key for the replicas' /v1 API (default: $COLLM_REPLICA_API_KEY, else --api-key)",
+    )
     p.add_argument("--ttft-slo", type=float, default=2.0)
     p.add_argument("--tpot-slo", type=float, default=0.2)
     p.add_argument(

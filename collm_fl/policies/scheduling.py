@@ -23,7 +23,7 @@ core (``InferenceEngine.want_late_turn``) — that time is lost to goodput eithe
 
 With nothing timed yet (``prefill_s_per_token == 0``) the order is first come, first served and
 the whole batch's free rows are filled, as with ``"fcfs"``. A pure function of its inputs
-(STYLE.md), so the engine, the tests and a simulator run the same code.
+(the house style's rule for policies), so the engine, the tests and a simulator run the same code.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
   (``?mode=reload|merge``: stop-the-world swaps, for baselines only)
 - ``POST /control/train``              JSON budget → trained adapter (safetensors, with metrics)
   (``"exclusive": true``: serving pauses for the job, for baselines only)
-- ``GET  /control/load?reset=true``    load report since the last reset
+- ``GET  /control/load[?reset=true]`` load report since the last reset (and start a new window)
 - ``PUT  /control/share``              ``{"share": 0..1}``: training share, changeable at run time
 - ``POST /control/rollback``           ``{"version": N}``: serve a stored older version again
 - ``GET  /control/status``             versions, slots, trainer state
@@ -140,7 +140,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
         return Response(blob, media_type="application/octet-stream")
 
     @app.get("/control/load", dependencies=guarded)
-    async def load(reset: bool = True) -> dict[str, float]:
+    async def load(reset: bool = False) -> dict[str, float]:
         return replica.load_report(reset=reset).to_metrics(prefix="")
 
     @app.put("/control/share", dependencies=guarded)

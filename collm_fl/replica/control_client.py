@@ -83,7 +83,7 @@ class ReplicaClient:
         state, _, _, metrics = decode_adapter(r.content)
         return state, metrics
 
-    def load_report(self, reset: bool = True) -> dict[str, float]:
+    def load_report(self, reset: bool = False) -> dict[str, float]:
         return self._call("GET", "/control/load", params={"reset": str(reset).lower()}).json()  # type: ignore[no-any-return]
 
     def set_share(self, share: float) -> None:

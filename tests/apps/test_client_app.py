@@ -113,3 +113,17 @@ def test_evaluate_on_a_client_without_a_heldout_split_says_why(global_state, tmp
         ConfigError, match=r"partition 0 of 1 \(one.jsonl.*\) has no held-out split"
     ):
         evaluate(msg, ctx)
+
+
+def test_a_device_trains_on_its_own_data_file_given_in_its_node_config(global_state, tmp_path):
+    data = tmp_path / "private.jsonl"
+    records = (f'{{"instruction": "question {i}", "output": "answer {i}"}}' for i in range(12))
+    data.write_text("\n".join(records))
+    ctx = context({"data": str(data)})  # no partition-id / num-partitions: the whole file
+    reply = train(train_message(global_state), ctx)
+    (metrics,) = reply.content.metric_records.values()
+    # 11 of the 12 records train (one row each): nothing set aside as the server's held-out set,
+    # only the local held-out tail (a tenth: one record).
+    assert metrics["num-examples"] == 11
+    with pytest.raises(ConfigError, match="data must be 'shakespeare' or an existing file"):
+        train(train_message(global_state), context({"data": str(tmp_path / "missing.jsonl")}))

@@ -121,6 +121,16 @@ def test_control_round_trip_push_train_load_share_rollback(start_replica, refere
             c.train(2, steps=1, learning_rate=1e-3, deadline_s=60, base_version=5)
 
 
+def test_looking_at_the_load_report_does_not_reset_its_window(start_replica):
+    replica = start_replica()
+    stream_completion(replica, "one request")
+    with control(replica) as c:
+        assert c.load_report()["requests"] == 1
+        assert c.load_report()["requests"] == 1  # a plain GET only looks
+        assert c.load_report(reset=True)["requests"] == 1  # the allocation's read starts anew
+        assert c.load_report()["requests"] == 0
+
+
 def test_invalid_versions_are_rejected_and_serving_keeps_the_old_one(start_replica, reference):
     adapter, _ = reference
     replica = start_replica()
