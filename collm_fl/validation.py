@@ -22,6 +22,10 @@ from collm_fl.errors import AdapterValidationError
 
 log = logging.getLogger(__name__)
 
+# Past this ‖ΔBA‖ the float32 products and Gram matrices of the aggregation overflow (whatever
+# ``max_update_norm`` says, 0 = no bound included): no honest LoRA update comes near it.
+MAX_AGGREGABLE_NORM = 1e15
+
 
 @dataclass(frozen=True)
 class UpdateCheck:
@@ -87,7 +91,11 @@ def validate_update(
         if module_ok:
             sq_norm += lora_delta_norm(update[key_a], update[key_b], a_ref, b_ref) ** 2
     norm = math.sqrt(sq_norm)
-    if max_update_norm is not None and norm > max_update_norm:
+    if not norm <= MAX_AGGREGABLE_NORM:  # also NaN / inf
+        reasons.append(
+            f"update norm {norm:.6g} is too large to aggregate (limit {MAX_AGGREGABLE_NORM:.0e})"
+        )
+    elif max_update_norm is not None and norm > max_update_norm:
         reasons.append(f"update norm {norm:.6g} exceeds max_update_norm {max_update_norm:.6g}")
     if reasons:
         log.debug("update rejected: %s", "; ".join(reasons))

@@ -183,6 +183,11 @@ class Federation:
             eval_loss, eval_ppl = ev.loss, ev.perplexity
             if not self._passes_quality_gate(rnd, ev.loss):
                 new_state, note = None, " (quality gate: kept previous)"
+        elif report.failure is not None:
+            note = f" ({report.failure}: kept previous)"
+            store.record_event(
+                run_id, "aggregation-failed", {"round": rnd, "reason": report.failure}
+            )
         elif not report.aggregated:
             note = " (kept previous)"
         metrics = {
@@ -192,7 +197,13 @@ class Federation:
         seconds = time.perf_counter() - started
         record = RoundRecord(
             number=rnd,
-            status="aggregated" if new_state is not None else "kept-previous",
+            status=(
+                "aggregated"
+                if new_state is not None
+                else "failed"
+                if report.failure is not None
+                else "kept-previous"
+            ),
             started_at=started_at,
             finished_at=datetime.now(UTC),
             num_ok=report.count("ok"),

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -77,6 +78,7 @@ class RoundReport:
     server_round: int
     outcomes: tuple[ReplyOutcome, ...]
     aggregated: bool
+    failure: str | None = None  # why the good replies could not be aggregated, if they could not
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -129,7 +131,8 @@ class LoraFedAvg(FedAvg):
         # Per-node budgets for the next round (set by the ServerApp from the allocation policy);
         # a node with 0 steps sits the round out. None: every sampled node gets the round config.
         self.node_budgets: dict[int, NodeBudget] | None = None
-        self._sent_to: set[int] = set()  # nodes asked to train this round
+        # Nodes asked to train this round -> most steps they were asked for (None: not known).
+        self._asked: dict[int, int | None] = {}
 
     def summary(self) -> None:
         log.info(
@@ -153,7 +156,7 @@ class LoraFedAvg(FedAvg):
         messages = super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
         if not self.node_budgets:
             messages = list(messages)
-            self._sent_to = {int(m.metadata.dst_node_id) for m in messages}
+            self._asked = {int(m.metadata.dst_node_id): _steps_asked(m) for m in messages}
             return messages
         out = []
         for msg in messages:
@@ -181,7 +184,7 @@ class LoraFedAvg(FedAvg):
                     message_type=msg.metadata.message_type,
                 )
             )
-        self._sent_to = {int(m.metadata.dst_node_id) for m in out}
+        self._asked = {int(m.metadata.dst_node_id): _steps_asked(m) for m in out}
         return out
 
     def configure_evaluate(
@@ -203,7 +206,7 @@ class LoraFedAvg(FedAvg):
                 log.warning("round %d: node %d failed: %s", server_round, node, reason)
                 outcomes.append(ReplyOutcome(node, FAILED, reason))
                 continue
-            problems, state, metrics = self._check_reply(msg)
+            problems, state, metrics = self._check_reply(msg, self._asked.get(node))
             norm = None
             if not problems:
                 check = validate_update(state, reference, self.max_update_norm)
@@ -242,7 +245,24 @@ class LoraFedAvg(FedAvg):
                 self.min_good_replies,
             )
             return None, None
-        states = [state for state, _, _ in good]
+        try:
+            new_state = self._aggregate([state for state, _, _ in good], weights, reference)
+        except (np.linalg.LinAlgError, RuntimeError, FloatingPointError) as e:
+            # A numerical failure of the aggregate must not take the server down: the round
+            # keeps the previous version, with the reason on record.
+            log.error(
+                "round %d: aggregation failed (%s); keeping the previous version", server_round, e
+            )
+            self.last_report = replace(
+                self.last_report, aggregated=False, failure=f"aggregation failed: {e}"
+            )
+            return None, None
+        metrics = [outcomes[i].metrics for i in good_at]
+        return state_to_arrayrecord(new_state), aggregate_metrics(metrics, weights)
+
+    def _aggregate(
+        self, states: list[AdapterState], weights: list[float], reference: AdapterState
+    ) -> AdapterState:
         eta = self.server_lr
         if self.robust != "none":
             new_state = aggregate_lora_robust(
@@ -252,14 +272,10 @@ class LoraFedAvg(FedAvg):
                 new_state = aggregate_lora_exact(
                     [new_state], [1.0], server_lr=eta, reference=reference
                 )
-        elif self.mode == "exact":
-            new_state = aggregate_lora_exact(states, weights, server_lr=eta, reference=reference)
-        else:
-            new_state = aggregate_lora_fedavg(states, weights, server_lr=eta, reference=reference)
-        agg_metrics = self.train_metrics_aggr_fn(
-            self._weighted_as_aggregated(good, weights), self.weighted_by_key
-        )
-        return state_to_arrayrecord(new_state), agg_metrics
+            return new_state
+        if self.mode == "exact":
+            return aggregate_lora_exact(states, weights, server_lr=eta, reference=reference)
+        return aggregate_lora_fedavg(states, weights, server_lr=eta, reference=reference)
 
     def report_unaggregated(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
         """The report of a round a wrapping strategy did not pass on (Flower's DP wrappers refuse
@@ -283,32 +299,15 @@ class LoraFedAvg(FedAvg):
         self.last_report = RoundReport(server_round, tuple(outcomes), False)
         return self.last_report
 
-    def _weighted_as_aggregated(
-        self, good: list[tuple[AdapterState, int, Message]], weights: list[float]
-    ) -> list[RecordDict]:
-        """The good replies' metric records, weighted as their updates were: a capped claim
-        weighs its metrics no more than its update (with the metrics weighted by examples)."""
-        if self.weighted_by_key != NUM_EXAMPLES:
-            return [m.content for _, _, m in good]
-        return [
-            RecordDict(
-                {
-                    name: MetricRecord({**dict(record), NUM_EXAMPLES: weight})
-                    for name, record in m.content.metric_records.items()
-                }
-            )
-            for (_, _, m), weight in zip(good, weights, strict=True)
-        ]
-
     def _add_missing_replies(self, server_round: int, outcomes: list[ReplyOutcome]) -> None:
         """Flower drops the nodes that did not answer within the round's timeout: a ``failed``
         outcome for each node asked this round that is not in ``outcomes`` (in place)."""
         answered = {o.node_id for o in outcomes}
-        for node in sorted(self._sent_to - answered):
+        for node in sorted(set(self._asked) - answered):
             reason = "no reply within the round timeout"
             log.warning("round %d: node %d failed: %s", server_round, node, reason)
             outcomes.append(ReplyOutcome(node, FAILED, reason))
-        self._sent_to = set()
+        self._asked = {}
 
     def _cap_weights(
         self, server_round: int, outcomes: list[ReplyOutcome], good_at: list[int]
@@ -342,8 +341,11 @@ class LoraFedAvg(FedAvg):
             outcomes[i] = replace(outcomes[i], reason=note, weight_used=u)
         return used
 
-    def _check_reply(self, msg: Message) -> tuple[list[str], AdapterState, dict[str, float]]:
-        """Structural checks Flower's own consistency check would raise on; here they reject."""
+    def _check_reply(
+        self, msg: Message, steps_asked: int | None = None
+    ) -> tuple[list[str], AdapterState, dict[str, float]]:
+        """Structural checks Flower's own consistency check would raise on, and the metrics'
+        (finite numbers; at most the steps the node was asked for): here they reject."""
         content = msg.content
         problems: list[str] = []
         state: AdapterState = {}
@@ -358,8 +360,44 @@ class LoraFedAvg(FedAvg):
             problems.append(f"expected one MetricRecord, got {list(content.metric_records)}")
         else:
             raw = next(iter(content.metric_records.values()))
-            metrics = {k: float(v) for k, v in raw.items() if isinstance(v, int | float)}
+            for key, value in raw.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    problems.append(f"metric {key!r} must be a number, got {value!r}")
+                elif not math.isfinite(value):
+                    problems.append(f"metric {key!r} must be finite, got {value!r}")
+                else:
+                    metrics[key] = float(value)
             n = metrics.get(NUM_EXAMPLES)
-            if n is None or not (math.isfinite(n) and n >= 1):
+            if n is None or not n >= 1:
                 problems.append(f"{NUM_EXAMPLES} must be a finite number >= 1, got {n!r}")
+            steps = metrics.get(LOCAL_STEPS)
+            if steps is not None and not (
+                steps >= 0 and (steps_asked is None or steps <= steps_asked)
+            ):
+                asked = steps_asked is not None
+                limit = f"[0, {steps_asked}] (the steps asked for)" if asked else ">= 0"
+                problems.append(f"{LOCAL_STEPS} must be in {limit}, got {steps:g}")
         return problems, state, metrics
+
+
+def _steps_asked(msg: Message) -> int | None:
+    """The most steps a train message asks for (planned + backfill), None if it does not say."""
+    config = msg.content.config_records.get(CONFIG_KEY)
+    if config is None or "local-steps" not in config:
+        return None
+    return int(config["local-steps"]) + int(config.get("backfill-steps", 0))  # type: ignore[call-overload]
+
+
+def aggregate_metrics(
+    metrics: Sequence[Mapping[str, float]], weights: Sequence[float]
+) -> MetricRecord:
+    """Each metric's mean over the replies that report it, weighted as their updates were
+    (``num-examples``, the weighting key, is left out, as Flower's FedAvg does). A metric only some
+    nodes send (a replica's ``load-*``) is the mean of those nodes', not diluted by the others."""
+    out = MetricRecord()
+    for key in sorted({k for m in metrics for k in m} - {NUM_EXAMPLES}):
+        pairs = [(m[key], w) for m, w in zip(metrics, weights, strict=True) if key in m]
+        total = sum(w for _, w in pairs)
+        if total > 0:
+            out[key] = sum(v * w for v, w in pairs) / total
+    return out

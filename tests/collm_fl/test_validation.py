@@ -127,3 +127,13 @@ def test_clip_factor_update_rejects_structural_mismatch(rng: np.random.Generator
     del update[Q + LORA_A_SUFFIX]
     with pytest.raises(AdapterValidationError, match="missing key"):
         clip_factor_update(update, reference, max_norm=1.0)
+
+
+def test_an_update_too_large_to_aggregate_is_rejected_even_without_a_bound():
+    ref = {
+        "m.lora_A.weight": np.zeros((2, 4), np.float32),
+        "m.lora_B.weight": np.zeros((4, 2), np.float32),
+    }
+    huge = {k: np.full_like(v, 1e25) for k, v in ref.items()}
+    check = validate_update(huge, ref, max_update_norm=None)
+    assert not check.ok and "too large to aggregate" in check.reasons[0]

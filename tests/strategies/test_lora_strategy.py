@@ -6,7 +6,7 @@ from lora_messages import SHAPES, adapter, reply, strategy
 
 from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg
 from collm_fl.flower_records import arrayrecord_to_state, state_to_arrayrecord
-from strategies.lora import LoraFedAvg
+from strategies.lora import LoraFedAvg, aggregate_metrics
 
 
 def error_reply(node: int) -> Message:
@@ -203,3 +203,47 @@ def test_under_uniform_weights_every_reply_weighs_one_and_an_idle_one_is_a_zero_
     assert [o.weight_used for o in s.last_report.outcomes] == [1.0, 1.0, 1.0]
     assert all(o.reason is None for o in s.last_report.outcomes)  # nothing capped or left out
     assert metrics["train-loss"] == pytest.approx((1.1 + 1.2 + 1.3) / 3)
+
+
+def test_bad_metrics_reject_the_reply_and_the_round_goes_on():
+    s = strategy()
+    five = {"local-steps": 5.0}
+    s._asked = {n: 5 for n in range(1, 6)}  # as configure_train records it: 5 steps asked
+    replies = [
+        reply(1, adapter(1), 10, five),
+        reply(2, adapter(2), 10, {"local-steps": float("nan")}),
+        reply(3, adapter(3), 10, {"local-steps": 1e9}),  # more steps than asked for
+        reply(4, adapter(4), 10, {"train-loss": [3.0, 3.0]}),
+        reply(5, adapter(5), 10, {"train-loss": float("inf")}),
+    ]
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert arrays is not None and metrics["train-loss"] == pytest.approx(1.1)
+    by_node = {o.node_id: o for o in s.last_report.outcomes}
+    assert by_node[1].status == "ok"
+    assert "'local-steps' must be finite" in by_node[2].reason
+    assert "local-steps must be in [0, 5] (the steps asked for), got 1e+09" in by_node[3].reason
+    assert "'train-loss' must be a number" in by_node[4].reason
+    assert "'train-loss' must be finite" in by_node[5].reason
+    assert s.last_report.count("rejected") == 4
+
+
+def test_a_metric_some_nodes_do_not_send_is_the_mean_of_those_that_do():
+    got = aggregate_metrics(
+        [{"train-loss": 3.0, "load-request-rate": 2.0}, {"train-loss": 1.0}], [1.0, 3.0]
+    )
+    assert got["train-loss"] == pytest.approx(1.5)  # weighted over both
+    assert got["load-request-rate"] == pytest.approx(2.0)  # only the replica sent it
+
+
+def test_an_aggregation_that_fails_numerically_keeps_the_previous_version(monkeypatch):
+    import strategies.lora as lora
+
+    def fails(*_a, **_k):
+        raise np.linalg.LinAlgError("eigh failed to converge")
+
+    monkeypatch.setattr(lora, "aggregate_lora_exact", fails)
+    s = strategy()
+    arrays, metrics = s.aggregate_train(1, [reply(1, adapter(1)), reply(2, adapter(2))])
+    assert arrays is None and metrics is None
+    assert not s.last_report.aggregated
+    assert s.last_report.failure == "aggregation failed: eigh failed to converge"
