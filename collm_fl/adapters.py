@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -41,8 +42,8 @@ class LoraSpec:
         problems = []
         if self.rank < 1:
             problems.append(f"lora-rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            problems.append(f"lora-alpha must be > 0, got {self.alpha}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            problems.append(f"lora-alpha must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"lora-dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:

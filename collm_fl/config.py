@@ -214,6 +214,7 @@ class RunConfig:
         check(self.ttft_slo_s > 0, "ttft-slo-s", self.ttft_slo_s, "must be > 0")
         check(self.tpot_slo_s > 0, "tpot-slo-s", self.tpot_slo_s, "must be > 0")
         check(bool(self.run_name), "run-name", self.run_name, "must not be empty")
+        check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
         try:
             self.data_spec  # noqa: B018 - validates the data fields now, not on first use
         except ConfigError as e:

@@ -168,6 +168,17 @@ def _kind(value: object) -> str:
     return names.get(type(value), "null" if value is None else f"a {type(value).__name__}")
 
 
+def _check_encodable(value: str, what: str) -> None:
+    """JSON's "\\ud800" escapes decode to lone surrogates, which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} holds an invalid character (a lone surrogate, {value[e.start]!r}) at "
+            f"position {e.start}"
+        ) from None
+
+
 def _text_field(record: dict[str, object], key: str, required: bool = True) -> str:
     if key not in record:
         if required:
@@ -176,6 +187,7 @@ def _text_field(record: dict[str, object], key: str, required: bool = True) -> s
     value = record[key]
     if not isinstance(value, str):
         raise ValueError(f"'{key}' must be a string, got {_kind(value)}")
+    _check_encodable(value, f"'{key}'")
     if required and not value.strip():
         raise ValueError(f"'{key}' is empty")
     return value
@@ -214,6 +226,7 @@ def _parse_chat(messages: object) -> ChatRecord:
         content = message.get("content")
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string, got {_kind(content)}")
+        _check_encodable(content, f"messages[{i}].content")
         pairs.append((role, content))
     if pairs[-1][0] != "assistant":
         raise ValueError(f"the last message must be from the assistant, not {pairs[-1][0]!r}")

@@ -167,3 +167,14 @@ def test_data_settings_are_refused_by_their_run_config_names():
         RunConfig.from_flower({"dirichlet-alpha": 0.0})
     with pytest.raises(ConfigError, match=r"max-samples-per-client must be >= 0 \(0 = all\)"):
         RunConfig.from_flower({"max-samples-per-client": -1})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", -1.0])
+def test_a_lora_alpha_that_is_not_a_finite_positive_number_is_refused(value):
+    with pytest.raises(ConfigError, match="lora-alpha must be a finite number > 0"):
+        RunConfig.from_flower({"lora-alpha": value})
+
+
+def test_a_seed_beyond_what_the_random_generators_take_is_refused():
+    with pytest.raises(ConfigError, match=r"seed=1000000000000000: must be in \[0, 2\*\*32\)"):
+        RunConfig.from_flower({"seed": 10**15})

@@ -154,3 +154,13 @@ def test_format_records_falls_back_without_a_chat_template(
 def test_format_records_passes_plain_text_through() -> None:
     plain = TextSample(text="Once upon a time.")
     assert format_records([plain]) == [plain]
+
+
+def test_a_lone_surrogate_is_an_error_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        '{"text": "fine"}\n{"messages": [{"role": "user", "content": "hi"}, '
+        '{"role": "assistant", "content": "broken \\ud800 here"}]}\n'
+    )
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: messages\[1\].content .*lone surrogate"):
+        load_records(path)
