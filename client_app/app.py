@@ -90,6 +90,11 @@ def _round_config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
 
 
+def _run_key(config: ConfigRecord) -> str | None:
+    key = config.get("run-key")
+    return str(key) if key is not None else None
+
+
 @app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     setup_logging()
@@ -112,6 +117,7 @@ def train(msg: Message, context: Context) -> Message:
                 deadline_s=float(rc.get("deadline-s", cfg.round_timeout)),  # type: ignore[arg-type]
                 training_share=None if share is None else float(share),  # type: ignore[arg-type]
                 backfill_steps=int(rc.get("backfill-steps", 0)),  # type: ignore[call-overload]
+                run_key=_run_key(rc),
             )
     else:
         from collm_fl.client_task import train_on_partition  # torch + transformers: devices only
@@ -158,5 +164,5 @@ def publish(msg: Message, context: Context) -> Message:
     if replica is not None:
         with replica:
             state = arrayrecord_to_state(msg.content[ARRAYS_KEY])
-            metrics = publish_on_replica(cfg, replica, state, version)
+            metrics = publish_on_replica(cfg, replica, state, version, _run_key(_round_config(msg)))
     return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

@@ -215,6 +215,8 @@ class RunConfig:
         check(self.tpot_slo_s > 0, "tpot-slo-s", self.tpot_slo_s, "must be > 0")
         check(bool(self.run_name), "run-name", self.run_name, "must not be empty")
         check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
+        if self.store_url:
+            problems.extend(_store_url_problems(self.store_url))
         try:
             self.data_spec  # noqa: B018 - validates the data fields now, not on first use
         except ConfigError as e:
@@ -309,6 +311,18 @@ class RunConfig:
 
     def replace(self, **changes: object) -> RunConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _store_url_problems(url: str) -> list[str]:
+    """What is wrong with a SQLAlchemy URL (its dialect must be installed), before a run starts."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as e:
+        return [f"store-url={url!r}: not a usable SQLAlchemy database URL ({e})"]
+    return []
 
 
 def _coerce(value: Scalar, default: object) -> object:

@@ -8,6 +8,7 @@ it. Plain ``flwr run`` keeps working; this is the managed one-machine path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import httpx
 import psutil
+from sqlalchemy.exc import SQLAlchemyError
 
 from collm_fl.config import RunConfig
-from collm_fl.errors import ConfigError
+from collm_fl.errors import CollmError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,53 @@ def find_local_superlinks(flwr_home: Path) -> list[psutil.Process]:
 
 
 def stop_processes(procs: list[psutil.Process], timeout: float = 10.0) -> None:
+    """Stop ``procs`` and every process they started (a SuperLink's simulation and its Ray
+    workers outlive it otherwise): terminate, then kill what is left after ``timeout``."""
+    everything: list[psutil.Process] = []
     for proc in procs:
-        log.info("stopping %s (pid %d)", " ".join(proc.cmdline()[:2]), proc.pid)
-        proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+        try:
+            children = proc.children(recursive=True)
+            log.info("stopping %s (pid %d)", " ".join(proc.cmdline()[:2]), proc.pid)
+        except psutil.NoSuchProcess:
+            continue
+        everything += [proc, *children]
+    for proc in everything:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(everything, timeout=timeout)
     for proc in alive:
-        proc.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def check_node_counts(cfg: RunConfig, nodes: int, what: str) -> None:
+    """Exit 2 up front for a federation that could never aggregate: Flower would wait forever for
+    ``min-train-nodes``, and a round can never get ``min-good-replies`` from fewer nodes."""
+    for key, value in (
+        ("min-train-nodes", cfg.min_train_nodes),
+        ("min-good-replies", cfg.min_good_replies),
+    ):
+        if value > nodes:
+            raise ConfigError(f"{key}={value} but {what} {nodes}: no round could ever aggregate")
+
+
+def run_outcome(cfg: RunConfig, returncode: int) -> int:
+    """The exit code of a local federation: ``flwr run --stream`` exits 0 even when the
+    ServerApp failed, so the run's status in the store says whether it finished."""
+    if returncode != 0:
+        return returncode
+    from collm_fl.store import VersionStore
+
+    try:
+        with VersionStore(cfg.output_path, cfg.store_url or None) as store:
+            status = store.find_run(cfg.run_name).status
+    except (CollmError, SQLAlchemyError) as e:
+        log.error("the federation did not record its run: %s", e)
+        return 1
+    if status != "finished":
+        log.error("run %r ended %s: see the ServerApp's log above", cfg.run_name, status)
+        return 1
+    return 0
 
 
 @contextmanager
@@ -99,9 +142,10 @@ def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
     env = flower_env()
     cmd = [flwr, "run", str(app), "--stream", "--federation-config", f"num-supernodes={supernodes}"]
     run_config = f"{few_nodes_config(supernodes)}{run_config}".strip()
-    RunConfig.from_app(app, run_config)  # a bad setting is exit 2 before Flower starts
+    cfg = RunConfig.from_app(app, run_config)  # a bad setting is exit 2 before Flower starts
+    check_node_counts(cfg, supernodes, "--supernodes")
     if run_config:
         cmd += ["--run-config", run_config]
     log.info("running: %s", shlex.join(cmd))
     with managed_local_superlink(env):
-        return subprocess.call(cmd, env=env)
+        return run_outcome(cfg, subprocess.call(cmd, env=env))

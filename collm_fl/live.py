@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from collm_fl.config import RunConfig
+from collm_fl.federate import check_node_counts, run_outcome
 from collm_fl.launch import LocalFederation, replica_flags
 from collm_fl.loadgen.arrivals import MAX_ARRIVALS, arrival_times
 from collm_fl.loadgen.client import (
@@ -155,7 +156,9 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
         f"{cfg.run_config}"
     ).strip()
     # Checked before anything starts; the replicas train as it says (data, LoRA shape, ...).
-    replica_args = (*replica_flags(RunConfig.from_app(app, run_config)), *live_replica_args(cfg))
+    run_cfg = RunConfig.from_app(app, run_config)
+    check_node_counts(run_cfg, cfg.replicas + cfg.devices, "--replicas + --devices is")
+    replica_args = (*replica_flags(run_cfg), *live_replica_args(cfg))
     out.mkdir(parents=True, exist_ok=True)
     kept = keep_earlier_run(out)
     if kept is not None:
@@ -190,7 +193,7 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     rows = recount_rounds(rows, results, slo)
     report = _report(cfg, out, rows, timeline, results, slo, ended - started)
     print(f"report: {report}", flush=True)
-    return code
+    return run_outcome(run_cfg, code)
 
 
 def _drive_flwr(

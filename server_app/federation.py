@@ -35,6 +35,7 @@ from collm_fl.store import (
     ParticipationRecord,
     ParticipationStatus,
     RoundRecord,
+    RunInfo,
     VersionInfo,
     VersionStore,
 )
@@ -45,6 +46,10 @@ from strategies.lora import LoraFedAvg, ReplyOutcome
 log = logging.getLogger(__name__)
 
 WEIGHT_USED = "weight-used"  # participation metric: the node's aggregation weight this round
+# How long a publish waits for acknowledgements. They only carry load reports, and a node that
+# misses a publish gets the version pushed with its next train message, so a node that hangs
+# must not hold the server for a round's timeout after every round.
+PUBLISH_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -83,10 +88,26 @@ class Federation:
         self.store = store
         self.evaluator = CentralEvaluator(cfg)
         self.run_info = store.open_run(cfg.run_name, cfg.to_flat(), base_model=cfg.model)
+        # What replicas file this run's versions under: the name plus when the run was created,
+        # so a new run of the same name (another output-dir, a fresh store) starts its own
+        # lineage on replicas that served an earlier one, instead of being refused as older.
+        self.run_key = run_key(self.run_info)
         self.coordination = CoordinationState()
         self.peft_config = cfg.lora.to_peft_config_dict(cfg.model)
 
     def run(self) -> FederationSummary:
+        """The remaining rounds; the run's status in the store says how it ended."""
+        run_id = self.run_info.id
+        self.store.set_run_status(run_id, "running")
+        try:
+            summary = self._run()
+        except BaseException:
+            self.store.set_run_status(run_id, "failed")
+            raise
+        self.store.set_run_status(run_id, "finished")
+        return summary
+
+    def _run(self) -> FederationSummary:
         latest = self._initial_version()
         done = max(self.store.last_completed_round(self.run_info.id), latest.round_number)
         first = done + 1
@@ -155,6 +176,7 @@ class Federation:
                 "batch-size": cfg.batch_size,
                 "global-version": latest.number,
                 "deadline-s": cfg.round_deadline_s,
+                "run-key": self.run_key,
             }
         )
         messages = list(self.strategy.configure_train(rnd, arrays, train_config, self.grid))
@@ -287,19 +309,27 @@ class Federation:
 
         Replica nodes swap it in through their shadow slot (also those that sat the round out)
         and answer with their load report; devices ignore it. Returns how many nodes
-        acknowledged; failures are logged, never raised.
+        acknowledged within ``PUBLISH_TIMEOUT_S`` (at most the round timeout); failures are
+        logged, never raised.
         """
+        started = time.perf_counter()
         nodes = list(self.grid.get_node_ids())
         messages = [
             Message(
-                RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({"version": version})}),
+                RecordDict(
+                    {
+                        ARRAYS_KEY: arrays,
+                        CONFIG_KEY: ConfigRecord({"version": version, "run-key": self.run_key}),
+                    }
+                ),
                 dst_node_id=node,
                 message_type=PUBLISH,
             )
             for node in nodes
         ]
         acked = 0
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout):
+        timeout = min(self.cfg.round_timeout, PUBLISH_TIMEOUT_S)
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = int(reply.metadata.src_node_id)
             if reply.has_error():
                 log.warning("publish v%d: node %d failed: %s", version, node, reply.error.reason)
@@ -307,8 +337,19 @@ class Federation:
             acked += 1
             for record in reply.content.metric_records.values():
                 self.coordination.observe(node, _floats(record))
-        log.info("published v%d to %d/%d nodes", version, acked, len(nodes))
+        log.info(
+            "published v%d to %d/%d nodes in %.1fs",
+            version,
+            acked,
+            len(nodes),
+            time.perf_counter() - started,
+        )
         return acked
+
+
+def run_key(run: RunInfo) -> str:
+    """A run's name on the replicas: ``<name>.<created, UTC, to the microsecond>``."""
+    return f"{run.name[:100]}.{run.created_at.strftime('%Y%m%dT%H%M%S%f')}"
 
 
 def participation_record(outcome: ReplyOutcome) -> ParticipationRecord:

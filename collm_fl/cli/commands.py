@@ -31,7 +31,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return _run_replica(args)
     if args.command == "site":
         from collm_fl.config import RunConfig
-        from collm_fl.federate import few_nodes_config
+        from collm_fl.federate import check_node_counts, few_nodes_config, run_outcome
         from collm_fl.launch import LocalFederation, replica_flags
 
         if args.replicas < 0 or args.devices < 0 or args.replicas + args.devices < 1:
@@ -40,13 +40,15 @@ def dispatch(args: argparse.Namespace) -> int:
         nodes = args.replicas + args.devices
         run_config = f"model='{args.model}' {few_nodes_config(nodes)}{args.run_config}".strip()
         # Checked before anything starts; the replicas train as it says (data, LoRA shape, ...).
-        flags = replica_flags(RunConfig.from_app(Path(args.app).resolve(), run_config))
+        run_cfg = RunConfig.from_app(Path(args.app).resolve(), run_config)
+        check_node_counts(run_cfg, nodes, "--replicas + --devices is")
+        flags = replica_flags(run_cfg)
         with LocalFederation(
             workdir, args.replicas, args.devices, model=args.model, replica_args=flags
         ) as fed:
             for node in fed.replicas:
                 print(f"replica {node.index}: {node.api_url}/v1 (logs in {workdir})", flush=True)
-            return fed.flwr_run(run_config, Path(args.app).resolve())
+            return run_outcome(run_cfg, fed.flwr_run(run_config, Path(args.app).resolve()))
     if args.command == "live":
         from collm_fl.live import LiveConfig, run_live
 

@@ -25,16 +25,21 @@ def train_on_replica(
     deadline_s: float,
     training_share: float | None,
     backfill_steps: int = 0,
+    run_key: str | None = None,
 ) -> tuple[AdapterState, dict[str, float]]:
     """A round on a co-executing replica: make sure it serves the global version, train there.
 
     The replica trains on its site's private data while it keeps serving; its load report since
     the last round rides back with the metrics (``load-*`` keys) for the allocation policy.
     ``backfill_steps`` more steps run only while the replica has no request (see
-    :mod:`collm_fl.policies.allocation`).
+    :mod:`collm_fl.policies.allocation`). ``run_key``: the run's name on the replica (the
+    server's; default the run name).
     """
     client.push_version(
-        global_state, cfg.lora.to_peft_config_dict(cfg.model), global_version, cfg.run_name
+        global_state,
+        cfg.lora.to_peft_config_dict(cfg.model),
+        global_version,
+        run_key or cfg.run_name,
     )
     state, metrics = client.train(
         server_round,
@@ -51,9 +56,14 @@ def train_on_replica(
 
 
 def publish_on_replica(
-    cfg: RunConfig, client: ReplicaClient, state: Mapping[str, np.ndarray], version: int
+    cfg: RunConfig,
+    client: ReplicaClient,
+    state: Mapping[str, np.ndarray],
+    version: int,
+    run_key: str | None = None,
 ) -> dict[str, float]:
     """Swap a freshly aggregated version in; answer with the load since the last report."""
-    client.push_version(state, cfg.lora.to_peft_config_dict(cfg.model), version, cfg.run_name)
+    peft = cfg.lora.to_peft_config_dict(cfg.model)
+    client.push_version(state, peft, version, run_key or cfg.run_name)
     load = client.load_report(reset=True)
     return {"served-version": float(version), **{f"load-{k}": float(v) for k, v in load.items()}}

@@ -55,11 +55,14 @@ log = logging.getLogger(__name__)
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION_DIR = re.compile(r"v(\d{4,})")
 _InfoT = TypeVar("_InfoT")
-MTIME_SLACK_S = 2.0
-# Settings a run's stored versions depend on (their shapes and scaling): fixed for its life.
+MTIME_SLACK_S = 2.0  # file times and the database's clock may round differently
+# Settings a run's stored versions depend on, fixed for its life: their shape and scale, and the
+# central held-out set their losses were measured on (the quality gate compares new versions'
+# losses with the stored ones).
 RESUME_FIXED_KEYS = frozenset(
     {"lora-rank", "lora-alpha", "lora-targets"}
-)  # file times and the database's clock may round differently
+    | {"data", "central-heldout", "central-eval-samples", "seq-len", "seed"}
+)
 
 
 class VersionStore:

@@ -49,7 +49,7 @@ def finish(rel, proc, timeout: float = RUN_TIMEOUT_S) -> str:
 
 
 def stored_versions(replica_store: Path) -> list[int]:
-    run_dir = replica_store / "default"
+    (run_dir,) = replica_store.glob("default.*")  # the run's key: its name and creation time
     return sorted(int(p.name[1:]) for p in run_dir.glob("v[0-9]*") if p.is_dir())
 
 

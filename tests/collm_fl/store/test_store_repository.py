@@ -128,6 +128,20 @@ def test_resuming_a_run_with_another_lora_shape_is_refused_and_other_changes_app
     assert store.open_run("r", more_rounds, "tiny").name == "r"  # resuming for more rounds
 
 
+@pytest.mark.parametrize(
+    ("key", "value"), [("seq-len", 32), ("central-eval-samples", 4), ("data", "other.jsonl")]
+)
+def test_resuming_on_another_central_held_out_set_is_refused(
+    store: VersionStore, key: str, value: object
+) -> None:
+    # The stored versions' losses were measured on the first set; the quality gate would hold new
+    # versions against numbers from another one.
+    first = {"seq-len": 128, "central-eval-samples": 16, "data": "shakespeare"}
+    store.open_run("r", first, "tiny")
+    with pytest.raises(StoreError, match=rf"{key}=.*cannot be resumed"):
+        store.open_run("r", {**first, key: value}, "tiny")
+
+
 def test_run_names_that_are_not_safe_directory_names_are_refused(store: VersionStore) -> None:
     for bad in ("../x", "", "a/b", ".hidden"):
         with pytest.raises(StoreError, match="run name"):
