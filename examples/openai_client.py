@@ -22,9 +22,11 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import httpx
+
+from collm_fl.api.urls import normalize_url
+from collm_fl.errors import ConfigError
 
 VERSION_HEADER = "X-Adapter-Version"
 
@@ -54,17 +56,10 @@ class Reply:
 
 def api_base(url: str) -> str:
     """``http(s)://host[:port]/v1`` from a base URL written with or without ``/v1``."""
-    url = url.strip().rstrip("/")
-    if url.endswith("/v1"):
-        url = url[: -len("/v1")]
-    parts = urlsplit(url)
     try:
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:  # not a number or out of range
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-        raise ClientError(f"--base-url must look like http://host:port/v1, got {url!r}")
-    return url + "/v1"
+        return normalize_url(url, "--base-url") + "/v1"
+    except ConfigError as e:
+        raise ClientError(str(e)) from None
 
 
 def raise_for_status(response: httpx.Response) -> None:
