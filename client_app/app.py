@@ -7,7 +7,8 @@ Two kinds of node:
   process beside the SuperNode, serves and trains on the same base weights; this app only relays.
 - **device node**: no replica; it loads the model and trains in-process on its part of the run
   config's ``data`` (``partition-id``, ``num-partitions``), or on its own data: ``data``, a path
-  on the device's host (all of it, or a part with ``partition-id``/``num-partitions``).
+  on the device's host (all of it but its held-out tail, or a part with ``partition-id`` /
+  ``num-partitions``).
 Replies carry only adapter tensors and scalar metrics.
 """
 

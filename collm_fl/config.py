@@ -215,8 +215,6 @@ class RunConfig:
         check(self.tpot_slo_s > 0, "tpot-slo-s", self.tpot_slo_s, "must be > 0")
         check(bool(self.run_name), "run-name", self.run_name, "must not be empty")
         check(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
-        if self.store_url:
-            problems.extend(_store_url_problems(self.store_url))
         try:
             self.data_spec  # noqa: B018 - validates the data fields now, not on first use
         except ConfigError as e:
@@ -290,39 +288,74 @@ class RunConfig:
         return cls(**kwargs)  # type: ignore[arg-type]
 
     @classmethod
-    def from_app(cls, app: Path, overrides: str = "") -> RunConfig:
+    def from_app(cls, app: Path, overrides: str | Mapping[str, Scalar] = "") -> RunConfig:
         """The run config ``flwr run <app> -c "<overrides>"`` gives the ServerApp: the app's
         ``[tool.flwr.app.config]`` with the overrides on top (so launchers check it early)."""
-        import click
-        from flwr.common.config import get_fused_config_from_dir, parse_config_args
+        from flwr.common.config import get_fused_config_from_dir
 
-        # Flower skips what is not key=value without a word ("rounds 5" would change nothing).
-        stray = _CONFIG_PAIR.sub(" ", overrides).split()
-        if stray:
-            raise ConfigError(
-                f"invalid run config {overrides!r}: not key=value: {' '.join(stray)!r}"
-            )
-        try:
-            parsed = parse_config_args([overrides]) if overrides.strip() else {}
-        except (ValueError, click.ClickException) as e:
-            detail = e.message if isinstance(e, click.ClickException) else str(e)
-            raise ConfigError(f"invalid run config {overrides!r}: {detail}") from None
-        return cls.from_flower(get_fused_config_from_dir(app, parsed))
+        parsed = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
+        config = cls.from_flower(get_fused_config_from_dir(app, parsed))
+        if config.store_url:
+            _check_store_url(config.store_url)
+        return config
 
     def replace(self, **changes: object) -> RunConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _store_url_problems(url: str) -> list[str]:
-    """What is wrong with a SQLAlchemy URL (its dialect must be installed), before a run starts."""
+def parse_overrides(overrides: str) -> dict[str, Scalar]:
+    """``-c`` overrides as Flower reads them (``k=v ...``, or one ``.toml`` file), refusing what
+    Flower would drop without a word (a word that is not ``key=value``: "rounds 5")."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    text = overrides.strip()
+    if not text:
+        return {}
+    if not text.endswith(".toml"):
+        stray = _CONFIG_PAIR.sub(" ", text).split()
+        if stray:
+            raise ConfigError(f"invalid run config {text!r}: not key=value: {' '.join(stray)!r}")
+        keys = [key for key, _ in _CONFIG_PAIR.findall(text)]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ConfigError(f"invalid run config {text!r}: {', '.join(repeated)} given twice")
+    try:
+        return dict(parse_config_args([text]))
+    except (ValueError, OSError, click.ClickException) as e:
+        detail = e.message if isinstance(e, click.ClickException) else str(e)
+        raise ConfigError(f"invalid run config {text!r}: {detail}") from None
+
+
+def format_overrides(values: Mapping[str, Scalar]) -> str:
+    """``key=value ...`` that :func:`parse_overrides` (and ``flwr run -c``) read as ``values``."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        elif "'" not in value:
+            text = f"'{value}'"
+        elif '"' not in value:
+            text = f'"{value}"'
+        else:
+            raise ConfigError(f"{key}={value!r}: a value cannot hold both kinds of quote")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _check_store_url(url: str) -> None:
+    """A SQLAlchemy URL whose dialect and driver are installed, before a run starts."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
-        make_url(url).get_dialect()
+        make_url(url).get_dialect().import_dbapi()
     except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as e:
-        return [f"store-url={url!r}: not a usable SQLAlchemy database URL ({e})"]
-    return []
+        raise ConfigError(
+            f"invalid run config: store-url={url!r}: not a usable database URL ({e})"
+        ) from None
 
 
 def _coerce(value: Scalar, default: object) -> object:

@@ -14,15 +14,16 @@ import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import psutil
 from sqlalchemy.exc import SQLAlchemyError
 
-from collm_fl.config import RunConfig
+from collm_fl.config import RunConfig, Scalar, format_overrides, parse_overrides
 from collm_fl.errors import CollmError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -90,21 +91,23 @@ def check_node_counts(cfg: RunConfig, nodes: int, what: str) -> None:
             raise ConfigError(f"{key}={value} but {what} {nodes}: no round could ever aggregate")
 
 
-def run_outcome(cfg: RunConfig, returncode: int) -> int:
-    """The exit code of a local federation: ``flwr run --stream`` exits 0 even when the
-    ServerApp failed, so the run's status in the store says whether it finished."""
+def run_outcome(cfg: RunConfig, returncode: int, launched_at: datetime) -> int:
+    """The exit code of a local federation launched at ``launched_at``: ``flwr run --stream``
+    exits 0 even when the ServerApp failed, so 0 only if the store holds a ``run-finished`` event
+    of this run from after the launch (an earlier attempt's does not count)."""
     if returncode != 0:
         return returncode
-    from collm_fl.store import VersionStore
+    from collm_fl.store import RUN_FINISHED, VersionStore
 
     try:
         with VersionStore(cfg.output_path, cfg.store_url or None) as store:
-            status = store.find_run(cfg.run_name).status
+            run = store.find_run(cfg.run_name)
+            finished = [e for e in store.events(run.id, RUN_FINISHED) if e.at >= launched_at]
     except (CollmError, SQLAlchemyError) as e:
         log.error("the federation did not record its run: %s", e)
         return 1
-    if status != "finished":
-        log.error("run %r ended %s: see the ServerApp's log above", cfg.run_name, status)
+    if not finished:
+        log.error("run %r did not finish (%s): see the ServerApp's log above", run.name, run.status)
         return 1
     return 0
 
@@ -121,11 +124,35 @@ def managed_local_superlink(env: dict[str, str]) -> Iterator[None]:
             stop_processes(find_local_superlinks(flwr_home))
 
 
-def few_nodes_config(nodes: int) -> str:
+def few_nodes_config(nodes: int) -> dict[str, Scalar]:
     """Run-config for a federation of fewer nodes than the app's ``min-train-nodes`` (2), which
-    would otherwise wait for a node that never comes; "" when there are enough. Goes before the
-    user's own settings, which may override it."""
-    return f"min-train-nodes={nodes} " if nodes < RunConfig.min_train_nodes else ""
+    would otherwise wait for a node that never comes; {} when there are enough. The user's own
+    settings go on top of it."""
+    return {"min-train-nodes": nodes} if nodes < RunConfig.min_train_nodes else {}
+
+
+def launch_config(
+    app: Path,
+    overrides: str,
+    defaults: Mapping[str, Scalar] | None = None,
+    fixed: Mapping[str, Scalar] | None = None,
+) -> tuple[str, RunConfig]:
+    """The ``--run-config`` a launcher passes to ``flwr run``, and the config it means, checked
+    before anything starts: ``defaults`` (the launcher's), the user's ``overrides`` on top, then
+    ``fixed`` (what the launcher relies on; the user may not set it). Relative ``output-dir`` and
+    ``data`` paths are made absolute here, where the user typed them: Flower runs the ServerApp
+    and the ClientApps in other directories."""
+    user = parse_overrides(overrides)
+    clash = sorted(set(user) & set(fixed or {}))
+    if clash:
+        raise ConfigError(f"{', '.join(clash)}: set by this command, not by -c")
+    values: dict[str, Scalar] = {**(defaults or {}), **user, **(fixed or {})}
+    cfg = RunConfig.from_app(app, values)
+    values["output-dir"] = str(cfg.output_path)
+    data = Path(cfg.data).expanduser()
+    if cfg.data != "shakespeare" and not data.is_absolute() and data.exists():
+        values["data"] = str(data.resolve())
+    return format_overrides(values), RunConfig.from_app(app, values)
 
 
 def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
@@ -141,11 +168,11 @@ def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
         )
     env = flower_env()
     cmd = [flwr, "run", str(app), "--stream", "--federation-config", f"num-supernodes={supernodes}"]
-    run_config = f"{few_nodes_config(supernodes)}{run_config}".strip()
-    cfg = RunConfig.from_app(app, run_config)  # a bad setting is exit 2 before Flower starts
+    # A bad setting is exit 2 before Flower starts.
+    run_config, cfg = launch_config(app, run_config, defaults=few_nodes_config(supernodes))
     check_node_counts(cfg, supernodes, "--supernodes")
-    if run_config:
-        cmd += ["--run-config", run_config]
+    cmd += ["--run-config", run_config]
     log.info("running: %s", shlex.join(cmd))
     with managed_local_superlink(env):
-        return run_outcome(cfg, subprocess.call(cmd, env=env))
+        launched = datetime.now(UTC)
+        return run_outcome(cfg, subprocess.call(cmd, env=env), launched)

@@ -316,6 +316,7 @@ def replica_flags(cfg: RunConfig) -> tuple[str, ...]:
         *("--seq-len", str(cfg.seq_len), "--train-batch-size", str(cfg.batch_size)),
         *("--lora-rank", str(cfg.lora.rank), "--lora-alpha", str(cfg.lora.alpha)),
         *("--lora-targets", ",".join(cfg.lora.target_modules)),
+        *("--lora-dropout", str(cfg.lora.dropout)),
         *("--device", cfg.device, "--quantization", cfg.quantization),
     )
 

@@ -19,13 +19,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 
-from collm_fl.config import RunConfig
-from collm_fl.federate import check_node_counts, run_outcome
+from collm_fl.config import Scalar
+from collm_fl.federate import check_node_counts, launch_config, run_outcome
 from collm_fl.launch import LocalFederation, replica_flags
 from collm_fl.loadgen.arrivals import MAX_ARRIVALS, arrival_times
 from collm_fl.loadgen.client import (
@@ -149,14 +149,17 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     offsets = arrival_times(cfg.arrivals, cfg.rate, schedule_s, cfg.seed)
     requests = build_requests(offsets, cfg.prompt_tokens, cfg.output_tokens)
     out = cfg.out.resolve()
-    run_config = (
-        f"model='{cfg.model}' num-server-rounds={cfg.rounds} local-steps={cfg.local_steps} "
-        f"output-dir='{out / 'federation'}' run-name='live' ttft-slo-s={cfg.ttft_slo_s} "
-        f"tpot-slo-s={cfg.tpot_slo_s} min-train-nodes={cfg.replicas + cfg.devices} "
-        f"{cfg.run_config}"
-    ).strip()
     # Checked before anything starts; the replicas train as it says (data, LoRA shape, ...).
-    run_cfg = RunConfig.from_app(app, run_config)
+    fixed: dict[str, Scalar] = {
+        "model": cfg.model,  # the replicas are started on --model
+        "num-server-rounds": cfg.rounds,
+        "output-dir": str(out / "federation"),  # the report reads the run from here
+        "run-name": "live",
+        "ttft-slo-s": cfg.ttft_slo_s,
+        "tpot-slo-s": cfg.tpot_slo_s,
+    }
+    defaults = {"local-steps": cfg.local_steps, "min-train-nodes": cfg.replicas + cfg.devices}
+    run_config, run_cfg = launch_config(app, cfg.run_config, defaults, fixed)
     check_node_counts(run_cfg, cfg.replicas + cfg.devices, "--replicas + --devices is")
     replica_args = (*replica_flags(run_cfg), *live_replica_args(cfg))
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +178,7 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
             flush=True,
         )
         load = _Load(url, cfg, requests)
-        started = time.monotonic()
+        started, launched = time.monotonic(), datetime.now(UTC)
         stop_monitor = threading.Event()
         monitor = threading.Thread(
             target=_monitor, args=(fed, started, timeline, stop_monitor), daemon=True
@@ -193,7 +196,7 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     rows = recount_rounds(rows, results, slo)
     report = _report(cfg, out, rows, timeline, results, slo, ended - started)
     print(f"report: {report}", flush=True)
-    return run_outcome(run_cfg, code)
+    return run_outcome(run_cfg, code, launched)
 
 
 def _drive_flwr(

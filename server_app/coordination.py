@@ -42,8 +42,12 @@ class CoordinationState:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     cumulative_steps: int = 0
 
-    def observe(self, node_id: int, metrics: Mapping[str, float]) -> None:
-        """Take a node's train or publish reply metrics (``load-*``, ``train-seconds``...)."""
+    def observe(self, node_id: int, metrics: Mapping[str, float], accepted: bool = True) -> None:
+        """Take a node's train or publish reply metrics (``load-*``, ``train-seconds``...). Of a
+        reply that was not ``accepted`` only the load report counts: its claims of steps and
+        seconds are not believed (a made-up speed would stick as the node's fastest)."""
+        if not accepted:
+            metrics = {k: v for k, v in metrics.items() if k.startswith("load-")}
         node = self.nodes.setdefault(node_id, _Node())
         load = load_from_metrics(metrics)
         if load is not None:

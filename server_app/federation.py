@@ -32,6 +32,8 @@ from collm_fl.flower_records import (
     state_to_arrayrecord,
 )
 from collm_fl.store import (
+    RUN_FAILED,
+    RUN_FINISHED,
     ParticipationRecord,
     ParticipationStatus,
     RoundRecord,
@@ -101,10 +103,12 @@ class Federation:
         self.store.set_run_status(run_id, "running")
         try:
             summary = self._run()
-        except BaseException:
+        except BaseException as e:
             self.store.set_run_status(run_id, "failed")
+            self.store.record_event(run_id, RUN_FAILED, {"error": f"{type(e).__name__}: {e}"})
             raise
         self.store.set_run_status(run_id, "finished")
+        self.store.record_event(run_id, RUN_FINISHED, {"latest_version": summary.latest_version})
         return summary
 
     def _run(self) -> FederationSummary:
@@ -187,7 +191,7 @@ class Federation:
         if report is None:  # a wrapping strategy (Flower's DP) did not pass the round on
             report = self.lora.report_unaggregated(rnd, replies)
         for o in report.outcomes:
-            self.coordination.observe(o.node_id, o.metrics)
+            self.coordination.observe(o.node_id, o.metrics, accepted=o.status == "ok")
         steps_total = int(
             sum(o.metrics.get("local-steps", 0) for o in report.outcomes if o.status == "ok")
         )
@@ -348,8 +352,11 @@ class Federation:
 
 
 def run_key(run: RunInfo) -> str:
-    """A run's name on the replicas: ``<name>.<created, UTC, to the microsecond>``."""
-    return f"{run.name[:100]}.{run.created_at.strftime('%Y%m%dT%H%M%S%f')}"
+    """A run's name on the replicas: ``<name>.<created, UTC, to the second>`` (a database that
+    drops microseconds or hands back another time zone gives a resumed run the same key)."""
+    created = run.created_at
+    created = created.replace(tzinfo=UTC) if created.tzinfo is None else created.astimezone(UTC)
+    return f"{run.name[:100]}.{created.strftime('%Y%m%dT%H%M%S')}"
 
 
 def participation_record(outcome: ReplyOutcome) -> ParticipationRecord:
@@ -386,7 +393,12 @@ def passes_quality_gate(loss: float, served_loss: float | None, margin: float) -
 
 
 def _floats(record: MetricRecord) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+    """The finite numbers of a node's metric record (what the coordination may take in)."""
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:

@@ -12,9 +12,13 @@
   the round's median claim when that is set; a capped node is logged and its outcome says so.
   With ``server_lr`` η ≠ 1 the new global adapter is ``global + η·(aggregate − global)`` (a
   server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`). With
-  ``uniform_weights`` (set under differential privacy) every good reply weighs 1 whatever it
-  claims, and a reply that trained nothing counts as a zero update: the plain mean of the clipped
-  updates over the nodes that answered, which is what Flower's DP noise is calibrated for.
+  ``uniform_weights`` (set under differential privacy) no node sits a round out, every good reply
+  weighs 1 whatever it claims, and a node that trained nothing, failed, was rejected or did not
+  answer counts as a zero update: the plain mean of the clipped updates over every node asked (at
+  least ``min-train-nodes``), so one node moves it by at most C / that many, the sensitivity
+  Flower's noise (σ·C / ``min-train-nodes``) is calibrated for. Metrics are averaged over the
+  nodes that send them, weighted as their updates (a reply that trained nothing weighs 0 there);
+  a ``train_metrics_aggr_fn`` given to FedAvg is not used.
 
 It composes with Flower's wrappers, e.g.
 ``DifferentialPrivacyClientSideFixedClipping(LoraFedAvg(...))``.
@@ -165,9 +169,11 @@ class LoraFedAvg(FedAvg):
             if budget is None:
                 out.append(msg)
                 continue
-            if budget.sits_out:
+            if budget.sits_out and not self.uniform_weights:
                 log.info("round %d: node %d sits out (%s)", server_round, node, budget.reason)
                 continue
+            # (Under uniform weights every sampled node is asked, 0 steps at worst: the DP noise
+            # is calibrated for a mean over all of them.)
             node_config = ConfigRecord(
                 {
                     **dict(msg.content[CONFIG_KEY]),
@@ -245,8 +251,15 @@ class LoraFedAvg(FedAvg):
                 self.min_good_replies,
             )
             return None, None
+        states = [state for state, _, _ in good]
+        if self.uniform_weights:
+            # The mean over every node asked: one that failed, was rejected or did not answer
+            # counts as a zero update, so no single reply weighs more than the noise assumes.
+            missing = len(outcomes) - len(good)  # every node asked has an outcome by now
+            states += [reference] * missing
+            weights = weights + [1.0] * missing
         try:
-            new_state = self._aggregate([state for state, _, _ in good], weights, reference)
+            new_state = self._aggregate(states, weights, reference)
         except (np.linalg.LinAlgError, RuntimeError, FloatingPointError) as e:
             # A numerical failure of the aggregate must not take the server down: the round
             # keeps the previous version, with the reason on record.
@@ -258,7 +271,10 @@ class LoraFedAvg(FedAvg):
             )
             return None, None
         metrics = [outcomes[i].metrics for i in good_at]
-        return state_to_arrayrecord(new_state), aggregate_metrics(metrics, weights)
+        # A reply that trained nothing (kept as a zero update under DP) says nothing of training.
+        trained = [m.get(LOCAL_STEPS, 1.0) > 0 for m in metrics]
+        metric_weights = [w if t else 0.0 for w, t in zip(weights, trained, strict=False)]
+        return state_to_arrayrecord(new_state), aggregate_metrics(metrics, metric_weights)
 
     def _aggregate(
         self, states: list[AdapterState], weights: list[float], reference: AdapterState

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,17 +31,22 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "replica":
         return _run_replica(args)
     if args.command == "site":
-        from collm_fl.config import RunConfig
-        from collm_fl.federate import check_node_counts, few_nodes_config, run_outcome
+        from collm_fl.federate import (
+            check_node_counts,
+            few_nodes_config,
+            launch_config,
+            run_outcome,
+        )
         from collm_fl.launch import LocalFederation, replica_flags
 
         if args.replicas < 0 or args.devices < 0 or args.replicas + args.devices < 1:
             raise ConfigError("--replicas and --devices must be >= 0 and add up to at least 1")
         workdir = Path(args.workdir).resolve()
         nodes = args.replicas + args.devices
-        run_config = f"model='{args.model}' {few_nodes_config(nodes)}{args.run_config}".strip()
         # Checked before anything starts; the replicas train as it says (data, LoRA shape, ...).
-        run_cfg = RunConfig.from_app(Path(args.app).resolve(), run_config)
+        app = Path(args.app).resolve()
+        fixed = {"model": args.model}  # the replicas are started on --model
+        run_config, run_cfg = launch_config(app, args.run_config, few_nodes_config(nodes), fixed)
         check_node_counts(run_cfg, nodes, "--replicas + --devices is")
         flags = replica_flags(run_cfg)
         with LocalFederation(
@@ -48,7 +54,9 @@ def dispatch(args: argparse.Namespace) -> int:
         ) as fed:
             for node in fed.replicas:
                 print(f"replica {node.index}: {node.api_url}/v1 (logs in {workdir})", flush=True)
-            return run_outcome(run_cfg, fed.flwr_run(run_config, Path(args.app).resolve()))
+            launched = datetime.now(UTC)
+            code = fed.flwr_run(run_config, app)
+            return run_outcome(run_cfg, code, launched)
     if args.command == "live":
         from collm_fl.live import LiveConfig, run_live
 
@@ -304,6 +312,7 @@ def _run_replica(args: argparse.Namespace) -> int:
         lora=LoraSpec(
             rank=args.lora_rank,
             alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
             target_modules=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         ),
         store_dir=args.store_dir,

@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout while training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--canary-check",

@@ -71,7 +71,7 @@ class DataSpec:
     central_heldout: int = (
         2  # plays for the server's held-out set (user data: >0 = 10 % of records)
     )
-    max_samples_per_client: int | None = None  # cap on a client's samples (None = all)
+    max_samples_per_client: int | None = None  # cap on a client's samples (None or 0 = all)
     seed: int = 0  # every shuffle and draw derives from this
 
     def __post_init__(self) -> None:
@@ -88,7 +88,7 @@ class DataSpec:
             problems.append(f"heldout-fraction must be in [0, 1); got {self.heldout_fraction}")
         if self.central_heldout < 0:
             problems.append(f"central-heldout must be >= 0; got {self.central_heldout}")
-        if self.max_samples_per_client is not None and self.max_samples_per_client < 1:
+        if self.max_samples_per_client is not None and self.max_samples_per_client < 0:
             problems.append(
                 f"max-samples-per-client must be >= 0 (0 = all); got {self.max_samples_per_client}"
             )
@@ -302,7 +302,8 @@ def load_client_data(
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition_id must be in [0, {num_partitions}); got {partition_id}")
     name, samples = _client_samples(spec, partition_id, num_partitions, tokenizer)
-    samples = _subsample(samples, spec.max_samples_per_client, _rng(spec, _CAP, partition_id))
+    cap = spec.max_samples_per_client or None
+    samples = _subsample(samples, cap, _rng(spec, _CAP, partition_id))
     if not samples:
         raise ConfigError(
             f"partition {partition_id} of {num_partitions} gets no data from {spec.source!r}; "

@@ -113,6 +113,8 @@ def forecast_rate(
 ) -> RateForecast:
     """Holt's linear-trend update with this round's reported rate: a steady rate forecasts
     itself, a rising one more than its latest report, a falling one less."""
+    if not (math.isfinite(current) and current >= 0):  # a broken report changes nothing
+        return previous if previous is not None else RateForecast(0.0)
     if previous is None:
         return RateForecast(current)
     level = alpha * current + (1 - alpha) * previous.next

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from collm_fl.store.adapter_io import cleanup_partial_dirs, read_adapter_dir, write_adapter_dir
 from collm_fl.store.records import (
+    RUN_FAILED,
+    RUN_FINISHED,
     ConsistencyReport,
     EventInfo,
     ParticipationInfo,
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from collm_fl.store.repository import VersionStore
 
 __all__ = [
+    "RUN_FAILED",
+    "RUN_FINISHED",
     "ConsistencyReport",
     "EventInfo",
     "ParticipationInfo",

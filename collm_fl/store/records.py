@@ -12,6 +12,8 @@ ConfigValue = str | int | float | bool
 RoundStatus = Literal["aggregated", "kept-previous", "failed"]
 ParticipationStatus = Literal["ok", "rejected", "failed"]
 RunStatus = Literal["running", "finished", "failed"]
+# Events that close an attempt at a run (launchers read them: `flwr run` exits 0 either way).
+RUN_FINISHED, RUN_FAILED = "run-finished", "run-failed"
 
 
 @dataclass(frozen=True)

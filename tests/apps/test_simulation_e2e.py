@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from collm_fl.config import format_overrides
 from collm_fl.federate import few_nodes_config, find_local_superlinks, flower_env, stop_processes
 from collm_fl.store import VersionStore
 
@@ -112,8 +113,9 @@ def test_flower_client_side_dp_runs_end_to_end_with_the_lora_strategy(flower, tm
 def test_a_federation_of_one_node_runs_with_the_config_collm_gives_it(flower, tmp_path):
     # The app's min-train-nodes is 2: without the setting `collm federate --supernodes 1` and
     # `collm site` with one node add, the round would wait for a second node forever.
-    assert few_nodes_config(1) == "min-train-nodes=1 " and few_nodes_config(2) == ""
+    assert few_nodes_config(1) == {"min-train-nodes": 1} and few_nodes_config(2) == {}
     out = tmp_path / "one"
-    done = flwr_run(flower, out, rounds=1, extra=few_nodes_config(1), supernodes=1)
+    extra = format_overrides(few_nodes_config(1))
+    done = flwr_run(flower, out, rounds=1, extra=extra, supernodes=1)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "round 1 | clients ok 1 rejected 0 failed 0" in done.stdout + done.stderr

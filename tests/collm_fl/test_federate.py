@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
-from collm_fl.config import RunConfig
+from collm_fl.config import RunConfig, parse_overrides
 from collm_fl.errors import ConfigError
-from collm_fl.federate import check_node_counts, run_outcome
-from collm_fl.store import RunInfo, VersionStore
+from collm_fl.federate import check_node_counts, launch_config, run_outcome
+from collm_fl.store import RUN_FINISHED, RunInfo, VersionStore
 from server_app.federation import run_key
 
 
@@ -23,17 +24,17 @@ def test_a_federation_that_could_never_aggregate_is_refused(key):
 
 def test_a_run_that_did_not_finish_is_a_failed_command(tmp_path):
     cfg = RunConfig(output_dir=str(tmp_path), run_name="r")
-    assert run_outcome(cfg, 0) == 1  # nothing recorded: the ServerApp never got to its store
+    launched = datetime.now(UTC)
+    assert run_outcome(cfg, 0, launched) == 1  # nothing recorded: the ServerApp never got there
     with VersionStore(tmp_path) as store:
         run = store.open_run("r", {}, "tiny")
-    assert run_outcome(cfg, 0) == 1  # still "running": it crashed
+        store.record_event(run.id, RUN_FINISHED, {})  # an earlier attempt's end
+    later = datetime.now(UTC)
+    assert run_outcome(cfg, 0, later) == 1  # this attempt crashed (e.g. its resume was refused)
     with VersionStore(tmp_path) as store:
-        store.set_run_status(run.id, "failed")
-    assert run_outcome(cfg, 0) == 1
-    with VersionStore(tmp_path) as store:
-        store.set_run_status(run.id, "finished")
-    assert run_outcome(cfg, 0) == 0
-    assert run_outcome(cfg, 3) == 3  # flwr's own failure stands
+        store.record_event(run.id, RUN_FINISHED, {})
+    assert run_outcome(cfg, 0, later) == 0
+    assert run_outcome(cfg, 3, later) == 3  # flwr's own failure stands
 
 
 def test_a_new_run_of_the_same_name_gets_its_own_key_on_the_replicas(tmp_path):
@@ -41,7 +42,7 @@ def test_a_new_run_of_the_same_name_gets_its_own_key_on_the_replicas(tmp_path):
         return RunInfo(1, "default", "tiny", "running", created, {})
 
     first = run(datetime(2026, 11, 29, 14, 0, 0, 123456, tzinfo=UTC))
-    assert run_key(first) == "default.20261129T140000123456"
+    assert run_key(first) == "default.20261129T140000"
     assert run_key(run(datetime(2026, 11, 29, 15, 0, tzinfo=UTC))) != run_key(first)
     with VersionStore(tmp_path) as store:  # a resumed run keeps its key
         opened = store.open_run("default", {}, "tiny")
@@ -50,5 +51,30 @@ def test_a_new_run_of_the_same_name_gets_its_own_key_on_the_replicas(tmp_path):
 
 
 def test_a_store_url_whose_database_cannot_be_loaded_is_refused():
-    with pytest.raises(ConfigError, match="store-url='bogus://x': not a usable SQLAlchemy"):
-        RunConfig.from_flower({"store-url": "bogus://x"})
+    app = Path(__file__).parents[2]
+    with pytest.raises(ConfigError, match="store-url='bogus://x': not a usable database URL"):
+        RunConfig.from_app(app, "store-url='bogus://x'")
+    with pytest.raises(ConfigError, match=r"postgresql://u@h/db'.*No module named"):
+        RunConfig.from_app(app, "store-url='postgresql://u@h/db'")  # its driver is not installed
+
+
+def test_a_launcher_puts_the_users_settings_over_its_defaults_and_keeps_what_it_relies_on(
+    tmp_path, monkeypatch
+):
+    app = Path(__file__).parents[2]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.jsonl").write_text('{"text": "x"}\n')
+    run_config, cfg = launch_config(
+        app,
+        "min-train-nodes=1 data='mine.jsonl' output-dir='out'",
+        defaults={"min-train-nodes": 3, "local-steps": 4},
+        fixed={"run-name": "live"},
+    )
+    assert (cfg.min_train_nodes, cfg.local_steps, cfg.run_name) == (1, 4, "live")
+    # Relative paths resolved where the user typed them, not where Flower runs the apps.
+    assert cfg.data == str(tmp_path / "mine.jsonl") and cfg.output_dir == str(tmp_path / "out")
+    assert parse_overrides(run_config)["output-dir"] == str(tmp_path / "out")
+    with pytest.raises(ConfigError, match="run-name: set by this command"):
+        launch_config(app, "run-name='x'", fixed={"run-name": "live"})
+    with pytest.raises(ConfigError, match="local-steps given twice"):
+        launch_config(app, "local-steps=2 local-steps=3")

@@ -46,7 +46,7 @@ def test_local_replicas_get_the_run_configs_data_split_and_lora_shape(tmp_path) 
     overrides = (
         f"data='{data}' partitioning='dirichlet' dirichlet-alpha=0.3 central-heldout=1 "
         "max-samples-per-client=50 seed=7 seq-len=64 batch-size=2 lora-rank=4 lora-alpha=8 "
-        "lora-targets='q_proj,k_proj'"
+        "lora-targets='q_proj,k_proj' lora-dropout=0.05"
     )
     cfg = RunConfig.from_app(Path(__file__).parents[2], overrides)
     args = build_parser().parse_args(["replica", *replica_flags(cfg)])
@@ -55,7 +55,8 @@ def test_local_replicas_get_the_run_configs_data_split_and_lora_shape(tmp_path) 
     assert dataclasses.replace(spec, heldout_fraction=cfg.heldout_fraction) == cfg.data_spec
     assert spec.heldout_fraction == 0.0  # nothing on a replica evaluates a local tail
     assert (args.seq_len, args.train_batch_size) == (64, 2)
-    assert (args.lora_rank, args.lora_alpha, args.lora_targets) == (4, 8.0, "q_proj,k_proj")
+    lora = (args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
+    assert lora == (4, 8.0, "q_proj,k_proj", 0.05)
 
 
 def test_a_replica_trains_on_all_of_its_own_file_but_not_on_the_held_out_plays() -> None:

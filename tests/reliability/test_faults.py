@@ -2,8 +2,7 @@
 
 (a) a replica SIGKILLed while it trains in round 1 (deployment engine, 3 replica nodes);
 (b) the ServerApp SIGKILLed after round 1 is stored (simulation engine), then the run resumed;
-(c) a replica too slow for ``round-timeout`` (it trains with a training share of 0, so it only
-    answers when its round deadline, set well past the timeout, expires).
+(c) a replica that cannot answer within ``round-timeout`` (frozen with SIGSTOP for the run).
 Store and replica crashes in the middle of a write are in test_store_crash.py.
 """
 

@@ -243,3 +243,28 @@ def test_the_server_side_tracker_passes_its_settings_and_records_the_decision(tm
     decisions = store.events(run_id, "allocation")
     assert [d.payload["inputs"]["backfill"] for d in decisions] == [True, False, True]
     assert [d.payload["inputs"]["min_share"] for d in decisions] == [0.1, 0.1, 0.9]
+
+
+def test_a_broken_rate_report_leaves_the_forecast_as_it_was():
+    steady = forecast_rate(forecast_rate(None, 1.0), 1.0)
+    for bad in (float("inf"), float("nan"), -1.0):
+        assert forecast_rate(steady, bad) == steady
+    assert forecast_rate(None, float("nan")).next == 0.0
+
+
+def test_a_rejected_replys_claimed_speed_is_not_believed_but_its_load_is():
+    from server_app.coordination import CoordinationState
+
+    state = CoordinationState()
+    state.observe(1, {"local-steps": 5.0, "train-seconds": 10.0})
+    load = {
+        "load-request-rate": 2.0,
+        "load-queue-depth": 0.0,
+        "load-ttft-p95": 0.5,
+        "load-tpot-p95": 0.05,
+        "load-slo-attainment": 1.0,
+    }
+    state.observe(1, {"local-steps": 1e9, "train-seconds": 10.0, **load}, accepted=False)
+    node = state.nodes[1]
+    assert node.step_seconds == 2.0  # not 1e-8: it would stick as the node's fastest
+    assert node.forecast is not None and node.forecast.level == 2.0

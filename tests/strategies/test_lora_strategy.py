@@ -6,6 +6,7 @@ from lora_messages import SHAPES, adapter, reply, strategy
 
 from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg
 from collm_fl.flower_records import arrayrecord_to_state, state_to_arrayrecord
+from strategies.allocation import NodeBudget
 from strategies.lora import LoraFedAvg, aggregate_metrics
 
 
@@ -202,7 +203,42 @@ def test_under_uniform_weights_every_reply_weighs_one_and_an_idle_one_is_a_zero_
         np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6)
     assert [o.weight_used for o in s.last_report.outcomes] == [1.0, 1.0, 1.0]
     assert all(o.reason is None for o in s.last_report.outcomes)  # nothing capped or left out
-    assert metrics["train-loss"] == pytest.approx((1.1 + 1.2 + 1.3) / 3)
+    assert metrics["train-loss"] == pytest.approx((1.1 + 1.2) / 2)  # the idle one trained none
+
+
+def test_under_uniform_weights_a_rejected_or_silent_node_counts_as_a_zero_update():
+    # Otherwise one good reply would be released alone, with noise meant for a mean over three.
+    s = strategy(mode="fedavg", uniform_weights=True)
+    s._asked = {1: 5, 2: 5, 3: 5}  # as configure_train records it
+    nan = adapter(2)
+    nan[next(iter(SHAPES))][0, 0] = np.nan
+    arrays, _ = s.aggregate_train(1, [reply(1, adapter(1)), reply(2, nan)])  # node 3: silent
+    got = arrayrecord_to_state(arrays)
+    mean = aggregate_lora_fedavg([adapter(1), adapter(0), adapter(0)], [1.0, 1.0, 1.0])
+    for k, v in mean.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6)
+    assert sorted(o.status for o in s.last_report.outcomes) == ["failed", "ok", "rejected"]
+
+
+def test_configure_train_records_the_steps_each_node_was_asked_for():
+    class Grid:
+        def get_node_ids(self):
+            return [11, 12]
+
+    s = strategy()
+    s.node_budgets = {
+        11: NodeBudget(11, steps=3, share=0.5, deadline_s=60, reason="busy", backfill_steps=4),
+        12: NodeBudget(12, steps=0, share=0.1, deadline_s=60, reason="no headroom"),
+    }
+    config = ConfigRecord({"local-steps": 10})
+    msgs = list(s.configure_train(1, state_to_arrayrecord(adapter(0)), config, Grid()))
+    assert [m.metadata.dst_node_id for m in msgs] == [11]  # 12 sits out
+    assert s._asked == {11: 7}
+    dp = strategy(uniform_weights=True)
+    dp.node_budgets = s.node_budgets
+    msgs = list(dp.configure_train(1, state_to_arrayrecord(adapter(0)), config, Grid()))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]  # under DP nobody sits out
+    assert dp._asked == {11: 7, 12: 0}
 
 
 def test_bad_metrics_reject_the_reply_and_the_round_goes_on():

@@ -233,3 +233,8 @@ def test_a_client_with_one_distinct_record_trains_on_it_and_has_no_heldout_tail(
     spec = DataSpec(source=str(tmp_path / "a.jsonl"), central_heldout=0)
     client = load_client_data(spec, 0, 1)
     assert [s.text for s in client.train] == lines and client.heldout == []
+
+
+def test_a_cap_of_zero_samples_means_all_of_them() -> None:
+    capped = load_client_data(DataSpec(max_samples_per_client=0), 0, N_CLIENTS)
+    assert capped == load_client_data(DataSpec(), 0, N_CLIENTS)
