@@ -14,7 +14,8 @@ DATA=${DATA:-$HERE/site_data.jsonl}
 OUT=${OUT:-$ROOT/outputs/own_data}
 RUN_NAME=${RUN_NAME:-own-data}
 
-# The data path must be absolute: the simulation's ClientApps do not run in this directory.
+# An absolute path, so the command also works when copied into a plain `flwr run` (collm
+# federate resolves a relative one against this directory itself).
 DATA=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA")
 
 collm federate --app "$ROOT" --supernodes 2 --run-config "\
