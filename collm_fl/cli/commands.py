@@ -254,21 +254,38 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench" and args.bench == "server-lr":
         from collm_fl.bench.server_lr import run_server_lr_benchmark
 
-        try:
-            etas = [float(x) for x in args.server_lrs.split(",") if x.strip()]
-        except ValueError as e:
-            raise ConfigError(f"--server-lrs must be comma-separated numbers: {e}") from e
         run_server_lr_benchmark(
             args.model,
             args.clients,
             args.rounds,
             args.steps,
-            etas,
+            _float_list("--server-lrs", args.server_lrs),
             Path(args.out),
             _command_line(),
             progress=lambda line: print(line, flush=True),
         )
         print((Path(args.out) / "server_lr.md").read_text())
+        return 0
+    if args.command == "bench" and args.bench == "forecast":
+        from collm_fl.bench.forecast import DEFAULT_ALPHAS, DEFAULT_BETAS, run_forecast_benchmark
+
+        trace = Path(args.trace) if args.trace else None
+        if trace is not None and not trace.is_file():
+            raise ConfigError(f"--trace: no such file: {trace}")
+        run_forecast_benchmark(
+            Path(args.out),
+            _command_line(),
+            rate=args.rate,
+            round_s=args.round_s,
+            rounds=args.rounds,
+            seeds=args.seeds,
+            first_seed=args.seed,
+            alphas=_float_list("--alphas", args.alphas) or DEFAULT_ALPHAS,
+            betas=_float_list("--betas", args.betas) or DEFAULT_BETAS,
+            trace=trace,
+            progress=lambda line: print(line, flush=True),
+        )
+        print((Path(args.out) / "forecast.md").read_text())
         return 0
     raise AssertionError(f"unhandled command {args}")  # argparse guarantees a known command
 
@@ -342,6 +359,18 @@ def _run_replica(args: argparse.Namespace) -> int:
 
 def _command_line() -> str:
     return " ".join(["collm", *sys.argv[1:]])
+
+
+def _float_list(flag: str, text: str) -> list[float]:
+    """A comma-separated list of finite numbers ('' = an empty list)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ConfigError(f"{flag} must be comma-separated numbers: {e}") from e
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ConfigError(f"{flag} must be finite numbers, got {bad[0]}")
+    return values
 
 
 def _check_lend_share(value: float, early: bool = False) -> None:

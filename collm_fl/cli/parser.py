@@ -357,4 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=5, help="steps per client and round (s)")
     b.add_argument("--server-lrs", default="1,2,3,4", help="comma list of eta to measure")
     b.add_argument("--out", default="docs/bench", help="where server_lr.{md,json} go")
+
+    b = bsub.add_parser(
+        "forecast",
+        help="one-round-ahead error of the allocation's rate forecast over a grid of its "
+        "smoothing weights, on the arrival processes (and a trace)",
+    )
+    b.add_argument("--rounds", type=int, default=240, help="rounds per series")
+    b.add_argument("--round-s", type=float, default=60.0, help="seconds per round")
+    b.add_argument("--rate", type=float, default=1.0, help="mean request rate (req/s)")
+    b.add_argument("--seeds", type=int, default=5, help="series per process")
+    b.add_argument("--seed", type=int, default=0, help="the first series' seed")
+    b.add_argument("--alphas", default="", help="comma list of alpha (default 0.1..1.0)")
+    b.add_argument("--betas", default="", help="comma list of beta (default 0..0.7)")
+    b.add_argument("--trace", default="", help="also score an Azure-format CSV trace")
+    b.add_argument("--out", default="docs/bench", help="where forecast.{md,json,png} go")
     return parser

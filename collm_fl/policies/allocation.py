@@ -39,8 +39,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 IDLE_RATE = 0.05  # requests/s below which a replica counts as idle
-FORECAST_ALPHA = 0.5  # weight of the newest load report in the forecast's level
-FORECAST_BETA = 0.5  # weight of the newest change of level in the forecast's trend
+# Holt's weights: the newest load report's in the forecast's level, the newest change of level's
+# in its trend. `collm bench forecast` (docs/bench/forecast.md) scores a grid of them on the
+# arrival processes: none is best on all, and these stay near the least worst-case regret.
+FORECAST_ALPHA = 0.5
+FORECAST_BETA = 0.5
 SLO_RESERVE = 0.1  # extra share kept for serving by a replica missing its SLOs (pressure >= 2)
 MIN_GAIN_POINTS = 4  # loss points (three per-step rates) before the gain factor moves off 1.0
 
