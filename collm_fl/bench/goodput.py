@@ -119,6 +119,8 @@ def run_goodput_benchmark(
     if trace is None and arrivals not in ARRIVAL_KINDS:
         raise ConfigError(f"arrivals: expected one of {ARRIVAL_KINDS}, got {arrivals!r}")
     trace_rows = load_azure_trace(trace) if trace else None  # a bad trace fails before any run
+    if trace_rows is not None and rates:
+        check_trace_span(trace_rows, rates, (WARMUP_FRACTION + rounds) * duration_per_round_s)
     started = time.monotonic()
     load_start = list(os.getloadavg())
     gflops_start = matmul_gflops()
@@ -153,6 +155,8 @@ def run_goodput_benchmark(
         chosen = list(rates) if rates else [f * replicas * cal.capacity_rps for f in fractions]
         settings = _settings(model, replicas, rounds, duration_per_round_s, slo, cal, cfg, seed)
         settings = replace(settings, server_lr=server_lr, shed_factor=shed_factor)
+        if trace_rows is not None:  # (calibrated rates are known only now)
+            check_trace_span(trace_rows, chosen, settings.schedule_s)
         say(
             f"{len(chosen)} rate(s) {', '.join(f'{r:.2f}' for r in chosen)} req/s x "
             f"{len(systems)} systems, {rounds} round(s) of {duration_per_round_s:g}s; budget "
@@ -304,6 +308,19 @@ def check_systems(names: Sequence[str]) -> list[str]:
     return chosen
 
 
+def check_trace_span(rows: Sequence[TraceRow], rates: Sequence[float], schedule_s: float) -> None:
+    """A trace rescaled to each rate must last the whole schedule: every rate the report shows is
+    per second of the schedule, and every round needs its load."""
+    for rate in rates:
+        span = len(rows) / rate  # n requests at a mean gap of 1 / rate
+        if span < schedule_s:
+            raise ConfigError(
+                f"trace: its {len(rows)} requests last {span:.0f} s at {rate:.2f} req/s, less "
+                f"than the {schedule_s:.0f} s of load the rounds need; pass a longer trace, a "
+                "lower rate, or fewer or shorter rounds"
+            )
+
+
 def _schedule(
     rate: float, settings: RunSettings, arrivals: str, trace_rows: list[TraceRow] | None
 ) -> list[RequestSpec]:
@@ -341,14 +358,17 @@ def summarize_runs(
 def quality_target(runs: Sequence[SystemRun]) -> tuple[float | None, str | None]:
     """The time-to-quality target at one rate, and the system it comes from.
 
-    The held-out loss of CoLLM-FL's first version; if CoLLM-FL published none (every replica sat
-    the round out), the highest first-version loss of the others, which each of them reached.
+    The held-out loss of CoLLM-FL's first version (of its default setting, else of the first
+    CoLLM-FL setting run); if no CoLLM-FL system published one (every replica sat the round out),
+    the highest first-version loss of the others, which each of them reached.
     """
     firsts = {
         r.system: r.federation.loss_by_version[1] for r in runs if 1 in r.federation.loss_by_version
     }
-    if COLLM in firsts:
-        return firsts[COLLM], COLLM
+    mine = [r.system for r in runs if r.system in firsts and is_collm_system(r.system)]
+    if mine:
+        system = COLLM if COLLM in mine else mine[0]
+        return firsts[system], system
     if not firsts:
         return None, None
     source = max(firsts, key=lambda k: firsts[k])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -52,7 +53,12 @@ def _rate_label(result: GoodputResult, rate: float) -> str:
     capacity = result.replicas * result.calibration.capacity_rps
     fraction = rate / capacity if capacity > 0 else 0.0
     label = next(name for bound, name in RATE_LABELS if fraction <= bound)
-    return f"{rate:.2f} req/s ({fraction:.2f} × R × one replica's saturated throughput: {label})"
+    text = f"{rate:.2f} req/s ({fraction:.2f} × R × one replica's saturated throughput: {label}"
+    runs = result.runs_at(rate)
+    if runs and runs[0].summary.duration_s > 0:  # the schedule every system at this rate got
+        s = runs[0].summary
+        text += f"; offered {s.requests / s.duration_s:.2f} req/s: {s.requests} requests"
+    return text + ")"
 
 
 def render_markdown(result: GoodputResult) -> str:
@@ -180,8 +186,8 @@ def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
     )
     if info.target_source is None:
         source = "no system published a version at this rate"
-    elif info.target_source == "collm-fl":
-        source = "the held-out loss of CoLLM-FL's first version"
+    elif is_collm_system(info.target_source):
+        source = f"the held-out loss of {result.title(info.target_source)}'s first version"
     else:
         source = (
             "CoLLM-FL published no version at this rate (its replicas had no headroom); the "
@@ -209,16 +215,20 @@ def share_at_least_as_good(
     mine: list[tuple[float, float]],
     others: list[list[tuple[float, float]]],
     end_s: float,
-    step_s: float = 0.5,
 ) -> float:
     """Share of [0, end_s) in which ``mine`` serves a loss no worse than every one of ``others``
-    (within ``QUALITY_TOLERANCE``), sampled every ``step_s`` seconds."""
-    times = [k * step_s for k in range(max(1, int(end_s / step_s)))]
-    good = sum(
-        served_loss_at(mine, t) <= min(served_loss_at(o, t) for o in others) + QUALITY_TOLERANCE
-        for t in times
-    )
-    return good / len(times)
+    (within ``QUALITY_TOLERANCE``), exactly: the curves are step functions, so the condition only
+    changes where one of them steps."""
+    if end_s <= 0:
+        return 1.0
+    steps = {t for curve in (mine, *others) for t, _ in curve if 0.0 < t < end_s}
+    bounds = [0.0, *sorted(steps), end_s]
+    good = 0.0
+    for start, stop in itertools.pairwise(bounds):
+        best_other = min(served_loss_at(o, start) for o in others)
+        if served_loss_at(mine, start) <= best_other + QUALITY_TOLERANCE:
+            good += stop - start
+    return good / end_s
 
 
 def _goal_lines(result: GoodputResult) -> list[str]:

@@ -11,6 +11,7 @@ import pytest
 from collm_fl.bench.aggregation import machine_info
 from collm_fl.bench.goodput import (
     _system_info,
+    check_trace_span,
     quality_target,
     run_goodput_benchmark,
     served_quality_curve,
@@ -29,6 +30,7 @@ from collm_fl.cli import main
 from collm_fl.errors import ConfigError
 from collm_fl.loadgen.client import RequestResult
 from collm_fl.loadgen.goodput import SLOSpec
+from collm_fl.loadgen.trace import TraceRow
 
 TITLES = (
     "separate (static split)",
@@ -37,6 +39,8 @@ TITLES = (
     "CoLLM-FL",
     "CoLLM-FL, quality first",
 )
+
+EXAMPLE_TRACE = Path(__file__).parents[3] / "examples" / "custom_trace" / "trace.csv"
 
 
 @pytest.mark.slow
@@ -214,6 +218,29 @@ def test_without_a_collm_fl_version_the_target_is_the_worst_first_version_of_the
     ]
     assert quality_target(runs) == (3.8, "separate")
     assert quality_target([_run("collm-fl", 1.0, {0: 4.0}, met=1)]) == (None, None)
+
+
+def test_without_the_default_collm_fl_the_target_is_a_collm_fl_settings_first_version() -> None:
+    runs = [
+        _run("merged", 1.0, {0: 4.0, 1: 3.5}, met=1),
+        _run("collm-fl-fresh", 1.0, {0: 4.0, 1: 3.7}, met=1),
+        _run("collm-fl-quality", 1.0, {0: 4.0, 1: 3.6}, met=1),
+    ]
+    assert quality_target(runs) == (3.7, "collm-fl-fresh")
+    assert quality_target([*runs, _run("collm-fl", 1.0, {0: 4.0, 1: 3.9}, met=1)]) == (
+        3.9,
+        "collm-fl",
+    )
+
+
+def test_a_trace_too_short_for_the_schedule_is_refused_before_anything_runs(capsys) -> None:
+    rows = [TraceRow(float(i), 10, 10) for i in range(20)]
+    check_trace_span(rows, [1.0], 20.0)  # 20 requests at 1/s last the 20 s
+    with pytest.raises(ConfigError, match=r"its 20 requests last 10 s at 2\.00 req/s, less than"):
+        check_trace_span(rows, [1.0, 2.0], 20.0)
+    args = ["--rates", "1", "--rounds", "3", "--duration-per-round", "60", "--out", "/nonexist"]
+    code = main(["bench", "goodput", "--trace", str(EXAMPLE_TRACE), *args])
+    assert code == 2 and "last 20 s at 1.00 req/s, less than the 192 s" in capsys.readouterr().err
 
 
 def _result(runs: list[SystemRun], rate: float) -> GoodputResult:

@@ -25,6 +25,13 @@ def test_share_of_time_no_worse_than_every_other_system():
     assert share_at_least_as_good(mine, [mine], 40.0) == 1.0
 
 
+def test_the_share_is_exact_between_steps_at_any_time():
+    mine = [(0.0, 5.0), (10.37, 4.5)]
+    other = [(0.0, 5.0), (10.11, 4.5)]  # better only during [10.11, 10.37)
+    assert share_at_least_as_good(mine, [other], 20.0) == pytest.approx(1 - 0.26 / 20.0)
+    assert share_at_least_as_good(mine, [other], 10.2) == pytest.approx(10.11 / 10.2)
+
+
 def test_a_file_that_is_not_a_goodput_report_exits_2(tmp_path, capsys):
     bad = tmp_path / "x.json"
     bad.write_text('{"model": "tiny"}')
