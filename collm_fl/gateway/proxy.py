@@ -20,11 +20,10 @@ any replica sees it (:func:`~collm_fl.policies.routing.admission_decision`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -34,6 +33,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import Receive, Scope, Send
 
+from collm_fl.api.disconnect import ClientGone, unless_client_leaves
 from collm_fl.api.errors import (
     overloaded,
 )
@@ -96,10 +96,6 @@ class _Refused(Exception):
 
 class _Abandoned(_Refused):
     """The gateway gave up on a replica that stopped answering (its cause is already logged)."""
-
-
-class _ClientGone(Exception):
-    """The client disconnected before the reply started."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +177,7 @@ class Router:
             ticket = self.pool.begin(name, job.prompt_tokens, job.max_tokens)
             attempt = self._open_stream(job, ticket) if job.stream else self._forward(job, ticket)
             try:
-                return await _unless_client_leaves(request, attempt)
+                return await unless_client_leaves(request, attempt)
             except _Refused as e:
                 self.pool.fail(ticket, e.reason, e.replica_down)
                 self.metrics.failovers.labels(name, e.kind).inc()
@@ -189,7 +185,7 @@ class Router:
                 last = f"{name}: {e.reason}"
                 level = logging.INFO if isinstance(e, _Abandoned) else logging.WARNING
                 log.log(level, "replica %s refused a request (%s); failing over", name, e.reason)
-            except _ClientGone:
+            except ClientGone:
                 self.pool.release(ticket)
                 self.metrics.requests.labels(name, "cancelled").inc()
                 return Response(status_code=499)
@@ -352,30 +348,6 @@ async def _unless_abandoned(ticket: Ticket, step: Awaitable[T]) -> T:
         if ticket.abandoned is None:
             raise
         raise _Abandoned(ticket.abandoned, "unhealthy") from e
-
-
-async def _unless_client_leaves(
-    request: Request, attempt: Coroutine[None, None, Response]
-) -> Response:
-    """Run ``attempt``; cancel it (and so the upstream request) if the client disconnects."""
-    work = asyncio.ensure_future(attempt)
-    watch = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
-            return work.result()
-        raise _ClientGone()
-    finally:
-        for task in (work, watch):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _sse_events(resp: httpx.Response) -> AsyncGenerator[bytes, None]:

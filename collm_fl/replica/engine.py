@@ -448,21 +448,21 @@ class InferenceEngine:
     def _ordered_for_admission(self) -> Iterator[RequestHandle]:
         """Take the requests to admit now off the queue, in order (``busy_changed`` held).
 
-        A cancelled request is yielded too (and takes no row): the caller finishes it.
+        Cancelled requests are yielded first, every step, also when no row is free (they take
+        none): the caller finishes them, so a request whose client left stops counting as queued.
         """
         now = time.monotonic()
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            yield handle
         if self.schedule == "fcfs":
             admitted = 0
             while self._waiting and len(self._batch) + admitted < self.max_batch_size:
                 handle = self._waiting.popleft()
-                if not handle.cancelled:
-                    admitted += 1
-                    self.admitted_late += now - handle.arrival >= self.ttft_slo_s
+                admitted += 1
+                self.admitted_late += now - handle.arrival >= self.ttft_slo_s
                 yield handle
             return
-        for handle in [h for h in self._waiting if h.cancelled]:
-            self._waiting.remove(handle)
-            yield handle
         queue = list(self._waiting)  # oldest first
         picked = admission_order(
             [Waiting(now - h.arrival, h.num_prompt_tokens) for h in queue],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -37,6 +37,7 @@ class RequestRecord:
     tpot: float | None
     status: str  # "ok" | "error" | "cancelled" | "rejected"
     output_tokens: int
+    waited_s: float | None = None  # a request cancelled before its first token: how long it waited
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class LoadReport:
     """Load since the previous report (what the server's allocation policy reads each round)."""
 
     window_s: float
-    requests: int
+    requests: int  # finished requests, those whose client left included
     request_rate: float  # finished requests per second
     rejected: int  # refused with 503 (queue full)
     queue_depth: int
@@ -55,7 +56,7 @@ class LoadReport:
     tpot_p50: float
     tpot_p95: float
     tpot_p99: float
-    slo_attainment: float  # share of finished requests meeting both SLOs (1.0 when none)
+    slo_attainment: float  # share of judged requests meeting both SLOs (1.0 when none)
     output_tokens_per_s: float
     training_share: float
     training_steps: int
@@ -74,9 +75,11 @@ class LoadWindow:
         self._records: deque[RequestRecord] = deque(maxlen=max_records)
         self._since = time.monotonic()
         self._busy_at_since = 0.0  # the engine's cumulative busy seconds at the window start
+        self._overflowed = False  # older records of this window were dropped
 
     def add(self, record: RequestRecord) -> None:
         with self._lock:
+            self._overflowed |= len(self._records) == self._records.maxlen
             self._records.append(record)
 
     def report(
@@ -94,13 +97,17 @@ class LoadWindow:
             now = time.monotonic()
             window = max(now - self._since, 1e-9)
             busy = max(0.0, serving_busy_s - self._busy_at_since)
+            # Rates are per the time the kept records span: over a full window, the oldest ones
+            # were dropped, and dividing what is left by the whole window would undercount.
+            kept = max(now - records[0].finished_at, 1e-9) if self._overflowed else window
             if reset:
                 self._records.clear()
                 self._since = now
                 self._busy_at_since = serving_busy_s
-        return summarize(
+                self._overflowed = False
+        report = summarize(
             records,
-            window,
+            min(window, kept),
             self.slo,
             queue_depth,
             running,
@@ -108,6 +115,7 @@ class LoadWindow:
             training_steps,
             min(1.0, busy / window),
         )
+        return replace(report, window_s=window) if kept < window else report
 
 
 def summarize(
@@ -120,20 +128,31 @@ def summarize(
     training_steps: int,
     serving_utilization: float = 0.0,
 ) -> LoadReport:
-    """Pure summary of a window of finished requests."""
+    """Pure summary of a window of finished requests.
+
+    A request whose client left (``cancelled``) is load like any other. It is judged, as a miss,
+    when its first token came after the TTFT SLO or it waited past that SLO without one (clients
+    that give up on a slow replica are its SLO misses; a report without them would read overload
+    as health), and its wait then enters the TTFT percentiles as the lower bound it is. One that
+    left early with nothing late is not judged.
+    """
     served = [r for r in records if r.status in ("ok", "error")]
-    ttfts = np.array([r.ttft for r in served if r.ttft is not None], dtype=float)
+    left = [r for r in records if r.status == "cancelled"]
+    late_left = [t for t in (_first_token_or_wait(r) for r in left) if t > slo.ttft_s]
+    ttfts = np.array([*(r.ttft for r in served if r.ttft is not None), *late_left], dtype=float)
     tpots = np.array([r.tpot for r in served if r.tpot is not None], dtype=float)
 
     def pct(a: np.ndarray, q: float) -> float:
         return float(np.percentile(a, q)) if a.size else 0.0
 
     ok = sum(1 for r in served if r.status == "ok" and slo.met(r.ttft, r.tpot))
-    judged = len(served) + sum(1 for r in records if r.status == "rejected")
+    rejected = sum(1 for r in records if r.status == "rejected")
+    judged = len(served) + len(late_left) + rejected
+    finished = len(served) + len(left)
     return LoadReport(
         window_s=window_s,
-        requests=len(served),
-        request_rate=len(served) / window_s,
+        requests=finished,
+        request_rate=finished / window_s,
         rejected=sum(1 for r in records if r.status == "rejected"),
         queue_depth=queue_depth,
         running=running,
@@ -144,11 +163,15 @@ def summarize(
         tpot_p95=pct(tpots, 95),
         tpot_p99=pct(tpots, 99),
         slo_attainment=ok / judged if judged else 1.0,
-        output_tokens_per_s=sum(r.output_tokens for r in served) / window_s,
+        output_tokens_per_s=sum(r.output_tokens for r in (*served, *left)) / window_s,
         training_share=training_share,
         training_steps=training_steps,
         serving_utilization=serving_utilization,
     )
+
+
+def _first_token_or_wait(r: RequestRecord) -> float:
+    return r.ttft if r.ttft is not None else (r.waited_s or 0.0)
 
 
 class ReplicaMetrics:

@@ -297,14 +297,23 @@ class Replica:
         if mode == "merge":
             return self._merge(state, version, run)
         merged = self.merged.current
+        # A reload takes its slot before it pauses: only serving unpins slots.
+        reserved = self.slots.reserve_free_slot() if mode == "reload" else None
         # Paused throughout for a reload (nothing is served between the old and the new), only
         # around the unmerge for a shadow load (which loads beside serving).
         with self.serving_paused() if mode == "reload" else contextlib.nullcontext():
             try:
                 if mode == "reload":
-                    self.merged.clear()
-                    stored, stored_config = read_adapter_dir(vdir)  # as a restart would
-                    return self._load_and_promote(stored, stored_config, version, run)
+                    try:
+                        self.merged.clear()
+                        stored, stored_config = read_adapter_dir(vdir)  # as a restart would
+                    except BaseException:
+                        if reserved is not None:
+                            self.slots.unreserve(reserved)
+                        raise
+                    return self._load_and_promote(
+                        stored, stored_config, version, run, reserved=reserved
+                    )
                 if merged is not None:
                     with self.serving_paused():
                         self.merged.clear()
@@ -382,8 +391,14 @@ class Replica:
         peft_config: Mapping[str, object],
         version: int,
         run: str,
+        reserved: int | None = None,
     ) -> int | None:
-        spec = LoraSpec.from_peft_config_dict(peft_config)
+        try:
+            spec = LoraSpec.from_peft_config_dict(peft_config)
+        except BaseException:
+            if reserved is not None:  # load_shadow owns the reservation only once called
+                self.slots.unreserve(reserved)
+            raise
         t0 = time.perf_counter()
         # The swap runs beside the engine thread: one compute thread, so serving keeps its core.
         torch.set_num_threads(1)
@@ -393,7 +408,11 @@ class Replica:
 
         try:
             shadow = self.slots.load_shadow(
-                state, version, spec, validate_fn=canary if self.cfg.canary else None
+                state,
+                version,
+                spec,
+                validate_fn=canary if self.cfg.canary else None,
+                reserved=reserved,
             )
         except AdapterValidationError:
             self.metrics.swaps.labels("rejected").inc()

@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from collm_fl.api.disconnect import ClientGone, unless_client_leaves
 from collm_fl.api.errors import (
     APIError,
     BodySizeLimit,
@@ -155,11 +156,14 @@ async def _generate(
     created = int(time.time())
     events = handle.aiter()
     try:
-        # The first event comes after admission, when the request's version is pinned.
-        first = await anext(events)
-    except BaseException:
+        # The first event comes after admission, when the request's version is pinned. A client
+        # that leaves while its request waits takes it off the queue: nobody is left to read it.
+        first = await unless_client_leaves(request, anext(events))
+    except BaseException as e:
         handle.cancel()
         _record(replica, handle, None)
+        if isinstance(e, ClientGone):
+            return Response(status_code=499)  # (nginx's "client closed request"; unread)
         raise
     if body.stream:
         return StreamingResponse(
@@ -168,13 +172,20 @@ async def _generate(
             headers={"Cache-Control": "no-cache", **_version_headers(handle)},
         )
     text, finish = [first.text_delta], first.finish_reason
-    try:
+
+    async def rest() -> str | None:
+        last = finish
         async for ev in events:
             text.append(ev.text_delta)
-            finish = ev.finish_reason or finish
-            if await request.is_disconnected():
-                handle.cancel()
-                break
+            last = ev.finish_reason or last
+        return last
+
+    try:
+        finish = await unless_client_leaves(request, rest())
+    except ClientGone:
+        handle.cancel()
+        finish = None
+        return Response(status_code=499)
     finally:
         _record(replica, handle, finish)
     if finish == "error":
@@ -294,6 +305,7 @@ def _record(replica: Replica, handle: RequestHandle, finish: str | None) -> None
     if finish is None:
         status = "cancelled"
     end = handle.finished_at or time.monotonic()
-    record = RequestRecord(end, handle.ttft, handle.tpot, status, handle.num_generated)
+    waited = end - handle.arrival if handle.ttft is None else None
+    record = RequestRecord(end, handle.ttft, handle.tpot, status, handle.num_generated, waited)
     replica.load_window.add(record)
     replica.metrics.observe_request(record, end - handle.arrival)

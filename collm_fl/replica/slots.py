@@ -197,24 +197,32 @@ class AdapterSlots:
         spec: LoraSpec,
         validate_fn: Callable[[int], None] | None = None,
         timeout: float = DEFAULT_LOAD_TIMEOUT_S,
+        reserved: int | None = None,
     ) -> ShadowSlot:
         """Validate ``state``, write it into a free slot, run ``validate_fn(slot)``; not yet served.
 
         Raises ``AdapterValidationError`` (every problem at once, before anything is written, or
         the ``validate_fn`` failure) or ``NoFreeSlotError`` when no slot frees up within
-        ``timeout`` seconds. Either way the current slot is untouched.
+        ``timeout`` seconds. Either way the current slot is untouched. ``reserved``: a slot
+        :meth:`reserve_free_slot` returned, used instead of waiting for one (and given back on
+        any failure).
         """
-        problems = validate_adapter_state(
-            state, spec, self.modules.spec, self.modules.expected_shapes()
-        )
-        if problems:
-            raise AdapterValidationError(problems)
-        if self.merged_version is not None:
-            raise ShadowStateError(
-                f"version {self.merged_version} is merged into the base: unmerge it before "
-                "loading a slot"
+        try:
+            problems = validate_adapter_state(
+                state, spec, self.modules.spec, self.modules.expected_shapes()
             )
-        slot = self._reserve_free_slot(timeout)
+            if problems:
+                raise AdapterValidationError(problems)
+            if self.merged_version is not None:
+                raise ShadowStateError(
+                    f"version {self.merged_version} is merged into the base: unmerge it before "
+                    "loading a slot"
+                )
+        except BaseException:
+            if reserved is not None:
+                self.unreserve(reserved)
+            raise
+        slot = self.reserve_free_slot(timeout) if reserved is None else reserved
         shadow = ShadowSlot(self, slot, version)
         try:
             started = time.perf_counter()
@@ -231,7 +239,9 @@ class AdapterSlots:
         log.info("version %d in shadow slot %d (write %.2f ms)", version, slot, 1e3 * written)
         return shadow
 
-    def _reserve_free_slot(self, timeout: float) -> int:
+    def reserve_free_slot(self, timeout: float = DEFAULT_LOAD_TIMEOUT_S) -> int:
+        """A slot no request pins and nothing serves, held for a load (NoFreeSlotError after
+        ``timeout`` seconds). Only serving frees a pinned slot: reserve before pausing it."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -264,6 +274,10 @@ class AdapterSlots:
             self._cond.notify_all()  # the previous current slot may be free already
         log.info("promoted version %d (slot %d), replacing version %s", version, slot, previous)
         return previous
+
+    def unreserve(self, slot: int) -> None:
+        """Give back a slot :meth:`reserve_free_slot` returned and no load took."""
+        self._discard(slot)
 
     def _discard(self, slot: int) -> None:
         with self._cond:

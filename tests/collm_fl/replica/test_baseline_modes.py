@@ -50,7 +50,7 @@ def assert_base_weights(replica: Replica, expected: dict[str, torch.Tensor]) -> 
 def make_replica(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
     started: list[Replica] = []
 
-    def make(with_data: bool = False) -> Replica:
+    def make(with_data: bool = False, num_slots: int = 4) -> Replica:
         cfg = ReplicaConfig(
             model="tiny",
             lora=SPEC,
@@ -58,6 +58,7 @@ def make_replica(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
             data=DataSpec() if with_data else None,
             num_partitions=4,
             max_batch_size=4,
+            num_slots=num_slots,
         )
         replica = Replica(cfg)
         replica.start()
@@ -301,7 +302,7 @@ def test_a_reload_that_fails_after_leaving_a_merged_version_serves_it_again(
     replica, served = merged_v0
     shapes = replica.modules.expected_shapes()
 
-    def no_slot(*_: object) -> None:
+    def no_slot(*_: object, **__: object) -> None:
         raise NoFreeSlotError("every slot pinned")
 
     monkeypatch.setattr(replica, "_load_and_promote", no_slot)
@@ -341,3 +342,38 @@ def test_control_api_passes_mode_and_exclusive_through(
         status = c.status()
         assert status["served_version"] == 1
         assert any(s["role"] == "current" for s in status["slots"])
+
+
+def test_a_reload_waits_for_a_free_slot_with_serving_running(make_replica) -> None:
+    # Two slots: v2 serves, v1's is pinned by a request in flight. Only serving can unpin it, so
+    # the reload must not pause serving before it has its slot (it used to, and then timed out).
+    replica = make_replica(num_slots=2)
+    shapes = replica.modules.expected_shapes()
+    replica.push_version(adapter(shapes, seed=1), CONFIG, 1)
+    old_slot, version = replica.slots.acquire()  # what admitting a request does
+    assert version == 1
+    replica.push_version(adapter(shapes, seed=2), CONFIG, 2, mode="reload")
+    waiting = threading.Event()
+    reserve = replica.slots.reserve_free_slot
+
+    def spy(*args: object, **kwargs: object) -> int:
+        waiting.set()
+        return reserve(*args, **kwargs)  # type: ignore[arg-type]
+
+    replica.slots.reserve_free_slot = spy  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def push() -> None:
+        try:
+            replica.push_version(adapter(shapes, seed=3), CONFIG, 3, mode="reload")
+        except BaseException as e:
+            errors.append(e)
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    assert waiting.wait(TIMEOUT)
+    handle = generate(replica, "ROMEO:", "served-while-the-reload-waits")
+    assert handle.version == 2 and pusher.is_alive()  # served; the reload still waits
+    replica.slots.release(old_slot)  # the request in flight ends
+    pusher.join(TIMEOUT)
+    assert not errors and replica.served_version == 3
