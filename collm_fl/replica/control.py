@@ -117,7 +117,10 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
                 body.round,
                 exclusive=body.exclusive,
                 backfill_steps=body.backfill_steps,
+                base_version=body.base_version,
             )
+        except VersionConflictError as e:  # a version landed after the check above
+            raise APIError(409, str(e), code="version_mismatch") from e
         except ConfigError as e:
             raise APIError(400, str(e), code="cannot_train") from e
         metrics = {

@@ -462,8 +462,12 @@ class Replica:
         start_state: Mapping[str, np.ndarray] | None = None,
         exclusive: bool = False,
         backfill_steps: int = 0,
+        base_version: int | None = None,
     ) -> TrainOutcome:
         """Train a round's budget from ``start_state`` (default: the served version).
+
+        ``base_version``: the version the caller means by "the served one"; if another is served
+        when the start state is read (a push landed meanwhile), VersionConflictError.
 
         ``backfill_steps`` more steps run after ``steps``, each only while no request is queued
         or running (co-execution only). ``exclusive`` (baselines only): serving is paused for
@@ -476,7 +480,7 @@ class Replica:
             if self.merged.current is not None:
                 raise ConfigError("a merged version is served: train with exclusive=True")
             job = TrainJob(
-                self._served_state() if start_state is None else start_state,
+                self._served_state(base_version) if start_state is None else start_state,
                 steps,
                 learning_rate,
                 deadline_s,
@@ -488,7 +492,9 @@ class Replica:
             # No version change mid-job; training needs the plain base (merged back after).
             with self._push_lock, self.serving_paused(), self.merged.lifted():
                 job = TrainJob(
-                    self._served_state() if start_state is None else start_state,
+                    self._served_state(base_version, locked=True)
+                    if start_state is None
+                    else start_state,
                     steps,
                     learning_rate,
                     deadline_s,
@@ -500,14 +506,23 @@ class Replica:
         self.metrics.training_tokens.inc(outcome.tokens)
         return outcome
 
-    def _served_state(self) -> AdapterState:
-        """The adapter new requests get (merged or in its slot), as float32 numpy."""
-        if self.merged.state is not None:
-            return self.merged.state
-        slot = self.slots.current_slot
-        if slot < 0:
-            raise ConfigError("no adapter version is served yet: push one before training")
-        return self.modules.read_slot(slot)
+    def _served_state(self, expected: int | None = None, locked: bool = False) -> AdapterState:
+        """The adapter new requests get (merged or in its slot), as float32 numpy.
+
+        Read under the push lock (``locked``: the caller holds it), so no version lands between
+        checking ``expected`` and reading, and no load rewrites the slot being read.
+        """
+        with contextlib.nullcontext() if locked else self._push_lock:
+            if expected is not None and self.served_version != expected:
+                raise VersionConflictError(
+                    f"replica serves version {self.served_version}, not base_version {expected}"
+                )
+            if self.merged.state is not None:
+                return self.merged.state
+            slot = self.slots.current_slot
+            if slot < 0:
+                raise ConfigError("no adapter version is served yet: push one before training")
+            return self.modules.read_slot(slot)
 
     def load_report(self, reset: bool) -> LoadReport:
         s = self.engine.stats()

@@ -8,6 +8,7 @@ import pytest
 
 from collm_fl.adapters import LoraSpec
 from collm_fl.data import DataSpec
+from collm_fl.errors import VersionConflictError
 from collm_fl.replica.metrics import SLO
 from collm_fl.replica.requests import GenerationRequest
 from collm_fl.replica.runtime import Replica, ReplicaConfig
@@ -61,6 +62,15 @@ def test_idle_replica_trains_its_whole_budget(replica):
     assert outcome.steps == 4 and not outcome.deadline_hit
     assert outcome.tokens > 0 and outcome.yields == 0
     assert outcome.state.keys() == replica.modules.expected_shapes().keys()
+
+
+def test_training_from_a_version_the_replica_no_longer_serves_is_refused(replica):
+    # The served version is checked where the start state is read, under the push lock: a push
+    # that lands between the caller's check and the read cannot change what training starts from.
+    assert replica.served_version == 0
+    with pytest.raises(VersionConflictError, match="not base_version 3"):
+        replica.train(1, 1e-3, 120, 1, base_version=3)
+    assert replica.train(1, 1e-3, 120, 1, base_version=0).steps == 1
 
 
 def test_training_yields_while_a_request_waits_past_its_slo(replica):
