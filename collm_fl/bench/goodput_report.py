@@ -198,6 +198,18 @@ def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
         f"Quality target: {_opt(info.target_loss, '.4f')} ({source}). Goodput / best "
         f"baseline ({best}): {ratio or '-'}.",
     ]
+    lags = [
+        f"{result.title(r.system)} {_ms(r.summary.send_late_p99_s)} / "
+        f"{_ms(r.summary.send_late_max_s)}"
+        for r in result.runs_at(info.rate)
+        if r.summary.send_late_max_s is not None
+    ]
+    if lags:  # (reports from before this was recorded have none)
+        lines += [
+            "",
+            "The load generator's lag, how far behind its schedule requests were sent (p99 / max, "
+            "ms; latencies count from the actual send): " + "; ".join(lags) + ".",
+        ]
     return lines
 
 

@@ -76,6 +76,9 @@ class RequestResult:
     prompt_tokens: int | None  # from `usage` if the server sent it, else the built-for estimate
     output_tokens: int  # from `usage` if sent, else the number of content chunks
     error: str | None
+    # How far behind its scheduled offset it was sent (the load generator's own lag; latencies
+    # count from the actual send, so a lagging generator would hide queueing from them).
+    late_s: float = 0.0
 
 
 class FillerPrompts:
@@ -361,6 +364,7 @@ async def _send(
     return RequestResult(
         index=index,
         sent_at=sent - start,
+        late_s=max(0.0, sent - start - spec.offset_s),
         ttft_s=ttft,
         tpot_s=tpot,
         e2e_s=e2e,

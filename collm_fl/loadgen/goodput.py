@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from collm_fl.errors import ConfigError
-from collm_fl.loadgen.client import STATUS_OK, RequestResult
+from collm_fl.loadgen.client import STATUS_DROPPED, STATUS_OK, RequestResult
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,10 @@ class LoadSummary:
     e2e_p90_s: float | None
     e2e_p99_s: float | None
     adapter_versions: dict[str, int]  # ok requests per serving adapter version ("base" for none)
+    # How far behind schedule the requests were sent (p99, max; None: none sent, or a summary
+    # from before this was recorded). Well under the TTFT SLO: the generator kept its schedule.
+    send_late_p99_s: float | None = None
+    send_late_max_s: float | None = None
 
 
 def meets_slo(result: RequestResult, slo: SLOSpec) -> bool:
@@ -88,6 +92,8 @@ def summarize_results(
     ttft = _percentiles([r.ttft_s for r in ok])
     tpot = _percentiles([r.tpot_s for r in ok])
     e2e = _percentiles([r.e2e_s for r in ok])
+    sent_late = [r.late_s for r in results if r.status != STATUS_DROPPED]
+    late = _percentiles(sent_late)
     return LoadSummary(
         duration_s=duration_s,
         requests=len(results),
@@ -108,6 +114,8 @@ def summarize_results(
         e2e_p90_s=e2e[1],
         e2e_p99_s=e2e[2],
         adapter_versions=dict(sorted(versions.items())),
+        send_late_p99_s=late[2],
+        send_late_max_s=max(sent_late) if sent_late else None,
     )
 
 

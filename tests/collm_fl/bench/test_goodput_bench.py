@@ -96,6 +96,7 @@ def test_quick_run_compares_every_system_and_writes_every_file(tmp_path: Path) -
     assert "| system | goodput (req/s) | SLO attainment |" in md
     assert all(f"| {title} |" in md for title in TITLES)
     assert "Goodput / best baseline (" in md and "quality_over_time.png" in md
+    assert "The load generator's lag" in md
     goals = md.split("### Against the goals")[1].split("###")[0]
     assert "| CoLLM-FL |" in goals and "| CoLLM-FL, quality first |" in goals
     assert any(line.startswith("calibration:") for line in lines)
@@ -301,7 +302,8 @@ def test_a_report_from_before_the_variant_still_renders_its_ratio() -> None:
     for by_rate in data["by_rate"]:  # type: ignore[union-attr]
         by_rate["goodput_ratio"] = by_rate.pop("ratios")["collm-fl"]  # what it held before
     md = render_markdown(result_from_json(data))
-    assert "| 2.00 req/s (0.25 × R × one replica's saturated throughput: medium) | CoLLM-FL " in md
+    label = "2.00 req/s (0.25 × R × one replica's saturated throughput: medium; offered"
+    assert f"| {label} 0.40 req/s: 4 requests) | CoLLM-FL " in md
     assert "Goodput / best baseline (merged): CoLLM-FL **2.00×**." in md
 
 

@@ -64,6 +64,17 @@ def test_percentiles_are_over_ok_requests_and_match_numpy() -> None:
     assert s.e2e_p99_s == pytest.approx(float(np.percentile(e2e, 99)))
 
 
+def test_the_send_lag_is_summarized_over_the_requests_sent() -> None:
+    from dataclasses import replace
+
+    lagged = [replace(r, late_s=0.001 * r.index) for r in RESULTS]
+    lagged[9] = replace(lagged[9], late_s=5.0)  # the dropped one was never sent: not counted
+    s = summarize_results(lagged, SLO, duration_s=5.0)
+    assert s.send_late_max_s == pytest.approx(0.008)
+    assert s.send_late_p99_s == pytest.approx(float(np.percentile(np.arange(9) * 0.001, 99)))
+    assert summarize_results(RESULTS[9:], SLO, duration_s=1.0).send_late_max_s is None
+
+
 def test_meets_slo_needs_success_and_both_bounds() -> None:
     assert [meets_slo(r, SLO) for r in RESULTS] == [True] * 3 + [False, False, True] + [False] * 4
 

@@ -238,6 +238,7 @@ def test_replay_is_open_loop(server_url: str) -> None:
     assert all(r.status == "ok" for r in results)
     for spec, r in zip(specs, results, strict=True):
         assert r.sent_at is not None and spec.offset_s <= r.sent_at < spec.offset_s + 0.1
+        assert r.late_s == pytest.approx(r.sent_at - spec.offset_s)  # its lag behind schedule
     first = results[0]
     assert first.sent_at is not None and first.e2e_s is not None
     assert results[2].sent_at is not None and results[2].sent_at < first.sent_at + first.e2e_s
