@@ -9,6 +9,7 @@ the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -294,6 +295,17 @@ class RunConfig:
         from flwr.common.config import get_fused_config_from_dir
 
         parsed = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
+        known = get_fused_config_from_dir(app, {})
+        unknown = [k for k in parsed if k not in known]
+        if unknown:  # (Flower's own error is a traceback naming a "main dictionary")
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"invalid run config: unknown key {', '.join(hints)}; the app's keys are listed "
+                f"under [tool.flwr.app.config] in {app / 'pyproject.toml'}"
+            )
         config = cls.from_flower(get_fused_config_from_dir(app, parsed))
         if config.store_url:
             _check_store_url(config.store_url)

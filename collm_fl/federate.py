@@ -113,6 +113,36 @@ def run_outcome(cfg: RunConfig, returncode: int, launched_at: datetime) -> int:
 
 
 @contextmanager
+def failed_if_interrupted(cfg: RunConfig) -> Iterator[None]:
+    """Wrap a launcher's federation, outside the processes it starts: a Ctrl-C or SIGTERM kills
+    the ServerApp before it can record how the run ended, so the run is marked here (status
+    ``failed``, a ``run-failed`` event) instead of showing ``running`` for good."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        mark_interrupted(cfg)
+        raise
+
+
+def mark_interrupted(cfg: RunConfig) -> None:
+    """Record that the run of ``cfg`` was stopped by its launcher, if it shows as running."""
+    from collm_fl.store import RUN_FAILED, VersionStore
+
+    if not cfg.store_url and not (cfg.output_path / "store.db").is_file():
+        return  # the ServerApp never opened its store: no run to mark
+    try:
+        with VersionStore(cfg.output_path, cfg.store_url or None) as store:
+            run = store.find_run(cfg.run_name)
+            if run.status == "running":
+                store.set_run_status(run.id, "failed")
+                reason = "interrupted: its launcher was stopped (Ctrl-C or SIGTERM)"
+                store.record_event(run.id, RUN_FAILED, {"error": reason})
+                log.warning("run %r marked failed: %s", run.name, reason)
+    except (CollmError, SQLAlchemyError) as e:  # no run recorded yet, or no store to write
+        log.debug("nothing to mark interrupted: %s", e)
+
+
+@contextmanager
 def managed_local_superlink(env: dict[str, str]) -> Iterator[None]:
     """Stop, on exit, a local SuperLink that was not running when the block started."""
     flwr_home = Path(env.get("FLWR_HOME", Path.home() / ".flwr"))
@@ -150,8 +180,17 @@ def launch_config(
     cfg = RunConfig.from_app(app, values)
     values["output-dir"] = str(cfg.output_path)
     data = Path(cfg.data).expanduser()
-    if cfg.data != "shakespeare" and not data.is_absolute() and data.exists():
+    if cfg.data != "shakespeare":
+        if not data.exists():  # (else the ServerApp fails inside Flower, with a traceback)
+            raise ConfigError(f"data: no such file or folder: {cfg.data}")
         values["data"] = str(data.resolve())
+    model = Path(cfg.model).expanduser()
+    if model.exists():  # a local model directory, as from_pretrained reads it
+        if not (model / "config.json").is_file():
+            raise ConfigError(f"model: {cfg.model} has no config.json")
+        values["model"] = str(model.resolve())
+    elif cfg.model.startswith((".", "/", "~")):
+        raise ConfigError(f"model: no such path: {cfg.model}")
     return format_overrides(values), RunConfig.from_app(app, values)
 
 
@@ -173,6 +212,6 @@ def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
     check_node_counts(cfg, supernodes, "--supernodes")
     cmd += ["--run-config", run_config]
     log.info("running: %s", shlex.join(cmd))
-    with managed_local_superlink(env):
+    with failed_if_interrupted(cfg), managed_local_superlink(env):
         launched = datetime.now(UTC)
         return run_outcome(cfg, subprocess.call(cmd, env=env), launched)

@@ -48,6 +48,23 @@ _HANDED_OUT: deque[int] = deque(maxlen=4096)
 _HANDED_OUT_LOCK = threading.Lock()
 
 
+def check_ports_free(*listeners: tuple[str, str, int]) -> None:
+    """Each ``(flag, host, port)`` can be listened on now, and no two are the same: a server
+    checks this before it loads anything (ConfigError naming the flag, exit 2)."""
+    seen: dict[tuple[str, int], str] = {}
+    for flag, host, port in listeners:
+        if (host, port) in seen:
+            raise ConfigError(f"{flag} and {seen[host, port]} are both {host}:{port}")
+        seen[host, port] = flag
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+                s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"{flag}: cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
 def free_port() -> int:
     """A free loopback TCP port, never one this process handed out recently."""
     with _HANDED_OUT_LOCK:

@@ -25,7 +25,12 @@ from pathlib import Path
 import httpx
 
 from collm_fl.config import Scalar
-from collm_fl.federate import check_node_counts, launch_config, run_outcome
+from collm_fl.federate import (
+    check_node_counts,
+    failed_if_interrupted,
+    launch_config,
+    run_outcome,
+)
 from collm_fl.launch import LocalFederation, replica_flags
 from collm_fl.loadgen.arrivals import MAX_ARRIVALS, arrival_times
 from collm_fl.loadgen.client import (
@@ -168,9 +173,12 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
         print(f"an earlier run's federation and replica stores are kept in {kept}", flush=True)
     rows: list[RoundRow] = []
     timeline: list[tuple[float, str, int | None, float]] = []  # (t, replica, version, share)
-    with LocalFederation(
-        out / "site", cfg.replicas, cfg.devices, model=cfg.model, replica_args=replica_args
-    ) as fed:
+    with (
+        failed_if_interrupted(run_cfg),
+        LocalFederation(
+            out / "site", cfg.replicas, cfg.devices, model=cfg.model, replica_args=replica_args
+        ) as fed,
+    ):
         url, _ = fed.start_gateway(ttft_slo_s=cfg.ttft_slo_s, tpot_slo_s=cfg.tpot_slo_s)
         print(
             f"gateway {url}/v1 in front of {len(fed.replicas)} replicas; "
@@ -268,16 +276,21 @@ def _killed_on_exit(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[st
 
 
 EARLIER_RUN_DIRS = ("federation", "site")  # the server's store; the replicas' stores and logs
+# ... and what a run writes beside them, which must not be read as the next run's
+EARLIER_RUN_FILES = ("report.md", "report.json", "live.png", "flwr-run.log")
 
 
 def keep_earlier_run(out: Path) -> Path | None:
-    """Move an earlier run's stores out of the way; where they went (None: there was none).
+    """Move an earlier run's stores and report out of the way; where they went (None: there was
+    none).
 
     Each run is a new federation: a server store left in place would be resumed (and a finished
     run trains nothing), and replicas would recover the old run's last version and refuse the
-    new run's first as older.
+    new run's first as older. Its report goes with them: left beside a new run that is then
+    interrupted, it would read as that run's.
     """
-    earlier = [out / name for name in EARLIER_RUN_DIRS if (out / name).exists()]
+    names = (*EARLIER_RUN_DIRS, *EARLIER_RUN_FILES)
+    earlier = [out / name for name in names if (out / name).exists()]
     if not earlier:
         return None
     aside = out / "previous" / datetime.now().strftime("%Y%m%dT%H%M%S.%f")

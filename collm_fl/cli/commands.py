@@ -33,6 +33,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "site":
         from collm_fl.federate import (
             check_node_counts,
+            failed_if_interrupted,
             few_nodes_config,
             launch_config,
             run_outcome,
@@ -49,9 +50,12 @@ def dispatch(args: argparse.Namespace) -> int:
         run_config, run_cfg = launch_config(app, args.run_config, few_nodes_config(nodes), fixed)
         check_node_counts(run_cfg, nodes, "--replicas + --devices is")
         flags = replica_flags(run_cfg)
-        with LocalFederation(
-            workdir, args.replicas, args.devices, model=args.model, replica_args=flags
-        ) as fed:
+        with (
+            failed_if_interrupted(run_cfg),
+            LocalFederation(
+                workdir, args.replicas, args.devices, model=args.model, replica_args=flags
+            ) as fed,
+        ):
             for node in fed.replicas:
                 print(f"replica {node.index}: {node.api_url}/v1 (logs in {workdir})", flush=True)
             launched = datetime.now(UTC)
@@ -91,6 +95,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return run_live(cfg, Path(args.app).resolve())
     if args.command == "gateway":
         from collm_fl.gateway.serve import check_shed_factor, run_gateway
+        from collm_fl.launch import check_ports_free
         from collm_fl.replica.metrics import SLO
 
         if not all(math.isfinite(v) and v > 0 for v in (args.ttft_slo, args.tpot_slo)):
@@ -100,6 +105,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 f"--stream-stall-timeout must be > 0 seconds, got {args.stream_stall_timeout}"
             )
         check_shed_factor(args.shed_factor)
+        check_ports_free(("--port", args.host, args.port))
         api_key = args.api_key or os.environ.get("COLLM_API_KEY") or None
         replica_key = args.replica_api_key or os.environ.get("COLLM_REPLICA_API_KEY") or api_key
         run_gateway(
@@ -136,6 +142,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from collm_fl.store import VersionStore
 
         out = Path(args.output_dir).resolve()
+        if not args.store_url and not (out / "store.db").is_file():  # (opening would create one)
+            raise ConfigError(
+                f"--output-dir: no run store in {out} (no store.db: nothing ran there)"
+            )
         store = VersionStore(out, args.store_url or None)
         run = store.find_run(args.run_name)
         for v in store.list_versions(run.id):
@@ -292,6 +302,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def _run_replica(args: argparse.Namespace) -> int:
     from collm_fl.adapters import LoraSpec
+    from collm_fl.launch import check_ports_free
     from collm_fl.models import check_load_target
     from collm_fl.replica.affinity import parse_cpu_list, pin_process
     from collm_fl.replica.metrics import SLO
@@ -306,6 +317,15 @@ def _run_replica(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--{name.replace('_', '-')} must be a TCP port, got {getattr(args, name)}"
             )
+    check_ports_free(
+        ("--port", args.host, args.port), ("--control-port", args.control_host, args.control_port)
+    )
+    try:  # the store is written on every push: refuse one that cannot be before loading a model
+        Path(args.store_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--store-dir: cannot create {args.store_dir}: {e.strerror or e}") from e
+    if not os.access(args.store_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--store-dir: {args.store_dir} is not writable")
     if not all(math.isfinite(v) and v > 0 for v in (args.ttft_slo, args.tpot_slo)):
         raise ConfigError("--ttft-slo and --tpot-slo must be finite numbers > 0")
     if not (math.isfinite(args.defer_limit) and args.defer_limit > 0):

@@ -17,8 +17,39 @@ def _positive_int_list(text: str) -> list[int]:
     return values
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default (unless it says it itself, or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text.lower() or not _shows(action.default):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _shows(default: object) -> bool:
+    """Whether a default says something in help (not None, False, '' or suppressed)."""
+    return not (
+        default is None or default is False or default is argparse.SUPPRESS or default == ""
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose sub-command parsers (of its own type) show defaults too."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def add_argument(self, *args: object, **kwargs: object) -> argparse.Action:  # type: ignore[override]
+        action = super().add_argument(*args, **kwargs)  # type: ignore[arg-type]
+        if action.help is None and action.option_strings and _shows(action.default):
+            action.help = "default: %(default)s"  # (argparse prints nothing for an option
+        return action  # without help, not even its default)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="collm",
         description="CoLLM-FL: federated LoRA fine-tuning and serving on the same edge replicas.",
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -117,6 +118,11 @@ def run_load_cli(
         specs = build_requests(rows, prompt_tokens, output_tokens, chat=chat)
         measured_s = trace_duration(rows, duration_s)  # rates per the time it ran
     else:
+        if kind not in ARRIVAL_KINDS:
+            raise ConfigError(
+                f"--arrivals: unknown arrival process {kind!r}; expected one of "
+                f"{', '.join(ARRIVAL_KINDS)} (or --trace)"
+            )
         offsets = arrival_times(kind, rate, duration_s, seed)
         measured_s = duration_s
         specs = build_requests(offsets, prompt_tokens, output_tokens, chat=chat)
@@ -125,21 +131,49 @@ def run_load_cli(
     except OSError as e:
         raise ConfigError(f"out: cannot create {out}: {e}") from e
     log.info("replaying %d requests over %.1fs against %s", len(specs), measured_s, target)
-    results = asyncio.run(
-        replay(
-            target,
-            model,
-            specs,
-            api_key=api_key,
-            timeout_s=timeout_s,
-            max_in_flight=max_in_flight,
-            progress=_progress_printer(slo),
-            progress_every_s=PROGRESS_EVERY_S,
-        )
-    )
+    stopped_at: list[float] = []  # seconds into the schedule when Ctrl-C / SIGTERM came
+
+    async def run() -> list[RequestResult]:
+        loop = asyncio.get_running_loop()
+        stop, started = asyncio.Event(), loop.time()
+
+        def on_signal(sig: signal.Signals) -> None:
+            stopped_at.append(loop.time() - started)
+            stop.set()
+            for s in (signal.SIGINT, signal.SIGTERM):  # a second one stops at once
+                loop.remove_signal_handler(s)
+            log.warning(
+                "%s: sending no more requests; waiting for those in flight (at most %.0fs; "
+                "again to abandon them)",
+                sig.name,
+                timeout_s,
+            )
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            return await replay(
+                target,
+                model,
+                specs,
+                api_key=api_key,
+                timeout_s=timeout_s,
+                max_in_flight=max_in_flight,
+                progress=_progress_printer(slo),
+                progress_every_s=PROGRESS_EVERY_S,
+                stop=stop,
+            )
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    results = asyncio.run(run())
+    if stopped_at:  # what ran is measured over the time it ran
+        measured_s = max(min(measured_s, stopped_at[0]), 1e-3)
     write_results_jsonl(results, out / "requests.jsonl")
     summary = summarize_results(results, slo, measured_s)
     config = {
+        "interrupted_at_s": stopped_at[0] if stopped_at else None,
         "target": target,
         "model": model,
         "schedule": "trace" if trace else kind,
@@ -159,8 +193,16 @@ def run_load_cli(
     (out / "summary.json").write_text(summary_json + "\n", encoding="utf-8")
     print(format_summary(summary, slo))
     print(f"wrote {out / 'requests.jsonl'} and {out / 'summary.json'}")
+    if stopped_at:
+        print(
+            f"interrupted after {stopped_at[0]:.1f}s: {len(results)} of {len(specs)} requests "
+            "sent; the figures above are over that time",
+            file=sys.stderr,
+        )
+        return 130
     if summary.ok == 0:
-        log.error("no request succeeded (%s)", summary.errors)
+        first = next((f"{r.status}: {r.error}" for r in results if r.error), "none given")
+        log.error("no request succeeded (%s); the first error: %s", summary.errors, first)
         return 1
     return 0
 

@@ -176,7 +176,14 @@ def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
         if node.load is None:
             steps = _fit_deadline(target, node.step_seconds, 1.0, inputs.deadline_s)
             budgets.append(
-                NodeBudget(node.node_id, steps, 1.0, inputs.deadline_s, f"device; gain {gain:.2f}")
+                NodeBudget(
+                    node.node_id,
+                    steps,
+                    1.0,
+                    inputs.deadline_s,
+                    # (a replica whose control API never answered has no load report either)
+                    f"no load report: a device, or a replica not heard from; gain {gain:.2f}",
+                )
             )
             continue
         room = headroom(node.load, node.forecast_rate, inputs.ttft_slo_s, inputs.tpot_slo_s)

@@ -86,8 +86,18 @@ def test_replica_without_a_control_token_exits_2(capsys, monkeypatch):
 
 
 def test_versions_of_an_unknown_run_exits_2(capsys, tmp_path):
+    from collm_fl.store import VersionStore
+
+    VersionStore(tmp_path).close()  # a store where no run of that name ran
     code, err = run(capsys, "versions", "--output-dir", str(tmp_path), "--run-name", "nope")
     assert code == 2 and "no run named 'nope'" in err
+
+
+def test_versions_where_nothing_ran_exits_2_and_creates_nothing(capsys, tmp_path):
+    where = tmp_path / "nothing"
+    code, err = run(capsys, "versions", "--output-dir", str(where), "--run-name", "x")
+    assert code == 2 and f"no run store in {where}" in err
+    assert not where.exists()
 
 
 def test_load_with_a_bad_trace_exits_2_naming_the_line(capsys, tmp_path):
@@ -115,6 +125,26 @@ def test_load_against_a_malformed_target_exits_2(capsys, tmp_path, target):
     out = str(tmp_path / "out")
     code, err = run(capsys, "load", "--target", target, "--model", "m", "--out", out)
     assert code == 2 and "target must look like http://host:port" in err
+
+
+def test_load_with_an_unknown_arrival_process_names_the_flag(capsys, tmp_path):
+    out = str(tmp_path / "out")
+    args = ["--target", "http://127.0.0.1:1", "--model", "m", "--out", out]
+    code, err = run(capsys, "load", *args, "--arrivals", "burst")
+    assert code == 2 and "--arrivals: unknown arrival process 'burst'" in err
+
+
+def test_load_where_nothing_answers_says_why(capsys, tmp_path, monkeypatch):
+    import collm_fl.loadgen as loadgen
+    from collm_fl.launch import free_port
+
+    said: list[str] = []
+    monkeypatch.setattr(loadgen.log, "error", lambda msg, *args: said.append(msg % args))
+    target = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = ["--target", target, "--model", "m", "--duration", "2", "--rate", "5"]
+    code, _ = run(capsys, "load", *args, "--out", str(tmp_path / "out"))
+    assert code == 1 and len(said) == 1
+    assert "the first error: error: ConnectError" in said[0]
 
 
 def test_load_into_an_existing_file_exits_2(capsys, tmp_path):
@@ -220,4 +250,57 @@ def test_a_bad_run_config_exits_2_before_anything_starts(capsys, tmp_path, comma
     assert code == 2 and "lora-rank must be >= 1" in err
     code, err = run(capsys, command, *out, *workdir, "-c", "local-steps=2 rounds 5")
     assert code == 2 and "not key=value: 'rounds 5'" in err
+    code, err = run(capsys, command, *out, *workdir, "-c", "num-server-round=2")
+    assert code == 2
+    assert "unknown key 'num-server-round' (did you mean 'num-server-rounds'?)" in err
+    assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # nothing was started or written
+
+
+@pytest.fixture()
+def taken_port():
+    """A loopback port something is listening on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_a_replica_on_a_port_in_use_exits_2_before_loading_anything(capsys, taken_port, tmp_path):
+    from collm_fl.launch import free_port
+
+    store = ["--store-dir", str(tmp_path / "store")]
+    code, err = run(capsys, "replica", "--control-token", "t", "--port", str(taken_port), *store)
+    assert code == 2 and f"--port: cannot listen on 127.0.0.1:{taken_port}" in err
+    assert "Traceback" not in err and not (tmp_path / "store").exists()
+    same = str(free_port())
+    code, err = run(
+        capsys, "replica", "--control-token", "t", "--port", same, "--control-port", same, *store
+    )
+    assert code == 2 and f"--control-port and --port are both 127.0.0.1:{same}" in err
+
+
+def test_a_gateway_on_a_port_in_use_exits_2(capsys, taken_port):
+    code, err = run(capsys, "gateway", "--replica", "http://127.0.0.1:1", "--port", str(taken_port))
+    assert code == 2 and f"--port: cannot listen on 127.0.0.1:{taken_port}" in err
+
+
+def test_a_replica_store_that_cannot_be_created_exits_2(capsys, tmp_path):
+    from collm_fl.launch import free_port
+
+    (tmp_path / "file").write_text("")
+    ports = ["--port", str(free_port()), "--control-port", str(free_port())]
+    bad = str(tmp_path / "file" / "store")
+    code, err = run(capsys, "replica", "--control-token", "t", *ports, "--store-dir", bad)
+    assert code == 2 and f"--store-dir: cannot create {bad}" in err
+
+
+def test_help_shows_each_options_default(capsys):
+    code, out, _ = run_out(capsys, "gateway", "--help")
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
+    assert "default: 8000" in lines["--port"] and "default: 2.0" in lines["--ttft-slo"]
+    code, out, _ = run_out(capsys, "bench", "forecast", "--help")
+    assert "the first series' seed (default: 0)" in out  # a default of 0 is still shown

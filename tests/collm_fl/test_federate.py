@@ -9,8 +9,13 @@ import pytest
 
 from collm_fl.config import RunConfig, parse_overrides
 from collm_fl.errors import ConfigError
-from collm_fl.federate import check_node_counts, launch_config, run_outcome
-from collm_fl.store import RUN_FINISHED, RunInfo, VersionStore
+from collm_fl.federate import (
+    check_node_counts,
+    failed_if_interrupted,
+    launch_config,
+    run_outcome,
+)
+from collm_fl.store import RUN_FAILED, RUN_FINISHED, RunInfo, VersionStore
 from server_app.federation import run_key
 
 
@@ -35,6 +40,26 @@ def test_a_run_that_did_not_finish_is_a_failed_command(tmp_path):
         store.record_event(run.id, RUN_FINISHED, {})
     assert run_outcome(cfg, 0, later) == 0
     assert run_outcome(cfg, 3, later) == 3  # flwr's own failure stands
+
+
+def test_a_run_its_launcher_was_stopped_in_is_marked_failed_not_left_running(tmp_path):
+    cfg = RunConfig(output_dir=str(tmp_path / "out"), run_name="r")
+    with pytest.raises(KeyboardInterrupt), failed_if_interrupted(cfg):
+        raise KeyboardInterrupt  # before the ServerApp opened its store
+    assert not (tmp_path / "out").exists()  # nothing to mark, nothing created
+    with VersionStore(cfg.output_path) as store:
+        run = store.open_run("r", {}, "tiny")  # status "running", as the ServerApp leaves it
+    with pytest.raises(KeyboardInterrupt), failed_if_interrupted(cfg):
+        raise KeyboardInterrupt
+    with VersionStore(cfg.output_path) as store:
+        assert store.find_run("r").status == "failed"
+        (event,) = store.events(run.id, RUN_FAILED)
+        assert "interrupted" in event.payload["error"]
+        store.set_run_status(run.id, "finished")
+    with pytest.raises(KeyboardInterrupt), failed_if_interrupted(cfg):
+        raise KeyboardInterrupt  # a run that ended is left as it ended
+    with VersionStore(cfg.output_path) as store:
+        assert store.find_run("r").status == "finished"
 
 
 def test_a_new_run_of_the_same_name_gets_its_own_key_on_the_replicas(tmp_path):
@@ -78,3 +103,18 @@ def test_a_launcher_puts_the_users_settings_over_its_defaults_and_keeps_what_it_
         launch_config(app, "run-name='x'", fixed={"run-name": "live"})
     with pytest.raises(ConfigError, match="local-steps given twice"):
         launch_config(app, "local-steps=2 local-steps=3")
+
+
+def test_a_launcher_refuses_a_model_or_data_path_that_is_not_there(tmp_path, monkeypatch):
+    app = Path(__file__).parents[2]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"data: no such file or folder: /no/such\.jsonl"):
+        launch_config(app, "data='/no/such.jsonl'")
+    with pytest.raises(ConfigError, match="model: no such path: /no/such/model"):
+        launch_config(app, "model='/no/such/model'")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"model: empty has no config\.json"):
+        launch_config(app, "model='empty'")
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    _, cfg = launch_config(app, "model='empty'")
+    assert cfg.model == str(tmp_path / "empty")  # absolute: Flower runs the apps elsewhere

@@ -87,3 +87,13 @@ def test_an_earlier_runs_stores_are_kept_aside_not_resumed(tmp_path: Path) -> No
     assert not (tmp_path / "federation").exists() and not (tmp_path / "site").exists()
     (tmp_path / "site").mkdir()  # a second earlier run is kept beside the first
     assert keep_earlier_run(tmp_path) != kept
+
+
+def test_an_earlier_runs_report_goes_aside_with_its_stores(tmp_path: Path) -> None:
+    # Left in place, it would read as the report of a new run interrupted before writing its own.
+    (tmp_path / "federation").mkdir()
+    for name in ("report.md", "report.json", "live.png", "flwr-run.log"):
+        (tmp_path / name).write_text("earlier")
+    kept = keep_earlier_run(tmp_path)
+    assert kept is not None and (kept / "report.md").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
