@@ -80,12 +80,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             return error_response(400, "request body is not valid JSON", code="invalid_json")
+        content_type = request.headers.get("content-type", "")
+        if not loc and "json" not in content_type.lower():  # (curl -d sends a form type)
+            msg = (
+                "the body must be a JSON object sent with 'Content-Type: application/json'"
+                f" (got {content_type or 'no Content-Type'})"
+            )
+            return error_response(400, msg, code="invalid_json")
         if first.get("type") == "extra_forbidden":
             msg = f"unrecognized request argument supplied: {'.'.join(loc)}"
             return error_response(400, msg, param=".".join(loc) or None, code="unknown_parameter")
@@ -107,17 +114,23 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error", "server_error")
 
 
-def check_bearer(authorization: str | None, expected: str | None) -> None:
-    """Constant-time check of an ``Authorization: Bearer <key>`` header (no key = open)."""
+def check_bearer(
+    authorization: str | None,
+    expected: str | None,
+    what: str = "API key",
+    code: str = "invalid_api_key",
+) -> None:
+    """Constant-time check of an ``Authorization: Bearer <key>`` header (no key = open);
+    ``what`` names the secret in the 401 (the control API's is its control token)."""
     if not expected:
         return
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected.encode()):
         raise APIError(
             401,
-            "missing or invalid API key (send 'Authorization: Bearer <key>')",
+            f"missing or invalid {what} (send 'Authorization: Bearer <key>')",
             "authentication_error",
-            code="invalid_api_key",
+            code=code,
             headers={"WWW-Authenticate": "Bearer"},
         )
 

@@ -1,6 +1,7 @@
 """OpenAI-compatible request and response bodies, shared by the replica and the gateway.
 
-Requests are strict: an unknown field is a 400 (as OpenAI does), every numeric parameter has a
+Requests are strict: an unknown field is a 400 (as OpenAI does), a value of the wrong JSON type
+too (``"max_tokens": "3"``, ``"stream": "yes"``: no coercion), every numeric parameter has a
 documented range, and the bounds on lengths keep a single request from taking the server down.
 """
 
@@ -8,7 +9,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -21,21 +31,21 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False  # a last chunk with ``usage`` and no choices, before [DONE]
+    include_usage: StrictBool = False  # a last chunk with ``usage`` and no choices, before [DONE]
 
 
 class SamplingFields(_Strict):
     """Parameters shared by completions and chat completions."""
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: StrictFloat = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stream: bool = False
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)  # one choice per request (n > 1 is refused)
+    n: StrictInt = Field(default=1, ge=1, le=1)  # one choice per request (n > 1 is refused)
     user: str | None = Field(default=None, max_length=256)
 
     @field_validator("stop")
@@ -69,7 +79,7 @@ class SamplingFields(_Strict):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(max_length=MAX_PROMPT_CHARS)
-    max_tokens: int | None = Field(default=16, ge=1, le=1_000_000)
+    max_tokens: StrictInt | None = Field(default=16, ge=1, le=1_000_000)
 
     @field_validator("prompt")
     @classmethod
@@ -127,7 +137,7 @@ def _check_utf8(text: str) -> None:
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     # OpenAI's newer name for max_tokens in chat; either may be given, not two different values.
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _one_length_limit(self) -> ChatCompletionRequest:

@@ -199,6 +199,14 @@ class ReplicaPool:
             self._apply_health(r, body)
         except (httpx.HTTPError, ValueError) as e:
             r.poll_failures += 1
+            r.last_error, r.last_error_at = f"/health: {_describe(e)}", self.clock()
+            if not r.healthy and r.poll_failures == self.unhealthy_after:
+                # Never healthy (a wrong URL, a replica still loading): say so once.
+                log.warning(
+                    "replica %s does not answer /health (%s); it gets no requests until it does",
+                    r.name,
+                    _describe(e),
+                )
             if r.healthy and r.poll_failures >= self.unhealthy_after:
                 r.healthy = False
                 reason = f"replica {r.name} stopped answering /health ({_describe(e)})"

@@ -34,9 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import Receive, Scope, Send
 
 from collm_fl.api.disconnect import ClientGone, unless_client_leaves
-from collm_fl.api.errors import (
-    overloaded,
-)
+from collm_fl.api.errors import APIError, overloaded
 from collm_fl.api.schemas import SamplingFields
 from collm_fl.gateway.pool import ReplicaPool, Ticket
 from collm_fl.policies.routing import admission_decision, choose_replica
@@ -84,6 +82,9 @@ class GatewayMetrics:
         self.healthy = Gauge(
             "collm_gateway_replica_healthy", "1 if the replica is healthy", ["replica"], registry=r
         )
+
+
+AUTH_REFUSALS = ("http_401", "http_403")  # a replica refused the gateway's credentials
 
 
 class _Refused(Exception):
@@ -168,6 +169,7 @@ class Router:
             raise overloaded(RETRY_AFTER_S, shed.reason)
         excluded: set[str] = set()
         last = "no healthy replica"
+        refusals: list[str] = []  # the kind of each replica's refusal
         for attempt_no in range(self.max_attempts):
             if attempt_no:  # a failover: the refusal changed the pool's view
                 views = self.pool.views()
@@ -182,6 +184,7 @@ class Router:
                 self.pool.fail(ticket, e.reason, e.replica_down)
                 self.metrics.failovers.labels(name, e.kind).inc()
                 excluded.add(name)
+                refusals.append(e.kind)
                 last = f"{name}: {e.reason}"
                 level = logging.INFO if isinstance(e, _Abandoned) else logging.WARNING
                 log.log(level, "replica %s refused a request (%s); failing over", name, e.reason)
@@ -193,6 +196,15 @@ class Router:
                 self.pool.release(ticket)
                 raise
         self.metrics.unavailable.inc()
+        if refusals and all(k in AUTH_REFUSALS for k in refusals):
+            # Not overload: a setup error no retry mends. 502, as a proxy whose upstream refused.
+            raise APIError(
+                502,
+                f"the replicas refused the gateway's credentials ({last}): give the gateway the "
+                "replicas' API key (--replica-api-key or $COLLM_REPLICA_API_KEY)",
+                "upstream_error",
+                code="replica_auth_failed",
+            )
         raise overloaded(RETRY_AFTER_S, f"no replica can take the request now ({last})")
 
     async def models(self) -> Response:

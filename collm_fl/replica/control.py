@@ -71,7 +71,12 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=MAX_ADAPTER_BYTES)  # type: ignore[arg-type]
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:
-        check_bearer(authorization, token)
+        check_bearer(
+            authorization,
+            token,
+            "control token (the replica's --control-token or $COLLM_CONTROL_TOKEN)",
+            code="invalid_control_token",
+        )
 
     guarded = [Depends(auth)]
 

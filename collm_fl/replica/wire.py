@@ -40,7 +40,13 @@ def decode_adapter(
     try:
         state = st_load(blob)
         meta = _metadata(blob)
-        config = json.loads(meta.get("peft_config") or "{}")
+        if not meta.get("peft_config"):  # e.g. a stored adapter_model.safetensors, as PEFT saves it
+            raise ValueError(
+                "no 'peft_config' in the safetensors metadata: the control API takes the "
+                "adapter with its PEFT config in the header (collm_fl.replica.wire.encode_adapter; "
+                "see docs/replica.md), not a bare adapter_model.safetensors"
+            )
+        config = json.loads(meta["peft_config"])
         metrics = json.loads(meta.get("metrics") or "{}")
         version = int(meta["version"]) if meta.get("version") else None
         if not isinstance(config, dict) or not isinstance(metrics, dict):

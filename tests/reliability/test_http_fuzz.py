@@ -39,6 +39,7 @@ from http_probe import (
     fuzz_operation,
     open_partial_request,
 )
+from safetensors.numpy import save as st_save
 
 from collm_fl.adapters import LoraSpec
 from collm_fl.replica.wire import encode_adapter
@@ -338,7 +339,7 @@ def test_control_calls_without_the_right_token_are_a_401(replica, header, method
     r = check(
         httpx.request(method, control_url(replica, path), content=body, headers=headers, timeout=30)
     )
-    assert_error(r, 401, "invalid_api_key")
+    assert_error(r, 401, "invalid_control_token")
     assert r.headers["www-authenticate"] == "Bearer"
 
 
@@ -373,6 +374,7 @@ def garbage_adapters(shapes: dict[str, tuple[int, ...]]) -> dict[str, bytes]:
         "config-no-targets": encode_adapter(good, {"r": 8, "lora_alpha": 16}),
         "config-bad-rank": encode_adapter(good, {**cfg, "r": "eight"}),
         "version-mismatch": encode_adapter(good, cfg, 7),
+        "bare-adapter-file": st_save(good),  # as PEFT saves it: no config in the header
     }
 
 

@@ -305,3 +305,16 @@ def test_run_gateway_serves_until_a_signal_then_exits_cleanly(replicas, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_replicas_refusing_the_gateways_key_is_a_502_naming_the_setting_not_an_overload(replicas):
+    gw = GatewayServer([r.url for r in replicas], replica_api_key="not-their-key")
+    try:
+        body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 2}
+        r = post(gw, "/v1/completions", body)
+        assert r.status_code == 502, r.text
+        err = r.json()["error"]
+        assert err["code"] == "replica_auth_failed" and "--replica-api-key" in err["message"]
+        assert "Retry-After" not in r.headers
+    finally:
+        gw.stop()

@@ -118,3 +118,28 @@ def test_a_latency_not_refreshed_for_a_while_is_forgotten_and_relearned_from_scr
     assert view(pool, a).ewma_ttft_s is None and view(pool, a).ewma_tpot_s is None
     stream(0.2)  # the next sample starts a fresh estimate instead of averaging with the stale
     assert view(pool, a).ewma_ttft_s == pytest.approx(0.2)
+
+
+def test_a_replica_that_never_answers_says_why_in_the_gateways_health(monkeypatch):
+    import asyncio
+
+    import collm_fl.gateway.pool as pool_module
+    from collm_fl.launch import free_port
+
+    warned: list[str] = []
+    monkeypatch.setattr(pool_module.log, "warning", lambda msg, *a: warned.append(msg % a))
+
+    async def polled() -> list[dict[str, object]]:
+        pool = ReplicaPool([f"http://127.0.0.1:{free_port()}"], poll_interval_s=3600)
+        await pool.start()  # polls once
+        try:
+            for _ in range(3):
+                await pool.poll_once()
+            return pool.snapshot()
+        finally:
+            await pool.close()
+
+    (state,) = asyncio.run(polled())
+    assert state["healthy"] is False
+    assert str(state["last_error"]).startswith("/health: ConnectError")
+    assert len(warned) == 1 and "does not answer /health" in warned[0]  # said once

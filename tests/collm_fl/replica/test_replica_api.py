@@ -148,6 +148,9 @@ def test_missing_or_wrong_api_key_is_401(replica):
         (b"\xff\xfe{}", "invalid_json"),
         ({"model": "tiny", "prompt": "x", "max_tokens": -1}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "max_tokens": "many"}, "invalid_parameter"),
+        ({"model": "tiny", "prompt": "x", "max_tokens": "3"}, "invalid_parameter"),  # no coercion
+        ({"model": "tiny", "prompt": "x", "stream": "yes"}, "invalid_parameter"),
+        ({"model": "tiny", "prompt": "x", "temperature": "0.5"}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "temperature": 9}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "top_p": 0}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "n": 3}, "invalid_parameter"),
@@ -160,6 +163,20 @@ def test_missing_or_wrong_api_key_is_401(replica):
 )
 def test_bad_requests_get_a_400_with_an_openai_error(replica, body, code):
     assert_openai_error(post(replica, "/v1/completions", body), 400, code)
+
+
+def test_a_json_body_sent_as_a_form_is_told_the_content_type(replica):
+    r = httpx.post(
+        replica.url + "/v1/completions",
+        content=b'{"model": "tiny", "prompt": "x"}',
+        headers={
+            "Authorization": f"Bearer {API_KEY}",
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+        timeout=60,
+    )
+    assert_openai_error(r, 400, "invalid_json")
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
 
 
 def test_unknown_model_is_404(replica):

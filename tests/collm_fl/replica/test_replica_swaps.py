@@ -9,11 +9,11 @@ import torch
 
 from collm_fl.adapters import LoraSpec
 from collm_fl.api.errors import APIError
-from collm_fl.errors import StoreError, VersionConflictError
+from collm_fl.errors import AdapterValidationError, StoreError, VersionConflictError
 from collm_fl.replica.control import _swap_error
 from collm_fl.replica.control_client import ReplicaClient, ReplicaUnavailable
 from collm_fl.replica.slots import NoFreeSlotError
-from collm_fl.replica.wire import encode_adapter
+from collm_fl.replica.wire import decode_adapter, encode_adapter
 from collm_fl.training import attach_lora, get_adapter_state, set_adapter_state
 
 SPEC = LoraSpec()  # the replica's defaults: r=8, alpha=16, q_proj/v_proj
@@ -75,7 +75,8 @@ def stream_completion(replica, prompt: str) -> tuple[str, set, str]:
 def test_control_api_refuses_calls_without_the_token(start_replica):
     replica = start_replica()
     r = httpx.get(f"http://{replica.control_address}/control/status")
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_control_token"
+    assert "control token" in r.json()["error"]["message"]  # not the API key: another secret
     with pytest.raises(ReplicaUnavailable, match="401"):
         ReplicaClient(replica.control_address, "wrong").status()
 
@@ -236,3 +237,11 @@ def test_a_swap_that_fails_beside_the_adapter_gets_its_own_status(error, status,
 
 def test_an_internal_failure_of_a_swap_is_left_to_the_500_handler():
     assert _swap_error(7, RuntimeError("bug")) is None
+
+
+def test_a_bare_adapter_file_is_refused_with_what_the_control_api_takes() -> None:
+    from safetensors.numpy import save
+
+    blob = save({"x.lora_A.weight": np.zeros((2, 2), np.float32)})  # no PEFT config in it
+    with pytest.raises(AdapterValidationError, match="no 'peft_config' in the safetensors"):
+        decode_adapter(blob)
