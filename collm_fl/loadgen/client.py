@@ -245,6 +245,7 @@ class _StreamReader:
     def __init__(self, chat: bool) -> None:
         self.chat = chat
         self.first_content_s: float | None = None
+        self.whole = False  # the answer came as one JSON reply, not a stream
         self.chunks = 0
         self.usage_out: int | None = None
         self.usage_in: int | None = None
@@ -340,6 +341,7 @@ async def _send(
                         if reader.feed(line, loop.time() - sent):
                             break
                 else:  # the server ignored "stream": one JSON reply, first token = last token
+                    reader.whole = True
                     reply = await _read_json(resp)
                     reader.absorb(reply, loop.time() - sent)
                     reader.done = "error" not in reply
@@ -354,11 +356,14 @@ async def _send(
         reader.error = reader.error or "the stream ended before data: [DONE]"
     out = reader.usage_out if reader.usage_out is not None else reader.chunks
     ttft = reader.first_content_s
+    streamed = ttft is not None and not reader.whole
     if status == STATUS_OK and ttft is None:
         ttft = e2e  # no visible text (e.g. an immediate stop): the answer came whole at the end
-    tpot = (
-        (e2e - ttft) / (out - 1) if status == STATUS_OK and ttft is not None and out > 1 else None
-    )
+    # Per output token only over a stream that showed when its tokens came: an answer that came
+    # whole has no TPOT to measure (not 0, which would pull the percentiles down).
+    tpot = None
+    if status == STATUS_OK and streamed and ttft is not None and out > 1:
+        tpot = (e2e - ttft) / (out - 1)
     if reader.error and status != STATUS_TIMEOUT:
         log.debug("request %d: %s: %s", index, status, reader.error)
     return RequestResult(

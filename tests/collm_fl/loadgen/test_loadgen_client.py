@@ -33,6 +33,7 @@ from collm_fl.loadgen.trace import TraceRow, write_sample_trace
 MODEL = "fake-model"
 VERSION = 7
 DELAY_S = 0.05  # the simulated model's time per token
+RECEIVED = [0]  # requests the fake server has received
 
 
 # --- a minimal OpenAI-style streaming server; the prompt's keywords pick its behaviour ---------
@@ -78,6 +79,7 @@ def _fake_app() -> FastAPI:
         return {"status": "ok"}
 
     async def generate(request: Request, chat: bool) -> Response:
+        RECEIVED[0] += 1
         body = await request.json()
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         if "OVERLOAD" in prompt:
@@ -87,6 +89,14 @@ def _fake_app() -> FastAPI:
             while not await request.is_disconnected():
                 await asyncio.sleep(0.05)
             return Response(status_code=499)
+        if "WHOLE" in prompt:  # a server that ignores "stream": one JSON reply
+            await asyncio.sleep(DELAY_S * body["max_tokens"])
+            text = " w" * body["max_tokens"]
+            choice = {"message": {"content": text}} if chat else {"text": text}
+            usage_out = {"prompt_tokens": 11, "completion_tokens": body["max_tokens"]}
+            return JSONResponse(
+                {"choices": [{**choice, "finish_reason": "length"}], "usage": usage_out}
+            )
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         gen = _stream(chat, prompt, body["max_tokens"], request, usage)
         return StreamingResponse(gen, media_type="text/event-stream")
@@ -377,3 +387,46 @@ def test_replay_reports_progress_while_running(server_url: str) -> None:
     assert any(
         s.in_flight == 1 and [r.status for r in s.completed] == ["http_503"] for s in snapshots
     )
+
+
+def test_ctrl_c_stops_the_load_and_keeps_what_it_measured(server_url: str, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    collm = str(Path(sys.executable).with_name("collm"))
+    before = RECEIVED[0]
+    args = ["--rate", "5", "--duration", "120", "--output-tokens", "4", "--out", str(out)]
+    proc = subprocess.Popen(
+        [collm, "load", "--target", server_url, "--model", MODEL, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while RECEIVED[0] - before < 3:  # the load is under way (polling the fake server)
+            assert proc.poll() is None and time.monotonic() < deadline, "the load did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted after" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["interrupted_at_s"] < 60  # not the whole 120-s schedule
+    assert 3 <= summary["requests"] < 600 and summary["ok"] >= 3
+    assert summary["duration_s"] == pytest.approx(summary["config"]["interrupted_at_s"])
+    assert len(read_results_jsonl(out / "requests.jsonl")) == summary["requests"]
+
+
+def test_an_answer_that_came_whole_has_no_tpot(server_url: str) -> None:
+    # A server that ignores "stream" shows no token timing: TTFT is the whole answer, TPOT unknown
+    # (0 would pull the percentiles down).
+    (r,) = _replay(server_url, [RequestSpec(0.0, "hello WHOLE", 5)])
+    assert r.status == "ok" and r.output_tokens == 5
+    assert r.tpot_s is None
+    assert r.ttft_s is not None and r.e2e_s is not None and 5 * DELAY_S <= r.ttft_s <= r.e2e_s
