@@ -1,0 +1,60 @@
+"""The ServerApp's send-and-receive: every reply collected, polled sooner than Flower's 3 s."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from server_app.federation import POLL_FIRST_S, POLL_MAX_S, exchange
+
+
+class FakeGrid:
+    """Replies to message i become available at ``ready[i]`` seconds (None: never)."""
+
+    def __init__(self, ready: list[float | None], clock: list[float]) -> None:
+        self.ready, self.clock, self.pulls = ready, clock, 0
+
+    def push_messages(self, messages):
+        assert len(messages) == len(self.ready)
+        return [f"m{i}" for i in range(len(messages))]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        now = self.clock[0]
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"), i=i)
+            for i, t in enumerate(self.ready)
+            if f"m{i}" in ids and t is not None and t <= now
+        ]
+
+
+def run(ready: list[float | None], timeout: float) -> tuple[list[int], list[float], FakeGrid]:
+    clock = [0.0]
+    slept: list[float] = []
+    grid = FakeGrid(ready, clock)
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        clock[0] += s
+
+    replies = exchange(grid, [object()] * len(ready), timeout, lambda: clock[0], sleep)  # type: ignore[arg-type]
+    return sorted(r.i for r in replies), slept, grid
+
+
+def test_every_reply_is_collected_once_and_soon_after_it_is_ready():
+    got, slept, _ = run([0.2, 2.0, 0.0], timeout=60)
+    assert got == [0, 1, 2]
+    assert sum(slept) < 2.0 + POLL_MAX_S  # taken within one poll interval of the last one
+    assert slept[0] == POLL_FIRST_S and max(slept) <= POLL_MAX_S
+
+
+def test_a_node_that_never_replies_ends_the_wait_at_the_timeout():
+    got, slept, _ = run([0.1, None], timeout=5.0)
+    assert got == [0]
+    assert sum(slept) == pytest.approx(5.0)  # the last sleep is cut to the deadline
+
+
+def test_nothing_to_send_asks_nothing():
+    got, slept, grid = run([], timeout=5.0)
+    assert got == [] and slept == [] and grid.pulls == 0
