@@ -138,7 +138,7 @@ def mark_interrupted(cfg: RunConfig) -> None:
                 reason = "interrupted: its launcher was stopped (Ctrl-C or SIGTERM)"
                 store.record_event(run.id, RUN_FAILED, {"error": reason})
                 log.warning("run %r marked failed: %s", run.name, reason)
-    except (CollmError, SQLAlchemyError) as e:  # no run recorded yet, or no store to write
+    except (CollmError, SQLAlchemyError, OSError) as e:  # no run recorded yet, or no store
         log.debug("nothing to mark interrupted: %s", e)
 
 
@@ -179,19 +179,29 @@ def launch_config(
     values: dict[str, Scalar] = {**(defaults or {}), **user, **(fixed or {})}
     cfg = RunConfig.from_app(app, values)
     values["output-dir"] = str(cfg.output_path)
-    data = Path(cfg.data).expanduser()
+    from collm_fl.models import BUILTIN_MODELS  # (torch and transformers: only when launching)
+
+    # Existence is checked here (else the ServerApp fails inside Flower, with a traceback); only a
+    # relative path is rewritten: an absolute or ~ one stays as typed (a run is resumed only with
+    # the same strings).
     if cfg.data != "shakespeare":
-        if not data.exists():  # (else the ServerApp fails inside Flower, with a traceback)
+        if not Path(cfg.data).expanduser().exists():
             raise ConfigError(f"data: no such file or folder: {cfg.data}")
-        values["data"] = str(data.resolve())
-    model = Path(cfg.model).expanduser()
-    if model.exists():  # a local model directory, as from_pretrained reads it
-        if not (model / "config.json").is_file():
-            raise ConfigError(f"model: {cfg.model} has no config.json")
-        values["model"] = str(model.resolve())
-    elif cfg.model.startswith((".", "/", "~")):
-        raise ConfigError(f"model: no such path: {cfg.model}")
+        values["data"] = _absolute(cfg.data)
+    if cfg.model not in BUILTIN_MODELS:  # (a folder named "tiny" here is not the built-in model)
+        model = Path(cfg.model).expanduser()
+        if model.exists():  # a local model directory, as from_pretrained reads it
+            if not (model / "config.json").is_file():
+                raise ConfigError(f"model: {cfg.model} has no config.json")
+            values["model"] = _absolute(cfg.model)
+        elif cfg.model.startswith((".", "/", "~")):
+            raise ConfigError(f"model: no such path: {cfg.model}")
     return format_overrides(values), RunConfig.from_app(app, values)
+
+
+def _absolute(path: str) -> str:
+    """``path`` with a relative one made absolute where the command runs (no other change)."""
+    return path if path.startswith("~") or Path(path).is_absolute() else str(Path.cwd() / path)
 
 
 def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:

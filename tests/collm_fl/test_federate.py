@@ -118,3 +118,16 @@ def test_a_launcher_refuses_a_model_or_data_path_that_is_not_there(tmp_path, mon
     (tmp_path / "empty" / "config.json").write_text("{}")
     _, cfg = launch_config(app, "model='empty'")
     assert cfg.model == str(tmp_path / "empty")  # absolute: Flower runs the apps elsewhere
+    (tmp_path / "tiny").mkdir()  # a folder named like a built-in model is not taken for it
+    assert launch_config(app, "model='tiny'")[1].model == "tiny"
+
+
+def test_a_launcher_leaves_absolute_and_home_paths_as_typed(tmp_path, monkeypatch):
+    # A run resumes only with the same strings: ~ is not expanded, nothing is resolved.
+    app = Path(__file__).parents[2]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "corpus.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "corpus.jsonl")
+    assert launch_config(app, "data='~/corpus.jsonl'")[1].data == "~/corpus.jsonl"
+    linked = str(tmp_path / "link.jsonl")
+    assert launch_config(app, f"data='{linked}'")[1].data == linked
