@@ -10,6 +10,7 @@ Across machines the same pieces run on different hosts: see docs/deployment.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -49,20 +50,36 @@ _HANDED_OUT_LOCK = threading.Lock()
 
 
 def check_ports_free(*listeners: tuple[str, str, int]) -> None:
-    """Each ``(flag, host, port)`` can be listened on now, and no two are the same: a server
-    checks this before it loads anything (ConfigError naming the flag, exit 2)."""
-    seen: dict[tuple[str, int], str] = {}
-    for flag, host, port in listeners:
-        if (host, port) in seen:
-            raise ConfigError(f"{flag} and {seen[host, port]} are both {host}:{port}")
-        seen[host, port] = flag
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
+    """Each ``(flag, host, port)`` can be listened on now, and no two overlap (the same port on the
+    same host, or on a wildcard host such as ``0.0.0.0`` and any other): a server checks this
+    before it loads anything (ConfigError naming the flag, exit 2)."""
+    seen: dict[int, tuple[str, str]] = {}
+    with contextlib.ExitStack() as held:  # all listening at once, as the server's will be
+        for flag, host, port in listeners:
+            if port in seen:
+                other_flag, other_host = seen[port]
+                if host == other_host:
+                    raise ConfigError(f"{flag} and {other_flag} are both {host}:{port}")
+                if host in _WILDCARD_HOSTS or other_host in _WILDCARD_HOSTS:
+                    wildcard = host if host in _WILDCARD_HOSTS else other_host
+                    raise ConfigError(
+                        f"{flag} ({host}:{port}) and {other_flag} ({other_host}:{port}) overlap: "
+                        f"'{wildcard}' listens on every address"
+                    )
+            seen.setdefault(port, (flag, host))
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                s = held.enter_context(socket.socket(family, socket.SOCK_STREAM))
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
                 s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"{flag}: cannot listen on {host}:{port}: {e.strerror or e}") from e
+                s.listen(1)
+            except OSError as e:
+                raise ConfigError(
+                    f"{flag}: cannot listen on {host}:{port}: {e.strerror or e}"
+                ) from e
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 
 def free_port() -> int:

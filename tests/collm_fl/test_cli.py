@@ -304,3 +304,26 @@ def test_help_shows_each_options_default(capsys):
     assert "default: 8000" in lines["--port"] and "default: 2.0" in lines["--ttft-slo"]
     code, out, _ = run_out(capsys, "bench", "forecast", "--help")
     assert "the first series' seed (default: 0)" in out  # a default of 0 is still shown
+
+
+def test_a_replica_whose_two_ports_overlap_through_a_wildcard_host_exits_2(capsys, tmp_path):
+    from collm_fl.launch import free_port
+
+    port = str(free_port())
+    code, err = run(
+        capsys,
+        "replica",
+        "--control-token",
+        "t",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        port,
+        "--control-port",
+        port,
+        "--store-dir",
+        str(tmp_path / "store"),
+    )
+    assert code == 2
+    assert f"--control-port (127.0.0.1:{port}) and --port (0.0.0.0:{port}) overlap" in err
+    assert not (tmp_path / "store").exists()
