@@ -72,6 +72,7 @@ class RunConfig:
     round_deadline_s: float = 600.0  # training time a replica may take per round
     dp_noise_multiplier: float = 0.0  # > 0: Flower's client-side fixed-clipping DP (noise σ/C)
     dp_clipping_norm: float = 1.0  # L2 bound on each client's update (with DP on)
+    dp_delta: float = 1e-5  # the δ at which the run's spent ε is reported (collm_fl.privacy)
     quality_gate_margin: float = 0.1  # nats a version may be worse than the best promoted; <0 = off
     ttft_slo_s: float = 2.0  # the replicas' TTFT objective, for the allocation policy
     tpot_slo_s: float = 0.2  # the replicas' TPOT objective
@@ -175,6 +176,7 @@ class RunConfig:
             "must be >= 0",
         )
         check(self.dp_clipping_norm > 0, "dp-clipping-norm", self.dp_clipping_norm, "must be > 0")
+        check(0 < self.dp_delta < 1, "dp-delta", self.dp_delta, "must be in (0, 1)")
         if self.dp_noise_multiplier > 0:
             # Flower's DP noise (σ·C / nodes) is calibrated for the plain mean of the clipped
             # updates; any other aggregate changes one node's influence and voids the guarantee.

@@ -70,4 +70,10 @@ def main(grid: Grid, context: Context) -> None:
         summary.initial_eval_loss,
         summary.final_eval_loss,
     )
+    if summary.dp_epsilon is not None:
+        log.info(
+            "privacy spent by the run: epsilon %.4g at delta %g (collm_fl.privacy)",
+            summary.dp_epsilon,
+            cfg.dp_delta,
+        )
     log.info("versions (PEFT dirs): %s | store: %s", summary.versions_dir, summary.store_url)

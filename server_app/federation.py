@@ -31,6 +31,7 @@ from collm_fl.flower_records import (
     arrayrecord_to_state,
     state_to_arrayrecord,
 )
+from collm_fl.privacy import epsilon_spent
 from collm_fl.store import (
     RUN_FAILED,
     RUN_FINISHED,
@@ -64,6 +65,7 @@ class FederationSummary:
     final_eval_loss: float | None
     versions_dir: str
     store_url: str
+    dp_epsilon: float | None = None  # with DP on: ε spent by the whole run, at its dp-delta
 
 
 def open_store(cfg: RunConfig) -> VersionStore:
@@ -95,6 +97,8 @@ class Federation:
         # lineage on replicas that served an earlier one, instead of being refused as older.
         self.run_key = run_key(self.run_info)
         self.coordination = CoordinationState()
+        # The noise multiplier of every noised aggregate so far (resumed runs: from the store).
+        self.dp_releases: list[float] = []
         self.peft_config = cfg.lora.to_peft_config_dict(cfg.model)
 
     def run(self) -> FederationSummary:
@@ -130,6 +134,11 @@ class Federation:
             final_eval_loss=versions[-1].eval_loss,
             versions_dir=str(self.store.version_dir(versions[-1]).parent),
             store_url=self.store.url,
+            dp_epsilon=(
+                epsilon_spent(self.dp_releases, self.cfg.dp_delta)
+                if self.cfg.dp_noise_multiplier > 0
+                else None
+            ),
         )
 
     def _initial_version(self) -> VersionInfo:
@@ -164,6 +173,8 @@ class Federation:
             promoted = r.status == "aggregated"  # as the live loop: a gated version's loss is not
             loss = r.eval_loss if promoted else None
             self.coordination.observe_round(int(r.metrics.get("steps-total", 0)), loss)
+            if DP_NOISE_MULTIPLIER in r.metrics:
+                self.dp_releases.append(r.metrics[DP_NOISE_MULTIPLIER])
         return latest
 
     def _round(
@@ -220,6 +231,11 @@ class Federation:
             k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)
         }
         metrics["steps-total"] = float(steps_total)
+        if cfg.dp_noise_multiplier > 0 and new_arrays is not None:
+            # A noised aggregate left the DP wrapper (gated out or not, its loss was measured).
+            self.dp_releases.append(cfg.dp_noise_multiplier)
+            metrics[DP_NOISE_MULTIPLIER] = cfg.dp_noise_multiplier
+            metrics[DP_EPSILON] = epsilon_spent(self.dp_releases, cfg.dp_delta)
         seconds = time.perf_counter() - started
         record = RoundRecord(
             number=rnd,
@@ -248,6 +264,8 @@ class Federation:
             version_metrics = {"eval-loss": eval_loss, "eval-perplexity": eval_ppl}
             if train_loss is not None:
                 version_metrics["train-loss"] = train_loss
+            if DP_EPSILON in metrics:
+                version_metrics[DP_EPSILON] = metrics[DP_EPSILON]
             # The version, the round and its participations in one transaction.
             version = store.save_version(
                 run_id,
@@ -280,6 +298,15 @@ class Federation:
             note,
             seconds,
         )
+        if DP_EPSILON in metrics:
+            log.info(
+                "round %d | privacy spent: epsilon %.4g at delta %g after %d noised aggregate(s) "
+                "(node-level, no sampling amplification: an upper bound)",
+                rnd,
+                metrics[DP_EPSILON],
+                cfg.dp_delta,
+                len(self.dp_releases),
+            )
         return arrays, version
 
     def _passes_quality_gate(self, rnd: int, loss: float) -> bool:
@@ -383,6 +410,10 @@ def exchange(
         sleep(min(interval, left))  # the SuperLink offers no wait-for-reply call: poll
         interval = min(POLL_MAX_S, interval * 1.5)
     return replies
+
+
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # round metric: this round released a noised aggregate
+DP_EPSILON = "dp-epsilon"  # round metric: ε spent by the run so far, at the run's dp-delta
 
 
 def run_key(run: RunInfo) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from collm_fl.config import format_overrides
 from collm_fl.federate import few_nodes_config, find_local_superlinks, flower_env, stop_processes
+from collm_fl.privacy import epsilon_spent
 from collm_fl.store import VersionStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,15 +90,11 @@ def test_two_rounds_then_resume_for_a_third(flower, tmp_path):
 
 def test_flower_client_side_dp_runs_end_to_end_with_the_lora_strategy(flower, tmp_path):
     out = tmp_path / "dp"
-    result = flwr_run(
-        flower,
-        out,
-        rounds=1,
-        extra=(
-            "run-name='dp' dp-noise-multiplier=0.1 dp-clipping-norm=0.5 quality-gate-margin=-1 "
-            "aggregation='fedavg'"
-        ),
+    extra = (
+        "run-name='dp' dp-noise-multiplier=0.1 dp-clipping-norm=0.5 quality-gate-margin=-1 "
+        "aggregation='fedavg'"
     )
+    result = flwr_run(flower, out, rounds=1, extra=extra)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "central DP noise" in log  # Flower's wrapper added noise to the aggregate
@@ -107,7 +104,18 @@ def test_flower_client_side_dp_runs_end_to_end_with_the_lora_strategy(flower, tm
     assert [v.number for v in store.list_versions(run_id)] == [0, 1]
     # Every reply weighed 1 (the plain mean the noise is calibrated for), not its num-examples.
     assert [p.metrics["weight-used"] for p in store.participations(run_id)] == [1.0, 1.0]
+    one = epsilon_spent([0.1], 1e-5)
+    assert f"round 1 | privacy spent: epsilon {one:.4g} at delta 1e-05 after 1 noised" in log
+    assert store.list_rounds(run_id)[0].metrics["dp-epsilon"] == pytest.approx(one)
     store.close()
+
+    # Resumed for a second round: the account goes on from the stored round, not from zero.
+    again = flwr_run(flower, out, rounds=2, extra=extra)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    two = epsilon_spent([0.1, 0.1], 1e-5)
+    assert f"round 2 | privacy spent: epsilon {two:.4g} at delta 1e-05 after 2 noised" in log
+    assert f"privacy spent by the run: epsilon {two:.4g}" in log
 
 
 def test_a_federation_of_one_node_runs_with_the_config_collm_gives_it(flower, tmp_path):

@@ -108,6 +108,14 @@ def test_a_malformed_device_is_a_config_error_naming_the_key(device):
         RunConfig(device=device)
 
 
+def test_dp_delta_is_read_from_flower_and_must_be_a_probability():
+    assert RunConfig().dp_delta == 1e-5
+    assert RunConfig.from_flower({"dp-delta": 1e-6}).dp_delta == 1e-6
+    for bad in (0.0, 1.0, -1e-5):
+        with pytest.raises(ConfigError, match=r"dp-delta=.*must be in \(0, 1\)"):
+            RunConfig.from_flower({"dp-delta": bad})
+
+
 def test_server_lr_is_read_from_flower_and_bounded():
     assert RunConfig().server_lr == 1.0  # plain FedAvg unless asked
     assert RunConfig.from_flower({"server-lr": 3}).server_lr == 3.0
