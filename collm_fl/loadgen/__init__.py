@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from collm_fl.loadgen.goodput import (
 from collm_fl.loadgen.trace import (
     TraceRow,
     load_azure_trace,
+    mean_rate,
     scale_trace,
     trace_duration,
     write_sample_trace,
@@ -111,12 +113,26 @@ def run_load_cli(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} exists and is not a directory")
     if trace:
+        if not math.isfinite(rate):
+            raise ConfigError(
+                f"--rate must be a finite number (0: the trace's own timing), got {rate}"
+            )
+        for flag, value in (("--prompt-tokens", prompt_tokens), ("--output-tokens", output_tokens)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be >= 1 (the length cap with --trace), got {value}")
         rows = load_azure_trace(trace)
-        rows = scale_trace(
-            rows, rate if rate > 0 else None, duration_s, prompt_tokens, output_tokens
-        )
+        if rate > 0 and mean_rate(rows) <= 0:
+            raise ConfigError(
+                f"--rate {rate:g}: {trace} spans no time (one request, or all at one instant), "
+                "so it has no rate to rescale; --rate 0 replays it as recorded"
+            )
+        whole = scale_trace(rows, rate if rate > 0 else None, None, prompt_tokens, output_tokens)
+        # Rates are per the time the replay stands for: --duration, or less when the (scaled)
+        # trace ends before it; judged on the whole trace, not on what the cut left (a lull just
+        # before the cut would read as the trace's end).
+        measured_s = trace_duration(whole, duration_s)
+        rows = [r for r in whole if r.offset_s < duration_s]
         specs = build_requests(rows, prompt_tokens, output_tokens, chat=chat)
-        measured_s = trace_duration(rows, duration_s)  # rates per the time it ran
     else:
         if kind not in ARRIVAL_KINDS:
             raise ConfigError(
@@ -126,6 +142,13 @@ def run_load_cli(
         offsets = arrival_times(kind, rate, duration_s, seed)
         measured_s = duration_s
         specs = build_requests(offsets, prompt_tokens, output_tokens, chat=chat)
+    if not specs:
+        what = (
+            f"{trace} before --duration {duration_s:g}"
+            if trace
+            else (f"--arrivals {kind} at --rate {rate:g} for --duration {duration_s:g}")
+        )
+        raise ConfigError(f"no request to send: {what} schedules none (raise the rate or duration)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import httpx
@@ -418,6 +418,12 @@ def read_results_jsonl(path: str | Path) -> list[RequestResult]:
     """Results written by write_results_jsonl; a malformed line is a DataFormatError naming it."""
     where = str(path)
     names = {f.name for f in fields(RequestResult)}
+    # Fields added later have defaults: files written before them still read.
+    required = {
+        f.name
+        for f in fields(RequestResult)
+        if f.default is MISSING and f.default_factory is MISSING
+    }
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError as e:
@@ -430,9 +436,14 @@ def read_results_jsonl(path: str | Path) -> list[RequestResult]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataFormatError(where, f"invalid JSON: {e.msg}", number) from e
-        if not isinstance(obj, dict) or set(obj) != names:
+        if not isinstance(obj, dict) or not required <= set(obj) <= names:
             got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise DataFormatError(where, f"expected the fields {sorted(names)}, got {got}", number)
+            raise DataFormatError(
+                where,
+                f"expected the fields {sorted(names)} (of which {sorted(names - required)} may "
+                f"be missing), got {got}",
+                number,
+            )
         if not isinstance(obj["index"], int) or not isinstance(obj["status"], str):
             raise DataFormatError(where, "index must be an integer and status a string", number)
         out.append(RequestResult(**obj))

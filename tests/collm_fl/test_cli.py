@@ -327,3 +327,26 @@ def test_a_replica_whose_two_ports_overlap_through_a_wildcard_host_exits_2(capsy
     assert code == 2
     assert f"--control-port (127.0.0.1:{port}) and --port (0.0.0.0:{port}) overlap" in err
     assert not (tmp_path / "store").exists()
+
+
+def test_load_that_schedules_no_request_exits_2(capsys, tmp_path):
+    args = ["--target", "http://127.0.0.1:9", "--model", "m", "--out", str(tmp_path / "out")]
+    code, err = run(capsys, "load", *args, "--rate", "0.001", "--duration", "1")
+    assert code == 2 and "no request to send" in err and "--rate" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--rate", "nan"], "--rate must be a finite number"),
+        (["--prompt-tokens", "0"], "--prompt-tokens must be >= 1"),
+        (["--rate", "2"], "--rate 0 replays it as recorded"),  # one request: no rate to rescale
+    ],
+)
+def test_load_with_a_trace_names_the_flag_at_fault(capsys, tmp_path, flags, message):
+    trace = tmp_path / "one.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,10,5\n")
+    args = ["--target", "http://127.0.0.1:9", "--model", "m", "--trace", str(trace)]
+    code, err = run(capsys, "load", *args, *flags, "--out", str(tmp_path / "out"))
+    assert code == 2 and message in err

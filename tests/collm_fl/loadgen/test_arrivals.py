@@ -101,3 +101,13 @@ def test_invalid_parameters_are_config_errors_naming_the_parameter(
 ) -> None:
     with pytest.raises(ConfigError, match=f"^{re.escape(param)}"):
         arrival_times(kind, rate, duration, seed=0, **shape)
+
+
+def test_bursty_arrivals_offer_the_rate_from_the_first_second():
+    # Started in its steady state: no burst at t = 0 and, over many seeds, rate × duration
+    # requests on average (a fresh gap at t = 0 gave (CV² − 1)/2 = 7.5 extra at CV 4).
+    counts = [len(arrival_times("bursty", 1.0, 60.0, seed)) for seed in range(3000)]
+    assert abs(sum(counts) / len(counts) - 60.0) < 2.5  # the mean's std error is 0.55
+    starts = [arrival_times("bursty", 1.0, 60.0, seed)[:1] for seed in range(3000)]
+    early = sum(1 for s in starts if len(s) and s[0] < 0.01)
+    assert early < 0.05 * len(starts)  # was 64 % within 10 ms

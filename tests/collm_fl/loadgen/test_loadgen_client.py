@@ -430,3 +430,39 @@ def test_an_answer_that_came_whole_has_no_tpot(server_url: str) -> None:
     assert r.status == "ok" and r.output_tokens == 5
     assert r.tpot_s is None
     assert r.ttft_s is not None and r.e2e_s is not None and 5 * DELAY_S <= r.ttft_s <= r.e2e_s
+
+
+def test_a_trace_cut_by_the_duration_is_measured_over_the_duration(
+    server_url: str, tmp_path: Path
+) -> None:
+    # Arrivals every 0.1 s for 4 s, a lull, then more from 7 s on: cut at 6 s, the replay stands
+    # for 6 s (the trace goes on), not for "last kept arrival + one gap" (4.1 s).
+    from datetime import datetime, timedelta
+
+    t0 = datetime(2023, 11, 16, 18, 0, 0)
+    offsets = [i / 10 for i in range(41)] + [7 + i / 10 for i in range(130)]
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    lines += [f"{(t0 + timedelta(seconds=o)).isoformat(sep=' ')},8,2" for o in offsets]
+    trace = tmp_path / "gap.csv"
+    trace.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    code = run_load_cli(
+        server_url, MODEL, "poisson", 0.0, 6.0, str(trace), out, 1.0, 0.5, 16, 2, None, 0, False
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == 0 and summary["requests"] == 41
+    assert summary["duration_s"] == pytest.approx(6.0)
+    assert summary["goodput_rps"] == pytest.approx(summary["slo_met"] / 6.0)
+
+
+def test_results_written_before_a_defaulted_field_existed_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    good = RequestResult(0, 0.0, 0.1, 0.02, 0.3, "ok", 200, 3, 12, 11, None)
+    write_results_jsonl([good], path)
+    old = json.loads(path.read_text())
+    del old["late_s"]  # an older collm wrote no send lag
+    path.write_text(json.dumps(old) + "\n")
+    assert read_results_jsonl(path) == [good]
+    path.write_text(json.dumps({**old, "surprise": 1}) + "\n")
+    with pytest.raises(DataFormatError, match="expected the fields"):
+        read_results_jsonl(path)
