@@ -60,8 +60,8 @@ def normalized_weights(weights: Sequence[float], n_updates: int) -> np.ndarray:
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
     total = float(w.sum())
-    if total <= 0:
-        raise ValueError(f"weights must have a positive total, got {total}")
+    if not (math.isfinite(total) and total > 0):  # (finite claims can still add up to inf)
+        raise ValueError(f"weights must have a positive, finite total, got {total}")
     return w / total
 
 

@@ -7,6 +7,7 @@ inputs and records every decision, with those inputs, in the store.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -22,16 +23,29 @@ from strategies.allocation import (
     describe,
     forecast_rate,
     load_from_metrics,
+    merge_loads,
 )
 
 log = logging.getLogger(__name__)
 
 
+# Below this a step time is no measurement (a LoRA micro-step of any LLM takes milliseconds at
+# least): a node claiming it would make every later budget overflow.
+MIN_STEP_SECONDS = 1e-4
+STEP_HISTORY = 5  # a node's speed: the fastest of its last few rounds
+
+
 @dataclass
 class _Node:
     load: NodeLoad | None = None
+    load_window_s: float = 0.0  # the seconds ``load`` covers
+    load_used: bool = True  # ``load`` informed a decision already: the next report replaces it
     forecast: RateForecast | None = None
-    step_seconds: float | None = None
+    step_history: deque[float] = field(default_factory=lambda: deque(maxlen=STEP_HISTORY))
+
+    @property
+    def step_seconds(self) -> float | None:
+        return min(self.step_history) if self.step_history else None
 
 
 @dataclass
@@ -39,8 +53,8 @@ class CoordinationState:
     """Everything the allocation policy needs, updated from each round's replies."""
 
     nodes: dict[int, _Node] = field(default_factory=dict)
-    loss_history: list[tuple[int, float]] = field(default_factory=list)
-    cumulative_steps: int = 0
+    loss_history: list[tuple[float, float]] = field(default_factory=list)
+    cumulative_steps: float = 0.0
 
     def observe(self, node_id: int, metrics: Mapping[str, float], accepted: bool = True) -> None:
         """Take a node's train or publish reply metrics (``load-*``, ``train-seconds``...). Of a
@@ -51,16 +65,33 @@ class CoordinationState:
         node = self.nodes.setdefault(node_id, _Node())
         load = load_from_metrics(metrics)
         if load is not None:
-            node.load = load
+            # A round brings two reports (the train reply's window, then the publish ack's):
+            # the next decision sees their union, not just the last, short one.
+            window = metrics.get("load-window-s", 0.0)
+            if node.load is not None and not node.load_used:
+                node.load = merge_loads(node.load, node.load_window_s, load, window)
+                node.load_window_s += window
+            else:
+                node.load, node.load_window_s = load, window
+            node.load_used = False
             node.forecast = forecast_rate(node.forecast, load.request_rate)
         steps = metrics.get("local-steps", 0.0)
         if steps > 0 and metrics.get("train-seconds", 0.0) > 0:
-            # The fastest round so far: the node's own speed. A loaded round's slower steps are
-            # its serving load, which the allocation's training share already accounts for.
+            # The fastest of the last rounds: the node's own speed. A loaded round's slower
+            # steps are its serving load, which the allocation's training share accounts for.
             step_s = metrics["train-seconds"] / steps
-            node.step_seconds = min(step_s, node.step_seconds or step_s)
+            if step_s < MIN_STEP_SECONDS:
+                log.warning(
+                    "node %d: %.3g s per step is no measurement; its speed is not updated",
+                    node_id,
+                    step_s,
+                )
+            else:
+                node.step_history.append(step_s)
 
-    def observe_round(self, steps_trained: int, eval_loss: float | None) -> None:
+    def observe_round(self, steps_trained: float, eval_loss: float | None) -> None:
+        """A round's training (the mean steps of the nodes that trained: the aggregate moves
+        about that far, however many nodes took part) and its central loss, if promoted."""
         self.cumulative_steps += steps_trained
         if eval_loss is not None:
             self.loss_history.append((self.cumulative_steps, eval_loss))
@@ -71,6 +102,7 @@ class CoordinationState:
         """Per-node budgets for round ``rnd`` (None: static allocation, same config for all)."""
         if cfg.allocation == "static":
             return None
+        node_ids = sorted(node_ids)
         states = tuple(
             NodeState(
                 node_id=n,
@@ -78,7 +110,7 @@ class CoordinationState:
                 forecast_rate=_next_rate(self.nodes.get(n, _Node()).forecast),
                 step_seconds=self.nodes.get(n, _Node()).step_seconds,
             )
-            for n in sorted(node_ids)
+            for n in node_ids
         )
         inputs = AllocationInputs(
             nodes=states,
@@ -91,6 +123,9 @@ class CoordinationState:
             backfill=cfg.backfill,
         )
         budgets = allocate(inputs)
+        for n in node_ids:
+            if n in self.nodes:
+                self.nodes[n].load_used = True
         store.record_event(run_id, "allocation", {"round": rnd, **describe(inputs, budgets)})
         for b in budgets:
             log.info(

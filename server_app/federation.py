@@ -172,7 +172,8 @@ class Federation:
         for r in self.store.list_rounds(run_id):  # the loss curve so far, for the policy
             promoted = r.status == "aggregated"  # as the live loop: a gated version's loss is not
             loss = r.eval_loss if promoted else None
-            self.coordination.observe_round(int(r.metrics.get("steps-total", 0)), loss)
+            steps = r.metrics.get("steps-per-node", r.metrics.get("steps-total", 0.0))
+            self.coordination.observe_round(steps, loss)  # (older runs stored the total only)
             if DP_NOISE_MULTIPLIER in r.metrics:
                 self.dp_releases.append(r.metrics[DP_NOISE_MULTIPLIER])
         return latest
@@ -195,7 +196,9 @@ class Federation:
             }
         )
         messages = list(self.strategy.configure_train(rnd, arrays, train_config, self.grid))
-        replies = exchange(self.grid, messages, cfg.round_timeout)
+        undelivered: list[int] = []
+        replies = exchange(self.grid, messages, cfg.round_timeout, undelivered=undelivered)
+        self.lora.not_delivered = set(undelivered)
         self.lora.last_report = None
         new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
         report = self.lora.last_report
@@ -203,9 +206,14 @@ class Federation:
             report = self.lora.report_unaggregated(rnd, replies)
         for o in report.outcomes:
             self.coordination.observe(o.node_id, o.metrics, accepted=o.status == "ok")
-        steps_total = int(
-            sum(o.metrics.get("local-steps", 0) for o in report.outcomes if o.status == "ok")
-        )
+        trained = [
+            o.metrics.get("local-steps", 0.0)
+            for o in report.outcomes
+            if o.status == "ok" and o.metrics.get("local-steps", 0.0) > 0
+        ]
+        steps_total = int(sum(trained))
+        # How far the aggregate moved, for the policy's quality-gain fit: one node's steps.
+        steps_per_node = steps_total / len(trained) if trained else 0.0
         train_loss = (
             float(train_metrics[TRAIN_LOSS])
             if train_metrics and TRAIN_LOSS in train_metrics
@@ -231,6 +239,7 @@ class Federation:
             k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)
         }
         metrics["steps-total"] = float(steps_total)
+        metrics["steps-per-node"] = steps_per_node
         if cfg.dp_noise_multiplier > 0 and new_arrays is not None:
             # A noised aggregate left the DP wrapper (gated out or not, its loss was measured).
             self.dp_releases.append(cfg.dp_noise_multiplier)
@@ -280,7 +289,9 @@ class Federation:
             arrays = new_arrays
         else:
             store.record_round_result(run_id, record, participations)
-        self.coordination.observe_round(steps_total, eval_loss if version is not latest else None)
+        self.coordination.observe_round(
+            steps_per_node, eval_loss if version is not latest else None
+        )
         if cfg.publish_versions and version is not latest:
             # After the round is on record: a crash before this publish is healed on resume.
             self._publish(arrays, version.number)
@@ -387,6 +398,7 @@ def exchange(
     timeout: float,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    undelivered: list[int] | None = None,
 ) -> list[Message]:
     """Flower's ``send_and_receive``, polling for the replies sooner: push every message, then
     pull until each has its reply or ``timeout`` seconds have passed.
@@ -394,9 +406,19 @@ def exchange(
     Flower's deployment grid pulls every 3 s, so a reply waits there 1.5 s on average (twice a
     round: the training replies and the publish acknowledgements). Here the interval starts at
     ``POLL_FIRST_S`` and grows by half each time to ``POLL_MAX_S``: a reply that comes quickly is
-    taken quickly, and a long round asks the SuperLink about once a second.
+    taken quickly, and a long round asks the SuperLink about once a second. The nodes whose
+    message the SuperLink did not store are appended to ``undelivered``.
     """
-    pending = set(grid.push_messages(messages))
+    ids = list(grid.push_messages(messages))
+    for msg, message_id in zip(messages, ids, strict=True):
+        if not message_id:  # the SuperLink refused to store it (its node left meanwhile?)
+            node = int(msg.metadata.dst_node_id)
+            log.warning("node %d: %s", node, NOT_DELIVERED)
+            if undelivered is not None:
+                undelivered.append(node)
+    # (No reply can come for a message that was not stored: waiting for it would take the
+    # whole timeout.)
+    pending = {i for i in ids if i}
     replies: list[Message] = []
     deadline = clock() + timeout
     interval = POLL_FIRST_S
@@ -412,6 +434,7 @@ def exchange(
     return replies
 
 
+NOT_DELIVERED = "not delivered: the SuperLink refused the message (did the node leave?)"
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # round metric: this round released a noised aggregate
 DP_EPSILON = "dp-epsilon"  # round metric: ε spent by the run so far, at the run's dp-delta
 

@@ -13,6 +13,7 @@ from collm_fl.policies.allocation import (
     forecast_rate,
     headroom,
     load_from_metrics,
+    merge_loads,
     quality_gain_factor,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "forecast_rate",
     "headroom",
     "load_from_metrics",
+    "merge_loads",
     "quality_gain_factor",
 ]

@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 OK, REJECTED, FAILED = "ok", "rejected", "failed"
 ROBUST_CHOICES = ("none", *ROBUST_METHODS)
+# A claim of more examples than a float counts exactly is no count (and would overflow the
+# store's 64-bit integers, or the weights' total).
+MAX_NUM_EXAMPLES = 2**53
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ class LoraFedAvg(FedAvg):
         self.node_budgets: dict[int, NodeBudget] | None = None
         # Nodes asked to train this round -> most steps they were asked for (None: not known).
         self._asked: dict[int, int | None] = {}
+        # Nodes of this round whose message the SuperLink did not take (set by the ServerApp).
+        self.not_delivered: set[int] = set()
 
     def summary(self) -> None:
         log.info(
@@ -169,11 +174,17 @@ class LoraFedAvg(FedAvg):
             if budget is None:
                 out.append(msg)
                 continue
-            if budget.sits_out and not self.uniform_weights:
-                log.info("round %d: node %d sits out (%s)", server_round, node, budget.reason)
-                continue
-            # (Under uniform weights every sampled node is asked, 0 steps at worst: the DP noise
-            # is calibrated for a mean over all of them.)
+            if budget.sits_out:
+                # Still asked, for 0 steps: its reply is the only way its load report reaches
+                # the next round's allocation (skipped, a replica that sat out once would be
+                # judged on that stale report for ever). Under uniform weights its zero update
+                # also belongs in the mean DP's noise is calibrated for.
+                log.info(
+                    "round %d: node %d sits out (%s): asked for 0 steps, for its load report",
+                    server_round,
+                    node,
+                    budget.reason,
+                )
             node_config = ConfigRecord(
                 {
                     **dict(msg.content[CONFIG_KEY]),
@@ -260,7 +271,7 @@ class LoraFedAvg(FedAvg):
             weights = weights + [1.0] * missing
         try:
             new_state = self._aggregate(states, weights, reference)
-        except (np.linalg.LinAlgError, RuntimeError, FloatingPointError) as e:
+        except (np.linalg.LinAlgError, RuntimeError, FloatingPointError, ValueError) as e:
             # A numerical failure of the aggregate must not take the server down: the round
             # keeps the previous version, with the reason on record.
             log.error(
@@ -295,24 +306,36 @@ class LoraFedAvg(FedAvg):
 
     def report_unaggregated(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
         """The report of a round a wrapping strategy did not pass on (Flower's DP wrappers refuse
-        a round with any failed reply): failures with their reason, the other replies as not
-        aggregated, and the nodes that never answered."""
+        a round with any failed reply): failures with their reason, every other reply checked as
+        :meth:`aggregate_train` would (an invalid one rejected with its reasons, a valid one ok
+        but weighing 0), and the nodes that never answered."""
+        reference = arrayrecord_to_state(self.current_arrays)
         outcomes: list[ReplyOutcome] = []
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
                 outcomes.append(ReplyOutcome(node, FAILED, f"error reply: {msg.error.reason}"))
+                continue
+            problems, state, metrics = self._check_reply(msg, self._asked.get(node))
+            norm = None
+            if not problems:
+                check = validate_update(state, reference, self.max_update_norm)
+                problems, norm = list(check.reasons), check.update_norm
+            if problems:
+                reason = "; ".join(problems)
+                log.warning(
+                    "round %d: rejected update from node %d: %s", server_round, node, reason
+                )
+                outcomes.append(ReplyOutcome(node, REJECTED, reason, metrics=metrics))
             else:
-                reason = "not aggregated: the wrapping strategy refused the round"
-                outcomes.append(ReplyOutcome(node, REJECTED, reason))
+                reason = "valid, not aggregated: the wrapping strategy refused the round"
+                n = int(metrics[NUM_EXAMPLES])
+                outcomes.append(ReplyOutcome(node, OK, reason, n, metrics, norm, weight_used=0.0))
         self._add_missing_replies(server_round, outcomes)
-        log.warning(
-            "round %d: not aggregated by the wrapping strategy (%d failed); keeping the "
-            "previous version",
-            server_round,
-            sum(o.status == FAILED for o in outcomes),
-        )
-        self.last_report = RoundReport(server_round, tuple(outcomes), False)
+        failed = sum(o.status == FAILED for o in outcomes)
+        failure = f"the wrapping strategy refused the round ({failed} failed replies)"
+        log.warning("round %d: %s; keeping the previous version", server_round, failure)
+        self.last_report = RoundReport(server_round, tuple(outcomes), False, failure)
         return self.last_report
 
     def _add_missing_replies(self, server_round: int, outcomes: list[ReplyOutcome]) -> None:
@@ -320,10 +343,15 @@ class LoraFedAvg(FedAvg):
         outcome for each node asked this round that is not in ``outcomes`` (in place)."""
         answered = {o.node_id for o in outcomes}
         for node in sorted(set(self._asked) - answered):
-            reason = "no reply within the round timeout"
+            reason = (
+                "not delivered: the SuperLink did not take the message"
+                if node in self.not_delivered
+                else "no reply within the round timeout"
+            )
             log.warning("round %d: node %d failed: %s", server_round, node, reason)
             outcomes.append(ReplyOutcome(node, FAILED, reason))
         self._asked = {}
+        self.not_delivered = set()
 
     def _cap_weights(
         self, server_round: int, outcomes: list[ReplyOutcome], good_at: list[int]
@@ -371,7 +399,10 @@ class LoraFedAvg(FedAvg):
                 f"expected one ArrayRecord {ARRAYS_KEY!r}, got {list(content.array_records)}"
             )
         else:
-            state = arrayrecord_to_state(content.array_records[ARRAYS_KEY])
+            try:
+                state = arrayrecord_to_state(content.array_records[ARRAYS_KEY])
+            except Exception as e:
+                problems.append(f"unreadable arrays: {type(e).__name__}: {e}")
         if len(content.metric_records) != 1:
             problems.append(f"expected one MetricRecord, got {list(content.metric_records)}")
         else:
@@ -384,8 +415,9 @@ class LoraFedAvg(FedAvg):
                 else:
                     metrics[key] = float(value)
             n = metrics.get(NUM_EXAMPLES)
-            if n is None or not n >= 1:
-                problems.append(f"{NUM_EXAMPLES} must be a finite number >= 1, got {n!r}")
+            if n is None or not 1 <= n <= MAX_NUM_EXAMPLES:
+                got = "none" if n is None else f"{n:g}"
+                problems.append(f"{NUM_EXAMPLES} must be a number in [1, 2^53], got {got}")
             steps = metrics.get(LOCAL_STEPS)
             if steps is not None and not (
                 steps >= 0 and (steps_asked is None or steps <= steps_asked)

@@ -4,7 +4,7 @@ The long-timescale half of CoLLM-FL's coordination, as pure functions of measure
 code runs live in the ServerApp, in tests and in the simulator):
 
 1. **Quality gain.** From the history of central held-out loss vs training steps, estimate how
-   much the next steps still buy: the latest per-step improvement relative to the first rounds'.
+   much the next steps still buy: the latest per-step improvement relative to the best so far.
    Gains flattening → a smaller round budget (down to ``min_gain_factor``).
 2. **Load headroom.** Training takes the compute serving leaves: a replica reports the share of
    its time its engine computed (``serving_utilization``); scaled by the forecast growth of its
@@ -75,7 +75,9 @@ class AllocationInputs:
     tpot_slo_s: float
     deadline_s: float  # the round's training deadline
     max_steps: int  # the configured local steps (the most any node trains in a round)
-    loss_history: tuple[tuple[int, float], ...]  # (cumulative global steps, central eval loss)
+    # (cumulative training steps, central eval loss): the steps of one node's share of each round
+    # (live: the mean over the nodes that trained), so nodes joining or leaving move no gain
+    loss_history: tuple[tuple[float, float], ...]
     min_gain_factor: float = 0.2  # the budget never shrinks below this share of max_steps
     min_share: float = 0.1  # the least a busy (not overloaded) replica trains with
     backfill: bool = True  # replicas may train the rest of the target on idle cycles
@@ -124,14 +126,15 @@ def forecast_rate(
     return RateForecast(level, beta * (level - previous.level) + (1 - beta) * previous.trend)
 
 
-def quality_gain_factor(history: Sequence[tuple[int, float]], floor: float = 0.2) -> float:
+def quality_gain_factor(history: Sequence[tuple[float, float]], floor: float = 0.2) -> float:
     """How much training still helps, in [floor, 1]: latest per-step gain / early per-step gain.
 
     The central held-out loss is measured on a small set and each round's change is noisy, so a
     trend needs at least ``MIN_GAIN_POINTS`` points (three per-step rates); until then: 1.0. The
     latest gain is the mean of the last two rates (one noisy round does not cut the budget), the
-    early gain the best of the first half. A loss that got worse counts as no gain (the quality
-    gate elsewhere keeps a bad version from being served).
+    early gain the best so far (usually a first round's; a first round that happened to measure
+    no gain does not pin the factor to the floor). A loss that got worse counts as no gain (the
+    quality gate elsewhere keeps a bad version from being served).
     """
     if len(history) < MIN_GAIN_POINTS:
         return 1.0
@@ -142,7 +145,7 @@ def quality_gain_factor(history: Sequence[tuple[int, float]], floor: float = 0.2
             rates.append(max(0.0, (l0 - l1) / (s1 - s0)))
     if len(rates) < MIN_GAIN_POINTS - 1:  # rounds that trained nothing add no rate
         return 1.0
-    early = max(rates[: max(1, len(rates) // 2)])
+    early = max(rates)
     if early <= 0:
         return floor
     latest = sum(rates[-2:]) / 2
@@ -216,8 +219,41 @@ def _fit_deadline(steps: int, step_seconds: float | None, share: float, deadline
     """Cap ``steps`` so they fit the deadline at this training share (unknown speed: uncapped)."""
     if step_seconds is None or step_seconds <= 0:
         return steps
-    fit = math.floor(deadline_s * share / step_seconds)
-    return max(0, min(steps, fit))
+    fit = deadline_s * share / step_seconds  # (inf for a denormal step time: no int of it)
+    if not math.isfinite(fit) or fit >= steps:
+        return steps
+    return max(0, math.floor(fit))
+
+
+def merge_loads(a: NodeLoad, a_s: float, b: NodeLoad, b_s: float) -> NodeLoad:
+    """One report for two consecutive windows (``a`` over ``a_s`` seconds, then ``b``).
+
+    Rates, utilization and attainment are averaged by what they are per (seconds, requests);
+    the p95 latencies take the worse window's (a p95 of the union lies between the two, and the
+    policy errs toward serving); the queue is the later one's. Unknown lengths weigh alike.
+    """
+    if not (a_s > 0 and b_s > 0):
+        a_s = b_s = 1.0
+
+    def mean(x: float, y: float, wx: float, wy: float) -> float:
+        return (x * wx + y * wy) / (wx + wy) if wx + wy > 0 else (x + y) / 2
+
+    a_n, b_n = a.request_rate * a_s, b.request_rate * b_s  # requests in each window
+    utilization = (
+        a.utilization
+        if b.utilization is None
+        else b.utilization
+        if a.utilization is None
+        else mean(a.utilization, b.utilization, a_s, b_s)
+    )
+    return NodeLoad(
+        request_rate=mean(a.request_rate, b.request_rate, a_s, b_s),
+        queue_depth=b.queue_depth,
+        ttft_p95=max(a.ttft_p95, b.ttft_p95),
+        tpot_p95=max(a.tpot_p95, b.tpot_p95),
+        slo_attainment=mean(a.slo_attainment, b.slo_attainment, a_n, b_n),
+        utilization=utilization,
+    )
 
 
 def load_from_metrics(metrics: Mapping[str, float]) -> NodeLoad | None:

@@ -58,3 +58,22 @@ def test_a_node_that_never_replies_ends_the_wait_at_the_timeout():
 def test_nothing_to_send_asks_nothing():
     got, slept, grid = run([], timeout=5.0)
     assert got == [] and slept == [] and grid.pulls == 0
+
+
+def test_a_message_the_superlink_refused_ends_no_wait_and_is_named():
+    class RefusingGrid(FakeGrid):
+        def push_messages(self, messages):
+            return ["m0", ""]  # Flower's id for a message it did not store
+
+    clock = [0.0]
+    grid = RefusingGrid([0.1, None], clock)
+
+    def sleep(s: float) -> None:
+        clock[0] += s
+
+    nodes = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (11, 12)]
+    undelivered: list[int] = []
+    replies = exchange(grid, nodes, 3600.0, lambda: clock[0], sleep, undelivered)  # type: ignore[arg-type]
+    assert [r.i for r in replies] == [0]
+    assert clock[0] < 1.0  # not the round timeout: node 12's message went nowhere
+    assert undelivered == [12]

@@ -268,3 +268,85 @@ def test_a_rejected_replys_claimed_speed_is_not_believed_but_its_load_is():
     node = state.nodes[1]
     assert node.step_seconds == 2.0  # not 1e-8: it would stick as the node's fastest
     assert node.forecast is not None and node.forecast.level == 2.0
+
+
+def test_a_denormal_step_time_plans_the_target_instead_of_overflowing():
+    (b,) = allocate(inputs([replica(1, load(0.0), step_s=5e-324)], max_steps=20))
+    assert b.steps == 20
+
+
+def test_no_gain_in_the_first_round_does_not_pin_the_factor_to_the_floor():
+    # The first promoted round measured nothing (noise within the gate's margin), the later
+    # ones improved steadily: training still helps.
+    assert quality_gain_factor([(0, 2.00), (20, 2.01), (40, 1.80), (60, 1.60)]) > 0.9
+    assert quality_gain_factor([(0, 2.00), (20, 1.9999), (40, 1.80), (60, 1.60)]) > 0.9
+    assert quality_gain_factor([(0, 2.0), (20, 2.0), (40, 2.0), (60, 2.0)]) == 0.2  # none: floor
+
+
+LOAD_METRICS = {
+    "load-request-rate": 1.0,
+    "load-queue-depth": 0.0,
+    "load-ttft-p95": 5.0,  # 2.5 x the 2-s SLO while it trained
+    "load-tpot-p95": 0.05,
+    "load-slo-attainment": 0.4,
+    "load-serving-utilization": 0.85,
+    "load-window-s": 50.0,
+}
+QUIET_METRICS = {
+    **LOAD_METRICS,
+    "load-ttft-p95": 0.6,
+    "load-slo-attainment": 1.0,
+    "load-serving-utilization": 0.6,
+    "load-window-s": 5.0,
+}
+
+
+def test_a_rounds_publish_report_adds_to_its_training_window_instead_of_replacing_it(tmp_path):
+    from collm_fl.config import RunConfig
+    from collm_fl.store import VersionStore
+    from server_app.coordination import CoordinationState
+
+    store = VersionStore(tmp_path / "store")
+    run_id = store.open_run("r", {}, "tiny").id
+    cfg = RunConfig(local_steps=20, round_deadline_s=1000.0)
+
+    def decide(*reports):
+        state = CoordinationState()
+        for r in reports:
+            state.observe(1, r)
+        (b,) = state.budgets(cfg, [1], store, run_id, 1).values()
+        return state, b
+
+    _, train_only = decide(LOAD_METRICS)
+    _, publish_only = decide(QUIET_METRICS)
+    state, both = decide(LOAD_METRICS, QUIET_METRICS)
+    assert both.share < publish_only.share  # the training window's pressure still counts
+    assert both.share == pytest.approx(train_only.share, abs=0.05)  # 50 s of 55
+    merged = state.nodes[1].load
+    assert merged.ttft_p95 == 5.0 and merged.utilization == pytest.approx((0.85 * 50 + 3) / 55)
+    # Once a decision used them, the next round's first report starts afresh.
+    state.observe(1, QUIET_METRICS)
+    assert state.nodes[1].load.ttft_p95 == 0.6
+
+
+def test_merged_loads_weigh_rates_by_time_and_attainment_by_requests():
+    from strategies.allocation import merge_loads
+
+    a = NodeLoad(2.0, 1, 1.0, 0.1, 0.5, 0.8)  # 20 requests in 10 s, half on time
+    b = NodeLoad(0.0, 3, 0.2, 0.3, 1.0, None)  # none in 30 s
+    m = merge_loads(a, 10.0, b, 30.0)
+    assert m.request_rate == pytest.approx(0.5) and m.queue_depth == 3
+    assert m.slo_attainment == pytest.approx(0.5)  # only a's requests were judged
+    assert (m.ttft_p95, m.tpot_p95, m.utilization) == (1.0, 0.3, 0.8)
+
+
+def test_a_speed_no_node_could_have_is_not_believed_and_old_speeds_expire():
+    from server_app.coordination import STEP_HISTORY, CoordinationState
+
+    state = CoordinationState()
+    state.observe(1, {"local-steps": 1.0, "train-seconds": 5e-324})
+    assert state.nodes[1].step_seconds is None
+    state.observe(1, {"local-steps": 2.0, "train-seconds": 1.0})  # one unusually fast round
+    for _ in range(STEP_HISTORY):
+        state.observe(1, {"local-steps": 2.0, "train-seconds": 4.0})
+    assert state.nodes[1].step_seconds == 2.0  # not stuck at 0.5 for the rest of the run

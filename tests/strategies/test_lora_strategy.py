@@ -108,7 +108,7 @@ def test_a_reply_that_trained_no_steps_is_kept_out_of_the_average():
     assert "0 steps" in by_node[2].reason
 
 
-def test_backfill_budgets_reach_the_node_and_only_a_true_sit_out_is_skipped():
+def test_backfill_budgets_reach_the_node_and_one_that_sits_out_is_asked_for_0_steps():
     from strategies.allocation import NodeBudget
 
     class Grid:
@@ -123,9 +123,12 @@ def test_backfill_budgets_reach_the_node_and_only_a_true_sit_out_is_skipped():
     }
     msgs = list(s.configure_train(2, state_to_arrayrecord(adapter(0)), ConfigRecord({}), Grid()))
     sent = {int(m.metadata.dst_node_id): m.content["config"] for m in msgs}
-    assert sorted(sent) == [11, 12]
+    assert sorted(sent) == [11, 12, 13]
     assert sent[11]["local-steps"] == 2 and sent[11]["backfill-steps"] == 3
     assert sent[12]["local-steps"] == 0 and sent[12]["backfill-steps"] == 5
+    # Sitting out, still asked (for 0 steps): its reply carries the load report the next
+    # round's allocation needs.
+    assert sent[13]["local-steps"] == 0 and sent[13]["backfill-steps"] == 0
 
 
 @pytest.mark.parametrize("mode", ["exact", "fedavg"])
@@ -181,7 +184,67 @@ def test_a_round_the_dp_wrapper_refuses_is_reported_as_that_round_with_its_failu
     assert (report.server_round, report.aggregated) == (2, False)
     by_node = {o.node_id: o for o in report.outcomes}
     assert by_node[2].status == "failed" and "crashed" in by_node[2].reason
-    assert by_node[1].status == "rejected" and "not aggregated" in by_node[1].reason
+    # The valid reply is ok (weighing 0), not "rejected"; the round's failure says why.
+    assert by_node[1].status == "ok" and by_node[1].weight_used == 0.0
+    assert "not aggregated" in by_node[1].reason
+    assert report.failure is not None and "1 failed" in report.failure
+
+
+def test_a_round_the_dp_wrapper_refuses_still_names_an_invalid_update_and_why():
+    lora = strategy()
+    dp = DifferentialPrivacyClientSideFixedClipping(
+        lora, noise_multiplier=0.1, clipping_norm=1.0, num_sampled_clients=3
+    )
+    bad = adapter(4)
+    bad[next(iter(bad))][0, 0] = np.nan
+    replies = [reply(1, adapter(3)), reply(3, bad), error_reply(2)]
+    lora.last_report = None
+    assert dp.aggregate_train(1, replies)[0] is None
+    by_node = {o.node_id: o for o in lora.report_unaggregated(1, replies).outcomes}
+    assert by_node[3].status == "rejected" and "non-finite" in by_node[3].reason
+    assert by_node[1].status == "ok"
+
+
+def test_a_reply_whose_arrays_cannot_be_read_is_rejected_and_the_round_goes_on():
+    from flwr.app import Array, ArrayRecord, MetricRecord
+
+    garbage = ArrayRecord(
+        {
+            k: Array(dtype="float32", shape=tuple(v), stype="numpy.ndarray", data=b"not numpy")
+            for k, v in SHAPES.items()
+        }
+    )
+    wrong_stype = ArrayRecord(
+        {
+            k: Array(dtype="float32", shape=tuple(v), stype="torch.Tensor", data=b"x")
+            for k, v in SHAPES.items()
+        }
+    )
+    replies = [reply(1, adapter(1)), reply(2, adapter(2)), reply(3, adapter(3))]
+    for node, arrays in ((2, garbage), (3, wrong_stype)):
+        metrics = MetricRecord({"num-examples": 10.0})
+        replies[node - 1] = Message(
+            RecordDict({"arrays": arrays, "metrics": metrics}),
+            reply_to=Message(RecordDict({}), dst_node_id=node, message_type="train"),
+        )
+    s = strategy()
+    arrays, _ = s.aggregate_train(1, replies)
+    assert arrays is not None  # node 1's update alone
+    by_node = {o.node_id: o for o in s.last_report.outcomes}
+    assert by_node[1].status == "ok"
+    for node in (2, 3):
+        assert by_node[node].status == "rejected"
+        assert "unreadable arrays" in by_node[node].reason
+
+
+@pytest.mark.parametrize("claim", [1e19, 1.7e308])
+def test_an_example_count_no_float_counts_exactly_is_rejected(claim):
+    s = strategy()
+    arrays, _ = s.aggregate_train(1, [reply(1, adapter(1)), reply(2, adapter(2), claim)])
+    assert arrays is not None
+    by_node = {o.node_id: o for o in s.last_report.outcomes}
+    assert by_node[2].status == "rejected" and "2^53" in by_node[2].reason
+    assert by_node[1].status == "ok"
 
 
 def test_under_uniform_weights_every_reply_weighs_one_and_an_idle_one_is_a_zero_update():
@@ -232,12 +295,13 @@ def test_configure_train_records_the_steps_each_node_was_asked_for():
     }
     config = ConfigRecord({"local-steps": 10})
     msgs = list(s.configure_train(1, state_to_arrayrecord(adapter(0)), config, Grid()))
-    assert [m.metadata.dst_node_id for m in msgs] == [11]  # 12 sits out
-    assert s._asked == {11: 7}
+    # 12 sits out: asked for 0 steps (its reply brings its load report), with DP or without.
+    assert [m.metadata.dst_node_id for m in msgs] == [11, 12]
+    assert s._asked == {11: 7, 12: 0}
     dp = strategy(uniform_weights=True)
     dp.node_budgets = s.node_budgets
     msgs = list(dp.configure_train(1, state_to_arrayrecord(adapter(0)), config, Grid()))
-    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]  # under DP nobody sits out
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
     assert dp._asked == {11: 7, 12: 0}
 
 
@@ -283,3 +347,14 @@ def test_an_aggregation_that_fails_numerically_keeps_the_previous_version(monkey
     assert arrays is None and metrics is None
     assert not s.last_report.aggregated
     assert s.last_report.failure == "aggregation failed: eigh failed to converge"
+
+
+def test_a_node_whose_message_was_not_delivered_fails_with_that_reason():
+    s = strategy()
+    s._asked = {1: None, 2: None, 3: None}
+    s.not_delivered = {3}
+    s.aggregate_train(1, [reply(1, adapter(1))])
+    by_node = {o.node_id: o for o in s.last_report.outcomes}
+    assert by_node[2].reason == "no reply within the round timeout"
+    assert by_node[3].status == "failed" and by_node[3].reason.startswith("not delivered")
+    assert s.not_delivered == set()  # for this round only

@@ -1,0 +1,143 @@
+"""The ServerApp's round loop in-process, with a fake grid of scripted nodes: replies no honest
+node sends must cost that node its round, never the run (the rule: a rejected update is logged
+with its reason while the round goes on)."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+from flwr.app import Array, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from collm_fl.config import RunConfig
+from collm_fl.flower_records import PUBLISH, arrayrecord_to_state, state_to_arrayrecord
+from server_app.federation import Federation, open_store
+from strategies.lora import LoraFedAvg
+
+pytestmark = pytest.mark.slow  # (the tiny model, loaded and evaluated in-process)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Flower makes replies in a task that knows its run; the fake grid runs none."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def honest(node: int, rnd: int, msg: Message, steps: float = 1.0) -> RecordDict:
+    glob = arrayrecord_to_state(msg.content["arrays"])
+    rng = np.random.default_rng(node * 100 + rnd)
+    state = {
+        k: (v + 1e-3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in glob.items()
+    }
+    metrics = {"num-examples": 10, "train-loss": 3.0, "local-steps": steps, "train-seconds": 2.0}
+    return RecordDict({"arrays": state_to_arrayrecord(state), "metrics": MetricRecord(metrics)})
+
+
+class FakeGrid:
+    """Answers each train message by calling the node's behaviour; publishes are acknowledged."""
+
+    def __init__(self, behaviours):
+        self.behaviours = behaviours
+
+    def get_node_ids(self):
+        return list(self.behaviours)
+
+    def push_messages(self, messages):
+        self.replies = getattr(self, "replies", {})
+        ids = []
+        for m in messages:
+            mid = str(uuid.uuid4())
+            m.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            if m.metadata.message_type == PUBLISH:
+                ack = RecordDict({"metrics": MetricRecord({"served-version": -1.0})})
+                self.replies[mid] = Message(ack, reply_to=m)
+                continue
+            node = int(m.metadata.dst_node_id)
+            rnd = int(m.content["config"]["server-round"])
+            self.replies[mid] = Message(self.behaviours[node](node, rnd, m), reply_to=m)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def federation(tmp_path, behaviours, **settings):
+    cfg = RunConfig(
+        model="tiny",
+        output_dir=str(tmp_path / "out"),
+        central_eval_samples=4,
+        seq_len=32,
+        batch_size=4,
+        min_train_nodes=len(behaviours),
+        num_server_rounds=2,
+        round_timeout=5.0,
+        round_deadline_s=4.0,
+        **settings,
+    )
+    strategy = LoraFedAvg(
+        mode=cfg.aggregation,
+        min_train_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_train_nodes,
+        fraction_evaluate=0.0,
+    )
+    store = open_store(cfg)
+    return Federation(FakeGrid(behaviours), cfg, strategy, strategy, store), store
+
+
+def outcome(store, run_id):
+    rounds = [(r.number, r.status) for r in store.list_rounds(run_id)]
+    parts = {
+        (p.round_number, p.node_id): (p.status, p.reason) for p in store.participations(run_id)
+    }
+    return store.get_run(run_id).status, rounds, parts
+
+
+def test_unreadable_arrays_a_huge_example_count_and_a_made_up_speed_cost_only_their_node(tmp_path):
+    def garbage(node, rnd, msg):
+        reply = honest(node, rnd, msg)
+        arrays = reply["arrays"]
+        key = next(iter(arrays.keys()))
+        a = arrays[key]
+        arrays[key] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=b"not numpy")
+        return reply
+
+    def boastful(node, rnd, msg):
+        reply = honest(node, rnd, msg)
+        reply["metrics"]["num-examples"] = 1e19  # more than SQL's integers hold
+        return reply
+
+    def too_fast(node, rnd, msg):
+        reply = honest(node, rnd, msg)
+        reply["metrics"]["train-seconds"] = 5e-324  # an allocation dividing by it overflows
+        return reply
+
+    behaviours = {1: honest, 2: garbage, 3: boastful, 4: too_fast}
+    fed, store = federation(tmp_path, behaviours, allocation="quality-aware")
+    fed.run()
+    run_id = fed.run_info.id
+    status, rounds, parts = outcome(store, run_id)
+    assert status == "finished" and rounds == [(1, "aggregated"), (2, "aggregated")]
+    for rnd in (1, 2):
+        assert parts[rnd, 1] == ("ok", None)
+        assert parts[rnd, 2][0] == "rejected" and "unreadable arrays" in parts[rnd, 2][1]
+        assert parts[rnd, 3][0] == "rejected" and "2^53" in parts[rnd, 3][1]
+        assert parts[rnd, 4][0] == "ok"  # its update is fine; only its speed is not believed
+    assert fed.coordination.nodes[4].step_seconds is None
+    assert fed.coordination.nodes[1].step_seconds == 2.0
+
+
+def test_the_quality_gain_curve_counts_one_nodes_steps_per_round(tmp_path):
+    def three_steps(node, rnd, msg):
+        return honest(node, rnd, msg, steps=3.0)
+
+    fed, store = federation(tmp_path, {1: three_steps, 2: three_steps, 3: three_steps})
+    fed.run()
+    rounds = store.list_rounds(fed.run_info.id)
+    assert [r.metrics["steps-total"] for r in rounds] == [9.0, 9.0]
+    assert [r.metrics["steps-per-node"] for r in rounds] == [3.0, 3.0]
+    steps = [s for s, _ in fed.coordination.loss_history]
+    assert steps == [0, 3.0, 6.0]  # the aggregate moved 3 steps a round, not 9
