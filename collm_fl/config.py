@@ -273,19 +273,26 @@ class RunConfig:
             except (TypeError, ValueError):
                 expected = type(fields[name].default).__name__
                 problems.append(f"{key}={value!r}: expected {expected}")
-        try:
-            lora_defaults = LoraSpec()
-            targets = str(run_config.get("lora-targets", ",".join(lora_defaults.target_modules)))
-            kwargs["lora"] = LoraSpec(
-                rank=int(str(_coerce(run_config.get("lora-rank", lora_defaults.rank), 0))),
-                alpha=float(str(_coerce(run_config.get("lora-alpha", lora_defaults.alpha), 0.0))),
-                dropout=float(
-                    str(_coerce(run_config.get("lora-dropout", lora_defaults.dropout), 0.0))
-                ),
-                target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()),
-            )
-        except (TypeError, ValueError) as e:
-            problems.append(f"lora-*: {e}")
+        lora_defaults = LoraSpec()
+        lora: dict[str, object] = {}
+        for key, name, default in (
+            ("lora-rank", "rank", lora_defaults.rank),
+            ("lora-alpha", "alpha", lora_defaults.alpha),
+            ("lora-dropout", "dropout", lora_defaults.dropout),
+        ):
+            value = run_config.get(key, default)
+            try:
+                lora[name] = _coerce(value, default)
+            except (TypeError, ValueError):
+                whole = "a whole number" if isinstance(default, int) else "a number"
+                problems.append(f"{key}={value!r}: expected {whole}")
+        targets = str(run_config.get("lora-targets", ",".join(lora_defaults.target_modules)))
+        lora["target_modules"] = tuple(t.strip() for t in targets.split(",") if t.strip())
+        if len(lora) == 4:
+            try:  # (LoraSpec names the field at fault: "lora-rank must be >= 1, got 0")
+                kwargs["lora"] = LoraSpec(**lora)  # type: ignore[arg-type]
+            except ConfigError as e:
+                problems.append(str(e))
         if problems:
             raise ConfigError("invalid run config: " + "; ".join(problems))
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -169,9 +169,9 @@ def launch_config(
 ) -> tuple[str, RunConfig]:
     """The ``--run-config`` a launcher passes to ``flwr run``, and the config it means, checked
     before anything starts: ``defaults`` (the launcher's), the user's ``overrides`` on top, then
-    ``fixed`` (what the launcher relies on; the user may not set it). Relative ``output-dir`` and
-    ``data`` paths are made absolute here, where the user typed them: Flower runs the ServerApp
-    and the ClientApps in other directories."""
+    ``fixed`` (what the launcher relies on; the user may not set it). Relative ``output-dir``,
+    ``data``, ``model`` and SQLite ``store-url`` paths are made absolute here, where the user
+    typed them: Flower runs the ServerApp and the ClientApps in other directories."""
     user = parse_overrides(overrides)
     clash = sorted(set(user) & set(fixed or {}))
     if clash:
@@ -179,6 +179,11 @@ def launch_config(
     values: dict[str, Scalar] = {**(defaults or {}), **user, **(fixed or {})}
     cfg = RunConfig.from_app(app, values)
     values["output-dir"] = str(cfg.output_path)
+    sqlite = "sqlite:///"
+    if cfg.store_url.startswith(sqlite) and cfg.store_url != sqlite + ":memory:":
+        # (sqlite:///x.db is relative to the process's directory, the ServerApp's elsewhere;
+        # sqlite:////abs/x.db is absolute)
+        values["store-url"] = sqlite + _absolute(cfg.store_url[len(sqlite) :])
     from collm_fl.models import BUILTIN_MODELS  # (torch and transformers: only when launching)
 
     # Existence is checked here (else the ServerApp fails inside Flower, with a traceback); only a

@@ -90,8 +90,10 @@ class Federation:
         self.strategy = strategy  # possibly a wrapper (DP) around lora_strategy
         self.lora = lora_strategy
         self.store = store
-        self.evaluator = CentralEvaluator(cfg)
+        # (The run first: a run the store refuses to open or resume is refused before the model
+        # loads.)
         self.run_info = store.open_run(cfg.run_name, cfg.to_flat(), base_model=cfg.model)
+        self.evaluator = CentralEvaluator(cfg)
         # What replicas file this run's versions under: the name plus when the run was created,
         # so a new run of the same name (another output-dir, a fresh store) starts its own
         # lineage on replicas that served an earlier one, instead of being refused as older.

@@ -62,6 +62,7 @@ MTIME_SLACK_S = 2.0  # file times and the database's clock may round differently
 RESUME_FIXED_KEYS = frozenset(
     {"lora-rank", "lora-alpha", "lora-targets"}
     | {"data", "central-heldout", "central-eval-samples", "seq-len", "seed"}
+    | {"quantization"}  # other base weights: stored losses would not compare with new ones
 )
 
 
@@ -128,6 +129,14 @@ class VersionStore:
         with session_scope(self._engine) as s:
             run = s.scalar(select(Run).where(Run.name == name))
             if run is None:
+                versions = self.root / "runs" / name / "versions"
+                if versions.is_dir() and any(versions.iterdir()):
+                    raise StoreError(
+                        f"run {name!r} is not in this store's database ({self.url}), but "
+                        f"{versions} holds versions of a run of that name (from another or a "
+                        "deleted database): choose another run-name or output-dir, or move that "
+                        "folder away"
+                    )
                 run = Run(name=name, config_json=config_json, base_model=base_model)
                 s.add(run)
                 s.flush()

@@ -58,8 +58,17 @@ def test_bad_lora_rank_is_named():
 
 @pytest.mark.parametrize("rank", [8.7, True, "eight"])
 def test_a_lora_rank_that_is_not_a_whole_number_is_refused(rank):
-    with pytest.raises(ConfigError, match="lora"):
+    with pytest.raises(ConfigError, match=r"lora-rank=.*: expected a whole number"):
         RunConfig.from_flower({"lora-rank": rank})
+
+
+def test_a_bad_lora_value_is_named_beside_the_configs_other_problems():
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flower({"lora-rank": 0, "learning-rate": "x", "lora-alpha": "big"})
+    message = str(info.value)
+    assert "learning-rate='x'" in message and "lora-alpha='big': expected a number" in message
+    with pytest.raises(ConfigError, match="lora-rank must be >= 1, got 0"):
+        RunConfig.from_flower({"lora-rank": 0, "learning-rate": 0.01})
 
 
 @pytest.mark.parametrize("key", ["quality-gate-margin", "learning-rate", "round-timeout"])

@@ -99,6 +99,11 @@ def test_a_launcher_puts_the_users_settings_over_its_defaults_and_keeps_what_it_
     # Relative paths resolved where the user typed them, not where Flower runs the apps.
     assert cfg.data == str(tmp_path / "mine.jsonl") and cfg.output_dir == str(tmp_path / "out")
     assert parse_overrides(run_config)["output-dir"] == str(tmp_path / "out")
+    # A relative SQLite database too (an absolute one, four slashes, stays as typed).
+    _, cfg = launch_config(app, "store-url='sqlite:///runs.db'")
+    assert cfg.store_url == f"sqlite:///{tmp_path / 'runs.db'}"
+    _, cfg = launch_config(app, f"store-url='sqlite:///{tmp_path}/abs.db'")
+    assert cfg.store_url == f"sqlite:///{tmp_path}/abs.db"
     with pytest.raises(ConfigError, match="run-name: set by this command"):
         launch_config(app, "run-name='x'", fixed={"run-name": "live"})
     with pytest.raises(ConfigError, match="local-steps given twice"):

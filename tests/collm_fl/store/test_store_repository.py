@@ -129,14 +129,25 @@ def test_resuming_a_run_with_another_lora_shape_is_refused_and_other_changes_app
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("seq-len", 32), ("central-eval-samples", 4), ("data", "other.jsonl")]
+    ("key", "value"),
+    [
+        ("seq-len", 32),
+        ("central-eval-samples", 4),
+        ("data", "other.jsonl"),
+        ("quantization", "4bit"),
+    ],
 )
 def test_resuming_on_another_central_held_out_set_is_refused(
     store: VersionStore, key: str, value: object
 ) -> None:
     # The stored versions' losses were measured on the first set; the quality gate would hold new
     # versions against numbers from another one.
-    first = {"seq-len": 128, "central-eval-samples": 16, "data": "shakespeare"}
+    first = {
+        "seq-len": 128,
+        "central-eval-samples": 16,
+        "data": "shakespeare",
+        "quantization": "none",
+    }
     store.open_run("r", first, "tiny")
     with pytest.raises(StoreError, match=rf"{key}=.*cannot be resumed"):
         store.open_run("r", {**first, key: value}, "tiny")
@@ -367,17 +378,19 @@ def test_another_databases_versions_under_the_same_root_are_never_deleted(
     hour_ago = datetime.now(UTC).timestamp() - 3600  # written well before the other run began
     for d in (root / "runs" / "r" / "versions").iterdir():
         os.utime(d, (hour_ago, hour_ago))
-    with VersionStore(root) as other:  # the default database, same root, same run name
-        run = other.open_run("r", {}, "tiny")
-        with pytest.raises(StoreError, match="exists"):
-            other.save_version(run.id, 0, make_state(9), peft_config, {})
-    with VersionStore(root) as other:  # opened again: v0000 and v0001 look like a crash's
+    # The default database, same root, same run name: refused, nothing written.
+    with (
+        VersionStore(root) as other,
+        pytest.raises(StoreError, match="holds versions of a run of that name"),
+    ):
+        other.open_run("r", {}, "tiny")
+    with VersionStore(root) as other:  # opened again: not its run, so not its folder
         assert not other.consistency.removed_orphan_dirs
-        assert [p.name for p in other.consistency.unexplained_version_dirs] == [
-            "v0000",
-            "v0001",
-            "v0002",
-        ]
+    assert sorted(p.name for p in (root / "runs" / "r" / "versions").iterdir()) == [
+        "v0000",
+        "v0001",
+        "v0002",
+    ]
     with VersionStore(root, url=f"sqlite:///{tmp_path / 'a.db'}") as first:
         run = first.find_run("r")
         assert [first.load_version(v) is not None for v in first.list_versions(run.id)] == [
@@ -398,3 +411,18 @@ def test_version_whose_dir_vanished_is_reported_and_fails_to_load(
         assert store.consistency.missing_version_dirs == (store.version_dir(info),)
         with pytest.raises(StoreError, match="missing"):
             store.load_version(info)
+
+
+def test_a_new_database_beside_an_old_runs_versions_is_refused_before_anything_is_written(
+    tmp_path: Path, make_state, peft_config
+) -> None:
+    first = VersionStore(tmp_path)
+    run = first.open_run("r", {}, "tiny")
+    first.save_version(run.id, 0, make_state(0), peft_config, {})
+    first.close()
+    (tmp_path / "store.db").unlink()  # the database lost, the versions kept
+    again = VersionStore(tmp_path)
+    with pytest.raises(StoreError, match=r"holds versions of a run of that name.*another run-name"):
+        again.open_run("r", {}, "tiny")
+    assert again.open_run("other", {}, "tiny").name == "other"
+    again.close()
