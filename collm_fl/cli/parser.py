@@ -234,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-stall-timeout",
         type=float,
         default=60.0,
-        help="seconds a replica's stream may send nothing before it is treated as failed "
-        "(failed over before its first event, ended with an error chunk after)",
+        help="seconds a replica's stream may send nothing, once its response headers came, "
+        "before it is treated as failed (failed over before its first token, ended with an "
+        "error chunk after); a stream still queued for admission is not stalled",
     )
     p.add_argument(
         "--shed-factor",

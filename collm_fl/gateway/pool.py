@@ -1,11 +1,16 @@
 """The gateway's view of its replicas: health polling, in-flight accounting and learned latencies.
 
-A background task polls every replica's ``/health`` (queue depth, running requests, training state,
-adapter version); a replica whose polls fail is marked unhealthy and the requests in flight on it
-are abandoned (:meth:`Ticket.abandon`), so that a hung replica does not hold its clients until the
-read timeout. The gateway itself counts what it has sent to each replica and learns each
-replica's unloaded TTFT/TPOT (EWMAs) from the responses it proxies. :meth:`ReplicaPool.views`
-turns all of it into the :class:`ReplicaView` list the routing policy reads.
+A background task per replica polls its ``/health`` (queue depth, running requests, training state,
+adapter version, model), each at its own cadence, so one replica hanging on ``/health`` does not
+slow the checks of the others. A replica whose polls fail is marked unhealthy (it gets no new
+requests). Only one that is there but stuck (its ``/health`` times out or errors) also has the
+requests in flight on it abandoned (:meth:`Ticket.abandon`), so that it does not hold its clients
+until the read timeout; one that refuses connections has closed its listener (it is draining after
+SIGTERM, and finishes what it has) or is gone (and its open connections broke, which the relay
+handles), so its requests are left to end on their own. The gateway itself counts what it has sent
+to each replica and learns each replica's unloaded TTFT/TPOT (EWMAs) from the responses it proxies.
+:meth:`ReplicaPool.views` turns all of it into the :class:`ReplicaView` list the routing policy
+reads.
 
 Everything runs on the gateway's event loop: no locks.
 """
@@ -46,6 +51,7 @@ class _Replica:
     url: str
     healthy: bool = False
     poll_failures: int = 0  # consecutive failed /health polls
+    stuck_polls: int = 0  # consecutive failed polls that were not refused (the replica is stuck)
     queue_depth: int = 0
     running: int = 0
     training_share: float = 0.0
@@ -135,14 +141,12 @@ class ReplicaPool:
         self._proxy_timeout = httpx.Timeout(
             connect=connect_timeout_s, read=read_timeout_s, write=30.0, pool=30.0
         )
+        # A stream sends an event per token once it has its response headers: one silent for this
+        # long is stalled, not busy. (Before its headers it may be queued: the read timeout holds.)
         self.stream_stall_timeout_s = stream_stall_timeout_s
-        # A stream sends a byte per token: one silent for this long is stalled, not busy.
-        self.stream_timeout = httpx.Timeout(
-            connect=connect_timeout_s, read=stream_stall_timeout_s, write=30.0, pool=30.0
-        )
         self._proxy: httpx.AsyncClient | None = None
         self._health: httpx.AsyncClient | None = None
-        self._poller: asyncio.Task[None] | None = None
+        self._pollers: list[asyncio.Task[None]] = []
 
     # ---- lifecycle ----
 
@@ -153,14 +157,18 @@ class ReplicaPool:
         # A separate client, so a saturated proxy pool cannot starve the health checks.
         self._health = httpx.AsyncClient(timeout=self.health_timeout)
         await self.poll_once()
-        self._poller = asyncio.create_task(self._poll_forever(), name="replica-health-poller")
+        self._pollers = [
+            asyncio.create_task(self._poll_forever(r), name=f"health-poller {r.name}")
+            for r in self._replicas.values()
+        ]
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
+        for poller in self._pollers:
+            poller.cancel()
+        for poller in self._pollers:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+                await poller
+        self._pollers = []
         for client in (self._proxy, self._health):
             if client is not None:
                 await client.aclose()
@@ -179,13 +187,14 @@ class ReplicaPool:
         """Poll every replica's /health once (concurrently)."""
         await asyncio.gather(*(self._poll(r) for r in self._replicas.values()))
 
-    async def _poll_forever(self) -> None:
+    async def _poll_forever(self, r: _Replica) -> None:
+        """Poll one replica for good: a replica hanging on /health delays only its own checks."""
         while True:
             await asyncio.sleep(self.poll_interval_s)  # the polling cadence itself
             try:
-                await self.poll_once()
-            except Exception:  # a bug in one round must not stop health checking for good
-                log.exception("health poll round failed")
+                await self._poll(r)
+            except Exception:  # a bug in one poll must not stop health checking for good
+                log.exception("health poll of replica %s failed", r.name)
 
     async def _poll(self, r: _Replica) -> None:
         if self._health is None:
@@ -198,33 +207,47 @@ class ReplicaPool:
                 raise ValueError("/health did not return a JSON object")
             self._apply_health(r, body)
         except (httpx.HTTPError, ValueError) as e:
-            r.poll_failures += 1
-            r.last_error, r.last_error_at = f"/health: {_describe(e)}", self.clock()
-            if not r.healthy and r.poll_failures == self.unhealthy_after:
-                # Never healthy (a wrong URL, a replica still loading): say so once.
+            self._poll_failed(r, e)
+            return
+        r.poll_failures = r.stuck_polls = 0
+        if not r.healthy:
+            r.healthy = True
+            log.info("replica %s healthy (adapter version %s)", r.name, r.adapter_version)
+
+    def _poll_failed(self, r: _Replica, e: Exception) -> None:
+        """Mark ``r`` unhealthy after ``unhealthy_after`` failed polls; abandon its requests in
+        flight only if it is stuck (see the module docstring)."""
+        r.poll_failures += 1
+        r.stuck_polls = 0 if isinstance(e, httpx.ConnectError) else r.stuck_polls + 1
+        r.last_error, r.last_error_at = f"/health: {_describe(e)}", self.clock()
+        if not r.healthy and r.poll_failures == self.unhealthy_after:
+            # Never healthy (a wrong URL, a replica still loading): say so once.
+            log.warning(
+                "replica %s does not answer /health (%s); it gets no requests until it does",
+                r.name,
+                _describe(e),
+            )
+        if r.healthy and r.poll_failures >= self.unhealthy_after:
+            r.healthy = False
+            log.warning(
+                "replica %s unhealthy: /health failed (%s); %d request(s) in flight on it",
+                r.name,
+                _describe(e),
+                len(r.tickets),
+            )
+        if r.stuck_polls >= self.unhealthy_after:
+            reason = f"replica {r.name} stopped answering /health ({_describe(e)})"
+            # Each ticket leaves the set once its waiter has ended it; abandon each once.
+            abandoned = [t for t in r.tickets if t.abandoned is None]
+            for ticket in abandoned:
+                ticket.abandon(reason)
+            if abandoned:
                 log.warning(
-                    "replica %s does not answer /health (%s); it gets no requests until it does",
-                    r.name,
-                    _describe(e),
-                )
-            if r.healthy and r.poll_failures >= self.unhealthy_after:
-                r.healthy = False
-                reason = f"replica {r.name} stopped answering /health ({_describe(e)})"
-                abandoned = list(r.tickets)  # each leaves the set once its waiter has ended it
-                for ticket in abandoned:
-                    ticket.abandon(reason)
-                log.warning(
-                    "replica %s unhealthy: /health failed (%s); abandoning its %d request(s) "
-                    "in flight",
+                    "replica %s is stuck (%s); abandoning its %d request(s) in flight",
                     r.name,
                     _describe(e),
                     len(abandoned),
                 )
-            return
-        r.poll_failures = 0
-        if not r.healthy:
-            r.healthy = True
-            log.info("replica %s healthy (adapter version %s)", r.name, r.adapter_version)
 
     @staticmethod
     def _apply_health(r: _Replica, body: dict[str, object]) -> None:
@@ -266,6 +289,10 @@ class ReplicaPool:
 
     def names(self) -> list[str]:
         return list(self._replicas)
+
+    def served_models(self) -> dict[str, str | None]:
+        """Each replica's model as its last good /health reported it (None: not reported)."""
+        return {r.name: r.model for r in self._replicas.values()}
 
     def url_of(self, name: str) -> str:
         return self._replicas[name].url
@@ -366,6 +393,7 @@ class ReplicaPool:
 
     def _learn(self, r: _Replica, t: Ticket, completion_tokens: int | None) -> None:
         batch = min(t.load_at_send + 1, t.capacity)
+        queued = t.load_at_send + 1 > t.capacity  # the batch was full when it was sent
         base_tpot = r.ewma_tpot_s if r.ewma_tpot_s is not None else self.model.prior_tpot_s
         if t.first_token_at is not None:  # streamed: TTFT and TPOT are both visible
             ttft = unloaded_ttft(
@@ -385,8 +413,10 @@ class ReplicaPool:
                 sample = unloaded_tpot(tpot, batch, t.training_share, self.model)
                 r.ewma_tpot_s = self._ewma(r.ewma_tpot_s, r.tpot_learned_at, sample)
                 r.tpot_learned_at = self.clock()
-        elif completion_tokens is not None and completion_tokens >= 2:
-            # One JSON body at the end: split its time with the TTFT learned so far.
+        elif completion_tokens is not None and completion_tokens >= 2 and not queued:
+            # One JSON body at the end: split its time with the TTFT learned so far. (One that
+            # found the batch full also waited an unknowable time for a slot: it teaches nothing,
+            # as unloaded_ttft skips such streamed requests.)
             base_ttft = r.ewma_ttft_s if r.ewma_ttft_s is not None else self.model.prior_ttft_s
             e2e = self.clock() - t.sent_at
             tpot = max(e2e - base_ttft, 0.0) / (completion_tokens - 1)

@@ -1,16 +1,24 @@
 """Forwarding for the gateway: route with the policy, relay JSON or SSE, fail over.
 
+Models: a request goes only to replicas that serve the model it names (or whose model is not known
+yet); one naming a model no replica serves is the gateway's own 404 ``model_not_found``, and
+``/v1/models`` lists the models of every healthy replica.
+
 Failover: a replica that refuses a request before any byte of the reply reached the client
-(connection error, 5xx, 429, a broken body or an SSE stream that breaks before its first event) is
-marked and the request goes to the next choice, up to ``max_attempts``; then a 503 with Retry-After.
-A stream that breaks after tokens were relayed ends with a final chunk carrying ``finish_reason:
-"error"`` and an ``error`` object, then ``data: [DONE]``. A replica's 4xx is the client's problem
-and passes through as is. A client that goes away cancels the upstream request.
+(connection error, 5xx, 429, a broken body, or an SSE stream that breaks, stalls or sends an error
+event before its first token) is marked and the request goes to the next choice, up to
+``max_attempts``; then a 503 with Retry-After. A stream is committed to its replica by its first
+event that carries a token or a finish (a chat stream's role chunk before it is held back until
+then). A committed stream that breaks ends with a final chunk carrying ``finish_reason: "error"``
+and an ``error`` object, then ``data: [DONE]``. A replica's 4xx is the client's problem and passes
+through as is. A client that goes away cancels the upstream request.
 
 A hung replica (frozen process, deadlock) is caught two ways, both handled like a refusal before the
-first byte and like a broken stream after it: the pool abandons the requests in flight on a replica
-whose ``/health`` polls fail, and a stream that sends no byte for the pool's stall timeout is given
-up on. (A JSON request rightly sends nothing until it is done: only the read timeout bounds it.)
+first token and like a broken stream after it: the pool abandons the requests in flight on a replica
+whose ``/health`` polls hang or fail, and a stream that sends no event for the pool's stall timeout
+once its response headers came is given up on. (Before its headers a stream, like a JSON request
+until it is done, rightly sends nothing while it waits for admission: only the read timeout bounds
+it.)
 
 Admission control (opt-in, ``shed_factor > 0``): a request whose predicted TTFT exceeds
 ``shed_factor ×`` the TTFT SLO on every replica is refused on arrival with the same 503, before
@@ -20,16 +28,15 @@ any replica sees it (:func:`~collm_fl.policies.routing.admission_decision`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 import httpx
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import Receive, Scope, Send
 
@@ -37,6 +44,7 @@ from collm_fl.api.disconnect import ClientGone, unless_client_leaves
 from collm_fl.api.errors import APIError, overloaded
 from collm_fl.api.schemas import SamplingFields
 from collm_fl.gateway.pool import ReplicaPool, Ticket
+from collm_fl.gateway.sse import DONE, error_chunk, is_token, sse_events
 from collm_fl.policies.routing import admission_decision, choose_replica
 from collm_fl.replica.metrics import SLO
 
@@ -46,7 +54,6 @@ VERSION_HEADER = "X-Adapter-Version"
 RETRY_AFTER_S = 1
 DEFAULT_CHAT_MAX_TOKENS = 256  # the replica's default when a chat request names none
 CHARS_PER_TOKEN = 4  # prompt-length estimate: the gateway has no tokenizer
-DONE = b"data: [DONE]\n\n"
 T = TypeVar("T")
 
 
@@ -109,12 +116,14 @@ class Job:
     chat: bool
     prompt_tokens: int  # estimated: the gateway has no tokenizer
     max_tokens: int
+    model: str
 
     @classmethod
     def of(cls, req: SamplingFields, raw: bytes, prompt_chars: int, chat: bool) -> Job:
         path = "/v1/chat/completions" if chat else "/v1/completions"
         max_tokens = req.max_tokens or DEFAULT_CHAT_MAX_TOKENS  # completions default to 16
-        return cls(path, raw, req.stream, chat, max(1, prompt_chars // CHARS_PER_TOKEN), max_tokens)
+        prompt_tokens = max(1, prompt_chars // CHARS_PER_TOKEN)
+        return cls(path, raw, req.stream, chat, prompt_tokens, max_tokens, req.model)
 
 
 class RelayResponse(StreamingResponse):
@@ -160,14 +169,16 @@ class Router:
         # retry: the retry was already admitted, its first replica's refusal says nothing about
         # how long it would wait elsewhere, and its client has already waited out one attempt.
         views = self.pool.views()  # one snapshot serves admission and the first routing choice
+        healthy = [v.name for v in views if v.healthy]
+        other_models = replicas_of_other_models(self.pool.served_models(), healthy, job.model)
         shed = admission_decision(
-            views, job.prompt_tokens, job.max_tokens, self.slo, self.shed_factor
+            views, job.prompt_tokens, job.max_tokens, self.slo, self.shed_factor, other_models
         )
         if shed is not None:
             self.metrics.shed.inc()
             log.debug("%s", shed.reason)
             raise overloaded(RETRY_AFTER_S, shed.reason)
-        excluded: set[str] = set()
+        excluded = set(other_models)
         last = "no healthy replica"
         refusals: list[str] = []  # the kind of each replica's refusal
         for attempt_no in range(self.max_attempts):
@@ -196,33 +207,50 @@ class Router:
                 self.pool.release(ticket)
                 raise
         self.metrics.unavailable.inc()
-        if refusals and all(k in AUTH_REFUSALS for k in refusals):
-            # Not overload: a setup error no retry mends. 502, as a proxy whose upstream refused.
-            raise APIError(
-                502,
-                f"the replicas refused the gateway's credentials ({last}): give the gateway the "
-                "replicas' API key (--replica-api-key or $COLLM_REPLICA_API_KEY)",
-                "upstream_error",
-                code="replica_auth_failed",
-            )
-        raise overloaded(RETRY_AFTER_S, f"no replica can take the request now ({last})")
+        raise _unavailable(refusals, last, "no replica can take the request now")
 
     async def models(self) -> Response:
-        excluded: set[str] = set()
-        while (name := choose_replica(self.pool.views(), 0, 1, self.slo, excluded)) is not None:
-            try:
-                resp = await self.pool.client.get(  # a list is quick: a stuck replica is skipped
-                    self.pool.url_of(name) + "/v1/models",
-                    headers=self.headers,
-                    timeout=self.pool.health_timeout,
-                )
-                _check_status(resp)
-                return _passthrough(resp, name)
-            except (httpx.TransportError, _Refused) as e:
-                log.warning("replica %s failed /v1/models (%s)", name, e)
-                excluded.add(name)
+        """The models of every healthy replica, each listed once (the first replica's card)."""
+        names = [v.name for v in self.pool.views() if v.healthy]
+        lists = await asyncio.gather(*(self._list_models(name) for name in names))
+        cards: dict[str, dict[str, object]] = {}
+        refusals: list[str] = []
+        last = "no healthy replica"
+        for name, listed in zip(names, lists, strict=True):
+            if isinstance(listed, _Refused):
+                log.warning("replica %s failed /v1/models (%s)", name, listed.reason)
+                refusals.append(listed.kind)
+                last = f"{name}: {listed.reason}"
+                continue
+            for card in listed:
+                cards.setdefault(str(card["id"]), card)
+        if len(refusals) < len(names):  # at least one replica answered
+            return JSONResponse({"object": "list", "data": list(cards.values())})
         self.metrics.unavailable.inc()
-        raise overloaded(RETRY_AFTER_S, "no healthy replica to list models from")
+        raise _unavailable(refusals, last, "no replica could list its models")
+
+    async def _list_models(self, name: str) -> list[dict[str, object]] | _Refused:
+        """``name``'s model cards, or why it gave none (a list is quick: a stuck replica is
+        skipped after the health timeout)."""
+        try:
+            resp = await self.pool.client.get(
+                self.pool.url_of(name) + "/v1/models",
+                headers=self.headers,
+                timeout=self.pool.health_timeout,
+            )
+        except httpx.TransportError as e:
+            return _refused(e)
+        try:
+            _check_status(resp)
+        except _Refused as e:
+            return e
+        try:
+            data = resp.json()["data"]
+        except (ValueError, KeyError, TypeError):
+            data = None
+        if resp.status_code != 200 or not isinstance(data, list):
+            return _Refused(f"HTTP {resp.status_code}: not a model list", "bad_model_list")
+        return [c for c in data if isinstance(c, dict) and isinstance(c.get("id"), str)]
 
     async def _forward(self, job: Job, ticket: Ticket) -> Response:
         """A JSON request: any failure before the whole reply arrived is retried elsewhere."""
@@ -244,17 +272,16 @@ class Router:
         return _passthrough(resp, name)
 
     async def _open_stream(self, job: Job, ticket: Ticket) -> Response:
-        """An SSE request: committed to this replica once its first event has arrived."""
+        """An SSE request: committed to this replica once an event with a token has arrived."""
         name = ticket.replica
         client = self.pool.client
         url = self.pool.url_of(name) + job.path
-        req = client.build_request(
-            "POST", url, content=job.body, headers=self.headers, timeout=self.pool.stream_timeout
-        )
+        # The replica sends its headers once the request is admitted and has its first token: a
+        # queued request is silent until then, so only the read timeout (and the health polls,
+        # for a hung replica) bound this wait, not the stall timeout.
+        req = client.build_request("POST", url, content=job.body, headers=self.headers)
         try:
             resp = await _unless_abandoned(ticket, client.send(req, stream=True))
-        except httpx.ReadTimeout as e:
-            raise _Abandoned(self._stalled(ticket), "stall") from e
         except httpx.TransportError as e:
             raise _refused(e) from e
         try:
@@ -264,15 +291,8 @@ class Router:
                 self.pool.release(ticket)
                 self.metrics.requests.labels(name, "client_error").inc()
                 return _passthrough(resp, name)
-            events = _sse_events(resp)
-            try:
-                first = await _unless_abandoned(ticket, anext(events))
-            except StopAsyncIteration as e:
-                raise _Refused("stream ended before its first event", "empty_stream") from e
-            except httpx.ReadTimeout as e:
-                raise _Abandoned(self._stalled(ticket), "stall") from e
-            except httpx.TransportError as e:
-                raise _refused(e) from e
+            events = sse_events(resp)
+            head = await self._read_head(job, ticket, events)
         except BaseException:
             await resp.aclose()
             raise
@@ -287,34 +307,72 @@ class Router:
         headers = {ROUTED_HEADER: name, "Cache-Control": "no-cache"}
         if VERSION_HEADER in resp.headers:
             headers[VERSION_HEADER] = resp.headers[VERSION_HEADER]
-        relay = self._relay(job, ticket, first, events)
+        relay = self._relay(job, ticket, head, events)
         return RelayResponse(relay, close, headers=headers)
 
-    async def _relay(
-        self, job: Job, ticket: Ticket, first: bytes, events: AsyncIterator[bytes]
-    ) -> AsyncGenerator[bytes, None]:
-        """Relay SSE events unchanged; end a broken stream cleanly with an error chunk."""
-        last: dict[str, object] = {}
-        event, error, logged = first, None, False
+    async def _read_head(
+        self, job: Job, ticket: Ticket, events: AsyncIterator[bytes]
+    ) -> list[bytes]:
+        """The events up to the first that commits the stream to this replica: one that carries a
+        token or a finish, or ``[DONE]``. Until then nothing has reached the client, so a stream
+        that breaks, stalls or sends an error event is a refusal (failed over)."""
+        head: list[bytes] = []
+        seen: dict[str, object] = {}
         while True:
+            try:
+                event = await self._next_event(ticket, events)
+            except StopAsyncIteration as e:
+                raise _Refused("stream ended before its first token", "empty_stream") from e
+            except TimeoutError as e:
+                raise _Abandoned(self._stalled(ticket), "stall") from e
+            except httpx.TransportError as e:
+                raise _refused(e) from e
+            head.append(event)
+            if event.startswith(DONE.strip()):
+                return head
+            token = is_token(event, seen, job.chat)
+            if seen.get("error") is not None or seen.get("finish_reason") == "error":
+                raise _Refused("the replica sent an error event before any token", "error_event")
+            if token or seen.get("finish_reason") is not None:
+                return head
+
+    async def _next_event(self, ticket: Ticket, events: AsyncIterator[bytes]) -> bytes:
+        """The stream's next event; TimeoutError if none came within the stall timeout."""
+        return await _unless_abandoned(ticket, anext(events), self.pool.stream_stall_timeout_s)
+
+    async def _relay(
+        self, job: Job, ticket: Ticket, head: list[bytes], events: AsyncIterator[bytes]
+    ) -> AsyncGenerator[bytes, None]:
+        """Relay SSE events unchanged, ``head`` (read before committing) first; end a broken
+        stream cleanly with an error chunk."""
+        last: dict[str, object] = {}
+        error: str | None = None
+        logged = False
+        pending = deque(head)
+        while True:
+            if pending:
+                event = pending.popleft()
+            else:
+                try:
+                    event = await self._next_event(ticket, events)
+                except StopAsyncIteration:
+                    error = "the replica closed the stream before it finished"
+                    break
+                except TimeoutError:
+                    error, logged = self._stalled(ticket), True
+                    break
+                except httpx.TransportError as e:
+                    error = f"the replica failed mid-stream ({type(e).__name__})"
+                    break
+                except _Abandoned as e:
+                    error, logged = e.reason, True
+                    break
             if event.startswith(DONE.strip()):
                 yield event
                 break
-            if _is_token(event, last, job.chat):
+            if is_token(event, last, job.chat):
                 self.pool.on_token(ticket)
             yield event
-            try:
-                event = await _unless_abandoned(ticket, anext(events))
-            except StopAsyncIteration:
-                error = "the replica closed the stream before it finished"
-            except httpx.ReadTimeout:
-                error, logged = self._stalled(ticket), True
-            except httpx.TransportError as e:
-                error = f"the replica failed mid-stream ({type(e).__name__})"
-            except _Abandoned as e:
-                error, logged = e.reason, True
-            if error is not None:
-                break
         if error is None and last.get("finish_reason") != "error":
             self.pool.succeed(ticket)
             self.metrics.requests.labels(ticket.replica, "ok").inc()
@@ -330,7 +388,7 @@ class Router:
         )
         self.pool.fail(ticket, error)
         self.metrics.requests.labels(ticket.replica, "stream_error").inc()
-        yield _error_chunk(last, job.chat, error)
+        yield error_chunk(last, job.chat, error)
         yield DONE
 
     def _stalled(self, ticket: Ticket) -> str:
@@ -340,15 +398,18 @@ class Router:
         return reason
 
 
-async def _unless_abandoned(ticket: Ticket, step: Awaitable[T]) -> T:
-    """Await ``step`` on the ticket's replica; :class:`_Abandoned` if the pool gives up on it first.
+async def _unless_abandoned(
+    ticket: Ticket, step: Awaitable[T], timeout_s: float | None = None
+) -> T:
+    """Await ``step`` on the ticket's replica; :class:`_Abandoned` if the pool gives up on it first,
+    TimeoutError if ``timeout_s`` passes first.
 
     :meth:`Ticket.abandon` expires an ``asyncio.timeout`` around the wait at once: the upstream read
     is cancelled (its connection closed) with no extra task or polling per read.
     """
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(None) as deadline:
+        async with asyncio.timeout(timeout_s) as deadline:
             ticket.on_abandon = lambda: deadline.reschedule(loop.time())
             if ticket.abandoned is not None:  # given up on between two reads
                 ticket.on_abandon()
@@ -362,59 +423,39 @@ async def _unless_abandoned(ticket: Ticket, step: Awaitable[T]) -> T:
         raise _Abandoned(ticket.abandoned, "unhealthy") from e
 
 
-async def _sse_events(resp: httpx.Response) -> AsyncGenerator[bytes, None]:
-    """Complete SSE events (``…\\n\\n``); a trailing partial event is dropped."""
-    buf = b""
-    async for chunk in resp.aiter_bytes():
-        buf += chunk
-        while (end := buf.find(b"\n\n")) >= 0:
-            yield buf[: end + 2]
-            buf = buf[end + 2 :]
+def replicas_of_other_models(
+    served: Mapping[str, str | None], healthy: Collection[str], model: str
+) -> set[str]:
+    """The replicas known to serve another model than ``model``: a request for it avoids them.
+
+    A replica whose model is not known yet is not among them. APIError 404 ``model_not_found``
+    when the healthy replicas all serve other models and no replica has reported ``model`` (one
+    that serves it but is down now makes it a 503, not a 404).
+    """
+    others = {name for name, m in served.items() if m is not None and m != model}
+    if healthy and set(healthy) <= others and model not in served.values():
+        offered = ", ".join(sorted({repr(served[name]) for name in healthy}))
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; the replicas serve {offered}",
+            param="model",
+            code="model_not_found",
+        )
+    return others
 
 
-def _is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
-    """Whether an SSE event carries generated text; remembers its envelope and finish reason in
-    ``last``."""
-    if not event.startswith(b"data: "):
-        return False
-    try:
-        payload = json.loads(event[6:])
-    except ValueError:
-        return False
-    if not isinstance(payload, dict):
-        return False
-    last.update(
-        {k: payload.get(k) for k in ("id", "object", "created", "model", "adapter_version")}
-    )
-    choices = payload.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return False
-    last["finish_reason"] = choices[0].get("finish_reason")
-    part = choices[0].get("delta", {}) if chat else choices[0]
-    return isinstance(part, dict) and bool(part.get("content" if chat else "text"))
-
-
-def _error_chunk(last: dict[str, object], chat: bool, message: str) -> bytes:
-    choice: dict[str, object] = {"index": 0, "finish_reason": "error"}
-    if chat:
-        choice["delta"] = {}
-    else:
-        choice.update(text="", logprobs=None)
-    payload = {
-        "id": last.get("id"),
-        "object": last.get("object") or ("chat.completion.chunk" if chat else "text_completion"),
-        "created": last.get("created") or int(time.time()),
-        "model": last.get("model"),
-        "choices": [choice],
-        "adapter_version": last.get("adapter_version"),
-        "error": {
-            "message": message,
-            "type": "server_error",
-            "param": None,
-            "code": "replica_failed",
-        },
-    }
-    return f"data: {json.dumps(payload)}\n\n".encode()
+def _unavailable(refusals: Collection[str], last: str, what: str) -> APIError:
+    """The error when no replica took a request: 502 if each refused the gateway's key, else 503."""
+    if refusals and all(k in AUTH_REFUSALS for k in refusals):
+        # Not overload: a setup error no retry mends. 502, as a proxy whose upstream refused.
+        return APIError(
+            502,
+            f"the replicas refused the gateway's credentials ({last}): give the gateway the "
+            "replicas' API key (--replica-api-key or $COLLM_REPLICA_API_KEY)",
+            "upstream_error",
+            code="replica_auth_failed",
+        )
+    return overloaded(RETRY_AFTER_S, f"{what} ({last})")
 
 
 def _refused(e: httpx.TransportError) -> _Refused:

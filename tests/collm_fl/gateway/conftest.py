@@ -1,10 +1,12 @@
-"""Fixtures of the gateway tests (the harness itself lives in gateway_harness.py)."""
+"""Fixtures of the gateway tests (the harness lives in gateway_harness.py, the scripted replica in
+fake_replica.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
 import pytest
+from fake_replica import ScriptedReplica
 from gateway_harness import GatewayServer
 
 
@@ -21,3 +23,18 @@ def start_gateway() -> Iterator[Callable[..., GatewayServer]]:
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture()
+def scripted() -> Iterator[Callable[..., ScriptedReplica]]:
+    """Factory: start scripted stand-in replicas for a test; all are stopped at its end."""
+    started: list[ScriptedReplica] = []
+
+    def start(model: str = "tiny") -> ScriptedReplica:
+        replica = ScriptedReplica(model)
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        replica.stop()

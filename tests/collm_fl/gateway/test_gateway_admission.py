@@ -108,9 +108,16 @@ def test_a_request_predicted_to_miss_the_ttft_slo_everywhere_is_shed_with_a_503(
 
     # Nothing measured yet: the prediction is priors only, so even a deep queue is admitted ...
     assert complete(gw, stream=False).status_code == 200
-    assert gw.replica(queueing.name)["ewma_tpot_s"] is not None  # ... and measured.
+    # ... but a request that queued behind full batches teaches no TPOT: its time is mostly wait.
+    assert gw.replica(queueing.name)["ewma_tpot_s"] is None
+    queueing.queue_depth = 0
+    wait_for(lambda: gw.replica(queueing.name)["queue_depth"] == 0, 10, "no poll")
+    assert complete(gw, stream=False).status_code == 200
+    assert gw.replica(queueing.name)["ewma_tpot_s"] is not None  # measured on an idle replica
 
     # Now the queue is known to be >= 4000 s deep: refused at once, JSON and streaming alike.
+    queueing.queue_depth = DEEP_QUEUE
+    wait_for(lambda: gw.replica(queueing.name)["queue_depth"] == DEEP_QUEUE, 10, "no poll")
     for stream in (False, True):
         r = complete(gw, stream)
         assert r.status_code == 503, r.text
@@ -121,7 +128,7 @@ def test_a_request_predicted_to_miss_the_ttft_slo_everywhere_is_shed_with_a_503(
         assert "exceeds shed-factor × TTFT SLO = 2 × 2 s = 4 s" in err["message"]
     assert gw.metric("collm_gateway_shed_total") == 2
     assert gw.metric("collm_gateway_unavailable_total") == 0  # shedding is counted apart
-    assert gw.replica(queueing.name)["routed"] == 1  # a shed request never reaches a replica
+    assert gw.replica(queueing.name)["routed"] == 2  # a shed request never reaches a replica
 
     # The queue drains: admitted again.
     queueing.queue_depth = 0

@@ -171,3 +171,16 @@ def test_listing_models_on_a_stuck_replica_is_a_503_not_a_hang(hanging, start_ga
     gw = start_gateway([hanging.url])
     r = httpx.get(gw.url + "/v1/models", headers=AUTH, timeout=HANG_BOUND_S)
     assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+
+
+def test_a_stream_queued_for_longer_than_the_stall_timeout_is_not_a_stall(scripted, start_gateway):
+    replica = scripted()
+    replica.queued_s = 1.5  # no response headers until the replica admits the request
+    gw = start_gateway([replica.url], stream_stall_timeout_s=0.5)
+    payloads = stream_payloads(gw, "queued")
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "abc"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert gw.metric("collm_gateway_failovers_total") == 0
+    assert gw.replica(replica.name)["consecutive_failures"] == 0

@@ -1,4 +1,7 @@
-"""The pool's bookkeeping (no network: requests are begun and ended by hand, on a fake clock)."""
+"""The pool's bookkeeping (requests begun and ended by hand, on a fake clock) and health polling."""
+
+import asyncio
+import time
 
 import pytest
 
@@ -85,6 +88,18 @@ def test_a_json_request_teaches_tpot_from_its_duration():
     assert view(pool, a).ewma_ttft_s is None  # not visible in a JSON reply
 
 
+def test_a_json_request_that_found_the_batch_full_teaches_no_tpot():
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    running = [pool.begin(a, 0, 11) for _ in range(MODEL.default_max_batch)]  # the batch is full
+    queued = pool.begin(a, 0, 11)
+    clock.now += 5.0  # mostly spent waiting for a slot
+    pool.succeed(queued, completion_tokens=11)
+    assert view(pool, a).ewma_tpot_s is None
+    for t in running:
+        pool.release(t)
+
+
 def test_failures_count_until_a_success_and_a_refused_connection_marks_unhealthy():
     pool, clock = make_pool()
     a = "127.0.0.1:8100"
@@ -143,3 +158,26 @@ def test_a_replica_that_never_answers_says_why_in_the_gateways_health(monkeypatc
     assert state["healthy"] is False
     assert str(state["last_error"]).startswith("/health: ConnectError")
     assert len(warned) == 1 and "does not answer /health" in warned[0]  # said once
+
+
+def test_a_replica_hanging_on_health_does_not_delay_noticing_that_another_died(scripted):
+    health_timeout_s = 10.0  # a hung replica's poll lasts this long
+    hung, dying = scripted(), scripted()
+
+    async def notice_the_death() -> None:
+        pool = ReplicaPool(
+            [hung.url, dying.url], poll_interval_s=0.05, health_timeout_s=health_timeout_s
+        )
+        await pool.start()
+        try:
+            assert view(pool, dying.name).healthy
+            hung.health_hangs = True
+            dying.stop_listening()
+            started = time.monotonic()
+            while view(pool, dying.name).healthy:
+                assert time.monotonic() - started < health_timeout_s / 2, "death not noticed"
+                await asyncio.sleep(0.02)  # polling the pool's state, as wait_for does
+        finally:
+            await pool.close()
+
+    asyncio.run(notice_the_death())
