@@ -51,22 +51,21 @@ _HANDED_OUT_LOCK = threading.Lock()
 
 def check_ports_free(*listeners: tuple[str, str, int]) -> None:
     """Each ``(flag, host, port)`` can be listened on now, and no two overlap (the same port on the
-    same host, or on a wildcard host such as ``0.0.0.0`` and any other): a server checks this
-    before it loads anything (ConfigError naming the flag, exit 2)."""
-    seen: dict[int, tuple[str, str]] = {}
+    same host, or on a wildcard host such as ``0.0.0.0`` and another of its family): a server
+    checks this before it loads anything (ConfigError naming the flag, exit 2)."""
+    seen: dict[int, list[tuple[str, str]]] = {}
     with contextlib.ExitStack() as held:  # all listening at once, as the server's will be
         for flag, host, port in listeners:
-            if port in seen:
-                other_flag, other_host = seen[port]
+            for other_flag, other_host in seen.get(port, []):
                 if host == other_host:
                     raise ConfigError(f"{flag} and {other_flag} are both {host}:{port}")
-                if host in _WILDCARD_HOSTS or other_host in _WILDCARD_HOSTS:
-                    wildcard = host if host in _WILDCARD_HOSTS else other_host
+                wildcard = _covering(host, other_host) or _covering(other_host, host)
+                if wildcard is not None:
                     raise ConfigError(
                         f"{flag} ({host}:{port}) and {other_flag} ({other_host}:{port}) overlap: "
                         f"'{wildcard}' listens on every address"
                     )
-            seen.setdefault(port, (flag, host))
+            seen.setdefault(port, []).append((flag, host))
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             try:
                 s = held.enter_context(socket.socket(family, socket.SOCK_STREAM))
@@ -79,7 +78,12 @@ def check_ports_free(*listeners: tuple[str, str, int]) -> None:
                 ) from e
 
 
-_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+def _covering(wildcard: str, host: str) -> str | None:
+    """``wildcard`` if it is a wildcard address that also listens on ``host``, else None ('::'
+    is dual-stack, as Linux binds it by default; '0.0.0.0' covers IPv4 addresses only)."""
+    if wildcard in ("", "::") or (wildcard == "0.0.0.0" and ":" not in host):
+        return wildcard
+    return None
 
 
 def free_port() -> int:

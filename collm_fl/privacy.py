@@ -30,11 +30,14 @@ EPSILON_CAP = 1e6  # beyond this, (ε, δ)-DP says nothing; reported as inf
 
 
 def gdp_mu(noise_multipliers: Iterable[float]) -> float:
-    """μ of the composition of Gaussian releases with these noise multipliers (each > 0)."""
+    """μ of the composition of Gaussian releases with these noise multipliers (each >= 0; 0 is
+    a release without noise, which no later noise makes private: μ = inf)."""
     total = 0.0
     for z in noise_multipliers:
-        if not (math.isfinite(z) and z > 0):
-            raise ValueError(f"a noise multiplier must be finite and > 0, got {z}")
+        if not (math.isfinite(z) and z >= 0):
+            raise ValueError(f"a noise multiplier must be finite and >= 0, got {z}")
+        if z == 0:
+            return math.inf
         total += 1.0 / (z * z)
     return math.sqrt(total)
 
@@ -62,6 +65,8 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     """The smallest ε for which a μ-GDP mechanism is (ε, δ)-DP (inf past ``EPSILON_CAP``)."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if math.isinf(mu):
+        return math.inf
     if mu == 0 or gdp_delta(mu, 0.0) <= delta:
         return 0.0
     if gdp_delta(mu, EPSILON_CAP) > delta:

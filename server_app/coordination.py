@@ -74,7 +74,6 @@ class CoordinationState:
             else:
                 node.load, node.load_window_s = load, window
             node.load_used = False
-            node.forecast = forecast_rate(node.forecast, load.request_rate)
         steps = metrics.get("local-steps", 0.0)
         if steps > 0 and metrics.get("train-seconds", 0.0) > 0:
             # The fastest of the last rounds: the node's own speed. A loaded round's slower
@@ -103,6 +102,10 @@ class CoordinationState:
         if cfg.allocation == "static":
             return None
         node_ids = sorted(node_ids)
+        for n in node_ids:  # the forecast takes one observation per round: the merged reports
+            node = self.nodes.get(n)
+            if node is not None and node.load is not None and not node.load_used:
+                node.forecast = forecast_rate(node.forecast, node.load.request_rate)
         states = tuple(
             NodeState(
                 node_id=n,

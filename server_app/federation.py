@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -90,10 +91,10 @@ class Federation:
         self.strategy = strategy  # possibly a wrapper (DP) around lora_strategy
         self.lora = lora_strategy
         self.store = store
-        # (The run first: a run the store refuses to open or resume is refused before the model
-        # loads.)
-        self.run_info = store.open_run(cfg.run_name, cfg.to_flat(), base_model=cfg.model)
+        # (The model first: a run is recorded only once its model and held-out data load, so a
+        # typo in either leaves nothing that a corrected rerun of the same name would be held to.)
         self.evaluator = CentralEvaluator(cfg)
+        self.run_info = store.open_run(cfg.run_name, cfg.to_flat(), base_model=cfg.model)
         # What replicas file this run's versions under: the name plus when the run was created,
         # so a new run of the same name (another output-dir, a fresh store) starts its own
         # lineage on replicas that served an earlier one, instead of being refused as older.
@@ -171,13 +172,25 @@ class Federation:
         first = self.store.list_versions(run_id)[0]
         if first.eval_loss is not None:
             self.coordination.loss_history.append((0, first.eval_loss))
+        ok_nodes = Counter(
+            p.round_number for p in self.store.participations(run_id) if p.status == "ok"
+        )
         for r in self.store.list_rounds(run_id):  # the loss curve so far, for the policy
             promoted = r.status == "aggregated"  # as the live loop: a gated version's loss is not
             loss = r.eval_loss if promoted else None
-            steps = r.metrics.get("steps-per-node", r.metrics.get("steps-total", 0.0))
-            self.coordination.observe_round(steps, loss)  # (older runs stored the total only)
+            if "steps-per-node" in r.metrics:
+                steps = r.metrics["steps-per-node"]
+            else:  # (stored by an older collm: the total over its nodes)
+                steps = r.metrics.get("steps-total", 0.0) / max(1, ok_nodes[r.number])
+            self.coordination.observe_round(steps, loss)
             if DP_NOISE_MULTIPLIER in r.metrics:
                 self.dp_releases.append(r.metrics[DP_NOISE_MULTIPLIER])
+            elif r.eval_loss is not None:  # an aggregate was released before this was recorded
+                # (by a collm that did not record it: noised as the run was started, or not at
+                # all, which no later noise makes private)
+                stored = self.run_info.config.get("dp-noise-multiplier", 0.0)
+                z = float(stored) if isinstance(stored, int | float) else 0.0
+                self.dp_releases.append(z if z > 0 else 0.0)
         return latest
 
     def _round(
@@ -214,8 +227,9 @@ class Federation:
             if o.status == "ok" and o.metrics.get("local-steps", 0.0) > 0
         ]
         steps_total = int(sum(trained))
-        # How far the aggregate moved, for the policy's quality-gain fit: one node's steps.
-        steps_per_node = steps_total / len(trained) if trained else 0.0
+        # How far the aggregate moved, for the policy's quality-gain fit: one node's steps, and
+        # none when no aggregate came of them (too few good replies, refused by the DP wrapper).
+        steps_per_node = steps_total / len(trained) if trained and new_arrays is not None else 0.0
         train_loss = (
             float(train_metrics[TRAIN_LOSS])
             if train_metrics and TRAIN_LOSS in train_metrics
@@ -412,12 +426,19 @@ def exchange(
     message the SuperLink did not store are appended to ``undelivered``.
     """
     ids = list(grid.push_messages(messages))
-    for msg, message_id in zip(messages, ids, strict=True):
-        if not message_id:  # the SuperLink refused to store it (its node left meanwhile?)
-            node = int(msg.metadata.dst_node_id)
-            log.warning("node %d: %s", node, NOT_DELIVERED)
-            if undelivered is not None:
-                undelivered.append(node)
+    if len(ids) == len(messages):
+        for msg, message_id in zip(messages, ids, strict=True):
+            if not message_id:  # the SuperLink refused to store it (its node left meanwhile?)
+                node = int(msg.metadata.dst_node_id)
+                log.warning("node %d: %s", node, NOT_DELIVERED)
+                if undelivered is not None:
+                    undelivered.append(node)
+    else:  # (a grid that leaves out what it refused, or refuses a whole oversized batch)
+        log.warning(
+            "the SuperLink took %d of %d messages; the others get no reply",
+            sum(1 for i in ids if i),
+            len(messages),
+        )
     # (No reply can come for a message that was not stored: waiting for it would take the
     # whole timeout.)
     pending = {i for i in ids if i}

@@ -136,7 +136,8 @@ class LoraFedAvg(FedAvg):
         self.current_arrays = ArrayRecord()
         self.last_report: RoundReport | None = None
         # Per-node budgets for the next round (set by the ServerApp from the allocation policy);
-        # a node with 0 steps sits the round out. None: every sampled node gets the round config.
+        # a replica sitting the round out is asked for 0 steps (for its load report), a device
+        # that sits out is not asked. None: every sampled node gets the round config.
         self.node_budgets: dict[int, NodeBudget] | None = None
         # Nodes asked to train this round -> most steps they were asked for (None: not known).
         self._asked: dict[int, int | None] = {}
@@ -174,11 +175,16 @@ class LoraFedAvg(FedAvg):
             if budget is None:
                 out.append(msg)
                 continue
+            if budget.sits_out and not (budget.reports_load or self.uniform_weights):
+                # (A device no step of which fits the deadline: asking it would only load its
+                # model for nothing.)
+                log.info("round %d: node %d sits out (%s)", server_round, node, budget.reason)
+                continue
             if budget.sits_out:
-                # Still asked, for 0 steps: its reply is the only way its load report reaches
-                # the next round's allocation (skipped, a replica that sat out once would be
-                # judged on that stale report for ever). Under uniform weights its zero update
-                # also belongs in the mean DP's noise is calibrated for.
+                # A replica is still asked, for 0 steps: its reply is the only way its load
+                # report reaches the next round's allocation (skipped, one that sat out once
+                # would be judged on that stale report for ever). Under uniform weights every
+                # node's zero update also belongs in the mean DP's noise is calibrated for.
                 log.info(
                     "round %d: node %d sits out (%s): asked for 0 steps, for its load report",
                     server_round,

@@ -103,6 +103,22 @@ def replica_name(url: str) -> str:
     return parts.netloc + parts.path.rstrip("/")
 
 
+def connection_refused(e: BaseException) -> bool:
+    """Whether ``e`` is a connection the replica's host refused (its listener is closed: a replica
+    draining, or its process gone), as opposed to a host that did not answer (unreachable, a DNS
+    failure, a timeout), where its open connections may hang."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        if isinstance(cause, BaseExceptionGroup):  # (anyio: every address tried failed)
+            return all(connection_refused(x) for x in cause.exceptions)
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 class ReplicaPool:
     """The replicas behind a gateway. :meth:`start` before use and :meth:`close` after."""
 
@@ -144,6 +160,13 @@ class ReplicaPool:
         # A stream sends an event per token once it has its response headers: one silent for this
         # long is stalled, not busy. (Before its headers it may be queued: the read timeout holds.)
         self.stream_stall_timeout_s = stream_stall_timeout_s
+        # httpx's own read timeout must not end a stream before the stall timeout does.
+        self.stream_timeout = httpx.Timeout(
+            connect=connect_timeout_s,
+            read=max(read_timeout_s, stream_stall_timeout_s),
+            write=30.0,
+            pool=30.0,
+        )
         self._proxy: httpx.AsyncClient | None = None
         self._health: httpx.AsyncClient | None = None
         self._pollers: list[asyncio.Task[None]] = []
@@ -218,7 +241,7 @@ class ReplicaPool:
         """Mark ``r`` unhealthy after ``unhealthy_after`` failed polls; abandon its requests in
         flight only if it is stuck (see the module docstring)."""
         r.poll_failures += 1
-        r.stuck_polls = 0 if isinstance(e, httpx.ConnectError) else r.stuck_polls + 1
+        r.stuck_polls = 0 if connection_refused(e) else r.stuck_polls + 1
         r.last_error, r.last_error_at = f"/health: {_describe(e)}", self.clock()
         if not r.healthy and r.poll_failures == self.unhealthy_after:
             # Never healthy (a wrong URL, a replica still loading): say so once.

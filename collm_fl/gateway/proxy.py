@@ -279,7 +279,9 @@ class Router:
         # The replica sends its headers once the request is admitted and has its first token: a
         # queued request is silent until then, so only the read timeout (and the health polls,
         # for a hung replica) bound this wait, not the stall timeout.
-        req = client.build_request("POST", url, content=job.body, headers=self.headers)
+        req = client.build_request(
+            "POST", url, content=job.body, headers=self.headers, timeout=self.pool.stream_timeout
+        )
         try:
             resp = await _unless_abandoned(ticket, client.send(req, stream=True))
         except httpx.TransportError as e:

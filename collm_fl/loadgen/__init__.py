@@ -113,6 +113,8 @@ def run_load_cli(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} exists and is not a directory")
     if trace:
+        if not (math.isfinite(duration_s) and duration_s > 0):
+            raise ConfigError(f"--duration must be a finite number > 0, got {duration_s}")
         if not math.isfinite(rate):
             raise ConfigError(
                 f"--rate must be a finite number (0: the trace's own timing), got {rate}"

@@ -91,6 +91,7 @@ class NodeBudget:
     deadline_s: float
     reason: str
     backfill_steps: int = 0  # more steps, trained only while the replica is idle (see module doc)
+    reports_load: bool = True  # the node sent a load report (False: a device, or not heard from)
 
     @property
     def sits_out(self) -> bool:
@@ -186,6 +187,7 @@ def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
                     inputs.deadline_s,
                     # (a replica whose control API never answered has no load report either)
                     f"no load report: a device, or a replica not heard from; gain {gain:.2f}",
+                    reports_load=False,
                 )
             )
             continue

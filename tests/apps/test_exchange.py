@@ -77,3 +77,19 @@ def test_a_message_the_superlink_refused_ends_no_wait_and_is_named():
     assert [r.i for r in replies] == [0]
     assert clock[0] < 1.0  # not the round timeout: node 12's message went nowhere
     assert undelivered == [12]
+
+
+def test_a_grid_that_leaves_out_what_it_refused_is_waited_for_only_on_what_it_took():
+    class ShortGrid(FakeGrid):
+        def push_messages(self, messages):
+            return ["m0"]  # two sent, one id back
+
+    clock = [0.0]
+    grid = ShortGrid([0.1, None], clock)
+
+    def sleep(s: float) -> None:
+        clock[0] += s
+
+    nodes = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (11, 12)]
+    replies = exchange(grid, nodes, 3600.0, lambda: clock[0], sleep, [])  # type: ignore[arg-type]
+    assert [r.i for r in replies] == [0] and clock[0] < 1.0

@@ -72,11 +72,13 @@ def federation(tmp_path, behaviours, **settings):
         central_eval_samples=4,
         seq_len=32,
         batch_size=4,
-        min_train_nodes=len(behaviours),
-        num_server_rounds=2,
-        round_timeout=5.0,
-        round_deadline_s=4.0,
-        **settings,
+        **{
+            "min_train_nodes": len(behaviours),
+            "num_server_rounds": 2,
+            "round_timeout": 5.0,
+            "round_deadline_s": 4.0,
+            **settings,
+        },
     )
     strategy = LoraFedAvg(
         mode=cfg.aggregation,
@@ -141,3 +143,24 @@ def test_the_quality_gain_curve_counts_one_nodes_steps_per_round(tmp_path):
     assert [r.metrics["steps-per-node"] for r in rounds] == [3.0, 3.0]
     steps = [s for s, _ in fed.coordination.loss_history]
     assert steps == [0, 3.0, 6.0]  # the aggregate moved 3 steps a round, not 9
+
+
+def test_a_run_resumed_with_dp_after_rounds_without_noise_reports_no_finite_epsilon(tmp_path):
+    from collm_fl.privacy import epsilon_spent
+
+    fed, store = federation(tmp_path, {1: honest, 2: honest}, num_server_rounds=1)
+    fed.run()
+    store.close()
+    # The same run resumed with noise on: its first aggregate was released without any, which no
+    # later noise makes private.
+    again, store = federation(
+        tmp_path,
+        {1: honest, 2: honest},
+        num_server_rounds=1,
+        dp_noise_multiplier=1.0,
+        aggregation="fedavg",
+    )
+    again._initial_version()
+    assert again.dp_releases == [0.0]
+    assert epsilon_spent(again.dp_releases, 1e-5) == float("inf")
+    store.close()

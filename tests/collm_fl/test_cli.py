@@ -350,3 +350,16 @@ def test_load_with_a_trace_names_the_flag_at_fault(capsys, tmp_path, flags, mess
     args = ["--target", "http://127.0.0.1:9", "--model", "m", "--trace", str(trace)]
     code, err = run(capsys, "load", *args, *flags, "--out", str(tmp_path / "out"))
     assert code == 2 and message in err
+
+
+def test_port_overlap_knows_which_wildcard_covers_which_family():
+    from collm_fl.errors import ConfigError
+    from collm_fl.launch import check_ports_free, free_port
+
+    port = free_port()
+    with pytest.raises(ConfigError, match="'::' listens on every address"):
+        check_ports_free(("--a", "::", port), ("--b", "127.0.0.1", port))
+    with pytest.raises(ConfigError, match=r"--c and --b are both 127\.0\.0\.2"):
+        check_ports_free(
+            ("--a", "127.0.0.1", port), ("--b", "127.0.0.2", port), ("--c", "127.0.0.2", port)
+        )

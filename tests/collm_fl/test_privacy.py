@@ -47,8 +47,9 @@ def test_a_larger_delta_buys_a_smaller_epsilon():
 
 def test_hopeless_noise_reads_as_infinite_and_bad_inputs_are_refused():
     assert epsilon_spent([1e-4] * 100, 1e-5) == math.inf
+    assert epsilon_spent([1.0, 0.0, 1.0], 1e-5) == math.inf  # one release without noise
     with pytest.raises(ValueError, match="noise multiplier"):
-        epsilon_spent([0.0], 1e-5)
+        epsilon_spent([-1.0], 1e-5)
     with pytest.raises(ValueError, match="noise multiplier"):
         epsilon_spent([math.nan], 1e-5)
     with pytest.raises(ValueError, match="delta"):

@@ -267,7 +267,26 @@ def test_a_rejected_replys_claimed_speed_is_not_believed_but_its_load_is():
     state.observe(1, {"local-steps": 1e9, "train-seconds": 10.0, **load}, accepted=False)
     node = state.nodes[1]
     assert node.step_seconds == 2.0  # not 1e-8: it would stick as the node's fastest
-    assert node.forecast is not None and node.forecast.level == 2.0
+    assert node.load is not None and node.load.request_rate == 2.0
+
+
+def test_the_forecast_takes_one_observation_per_decision_from_the_merged_reports(tmp_path):
+    from collm_fl.config import RunConfig
+    from collm_fl.store import VersionStore
+    from server_app.coordination import CoordinationState
+
+    store = VersionStore(tmp_path / "store")
+    run_id = store.open_run("r", {}, "tiny").id
+    state = CoordinationState()
+    busy = {**LOAD_METRICS, "load-request-rate": 2.0, "load-window-s": 50.0}
+    quiet = {**LOAD_METRICS, "load-request-rate": 0.0, "load-window-s": 5.0}
+    state.observe(1, busy)
+    state.observe(1, quiet)  # a short publish window without a request
+    assert state.nodes[1].forecast is None  # nothing forecast until a decision
+    state.budgets(RunConfig(), [1], store, run_id, 1)
+    assert state.nodes[1].forecast.level == pytest.approx(100 / 55)  # the merged rate, once
+    state.budgets(RunConfig(), [1], store, run_id, 2)  # no new report: no new observation
+    assert state.nodes[1].forecast.level == pytest.approx(100 / 55)
 
 
 def test_a_denormal_step_time_plans_the_target_instead_of_overflowing():

@@ -129,6 +129,10 @@ def test_backfill_budgets_reach_the_node_and_one_that_sits_out_is_asked_for_0_st
     # Sitting out, still asked (for 0 steps): its reply carries the load report the next
     # round's allocation needs.
     assert sent[13]["local-steps"] == 0 and sent[13]["backfill-steps"] == 0
+    # A device no step of which fits sends no load report: it is not asked.
+    s.node_budgets[13] = NodeBudget(13, 0, 1.0, 30.0, "device", reports_load=False)
+    msgs = list(s.configure_train(3, state_to_arrayrecord(adapter(0)), ConfigRecord({}), Grid()))
+    assert sorted(int(m.metadata.dst_node_id) for m in msgs) == [11, 12]
 
 
 @pytest.mark.parametrize("mode", ["exact", "fedavg"])

@@ -181,3 +181,27 @@ def test_a_replica_hanging_on_health_does_not_delay_noticing_that_another_died(s
             await pool.close()
 
     asyncio.run(notice_the_death())
+
+
+def test_only_a_refused_connection_reads_as_a_replica_that_closed_its_listener():
+    import asyncio
+
+    import httpx
+
+    from collm_fl.gateway.pool import connection_refused
+    from collm_fl.launch import free_port
+
+    async def connect(url: str) -> BaseException:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            try:
+                await client.get(url)
+            except httpx.HTTPError as e:
+                return e
+        raise AssertionError("nothing should answer there")
+
+    refused = asyncio.run(connect(f"http://127.0.0.1:{free_port()}/health"))
+    assert isinstance(refused, httpx.ConnectError) and connection_refused(refused)
+    unreachable = httpx.ConnectError("All connection attempts failed")
+    unreachable.__cause__ = OSError(113, "No route to host")
+    assert not connection_refused(unreachable)
+    assert not connection_refused(httpx.ReadTimeout("timed out"))
