@@ -45,7 +45,7 @@ from collm_fl.store import (
 )
 from collm_fl.training import get_adapter_state
 from server_app.coordination import CoordinationState
-from strategies.lora import LoraFedAvg, ReplyOutcome
+from strategies.lora import NOT_DELIVERED, LoraFedAvg, ReplyOutcome
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,9 @@ class Federation:
             self.coordination.observe_round(steps, loss)
             if DP_NOISE_MULTIPLIER in r.metrics:
                 self.dp_releases.append(r.metrics[DP_NOISE_MULTIPLIER])
-            elif r.eval_loss is not None:  # an aggregate was released before this was recorded
-                # (by a collm that did not record it: noised as the run was started, or not at
-                # all, which no later noise makes private)
+            elif r.eval_loss is not None:  # released by a collm that did not record its noise:
+                # noised as the run was started, or not at all (which no later noise makes
+                # private)
                 stored = self.run_info.config.get("dp-noise-multiplier", 0.0)
                 z = float(stored) if isinstance(stored, int | float) else 0.0
                 self.dp_releases.append(z if z > 0 else 0.0)
@@ -256,11 +256,13 @@ class Federation:
         }
         metrics["steps-total"] = float(steps_total)
         metrics["steps-per-node"] = steps_per_node
-        if cfg.dp_noise_multiplier > 0 and new_arrays is not None:
-            # A noised aggregate left the DP wrapper (gated out or not, its loss was measured).
+        if new_arrays is not None:
+            # An aggregate was released (gated out or not, its loss was measured): with its noise
+            # (0: none), so a run resumed with DP on counts what came before.
             self.dp_releases.append(cfg.dp_noise_multiplier)
             metrics[DP_NOISE_MULTIPLIER] = cfg.dp_noise_multiplier
-            metrics[DP_EPSILON] = epsilon_spent(self.dp_releases, cfg.dp_delta)
+            if cfg.dp_noise_multiplier > 0:
+                metrics[DP_EPSILON] = epsilon_spent(self.dp_releases, cfg.dp_delta)
         seconds = time.perf_counter() - started
         record = RoundRecord(
             number=rnd,
@@ -457,8 +459,7 @@ def exchange(
     return replies
 
 
-NOT_DELIVERED = "not delivered: the SuperLink refused the message (did the node leave?)"
-DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # round metric: this round released a noised aggregate
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # round metric: the noise of the aggregate it released
 DP_EPSILON = "dp-epsilon"  # round metric: ε spent by the run so far, at the run's dp-delta
 
 

@@ -63,6 +63,7 @@ ROBUST_CHOICES = ("none", *ROBUST_METHODS)
 # A claim of more examples than a float counts exactly is no count (and would overflow the
 # store's 64-bit integers, or the weights' total).
 MAX_NUM_EXAMPLES = 2**53
+NOT_DELIVERED = "not delivered: the SuperLink did not take the message (did the node leave?)"
 
 
 @dataclass(frozen=True)
@@ -350,9 +351,7 @@ class LoraFedAvg(FedAvg):
         answered = {o.node_id for o in outcomes}
         for node in sorted(set(self._asked) - answered):
             reason = (
-                "not delivered: the SuperLink did not take the message"
-                if node in self.not_delivered
-                else "no reply within the round timeout"
+                NOT_DELIVERED if node in self.not_delivered else "no reply within the round timeout"
             )
             log.warning("round %d: node %d failed: %s", server_round, node, reason)
             outcomes.append(ReplyOutcome(node, FAILED, reason))
@@ -407,7 +406,7 @@ class LoraFedAvg(FedAvg):
         else:
             try:
                 state = arrayrecord_to_state(content.array_records[ARRAYS_KEY])
-            except Exception as e:
+            except Exception as e:  # whatever a node's bytes make the decoder raise: its fault
                 problems.append(f"unreadable arrays: {type(e).__name__}: {e}")
         if len(content.metric_records) != 1:
             problems.append(f"expected one MetricRecord, got {list(content.metric_records)}")
