@@ -300,7 +300,7 @@ def test_configure_train_records_the_steps_each_node_was_asked_for():
     config = ConfigRecord({"local-steps": 10})
     msgs = list(s.configure_train(1, state_to_arrayrecord(adapter(0)), config, Grid()))
     # 12 sits out: asked for 0 steps (its reply brings its load report), with DP or without.
-    assert [m.metadata.dst_node_id for m in msgs] == [11, 12]
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]  # (sampled in any order)
     assert s._asked == {11: 7, 12: 0}
     dp = strategy(uniform_weights=True)
     dp.node_budgets = s.node_budgets
