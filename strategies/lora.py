@@ -225,24 +225,11 @@ class LoraFedAvg(FedAvg):
         good_at: list[int] = []  # index in outcomes of each good reply
         for msg in replies:
             node = int(msg.metadata.src_node_id)
-            if msg.has_error():
-                reason = f"error reply: {msg.error.reason}"
-                log.warning("round %d: node %d failed: %s", server_round, node, reason)
-                outcomes.append(ReplyOutcome(node, FAILED, reason))
+            screened = self._screen(server_round, msg, reference)
+            if isinstance(screened, ReplyOutcome):  # failed or rejected
+                outcomes.append(screened)
                 continue
-            problems, state, metrics = self._check_reply(msg, self._asked.get(node))
-            norm = None
-            if not problems:
-                check = validate_update(state, reference, self.max_update_norm)
-                problems = list(check.reasons)
-                norm = check.update_norm
-            if problems:
-                reason = "; ".join(problems)
-                log.warning(
-                    "round %d: rejected update from node %d: %s", server_round, node, reason
-                )
-                outcomes.append(ReplyOutcome(node, REJECTED, reason, metrics=metrics))
-                continue
+            state, metrics, norm = screened
             n = int(metrics[NUM_EXAMPLES])
             if metrics.get(LOCAL_STEPS, 1.0) <= 0 and not self.uniform_weights:
                 # Nothing trained (the deadline came first, or a backfill-only budget found no
@@ -319,25 +306,15 @@ class LoraFedAvg(FedAvg):
         reference = arrayrecord_to_state(self.current_arrays)
         outcomes: list[ReplyOutcome] = []
         for msg in replies:
-            node = int(msg.metadata.src_node_id)
-            if msg.has_error():
-                outcomes.append(ReplyOutcome(node, FAILED, f"error reply: {msg.error.reason}"))
+            screened = self._screen(server_round, msg, reference)
+            if isinstance(screened, ReplyOutcome):  # failed or rejected
+                outcomes.append(screened)
                 continue
-            problems, state, metrics = self._check_reply(msg, self._asked.get(node))
-            norm = None
-            if not problems:
-                check = validate_update(state, reference, self.max_update_norm)
-                problems, norm = list(check.reasons), check.update_norm
-            if problems:
-                reason = "; ".join(problems)
-                log.warning(
-                    "round %d: rejected update from node %d: %s", server_round, node, reason
-                )
-                outcomes.append(ReplyOutcome(node, REJECTED, reason, metrics=metrics))
-            else:
-                reason = "valid, not aggregated: the wrapping strategy refused the round"
-                n = int(metrics[NUM_EXAMPLES])
-                outcomes.append(ReplyOutcome(node, OK, reason, n, metrics, norm, weight_used=0.0))
+            _, metrics, norm = screened
+            node = int(msg.metadata.src_node_id)
+            reason = "valid, not aggregated: the wrapping strategy refused the round"
+            n = int(metrics[NUM_EXAMPLES])
+            outcomes.append(ReplyOutcome(node, OK, reason, n, metrics, norm, weight_used=0.0))
         self._add_missing_replies(server_round, outcomes)
         failed = sum(o.status == FAILED for o in outcomes)
         failure = f"the wrapping strategy refused the round ({failed} failed replies)"
@@ -389,6 +366,26 @@ class LoraFedAvg(FedAvg):
                 )
             outcomes[i] = replace(outcomes[i], reason=note, weight_used=u)
         return used
+
+    def _screen(
+        self, server_round: int, msg: Message, reference: AdapterState
+    ) -> ReplyOutcome | tuple[AdapterState, dict[str, float], float]:
+        """A reply's fate before aggregation: the failed or rejected outcome (logged with its
+        reasons), or the valid update with its metrics and update norm."""
+        node = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            reason = f"error reply: {msg.error.reason}"
+            log.warning("round %d: node %d failed: %s", server_round, node, reason)
+            return ReplyOutcome(node, FAILED, reason)
+        problems, state, metrics = self._check_reply(msg, self._asked.get(node))
+        if not problems:
+            check = validate_update(state, reference, self.max_update_norm)
+            if check.ok:
+                return state, metrics, check.update_norm
+            problems = list(check.reasons)
+        reason = "; ".join(problems)
+        log.warning("round %d: rejected update from node %d: %s", server_round, node, reason)
+        return ReplyOutcome(node, REJECTED, reason, metrics=metrics)
 
     def _check_reply(
         self, msg: Message, steps_asked: int | None = None
