@@ -301,10 +301,10 @@ class RunConfig:
     def from_app(cls, app: Path, overrides: str | Mapping[str, Scalar] = "") -> RunConfig:
         """The run config ``flwr run <app> -c "<overrides>"`` gives the ServerApp: the app's
         ``[tool.flwr.app.config]`` with the overrides on top (so launchers check it early)."""
-        from flwr.common.config import get_fused_config_from_dir
+        from flwr.common.config import fuse_dicts, get_fused_config_from_dir
 
         parsed = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
-        known = get_fused_config_from_dir(app, {})
+        known = get_fused_config_from_dir(app, {})  # the app's own config, flattened
         unknown = [k for k in parsed if k not in known]
         if unknown:  # (Flower's own error is a traceback naming a "main dictionary")
             hints = []
@@ -315,7 +315,7 @@ class RunConfig:
                 f"invalid run config: unknown key {', '.join(hints)}; the app's keys are listed "
                 f"under [tool.flwr.app.config] in {app / 'pyproject.toml'}"
             )
-        config = cls.from_flower(get_fused_config_from_dir(app, parsed))
+        config = cls.from_flower(fuse_dicts(known, parsed))  # as Flower fuses them
         if config.store_url:
             _check_store_url(config.store_url)
         return config

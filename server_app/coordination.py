@@ -7,9 +7,11 @@ inputs and records every decision, with those inputs, in the store.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from collm_fl.config import RunConfig
 from collm_fl.store import VersionStore
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 # least): a node claiming it would make every later budget overflow.
 MIN_STEP_SECONDS = 1e-4
 STEP_HISTORY = 5  # a node's speed: the fastest of its last few rounds
+STATE_KEY = "state"  # in each stored allocation decision: what a resumed run takes back
 
 
 @dataclass
@@ -88,6 +91,39 @@ class CoordinationState:
             else:
                 node.step_history.append(step_s)
 
+    def snapshot(self) -> dict[str, dict[str, object]]:
+        """What a resumed run cannot rebuild from its stored rounds: each node's rate forecast
+        (level and trend) and its last step times, by node id."""
+        return {
+            str(n): {
+                "level": node.forecast.level if node.forecast else None,
+                "trend": node.forecast.trend if node.forecast else None,
+                "step-seconds": list(node.step_history),
+            }
+            for n, node in sorted(self.nodes.items())
+        }
+
+    def restore(self, snapshot: object) -> int:
+        """Take back a ``snapshot()`` (from the store, so checked: an entry that is not a node id
+        with finite numbers is skipped). Returns how many nodes were restored."""
+        if not isinstance(snapshot, Mapping):
+            return 0
+        restored = 0
+        for key, entry in snapshot.items():
+            if not (isinstance(key, str) and key.isdigit() and isinstance(entry, Mapping)):
+                continue
+            node = self.nodes.setdefault(int(key), _Node())
+            level, trend = entry.get("level"), entry.get("trend")
+            if _finite(level) and _finite(trend) and level >= 0:
+                node.forecast = RateForecast(float(level), float(trend))
+            steps = entry.get("step-seconds")
+            if isinstance(steps, list):
+                node.step_history.extend(
+                    float(x) for x in steps if _finite(x) and x >= MIN_STEP_SECONDS
+                )
+            restored += 1
+        return restored
+
     def observe_round(self, steps_trained: float, eval_loss: float | None) -> None:
         """A round's training (the mean steps of the nodes that trained: the aggregate moves
         about that far, however many nodes took part) and its central loss, if promoted."""
@@ -129,7 +165,11 @@ class CoordinationState:
         for n in node_ids:
             if n in self.nodes:
                 self.nodes[n].load_used = True
-        store.record_event(run_id, "allocation", {"round": rnd, **describe(inputs, budgets)})
+        store.record_event(
+            run_id,
+            "allocation",
+            {"round": rnd, **describe(inputs, budgets), STATE_KEY: self.snapshot()},
+        )
         for b in budgets:
             log.info(
                 "round %d allocation: node %d -> %d steps + %d backfill, share %.2f (%s)",
@@ -141,6 +181,11 @@ class CoordinationState:
                 b.reason,
             )
         return {b.node_id: b for b in budgets}
+
+
+def _finite(x: object) -> TypeGuard[float]:
+    """A JSON number that is one (not a bool, not NaN or infinite)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _next_rate(forecast: RateForecast | None) -> float:

@@ -44,7 +44,7 @@ from collm_fl.store import (
     VersionStore,
 )
 from collm_fl.training import get_adapter_state
-from server_app.coordination import CoordinationState
+from server_app.coordination import STATE_KEY, CoordinationState
 from strategies.lora import NOT_DELIVERED, LoraFedAvg, ReplyOutcome
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,10 @@ class Federation:
                 stored = self.run_info.config.get("dp-noise-multiplier", 0.0)
                 z = float(stored) if isinstance(stored, int | float) else 0.0
                 self.dp_releases.append(z if z > 0 else 0.0)
+        decisions = self.store.events(run_id, "allocation")
+        if decisions:  # the forecasts and speeds as the last decision left them
+            restored = self.coordination.restore(decisions[-1].payload.get(STATE_KEY))
+            log.info("allocation: forecasts and step times of %d node(s) restored", restored)
         return latest
 
     def _round(
@@ -408,6 +412,9 @@ class Federation:
 
 
 POLL_FIRST_S, POLL_MAX_S = 0.05, 1.0  # how often exchange() asks the SuperLink for replies
+# A message lives as long as its reply is waited for, plus this much for clocks that differ
+# between the ServerApp's machine and the SuperLink's (Flower's default is 12 hours).
+TTL_SLACK_S = 60.0
 
 
 def exchange(
@@ -426,7 +433,14 @@ def exchange(
     ``POLL_FIRST_S`` and grows by half each time to ``POLL_MAX_S``: a reply that comes quickly is
     taken quickly, and a long round asks the SuperLink about once a second. The nodes whose
     message the SuperLink did not store are appended to ``undelivered``.
+
+    Each message expires ``TTL_SLACK_S`` after the wait for it ends: a node back from an outage
+    longer than that is not handed a round the server has given up on (it would train, or swap in
+    a version, for nothing; with Flower's default time-to-live it would work through twelve hours
+    of them).
     """
+    for msg in messages:
+        msg.metadata.ttl = timeout + TTL_SLACK_S
     ids = list(grid.push_messages(messages))
     if len(ids) == len(messages):
         for msg, message_id in zip(messages, ids, strict=True):

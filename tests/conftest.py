@@ -30,6 +30,16 @@ def tiny_fresh():
 
 
 @pytest.fixture()
+def flower_task_identity(monkeypatch):
+    """Messages read the run/node identity Flower sets in an app process; set one for tests
+    that make Flower messages outside such a process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture()
 def lora_spec() -> LoraSpec:
     return LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 

@@ -155,7 +155,7 @@ def run_goodput_benchmark(
         chosen = list(rates) if rates else [f * replicas * cal.capacity_rps for f in fractions]
         settings = _settings(model, replicas, rounds, duration_per_round_s, slo, cal, cfg, seed)
         settings = replace(settings, server_lr=server_lr, shed_factor=shed_factor)
-        if trace_rows is not None:  # (calibrated rates are known only now)
+        if trace_rows is not None and not rates:  # (calibrated rates are known only now)
             check_trace_span(trace_rows, chosen, settings.schedule_s)
         say(
             f"{len(chosen)} rate(s) {', '.join(f'{r:.2f}' for r in chosen)} req/s x "

@@ -2,8 +2,12 @@
 
 One in-process replica (with training data) serves a closed-loop stream: ``clients`` threads each
 issue a greedy ``max_tokens`` request, wait for it, and issue the next, for ``duration_s``. The
-stream runs once with training off and once per training share, with a long training job
-submitted through ``Replica.train`` (cut by its deadline at the end of the window).
+stream runs once with training off, once with training on and nothing lent (a replica's default:
+a training step gives way to serving at every layer, so under this stream it runs only in
+serving's gaps), and once per training share with serving lending up to that share to the job
+(``collm replica --max-lend-share``: after each serving step the engine rests t·s/(1−s)). The job
+asks for far more steps than fit, so it is always behind its plan and borrows all it may; its
+deadline ends it with the window.
 
 Thread budget (2 cores): the engine thread uses 1 torch thread; the trainer uses 1 while requests
 are present and all cores when the replica is idle (``collm_fl/replica/coexec.py``); client
@@ -29,6 +33,7 @@ from collm_fl.bench.replica_decode import (
 )
 from collm_fl.data import DataSpec
 from collm_fl.replica.coexec import TrainOutcome
+from collm_fl.replica.engine import LEND_SHARE_LIMIT
 from collm_fl.replica.requests import FINISH_LENGTH, GenerationRequest
 from collm_fl.replica.runtime import Replica, ReplicaConfig
 from collm_fl.replica.sampling import SamplingParams
@@ -40,8 +45,9 @@ LEARNING_RATE = 1e-4
 
 
 class InterferenceRow(TypedDict):
-    setting: str  # "training off" or "share 0.5"
-    share: float  # 0 when training is off
+    setting: str  # "training off", "share 0.5, nothing lent", "share 0.5, lent"
+    share: float  # the training share (0 when training is off)
+    lend_share: float  # the most serving lends to the job (0: it trains in serving's gaps only)
     tokens_per_s: float  # serving tokens generated in the window / window seconds
     requests: int  # requests completed in the window
     ttft_p50_ms: float
@@ -95,6 +101,7 @@ def _client(
 def _run_setting(
     replica: Replica,
     share: float | None,
+    lend: float,
     prompts: list[list[int]],
     params: SamplingParams,
     duration_s: float,
@@ -102,6 +109,7 @@ def _run_setting(
 ) -> InterferenceRow:
     outcome: list[TrainOutcome] = []
     trainer: threading.Thread | None = None
+    replica.engine.max_lend_share = lend
     if share is not None:
         replica.set_training_share(share)
 
@@ -134,9 +142,14 @@ def _run_setting(
         trainer.join()
     ttft, tpot = latency_stats(ttfts), latency_stats(tpots)
     job = outcome[0] if outcome else None
+    if share is None:
+        setting = "training off"
+    else:
+        setting = f"share {share:g}, " + (f"lends ≤ {lend:g}" if lend else "nothing lent")
     return InterferenceRow(
-        setting="training off" if share is None else f"share {share:g}",
+        setting=setting,
         share=share or 0.0,
+        lend_share=lend,
         tokens_per_s=tokens / seconds,
         requests=len(ttfts),
         ttft_p50_ms=ttft["p50_ms"],
@@ -152,7 +165,7 @@ def _run_setting(
 
 def measure_interference(
     model: str = "smollm2-135m",
-    shares: Sequence[float] = (0.25, 0.5, 1.0),
+    shares: Sequence[float] = (0.25, 0.5, LEND_SHARE_LIMIT),
     clients: int = 4,
     max_tokens: int = 64,
     duration_s: float = 30.0,
@@ -160,8 +173,9 @@ def measure_interference(
     data: DataSpec | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> InterferenceBenchmark:
-    """Serving throughput and latency with training off, then on at each share."""
-    if clients < 1 or duration_s <= 0 or any(not 0 < s <= 1 for s in shares):
+    """Serving throughput and latency with training off, on without lending (at the largest
+    share), then on at each share with serving lending up to it."""
+    if clients < 1 or duration_s <= 0 or any(not 0 < s <= LEND_SHARE_LIMIT for s in shares):
         raise ValueError(f"clients {clients}, duration {duration_s}, shares {list(shares)}")
     say = progress or (lambda line: log.info("%s", line))
     spec = spec or LoraSpec()
@@ -180,8 +194,9 @@ def measure_interference(
             warm = replica.engine.submit(GenerationRequest(prompts[0], params, "warm-up"))
             warm.wait()
             rows: list[InterferenceRow] = []
-            for i, share in enumerate([None, *shares]):
-                rows.append(_run_setting(replica, share, prompts, params, duration_s, i))
+            settings = [(None, 0.0), (max(shares, default=0.5), 0.0), *((s, s) for s in shares)]
+            for i, (share, lend) in enumerate(settings):
+                rows.append(_run_setting(replica, share, lend, prompts, params, duration_s, i))
                 r = rows[-1]
                 say(
                     f"interference: {r['setting']}: {r['tokens_per_s']:.1f} tok/s, TTFT p99 "

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from server_app.federation import POLL_FIRST_S, POLL_MAX_S, exchange
+from server_app.federation import POLL_FIRST_S, POLL_MAX_S, TTL_SLACK_S, exchange
 
 
 class FakeGrid:
@@ -38,7 +38,9 @@ def run(ready: list[float | None], timeout: float) -> tuple[list[int], list[floa
         slept.append(s)
         clock[0] += s
 
-    replies = exchange(grid, [object()] * len(ready), timeout, lambda: clock[0], sleep)  # type: ignore[arg-type]
+    messages = [SimpleNamespace(metadata=SimpleNamespace(ttl=43200.0)) for _ in ready]
+    replies = exchange(grid, messages, timeout, lambda: clock[0], sleep)  # type: ignore[arg-type]
+    assert all(m.metadata.ttl == timeout + TTL_SLACK_S for m in messages)
     return sorted(r.i for r in replies), slept, grid
 
 
@@ -71,7 +73,7 @@ def test_a_message_the_superlink_refused_ends_no_wait_and_is_named():
     def sleep(s: float) -> None:
         clock[0] += s
 
-    nodes = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (11, 12)]
+    nodes = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n, ttl=0.0)) for n in (11, 12)]
     undelivered: list[int] = []
     replies = exchange(grid, nodes, 3600.0, lambda: clock[0], sleep, undelivered)  # type: ignore[arg-type]
     assert [r.i for r in replies] == [0]
@@ -90,6 +92,25 @@ def test_a_grid_that_leaves_out_what_it_refused_is_waited_for_only_on_what_it_to
     def sleep(s: float) -> None:
         clock[0] += s
 
-    nodes = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (11, 12)]
+    nodes = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n, ttl=0.0)) for n in (11, 12)]
     replies = exchange(grid, nodes, 3600.0, lambda: clock[0], sleep, [])  # type: ignore[arg-type]
     assert [r.i for r in replies] == [0] and clock[0] < 1.0
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_flower_message_expires_soon_after_the_wait_for_its_reply_ends():
+    """Not Flower's 12 hours: a node back from a long outage is not handed a dead round."""
+    from flwr.app import Message, RecordDict
+
+    msg = Message(RecordDict(), dst_node_id=7, message_type="train")
+    assert msg.metadata.ttl > 40000  # Flower's default
+
+    class Grid(FakeGrid):
+        def push_messages(self, messages):
+            self.ttls = [m.metadata.ttl for m in messages]
+            return ["m0"]
+
+    clock = [0.0]
+    grid = Grid([0.0], clock)
+    exchange(grid, [msg], 90.0, lambda: clock[0], lambda s: None)
+    assert grid.ttls == [90.0 + TTL_SLACK_S]

@@ -9,7 +9,6 @@ import uuid
 import numpy as np
 import pytest
 from flwr.app import Array, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from collm_fl.config import RunConfig
 from collm_fl.flower_records import PUBLISH, arrayrecord_to_state, state_to_arrayrecord
@@ -20,10 +19,8 @@ pytestmark = pytest.mark.slow  # (the tiny model, loaded and evaluated in-proces
 
 
 @pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
+def _identity(flower_task_identity):
     """Flower makes replies in a task that knows its run; the fake grid runs none."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 def honest(node: int, rnd: int, msg: Message, steps: float = 1.0) -> RecordDict:
@@ -164,3 +161,49 @@ def test_a_run_resumed_with_dp_after_rounds_without_noise_reports_no_finite_epsi
     assert again.dp_releases == [0.0]
     assert epsilon_spent(again.dp_releases, 1e-5) == float("inf")
     store.close()
+
+
+def test_a_resumed_run_takes_back_each_nodes_rate_forecast_and_speed(tmp_path):
+    def busier_each_round(node, rnd, msg):
+        reply = honest(node, rnd, msg)
+        load = {
+            "load-request-rate": 0.5 * rnd * node,
+            "load-queue-depth": 0.0,
+            "load-ttft-p95": 0.2,
+            "load-tpot-p95": 0.05,
+            "load-slo-attainment": 1.0,
+            "load-window-s": 3.0,
+        }
+        reply["metrics"] = MetricRecord({**dict(reply["metrics"]), **load})
+        return reply
+
+    nodes = {1: busier_each_round, 2: busier_each_round}
+    fed, store = federation(tmp_path, nodes, num_server_rounds=3, allocation="quality-aware")
+    fed.run()
+    # What the last decision (round 3) saw: the forecasts after rounds 1-2 reported a rising rate.
+    decided = store.events(fed.run_info.id, "allocation")[-1].payload["state"]
+    assert decided["2"]["trend"] > 0 and decided["2"]["step-seconds"] == [2.0, 2.0]
+    store.close()
+
+    again, store = federation(tmp_path, nodes, num_server_rounds=4, allocation="quality-aware")
+    again._initial_version()
+    assert again.coordination.snapshot() == decided  # not a forecast that starts again flat
+    store.close()
+
+
+def test_a_stored_state_that_is_not_one_restores_nothing_it_cannot_read():
+    from server_app.coordination import CoordinationState
+
+    state = CoordinationState()
+    assert state.restore(None) == 0 and state.restore([1, 2]) == 0
+    n = state.restore(
+        {
+            "7": {"level": float("nan"), "trend": 0.1, "step-seconds": [1.0, "x", -1, 1e-9]},
+            "node-8": {"level": 1.0, "trend": 0.0},
+            "9": "not an entry",
+            "10": {"level": True, "trend": 0.0, "step-seconds": 3.0},
+        }
+    )
+    assert n == 2 and set(state.nodes) == {7, 10}
+    assert state.nodes[7].forecast is None and list(state.nodes[7].step_history) == [1.0]
+    assert state.nodes[10].forecast is None and state.nodes[10].step_seconds is None

@@ -40,7 +40,13 @@ def test_quick_run_on_tiny_has_every_measurement_and_writes_the_report(tmp_path:
         assert min(row["no_adapter_tok_s"], row["unmerged_tok_s"], row["merged_tok_s"]) > 0
 
     rows = result["interference"]["rows"]
-    assert [r["share"] for r in rows] == [0.0, 0.25, 0.5, 1.0]
+    assert [(r["share"], r["lend_share"]) for r in rows] == [
+        (0.0, 0.0),
+        (0.9, 0.0),
+        (0.25, 0.25),
+        (0.5, 0.5),
+        (0.9, 0.9),
+    ]
     assert rows[0]["train_steps"] == 0
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
