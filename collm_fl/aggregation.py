@@ -65,6 +65,26 @@ def normalized_weights(weights: Sequence[float], n_updates: int) -> np.ndarray:
     return w / total
 
 
+def trained_weights(examples: Sequence[float], steps: Sequence[float | None]) -> list[float]:
+    """Each update's aggregation weight: its examples times the fraction it trained of the
+    round's most-trained update's steps (a reply that does not say how many steps counts as
+    fully trained).
+
+    Examples alone (FedAvg's weights) let an update cut short — by its deadline, or by a serving
+    load the allocation gave a small budget — weigh as much as one that trained its whole budget:
+    its adapter, barely moved from the global one, pulls the average back. Scaled by the steps it
+    moves in proportion to its training (one that trained nothing weighs 0); when every update
+    trained the same steps, the weights are the examples as they were.
+    """
+    if len(examples) != len(steps):
+        raise ValueError(f"got {len(steps)} step counts for {len(examples)} updates")
+    top = max((s for s in steps if s is not None), default=0.0)
+    return [
+        float(e) * (1.0 if s is None or top <= 0 else min(1.0, max(0.0, s) / top))
+        for e, s in zip(examples, steps, strict=True)
+    ]
+
+
 def _client_pairs(updates: Sequence[Mapping[str, np.ndarray]]) -> list[Pairs]:
     """Every update's (A, B) pairs; raises unless all match the first update's modules/shapes."""
     all_pairs = [lora_pairs(u) for u in updates]

@@ -198,17 +198,23 @@ def materialize_model(name: str) -> Path:
     return _hub_snapshot(name)
 
 
+# What a model needs from its hub repo: config, weights, tokenizer files — a chat template saved
+# on its own (chat_template.jinja) and tiktoken vocabularies included — and no more (not the
+# GGUF, ONNX or other-framework copies many repos also hold).
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
 def _hub_snapshot(model_id: str) -> Path:
     """Resolve an HF id through the local HF cache or, when online, a download."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(
-            snapshot_download(
-                model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
-            )
-        )
+        path = Path(snapshot_download(model_id, allow_patterns=HUB_FILES))
+        if not any(path.glob("*.safetensors")):  # an older repo: PyTorch pickles only
+            log.info("%s has no safetensors weights: fetching its *.bin weights", model_id)
+            path = Path(snapshot_download(model_id, allow_patterns=[*HUB_FILES, "*.bin"]))
+        return path
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         raise ModelLoadError(
             f"model {model_id!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a local "

@@ -9,7 +9,10 @@
   set, the coordinate-wise median or trimmed mean of :func:`aggregate_lora_robust`. A round with
   fewer good replies than ``min_good_replies`` returns no arrays, so the previous version stays in
   force. Each good reply weighs its claimed ``num-examples``, capped at ``max_weight_ratio`` times
-  the round's median claim when that is set; a capped node is logged and its outcome says so.
+  the round's median claim when that is set (a capped node is logged and its outcome says so),
+  times the fraction it trained of the round's most-trained reply's ``local-steps`` (a reply cut
+  short by its deadline or given a small budget by the allocation does not pull the average
+  back to the old version; equal steps leave the weights as the claims).
   With ``server_lr`` η ≠ 1 the new global adapter is ``global + η·(aggregate − global)`` (a
   server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`). With
   ``uniform_weights`` (set under differential privacy) no node sits a round out, every good reply
@@ -38,7 +41,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from collm_fl.adapters import AdapterState
-from collm_fl.aggregation import aggregate_lora_exact, aggregate_lora_fedavg, check_server_lr
+from collm_fl.aggregation import (
+    aggregate_lora_exact,
+    aggregate_lora_fedavg,
+    check_server_lr,
+    trained_weights,
+)
 from collm_fl.aggregation_robust import (
     ROBUST_METHODS,
     RobustMethod,
@@ -343,18 +351,21 @@ class LoraFedAvg(FedAvg):
         With ``max_weight_ratio`` set, a claim above that many times the round's median claim is
         capped (see :func:`cap_weights`); the capped node is logged and its outcome's ``reason``
         says what it claimed and what was used, so the store keeps it with the participation.
+        Then each weight is scaled by the steps its node trained against the round's most
+        (:func:`trained_weights`): an update cut short does not pull the average back.
         """
         claimed = [float(outcomes[i].num_examples or 0) for i in good_at]
         if self.uniform_weights:
             for i in good_at:
                 outcomes[i] = replace(outcomes[i], weight_used=1.0)
             return [1.0] * len(good_at)
-        used = cap_weights(claimed, self.max_weight_ratio).tolist() if claimed else []
-        for i, c, u in zip(good_at, claimed, used, strict=True):
+        capped = cap_weights(claimed, self.max_weight_ratio).tolist() if claimed else []
+        used = trained_weights(capped, [outcomes[i].metrics.get(LOCAL_STEPS) for i in good_at])
+        for i, c, cap, u in zip(good_at, claimed, capped, used, strict=True):
             note = None
-            if u < c:
+            if cap < c:
                 note = (
-                    f"num-examples {c:g} capped to {u:g} "
+                    f"num-examples {c:g} capped to {cap:g} "
                     f"(max-weight-ratio {self.max_weight_ratio:g} x the round median)"
                 )
                 log.warning(
@@ -362,7 +373,7 @@ class LoraFedAvg(FedAvg):
                     server_round,
                     outcomes[i].node_id,
                     c,
-                    u,
+                    cap,
                 )
             outcomes[i] = replace(outcomes[i], reason=note, weight_used=u)
         return used

@@ -3,9 +3,10 @@
 Not Flower (the Flower path is tested elsewhere): the benchmark process plays the server. Round r
 starts at ``warmup + (r-1)·round_s`` seconds after the load started (later if the previous round
 ran over). It asks the system's training replicas to train (``/control/train``, in parallel),
-aggregates the updates with :func:`aggregate_lora_exact` (weighted by examples), evaluates the new
-version on the central held-out set (:class:`CentralEvaluator`), pushes it to every replica with
-the system's swap mode, and records when each serving replica started serving it.
+aggregates the updates with :func:`aggregate_lora_exact` (weighted by examples × steps trained, as
+the strategy weighs them), evaluates the new version on the central held-out set
+(:class:`CentralEvaluator`), pushes it to every replica with the system's swap mode, and records
+when each serving replica started serving it.
 
 The training budget per round is the same for every system: ``R × steps_per_replica`` micro-steps
 with the same deadline. The separate system spreads it over its training replicas; the
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from collm_fl.adapters import AdapterState
-from collm_fl.aggregation import aggregate_lora_exact
+from collm_fl.aggregation import aggregate_lora_exact, trained_weights
 from collm_fl.central_eval import CentralEvaluator
 from collm_fl.loadgen.goodput import SLOSpec
 
@@ -282,6 +283,7 @@ class Orchestrator:
             )
 
         updates, weights, failures = [], [], []
+        trained: list[float] = []
         steps = tokens = 0
         with ThreadPoolExecutor(len(jobs), thread_name_prefix="bench-train") as pool:
             futures = {i: pool.submit(one, i) for i in jobs}
@@ -308,7 +310,9 @@ class Orchestrator:
                 if done > 0:
                     updates.append(state)
                     weights.append(metrics["num-examples"])
-        return updates, weights, steps, tokens, failures
+                    trained.append(done)
+        # As the federated strategy weighs them: examples x the share of the most steps trained.
+        return updates, trained_weights(weights, trained), steps, tokens, failures
 
     def _push(self, version: int, state: AdapterState) -> list[float]:
         """Push to every replica at once (serving ones in the system's mode); swap ms each."""

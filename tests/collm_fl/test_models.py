@@ -122,3 +122,38 @@ def test_smollm2_is_the_real_pretrained_model():
     out = loaded.model.generate(**enc, max_new_tokens=8, do_sample=False)
     answer = loaded.tokenizer.decode(out[0, enc["input_ids"].shape[1] :])
     assert "Paris" in answer
+
+
+def test_a_hub_model_brings_its_separate_chat_template_and_old_repos_their_bin_weights(
+    tmp_path, monkeypatch
+):
+    """transformers 5 saves a chat template as chat_template.jinja: without it an instruct model
+    would be trained and served in a made-up prompt format, with no error."""
+    import fnmatch
+
+    import huggingface_hub
+
+    repos = {
+        "org/new": ["config.json", "model.safetensors", "chat_template.jinja", "model.gguf"],
+        "org/old": ["config.json", "pytorch_model.bin", "tokenizer.json"],
+    }
+    calls = []
+
+    def snapshot_download(model_id, allow_patterns):
+        calls.append(model_id)
+        dest = tmp_path / model_id.replace("/", "--")
+        dest.mkdir(exist_ok=True)
+        for name in repos[model_id]:
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (dest / name).write_text("x")
+        return str(dest)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    new = materialize_model("org/new")
+    assert sorted(p.name for p in new.iterdir()) == [
+        "chat_template.jinja",
+        "config.json",
+        "model.safetensors",
+    ]
+    old = materialize_model("org/old")
+    assert (old / "pytorch_model.bin").is_file() and calls == ["org/new", "org/old", "org/old"]

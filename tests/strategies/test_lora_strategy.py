@@ -108,6 +108,36 @@ def test_a_reply_that_trained_no_steps_is_kept_out_of_the_average():
     assert "0 steps" in by_node[2].reason
 
 
+def test_an_update_cut_short_weighs_the_fraction_of_the_most_steps_it_trained():
+    s = strategy(max_weight_ratio=2.0)
+    full, short, silent = adapter(1), adapter(2), adapter(3)
+    arrays, _ = s.aggregate_train(
+        1,
+        [
+            reply(1, full, 10, {"local-steps": 4.0}),
+            reply(2, short, 10, {"local-steps": 1.0}),  # a deadline or a busy replica's budget
+            reply(3, silent, 100),  # says no steps (a client of its own): fully trained, capped
+        ],
+    )
+    got = arrayrecord_to_state(arrays)
+    expected = aggregate_lora_exact([full, short, silent], [10, 2.5, 20])
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6)
+    assert [o.weight_used for o in s.last_report.outcomes] == [10.0, 2.5, 20.0]
+    assert "capped to 20" in s.last_report.outcomes[2].reason
+
+
+def test_equal_steps_leave_the_weights_as_the_examples():
+    from collm_fl.aggregation import trained_weights
+
+    assert trained_weights([10, 30], [5.0, 5.0]) == [10.0, 30.0]
+    assert trained_weights([10, 30], [None, None]) == [10.0, 30.0]
+    assert trained_weights([10, 30], [0.0, 0.0]) == [10.0, 30.0]  # (nothing to scale against)
+    assert trained_weights([10, 30], [2.0, 8.0]) == [2.5, 30.0]
+    with pytest.raises(ValueError, match="step counts"):
+        trained_weights([10], [1.0, 2.0])
+
+
 def test_backfill_budgets_reach_the_node_and_one_that_sits_out_is_asked_for_0_steps():
     from strategies.allocation import NodeBudget
 
