@@ -64,12 +64,17 @@ def _partition(context: Context) -> tuple[int, int]:
 
 
 def _own_data(context: Context, cfg: RunConfig) -> DataSpec | None:
-    """A device's own data (node config ``data``, a path on its host), or None for its part of
-    the run config's. Its own file is not the server's held-out set: nothing is set aside."""
+    """A device's own data (node config ``data``, a path on its host, or ``shakespeare``), or
+    None for its part of the run config's. Its own file is not the server's held-out set: nothing
+    is set aside. The run's own corpus named again (``shakespeare`` in a run on it) keeps the
+    server's held-out part out, as every other client does: trained on, it would pass the
+    quality gate for the wrong reason."""
     path = context.node_config.get("data")
     if path is None:
         return None
-    return dataclasses.replace(cfg.data_spec, source=str(path), central_heldout=0)
+    run_corpus = str(path) == cfg.data_spec.source
+    heldout = cfg.data_spec.central_heldout if run_corpus else 0
+    return dataclasses.replace(cfg.data_spec, source=str(path), central_heldout=heldout)
 
 
 def _replica(context: Context, cfg: RunConfig) -> ReplicaClient | None:

@@ -6,14 +6,20 @@ import logging
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from collm_fl.config import RunConfig
 from collm_fl.data import load_central_heldout
 from collm_fl.data.tokenize import TokenizedBlocks, tokenize_samples
 from collm_fl.errors import ConfigError
-from collm_fl.models import LoadedModel, load_base_model
-from collm_fl.training import EvalResult, attach_lora, evaluate_loss, set_adapter_state
+from collm_fl.models import LoadedModel, check_seq_len, load_base_model
+from collm_fl.training import (
+    EvalResult,
+    attach_lora,
+    evaluate_loss,
+    set_adapter_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +46,11 @@ class CentralEvaluator:
         self.loaded = loaded or load_base_model(
             cfg.model, quantization=cfg.quantization, device=cfg.device
         )
+        check_seq_len(self.loaded.model, cfg.seq_len)
         self.blocks = central_heldout_blocks(cfg, self.loaded.tokenizer)
-        self.model = attach_lora(self.loaded.model, cfg.lora)
+        with torch.random.fork_rng(devices=[]):  # the run's v0: the same for the same seed
+            torch.manual_seed(cfg.seed)
+            self.model = attach_lora(self.loaded.model, cfg.lora)
 
     def evaluate(self, state: Mapping[str, np.ndarray]) -> EvalResult:
         set_adapter_state(self.model, state)

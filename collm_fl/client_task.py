@@ -18,7 +18,7 @@ from collm_fl.config import RunConfig, TrainBudget
 from collm_fl.data import DataSpec, load_client_data
 from collm_fl.data.tokenize import iterate_batches, tokenize_samples
 from collm_fl.errors import ConfigError
-from collm_fl.models import load_base_model
+from collm_fl.models import check_seq_len, load_base_model
 from collm_fl.training import (
     attach_lora,
     evaluate_loss,
@@ -51,6 +51,7 @@ def train_on_partition(
     apply_thread_budget(cfg)
     started = time.perf_counter()
     loaded = load_base_model(cfg.model, quantization=cfg.quantization, device=cfg.device)
+    check_seq_len(loaded.model, cfg.seq_len)
     model = attach_lora(loaded.model, cfg.lora)
     set_adapter_state(model, global_state)
     spec = data_spec or cfg.data_spec
@@ -58,7 +59,11 @@ def train_on_partition(
     blocks = tokenize_samples(data.train, loaded.tokenizer, cfg.seq_len)
     batches = iterate_batches(blocks, budget.batch_size, seed=cfg.seed * 100_003 + server_round)
     left = None if deadline_s is None else max(0.0, deadline_s - (time.perf_counter() - started))
-    result = train_lora(model, batches, budget.local_steps, budget.learning_rate, deadline_s=left)
+    with torch.random.fork_rng(devices=[]):  # LoRA dropout: the same for the same seed
+        torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + partition_id)
+        result = train_lora(
+            model, batches, budget.local_steps, budget.learning_rate, deadline_s=left
+        )
     state = get_adapter_state(model)
     metrics = {
         "num-examples": float(blocks.input_ids.shape[0]),
@@ -90,6 +95,7 @@ def evaluate_on_partition(
     """Held-out loss of the global adapter on this client's own held-out split."""
     apply_thread_budget(cfg)
     loaded = load_base_model(cfg.model, quantization=cfg.quantization, device=cfg.device)
+    check_seq_len(loaded.model, cfg.seq_len)
     model = attach_lora(loaded.model, cfg.lora)
     set_adapter_state(model, global_state)
     spec = data_spec or cfg.data_spec

@@ -322,3 +322,17 @@ def _bnb_config(quantization: str) -> object:
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def check_seq_len(model: PreTrainedModel, seq_len: int) -> None:
+    """Refuse a ``seq-len`` longer than the model's context: its position embeddings would be
+    indexed out of range (an IndexError on CPU, a device-side assert on CUDA)."""
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    if isinstance(context, int) and 0 < context < seq_len:
+        raise ConfigError(
+            f"seq-len {seq_len} is longer than the model's context ({context} tokens): "
+            f"set seq-len to at most {context}"
+        )

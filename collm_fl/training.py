@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from collm_fl.adapters import AdapterState, LoraSpec, lora_module_names
 from collm_fl.data.tokenize import TokenizedBlocks, batch_to
-from collm_fl.errors import AdapterValidationError
+from collm_fl.errors import AdapterValidationError, ConfigError
 from collm_fl.models import model_device
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,15 @@ def attach_lora(model: PreTrainedModel, spec: LoraSpec) -> PeftModel:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:  # (PEFT's NoMatchingPeftModuleError: no module has such a name)
+        named = model.named_modules()
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"lora-targets {','.join(spec.target_modules)!r}: {e} This model's linear layers: "
+            f"{','.join(linear)}"
+        ) from e
     return peft_model  # type: ignore[return-value]
 
 
@@ -69,14 +77,24 @@ def get_adapter_state(model: PeftModel, adapter_name: str = DEFAULT_ADAPTER) -> 
 def set_adapter_state(
     model: PeftModel, state: Mapping[str, np.ndarray], adapter_name: str = DEFAULT_ADAPTER
 ) -> None:
-    """Load adapter tensors into ``adapter_name``; every LoRA weight must be covered."""
+    """Load adapter tensors into ``adapter_name``; every LoRA weight must be covered, with the
+    slot's shape (rank and module sizes) and finite values once in float32 (every problem is
+    named in one :class:`AdapterValidationError`, the model left as it was)."""
     lora_module_names(state)  # raises on incomplete pairs or foreign keys
-    expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    current = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    expected = set(current)
     problems = [f"missing key {k}" for k in sorted(expected - set(state))]
     problems += [f"unexpected key {k}" for k in sorted(set(state) - expected)]
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in state.items() if k in expected}
+    for k, a in sorted(arrays.items()):
+        want = tuple(current[k].shape)
+        if a.shape != want:
+            problems.append(f"{k}: shape {a.shape}, expected {want}")
+        elif not np.isfinite(a).all():
+            problems.append(f"{k}: {int(a.size - np.isfinite(a).sum())} non-finite values")
     if problems:
         raise AdapterValidationError(problems)
-    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
+    tensors = {k: torch.from_numpy(a) for k, a in arrays.items()}
     result = set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]  # type: ignore[attr-defined]
     if unexpected:

@@ -29,7 +29,7 @@ from collm_fl.errors import (
     StoreError,
     VersionConflictError,
 )
-from collm_fl.models import load_base_model, model_device
+from collm_fl.models import check_seq_len, load_base_model, model_device
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
 from collm_fl.replica.coexec import CoTrainer, TrainJob, TrainOutcome
 from collm_fl.replica.engine import InferenceEngine
@@ -155,6 +155,7 @@ class Replica:
         self.trainer: CoTrainer | None = None
         self.num_train_rows = 0
         if cfg.data is not None:
+            check_seq_len(self.model, cfg.seq_len)
             data = load_client_data(cfg.data, cfg.partition_id, cfg.num_partitions, self.tokenizer)
             blocks = tokenize_samples(data.train, self.tokenizer, cfg.seq_len)
             batches = iterate_batches(blocks, cfg.train_batch_size, seed=cfg.seed)

@@ -127,3 +127,14 @@ def test_a_device_trains_on_its_own_data_file_given_in_its_node_config(global_st
     assert metrics["num-examples"] == 11
     with pytest.raises(ConfigError, match="data must be 'shakespeare' or an existing file"):
         train(train_message(global_state), context({"data": str(tmp_path / "missing.jsonl")}))
+
+
+def test_a_device_naming_the_runs_own_corpus_keeps_the_servers_held_out_plays_out():
+    from client_app.app import _own_data
+    from collm_fl.config import RunConfig
+
+    cfg = RunConfig.from_flower(RUN_CONFIG)
+    spec = _own_data(context({"data": "shakespeare"}), cfg)
+    assert spec is not None and spec.central_heldout == cfg.data_spec.central_heldout > 0
+    other = _own_data(context({"data": "/data/private.jsonl"}), cfg)
+    assert other is not None and other.central_heldout == 0

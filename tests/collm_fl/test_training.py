@@ -48,6 +48,26 @@ def test_set_adapter_state_rejects_missing_and_foreign_keys(tiny_fresh, lora_spe
         set_adapter_state(model, state)
 
 
+def test_set_adapter_state_names_a_wrong_rank_and_non_finite_values(tiny_fresh, lora_spec):
+    model = attach_lora(tiny_fresh.model, lora_spec)
+    good = get_adapter_state(model)
+    a_key = sorted(k for k in good if ".lora_A." in k)[0]
+    b_key = a_key.replace(".lora_A.", ".lora_B.")
+    bad = dict(good)
+    bad[a_key] = np.zeros((lora_spec.rank * 2, good[a_key].shape[1]), np.float32)
+    bad[b_key] = np.zeros((good[b_key].shape[0], lora_spec.rank * 2), np.float32)
+    with pytest.raises(AdapterValidationError, match=r"shape \(8, .*expected \(4, "):
+        set_adapter_state(model, bad)
+    bad = dict(good)
+    bad[a_key] = np.full_like(good[a_key], np.nan)
+    bad[b_key] = np.asarray(good[b_key], np.float64) * 0 + 1e39  # overflows float32: inf
+    with pytest.raises(AdapterValidationError) as e:
+        set_adapter_state(model, bad)
+    assert "non-finite" in str(e.value) and b_key in str(e.value) and a_key in str(e.value)
+    after = get_adapter_state(model)
+    assert all(np.array_equal(after[k], good[k]) for k in good)  # left as it was
+
+
 def test_training_lowers_the_loss_on_its_data(tiny_fresh, lora_spec):
     tok = tiny_fresh.tokenizer
     blocks = tokenize_samples([TextSample(TEXT)], tok, seq_len=32)
@@ -85,3 +105,34 @@ def test_no_step_starts_after_the_deadline(tiny_fresh, lora_spec):
     assert all(np.array_equal(v, before[k]) for k, v in get_adapter_state(model).items())
     ample = train_lora(model, batches, steps=3, learning_rate=1e-2, deadline_s=3600.0)
     assert ample.steps == 3 and ample.tokens > 0
+
+
+def test_the_runs_first_adapter_is_the_same_for_the_same_seed():
+    from collm_fl.central_eval import CentralEvaluator
+    from collm_fl.config import RunConfig
+
+    def v0(seed: int):
+        cfg = RunConfig(model="tiny", seed=seed, central_eval_samples=2, seq_len=32)
+        return get_adapter_state(CentralEvaluator(cfg).model)
+
+    torch.manual_seed(1)
+    a = v0(0)
+    torch.manual_seed(2)  # whatever the process did before
+    b, c = v0(0), v0(1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_lora_targets_the_model_lacks_and_a_seq_len_past_its_context_are_config_errors(
+    tiny_fresh,
+):
+    from collm_fl.adapters import LoraSpec
+    from collm_fl.errors import ConfigError
+    from collm_fl.models import check_seq_len
+
+    with pytest.raises(ConfigError, match=r"lora-targets 'c_attn'.*q_proj"):
+        attach_lora(tiny_fresh.model, LoraSpec(target_modules=("c_attn",)))
+    context = tiny_fresh.model.config.max_position_embeddings
+    check_seq_len(tiny_fresh.model, context)
+    with pytest.raises(ConfigError, match=f"seq-len {context + 1} .* at most {context}"):
+        check_seq_len(tiny_fresh.model, context + 1)
