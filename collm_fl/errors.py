@@ -11,6 +11,11 @@ class ConfigError(CollmError):
     """A run-config value, CLI argument or option is invalid (names the key and the value)."""
 
 
+class ChatTemplateError(CollmError):
+    """A model's chat template refused a conversation (e.g. a system turn, or roles that do not
+    alternate, where the template allows neither)."""
+
+
 class DataFormatError(CollmError):
     """A data file is malformed; the message names the file and, where known, the line."""
 

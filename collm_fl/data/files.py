@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from collm_fl.data.types import ROLES, ChatRecord, Record, TextSample
-from collm_fl.errors import DataFormatError
+from collm_fl.errors import ChatTemplateError, DataFormatError
 
 if TYPE_CHECKING:  # transformers is heavy; only the type is needed here
     from transformers import PreTrainedTokenizerBase
@@ -73,12 +73,14 @@ def pack_text(pieces: list[str], min_chars: int, max_chars: int, sep: str = "\n"
 
 
 def cut_text(piece: str, max_chars: int) -> list[str]:
-    """Cut a text longer than ``max_chars`` at spaces into parts of at most ``max_chars``."""
+    """Cut a text longer than ``max_chars`` at spaces into parts of at most ``max_chars``; a
+    stretch with no space that is longer still (Chinese, Japanese or Thai text; a long URL) is
+    cut at its line breaks, then every ``max_chars`` characters."""
     if len(piece) <= max_chars:
         return [piece]
     parts: list[str] = []
     current = ""
-    for word in piece.split(" "):
+    for word in (c for w in piece.split(" ") for c in _hard_cut(w, max_chars)):
         if current and len(current) + 1 + len(word) > max_chars:
             parts.append(current)
             current = word
@@ -237,8 +239,19 @@ def _parse_chat(messages: object) -> ChatRecord:
     return ChatRecord(messages=tuple(pairs))
 
 
+def _hard_cut(word: str, max_chars: int) -> list[str]:
+    if len(word) <= max_chars:
+        return [word]
+    return [
+        line[i : i + max_chars]
+        for line in word.split("\n")
+        for i in range(0, len(line), max_chars)
+        if line[i : i + max_chars].strip()
+    ]
+
+
 def format_records(
-    records: list[Record], tokenizer: PreTrainedTokenizerBase | None = None
+    records: list[Record], tokenizer: PreTrainedTokenizerBase | None = None, source: str = ""
 ) -> list[TextSample]:
     """Turn records into samples: a chat's prompt via the tokenizer's chat template.
 
@@ -246,16 +259,20 @@ def format_records(
     that prompt, the final answer and the tokenizer's eos token. Without a tokenizer or without a
     chat template the `FALLBACK_HEADERS` template is used:
     ``"### User:\\n{user}\\n\\n### Assistant:\\n{answer}"``.
-    Plain `TextSample`s pass through unchanged.
+    Plain `TextSample`s pass through unchanged. A conversation the chat template refuses is a
+    `DataFormatError` naming ``source`` (the file) and the record's number in it.
     """
     eos = (tokenizer.eos_token or "") if tokenizer is not None else ""
     samples: list[TextSample] = []
-    for record in records:
+    for number, record in enumerate(records, 1):
         if isinstance(record, TextSample):
             samples.append(record)
             continue
         history, answer = record.messages[:-1], record.messages[-1][1]
-        prompt = chat_prompt(history, tokenizer)
+        try:
+            prompt = chat_prompt(history, tokenizer)
+        except ChatTemplateError as e:
+            raise DataFormatError(source or "<records>", f"record {number}: {e}") from e
         samples.append(TextSample(text=f"{prompt}{answer}{eos}", prompt=prompt))
     return samples
 
@@ -270,11 +287,16 @@ def chat_prompt(
     """
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if tokenizer is not None and template:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": role, "content": content} for role, content in messages],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in messages],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        except (TemplateError, ValueError, TypeError) as e:  # (raise_exception in the template)
+            raise ChatTemplateError(f"the model's chat template refused the messages: {e}") from e
         if not isinstance(prompt, str):
             raise TypeError(f"apply_chat_template returned {type(prompt).__name__}, not str")
         return prompt

@@ -150,7 +150,7 @@ def _user_split(
     groups: list[Group] = []
     central: list[TextSample] = []
     for index, path in enumerate(_user_files(spec)):
-        samples = format_records(load_records(path), tokenizer)
+        samples = format_records(load_records(path), tokenizer, str(path))
         distinct = list(dict.fromkeys(samples))  # a repeated record is held out whole or not
         if spec.central_heldout > 0 and len(distinct) >= 2:
             k = max(1, round(len(distinct) * USER_CENTRAL_FRACTION))

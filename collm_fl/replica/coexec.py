@@ -237,6 +237,9 @@ class CoTrainer:
             self.running_job = True
             try:
                 fut.set_result(self._run(job))
+            except TrainerStopped as e:  # the replica is shutting down: no failure of the job
+                log.info("training job for round %d stopped: %s", job.round_number, e)
+                fut.set_exception(e)
             except Exception as e:  # the job fails; the trainer (and serving) carry on
                 log.exception("training job for round %d failed", job.round_number)
                 fut.set_exception(e)

@@ -31,6 +31,7 @@ from collm_fl.api.errors import (
     overloaded,
 )
 from collm_fl.errors import AdapterValidationError, ConfigError, StoreError, VersionConflictError
+from collm_fl.replica.coexec import TrainerStopped
 from collm_fl.replica.runtime import DEFAULT_RUN, SWAP_MODES, Replica
 from collm_fl.replica.slots import NoFreeSlotError, ShadowStateError
 from collm_fl.replica.wire import decode_adapter, encode_adapter
@@ -128,6 +129,8 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
             raise APIError(409, str(e), code="version_mismatch") from e
         except ConfigError as e:
             raise APIError(400, str(e), code="cannot_train") from e
+        except TrainerStopped as e:  # SIGTERM: the job ends with the replica
+            raise APIError(503, str(e), "server_error", code="shutting_down") from e
         metrics = {
             "num-examples": float(replica.num_train_rows),
             "train-loss": outcome.loss,

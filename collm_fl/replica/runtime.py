@@ -203,7 +203,8 @@ class Replica:
                     self._load_and_promote(state, config, number, run_dir.name)
                     log.info("recovered: serving run %r version %d", run_dir.name, number)
                     return number
-                except (StoreError, AdapterValidationError) as e:
+                except (StoreError, AdapterValidationError, KeyError, ValueError, TypeError) as e:
+                    # (The last three: an adapter_config.json that is JSON but not a LoRA config.)
                     log.error("stored version %d is unusable (%s); trying an older one", number, e)
         log.info("no stored version: serving the base model until a version arrives")
         return None

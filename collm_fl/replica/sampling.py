@@ -14,13 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = 1e-5  # a temperature this small samples the argmax token (SamplingParams.greedy)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens (OpenAI field meanings)."""
 
     max_tokens: int = 16  # tokens to generate at most (finish_reason "length")
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
     seed: int | None = None  # None: a fresh random seed per request
@@ -45,7 +47,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below GREEDY_BELOW the logits / temperature overflow float32 (to inf, then NaN in the
+        # softmax); that close to 0 sampling is greedy anyway.
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
 
 import uvicorn
 
@@ -28,12 +31,23 @@ def run_replica(
     api = create_app(replica, api_key=api_key)
     control = create_control_app(replica, control_token)
     replica.start()
+
+    once = threading.Lock()
+
+    def stop_training() -> None:  # (either server's signal handler may call it first)
+        if replica.trainer is not None and once.acquire(blocking=False):
+            if replica.trainer.running_job:
+                log.info("stopping: the training job in progress ends at its next step")
+            replica.trainer.stop()
+
     servers = [
-        uvicorn.Server(
-            uvicorn.Config(api, host=host, port=port, log_level="warning", timeout_keep_alive=30)
+        _Server(
+            uvicorn.Config(api, host=host, port=port, log_level="warning", timeout_keep_alive=30),
+            stop_training,
         ),
-        uvicorn.Server(
-            uvicorn.Config(control, host=control_host, port=control_port, log_level="warning")
+        _Server(
+            uvicorn.Config(control, host=control_host, port=control_port, log_level="warning"),
+            stop_training,
         ),
     ]
     log.info(
@@ -52,7 +66,27 @@ def run_replica(
         log.info("replica stopped")
 
 
-async def _serve_all(servers: list[uvicorn.Server]) -> None:
+class _Server(uvicorn.Server):
+    """A uvicorn server that, on the first exit signal, also ends the replica's training job.
+
+    uvicorn's graceful shutdown waits for every open request, and a ``/control/train`` request
+    lasts until its job's deadline (up to days): without this, SIGTERM would wait that long (and
+    a supervisor would SIGKILL first). Serving requests in flight still complete.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+        self._exit_started = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if not self._exit_started:  # (in the signal handler: the work, which waits, elsewhere)
+            self._exit_started = True
+            threading.Thread(target=self._on_exit, name="replica-exit", daemon=True).start()
+
+
+async def _serve_all(servers: Sequence[uvicorn.Server]) -> None:
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for s in servers:  # one stopped (signal or failure): stop the other too

@@ -7,6 +7,7 @@ GET /health, GET /metrics (Prometheus). Every response names the adapter version
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -39,6 +40,7 @@ from collm_fl.api.schemas import (
     Usage,
 )
 from collm_fl.data.files import chat_prompt
+from collm_fl.errors import ChatTemplateError
 from collm_fl.replica.metrics import RequestRecord
 from collm_fl.replica.requests import (
     GenerationRequest,
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Adapter-Version"
 DEFAULT_MAX_TOKENS_CHAT = 256
+DEFAULT_MAX_TOKENS_COMPLETIONS = 16  # OpenAI's, for a completions request that gives null
+MAX_CHARS_PER_TOKEN = 64  # more than any tokenizer's longest tokens average (BPEs: ~4)
 
 
 def create_app(replica: Replica, api_key: str | None = None) -> FastAPI:
@@ -104,22 +108,57 @@ def create_app(replica: Replica, api_key: str | None = None) -> FastAPI:
         )
         return ModelList(data=[card])
 
+    # Tokenizing (and a chat template's rendering) runs in a worker thread: on the event loop a
+    # long prompt would stall every stream and the control API meanwhile.
     @app.post("/v1/completions", dependencies=guarded, response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        ids = replica.tokenizer(body.prompt_text(), add_special_tokens=True).input_ids
-        return await _generate(replica, body, ids, request, chat=False)
+        text = body.prompt_text()
+        _check_prompt_chars(replica, len(text), "prompt")
+        encoded = await asyncio.to_thread(replica.tokenizer, text, add_special_tokens=True)
+        return await _generate(replica, body, encoded.input_ids, request, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=guarded, response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        prompt = chat_prompt([(m.role, m.text()) for m in body.messages], replica.tokenizer)
-        ids = replica.tokenizer(prompt, add_special_tokens=False).input_ids
+        messages = [(m.role, m.text()) for m in body.messages]
+        _check_prompt_chars(replica, sum(len(c) for _, c in messages), "messages")
+
+        def encode() -> list[int]:
+            prompt = chat_prompt(messages, replica.tokenizer)
+            return list(replica.tokenizer(prompt, add_special_tokens=False).input_ids)
+
+        try:
+            ids = await asyncio.to_thread(encode)
+        except ChatTemplateError as e:  # e.g. a system turn the model's template does not take
+            raise APIError(400, str(e), param="messages", code="invalid_prompt") from e
         return await _generate(replica, body, ids, request, chat=True)
 
     return app
 
 
-def _sampling(body: SamplingFields, chat: bool) -> SamplingParams:
-    max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS_CHAT
+def _check_prompt_chars(replica: Replica, chars: int, param: str) -> None:
+    """Refuse before tokenizing a prompt certain to be over the context (no tokenizer makes fewer
+    tokens than 1/64 of the characters; most make a quarter or more)."""
+    limit = replica.engine.max_model_len
+    if chars > MAX_CHARS_PER_TOKEN * limit:
+        raise APIError(
+            400,
+            f"the prompt has {chars} characters: far more than the {limit} tokens of context "
+            f"this model takes",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _sampling(body: SamplingFields, chat: bool, room: int) -> SamplingParams:
+    """The request's sampling parameters; ``room`` is the context its prompt leaves. Without a
+    ``max_tokens`` the request gets the endpoint's default (chat: ``DEFAULT_MAX_TOKENS_CHAT``,
+    completions: OpenAI's 16) or what room is left, whichever is less: a prompt that fits is
+    not refused for a length the client never asked for."""
+    if body.max_tokens is not None:
+        max_tokens = body.max_tokens
+    else:
+        default = DEFAULT_MAX_TOKENS_CHAT if chat else DEFAULT_MAX_TOKENS_COMPLETIONS
+        max_tokens = max(1, min(default, room))
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -142,7 +181,7 @@ async def _generate(
             param="model",
             code="model_not_found",
         )
-    params = _sampling(body, chat)
+    params = _sampling(body, chat, replica.engine.max_model_len - len(ids))
     req_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     try:
         handle = replica.engine.submit(GenerationRequest(list(ids), params, req_id))
@@ -165,6 +204,11 @@ async def _generate(
         if isinstance(e, ClientGone):
             return Response(status_code=499)  # (nginx's "client closed request"; unread)
         raise
+    if first.finish_reason == "error":  # failed before any token: nothing streamed yet
+        _record(replica, handle, "error")
+        raise APIError(
+            500, "generation failed on the replica", "server_error", code="generation_error"
+        )
     if body.stream:
         return StreamingResponse(
             _sse(replica, handle, first, events, body.model, created, chat, body.include_usage),
@@ -246,10 +290,10 @@ async def _sse(
             if not (ev.text_delta or ev.finish_reason):
                 continue
             if chat:
-                delta = {"content": ev.text_delta} if ev.text_delta else {}
-                yield _chunk(handle, obj, model, created, delta, ev.finish_reason, chat)
+                delta: dict[str, str] | str = {"content": ev.text_delta} if ev.text_delta else {}
             else:
-                yield _chunk(handle, obj, model, created, ev.text_delta, ev.finish_reason, chat)
+                delta = ev.text_delta
+            yield _chunk(handle, obj, model, created, delta, ev.finish_reason, chat)
         if include_usage:  # as OpenAI: one more chunk, no choices, the request's token counts
             usage = _usage(handle).model_dump()
             last = {"id": handle.request_id, "object": obj, "created": created, "model": model}
@@ -285,6 +329,13 @@ def _chunk(
         "choices": [choice],
         "adapter_version": handle.version,
     }
+    if finish == "error":  # (as the gateway ends a broken stream: the reason, OpenAI-style)
+        payload["error"] = {
+            "message": "generation failed on the replica",
+            "type": "server_error",
+            "param": None,
+            "code": "generation_error",
+        }
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 

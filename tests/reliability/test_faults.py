@@ -285,3 +285,51 @@ def test_a_node_that_misses_the_round_timeout_is_counted_failed(late_node_run):
     assert round1.num_failed == 1
     statuses = sorted(p.status for p in facts["participations"])
     assert statuses == ["failed", "ok", "ok"], statuses
+
+
+# ---- (d) SIGTERM while a replica trains -------------------------------------------------------
+
+
+def test_sigterm_ends_a_replicas_training_job_instead_of_waiting_for_its_deadline(
+    procs, rel, tmp_path
+):
+    """uvicorn's graceful shutdown waits for open requests, and a /control/train request lasts
+    until its job's deadline: the exit signal ends the job, which answers 503."""
+    import os
+
+    import numpy as np
+
+    from collm_fl.adapters import LoraSpec
+    from collm_fl.replica.control_client import ReplicaClient
+
+    port, control_port = rel.free_port(), rel.free_port()
+    env = {**os.environ, "COLLM_CONTROL_TOKEN": "t0ken"}
+    cmd = rel.replica_command(
+        tmp_path / "store", port, control_port, "--max-samples-per-client", "40"
+    )
+    replica = procs.spawn("replica", cmd, env)
+    replica.wait_http(f"http://127.0.0.1:{port}/health")
+    control = ReplicaClient(f"http://127.0.0.1:{control_port}", "t0ken", timeout=900)
+    shapes = {k: tuple(v) for k, v in control.status()["adapter_shapes"].items()}
+    zeros = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    control.push_version(zeros, LoraSpec().to_peft_config_dict("tiny"), 1)
+    outcome: dict[str, object] = {}
+
+    def train() -> None:
+        try:
+            control.train(1, 1_000_000, 1e-4, deadline_s=900.0, base_version=1)
+            outcome["end"] = "trained"
+        except Exception as e:
+            outcome["end"] = str(e)
+
+    job = threading.Thread(target=train, daemon=True)
+    job.start()
+    rel.wait_until(lambda: control.status()["training"], 120, "the job to start")
+    replica.popen.terminate()  # SIGTERM, by pid
+    rel.wait_until(lambda: not replica.alive(), 120, "the replica to exit (deadline: 900 s)")
+    job.join(60)
+    log = replica.log(100_000)
+    assert replica.popen.returncode == 130, log  # the CLI's exit code when interrupted
+    assert "stopping: the training job in progress ends" in log and "replica stopped" in log
+    assert "training job for round 1 stopped" in log and "failed" not in log
+    assert "503" in str(outcome.get("end")) and "shutting down" in str(outcome["end"]), outcome

@@ -164,3 +164,29 @@ def test_a_lone_surrogate_is_an_error_naming_the_file_and_line(tmp_path):
     )
     with pytest.raises(DataFormatError, match=r"bad.jsonl:2: messages\[1\].content .*surrogate"):
         load_records(path)
+
+
+def test_a_conversation_the_chat_template_refuses_names_the_file_and_record(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}"
+        "{% endfor %}"
+    )
+    user_only = ChatRecord(messages=(("user", "hi"), ("assistant", "hello")))
+    try:
+        with pytest.raises(DataFormatError, match=r"chats\.jsonl: record 2: .*System role"):
+            format_records([user_only, CHAT], tokenizer, "chats.jsonl")
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_text_without_spaces_is_cut_into_samples_not_kept_as_one(tmp_path: Path) -> None:
+    line = "天下大势分久必合合久必分" * 10  # 120 characters, no space
+    path = tmp_path / "novel.txt"
+    path.write_text("\n".join([line] * 100), encoding="utf-8")  # no blank line anywhere
+    records = load_records(path)
+    assert len(records) >= 10
+    assert all(isinstance(r, TextSample) and len(r.text) <= 1200 for r in records)
+    assert sum(len(r.text.replace("\n", "").replace(" ", "")) for r in records) == 120 * 100

@@ -60,6 +60,34 @@ def test_a_restart_recovers_the_newest_kept_version(make_replica):
     assert again.recover() == 3 and again.served_version == 3
 
 
+def test_a_restart_passes_over_a_version_whose_config_is_no_lora_config(make_replica):
+    import json
+
+    r = make_replica(keep=0)
+    for v in range(3):
+        push(r, v)
+    r.stop()
+    config = r.version_dir(2) / "adapter_config.json"
+    broken = json.loads(config.read_text())
+    del broken["r"]
+    config.write_text(json.dumps(broken))
+    again = make_replica(keep=0)
+    assert again.recover() == 1 and again.served_version == 1  # the newest valid one
+
+
+def test_a_float64_value_past_float32_is_refused_not_served_as_inf(make_replica):
+    from collm_fl.errors import AdapterValidationError
+
+    r = make_replica(keep=0)
+    shapes = r.modules.expected_shapes()
+    state = {k: np.zeros(s, np.float64) for k, s in shapes.items()}
+    key = sorted(state)[0]
+    state[key][0, 0] = 1e39
+    with pytest.raises(AdapterValidationError, match="non-finite values"):
+        r.push_version(state, LoraSpec().to_peft_config_dict("tiny"), 1)
+    assert r.served_version is None and r.stored_versions() == []
+
+
 def test_removal_is_all_or_nothing(tmp_path):
     vdir = tmp_path / "run" / "v0003"
     vdir.mkdir(parents=True)
