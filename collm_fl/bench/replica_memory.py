@@ -8,7 +8,8 @@
 
 RSS (psutil, whole process trees) is sampled every ``SAMPLE_S`` while both serving and training
 are active; the peak is reported. Latency is not measured here: the co-executing replica runs with
-loose SLOs and training share 1, so its SLO guard cannot starve training on a busy machine. An
+loose SLOs, training share 1 and serving lending it half the core (``--max-lend-share 0.5``), so
+the stream cannot starve training on a busy machine. An
 idle process that only imports the libraries gives the runtime's own share. Every process runs on
 loopback ports and is stopped by its pid.
 """
@@ -48,6 +49,7 @@ SAMPLE_S = 0.2  # RSS sampling period
 READY_TIMEOUT_S = 300.0
 LEARNING_RATE = 1e-4
 LOOSE_SLO_S = 600.0
+MEMORY_LEND_SHARE = 0.5  # what serving lends the co-executed job (``--max-lend-share``)
 TRAIN_DEADLINE_S = 1800.0  # a safety net: the job ends after its steps long before this
 
 
@@ -98,8 +100,12 @@ class _Stack:
         cmd += ["--port", str(port), "--control-port", str(control_port)]
         cmd += ["--store-dir", str(self.workdir / "store"), "--data"]
         cmd += ["shakespeare" if train else "none"]
-        # Memory, not latency: loose SLOs so the guard never starves training on a busy machine.
+        # Memory, not latency: loose SLOs, and serving lends training up to half the core — a
+        # step gives way to serving at every layer, so under a closed-loop stream that never
+        # pauses, a replica lending nothing (the default) would not train at all.
         cmd += ["--ttft-slo", str(LOOSE_SLO_S), "--tpot-slo", str(LOOSE_SLO_S)]
+        if train:
+            cmd += ["--max-lend-share", str(MEMORY_LEND_SHARE)]
         proc = self.spawn("replica", cmd)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", proc, READY_TIMEOUT_S)
