@@ -8,8 +8,8 @@
 
 RSS (psutil, whole process trees) is sampled every ``SAMPLE_S`` while both serving and training
 are active; the peak is reported. Latency is not measured here: the co-executing replica runs with
-loose SLOs, training share 1 and serving lending it half the core (``--max-lend-share 0.5``), so
-the stream cannot starve training on a busy machine. An
+loose SLOs, training share 1 and serving lending it half the core from the job's start
+(``--max-lend-share 0.5 --lend-early``), so the stream cannot starve training on a busy machine. An
 idle process that only imports the libraries gives the runtime's own share. Every process runs on
 loopback ports and is stopped by its pid.
 """
@@ -104,8 +104,8 @@ class _Stack:
         # step gives way to serving at every layer, so under a closed-loop stream that never
         # pauses, a replica lending nothing (the default) would not train at all.
         cmd += ["--ttft-slo", str(LOOSE_SLO_S), "--tpot-slo", str(LOOSE_SLO_S)]
-        if train:
-            cmd += ["--max-lend-share", str(MEMORY_LEND_SHARE)]
+        if train:  # (early: the job's deadline is far off, and late lending would wait for it)
+            cmd += ["--max-lend-share", str(MEMORY_LEND_SHARE), "--lend-early"]
         proc = self.spawn("replica", cmd)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", proc, READY_TIMEOUT_S)
