@@ -303,6 +303,11 @@ class RunConfig:
         ``[tool.flwr.app.config]`` with the overrides on top (so launchers check it early)."""
         from flwr.common.config import fuse_dicts, get_fused_config_from_dir
 
+        if not (app / "pyproject.toml").is_file():  # (Flower's own error is a traceback)
+            raise ConfigError(
+                f"--app {app}: not a Flower app (no pyproject.toml there); run from the CoLLM-FL "
+                "checkout or pass --app <its path>"
+            )
         parsed = parse_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
         known = get_fused_config_from_dir(app, {})  # the app's own config, flattened
         unknown = [k for k in parsed if k not in known]

@@ -56,6 +56,8 @@ def check_ports_free(*listeners: tuple[str, str, int]) -> None:
     seen: dict[int, list[tuple[str, str]]] = {}
     with contextlib.ExitStack() as held:  # all listening at once, as the server's will be
         for flag, host, port in listeners:
+            if not 0 <= port <= 65535:  # (socket's own error is an OverflowError traceback)
+                raise ConfigError(f"{flag}: port must be in 0..65535, got {port}")
             for other_flag, other_host in seen.get(port, []):
                 if host == other_host:
                     raise ConfigError(f"{flag} and {other_flag} are both {host}:{port}")
@@ -187,8 +189,13 @@ class LocalFederation:
         env["FLWR_HOME"] = str(self.flwr_home)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["COLLM_CONTROL_TOKEN"] = self.control_token
-        if self.api_key:
-            env["COLLM_API_KEY"] = self.api_key
+        # One key for the whole local stack (replicas, and the gateway's calls to them), or none:
+        # a stray key in the caller's environment would lock out the stack's own clients.
+        for name in ("COLLM_API_KEY", "COLLM_REPLICA_API_KEY"):
+            if self.api_key:
+                env[name] = self.api_key
+            else:
+                env.pop(name, None)
         return env
 
     def start(self, timeout: float = 180.0) -> None:

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
 import re
 import subprocess
 import threading
@@ -25,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from collm_fl.config import Scalar
+from collm_fl.errors import ConfigError
 from collm_fl.federate import (
     check_node_counts,
     failed_if_interrupted,
@@ -32,7 +35,7 @@ from collm_fl.federate import (
     run_outcome,
 )
 from collm_fl.launch import LocalFederation, replica_flags
-from collm_fl.loadgen.arrivals import MAX_ARRIVALS, arrival_times
+from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, MAX_ARRIVALS, arrival_times
 from collm_fl.loadgen.client import (
     ReplayProgress,
     RequestResult,
@@ -41,6 +44,7 @@ from collm_fl.loadgen.client import (
     replay,
 )
 from collm_fl.loadgen.goodput import SLOSpec, summarize_results
+from collm_fl.reports import save_figure, write_text_atomic
 from collm_fl.store import VersionStore
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,37 @@ class LiveConfig:
     max_lend_share: float = 0.0  # the replicas' --max-lend-share
     lend_early: bool = False  # ... and --lend-early
 
+    def __post_init__(self) -> None:
+        """Checked before anything starts, each problem named by its ``collm live`` flag."""
+        problems = []
+        if self.arrivals not in ARRIVAL_KINDS:
+            problems.append(
+                f"--arrivals must be one of {', '.join(ARRIVAL_KINDS)}, got {self.arrivals!r}"
+            )
+        if self.replicas < 1 or self.devices < 0:
+            problems.append(
+                f"--replicas must be >= 1 and --devices >= 0, got {self.replicas}, {self.devices}"
+            )
+        for flag, value in (
+            ("--rate", self.rate),
+            ("--ttft-slo", self.ttft_slo_s),
+            ("--tpot-slo", self.tpot_slo_s),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{flag} must be a finite number > 0, got {value}")
+        for flag, count in (
+            ("--prompt-tokens", self.prompt_tokens),
+            ("--output-tokens", self.output_tokens),
+            ("--rounds", self.rounds),
+            ("--local-steps", self.local_steps),
+        ):
+            if count < 1:
+                problems.append(f"{flag} must be >= 1, got {count}")
+        if self.seed < 0:
+            problems.append(f"--seed must be >= 0, got {self.seed}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
 
 @dataclass
 class RoundRow:
@@ -90,8 +125,10 @@ class _Load:
     """The open-loop workload in a thread; ``snapshot()`` gives the requests finished so far,
     ``stop()`` ends it (requests in flight finish) and returns every request sent or dropped."""
 
-    def __init__(self, url: str, cfg: LiveConfig, requests: list[RequestSpec]) -> None:
-        self.requests = requests
+    def __init__(
+        self, url: str, cfg: LiveConfig, requests: list[RequestSpec], api_key: str | None = None
+    ) -> None:
+        self.requests, self.api_key = requests, api_key
         self.url, self.model = url, cfg.model
         self._completed: tuple[RequestResult, ...] = ()
         self._results: list[RequestResult] = []
@@ -114,6 +151,7 @@ class _Load:
             self.url,
             self.model,
             self.requests,
+            api_key=self.api_key,
             timeout_s=LOAD_TIMEOUT_S,
             progress=self._progress,
             progress_every_s=1.0,
@@ -124,11 +162,13 @@ class _Load:
         finally:
             self._loop.close()
 
-    def stop(self) -> list[RequestResult]:
+    def stop(self, wait: bool = True) -> list[RequestResult]:
+        """No more requests; with ``wait``, those in flight finish first (else: the finished)."""
         if self._thread.is_alive():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to stop
                 self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=LOAD_TIMEOUT_S + 30)
+        if wait:
+            self._thread.join(timeout=LOAD_TIMEOUT_S + 30)
         return self._results or list(self._completed)
 
 
@@ -160,6 +200,7 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
         "num-server-rounds": cfg.rounds,
         "output-dir": str(out / "federation"),  # the report reads the run from here
         "run-name": "live",
+        "store-url": "",  # the sqlite store in output-dir: the report and reruns read it there
         "ttft-slo-s": cfg.ttft_slo_s,
         "tpot-slo-s": cfg.tpot_slo_s,
     }
@@ -167,7 +208,10 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     run_config, run_cfg = launch_config(app, cfg.run_config, defaults, fixed)
     check_node_counts(run_cfg, cfg.replicas + cfg.devices, "--replicas + --devices is")
     replica_args = (*replica_flags(run_cfg), *live_replica_args(cfg))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {cfg.out}: cannot create it: {e.strerror or e}") from e
     kept = keep_earlier_run(out)
     if kept is not None:
         print(f"an earlier run's federation and replica stores are kept in {kept}", flush=True)
@@ -176,7 +220,12 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     with (
         failed_if_interrupted(run_cfg),
         LocalFederation(
-            out / "site", cfg.replicas, cfg.devices, model=cfg.model, replica_args=replica_args
+            out / "site",
+            cfg.replicas,
+            cfg.devices,
+            model=cfg.model,
+            replica_args=replica_args,
+            api_key=os.environ.get("COLLM_API_KEY") or None,  # (the stack takes it from there)
         ) as fed,
     ):
         url, _ = fed.start_gateway(ttft_slo_s=cfg.ttft_slo_s, tpot_slo_s=cfg.tpot_slo_s)
@@ -185,7 +234,7 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
             f"load: {cfg.arrivals} at {cfg.rate} req/s",
             flush=True,
         )
-        load = _Load(url, cfg, requests)
+        load = _Load(url, cfg, requests, fed.api_key)
         started, launched = time.monotonic(), datetime.now(UTC)
         stop_monitor = threading.Event()
         monitor = threading.Thread(
@@ -194,16 +243,25 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
         monitor.start()
         load.start()
         results: list[RequestResult] = []
+        interrupted = False
         try:
             code = _drive_flwr(fed, app, run_config, out, started, load, slo, rows, timeline)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what ran, then stop everything
+            interrupted, code = True, 130
+            print("interrupted: writing the report of the rounds so far ...", flush=True)
         finally:
             ended = time.monotonic()  # the schedule's end: what follows is shutting down
-            results = load.stop()  # requests in flight finish against the running replicas
+            # Requests in flight finish against the running replicas (not when interrupted: the
+            # requests finished so far are reported).
+            results = load.stop(wait=not interrupted)
             stop_monitor.set()
             monitor.join(timeout=10)
     rows = recount_rounds(rows, results, slo)
-    report = _report(cfg, out, rows, timeline, results, slo, ended - started)
+    note = "Interrupted: the report covers the rounds so far." if interrupted else ""
+    report = _report(cfg, out, rows, timeline, results, slo, ended - started, note)
     print(f"report: {report}", flush=True)
+    if interrupted:
+        raise KeyboardInterrupt  # (the CLI's exit code for it, once everything is stopped)
     return run_outcome(run_cfg, code, launched)
 
 
@@ -277,7 +335,10 @@ def _killed_on_exit(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[st
 
 EARLIER_RUN_DIRS = ("federation", "site")  # the server's store; the replicas' stores and logs
 # ... and what a run writes beside them, which must not be read as the next run's
-EARLIER_RUN_FILES = ("report.md", "report.json", "live.png", "flwr-run.log")
+EARLIER_RUN_FILES = (
+    *("report.md", "report.json", "live.png", "flwr-run.log"),
+    *("quality.md", "quality.json", "quality.png"),  # (scripts/quickstart.sh writes them after)
+)
 
 
 def keep_earlier_run(out: Path) -> Path | None:
@@ -377,6 +438,7 @@ def _report(
     results: list[RequestResult],
     slo: SLOSpec,
     duration_s: float,
+    note: str = "",
 ) -> Path:
     losses: dict[int, float] = {}
     store_root = out / "federation"
@@ -396,8 +458,9 @@ def _report(
         "summary": asdict(summary),
         "loss_by_version": losses,
         "timeline": timeline,
+        "note": note,
     }
-    (out / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    write_text_atomic(out / "report.json", json.dumps(data, indent=2, default=str))
     lines = [
         "# CoLLM-FL live run",
         "",
@@ -405,6 +468,7 @@ def _report(
         f"{cfg.rate} req/s ({cfg.prompt_tokens}-token prompts, {cfg.output_tokens} output tokens), "
         f"SLO TTFT {cfg.ttft_slo_s}s / TPOT {cfg.tpot_slo_s}s, {cfg.rounds} rounds.",
         "",
+        *((f"**{note}**", "") if note else ()),
         "| round | at (s) | served version | central loss | clients ok/failed | requests "
         "| goodput (req/s) | SLO attainment | training share |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---|",
@@ -432,7 +496,7 @@ def _report(
         "",
     ]
     md = out / "report.md"
-    md.write_text("\n".join(lines))
+    write_text_atomic(md, "\n".join(lines))
     _plot(out, timeline, losses, results, slo)
     return md
 
@@ -473,5 +537,5 @@ def _plot(
     ax3.set_ylabel("training share")
     ax3.set_xlabel("seconds since start")
     fig.tight_layout()
-    fig.savefig(out / "live.png", dpi=110)
+    save_figure(fig, out / "live.png", dpi=110)
     plt.close(fig)

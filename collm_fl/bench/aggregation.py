@@ -27,6 +27,7 @@ from collm_fl.aggregation import (
     dense_lora_sum,
 )
 from collm_fl.errors import ConfigError
+from collm_fl.reports import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def write_benchmark_report(
     """Write ``aggregation.json`` and ``aggregation.md`` into ``out_dir``; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "aggregation.json", out_dir / "aggregation.md"
-    json_path.write_text(json.dumps({"command": command, **result}, indent=2) + "\n")
+    write_text_atomic(json_path, json.dumps({"command": command, **result}, indent=2) + "\n")
     mach = result["machine"]
     lines = [
         "# LoRA aggregation benchmark",
@@ -287,5 +288,5 @@ def write_benchmark_report(
         f"Data: {result['data_note']}.",
         "",
     ]
-    md_path.write_text("\n".join(lines))
+    write_text_atomic(md_path, "\n".join(lines))
     return json_path, md_path

@@ -34,6 +34,7 @@ from collm_fl.errors import ConfigError
 from collm_fl.loadgen.arrivals import arrival_times
 from collm_fl.loadgen.trace import load_azure_trace
 from collm_fl.policies.allocation import FORECAST_ALPHA, FORECAST_BETA, forecast_rate
+from collm_fl.reports import save_figure, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +202,8 @@ def run_forecast_benchmark(
         "seconds": time.monotonic() - started,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "forecast.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "forecast.md").write_text(_markdown(result))
+    write_text_atomic(out_dir / "forecast.json", json.dumps(result, indent=2))
+    write_text_atomic(out_dir / "forecast.md", _markdown(result))
     _plot(result, out_dir / "forecast.png")
     say(f"wrote {out_dir / 'forecast.md'}")
     return result
@@ -316,5 +317,5 @@ def _plot(r: Mapping[str, object], path: Path) -> None:
     ax.set_title("worst regret over the arrival processes (red: default)")
     fig.colorbar(im, ax=ax, label="loss / least loss (capped at 3)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from collm_fl.bench.goodput_result import GoodputResult, RateOutcome, is_collm_system
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
+from collm_fl.reports import save_figure, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,9 @@ def write_goodput_report(result: GoodputResult, out: Path) -> list[Path]:
     """Write ``goodput.json``, ``goodput.md`` and the two plots into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "goodput.json"
-    json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(json_path, json.dumps(result.to_json(), indent=2) + "\n")
     md_path = out / "goodput.md"
-    md_path.write_text(render_markdown(result), encoding="utf-8")
+    write_text_atomic(md_path, render_markdown(result))
     rate_png, quality_png = out / "goodput_vs_rate.png", out / "quality_over_time.png"
     plot_goodput_vs_rate(result, rate_png)
     plot_quality_over_time(result, quality_png)
@@ -374,7 +375,7 @@ def plot_goodput_vs_rate(result: GoodputResult, path: Path) -> None:
     ax2.set_ylim(0, 105)
     fig.suptitle(f"{result.model}, {result.replicas} replicas, {result.arrivals} arrivals")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -409,5 +410,5 @@ def plot_quality_over_time(result: GoodputResult, path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle("served quality over time (grey: round starts)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

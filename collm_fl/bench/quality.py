@@ -17,6 +17,7 @@ import torch
 from collm_fl.central_eval import central_heldout_blocks
 from collm_fl.config import RunConfig
 from collm_fl.models import load_base_model
+from collm_fl.reports import save_figure, write_text_atomic
 from collm_fl.store import VersionStore
 from collm_fl.training import evaluate_loss
 
@@ -95,9 +96,9 @@ def run_quality_benchmark(
         "seconds": time.perf_counter() - started,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quality.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(out_dir / "quality.json", json.dumps(result, indent=2))
     md_path = out_dir / "quality.md"
-    md_path.write_text(_markdown(result))
+    write_text_atomic(md_path, _markdown(result))
     _plot(result, out_dir / "quality.png")
     return result, md_path
 
@@ -156,7 +157,7 @@ def _plot(r: dict[str, object], path: Path) -> None:
     ax.set_title(f"{r['model']} on {r['data']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -30,6 +30,7 @@ from collm_fl.bench.replica_plots import plot_interference, plot_memory, plot_sw
 from collm_fl.bench.replica_swap import SwapBenchmark, measure_swap_stall
 from collm_fl.bench.replica_unmerged import UnmergedBenchmark, measure_unmerged_cost
 from collm_fl.errors import ConfigError
+from collm_fl.reports import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ def write_replica_report(
     payload: dict[str, object] = {"command": command, **result}
     if note:
         payload["note"] = note
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_text_atomic(json_path, json.dumps(payload, indent=2) + "\n")
     lines = ["# Replica benchmarks", "", f"Command: `{command}`", ""]
     lines += _machine_lines(result, note)
     if "swap" in result:
@@ -293,5 +294,5 @@ def write_replica_report(
     if "interference" in result:
         plot_interference(result["interference"], out_dir / "replica_interference.png")
         lines += _interference_lines(result["interference"])
-    md_path.write_text("\n".join(lines))
+    write_text_atomic(md_path, "\n".join(lines))
     return json_path, md_path

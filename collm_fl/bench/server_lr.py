@@ -28,6 +28,7 @@ from collm_fl.config import RunConfig
 from collm_fl.data.partition import load_client_data
 from collm_fl.data.tokenize import iterate_batches, tokenize_samples
 from collm_fl.errors import ConfigError
+from collm_fl.reports import write_text_atomic
 from collm_fl.training import get_adapter_state, set_adapter_state, train_lora
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,8 @@ def run_server_lr_benchmark(
         "seconds": time.monotonic() - started,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "server_lr.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "server_lr.md").write_text(_markdown(result, curves, clients, steps, rounds))
+    write_text_atomic(out_dir / "server_lr.json", json.dumps(result, indent=2))
+    write_text_atomic(out_dir / "server_lr.md", _markdown(result, curves, clients, steps, rounds))
     say(f"wrote {out_dir / 'server_lr.md'}")
     return result
 

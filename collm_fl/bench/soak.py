@@ -29,6 +29,7 @@ from collm_fl.launch import LocalFederation
 from collm_fl.loadgen.arrivals import arrival_times
 from collm_fl.loadgen.client import RequestResult, build_requests, replay
 from collm_fl.replica.control_client import ReplicaClient, ReplicaUnavailable
+from collm_fl.reports import save_figure, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def _rss_summary(
 
 def write_soak_report(result: dict[str, object], out_dir: Path, command: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "soak.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(out_dir / "soak.json", json.dumps(result, indent=2))
     lines = [
         "# Soak: gateway + replicas at and above capacity, with adapter swaps",
         "",
@@ -290,7 +291,7 @@ def write_soak_report(result: dict[str, object], out_dir: Path, command: str) ->
         "",
     ]
     md = out_dir / "soak.md"
-    md.write_text("\n".join(lines))
+    write_text_atomic(md, "\n".join(lines))
     _plot(result, out_dir / "soak_rss.png")
     return md
 
@@ -312,5 +313,5 @@ def _plot(result: dict[str, object], path: Path) -> None:
     ax.set_title("memory under load with adapter swaps")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

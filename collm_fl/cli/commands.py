@@ -64,17 +64,10 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "live":
         from collm_fl.live import LiveConfig, run_live
 
-        if args.replicas < 1 or args.devices < 0 or args.rounds < 1:
-            raise ConfigError("--replicas >= 1, --devices >= 0 and --rounds >= 1 needed")
-        if not (math.isfinite(args.rate) and args.rate > 0):
-            raise ConfigError(f"--rate must be a finite number > 0, got {args.rate}")
-        for flag in ("local_steps", "prompt_tokens", "output_tokens"):
-            if getattr(args, flag) < 1:
-                raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ConfigError(f"--out: {args.out} exists and is not a directory")
         _check_lend_share(args.max_lend_share, args.lend_early)
-        cfg = LiveConfig(
+        cfg = LiveConfig(  # (checks its values, naming each flag)
             model=args.model,
             replicas=args.replicas,
             devices=args.devices,
@@ -248,6 +241,11 @@ def dispatch(args: argparse.Namespace) -> int:
         from collm_fl.bench.quality import run_quality_benchmark
 
         out_dir = Path(args.out) if args.out else Path(args.output_dir) / "reports"
+        runs = Path(args.output_dir)
+        if not args.store_url and not (runs / "store.db").is_file():  # (opening would create one)
+            raise ConfigError(
+                f"--output-dir: no run store in {runs} (no store.db: nothing ran there)"
+            )
         quality, md_path = run_quality_benchmark(
             Path(args.output_dir), args.run_name, args.store_url or None, out_dir, _command_line()
         )

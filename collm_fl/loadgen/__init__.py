@@ -48,6 +48,7 @@ from collm_fl.loadgen.trace import (
     trace_duration,
     write_sample_trace,
 )
+from collm_fl.reports import write_text_atomic
 
 __all__ = [
     "ARRIVAL_KINDS",
@@ -107,11 +108,16 @@ def run_load_cli(
     ``prompt_tokens``/``output_tokens`` as the length caps. Returns 0, or 1
     when no request succeeded; bad arguments raise ConfigError / DataFormatError.
     """
+    for flag, value in (("--ttft-slo", ttft_slo), ("--tpot-slo", tpot_slo)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
+    if seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {seed}")
     slo = SLOSpec(ttft_s=ttft_slo, tpot_s=tpot_slo)
     target = normalize_url(target, "target")  # ".../v1", as OpenAI clients take it, is fine
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} exists and is not a directory")
+        raise ConfigError(f"--out: {out} exists and is not a directory")
     if trace:
         if not (math.isfinite(duration_s) and duration_s > 0):
             raise ConfigError(f"--duration must be a finite number > 0, got {duration_s}")
@@ -215,7 +221,7 @@ def run_load_cli(
         "max_in_flight": max_in_flight,
     }
     summary_json = json.dumps({"config": config, **asdict(summary)}, indent=2)
-    (out / "summary.json").write_text(summary_json + "\n", encoding="utf-8")
+    write_text_atomic(out / "summary.json", summary_json + "\n")
     print(format_summary(summary, slo))
     print(f"wrote {out / 'requests.jsonl'} and {out / 'summary.json'}")
     if stopped_at:

@@ -363,3 +363,64 @@ def test_port_overlap_knows_which_wildcard_covers_which_family():
         check_ports_free(
             ("--a", "127.0.0.1", port), ("--b", "127.0.0.2", port), ("--c", "127.0.0.2", port)
         )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["gateway", "--port", "70000", "--replica", "http://127.0.0.1:1"], "port must be in"),
+        (["live", "--model", "tiny", "--seed", "-1"], "--seed must be >= 0"),
+        (["live", "--model", "tiny", "--arrivals", "foo"], "--arrivals must be one of"),
+        (["live", "--model", "tiny", "--ttft-slo", "nan"], "--ttft-slo must be a finite"),
+        (["load", "--target", "http://x:1", "--model", "m", "--seed", "-1"], "--seed must be >="),
+    ],
+)
+def test_bad_values_are_named_by_their_flag_without_a_traceback(capsys, tmp_path, argv, message):
+    code, err = run(
+        capsys, *argv, *(["--out", str(tmp_path / "o")] if argv[0] != "gateway" else [])
+    )
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_live_outside_a_flower_app_says_so(capsys, tmp_path):
+    code, err = run(
+        capsys, "live", "--model", "tiny", "--app", str(tmp_path), "--out", str(tmp_path / "o")
+    )
+    assert code == 2 and "not a Flower app" in err and "Traceback" not in err
+
+
+def test_live_with_an_out_that_cannot_be_created_names_out(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, err = run(capsys, "live", "--model", "tiny", "--out", str(tmp_path / "file" / "sub"))
+    assert code == 2 and "--out" in err and "cannot create it" in err
+
+
+def test_live_refuses_a_store_url_its_report_would_not_read(capsys, tmp_path):
+    code, err = run(
+        capsys,
+        "live",
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "-c",
+        "store-url='sqlite:///x.db'",
+    )
+    assert code == 2 and "store-url" in err
+
+
+def test_bench_quality_on_a_folder_where_nothing_ran_creates_no_store(capsys, tmp_path):
+    code, err = run(capsys, "bench", "quality", "--output-dir", str(tmp_path / "typo"))
+    assert code == 2 and "nothing ran there" in err
+    assert not (tmp_path / "typo").exists()
+
+
+def test_the_local_stack_gets_one_api_key_or_none(tmp_path, monkeypatch):
+    from collm_fl.launch import LocalFederation
+
+    monkeypatch.setenv("COLLM_API_KEY", "stray")
+    monkeypatch.setenv("COLLM_REPLICA_API_KEY", "stray-too")
+    env = LocalFederation(tmp_path, 1, 0, model="tiny").env()
+    assert "COLLM_API_KEY" not in env and "COLLM_REPLICA_API_KEY" not in env
+    env = LocalFederation(tmp_path, 1, 0, model="tiny", api_key="k").env()
+    assert env["COLLM_API_KEY"] == env["COLLM_REPLICA_API_KEY"] == "k"

@@ -48,6 +48,11 @@ def test_report_marks_rounds_without_requests(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "report.json").read_text())
     assert [r["requests"] for r in data["rounds"]] == [2, 0]
     assert (tmp_path / "live.png").exists()
+    # An interrupted run's report says so.
+    note = "Interrupted: the report covers the rounds so far."
+    md = _report(cfg, tmp_path, rows[:1], timeline, results, SLOSpec(5.0, 0.5), 60.0, note)
+    assert f"**{note}**" in md.read_text().splitlines()
+    assert json.loads((tmp_path / "report.json").read_text())["note"] == note
 
 
 def test_the_main_jobs_replicas_start_with_its_slos_and_lend_share() -> None:
@@ -92,7 +97,7 @@ def test_an_earlier_runs_stores_are_kept_aside_not_resumed(tmp_path: Path) -> No
 def test_an_earlier_runs_report_goes_aside_with_its_stores(tmp_path: Path) -> None:
     # Left in place, it would read as the report of a new run interrupted before writing its own.
     (tmp_path / "federation").mkdir()
-    for name in ("report.md", "report.json", "live.png", "flwr-run.log"):
+    for name in ("report.md", "report.json", "live.png", "flwr-run.log", "quality.md"):
         (tmp_path / name).write_text("earlier")
     kept = keep_earlier_run(tmp_path)
     assert kept is not None and (kept / "report.md").read_text() == "earlier"

@@ -1,0 +1,38 @@
+"""Report files written whole or not at all: a temporary file beside the target, then a rename.
+
+An interrupt, a full disk or a plotting error while a report is written leaves the previous
+file (or none), never half of one; a reader never sees a file being written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` by a rename of a complete temporary file."""
+    with _replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """``fig.savefig(path)`` (format from the suffix) by a rename of a complete file."""
+    with _replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):  # type: ignore[no-untyped-def]
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,37 @@
+"""Report files are replaced whole: a failure while one is written leaves the previous one."""
+
+import pytest
+
+from collm_fl.reports import save_figure, write_text_atomic
+
+
+def test_a_report_is_replaced_whole_and_a_failed_write_leaves_the_old_one(tmp_path):
+    path = tmp_path / "report.md"
+    write_text_atomic(path, "first\n")
+    write_text_atomic(path, "second\n")
+    assert path.read_text() == "second\n"
+
+    class Boom:
+        def savefig(self, target, **kw):
+            target.write_bytes(b"half a pn")  # then the plotting fails
+            raise RuntimeError("plotting failed")
+
+    png = tmp_path / "live.png"
+    png.write_bytes(b"old png")
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        save_figure(Boom(), png)
+    assert png.read_bytes() == b"old png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.png", "report.md"]  # no temp left
+
+
+def test_a_figure_is_saved_in_the_format_its_name_says(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    save_figure(fig, tmp_path / "plot.png")
+    plt.close(fig)
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
