@@ -11,18 +11,20 @@ Across machines the same pieces run on different hosts: see docs/deployment.md.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -37,6 +39,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONNECTION = "collm-local"
+
+
+def _dies_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when this process dies, however it
+    dies (SIGKILL, the OOM killer): its ``with`` blocks stop everything only when it can run them.
+    Linux only; and only from the main thread (the signal follows the thread that forked, and a
+    worker thread that ends would take the process down with it)."""
+    if (
+        not sys.platform.startswith("linux")
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls it
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return set_death_signal
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class LaunchError(CollmError):
@@ -282,7 +309,13 @@ class LocalFederation:
     def spawn(self, name: str, cmd: list[str]) -> ManagedProcess:
         log_path = self.workdir / f"{name}.log"
         handle = open(log_path, "wb")  # noqa: SIM115 - owned by the ManagedProcess
-        popen = subprocess.Popen(cmd, env=self.env(), stdout=handle, stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(
+            cmd,
+            env=self.env(),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_dies_with_parent(),
+        )
         proc = ManagedProcess(name, popen, log_path, handle)
         self.processes.append(proc)
         log.debug("started %s (pid %d): %s", name, popen.pid, shlex.join(cmd))

@@ -70,3 +70,45 @@ def test_a_replica_trains_on_all_of_its_own_file_but_not_on_the_held_out_plays()
     assert spec("--data", "site.jsonl").central_heldout == 0  # its own file: nothing set aside
     assert spec("--data", "site.jsonl", "--central-heldout", "1").central_heldout == 1
     assert spec("--data", "none") is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_what_a_launcher_started_dies_with_it_even_when_it_is_sigkilled(tmp_path) -> None:
+    """A launcher killed by SIGKILL (or the OOM killer) runs no cleanup: the kernel's death
+    signal stops the processes it started, which would otherwise hold their models and ports."""
+    import contextlib
+    import signal
+    import subprocess
+
+    import psutil
+
+    from tests.collm_fl.gateway.gateway_harness import wait_for
+
+    launcher = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from collm_fl.launch import LocalFederation\n"
+        "fed = LocalFederation(Path(sys.argv[1]), 1, 0, model='tiny')\n"
+        "fed.workdir.mkdir(parents=True, exist_ok=True)\n"
+        "child = fed.spawn('sleeper', [sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        "print(child.popen.pid, flush=True)\n"
+        "sys.stdin.read()\n"  # until the test kills it
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", launcher, str(tmp_path / "site")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        assert child.is_running()
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+        wait_for(lambda: not child.is_running() or child.status() == "zombie", 30, "child alive")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()  # (by pid: only if the test failed)
