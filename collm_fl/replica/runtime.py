@@ -13,6 +13,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from collm_fl.replica.merged import MergedVersion
 from collm_fl.replica.metrics import SLO, LoadReport, LoadWindow, ReplicaMetrics
 from collm_fl.replica.slots import AdapterSlots, canary_check, validate_adapter_state
 from collm_fl.store.adapter_io import (
+    TEMP_PREFIX,
     cleanup_partial_dirs,
     read_adapter_dir,
     remove_adapter_dir,
@@ -268,17 +270,24 @@ class Replica:
                 self.metrics.swaps.labels("rejected").inc()
                 raise AdapterValidationError(problems)
             vdir = self.version_dir(version, run)
-            if vdir.exists():  # a retry of this version: keep the disk equal to what is served
-                remove_adapter_dir(vdir)
             vdir.parent.mkdir(parents=True, exist_ok=True)
+            aside = None
+            if vdir.exists():  # stored before (a retry, a version rolled back from): set aside
+                aside = vdir.with_name(f"{TEMP_PREFIX}aside-{vdir.name}-{uuid.uuid4().hex[:8]}")
+                vdir.rename(aside)  # (a crash from here on: removed at start, as any temp dir)
             write_adapter_dir(vdir, dict(state), peft_config)
             try:
                 previous = self._swap(state, peft_config, version, run, mode, vdir)
             except BaseException:
-                # Not served, so not stored: a restart must not serve what was refused here.
-                with contextlib.suppress(StoreError):  # the swap's own error is the one to raise
+                # Not served, so not stored: a restart must not serve what was refused here; a
+                # copy stored before goes back (a rollback to it still finds it).
+                with contextlib.suppress(StoreError, OSError):  # the swap's error is the one
                     remove_adapter_dir(vdir)
+                    if aside is not None:
+                        aside.rename(vdir)
                 raise
+            if aside is not None:
+                remove_adapter_dir(aside)
             self._prune_versions(run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
 

@@ -97,3 +97,27 @@ def test_removal_is_all_or_nothing(tmp_path):
     # A crash between the rename and the delete leaves only a temp dir, which recovery removes.
     (tmp_path / "run" / f"{TEMP_PREFIX}rm-v0002-abc").mkdir()
     assert len(cleanup_partial_dirs(tmp_path / "run")) == 1
+
+
+def test_a_stored_version_pushed_again_keeps_its_copy_when_the_new_swap_fails(
+    make_replica, monkeypatch
+):
+    from collm_fl.replica.slots import NoFreeSlotError
+
+    r = make_replica(keep=0)
+    for v in range(3):
+        push(r, v)
+    r.rollback(1)
+    stored = (r.version_dir(2) / "adapter_model.safetensors").read_bytes()
+
+    def no_slot(*args, **kwargs):
+        raise NoFreeSlotError("every slot pinned")
+
+    monkeypatch.setattr(r, "_swap", no_slot)
+    with pytest.raises(NoFreeSlotError):
+        push(r, 2)
+    monkeypatch.undo()
+    assert (r.version_dir(2) / "adapter_model.safetensors").read_bytes() == stored
+    assert not [p for p in r.version_dir(2).parent.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    r.rollback(2)
+    assert r.served_version == 2
