@@ -175,7 +175,16 @@ def launch_config(
     user = parse_overrides(overrides)
     clash = sorted(set(user) & set(fixed or {}))
     if clash:
-        raise ConfigError(f"{', '.join(clash)}: set by this command, not by -c")
+        flags = {
+            "num-server-rounds": "--rounds",
+            "local-steps": "--local-steps",
+            "model": "--model",
+            "ttft-slo-s": "--ttft-slo",
+            "tpot-slo-s": "--tpot-slo",
+            "output-dir": "--out",
+        }
+        named = [f"{k} (use {flags[k]})" if k in flags else k for k in clash]
+        raise ConfigError(f"{', '.join(named)}: set by this command, not by -c")
     values: dict[str, Scalar] = {**(defaults or {}), **user, **(fixed or {})}
     cfg = RunConfig.from_app(app, values)
     values["output-dir"] = str(cfg.output_path)

@@ -229,13 +229,27 @@ class LocalFederation:
         if self.num_nodes < 1:
             raise ConfigError("a federation needs at least one replica or device node")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
         try:
             if self.with_flower:
                 self._start_superlink(timeout)
             for i in range(self.num_replicas):
                 self._start_replica(i)
+            if self.replicas:  # (loading a model takes a while: say what is being waited for)
+                log.info(
+                    "waiting for %d replica(s) of %s to load (logs in %s)",
+                    len(self.replicas),
+                    self.model,
+                    self.workdir,
+                )
             for node in self.replicas:
                 wait_http(f"{node.api_url}/health", node.process, timeout)
+                log.info(
+                    "replica%d ready at %s (%.0f s)",
+                    node.index,
+                    node.api_url,
+                    time.monotonic() - started,
+                )
             if self.with_flower:
                 for i in range(self.num_nodes):
                     self._start_supernode(i)
@@ -256,6 +270,8 @@ class LocalFederation:
         kill the rest at once rather than leave them running."""
         pending = list(reversed(self.processes))
         self.processes.clear()
+        if pending:
+            log.info("stopping %s", ", ".join(f"{p.name} (pid {p.popen.pid})" for p in pending))
         try:
             while pending:
                 pending[0].stop()

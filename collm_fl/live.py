@@ -62,7 +62,7 @@ class LiveConfig:
     replicas: int = 2
     devices: int = 0
     rounds: int = 3
-    local_steps: int = 10
+    local_steps: int | None = None  # None: the app's (or -c local-steps=...)
     rate: float = 0.5  # requests/s offered to the gateway
     arrivals: str = "bursty"
     prompt_tokens: int = 48
@@ -97,7 +97,7 @@ class LiveConfig:
             ("--prompt-tokens", self.prompt_tokens),
             ("--output-tokens", self.output_tokens),
             ("--rounds", self.rounds),
-            ("--local-steps", self.local_steps),
+            ("--local-steps", 1 if self.local_steps is None else self.local_steps),
         ):
             if count < 1:
                 problems.append(f"{flag} must be >= 1, got {count}")
@@ -204,7 +204,9 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
         "ttft-slo-s": cfg.ttft_slo_s,
         "tpot-slo-s": cfg.tpot_slo_s,
     }
-    defaults = {"local-steps": cfg.local_steps, "min-train-nodes": cfg.replicas + cfg.devices}
+    if cfg.local_steps is not None:  # given as a flag: -c may not say otherwise
+        fixed["local-steps"] = cfg.local_steps
+    defaults = {"min-train-nodes": cfg.replicas + cfg.devices}
     run_config, run_cfg = launch_config(app, cfg.run_config, defaults, fixed)
     check_node_counts(run_cfg, cfg.replicas + cfg.devices, "--replicas + --devices is")
     replica_args = (*replica_flags(run_cfg), *live_replica_args(cfg))

@@ -83,23 +83,23 @@ def plot_memory(result: MemoryBenchmark, path: Path) -> None:
 def plot_interference(result: InterferenceBenchmark, path: Path) -> None:
     """Serving tokens/s and training steps/s, and p99 TTFT/TPOT, per training setting."""
     rows = result["rows"]
-    labels = [r["setting"] for r in rows]
+    labels = [r["setting"].replace(", ", "\n") for r in rows]  # (a setting's two parts)
     x = list(range(len(rows)))
-    fig, axes = _figure(1, 2, (10, 3.4))
+    fig, axes = _figure(1, 2, (12, 3.8))
     left, right = axes
     left.bar(x, [r["tokens_per_s"] for r in rows], color="tab:blue", label="serving tok/s")
     left.set_ylabel("serving tokens/s")
     twin = left.twinx()
     twin.plot(x, [r["train_steps_per_s"] for r in rows], "o-", color="tab:red")
     twin.set_ylabel("training steps/s", color="tab:red")
-    left.set_xticks(x, labels, fontsize=8)
+    left.set_xticks(x, labels, fontsize=7)
     left.set_title("throughput", fontsize=9)
     width = 0.4
     right.bar([i - width / 2 for i in x], [r["ttft_p99_ms"] for r in rows], width, label="TTFT p99")
     right.bar([i + width / 2 for i in x], [r["tpot_p99_ms"] for r in rows], width, label="TPOT p99")
     right.axhline(1e3 * result["tpot_slo_s"], color="gray", ls="--", lw=1, label="TPOT SLO")
-    right.set_xticks(x, labels, fontsize=8)
+    right.set_xticks(x, labels, fontsize=7)
     right.set_ylabel("ms")
     right.set_title("latency", fontsize=9)
-    right.legend(fontsize=8)
+    right.legend(fontsize=7)
     _save(fig, path)

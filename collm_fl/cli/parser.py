@@ -257,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--devices", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=None,
+        help="micro-steps per node and round (default: the app's local-steps, or -c's)",
+    )
     p.add_argument("--rate", type=float, default=0.5, help="requests/s offered to the gateway")
     p.add_argument("--arrivals", default="bursty", help="poisson, bursty, onoff or diurnal")
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -278,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="outputs/live")
     p.add_argument("-c", "--run-config", default="", help="extra run-config overrides")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="the load schedule's (the run's own: -c seed=...)"
+    )
 
     p = sub.add_parser("versions", help="list the stored adapter versions of a run")
     p.add_argument("--output-dir", default="outputs")

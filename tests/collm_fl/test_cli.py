@@ -424,3 +424,11 @@ def test_the_local_stack_gets_one_api_key_or_none(tmp_path, monkeypatch):
     assert "COLLM_API_KEY" not in env and "COLLM_REPLICA_API_KEY" not in env
     env = LocalFederation(tmp_path, 1, 0, model="tiny", api_key="k").env()
     assert env["COLLM_API_KEY"] == env["COLLM_REPLICA_API_KEY"] == "k"
+
+
+def test_live_refuses_a_flag_and_run_config_that_disagree_naming_the_flag(capsys, tmp_path):
+    code, err = run(
+        capsys, "live", "--model", "tiny", "--out", str(tmp_path), "--local-steps", "3",
+        "-c", "local-steps=5",
+    )  # fmt: skip
+    assert code == 2 and "local-steps (use --local-steps): set by this command" in err
