@@ -65,24 +65,32 @@ def normalized_weights(weights: Sequence[float], n_updates: int) -> np.ndarray:
     return w / total
 
 
-def trained_weights(examples: Sequence[float], steps: Sequence[float | None]) -> list[float]:
-    """Each update's aggregation weight: its examples times the fraction it trained of the
-    round's most-trained update's steps (a reply that does not say how many steps counts as
-    fully trained).
+def step_normalized(
+    examples: Sequence[float], steps: Sequence[float | None]
+) -> tuple[list[float], float]:
+    """FedNova's normalized averaging (Wang et al., 2020) for updates that ran different numbers
+    of local steps: the weights of the mean and the factor the server step is scaled by.
 
-    Examples alone (FedAvg's weights) let an update cut short — by its deadline, or by a serving
-    load the allocation gave a small budget — weigh as much as one that trained its whole budget:
-    its adapter, barely moved from the global one, pulls the average back. Scaled by the steps it
-    moves in proportion to its training (one that trained nothing weighs 0); when every update
-    trained the same steps, the weights are the examples as they were.
+    FedAvg's mean Σ pₖΔₖ (pₖ ∝ examples) weighs each update by pₖ·τₖ in effect, τₖ its steps:
+    an update cut short (by its deadline, or by a small budget the allocation gave a busy
+    replica) barely moves and drags the mean back toward the old version, and the mean leans
+    toward the objectives of the nodes that trained most. FedNova averages the per-step updates
+    Δₖ/τₖ with weights pₖ and moves τ_eff = Σ pₖτₖ steps along them: as a weighted mean of the
+    states that is weights ∝ pₖ/τₖ and a server step scaled by (Σ pₖτₖ)(Σ pₖ/τₖ) ≥ 1. When
+    every update ran the same steps this is FedAvg exactly (weights pₖ, factor 1); when a reply
+    does not say how many steps it ran (an external client), FedAvg's weights are used.
     """
     if len(examples) != len(steps):
         raise ValueError(f"got {len(steps)} step counts for {len(examples)} updates")
-    top = max((s for s in steps if s is not None), default=0.0)
-    return [
-        float(e) * (1.0 if s is None or top <= 0 else min(1.0, max(0.0, s) / top))
-        for e, s in zip(examples, steps, strict=True)
-    ]
+    p = np.asarray(examples, dtype=np.float64)
+    if not steps or any(s is None or not s > 0 for s in steps) or not p.sum() > 0:
+        return [float(e) for e in examples], 1.0
+    if len(set(steps)) == 1:  # FedAvg exactly (not up to rounding: a factor of 1 is no step)
+        return [float(e) for e in examples], 1.0
+    tau = np.asarray(steps, dtype=np.float64)
+    p = p / p.sum()
+    w = p / tau
+    return (w / w.sum()).tolist(), float((p * tau).sum() * w.sum())
 
 
 def _client_pairs(updates: Sequence[Mapping[str, np.ndarray]]) -> list[Pairs]:

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import httpx
 
-from collm_fl.config import Scalar
+from collm_fl.config import Scalar, parse_overrides
 from collm_fl.errors import ConfigError
 from collm_fl.federate import (
     check_node_counts,
     failed_if_interrupted,
     launch_config,
+    mark_interrupted,
     run_outcome,
 )
 from collm_fl.launch import LocalFederation, replica_flags
@@ -204,7 +205,8 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
         "ttft-slo-s": cfg.ttft_slo_s,
         "tpot-slo-s": cfg.tpot_slo_s,
     }
-    if cfg.local_steps is not None:  # given as a flag: -c may not say otherwise
+    said = parse_overrides(cfg.run_config).get("local-steps")
+    if cfg.local_steps is not None and said != cfg.local_steps:  # -c may repeat it, not contradict
         fixed["local-steps"] = cfg.local_steps
     defaults = {"min-train-nodes": cfg.replicas + cfg.devices}
     run_config, run_cfg = launch_config(app, cfg.run_config, defaults, fixed)
@@ -263,6 +265,7 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     report = _report(cfg, out, rows, timeline, results, slo, ended - started, note)
     print(f"report: {report}", flush=True)
     if interrupted:
+        mark_interrupted(run_cfg)  # (the interrupt stopped here never reached the wrapper's check)
         raise KeyboardInterrupt  # (the CLI's exit code for it, once everything is stopped)
     return run_outcome(run_cfg, code, launched)
 

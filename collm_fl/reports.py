@@ -25,6 +25,18 @@ def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
 
 
+def _umask() -> int:
+    """The process's umask: Linux shows it; elsewhere it is read by setting it and putting it
+    back (for an instant other threads' new files would get the temporary one)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _replacing(path: Path):  # type: ignore[no-untyped-def]
     path = Path(path)
@@ -33,6 +45,7 @@ def _replacing(path: Path):  # type: ignore[no-untyped-def]
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # (mkstemp's 0600 would make the report private)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

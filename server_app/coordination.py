@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 # least): a node claiming it would make every later budget overflow.
 MIN_STEP_SECONDS = 1e-4
 STEP_HISTORY = 5  # a node's speed: the fastest of its last few rounds
-STATE_KEY = "state"  # in each stored allocation decision: what a resumed run takes back
+STATE_KEY = "state"  # in each stored allocation decision: the state it was made in
+COORDINATION_STATE = "coordination-state"  # event after each round: what a resumed run takes back
 
 
 @dataclass
@@ -103,14 +104,19 @@ class CoordinationState:
             for n, node in sorted(self.nodes.items())
         }
 
-    def restore(self, snapshot: object) -> int:
+    def restore(self, snapshot: object, nodes: Iterable[int] | None = None) -> int:
         """Take back a ``snapshot()`` (from the store, so checked: an entry that is not a node id
-        with finite numbers is skipped). Returns how many nodes were restored."""
+        with finite numbers is skipped), of the ``nodes`` connected now if given (a node that
+        registered again has a new id: an old id's entry would never be used). Returns how many
+        nodes were restored."""
         if not isinstance(snapshot, Mapping):
             return 0
+        known = None if nodes is None else set(nodes)
         restored = 0
         for key, entry in snapshot.items():
             if not (isinstance(key, str) and key.isdigit() and isinstance(entry, Mapping)):
+                continue
+            if known is not None and int(key) not in known:
                 continue
             node = self.nodes.setdefault(int(key), _Node())
             level, trend = entry.get("level"), entry.get("trend")

@@ -44,7 +44,7 @@ from collm_fl.store import (
     VersionStore,
 )
 from collm_fl.training import get_adapter_state
-from server_app.coordination import STATE_KEY, CoordinationState
+from server_app.coordination import COORDINATION_STATE, STATE_KEY, CoordinationState
 from strategies.lora import NOT_DELIVERED, LoraFedAvg, ReplyOutcome
 
 log = logging.getLogger(__name__)
@@ -191,9 +191,14 @@ class Federation:
                 stored = self.run_info.config.get("dp-noise-multiplier", 0.0)
                 z = float(stored) if isinstance(stored, int | float) else 0.0
                 self.dp_releases.append(z if z > 0 else 0.0)
-        decisions = self.store.events(run_id, "allocation")
-        if decisions:  # the forecasts and speeds as the last decision left them
-            restored = self.coordination.restore(decisions[-1].payload.get(STATE_KEY))
+        saved = [  # the forecasts and speeds as the last round (or decision) left them
+            e.payload.get(STATE_KEY)
+            for e in self.store.events(run_id)
+            if e.kind in (COORDINATION_STATE, "allocation")
+        ]
+        if saved:
+            nodes = {int(n) for n in self.grid.get_node_ids()}  # (a restarted node has a new id)
+            restored = self.coordination.restore(saved[-1], nodes)
             log.info("allocation: forecasts and step times of %d node(s) restored", restored)
         return latest
 
@@ -317,6 +322,9 @@ class Federation:
         if cfg.publish_versions and version is not latest:
             # After the round is on record: a crash before this publish is healed on resume.
             self._publish(arrays, version.number)
+        # What the round's replies and acknowledgements taught the allocation, for a resume.
+        state = {"round": rnd, STATE_KEY: self.coordination.snapshot()}
+        store.record_event(run_id, COORDINATION_STATE, state)
         log.info(
             "round %d | clients ok %d rejected %d failed %d | train loss %s | "
             "central eval loss %s ppl %s | version v%d%s | %.1fs",

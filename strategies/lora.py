@@ -9,10 +9,12 @@
   set, the coordinate-wise median or trimmed mean of :func:`aggregate_lora_robust`. A round with
   fewer good replies than ``min_good_replies`` returns no arrays, so the previous version stays in
   force. Each good reply weighs its claimed ``num-examples``, capped at ``max_weight_ratio`` times
-  the round's median claim when that is set (a capped node is logged and its outcome says so),
-  times the fraction it trained of the round's most-trained reply's ``local-steps`` (a reply cut
-  short by its deadline or given a small budget by the allocation does not pull the average
-  back to the old version; equal steps leave the weights as the claims).
+  the round's median claim when that is set (a capped node is logged and its outcome says so).
+  Replies that ran different ``local-steps`` (one cut short by its deadline, or given a small
+  budget by the allocation) are averaged as FedNova does (:func:`step_normalized`): the mean of
+  their per-step updates, moved the examples-weighted mean number of steps, so an update cut
+  short neither pulls the average back nor tilts it toward the nodes that trained most (equal
+  steps: FedAvg).
   With ``server_lr`` η ≠ 1 the new global adapter is ``global + η·(aggregate − global)`` (a
   server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`). With
   ``uniform_weights`` (set under differential privacy) no node sits a round out, every good reply
@@ -40,12 +42,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from collm_fl.adapters import AdapterState
+from collm_fl.adapters import MAX_SERVER_LR, AdapterState
 from collm_fl.aggregation import (
     aggregate_lora_exact,
     aggregate_lora_fedavg,
     check_server_lr,
-    trained_weights,
+    step_normalized,
 )
 from collm_fl.aggregation_robust import (
     ROBUST_METHODS,
@@ -265,14 +267,26 @@ class LoraFedAvg(FedAvg):
             )
             return None, None
         states = [state for state, _, _ in good]
+        mean_weights, step_scale = weights, 1.0
+        if not self.uniform_weights and self.robust == "none":
+            steps = [outcomes[i].metrics.get(LOCAL_STEPS) for i in good_at]
+            mean_weights, step_scale = step_normalized(weights, steps)
+            if step_scale != 1.0:
+                log.info(
+                    "round %d: local steps differ (%s): FedNova's normalized mean, server step "
+                    "x%.3g",
+                    server_round,
+                    ", ".join(f"{s:g}" for s in steps if s is not None),
+                    step_scale,
+                )
         if self.uniform_weights:
             # The mean over every node asked: one that failed, was rejected or did not answer
             # counts as a zero update, so no single reply weighs more than the noise assumes.
             missing = len(outcomes) - len(good)  # every node asked has an outcome by now
             states += [reference] * missing
-            weights = weights + [1.0] * missing
+            mean_weights = weights = weights + [1.0] * missing
         try:
-            new_state = self._aggregate(states, weights, reference)
+            new_state = self._aggregate(states, mean_weights, reference, step_scale)
         except (np.linalg.LinAlgError, RuntimeError, FloatingPointError, ValueError) as e:
             # A numerical failure of the aggregate must not take the server down: the round
             # keeps the previous version, with the reason on record.
@@ -290,9 +304,22 @@ class LoraFedAvg(FedAvg):
         return state_to_arrayrecord(new_state), aggregate_metrics(metrics, metric_weights)
 
     def _aggregate(
-        self, states: list[AdapterState], weights: list[float], reference: AdapterState
+        self,
+        states: list[AdapterState],
+        weights: list[float],
+        reference: AdapterState,
+        step_scale: float = 1.0,
     ) -> AdapterState:
-        eta = self.server_lr
+        eta = self.server_lr * step_scale  # (FedNova's τ_eff factor; 1 when steps are equal)
+        if eta > MAX_SERVER_LR:
+            log.warning(
+                "server step %.3g (server-lr %g x step normalization %.3g) capped to %g",
+                eta,
+                self.server_lr,
+                step_scale,
+                MAX_SERVER_LR,
+            )
+            eta = MAX_SERVER_LR
         if self.robust != "none":
             new_state = aggregate_lora_robust(
                 states, weights, reference, cast(RobustMethod, self.robust), self.trim_fraction
@@ -351,21 +378,18 @@ class LoraFedAvg(FedAvg):
         With ``max_weight_ratio`` set, a claim above that many times the round's median claim is
         capped (see :func:`cap_weights`); the capped node is logged and its outcome's ``reason``
         says what it claimed and what was used, so the store keeps it with the participation.
-        Then each weight is scaled by the steps its node trained against the round's most
-        (:func:`trained_weights`): an update cut short does not pull the average back.
         """
         claimed = [float(outcomes[i].num_examples or 0) for i in good_at]
         if self.uniform_weights:
             for i in good_at:
                 outcomes[i] = replace(outcomes[i], weight_used=1.0)
             return [1.0] * len(good_at)
-        capped = cap_weights(claimed, self.max_weight_ratio).tolist() if claimed else []
-        used = trained_weights(capped, [outcomes[i].metrics.get(LOCAL_STEPS) for i in good_at])
-        for i, c, cap, u in zip(good_at, claimed, capped, used, strict=True):
+        used = cap_weights(claimed, self.max_weight_ratio).tolist() if claimed else []
+        for i, c, u in zip(good_at, claimed, used, strict=True):
             note = None
-            if cap < c:
+            if u < c:
                 note = (
-                    f"num-examples {c:g} capped to {cap:g} "
+                    f"num-examples {c:g} capped to {u:g} "
                     f"(max-weight-ratio {self.max_weight_ratio:g} x the round median)"
                 )
                 log.warning(
@@ -373,7 +397,7 @@ class LoraFedAvg(FedAvg):
                     server_round,
                     outcomes[i].node_id,
                     c,
-                    cap,
+                    u,
                 )
             outcomes[i] = replace(outcomes[i], reason=note, weight_used=u)
         return used

@@ -103,8 +103,8 @@ def render_markdown(result: GoodputResult) -> str:
         f"{cal.train_step_s:.3f} s on a replica's core).",
         "- **Federation**: emulated by the benchmark process (not Flower): each round the "
         "training replicas train (`/control/train`), the updates are aggregated exactly "
-        "(`aggregate_lora_exact`, weighted by examples × the fraction of the round's most "
-        "steps each trained, as the strategy weighs them"
+        "(`aggregate_lora_exact`, weighted by examples; when replicas ran different steps, "
+        "FedNova's normalized mean, as the strategy averages them"
         + (
             f"; server learning rate η = {st.server_lr:g} where 2+ training replicas are "
             "averaged: global + η·(aggregate − global)"

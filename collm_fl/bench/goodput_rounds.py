@@ -3,10 +3,10 @@
 Not Flower (the Flower path is tested elsewhere): the benchmark process plays the server. Round r
 starts at ``warmup + (r-1)·round_s`` seconds after the load started (later if the previous round
 ran over). It asks the system's training replicas to train (``/control/train``, in parallel),
-aggregates the updates with :func:`aggregate_lora_exact` (weighted by examples × steps trained, as
-the strategy weighs them), evaluates the new version on the central held-out set
-(:class:`CentralEvaluator`), pushes it to every replica with the system's swap mode, and records
-when each serving replica started serving it.
+aggregates the updates with :func:`aggregate_lora_exact` (weighted by examples; FedNova's
+normalized mean when the replicas ran different steps, as the strategy averages them), evaluates
+the new version on the central held-out set (:class:`CentralEvaluator`), pushes it to every
+replica with the system's swap mode, and records when each serving replica started serving it.
 
 The training budget per round is the same for every system: ``R × steps_per_replica`` micro-steps
 with the same deadline. The separate system spreads it over its training replicas; the
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from collm_fl.adapters import AdapterState
-from collm_fl.aggregation import aggregate_lora_exact, trained_weights
+from collm_fl.adapters import MAX_SERVER_LR, AdapterState
+from collm_fl.aggregation import aggregate_lora_exact, step_normalized
 from collm_fl.central_eval import CentralEvaluator
 from collm_fl.loadgen.goodput import SLOSpec
 
@@ -165,7 +165,7 @@ class Orchestrator:
     def _round(self, rnd: int, started_s: float, t0_wall: float) -> RoundRecord:
         budgets = self._budgets()
         t_train = time.monotonic()
-        updates, weights, steps, tokens, failures = self._train(rnd, budgets)
+        updates, weights, trained, steps, tokens, failures = self._train(rnd, budgets)
         record = RoundRecord(
             rnd,
             started_s,
@@ -187,6 +187,9 @@ class Orchestrator:
             self.say(f"    round {rnd}: no update came back; still serving v{self.version}")
             return record
         eta = self.s.server_lr if len(self.training) > 1 else 1.0
+        # As the federated strategy averages them: FedNova's normalized mean when steps differ.
+        weights, step_scale = step_normalized(weights, trained)
+        eta = min(eta * step_scale, MAX_SERVER_LR)
         self.state = aggregate_lora_exact(updates, weights, server_lr=eta, reference=self.state)
         self.version += 1
         t_eval = time.monotonic()
@@ -264,10 +267,10 @@ class Orchestrator:
 
     def _train(
         self, rnd: int, budgets: dict[int, tuple[int, float]]
-    ) -> tuple[list[AdapterState], list[float], int, int, list[str]]:
+    ) -> tuple[list[AdapterState], list[float], list[float | None], int, int, list[str]]:
         jobs = {i: b for i, b in budgets.items() if b[0] > 0 or self._backfill.get(i, 0) > 0}
         if not jobs:
-            return [], [], 0, 0, []
+            return [], [], [], 0, 0, []
 
         def one(i: int) -> tuple[AdapterState, dict[str, float]]:
             steps, share = jobs[i]
@@ -283,7 +286,7 @@ class Orchestrator:
             )
 
         updates, weights, failures = [], [], []
-        trained: list[float] = []
+        trained: list[float | None] = []
         steps = tokens = 0
         with ThreadPoolExecutor(len(jobs), thread_name_prefix="bench-train") as pool:
             futures = {i: pool.submit(one, i) for i in jobs}
@@ -311,8 +314,7 @@ class Orchestrator:
                     updates.append(state)
                     weights.append(metrics["num-examples"])
                     trained.append(done)
-        # As the federated strategy weighs them: examples x the share of the most steps trained.
-        return updates, trained_weights(weights, trained), steps, tokens, failures
+        return updates, weights, trained, steps, tokens, failures
 
     def _push(self, version: int, state: AdapterState) -> list[float]:
         """Push to every replica at once (serving ones in the system's mode); swap ms each."""

@@ -176,6 +176,7 @@ class CoTrainer:
         self._thread: threading.Thread | None = None
         self._worker: _Worker | None = None  # runs the micro-steps (started by start())
         self._stopping = threading.Event()
+        self._submit_lock = threading.Lock()
         self._step_ewma = 0.0  # wall seconds per micro-step (paces the guard's re-checks)
         self._step_cost_ewma = 0.0  # compute seconds per micro-step (what the plan needs)
         self.clock: Callable[[], float] = time.monotonic  # the deadline's clock (tests replace it)
@@ -204,7 +205,8 @@ class CoTrainer:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stopping.set()
+        with self._submit_lock:
+            self._stopping.set()
         self._jobs.put(None)
         with self.engine.busy_changed:
             self.engine.busy_changed.notify_all()
@@ -221,7 +223,11 @@ class CoTrainer:
         if not 0 < job.learning_rate < 1:
             raise ConfigError(f"learning rate must be in (0, 1), got {job.learning_rate}")
         fut: Future[TrainOutcome] = Future()
-        self._jobs.put((job, fut))
+        with self._submit_lock:  # (a job queued after stop() would wait for ever)
+            if self._stopping.is_set():
+                fut.set_exception(TrainerStopped("replica is shutting down"))
+            else:
+                self._jobs.put((job, fut))
         return fut
 
     # ---- trainer thread ----

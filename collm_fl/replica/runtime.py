@@ -275,14 +275,17 @@ class Replica:
             if vdir.exists():  # stored before (a retry, a version rolled back from): set aside
                 aside = vdir.with_name(f"{TEMP_PREFIX}aside-{vdir.name}-{uuid.uuid4().hex[:8]}")
                 vdir.rename(aside)  # (a crash from here on: removed at start, as any temp dir)
-            write_adapter_dir(vdir, dict(state), peft_config)
             try:
+                write_adapter_dir(vdir, dict(state), peft_config)
                 previous = self._swap(state, peft_config, version, run, mode, vdir)
             except BaseException:
                 # Not served, so not stored: a restart must not serve what was refused here; a
-                # copy stored before goes back (a rollback to it still finds it).
-                with contextlib.suppress(StoreError, OSError):  # the swap's error is the one
-                    remove_adapter_dir(vdir)
+                # copy stored before goes back (a rollback to it still finds it). The write's or
+                # the swap's error is the one raised.
+                with contextlib.suppress(StoreError, OSError):
+                    if vdir.exists():
+                        remove_adapter_dir(vdir)
+                with contextlib.suppress(OSError):
                     if aside is not None:
                         aside.rename(vdir)
                 raise

@@ -180,14 +180,21 @@ def test_a_resumed_run_takes_back_each_nodes_rate_forecast_and_speed(tmp_path):
     nodes = {1: busier_each_round, 2: busier_each_round}
     fed, store = federation(tmp_path, nodes, num_server_rounds=3, allocation="quality-aware")
     fed.run()
-    # What the last decision (round 3) saw: the forecasts after rounds 1-2 reported a rising rate.
-    decided = store.events(fed.run_info.id, "allocation")[-1].payload["state"]
-    assert decided["2"]["trend"] > 0 and decided["2"]["step-seconds"] == [2.0, 2.0]
+    # As round 3 left it: a rising rate's forecast, every round's step time.
+    left = store.events(fed.run_info.id, "coordination-state")[-1].payload["state"]
+    assert left["2"]["trend"] > 0 and left["2"]["step-seconds"] == [2.0, 2.0, 2.0]
+    assert left == fed.coordination.snapshot()
     store.close()
 
     again, store = federation(tmp_path, nodes, num_server_rounds=4, allocation="quality-aware")
     again._initial_version()
-    assert again.coordination.snapshot() == decided  # not a forecast that starts again flat
+    assert again.coordination.snapshot() == left  # not a forecast that starts again flat
+    store.close()
+    # Nodes that registered again (new ids): nothing of the old ids is taken back.
+    third, store = federation(tmp_path, {7: busier_each_round}, num_server_rounds=4)
+    third._initial_version()
+    assert set(third.coordination.snapshot()) <= {"7"}
+    assert third.coordination.nodes[7].forecast is None
     store.close()
 
 

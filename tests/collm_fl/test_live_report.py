@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from collm_fl.live import (
     LiveConfig,
     RoundRow,
@@ -102,3 +104,59 @@ def test_an_earlier_runs_report_goes_aside_with_its_stores(tmp_path: Path) -> No
     kept = keep_earlier_run(tmp_path)
     assert kept is not None and (kept / "report.md").read_text() == "earlier"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
+
+
+def test_an_interrupted_live_run_reports_what_ran_marks_the_run_and_stops(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Ctrl-C / SIGTERM mid-run: the report of the rounds so far (marked), the run marked failed
+    in the store, the interrupt passed on (exit 130) — without waiting for requests in flight."""
+    import collm_fl.live as live
+
+    repo = Path(__file__).resolve().parents[2]
+    marked: list[str] = []
+    stops: list[bool] = []
+
+    class Fed:
+        api_key = None
+
+        def __init__(self, *args, **kwargs) -> None:
+            self.replicas: list[object] = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def start_gateway(self, **kwargs):
+            return "http://127.0.0.1:9", None
+
+    class Load:
+        def __init__(self, *args) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+        def stop(self, wait: bool = True):
+            stops.append(wait)
+            return [_ok(0, 1.0, 0.3)]
+
+    def interrupted(*args, **kwargs):
+        rows = args[7]
+        rows.append(RoundRow(1, 60.0, 1, 4.8, 2, 0, 1, 0.016, 1.0, {}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(live, "LocalFederation", Fed)
+    monkeypatch.setattr(live, "_Load", Load)
+    monkeypatch.setattr(live, "_monitor", lambda *a: None)
+    monkeypatch.setattr(live, "_drive_flwr", interrupted)
+    monkeypatch.setattr(live, "mark_interrupted", lambda cfg: marked.append(cfg.run_name))
+    cfg = LiveConfig(model="tiny", out=tmp_path / "out", rounds=3)
+    with pytest.raises(KeyboardInterrupt):
+        live.run_live(cfg, repo)
+    assert stops == [False] and marked == ["live"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "**Interrupted: the report covers the rounds so far.**" in md
+    assert "| 1 | 60 | v1 |" in md

@@ -35,3 +35,11 @@ def test_a_figure_is_saved_in_the_format_its_name_says(tmp_path):
     save_figure(fig, tmp_path / "plot.png")
     plt.close(fig)
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_report_is_as_readable_as_a_file_written_in_place(tmp_path):
+    plain = tmp_path / "plain.md"
+    plain.write_text("x")
+    atomic = tmp_path / "atomic.md"
+    write_text_atomic(atomic, "x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -108,34 +108,42 @@ def test_a_reply_that_trained_no_steps_is_kept_out_of_the_average():
     assert "0 steps" in by_node[2].reason
 
 
-def test_an_update_cut_short_weighs_the_fraction_of_the_most_steps_it_trained():
+def test_updates_of_different_steps_are_averaged_as_fednova_does():
+    """The mean of the per-step updates, moved the examples-weighted mean number of steps: an
+    update cut short does not pull the average back toward the old version."""
     s = strategy(max_weight_ratio=2.0)
+    reference = adapter(0)
     full, short, silent = adapter(1), adapter(2), adapter(3)
     arrays, _ = s.aggregate_train(
         1,
         [
             reply(1, full, 10, {"local-steps": 4.0}),
             reply(2, short, 10, {"local-steps": 1.0}),  # a deadline or a busy replica's budget
-            reply(3, silent, 100),  # says no steps (a client of its own): fully trained, capped
+            reply(3, silent, 100, {"local-steps": 2.0}),  # claims 100: capped to 20
         ],
     )
     got = arrayrecord_to_state(arrays)
-    expected = aggregate_lora_exact([full, short, silent], [10, 2.5, 20])
+    # By hand: p = (10, 10, 20)/40, tau = (4, 1, 2); weights ∝ p/tau = (1/16, 1/4, 1/4) / S
+    # with S = 9/16, and the server step (Σ p·tau)(S) = (2.25)(0.5625) = 1.265625.
+    weights = [1 / 16 / 0.5625, 0.25 / 0.5625, 0.25 / 0.5625]
+    expected = aggregate_lora_exact(
+        [full, short, silent], weights, server_lr=1.265625, reference=reference
+    )
     for k, v in expected.items():
-        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6)
-    assert [o.weight_used for o in s.last_report.outcomes] == [10.0, 2.5, 20.0]
+        np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-6)
+    assert [o.weight_used for o in s.last_report.outcomes] == [10.0, 10.0, 20.0]
     assert "capped to 20" in s.last_report.outcomes[2].reason
 
 
-def test_equal_steps_leave_the_weights_as_the_examples():
-    from collm_fl.aggregation import trained_weights
+def test_equal_or_unknown_steps_leave_fedavg_as_it_was():
+    from collm_fl.aggregation import step_normalized
 
-    assert trained_weights([10, 30], [5.0, 5.0]) == [10.0, 30.0]
-    assert trained_weights([10, 30], [None, None]) == [10.0, 30.0]
-    assert trained_weights([10, 30], [0.0, 0.0]) == [10.0, 30.0]  # (nothing to scale against)
-    assert trained_weights([10, 30], [2.0, 8.0]) == [2.5, 30.0]
+    assert step_normalized([10, 30], [5.0, 5.0]) == ([10.0, 30.0], 1.0)
+    assert step_normalized([10, 30], [None, 3.0]) == ([10.0, 30.0], 1.0)  # one does not say
+    weights, scale = step_normalized([10, 10], [1.0, 9.0])
+    assert weights == pytest.approx([0.9, 0.1]) and scale == pytest.approx(5 * (0.5 + 0.5 / 9))
     with pytest.raises(ValueError, match="step counts"):
-        trained_weights([10], [1.0, 2.0])
+        step_normalized([10], [1.0, 2.0])
 
 
 def test_backfill_budgets_reach_the_node_and_one_that_sits_out_is_asked_for_0_steps():

@@ -98,6 +98,8 @@ def test_a_request_whose_client_left_while_queued_is_dropped_and_counted_as_a_mi
     # Only the first request generated: the one whose client left was never admitted.
     assert replica.engine.stats().tokens_generated == first[0].json()["usage"]["completion_tokens"]
     (left,) = [r for r in replica.load_window._records if r.status == "cancelled"]
-    assert left.ttft is None and left.waited_s is not None and left.waited_s >= 0.5
+    # Its wait is on record: from its admission to the queue (after tokenizing, in a worker
+    # thread) until its client left, half a second after sending it.
+    assert left.ttft is None and left.waited_s is not None and left.waited_s > 0.1
     report = replica.load_window.report(0, 0, 0.0, 0, reset=False)
     assert report.requests == 2  # both were load (how a wait is judged: test_load_window.py)

@@ -300,3 +300,17 @@ def test_overdue_or_on_time_work_is_not_given_to_training(late_replica):
     finally:
         engine.want_late_turn(False)
     assert engine.stats().late_rest_s == 0.0
+
+
+def test_a_job_submitted_after_the_trainer_stopped_fails_at_once(replica):
+    """(A /control/train request still draining at SIGTERM reaches submit() after stop(): queued,
+    nobody would ever answer it, and the replica's graceful shutdown would wait for ever.)"""
+    from collm_fl.replica.coexec import TrainerStopped, TrainJob
+
+    trainer = replica.trainer
+    trainer.stop()
+    job = TrainJob(start_state={}, steps=1, learning_rate=1e-3, deadline_s=60.0, round_number=1)
+    fut = trainer.submit(job)
+    assert fut.done()
+    with pytest.raises(TrainerStopped):
+        fut.result(timeout=0)

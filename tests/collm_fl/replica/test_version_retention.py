@@ -121,3 +121,25 @@ def test_a_stored_version_pushed_again_keeps_its_copy_when_the_new_swap_fails(
     assert not [p for p in r.version_dir(2).parent.iterdir() if p.name.startswith(TEMP_PREFIX)]
     r.rollback(2)
     assert r.served_version == 2
+
+
+def test_a_stored_version_whose_rewrite_fails_keeps_its_copy(make_replica, monkeypatch):
+    import collm_fl.replica.runtime as runtime
+    from collm_fl.errors import StoreError
+
+    r = make_replica(keep=0)
+    for v in range(3):
+        push(r, v)
+    r.rollback(1)
+    stored = (r.version_dir(2) / "adapter_model.safetensors").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise StoreError("no space left on device")
+
+    monkeypatch.setattr(runtime, "write_adapter_dir", disk_full)
+    with pytest.raises(StoreError):
+        push(r, 2)
+    monkeypatch.undo()
+    assert (r.version_dir(2) / "adapter_model.safetensors").read_bytes() == stored
+    r.rollback(2)
+    assert r.served_version == 2
