@@ -57,8 +57,12 @@ def _dies_with_parent() -> Callable[[], None] | None:
     except (OSError, AttributeError):
         return None
 
+    parent = os.getpid()
+
     def set_death_signal() -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died between the fork and the prctl
+            os.kill(os.getpid(), signal.SIGTERM)
 
     return set_death_signal
 
