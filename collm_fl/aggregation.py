@@ -65,8 +65,11 @@ def normalized_weights(weights: Sequence[float], n_updates: int) -> np.ndarray:
     return w / total
 
 
+MAX_STEP_RATIO = 4.0  # FedNova: a step count below the round's most / this counts as that much
+
+
 def step_normalized(
-    examples: Sequence[float], steps: Sequence[float | None]
+    examples: Sequence[float], steps: Sequence[float | None], max_ratio: float = MAX_STEP_RATIO
 ) -> tuple[list[float], float]:
     """FedNova's normalized averaging (Wang et al., 2020) for updates that ran different numbers
     of local steps: the weights of the mean and the factor the server step is scaled by.
@@ -79,6 +82,13 @@ def step_normalized(
     states that is weights ∝ pₖ/τₖ and a server step scaled by (Σ pₖτₖ)(Σ pₖ/τₖ) ≥ 1. When
     every update ran the same steps this is FedAvg exactly (weights pₖ, factor 1); when a reply
     does not say how many steps it ran (an external client), FedAvg's weights are used.
+
+    A step count is the node's own claim, and dividing by it is a lever: a node claiming 1e-6
+    steps would take the whole mean and the largest server step. So τₖ counts as at least the
+    round's most / ``max_ratio``: a claim can raise an update's share of the step at most
+    ``max_ratio`` times its FedAvg share (as ``max-weight-ratio`` bounds claimed examples), and
+    the factor is at most ``max_ratio``. That also bounds how far one noisy step of an honest
+    busy replica is extrapolated.
     """
     if len(examples) != len(steps):
         raise ValueError(f"got {len(steps)} step counts for {len(examples)} updates")
@@ -88,6 +98,7 @@ def step_normalized(
     if len(set(steps)) == 1:  # FedAvg exactly (not up to rounding: a factor of 1 is no step)
         return [float(e) for e in examples], 1.0
     tau = np.asarray(steps, dtype=np.float64)
+    tau = np.maximum(tau, tau.max() / max_ratio)
     p = p / p.sum()
     w = p / tau
     return (w / w.sum()).tolist(), float((p * tau).sum() * w.sum())

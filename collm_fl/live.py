@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from collm_fl.config import Scalar, parse_overrides
-from collm_fl.errors import ConfigError
+from collm_fl.errors import ConfigError, StoreError
 from collm_fl.federate import (
     check_node_counts,
     failed_if_interrupted,
@@ -260,12 +260,13 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
             results = load.stop(wait=not interrupted)
             stop_monitor.set()
             monitor.join(timeout=10)
+    if interrupted:  # first (the interrupt stopped here never reached the wrapper's check)
+        mark_interrupted(run_cfg)
     rows = recount_rounds(rows, results, slo)
     note = "Interrupted: the report covers the rounds so far." if interrupted else ""
     report = _report(cfg, out, rows, timeline, results, slo, ended - started, note)
     print(f"report: {report}", flush=True)
     if interrupted:
-        mark_interrupted(run_cfg)  # (the interrupt stopped here never reached the wrapper's check)
         raise KeyboardInterrupt  # (the CLI's exit code for it, once everything is stopped)
     return run_outcome(run_cfg, code, launched)
 
@@ -449,12 +450,16 @@ def _report(
     store_root = out / "federation"
     if (store_root / "store.db").exists():
         with VersionStore(store_root) as store:
-            run = store.find_run("live")
-            losses = {
-                v.number: v.eval_loss
-                for v in store.list_versions(run.id)
-                if v.eval_loss is not None
-            }
+            try:
+                run = store.find_run("live")
+            except StoreError:  # (interrupted before the ServerApp created its run)
+                run = None
+            if run is not None:
+                losses = {
+                    v.number: v.eval_loss
+                    for v in store.list_versions(run.id)
+                    if v.eval_loss is not None
+                }
     summary = summarize_results(results, slo, duration_s)
     data = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},

@@ -14,7 +14,9 @@
   budget by the allocation) are averaged as FedNova does (:func:`step_normalized`): the mean of
   their per-step updates, moved the examples-weighted mean number of steps, so an update cut
   short neither pulls the average back nor tilts it toward the nodes that trained most (equal
-  steps: FedAvg).
+  steps: FedAvg); a claimed step count counts as at least the round's most / 4, so no claim
+  raises an update's share of the step more than 4× (``MAX_STEP_RATIO``). An outcome's
+  ``weight_used`` is its (capped) examples weight, before that normalization.
   With ``server_lr`` η ≠ 1 the new global adapter is ``global + η·(aggregate − global)`` (a
   server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`). With
   ``uniform_weights`` (set under differential privacy) no node sits a round out, every good reply
@@ -22,7 +24,8 @@
   answer counts as a zero update: the plain mean of the clipped updates over every node asked (at
   least ``min-train-nodes``), so one node moves it by at most C / that many, the sensitivity
   Flower's noise (σ·C / ``min-train-nodes``) is calibrated for. Metrics are averaged over the
-  nodes that send them, weighted as their updates (a reply that trained nothing weighs 0 there);
+  nodes that send them, weighted by their examples weight (a reply that trained nothing weighs
+  0 there);
   a ``train_metrics_aggr_fn`` given to FedAvg is not used.
 
 It composes with Flower's wrappers, e.g.

@@ -39,7 +39,6 @@ from collm_fl.replica.merged import MergedVersion
 from collm_fl.replica.metrics import SLO, LoadReport, LoadWindow, ReplicaMetrics
 from collm_fl.replica.slots import AdapterSlots, canary_check, validate_adapter_state
 from collm_fl.store.adapter_io import (
-    TEMP_PREFIX,
     cleanup_partial_dirs,
     read_adapter_dir,
     remove_adapter_dir,
@@ -49,6 +48,7 @@ from collm_fl.store.adapter_io import (
 log = logging.getLogger(__name__)
 
 _VERSION_DIR = re.compile(r"v(\d{4,})")
+ASIDE_PREFIX = ".aside-"  # a stored version set aside while the same version is pushed again
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_RUN = "default"
 MAX_VERSION = 10**9  # versions count rounds; a larger number is a client bug, not a version
@@ -198,6 +198,7 @@ class Replica:
         for run_dir in runs:
             for tmp in cleanup_partial_dirs(run_dir):
                 log.warning("removed an interrupted version write: %s", tmp)
+            _settle_aside(run_dir)
         for run_dir in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True):
             for number in sorted(self.stored_versions(run_dir.name), reverse=True):
                 try:
@@ -273,8 +274,8 @@ class Replica:
             vdir.parent.mkdir(parents=True, exist_ok=True)
             aside = None
             if vdir.exists():  # stored before (a retry, a version rolled back from): set aside
-                aside = vdir.with_name(f"{TEMP_PREFIX}aside-{vdir.name}-{uuid.uuid4().hex[:8]}")
-                vdir.rename(aside)  # (a crash from here on: removed at start, as any temp dir)
+                aside = vdir.with_name(f"{ASIDE_PREFIX}{vdir.name}-{uuid.uuid4().hex[:8]}")
+                vdir.rename(aside)  # (a crash from here on: put back at start if still missing)
             try:
                 write_adapter_dir(vdir, dict(state), peft_config)
                 previous = self._swap(state, peft_config, version, run, mode, vdir)
@@ -544,3 +545,17 @@ class Replica:
         return self.load_window.report(
             s.queue_depth, s.running, self.training_share, steps, reset, serving_busy_s=s.busy_s
         )
+
+
+def _settle_aside(run_dir: Path) -> None:
+    """After a crash mid re-push: a version set aside goes back where its new copy never landed
+    (a rollback to it still finds it), and is dropped where the new copy did."""
+    for aside in sorted(run_dir.glob(f"{ASIDE_PREFIX}v*")):
+        target = run_dir / aside.name[len(ASIDE_PREFIX) :].rsplit("-", 1)[0]
+        if not _VERSION_DIR.fullmatch(target.name) or not aside.is_dir():
+            continue
+        if target.exists():
+            remove_adapter_dir(aside)
+        else:
+            aside.rename(target)
+            log.warning("put back %s, set aside by an interrupted re-push", target.name)

@@ -140,10 +140,25 @@ def test_equal_or_unknown_steps_leave_fedavg_as_it_was():
 
     assert step_normalized([10, 30], [5.0, 5.0]) == ([10.0, 30.0], 1.0)
     assert step_normalized([10, 30], [None, 3.0]) == ([10.0, 30.0], 1.0)  # one does not say
-    weights, scale = step_normalized([10, 10], [1.0, 9.0])
-    assert weights == pytest.approx([0.9, 0.1]) and scale == pytest.approx(5 * (0.5 + 0.5 / 9))
+    weights, scale = step_normalized([10, 10], [3.0, 9.0])
+    assert weights == pytest.approx([0.75, 0.25]) and scale == pytest.approx(
+        6 * (0.5 / 3 + 0.5 / 9)
+    )
     with pytest.raises(ValueError, match="step counts"):
         step_normalized([10], [1.0, 2.0])
+
+
+def test_a_tiny_step_claim_cannot_take_over_the_mean_or_the_server_step():
+    """Dividing by a node's own step count is a lever: 1e-6 steps would make its update the
+    whole mean and the step as long as allowed. A claim counts as at least the most / 4."""
+    from collm_fl.aggregation import MAX_STEP_RATIO, step_normalized
+
+    liar, scale = step_normalized([10, 10, 10], [1e-6, 10.0, 10.0])
+    honest_short, same = step_normalized([10, 10, 10], [2.5, 10.0, 10.0])
+    assert liar == pytest.approx(honest_short) and scale == pytest.approx(same)
+    # Its coefficient on the step is at most MAX_STEP_RATIO times FedAvg's (1/3 each).
+    assert liar[0] * scale <= MAX_STEP_RATIO / 3 + 1e-12
+    assert scale <= MAX_STEP_RATIO
 
 
 def test_backfill_budgets_reach_the_node_and_one_that_sits_out_is_asked_for_0_steps():

@@ -143,3 +143,20 @@ def test_a_stored_version_whose_rewrite_fails_keeps_its_copy(make_replica, monke
     assert (r.version_dir(2) / "adapter_model.safetensors").read_bytes() == stored
     r.rollback(2)
     assert r.served_version == 2
+
+
+def test_a_version_set_aside_by_a_crashed_re_push_is_put_back_at_start(make_replica):
+    from collm_fl.replica.runtime import ASIDE_PREFIX
+
+    r = make_replica(keep=0)
+    for v in range(3):
+        push(r, v)
+    r.stop()
+    run_dir = r.version_dir(2).parent
+    # A crash after v2 was set aside and before its new copy was written:
+    r.version_dir(2).rename(run_dir / f"{ASIDE_PREFIX}v0002-0123abcd")
+    # ... and one after v1's new copy landed (its old copy still aside):
+    (run_dir / f"{ASIDE_PREFIX}v0001-4567cdef").mkdir()
+    again = make_replica(keep=0)
+    assert again.recover() == 2 and again.stored_versions() == [0, 1, 2]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(ASIDE_PREFIX)]
