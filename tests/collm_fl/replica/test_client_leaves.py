@@ -10,13 +10,11 @@ import threading
 
 import httpx
 import pytest
-import uvicorn
 
-from collm_fl.launch import free_port
 from collm_fl.replica.metrics import SLO
 from collm_fl.replica.runtime import Replica, ReplicaConfig
-from collm_fl.replica.server import create_app
 from tests.collm_fl.gateway.gateway_harness import wait_for
+from tests.collm_fl.replica.in_thread import served
 
 
 class Gate:
@@ -46,29 +44,11 @@ def server(request, tmp_path):
     replica = Replica(cfg)
     gate = Gate()
     replica.model.register_forward_pre_hook(gate)
-    replica.start()
-    port = free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(
-            create_app(replica), host="127.0.0.1", port=port, log_level="warning", ws="none"
-        )
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _answers(url), 60, "replica server did not start")
-    yield replica, gate, url
-    gate.opened.set()
-    srv.should_exit = True
-    thread.join(30)
-    replica.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    with served(replica) as url:
+        try:
+            yield replica, gate, url
+        finally:
+            gate.opened.set()  # (before the server stops: a held forward would block it)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -5,16 +5,13 @@ hook in the model's forward that fails the forwards a test asks it to."""
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import pytest
-import uvicorn
 
-from collm_fl.launch import free_port
 from collm_fl.replica.runtime import Replica, ReplicaConfig
-from collm_fl.replica.server import DEFAULT_MAX_TOKENS_COMPLETIONS, create_app
-from tests.collm_fl.gateway.gateway_harness import wait_for
+from collm_fl.replica.server import DEFAULT_MAX_TOKENS_COMPLETIONS
+from tests.collm_fl.replica.in_thread import served
 
 # A Gemma-style template: no system turn.
 NO_SYSTEM_TEMPLATE = (
@@ -46,34 +43,14 @@ def server(tmp_path_factory):
     replica = Replica(cfg)
     failer = Failer()
     replica.model.register_forward_pre_hook(failer)
-    replica.start()
-    port = free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(
-            create_app(replica), host="127.0.0.1", port=port, log_level="warning", ws="none"
-        )
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _answers(url), 60, "replica server did not start")
-    yield replica, failer, url
-    srv.should_exit = True
-    thread.join(30)
-    replica.stop()
+    with served(replica) as url:
+        yield replica, failer, url
 
 
 @pytest.fixture()
 def failer(server):
     yield server[1]
     server[1].fail_at = None
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _events(r: httpx.Response) -> list[str]:

@@ -99,9 +99,14 @@ def test_removal_is_all_or_nothing(tmp_path):
     assert len(cleanup_partial_dirs(tmp_path / "run")) == 1
 
 
-def test_a_stored_version_pushed_again_keeps_its_copy_when_the_new_swap_fails(
-    make_replica, monkeypatch
+@pytest.mark.parametrize("fails", ["swap", "write"])
+def test_a_stored_version_pushed_again_keeps_its_copy_when_the_new_one_fails(
+    make_replica, monkeypatch, fails
 ):
+    """Pushed again after a rollback from it: if the new swap (every slot pinned) or the new
+    copy's write (disk full) fails, the stored copy is still there for a rollback."""
+    import collm_fl.replica.runtime as runtime
+    from collm_fl.errors import StoreError
     from collm_fl.replica.slots import NoFreeSlotError
 
     r = make_replica(keep=0)
@@ -109,38 +114,20 @@ def test_a_stored_version_pushed_again_keeps_its_copy_when_the_new_swap_fails(
         push(r, v)
     r.rollback(1)
     stored = (r.version_dir(2) / "adapter_model.safetensors").read_bytes()
+    error = NoFreeSlotError("every slot pinned") if fails == "swap" else StoreError("disk full")
 
-    def no_slot(*args, **kwargs):
-        raise NoFreeSlotError("every slot pinned")
+    def failing(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr(r, "_swap", no_slot)
-    with pytest.raises(NoFreeSlotError):
+    if fails == "swap":
+        monkeypatch.setattr(r, "_swap", failing)
+    else:
+        monkeypatch.setattr(runtime, "write_adapter_dir", failing)
+    with pytest.raises(type(error)):
         push(r, 2)
     monkeypatch.undo()
     assert (r.version_dir(2) / "adapter_model.safetensors").read_bytes() == stored
     assert not [p for p in r.version_dir(2).parent.iterdir() if p.name.startswith(TEMP_PREFIX)]
-    r.rollback(2)
-    assert r.served_version == 2
-
-
-def test_a_stored_version_whose_rewrite_fails_keeps_its_copy(make_replica, monkeypatch):
-    import collm_fl.replica.runtime as runtime
-    from collm_fl.errors import StoreError
-
-    r = make_replica(keep=0)
-    for v in range(3):
-        push(r, v)
-    r.rollback(1)
-    stored = (r.version_dir(2) / "adapter_model.safetensors").read_bytes()
-
-    def disk_full(*args, **kwargs):
-        raise StoreError("no space left on device")
-
-    monkeypatch.setattr(runtime, "write_adapter_dir", disk_full)
-    with pytest.raises(StoreError):
-        push(r, 2)
-    monkeypatch.undo()
-    assert (r.version_dir(2) / "adapter_model.safetensors").read_bytes() == stored
     r.rollback(2)
     assert r.served_version == 2
 
