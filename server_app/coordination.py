@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # least): a node claiming it would make every later budget overflow.
 MIN_STEP_SECONDS = 1e-4
 STEP_HISTORY = 5  # a node's speed: the fastest of its last few rounds
-STATE_KEY = "state"  # in each stored allocation decision: the state it was made in
+STATE_KEY = "state"  # in each coordination-state event: the nodes' forecasts and speeds
 COORDINATION_STATE = "coordination-state"  # event after each round: what a resumed run takes back
 
 
@@ -171,11 +171,7 @@ class CoordinationState:
         for n in node_ids:
             if n in self.nodes:
                 self.nodes[n].load_used = True
-        store.record_event(
-            run_id,
-            "allocation",
-            {"round": rnd, **describe(inputs, budgets), STATE_KEY: self.snapshot()},
-        )
+        store.record_event(run_id, "allocation", {"round": rnd, **describe(inputs, budgets)})
         for b in budgets:
             log.info(
                 "round %d allocation: node %d -> %d steps + %d backfill, share %.2f (%s)",

@@ -191,10 +191,8 @@ class Federation:
                 stored = self.run_info.config.get("dp-noise-multiplier", 0.0)
                 z = float(stored) if isinstance(stored, int | float) else 0.0
                 self.dp_releases.append(z if z > 0 else 0.0)
-        saved = [  # the forecasts and speeds as the last round (or decision) left them
-            e.payload.get(STATE_KEY)
-            for e in self.store.events(run_id)
-            if e.kind in (COORDINATION_STATE, "allocation")
+        saved = [  # the forecasts and speeds as the last round left them
+            e.payload.get(STATE_KEY) for e in self.store.events(run_id, COORDINATION_STATE)
         ]
         if saved:
             nodes = {int(n) for n in self.grid.get_node_ids()}  # (a restarted node has a new id)
