@@ -20,6 +20,8 @@ from collm_fl.errors import ConfigError
 from collm_fl.replica.requests import FINISH_LENGTH, FINISH_STOP, RequestHandle
 from collm_fl.replica.sampling import SamplingParams, emittable_length, find_stop
 
+_DECODE = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+
 
 @dataclass(eq=False)
 class Row:
@@ -30,6 +32,13 @@ class Row:
     generator: torch.Generator | None
     generated: list[int]
     sent: int = 0  # characters of the generated text already emitted
+    # Incremental detokenization (as vLLM's): the text of generated[:read] is settled; each step
+    # decodes only generated[prefix:] against generated[prefix:read] (the few tokens before the
+    # new ones, so merges and leading spaces come out as in a whole decode). Decoding the whole
+    # output at every step grows quadratically with its length.
+    settled: str = ""
+    prefix: int = 0
+    read: int = 0
 
     @property
     def params(self) -> SamplingParams:
@@ -40,6 +49,26 @@ class Row:
         """The true position of the last sampled token, which the next decode step feeds."""
         return self.handle.num_prompt_tokens + len(self.generated) - 1
 
+    def text(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The generated text so far; a trailing U+FFFD is a character whose bytes are not all
+        sampled yet (it is not settled, so the next tokens can complete it)."""
+        window = self.generated[self.prefix :]
+        before = str(tokenizer.decode(self.generated[self.prefix : self.read], **_DECODE))
+        after = str(tokenizer.decode(window, **_DECODE))
+        new = after[len(before) :] if after.startswith(before) else None
+        if new is None:  # the window's decode disagrees with its own prefix: settle from scratch
+            whole = str(tokenizer.decode(self.generated, **_DECODE))
+            if whole.endswith("\ufffd"):
+                return whole
+            self.settled, self.prefix = whole, max(0, len(self.generated) - 1)
+            self.read = len(self.generated)
+            return whole
+        if new and not new.endswith("\ufffd"):
+            self.settled += new
+            self.prefix, self.read = self.read, len(self.generated)
+            return self.settled
+        return self.settled + new
+
     def append(
         self, token: int, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int]
     ) -> tuple[str, str | None]:
@@ -48,11 +77,7 @@ class Row:
         self.generated.append(token)
         params = self.params
         finish = FINISH_STOP if token in eos_ids else None
-        text = str(
-            tokenizer.decode(
-                self.generated, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            )
-        )
+        text = self.text(tokenizer)
         cut = find_stop(text, params.stop, self.sent)
         if cut is not None:
             text, finish = text[:cut], FINISH_STOP
