@@ -50,6 +50,7 @@ from strategies.lora import NOT_DELIVERED, LoraFedAvg, ReplyOutcome
 log = logging.getLogger(__name__)
 
 WEIGHT_USED = "weight-used"  # participation metric: the node's aggregation weight this round
+MEAN_SHARE = "mean-share"  # participation metric: its share of the aggregate (after FedNova)
 # How long a publish waits for acknowledgements. They only carry load reports, and a node that
 # misses a publish gets the version pushed with its next train message, so a node that hangs
 # must not hold the server for a round's timeout after every round.
@@ -495,11 +496,15 @@ def participation_record(outcome: ReplyOutcome) -> ParticipationRecord:
     """What the store keeps of one node's round: its outcome, metrics and the weight it got.
 
     The aggregation weight goes into the metrics as ``weight-used`` (it differs from the claimed
-    ``num-examples`` when ``max-weight-ratio`` capped it; the reason then says so).
+    ``num-examples`` when ``max-weight-ratio`` capped it; the reason then says so), and its share
+    of the aggregate as ``mean-share`` (FedNova's normalization moves it off the weights' share
+    when the nodes ran different numbers of steps; absent when the round kept the old version).
     """
     metrics = dict(outcome.metrics)
     if outcome.weight_used is not None:
         metrics[WEIGHT_USED] = outcome.weight_used
+    if outcome.mean_share is not None:
+        metrics[MEAN_SHARE] = outcome.mean_share
     return ParticipationRecord(
         node_id=outcome.node_id,
         status=cast(ParticipationStatus, outcome.status),

@@ -16,7 +16,8 @@
   short neither pulls the average back nor tilts it toward the nodes that trained most (equal
   steps: FedAvg); a claimed step count counts as at least the round's most / 4, so no claim
   raises an update's share of the step more than 4× (``MAX_STEP_RATIO``). An outcome's
-  ``weight_used`` is its (capped) examples weight, before that normalization.
+  ``weight_used`` is its (capped) examples weight, before that normalization; ``mean_share`` its
+  share of the aggregate the round produced, after it.
   With ``server_lr`` η ≠ 1 the new global adapter is ``global + η·(aggregate − global)`` (a
   server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`). With
   ``uniform_weights`` (set under differential privacy) no node sits a round out, every good reply
@@ -90,6 +91,7 @@ class ReplyOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     update_norm: float | None = None
     weight_used: float | None = None  # aggregation weight (claimed num-examples, maybe capped)
+    mean_share: float | None = None  # its share of the aggregate (after FedNova's normalization)
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,10 @@ class LoraFedAvg(FedAvg):
                 self.last_report, aggregated=False, failure=f"aggregation failed: {e}"
             )
             return None, None
+        total = float(sum(mean_weights))
+        for k, i in enumerate(good_at):
+            outcomes[i] = replace(outcomes[i], mean_share=float(mean_weights[k]) / total)
+        self.last_report = replace(self.last_report, outcomes=tuple(outcomes))
         metrics = [outcomes[i].metrics for i in good_at]
         # A reply that trained nothing (kept as a zero update under DP) says nothing of training.
         trained = [m.get(LOCAL_STEPS, 1.0) > 0 for m in metrics]

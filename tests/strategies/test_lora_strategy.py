@@ -132,7 +132,13 @@ def test_updates_of_different_steps_are_averaged_as_fednova_does():
     for k, v in expected.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-6)
     assert [o.weight_used for o in s.last_report.outcomes] == [10.0, 10.0, 20.0]
+    shares = [o.mean_share for o in s.last_report.outcomes]
+    np.testing.assert_allclose(shares, weights)  # what the mean used, after the normalization
     assert "capped to 20" in s.last_report.outcomes[2].reason
+    from server_app.federation import participation_record
+
+    stored = participation_record(s.last_report.outcomes[1]).metrics
+    assert stored["weight-used"] == 10.0 and stored["mean-share"] == shares[1]
 
 
 def test_equal_or_unknown_steps_leave_fedavg_as_it_was():
