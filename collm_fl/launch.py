@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 CONNECTION = "collm-local"
 
 
-def _dies_with_parent() -> Callable[[], None] | None:
+def dies_with_parent() -> Callable[[], None] | None:
     """A ``preexec_fn`` that has the kernel SIGTERM the child when this process dies, however it
     dies (SIGKILL, the OOM killer): its ``with`` blocks stop everything only when it can run them.
     Linux only; and only from the main thread (the signal follows the thread that forked, and a
@@ -295,7 +295,7 @@ class LocalFederation:
         """Run the Flower app on this federation, streaming its logs; returns flwr's exit code."""
         cmd = self.flwr_run_command(run_config, app)
         log.info("running: %s", shlex.join(cmd))
-        return subprocess.call(cmd, env=self.env(), timeout=timeout)
+        return subprocess.call(cmd, env=self.env(), timeout=timeout, preexec_fn=dies_with_parent())
 
     def start_gateway(
         self,
@@ -334,7 +334,7 @@ class LocalFederation:
             env=self.env(),
             stdout=handle,
             stderr=subprocess.STDOUT,
-            preexec_fn=_dies_with_parent(),
+            preexec_fn=dies_with_parent(),
         )
         proc = ManagedProcess(name, popen, log_path, handle)
         self.processes.append(proc)

@@ -35,7 +35,7 @@ from collm_fl.federate import (
     mark_interrupted,
     run_outcome,
 )
-from collm_fl.launch import LocalFederation, replica_flags
+from collm_fl.launch import LocalFederation, dies_with_parent, replica_flags
 from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, MAX_ARRIVALS, arrival_times
 from collm_fl.loadgen.client import (
     ReplayProgress,
@@ -284,7 +284,12 @@ def _drive_flwr(
 ) -> int:
     cmd = fed.flwr_run_command(run_config, app)
     popen = subprocess.Popen(
-        cmd, env=fed.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        env=fed.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=dies_with_parent(),  # a SIGKILLed job must not leave its run driving on
     )
     with _killed_on_exit(popen) as proc, (out / "flwr-run.log").open("w") as logf:
         last_t = 0.0

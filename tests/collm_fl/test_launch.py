@@ -72,8 +72,24 @@ def test_a_replica_trains_on_all_of_its_own_file_but_not_on_the_held_out_plays()
     assert spec("--data", "none") is None
 
 
+SPAWNED = (
+    "fed = LocalFederation(Path(sys.argv[1]), 1, 0, model='tiny')\n"
+    "fed.workdir.mkdir(parents=True, exist_ok=True)\n"
+    "fed.spawn('sleeper', SLEEPER)\n"
+    "sys.stdin.read()\n"  # until the test kills it
+)
+# collm live's own `flwr run` child, whose output it reads line by line
+FLWR_RUN_OF_LIVE = (
+    "from types import SimpleNamespace\n"
+    "from collm_fl import live\n"
+    "fed = SimpleNamespace(flwr_run_command=lambda *a: SLEEPER, env=lambda: None, replicas=[])\n"
+    "live._drive_flwr(fed, None, '', Path(sys.argv[1]), 0.0, None, None, [], [])\n"
+)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_what_a_launcher_started_dies_with_it_even_when_it_is_sigkilled(tmp_path) -> None:
+@pytest.mark.parametrize("start", [SPAWNED, FLWR_RUN_OF_LIVE], ids=["spawned", "flwr-run-of-live"])
+def test_what_a_launcher_started_dies_with_it_even_when_it_is_sigkilled(tmp_path, start) -> None:
     """A launcher killed by SIGKILL (or the OOM killer) runs no cleanup: the kernel's death
     signal stops the processes it started, which would otherwise hold their models and ports."""
     import contextlib
@@ -84,26 +100,24 @@ def test_what_a_launcher_started_dies_with_it_even_when_it_is_sigkilled(tmp_path
 
     from tests.collm_fl.gateway.gateway_harness import wait_for
 
+    pid_file = tmp_path / "child.pid"
+    sleeper = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    )
     launcher = (
-        "import sys, time\n"
+        "import sys\n"
         "from pathlib import Path\n"
         "from collm_fl.launch import LocalFederation\n"
-        "fed = LocalFederation(Path(sys.argv[1]), 1, 0, model='tiny')\n"
-        "fed.workdir.mkdir(parents=True, exist_ok=True)\n"
-        "child = fed.spawn('sleeper', [sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-        "print(child.popen.pid, flush=True)\n"
-        "sys.stdin.read()\n"  # until the test kills it
-    )
+        f"SLEEPER = [sys.executable, '-c', {sleeper!r}]\n"
+    ) + start
+    tmp_path.joinpath("site").mkdir()
     parent = subprocess.Popen(
-        [sys.executable, "-c", launcher, str(tmp_path / "site")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", launcher, str(tmp_path / "site")], stdin=subprocess.PIPE
     )
-    assert parent.stdout is not None
-    child = psutil.Process(int(parent.stdout.readline()))
+    wait_for(lambda: pid_file.is_file() and pid_file.read_text() != "", 60, "no child started")
+    child = psutil.Process(int(pid_file.read_text()))
     try:
-        assert child.is_running()
+        assert child.is_running() and child.ppid() == parent.pid
         parent.send_signal(signal.SIGKILL)
         parent.wait(30)
         wait_for(lambda: not child.is_running() or child.status() == "zombie", 30, "child alive")
