@@ -4,7 +4,19 @@ from __future__ import annotations
 
 
 class CollmError(Exception):
-    """Base class of every error CoLLM-FL raises on purpose."""
+    """Base class of every error CoLLM-FL raises on purpose.
+
+    ``exit_code`` is the ``collm`` command's exit status when one ends it: 2 for what the user
+    can fix in the command (bad input), 1 for a failure of the work itself (:class:`WorkFailed`).
+    """
+
+    exit_code = 2
+
+
+class WorkFailed(CollmError):
+    """The work failed, not its input: a process that did not start, a server gone (exit 1)."""
+
+    exit_code = 1
 
 
 class ConfigError(CollmError):

@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING
 
 import httpx
 
-from collm_fl.errors import CollmError, ConfigError
+from collm_fl.errors import ConfigError, WorkFailed
 
 if TYPE_CHECKING:
     from collm_fl.config import RunConfig
@@ -70,7 +70,7 @@ def dies_with_parent() -> Callable[[], None] | None:
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-class LaunchError(CollmError):
+class LaunchError(WorkFailed):
     """A process of the local federation failed to start (its log is named)."""
 
 

@@ -1,7 +1,7 @@
 """The ``collm`` command line: models, federation, replicas, gateway, load, benchmarks.
 
 Exit codes: 0 success, 2 bad input (arguments, config, data, missing packages) with a one-line
-reason on stderr, 1 for a failure of the work itself.
+reason on stderr, 1 for a failure of the work itself (e.g. a local process that did not start).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dispatch(args)
     except CollmError as e:
         print(f"collm: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("collm: interrupted", file=sys.stderr)
         return 130

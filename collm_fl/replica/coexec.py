@@ -45,7 +45,7 @@ import torch
 
 from collm_fl.adapters import AdapterState
 from collm_fl.data.tokenize import batch_to
-from collm_fl.errors import CollmError, ConfigError
+from collm_fl.errors import ConfigError, WorkFailed
 from collm_fl.models import model_device
 from collm_fl.policies.slo_guard import (
     GuardDecision,
@@ -104,7 +104,7 @@ class _DeadlineReached(Exception):
     """Raised at a LoRA layer boundary when the round's deadline passes mid-step."""
 
 
-class TrainerStopped(CollmError):
+class TrainerStopped(WorkFailed):
     """The trainer was stopped before the job finished."""
 
 

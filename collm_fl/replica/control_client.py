@@ -9,13 +9,13 @@ import httpx
 import numpy as np
 
 from collm_fl.adapters import AdapterState
-from collm_fl.errors import CollmError
+from collm_fl.errors import WorkFailed
 from collm_fl.replica.wire import decode_adapter, encode_adapter
 
 log = logging.getLogger(__name__)
 
 
-class ReplicaUnavailable(CollmError):
+class ReplicaUnavailable(WorkFailed):
     """The replica could not be reached or refused the call; the message says which."""
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from collm_fl.errors import CollmError
+from collm_fl.errors import CollmError, WorkFailed
 from collm_fl.replica.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class PromptTooLongError(InvalidPromptError):
     """prompt tokens + max_tokens exceed the model's context length (HTTP 400)."""
 
 
-class EngineStoppedError(CollmError):
+class EngineStoppedError(WorkFailed):
     """A request was submitted to an engine that is not running."""
 
 

@@ -432,3 +432,25 @@ def test_live_refuses_a_flag_and_run_config_that_disagree_naming_the_flag(capsys
         "-c", "local-steps=5",
     )  # fmt: skip
     assert code == 2 and "local-steps (use --local-steps): set by this command" in err
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [("ConfigError", 2), ("DataFormatError", 2), ("LaunchError", 1), ("ReplicaUnavailable", 1)],
+)
+def test_bad_input_exits_2_and_a_failure_of_the_work_exits_1(capsys, monkeypatch, error, code):
+    import collm_fl.cli as cli
+    from collm_fl import errors
+    from collm_fl.launch import LaunchError
+    from collm_fl.replica.control_client import ReplicaUnavailable
+
+    kinds = {"LaunchError": LaunchError, "ReplicaUnavailable": ReplicaUnavailable}
+    kind = kinds.get(error) or getattr(errors, error)
+    made = kind("site.jsonl", "bad") if error == "DataFormatError" else kind("what went wrong")
+
+    def fail(_args: object) -> int:
+        raise made
+
+    monkeypatch.setattr(cli, "dispatch", fail)
+    got, err = run(capsys, "prepare")
+    assert got == code and err.startswith("collm: error: ") and str(made) in err
