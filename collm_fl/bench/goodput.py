@@ -32,8 +32,9 @@ import torch
 
 from collm_fl.adapters import MAX_SERVER_LR
 from collm_fl.bench.aggregation import machine_info, matmul_gflops
-from collm_fl.bench.goodput_report import write_goodput_report
+from collm_fl.bench.goodput_report import QUALITY_TOLERANCE, write_goodput_report
 from collm_fl.bench.goodput_result import (
+    HALF_WAY,
     Calibration,
     GoodputResult,
     MachineRecord,
@@ -44,7 +45,6 @@ from collm_fl.bench.goodput_result import (
 )
 from collm_fl.bench.goodput_rounds import RunSettings, StartVersion
 from collm_fl.bench.goodput_systems import (
-    COLLM,
     SYSTEM_SPECS,
     SYSTEMS,
     SystemRun,
@@ -57,6 +57,7 @@ from collm_fl.errors import ConfigError
 from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, arrival_times
 from collm_fl.loadgen.client import RequestSpec, build_requests
 from collm_fl.loadgen.goodput import (
+    LoadSummary,
     SLOSpec,
     served_quality_at,
     slo_from_unloaded,
@@ -165,8 +166,10 @@ def run_goodput_benchmark(
         )
         runs: list[SystemRun] = []
         for k, rate in enumerate(chosen):
-            specs = _schedule(rate, settings, arrivals, trace_rows)
-            for system in systems:
+            # Each rate its own arrival seed (not one pattern stretched to three rates), and the
+            # systems in a rotated order (none always first, or last, on a shared machine).
+            specs = _schedule(rate, settings, arrivals, trace_rows, settings.seed + k)
+            for system in run_order(systems, k):
                 say(f"[rate {k + 1}/{len(chosen)}: {rate:.2f} req/s] {system}: starting")
                 run = run_system(
                     system,
@@ -184,6 +187,7 @@ def run_goodput_benchmark(
                     f"  {system}: goodput {s.goodput_rps:.3f} req/s, SLO attainment "
                     f"{100 * s.slo_attainment:.0f}% ({s.requests} requests)"
                 )
+    runs.sort(key=lambda run: (chosen.index(run.rate), systems.index(run.system)))
     outcomes, by_rate = summarize_runs(runs, chosen, slo, settings.schedule_s)
     result = GoodputResult(
         command=command or f"collm bench goodput (run_goodput_benchmark, quick={quick})",
@@ -321,14 +325,24 @@ def check_trace_span(rows: Sequence[TraceRow], rates: Sequence[float], schedule_
             )
 
 
+def run_order(systems: Sequence[str], k: int) -> list[str]:
+    """The order the systems run in at the ``k``-th rate: rotated by ``k``."""
+    shift = k % len(systems)
+    return [*systems[shift:], *systems[:shift]]
+
+
 def _schedule(
-    rate: float, settings: RunSettings, arrivals: str, trace_rows: list[TraceRow] | None
+    rate: float,
+    settings: RunSettings,
+    arrivals: str,
+    trace_rows: list[TraceRow] | None,
+    seed: int,
 ) -> list[RequestSpec]:
     p, o = settings.prompt_tokens, settings.output_tokens
     if trace_rows is not None:
         rows = scale_trace(trace_rows, rate, settings.schedule_s, p, o)
         return build_requests(rows, p, o)
-    return build_requests(arrival_times(arrivals, rate, settings.schedule_s, settings.seed), p, o)
+    return build_requests(arrival_times(arrivals, rate, settings.schedule_s, seed), p, o)
 
 
 def summarize_runs(
@@ -338,9 +352,13 @@ def summarize_runs(
     outcomes: list[RunOutcome] = []
     by_rate: list[RateOutcome] = []
     for rate in rates:
-        here = [r for r in runs if r.rate == rate]
-        target, source = quality_target(here)
-        rows = [summarize_run(run, slo, schedule_s, target) for run in here]
+        rows = [summarize_run(run, slo, schedule_s) for run in runs if run.rate == rate]
+        target, source = quality_target(rows)
+        if target is not None:
+            rows = [
+                replace(r, time_to_quality_s=time_to_quality(r.quality, target, QUALITY_TOLERANCE))
+                for r in rows
+            ]
         outcomes += rows
         baselines = {r.system: r.summary.goodput_rps for r in rows if not is_collm_system(r.system)}
         best = max(baselines, key=lambda k: baselines[k]) if baselines else None
@@ -351,42 +369,53 @@ def summarize_runs(
                 for r in rows
                 if is_collm_system(r.system)
             }
-        by_rate.append(RateOutcome(rate, target, source, best, ratios))
+        by_rate.append(RateOutcome(rate, target, source, best, ratios, target_rule=HALF_WAY))
     return outcomes, by_rate
 
 
-def quality_target(runs: Sequence[SystemRun]) -> tuple[float | None, str | None]:
-    """The time-to-quality target at one rate, and the system it comes from.
+def quality_target(runs: Sequence[RunOutcome]) -> tuple[float | None, str | None]:
+    """The time-to-quality target at one rate, and the system whose served loss set it.
 
-    The held-out loss of CoLLM-FL's first version (of its default setting, else of the first
-    CoLLM-FL setting run); if no CoLLM-FL system published one (every replica sat the round out),
-    the highest first-version loss of the others, which each of them reached.
+    Half-way from version 0's loss (every system's start) to the lowest loss any system serves
+    when the load ends: the same bar for every system, set by none of them alone (a system's own
+    first version would make its time to quality its first publication, by construction). None
+    when no system improved on version 0.
     """
-    firsts = {
-        r.system: r.federation.loss_by_version[1] for r in runs if 1 in r.federation.loss_by_version
-    }
-    mine = [r.system for r in runs if r.system in firsts and is_collm_system(r.system)]
-    if mine:
-        system = COLLM if COLLM in mine else mine[0]
-        return firsts[system], system
-    if not firsts:
+    if not runs:
         return None, None
-    source = max(firsts, key=lambda k: firsts[k])
-    return firsts[source], source
+    start = runs[0].loss_by_version.get(0, runs[0].quality[0][1])
+    best = min(runs, key=lambda r: r.final_loss)
+    if not best.final_loss < start - QUALITY_TOLERANCE:
+        return None, None
+    return start - (start - best.final_loss) / 2, best.system
 
 
-def summarize_run(
-    run: SystemRun, slo: SLOSpec, schedule_s: float, target_loss: float | None
-) -> RunOutcome:
-    """One run as the report shows it."""
+def request_weighted_loss(summary: LoadSummary, loss_by_version: dict[int, float]) -> float | None:
+    """The mean held-out loss of the versions that answered the successful requests: quality as
+    the requests saw it (a version published as the load ends weighs by what it answered)."""
+    counts = {
+        0 if version == "base" else int(version): n
+        for version, n in summary.adapter_versions.items()
+    }
+    known = {v: n for v, n in counts.items() if v in loss_by_version}
+    total = sum(known.values())
+    if total == 0:
+        return None
+    return sum(n * loss_by_version[v] for v, n in known.items()) / total
+
+
+def summarize_run(run: SystemRun, slo: SLOSpec, schedule_s: float) -> RunOutcome:
+    """One run as the report shows it (its time to quality is set once the rate's target is
+    known, :func:`summarize_runs`). Its served quality ends with the load: a version published
+    after the last request was due is not counted as served."""
     fed = run.federation
-    end_s = max([run.wall_s, *(t for t, _, _ in fed.switches)])
-    quality = served_quality_curve(fed.switches, run.serving, fed.loss_by_version, end_s)
+    quality = served_quality_curve(fed.switches, run.serving, fed.loss_by_version, schedule_s)
     tokens = sum(r.tokens for r in fed.rounds)
+    summary = summarize_results(run.results, slo, schedule_s)
     return RunOutcome(
         system=run.system,
         rate=run.rate,
-        summary=summarize_results(run.results, slo, schedule_s),
+        summary=summary,
         train_steps=sum(r.steps for r in fed.rounds),
         train_tokens=tokens,
         train_tokens_per_s=tokens / schedule_s,
@@ -395,11 +424,12 @@ def summarize_run(
         switches=fed.switches,
         quality=quality,
         final_loss=quality[-1][1],
-        time_to_quality_s=None if target_loss is None else time_to_quality(quality, target_loss),
+        time_to_quality_s=None,
         serving=run.serving,
         training=run.training,
         startup_s=run.startup_s,
         wall_s=run.wall_s,
+        request_loss=request_weighted_loss(summary, fed.loss_by_version),
     )
 
 
@@ -409,11 +439,12 @@ def served_quality_curve(
     loss_by_version: dict[int, float],
     end_s: float,
 ) -> list[tuple[float, float]]:
-    """(time, mean held-out loss of what the serving replicas serve) at every switch and the end.
+    """(time, mean held-out loss of what the serving replicas serve) at every switch up to
+    ``end_s``, and at ``end_s``.
 
     Mean over replicas: with requests spread over them, the expected loss of an answer.
     """
-    times = sorted({0.0, end_s, *(t for t, _, _ in switches)})
+    times = sorted({0.0, end_s, *(t for t, _, _ in switches if t <= end_s)})
     curves = []
     for replica in serving:
         mine = [(t, v) for t, i, v in switches if i == replica]

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from collm_fl.bench.goodput_result import GoodputResult, RateOutcome, is_collm_system
+from collm_fl.bench.goodput_result import HALF_WAY, GoodputResult, RateOutcome, is_collm_system
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
 from collm_fl.reports import save_figure, write_text_atomic
 
@@ -51,15 +51,19 @@ def _count(n: int, noun: str) -> str:
 
 
 def _rate_label(result: GoodputResult, rate: float) -> str:
+    """The rate, and its load named by what the schedule offered (a bursty schedule's count of
+    requests strays from the nominal rate) as a fraction of R × one replica's capacity."""
     capacity = result.replicas * result.calibration.capacity_rps
-    fraction = rate / capacity if capacity > 0 else 0.0
-    label = next(name for bound, name in RATE_LABELS if fraction <= bound)
-    text = f"{rate:.2f} req/s ({fraction:.2f} × R × one replica's saturated throughput: {label}"
     runs = result.runs_at(rate)
+    offered = None
     if runs and runs[0].summary.duration_s > 0:  # the schedule every system at this rate got
-        s = runs[0].summary
-        text += f"; offered {s.requests / s.duration_s:.2f} req/s: {s.requests} requests"
-    return text + ")"
+        offered = runs[0].summary.requests / runs[0].summary.duration_s
+    fraction = (rate if offered is None else offered) / capacity if capacity > 0 else 0.0
+    label = next(name for bound, name in RATE_LABELS if fraction <= bound)
+    text = f"{rate:.2f} req/s nominal"
+    if offered is not None:
+        text += f", offered {offered:.2f} req/s ({runs[0].summary.requests} requests)"
+    return text + f": {fraction:.2f} × R × one replica's saturated throughput, {label}"
 
 
 def render_markdown(result: GoodputResult) -> str:
@@ -106,8 +110,8 @@ def render_markdown(result: GoodputResult) -> str:
         "(`aggregate_lora_exact`, weighted by examples; when replicas ran different steps, "
         "FedNova's normalized mean, as the strategy averages them"
         + (
-            f"; server learning rate η = {st.server_lr:g} where 2+ training replicas are "
-            "averaged: global + η·(aggregate − global)"
+            f"; server learning rate η = {st.server_lr:g} where a round averages 2+ "
+            "updates: global + η·(aggregate − global)"
             + (
                 "; the separate system's one trainer's update as it is"
                 if any(s.name == "separate" for s in result.systems)
@@ -131,7 +135,8 @@ def render_markdown(result: GoodputResult) -> str:
             else ""
         )
         + ").",
-        "- **Admission in a replica**: baselines: first come, first served (`collm replica "
+        "- **Admission in a replica**: baselines (and CoLLM-FL's first-come-first-served "
+        "ablation): first come, first served (`collm replica "
         "--schedule fcfs`, vLLM's default); CoLLM-FL: `--schedule slo` — requests that can still "
         "meet the TTFT SLO first, a burst prefilled only as far as its oldest member still meets "
         f"it, requests already late on spare rows, none deferred past {DEFAULT_DEFER_LIMIT_S:g} s "
@@ -139,8 +144,19 @@ def render_markdown(result: GoodputResult) -> str:
         "- **Metrics**: goodput = requests meeting both SLOs per second of schedule; SLO "
         "attainment over all scheduled requests (failed, timed-out and dropped ones miss); "
         "latency percentiles over successful requests. Served loss = mean over the serving "
-        "replicas of the held-out loss of the version each serves; time to quality = first time "
-        "it is at or below a target: the loss CoLLM-FL's first version reaches at that rate.",
+        "replicas of the held-out loss of the version each serves; *final*: when the load ends; "
+        "*per request*: the mean loss of the versions that answered the successful requests. "
+        + (
+            "Time to quality = first time the served loss is at or below a target: the loss "
+            "CoLLM-FL's first version reaches at that rate."
+            if all(b.target_rule != HALF_WAY for b in result.by_rate)
+            else "A request meets the TTFT SLO counted from when it was due (the load "
+            "generator's lag counts against the system). Time to quality = first time the "
+            "served loss is within 0.001 of a target: half-way from version 0's loss to the "
+            "lowest loss any system serves when the load ends. Each rate has its own arrival "
+            "seed (seed + rate index), and the systems run in an order rotated by one at each "
+            "rate."
+        ),
         "",
         "## Systems",
         "",
@@ -171,8 +187,8 @@ def render_markdown(result: GoodputResult) -> str:
 def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
     lines = [
         "| system | goodput (req/s) | SLO attainment | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
-        "| training tokens/s | final served loss | time to quality (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| training tokens/s | final served loss | served loss per request | time to quality (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in result.runs_at(info.rate):
         s = run.summary
@@ -180,13 +196,20 @@ def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
             f"| {result.title(run.system)} | {s.goodput_rps:.3f} | {100 * s.slo_attainment:.0f}% "
             f"| {_ms(s.ttft_p50_s)} / {_ms(s.ttft_p99_s)} | {_ms(s.tpot_p50_s)} / "
             f"{_ms(s.tpot_p99_s)} | {run.train_tokens_per_s:.0f} | {run.final_loss:.4f} | "
-            f"{_opt(run.time_to_quality_s, '.1f')} |"
+            f"{_opt(run.request_loss, '.4f')} | {_opt(run.time_to_quality_s, '.1f')} |"
         )
     best = result.title(info.best_baseline) if info.best_baseline else "-"
     ratio = "; ".join(
         f"{result.title(name)} **{value:.2f}×**" for name, value in info.ratios.items()
     )
-    if info.target_source is None:
+    if info.target_rule == HALF_WAY:
+        source = (
+            "no system served a better version than version 0 at this rate"
+            if info.target_source is None
+            else "half-way from version 0's loss to the lowest served at the end of the load, "
+            f"{result.title(info.target_source)}'s"
+        )
+    elif info.target_source is None:
         source = "no system published a version at this rate"
     elif is_collm_system(info.target_source):
         source = f"the held-out loss of {result.title(info.target_source)}'s first version"
@@ -210,7 +233,11 @@ def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
         lines += [
             "",
             "The load generator's lag, how far behind its schedule requests were sent (p99 / max, "
-            "ms; latencies count from the actual send): " + "; ".join(lags) + ".",
+            "ms; the latency percentiles count from the actual send"
+            + ("" if info.target_rule != HALF_WAY else ", the TTFT SLO from when a request was due")
+            + "): "
+            + "; ".join(lags)
+            + ".",
         ]
     return lines
 

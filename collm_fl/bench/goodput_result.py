@@ -50,16 +50,23 @@ class RunOutcome:
     training: list[int]
     startup_s: float
     wall_s: float
+    # the mean loss of the versions that answered its ok requests (None: a report from before)
+    request_loss: float | None = None
+
+
+FIRST_VERSION = "first-version"  # the target of reports before HALF_WAY: a CoLLM-FL first version
+HALF_WAY = "half-way"  # half-way from version 0's loss to the best served at the end of the load
 
 
 @dataclass(frozen=True)
 class RateOutcome:
     rate: float
     target_loss: float | None  # time-to-quality target (see goodput.quality_target)
-    target_source: str | None  # the system whose first version set it
+    target_source: str | None  # the system whose loss set it
     best_baseline: str | None
     # every CoLLM-FL system's goodput / the best baseline's (none: no baseline had goodput)
     ratios: dict[str, float] = field(default_factory=dict)
+    target_rule: str = FIRST_VERSION  # how target_loss was set (reports before: first version)
 
 
 @dataclass(frozen=True)

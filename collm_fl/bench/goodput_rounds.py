@@ -186,7 +186,10 @@ class Orchestrator:
         if not updates:
             self.say(f"    round {rnd}: no update came back; still serving v{self.version}")
             return record
-        eta = self.s.server_lr if len(self.training) > 1 else 1.0
+        # η for every system alike wherever 2+ updates are averaged (it offsets the averaging of
+        # parallel updates); one update alone (a separate system's trainer, or a round where one
+        # replica of the others trained) moves the global adapter by its own step.
+        eta = self.s.server_lr if len(updates) > 1 else 1.0
         # As the federated strategy averages them: FedNova's normalized mean when steps differ.
         weights, step_scale = step_normalized(weights, trained)
         eta = min(eta * step_scale, MAX_SERVER_LR)

@@ -56,7 +56,10 @@ log = logging.getLogger(__name__)
 SEPARATE, COLOCATED, MERGED, COLLM = "separate", "colocated", "merged", "collm-fl"
 COLLM_QUALITY = "collm-fl-quality"  # CoLLM-FL set to train the whole budget (see SYSTEM_SPECS)
 COLLM_FRESH = "collm-fl-fresh"  # ... and to publish each version as soon as it can
-SYSTEMS = (SEPARATE, COLOCATED, MERGED, COLLM, COLLM_QUALITY)  # what a run compares by default
+COLLM_FCFS = "collm-fl-fcfs"  # CoLLM-FL with the baselines' admission order (an ablation)
+# What a run compares by default. The FCFS ablation separates what the replicas' SLO-aware
+# admission order brings (a per-replica setting any server could use) from co-execution.
+SYSTEMS = (SEPARATE, COLOCATED, MERGED, COLLM, COLLM_FCFS, COLLM_QUALITY)
 # The allocation's floor for that system: the round budget (goodput.TRAIN_FRACTION, 0.3 of a
 # round's compute) fits the deadline (DEADLINE_FRACTION, 0.7 of the round) at a share of 0.43.
 QUALITY_FIRST_MIN_SHARE = 0.45
@@ -132,6 +135,18 @@ SYSTEM_SPECS = {
         "shadow swaps, unmerged co-execution under the SLO guard, per-round budgets from "
         "collm_fl.policies.allocation.allocate fed with /control/load, SLO-aware gateway, "
         "SLO-aware admission in the replicas (requests that can still meet the TTFT SLO first)",
+    ),
+    COLLM_FCFS: SystemSpec(
+        COLLM_FCFS,
+        "CoLLM-FL, first come first served",
+        "shadow",
+        False,
+        True,
+        "fcfs",
+        "allocate",
+        "CoLLM-FL as it ships but with the baselines' admission order in the replicas (`collm "
+        "replica --schedule fcfs`): what co-execution, shadow swaps, the allocation and the "
+        "gateway bring without the SLO-aware admission",
     ),
     COLLM_QUALITY: SystemSpec(
         COLLM_QUALITY,

@@ -339,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-lr",
         type=float,
         default=1.0,
-        help="server learning rate η of the systems that average 2+ training replicas "
-        "(co-located, merged, CoLLM-FL): global + η·(aggregate − global); 1 = FedAvg. The "
-        "separate system's one trainer's update is applied as it is",
+        help="server learning rate η wherever a round averages 2+ updates (any system): "
+        "global + η·(aggregate − global); 1 = FedAvg. One update alone (the separate system's "
+        "one trainer, or a round where one replica trained) is applied as it is",
     )
     b.add_argument(
         "--shed-factor",
@@ -353,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--systems",
         default="",
-        help="comma list of the systems to run, in order (default: separate, colocated, merged, "
-        "collm-fl, collm-fl-quality; also collm-fl-fresh); at least one baseline and one CoLLM-FL",
+        help="comma list of the systems to run (default: separate, colocated, merged, "
+        "collm-fl, collm-fl-fcfs, collm-fl-quality; also collm-fl-fresh), rotated by one at each "
+        "rate; at least one baseline and one CoLLM-FL",
     )
     b.add_argument("--out", default="docs/bench", help="where the report, JSON and plots go")
     b.add_argument(

@@ -70,11 +70,14 @@ class LoadSummary:
 def meets_slo(result: RequestResult, slo: SLOSpec) -> bool:
     """Whether a request succeeded within both SLOs.
 
-    A one-token answer has no TPOT, so only its TTFT is judged.
+    Its TTFT is judged from when it was due (``late_s``, the load generator's own lag, added to
+    the TTFT measured from its send): under open-loop load a request arrives at its scheduled
+    time, and a generator that falls behind on a busy machine would otherwise credit the server
+    with the lag. A one-token answer has no TPOT, so only its TTFT is judged.
     """
     if result.status != STATUS_OK or result.ttft_s is None:
         return False
-    if result.ttft_s > slo.ttft_s:
+    if result.ttft_s + result.late_s > slo.ttft_s:
         return False
     return result.tpot_s is None or result.tpot_s <= slo.tpot_s
 
@@ -145,13 +148,16 @@ def slo_from_unloaded(ttft_unloaded_s: float, tpot_unloaded_s: float, factor: fl
     return SLOSpec(ttft_s=ttft_unloaded_s * factor, tpot_s=tpot_unloaded_s * factor)
 
 
-def time_to_quality(points: Sequence[tuple[float, float]], target_loss: float) -> float | None:
-    """The first time at which the served loss is at or below ``target_loss`` (None: never).
+def time_to_quality(
+    points: Sequence[tuple[float, float]], target_loss: float, tolerance: float = 0.0
+) -> float | None:
+    """The first time at which the served loss is at or below ``target_loss`` (within
+    ``tolerance``; None: never).
 
     ``points`` are ``(time, served loss)`` pairs, in any order.
     """
     for t, loss in sorted(points):
-        if loss <= target_loss:
+        if loss <= target_loss + tolerance:
             return t
     return None
 

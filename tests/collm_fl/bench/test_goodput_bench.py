@@ -14,11 +14,13 @@ from collm_fl.bench.goodput import (
     check_trace_span,
     quality_target,
     run_goodput_benchmark,
+    run_order,
     served_quality_curve,
     summarize_runs,
 )
 from collm_fl.bench.goodput_report import render_markdown
 from collm_fl.bench.goodput_result import (
+    HALF_WAY,
     Calibration,
     GoodputResult,
     MachineRecord,
@@ -37,6 +39,7 @@ TITLES = (
     "co-located, uncoordinated",
     "merged",
     "CoLLM-FL",
+    "CoLLM-FL, first come first served",
     "CoLLM-FL, quality first",
 )
 
@@ -108,7 +111,7 @@ def test_quick_run_compares_every_system_and_writes_every_file(tmp_path: Path) -
         for rr in r["rounds"]
         for a in rr["allocation"]
     ]
-    assert len(decisions) == 4  # 2 systems × 2 replicas × 1 round
+    assert len(decisions) == 6  # 3 systems × 2 replicas × 1 round
     assert all(a["lent_s"] >= 0.0 and a["late_rest_s"] >= 0.0 for a in decisions)
     assert "| lent (s) | late rest (s) |" in md
 
@@ -203,35 +206,53 @@ def test_summaries_give_the_ratio_to_the_best_baseline_and_time_to_quality() -> 
     outcomes, (rate,) = summarize_runs(runs, [2.0], slo, schedule_s=10.0)
     assert (rate.best_baseline, rate.ratios["collm-fl"]) == ("merged", 2.0)
     assert rate.ratios == pytest.approx({"collm-fl": 2.0, "collm-fl-quality": 1.5})
-    assert (rate.target_loss, rate.target_source) == (3.6, "collm-fl")
+    # Half-way from v0's 4.0 to the lowest loss served at the end (3.4): no system's own version.
+    assert (rate.target_loss, rate.target_source, rate.target_rule) == (
+        3.7,
+        "collm-fl-quality",
+        HALF_WAY,
+    )
     by_system = {o.system: o for o in outcomes}
     assert by_system["collm-fl"].summary.goodput_rps == 0.4
     assert by_system["merged"].time_to_quality_s == 5.0  # its v1 (3.5) beats the target
-    assert by_system["separate"].time_to_quality_s is None  # 3.8 never reaches 3.6
+    assert by_system["separate"].time_to_quality_s is None  # 3.8 never reaches 3.7
     assert by_system["merged"].train_tokens_per_s == 30.0
+    # per request: ok requests answered by version None ("base": v0's loss)
+    assert by_system["merged"].request_loss == 4.0
 
 
-def test_without_a_collm_fl_version_the_target_is_the_worst_first_version_of_the_others() -> None:
-    runs = [
-        _run("separate", 1.0, {0: 4.0, 1: 3.8}, met=1),
-        _run("merged", 1.0, {0: 4.0, 1: 3.5}, met=1),
-        _run("collm-fl", 1.0, {0: 4.0}, met=1),
+def test_a_version_published_after_the_load_ended_is_not_counted_as_served() -> None:
+    slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
+    late = _run("collm-fl", 1.0, {0: 4.0, 1: 3.0}, met=1)  # v1 switches in at 5 s
+    (outcome, _), _ = summarize_runs([late, _run("merged", 1.0, {0: 4.0}, met=1)], [1.0], slo, 4.0)
+    assert outcome.final_loss == 4.0 and outcome.quality[-1] == (4.0, 4.0)
+
+
+def test_time_to_quality_forgives_float_noise_within_the_tolerance() -> None:
+    from collm_fl.loadgen.goodput import time_to_quality
+
+    points = [(0.0, 4.0), (5.0, 3.5000001)]
+    assert time_to_quality(points, 3.5) is None
+    assert time_to_quality(points, 3.5, tolerance=1e-3) == 5.0
+
+
+def test_without_improvement_there_is_no_target() -> None:
+    slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
+    runs = [_run("separate", 1.0, {0: 4.0}, met=1), _run("collm-fl", 1.0, {0: 4.0}, met=1)]
+    outcomes, (rate,) = summarize_runs(runs, [1.0], slo, schedule_s=10.0)
+    assert (rate.target_loss, rate.target_source) == (None, None)
+    assert all(o.time_to_quality_s is None for o in outcomes)
+    assert quality_target([]) == (None, None)
+
+
+def test_the_systems_run_in_an_order_rotated_at_each_rate() -> None:
+    systems = ["separate", "merged", "collm-fl"]
+    assert [run_order(systems, k) for k in range(4)] == [
+        ["separate", "merged", "collm-fl"],
+        ["merged", "collm-fl", "separate"],
+        ["collm-fl", "separate", "merged"],
+        ["separate", "merged", "collm-fl"],
     ]
-    assert quality_target(runs) == (3.8, "separate")
-    assert quality_target([_run("collm-fl", 1.0, {0: 4.0}, met=1)]) == (None, None)
-
-
-def test_without_the_default_collm_fl_the_target_is_a_collm_fl_settings_first_version() -> None:
-    runs = [
-        _run("merged", 1.0, {0: 4.0, 1: 3.5}, met=1),
-        _run("collm-fl-fresh", 1.0, {0: 4.0, 1: 3.7}, met=1),
-        _run("collm-fl-quality", 1.0, {0: 4.0, 1: 3.6}, met=1),
-    ]
-    assert quality_target(runs) == (3.7, "collm-fl-fresh")
-    assert quality_target([*runs, _run("collm-fl", 1.0, {0: 4.0, 1: 3.9}, met=1)]) == (
-        3.9,
-        "collm-fl",
-    )
 
 
 def test_a_trace_too_short_for_the_schedule_is_refused_before_anything_runs(capsys) -> None:
@@ -302,8 +323,9 @@ def test_a_report_from_before_the_variant_still_renders_its_ratio() -> None:
     for by_rate in data["by_rate"]:  # type: ignore[union-attr]
         by_rate["goodput_ratio"] = by_rate.pop("ratios")["collm-fl"]  # what it held before
     md = render_markdown(result_from_json(data))
-    label = "2.00 req/s (0.25 × R × one replica's saturated throughput: medium; offered"
-    assert f"| {label} 0.40 req/s: 4 requests) | CoLLM-FL " in md
+    # The load is named by what the schedule offered (4 requests in 10 s), not the nominal rate.
+    label = "2.00 req/s nominal, offered 0.40 req/s (4 requests): 0.05 × R × one replica's"
+    assert f"| {label} saturated throughput, light | CoLLM-FL " in md
     assert "Goodput / best baseline (merged): CoLLM-FL **2.00×**." in md
 
 

@@ -79,6 +79,16 @@ def test_meets_slo_needs_success_and_both_bounds() -> None:
     assert [meets_slo(r, SLO) for r in RESULTS] == [True] * 3 + [False, False, True] + [False] * 4
 
 
+def test_the_ttft_slo_counts_from_when_the_request_was_due() -> None:
+    from dataclasses import replace
+
+    fast = RESULTS[0]
+    assert meets_slo(fast, SLO)
+    room = SLO.ttft_s - fast.ttft_s
+    assert meets_slo(replace(fast, late_s=0.9 * room), SLO)
+    assert not meets_slo(replace(fast, late_s=1.1 * room), SLO)  # a lagging generator's credit
+
+
 def test_a_run_without_successes_has_no_percentiles() -> None:
     s = summarize_results(RESULTS[6:], SLO, duration_s=2.0)
     assert (s.ok, s.goodput_rps, s.slo_attainment) == (0, 0.0, 0.0)
