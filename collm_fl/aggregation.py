@@ -315,6 +315,19 @@ def lora_delta_norm(
     return float(np.linalg.norm(r_b @ r_a.T))  # ‖Q_b R_b R_aᵀ Q_aᵀ‖ = ‖R_b R_aᵀ‖
 
 
+def factor_delta_norm(
+    update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> float:
+    """The L2 norm of an update's change in factor space, over every A and B entry it shares
+    with ``reference``: what FedAvg-mode averaging moves (it averages the factors)."""
+    sq = 0.0
+    for key, ref in reference.items():
+        if key in update:
+            d = np.asarray(update[key], dtype=np.float64) - np.asarray(ref, dtype=np.float64)
+            sq += float(np.sum(d * d))
+    return math.sqrt(sq)
+
+
 def dense_lora_sum(
     updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
 ) -> dict[str, np.ndarray]:

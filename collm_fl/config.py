@@ -55,7 +55,7 @@ class RunConfig:
     robust_aggregation: str = "none"  # "median" | "trimmed-mean" of dense ΔBA instead of the mean
     trim_fraction: float = 0.2  # trimmed-mean: share of largest and of smallest values dropped
     max_weight_ratio: float = 0.0  # cap num-examples at this x the round median; 0 = no cap
-    server_lr: float = 1.0  # η: new = ref + η·(aggregate − ref); 1 = FedAvg (see aggregation)
+    server_lr: float = 1.0  # η: new = ref + η·(aggregate − ref) over 2+ updates; 1 = FedAvg
     central_eval_samples: int = 48  # central held-out samples evaluated each round; 0 = all
     output_dir: str = "outputs"
     store_url: str = ""  # SQLAlchemy URL; "" = sqlite file in output-dir

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 # Past this ‖ΔBA‖ the float32 products and Gram matrices of the aggregation overflow (whatever
 # ``max_update_norm`` says, 0 = no bound included): no honest LoRA update comes near it.
 MAX_AGGREGABLE_NORM = 1e15
+# Past this |value| a factor is no LoRA factor (they start near 1/sqrt(d_in) and 0): the norm of
+# the product change cannot see it when the other factor is 0 (B = 0 at v0), and the aggregation's
+# float32 arithmetic (a value past 3.4e38 is inf there; a server step scales it) would overflow.
+MAX_FACTOR_ABS = 1e6
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,11 @@ def _array_problems(key: str, value: object, expected: np.ndarray) -> list[str]:
         bad = int(value.size - np.count_nonzero(np.isfinite(value)))
         if bad:
             problems.append(f"{key}: {bad} non-finite values (NaN/inf)")
+        elif value.size and (largest := float(np.max(np.abs(value)))) > MAX_FACTOR_ABS:
+            problems.append(
+                f"{key}: a value of magnitude {largest:.3g} (over {MAX_FACTOR_ABS:.0e}: no LoRA "
+                "factor comes near it)"
+            )
     return problems
 
 
@@ -65,8 +74,8 @@ def validate_update(
     """Check a client update against the reference (global) state; collect every problem.
 
     Checks: missing keys, unexpected keys, shape per key (this also enforces the shared LoRA rank),
-    floating dtype, non-finite values (with their count), and the update norm against
-    ``max_update_norm`` (``None`` = no bound).
+    floating dtype, non-finite values (with their count), values past ``MAX_FACTOR_ABS``, and the
+    update norm against ``max_update_norm`` (``None`` = no bound).
 
     The update norm is ``sqrt(Σ_modules ‖B A − B_ref A_ref‖_F²)``: the size of the change to the
     effective weights the model actually uses. The raw factors are not a good measure, because

@@ -9,6 +9,7 @@ outcomes, publishing each new version to every node at once, and one progress li
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -18,12 +19,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from collm_fl.adapters import AdapterState
 from collm_fl.central_eval import CentralEvaluator
 from collm_fl.config import RunConfig
+from collm_fl.errors import AdapterValidationError
 from collm_fl.flower_records import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -220,8 +224,22 @@ class Federation:
         )
         messages = list(self.strategy.configure_train(rnd, arrays, train_config, self.grid))
         undelivered: list[int] = []
-        replies = exchange(self.grid, messages, cfg.round_timeout, undelivered=undelivered)
-        self.lora.not_delivered = set(undelivered)
+        recipients: dict[str, int] = {}
+        replies = exchange(
+            self.grid,
+            messages,
+            cfg.round_timeout,
+            undelivered=undelivered,
+            recipients=recipients,
+        )
+        self.lora.not_delivered, self.lora.recipients = set(undelivered), recipients
+        if self.strategy is not self.lora:
+            # Flower's DP wrappers refuse a whole round over one error reply (a node that left
+            # mid-round): ours counts it as a failed node, a zero update under uniform weights.
+            self.lora.error_replies = {
+                self.lora.node_of(r): str(r.error.reason) for r in replies if r.has_error()
+            }
+            replies = [r for r in replies if not r.has_error()]
         self.lora.last_report = None
         new_arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
         report = self.lora.last_report
@@ -245,19 +263,26 @@ class Federation:
         )
 
         eval_loss = eval_ppl = None
-        new_state, note = None, ""
+        new_state, note, failure = None, "", report.failure
         if new_arrays is not None:
             new_state = arrayrecord_to_state(new_arrays)
-            ev = self.evaluator.evaluate(new_state)
-            eval_loss, eval_ppl = ev.loss, ev.perplexity
-            if not self._passes_quality_gate(rnd, ev.loss):
-                new_state, note = None, " (quality gate: kept previous)"
-        elif report.failure is not None:
-            note = f" ({report.failure}: kept previous)"
-            store.record_event(
-                run_id, "aggregation-failed", {"round": rnd, "reason": report.failure}
-            )
-        elif not report.aggregated:
+            unusable = unusable_aggregate(new_state)
+            if unusable is None:
+                try:
+                    ev = self.evaluator.evaluate(new_state)
+                except AdapterValidationError as e:  # (the checks above should have caught it)
+                    unusable = f"the aggregate cannot be evaluated: {e}"
+            if unusable is not None:
+                log.error("round %d: %s; keeping the previous version", rnd, unusable)
+                new_state, failure = None, unusable
+            else:
+                eval_loss, eval_ppl = ev.loss, ev.perplexity
+                if not self._passes_quality_gate(rnd, ev.loss):
+                    new_state, note = None, " (quality gate: kept previous)"
+        if new_state is None and failure is not None:
+            note = f" ({failure}: kept previous)"
+            store.record_event(run_id, "aggregation-failed", {"round": rnd, "reason": failure})
+        elif new_arrays is None and not report.aggregated:
             note = " (kept previous)"
         metrics = {
             k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)
@@ -265,8 +290,9 @@ class Federation:
         metrics["steps-total"] = float(steps_total)
         metrics["steps-per-node"] = steps_per_node
         if new_arrays is not None:
-            # An aggregate was released (gated out or not, its loss was measured): with its noise
-            # (0: none), so a run resumed with DP on counts what came before.
+            # An aggregate was released (gated out, found unusable or not: the server saw it),
+            # with its noise (0: none), so a run resumed with DP on counts what came before. (An
+            # unusable one counts too: over-counting ε is the safe side.)
             self.dp_releases.append(cfg.dp_noise_multiplier)
             metrics[DP_NOISE_MULTIPLIER] = cfg.dp_noise_multiplier
             if cfg.dp_noise_multiplier > 0:
@@ -278,7 +304,7 @@ class Federation:
                 "aggregated"
                 if new_state is not None
                 else "failed"
-                if report.failure is not None
+                if failure is not None
                 else "kept-previous"
             ),
             started_at=started_at,
@@ -431,6 +457,7 @@ def exchange(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     undelivered: list[int] | None = None,
+    recipients: dict[str, int] | None = None,
 ) -> list[Message]:
     """Flower's ``send_and_receive``, polling for the replies sooner: push every message, then
     pull until each has its reply or ``timeout`` seconds have passed.
@@ -439,7 +466,9 @@ def exchange(
     round: the training replies and the publish acknowledgements). Here the interval starts at
     ``POLL_FIRST_S`` and grows by half each time to ``POLL_MAX_S``: a reply that comes quickly is
     taken quickly, and a long round asks the SuperLink about once a second. The nodes whose
-    message the SuperLink did not store are appended to ``undelivered``.
+    message the SuperLink did not store are appended to ``undelivered`` (all of them when it
+    took none: e.g. a batch refused as too large), and each stored message's id is mapped to the
+    node it went to in ``recipients`` (a SuperLink's own error reply names node 1 as its sender).
 
     Each message expires ``TTL_SLACK_S`` after the wait for it ends: a node back from an outage
     longer than that is not handed a round the server has given up on (it would train, or swap in
@@ -449,14 +478,16 @@ def exchange(
     for msg in messages:
         msg.metadata.ttl = timeout + TTL_SLACK_S
     ids = list(grid.push_messages(messages))
-    if len(ids) == len(messages):
-        for msg, message_id in zip(messages, ids, strict=True):
+    if len(ids) == len(messages) or not any(ids):
+        for msg, message_id in itertools.zip_longest(messages, ids[: len(messages)]):
+            node = int(msg.metadata.dst_node_id)
+            if message_id and recipients is not None:
+                recipients[message_id] = node
             if not message_id:  # the SuperLink refused to store it (its node left meanwhile?)
-                node = int(msg.metadata.dst_node_id)
                 log.warning("node %d: %s", node, NOT_DELIVERED)
                 if undelivered is not None:
                     undelivered.append(node)
-    else:  # (a grid that leaves out what it refused, or refuses a whole oversized batch)
+    else:  # (a grid that leaves out what it refused: which ones, it does not say)
         log.warning(
             "the SuperLink took %d of %d messages; the others get no reply",
             sum(1 for i in ids if i),
@@ -492,13 +523,26 @@ def run_key(run: RunInfo) -> str:
     return f"{run.name[:100]}.{created.strftime('%Y%m%dT%H%M%S')}"
 
 
+def unusable_aggregate(state: AdapterState) -> str | None:
+    """Why an aggregate cannot become a version (a value that is not finite in float32, what
+    the model computes in), or None."""
+    for key, value in sorted(state.items()):
+        with np.errstate(over="ignore"):  # (an overflow is what is looked for)
+            as_served = np.asarray(value, dtype=np.float32)
+        bad = int(as_served.size - np.count_nonzero(np.isfinite(as_served)))
+        if bad:
+            return f"the aggregate has {bad} non-finite values in {key}"
+    return None
+
+
 def participation_record(outcome: ReplyOutcome) -> ParticipationRecord:
     """What the store keeps of one node's round: its outcome, metrics and the weight it got.
 
     The aggregation weight goes into the metrics as ``weight-used`` (it differs from the claimed
     ``num-examples`` when ``max-weight-ratio`` capped it; the reason then says so), and its share
     of the aggregate as ``mean-share`` (FedNova's normalization moves it off the weights' share
-    when the nodes ran different numbers of steps; absent when the round kept the old version).
+    when the nodes ran different numbers of steps; absent when no aggregate was computed, or under
+    ``robust``; present when one was computed and then gated out).
     """
     metrics = dict(outcome.metrics)
     if outcome.weight_used is not None:

@@ -17,9 +17,16 @@
   steps: FedAvg); a claimed step count counts as at least the round's most / 4, so no claim
   raises an update's share of the step more than 4× (``MAX_STEP_RATIO``). An outcome's
   ``weight_used`` is its (capped) examples weight, before that normalization; ``mean_share`` its
-  share of the aggregate the round produced, after it.
+  share of the aggregate the round produced, after it. In ``fedavg`` mode (A and B averaged
+  apart) with ``max_update_norm`` set, a reply whose factor change per step is over
+  ``MAX_FACTOR_DELTA_RATIO`` × the round's median is rejected (3+ replies that trained):
+  ``(B/c, A·c)`` passes the product-norm bound whatever c, and its A·c would multiply everyone's
+  B. A round in which no good reply trained a step releases nothing (under DP, its noise would
+  spend privacy for nothing). A reply is credited to the node its message went to
+  (``recipients``, set by the ServerApp): the SuperLink's own error replies come from node 1.
   With ``server_lr`` η ≠ 1 the new global adapter is ``global + η·(aggregate − global)`` (a
-  server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`). With
+  server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`) wherever 2+
+  updates are averaged; one update alone is applied as it is. With
   ``uniform_weights`` (set under differential privacy) no node sits a round out, every good reply
   weighs 1 whatever it claims, and a node that trained nothing, failed, was rejected or did not
   answer counts as a zero update: the plain mean of the clipped updates over every node asked (at
@@ -48,9 +55,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from collm_fl.adapters import MAX_SERVER_LR, AdapterState
 from collm_fl.aggregation import (
+    MAX_STEP_RATIO,
     aggregate_lora_exact,
     aggregate_lora_fedavg,
     check_server_lr,
+    factor_delta_norm,
     step_normalized,
 )
 from collm_fl.aggregation_robust import (
@@ -77,6 +86,9 @@ ROBUST_CHOICES = ("none", *ROBUST_METHODS)
 # A claim of more examples than a float counts exactly is no count (and would overflow the
 # store's 64-bit integers, or the weights' total).
 MAX_NUM_EXAMPLES = 2**53
+# fedavg mode with max_update_norm: a reply whose factor change is over this x the round's median
+# is rejected (see LoraFedAvg._reject_factor_outliers)
+MAX_FACTOR_DELTA_RATIO = 10.0
 NOT_DELIVERED = "not delivered: the SuperLink did not take the message (did the node leave?)"
 
 
@@ -91,7 +103,7 @@ class ReplyOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     update_norm: float | None = None
     weight_used: float | None = None  # aggregation weight (claimed num-examples, maybe capped)
-    mean_share: float | None = None  # its share of the aggregate (after FedNova's normalization)
+    mean_share: float | None = None  # its share of the mean (after FedNova); None: robust mode
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,15 @@ class LoraFedAvg(FedAvg):
         self._asked: dict[int, int | None] = {}
         # Nodes of this round whose message the SuperLink did not take (set by the ServerApp).
         self.not_delivered: set[int] = set()
+        # This round's message id -> the node it went to (set by the ServerApp): the SuperLink's
+        # own error replies (node unavailable, reply expired) come from node 1, not the node.
+        self.recipients: dict[str, int] = {}
+        # Error replies a wrapping strategy was not shown (node -> reason; set by the ServerApp).
+        self.error_replies: dict[int, str] = {}
+
+    def node_of(self, msg: Message) -> int:
+        """The node a reply answers for: the one its message went to, where known."""
+        return self.recipients.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
 
     def summary(self) -> None:
         log.info(
@@ -239,7 +260,7 @@ class LoraFedAvg(FedAvg):
         good: list[tuple[AdapterState, int, Message]] = []
         good_at: list[int] = []  # index in outcomes of each good reply
         for msg in replies:
-            node = int(msg.metadata.src_node_id)
+            node = self.node_of(msg)
             screened = self._screen(server_round, msg, reference)
             if isinstance(screened, ReplyOutcome):  # failed or rejected
                 outcomes.append(screened)
@@ -258,11 +279,18 @@ class LoraFedAvg(FedAvg):
             good_at.append(len(outcomes))
             outcomes.append(ReplyOutcome(node, OK, None, n, metrics, norm))
             good.append((state, n, msg))
+        if self.mode == "fedavg" and self.max_update_norm is not None:
+            good, good_at = self._reject_factor_outliers(
+                server_round, outcomes, good, good_at, reference
+            )
         weights = self._cap_weights(server_round, outcomes, good_at)
 
         self._add_missing_replies(server_round, outcomes)
         aggregated = len(good) >= self.min_good_replies
-        self.last_report = RoundReport(server_round, tuple(outcomes), aggregated)
+        # Under uniform weights replies that trained nothing stay in (zero updates), but a round
+        # where none trained has nothing to release: its noise would spend privacy for nothing.
+        trained_any = any(outcomes[i].metrics.get(LOCAL_STEPS, 1.0) > 0 for i in good_at)
+        self.last_report = RoundReport(server_round, tuple(outcomes), aggregated and trained_any)
         if not aggregated:
             log.warning(
                 "round %d: %d good replies < min-good-replies=%d; keeping the previous version",
@@ -270,6 +298,9 @@ class LoraFedAvg(FedAvg):
                 len(good),
                 self.min_good_replies,
             )
+            return None, None
+        if not trained_any:
+            log.warning("round %d: no node trained; keeping the previous version", server_round)
             return None, None
         states = [state for state, _, _ in good]
         mean_weights, step_scale = weights, 1.0
@@ -291,7 +322,7 @@ class LoraFedAvg(FedAvg):
             states += [reference] * missing
             mean_weights = weights = weights + [1.0] * missing
         try:
-            new_state = self._aggregate(states, mean_weights, reference, step_scale)
+            new_state = self._aggregate(states, mean_weights, reference, step_scale, len(good))
         except (np.linalg.LinAlgError, RuntimeError, FloatingPointError, ValueError) as e:
             # A numerical failure of the aggregate must not take the server down: the round
             # keeps the previous version, with the reason on record.
@@ -302,10 +333,11 @@ class LoraFedAvg(FedAvg):
                 self.last_report, aggregated=False, failure=f"aggregation failed: {e}"
             )
             return None, None
-        total = float(sum(mean_weights))
-        for k, i in enumerate(good_at):
-            outcomes[i] = replace(outcomes[i], mean_share=float(mean_weights[k]) / total)
-        self.last_report = replace(self.last_report, outcomes=tuple(outcomes))
+        if self.robust == "none":  # (a median or trimmed mean has no per-node share)
+            total = float(sum(mean_weights))
+            for k, i in enumerate(good_at):
+                outcomes[i] = replace(outcomes[i], mean_share=float(mean_weights[k]) / total)
+            self.last_report = replace(self.last_report, outcomes=tuple(outcomes))
         metrics = [outcomes[i].metrics for i in good_at]
         # A reply that trained nothing (kept as a zero update under DP) says nothing of training.
         trained = [m.get(LOCAL_STEPS, 1.0) > 0 for m in metrics]
@@ -318,13 +350,16 @@ class LoraFedAvg(FedAvg):
         weights: list[float],
         reference: AdapterState,
         step_scale: float = 1.0,
+        updates: int = 2,
     ) -> AdapterState:
-        eta = self.server_lr * step_scale  # (FedNova's τ_eff factor; 1 when steps are equal)
+        # η offsets the averaging of parallel updates: one update alone is applied as it is.
+        server_lr = self.server_lr if updates > 1 else 1.0
+        eta = server_lr * step_scale  # (FedNova's τ_eff factor; 1 when steps are equal)
         if eta > MAX_SERVER_LR:
             log.warning(
                 "server step %.3g (server-lr %g x step normalization %.3g) capped to %g",
                 eta,
-                self.server_lr,
+                server_lr,
                 step_scale,
                 MAX_SERVER_LR,
             )
@@ -355,7 +390,7 @@ class LoraFedAvg(FedAvg):
                 outcomes.append(screened)
                 continue
             _, metrics, norm = screened
-            node = int(msg.metadata.src_node_id)
+            node = self.node_of(msg)
             reason = "valid, not aggregated: the wrapping strategy refused the round"
             n = int(metrics[NUM_EXAMPLES])
             outcomes.append(ReplyOutcome(node, OK, reason, n, metrics, norm, weight_used=0.0))
@@ -371,13 +406,63 @@ class LoraFedAvg(FedAvg):
         outcome for each node asked this round that is not in ``outcomes`` (in place)."""
         answered = {o.node_id for o in outcomes}
         for node in sorted(set(self._asked) - answered):
-            reason = (
-                NOT_DELIVERED if node in self.not_delivered else "no reply within the round timeout"
-            )
+            if node in self.error_replies:
+                reason = f"error reply: {self.error_replies[node]}"
+            elif node in self.not_delivered:
+                reason = NOT_DELIVERED
+            else:
+                reason = "no reply within the round timeout"
             log.warning("round %d: node %d failed: %s", server_round, node, reason)
             outcomes.append(ReplyOutcome(node, FAILED, reason))
         self._asked = {}
-        self.not_delivered = set()
+        self.not_delivered, self.recipients, self.error_replies = set(), {}, {}
+
+    def _reject_factor_outliers(
+        self,
+        server_round: int,
+        outcomes: list[ReplyOutcome],
+        good: list[tuple[AdapterState, int, Message]],
+        good_at: list[int],
+        reference: AdapterState,
+    ) -> tuple[list[tuple[AdapterState, int, Message]], list[int]]:
+        """FedAvg mode averages A and B separately, so ``max_update_norm`` (a bound on the change
+        of B·A) does not bound what a reply does to the mean: (B/c, A·c) has the same product and
+        norm for any c, and its A·c multiplies everyone's B. With 3+ good replies, one whose
+        factor change per step is over ``MAX_FACTOR_DELTA_RATIO`` × the round's median is
+        rejected (outcomes updated in place); the rest go on. Per step (the claimed steps floored
+        at the round's most / ``MAX_STEP_RATIO``, as FedNova's weights): a node that trained 10
+        steps beside nodes that trained 1 is no outlier. Replies that trained nothing (kept as
+        zero updates under DP) are neither judged nor counted in the median."""
+        trained = [
+            (k, steps)
+            for k, i in enumerate(good_at)
+            if (steps := outcomes[i].metrics.get(LOCAL_STEPS, 1.0)) > 0
+        ]
+        if len(trained) < 3:
+            return good, good_at
+        most = max(steps for _, steps in trained)
+        per_step = {
+            k: factor_delta_norm(good[k][0], reference) / max(steps, most / MAX_STEP_RATIO)
+            for k, steps in trained
+        }
+        median = float(np.median(list(per_step.values())))
+        limit = MAX_FACTOR_DELTA_RATIO * median
+        kept: list[tuple[AdapterState, int, Message]] = []
+        kept_at: list[int] = []
+        for k, (item, i) in enumerate(zip(good, good_at, strict=True)):
+            if per_step.get(k, 0.0) <= limit:
+                kept.append(item)
+                kept_at.append(i)
+                continue
+            reason = (
+                f"factor change {per_step[k]:.3g} per step is over {MAX_FACTOR_DELTA_RATIO:g} x "
+                f"the round's median ({median:.3g}): fedavg averages A and B apart, where a "
+                "rescaled (B/c, A*c) update passes the product-norm bound"
+            )
+            node = outcomes[i].node_id
+            log.warning("round %d: rejected update from node %d: %s", server_round, node, reason)
+            outcomes[i] = replace(outcomes[i], status=REJECTED, reason=reason)
+        return kept, kept_at
 
     def _cap_weights(
         self, server_round: int, outcomes: list[ReplyOutcome], good_at: list[int]
@@ -416,7 +501,7 @@ class LoraFedAvg(FedAvg):
     ) -> ReplyOutcome | tuple[AdapterState, dict[str, float], float]:
         """A reply's fate before aggregation: the failed or rejected outcome (logged with its
         reasons), or the valid update with its metrics and update norm."""
-        node = int(msg.metadata.src_node_id)
+        node = self.node_of(msg)
         if msg.has_error():
             reason = f"error reply: {msg.error.reason}"
             log.warning("round %d: node %d failed: %s", server_round, node, reason)

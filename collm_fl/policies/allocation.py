@@ -133,9 +133,11 @@ def quality_gain_factor(history: Sequence[tuple[float, float]], floor: float = 0
     The central held-out loss is measured on a small set and each round's change is noisy, so a
     trend needs at least ``MIN_GAIN_POINTS`` points (three per-step rates); until then: 1.0. The
     latest gain is the mean of the last two rates (one noisy round does not cut the budget), the
-    early gain the best so far (usually a first round's; a first round that happened to measure
-    no gain does not pin the factor to the floor). A loss that got worse counts as no gain (the
-    quality gate elsewhere keeps a bad version from being served).
+    early gain the best before those two (a large latest gain raises the factor, never lowers
+    it; and a first round that happened to measure no gain does not pin the factor to the
+    floor: with no early gain to compare, a latest gain is no sign of flattening). A loss that
+    got worse counts as no gain (the quality gate elsewhere keeps a bad version from being
+    served).
     """
     if len(history) < MIN_GAIN_POINTS:
         return 1.0
@@ -146,10 +148,12 @@ def quality_gain_factor(history: Sequence[tuple[float, float]], floor: float = 0
             rates.append(max(0.0, (l0 - l1) / (s1 - s0)))
     if len(rates) < MIN_GAIN_POINTS - 1:  # rounds that trained nothing add no rate
         return 1.0
-    early = max(rates)
-    if early <= 0:
-        return floor
     latest = sum(rates[-2:]) / 2
+    if latest <= 0:
+        return floor
+    early = max(rates[:-2])
+    if early <= 0:
+        return 1.0
     return float(min(1.0, max(floor, latest / early)))
 
 

@@ -38,7 +38,10 @@ def run(ready: list[float | None], timeout: float) -> tuple[list[int], list[floa
         slept.append(s)
         clock[0] += s
 
-    messages = [SimpleNamespace(metadata=SimpleNamespace(ttl=43200.0)) for _ in ready]
+    messages = [
+        SimpleNamespace(metadata=SimpleNamespace(ttl=43200.0, dst_node_id=10 + i))
+        for i in range(len(ready))
+    ]
     replies = exchange(grid, messages, timeout, lambda: clock[0], sleep)  # type: ignore[arg-type]
     assert all(m.metadata.ttl == timeout + TTL_SLACK_S for m in messages)
     return sorted(r.i for r in replies), slept, grid
@@ -79,6 +82,23 @@ def test_a_message_the_superlink_refused_ends_no_wait_and_is_named():
     assert [r.i for r in replies] == [0]
     assert clock[0] < 1.0  # not the round timeout: node 12's message went nowhere
     assert undelivered == [12]
+
+
+def test_a_batch_refused_whole_names_every_node_undelivered_and_maps_the_rest():
+    class NothingTaken(FakeGrid):
+        def push_messages(self, messages):
+            return []  # Flower's grid on an HTTP 413 for the whole batch
+
+    grid = NothingTaken([None, None], [0.0])
+    nodes = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n, ttl=0.0)) for n in (11, 12)]
+    undelivered: list[int] = []
+    assert exchange(grid, nodes, 3600.0, undelivered=undelivered) == []  # type: ignore[arg-type]
+    assert undelivered == [11, 12]
+
+    recipients: dict[str, int] = {}
+    grid = FakeGrid([0.0, 0.0], [0.0])
+    exchange(grid, nodes, 3600.0, lambda: 0.0, lambda s: None, recipients=recipients)  # type: ignore[arg-type]
+    assert recipients == {"m0": 11, "m1": 12}
 
 
 def test_a_grid_that_leaves_out_what_it_refused_is_waited_for_only_on_what_it_took():

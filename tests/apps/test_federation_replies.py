@@ -8,7 +8,7 @@ import uuid
 
 import numpy as np
 import pytest
-from flwr.app import Array, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from collm_fl.config import RunConfig
 from collm_fl.flower_records import PUBLISH, arrayrecord_to_state, state_to_arrayrecord
@@ -55,7 +55,8 @@ class FakeGrid:
                 continue
             node = int(m.metadata.dst_node_id)
             rnd = int(m.content["config"]["server-round"])
-            self.replies[mid] = Message(self.behaviours[node](node, rnd, m), reply_to=m)
+            made = self.behaviours[node](node, rnd, m)
+            self.replies[mid] = made if isinstance(made, Message) else Message(made, reply_to=m)
         return ids
 
     def pull_messages(self, ids):
@@ -214,3 +215,97 @@ def test_a_stored_state_that_is_not_one_restores_nothing_it_cannot_read():
     assert n == 2 and set(state.nodes) == {7, 10}
     assert state.nodes[7].forecast is None and list(state.nodes[7].step_history) == [1.0]
     assert state.nodes[10].forecast is None and state.nodes[10].step_seconds is None
+
+
+def superlink_error(node: int, rnd: int, msg: Message) -> Message:
+    """What the SuperLink answers for a node that stopped sending heartbeats mid-round: an
+    error reply from node 1 (the SuperLink), not from the node."""
+    from flwr.app import Error
+
+    reply = Message(Error(code=1, reason="Error: Node Unavailable"), reply_to=msg)
+    reply.metadata.__dict__["_src_node_id"] = 1
+    return reply
+
+
+def test_under_dp_a_node_that_left_mid_round_is_a_failed_node_not_a_lost_round(tmp_path):
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    behaviours = {5: honest, 6: honest, 7: superlink_error}
+    cfg = RunConfig(
+        model="tiny",
+        output_dir=str(tmp_path / "out"),
+        central_eval_samples=4,
+        seq_len=32,
+        batch_size=4,
+        min_train_nodes=3,
+        num_server_rounds=1,
+        round_timeout=5.0,
+        round_deadline_s=4.0,
+        aggregation="fedavg",
+        dp_noise_multiplier=0.01,
+        quality_gate_margin=-1.0,
+    )
+    lora = LoraFedAvg(
+        mode="fedavg",
+        uniform_weights=True,
+        min_train_nodes=3,
+        min_available_nodes=3,
+        fraction_evaluate=0.0,
+    )
+    dp = DifferentialPrivacyClientSideFixedClipping(
+        lora, noise_multiplier=0.01, clipping_norm=1.0, num_sampled_clients=3
+    )
+    store = open_store(cfg)
+    fed = Federation(FakeGrid(behaviours), cfg, dp, lora, store)
+    fed.run()
+    status, rounds, parts = outcome(store, fed.run_info.id)
+    assert status == "finished" and rounds == [(1, "aggregated")]
+    assert parts[1, 5] == ("ok", None) and parts[1, 6] == ("ok", None)
+    # Named as the node it was sent to (not the SuperLink's node 1), with the SuperLink's reason.
+    assert parts[1, 7] == ("failed", "error reply: Error: Node Unavailable")
+    assert (1, 1) not in parts
+    assert fed.dp_releases == [0.01]  # this round's noisy aggregate was released
+    store.close()
+
+
+def test_an_update_that_overflows_float32_costs_only_its_node(tmp_path):
+    def overflowing(node, rnd, msg):
+        reply = honest(node, rnd, msg)
+        state = arrayrecord_to_state(msg.content["arrays"])  # v0: every B is 0
+        for key, value in state.items():  # float64, sent as it is: A past float32, B left 0
+            state[key] = np.full(value.shape, 1e39) if "lora_A" in key else value.astype(float)
+        reply["arrays"] = ArrayRecord({k: Array(state[k]) for k in sorted(state)})
+        return reply
+
+    for mode in ("exact", "fedavg"):
+        fed, store = federation(
+            tmp_path / mode, {1: honest, 2: overflowing}, aggregation=mode, num_server_rounds=1
+        )
+        fed.run()
+        status, rounds, parts = outcome(store, fed.run_info.id)
+        assert status == "finished" and rounds == [(1, "aggregated")], mode
+        assert parts[1, 2][0] == "rejected" and "magnitude 1e+39" in parts[1, 2][1]
+        store.close()
+
+
+def test_an_aggregate_that_is_not_finite_fails_its_round_and_the_run_goes_on(tmp_path, monkeypatch):
+    import strategies.lora as lora
+
+    real = lora.aggregate_lora_exact
+
+    def overflowing(*args, **kwargs):
+        state = real(*args, **kwargs)
+        key = next(iter(state))
+        state[key] = np.full(state[key].shape, 1e39)  # inf once the model's float32 holds it
+        return state
+
+    monkeypatch.setattr(lora, "aggregate_lora_exact", overflowing)
+    fed, store = federation(tmp_path, {1: honest, 2: honest}, num_server_rounds=2)
+    fed.run()
+    run_id = fed.run_info.id
+    status, rounds, _ = outcome(store, run_id)
+    assert status == "finished" and rounds == [(1, "failed"), (2, "failed")]
+    (first, _) = store.events(run_id, "aggregation-failed")
+    assert "non-finite values" in first.payload["reason"]
+    assert store.latest_version(run_id).number == 0  # v0 still served
+    store.close()

@@ -294,6 +294,13 @@ def test_a_denormal_step_time_plans_the_target_instead_of_overflowing():
     assert b.steps == 20
 
 
+def test_a_larger_latest_gain_never_cuts_the_next_budget():
+    steady = [(0, 10.0), (10, 9.0), (20, 8.0), (30, 7.0)]
+    assert quality_gain_factor(steady) == 1.0
+    for last in (6.0, 5.0, 2.0):  # a lucky round: more gain than ever
+        assert quality_gain_factor([*steady[:3], (30, last)]) == 1.0
+
+
 def test_no_gain_in_the_first_round_does_not_pin_the_factor_to_the_floor():
     # The first promoted round measured nothing (noise within the gate's margin), the later
     # ones improved steadily: training still helps.

@@ -421,3 +421,84 @@ def test_a_node_whose_message_was_not_delivered_fails_with_that_reason():
     assert by_node[2].reason == "no reply within the round timeout"
     assert by_node[3].status == "failed" and by_node[3].reason.startswith("not delivered")
     assert s.not_delivered == set()  # for this round only
+
+
+def test_fedavg_mode_rejects_a_rescaled_update_that_the_product_norm_cannot_see():
+    reference = adapter(0)
+    honest = [adapter(10 + i, scale=0.1) for i in range(4)]
+    honest = [{k: reference[k] + 0.01 * v for k, v in h.items()} for h in honest]
+    c = 1e3  # (B/c, A*c): the same product change as a small update, a huge factor change
+    base = {k: reference[k] + 0.01 * v for k, v in adapter(20).items()}
+    attacker = {k: (v * c if "lora_A" in k else v / c) for k, v in base.items()}
+    s = strategy(mode="fedavg", max_update_norm=1.0)
+    replies = [reply(i + 1, h) for i, h in enumerate(honest)] + [reply(5, attacker)]
+    arrays, _ = s.aggregate_train(1, replies)
+    by_node = {o.node_id: o for o in s.last_report.outcomes}
+    assert by_node[5].status == "rejected" and "factor change" in by_node[5].reason
+    assert all(by_node[n].status == "ok" for n in range(1, 5))
+    expected = aggregate_lora_fedavg(honest, [10.0] * 4)
+    for k, v in arrayrecord_to_state(arrays).items():
+        np.testing.assert_allclose(v, expected[k], rtol=1e-5, atol=1e-6)
+    # Exact mode bounds what it averages (the products): no such rejection there.
+    exact = strategy(mode="exact", max_update_norm=1.0)
+    exact.aggregate_train(1, replies)
+    assert all(o.status == "ok" for o in exact.last_report.outcomes)
+
+
+def test_a_superlink_error_reply_is_credited_to_the_node_its_message_went_to():
+    s = strategy()
+    s._asked = {5: None, 6: None}
+    gone = error_reply(6)
+    gone.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that left
+    s.recipients = {gone.metadata.reply_to_message_id: 6}
+    s.aggregate_train(1, [reply(5, adapter(1)), gone])
+    by_node = {o.node_id: o for o in s.last_report.outcomes}
+    assert set(by_node) == {5, 6}
+    assert by_node[6].status == "failed" and "crashed" in by_node[6].reason
+    assert s.recipients == {}  # for this round only
+
+
+def test_under_uniform_weights_a_round_where_no_node_trained_releases_nothing():
+    s = strategy(uniform_weights=True, mode="fedavg", min_good_replies=2)
+    idle = [reply(n, adapter(0), extra_metrics={"local-steps": 0.0}) for n in (1, 2)]
+    arrays, metrics = s.aggregate_train(1, idle)
+    assert arrays is None and metrics is None and not s.last_report.aggregated
+    one = [reply(1, adapter(1), extra_metrics={"local-steps": 2.0}), idle[1]]
+    arrays, _ = s.aggregate_train(2, one)
+    assert arrays is not None  # one trained: the mean of it and a zero update
+
+
+def test_fedavg_factor_screening_judges_per_step_and_only_nodes_that_trained():
+    reference = adapter(0)
+
+    def moved(seed: int, steps: float) -> dict[str, np.ndarray]:
+        return {k: reference[k] + 0.01 * steps * v for k, v in adapter(seed).items()}
+
+    # One node trained 10 steps beside nodes that trained 1: a factor change 10x theirs, no outlier.
+    s = strategy(mode="fedavg", max_update_norm=1.0)
+    replies = [
+        reply(n, moved(n, steps), extra_metrics={"local-steps": steps})
+        for n, steps in ((1, 1.0), (2, 1.0), (3, 10.0))
+    ]
+    s.aggregate_train(1, replies)
+    assert all(o.status == "ok" for o in s.last_report.outcomes)
+    # Under DP two idle nodes (zero updates) do not make the one that trained an outlier.
+    dp = strategy(mode="fedavg", max_update_norm=1.0, uniform_weights=True)
+    idle = [reply(n, reference, extra_metrics={"local-steps": 0.0}) for n in (1, 2)]
+    arrays, _ = dp.aggregate_train(
+        1, [*idle, reply(3, moved(3, 2.0), extra_metrics={"local-steps": 2.0})]
+    )
+    assert arrays is not None and all(o.status == "ok" for o in dp.last_report.outcomes)
+
+
+def test_one_update_alone_takes_no_server_step():
+    s = strategy(server_lr=3.0)
+    alone = adapter(1)
+    arrays, _ = s.aggregate_train(1, [reply(1, alone)])
+    for k, v in arrayrecord_to_state(arrays).items():
+        np.testing.assert_allclose(v, aggregate_lora_exact([alone], [1.0])[k], rtol=1e-5, atol=1e-6)
+    two = [adapter(1), adapter(2)]
+    arrays, _ = s.aggregate_train(2, [reply(1, two[0]), reply(2, two[1])])
+    expected = aggregate_lora_exact(two, [10, 10], server_lr=3.0, reference=adapter(0))
+    for k, v in arrayrecord_to_state(arrays).items():
+        np.testing.assert_allclose(v, expected[k], rtol=1e-4, atol=1e-5)

@@ -50,6 +50,8 @@ def test_a_robust_strategy_aggregates_with_the_robust_statistic(robust):
     exact = aggregate_lora_exact(states, weights)
     key = next(k for k in SHAPES if k.endswith("lora_B.weight"))
     assert not np.allclose(arrayrecord_to_state(arrays)[key], exact[key], atol=1e-4)
+    # A median or trimmed mean gives no node a share of it: none is recorded.
+    assert all(o.mean_share is None for o in s.last_report.outcomes)
 
 
 def test_an_inflated_claim_is_capped_logged_and_recorded_in_its_outcome(caplog):
