@@ -33,6 +33,7 @@ from collm_fl.policies.routing import (
     DEFAULT_LATENCY_MODEL,
     LatencyModel,
     ReplicaView,
+    admitted_ttft,
     unloaded_tpot,
     unloaded_ttft,
 )
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 
 # A learned latency not refreshed for this long is forgotten (the replica is then assumed like its
 # peers): a replica that one bad burst made look slow would otherwise never be sent the requests
-# that could show it is fast again.
+# that could show it is fast again. Not while requests are in flight on it: those will refresh it,
+# and under sustained overload (every request queued, which teaches nothing) forgetting would
+# make a saturated replica look idle to routing and admission control.
 ESTIMATE_TTL_S = 15.0
 
 
@@ -300,8 +303,8 @@ class ReplicaPool:
                 in_flight_tokens=r.in_flight_tokens,
                 # A share slows serving only while a training job actually runs.
                 training_share=r.training_share if r.training else 0.0,
-                ewma_ttft_s=self._fresh(r.ewma_ttft_s, r.ttft_learned_at, now),
-                ewma_tpot_s=self._fresh(r.ewma_tpot_s, r.tpot_learned_at, now),
+                ewma_ttft_s=self._fresh(r, r.ewma_ttft_s, r.ttft_learned_at, now),
+                ewma_tpot_s=self._fresh(r, r.ewma_tpot_s, r.tpot_learned_at, now),
                 max_batch=r.max_batch,
                 consecutive_failures=r.consecutive_failures,
                 last_error_age_s=None if r.last_error_at is None else now - r.last_error_at,
@@ -429,33 +432,50 @@ class ReplicaPool:
                 self.model,
             )
             if ttft is not None:
-                r.ewma_ttft_s = self._ewma(r.ewma_ttft_s, r.ttft_learned_at, ttft)
+                r.ewma_ttft_s = self._ewma(r, r.ewma_ttft_s, r.ttft_learned_at, ttft)
                 r.ttft_learned_at = self.clock()
             if t.tokens >= 2 and t.last_token_at is not None:
                 tpot = (t.last_token_at - t.first_token_at) / (t.tokens - 1)
                 sample = unloaded_tpot(tpot, batch, t.training_share, self.model)
-                r.ewma_tpot_s = self._ewma(r.ewma_tpot_s, r.tpot_learned_at, sample)
+                r.ewma_tpot_s = self._ewma(r, r.ewma_tpot_s, r.tpot_learned_at, sample)
                 r.tpot_learned_at = self.clock()
         elif completion_tokens is not None and completion_tokens >= 2 and not queued:
-            # One JSON body at the end: split its time with the TTFT learned so far. (One that
+            # One JSON body at the end: split its time with the TTFT this request was predicted
+            # (its prompt's prefill and the running step included, as unloaded_ttft). (One that
             # found the batch full also waited an unknowable time for a slot: it teaches nothing,
             # as unloaded_ttft skips such streamed requests.)
             base_ttft = r.ewma_ttft_s if r.ewma_ttft_s is not None else self.model.prior_ttft_s
             e2e = self.clock() - t.sent_at
-            tpot = max(e2e - base_ttft, 0.0) / (completion_tokens - 1)
+            ttft = admitted_ttft(
+                base_ttft,
+                base_tpot,
+                t.prompt_tokens,
+                t.load_at_send,
+                t.capacity,
+                t.training_share,
+                self.model,
+            )
+            tpot = max(e2e - ttft, 0.0) / (completion_tokens - 1)
             sample = unloaded_tpot(tpot, batch, t.training_share, self.model)
-            r.ewma_tpot_s = self._ewma(r.ewma_tpot_s, r.tpot_learned_at, sample)
+            r.ewma_tpot_s = self._ewma(r, r.ewma_tpot_s, r.tpot_learned_at, sample)
             r.tpot_learned_at = self.clock()
 
-    def _fresh(self, value: float | None, learned_at: float | None, now: float) -> float | None:
-        """A learned latency, or None once it is older than ``ESTIMATE_TTL_S``."""
-        if value is None or learned_at is None or now - learned_at > ESTIMATE_TTL_S:
+    def _fresh(
+        self, r: _Replica, value: float | None, learned_at: float | None, now: float
+    ) -> float | None:
+        """A learned latency, or None once it is older than ``ESTIMATE_TTL_S`` while no request
+        is in flight on ``r``."""
+        if value is None or learned_at is None:
+            return None
+        if now - learned_at > ESTIMATE_TTL_S and r.in_flight <= 0:
             return None
         return value
 
-    def _ewma(self, old: float | None, learned_at: float | None, sample: float) -> float:
+    def _ewma(
+        self, r: _Replica, old: float | None, learned_at: float | None, sample: float
+    ) -> float:
         """The EWMA with ``sample``; a forgotten (stale) estimate restarts from the sample."""
-        if self._fresh(old, learned_at, self.clock()) is None:
+        if self._fresh(r, old, learned_at, self.clock()) is None:
             return sample
         assert old is not None
         return old + self.ewma_alpha * (sample - old)

@@ -43,6 +43,7 @@ from starlette.types import Receive, Scope, Send
 from collm_fl.api.disconnect import ClientGone, unless_client_leaves
 from collm_fl.api.errors import APIError, overloaded
 from collm_fl.api.schemas import SamplingFields
+from collm_fl.api.streams import drain
 from collm_fl.gateway.pool import ReplicaPool, Ticket
 from collm_fl.gateway.sse import DONE, error_chunk, is_token, sse_events
 from collm_fl.policies.routing import admission_decision, choose_replica
@@ -238,7 +239,7 @@ class Router:
                 headers=self.headers,
                 timeout=self.pool.health_timeout,
             )
-        except httpx.TransportError as e:
+        except httpx.RequestError as e:
             return _refused(e)
         try:
             _check_status(resp)
@@ -260,7 +261,7 @@ class Router:
                 self.pool.url_of(name) + job.path, content=job.body, headers=self.headers
             )
             resp = await _unless_abandoned(ticket, post)
-        except httpx.TransportError as e:
+        except httpx.RequestError as e:
             raise _refused(e) from e
         _check_status(resp)
         if resp.status_code != 200:
@@ -284,11 +285,16 @@ class Router:
         )
         try:
             resp = await _unless_abandoned(ticket, client.send(req, stream=True))
-        except httpx.TransportError as e:
+        except httpx.RequestError as e:
             raise _refused(e) from e
         try:
             if resp.status_code != 200:
-                await resp.aread()
+                try:  # (a body that breaks or stalls is a refusal too, not the client's 500)
+                    await _unless_abandoned(ticket, resp.aread(), self.pool.stream_stall_timeout_s)
+                except httpx.RequestError as e:
+                    raise _refused(e) from e
+                except TimeoutError as e:
+                    raise _Abandoned(self._stalled(ticket), "stall") from e
                 _check_status(resp)
                 self.pool.release(ticket)
                 self.metrics.requests.labels(name, "client_error").inc()
@@ -327,7 +333,7 @@ class Router:
                 raise _Refused("stream ended before its first token", "empty_stream") from e
             except TimeoutError as e:
                 raise _Abandoned(self._stalled(ticket), "stall") from e
-            except httpx.TransportError as e:
+            except httpx.RequestError as e:
                 raise _refused(e) from e
             head.append(event)
             if event.startswith(DONE.strip()):
@@ -349,7 +355,7 @@ class Router:
         stream cleanly with an error chunk."""
         last: dict[str, object] = {}
         error: str | None = None
-        logged = False
+        logged = done = False
         pending = deque(head)
         while True:
             if pending:
@@ -363,7 +369,7 @@ class Router:
                 except TimeoutError:
                     error, logged = self._stalled(ticket), True
                     break
-                except httpx.TransportError as e:
+                except httpx.RequestError as e:
                     error = f"the replica failed mid-stream ({type(e).__name__})"
                     break
                 except _Abandoned as e:
@@ -371,6 +377,7 @@ class Router:
                     break
             if event.startswith(DONE.strip()):
                 yield event
+                done = True
                 break
             if is_token(event, last, job.chat):
                 self.pool.on_token(ticket)
@@ -378,11 +385,13 @@ class Router:
         if error is None and last.get("finish_reason") != "error":
             self.pool.succeed(ticket)
             self.metrics.requests.labels(ticket.replica, "ok").inc()
-            return
-        if error is None:  # the replica ended the stream with its own error chunk and [DONE]
+        elif error is None:  # the replica ended the stream with its own error chunk and [DONE]
             log.warning("replica %s failed a stream (its error chunk)", ticket.replica)
             self.pool.fail(ticket, "the replica's generation failed mid-stream")
             self.metrics.requests.labels(ticket.replica, "stream_error").inc()
+        if done:  # the rest of the body (its end), so the connection goes back to the pool
+            await drain(events)
+        if error is None:
             return
         level = logging.INFO if logged else logging.WARNING
         log.log(
@@ -460,7 +469,8 @@ def _unavailable(refusals: Collection[str], last: str, what: str) -> APIError:
     return overloaded(RETRY_AFTER_S, f"{what} ({last})")
 
 
-def _refused(e: httpx.TransportError) -> _Refused:
+def _refused(e: httpx.RequestError) -> _Refused:
+    """A failed exchange with a replica (a transport error, or a body it could not decode)."""
     down = isinstance(e, httpx.ConnectError)  # nothing listens: the replica is gone
     reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     return _Refused(reason, type(e).__name__, replica_down=down)

@@ -7,11 +7,13 @@ only in ``kind`` offer the same load and differ in how bursty it is:
 * ``bursty`` — gamma gaps with coefficient of variation ``cv`` (default 4): many short gaps, a few
   long ones; the same mean gap as Poisson;
 * ``onoff`` — Poisson bursts: on for ``on_s`` at ``rate / duty``, off for ``off_s`` (duty =
-  ``on_s / (on_s + off_s)``), starting with an on period;
+  ``on_s / (on_s + off_s)``), starting with an on period. With a last partial cycle the bursts'
+  rate is ``rate × duration / on time`` instead, so the schedule still offers ``rate`` (its bursts
+  are then less intense than ``rate / duty``: 2× the rate over 10 s of 5/15-s cycles, not 4×);
 * ``diurnal`` — a non-homogeneous Poisson process with rate ``rate * (1 + amplitude * sin(2πt /
   period_s))`` (amplitude default 0.8, period default the whole duration), drawn by thinning.
 
-The mean rate is exact for ``diurnal`` over whole periods and for ``onoff`` over whole cycles.
+The mean rate is exact for ``diurnal`` over whole periods.
 """
 
 from __future__ import annotations
@@ -132,9 +134,11 @@ def _onoff(
     rng: np.random.Generator, rate: float, duration_s: float, on_s: float, off_s: float
 ) -> np.ndarray:
     cycle = on_s + off_s
-    burst_rate = rate * cycle / on_s  # rate / duty
     full, rest = divmod(duration_s, cycle)
     on_time = full * on_s + min(rest, on_s)  # total on time inside the duration
+    # rate / duty over whole cycles; a last partial cycle (mostly "on": it starts with its on
+    # period) would otherwise offer more than ``rate`` over the duration (2x at 10 s of 5/15 s)
+    burst_rate = rate * duration_s / on_time
     # Poisson arrivals on the concatenated on periods, then mapped back to wall-clock time.
     t_on = _renewal(on_time, lambda n: rng.exponential(1.0 / burst_rate, n), burst_rate)
     k, within = np.divmod(t_on, on_s)

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from collm_fl.api.streams import drain
 from collm_fl.errors import ConfigError, DataFormatError
 from collm_fl.loadgen.trace import TraceRow
 
@@ -329,6 +330,7 @@ async def _send(
     reader = _StreamReader(spec.chat)
     http_status: int | None = None
     status = STATUS_OK
+    finished: float | None = None  # seconds after the send when [DONE] arrived
     try:
         async with asyncio.timeout(timeout_s):
             async with client.stream("POST", path, json=body) as resp:
@@ -337,8 +339,11 @@ async def _send(
                     status = f"http_{resp.status_code}"
                     reader.error = _error_message(await _read_json(resp))
                 elif resp.headers.get("content-type", "").startswith("text/event-stream"):
-                    async for line in resp.aiter_lines():
+                    lines = resp.aiter_lines()
+                    async for line in lines:
                         if reader.feed(line, loop.time() - sent):
+                            finished = loop.time() - sent  # (before the body's last bytes)
+                            await drain(lines)  # (the connection goes back to the pool)
                             break
                 else:  # the server ignored "stream": one JSON reply, first token = last token
                     reader.whole = True
@@ -347,10 +352,11 @@ async def _send(
                     reader.done = "error" not in reply
                     reader.error = _error_message(reply) if not reader.done else None
     except (TimeoutError, httpx.TimeoutException):
-        status, reader.error = STATUS_TIMEOUT, f"no complete answer within {timeout_s}s"
+        if finished is None:  # (else the timeout came while reading past [DONE]: it is whole)
+            status, reader.error = STATUS_TIMEOUT, f"no complete answer within {timeout_s}s"
     except httpx.HTTPError as e:
         status, reader.error = STATUS_ERROR, f"{type(e).__name__}: {e}"
-    e2e = loop.time() - sent
+    e2e = loop.time() - sent if finished is None else finished
     if status == STATUS_OK and (reader.error or not reader.done):
         status = STATUS_ERROR
         reader.error = reader.error or "the stream ended before data: [DONE]"
@@ -444,7 +450,39 @@ def read_results_jsonl(path: str | Path) -> list[RequestResult]:
                 f"be missing), got {got}",
                 number,
             )
-        if not isinstance(obj["index"], int) or not isinstance(obj["status"], str):
-            raise DataFormatError(where, "index must be an integer and status a string", number)
+        for name, value in obj.items():
+            if not _is_kind(value, _RESULT_KINDS[name]):
+                raise DataFormatError(
+                    where, f"{name} must be {_RESULT_KINDS[name]}, got {value!r}", number
+                )
         out.append(RequestResult(**obj))
     return out
+
+
+# What each field of a results line may hold (read_results_jsonl checks every one).
+_RESULT_KINDS = {
+    "index": "an integer",
+    "sent_at": "a number or null",
+    "ttft_s": "a number or null",
+    "tpot_s": "a number or null",
+    "e2e_s": "a number or null",
+    "status": "a string",
+    "http_status": "an integer or null",
+    "adapter_version": "an integer or null",
+    "prompt_tokens": "an integer or null",
+    "output_tokens": "an integer",
+    "error": "a string or null",
+    "late_s": "a number",
+}
+
+
+def _is_kind(value: object, kind: str) -> bool:
+    if value is None:
+        return kind.endswith("or null")
+    if isinstance(value, bool):
+        return False
+    if kind.startswith("an integer"):
+        return isinstance(value, int)
+    if kind.startswith("a number"):
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, str)

@@ -118,9 +118,8 @@ def predict_latency(
     def step(batch: int) -> float:
         return base_tpot * batch_factor(batch, model) * slow
 
-    ttft = (base_ttft + max(prompt_tokens, 0) * model.prefill_s_per_token) * slow
-    if load > 0:
-        ttft += step(min(load, cap))  # wait out the running step, then join the batch
+    # its prefill after the running step, then it joins the batch ...
+    ttft = admitted_ttft(base_ttft, base_tpot, prompt_tokens, load, cap, view.training_share, model)
     queued_ahead = max(0, load + 1 - cap)
     if queued_ahead:
         remaining = view.in_flight_tokens / view.in_flight if view.in_flight else max_tokens
@@ -265,6 +264,23 @@ def unloaded_tpot(
     return observed_tpot_s / (
         batch_factor(batch, model) * interference_factor(training_share, model)
     )
+
+
+def admitted_ttft(
+    base_ttft_s: float,
+    base_tpot_s: float,
+    prompt_tokens: int,
+    load_at_send: int,
+    capacity: int,
+    training_share: float,
+    model: LatencyModel = DEFAULT_LATENCY_MODEL,
+) -> float:
+    """The TTFT of a request admitted on arrival (the inverse of :func:`unloaded_ttft`): the idle
+    TTFT plus its prompt's prefill, slowed by training, after the running step."""
+    slow = interference_factor(training_share, model)
+    step = base_tpot_s * batch_factor(min(load_at_send, capacity), model) * slow
+    ttft = (base_ttft_s + max(prompt_tokens, 0) * model.prefill_s_per_token) * slow
+    return ttft + (step if load_at_send else 0.0)
 
 
 def unloaded_ttft(

@@ -88,6 +88,23 @@ def test_a_json_request_teaches_tpot_from_its_duration():
     assert view(pool, a).ewma_ttft_s is None  # not visible in a JSON reply
 
 
+def test_a_json_request_with_a_long_prompt_on_a_busy_replica_teaches_its_true_tpot():
+    """Its prompt's prefill and the running step are not decode time (as a stream teaches)."""
+    from collm_fl.policies.routing import batch_factor
+
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    true_tpot, prompt = 0.02, 4000
+    busy = pool.begin(a, 0, 50)  # one request running when it is sent
+    t = pool.begin(a, prompt, 10)
+    prefill = MODEL.prior_ttft_s + prompt * MODEL.prefill_s_per_token
+    running_step = MODEL.prior_tpot_s * batch_factor(1, MODEL)  # (the prior: nothing learned)
+    clock.now += prefill + running_step + 9 * true_tpot * batch_factor(2, MODEL)
+    pool.succeed(t, completion_tokens=10)
+    assert view(pool, a).ewma_tpot_s == pytest.approx(true_tpot)
+    pool.release(busy)
+
+
 def test_a_json_request_that_found_the_batch_full_teaches_no_tpot():
     pool, clock = make_pool()
     a = "127.0.0.1:8100"
@@ -205,3 +222,22 @@ def test_only_a_refused_connection_reads_as_a_replica_that_closed_its_listener()
     unreachable.__cause__ = OSError(113, "No route to host")
     assert not connection_refused(unreachable)
     assert not connection_refused(httpx.ReadTimeout("timed out"))
+
+
+def test_a_replica_with_requests_in_flight_keeps_what_was_learned_past_the_ttl():
+    """Under sustained overload every request is queued and teaches nothing; forgetting would
+    make the saturated replica look idle to routing and to admission control."""
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    t = pool.begin(a, 0, 10)
+    clock.now += 2.0
+    pool.on_token(t)
+    clock.now += 0.05
+    pool.on_token(t)
+    pool.succeed(t)
+    queued = [pool.begin(a, 0, 10) for _ in range(2 * MODEL.default_max_batch)]
+    clock.now += 10 * ESTIMATE_TTL_S
+    assert view(pool, a).ewma_ttft_s == pytest.approx(2.0)
+    for q in queued:
+        pool.release(q)
+    assert view(pool, a).ewma_ttft_s is None  # idle and stale: forgotten

@@ -65,6 +65,14 @@ def test_onoff_sends_nothing_while_off() -> None:
     assert on_rate == pytest.approx(RATE * 5.0 / 2.0, rel=0.1)  # rate / duty
 
 
+@pytest.mark.parametrize("duration", [10.0, 30.0, 50.0, 60.0])
+def test_onoff_offers_the_rate_over_a_duration_of_partial_cycles_too(duration: float) -> None:
+    """A last partial cycle starts with its on period: at rate / duty the default 5/15-s
+    cycles offered 2x the rate over 10 s."""
+    counts = [len(arrival_times("onoff", 1.0, duration, seed=s)) for s in range(300)]
+    assert np.mean(counts) / duration == pytest.approx(1.0, rel=0.05)
+
+
 def test_diurnal_rate_follows_the_sine_phase() -> None:
     times = arrival_times("diurnal", RATE, 400.0, seed=9, period_s=100.0, amplitude=0.8)
     phase = np.mod(times, 100.0)

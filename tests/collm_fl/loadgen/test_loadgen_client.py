@@ -310,6 +310,22 @@ def test_a_malformed_results_line_is_a_data_format_error(tmp_path: Path) -> None
     assert info.value.line == 2
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("ttft_s", "0.5"), ("output_tokens", 1.5), ("status", None), ("late_s", True)],
+)
+def test_a_results_line_with_a_wrongly_typed_field_names_it(tmp_path: Path, field, value) -> None:
+    import dataclasses
+    import json
+
+    good = RequestResult(0, 0.0, 0.1, 0.02, 0.3, "ok", 200, 3, 12, 11, None)
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({**dataclasses.asdict(good), field: value}) + "\n")
+    with pytest.raises(DataFormatError, match=f"{field} must be") as info:
+        read_results_jsonl(path)
+    assert info.value.line == 1
+
+
 # --- the CLI driver -----------------------------------------------------------------------------
 
 

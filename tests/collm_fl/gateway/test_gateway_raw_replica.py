@@ -1,0 +1,72 @@
+"""The gateway and the load generator against scripted replicas on raw sockets: replies no real
+replica gives on purpose (a body cut short), and what a finished stream leaves of a connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from gateway_harness import GATEWAY_KEY, GatewayServer, wait_for
+from raw_replica import RawReplica, good_stream
+
+from collm_fl.loadgen.client import RequestSpec, replay
+
+BODY = {"model": "m", "prompt": "x", "max_tokens": 4, "stream": True}
+
+
+@pytest.fixture()
+def replicas(request):
+    made: list[RawReplica] = []
+
+    def make(handler) -> RawReplica:
+        made.append(RawReplica(handler))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.stop()
+
+
+def stream(gw: GatewayServer) -> httpx.Response:
+    auth = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+    return httpx.post(gw.url + "/v1/completions", json=BODY, headers=auth, timeout=30)
+
+
+def test_a_stream_whose_error_reply_breaks_off_fails_over_to_another_replica(replicas):
+    async def broken_500(writer: asyncio.StreamWriter) -> bool:
+        writer.write(
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+            b'content-length: 200\r\n\r\n{"error": {"mess'  # then the replica dies
+        )
+        await writer.drain()
+        return False
+
+    bad, good = replicas(broken_500), replicas(good_stream)
+    gw = GatewayServer([bad.url, good.url], poll_interval_s=3600)
+    try:
+        wait_for(lambda: all(r["healthy"] for r in gw.health()["replicas"]), 10, "not healthy")
+        for _ in range(4):  # round-robin ties: some are sent to the broken one first
+            r = stream(gw)
+            assert r.status_code == 200 and "there" in r.text, r.text
+        assert bad.request_connections >= 1  # it was tried, and failed over from
+    finally:
+        gw.stop()
+
+
+def test_finished_streams_leave_their_connection_to_the_next_request(replicas):
+    replica = replicas(good_stream)
+    gw = GatewayServer([replica.url], poll_interval_s=3600)
+    try:
+        wait_for(lambda: gw.health()["replicas"][0]["healthy"], 10, "not healthy")
+        for _ in range(4):
+            assert stream(gw).status_code == 200
+        assert replica.request_connections == 1  # not a new TCP connection per stream
+    finally:
+        gw.stop()
+
+    results = asyncio.run(
+        replay(replica.url, "m", [RequestSpec(0.05 * i, "x", 4) for i in range(5)], timeout_s=10)
+    )
+    assert [r.status for r in results] == ["ok"] * 5
+    assert replica.request_connections == 2  # the load generator's one
