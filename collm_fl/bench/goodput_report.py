@@ -153,9 +153,13 @@ def render_markdown(result: GoodputResult) -> str:
             else "A request meets the TTFT SLO counted from when it was due (the load "
             "generator's lag counts against the system). Time to quality = first time the "
             "served loss is within 0.001 of a target: half-way from version 0's loss to the "
-            "lowest loss any system serves when the load ends. Each rate has its own arrival "
-            "seed (seed + rate index), and the systems run in an order rotated by one at each "
-            "rate."
+            "lowest loss any system serves when the load ends. "
+            + (
+                "The systems run"
+                if result.arrivals.startswith("trace")
+                else "Each rate has its own arrival seed (seed + rate index), and the systems run"
+            )
+            + " in an order rotated by one at each rate."
         ),
         "",
         "## Systems",

@@ -97,8 +97,8 @@ SYSTEM_SPECS = {
         "fcfs",
         "split",
         "⌈R/2⌉ replicas only train (no requests, training share 1), the others only serve and "
-        "take each version by a stop-the-world reload; round-robin routing, "
-        "first-come-first-served admission",
+        "take each version by a stop-the-world reload (so only the trainers' data partitions "
+        "are trained on); round-robin routing, first-come-first-served admission",
     ),
     COLOCATED: SystemSpec(
         COLOCATED,
