@@ -63,7 +63,8 @@ class FakeGrid:
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
 
 
-def federation(tmp_path, behaviours, **settings):
+def federation(tmp_path, behaviours, wrap=None, **settings):
+    """A Federation over the fake grid; ``wrap`` (e.g. Flower's DP wrapper) wraps its strategy."""
     cfg = RunConfig(
         model="tiny",
         output_dir=str(tmp_path / "out"),
@@ -83,9 +84,11 @@ def federation(tmp_path, behaviours, **settings):
         min_train_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_train_nodes,
         fraction_evaluate=0.0,
+        uniform_weights=cfg.dp_noise_multiplier > 0,
     )
     store = open_store(cfg)
-    return Federation(FakeGrid(behaviours), cfg, strategy, strategy, store), store
+    outer = strategy if wrap is None else wrap(strategy)
+    return Federation(FakeGrid(behaviours), cfg, outer, strategy, store), store
 
 
 def outcome(store, run_id):
@@ -230,33 +233,21 @@ def superlink_error(node: int, rnd: int, msg: Message) -> Message:
 def test_under_dp_a_node_that_left_mid_round_is_a_failed_node_not_a_lost_round(tmp_path):
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
+    def dp(strategy: LoraFedAvg) -> DifferentialPrivacyClientSideFixedClipping:
+        return DifferentialPrivacyClientSideFixedClipping(
+            strategy, noise_multiplier=0.01, clipping_norm=1.0, num_sampled_clients=3
+        )
+
     behaviours = {5: honest, 6: honest, 7: superlink_error}
-    cfg = RunConfig(
-        model="tiny",
-        output_dir=str(tmp_path / "out"),
-        central_eval_samples=4,
-        seq_len=32,
-        batch_size=4,
-        min_train_nodes=3,
+    fed, store = federation(
+        tmp_path,
+        behaviours,
+        wrap=dp,
         num_server_rounds=1,
-        round_timeout=5.0,
-        round_deadline_s=4.0,
         aggregation="fedavg",
         dp_noise_multiplier=0.01,
         quality_gate_margin=-1.0,
     )
-    lora = LoraFedAvg(
-        mode="fedavg",
-        uniform_weights=True,
-        min_train_nodes=3,
-        min_available_nodes=3,
-        fraction_evaluate=0.0,
-    )
-    dp = DifferentialPrivacyClientSideFixedClipping(
-        lora, noise_multiplier=0.01, clipping_norm=1.0, num_sampled_clients=3
-    )
-    store = open_store(cfg)
-    fed = Federation(FakeGrid(behaviours), cfg, dp, lora, store)
     fed.run()
     status, rounds, parts = outcome(store, fed.run_info.id)
     assert status == "finished" and rounds == [(1, "aggregated")]
