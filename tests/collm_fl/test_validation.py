@@ -136,4 +136,12 @@ def test_an_update_too_large_to_aggregate_is_rejected_even_without_a_bound():
     }
     huge = {k: np.full_like(v, 1e25) for k, v in ref.items()}
     check = validate_update(huge, ref, max_update_norm=None)
+    assert not check.ok and "a value of magnitude 1e+25" in check.reasons[0]
+    # Every value under the factor bound, but a wide module's product past what float32 sums hold.
+    ref = {
+        "m.lora_A.weight": np.zeros((2, 2000), np.float32),
+        "m.lora_B.weight": np.zeros((2000, 2), np.float32),
+    }
+    wide = {k: np.full_like(v, 9e5) for k, v in ref.items()}
+    check = validate_update(wide, ref, max_update_norm=None)
     assert not check.ok and "too large to aggregate" in check.reasons[0]
