@@ -8,7 +8,6 @@ it. Plain ``flwr run`` keeps working; this is the managed one-machine path.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shlex
@@ -25,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from collm_fl.config import RunConfig, Scalar, format_overrides, parse_overrides
 from collm_fl.errors import CollmError, ConfigError
+from collm_fl.launch import terminate_all
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,7 @@ def stop_processes(procs: list[psutil.Process], timeout: float = 10.0) -> None:
         except psutil.NoSuchProcess:
             continue
         everything += [proc, *children]
-    for proc in everything:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(everything, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
+    terminate_all(everything, timeout)
 
 
 def check_node_counts(cfg: RunConfig, nodes: int, what: str) -> None:

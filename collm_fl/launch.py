@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import httpx
+import psutil
 
 from collm_fl.errors import ConfigError, WorkFailed
 
@@ -68,6 +69,32 @@ def dies_with_parent() -> Callable[[], None] | None:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every process ``pid`` started, and theirs (none when it is gone)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def terminate_all(procs: list[psutil.Process], timeout: float = 5.0) -> None:
+    """SIGTERM every one of ``procs`` still running, SIGKILL what is left after ``timeout``.
+
+    A process's children do not always end with it: a SuperNode's ClientApp blocked pushing its
+    reply to the SuperNode that is gone retries forever (Flower's parent monitor raises SIGINT,
+    which its retry loop does not end), a SuperLink's simulation and Ray workers outlive it.
+    """
+    alive = [p for p in procs if p.is_running()]
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, left = psutil.wait_procs(alive, timeout=timeout)
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(left, timeout=5.0)
 
 
 class LaunchError(WorkFailed):
@@ -151,7 +178,9 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM, SIGKILL after ``timeout``; then the processes it started that outlived it."""
         if self.alive():
+            left = descendants(self.popen.pid)
             self.popen.terminate()
             try:
                 self.popen.wait(timeout)
@@ -159,13 +188,16 @@ class ManagedProcess:
                 log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.popen.pid)
                 self.popen.kill()
                 self.popen.wait()
+            terminate_all(left)
         self._log.close()
 
     def kill(self) -> None:
         """SIGKILL, no grace period (when there is no time to wait for a clean stop)."""
         if self.alive():
+            left = descendants(self.popen.pid)
             self.popen.kill()
             self.popen.wait()
+            terminate_all(left, timeout=0.0)
         self._log.close()
 
     def tail(self, chars: int = 3000) -> str:

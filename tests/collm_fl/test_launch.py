@@ -126,3 +126,33 @@ def test_what_a_launcher_started_dies_with_it_even_when_it_is_sigkilled(tmp_path
             parent.kill()
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()  # (by pid: only if the test failed)
+
+
+def test_stopping_a_process_stops_what_it_started_that_outlives_it(tmp_path) -> None:
+    """A SuperNode's ClientApp blocked pushing its reply to the SuperNode that is gone retries
+    forever (CI found one alive 30 minutes on): stopping a process stops its children too."""
+    import psutil
+
+    from collm_fl.launch import LocalFederation
+    from tests.collm_fl.gateway.gateway_harness import wait_for
+
+    pid_file = tmp_path / "child.pid"
+    parent = (
+        "import signal, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"  # exits, leaving the child
+        "time.sleep(600)\n"
+    )
+    fed = LocalFederation(tmp_path / "site", 1, 0, model="tiny")
+    fed.workdir.mkdir(parents=True, exist_ok=True)
+    proc = fed.spawn("parent", [sys.executable, "-c", parent])
+    wait_for(lambda: pid_file.is_file() and pid_file.read_text() != "", 30, "no child started")
+    child = psutil.Process(int(pid_file.read_text()))
+    try:
+        proc.stop()
+        wait_for(lambda: not child.is_running() or child.status() == "zombie", 30, "child alive")
+    finally:
+        if child.is_running():
+            child.kill()
