@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from collm_fl.config import RunConfig, TrainBudget
+from collm_fl.config import RunConfig, TrainBudget, config_int, config_number
 from collm_fl.data.partition import DataSpec
 from collm_fl.errors import ConfigError
 from collm_fl.flower_records import (
@@ -31,6 +31,8 @@ from collm_fl.flower_records import (
     CONFIG_KEY,
     METRICS_KEY,
     arrayrecord_to_state,
+    message_arrays,
+    metric_record,
     state_to_arrayrecord,
 )
 from collm_fl.logs import setup_logging
@@ -105,10 +107,10 @@ def _run_key(config: ConfigRecord) -> str | None:
 def train(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = RunConfig.from_flower(context.run_config)
-    global_state = arrayrecord_to_state(msg.content[ARRAYS_KEY])
+    global_state = arrayrecord_to_state(message_arrays(msg))
     rc = _round_config(msg)
     budget = TrainBudget.from_config(cfg, dict(rc))
-    server_round = int(rc.get("server-round", 0))  # type: ignore[arg-type]
+    server_round = config_int(rc, "server-round", 0)
     replica = _replica(context, cfg)
     if replica is not None:
         with replica:
@@ -117,12 +119,12 @@ def train(msg: Message, context: Context) -> Message:
                 cfg,
                 replica,
                 global_state,
-                int(rc.get("global-version", 0)),  # type: ignore[arg-type]
+                config_int(rc, "global-version", 0),
                 budget,
                 server_round,
-                deadline_s=float(rc.get("deadline-s", cfg.round_timeout)),  # type: ignore[arg-type]
-                training_share=None if share is None else float(share),  # type: ignore[arg-type]
-                backfill_steps=int(rc.get("backfill-steps", 0)),  # type: ignore[call-overload]
+                deadline_s=config_number(rc, "deadline-s", cfg.round_timeout),
+                training_share=None if share is None else config_number(rc, "training-share", 1.0),
+                backfill_steps=config_int(rc, "backfill-steps", 0),
                 run_key=_run_key(rc),
             )
     else:
@@ -136,11 +138,11 @@ def train(msg: Message, context: Context) -> Message:
             global_state,
             budget,
             server_round,
-            deadline_s=float(rc.get("deadline-s", cfg.round_timeout)),  # type: ignore[arg-type]
+            deadline_s=config_number(rc, "deadline-s", cfg.round_timeout),
             data_spec=_own_data(context, cfg),
         )
     content = RecordDict(
-        {ARRAYS_KEY: state_to_arrayrecord(state), METRICS_KEY: MetricRecord(metrics)}
+        {ARRAYS_KEY: state_to_arrayrecord(state), METRICS_KEY: metric_record(metrics)}
     )
     return Message(content=content, reply_to=msg)
 
@@ -152,11 +154,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     setup_logging()
     cfg = RunConfig.from_flower(context.run_config)
     partition_id, num_partitions = _partition(context)
-    arrays: ArrayRecord = msg.content[ARRAYS_KEY]
-    state = arrayrecord_to_state(arrays)
+    state = arrayrecord_to_state(message_arrays(msg))
     own = _own_data(context, cfg)
     metrics = evaluate_on_partition(cfg, partition_id, num_partitions, state, data_spec=own)
-    return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+    return Message(content=RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)
 
 
 @app.query("publish")
@@ -164,11 +165,11 @@ def publish(msg: Message, context: Context) -> Message:
     """A new global version: a replica node swaps it in now (shadow slot); a device ignores it."""
     setup_logging()
     cfg = RunConfig.from_flower(context.run_config)
-    version = int(_round_config(msg).get("version", -1))  # type: ignore[arg-type]
+    version = config_int(_round_config(msg), "version", -1)
     replica = _replica(context, cfg)
     metrics = {"served-version": -1.0}
     if replica is not None:
         with replica:
-            state = arrayrecord_to_state(msg.content[ARRAYS_KEY])
+            state = arrayrecord_to_state(message_arrays(msg))
             metrics = publish_on_replica(cfg, replica, state, version, _run_key(_round_config(msg)))
-    return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+    return Message(content=RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)

@@ -405,6 +405,23 @@ def _coerce(value: Scalar, default: object) -> object:
     raise TypeError(value)
 
 
+def config_number(config: Mapping[str, object], key: str, default: float) -> float:
+    """A numeric value of a message's ConfigRecord or any mapping (``default`` when absent); a
+    clear error when it is not a number (a bool, a string, a list)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"config {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def config_int(config: Mapping[str, object], key: str, default: int) -> int:
+    """An integer value of a message's ConfigRecord (``default`` when absent)."""
+    value = config_number(config, key, default)
+    if not value.is_integer():
+        raise ConfigError(f"config {key!r} must be an integer, got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class TrainBudget:
     """What the server asks of a client this round (the allocation policy may change it)."""
@@ -416,7 +433,7 @@ class TrainBudget:
     @classmethod
     def from_config(cls, cfg: RunConfig, overrides: Mapping[str, object]) -> TrainBudget:
         return cls(
-            local_steps=int(overrides.get("local-steps", cfg.local_steps)),  # type: ignore[call-overload]
-            learning_rate=float(overrides.get("learning-rate", cfg.learning_rate)),  # type: ignore[arg-type]
-            batch_size=int(overrides.get("batch-size", cfg.batch_size)),  # type: ignore[call-overload]
+            local_steps=config_int(overrides, "local-steps", cfg.local_steps),
+            learning_rate=config_number(overrides, "learning-rate", cfg.learning_rate),
+            batch_size=config_int(overrides, "batch-size", cfg.batch_size),
         )

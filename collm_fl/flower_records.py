@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from collm_fl.adapters import AdapterState
+from collm_fl.errors import ConfigError
 
 ARRAYS_KEY = "arrays"  # the adapter (global on the way out, local on the way back)
 CONFIG_KEY = "config"  # the round's budget and settings
@@ -33,3 +34,19 @@ def state_to_arrayrecord(state: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 def arrayrecord_to_state(record: ArrayRecord) -> AdapterState:
     return {k: np.asarray(v.numpy()) for k, v in record.items()}
+
+
+def metric_record(metrics: Mapping[str, float]) -> MetricRecord:
+    """A MetricRecord of scalar metrics."""
+    values: dict[str, int | float | list[int] | list[float]] = {
+        k: float(v) for k, v in metrics.items()
+    }
+    return MetricRecord(values)
+
+
+def message_arrays(msg: Message) -> ArrayRecord:
+    """The adapter a message carries (``ARRAYS_KEY``); a clear error when it carries none."""
+    record = msg.content.array_records.get(ARRAYS_KEY)
+    if record is None:
+        raise ConfigError(f"the message carries no {ARRAYS_KEY!r} ArrayRecord")
+    return record

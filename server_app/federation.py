@@ -256,11 +256,8 @@ class Federation:
         # How far the aggregate moved, for the policy's quality-gain fit: one node's steps, and
         # none when no aggregate came of them (too few good replies, refused by the DP wrapper).
         steps_per_node = steps_total / len(trained) if trained and new_arrays is not None else 0.0
-        train_loss = (
-            float(train_metrics[TRAIN_LOSS])
-            if train_metrics and TRAIN_LOSS in train_metrics
-            else None
-        )
+        loss_value = train_metrics.get(TRAIN_LOSS) if train_metrics else None
+        train_loss = float(loss_value) if isinstance(loss_value, int | float) else None
 
         eval_loss = eval_ppl = None
         new_state, note, failure = None, "", report.failure
@@ -322,6 +319,7 @@ class Federation:
         participations = [participation_record(o) for o in report.outcomes]
         version = latest
         if new_state is not None and new_arrays is not None:
+            assert eval_loss is not None and eval_ppl is not None  # (evaluated above)
             version_metrics = {"eval-loss": eval_loss, "eval-perplexity": eval_ppl}
             if train_loss is not None:
                 version_metrics["train-loss"] = train_loss

@@ -68,6 +68,7 @@ from collm_fl.aggregation_robust import (
     aggregate_lora_robust,
     cap_weights,
 )
+from collm_fl.config import config_int
 from collm_fl.flower_records import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -230,7 +231,7 @@ class LoraFedAvg(FedAvg):
                 )
             node_config = ConfigRecord(
                 {
-                    **dict(msg.content[CONFIG_KEY]),
+                    **dict(msg.content.config_records.get(CONFIG_KEY, ConfigRecord())),
                     "local-steps": budget.steps,
                     "backfill-steps": budget.backfill_steps,
                     "training-share": budget.share,
@@ -338,11 +339,11 @@ class LoraFedAvg(FedAvg):
             for k, i in enumerate(good_at):
                 outcomes[i] = replace(outcomes[i], mean_share=float(mean_weights[k]) / total)
             self.last_report = replace(self.last_report, outcomes=tuple(outcomes))
-        metrics = [outcomes[i].metrics for i in good_at]
+        good_metrics = [outcomes[i].metrics for i in good_at]
         # A reply that trained nothing (kept as a zero update under DP) says nothing of training.
-        trained = [m.get(LOCAL_STEPS, 1.0) > 0 for m in metrics]
+        trained = [m.get(LOCAL_STEPS, 1.0) > 0 for m in good_metrics]
         metric_weights = [w if t else 0.0 for w, t in zip(weights, trained, strict=False)]
-        return state_to_arrayrecord(new_state), aggregate_metrics(metrics, metric_weights)
+        return state_to_arrayrecord(new_state), aggregate_metrics(good_metrics, metric_weights)
 
     def _aggregate(
         self,
@@ -564,7 +565,7 @@ def _steps_asked(msg: Message) -> int | None:
     config = msg.content.config_records.get(CONFIG_KEY)
     if config is None or "local-steps" not in config:
         return None
-    return int(config["local-steps"]) + int(config.get("backfill-steps", 0))  # type: ignore[call-overload]
+    return config_int(config, "local-steps", 0) + config_int(config, "backfill-steps", 0)
 
 
 def aggregate_metrics(

@@ -74,6 +74,34 @@ def test_a_device_without_partition_config_gets_a_clear_error(global_state):
         train(train_message(global_state), context({}))
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("server-round", "2", "must be a number"),
+        ("server-round", True, "must be a number"),
+        ("local-steps", 2.5, "must be an integer"),
+        ("learning-rate", [0.1, 0.2], "must be a number"),
+    ],
+)
+def test_a_round_config_value_of_the_wrong_type_gets_a_clear_error(
+    global_state, key, value, expected
+):
+    msg = train_message(global_state)
+    msg.content.config_records["config"][key] = value
+    with pytest.raises(ConfigError, match=f"config '{key}' {expected}"):
+        train(msg, context({"partition-id": 0, "num-partitions": 3}))
+
+
+def test_a_train_message_without_an_adapter_gets_a_clear_error():
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=7,
+        message_type="train",
+    )
+    with pytest.raises(ConfigError, match="no 'arrays' ArrayRecord"):
+        train(msg, context({"partition-id": 0, "num-partitions": 3}))
+
+
 def test_a_replica_node_without_a_token_gets_a_clear_error(global_state, monkeypatch):
     monkeypatch.delenv("COLLM_CONTROL_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="COLLM_CONTROL_TOKEN"):
