@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from collm_fl.config import RunConfig, Scalar, format_overrides, parse_overrides
 from collm_fl.errors import CollmError, ConfigError
-from collm_fl.launch import terminate_all
+from collm_fl.launch import descendants, terminate_all
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,10 @@ def stop_processes(procs: list[psutil.Process], timeout: float = 10.0) -> None:
     everything: list[psutil.Process] = []
     for proc in procs:
         try:
-            children = proc.children(recursive=True)
             log.info("stopping %s (pid %d)", " ".join(proc.cmdline()[:2]), proc.pid)
         except psutil.NoSuchProcess:
             continue
-        everything += [proc, *children]
+        everything += [proc, *descendants(proc.pid)]
     terminate_all(everything, timeout)
 
 
