@@ -7,7 +7,13 @@ import json
 import logging
 from pathlib import Path
 
-from collm_fl.bench.goodput_result import HALF_WAY, GoodputResult, RateOutcome, is_collm_system
+from collm_fl.bench.goodput_result import (
+    HALF_WAY,
+    GoodputResult,
+    RateOutcome,
+    RunOutcome,
+    is_collm_system,
+)
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
 from collm_fl.reports import save_figure, write_text_atomic
 
@@ -50,9 +56,10 @@ def _count(n: int, noun: str) -> str:
     return f"{word} {noun}" + ("" if n == 1 else "s")
 
 
-def _rate_label(result: GoodputResult, rate: float) -> str:
-    """The rate, and its load named by what the schedule offered (a bursty schedule's count of
-    requests strays from the nominal rate) as a fraction of R × one replica's capacity."""
+def offered_load(result: GoodputResult, rate: float) -> tuple[float | None, float, str]:
+    """The load a rate offered: req/s the schedule held (None: no run at it; a bursty schedule's
+    count of requests strays from the nominal rate), that (or the nominal rate) as a fraction of
+    R × one replica's saturated throughput, and its name (light ... overload)."""
     capacity = result.replicas * result.calibration.capacity_rps
     runs = result.runs_at(rate)
     offered = None
@@ -60,9 +67,16 @@ def _rate_label(result: GoodputResult, rate: float) -> str:
         offered = runs[0].summary.requests / runs[0].summary.duration_s
     fraction = (rate if offered is None else offered) / capacity if capacity > 0 else 0.0
     label = next(name for bound, name in RATE_LABELS if fraction <= bound)
+    return offered, fraction, label
+
+
+def _rate_label(result: GoodputResult, rate: float) -> str:
+    """The rate, and its load named by what the schedule offered (:func:`offered_load`)."""
+    offered, fraction, label = offered_load(result, rate)
     text = f"{rate:.2f} req/s nominal"
     if offered is not None:
-        text += f", offered {offered:.2f} req/s ({runs[0].summary.requests} requests)"
+        requests = result.runs_at(rate)[0].summary.requests
+        text += f", offered {offered:.2f} req/s ({requests} requests)"
     return text + f": {fraction:.2f} × R × one replica's saturated throughput, {label}"
 
 
@@ -276,6 +290,15 @@ def share_at_least_as_good(
     return good / end_s
 
 
+def quality_share(result: GoodputResult, mine: RunOutcome) -> float:
+    """Share of the load window in which ``mine`` served a loss no worse than every baseline at
+    its rate (1.0 when the rate had no baseline)."""
+    others = [r.quality for r in result.runs_at(mine.rate) if not is_collm_system(r.system)]
+    if not others:
+        return 1.0
+    return share_at_least_as_good(mine.quality, others, result.settings.schedule_s)
+
+
 def _goal_lines(result: GoodputResult) -> list[str]:
     """Per rate and CoLLM-FL system: the goodput ratio and its served quality over time against
     every baseline."""
@@ -298,9 +321,7 @@ def _goal_lines(result: GoodputResult) -> list[str]:
         best = min(baselines, key=lambda o: o.final_loss)
         ratios = info.ratios
         for mine in (r for r in runs if is_collm_system(r.system)):
-            share = share_at_least_as_good(
-                mine.quality, [o.quality for o in baselines], result.settings.schedule_s
-            )
+            share = quality_share(result, mine)
             ratio = ratios.get(mine.system)
             lines.append(
                 f"| {_rate_label(result, info.rate)} | {result.title(mine.system)} | "

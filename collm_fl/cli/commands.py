@@ -170,6 +170,12 @@ def dispatch(args: argparse.Namespace) -> int:
         _, md = write_replica_report(bench, Path(args.out), _command_line())
         print(md.read_text())
         return 0
+    if args.command == "bench" and args.bench == "goodput-runs":
+        from collm_fl.bench.goodput_runs import write_runs_report
+
+        for path in write_runs_report(args.runs, Path(args.out), _command_line()):
+            print(f"wrote {path}")
+        return 0
     if args.command == "bench" and args.bench == "goodput" and args.from_json:
         from collm_fl.bench.goodput_report import write_goodput_report
         from collm_fl.bench.goodput_result import result_from_json

@@ -365,6 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     b = bsub.add_parser(
+        "goodput-runs",
+        help="several goodput runs (other --seed) side by side: the spread of the goodput ratio",
+    )
+    b.add_argument(
+        "runs", nargs="+", help="goodput.json files, or directories holding one (same settings)"
+    )
+    b.add_argument("--out", default="docs/bench", help="where goodput-runs.{md,json,png} go")
+
+    b = bsub.add_parser(
         "soak", help="gateway + replicas at and above capacity with adapter swaps: errors, RSS"
     )
     b.add_argument("--model", default="tiny", help="the replicas' base model")

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from goodput_fakes import fake_result, fake_run
 
-from collm_fl.bench.aggregation import machine_info
 from collm_fl.bench.goodput import (
-    _system_info,
     check_trace_span,
     quality_target,
     run_goodput_benchmark,
@@ -21,16 +20,11 @@ from collm_fl.bench.goodput import (
 from collm_fl.bench.goodput_report import render_markdown
 from collm_fl.bench.goodput_result import (
     HALF_WAY,
-    Calibration,
-    GoodputResult,
-    MachineRecord,
     result_from_json,
 )
-from collm_fl.bench.goodput_rounds import FederationLog, RoundRecord, RunSettings
-from collm_fl.bench.goodput_systems import SYSTEMS, SystemRun, split_roles
+from collm_fl.bench.goodput_systems import SYSTEMS, split_roles
 from collm_fl.cli import main
 from collm_fl.errors import ConfigError
-from collm_fl.loadgen.client import RequestResult
 from collm_fl.loadgen.goodput import SLOSpec
 from collm_fl.loadgen.trace import TraceRow
 
@@ -178,30 +172,13 @@ def test_served_quality_is_the_mean_over_serving_replicas_of_their_versions_loss
     assert served_quality_curve(switches, [1], losses, 30.0)[-1] == (30.0, 3.0)
 
 
-def _run(system: str, rate: float, losses: dict[int, float], met: int) -> SystemRun:
-    ok = RequestResult(0, 0.0, 0.1, 0.01, 0.5, "ok", 200, 0, 8, 4, None)
-    late = RequestResult(1, 1.0, 9.0, 0.01, 9.5, "ok", 200, 0, 8, 4, None)
-    switches = sorted((5.0 * v, i, v) for v in losses for i in (0, 1))
-    rounds = [RoundRecord(1, 1.0, {0: (3, 1.0)}, 3, 300, 2.0, 1, losses.get(1), 0.5, 5.0)]
-    return SystemRun(
-        system,
-        rate,
-        [ok] * met + [late] * (4 - met),
-        FederationLog(switches, rounds, losses),
-        serving=[0, 1],
-        training=[0, 1],
-        startup_s=1.0,
-        wall_s=12.0,
-    )
-
-
 def test_summaries_give_the_ratio_to_the_best_baseline_and_time_to_quality() -> None:
     slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
     runs = [
-        _run("separate", 2.0, {0: 4.0, 1: 3.8}, met=1),
-        _run("merged", 2.0, {0: 4.0, 1: 3.5}, met=2),
-        _run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
-        _run("collm-fl-quality", 2.0, {0: 4.0, 1: 3.4}, met=3),  # not a baseline
+        fake_run("separate", 2.0, {0: 4.0, 1: 3.8}, met=1),
+        fake_run("merged", 2.0, {0: 4.0, 1: 3.5}, met=2),
+        fake_run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
+        fake_run("collm-fl-quality", 2.0, {0: 4.0, 1: 3.4}, met=3),  # not a baseline
     ]
     outcomes, (rate,) = summarize_runs(runs, [2.0], slo, schedule_s=10.0)
     assert (rate.best_baseline, rate.ratios["collm-fl"]) == ("merged", 2.0)
@@ -223,8 +200,9 @@ def test_summaries_give_the_ratio_to_the_best_baseline_and_time_to_quality() -> 
 
 def test_a_version_published_after_the_load_ended_is_not_counted_as_served() -> None:
     slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
-    late = _run("collm-fl", 1.0, {0: 4.0, 1: 3.0}, met=1)  # v1 switches in at 5 s
-    (outcome, _), _ = summarize_runs([late, _run("merged", 1.0, {0: 4.0}, met=1)], [1.0], slo, 4.0)
+    late = fake_run("collm-fl", 1.0, {0: 4.0, 1: 3.0}, met=1)  # v1 switches in at 5 s
+    merged = fake_run("merged", 1.0, {0: 4.0}, met=1)
+    (outcome, _), _ = summarize_runs([late, merged], [1.0], slo, 4.0)
     assert outcome.final_loss == 4.0 and outcome.quality[-1] == (4.0, 4.0)
 
 
@@ -238,7 +216,7 @@ def test_time_to_quality_forgives_float_noise_within_the_tolerance() -> None:
 
 def test_without_improvement_there_is_no_target() -> None:
     slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
-    runs = [_run("separate", 1.0, {0: 4.0}, met=1), _run("collm-fl", 1.0, {0: 4.0}, met=1)]
+    runs = [fake_run("separate", 1.0, {0: 4.0}, met=1), fake_run("collm-fl", 1.0, {0: 4.0}, met=1)]
     outcomes, (rate,) = summarize_runs(runs, [1.0], slo, schedule_s=10.0)
     assert (rate.target_loss, rate.target_source) == (None, None)
     assert all(o.time_to_quality_s is None for o in outcomes)
@@ -265,44 +243,15 @@ def test_a_trace_too_short_for_the_schedule_is_refused_before_anything_runs(caps
     assert code == 2 and "last 20 s at 1.00 req/s, less than the 192 s" in capsys.readouterr().err
 
 
-def _result(runs: list[SystemRun], rate: float) -> GoodputResult:
-    slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
-    settings = RunSettings("tiny", 2, 1, 10.0, 0.0, 7.0, 3, 1.0, 5e-4, slo, 8, 4, 30.0, 0)
-    outcomes, by_rate = summarize_runs(runs, [rate], slo, settings.schedule_s)
-    return GoodputResult(
-        command="test",
-        model="tiny",
-        replicas=2,
-        rounds=1,
-        round_s=10.0,
-        quick=True,
-        arrivals="bursty",
-        slo_factor=5.0,
-        seed=0,
-        eval_samples=4,
-        eval_rows=4,
-        rate_fractions=None,
-        calibration=Calibration(0.1, 0.01, 4.0, 1.0, 10, 16, 1.0, 5.0),
-        slo=slo,
-        settings=settings,
-        rates=[rate],
-        systems=[_system_info(name) for name in SYSTEMS],
-        runs=outcomes,
-        by_rate=by_rate,
-        machine=MachineRecord(machine_info(100.0, 100.0), [0.0] * 3, [0.0] * 3),
-        seconds=1.0,
-    )
-
-
 def test_each_collm_fl_system_is_held_against_the_baselines_only() -> None:
     runs = [
-        _run("separate", 2.0, {0: 4.0, 1: 3.8}, met=1),
-        _run("colocated", 2.0, {0: 4.0, 1: 3.6}, met=1),
-        _run("merged", 2.0, {0: 4.0, 1: 3.6}, met=2),
-        _run("collm-fl", 2.0, {0: 4.0, 1: 3.7}, met=4),  # worse than co-located from 5 s on
-        _run("collm-fl-quality", 2.0, {0: 4.0, 1: 3.5}, met=3),  # better: not a baseline
+        fake_run("separate", 2.0, {0: 4.0, 1: 3.8}, met=1),
+        fake_run("colocated", 2.0, {0: 4.0, 1: 3.6}, met=1),
+        fake_run("merged", 2.0, {0: 4.0, 1: 3.6}, met=2),
+        fake_run("collm-fl", 2.0, {0: 4.0, 1: 3.7}, met=4),  # worse than co-located from 5 s on
+        fake_run("collm-fl-quality", 2.0, {0: 4.0, 1: 3.5}, met=3),  # better: not a baseline
     ]
-    md = render_markdown(_result(runs, 2.0))
+    md = render_markdown(fake_result(runs, [2.0]))
     goals = md.split("### Against the goals")[1].split("\n### ")[0]
     rows = [line for line in goals.splitlines() if line.startswith("| 2.00 req/s")]
     assert len(rows) == 2
@@ -316,10 +265,10 @@ def test_each_collm_fl_system_is_held_against_the_baselines_only() -> None:
 
 def test_a_report_from_before_the_variant_still_renders_its_ratio() -> None:
     runs = [
-        _run("merged", 2.0, {0: 4.0, 1: 3.6}, met=2),
-        _run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
+        fake_run("merged", 2.0, {0: 4.0, 1: 3.6}, met=2),
+        fake_run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
     ]
-    data = _result(runs, 2.0).to_json()
+    data = fake_result(runs, [2.0]).to_json()
     for by_rate in data["by_rate"]:  # type: ignore[union-attr]
         by_rate["goodput_ratio"] = by_rate.pop("ratios")["collm-fl"]  # what it held before
     md = render_markdown(result_from_json(data))
@@ -331,14 +280,14 @@ def test_a_report_from_before_the_variant_still_renders_its_ratio() -> None:
 
 def test_a_decision_recorded_before_the_rest_seconds_renders_a_dash() -> None:
     runs = [
-        _run("merged", 2.0, {0: 4.0, 1: 3.6}, met=2),
-        _run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
+        fake_run("merged", 2.0, {0: 4.0, 1: 3.6}, met=2),
+        fake_run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
     ]
     decision = {"replica": 0, "steps": 3, "backfill": 2, "share": 0.3, "load": "1.0 req/s"}
     runs[1].federation.rounds[0].allocation = [
         {**decision, "trained": 5, "backfilled": 2, "lent_s": 0.0, "late_rest_s": 12.5},
         {**decision, "replica": 1, "trained": 4},  # as goodput.json held it before
     ]
-    md = render_markdown(_result(runs, 2.0))
+    md = render_markdown(fake_result(runs, [2.0]))
     assert "| CoLLM-FL | 2.00 | 1 | r0 | 3 | 2 | 5 (2) | 0.0 | 12.5 | 0.30 | 1.0 req/s |" in md
     assert "| CoLLM-FL | 2.00 | 1 | r1 | 3 | 2 | 4 (0) | – | – | 0.30 | 1.0 req/s |" in md

@@ -1,0 +1,86 @@
+"""`collm bench goodput-runs`: several goodput runs pooled by the load they offered."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from goodput_fakes import fake_result, fake_run
+
+from collm_fl.bench.goodput_report import write_goodput_report
+from collm_fl.bench.goodput_runs import load_results, rate_points, spreads
+from collm_fl.cli import main
+from collm_fl.errors import ConfigError
+
+
+def _write(tmp_path: Path, name: str, seed: int, collm_met: int, **kwargs) -> Path:
+    """A run at 2.0 req/s whose best baseline (merged) met 1 of 4 requests; CoLLM-FL
+    ``collm_met``. With capacity 0.4 req/s a replica, its 0.4 req/s offered are a load of 0.5:
+    high."""
+    runs = [
+        fake_run("separate", 2.0, {0: 4.0, 1: 3.8}, met=0),
+        fake_run("merged", 2.0, {0: 4.0, 1: 3.6}, met=1),
+        fake_run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=collm_met),
+    ]
+    kwargs.setdefault("capacity_rps", 0.4)
+    out = tmp_path / name
+    write_goodput_report(fake_result(runs, [2.0], seed=seed, **kwargs), out)
+    return out
+
+
+def test_runs_are_pooled_by_load_with_the_spread_of_the_ratio(tmp_path: Path) -> None:
+    paths = [_write(tmp_path, f"s{seed}", seed, met) for seed, met in ((0, 4), (1, 2), (2, 3))]
+    results = load_results([str(p) for p in paths])
+    points = rate_points(results)
+    assert [(p.seed, p.load) for p in points] == [(0, "high"), (1, "high"), (2, "high")]
+    assert [p.ratio for p in points] == pytest.approx([4.0, 2.0, 3.0])
+    assert points[0].offered_fraction == pytest.approx(0.5)
+    (spread,) = spreads(points)
+    assert (spread.system, spread.load, spread.points) == ("collm-fl", "high", 3)
+    assert [spread.ratio_median, spread.ratio_min, spread.ratio_max] == pytest.approx([3, 2, 4])
+    # 3 (2.9999999999999996 as computed) and 4 reach the 3x goal
+    assert (spread.at_goal, spread.not_below) == (2, 3)
+
+
+def test_the_command_writes_its_table_json_and_plot(tmp_path: Path, capsys) -> None:
+    paths = [str(_write(tmp_path, f"s{seed}", seed, 4 - seed)) for seed in (0, 1)]
+    out = tmp_path / "out"
+    assert main(["bench", "goodput-runs", *paths, "--out", str(out)]) == 0
+    md = (out / "goodput-runs.md").read_text()
+    assert "| CoLLM-FL | high | 2 | 3.50× (3.00× – 4.00×) | 2/2 | 2/2 |" in md
+    assert "Seeds repeat" not in md
+    data = json.loads((out / "goodput-runs.json").read_text())
+    assert [p["ratio"] for p in data["points"]] == pytest.approx([4.0, 3.0])
+    assert (out / "goodput_runs.png").stat().st_size > 0
+
+
+def test_runs_of_one_seed_are_flagged(tmp_path: Path) -> None:
+    paths = [str(_write(tmp_path, f"r{k}", 0, 4)) for k in range(2)]
+    out = tmp_path / "out"
+    assert main(["bench", "goodput-runs", *paths, "--out", str(out)]) == 0
+    assert "**Seeds repeat**" in (out / "goodput-runs.md").read_text()
+
+
+def test_runs_with_other_settings_are_not_pooled(tmp_path: Path, capsys) -> None:
+    a = _write(tmp_path, "a", 0, 4)
+    b = _write(tmp_path, "b", 1, 4, replicas=3)
+    with pytest.raises(ConfigError, match=r"replicas=3 but .* has 2"):
+        load_results([str(a), str(b)])
+    code = main(["bench", "goodput-runs", str(a), str(b), "--out", str(tmp_path / "out")])
+    assert code == 2 and "are not pooled" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_one_run_given_twice_is_refused(tmp_path: Path) -> None:
+    a = _write(tmp_path, "a", 0, 4)
+    with pytest.raises(ConfigError, match="one run counted twice"):
+        load_results([str(a), str(a / "goodput.json")])
+
+
+def test_a_missing_or_foreign_file_exits_2(tmp_path: Path, capsys) -> None:
+    foreign = tmp_path / "x.json"
+    foreign.write_text('{"model": "tiny"}')
+    for given, says in ((foreign, "not a goodput report"), (tmp_path / "nope", "no such")):
+        code = main(["bench", "goodput-runs", str(given), "--out", str(tmp_path / "out")])
+        assert code == 2 and says in capsys.readouterr().err
