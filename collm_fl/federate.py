@@ -84,12 +84,22 @@ def check_node_counts(cfg: RunConfig, nodes: int, what: str) -> None:
             raise ConfigError(f"{key}={value} but {what} {nodes}: no round could ever aggregate")
 
 
-def run_outcome(cfg: RunConfig, returncode: int, launched_at: datetime) -> int:
-    """The exit code of a local federation launched at ``launched_at``: ``flwr run --stream``
-    exits 0 even when the ServerApp failed, so 0 only if the store holds a ``run-finished`` event
-    of this run from after the launch (an earlier attempt's does not count)."""
+def run_outcome(
+    cfg: RunConfig,
+    returncode: int,
+    launched_at: datetime,
+    log_hint: str = "see the ServerApp's log above",
+) -> int:
+    """The exit code of a local federation launched at ``launched_at``: 0 only if ``flwr run``
+    exited 0 and the store holds a ``run-finished`` event of this run from after the launch
+    (``flwr run --stream`` exits 0 even when the ServerApp failed; an earlier attempt's event
+    does not count); else 1, the run marked failed if it still shows as running. ``log_hint``
+    says where the ServerApp's log is."""
     if returncode != 0:
-        return returncode
+        how = f"killed by signal {-returncode}" if returncode < 0 else f"exited {returncode}"
+        log.error("flwr run %s: the federation did not finish (%s)", how, log_hint)
+        mark_failed(cfg, f"flwr run {how}")
+        return 1
     from collm_fl.store import RUN_FINISHED, VersionStore
 
     try:
@@ -100,7 +110,8 @@ def run_outcome(cfg: RunConfig, returncode: int, launched_at: datetime) -> int:
         log.error("the federation did not record its run: %s", e)
         return 1
     if not finished:
-        log.error("run %r did not finish (%s): see the ServerApp's log above", run.name, run.status)
+        log.error("run %r did not finish (%s): %s", run.name, run.status, log_hint)
+        mark_failed(cfg, "flwr run ended before the run finished")
         return 1
     return 0
 
@@ -119,6 +130,12 @@ def failed_if_interrupted(cfg: RunConfig) -> Iterator[None]:
 
 def mark_interrupted(cfg: RunConfig) -> None:
     """Record that the run of ``cfg`` was stopped by its launcher, if it shows as running."""
+    mark_failed(cfg, "interrupted: its launcher was stopped (Ctrl-C or SIGTERM)")
+
+
+def mark_failed(cfg: RunConfig, reason: str) -> None:
+    """Mark the run of ``cfg`` failed (status, a ``run-failed`` event with ``reason``) if it
+    still shows as running: its ServerApp was stopped before it could record how it ended."""
     from collm_fl.store import RUN_FAILED, VersionStore
 
     if not cfg.store_url and not (cfg.output_path / "store.db").is_file():
@@ -128,11 +145,10 @@ def mark_interrupted(cfg: RunConfig) -> None:
             run = store.find_run(cfg.run_name)
             if run.status == "running":
                 store.set_run_status(run.id, "failed")
-                reason = "interrupted: its launcher was stopped (Ctrl-C or SIGTERM)"
                 store.record_event(run.id, RUN_FAILED, {"error": reason})
                 log.warning("run %r marked failed: %s", run.name, reason)
     except (CollmError, SQLAlchemyError, OSError) as e:  # no run recorded yet, or no store
-        log.debug("nothing to mark interrupted: %s", e)
+        log.debug("nothing to mark failed: %s", e)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -26,12 +27,13 @@ from pathlib import Path
 
 import httpx
 
-from collm_fl.config import Scalar, parse_overrides
-from collm_fl.errors import ConfigError, StoreError
+from collm_fl.config import RunConfig, Scalar, parse_overrides
+from collm_fl.errors import ConfigError, StoreError, WorkFailed
 from collm_fl.federate import (
     check_node_counts,
     failed_if_interrupted,
     launch_config,
+    mark_failed,
     mark_interrupted,
     run_outcome,
 )
@@ -120,6 +122,8 @@ class RoundRow:
     goodput_rps: float
     slo_attainment: float
     shares: dict[str, float] = field(default_factory=dict)
+    # the round's aggregate's loss when it was not promoted (the quality gate kept the previous)
+    candidate_loss: float | None = None
 
 
 class _Load:
@@ -173,6 +177,44 @@ class _Load:
         return self._results or list(self._completed)
 
 
+class _Watch:
+    """What the monitor saw go wrong: a process of the stack that exited mid-run. ``flwr run``
+    is then stopped: the federation could not finish (Flower would wait for the lost node for
+    ever), and a dead gateway would be reported as the system's serving."""
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+        self._flwr: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()
+
+    def driving(self, proc: subprocess.Popen[str]) -> None:
+        with self._lock:
+            self._flwr = proc
+            if self.failure is not None:
+                proc.kill()
+
+    def died(self, failure: str) -> None:
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure = failure
+            if self._flwr is not None and self._flwr.poll() is None:
+                self._flwr.kill()
+        print(f"stopping: {failure}", flush=True)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one run: a second ``collm live`` on it would move the first's stores
+    aside and share its run database."""
+    with (out / ".collm-live.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise ConfigError(f"--out {out}: another collm live is running there") from e
+        yield
+
+
 def live_replica_args(cfg: LiveConfig) -> tuple[str, ...]:
     """The ``collm replica`` flags the main job's replicas start with."""
     return (
@@ -216,6 +258,20 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {cfg.out}: cannot create it: {e.strerror or e}") from e
+    with _exclusive(out):
+        return _run_live(cfg, app, out, slo, requests, run_config, run_cfg, replica_args)
+
+
+def _run_live(
+    cfg: LiveConfig,
+    app: Path,
+    out: Path,
+    slo: SLOSpec,
+    requests: list[RequestSpec],
+    run_config: str,
+    run_cfg: RunConfig,
+    replica_args: tuple[str, ...],
+) -> int:
     kept = keep_earlier_run(out)
     if kept is not None:
         print(f"an earlier run's federation and replica stores are kept in {kept}", flush=True)
@@ -240,35 +296,49 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
         )
         load = _Load(url, cfg, requests, fed.api_key)
         started, launched = time.monotonic(), datetime.now(UTC)
-        stop_monitor = threading.Event()
+        stop_monitor, watch = threading.Event(), _Watch()
         monitor = threading.Thread(
-            target=_monitor, args=(fed, started, timeline, stop_monitor), daemon=True
+            target=_monitor, args=(fed, started, timeline, stop_monitor, watch), daemon=True
         )
         monitor.start()
         load.start()
         results: list[RequestResult] = []
         interrupted = False
         try:
-            code = _drive_flwr(fed, app, run_config, out, started, load, slo, rows, timeline)
+            code = _drive_flwr(fed, app, run_config, out, started, load, slo, rows, timeline, watch)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what ran, then stop everything
             interrupted, code = True, 130
             print("interrupted: writing the report of the rounds so far ...", flush=True)
         finally:
             ended = time.monotonic()  # the schedule's end: what follows is shutting down
-            # Requests in flight finish against the running replicas (not when interrupted: the
-            # requests finished so far are reported).
-            results = load.stop(wait=not interrupted)
             stop_monitor.set()
+            # Requests in flight finish against the running replicas (not when interrupted or
+            # when the stack broke: the requests finished so far are reported).
+            try:
+                results = load.stop(wait=not interrupted and watch.failure is None)
+            except KeyboardInterrupt:  # a second signal while they finish: stop waiting
+                interrupted = True
+                results = load.stop(wait=False)
             monitor.join(timeout=10)
     if interrupted:  # first (the interrupt stopped here never reached the wrapper's check)
         mark_interrupted(run_cfg)
+    elif watch.failure is not None:
+        mark_failed(run_cfg, watch.failure)
     rows = recount_rounds(rows, results, slo)
-    note = "Interrupted: the report covers the rounds so far." if interrupted else ""
-    report = _report(cfg, out, rows, timeline, results, slo, ended - started, note)
+    note = (
+        "Interrupted: the report covers the rounds so far."
+        if interrupted
+        else f"Stopped: {watch.failure}. The report covers the rounds so far."
+        if watch.failure is not None
+        else ""
+    )
+    report = _report(cfg, out, rows, list(timeline), results, slo, ended - started, note)
     print(f"report: {report}", flush=True)
     if interrupted:
         raise KeyboardInterrupt  # (the CLI's exit code for it, once everything is stopped)
-    return run_outcome(run_cfg, code, launched)
+    if watch.failure is not None:
+        raise WorkFailed(watch.failure)
+    return run_outcome(run_cfg, code, launched, log_hint=f"see {out / 'flwr-run.log'}")
 
 
 def _drive_flwr(
@@ -281,16 +351,22 @@ def _drive_flwr(
     slo: SLOSpec,
     rows: list[RoundRow],
     timeline: list[tuple[float, str, int | None, float]],
+    watch: _Watch | None = None,
 ) -> int:
     cmd = fed.flwr_run_command(run_config, app)
+    env = fed.env()
+    if env is not None:  # its round lines are read as they come: not held in a pipe's buffer
+        env["PYTHONUNBUFFERED"] = "1"
     popen = subprocess.Popen(
         cmd,
-        env=fed.env(),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=dies_with_parent(),  # a SIGKILLed job must not leave its run driving on
     )
+    if watch is not None:
+        watch.driving(popen)
     with _killed_on_exit(popen) as proc, (out / "flwr-run.log").open("w") as logf:
         last_t = 0.0
         assert proc.stdout is not None
@@ -305,23 +381,30 @@ def _drive_flwr(
             summary = summarize_results(done, slo, max(now - last_t, 1e-9))
             rnd, ok, failed, version = int(m[1]), int(m[2]), int(m[4]), int(m[5])
             loss = _float_after(line, "central eval loss ")
-            shares = {name: share for _, name, _, share in timeline[-len(fed.replicas) :]}
+            kept = "kept previous" in line  # the loss is the unpromoted aggregate's, if any
+            served_loss = next((r.eval_loss for r in reversed(rows) if r.version == version), None)
+            shares = round_shares(timeline, last_t, now)
             rows.append(
                 RoundRow(
                     rnd,
                     now,
                     version,
-                    loss,
+                    served_loss if kept else loss,
                     ok,
                     failed,
                     summary.requests,
                     summary.goodput_rps,
                     summary.slo_attainment,
                     shares,
+                    candidate_loss=loss if kept else None,
                 )
             )
-            share_text = " ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items()))
-            loss_text = "-" if loss is None else f"{loss:.3f}"
+            share_text = " ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items())) or "-"
+            if kept:
+                candidate = "none" if loss is None else f"{loss:.3f}"
+                loss_text = f"kept; the round's aggregate: {candidate}"
+            else:
+                loss_text = "-" if loss is None else f"{loss:.3f}"
             print(
                 f"round {rnd} | served v{version} (central loss {loss_text}) | "
                 f"{_load_text(summary.requests, summary.goodput_rps, summary.slo_attainment)} | "
@@ -416,21 +499,43 @@ def _float_after(line: str, marker: str) -> float | None:
         return None
 
 
+def round_shares(
+    timeline: Sequence[tuple[float, str, int | None, float]], since: float, until: float
+) -> dict[str, float]:
+    """Each replica's mean training share over the samples in ``[since, until)`` (a replica with
+    no sample there, e.g. its /health too slow while it trained, is left out): the share its
+    training held in the round, not what the next round's allocation may already have set."""
+    samples: dict[str, list[float]] = {}
+    for t, name, _, share in list(timeline):
+        if since <= t < until:
+            samples.setdefault(name, []).append(share)
+    return {name: sum(v) / len(v) for name, v in samples.items()}
+
+
 def _monitor(
     fed: LocalFederation,
     started: float,
     timeline: list[tuple[float, str, int | None, float]],
     stop: threading.Event,
+    watch: _Watch | None = None,
 ) -> None:
-    """Record each replica's served version and training share once a second."""
+    """Once a second: every process of the stack still running (else ``watch.died``), and each
+    replica's served version and training share (the allocation's share while it trains, 0
+    while it does not)."""
     with httpx.Client(timeout=2.0) as client:
         while not stop.wait(1.0):
+            gone = next((p for p in fed.processes if not p.alive()), None)
+            if gone is not None and watch is not None and not stop.is_set():
+                code = gone.popen.returncode
+                watch.died(f"{gone.name} exited (code {code}) mid-run; its log: {gone.log_path}")
+                return
             for node in fed.replicas:
                 try:
                     h = client.get(node.api_url + "/health").json()
                 except (httpx.HTTPError, ValueError):
                     continue
-                share = float(h.get("training_share", 0.0))  # as set by the round's allocation
+                # the allocation's share while its round's job runs
+                share = float(h.get("training_share", 0.0)) if h.get("training") else 0.0
                 timeline.append(
                     (
                         time.monotonic() - started,
@@ -484,12 +589,15 @@ def _report(
         f"SLO TTFT {cfg.ttft_slo_s}s / TPOT {cfg.tpot_slo_s}s, {cfg.rounds} rounds.",
         "",
         *((f"**{note}**", "") if note else ()),
-        "| round | at (s) | served version | central loss | clients ok/failed | requests "
+        "| round | at (s) | served version | its central loss | clients ok/failed | requests "
         "| goodput (req/s) | SLO attainment | training share |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
-        loss = "-" if r.eval_loss is None else f"{r.eval_loss:.4f}"
+        served_loss = losses.get(r.version, r.eval_loss)  # the store's, when it has the run
+        loss = "-" if served_loss is None else f"{served_loss:.4f}"
+        if r.candidate_loss is not None:
+            loss += f" (round's aggregate {r.candidate_loss:.4f}, not promoted)"
         shares = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r.shares.items()))
         served = (
             "- | -" if r.requests == 0 else f"{r.goodput_rps:.3f} | {100 * r.slo_attainment:.0f}%"
@@ -541,7 +649,8 @@ def _plot(
         )
         ax3.plot([t for t, _, _ in pts], [s for _, _, s in pts], label=name)
     ax1.set_ylabel("served held-out loss")
-    ax1.legend()
+    if timeline:
+        ax1.legend()
     window = 10.0
     sent = [(r.sent_at, meets_slo(r, slo)) for r in results if r.sent_at is not None]
     end = max((t for t, _ in sent), default=0.0)
@@ -549,7 +658,7 @@ def _plot(
     good = [sum(1 for t, ok in sent if ok and e <= t < e + window) / window for e in edges]
     ax2.plot(edges, good)
     ax2.set_ylabel(f"goodput (req/s, {window:.0f}s bins)")
-    ax3.set_ylabel("training share")
+    ax3.set_ylabel("training share (while training)")
     ax3.set_xlabel("seconds since start")
     fig.tight_layout()
     save_figure(fig, out / "live.png", dpi=110)

@@ -26,6 +26,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so every process a command started is
     # stopped by its `with` block; servers that handle signals themselves install their own.
     signal.signal(signal.SIGTERM, _terminated)
+    # A hang-up (the terminal or SSH session gone) too, for the commands that start processes,
+    # unless it is ignored (nohup). (A server's default end on SIGHUP stays: it starts nothing.)
+    hangup = getattr(signal, "SIGHUP", None)
+    if (
+        hangup is not None
+        and args.command not in ("replica", "gateway")
+        and signal.getsignal(hangup) is signal.SIG_DFL
+    ):
+        signal.signal(hangup, _terminated)
     try:
         return dispatch(args)
     except CollmError as e:

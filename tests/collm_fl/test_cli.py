@@ -454,3 +454,23 @@ def test_bad_input_exits_2_and_a_failure_of_the_work_exits_1(capsys, monkeypatch
     monkeypatch.setattr(cli, "dispatch", fail)
     got, err = run(capsys, "prepare")
     assert got == code and err.startswith("collm: error: ") and str(made) in err
+
+
+def test_a_hang_up_stops_a_launcher_as_sigterm_does_unless_it_is_ignored(capsys, monkeypatch):
+    """SIGHUP (the terminal or SSH session gone) unwinds a command that starts processes like
+    Ctrl-C, so it stops what it started; under nohup (ignored) it stays ignored."""
+    import signal
+
+    from collm_fl import cli
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        run(capsys, "bench", "goodput-runs", "/nonexistent")
+        assert signal.getsignal(signal.SIGHUP) is cli._terminated
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        run(capsys, "bench", "goodput-runs", "/nonexistent")
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

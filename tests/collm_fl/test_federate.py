@@ -36,10 +36,13 @@ def test_a_run_that_did_not_finish_is_a_failed_command(tmp_path):
         store.record_event(run.id, RUN_FINISHED, {})  # an earlier attempt's end
     later = datetime.now(UTC)
     assert run_outcome(cfg, 0, later) == 1  # this attempt crashed (e.g. its resume was refused)
-    with VersionStore(tmp_path) as store:
+    with VersionStore(tmp_path) as store:  # ... and is not left showing as running
+        assert store.find_run("r").status == "failed"
         store.record_event(run.id, RUN_FINISHED, {})
     assert run_outcome(cfg, 0, later) == 0
-    assert run_outcome(cfg, 3, later) == 3  # flwr's own failure stands
+    # flwr's own failure (an exit code, a signal: -9 would be exit 247) is a failure of the work
+    assert run_outcome(cfg, 3, later) == 1
+    assert run_outcome(cfg, -9, later) == 1
 
 
 def test_a_run_its_launcher_was_stopped_in_is_marked_failed_not_left_running(tmp_path):

@@ -4,6 +4,7 @@ replicas' flags."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from collm_fl.live import (
     keep_earlier_run,
     live_replica_args,
     recount_rounds,
+    round_shares,
 )
 from collm_fl.loadgen.client import RequestResult
 from collm_fl.loadgen.goodput import SLOSpec
@@ -160,3 +162,95 @@ def test_an_interrupted_live_run_reports_what_ran_marks_the_run_and_stops(
     md = (tmp_path / "out" / "report.md").read_text()
     assert "**Interrupted: the report covers the rounds so far.**" in md
     assert "| 1 | 60 | v1 |" in md
+
+
+def test_a_rounds_training_share_is_each_replicas_mean_over_the_round() -> None:
+    timeline = [
+        (0.5, "replica0", 0, 0.0),
+        (1.5, "replica0", 0, 0.4),
+        (2.5, "replica0", 0, 0.6),
+        (2.7, "replica1", 0, 0.2),
+        (4.0, "replica0", 1, 0.9),  # the next round's share: not this round's
+    ]
+    assert round_shares(timeline, 1.0, 4.0) == pytest.approx({"replica0": 0.5, "replica1": 0.2})
+    # A replica with no sample in the round (its /health too slow) is left out, not misnamed.
+    assert round_shares(timeline, 3.0, 5.0) == {"replica0": 0.9}
+
+
+def _flwr_printing(lines: list[str]) -> list[str]:
+    script = "import sys\n" + "".join(f"print({line!r}, flush=True)\n" for line in lines)
+    return [sys.executable, "-c", script]
+
+
+def test_a_round_whose_aggregate_was_not_promoted_shows_the_served_versions_loss(
+    tmp_path: Path, capsys
+) -> None:
+    from types import SimpleNamespace
+
+    from collm_fl.live import _drive_flwr
+
+    lines = [
+        "round 1 | clients ok 2 rejected 0 failed 0 | train loss 4.9 | central eval loss 4.7000 "
+        "ppl 110.0 | version v1 | 3.0s",
+        "round 2 | clients ok 2 rejected 0 failed 0 | train loss 4.8 | central eval loss 4.9000 "
+        "ppl 134.3 | version v1 (quality gate: kept previous) | 3.0s",
+    ]
+    fed = SimpleNamespace(flwr_run_command=lambda *a: _flwr_printing(lines), env=lambda: None)
+    load = SimpleNamespace(snapshot=lambda: ())
+    rows: list[RoundRow] = []
+    code = _drive_flwr(fed, None, "", tmp_path, 0.0, load, SLOSpec(5.0, 0.5), rows, [])
+    assert code == 0
+    assert [(r.version, r.eval_loss, r.candidate_loss) for r in rows] == [
+        (1, 4.7, None),
+        (1, 4.7, 4.9),  # v1's loss, not the rejected aggregate's
+    ]
+    out = capsys.readouterr().out
+    assert "round 2 | served v1 (central loss kept; the round's aggregate: 4.900)" in out
+    cfg = LiveConfig(model="tiny", out=tmp_path)
+    md = _report(cfg, tmp_path, rows, [], [], SLOSpec(5.0, 0.5), 10.0).read_text()
+    assert "| 2 | " in md and "4.7000 (round's aggregate 4.9000, not promoted)" in md
+
+
+def test_a_process_of_the_stack_that_exits_mid_run_stops_flwr_run() -> None:
+    """A replica, SuperNode or the gateway gone: Flower would wait for its node for ever, or the
+    report would read a dead gateway's errors as the system's serving."""
+    import subprocess
+    import threading
+    from types import SimpleNamespace
+
+    from collm_fl.live import _monitor, _Watch
+
+    dead = SimpleNamespace(
+        name="replica1",
+        alive=lambda: False,
+        popen=SimpleNamespace(returncode=-9),
+        log_path=Path("site/replica1.log"),
+    )
+    live_one = SimpleNamespace(name="gateway", alive=lambda: True)
+    fed = SimpleNamespace(processes=[live_one, dead], replicas=[])
+    watch = _Watch()
+    flwr = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        watch.driving(flwr)
+        _monitor(fed, 0.0, [], threading.Event(), watch)  # returns once it has seen the death
+        assert flwr.wait(timeout=30) == -9  # killed: its output ends, the job goes on to report
+        assert watch.failure == "replica1 exited (code -9) mid-run; its log: site/replica1.log"
+    finally:
+        if flwr.poll() is None:
+            flwr.kill()
+            flwr.wait()
+    # A death seen before flwr run started: it is killed as soon as it is.
+    late = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    watch.driving(late)
+    assert late.wait(timeout=30) == -9
+
+
+def test_a_second_live_run_on_the_same_out_is_refused(tmp_path: Path) -> None:
+    from collm_fl.errors import ConfigError
+    from collm_fl.live import _exclusive
+
+    refused = pytest.raises(ConfigError, match="another collm live is running there")
+    with _exclusive(tmp_path), refused, _exclusive(tmp_path):
+        pass
+    with _exclusive(tmp_path):  # free again once the first has ended
+        pass

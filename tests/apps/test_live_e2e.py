@@ -1,0 +1,106 @@
+"""`collm live` for real: replicas, SuperLink, SuperNodes, gateway, load and `flwr run` on the tiny
+model; its progress, its report, its exit code, and nothing left running after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+RUN_CONFIG = "local-steps=2 central-eval-samples=8 max-samples-per-client=40"
+
+
+def _live(out: Path, rounds: int) -> subprocess.Popen[str]:
+    cmd = [
+        *(sys.executable, "-c", "import sys; from collm_fl.cli import main; sys.exit(main())"),
+        *("live", "--model", "tiny", "--replicas", "2", "--rounds", str(rounds)),
+        *("--rate", "2", "--arrivals", "poisson", "--prompt-tokens", "16", "--output-tokens", "8"),
+        *("--ttft-slo", "5", "--tpot-slo", "1", "--out", str(out), "-c", RUN_CONFIG),
+    ]
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _until_round_1(proc: subprocess.Popen[str]) -> tuple[list[str], list[psutil.Process]]:
+    """Its output up to the round 1 line, and every process it has running then."""
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("round 1 | served v"):
+            return lines, psutil.Process(proc.pid).children(recursive=True)
+    pytest.fail("no round 1 line:\n" + "".join(lines)[-4000:])
+
+
+def _still_running(procs: list[psutil.Process], timeout: float = 30.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{p.pid}: {' '.join(p.cmdline())[:200]}")
+            except psutil.NoSuchProcess:
+                pass
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def test_the_main_job_reports_each_round_and_stops_everything(tmp_path: Path) -> None:
+    out = tmp_path / "live"
+    proc = _live(out, rounds=2)
+    try:
+        lines, started = _until_round_1(proc)
+        rest, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout = "".join(lines) + rest
+    assert proc.returncode == 0, stdout[-4000:]
+    assert len(started) >= 6  # 2 replicas, 2 SuperNodes, the SuperLink, the gateway, flwr run
+    # One progress line per round, with every replica's training share.
+    for rnd in (1, 2):
+        line = next(x for x in stdout.splitlines() if x.startswith(f"round {rnd} | served v"))
+        assert "replica0" in line and "replica1" in line, line
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert [r["version"] for r in report["rounds"]] == [1, 2]
+    assert report["summary"]["requests"] > 0 and report["note"] == ""
+    assert (out / "report.md").is_file() and (out / "live.png").is_file()
+    assert _still_running(started) == []
+
+
+def test_a_replica_that_dies_mid_run_fails_the_job_with_a_report_and_stops_everything(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "live"
+    proc = _live(out, rounds=20)  # more rounds than it will get to
+    try:
+        lines, started = _until_round_1(proc)
+        replica = next(
+            p for p in started if "replica" in p.cmdline() and "--control-port" in p.cmdline()
+        )
+        replica.send_signal(signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout = "".join(lines) + rest
+    assert proc.returncode == 1, stdout[-4000:]
+    assert "stopping: replica" in stdout and "exited (code -9) mid-run" in stdout
+    md = (out / "report.md").read_text()
+    assert "**Stopped: replica" in md and "| 1 | " in md
+    assert _still_running(started) == []
