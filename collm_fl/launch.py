@@ -324,10 +324,37 @@ class LocalFederation:
         return cmd
 
     def flwr_run(self, run_config: str, app: Path, timeout: float | None = None) -> int:
-        """Run the Flower app on this federation, streaming its logs; returns flwr's exit code."""
+        """Run the Flower app on this federation, streaming its logs; returns flwr's exit code.
+
+        A process of the federation that exits meanwhile stops it (WorkFailed naming it): Flower
+        would wait for that node for ever. Past ``timeout``, subprocess.TimeoutExpired.
+        """
         cmd = self.flwr_run_command(run_config, app)
         log.info("running: %s", shlex.join(cmd))
-        return subprocess.call(cmd, env=self.env(), timeout=timeout, preexec_fn=dies_with_parent())
+        proc = subprocess.Popen(cmd, env=self.env(), preexec_fn=dies_with_parent())
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return proc.wait(timeout=1.0)
+                gone = self.exited()
+                if gone is not None:
+                    raise WorkFailed(gone)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(cmd, timeout or 0.0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def exited(self) -> str | None:
+        """What went wrong if a process of the federation has exited ("replica1 exited (code
+        -9) mid-run; its log: ..."), else None."""
+        for proc in self.processes:
+            if not proc.alive():
+                code = proc.popen.returncode
+                return f"{proc.name} exited (code {code}) mid-run; its log: {proc.log_path}"
+        return None
 
     def start_gateway(
         self,

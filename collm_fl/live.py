@@ -524,10 +524,9 @@ def _monitor(
     while it does not)."""
     with httpx.Client(timeout=2.0) as client:
         while not stop.wait(1.0):
-            gone = next((p for p in fed.processes if not p.alive()), None)
+            gone = fed.exited()
             if gone is not None and watch is not None and not stop.is_set():
-                code = gone.popen.returncode
-                watch.died(f"{gone.name} exited (code {code}) mid-run; its log: {gone.log_path}")
+                watch.died(gone)
                 return
             for node in fed.replicas:
                 try:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from collm_fl.errors import ConfigError
+from collm_fl.errors import ConfigError, WorkFailed
 
 if TYPE_CHECKING:
     from collm_fl.data import DataSpec
@@ -36,6 +36,7 @@ def dispatch(args: argparse.Namespace) -> int:
             failed_if_interrupted,
             few_nodes_config,
             launch_config,
+            mark_failed,
             run_outcome,
         )
         from collm_fl.launch import LocalFederation, replica_flags
@@ -59,7 +60,11 @@ def dispatch(args: argparse.Namespace) -> int:
             for node in fed.replicas:
                 print(f"replica {node.index}: {node.api_url}/v1 (logs in {workdir})", flush=True)
             launched = datetime.now(UTC)
-            code = fed.flwr_run(run_config, app)
+            try:
+                code = fed.flwr_run(run_config, app)
+            except WorkFailed as e:  # a process of the site exited mid-run
+                mark_failed(run_cfg, str(e))
+                raise
             return run_outcome(run_cfg, code, launched)
     if args.command == "live":
         from collm_fl.live import LiveConfig, run_live

@@ -156,3 +156,30 @@ def test_stopping_a_process_stops_what_it_started_that_outlives_it(tmp_path) -> 
     finally:
         if child.is_running():
             child.kill()
+
+
+def test_flwr_run_stops_when_a_process_of_the_federation_exits(tmp_path) -> None:
+    """`collm site`: a replica or SuperNode gone mid-run fails the command (exit 1) naming it,
+    instead of Flower waiting for its node for ever."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from collm_fl.errors import WorkFailed
+    from collm_fl.launch import LocalFederation
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    replica = SimpleNamespace(
+        name="replica0", alive=lambda: sleeper.poll() is None, popen=sleeper, log_path="r0.log"
+    )
+    fed = LocalFederation(tmp_path, processes=[replica])  # type: ignore[list-item]
+    flwr = [sys.executable, "-c", "import time; time.sleep(600)"]
+    fed.flwr_run_command = lambda *a: flwr  # type: ignore[method-assign]
+    fed.env = lambda: None  # type: ignore[method-assign]
+    sleeper.kill()
+    sleeper.wait()
+    with pytest.raises(WorkFailed, match=r"replica0 exited \(code -9\) mid-run; its log: r0.log"):
+        fed.flwr_run("", tmp_path)
+    # And flwr run itself finishing is its exit code, as before.
+    fed.processes = []
+    flwr[:] = [sys.executable, "-c", "raise SystemExit(3)"]
+    assert fed.flwr_run("", tmp_path) == 3

@@ -211,13 +211,14 @@ def test_a_round_whose_aggregate_was_not_promoted_shows_the_served_versions_loss
     assert "| 2 | " in md and "4.7000 (round's aggregate 4.9000, not promoted)" in md
 
 
-def test_a_process_of_the_stack_that_exits_mid_run_stops_flwr_run() -> None:
+def test_a_process_of_the_stack_that_exits_mid_run_stops_flwr_run(tmp_path: Path) -> None:
     """A replica, SuperNode or the gateway gone: Flower would wait for its node for ever, or the
     report would read a dead gateway's errors as the system's serving."""
     import subprocess
     import threading
     from types import SimpleNamespace
 
+    from collm_fl.launch import LocalFederation
     from collm_fl.live import _monitor, _Watch
 
     dead = SimpleNamespace(
@@ -227,7 +228,7 @@ def test_a_process_of_the_stack_that_exits_mid_run_stops_flwr_run() -> None:
         log_path=Path("site/replica1.log"),
     )
     live_one = SimpleNamespace(name="gateway", alive=lambda: True)
-    fed = SimpleNamespace(processes=[live_one, dead], replicas=[])
+    fed = LocalFederation(tmp_path, processes=[live_one, dead])  # type: ignore[list-item]
     watch = _Watch()
     flwr = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
