@@ -391,9 +391,14 @@ class LocalFederation:
         popen = subprocess.Popen(
             cmd,
             env=self.env(),
+            stdin=subprocess.DEVNULL,
             stdout=handle,
             stderr=subprocess.STDOUT,
             preexec_fn=dies_with_parent(),
+            # Its own session: a Ctrl-C at the terminal reaches the launcher alone, which stops
+            # each process with what it started (a process that ended on the signal by itself
+            # would leave its children, e.g. a SuperNode's ClientApp, behind).
+            start_new_session=True,
         )
         proc = ManagedProcess(name, popen, log_path, handle)
         self.processes.append(proc)

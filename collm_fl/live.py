@@ -37,7 +37,7 @@ from collm_fl.federate import (
     mark_interrupted,
     run_outcome,
 )
-from collm_fl.launch import LocalFederation, dies_with_parent, replica_flags
+from collm_fl.launch import LocalFederation, dies_with_parent, executable, replica_flags
 from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, MAX_ARRIVALS, arrival_times
 from collm_fl.loadgen.client import (
     ReplayProgress,
@@ -258,6 +258,7 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {cfg.out}: cannot create it: {e.strerror or e}") from e
+    executable("flwr")  # (ConfigError if missing: before any model loads)
     with _exclusive(out):
         return _run_live(cfg, app, out, slo, requests, run_config, run_cfg, replica_args)
 
@@ -360,10 +361,12 @@ def _drive_flwr(
     popen = subprocess.Popen(
         cmd,
         env=env,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=dies_with_parent(),  # a SIGKILLed job must not leave its run driving on
+        start_new_session=True,  # a Ctrl-C reaches the job, which stops it (LocalFederation.spawn)
     )
     if watch is not None:
         watch.driving(popen)

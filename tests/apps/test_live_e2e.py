@@ -29,7 +29,13 @@ def _live(out: Path, rounds: int) -> subprocess.Popen[str]:
     ]
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a job at a terminal has
     )
 
 
@@ -103,4 +109,25 @@ def test_a_replica_that_dies_mid_run_fails_the_job_with_a_report_and_stops_every
     assert "stopping: replica" in stdout and "exited (code -9) mid-run" in stdout
     md = (out / "report.md").read_text()
     assert "**Stopped: replica" in md and "| 1 | " in md
+    assert _still_running(started) == []
+
+
+def test_ctrl_c_at_the_terminal_reports_the_rounds_so_far_and_stops_everything(
+    tmp_path: Path,
+) -> None:
+    """The terminal sends SIGINT to the job's whole process group: every process the job
+    started must still be stopped by it (with what they started), not end on its own and leave
+    its children behind."""
+    out = tmp_path / "live"
+    proc = _live(out, rounds=20)
+    try:
+        lines, started = _until_round_1(proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout = "".join(lines) + rest
+    assert proc.returncode == 130, stdout[-4000:]
+    assert "**Interrupted: the report covers the rounds so far.**" in (out / "report.md").read_text()
     assert _still_running(started) == []
