@@ -129,5 +129,6 @@ def test_ctrl_c_at_the_terminal_reports_the_rounds_so_far_and_stops_everything(
             proc.kill()
     stdout = "".join(lines) + rest
     assert proc.returncode == 130, stdout[-4000:]
-    assert "**Interrupted: the report covers the rounds so far.**" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "**Interrupted: the report covers the rounds so far.**" in md
     assert _still_running(started) == []
