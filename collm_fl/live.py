@@ -56,6 +56,7 @@ ROUND_LINE = re.compile(
     r"round (\d+) \| clients ok (\d+) rejected (\d+) failed (\d+) .*version v(\d+)"
 )
 MAX_SCHEDULE_S = 4 * 3600.0  # the load runs until the federation ends (bounded by this)
+DIURNAL_PERIOD_S = 600.0  # --arrivals diurnal: one "day" every 10 minutes
 LOAD_TIMEOUT_S = 120.0  # a request not done by then is a timeout (and the load's stop waits that)
 
 
@@ -234,7 +235,9 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     # The schedule first: a bad arrival process or rate fails before anything starts. It runs
     # until the federation ends, bounded in time and in requests.
     schedule_s = min(MAX_SCHEDULE_S, 0.99 * MAX_ARRIVALS / cfg.rate)
-    offsets = arrival_times(cfg.arrivals, cfg.rate, schedule_s, cfg.seed)
+    # A diurnal cycle as long as the schedule (4 h) would show a run of minutes only its rise.
+    shape = {"period_s": DIURNAL_PERIOD_S} if cfg.arrivals == "diurnal" else {}
+    offsets = arrival_times(cfg.arrivals, cfg.rate, schedule_s, cfg.seed, **shape)
     requests = build_requests(offsets, cfg.prompt_tokens, cfg.output_tokens)
     out = cfg.out.resolve()
     # Checked before anything starts; the replicas train as it says (data, LoRA shape, ...).
@@ -291,8 +294,7 @@ def _run_live(
     ):
         url, _ = fed.start_gateway(ttft_slo_s=cfg.ttft_slo_s, tpot_slo_s=cfg.tpot_slo_s)
         print(
-            f"gateway {url}/v1 in front of {len(fed.replicas)} replicas; "
-            f"load: {cfg.arrivals} at {cfg.rate} req/s",
+            f"gateway {url}/v1 in front of {len(fed.replicas)} replicas; load: {_load_name(cfg)}",
             flush=True,
         )
         load = _Load(url, cfg, requests, fed.api_key)
@@ -480,6 +482,12 @@ def recount_rounds(
     return recounted
 
 
+def _load_name(cfg: LiveConfig) -> str:
+    if cfg.arrivals == "diurnal":
+        return f"diurnal at {cfg.rate} req/s on average (a {DIURNAL_PERIOD_S:.0f}-s cycle)"
+    return f"{cfg.arrivals} at {cfg.rate} req/s"
+
+
 def _load_text(requests: int, goodput_rps: float, slo_attainment: float) -> str:
     """A round's serving figures; a round in which no request arrived says so (bursty loads have
     gaps longer than a round) instead of reading as 0 % SLO attainment."""
@@ -586,8 +594,8 @@ def _report(
     lines = [
         "# CoLLM-FL live run",
         "",
-        f"{cfg.replicas} replicas of `{cfg.model}` behind the gateway, {cfg.arrivals} load at "
-        f"{cfg.rate} req/s ({cfg.prompt_tokens}-token prompts, {cfg.output_tokens} output tokens), "
+        f"{cfg.replicas} replicas of `{cfg.model}` behind the gateway, load {_load_name(cfg)} "
+        f"({cfg.prompt_tokens}-token prompts, {cfg.output_tokens} output tokens), "
         f"SLO TTFT {cfg.ttft_slo_s}s / TPOT {cfg.tpot_slo_s}s, {cfg.rounds} rounds.",
         "",
         *((f"**{note}**", "") if note else ()),

@@ -255,3 +255,15 @@ def test_a_second_live_run_on_the_same_out_is_refused(tmp_path: Path) -> None:
         pass
     with _exclusive(tmp_path):  # free again once the first has ended
         pass
+
+
+def test_a_diurnal_main_job_runs_whole_cycles_and_says_how_long(tmp_path: Path) -> None:
+    from collm_fl.live import DIURNAL_PERIOD_S, _load_name
+    from collm_fl.loadgen.arrivals import arrival_times
+
+    cfg = LiveConfig(model="tiny", arrivals="diurnal", rate=2.0, out=tmp_path)
+    assert _load_name(cfg) == "diurnal at 2.0 req/s on average (a 600-s cycle)"
+    # Over the first cycle the mean is the rate (not only the rise of a 4-hour cycle).
+    times = arrival_times("diurnal", 2.0, 4 * 3600.0, 0, period_s=DIURNAL_PERIOD_S)
+    first = times[times < DIURNAL_PERIOD_S]
+    assert len(first) / DIURNAL_PERIOD_S == pytest.approx(2.0, rel=0.15)
