@@ -2,11 +2,13 @@
 
 The headline benchmark. The same R replica processes (fresh ones per system × rate, so every run
 starts from the same state: same weights, data order and empty queues), the same private data, the
-same arrival schedule and the same total training budget per round, for five systems
-(:mod:`.goodput_systems`): three baselines (a static train/serve split, co-located with exclusive
-training, merged-adapter serving) and CoLLM-FL twice, as it ships (serving first: training takes
-the cycles serving leaves) and set to quality first (every replica plans the whole budget and
-serving lends a plan that falls behind its time). ``--systems`` picks others, e.g. CoLLM-FL set
+same arrival schedule and the same total training budget per round, for seven systems
+(:mod:`.goodput_systems`): four baselines (a static train/serve split, co-located with exclusive
+training, merged-adapter serving, rolling drain-and-train: one replica at a time out of rotation)
+and CoLLM-FL three times, as it ships (serving first: training takes the cycles serving leaves),
+with first-come-first-served admission (an ablation), and set to quality first (every replica
+plans the whole budget and serving lends a plan that falls behind its time). ``--systems`` picks
+others, e.g. CoLLM-FL set
 to fresh versions (serving lends 0.9 of its time from each round's start until the plan is done).
 The federation is emulated by :mod:`.goodput_rounds`.
 

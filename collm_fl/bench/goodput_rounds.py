@@ -10,7 +10,9 @@ replica with the system's swap mode, and records when each serving replica start
 
 The training budget per round is the same for every system: ``R × steps_per_replica`` micro-steps
 with the same deadline. The separate system spreads it over its training replicas; the
-co-located and merged systems give each replica its share, trained exclusively; CoLLM-FL asks
+co-located and merged systems give each replica its share, trained exclusively; the rolling
+system too, one replica at a time, taken out of its load balancer's rotation
+(:class:`RollingRouter`) and drained first; CoLLM-FL asks
 :func:`collm_fl.policies.allocation.allocate` (``max_steps = steps_per_replica``), which may
 train less where serving has no headroom. A failed train call is counted and logged, never raised.
 """
@@ -18,12 +20,14 @@ train less where serving has no headroom. A failed train call is counted and log
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import httpx
 import torch
 
 from collm_fl.adapters import MAX_SERVER_LR, AdapterState
@@ -105,6 +109,38 @@ class RoundRecord:
     allocation: list[dict[str, object]] = field(default_factory=list)
 
 
+DRAIN_TIMEOUT_S = 15.0  # rolling: how long a replica out of rotation may finish its requests
+DRAIN_POLL_S = 0.2
+
+
+class RollingRouter:
+    """The rolling system's load balancer: round-robin over the replicas in rotation. The
+    orchestrator takes a replica out to train it (:meth:`take_out`) and puts it back after."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.urls = list(urls)
+        self._out: set[int] = set()
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def route(self, _request: int) -> str:
+        """The next replica in rotation (with every replica out, the next of all of them)."""
+        with self._lock:
+            rotation = [k for k in range(len(self.urls)) if k not in self._out]
+            rotation = rotation or list(range(len(self.urls)))
+            url = self.urls[rotation[self._next % len(rotation)]]
+            self._next += 1
+            return url
+
+    def take_out(self, replica: int) -> None:
+        with self._lock:
+            self._out.add(replica)
+
+    def put_back(self, replica: int) -> None:
+        with self._lock:
+            self._out.discard(replica)
+
+
 @dataclass
 class FederationLog:
     switches: list[tuple[float, int, int]]  # (seconds since load start, replica, version)
@@ -125,8 +161,10 @@ class Orchestrator:
         evaluator: CentralEvaluator,
         start: StartVersion,
         say: Callable[[str], None],
+        router: RollingRouter | None = None,
     ) -> None:
         self.spec, self.s, self.clients = spec, settings, list(clients)
+        self.router = router  # rolling: train one replica at a time, out of rotation
         self.training, self.serving = list(training), list(serving)
         self.evaluator, self.say = evaluator, say
         self.peft_config = evaluator.cfg.lora.to_peft_config_dict(settings.model)
@@ -275,49 +313,100 @@ class Orchestrator:
         if not jobs:
             return [], [], [], 0, 0, []
 
-        def one(i: int) -> tuple[AdapterState, dict[str, float]]:
+        def one(i: int, deadline_s: float) -> tuple[AdapterState, dict[str, float]]:
             steps, share = jobs[i]
             return self.clients[i].train(
                 rnd,
                 steps,
                 self.s.learning_rate,
-                self.s.deadline_s,
+                deadline_s,
                 base_version=self.version,
                 share=None if self.spec.exclusive else share,
                 exclusive=self.spec.exclusive,
                 backfill_steps=self._backfill.get(i, 0),
             )
 
+        outcomes: dict[int, tuple[AdapterState, dict[str, float]] | ReplicaUnavailable] = {}
+        if self.router is None:
+            with ThreadPoolExecutor(len(jobs), thread_name_prefix="bench-train") as pool:
+                futures = {i: pool.submit(one, i, self.s.deadline_s) for i in jobs}
+                for i, fut in futures.items():
+                    try:
+                        outcomes[i] = fut.result()
+                    except ReplicaUnavailable as e:
+                        outcomes[i] = e
+        else:
+            outcomes = self._train_in_turn(rnd, list(jobs), one)
         updates, weights, failures = [], [], []
         trained: list[float | None] = []
         steps = tokens = 0
-        with ThreadPoolExecutor(len(jobs), thread_name_prefix="bench-train") as pool:
-            futures = {i: pool.submit(one, i) for i in jobs}
-            for i, fut in futures.items():
-                try:
-                    state, metrics = fut.result()
-                except ReplicaUnavailable as e:
-                    log.warning("round %d: replica %d failed to train: %s", rnd, i, e)
-                    failures.append(f"replica {i}: {e}")
-                    continue
-                done = int(metrics["local-steps"])
-                steps, tokens = steps + done, tokens + int(metrics["train-tokens"])
-                for a in self._allocation:  # what the decision became
-                    if a["replica"] == i:
-                        a["trained"] = done
-                        a["backfilled"] = int(metrics.get("backfill-steps", 0))
-                        a["lent_s"] = float(metrics.get("lent-seconds", 0.0))
-                        a["late_rest_s"] = float(metrics.get("late-rest-seconds", 0.0))
-                if done > 0 and metrics["train-seconds"] > 0:
-                    # The fastest round so far: the replica's own speed. A loaded round's slower
-                    # steps are serving's load, which the allocation's share already counts.
-                    step_s = metrics["train-seconds"] / done
-                    self._step_s[i] = min(step_s, self._step_s.get(i, self.s.step_seconds))
-                if done > 0:
-                    updates.append(state)
-                    weights.append(metrics["num-examples"])
-                    trained.append(done)
+        for i, outcome in outcomes.items():
+            if isinstance(outcome, ReplicaUnavailable):
+                log.warning("round %d: replica %d failed to train: %s", rnd, i, outcome)
+                failures.append(f"replica {i}: {outcome}")
+                continue
+            state, metrics = outcome
+            done = int(metrics["local-steps"])
+            steps, tokens = steps + done, tokens + int(metrics["train-tokens"])
+            for a in self._allocation:  # what the decision became
+                if a["replica"] == i:
+                    a["trained"] = done
+                    a["backfilled"] = int(metrics.get("backfill-steps", 0))
+                    a["lent_s"] = float(metrics.get("lent-seconds", 0.0))
+                    a["late_rest_s"] = float(metrics.get("late-rest-seconds", 0.0))
+            if done > 0 and metrics["train-seconds"] > 0:
+                # The fastest round so far: the replica's own speed. A loaded round's slower
+                # steps are serving's load, which the allocation's share already counts.
+                step_s = metrics["train-seconds"] / done
+                self._step_s[i] = min(step_s, self._step_s.get(i, self.s.step_seconds))
+            if done > 0:
+                updates.append(state)
+                weights.append(metrics["num-examples"])
+                trained.append(done)
         return updates, weights, trained, steps, tokens, failures
+
+    def _train_in_turn(
+        self,
+        rnd: int,
+        replicas: list[int],
+        one: Callable[[int, float], tuple[AdapterState, dict[str, float]]],
+    ) -> dict[int, tuple[AdapterState, dict[str, float]] | ReplicaUnavailable]:
+        """Rolling: each replica in turn leaves the rotation, finishes its requests (up to
+        ``DRAIN_TIMEOUT_S``), trains exclusively in what is left of the round's deadline, and
+        comes back; the others serve every request meanwhile."""
+        assert self.router is not None
+        started = time.monotonic()
+        outcomes: dict[int, tuple[AdapterState, dict[str, float]] | ReplicaUnavailable] = {}
+        for i in replicas:
+            self.router.take_out(i)
+            try:
+                drained_s = self._drain(i)
+                left = self.s.deadline_s - (time.monotonic() - started)
+                log.info("round %d: replica %d drained in %.1fs; trains", rnd, i, drained_s)
+                try:
+                    outcomes[i] = one(i, max(left, 1.0))
+                except ReplicaUnavailable as e:
+                    outcomes[i] = e
+            finally:
+                self.router.put_back(i)
+        return outcomes
+
+    def _drain(self, i: int) -> float:
+        """Wait until replica ``i`` has no request running or queued (at most DRAIN_TIMEOUT_S);
+        the seconds it took."""
+        assert self.router is not None
+        url = self.router.urls[i] + "/health"
+        started = time.monotonic()
+        with httpx.Client(timeout=5.0) as client:
+            while time.monotonic() - started < DRAIN_TIMEOUT_S:
+                try:
+                    h = client.get(url).json()
+                    if int(h.get("running", 0)) + int(h.get("queue_depth", 0)) == 0:
+                        break
+                except (httpx.HTTPError, ValueError):
+                    break  # (its training call will say what is wrong)
+                time.sleep(DRAIN_POLL_S)
+        return time.monotonic() - started
 
     def _push(self, version: int, state: AdapterState) -> list[float]:
         """Push to every replica at once (serving ones in the system's mode); swap ms each."""

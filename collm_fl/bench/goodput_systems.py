@@ -28,7 +28,14 @@ from pathlib import Path
 
 from collm_fl.adapters import AdapterState
 from collm_fl.bench.goodput_result import Calibration
-from collm_fl.bench.goodput_rounds import FederationLog, Orchestrator, RunSettings, StartVersion
+from collm_fl.bench.goodput_rounds import (
+    DRAIN_TIMEOUT_S,
+    FederationLog,
+    Orchestrator,
+    RollingRouter,
+    RunSettings,
+    StartVersion,
+)
 from collm_fl.central_eval import CentralEvaluator
 from collm_fl.config import RunConfig
 from collm_fl.errors import ConfigError
@@ -54,12 +61,13 @@ from collm_fl.replica.engine import LEND_SHARE_LIMIT
 log = logging.getLogger(__name__)
 
 SEPARATE, COLOCATED, MERGED, COLLM = "separate", "colocated", "merged", "collm-fl"
+ROLLING = "rolling"  # one replica at a time out of rotation, training exclusively
 COLLM_QUALITY = "collm-fl-quality"  # CoLLM-FL set to train the whole budget (see SYSTEM_SPECS)
 COLLM_FRESH = "collm-fl-fresh"  # ... and to publish each version as soon as it can
 COLLM_FCFS = "collm-fl-fcfs"  # CoLLM-FL with the baselines' admission order (an ablation)
 # What a run compares by default. The FCFS ablation separates what the replicas' SLO-aware
 # admission order brings (a per-replica setting any server could use) from co-execution.
-SYSTEMS = (SEPARATE, COLOCATED, MERGED, COLLM, COLLM_FCFS, COLLM_QUALITY)
+SYSTEMS = (SEPARATE, COLOCATED, MERGED, ROLLING, COLLM, COLLM_FCFS, COLLM_QUALITY)
 # The allocation's floor for that system: the round budget (goodput.TRAIN_FRACTION, 0.3 of a
 # round's compute) fits the deadline (DEADLINE_FRACTION, 0.7 of the round) at a share of 0.43.
 QUALITY_FIRST_MIN_SHARE = 0.45
@@ -85,6 +93,7 @@ class SystemSpec:
     min_share: float = 0.1  # "allocate": the allocation's floor (AllocationInputs.min_share)
     lend_share: float = 0.0  # the replicas' `--max-lend-share` (0: training never borrows)
     lend_early: bool = False  # the replicas' `--lend-early`
+    rolling: bool = False  # train one replica at a time, out of the load balancer's rotation
 
 
 SYSTEM_SPECS = {
@@ -123,6 +132,21 @@ SYSTEM_SPECS = {
         "the new with serving paused (requests in flight go on with the new weights); training "
         "exclusive (unmerge before, merge after); round-robin routing, first-come-first-served "
         "admission",
+    ),
+    ROLLING: SystemSpec(
+        ROLLING,
+        "rolling drain-and-train",
+        "reload",
+        True,
+        False,
+        "fcfs",
+        "each",
+        "replicas train their round budget one at a time, exclusively: each leaves the load "
+        "balancer's rotation, finishes its requests (at most "
+        f"{DRAIN_TIMEOUT_S:g} s), trains, and comes back while the others serve every request; "
+        "versions by stop-the-world reload; round-robin routing over the replicas in rotation, "
+        "first-come-first-served admission",
+        rolling=True,
     ),
     COLLM: SystemSpec(
         COLLM,
@@ -296,18 +320,19 @@ def run_system(
                     shed_factor=settings.shed_factor,
                 )[0]
             ]
+        router = RollingRouter(targets) if spec.rolling else None
         orchestrator = Orchestrator(
-            spec, settings, clients, training, serving, evaluator, start, say
+            spec, settings, clients, training, serving, evaluator, start, say, router
         )
         orchestrator.publish_initial()
         for c in clients:  # the first load report covers the run only
             c.load_report(reset=True)
         startup_s = time.monotonic() - started
         say(f"  {system}: {settings.replicas} replicas up in {startup_s:.0f}s; load starts")
-        progress = LoadProgress(len(targets), settings.slo)
+        progress = LoadProgress(1 if router else len(targets), settings.slo)
         orchestrator.progress_line = progress.line
         results, federation, wall_s = asyncio.run(
-            _load_and_rounds(targets, settings, specs, orchestrator, progress)
+            _load_and_rounds(targets, settings, specs, orchestrator, progress, router)
         )
     finally:
         for c in clients:
@@ -322,13 +347,25 @@ async def _load_and_rounds(
     specs: Sequence[RequestSpec],
     orchestrator: Orchestrator,
     progress: LoadProgress,
+    router: RollingRouter | None = None,
 ) -> tuple[list[RequestResult], FederationLog, float]:
     t0, t0_wall = time.monotonic(), time.time()
-    load = asyncio.create_task(
-        replay_round_robin(
+    if router is None:
+        replaying = replay_round_robin(
             targets, settings.model, specs, settings.request_timeout_s, progress=progress
         )
-    )
+    else:  # each request to the next replica in rotation when it is due
+        replaying = replay(
+            targets[0],
+            settings.model,
+            specs,
+            timeout_s=settings.request_timeout_s,
+            max_in_flight=MAX_IN_FLIGHT,
+            progress=progress.updater(0),
+            progress_every_s=1.0,
+            route=router.route,
+        )
+    load = asyncio.create_task(replaying)
     try:
         federation = await asyncio.to_thread(orchestrator.run, t0, t0_wall)
     except BaseException:

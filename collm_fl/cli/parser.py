@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--systems",
         default="",
-        help="comma list of the systems to run (default: separate, colocated, merged, "
+        help="comma list of the systems to run (default: separate, colocated, merged, rolling, "
         "collm-fl, collm-fl-fcfs, collm-fl-quality; also collm-fl-fresh), rotated by one at each "
         "rate; at least one baseline and one CoLLM-FL",
     )

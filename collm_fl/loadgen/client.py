@@ -156,11 +156,14 @@ async def replay(
     progress: Callable[[ReplayProgress], None] | None = None,
     progress_every_s: float = 10.0,
     stop: asyncio.Event | None = None,
+    route: Callable[[int], str] | None = None,
 ) -> list[RequestResult]:
     """Send every request at its offset (open loop) and return one result per request, in order.
 
     Once ``stop`` is set no further request is sent; those in flight finish (each within
-    ``timeout_s``) and the result holds the requests sent or dropped until then.
+    ``timeout_s``) and the result holds the requests sent or dropped until then. ``route``, if
+    given, names the base URL of request ``i`` when it is due (a load balancer whose set of
+    servers changes during the replay); else every request goes to ``base_url``.
     """
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ConfigError(f"timeout_s: must be a finite number > 0, got {timeout_s}")
@@ -176,12 +179,22 @@ async def replay(
     limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
     in_flight = sent = dropped = 0
 
-    async with httpx.AsyncClient(
-        base_url=base_url.rstrip("/"), headers=headers, limits=limits, timeout=timeout_s
-    ) as client:
+    async with contextlib.AsyncExitStack() as clients:
+        by_url: dict[str, httpx.AsyncClient] = {}
+
+        def client_for(url: str) -> httpx.AsyncClient:
+            url = url.rstrip("/")
+            if url not in by_url:  # (an AsyncClient opens nothing until its first request)
+                by_url[url] = httpx.AsyncClient(
+                    base_url=url, headers=headers, limits=limits, timeout=timeout_s
+                )
+                clients.push_async_callback(by_url[url].aclose)
+            return by_url[url]
+
+        client_for(base_url)
         start = loop.time()
 
-        async def run_one(i: int) -> None:
+        async def run_one(i: int, client: httpx.AsyncClient) -> None:
             nonlocal in_flight
             try:
                 result = await _send(client, model, requests[i], i, start, timeout_s)
@@ -214,7 +227,8 @@ async def replay(
                     continue
                 in_flight += 1
                 sent += 1
-                tasks.append(tg.create_task(run_one(i)))
+                client = client_for(base_url if route is None else route(i))
+                tasks.append(tg.create_task(run_one(i, client)))
             await asyncio.gather(*tasks)
             if reporter is not None:
                 reporter.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from goodput_fakes import fake_result, fake_run
@@ -32,6 +33,7 @@ TITLES = (
     "separate (static split)",
     "co-located, uncoordinated",
     "merged",
+    "rolling drain-and-train",
     "CoLLM-FL",
     "CoLLM-FL, first come first served",
     "CoLLM-FL, quality first",
@@ -291,3 +293,46 @@ def test_a_decision_recorded_before_the_rest_seconds_renders_a_dash() -> None:
     md = render_markdown(fake_result(runs, [2.0]))
     assert "| CoLLM-FL | 2.00 | 1 | r0 | 3 | 2 | 5 (2) | 0.0 | 12.5 | 0.30 | 1.0 req/s |" in md
     assert "| CoLLM-FL | 2.00 | 1 | r1 | 3 | 2 | 4 (0) | – | – | 0.30 | 1.0 req/s |" in md
+
+
+def test_the_rolling_balancer_skips_the_replica_out_of_rotation() -> None:
+    from collm_fl.bench.goodput_rounds import RollingRouter
+
+    router = RollingRouter(["a", "b", "c"])
+    assert [router.route(i) for i in range(4)] == ["a", "b", "c", "a"]
+    router.take_out(1)
+    assert {router.route(i) for i in range(6)} == {"a", "c"}
+    router.put_back(1)
+    assert {router.route(i) for i in range(6)} == {"a", "b", "c"}
+    for k in range(3):  # every replica out (one replica alone): it serves anyway
+        router.take_out(k)
+    assert {router.route(i) for i in range(3)} == {"a", "b", "c"}
+
+
+def test_rolling_trains_one_replica_at_a_time_out_of_rotation(monkeypatch) -> None:
+    """Each replica leaves the rotation before its job and is back before the next one's; a
+    job gets what is left of the round's deadline."""
+    from collm_fl.bench import goodput_rounds
+    from collm_fl.bench.goodput_rounds import Orchestrator, RollingRouter
+    from collm_fl.bench.goodput_systems import SYSTEM_SPECS
+
+    router = RollingRouter(["http://r0", "http://r1"])
+    seen: list[tuple[int, set[str], float]] = []
+    monkeypatch.setattr(Orchestrator, "_drain", lambda self, i: 0.0)
+
+    def one(i: int, deadline_s: float):
+        serving = {router.route(k) for k in range(4)}
+        seen.append((i, serving, deadline_s))
+        return {}, {"local-steps": 1.0}
+
+    orch = Orchestrator.__new__(Orchestrator)
+    orch.router, orch.spec = router, SYSTEM_SPECS["rolling"]
+    orch.s = SimpleNamespace(deadline_s=30.0)  # type: ignore[assignment]
+    clock = [100.0, 110.0, 121.0]  # the round starts; job 0 at +10 s, job 1 at +21 s
+    monkeypatch.setattr(
+        goodput_rounds.time, "monotonic", lambda: clock.pop(0) if len(clock) > 1 else clock[0]
+    )
+    outcomes = orch._train_in_turn(1, [0, 1], one)
+    assert sorted(outcomes) == [0, 1]
+    assert seen == [(0, {"http://r1"}, 20.0), (1, {"http://r0"}, 9.0)]
+    assert {router.route(k) for k in range(4)} == {"http://r0", "http://r1"}  # both back

@@ -241,6 +241,24 @@ def test_an_unreachable_server_is_an_error() -> None:
     assert r.status == "error" and r.http_status is None and "Connect" in (r.error or "")
 
 
+def test_a_route_picks_each_requests_server_when_it_is_due(server_url: str) -> None:
+    sock = _free_socket()  # bound, never listening: connections are refused
+    refused = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    asked: list[int] = []
+
+    def route(i: int) -> str:
+        asked.append(i)
+        return server_url if i % 2 == 0 else refused
+
+    specs = [RequestSpec(0.01 * k, "hi", 2) for k in range(4)]
+    try:
+        results = asyncio.run(replay(refused, MODEL, specs, timeout_s=5.0, route=route))
+    finally:
+        sock.close()
+    assert asked == [0, 1, 2, 3]
+    assert [r.status for r in results] == ["ok", "error", "ok", "error"]
+
+
 def test_replay_is_open_loop(server_url: str) -> None:
     # each request takes ~10 × 50 ms; the next ones go out on schedule, not after it finishes
     specs = [RequestSpec(t, "x", 10) for t in (0.0, 0.1, 0.2)]
