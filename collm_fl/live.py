@@ -38,7 +38,7 @@ from collm_fl.federate import (
     run_outcome,
 )
 from collm_fl.launch import LocalFederation, dies_with_parent, executable, replica_flags
-from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, MAX_ARRIVALS, arrival_times
+from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, arrival_times
 from collm_fl.loadgen.client import (
     ReplayProgress,
     RequestResult,
@@ -56,6 +56,9 @@ ROUND_LINE = re.compile(
     r"round (\d+) \| clients ok (\d+) rejected (\d+) failed (\d+) .*version v(\d+)"
 )
 MAX_SCHEDULE_S = 4 * 3600.0  # the load runs until the federation ends (bounded by this)
+# ... and by this many requests, all built up front (a prompt each): at 14 req/s and above the
+# schedule is shorter than 4 h, and a federation that outlives it runs without load from then on.
+MAX_LIVE_REQUESTS = 200_000
 DIURNAL_PERIOD_S = 600.0  # --arrivals diurnal: one "day" every 10 minutes
 LOAD_TIMEOUT_S = 120.0  # a request not done by then is a timeout (and the load's stop waits that)
 
@@ -135,6 +138,7 @@ class _Load:
         self, url: str, cfg: LiveConfig, requests: list[RequestSpec], api_key: str | None = None
     ) -> None:
         self.requests, self.api_key = requests, api_key
+        self.ends_at_s = max((r.offset_s for r in requests), default=0.0)  # the last one due
         self.url, self.model = url, cfg.model
         self._completed: tuple[RequestResult, ...] = ()
         self._results: list[RequestResult] = []
@@ -234,7 +238,7 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     slo = SLOSpec(cfg.ttft_slo_s, cfg.tpot_slo_s)
     # The schedule first: a bad arrival process or rate fails before anything starts. It runs
     # until the federation ends, bounded in time and in requests.
-    schedule_s = min(MAX_SCHEDULE_S, 0.99 * MAX_ARRIVALS / cfg.rate)
+    schedule_s = min(MAX_SCHEDULE_S, 0.99 * MAX_LIVE_REQUESTS / cfg.rate)
     # A diurnal cycle as long as the schedule (4 h) would show a run of minutes only its rise.
     shape = {"period_s": DIURNAL_PERIOD_S} if cfg.arrivals == "diurnal" else {}
     offsets = arrival_times(cfg.arrivals, cfg.rate, schedule_s, cfg.seed, **shape)
@@ -410,9 +414,14 @@ def _drive_flwr(
                 loss_text = f"kept; the round's aggregate: {candidate}"
             else:
                 loss_text = "-" if loss is None else f"{loss:.3f}"
+            served = _load_text(
+                summary.requests,
+                summary.goodput_rps,
+                summary.slo_attainment,
+                schedule_over=last_t >= load.ends_at_s,
+            )
             print(
-                f"round {rnd} | served v{version} (central loss {loss_text}) | "
-                f"{_load_text(summary.requests, summary.goodput_rps, summary.slo_attainment)} | "
+                f"round {rnd} | served v{version} (central loss {loss_text}) | {served} | "
                 f"training share {share_text} | {now:.0f}s",
                 flush=True,
             )
@@ -488,10 +497,15 @@ def _load_name(cfg: LiveConfig) -> str:
     return f"{cfg.arrivals} at {cfg.rate} req/s"
 
 
-def _load_text(requests: int, goodput_rps: float, slo_attainment: float) -> str:
+def _load_text(
+    requests: int, goodput_rps: float, slo_attainment: float, schedule_over: bool = False
+) -> str:
     """A round's serving figures; a round in which no request arrived says so (bursty loads have
-    gaps longer than a round) instead of reading as 0 % SLO attainment."""
+    gaps longer than a round; the schedule may have ended) instead of reading as 0 % SLO
+    attainment."""
     if requests == 0:
+        if schedule_over:
+            return "no requests: the load schedule ended before this round"
         return "no requests arrived since the previous round"
     return (
         f"{requests} requests, goodput {goodput_rps:.2f} req/s, "
@@ -620,7 +634,8 @@ def _report(
         lines += [
             "",
             f"A round with 0 requests had no arrivals: {cfg.arrivals} load has gaps longer than a "
-            "round; its goodput and SLO attainment are undefined (-).",
+            f"round, or the load schedule ({MAX_LIVE_REQUESTS} requests at most, 4 h) had ended; "
+            "its goodput and SLO attainment are undefined (-).",
         ]
     lines += [
         "",

@@ -29,6 +29,8 @@ def _ok(i: int, sent_at: float, ttft: float) -> RequestResult:
 
 def test_a_round_without_requests_says_so_instead_of_zero_attainment() -> None:
     assert _load_text(0, 0.0, 0.0) == "no requests arrived since the previous round"
+    over = "no requests: the load schedule ended before this round"
+    assert _load_text(0, 0.0, 0.0, schedule_over=True) == over
     assert _load_text(4, 0.25, 0.75) == "4 requests, goodput 0.25 req/s, SLO attainment 75%"
 
 
@@ -196,7 +198,7 @@ def test_a_round_whose_aggregate_was_not_promoted_shows_the_served_versions_loss
         "ppl 134.3 | version v1 (quality gate: kept previous) | 3.0s",
     ]
     fed = SimpleNamespace(flwr_run_command=lambda *a: _flwr_printing(lines), env=lambda: None)
-    load = SimpleNamespace(snapshot=lambda: ())
+    load = SimpleNamespace(snapshot=lambda: (), ends_at_s=1e9)
     rows: list[RoundRow] = []
     code = _drive_flwr(fed, None, "", tmp_path, 0.0, load, SLOSpec(5.0, 0.5), rows, [])
     assert code == 0
