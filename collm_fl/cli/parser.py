@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = bsub.add_parser(
         "goodput",
-        help="CoLLM-FL vs separate / co-located / merged on the same replicas, trace and budget",
+        help="CoLLM-FL vs separate / co-located / merged / rolling: same replicas, trace, budget",
     )
     b.add_argument(
         "--model", default="smollm2-135m", help="'tiny', 'smollm2-135m', an HF id or a local path"
