@@ -323,23 +323,33 @@ class LocalFederation:
             cmd += ["--run-config", run_config]
         return cmd
 
-    def flwr_run(self, run_config: str, app: Path, timeout: float | None = None) -> int:
+    def flwr_run(
+        self, run_config: str, app: Path, timeout: float | None = None, min_nodes: int = 1
+    ) -> int:
         """Run the Flower app on this federation, streaming its logs; returns flwr's exit code.
 
-        A process of the federation that exits meanwhile stops it (WorkFailed naming it): Flower
-        would wait for that node for ever. Past ``timeout``, subprocess.TimeoutExpired.
+        A process whose end the run cannot finish without (:meth:`broken`: the SuperLink, or
+        SuperNodes down to fewer than ``min_nodes``, the run's ``min-train-nodes``) stops it,
+        WorkFailed naming the process: Flower would wait for the nodes for ever. A replica that
+        exits is logged; its node fails its rounds and the others go on. Past ``timeout``,
+        subprocess.TimeoutExpired.
         """
         cmd = self.flwr_run_command(run_config, app)
         log.info("running: %s", shlex.join(cmd))
         proc = subprocess.Popen(cmd, env=self.env(), preexec_fn=dies_with_parent())
         deadline = None if timeout is None else time.monotonic() + timeout
+        seen: set[str] = set()
         try:
             while True:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     return proc.wait(timeout=1.0)
-                gone = self.exited()
-                if gone is not None:
-                    raise WorkFailed(gone)
+                for gone in self.exited():
+                    if gone not in seen:
+                        seen.add(gone)
+                        log.warning("%s; the federation goes on without it", gone)
+                fatal = self.broken(min_nodes)
+                if fatal is not None:
+                    raise WorkFailed(fatal)
                 if deadline is not None and time.monotonic() > deadline:
                     raise subprocess.TimeoutExpired(cmd, timeout or 0.0)
         finally:
@@ -347,14 +357,34 @@ class LocalFederation:
                 proc.kill()
                 proc.wait()
 
-    def exited(self) -> str | None:
-        """What went wrong if a process of the federation has exited ("replica1 exited (code
-        -9) mid-run; its log: ..."), else None."""
-        for proc in self.processes:
-            if not proc.alive():
-                code = proc.popen.returncode
-                return f"{proc.name} exited (code {code}) mid-run; its log: {proc.log_path}"
+    def exited(self) -> list[str]:
+        """Each process of the federation that has exited: "replica1 exited (code -9) mid-run;
+        its log: ..."."""
+        return [self._ended(p) for p in self.processes if not p.alive()]
+
+    def broken(self, min_nodes: int) -> str | None:
+        """Why the federation cannot finish, if it cannot: the SuperLink or the gateway has exited
+        (every node's, every request's way), or fewer than ``min_nodes`` SuperNodes run (Flower
+        waits for ``min-train-nodes`` for ever). A replica alone does not break it: its node
+        fails its rounds, the gateway routes around it."""
+        gone = {p.name: p for p in self.processes if not p.alive()}
+        for name in ("superlink", "gateway"):
+            if name in gone:
+                return self._ended(gone[name])
+        supernodes = [p for p in self.processes if p.name.startswith("supernode")]
+        running = [p for p in supernodes if p.alive()]
+        if supernodes and len(running) < min_nodes:
+            first = next(p for p in supernodes if not p.alive())
+            return (
+                f"{self._ended(first)}; {len(running)} SuperNode(s) left, fewer than the run's "
+                f"min-train-nodes={min_nodes}"
+            )
         return None
+
+    @staticmethod
+    def _ended(proc: ManagedProcess) -> str:
+        code = proc.popen.returncode
+        return f"{proc.name} exited (code {code}) mid-run; its log: {proc.log_path}"
 
     def start_gateway(
         self,

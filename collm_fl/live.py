@@ -183,12 +183,16 @@ class _Load:
 
 
 class _Watch:
-    """What the monitor saw go wrong: a process of the stack that exited mid-run. ``flwr run``
-    is then stopped: the federation could not finish (Flower would wait for the lost node for
-    ever), and a dead gateway would be reported as the system's serving."""
+    """What the monitor saw go wrong. A process of the stack the run cannot finish without
+    (``LocalFederation.broken``: the SuperLink, the gateway, SuperNodes below the run's
+    ``min-train-nodes``) stops ``flwr run`` (:meth:`died`): Flower would wait for the lost nodes
+    for ever, and a dead gateway would be reported as the system's serving. A replica that exits
+    is noted (:attr:`lost`): its node fails its rounds, the gateway routes around it."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_nodes: int = 1) -> None:
+        self.min_nodes = min_nodes
         self.failure: str | None = None
+        self.lost: list[str] = []  # processes gone that the run went on without
         self._flwr: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
 
@@ -233,16 +237,22 @@ def live_replica_args(cfg: LiveConfig) -> tuple[str, ...]:
     )
 
 
-def run_live(cfg: LiveConfig, app: Path) -> int:
-    """Run the co-executing main job; returns flwr's exit code."""
-    slo = SLOSpec(cfg.ttft_slo_s, cfg.tpot_slo_s)
-    # The schedule first: a bad arrival process or rate fails before anything starts. It runs
-    # until the federation ends, bounded in time and in requests.
-    schedule_s = min(MAX_SCHEDULE_S, 0.99 * MAX_LIVE_REQUESTS / cfg.rate)
+def live_schedule(cfg: LiveConfig) -> list[RequestSpec]:
+    """The main job's requests: they run until the federation ends, bounded in time
+    (``MAX_SCHEDULE_S``) and in count (``MAX_LIVE_REQUESTS``, all built up front)."""
+    schedule_s = min(MAX_SCHEDULE_S, MAX_LIVE_REQUESTS / cfg.rate)
     # A diurnal cycle as long as the schedule (4 h) would show a run of minutes only its rise.
     shape = {"period_s": DIURNAL_PERIOD_S} if cfg.arrivals == "diurnal" else {}
     offsets = arrival_times(cfg.arrivals, cfg.rate, schedule_s, cfg.seed, **shape)
-    requests = build_requests(offsets, cfg.prompt_tokens, cfg.output_tokens)
+    # (a bursty schedule may hold more than rate × duration)
+    return build_requests(offsets[:MAX_LIVE_REQUESTS], cfg.prompt_tokens, cfg.output_tokens)
+
+
+def run_live(cfg: LiveConfig, app: Path) -> int:
+    """Run the co-executing main job; returns flwr's exit code."""
+    slo = SLOSpec(cfg.ttft_slo_s, cfg.tpot_slo_s)
+    # The schedule first: a bad arrival process or rate fails before anything starts.
+    requests = live_schedule(cfg)
     out = cfg.out.resolve()
     # Checked before anything starts; the replicas train as it says (data, LoRA shape, ...).
     fixed: dict[str, Scalar] = {
@@ -303,7 +313,7 @@ def _run_live(
         )
         load = _Load(url, cfg, requests, fed.api_key)
         started, launched = time.monotonic(), datetime.now(UTC)
-        stop_monitor, watch = threading.Event(), _Watch()
+        stop_monitor, watch = threading.Event(), _Watch(run_cfg.min_train_nodes)
         monitor = threading.Thread(
             target=_monitor, args=(fed, started, timeline, stop_monitor, watch), daemon=True
         )
@@ -339,6 +349,9 @@ def _run_live(
         if watch.failure is not None
         else ""
     )
+    lost = [g for g in watch.lost if watch.failure is None or g not in watch.failure]
+    if lost:
+        note = " ".join([note, *(f"{g}; the run went on without it." for g in lost)]).strip()
     report = _report(cfg, out, rows, list(timeline), results, slo, ended - started, note)
     print(f"report: {report}", flush=True)
     if interrupted:
@@ -549,10 +562,15 @@ def _monitor(
     while it does not)."""
     with httpx.Client(timeout=2.0) as client:
         while not stop.wait(1.0):
-            gone = fed.exited()
-            if gone is not None and watch is not None and not stop.is_set():
-                watch.died(gone)
-                return
+            if watch is not None and not stop.is_set():
+                fatal = fed.broken(watch.min_nodes)
+                if fatal is not None:
+                    watch.died(fatal)
+                    return
+                for gone in fed.exited():
+                    if gone not in watch.lost:
+                        watch.lost.append(gone)
+                        print(f"warning: {gone}; the run goes on without it", flush=True)
             for node in fed.replicas:
                 try:
                     h = client.get(node.api_url + "/health").json()

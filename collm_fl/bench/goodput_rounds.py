@@ -165,6 +165,7 @@ class Orchestrator:
     ) -> None:
         self.spec, self.s, self.clients = spec, settings, list(clients)
         self.router = router  # rolling: train one replica at a time, out of rotation
+        self.clock: Callable[[], float] = time.monotonic  # (rolling's deadline; tests set it)
         self.training, self.serving = list(training), list(serving)
         self.evaluator, self.say = evaluator, say
         self.peft_config = evaluator.cfg.lora.to_peft_config_dict(settings.model)
@@ -375,16 +376,24 @@ class Orchestrator:
         ``DRAIN_TIMEOUT_S``), trains exclusively in what is left of the round's deadline, and
         comes back; the others serve every request meanwhile."""
         assert self.router is not None
-        started = time.monotonic()
+        started = self.clock()
         outcomes: dict[int, tuple[AdapterState, dict[str, float]] | ReplicaUnavailable] = {}
-        for i in replicas:
+        # A different replica first each round: a fixed order would leave the last ones' data
+        # short whenever the deadline runs out.
+        shift = (rnd - 1) % len(replicas) if replicas else 0
+        for i in [*replicas[shift:], *replicas[:shift]]:
+            left = self.s.deadline_s - (self.clock() - started)
+            step_s = self._step_s.get(i, self.s.step_seconds)
+            if left < step_s:  # not one step fits: it stays in rotation, trains nothing
+                log.info("round %d: replica %d skipped: %.1fs left of the deadline", rnd, i, left)
+                continue
             self.router.take_out(i)
             try:
                 drained_s = self._drain(i)
-                left = self.s.deadline_s - (time.monotonic() - started)
+                left = self.s.deadline_s - (self.clock() - started)
                 log.info("round %d: replica %d drained in %.1fs; trains", rnd, i, drained_s)
                 try:
-                    outcomes[i] = one(i, max(left, 1.0))
+                    outcomes[i] = one(i, max(left, step_s))
                 except ReplicaUnavailable as e:
                     outcomes[i] = e
             finally:
@@ -392,20 +401,23 @@ class Orchestrator:
         return outcomes
 
     def _drain(self, i: int) -> float:
-        """Wait until replica ``i`` has no request running or queued (at most DRAIN_TIMEOUT_S);
-        the seconds it took."""
+        """Wait until replica ``i`` has no request running or queued on two polls in a row (a
+        request routed to it just before it left the rotation may still be on its way), at most
+        DRAIN_TIMEOUT_S; the seconds it took."""
         assert self.router is not None
         url = self.router.urls[i] + "/health"
         started = time.monotonic()
+        idle = 0
         with httpx.Client(timeout=5.0) as client:
-            while time.monotonic() - started < DRAIN_TIMEOUT_S:
+            while idle < 2 and time.monotonic() - started < DRAIN_TIMEOUT_S:
                 try:
                     h = client.get(url).json()
-                    if int(h.get("running", 0)) + int(h.get("queue_depth", 0)) == 0:
-                        break
                 except (httpx.HTTPError, ValueError):
                     break  # (its training call will say what is wrong)
-                time.sleep(DRAIN_POLL_S)
+                busy = int(h.get("running", 0)) + int(h.get("queue_depth", 0))
+                idle = idle + 1 if busy == 0 else 0
+                if idle < 2:
+                    time.sleep(DRAIN_POLL_S)
         return time.monotonic() - started
 
     def _push(self, version: int, state: AdapterState) -> list[float]:

@@ -30,6 +30,17 @@ from collm_fl.reports import save_figure, write_text_atomic
 RATIO_TOLERANCE = 1e-9  # a ratio of goodputs that is 3 up to float rounding counts as 3
 # What runs must share to be pooled: otherwise their ratios answer different questions.
 SAME = ("model", "replicas", "rounds", "round_s", "slo_factor", "arrivals", "quick")
+SAME_SETTINGS = ("server_lr", "shed_factor")  # ... and of the run's settings
+
+
+def _setting(result: GoodputResult, key: str) -> object:
+    """What runs must share: a field of the result or its settings, or its set of baselines
+    (the best baseline is the best of those)."""
+    if key == "baselines":
+        return sorted({s.name for s in result.systems if not is_collm_system(s.name)})
+    if key in SAME_SETTINGS:
+        return getattr(result.settings, key)
+    return getattr(result, key)
 
 
 @dataclass(frozen=True)
@@ -82,8 +93,8 @@ def load_results(paths: Sequence[str]) -> list[tuple[str, GoodputResult]]:
         results.append((str(path), result))
     first_path, first = results[0]
     for source, result in results[1:]:
-        for key in SAME:
-            mine, theirs = getattr(result, key), getattr(first, key)
+        for key in (*SAME, *SAME_SETTINGS, "baselines"):
+            mine, theirs = _setting(result, key), _setting(first, key)
             if mine != theirs:
                 raise ConfigError(
                     f"{source}: {key}={mine!r} but {first_path} has {theirs!r}: runs with "
@@ -228,7 +239,11 @@ def plot_ratios(points: Sequence[RatePoint], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for system in dict.fromkeys(p.system for p in points):
-        mine = [(p.offered_fraction, p.ratio) for p in points if p.system == system and p.ratio]
+        mine = [
+            (p.offered_fraction, p.ratio)
+            for p in points
+            if p.system == system and p.ratio is not None
+        ]
         ax.scatter(
             [x for x, _ in mine],
             [y for _, y in mine],

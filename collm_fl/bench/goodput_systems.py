@@ -143,9 +143,11 @@ SYSTEM_SPECS = {
         "each",
         "replicas train their round budget one at a time, exclusively: each leaves the load "
         "balancer's rotation, finishes its requests (at most "
-        f"{DRAIN_TIMEOUT_S:g} s), trains, and comes back while the others serve every request; "
-        "versions by stop-the-world reload; round-robin routing over the replicas in rotation, "
-        "first-come-first-served admission",
+        f"{DRAIN_TIMEOUT_S:g} s), trains, and comes back while the others serve every request "
+        "(a different replica first each round; one that no step would fit in what is left of "
+        "the deadline stays in rotation); versions by stop-the-world reload of every replica at "
+        "once (tens to hundreds of ms: rolling it too would delay each version by the drains); "
+        "round-robin routing over the replicas in rotation, first-come-first-served admission",
         rolling=True,
     ),
     COLLM: SystemSpec(

@@ -6,7 +6,9 @@ reason on stderr, 1 for a failure of the work itself (e.g. a local process that 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -34,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         and args.command not in ("replica", "gateway")
         and signal.getsignal(hangup) is signal.SIG_DFL
     ):
-        signal.signal(hangup, _terminated)
+        signal.signal(hangup, _hung_up)
     try:
         return dispatch(args)
     except CollmError as e:
@@ -47,6 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _terminated(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _hung_up(signum: int, frame: object) -> None:
+    """The terminal is gone: writing to it would fail (EIO) while the command unwinds and
+    reports, so its output goes nowhere from now on; then as SIGTERM."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+    os.close(devnull)
+    _terminated(signum, frame)
 
 
 if __name__ == "__main__":

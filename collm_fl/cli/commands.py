@@ -61,7 +61,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 print(f"replica {node.index}: {node.api_url}/v1 (logs in {workdir})", flush=True)
             launched = datetime.now(UTC)
             try:
-                code = fed.flwr_run(run_config, app)
+                code = fed.flwr_run(run_config, app, min_nodes=run_cfg.min_train_nodes)
             except WorkFailed as e:  # a process of the site exited mid-run
                 mark_failed(run_cfg, str(e))
                 raise

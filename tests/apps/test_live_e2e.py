@@ -89,26 +89,25 @@ def test_the_main_job_reports_each_round_and_stops_everything(tmp_path: Path) ->
     assert _still_running(started) == []
 
 
-def test_a_replica_that_dies_mid_run_fails_the_job_with_a_report_and_stops_everything(
+def test_a_supernode_that_dies_mid_run_fails_the_job_with_a_report_and_stops_everything(
     tmp_path: Path,
 ) -> None:
+    """min-train-nodes is every node in `collm live`: without one, Flower would wait for ever."""
     out = tmp_path / "live"
     proc = _live(out, rounds=20)  # more rounds than it will get to
     try:
         lines, started = _until_round_1(proc)
-        replica = next(
-            p for p in started if "replica" in p.cmdline() and "--control-port" in p.cmdline()
-        )
-        replica.send_signal(signal.SIGKILL)
+        supernode = next(p for p in started if "flower-supernode" in " ".join(p.cmdline()))
+        supernode.send_signal(signal.SIGKILL)
         rest, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     stdout = "".join(lines) + rest
     assert proc.returncode == 1, stdout[-4000:]
-    assert "stopping: replica" in stdout and "exited (code -9) mid-run" in stdout
+    assert "stopping: supernode" in stdout and "fewer than the run's min-train-nodes=2" in stdout
     md = (out / "report.md").read_text()
-    assert "**Stopped: replica" in md and "| 1 | " in md
+    assert "**Stopped: supernode" in md and "| 1 | " in md
     assert _still_running(started) == []
 
 

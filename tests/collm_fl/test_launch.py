@@ -158,9 +158,9 @@ def test_stopping_a_process_stops_what_it_started_that_outlives_it(tmp_path) -> 
             child.kill()
 
 
-def test_flwr_run_stops_when_a_process_of_the_federation_exits(tmp_path) -> None:
-    """`collm site`: a replica or SuperNode gone mid-run fails the command (exit 1) naming it,
-    instead of Flower waiting for its node for ever."""
+def test_flwr_run_stops_when_the_federation_cannot_finish(tmp_path) -> None:
+    """`collm site`: SuperNodes below min-train-nodes fail the command (exit 1) naming the one
+    gone, instead of Flower waiting for its node for ever; a replica gone does not."""
     import subprocess
     from types import SimpleNamespace
 
@@ -168,18 +168,21 @@ def test_flwr_run_stops_when_a_process_of_the_federation_exits(tmp_path) -> None
     from collm_fl.launch import LocalFederation
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    replica = SimpleNamespace(
-        name="replica0", alive=lambda: sleeper.poll() is None, popen=sleeper, log_path="r0.log"
-    )
-    fed = LocalFederation(tmp_path, processes=[replica])  # type: ignore[list-item]
+
+    def proc(name: str, popen) -> SimpleNamespace:
+        return SimpleNamespace(
+            name=name, alive=lambda: popen.poll() is None, popen=popen, log_path=f"{name}.log"
+        )
+
+    fed = LocalFederation(tmp_path, processes=[proc("supernode0", sleeper)])  # type: ignore[list-item]
     flwr = [sys.executable, "-c", "import time; time.sleep(600)"]
     fed.flwr_run_command = lambda *a: flwr  # type: ignore[method-assign]
     fed.env = lambda: None  # type: ignore[method-assign]
     sleeper.kill()
     sleeper.wait()
-    with pytest.raises(WorkFailed, match=r"replica0 exited \(code -9\) mid-run; its log: r0.log"):
-        fed.flwr_run("", tmp_path)
-    # And flwr run itself finishing is its exit code, as before.
-    fed.processes = []
-    flwr[:] = [sys.executable, "-c", "raise SystemExit(3)"]
-    assert fed.flwr_run("", tmp_path) == 3
+    with pytest.raises(WorkFailed, match=r"supernode0 exited \(code -9\) mid-run; its log: "):
+        fed.flwr_run("", tmp_path, min_nodes=1)
+    # A replica gone: its node fails its rounds, the run goes on to flwr run's own exit code.
+    fed.processes = [proc("replica0", sleeper)]  # type: ignore[list-item]
+    flwr[:] = [sys.executable, "-c", "import time; time.sleep(2); raise SystemExit(3)"]
+    assert fed.flwr_run("", tmp_path, min_nodes=1) == 3

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -213,31 +215,37 @@ def test_a_round_whose_aggregate_was_not_promoted_shows_the_served_versions_loss
     assert "| 2 | " in md and "4.7000 (round's aggregate 4.9000, not promoted)" in md
 
 
-def test_a_process_of_the_stack_that_exits_mid_run_stops_flwr_run(tmp_path: Path) -> None:
-    """A replica, SuperNode or the gateway gone: Flower would wait for its node for ever, or the
-    report would read a dead gateway's errors as the system's serving."""
+def _proc(name: str, code: int | None) -> SimpleNamespace:
+    """A process of the stack: running (``code`` None) or exited with ``code``."""
+    return SimpleNamespace(
+        name=name,
+        alive=lambda: code is None,
+        popen=SimpleNamespace(returncode=code),
+        log_path=Path(f"site/{name}.log"),
+    )
+
+
+def test_a_process_the_run_cannot_finish_without_stops_flwr_run(tmp_path: Path) -> None:
+    """SuperNodes below min-train-nodes (Flower would wait for them for ever), the SuperLink, the
+    gateway (its errors would read as the system's serving): flwr run is stopped."""
     import subprocess
     import threading
-    from types import SimpleNamespace
 
     from collm_fl.launch import LocalFederation
     from collm_fl.live import _monitor, _Watch
 
-    dead = SimpleNamespace(
-        name="replica1",
-        alive=lambda: False,
-        popen=SimpleNamespace(returncode=-9),
-        log_path=Path("site/replica1.log"),
-    )
-    live_one = SimpleNamespace(name="gateway", alive=lambda: True)
-    fed = LocalFederation(tmp_path, processes=[live_one, dead])  # type: ignore[list-item]
-    watch = _Watch()
+    processes = [_proc("gateway", None), _proc("supernode0", None), _proc("supernode1", -9)]
+    fed = LocalFederation(tmp_path, processes=processes)  # type: ignore[arg-type]
+    watch = _Watch(min_nodes=2)
     flwr = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         watch.driving(flwr)
         _monitor(fed, 0.0, [], threading.Event(), watch)  # returns once it has seen the death
         assert flwr.wait(timeout=30) == -9  # killed: its output ends, the job goes on to report
-        assert watch.failure == "replica1 exited (code -9) mid-run; its log: site/replica1.log"
+        assert watch.failure == (
+            "supernode1 exited (code -9) mid-run; its log: site/supernode1.log; 1 SuperNode(s) "
+            "left, fewer than the run's min-train-nodes=2"
+        )
     finally:
         if flwr.poll() is None:
             flwr.kill()
@@ -246,6 +254,33 @@ def test_a_process_of_the_stack_that_exits_mid_run_stops_flwr_run(tmp_path: Path
     late = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     watch.driving(late)
     assert late.wait(timeout=30) == -9
+    for name in ("superlink", "gateway"):
+        gone = LocalFederation(tmp_path, processes=[_proc(name, 1)])  # type: ignore[list-item]
+        assert gone.broken(1) == f"{name} exited (code 1) mid-run; its log: site/{name}.log"
+
+
+def test_a_replica_that_exits_is_noted_and_the_run_goes_on(tmp_path: Path, capsys) -> None:
+    """Its node fails its rounds and the gateway routes around it, as the federation is built
+    to: nothing is stopped."""
+    import threading
+
+    from collm_fl.launch import LocalFederation
+    from collm_fl.live import _monitor, _Watch
+
+    processes = [_proc("supernode0", None), _proc("supernode1", None), _proc("replica1", -9)]
+    fed = LocalFederation(tmp_path, processes=processes)  # type: ignore[arg-type]
+    assert fed.broken(2) is None
+    watch, stop = _Watch(min_nodes=2), threading.Event()
+    monitor = threading.Thread(target=_monitor, args=(fed, 0.0, [], stop, watch))
+    monitor.start()
+    deadline = time.monotonic() + 30
+    while not watch.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    monitor.join(timeout=30)
+    assert watch.failure is None
+    assert watch.lost == ["replica1 exited (code -9) mid-run; its log: site/replica1.log"]
+    assert "; the run goes on without it" in capsys.readouterr().out
 
 
 def test_a_second_live_run_on_the_same_out_is_refused(tmp_path: Path) -> None:
@@ -260,12 +295,22 @@ def test_a_second_live_run_on_the_same_out_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_diurnal_main_job_runs_whole_cycles_and_says_how_long(tmp_path: Path) -> None:
-    from collm_fl.live import DIURNAL_PERIOD_S, _load_name
-    from collm_fl.loadgen.arrivals import arrival_times
+    from collm_fl.live import DIURNAL_PERIOD_S, _load_name, live_schedule
 
     cfg = LiveConfig(model="tiny", arrivals="diurnal", rate=2.0, out=tmp_path)
     assert _load_name(cfg) == "diurnal at 2.0 req/s on average (a 600-s cycle)"
-    # Over the first cycle the mean is the rate (not only the rise of a 4-hour cycle).
-    times = arrival_times("diurnal", 2.0, 4 * 3600.0, 0, period_s=DIURNAL_PERIOD_S)
-    first = times[times < DIURNAL_PERIOD_S]
-    assert len(first) / DIURNAL_PERIOD_S == pytest.approx(2.0, rel=0.15)
+    # Over each 10-minute cycle the mean is the rate (not the rise of a 4-hour cycle).
+    offsets = [r.offset_s for r in live_schedule(cfg)]
+    for k in range(3):
+        cycle = [t for t in offsets if k * DIURNAL_PERIOD_S <= t < (k + 1) * DIURNAL_PERIOD_S]
+        assert len(cycle) / DIURNAL_PERIOD_S == pytest.approx(2.0, rel=0.15)
+
+
+def test_the_main_jobs_schedule_is_bounded_in_requests(tmp_path: Path, monkeypatch) -> None:
+    import collm_fl.live as live
+
+    monkeypatch.setattr(live, "MAX_LIVE_REQUESTS", 500)
+    cfg = LiveConfig(model="tiny", arrivals="bursty", rate=50.0, out=tmp_path)
+    schedule = live.live_schedule(cfg)
+    assert len(schedule) <= 500
+    assert schedule[-1].offset_s < 500 / 50.0  # 10 s of load, not 4 hours

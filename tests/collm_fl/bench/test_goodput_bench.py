@@ -310,9 +310,9 @@ def test_the_rolling_balancer_skips_the_replica_out_of_rotation() -> None:
 
 
 def test_rolling_trains_one_replica_at_a_time_out_of_rotation(monkeypatch) -> None:
-    """Each replica leaves the rotation before its job and is back before the next one's; a
-    job gets what is left of the round's deadline."""
-    from collm_fl.bench import goodput_rounds
+    """Each replica leaves the rotation before its job and is back before the next one's; a job
+    gets what is left of the round's deadline; a different replica goes first each round; one
+    that no step fits in what is left stays in rotation and trains nothing."""
     from collm_fl.bench.goodput_rounds import Orchestrator, RollingRouter
     from collm_fl.bench.goodput_systems import SYSTEM_SPECS
 
@@ -326,13 +326,22 @@ def test_rolling_trains_one_replica_at_a_time_out_of_rotation(monkeypatch) -> No
         return {}, {"local-steps": 1.0}
 
     orch = Orchestrator.__new__(Orchestrator)
-    orch.router, orch.spec = router, SYSTEM_SPECS["rolling"]
-    orch.s = SimpleNamespace(deadline_s=30.0)  # type: ignore[assignment]
-    clock = [100.0, 110.0, 121.0]  # the round starts; job 0 at +10 s, job 1 at +21 s
-    monkeypatch.setattr(
-        goodput_rounds.time, "monotonic", lambda: clock.pop(0) if len(clock) > 1 else clock[0]
-    )
-    outcomes = orch._train_in_turn(1, [0, 1], one)
-    assert sorted(outcomes) == [0, 1]
+    orch.router, orch.spec, orch._step_s = router, SYSTEM_SPECS["rolling"], {}
+    orch.s = SimpleNamespace(deadline_s=30.0, step_seconds=2.0)  # type: ignore[assignment]
+
+    def clock_of(*times: float):
+        ticks = list(times)
+        return lambda: ticks.pop(0) if len(ticks) > 1 else ticks[0]
+
+    # Round 1 starts at 100 s; replica 0 is asked at +10 s (checked, then after its drain),
+    # replica 1 at +21 s.
+    orch.clock = clock_of(100.0, 110.0, 110.0, 121.0, 121.0)
+    assert sorted(orch._train_in_turn(1, [0, 1], one)) == [0, 1]
     assert seen == [(0, {"http://r1"}, 20.0), (1, {"http://r0"}, 9.0)]
     assert {router.route(k) for k in range(4)} == {"http://r0", "http://r1"}  # both back
+    # Round 2: replica 1 first; replica 0 would have 1 s left, less than a step (2 s).
+    seen.clear()
+    orch.clock = clock_of(200.0, 200.0, 200.0, 229.0)
+    assert sorted(orch._train_in_turn(2, [0, 1], one)) == [1]
+    assert seen == [(1, {"http://r0"}, 30.0)]
+    assert {router.route(k) for k in range(4)} == {"http://r0", "http://r1"}

@@ -84,3 +84,23 @@ def test_a_missing_or_foreign_file_exits_2(tmp_path: Path, capsys) -> None:
     for given, says in ((foreign, "not a goodput report"), (tmp_path / "nope", "no such")):
         code = main(["bench", "goodput-runs", str(given), "--out", str(tmp_path / "out")])
         assert code == 2 and says in capsys.readouterr().err
+
+
+def test_runs_with_other_baselines_or_server_lr_are_not_pooled(tmp_path: Path) -> None:
+    """The best baseline is the best of those that ran: a run without one is another question."""
+    from dataclasses import replace
+
+    a = _write(tmp_path, "a", 0, 4)
+    runs = [
+        fake_run("merged", 2.0, {0: 4.0, 1: 3.6}, met=1),
+        fake_run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=4),
+    ]
+    result = fake_result(runs, [2.0], seed=1, capacity_rps=0.4)
+    fewer = replace(result, systems=[s for s in result.systems if s.name != "rolling"])
+    write_goodput_report(fewer, tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"baselines=.* but .* has"):
+        load_results([str(a), str(tmp_path / "b")])
+    other_lr = replace(result, settings=replace(result.settings, server_lr=3.0))
+    write_goodput_report(other_lr, tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"server_lr=3\.0 but .* has 1\.0"):
+        load_results([str(a), str(tmp_path / "c")])
