@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -65,17 +66,27 @@ def _still_running(procs: list[psutil.Process], timeout: float = 30.0) -> list[s
         time.sleep(0.5)
 
 
-def test_the_main_job_reports_each_round_and_stops_everything(tmp_path: Path) -> None:
-    out = tmp_path / "live"
-    proc = _live(out, rounds=2)
+def _run(
+    out: Path, rounds: int, after_round_1: Callable[[int, list[psutil.Process]], None] | None = None
+) -> tuple[int, str, list[psutil.Process]]:
+    """Run `collm live` to its end (``after_round_1(pid, processes)`` done at round 1's line):
+    its exit code, its output, and the processes it had running at round 1."""
+    proc = _live(out, rounds)
     try:
         lines, started = _until_round_1(proc)
+        if after_round_1 is not None:
+            after_round_1(proc.pid, started)
         rest, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
-    stdout = "".join(lines) + rest
-    assert proc.returncode == 0, stdout[-4000:]
+    return proc.returncode, "".join(lines) + rest, started
+
+
+def test_the_main_job_reports_each_round_and_stops_everything(tmp_path: Path) -> None:
+    out = tmp_path / "live"
+    code, stdout, started = _run(out, rounds=2)
+    assert code == 0, stdout[-4000:]
     assert len(started) >= 6  # 2 replicas, 2 SuperNodes, the SuperLink, the gateway, flwr run
     # One progress line per round, with every replica's training share.
     for rnd in (1, 2):
@@ -93,18 +104,14 @@ def test_a_supernode_that_dies_mid_run_fails_the_job_with_a_report_and_stops_eve
     tmp_path: Path,
 ) -> None:
     """min-train-nodes is every node in `collm live`: without one, Flower would wait for ever."""
-    out = tmp_path / "live"
-    proc = _live(out, rounds=20)  # more rounds than it will get to
-    try:
-        lines, started = _until_round_1(proc)
+
+    def kill_a_supernode(_pid: int, started: list[psutil.Process]) -> None:
         supernode = next(p for p in started if "flower-supernode" in " ".join(p.cmdline()))
         supernode.send_signal(signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    stdout = "".join(lines) + rest
-    assert proc.returncode == 1, stdout[-4000:]
+
+    out = tmp_path / "live"
+    code, stdout, started = _run(out, 20, kill_a_supernode)  # more rounds than it gets to
+    assert code == 1, stdout[-4000:]
     assert "stopping: supernode" in stdout and "fewer than the run's min-train-nodes=2" in stdout
     md = (out / "report.md").read_text()
     assert "**Stopped: supernode" in md and "| 1 | " in md
@@ -118,16 +125,8 @@ def test_ctrl_c_at_the_terminal_reports_the_rounds_so_far_and_stops_everything(
     started must still be stopped by it (with what they started), not end on its own and leave
     its children behind."""
     out = tmp_path / "live"
-    proc = _live(out, rounds=20)
-    try:
-        lines, started = _until_round_1(proc)
-        os.killpg(proc.pid, signal.SIGINT)
-        rest, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    stdout = "".join(lines) + rest
-    assert proc.returncode == 130, stdout[-4000:]
+    code, stdout, started = _run(out, 20, lambda pid, _: os.killpg(pid, signal.SIGINT))
+    assert code == 130, stdout[-4000:]
     md = (out / "report.md").read_text()
     assert "**Interrupted: the report covers the rounds so far.**" in md
     assert _still_running(started) == []
