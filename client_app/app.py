@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,7 +25,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from collm_fl.config import RunConfig, TrainBudget, config_int, config_number
-from collm_fl.data.partition import DataSpec
+from collm_fl.data.partition import SHAKESPEARE, DataSpec
 from collm_fl.errors import ConfigError
 from collm_fl.flower_records import (
     ARRAYS_KEY,
@@ -74,9 +75,22 @@ def _own_data(context: Context, cfg: RunConfig) -> DataSpec | None:
     path = context.node_config.get("data")
     if path is None:
         return None
-    run_corpus = str(path) == cfg.data_spec.source
+    run_corpus = _same_source(str(path), cfg.data_spec.source)
     heldout = cfg.data_spec.central_heldout if run_corpus else 0
     return dataclasses.replace(cfg.data_spec, source=str(path), central_heldout=heldout)
+
+
+def _same_source(a: str, b: str) -> bool:
+    """Whether two data sources name the same corpus: ``shakespeare``, or one file or folder
+    however written (``data/qa.jsonl``, ``./data/qa.jsonl``, its absolute path, a link to it)."""
+    if a == b:
+        return True
+    if SHAKESPEARE in (a, b):
+        return False
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):  # (a loop of links)
+        return False
 
 
 def _replica(context: Context, cfg: RunConfig) -> ReplicaClient | None:

@@ -30,6 +30,7 @@ Everything is deterministic given ``seed``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -120,6 +121,11 @@ def _rng(spec: DataSpec, *stream: int) -> np.random.Generator:
     return np.random.default_rng([spec.seed, *stream])
 
 
+def _name_key(name: str) -> int:
+    """A stream number of a file name, the same in every process (``hash()`` is salted)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+
+
 def _central_play_ids(play_ids: list[str], spec: DataSpec) -> list[str]:
     """The plays kept for the central held-out set: a seeded choice, the same for every caller."""
     if spec.central_heldout >= len(play_ids):
@@ -149,12 +155,14 @@ def _user_split(
     """User files as groups for clients, and the records set aside for the central held-out."""
     groups: list[Group] = []
     central: list[TextSample] = []
-    for index, path in enumerate(_user_files(spec)):
+    for path in _user_files(spec):
         samples = format_records(load_records(path), tokenizer, str(path))
         distinct = list(dict.fromkeys(samples))  # a repeated record is held out whole or not
         if spec.central_heldout > 0 and len(distinct) >= 2:
             k = max(1, round(len(distinct) * USER_CENTRAL_FRACTION))
-            picked = _rng(spec, _CENTRAL, index).choice(len(distinct), k, False)
+            # Seeded by the file's name, not its place in the folder: a host whose copy of the
+            # folder holds one file more or less still sets aside the same records of this one.
+            picked = _rng(spec, _CENTRAL, _name_key(path.name)).choice(len(distinct), k, False)
             central.extend(distinct[int(i)] for i in sorted(picked))
         groups.append((path.stem, samples))
     central = list(dict.fromkeys(central))

@@ -80,7 +80,7 @@ def tokenize_samples(
         answer_ids = _ids(tokenizer, sample.text[len(sample.prompt) :])
         if not answer_ids or answer_ids[-1] != eos:
             answer_ids.append(eos)
-        if len(prompt_ids) >= seq_len - 1:
+        if len(prompt_ids) >= seq_len:
             skipped += 1  # the answer would start after the row ends
             continue
         rows.append(((prompt_ids + answer_ids)[:seq_len], len(prompt_ids)))

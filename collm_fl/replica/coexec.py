@@ -268,7 +268,9 @@ class CoTrainer:
         abort_at = started + job.deadline_s
         self.modules.set_training_state(job.start_state)
         params = self.modules.training_parameters()
-        optimizer = torch.optim.AdamW(params, lr=job.learning_rate)
+        # As a device trains (collm_fl.training.train_steps): torch's default decay of 0.01 would
+        # make a replica's steps other steps than a device's, which the server weighs alike.
+        optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
         loss_sum, tokens, steps, train_s, yielded_s, yields = 0.0, 0, 0, 0.0, 0.0, 0
         deadline_hit = abandoned = False
         why_yielded: Counter[str] = Counter()

@@ -166,3 +166,24 @@ def test_a_device_naming_the_runs_own_corpus_keeps_the_servers_held_out_plays_ou
     assert spec is not None and spec.central_heldout == cfg.data_spec.central_heldout > 0
     other = _own_data(context({"data": "/data/private.jsonl"}), cfg)
     assert other is not None and other.central_heldout == 0
+
+
+def test_the_runs_own_file_named_another_way_still_keeps_the_servers_held_out_part_out(
+    tmp_path, monkeypatch
+):
+    """`./data/qa.jsonl`, `data/qa.jsonl`, its absolute path or a link: the same corpus, so the
+    server's held-out records stay out (compared as strings, they trained)."""
+    from client_app.app import _own_data
+    from collm_fl.config import RunConfig
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "qa.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "data" / "qa.jsonl")
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig.from_flower({**RUN_CONFIG, "data": "data/qa.jsonl", "central-heldout": 1})
+    for alias in ("./data/qa.jsonl", str(tmp_path / "data" / "qa.jsonl"), "link.jsonl"):
+        spec = _own_data(context({"data": alias}), cfg)
+        assert spec is not None and spec.central_heldout == 1, alias
+    (tmp_path / "data" / "other.jsonl").write_text('{"text": "y"}\n')
+    other = _own_data(context({"data": "data/other.jsonl"}), cfg)
+    assert other is not None and other.central_heldout == 0

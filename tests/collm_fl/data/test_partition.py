@@ -216,6 +216,25 @@ def test_no_copy_of_a_central_heldout_record_trains_in_any_file(tmp_path: Path) 
     assert set(central) | trained == {f"record {i}" for i in range(20)}
 
 
+def test_a_files_central_records_do_not_depend_on_the_other_files_of_its_folder(
+    tmp_path: Path,
+) -> None:
+    """A host whose copy of the folder holds one file more (notes sorted before it) sets aside
+    the same records of this file: chosen by position, they moved, and the server's held-out
+    records trained on that host."""
+    records = [json.dumps({"text": f"record {i}"}) for i in range(40)]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "qa.jsonl").write_text("\n".join(records))
+    (tmp_path / "b" / "000-notes.txt").write_text("Some notes of this host.")
+
+    def central_of_qa(folder: Path) -> set[str]:
+        spec = DataSpec(source=str(folder), partitioning="iid")
+        return {s.text for s in load_central_heldout(spec)} - {"Some notes of this host."}
+
+    assert central_of_qa(tmp_path / "a") == central_of_qa(tmp_path / "b")
+
+
 def test_a_clients_heldout_tail_has_no_copy_in_its_training_part(tmp_path: Path) -> None:
     lines = [json.dumps({"text": f"record {i % 5}"}) for i in range(40)]
     (tmp_path / "a.jsonl").write_text("\n".join(lines))

@@ -89,6 +89,21 @@ def test_instruction_samples_get_one_row_each_truncated_to_seq_len(
     assert blocks.input_ids[0].tolist() == (_ids(tokenizer, prompt) + _ids(tokenizer, CORPUS))[:12]
 
 
+def test_an_answer_whose_first_token_ends_the_row_is_still_learned(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    """A prompt of seq_len - 1 tokens leaves the answer's first token the row's last: its label
+    is predicted from the position before it. Only a prompt that fills the row is dropped."""
+    prompt = "Q: " + CORPUS
+    n_prompt = len(_ids(tokenizer, prompt))
+    sample = TextSample(text=prompt + " Long live the king!", prompt=prompt)
+    blocks = tokenize_samples([sample], tokenizer, seq_len=n_prompt + 1)
+    assert blocks.input_ids.shape == (1, n_prompt + 1)
+    learned = blocks.labels[0][blocks.labels[0] != IGNORE_INDEX].tolist()
+    assert learned == [blocks.input_ids[0, n_prompt].item()]
+    assert tokenize_samples([sample], tokenizer, seq_len=n_prompt).input_ids.shape == (0, n_prompt)
+
+
 def test_no_samples_give_zero_rows(tokenizer: PreTrainedTokenizerFast) -> None:
     assert tokenize_samples([], tokenizer, seq_len=8).input_ids.shape == (0, 8)
 

@@ -64,6 +64,23 @@ def test_idle_replica_trains_its_whole_budget(replica):
     assert outcome.state.keys() == replica.modules.expected_shapes().keys()
 
 
+def test_a_replica_trains_with_the_optimizer_settings_a_device_uses(replica, monkeypatch):
+    """No weight decay, as collm_fl.training (torch's AdamW default is 0.01): the server weighs
+    a replica's steps and a device's alike."""
+    import torch
+
+    made: list[dict[str, object]] = []
+    adamw = torch.optim.AdamW
+
+    def recording(params, **kwargs):
+        made.append(kwargs)
+        return adamw(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1)
+    assert made == [{"lr": 1e-3, "weight_decay": 0.0}]
+
+
 def test_training_from_a_version_the_replica_no_longer_serves_is_refused(replica):
     # The served version is checked where the start state is read, under the push lock: a push
     # that lands between the caller's check and the read cannot change what training starts from.
