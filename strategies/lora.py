@@ -19,7 +19,7 @@
   ``weight_used`` is its (capped) examples weight, before that normalization; ``mean_share`` its
   share of the aggregate the round produced, after it. In ``fedavg`` mode (A and B averaged
   apart) with ``max_update_norm`` set, a reply whose factor change per step is over
-  ``MAX_FACTOR_DELTA_RATIO`` × the round's median is rejected (3+ replies that trained):
+  ``MAX_FACTOR_DELTA_RATIO`` × the round's lower median is rejected (2+ replies that trained):
   ``(B/c, A·c)`` passes the product-norm bound whatever c, and its A·c would multiply everyone's
   B. A round in which no good reply trained a step releases nothing (under DP, its noise would
   spend privacy for nothing). A reply is credited to the node its message went to
@@ -428,9 +428,11 @@ class LoraFedAvg(FedAvg):
     ) -> tuple[list[tuple[AdapterState, int, Message]], list[int]]:
         """FedAvg mode averages A and B separately, so ``max_update_norm`` (a bound on the change
         of B·A) does not bound what a reply does to the mean: (B/c, A·c) has the same product and
-        norm for any c, and its A·c multiplies everyone's B. With 3+ good replies, one whose
-        factor change per step is over ``MAX_FACTOR_DELTA_RATIO`` × the round's median is
-        rejected (outcomes updated in place); the rest go on. Per step (the claimed steps floored
+        norm for any c, and its A·c multiplies everyone's B. With 2+ good replies, one whose
+        factor change per step is over ``MAX_FACTOR_DELTA_RATIO`` × the round's lower median
+        (with two, the smaller) is rejected (outcomes updated in place); the rest go on. (Of two,
+        the larger is the one judged: a node can at most get an honest one rejected by sending a
+        tiny update, which then moves the adapter by little.) Per step (the claimed steps floored
         at the round's most / ``MAX_STEP_RATIO``, as FedNova's weights): a node that trained 10
         steps beside nodes that trained 1 is no outlier. Replies that trained nothing (kept as
         zero updates under DP) are neither judged nor counted in the median."""
@@ -439,14 +441,17 @@ class LoraFedAvg(FedAvg):
             for k, i in enumerate(good_at)
             if (steps := outcomes[i].metrics.get(LOCAL_STEPS, 1.0)) > 0
         ]
-        if len(trained) < 3:
+        if len(trained) < 2:
             return good, good_at
         most = max(steps for _, steps in trained)
         per_step = {
             k: factor_delta_norm(good[k][0], reference) / max(steps, most / MAX_STEP_RATIO)
             for k, steps in trained
         }
-        median = float(np.median(list(per_step.values())))
+        # The lower median: with two replies the smaller one (a mean of the two would put the
+        # rescaled one at 2x its own yardstick), with an odd count the median.
+        ordered = sorted(per_step.values())
+        median = ordered[(len(ordered) - 1) // 2]
         limit = MAX_FACTOR_DELTA_RATIO * median
         kept: list[tuple[AdapterState, int, Message]] = []
         kept_at: list[int] = []

@@ -443,6 +443,13 @@ def test_fedavg_mode_rejects_a_rescaled_update_that_the_product_norm_cannot_see(
     exact = strategy(mode="exact", max_update_norm=1.0)
     exact.aggregate_train(1, replies)
     assert all(o.status == "ok" for o in exact.last_report.outcomes)
+    # Two replies (DP's default min-train-nodes): the rescaled one is still found.
+    s = strategy(mode="fedavg", max_update_norm=1.0)
+    arrays, _ = s.aggregate_train(1, [reply(1, honest[0]), reply(5, attacker)])
+    by_node = {o.node_id: o for o in s.last_report.outcomes}
+    assert by_node[5].status == "rejected" and by_node[1].status == "ok"
+    for k, v in arrayrecord_to_state(arrays).items():
+        np.testing.assert_allclose(v, honest[0][k], rtol=1e-5, atol=1e-6)
 
 
 def test_a_superlink_error_reply_is_credited_to_the_node_its_message_went_to():
