@@ -93,6 +93,10 @@ def install_error_handlers(app: FastAPI) -> None:
                 f" (got {content_type or 'no Content-Type'})"
             )
             return error_response(400, msg, code="invalid_json")
+        if first.get("type") == "unsupported_parameter":
+            name = str(first.get("ctx", {}).get("name", "")) or None
+            msg = str(first.get("msg"))
+            return error_response(400, msg, param=name, code="unsupported_parameter")
         if first.get("type") == "extra_forbidden":
             msg = f"unrecognized request argument supplied: {'.'.join(loc)}"
             return error_response(400, msg, param=".".join(loc) or None, code="unknown_parameter")

@@ -16,9 +16,13 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+UNSUPPORTED = "unsupported_parameter"  # the error type (and OpenAI error code) of those below
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -42,11 +46,46 @@ class SamplingFields(_Strict):
     temperature: StrictFloat = Field(default=1.0, ge=0.0, le=2.0)
     top_p: StrictFloat = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(default=1, ge=1, le=1)  # one choice per request (n > 1 is refused)
     user: str | None = Field(default=None, max_length=256)
+    # OpenAI parameters this server does not implement: taken at their neutral values (clients
+    # such as LangChain send them), refused otherwise (400, code ``unsupported_parameter``).
+    presence_penalty: StrictFloat | StrictInt | None = None
+    frequency_penalty: StrictFloat | StrictInt | None = None
+    logit_bias: dict[str, StrictFloat | StrictInt] | None = None
+    logprobs: StrictBool | StrictInt | None = None
+    top_logprobs: StrictInt | None = None
+    echo: StrictBool | None = None
+
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, v: object, info: ValidationInfo) -> object:
+        """``null`` for these means the default, as OpenAI takes it."""
+        if v is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return v
+
+    @model_validator(mode="after")
+    def _only_neutral_unsupported(self) -> SamplingFields:
+        neutral = {
+            "presence_penalty": self.presence_penalty in (None, 0),
+            "frequency_penalty": self.frequency_penalty in (None, 0),
+            "logit_bias": not self.logit_bias,
+            "logprobs": self.logprobs is None or self.logprobs is False,
+            "top_logprobs": self.top_logprobs in (None, 0),
+            "echo": not self.echo,
+        }
+        for name, ok in neutral.items():
+            if not ok:
+                raise PydanticCustomError(
+                    UNSUPPORTED,
+                    "{name} is not supported by this server (only its neutral value)",
+                    {"name": name},
+                )
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -78,8 +117,10 @@ class SamplingFields(_Strict):
 
 
 class CompletionRequest(SamplingFields):
+    """``max_tokens`` left out (or null) is OpenAI's 16 for completions, or the room the prompt
+    leaves in the context if that is less (the server's ``_sampling``)."""
+
     prompt: str | list[str] = Field(max_length=MAX_PROMPT_CHARS)
-    max_tokens: StrictInt | None = Field(default=16, ge=1, le=1_000_000)
 
     @field_validator("prompt")
     @classmethod
@@ -104,7 +145,7 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # (developer: OpenAI's system)
     content: str | list[TextPart] = Field(max_length=MAX_PROMPT_CHARS)
     name: str | None = Field(default=None, max_length=64)
 

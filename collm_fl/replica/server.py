@@ -17,6 +17,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from collm_fl.api.disconnect import ClientGone, unless_client_leaves
 from collm_fl.api.errors import (
@@ -43,6 +44,7 @@ from collm_fl.data.files import chat_prompt
 from collm_fl.errors import ChatTemplateError
 from collm_fl.replica.metrics import RequestRecord
 from collm_fl.replica.requests import (
+    EngineStoppedError,
     GenerationRequest,
     InvalidPromptError,
     PromptTooLongError,
@@ -119,7 +121,9 @@ def create_app(replica: Replica, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=guarded, response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        messages = [(m.role, m.text()) for m in body.messages]
+        # (OpenAI's "developer" role is its newer name for "system")
+        roles = {"developer": "system"}
+        messages = [(roles.get(m.role, m.role), m.text()) for m in body.messages]
         _check_prompt_chars(replica, sum(len(c) for _, c in messages), "messages")
 
         def encode() -> list[int]:
@@ -189,6 +193,14 @@ async def _generate(
         replica.load_window.add(RequestRecord(time.monotonic(), None, None, "rejected", 0))
         replica.metrics.requests.labels("rejected").inc()
         raise overloaded(retry_after_s=1, message=str(e)) from e
+    except EngineStoppedError as e:  # the replica is shutting down: another may take it
+        raise APIError(
+            503,
+            "the replica is shutting down; retry on another",
+            "server_error",
+            code="shutting_down",
+            headers={"Retry-After": "1"},
+        ) from e
     except InvalidPromptError as e:  # empty, out of vocabulary, or over the context
         code = "context_length_exceeded" if isinstance(e, PromptTooLongError) else "invalid_prompt"
         raise APIError(400, str(e), param="messages" if chat else "prompt", code=code) from e
@@ -210,8 +222,10 @@ async def _generate(
             500, "generation failed on the replica", "server_error", code="generation_error"
         )
     if body.stream:
-        return StreamingResponse(
-            _sse(replica, handle, first, events, body.model, created, chat, body.include_usage),
+        end = _StreamEnd(replica, handle)
+        return _EndingStream(
+            _sse(end, first, events, body.model, created, chat, body.include_usage),
+            end,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", **_version_headers(handle)},
         )
@@ -262,9 +276,43 @@ async def _generate(
     return JSONResponse(out.model_dump(), headers=headers)
 
 
+class _StreamEnd:
+    """What ends a stream, once: its row cancelled if it is still decoding (the client went
+    away), the request recorded with how it finished (``finish``, set as events arrive)."""
+
+    def __init__(self, replica: Replica, handle: RequestHandle) -> None:
+        self.replica, self.handle = replica, handle
+        self.finish: str | None = None
+        self._done = False
+
+    def __call__(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if not self.handle.finished:
+            self.handle.cancel()
+        _record(self.replica, self.handle, self.finish)
+
+
+class _EndingStream(StreamingResponse):
+    """A stream whose end runs however the response ends. Under ASGI 2.3 Starlette runs the body
+    beside a listener for the client's disconnect and cancels it when the client has gone: if
+    that comes before the body generator starts, its own ``finally`` never runs, and the row
+    would decode to ``max_tokens`` unrecorded."""
+
+    def __init__(self, content: AsyncIterator[bytes], end: _StreamEnd, **kwargs: object) -> None:
+        super().__init__(content, **kwargs)  # type: ignore[arg-type]
+        self._end = end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._end()
+
+
 async def _sse(
-    replica: Replica,
-    handle: RequestHandle,
+    end: _StreamEnd,
     first: TokenEvent,
     events: AsyncIterator[TokenEvent],
     model: str,
@@ -272,7 +320,7 @@ async def _sse(
     chat: bool,
     include_usage: bool = False,
 ) -> AsyncIterator[bytes]:
-    finish = None
+    handle = end.handle
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     async def all_events() -> AsyncIterator[TokenEvent]:
@@ -286,7 +334,7 @@ async def _sse(
                 handle, obj, model, created, {"role": "assistant", "content": ""}, None, chat
             )
         async for ev in all_events():
-            finish = ev.finish_reason or finish
+            end.finish = ev.finish_reason or end.finish
             if not (ev.text_delta or ev.finish_reason):
                 continue
             if chat:
@@ -301,9 +349,7 @@ async def _sse(
             yield f"data: {json.dumps(payload)}\n\n".encode()
         yield b"data: [DONE]\n\n"
     finally:
-        if not handle.finished:
-            handle.cancel()  # the client went away mid-stream
-        _record(replica, handle, finish)
+        end()  # (the client went away mid-stream: its row is cancelled)
 
 
 def _chunk(

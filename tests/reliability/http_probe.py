@@ -211,7 +211,7 @@ BAD_PARAMETERS = [
     '"top_p": 1.5',
     '"top_p": NaN',
     '"top_p": -Infinity',
-    '"seed": -1',
+    '"seed": -9223372036854775809',
     '"seed": 18446744073709551616',
     '"seed": "x"',
     '"n": 2',

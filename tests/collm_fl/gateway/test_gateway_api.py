@@ -134,7 +134,9 @@ def test_concurrent_requests_spread_over_both_replicas(gateway, replicas):
     ("body", "code"),
     [
         ("{not json", "invalid_json"),
-        ({"model": "tiny", "prompt": "x", "frequency_penalty": 1}, "unknown_parameter"),
+        ({"model": "tiny", "prompt": "x", "frequency_penalty": 1}, "unsupported_parameter"),
+        ({"model": "tiny", "prompt": "x", "logprobs": 2}, "unsupported_parameter"),
+        ({"model": "tiny", "prompt": "x", "best_of": 2}, "unknown_parameter"),
         ({"model": "tiny", "prompt": "x", "max_tokens": -1}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "n": 3}, "invalid_parameter"),
         ({"model": "tiny"}, "invalid_parameter"),

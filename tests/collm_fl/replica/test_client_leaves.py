@@ -83,3 +83,28 @@ def test_a_request_whose_client_left_while_queued_is_dropped_and_counted_as_a_mi
     assert left.ttft is None and left.waited_s is not None and left.waited_s > 0.1
     report = replica.load_window.report(0, 0, 0.0, 0, reset=False)
     assert report.requests == 2  # both were load (how a wait is judged: test_load_window.py)
+
+
+def test_a_stream_whose_client_left_before_its_body_started_still_ends_its_request() -> None:
+    """Under ASGI 2.3 Starlette cancels the body when the client's disconnect comes first: the
+    body generator never starts, so its own cleanup never ran (the row decoded on, unrecorded)."""
+    import asyncio
+
+    from collm_fl.replica.server import _EndingStream
+
+    started, ends = [], []
+
+    async def body():
+        started.append(True)
+        yield b"data: [DONE]\n\n"
+
+    async def receive() -> dict[str, str]:
+        return {"type": "http.disconnect"}  # the client is gone already
+
+    async def send(_message: object) -> None:
+        await asyncio.sleep(0)
+
+    response = _EndingStream(body(), lambda: ends.append(True), media_type="text/event-stream")
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
+    asyncio.run(response(scope, receive, send))
+    assert started == [] and ends == [True]

@@ -155,7 +155,9 @@ def test_missing_or_wrong_api_key_is_401(replica):
         ({"model": "tiny", "prompt": "x", "top_p": 0}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "n": 3}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "invalid_parameter"),
-        ({"model": "tiny", "prompt": "x", "frequency_penalty": 1}, "unknown_parameter"),
+        ({"model": "tiny", "prompt": "x", "frequency_penalty": 1}, "unsupported_parameter"),
+        ({"model": "tiny", "prompt": "x", "logprobs": 2}, "unsupported_parameter"),
+        ({"model": "tiny", "prompt": "x", "best_of": 2}, "unknown_parameter"),
         ({"model": "tiny"}, "invalid_parameter"),
         ({"model": "tiny", "prompt": ""}, "invalid_prompt"),
         ([1, 2, 3], "invalid_parameter"),
@@ -177,6 +179,32 @@ def test_a_json_body_sent_as_a_form_is_told_the_content_type(replica):
     )
     assert_openai_error(r, 400, "invalid_json")
     assert "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+def test_what_openai_clients_send_at_its_neutral_value_is_taken(replica):
+    """LangChain and others send penalties of 0, logprobs false, nulls for defaults, the
+    "developer" role and negative seeds: all valid OpenAI requests this server can answer."""
+    neutral = {
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "logprobs": False,
+        "temperature": None,
+        "top_p": None,
+        "n": None,
+        "stream": None,
+        "seed": -7,
+        "max_tokens": 2,
+    }
+    r = post(replica, "/v1/completions", {"model": "tiny", "prompt": "x", "echo": False, **neutral})
+    assert r.status_code == 200, r.text
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    r = post(replica, "/v1/chat/completions", {"model": "tiny", "messages": messages, **neutral})
+    assert r.status_code == 200, r.text
+    body = {"model": "tiny", "messages": messages, "top_logprobs": 3}
+    r = post(replica, "/v1/chat/completions", body)
+    assert_openai_error(r, 400, "unsupported_parameter")
+    assert r.json()["error"]["param"] == "top_logprobs"
 
 
 def test_unknown_model_is_404(replica):

@@ -139,3 +139,12 @@ def test_without_max_tokens_a_chat_whose_prompt_fits_is_answered_in_the_room_lef
     r = httpx.post(url + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] <= DEFAULT_MAX_TOKENS_COMPLETIONS
+    # ... and one that leaves it out, with a prompt 8 tokens short of the context: the room left
+    # (before, the schema's own default of 16 made it a 400 for a length never asked for).
+    words = limit
+    while len(replica.tokenizer("word " * words, add_special_tokens=True).input_ids) > limit - 8:
+        words -= 1
+    body = {"model": "tiny", "prompt": "word " * words, "temperature": 0}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 8
