@@ -89,7 +89,8 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
             raise APIError(400, f"mode must be one of {SWAP_MODES}, got {mode!r}", param="mode")
         blob = await request.body()
         try:
-            state, config, blob_version, _ = decode_adapter(blob)
+            # (off the event loop the OpenAI API shares: a large adapter takes a while)
+            state, config, blob_version, _ = await asyncio.to_thread(decode_adapter, blob)
             if blob_version is not None and blob_version != version:
                 raise ConfigError(f"payload says version {blob_version}, URL says {version}")
             result = await asyncio.to_thread(
@@ -145,8 +146,12 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
             "lent-seconds": outcome.lent_seconds,
             "late-rest-seconds": outcome.late_seconds,
         }
-        blob = encode_adapter(
-            outcome.state, replica.cfg.lora.to_peft_config_dict(replica.cfg.model), None, metrics
+        blob = await asyncio.to_thread(
+            encode_adapter,
+            outcome.state,
+            replica.cfg.lora.to_peft_config_dict(replica.cfg.model),
+            None,
+            metrics,
         )
         return Response(blob, media_type="application/octet-stream")
 
