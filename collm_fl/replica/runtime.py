@@ -38,6 +38,7 @@ from collm_fl.replica.lora_layers import inject_multi_lora
 from collm_fl.replica.merged import MergedVersion
 from collm_fl.replica.metrics import SLO, LoadReport, LoadWindow, ReplicaMetrics
 from collm_fl.replica.slots import AdapterSlots, canary_check, validate_adapter_state
+from collm_fl.reports import write_text_atomic
 from collm_fl.store.adapter_io import (
     cleanup_partial_dirs,
     read_adapter_dir,
@@ -50,6 +51,17 @@ log = logging.getLogger(__name__)
 _VERSION_DIR = re.compile(r"v(\d{4,})")
 ASIDE_PREFIX = ".aside-"  # a stored version set aside while the same version is pushed again
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ROLLED_BACK = "ROLLED_BACK"  # in a run's folder: the version a rollback serves, until a push
+
+
+def _rolled_back_to(run_dir: Path) -> int | None:
+    """The version a rollback in ``run_dir`` served last, if it is still the one to serve."""
+    try:
+        return int((run_dir / ROLLED_BACK).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 DEFAULT_RUN = "default"
 MAX_VERSION = 10**9  # versions count rounds; a larger number is a client bug, not a version
 # How a pushed version reaches serving. "shadow" (CoLLM-FL): loaded and validated in a free slot
@@ -192,7 +204,8 @@ class Replica:
         """Serve the newest valid stored version (after a restart); returns its number.
 
         Versions are kept per federation run (``<store-dir>/<run>/vNNNN``); the run written to
-        most recently is the one resumed.
+        most recently is the one resumed. A rollback's version (``ROLLED_BACK`` in the run's
+        folder, until a newer version is pushed) comes first.
         """
         runs = [p for p in self.store_dir.iterdir() if p.is_dir() and _RUN_NAME.fullmatch(p.name)]
         for run_dir in runs:
@@ -200,7 +213,11 @@ class Replica:
                 log.warning("removed an interrupted version write: %s", tmp)
             _settle_aside(run_dir)
         for run_dir in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True):
-            for number in sorted(self.stored_versions(run_dir.name), reverse=True):
+            stored = sorted(self.stored_versions(run_dir.name), reverse=True)
+            rolled_back = _rolled_back_to(run_dir)
+            if rolled_back in stored:  # served last: the versions above it were rolled back from
+                stored = [rolled_back, *(v for v in stored if v != rolled_back)]
+            for number in stored:
                 try:
                     state, config = read_adapter_dir(self.version_dir(number, run_dir.name))
                     self._load_and_promote(state, config, number, run_dir.name)
@@ -292,6 +309,9 @@ class Replica:
                 raise
             if aside is not None:
                 remove_adapter_dir(aside)
+            # A newer version serves now: a restart serves the newest again, not a rollback's.
+            with contextlib.suppress(FileNotFoundError):
+                (vdir.parent / ROLLED_BACK).unlink()
             self._prune_versions(run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
 
@@ -398,6 +418,9 @@ class Replica:
                 with self.serving_paused():
                     self.merged.clear()
             previous = self._load_and_promote(state, config, version, self.run)
+            # Remembered: a restart serves this version again, not the newest stored one (which
+            # was rolled back from; a later push clears it).
+            write_text_atomic(self.version_dir(version).parent / ROLLED_BACK, f"{version}\n")
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
 
     def _load_and_promote(

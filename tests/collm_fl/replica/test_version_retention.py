@@ -60,6 +60,22 @@ def test_a_restart_recovers_the_newest_kept_version(make_replica):
     assert again.recover() == 3 and again.served_version == 3
 
 
+def test_a_restart_after_a_rollback_serves_the_version_rolled_back_to(make_replica):
+    """v3 misbehaved, the operator rolled back to v1: a restart must not serve v3 again (and
+    then refuse v2 as older); the next push ends the rollback."""
+    r = make_replica(keep=0)
+    for v in range(4):
+        push(r, v)
+    r.rollback(1)
+    r.stop()
+    again = make_replica(keep=0)
+    assert again.recover() == 1 and again.served_version == 1
+    push(again, 2)  # newer than what it serves: taken
+    again.stop()
+    third = make_replica(keep=0)
+    assert third.recover() == 3  # the push ended the rollback: the newest again
+
+
 def test_a_restart_passes_over_a_version_whose_config_is_no_lora_config(make_replica):
     import json
 
