@@ -37,6 +37,9 @@ def _live(out: Path, rounds: int) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group, as a job at a terminal has
+        # ... and Ctrl-C not ignored, as at a terminal: a test run in the background (`cmd &`, as
+        # CI may be) passes SIGINT on ignored, and Python then installs no handler for it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -467,7 +467,7 @@ def test_a_hang_up_stops_a_launcher_as_sigterm_does_unless_it_is_ignored(capsys,
     try:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         run(capsys, "bench", "goodput-runs", "/nonexistent")
-        assert signal.getsignal(signal.SIGHUP) is cli._terminated
+        assert signal.getsignal(signal.SIGHUP) is cli._hung_up
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
         run(capsys, "bench", "goodput-runs", "/nonexistent")
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
