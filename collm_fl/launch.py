@@ -343,13 +343,13 @@ class LocalFederation:
             while True:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     return proc.wait(timeout=1.0)
+                fatal = self.broken(min_nodes)
+                if fatal is not None:
+                    raise WorkFailed(fatal)
                 for gone in self.exited():
                     if gone not in seen:
                         seen.add(gone)
                         log.warning("%s; the federation goes on without it", gone)
-                fatal = self.broken(min_nodes)
-                if fatal is not None:
-                    raise WorkFailed(fatal)
                 if deadline is not None and time.monotonic() > deadline:
                     raise subprocess.TimeoutExpired(cmd, timeout or 0.0)
         finally:
