@@ -338,24 +338,31 @@ class LocalFederation:
         log.info("running: %s", shlex.join(cmd))
         proc = subprocess.Popen(cmd, env=self.env(), preexec_fn=dies_with_parent())
         deadline = None if timeout is None else time.monotonic() + timeout
-        seen: set[str] = set()
+        lost: list[str] = []
         try:
             while True:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     return proc.wait(timeout=1.0)
-                fatal = self.broken(min_nodes)
+                before = len(lost)
+                fatal = self.check(min_nodes, lost)
                 if fatal is not None:
                     raise WorkFailed(fatal)
-                for gone in self.exited():
-                    if gone not in seen:
-                        seen.add(gone)
-                        log.warning("%s; the federation goes on without it", gone)
+                for gone in lost[before:]:
+                    log.warning("%s; the federation goes on without it", gone)
                 if deadline is not None and time.monotonic() > deadline:
                     raise subprocess.TimeoutExpired(cmd, timeout or 0.0)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+    def check(self, min_nodes: int, lost: list[str]) -> str | None:
+        """:meth:`broken`'s answer; when the federation can go on, each process that exited and
+        is not yet in ``lost`` is appended to it (the caller says so once)."""
+        fatal = self.broken(min_nodes)
+        if fatal is None:
+            lost.extend(g for g in self.exited() if g not in lost)
+        return fatal
 
     def exited(self) -> list[str]:
         """Each process of the federation that has exited: "replica1 exited (code -9) mid-run;

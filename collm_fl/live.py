@@ -563,14 +563,13 @@ def _monitor(
     with httpx.Client(timeout=2.0) as client:
         while not stop.wait(1.0):
             if watch is not None and not stop.is_set():
-                fatal = fed.broken(watch.min_nodes)
+                before = len(watch.lost)
+                fatal = fed.check(watch.min_nodes, watch.lost)
                 if fatal is not None:
                     watch.died(fatal)
                     return
-                for gone in fed.exited():
-                    if gone not in watch.lost:
-                        watch.lost.append(gone)
-                        print(f"warning: {gone}; the run goes on without it", flush=True)
+                for gone in watch.lost[before:]:
+                    print(f"warning: {gone}; the run goes on without it", flush=True)
             for node in fed.replicas:
                 try:
                     h = client.get(node.api_url + "/health").json()
