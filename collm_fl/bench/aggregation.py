@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypedDict
 
@@ -53,6 +54,7 @@ class MachineInfo(TypedDict):
     numpy_version: str
     matmul_gflops_start: float  # CPU speed probe before the run (shared VMs drift)
     matmul_gflops_end: float  # and after it; a large gap means the timings are noisy
+    code: str  # the commit of the collm_fl that ran (code_version)
 
 
 class AggregationBenchmark(TypedDict):
@@ -92,7 +94,33 @@ def machine_info(gflops_start: float, gflops_end: float) -> MachineInfo:
         numpy_version=np.__version__,
         matmul_gflops_start=gflops_start,
         matmul_gflops_end=gflops_end,
+        code=code_version(),
     )
+
+
+def code_note(info: Mapping[str, object]) -> str:
+    """``; collm_fl at commit …`` for a machine line (empty for a report written before the
+    commit was recorded)."""
+    code = info.get("code")
+    return f"; collm_fl at commit {code}" if code else ""
+
+
+def code_version() -> str:
+    """The git commit of the ``collm_fl`` package that is running, ``+changes`` when the package
+    has uncommitted changes; ``unknown`` outside a git checkout (an installed wheel)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=7", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+changes" if changed else commit
 
 
 def _module_names(layers: int, targets: Sequence[str]) -> list[str]:
@@ -262,7 +290,7 @@ def write_benchmark_report(
         f"Machine: {mach['platform']}, {mach['processor']}, {mach['cpu_count']} CPUs, "
         f"torch {mach['torch_version']} ({mach['torch_threads']} threads), "
         f"numpy {mach['numpy_version']}; float32 matmul probe {mach['matmul_gflops_start']:.0f} "
-        f"GFLOP/s before, {mach['matmul_gflops_end']:.0f} after",
+        f"GFLOP/s before, {mach['matmul_gflops_end']:.0f} after{code_note(mach)}",
         "",
         f"Shapes: {result['layers']} layers x {result['targets']} = {result['modules']} modules, "
         f"d={result['d']}, rank={result['rank']}.",

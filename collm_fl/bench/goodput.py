@@ -166,59 +166,79 @@ def run_goodput_benchmark(
             f"{settings.steps_per_replica} steps/replica/round (x{replicas}); about "
             f"{estimate_seconds(settings, cal, len(chosen), len(systems)) / 60:.0f} min"
         )
+
+        def finish(
+            runs: list[SystemRun], chosen: list[float], stopped: str | None
+        ) -> dict[str, object]:
+            runs.sort(key=lambda run: (chosen.index(run.rate), systems.index(run.system)))
+            outcomes, by_rate = summarize_runs(runs, chosen, slo, settings.schedule_s)
+            result = GoodputResult(
+                command=command or f"collm bench goodput (run_goodput_benchmark, quick={quick})",
+                model=model,
+                replicas=replicas,
+                rounds=rounds,
+                round_s=duration_per_round_s,
+                quick=quick,
+                arrivals=f"trace {trace} rescaled" if trace else arrivals,
+                slo_factor=slo_factor,
+                seed=seed,
+                eval_samples=cfg.central_eval_samples,
+                eval_rows=int(evaluator.blocks.input_ids.shape[0]),
+                rate_fractions=None if rates else list(fractions),
+                calibration=cal,
+                slo=slo,
+                settings=settings,
+                rates=chosen,
+                systems=[_system_info(name) for name in systems],
+                runs=outcomes,
+                by_rate=by_rate,
+                machine=MachineRecord(
+                    machine_info(gflops_start, matmul_gflops()), load_start, list(os.getloadavg())
+                ),
+                seconds=time.monotonic() - started,
+                stopped=stopped,
+            )
+            for path in write_goodput_report(result, Path(out_dir)):
+                say(f"wrote {path}")
+            return result.to_json()
+
         runs: list[SystemRun] = []
-        for k, rate in enumerate(chosen):
-            # Each rate its own arrival seed (not one pattern stretched to three rates), and the
-            # systems in a rotated order (none always first, or last, on a shared machine).
-            specs = _schedule(rate, settings, arrivals, trace_rows, settings.seed + k)
-            for system in run_order(systems, k):
-                say(f"[rate {k + 1}/{len(chosen)}: {rate:.2f} req/s] {system}: starting")
-                run = run_system(
-                    system,
-                    rate,
-                    specs,
-                    settings,
-                    evaluator,
-                    start,
-                    work / f"{system}-{k}",
-                    say,
-                )
-                runs.append(run)
-                s = summarize_results(run.results, slo, settings.schedule_s)
-                say(
-                    f"  {system}: goodput {s.goodput_rps:.3f} req/s, SLO attainment "
-                    f"{100 * s.slo_attainment:.0f}% ({s.requests} requests)"
-                )
-    runs.sort(key=lambda run: (chosen.index(run.rate), systems.index(run.system)))
-    outcomes, by_rate = summarize_runs(runs, chosen, slo, settings.schedule_s)
-    result = GoodputResult(
-        command=command or f"collm bench goodput (run_goodput_benchmark, quick={quick})",
-        model=model,
-        replicas=replicas,
-        rounds=rounds,
-        round_s=duration_per_round_s,
-        quick=quick,
-        arrivals=f"trace {trace} rescaled" if trace else arrivals,
-        slo_factor=slo_factor,
-        seed=seed,
-        eval_samples=cfg.central_eval_samples,
-        eval_rows=int(evaluator.blocks.input_ids.shape[0]),
-        rate_fractions=None if rates else list(fractions),
-        calibration=cal,
-        slo=slo,
-        settings=settings,
-        rates=chosen,
-        systems=[_system_info(name) for name in systems],
-        runs=outcomes,
-        by_rate=by_rate,
-        machine=MachineRecord(
-            machine_info(gflops_start, matmul_gflops()), load_start, list(os.getloadavg())
-        ),
-        seconds=time.monotonic() - started,
-    )
-    for path in write_goodput_report(result, Path(out_dir)):
-        say(f"wrote {path}")
-    return result.to_json()
+        where = "setting up"
+        try:
+            for k, rate in enumerate(chosen):
+                # Each rate its own arrival seed (not one pattern stretched to three rates), and the
+                # systems in a rotated order (none always first, or last, on a shared machine).
+                specs = _schedule(rate, settings, arrivals, trace_rows, settings.seed + k)
+                for system in run_order(systems, k):
+                    where = f"{rate:.2f} req/s, {system}"
+                    say(f"[rate {k + 1}/{len(chosen)}: {rate:.2f} req/s] {system}: starting")
+                    run = run_system(
+                        system,
+                        rate,
+                        specs,
+                        settings,
+                        evaluator,
+                        start,
+                        work / f"{system}-{k}",
+                        say,
+                    )
+                    runs.append(run)
+                    s = summarize_results(run.results, slo, settings.schedule_s)
+                    say(
+                        f"  {system}: goodput {s.goodput_rps:.3f} req/s, SLO attainment "
+                        f"{100 * s.slo_attainment:.0f}% ({s.requests} requests)"
+                    )
+        except (Exception, KeyboardInterrupt) as e:
+            # What finished is kept: the rates every system completed are reported (their
+            # numbers stand on their own), marked as a run that stopped, and the error goes on.
+            done = [r for r in chosen if sum(run.rate == r for run in runs) == len(systems)]
+            if not done:
+                raise
+            stopped = f"stopped at {where}: {type(e).__name__}: {e}"
+            say(f"{stopped}; reporting the {len(done)} rate(s) every system finished")
+            finish([run for run in runs if run.rate in done], done, stopped)
+            raise
+    return finish(runs, chosen, None)
 
 
 def _system_info(name: str) -> SystemInfo:

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from collm_fl.bench.aggregation import code_note
 from collm_fl.bench.goodput_result import (
     HALF_WAY,
     GoodputResult,
@@ -92,10 +93,25 @@ def render_markdown(result: GoodputResult) -> str:
         "",
         *_machine_lines(result),
         "",
+        *(
+            [
+                f"**This run did not finish** ({result.stopped}); only the rates every system "
+                "completed are reported.",
+                "",
+            ]
+            if result.stopped
+            else []
+        ),
         "## Setup",
         "",
         f"- **Replicas**: {r} `collm replica` processes of `{result.model}` on this machine, "
-        "each pinned to its own core (`--cpus`), started fresh for every system × rate (same "
+        + (
+            "each pinned to its own core (`--cpus`)"
+            if r <= int(result.machine.info["cpu_count"] or r)
+            else f"each pinned to one core (`--cpus`, round-robin over "
+            f"{result.machine.info['cpu_count']} cores)"
+        )
+        + ", started fresh for every system × rate (same "
         "weights, data order and empty queues at the start of every run); replica *i* holds "
         f"partition *i* of {r} of the Shakespeare plays (two plays are held out for the central "
         "evaluation).",
@@ -117,7 +133,9 @@ def render_markdown(result: GoodputResult) -> str:
         ),
         f"- **Training budget**: {st.steps_per_replica} micro-steps (batch 4 × 128 tokens) per "
         f"replica and round, {r} × that in total for every system, deadline "
-        f"{st.deadline_s:.0f} s: about 30 % of the replicas' compute per round (idle step "
+        f"{st.deadline_s:.0f} s: about "
+        f"{100 * st.steps_per_replica * cal.train_step_s / result.round_s:.0f} % of the "
+        "replicas' compute per round (idle step "
         f"{cal.train_step_s:.3f} s on a replica's core).",
         "- **Federation**: emulated by the benchmark process (not Flower): each round the "
         "training replicas train (`/control/train`), the updates are aggregated exactly "
@@ -127,7 +145,10 @@ def render_markdown(result: GoodputResult) -> str:
             f"; server learning rate η = {st.server_lr:g} where a round averages 2+ "
             "updates: global + η·(aggregate − global)"
             + (
-                "; the separate system's one trainer's update as it is"
+                "; the separate system's one trainer's update as it is, η being chosen so "
+                "that the averaged updates do at least as well as one trainer's sequential "
+                "steps, `collm bench server-lr`: quality against the separate system depends "
+                "on it"
                 if any(s.name == "separate" for s in result.systems)
                 else ""
             )
@@ -140,7 +161,13 @@ def render_markdown(result: GoodputResult) -> str:
         "replicas' cores, where a deployment's server would use its own) and then pushed to "
         "every replica in the system's swap mode.",
         "- **Routing**: baselines: client-side round-robin over their serving replicas (request "
-        "*i* to replica *i* mod *n*, no proxy hop); CoLLM-FL: `collm gateway` (SLO-aware"
+        "*i* to replica *i* mod *n*, no proxy hop"
+        + (
+            "; rolling: to the next replica in its rotation"
+            if any(s.name == "rolling" for s in result.systems)
+            else ""
+        )
+        + "); CoLLM-FL: `collm gateway` (SLO-aware"
         + (
             f"; it refuses with a 503 a request whose best predicted TTFT exceeds "
             f"{st.shed_factor:g} × the TTFT SLO, `--shed-factor {st.shed_factor:g}`; a refused "
@@ -395,7 +422,7 @@ def _machine_lines(result: GoodputResult) -> list[str]:
         f"{info['torch_version']}; float32 matmul probe {info['matmul_gflops_start']:.0f} "
         f"GFLOP/s before, {info['matmul_gflops_end']:.0f} after; load average (1/5/15 min) "
         f"{', '.join(f'{x:.1f}' for x in m.load_avg_start)} before, "
-        f"{', '.join(f'{x:.1f}' for x in m.load_avg_end)} after. Wall time "
+        f"{', '.join(f'{x:.1f}' for x in m.load_avg_end)} after{code_note(info)}. Wall time "
         f"{result.seconds / 60:.1f} min.",
     ]
     if m.load_avg_start and m.load_avg_start[0] > SHARED_LOAD:
@@ -416,7 +443,9 @@ def plot_goodput_vs_rate(result: GoodputResult, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for system in result.systems:
         runs = sorted((r for r in result.runs if r.system == system.name), key=lambda r: r.rate)
-        rates = [r.rate for r in runs]
+        # What the schedule offered (every system at a rate got the same one), not the nominal
+        # rate: a bursty schedule's count of requests strays from it.
+        rates = [offered_load(result, r.rate)[0] or r.rate for r in runs]
         ax1.plot(rates, [r.summary.goodput_rps for r in runs], marker="o", label=system.title)
         ax2.plot(rates, [100 * r.summary.slo_attainment for r in runs], marker="o")
     ax1.set_xlabel("offered rate (req/s)")

@@ -23,7 +23,7 @@ class Calibration:
     ttft_unloaded_s: float  # median over sequential requests
     tpot_unloaded_s: float
     capacity_rps: float  # completed requests/s with a burst of requests sent at once
-    train_step_s: float  # seconds per micro-step, idle replica (all cores)
+    train_step_s: float  # seconds per micro-step, idle replica (on its one core)
     unloaded_requests: int
     burst_requests: int
     startup_s: float  # from spawning the replica process until /health answers
@@ -108,6 +108,7 @@ class GoodputResult:
     by_rate: list[RateOutcome]
     machine: MachineRecord
     seconds: float
+    stopped: str | None = None  # why the run stopped before its last rate (None: it finished)
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)

@@ -240,7 +240,8 @@ class Orchestrator:
         self.log.loss_by_version[self.version] = loss
         self._history.append((self._steps_total, loss))
         record.version, record.eval_loss = self.version, loss
-        record.swap_ms = self._push(self.version, self.state)
+        record.swap_ms, push_failures = self._push(self.version, self.state)
+        record.failures += push_failures
         served = [w for w, i, v in self._pushed_wall if v == self.version and i in self.serving]
         record.published_s = max(served) - t0_wall if served else None
         asked = ", ".join(f"r{i} {st}@{sh:.2f}" for i, (st, sh) in sorted(budgets.items()))
@@ -265,7 +266,21 @@ class Orchestrator:
     def _allocate(self) -> dict[int, tuple[int, float]]:
         nodes = []
         for i in self.training:
-            m = self.clients[i].load_report(reset=True)
+            try:
+                m = self.clients[i].load_report(reset=True)
+            except ReplicaUnavailable as e:  # it sits the round out; the run goes on
+                log.warning("replica %d: no load report, it sits the round out: %s", i, e)
+                self._allocation.append(
+                    {
+                        "replica": i,
+                        "steps": 0,
+                        "backfill": 0,
+                        "share": 0.0,
+                        "reason": "sits out: no load report",
+                        "load": f"unavailable: {e}",
+                    }
+                )
+                continue
             load = NodeLoad(
                 request_rate=m["request-rate"],
                 queue_depth=m["queue-depth"],
@@ -420,17 +435,26 @@ class Orchestrator:
                     time.sleep(DRAIN_POLL_S)
         return time.monotonic() - started
 
-    def _push(self, version: int, state: AdapterState) -> list[float]:
-        """Push to every replica at once (serving ones in the system's mode); swap ms each."""
+    def _push(self, version: int, state: AdapterState) -> tuple[list[float], list[str]]:
+        """Push to every replica at once (serving ones in the system's mode): the swap ms of each
+        replica that took it, and why the others did not (they keep serving what they had, as a
+        SuperNode whose replica refused a version does; the run goes on)."""
 
-        def one(i: int) -> dict[str, object]:
+        def one(i: int) -> dict[str, object] | ReplicaUnavailable:
             mode = self.spec.swap_mode if i in self.serving else "shadow"
-            return self.clients[i].push_version(state, self.peft_config, version, mode=mode)
+            try:
+                return self.clients[i].push_version(state, self.peft_config, version, mode=mode)
+            except ReplicaUnavailable as e:
+                return e
 
         with ThreadPoolExecutor(len(self.clients), thread_name_prefix="bench-push") as pool:
             replies = list(pool.map(one, range(len(self.clients))))
-        swap_ms = []
+        swap_ms, failures = [], []
         for i, reply in enumerate(replies):
+            if isinstance(reply, ReplicaUnavailable):
+                log.warning("version %d: replica %d did not take it: %s", version, i, reply)
+                failures.append(f"replica {i}: version {version} not taken: {reply}")
+                continue
             self._pushed_wall.append((float(reply["promoted_at"]), i, version))  # type: ignore[arg-type]
             swap_ms.append(float(reply["load_ms"]))  # type: ignore[arg-type]
-        return swap_ms
+        return swap_ms, failures

@@ -436,7 +436,7 @@ def calibrate(
 
     Unloaded latency: medians over sequential requests (after one warm-up request). Throughput:
     a burst of 2 × the batch size sent at once, completed requests / seconds to the last one.
-    Step time: a short training job on the idle replica (all cores).
+    Step time: a short training job on the idle replica (on its one core).
     """
     started = time.monotonic()
     fed = LocalFederation(workdir, num_replicas=1, model=model)
@@ -469,11 +469,18 @@ def calibrate(
     ends = [(r.sent_at or 0.0) + r.e2e_s for r in crowd if r.status == "ok" and r.e2e_s]
     if not ttfts or not tpots or not ends:
         raise ConfigError(f"calibration failed: no usable answer from one replica of {model}")
+    if not (metrics["local-steps"] >= 1 and metrics["train-seconds"] > 0):
+        # Every training budget is sized from this step time: none would be no budget at all.
+        raise ConfigError(
+            f"calibration failed: the training job on one replica of {model} ran "
+            f"{metrics['local-steps']:g} steps in {metrics['train-seconds']:g} s (its data or "
+            "its deadline left no step)"
+        )
     return Calibration(
         ttft_unloaded_s=statistics.median(ttfts),
         tpot_unloaded_s=statistics.median(tpots),
         capacity_rps=len(ends) / max(ends),
-        train_step_s=metrics["train-seconds"] / max(metrics["local-steps"], 1.0),
+        train_step_s=metrics["train-seconds"] / metrics["local-steps"],
         unloaded_requests=unloaded,
         burst_requests=burst,
         startup_s=startup_s,

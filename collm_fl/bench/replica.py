@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NotRequired, TypedDict
 
-from collm_fl.bench.aggregation import MachineInfo, machine_info, matmul_gflops
+from collm_fl.bench.aggregation import MachineInfo, code_note, machine_info, matmul_gflops
 from collm_fl.bench.replica_decode import checkpoint_parameters
 from collm_fl.bench.replica_interference import InterferenceBenchmark, measure_interference
 from collm_fl.bench.replica_memory import MemoryBenchmark, measure_memory
@@ -136,7 +136,7 @@ def _machine_lines(result: ReplicaBenchmarks, note: str | None) -> list[str]:
         f"{info['torch_version']} ({info['torch_threads']} threads in the main thread; each "
         f"measurement sets its own, see below), numpy {info['numpy_version']}; float32 matmul "
         f"probe {info['matmul_gflops_start']:.0f} GFLOP/s before, {info['matmul_gflops_end']:.0f} "
-        f"after; load average (1/5/15 min) {load} before the run.",
+        f"after; load average (1/5/15 min) {load} before the run{code_note(info)}.",
         "",
         f"Model: `{result['model']}`, {result['params'] / 1e6:.1f}M parameters "
         f"({_mib(result['param_bytes'])} MiB in fp32). "

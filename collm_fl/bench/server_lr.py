@@ -22,7 +22,7 @@ import torch
 
 from collm_fl.adapters import AdapterState
 from collm_fl.aggregation import aggregate_lora_exact
-from collm_fl.bench.aggregation import machine_info, matmul_gflops
+from collm_fl.bench.aggregation import code_note, machine_info, matmul_gflops
 from collm_fl.central_eval import CentralEvaluator
 from collm_fl.config import RunConfig
 from collm_fl.data.partition import load_client_data
@@ -165,4 +165,5 @@ def _machine_text(m: Mapping[str, object]) -> str:
         f"({m['torch_threads']} threads); float32 matmul probe "
         f"{float(m['matmul_gflops_start']):.0f} GFLOP/s before, "  # type: ignore[arg-type]
         f"{float(m['matmul_gflops_end']):.0f} after"  # type: ignore[arg-type]
+        f"{code_note(m)}"
     )

@@ -345,3 +345,38 @@ def test_rolling_trains_one_replica_at_a_time_out_of_rotation(monkeypatch) -> No
     assert sorted(orch._train_in_turn(2, [0, 1], one)) == [1]
     assert seen == [(1, {"http://r0"}, 30.0)]
     assert {router.route(k) for k in range(4)} == {"http://r0", "http://r1"}
+
+
+def test_a_run_that_fails_mid_way_still_reports_the_rates_every_system_finished(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # An hour of finished runs was lost to one failure at the last rate: the finished rates
+    # are now reported (marked as a run that stopped), and the error still ends the command.
+    from collm_fl.bench import goodput
+    from collm_fl.bench.goodput_result import Calibration
+
+    monkeypatch.setattr(
+        goodput, "calibrate", lambda *a, **k: Calibration(0.1, 0.01, 4.0, 1.0, 10, 16, 1.0, 5.0)
+    )
+
+    def run_system(system, rate, *args):
+        if rate == 2.0 and system == "collm-fl":
+            raise RuntimeError("replica 1 died")
+        return fake_run(system, rate, {0: 4.0, 1: 3.8}, met=3 if system == "collm-fl" else 1)
+
+    monkeypatch.setattr(goodput, "run_system", run_system)
+    with pytest.raises(RuntimeError, match="replica 1 died"):
+        run_goodput_benchmark(
+            model="tiny",
+            rates=[1.0, 2.0],
+            rounds=1,
+            duration_per_round_s=10.0,
+            out_dir=tmp_path,
+            systems=["merged", "collm-fl"],
+        )
+    data = json.loads((tmp_path / "goodput.json").read_text())
+    assert data["rates"] == [1.0] and {r["rate"] for r in data["runs"]} == {1.0}
+    assert "2.00 req/s, collm-fl: RuntimeError: replica 1 died" in data["stopped"]
+    md = (tmp_path / "goodput.md").read_text()
+    assert "**This run did not finish** (stopped at 2.00 req/s, collm-fl" in md
+    assert result_from_json(data).stopped == data["stopped"]

@@ -55,11 +55,46 @@ def test_the_command_writes_its_table_json_and_plot(tmp_path: Path, capsys) -> N
     assert (out / "goodput_runs.png").stat().st_size > 0
 
 
-def test_runs_of_one_seed_are_flagged(tmp_path: Path) -> None:
+def test_runs_that_share_an_arrival_seed_are_flagged(tmp_path: Path) -> None:
     paths = [str(_write(tmp_path, f"r{k}", 0, 4)) for k in range(2)]
     out = tmp_path / "out"
     assert main(["bench", "goodput-runs", *paths, "--out", str(out)]) == 0
-    assert "**Seeds repeat**" in (out / "goodput-runs.md").read_text()
+    assert "**Arrival seeds repeat**" in (out / "goodput-runs.md").read_text()
+    # Rate k of a run draws its arrivals with seed + k: --seed 0 at its second rate replays the
+    # pattern of --seed 1 at its first.
+    two_rates = [
+        fake_run(system, rate, {0: 4.0, 1: 3.8}, met=met)
+        for rate in (1.0, 2.0)
+        for system, met in (("merged", 1), ("collm-fl", 3))
+    ]
+    first = tmp_path / "two-rates"
+    write_goodput_report(fake_result(two_rates, [1.0, 2.0], seed=0, capacity_rps=0.4), first)
+    second = _write(tmp_path, "seed1", 1, 4)
+    assert main(["bench", "goodput-runs", str(first), str(second), "--out", str(out)]) == 0
+    assert "**Arrival seeds repeat**" in (out / "goodput-runs.md").read_text()
+    third = _write(tmp_path, "seed2", 2, 4)
+    assert main(["bench", "goodput-runs", str(first), str(third), "--out", str(out)]) == 0
+    assert "seeds repeat" not in (out / "goodput-runs.md").read_text()
+
+
+def test_a_rate_no_baseline_served_counts_for_whoever_served_it(tmp_path: Path) -> None:
+    # Every baseline at zero goodput: no ratio, but CoLLM-FL's goodput meets any goal; a rate
+    # where neither side had any says nothing and is left out of the counts.
+    runs = [
+        fake_run("merged", 2.0, {0: 4.0, 1: 3.6}, met=0),
+        fake_run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=2),
+    ]
+    served = tmp_path / "served"
+    write_goodput_report(fake_result(runs, [2.0], seed=0, capacity_rps=0.4), served)
+    runs = [
+        fake_run("merged", 2.0, {0: 4.0, 1: 3.6}, met=0),
+        fake_run("collm-fl", 2.0, {0: 4.0, 1: 3.6}, met=0),
+    ]
+    nobody = tmp_path / "nobody"
+    write_goodput_report(fake_result(runs, [2.0], seed=5, capacity_rps=0.4), nobody)
+    (spread,) = spreads(rate_points(load_results([str(served), str(nobody)])))
+    assert (spread.points, spread.compared, spread.at_goal, spread.not_below) == (2, 1, 1, 1)
+    assert spread.ratio_median is None
 
 
 def test_runs_with_other_settings_are_not_pooled(tmp_path: Path, capsys) -> None:
