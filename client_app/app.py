@@ -18,6 +18,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -42,11 +43,30 @@ from collm_fl.replica.relay import publish_on_replica, train_on_replica
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's client-side DP clipping, when the server's DP wrapper asks for it (else a no-op)."""
+    """Flower's client-side DP clipping, when the server's DP wrapper asks for it (else a no-op).
+
+    A node that trained nothing (asked for 0 steps under DP, where every node answers, or out of
+    time) sends the global adapter back unchanged: a zero update, within any clipping norm, and
+    Flower's clip would divide by its norm of 0 and turn the reply (and the load report it
+    carries) into an error."""
     config = msg.content.config_records.get(CONFIG_KEY)
-    if config is not None and KEY_CLIPPING_NORM in config:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    reply = call_next(msg, context)
+    if not reply.has_error() and _unchanged(msg, reply):
+        return reply
+    return fixedclipping_mod(msg, context, lambda _msg, _context: reply)
+
+
+def _unchanged(sent: Message, reply: Message) -> bool:
+    """Whether ``reply`` carries exactly the arrays ``sent`` did (one record each, same keys)."""
+    if len(sent.content.array_records) != 1 or len(reply.content.array_records) != 1:
+        return False
+    before = next(iter(sent.content.array_records.values()))
+    after = next(iter(reply.content.array_records.values()))
+    if list(before.keys()) != list(after.keys()):
+        return False
+    return all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
 
 
 app = ClientApp()

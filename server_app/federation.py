@@ -256,8 +256,15 @@ class Federation:
         # How far the aggregate moved, for the policy's quality-gain fit: one node's steps, and
         # none when no aggregate came of them (too few good replies, refused by the DP wrapper).
         steps_per_node = steps_total / len(trained) if trained and new_arrays is not None else 0.0
-        loss_value = train_metrics.get(TRAIN_LOSS) if train_metrics else None
-        train_loss = float(loss_value) if isinstance(loss_value, int | float) else None
+        # The nodes' averaged metrics, less what only the server may say (a node sending
+        # dp-epsilon must not set the run's privacy account) and anything not finite (a sum of
+        # large finite claims can overflow; stored JSON and some databases refuse infinities).
+        node_metrics = {
+            k: float(v)
+            for k, v in (train_metrics or {}).items()
+            if isinstance(v, int | float) and k not in SERVER_METRICS and math.isfinite(v)
+        }
+        train_loss = node_metrics.get(TRAIN_LOSS)
 
         eval_loss = eval_ppl = None
         new_state, note, failure = None, "", report.failure
@@ -281,9 +288,7 @@ class Federation:
             store.record_event(run_id, "aggregation-failed", {"round": rnd, "reason": failure})
         elif new_arrays is None and not report.aggregated:
             note = " (kept previous)"
-        metrics = {
-            k: float(v) for k, v in (train_metrics or {}).items() if isinstance(v, int | float)
-        }
+        metrics = dict(node_metrics)
         metrics["steps-total"] = float(steps_total)
         metrics["steps-per-node"] = steps_per_node
         if new_arrays is not None:
@@ -511,6 +516,11 @@ def exchange(
 
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # round metric: the noise of the aggregate it released
 DP_EPSILON = "dp-epsilon"  # round metric: ε spent by the run so far, at the run's dp-delta
+# Metrics only the server sets (of a round, or of a node's participation): the same names in
+# the nodes' metrics are dropped.
+SERVER_METRICS = frozenset(
+    {"steps-total", "steps-per-node", DP_NOISE_MULTIPLIER, DP_EPSILON, WEIGHT_USED, MEAN_SHARE}
+)
 
 
 def run_key(run: RunInfo) -> str:
@@ -542,7 +552,8 @@ def participation_record(outcome: ReplyOutcome) -> ParticipationRecord:
     when the nodes ran different numbers of steps; absent when no aggregate was computed, or under
     ``robust``; present when one was computed and then gated out).
     """
-    metrics = dict(outcome.metrics)
+    # (the server's own keys: a node's claim of them is not kept, whatever the outcome)
+    metrics = {k: v for k, v in outcome.metrics.items() if k not in SERVER_METRICS}
     if outcome.weight_used is not None:
         metrics[WEIGHT_USED] = outcome.weight_used
     if outcome.mean_share is not None:

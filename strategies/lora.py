@@ -21,7 +21,9 @@
   apart) with ``max_update_norm`` set, a reply whose factor change per step is over
   ``MAX_FACTOR_DELTA_RATIO`` × the round's lower median is rejected (2+ replies that trained):
   ``(B/c, A·c)`` passes the product-norm bound whatever c, and its A·c would multiply everyone's
-  B. A round in which no good reply trained a step releases nothing (under DP, its noise would
+  B. (Not with a robust statistic, which combines the products, nor under uniform weights,
+  where DP's clipping bounds the factors and a screen against the others' median would let one
+  node decide whether another counts.) A round in which no good reply trained a step releases nothing (under DP, its noise would
   spend privacy for nothing). A reply is credited to the node its message went to
   (``recipients``, set by the ServerApp): the SuperLink's own error replies come from node 1.
   With ``server_lr`` η ≠ 1 the new global adapter is ``global + η·(aggregate − global)`` (a
@@ -37,7 +39,10 @@
   a ``train_metrics_aggr_fn`` given to FedAvg is not used.
 
 It composes with Flower's wrappers, e.g.
-``DifferentialPrivacyClientSideFixedClipping(LoraFedAvg(...))``.
+``DifferentialPrivacyClientSideFixedClipping(LoraFedAvg(mode="fedavg", uniform_weights=True),
+...)``: the plain mean Flower's noise is calibrated for (uniform weights require fedavg mode, no
+robust statistic and a server learning rate of 1; any other aggregate changes one node's
+influence).
 """
 
 from __future__ import annotations
@@ -153,6 +158,12 @@ class LoraFedAvg(FedAvg):
                 f"max_update_norm must be 0 (off) or a finite bound > 0, got {max_update_norm}"
             )
         check_server_lr(server_lr)
+        if uniform_weights and (mode != "fedavg" or robust != "none" or server_lr != 1.0):
+            raise ValueError(
+                "uniform_weights (the plain mean differential privacy is calibrated for) needs "
+                f"mode='fedavg', robust='none' and server_lr=1, got mode={mode!r}, "
+                f"robust={robust!r}, server_lr={server_lr}"
+            )
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.mode = mode
         self.max_update_norm = max_update_norm if max_update_norm else None
@@ -280,7 +291,17 @@ class LoraFedAvg(FedAvg):
             good_at.append(len(outcomes))
             outcomes.append(ReplyOutcome(node, OK, None, n, metrics, norm))
             good.append((state, n, msg))
-        if self.mode == "fedavg" and self.max_update_norm is not None:
+        # The rescaled-factor screen guards fedavg's mean of A and B apart. A robust statistic
+        # combines the products B·A, which the rescaling leaves unchanged; and under uniform
+        # weights (DP) clipping already bounds every node's factors, while a screen judged
+        # against the other nodes' median would let one node decide whether others count,
+        # beyond the C / nodes the noise is calibrated for.
+        if (
+            self.mode == "fedavg"
+            and self.max_update_norm is not None
+            and self.robust == "none"
+            and not self.uniform_weights
+        ):
             good, good_at = self._reject_factor_outliers(
                 server_round, outcomes, good, good_at, reference
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -96,7 +97,9 @@ class Participation(Base):
     node_id: Mapped[str] = mapped_column(String(20))
     status: Mapped[str] = mapped_column(String(32))  # "ok" | "rejected" | "failed"
     reason: Mapped[str | None] = mapped_column(Text)
-    num_examples: Mapped[int | None]
+    # A node's claim, up to MAX_NUM_EXAMPLES (2**53): BIGINT, as INTEGER is 32-bit on PostgreSQL
+    # and MySQL (SQLite's is 64-bit either way).
+    num_examples: Mapped[int | None] = mapped_column(BigInteger)
     train_loss: Mapped[float | None] = mapped_column(Float)
     metrics_json: Mapped[str] = mapped_column(Text, default="{}")
 

@@ -187,3 +187,28 @@ def test_the_runs_own_file_named_another_way_still_keeps_the_servers_held_out_pa
     (tmp_path / "data" / "other.jsonl").write_text('{"text": "y"}\n')
     other = _own_data(context({"data": "data/other.jsonl"}), cfg)
     assert other is not None and other.central_heldout == 0
+
+
+def test_under_dp_a_node_that_trains_nothing_still_answers_with_its_zero_update(global_state):
+    # Under DP every node is asked, one that sits out for 0 steps; Flower's clip divides by the
+    # update's norm, and a norm of 0 made the reply (with its load report) an error.
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from client_app.app import dp_clipping_mod
+
+    node = context({"partition-id": 0, "num-partitions": 3})
+    msg = train_message(global_state)
+    msg.content["config"]["local-steps"] = 0
+    msg.content["config"][KEY_CLIPPING_NORM] = 1.0
+    reply = dp_clipping_mod(msg, node, train)
+    assert not reply.has_error()
+    sent = arrayrecord_to_state(reply.content.array_records["arrays"])
+    assert all(np.array_equal(sent[k], global_state[k]) for k in sent)
+    assert reply.content.metric_records["metrics"]["local-steps"] == 0
+    # A node that trained is clipped to the norm as Flower clips it.
+    msg = train_message(global_state)
+    msg.content["config"][KEY_CLIPPING_NORM] = 1e-6
+    reply = dp_clipping_mod(msg, node, train)
+    sent = arrayrecord_to_state(reply.content.array_records["arrays"])
+    delta = np.sqrt(sum(float(np.sum((sent[k] - global_state[k]) ** 2)) for k in sent))
+    assert 0 < delta <= 1e-6 * (1 + 1e-4)

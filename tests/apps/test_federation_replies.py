@@ -133,6 +133,26 @@ def test_unreadable_arrays_a_huge_example_count_and_a_made_up_speed_cost_only_th
     assert fed.coordination.nodes[1].step_seconds == 2.0
 
 
+def test_a_node_cannot_set_the_servers_own_metrics(tmp_path):
+    # Without DP a node claiming dp-epsilon set the run's privacy account (stored and logged),
+    # and its own weight-used stayed in its participation record.
+    def claims(node, rnd, msg):
+        reply = honest(node, rnd, msg)
+        for key, value in (("dp-epsilon", 0.5), ("steps-total", 1e6), ("weight-used", 99.0)):
+            reply["metrics"][key] = value
+        reply["metrics"]["train-loss"] = 1e308  # two of them average to inf
+        return reply
+
+    fed, store = federation(tmp_path, {1: claims, 2: claims})
+    fed.run()
+    run_id = fed.run_info.id
+    for r in store.list_rounds(run_id):
+        assert "dp-epsilon" not in r.metrics and r.metrics["steps-total"] == 2.0
+        assert "train-loss" not in r.metrics and "weight-used" not in r.metrics
+    assert all(p.metrics["weight-used"] == 10.0 for p in store.participations(run_id))
+    assert all("dp-epsilon" not in v.metrics for v in store.list_versions(run_id))
+
+
 def test_the_quality_gain_curve_counts_one_nodes_steps_per_round(tmp_path):
     def three_steps(node, rnd, msg):
         return honest(node, rnd, msg, steps=3.0)

@@ -361,7 +361,7 @@ def test_configure_train_records_the_steps_each_node_was_asked_for():
     # 12 sits out: asked for 0 steps (its reply brings its load report), with DP or without.
     assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]  # (sampled in any order)
     assert s._asked == {11: 7, 12: 0}
-    dp = strategy(uniform_weights=True)
+    dp = strategy(mode="fedavg", uniform_weights=True)
     dp.node_budgets = s.node_budgets
     msgs = list(dp.configure_train(1, state_to_arrayrecord(adapter(0)), config, Grid()))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
@@ -450,6 +450,21 @@ def test_fedavg_mode_rejects_a_rescaled_update_that_the_product_norm_cannot_see(
     assert by_node[5].status == "rejected" and by_node[1].status == "ok"
     for k, v in arrayrecord_to_state(arrays).items():
         np.testing.assert_allclose(v, honest[0][k], rtol=1e-5, atol=1e-6)
+    # Not under uniform weights (DP): judged against the others' median, one node would decide
+    # whether another counts, beyond the C / nodes the noise is calibrated for (clipping bounds
+    # the factors there). Nor under a robust statistic: it combines the products B·A.
+    for other in (
+        strategy(mode="fedavg", max_update_norm=1.0, uniform_weights=True),
+        strategy(mode="fedavg", max_update_norm=1.0, robust="median"),
+    ):
+        other.aggregate_train(1, replies)
+        assert all(o.status == "ok" for o in other.last_report.outcomes)
+
+
+def test_uniform_weights_need_the_plain_mean():
+    for bad in ({"mode": "exact"}, {"robust": "median"}, {"server_lr": 2.0}):
+        with pytest.raises(ValueError, match="uniform_weights"):
+            strategy(**{"mode": "fedavg", **bad}, uniform_weights=True)
 
 
 def test_a_superlink_error_reply_is_credited_to_the_node_its_message_went_to():

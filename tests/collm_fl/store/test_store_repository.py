@@ -306,7 +306,7 @@ def test_single_participation_is_recorded_with_its_reason(store: VersionStore) -
 def test_unknown_participation_status_is_refused(store: VersionStore) -> None:
     run = store.open_run("r", {}, "tiny")
     with pytest.raises(StoreError, match="participation status"):
-        store.record_participation(run.id, 1, 6, "maybe")  # type: ignore[arg-type]
+        store.record_participation(run.id, 1, 6, "maybe")
 
 
 def test_events_are_stored_in_order_and_filtered_by_kind(store: VersionStore) -> None:
@@ -426,3 +426,16 @@ def test_a_new_database_beside_an_old_runs_versions_is_refused_before_anything_i
         again.open_run("r", {}, "tiny")
     assert again.open_run("other", {}, "tiny").name == "other"
     again.close()
+
+
+def test_an_example_count_the_strategy_accepts_fits_the_column_on_every_database():
+    # The strategy accepts claims up to MAX_NUM_EXAMPLES (2**53); INTEGER is 32-bit on
+    # PostgreSQL and MySQL, where a claim of 3e9 crashed the round's save.
+    from sqlalchemy.dialects import mysql, postgresql
+    from sqlalchemy.schema import CreateTable
+
+    from collm_fl.store.models import Participation
+
+    for dialect in (postgresql.dialect(), mysql.dialect()):
+        ddl = str(CreateTable(Participation.__table__).compile(dialect=dialect))
+        assert "num_examples BIGINT" in ddl
