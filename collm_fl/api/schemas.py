@@ -25,6 +25,10 @@ from pydantic_core import PydanticCustomError
 UNSUPPORTED = "unsupported_parameter"  # the error type (and OpenAI error code) of those below
 
 MAX_STOP_SEQUENCES = 4
+# The output length a request without ``max_tokens`` gets (at most: less when the context has
+# less room): OpenAI's 16 for completions; chat has no such default, 256 keeps a reply bounded.
+DEFAULT_MAX_TOKENS_CHAT = 256
+DEFAULT_MAX_TOKENS_COMPLETIONS = 16
 MAX_STOP_CHARS = 256
 MAX_PROMPT_CHARS = 200_000
 MAX_MESSAGES = 256

@@ -106,6 +106,13 @@ def replica_name(url: str) -> str:
     return parts.netloc + parts.path.rstrip("/")
 
 
+def upstream_gone(e: BaseException) -> bool:
+    """Whether ``e`` is a 502 or 503 answer: a reverse proxy (nginx, Caddy) in front of a replica
+    that closed its listener (draining) or is gone says so, while it still relays the streams it
+    has open; as with a refused connection, nothing in flight is taken for hung."""
+    return isinstance(e, httpx.HTTPStatusError) and e.response.status_code in (502, 503)
+
+
 def connection_refused(e: BaseException) -> bool:
     """Whether ``e`` is a connection the replica's host refused (its listener is closed: a replica
     draining, or its process gone), as opposed to a host that did not answer (unreachable, a DNS
@@ -244,7 +251,7 @@ class ReplicaPool:
         """Mark ``r`` unhealthy after ``unhealthy_after`` failed polls; abandon its requests in
         flight only if it is stuck (see the module docstring)."""
         r.poll_failures += 1
-        r.stuck_polls = 0 if connection_refused(e) else r.stuck_polls + 1
+        r.stuck_polls = 0 if connection_refused(e) or upstream_gone(e) else r.stuck_polls + 1
         r.last_error, r.last_error_at = f"/health: {_describe(e)}", self.clock()
         if not r.healthy and r.poll_failures == self.unhealthy_after:
             # Never healthy (a wrong URL, a replica still loading): say so once.

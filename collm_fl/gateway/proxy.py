@@ -42,7 +42,11 @@ from starlette.types import Receive, Scope, Send
 
 from collm_fl.api.disconnect import ClientGone, unless_client_leaves
 from collm_fl.api.errors import APIError, overloaded
-from collm_fl.api.schemas import SamplingFields
+from collm_fl.api.schemas import (
+    DEFAULT_MAX_TOKENS_CHAT,
+    DEFAULT_MAX_TOKENS_COMPLETIONS,
+    SamplingFields,
+)
 from collm_fl.api.streams import drain
 from collm_fl.gateway.pool import ReplicaPool, Ticket
 from collm_fl.gateway.sse import DONE, error_chunk, is_token, sse_events
@@ -53,7 +57,6 @@ log = logging.getLogger(__name__)
 ROUTED_HEADER = "X-Routed-To"
 VERSION_HEADER = "X-Adapter-Version"
 RETRY_AFTER_S = 1
-DEFAULT_CHAT_MAX_TOKENS = 256  # the replica's default when a chat request names none
 CHARS_PER_TOKEN = 4  # prompt-length estimate: the gateway has no tokenizer
 T = TypeVar("T")
 
@@ -122,7 +125,9 @@ class Job:
     @classmethod
     def of(cls, req: SamplingFields, raw: bytes, prompt_chars: int, chat: bool) -> Job:
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        max_tokens = req.max_tokens or DEFAULT_CHAT_MAX_TOKENS  # completions default to 16
+        # (as the replica defaults it: at most, since it also caps it at the context's room)
+        default = DEFAULT_MAX_TOKENS_CHAT if chat else DEFAULT_MAX_TOKENS_COMPLETIONS
+        max_tokens = req.max_tokens or default
         prompt_tokens = max(1, prompt_chars // CHARS_PER_TOKEN)
         return cls(path, raw, req.stream, chat, prompt_tokens, max_tokens, req.model)
 
@@ -261,6 +266,8 @@ class Router:
                 self.pool.url_of(name) + job.path, content=job.body, headers=self.headers
             )
             resp = await _unless_abandoned(ticket, post)
+        except httpx.ReadTimeout as e:
+            raise self._timed_out(ticket, e) from e
         except httpx.RequestError as e:
             raise _refused(e) from e
         _check_status(resp)
@@ -271,6 +278,19 @@ class Router:
         self.pool.succeed(ticket, _completion_tokens(resp))
         self.metrics.requests.labels(name, "ok").inc()
         return _passthrough(resp, name)
+
+    def _timed_out(self, ticket: Ticket, e: httpx.ReadTimeout) -> APIError:
+        """The replica took the request and gave no answer within the read timeout: a 504, not
+        a failover (the request may still be running there; run again elsewhere from scratch,
+        it would hold every replica for as long)."""
+        self.metrics.requests.labels(ticket.replica, "timeout").inc()
+        return APIError(
+            504,
+            f"replica {ticket.replica} gave no answer within the gateway's read timeout "
+            f"({type(e).__name__}); the request was not retried elsewhere",
+            "timeout",
+            code="upstream_timeout",
+        )
 
     async def _open_stream(self, job: Job, ticket: Ticket) -> Response:
         """An SSE request: committed to this replica once an event with a token has arrived."""
@@ -285,6 +305,8 @@ class Router:
         )
         try:
             resp = await _unless_abandoned(ticket, client.send(req, stream=True))
+        except httpx.ReadTimeout as e:
+            raise self._timed_out(ticket, e) from e
         except httpx.RequestError as e:
             raise _refused(e) from e
         try:
@@ -456,7 +478,8 @@ def replicas_of_other_models(
 
 
 def _unavailable(refusals: Collection[str], last: str, what: str) -> APIError:
-    """The error when no replica took a request: 502 if each refused the gateway's key, else 503."""
+    """The error when no replica took a request: 502 if each refused the gateway's key or failed
+    it with a 500, else 503 (overloaded, Retry-After)."""
     if refusals and all(k in AUTH_REFUSALS for k in refusals):
         # Not overload: a setup error no retry mends. 502, as a proxy whose upstream refused.
         return APIError(
@@ -465,6 +488,15 @@ def _unavailable(refusals: Collection[str], last: str, what: str) -> APIError:
             "replicas' API key (--replica-api-key or $COLLM_REPLICA_API_KEY)",
             "upstream_error",
             code="replica_auth_failed",
+        )
+    if refusals and all(k == "http_500" for k in refusals):
+        # Every replica failed this request with an internal error: not overload, and a retry
+        # of the same request would likely fail the same way. 502, as a proxy, no Retry-After.
+        return APIError(
+            502,
+            f"every replica that tried failed the request ({last})",
+            "upstream_error",
+            code="replica_failed",
         )
     return overloaded(RETRY_AFTER_S, f"{what} ({last})")
 

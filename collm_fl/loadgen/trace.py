@@ -17,14 +17,18 @@ import io
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from collm_fl.errors import ConfigError, DataFormatError
+
+if TYPE_CHECKING:
+    from _csv import Reader
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +69,17 @@ def load_azure_trace(path: str | Path) -> list[TraceRow]:
     kind: str | None = None  # "datetime" or "seconds", fixed by the first row
     header_seen = False
     reader = csv.reader(io.StringIO(text, newline=""))
-    for fields in reader:
+    ended = 0  # the line the previous row ended on
+    for fields in _rows(reader, where):
         number = reader.line_num  # the physical line a row ends on (quoted breaks count)
+        begun, ended = ended + 1, number
         if not fields or all(not f.strip() for f in fields):
             continue  # blank lines (a trailing newline, hand-written files)
+        if number - begun > 1 and any(len(f.splitlines()) > 2 for f in fields):
+            # A quote left open swallows every line after it into one field: name where it began.
+            raise DataFormatError(
+                where, f"a quoted field runs from here to line {number}: an unclosed quote?", begun
+            )
         cells = [f.strip() for f in fields]
         if not header_seen:
             if tuple(c.lower() for c in cells) != tuple(h.lower() for h in HEADER):
@@ -100,6 +111,19 @@ def load_azure_trace(path: str | Path) -> list[TraceRow]:
     rows.sort(key=lambda r: r.offset_s)
     log.info("loaded %d requests spanning %.1fs from %s", len(rows), rows[-1].offset_s, where)
     return rows
+
+
+def _rows(reader: Reader, where: str) -> Iterator[list[str]]:
+    """The reader's rows; the csv module's own errors (a field over its size limit, a NUL) as a
+    DataFormatError at the line it stopped on."""
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataFormatError(where, f"not a readable CSV row: {e}", reader.line_num) from e
+        yield fields
 
 
 def _parse_timestamp(cell: str, where: str, line: int) -> tuple[tuple[int, float], str]:

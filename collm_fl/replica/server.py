@@ -28,6 +28,8 @@ from collm_fl.api.errors import (
     overloaded,
 )
 from collm_fl.api.schemas import (
+    DEFAULT_MAX_TOKENS_CHAT,
+    DEFAULT_MAX_TOKENS_COMPLETIONS,
     ChatChoice,
     ChatChoiceMessage,
     ChatCompletionRequest,
@@ -58,8 +60,6 @@ from collm_fl.replica.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Adapter-Version"
-DEFAULT_MAX_TOKENS_CHAT = 256
-DEFAULT_MAX_TOKENS_COMPLETIONS = 16  # OpenAI's, for a completions request that gives null
 MAX_CHARS_PER_TOKEN = 64  # more than any tokenizer's longest tokens average (BPEs: ~4)
 
 

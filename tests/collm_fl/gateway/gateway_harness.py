@@ -33,9 +33,13 @@ class GatewayServer:
         slo: SLO | None = None,
         stream_stall_timeout_s: float = 60.0,
         shed_factor: float = 0.0,
+        read_timeout_s: float = 300.0,
     ) -> None:
         self.pool = ReplicaPool(
-            urls, poll_interval_s=poll_interval_s, stream_stall_timeout_s=stream_stall_timeout_s
+            urls,
+            poll_interval_s=poll_interval_s,
+            stream_stall_timeout_s=stream_stall_timeout_s,
+            read_timeout_s=read_timeout_s,
         )
         self.app = create_gateway_app(
             self.pool, api_key, replica_api_key, slo or SLO(), shed_factor=shed_factor

@@ -54,6 +54,30 @@ def test_a_stream_whose_error_reply_breaks_off_fails_over_to_another_replica(rep
         gw.stop()
 
 
+def test_a_request_every_replica_fails_with_a_500_is_a_502_not_an_overload(replicas):
+    # Not "overloaded, retry after 1 s": the same request would fail the same way again.
+    async def internal_error(writer: asyncio.StreamWriter) -> bool:
+        body = b'{"error": {"message": "generation failed", "type": "server_error"}}'
+        writer.write(
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % len(body) + body
+        )
+        await writer.drain()
+        return True
+
+    failing = [replicas(internal_error), replicas(internal_error)]
+    gw = GatewayServer([r.url for r in failing], poll_interval_s=3600)
+    try:
+        wait_for(lambda: all(r["healthy"] for r in gw.health()["replicas"]), 10, "not healthy")
+        r = stream(gw)
+        assert r.status_code == 502 and "Retry-After" not in r.headers, r.text
+        err = r.json()["error"]
+        assert err["code"] == "replica_failed" and "generation failed" in err["message"]
+        assert [x.request_connections for x in failing] == [1, 1]  # each tried once
+    finally:
+        gw.stop()
+
+
 def test_finished_streams_leave_their_connection_to_the_next_request(replicas):
     replica = replicas(good_stream)
     gw = GatewayServer([replica.url], poll_interval_s=3600)

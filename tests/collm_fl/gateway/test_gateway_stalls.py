@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from gateway_harness import GATEWAY_KEY
+from gateway_harness import GATEWAY_KEY, wait_for
 
 AUTH = {"Authorization": f"Bearer {GATEWAY_KEY}"}
 HANG_BOUND_S = 30.0
@@ -36,6 +36,7 @@ class HangingReplica:
 
     def __init__(self) -> None:
         self.health_ok = True
+        self.health_status = 500  # /health's status while not ok
         self.received = threading.Event()  # a completion request has arrived
         self.released = threading.Event()
         fake = self
@@ -49,7 +50,7 @@ class HangingReplica:
                     fake.released.wait()
                     return
                 with contextlib.suppress(ConnectionError):  # the gateway hung up as it stopped
-                    self.send_response(200 if fake.health_ok else 500)
+                    self.send_response(200 if fake.health_ok else fake.health_status)
                     self.send_header("Content-Type", "application/json")
                     self.end_headers()
                     self.wfile.write(b"{}")
@@ -145,6 +146,26 @@ def test_a_json_request_on_a_replica_that_fails_its_health_polls_is_failed_over(
     assert gw.health()["replicas"][0]["in_flight"] == 0
 
 
+def test_a_request_past_the_read_timeout_is_a_504_not_rerun_on_every_replica(
+    hanging, start_gateway
+):
+    # Run again elsewhere from scratch, a request the replica is still running would hold every
+    # replica for the read timeout before the client heard anything.
+    other = HangingReplica()
+    try:
+        gw = start_gateway([hanging.url, other.url], read_timeout_s=0.5)
+        wait_for(lambda: all(r["healthy"] for r in gw.health()["replicas"]), 10, "not healthy")
+        body = completion("any", stream=False)
+        r = httpx.post(gw.url + "/v1/completions", json=body, headers=AUTH, timeout=HANG_BOUND_S)
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "upstream_timeout"
+        assert hanging.received.is_set() != other.received.is_set()  # one replica, not both
+        assert gw.metric("collm_gateway_requests_total", outcome="timeout") == 1
+        assert all(x["in_flight"] == 0 for x in gw.health()["replicas"])
+    finally:
+        other.stop()
+
+
 def test_a_stream_on_a_replica_that_fails_its_health_polls_ends_with_an_error_chunk(
     hanging, start_gateway
 ):
@@ -154,6 +175,22 @@ def test_a_stream_on_a_replica_that_fails_its_health_polls_ends_with_an_error_ch
         assert hanging.received.wait(HANG_BOUND_S)
         hanging.health_ok = False
         assert_error_chunk_then_done(payloads.result(), "stopped answering /health")
+
+
+def test_a_502_from_a_proxy_in_front_of_a_draining_replica_does_not_abandon_its_streams(
+    hanging, start_gateway
+):
+    # nginx in front of a replica that closed its listener answers /health 502 while it still
+    # relays the streams it has: those finish (here: the replica ends this one), none is
+    # abandoned as if the replica hung; the replica only gets no new requests.
+    gw = start_gateway([hanging.url], poll_interval_s=0.1)
+    with ThreadPoolExecutor(1) as ex:
+        payloads = ex.submit(stream_payloads, gw, "after")
+        assert hanging.received.wait(HANG_BOUND_S)
+        hanging.health_status, hanging.health_ok = 502, False
+        wait_for(lambda: not gw.health()["replicas"][0]["healthy"], HANG_BOUND_S, "unhealthy")
+        hanging.released.set()  # (the stream ends without [DONE]: the replica's doing)
+        assert_error_chunk_then_done(payloads.result(), "closed the stream before it finished")
 
 
 def test_a_stream_the_replica_ends_with_its_own_error_chunk_counts_as_a_stream_error(

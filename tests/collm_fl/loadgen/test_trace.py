@@ -78,6 +78,9 @@ def test_plain_float_seconds_are_accepted(tmp_path: Path) -> None:
         ([HEADER, "1.0,1_000,1"], 2, "ContextTokens is not an integer"),
         ([HEADER, '1.0,"1\n2",1'], 3, "ContextTokens is not an integer"),  # a quoted break
         ([HEADER, "1.0,1,1\u2028", "2.0,x,1"], 3, "ContextTokens is not an integer"),
+        # a quote left open swallows the rest of the file: blamed where it began
+        ([HEADER, "1.0,1,1", '2.0,"2,1', "3.0,1,1", "4.0,1,1"], 3, "an unclosed quote?"),
+        ([HEADER, "1.0,1,1", '2.0,"' + "x" * 200_000], 3, "not a readable CSV row"),
     ],
 )
 def test_bad_rows_are_data_format_errors_with_the_line(

@@ -9,8 +9,8 @@ import json
 import httpx
 import pytest
 
+from collm_fl.api.schemas import DEFAULT_MAX_TOKENS_COMPLETIONS
 from collm_fl.replica.runtime import Replica, ReplicaConfig
-from collm_fl.replica.server import DEFAULT_MAX_TOKENS_COMPLETIONS
 from tests.collm_fl.replica.in_thread import served
 
 # A Gemma-style template: no system turn.
