@@ -242,9 +242,16 @@ class ReplicaPool:
         except (httpx.HTTPError, ValueError) as e:
             self._poll_failed(r, e)
             return
+        self._poll_succeeded(r)
+
+    def _poll_succeeded(self, r: _Replica) -> None:
         r.poll_failures = r.stuck_polls = 0
         if not r.healthy:
             r.healthy = True
+            # Back (restarted, or its network mended): the requests that failed while it was
+            # down are no penalty now; charged, they could shed every request an idle replica
+            # would take, and only a request it serves would clear them.
+            r.consecutive_failures = 0
             log.info("replica %s healthy (adapter version %s)", r.name, r.adapter_version)
 
     def _poll_failed(self, r: _Replica, e: Exception) -> None:

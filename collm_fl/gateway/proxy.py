@@ -443,7 +443,11 @@ async def _unless_abandoned(
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout_s) as deadline:
-            ticket.on_abandon = lambda: deadline.reschedule(loop.time())
+            # (not once the timeout fired: rescheduling an expiring one raises RuntimeError, and
+            # it ends the wait already; the abandonment is then read from the ticket below)
+            ticket.on_abandon = lambda: (
+                None if deadline.expired() else deadline.reschedule(loop.time())
+            )
             if ticket.abandoned is not None:  # given up on between two reads
                 ticket.on_abandon()
             try:

@@ -7,7 +7,7 @@ import pytest
 
 from collm_fl.errors import ConfigError
 from collm_fl.gateway.pool import ESTIMATE_TTL_S, ReplicaPool
-from collm_fl.policies.routing import LatencyModel
+from collm_fl.policies.routing import LatencyModel, failure_penalty_s
 
 MODEL = LatencyModel(default_max_batch=4)
 
@@ -129,6 +129,22 @@ def test_failures_count_until_a_success_and_a_refused_connection_marks_unhealthy
     assert not view(pool, a).healthy and view(pool, a).consecutive_failures == 2
     pool.succeed(pool.begin(a, 1, 4))
     assert view(pool, a).consecutive_failures == 0
+
+
+def test_a_replica_that_comes_back_healthy_carries_no_penalty_for_its_downtime():
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    pool._replicas[a].healthy = True
+    for _ in range(8):  # its streams failed as it crashed
+        pool.fail(pool.begin(a, 1, 4), "ConnectError", replica_down=True)
+    assert not view(pool, a).healthy and failure_penalty_s(view(pool, a), MODEL) > 3.0
+    clock.now += 5.0
+    pool._poll_succeeded(pool._replicas[a])  # restarted: /health answers again
+    assert view(pool, a).healthy and failure_penalty_s(view(pool, a), MODEL) == 0.0
+    # A replica that stays healthy and fails requests keeps its penalty until a success.
+    pool.fail(pool.begin(a, 1, 4), "HTTP 500")
+    pool._poll_succeeded(pool._replicas[a])
+    assert view(pool, a).consecutive_failures == 1
 
 
 def test_a_latency_not_refreshed_for_a_while_is_forgotten_and_relearned_from_scratch():
