@@ -166,13 +166,17 @@ def run_load_cli(
 
     async def run() -> list[RequestResult]:
         loop = asyncio.get_running_loop()
-        stop, started = asyncio.Event(), loop.time()
+        stop, abandon, started = asyncio.Event(), asyncio.Event(), loop.time()
 
         def on_signal(sig: signal.Signals) -> None:
+            if stop.is_set():  # a second one: give up on those in flight, keep what was measured
+                abandon.set()
+                log.warning(
+                    "%s: abandoning the requests in flight; writing what was measured", sig.name
+                )
+                return
             stopped_at.append(loop.time() - started)
             stop.set()
-            for s in (signal.SIGINT, signal.SIGTERM):  # a second one stops at once
-                loop.remove_signal_handler(s)
             log.warning(
                 "%s: sending no more requests; waiting for those in flight (at most %.0fs; "
                 "again to abandon them)",
@@ -193,12 +197,21 @@ def run_load_cli(
                 progress=_progress_printer(slo),
                 progress_every_s=PROGRESS_EVERY_S,
                 stop=stop,
+                abandon=abandon,
             )
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
-    results = asyncio.run(run())
+    # asyncio puts back Python's defaults, not the handlers the process had (the CLI's SIGTERM
+    # one, which exits cleanly): those are restored once the replay is over.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        results = asyncio.run(run())
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     if stopped_at:  # what ran is measured over the time it ran
         measured_s = max(min(measured_s, stopped_at[0]), 1e-3)
     write_results_jsonl(results, out / "requests.jsonl")

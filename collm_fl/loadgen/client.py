@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -32,6 +33,7 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"  # transport failure, malformed stream, or an error reported mid-stream
 STATUS_TIMEOUT = "timeout"
 STATUS_DROPPED = "dropped"  # not sent: max_in_flight requests were already open
+STATUS_ABANDONED = "abandoned"  # sent, then given up on when the replay was abandoned
 MAX_ERROR_BODY_BYTES = 65_536
 
 # Original filler in an Elizabethan manner (not from any play), cut into prompts by FillerPrompts.
@@ -71,7 +73,7 @@ class RequestResult:
     ttft_s: float | None  # until the first content chunk
     tpot_s: float | None  # (e2e − ttft) / (output_tokens − 1), ok requests with > 1 token
     e2e_s: float | None  # until [DONE] (failed requests: until the failure was seen)
-    status: str  # "ok" | "http_<code>" | "error" | "timeout" | "dropped"
+    status: str  # "ok" | "http_<code>" | "error" | "timeout" | "dropped" | "abandoned"
     http_status: int | None
     adapter_version: int | None  # the version that served it (None: the base model)
     prompt_tokens: int | None  # from `usage` if the server sent it, else the built-for estimate
@@ -157,11 +159,14 @@ async def replay(
     progress_every_s: float = 10.0,
     stop: asyncio.Event | None = None,
     route: Callable[[int], str] | None = None,
+    abandon: asyncio.Event | None = None,
 ) -> list[RequestResult]:
     """Send every request at its offset (open loop) and return one result per request, in order.
 
     Once ``stop`` is set no further request is sent; those in flight finish (each within
-    ``timeout_s``) and the result holds the requests sent or dropped until then. ``route``, if
+    ``timeout_s``) and the result holds the requests sent or dropped until then. Once
+    ``abandon`` is set too, those still in flight are cancelled and recorded as abandoned
+    (``STATUS_ABANDONED``): the replay returns at once with what it measured. ``route``, if
     given, names the base URL of request ``i`` when it is due (a load balancer whose set of
     servers changes during the replay); else every request goes to ``base_url``.
     """
@@ -196,10 +201,15 @@ async def replay(
 
         async def run_one(i: int, client: httpx.AsyncClient) -> None:
             nonlocal in_flight
+            sent_at = loop.time() - start
             try:
                 result = await _send(client, model, requests[i], i, start, timeout_s)
                 results[i] = result
                 completed.append(result)
+            except asyncio.CancelledError:
+                if abandon is not None and abandon.is_set():
+                    results[i] = _abandoned(i, sent_at, loop.time() - start, requests[i])
+                raise
             finally:
                 in_flight -= 1
 
@@ -229,7 +239,7 @@ async def replay(
                 sent += 1
                 client = client_for(base_url if route is None else route(i))
                 tasks.append(tg.create_task(run_one(i, client)))
-            await asyncio.gather(*tasks)
+            await _finish(tasks, abandon)
             if reporter is not None:
                 reporter.cancel()
     if dropped:
@@ -246,6 +256,44 @@ async def _sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:
         return
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _finish(tasks: Sequence[asyncio.Task[None]], abandon: asyncio.Event | None) -> None:
+    """Wait for every task, or until ``abandon`` is set: then cancel those left."""
+    if not tasks:
+        return
+    everything = asyncio.gather(*tasks, return_exceptions=True)
+    if abandon is None:
+        await everything
+        return
+    abandoned = asyncio.ensure_future(abandon.wait())
+    either: list[asyncio.Future[Any]] = [everything, abandoned]
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        abandoned.cancel()
+    if not everything.done():
+        for task in tasks:
+            task.cancel()
+    for outcome in await everything:  # (cancelled ones come back as CancelledError)
+        if isinstance(outcome, Exception):
+            raise outcome
+
+
+def _abandoned(index: int, sent_at: float, now: float, spec: RequestSpec) -> RequestResult:
+    return RequestResult(
+        index,
+        sent_at,
+        None,
+        None,
+        now - sent_at,
+        STATUS_ABANDONED,
+        None,
+        None,
+        spec.prompt_tokens,
+        0,
+        "abandoned: the load was stopped before it finished",
+    )
 
 
 def _dropped(index: int, due_at: float, spec: RequestSpec) -> RequestResult:

@@ -309,6 +309,37 @@ def test_a_stopped_replay_sends_nothing_more_and_lets_requests_in_flight_finish(
     assert results[0].output_tokens == 10
 
 
+def test_an_abandoned_replay_returns_at_once_with_its_requests_in_flight_marked(
+    server_url: str,
+) -> None:
+    # A second Ctrl-C: what finished is kept, what is still in flight is recorded as abandoned.
+    specs = [RequestSpec(0.0, "x", 2), RequestSpec(0.0, "HANG", 5), RequestSpec(3600.0, "x", 2)]
+
+    async def run() -> list[RequestResult]:
+        stop, abandon = asyncio.Event(), asyncio.Event()
+
+        def give_up_once_one_finished(p: ReplayProgress) -> None:
+            if p.completed:  # the quick one is done, the hanging one is in flight
+                stop.set()
+                abandon.set()
+
+        abandoned = replay(
+            server_url,
+            MODEL,
+            specs,
+            timeout_s=600.0,
+            progress=give_up_once_one_finished,
+            progress_every_s=0.01,
+            stop=stop,
+            abandon=abandon,
+        )
+        return await asyncio.wait_for(abandoned, timeout=30.0)  # not the 600-s timeout
+
+    results = asyncio.run(run())
+    assert [(r.index, r.status) for r in results] == [(0, "ok"), (1, "abandoned")]
+    assert results[1].e2e_s is not None and results[1].error.startswith("abandoned")
+
+
 def test_results_round_trip_through_jsonl(tmp_path: Path) -> None:
     results = [
         RequestResult(0, 0.0, 0.1, 0.02, 0.3, "ok", 200, 3, 12, 11, None),
