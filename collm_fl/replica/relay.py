@@ -7,12 +7,15 @@ must import fast; it only relays to the long-lived replica over its control API.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from time import monotonic
 
 import numpy as np
 
 from collm_fl.adapters import AdapterState
 from collm_fl.config import RunConfig, TrainBudget
 from collm_fl.replica.control_client import ReplicaClient
+
+MIN_DEADLINE_S = 0.001  # what a training job is given when the push before it used the deadline
 
 
 def train_on_replica(
@@ -33,8 +36,10 @@ def train_on_replica(
     the last round rides back with the metrics (``load-*`` keys) for the allocation policy.
     ``backfill_steps`` more steps run only while the replica has no request (see
     :mod:`collm_fl.policies.allocation`). ``run_key``: the run's name on the replica (the
-    server's; default the run name).
+    server's; default the run name). ``deadline_s`` counts from this call: the push before the
+    training job comes out of it.
     """
+    started = monotonic()
     client.push_version(
         global_state,
         cfg.lora.to_peft_config_dict(cfg.model),
@@ -45,7 +50,8 @@ def train_on_replica(
         server_round,
         budget.local_steps,
         budget.learning_rate,
-        deadline_s,
+        # (a push that took the whole deadline leaves the job a moment: it trains no step)
+        max(deadline_s - (monotonic() - started), MIN_DEADLINE_S),
         base_version=global_version,
         share=training_share,
         backfill_steps=backfill_steps,
