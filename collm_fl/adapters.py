@@ -28,6 +28,21 @@ LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
 
 
+# adapter_config.json keys whose other values change what the adapter computes, with the values
+# that mean plain LoRA (a key left out is plain too: PEFT's defaults).
+PLAIN_LORA_OPTIONS: dict[str, tuple[object, ...]] = {
+    "use_rslora": (None, False),
+    "use_dora": (None, False),
+    "bias": (None, "none"),
+    "fan_in_fan_out": (None, False),
+    "rank_pattern": (None, {}),
+    "alpha_pattern": (None, {}),
+    "modules_to_save": (None, [], ()),
+    "layers_to_transform": (None,),
+    "lora_bias": (None, False),
+}
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """The LoRA hyper-parameters every participant of a run must share."""
@@ -79,6 +94,17 @@ class LoraSpec:
         """Read back the fields this project uses from an ``adapter_config.json`` dict."""
         if cfg.get("peft_type", "LORA") != "LORA":
             raise AdapterValidationError([f"peft_type must be LORA, got {cfg.get('peft_type')!r}"])
+        # Options that change the adapter's math: served as plain LoRA (alpha / r scaling, no
+        # bias, every target layer alike) their logits would not be PEFT's.
+        unsupported = [
+            f"{key}={cfg[key]!r}"
+            for key, plain in PLAIN_LORA_OPTIONS.items()
+            if cfg.get(key) not in plain
+        ]
+        if unsupported:
+            raise AdapterValidationError(
+                [f"unsupported LoRA options (plain LoRA only): {', '.join(unsupported)}"]
+            )
         targets = cfg.get("target_modules")
         if isinstance(targets, str):
             targets_t: tuple[str, ...] = (targets,)

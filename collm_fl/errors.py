@@ -58,3 +58,7 @@ class VersionConflictError(CollmError):
 
 class StoreError(CollmError):
     """The version store cannot read or write a run, round or version."""
+
+
+class VersionNotStoredError(StoreError):
+    """The store holds no such version (as opposed to one it holds but cannot read)."""

@@ -234,7 +234,7 @@ def run_goodput_benchmark(
             done = [r for r in chosen if sum(run.rate == r for run in runs) == len(systems)]
             if not done:
                 raise
-            stopped = f"stopped at {where}: {type(e).__name__}: {e}"
+            stopped = f"stopped at {where}: {type(e).__name__}" + (f": {e}" if str(e) else "")
             say(f"{stopped}; reporting the {len(done)} rate(s) every system finished")
             finish([run for run in runs if run.rate in done], done, stopped)
             raise

@@ -172,12 +172,13 @@ class CoTrainer:
         checkpoint_output_layer(model)  # steps give way around the LM head too
         self._share = 0.0
         self.set_share(training_share)
-        self._jobs: queue.Queue[tuple[TrainJob, Future[TrainOutcome]] | None] = queue.Queue()
+        self._jobs: queue.Queue[tuple[TrainJob, Future[TrainOutcome], float] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._worker: _Worker | None = None  # runs the micro-steps (started by start())
         self._stopping = threading.Event()
         self._submit_lock = threading.Lock()
         self._step_ewma = 0.0  # wall seconds per micro-step (paces the guard's re-checks)
+        self._waited_s = 0.0  # the current step's waits at its layers for serving to give way
         self._step_cost_ewma = 0.0  # compute seconds per micro-step (what the plan needs)
         self.clock: Callable[[], float] = time.monotonic  # the deadline's clock (tests replace it)
         self.steps_total = 0
@@ -227,7 +228,9 @@ class CoTrainer:
             if self._stopping.is_set():
                 fut.set_exception(TrainerStopped("replica is shutting down"))
             else:
-                self._jobs.put((job, fut))
+                # Its deadline counts from now: a job queued behind another (a retry, the next
+                # round) must not train for its whole deadline once it starts.
+                self._jobs.put((job, fut, self.clock()))
         return fut
 
     # ---- trainer thread ----
@@ -237,12 +240,12 @@ class CoTrainer:
             item = self._jobs.get()
             if item is None:
                 break
-            job, fut = item
+            job, fut, submitted = item
             if not fut.set_running_or_notify_cancel():
                 continue
             self.running_job = True
             try:
-                fut.set_result(self._run(job))
+                fut.set_result(self._run(job, submitted))
             except TrainerStopped as e:  # the replica is shutting down: no failure of the job
                 log.info("training job for round %d stopped: %s", job.round_number, e)
                 fut.set_exception(e)
@@ -256,15 +259,18 @@ class CoTrainer:
             if item is not None:
                 item[1].set_exception(TrainerStopped("replica is shutting down"))
 
-    def _run(self, job: TrainJob) -> TrainOutcome:
+    def _run(self, job: TrainJob, submitted: float) -> TrainOutcome:
         before = self.engine.stats()
         try:
-            return self._train(job, before.lent_s, before.late_rest_s)
+            return self._train(job, submitted, before.lent_s, before.late_rest_s)
         finally:
             self.engine.lend_to_training(0.0)
 
-    def _train(self, job: TrainJob, lent_before: float, late_before: float) -> TrainOutcome:
-        started, wall0 = self.clock(), time.monotonic()
+    def _train(
+        self, job: TrainJob, started: float, lent_before: float, late_before: float
+    ) -> TrainOutcome:
+        """``started``: when the job was submitted (its deadline counts from then)."""
+        wall0 = time.monotonic()
         abort_at = started + job.deadline_s
         self.modules.set_training_state(job.start_state)
         params = self.modules.training_parameters()
@@ -337,7 +343,9 @@ class CoTrainer:
             finally:
                 self.engine.want_late_turn(False)
             t1 = time.monotonic()
-            self._note_step(t0, t1, cpu_s)
+            # Its cost: the worker's CPU time on one thread, else the wall time less the waits
+            # at its layers while serving had the core (a burst mid-step is not its cost).
+            self._note_step(t0, t1, cpu_s if cpu_s is not None else t1 - t0 - self._waited_s)
             train_s += t1 - t0
             loss_sum += loss * n
             tokens += n
@@ -417,6 +425,8 @@ class CoTrainer:
         ends with the step (the next decision sets it again).
         """
 
+        self._waited_s = 0.0  # this step's waits for its turn (see _train's cost)
+
         def check() -> None:
             while True:
                 if self._stopping.is_set():
@@ -424,7 +434,10 @@ class CoTrainer:
                 time_left = abort_at - self.clock()
                 if time_left <= 0:
                     raise _DeadlineReached
-                if self.engine.wait_for_training_turn(GATE_RECHECK_S):
+                t0 = time.monotonic()
+                turn = self.engine.wait_for_training_turn(GATE_RECHECK_S)
+                self._waited_s += time.monotonic() - t0
+                if turn:
                     return
                 if planned_left and self._behind(planned_left, time_left):
                     self.engine.lend_to_training(self._share)

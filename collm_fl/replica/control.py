@@ -30,7 +30,13 @@ from collm_fl.api.errors import (
     install_error_handlers,
     overloaded,
 )
-from collm_fl.errors import AdapterValidationError, ConfigError, StoreError, VersionConflictError
+from collm_fl.errors import (
+    AdapterValidationError,
+    ConfigError,
+    StoreError,
+    VersionConflictError,
+    VersionNotStoredError,
+)
 from collm_fl.replica.coexec import TrainerStopped
 from collm_fl.replica.runtime import DEFAULT_RUN, SWAP_MODES, Replica
 from collm_fl.replica.slots import NoFreeSlotError, ShadowStateError
@@ -171,8 +177,10 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
     async def rollback(body: RollbackBody) -> dict[str, object]:
         try:
             result = await asyncio.to_thread(replica.rollback, body.version)
-        except StoreError as e:
+        except VersionNotStoredError as e:
             raise APIError(404, str(e), code="version_not_found") from e
+        except StoreError as e:  # stored, but its files cannot be read: not the caller's error
+            raise APIError(500, str(e), "server_error", code="store_error") from e
         except AdapterValidationError as e:
             raise APIError(400, str(e), code="invalid_adapter") from e
         except Exception as e:

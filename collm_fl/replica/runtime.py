@@ -29,6 +29,7 @@ from collm_fl.errors import (
     ConfigError,
     StoreError,
     VersionConflictError,
+    VersionNotStoredError,
 )
 from collm_fl.models import check_seq_len, load_base_model, model_device
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
@@ -411,7 +412,9 @@ class Replica:
         """Serve a previously stored version of the served run again (through the shadow slot)."""
         with self._push_lock:
             if version not in self.stored_versions():
-                raise StoreError(f"version {version} of run {self.run!r} is not stored here")
+                raise VersionNotStoredError(
+                    f"version {version} of run {self.run!r} is not stored here"
+                )
             started = time.perf_counter()
             state, config = read_adapter_dir(self.version_dir(version))
             if self.merged.current is not None:

@@ -64,6 +64,41 @@ def test_idle_replica_trains_its_whole_budget(replica):
     assert outcome.state.keys() == replica.modules.expected_shapes().keys()
 
 
+def test_a_jobs_deadline_counts_from_when_it_was_submitted(replica):
+    # A job queued behind another (a retry, the next round) must not train for its whole
+    # deadline once it starts: here it starts 100 s after it was submitted, deadline 60 s.
+    trainer = replica.trainer
+    assert trainer is not None
+    readings = iter([0.0])  # the submission's reading; every later one is 100 s on
+    trainer.clock = lambda: next(readings, 100.0)
+    try:
+        outcome = replica.train(steps=2, learning_rate=1e-3, deadline_s=60, round_number=1)
+    finally:
+        trainer.clock = time.monotonic
+    assert outcome.steps == 0 and outcome.deadline_hit
+
+
+def test_a_steps_cost_leaves_out_its_waits_for_serving(replica, monkeypatch):
+    # With more than one thread a step's cost was its wall time, waits at its layers included:
+    # a burst mid-step made the next steps look too slow to fit the deadline.
+    trainer = replica.trainer
+    assert trainer is not None
+    trainer.total_threads = 2  # (CPU time measures the cost only on one thread)
+    turns = iter([False] * 20)  # serving holds the core for a while, then gives way
+
+    def wait_for_turn(timeout: float) -> bool:
+        turn = next(turns, True)
+        if not turn:
+            time.sleep(0.05)  # (as the real wait blocks while serving runs a step)
+        return turn
+
+    monkeypatch.setattr(replica.engine, "wait_for_training_turn", wait_for_turn)
+    t0 = time.monotonic()
+    assert replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1).steps == 1
+    wall = time.monotonic() - t0
+    assert wall >= 1.0 and trainer._step_cost_ewma < wall - 0.9
+
+
 def test_a_replica_trains_with_the_optimizer_settings_a_device_uses(replica, monkeypatch):
     """No weight decay, as collm_fl.training (torch's AdamW default is 0.01): the server weighs
     a replica's steps and a device's alike."""

@@ -44,6 +44,23 @@ def test_only_the_newest_versions_stay_on_disk_and_rollback_still_works(make_rep
     assert r.stored_versions() == [6, 7, 8] and r.served_version == 8
 
 
+def test_a_rollback_to_a_version_not_stored_and_to_one_unreadable_are_told_apart(make_replica):
+    # The control API answers the first 404 version_not_found, the second 500 store_error: the
+    # version is there, the caller asked nothing wrong.
+    from collm_fl.errors import StoreError, VersionNotStoredError
+
+    r = make_replica(keep=0)
+    push(r, 1)
+    push(r, 2)
+    with pytest.raises(VersionNotStoredError):
+        r.rollback(7)
+    (r.version_dir(1) / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(StoreError) as info:
+        r.rollback(1)
+    assert not isinstance(info.value, VersionNotStoredError)
+    assert r.served_version == 2  # still serving what it served
+
+
 def test_keep_zero_keeps_every_version(make_replica):
     r = make_replica(keep=0)
     for v in range(5):
