@@ -23,9 +23,10 @@
   ``(B/c, A·c)`` passes the product-norm bound whatever c, and its A·c would multiply everyone's
   B. (Not with a robust statistic, which combines the products, nor under uniform weights,
   where DP's clipping bounds the factors and a screen against the others' median would let one
-  node decide whether another counts.) A round in which no good reply trained a step releases nothing (under DP, its noise would
-  spend privacy for nothing). A reply is credited to the node its message went to
-  (``recipients``, set by the ServerApp): the SuperLink's own error replies come from node 1.
+  node decide whether another counts.) A round in which no good reply trained a step releases
+  nothing (under DP, its noise would spend privacy for nothing). A reply is credited to the
+  node its message went to (``recipients``, set by the ServerApp): the SuperLink's own error
+  replies come from node 1.
   With ``server_lr`` η ≠ 1 the new global adapter is ``global + η·(aggregate − global)`` (a
   server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`) wherever 2+
   updates are averaged; one update alone is applied as it is. With

@@ -83,8 +83,10 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
-def machine_info(gflops_start: float, gflops_end: float) -> MachineInfo:
-    """What the numbers were measured on."""
+def machine_info(gflops_start: float, gflops_end: float, code: str | None = None) -> MachineInfo:
+    """What the numbers were measured on; ``code``: the commit the run started on (default: now,
+    :func:`code_version`; a long run should take it at its start, as its processes load the code
+    when they start)."""
     return MachineInfo(
         platform=platform.platform(),
         processor=platform.processor() or platform.machine(),
@@ -94,7 +96,7 @@ def machine_info(gflops_start: float, gflops_end: float) -> MachineInfo:
         numpy_version=np.__version__,
         matmul_gflops_start=gflops_start,
         matmul_gflops_end=gflops_end,
-        code=code_version(),
+        code=code if code is not None else code_version(),
     )
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from collm_fl.adapters import MAX_SERVER_LR
-from collm_fl.bench.aggregation import machine_info, matmul_gflops
+from collm_fl.bench.aggregation import code_version, machine_info, matmul_gflops
 from collm_fl.bench.goodput_report import QUALITY_TOLERANCE, write_goodput_report
 from collm_fl.bench.goodput_result import (
     HALF_WAY,
@@ -127,6 +127,7 @@ def run_goodput_benchmark(
     started = time.monotonic()
     load_start = list(os.getloadavg())
     gflops_start = matmul_gflops()
+    code = code_version()  # (what its processes load; the tree may change during a long run)
     cfg = RunConfig(model=model, seed=seed, central_eval_samples=4 if quick else EVAL_SAMPLES)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # version 0 (the fresh LoRA init) is the same for every system
@@ -193,7 +194,9 @@ def run_goodput_benchmark(
                 runs=outcomes,
                 by_rate=by_rate,
                 machine=MachineRecord(
-                    machine_info(gflops_start, matmul_gflops()), load_start, list(os.getloadavg())
+                    machine_info(gflops_start, matmul_gflops(), code),
+                    load_start,
+                    list(os.getloadavg()),
                 ),
                 seconds=time.monotonic() - started,
                 stopped=stopped,
