@@ -211,4 +211,4 @@ def test_under_dp_a_node_that_trains_nothing_still_answers_with_its_zero_update(
     reply = dp_clipping_mod(msg, node, train)
     sent = arrayrecord_to_state(reply.content.array_records["arrays"])
     delta = np.sqrt(sum(float(np.sum((sent[k] - global_state[k]) ** 2)) for k in sent))
-    assert 0 < delta <= 1e-6 * (1 + 1e-4)
+    assert 0 < delta <= 1e-6 * 1.001  # (float32 arrays)

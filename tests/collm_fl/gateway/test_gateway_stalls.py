@@ -166,31 +166,25 @@ def test_a_request_past_the_read_timeout_is_a_504_not_rerun_on_every_replica(
         other.stop()
 
 
-def test_a_stream_on_a_replica_that_fails_its_health_polls_ends_with_an_error_chunk(
-    hanging, start_gateway
-):
+@pytest.mark.parametrize(
+    ("status", "ending"),
+    [
+        (500, "stopped answering /health"),  # a replica answering 500: taken for hung
+        # nginx in front of a replica that closed its listener answers /health 502 while it still
+        # relays the streams it has: those finish (here: the replica ends this one), none is
+        # abandoned; the replica only gets no new requests.
+        (502, "closed the stream before it finished"),
+    ],
+)
+def test_a_stream_on_a_replica_that_fails_its_health_polls(hanging, start_gateway, status, ending):
     gw = start_gateway([hanging.url], poll_interval_s=0.1)
     with ThreadPoolExecutor(1) as ex:
         payloads = ex.submit(stream_payloads, gw, "after")
         assert hanging.received.wait(HANG_BOUND_S)
-        hanging.health_ok = False
-        assert_error_chunk_then_done(payloads.result(), "stopped answering /health")
-
-
-def test_a_502_from_a_proxy_in_front_of_a_draining_replica_does_not_abandon_its_streams(
-    hanging, start_gateway
-):
-    # nginx in front of a replica that closed its listener answers /health 502 while it still
-    # relays the streams it has: those finish (here: the replica ends this one), none is
-    # abandoned as if the replica hung; the replica only gets no new requests.
-    gw = start_gateway([hanging.url], poll_interval_s=0.1)
-    with ThreadPoolExecutor(1) as ex:
-        payloads = ex.submit(stream_payloads, gw, "after")
-        assert hanging.received.wait(HANG_BOUND_S)
-        hanging.health_status, hanging.health_ok = 502, False
+        hanging.health_status, hanging.health_ok = status, False
         wait_for(lambda: not gw.health()["replicas"][0]["healthy"], HANG_BOUND_S, "unhealthy")
-        hanging.released.set()  # (the stream ends without [DONE]: the replica's doing)
-        assert_error_chunk_then_done(payloads.result(), "closed the stream before it finished")
+        hanging.released.set()  # (then the replica ends the stream without [DONE])
+        assert_error_chunk_then_done(payloads.result(), ending)
 
 
 def test_a_stream_the_replica_ends_with_its_own_error_chunk_counts_as_a_stream_error(
