@@ -260,12 +260,12 @@ async def _sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:
 
 async def _finish(tasks: Sequence[asyncio.Task[None]], abandon: asyncio.Event | None) -> None:
     """Wait for every task, or until ``abandon`` is set: then cancel those left."""
+    if abandon is None:
+        await asyncio.gather(*tasks)  # (as before abandoning existed: a task's error raises here)
+        return
     if not tasks:
         return
     everything = asyncio.gather(*tasks, return_exceptions=True)
-    if abandon is None:
-        await everything
-        return
     abandoned = asyncio.ensure_future(abandon.wait())
     either: list[asyncio.Future[Any]] = [everything, abandoned]
     try:
