@@ -4,8 +4,8 @@ The trainer runs LoRA micro-steps on the *training* adapter of the shared :class
 under ``lora_context(train())``, while the engine thread serves through the serving slots. Before
 every micro-step it asks the SLO guard (:func:`training_decision`) whether it may run, with how
 many threads, and what share of serving's time the step may borrow; when it must yield it waits on
-the engine's ``busy_changed`` condition (woken when serving load changes) with the guard's
-re-check timeout.
+a change of the engine's serving state (``InferenceEngine.wait_for_change``, counted from
+before the decision, so a change while it decided is not missed) or the guard's re-check timeout.
 
 Steps take turns with serving at layer granularity: every LoRA layer of a step (and the LM head),
 forward and backward, calls the step's checkpoint, which waits while the engine has work and is
@@ -195,8 +195,7 @@ class CoTrainer:
         if not 0.0 <= share <= 1.0:
             raise ConfigError(f"training share must be in [0, 1], got {share}")
         self._share = float(share)
-        with self.engine.busy_changed:  # wake a yielding trainer to re-decide
-            self.engine.busy_changed.notify_all()
+        self.engine.notify_change()  # wake a yielding trainer to re-decide
 
     def start(self) -> None:
         if self._thread is not None:
@@ -209,8 +208,7 @@ class CoTrainer:
         with self._submit_lock:
             self._stopping.set()
         self._jobs.put(None)
-        with self.engine.busy_changed:
-            self.engine.busy_changed.notify_all()
+        self.engine.notify_change()
         if self._thread is not None:
             self._thread.join(timeout)
         if self._worker is not None:
@@ -285,6 +283,7 @@ class CoTrainer:
         while steps < total:
             if self._stopping.is_set():
                 raise TrainerStopped("replica is shutting down")
+            seen = self.engine.change_count()  # before the decision reads the serving state
             time_left = job.deadline_s - (self.clock() - started)
             if time_left <= 0 or not self._step_fits(time_left, 1.0):
                 deadline_hit = True
@@ -317,8 +316,9 @@ class CoTrainer:
                 why_yielded[decision.reason] += 1
                 t0 = time.monotonic()
                 remaining = job.deadline_s - (self.clock() - started)
-                with self.engine.busy_changed:
-                    self.engine.busy_changed.wait(timeout=max(0.0, min(decision.wait_s, remaining)))
+                # A change since the decision read the state (serving went idle meanwhile)
+                # ends the wait at once: the notification is not lost.
+                self.engine.wait_for_change(seen, max(0.0, min(decision.wait_s, remaining)))
                 yielded_s += time.monotonic() - t0
                 yields += 1
                 continue

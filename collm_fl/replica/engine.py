@@ -150,6 +150,7 @@ class InferenceEngine:
         # One condition guards the queue and the counters; it is also what the co-execution
         # trainer waits on (``busy_changed``) to learn that serving went idle or busy.
         self.busy_changed = threading.Condition()
+        self._changes = 0  # state changes so far: a waiter that read the state misses none
         self._waiting: deque[RequestHandle] = deque()
         self._active = 0  # admitted and not finished
         self._stopping = False
@@ -191,7 +192,7 @@ class InferenceEngine:
         """Stop the loop; requests still waiting or running finish with ``"error"``."""
         with self.busy_changed:
             self._stopping = True
-            self.busy_changed.notify_all()
+            self._changed()
         self._set_gate()  # a training step waiting for its turn goes on
         if self._thread is not None:
             self._thread.join(timeout)
@@ -216,7 +217,7 @@ class InferenceEngine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests already waiting")
             self._waiting.append(handle)
-            self.busy_changed.notify_all()
+            self._changed()
         return handle
 
     def stats(self) -> EngineStats:
@@ -255,8 +256,30 @@ class InferenceEngine:
             return self.busy_changed.wait_for(lambda: not self.is_idle(), timeout)
 
     def _wake(self) -> None:
+        self.notify_change()
+
+    def _changed(self) -> None:  # busy_changed held
+        self._changes += 1
+        self.busy_changed.notify_all()
+
+    def notify_change(self) -> None:
+        """Wake whoever waits for a change (``wait_for_change``): something they decide on
+        changed outside the engine (a trainer's share, its shutdown)."""
         with self.busy_changed:
-            self.busy_changed.notify_all()
+            self._changed()
+
+    def change_count(self) -> int:
+        """How many times the serving state changed so far; read it before looking at the
+        state, then ``wait_for_change(count)`` wakes on any change since, even one that came
+        before the wait began."""
+        with self.busy_changed:
+            return self._changes
+
+    def wait_for_change(self, since: int, timeout: float) -> bool:
+        """Block until the state changed after ``change_count()`` returned ``since``, at most
+        ``timeout`` s (False: no change)."""
+        with self.busy_changed:
+            return self.busy_changed.wait_for(lambda: self._changes != since, timeout)
 
     def lend_to_training(self, share: float) -> None:
         """Rest after each step so the co-execution trainer gets ``share`` of the time (0: stop).
@@ -272,7 +295,7 @@ class InferenceEngine:
         with self.busy_changed:
             if share != self._lent_share:
                 self._lent_share = share
-                self.busy_changed.notify_all()
+                self._changed()
 
     def want_late_turn(self, wanted: bool) -> None:
         """A co-executed training step runs (True) or ended (False): while every request the
@@ -284,7 +307,7 @@ class InferenceEngine:
         with self.busy_changed:
             if wanted != self._late_turn_wanted:
                 self._late_turn_wanted = wanted
-                self.busy_changed.notify_all()
+                self._changed()
 
     def wait_for_training_turn(self, timeout: float) -> bool:
         """Block until training may use the core, at most ``timeout`` s (False: still not).
@@ -388,7 +411,7 @@ class InferenceEngine:
         with self.busy_changed:
             waiting, self._waiting = list(self._waiting), deque()
             self._finished += len(waiting)
-            self.busy_changed.notify_all()
+            self._changed()
         for handle in waiting:
             handle._push(TokenEvent(None, "", FINISH_ERROR), "engine stopped")
 
@@ -405,7 +428,7 @@ class InferenceEngine:
         """
         with self.busy_changed:
             self._paused = True
-            self.busy_changed.notify_all()
+            self._changed()
         self._set_gate()
         with self._step_lock:  # the step in progress (if any) has finished
             pass
@@ -413,7 +436,7 @@ class InferenceEngine:
     def resume(self) -> None:
         with self.busy_changed:
             self._paused = False
-            self.busy_changed.notify_all()
+            self._changed()
 
     def _step(self) -> None:
         cancelled = [r for r in self._batch.rows if r.handle.cancelled]
@@ -560,7 +583,7 @@ class InferenceEngine:
         with self.busy_changed:
             self._active -= 1
             self._finished += 1
-            self.busy_changed.notify_all()
+            self._changed()
 
     def _fail_rows(self, rows: list[Row], error: str) -> None:
         for row in list(rows):

@@ -78,6 +78,38 @@ def test_a_jobs_deadline_counts_from_when_it_was_submitted(replica):
     assert outcome.steps == 0 and outcome.deadline_hit
 
 
+def test_a_change_while_the_trainer_decides_ends_its_wait(replica, monkeypatch):
+    # The trainer read the serving state, decided to yield, then waited for the next change:
+    # serving going idle between the two was lost, and the trainer slept its whole re-check
+    # (up to the deadline here: the decision asks for 1000 s, the deadline is 20 s).
+    from collm_fl.policies.slo_guard import GuardDecision
+    from collm_fl.replica import coexec
+
+    calls = []
+
+    def decide(inputs, backfill=False):
+        calls.append(backfill)
+        if len(calls) == 1:
+            replica.engine.notify_change()  # serving changes after the state was read
+            return GuardDecision(False, 1, 1000.0, "queued work")
+        return GuardDecision(True, 1, 0.0, "idle")
+
+    monkeypatch.setattr(coexec, "training_decision", decide)
+    outcome = replica.train(steps=1, learning_rate=1e-3, deadline_s=20, round_number=1)
+    assert outcome.yields == 1 and outcome.steps == 1 and not outcome.deadline_hit
+
+
+def test_wait_for_change_counts_changes_from_before_the_wait(replica):
+    engine = replica.engine
+    seen = engine.change_count()
+    assert not engine.wait_for_change(seen, 0.0)  # nothing changed yet
+    handle = engine.submit(
+        GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=2, temperature=0), "r1")
+    )
+    assert engine.wait_for_change(seen, 30.0)  # the submission came before the wait
+    assert handle.wait(timeout=60)
+
+
 def test_a_steps_cost_leaves_out_its_waits_for_serving(replica, monkeypatch):
     # With more than one thread a step's cost was its wall time, waits at its layers included:
     # a burst mid-step made the next steps look too slow to fit the deadline.
