@@ -9,15 +9,22 @@
 - ``POST /control/rollback``           ``{"version": N}``: serve a stored older version again
 - ``GET  /control/status``             versions, slots, trainer state
 
-Every call needs ``Authorization: Bearer <control token>`` (constant-time check).
+Every call needs ``Authorization: Bearer <control token>`` (constant-time check). The calls'
+blocking work (decoding and swapping an adapter, a training job that lasts until its deadline)
+runs on the control API's own threads: the OpenAI API's server shares the event loop, and its
+tokenization the loop's default thread pool, which held training jobs would otherwise fill.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import Response
@@ -45,6 +52,9 @@ from collm_fl.replica.wire import decode_adapter, encode_adapter
 log = logging.getLogger(__name__)
 
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
+CONTROL_THREADS = 8  # concurrent blocking control calls (queued training jobs each hold one)
+
+T = TypeVar("T")
 
 
 class TrainBody(BaseModel):
@@ -73,7 +83,20 @@ class RollbackBody(BaseModel):
 def create_control_app(replica: Replica, token: str) -> FastAPI:
     if not token:
         raise ConfigError("the control API needs a token (--control-token or COLLM_CONTROL_TOKEN)")
-    app = FastAPI(title="CoLLM-FL replica control", version="1")
+    threads = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="collm-control")
+
+    async def off_loop(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(threads, functools.partial(fn, *args, **kwargs))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:  # (a training job still running ends with the trainer; nothing waits for it)
+            threads.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="CoLLM-FL replica control", version="1", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=MAX_ADAPTER_BYTES)  # type: ignore[arg-type]
 
@@ -96,12 +119,10 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
         blob = await request.body()
         try:
             # (off the event loop the OpenAI API shares: a large adapter takes a while)
-            state, config, blob_version, _ = await asyncio.to_thread(decode_adapter, blob)
+            state, config, blob_version, _ = await off_loop(decode_adapter, blob)
             if blob_version is not None and blob_version != version:
                 raise ConfigError(f"payload says version {blob_version}, URL says {version}")
-            result = await asyncio.to_thread(
-                replica.push_version, state, config, version, run, mode
-            )
+            result = await off_loop(replica.push_version, state, config, version, run, mode)
         except (AdapterValidationError, ConfigError) as e:
             raise APIError(400, f"version {version} rejected: {e}", code="invalid_adapter") from e
         except Exception as e:
@@ -122,7 +143,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
         try:
             if body.share is not None:
                 replica.set_training_share(body.share)
-            outcome = await asyncio.to_thread(
+            outcome = await off_loop(
                 replica.train,
                 body.steps,
                 body.learning_rate,
@@ -152,7 +173,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
             "lent-seconds": outcome.lent_seconds,
             "late-rest-seconds": outcome.late_seconds,
         }
-        blob = await asyncio.to_thread(
+        blob = await off_loop(
             encode_adapter,
             outcome.state,
             replica.cfg.lora.to_peft_config_dict(replica.cfg.model),
@@ -176,7 +197,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
     @app.post("/control/rollback", dependencies=guarded)
     async def rollback(body: RollbackBody) -> dict[str, object]:
         try:
-            result = await asyncio.to_thread(replica.rollback, body.version)
+            result = await off_loop(replica.rollback, body.version)
         except VersionNotStoredError as e:
             raise APIError(404, str(e), code="version_not_found") from e
         except StoreError as e:  # stored, but its files cannot be read: not the caller's error
