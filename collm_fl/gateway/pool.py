@@ -34,6 +34,7 @@ from collm_fl.policies.routing import (
     LatencyModel,
     ReplicaView,
     admitted_ttft,
+    current_load,
     unloaded_tpot,
     unloaded_ttft,
 )
@@ -64,12 +65,17 @@ class _Replica:
     model: str | None = None
     in_flight: int = 0
     in_flight_tokens: int = 0
+    # The gateway's requests the last report (queue_depth, running) may hold: those in flight
+    # when it came, and those that ended while it was on its way.
+    in_flight_at_poll: int | None = None
+    ended: int = 0  # the gateway's requests to it that have ended, ever
     ewma_ttft_s: float | None = None
     ewma_tpot_s: float | None = None
     ttft_learned_at: float | None = None  # clock() of the last TTFT / TPOT sample
     tpot_learned_at: float | None = None
     consecutive_failures: int = 0  # failed proxied requests since the last success
-    last_error_at: float | None = None
+    failed_at: float | None = None  # the last failed proxied request (its penalty fades from it)
+    last_error_at: float | None = None  # the last error of any kind (/health polls too)
     last_error: str | None = None
     routed: int = 0
     tickets: set[Ticket] = field(default_factory=set)  # the requests in flight on it
@@ -232,13 +238,14 @@ class ReplicaPool:
     async def _poll(self, r: _Replica) -> None:
         if self._health is None:
             raise RuntimeError("ReplicaPool.start() has not been awaited")
+        ended_before = r.ended
         try:
             resp = await self._health.get(r.url + "/health")
             resp.raise_for_status()
             body = resp.json()
             if not isinstance(body, dict):
                 raise ValueError("/health did not return a JSON object")
-            self._apply_health(r, body)
+            self._apply_health(r, body, r.ended - ended_before)
         except (httpx.HTTPError, ValueError) as e:
             self._poll_failed(r, e)
             return
@@ -290,9 +297,12 @@ class ReplicaPool:
                 )
 
     @staticmethod
-    def _apply_health(r: _Replica, body: dict[str, object]) -> None:
+    def _apply_health(r: _Replica, body: dict[str, object], ended_meanwhile: int = 0) -> None:
+        """``ended_meanwhile``: the gateway's requests to ``r`` that ended while the poll was on
+        its way; the report may still count them, so they are not taken for other clients'."""
         r.queue_depth = _int(body.get("queue_depth"), 0)
         r.running = _int(body.get("running"), 0)
+        r.in_flight_at_poll = r.in_flight + ended_meanwhile
         r.training = bool(body.get("training", False))
         share = body.get("training_share", 0.0)
         r.training_share = float(share) if isinstance(share, int | float) else 0.0
@@ -315,13 +325,17 @@ class ReplicaPool:
                 running=r.running,
                 in_flight=r.in_flight,
                 in_flight_tokens=r.in_flight_tokens,
+                in_flight_at_poll=r.in_flight_at_poll,
+                remaining_tokens=tuple(
+                    t.remaining for t in sorted(r.tickets, key=lambda t: t.sent_at) if not t.done
+                ),
                 # A share slows serving only while a training job actually runs.
                 training_share=r.training_share if r.training else 0.0,
                 ewma_ttft_s=self._fresh(r, r.ewma_ttft_s, r.ttft_learned_at, now),
                 ewma_tpot_s=self._fresh(r, r.ewma_tpot_s, r.tpot_learned_at, now),
                 max_batch=r.max_batch,
                 consecutive_failures=r.consecutive_failures,
-                last_error_age_s=None if r.last_error_at is None else now - r.last_error_at,
+                last_error_age_s=None if r.failed_at is None else now - r.failed_at,
                 routed=r.routed,
             )
             for r in self._replicas.values()
@@ -340,7 +354,8 @@ class ReplicaPool:
     def snapshot(self) -> list[dict[str, object]]:
         """Each replica's state, for the gateway's /health."""
         out: list[dict[str, object]] = []
-        for r, v in zip(self._replicas.values(), self.views(), strict=True):
+        now = self.clock()
+        for r in self._replicas.values():
             out.append(
                 {
                     "name": r.name,
@@ -358,7 +373,7 @@ class ReplicaPool:
                     "ewma_tpot_s": r.ewma_tpot_s,
                     "consecutive_failures": r.consecutive_failures,
                     "last_error": r.last_error,
-                    "last_error_age_s": v.last_error_age_s,
+                    "last_error_age_s": None if r.last_error_at is None else now - r.last_error_at,
                     "routed": r.routed,
                 }
             )
@@ -373,7 +388,7 @@ class ReplicaPool:
             replica=name,
             prompt_tokens=prompt_tokens,
             sent_at=self.clock(),
-            load_at_send=max(r.in_flight, r.queue_depth + r.running),
+            load_at_send=current_load(r.in_flight, r.queue_depth + r.running, r.in_flight_at_poll),
             capacity=r.max_batch or self.model.default_max_batch,
             training_share=r.training_share if r.training else 0.0,
             remaining=max_tokens,
@@ -412,7 +427,7 @@ class ReplicaPool:
         self._finish(ticket)
         r = self._replicas[ticket.replica]
         r.consecutive_failures += 1
-        r.last_error_at = self.clock()
+        r.failed_at = r.last_error_at = self.clock()
         r.last_error = reason
         if replica_down and r.healthy:
             r.healthy = False
@@ -428,6 +443,7 @@ class ReplicaPool:
         ticket.done = True
         r.tickets.discard(ticket)
         r.in_flight -= 1
+        r.ended += 1
         r.in_flight_tokens -= ticket.remaining
         ticket.remaining = 0
 

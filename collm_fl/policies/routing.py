@@ -4,34 +4,42 @@ Pure functions of what the gateway measures, so the live gateway, the tests and 
 the same code. The latency model is a deliberately simple queueing model of a continuous-batching
 replica with ``B`` batch slots and ``L`` requests already on it:
 
-- **Load** ``L = max(in_flight, queue_depth + running)``: the gateway's own count is live, the
-  replica's report is up to one poll old but also sees clients that bypass the gateway; taking the
-  max never double-counts the gateway's requests.
+- **Load** ``L = in_flight + max(0, queue_depth + running − in_flight_at_poll)``: the gateway's
+  own count is live; the replica's report is up to one poll old, so only what it reported beyond
+  the gateway's requests it may hold (those in flight when it came, and those that ended while
+  it was on its way) is added: clients that bypass the gateway. A report taken as is would hold
+  a drained burst against the replica until the next poll.
 - **Decode step** ``step(b) = base_tpot · (1 + batch_slowdown · (b − 1)) · (1 + interference ·
   training_share)``: a batched step costs a little more per extra row (SmolLM2 on 2 CPU cores: a
   batch of 8 steps 1.7× slower than a batch of 1, i.e. ``batch_slowdown ≈ 0.1``), and a replica
   that trains while serving is slower by its training share (the SLO guard bounds it).
 - **TPOT** ``= step(min(L + 1, B))``: the step time once this request has joined the batch.
 - **TTFT** ``= (base_ttft + prompt_tokens · prefill_s_per_token) · (1 + interference · share)
-  + step(min(L, B)) [if L > 0] + max(0, L + 1 − B) · R · step(B) / B``: prefill, the running step a
-  new request waits out before it joins the batch, and — when the batch is full — one slot release
-  per request queued ahead of it; with ``B`` rows of ``R`` remaining tokens each on average, a
-  slot frees about every ``R · step(B) / B`` seconds.
+  + step(min(L, B)) [if L > 0] + W · step(B)``: prefill, the running step a new request waits
+  out before it joins the batch, and — when the batch is full — the ``W`` decode steps until a
+  slot frees for it (:func:`queue_wait_steps`): the oldest ``B`` requests hold the slots until
+  their remaining tokens are out, each queued request ahead of it takes the first slot to free
+  for its own tokens, and it gets the next. The gateway knows each request's remaining tokens
+  (``max_tokens`` less those streamed); requests it did not send count ``max_tokens`` of this
+  one. A burst admitted together frees its slots together, which an average rate would miss.
 
 ``base_ttft`` and ``base_tpot`` are learned per replica by the gateway (EWMAs normalised back to
 an unloaded, non-training replica with :func:`unloaded_tpot` / :func:`unloaded_ttft`), with priors
 until the first observation.
 
 **Admission control** (opt-in, :func:`admission_decision`): under a burst, a request that would wait
-behind full batches misses its TTFT SLO anyway and delays every later arrival, so when even the
-best replica's predicted TTFT exceeds ``shed_factor × slo.ttft_s`` the gateway refuses it at once
-(503, Retry-After) instead. The prediction is the one :func:`choose_replica` ranks by. It never
-sheds on priors alone: before any replica has been measured the queueing term rests on a guessed
-TPOT, and refusing real traffic on a guess could also stop the gateway from ever measuring.
+behind full batches misses its TTFT SLO anyway and delays every later arrival, so when even the best
+replica's predicted TTFT exceeds ``shed_factor × slo.ttft_s`` the gateway refuses it at once (503,
+Retry-After) instead. The prediction is the one :func:`choose_replica` ranks by, without the penalty
+for recent failures: that is a routing preference, not time the request would wait (a request shed
+never reaches a replica, so nothing would clear it). It never sheds on priors alone: before any
+replica the request may go to has been measured the queueing term rests on a guessed TPOT, and
+refusing real traffic on a guess could also stop the gateway from ever measuring.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
@@ -48,6 +56,12 @@ class ReplicaView:
     running: int = 0  # replica-reported: being decoded (as of the last poll)
     in_flight: int = 0  # gateway-counted: sent to this replica and not finished
     in_flight_tokens: int = 0  # output tokens the gateway still expects from those requests
+    # The gateway's in_flight when the last report (queue_depth, running) came; None: unknown,
+    # then the load is the larger of the two counts.
+    in_flight_at_poll: int | None = None
+    # Each in-flight request's output tokens still expected, oldest first (None: unknown, the
+    # mean in_flight_tokens / in_flight is used)
+    remaining_tokens: tuple[int, ...] | None = None
     training_share: float = 0.0  # compute share of training while a training job runs (else 0)
     ewma_ttft_s: float | None = None  # unloaded TTFT learned from proxied responses (None: prior)
     ewma_tpot_s: float | None = None  # unloaded per-token time at batch 1 (None: prior)
@@ -96,7 +110,36 @@ def interference_factor(
 
 def load_of(view: ReplicaView) -> int:
     """Requests already on the replica (see the module docstring)."""
-    return max(view.in_flight, view.queue_depth + view.running)
+    return current_load(view.in_flight, view.queue_depth + view.running, view.in_flight_at_poll)
+
+
+def current_load(in_flight: int, reported: int, in_flight_at_poll: int | None) -> int:
+    """The gateway's live count plus what the replica reported beyond it at the last poll
+    (``in_flight_at_poll`` None: the larger of the two, never double-counting)."""
+    if in_flight_at_poll is None:
+        return max(in_flight, reported)
+    return in_flight + max(0, reported - in_flight_at_poll)
+
+
+def queue_wait_steps(remaining: Sequence[int], load: int, capacity: int, max_tokens: int) -> int:
+    """Decode steps until a slot frees for a new request behind ``load`` requests on ``capacity``
+    slots (0 when one is free now).
+
+    ``remaining``: the output tokens each request the gateway sent still has to produce, oldest
+    first; the oldest ``capacity`` of the ``load`` hold the slots, the rest wait in order, and the
+    requests the gateway did not send (``load`` beyond ``remaining``) are taken to wait behind
+    them with ``max_tokens`` each. Each waiting request takes the first slot to free and holds it
+    for its own tokens; the new one gets the slot that frees after them.
+    """
+    if load < capacity:
+        return 0
+    tokens = [max(int(r), 1) for r in remaining[:load]]
+    tokens += [max(max_tokens, 1)] * (load - len(tokens))
+    frees = sorted(tokens[:capacity])  # the step at which each slot frees
+    heapq.heapify(frees)
+    for own in tokens[capacity:]:  # each queued request ahead, in order
+        heapq.heappush(frees, heapq.heappop(frees) + own)
+    return frees[0]
 
 
 def capacity_of(view: ReplicaView, model: LatencyModel = DEFAULT_LATENCY_MODEL) -> int:
@@ -120,10 +163,13 @@ def predict_latency(
 
     # its prefill after the running step, then it joins the batch ...
     ttft = admitted_ttft(base_ttft, base_tpot, prompt_tokens, load, cap, view.training_share, model)
-    queued_ahead = max(0, load + 1 - cap)
-    if queued_ahead:
-        remaining = view.in_flight_tokens / view.in_flight if view.in_flight else max_tokens
-        ttft += queued_ahead * max(remaining, 1.0) * step(cap) / cap
+    if load >= cap:
+        if view.remaining_tokens is not None:
+            wait = float(queue_wait_steps(view.remaining_tokens, load, cap, max_tokens))
+        else:  # no per-request counts: a slot frees about every (mean remaining) / cap steps
+            mean = view.in_flight_tokens / view.in_flight if view.in_flight else max_tokens
+            wait = (load + 1 - cap) * max(mean, 1.0) / cap
+        ttft += wait * step(cap)
     return Prediction(ttft_s=ttft, tpot_s=step(min(load + 1, cap)))
 
 
@@ -140,7 +186,7 @@ class Shed:
     """Why :func:`admission_decision` refused a request: even the best replica is too slow."""
 
     replica: str  # the healthy replica with the lowest predicted TTFT
-    predicted_ttft_s: float  # its predicted TTFT (with the failure penalty)
+    predicted_ttft_s: float  # its predicted TTFT (without the failure penalty)
     shed_factor: float
     ttft_slo_s: float
 
@@ -169,22 +215,30 @@ def admission_decision(
     """A :class:`Shed` when the request should be refused now, else None (admit it).
 
     Refused when ``shed_factor > 0`` and every healthy, non-excluded replica's predicted TTFT (as
-    :func:`choose_replica` ranks them: peer estimates filled in, failure penalty added) exceeds
-    ``shed_factor · slo.ttft_s``. ``shed_factor == 0`` turns shedding off. Never refused while no
-    replica has a measured latency (the prediction would be priors only), nor when no healthy
-    replica is left (that is the caller's "unavailable", not a prediction).
+    :func:`choose_replica` predicts it, peer estimates filled in, without the failure penalty)
+    exceeds ``shed_factor · slo.ttft_s``. ``shed_factor == 0`` turns shedding off. Never refused
+    while none of those replicas has a measured latency (the prediction would be priors only, or
+    another model's), nor when none is left (that is the caller's "unavailable", not a
+    prediction).
     """
     if shed_factor <= 0:
         return None
-    if all(v.ewma_ttft_s is None and v.ewma_tpot_s is None for v in views):
+    candidates = _candidates(views, exclude)
+    if all(v.ewma_ttft_s is None and v.ewma_tpot_s is None for v in candidates):
         return None
-    scored = _scored(views, prompt_tokens, max_tokens, exclude, model)
-    if not scored:
-        return None
-    ttft, _, best = min(scored, key=lambda s: (s[0], s[2].name))
+    predicted = [
+        (predict_latency(v, prompt_tokens, max_tokens, model).ttft_s, v.name)
+        for v in with_peer_estimates(candidates)
+    ]
+    ttft, best = min(predicted)
     if ttft <= shed_factor * slo.ttft_s:
         return None
-    return Shed(best.name, ttft, shed_factor, slo.ttft_s)
+    return Shed(best, ttft, shed_factor, slo.ttft_s)
+
+
+def _candidates(views: Sequence[ReplicaView], exclude: Collection[str]) -> list[ReplicaView]:
+    """The healthy replicas not excluded (other models, or already tried for this request)."""
+    return [v for v in views if v.healthy and v.name not in exclude]
 
 
 def _scored(
@@ -194,11 +248,10 @@ def _scored(
     exclude: Collection[str],
     model: LatencyModel,
 ) -> list[tuple[float, float, ReplicaView]]:
-    """(TTFT with the failure penalty, TPOT, view) of each healthy, non-excluded replica."""
+    """(TTFT with the failure penalty, TPOT, view) of each healthy, non-excluded replica (peer
+    estimates from those replicas alone: an excluded one may serve another model)."""
     scored: list[tuple[float, float, ReplicaView]] = []
-    for v in with_peer_estimates(views):
-        if not v.healthy or v.name in exclude:
-            continue
+    for v in with_peer_estimates(_candidates(views, exclude)):
         p = predict_latency(v, prompt_tokens, max_tokens, model)
         scored.append((p.ttft_s + failure_penalty_s(v, model), p.tpot_s, v))
     return scored

@@ -3,11 +3,12 @@
 import asyncio
 import time
 
+import httpx
 import pytest
 
 from collm_fl.errors import ConfigError
 from collm_fl.gateway.pool import ESTIMATE_TTL_S, ReplicaPool
-from collm_fl.policies.routing import LatencyModel, failure_penalty_s
+from collm_fl.policies.routing import LatencyModel, failure_penalty_s, load_of
 
 MODEL = LatencyModel(default_max_batch=4)
 
@@ -145,6 +146,59 @@ def test_a_replica_that_comes_back_healthy_carries_no_penalty_for_its_downtime()
     pool.fail(pool.begin(a, 1, 4), "HTTP 500")
     pool._poll_succeeded(pool._replicas[a])
     assert view(pool, a).consecutive_failures == 1
+
+
+def test_a_failed_health_poll_does_not_renew_a_failed_requests_penalty():
+    # The penalty fades from the last failed request; a /health poll that failed once (not
+    # enough to mark the replica unhealthy) renewed it, so an occasional slow /health kept it.
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    pool._replicas[a].healthy = True
+    pool.fail(pool.begin(a, 1, 4), "HTTP 500")
+    for _ in range(4):
+        clock.now += MODEL.failure_memory_s / 4
+        pool._poll_failed(pool._replicas[a], TimeoutError("read timeout"))
+        pool._poll_succeeded(pool._replicas[a])
+    v = view(pool, a)
+    assert v.healthy and v.consecutive_failures == 1
+    assert failure_penalty_s(v, MODEL) == 0.0
+    # The gateway's /health still says what failed last, and when.
+    (snap,) = [s for s in pool.snapshot() if s["name"] == a]
+    assert str(snap["last_error"]).startswith("/health") and snap["last_error_age_s"] == 0.0
+
+
+def test_views_carry_each_request_left_and_the_count_the_last_poll_saw():
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    pool._replicas[a].healthy = True
+    first = pool.begin(a, 1, 8)
+    clock.now += 0.1
+    second = pool.begin(a, 1, 4)
+    pool._apply_health(pool._replicas[a], {"queue_depth": 0, "running": 2})
+    pool.on_token(first)
+    pool.succeed(second)
+    v = view(pool, a)
+    assert v.remaining_tokens == (7,) and v.in_flight == 1 and v.in_flight_at_poll == 2
+    assert load_of(v) == 1  # the poll's two were the gateway's own; one has ended
+
+
+def test_a_request_that_ends_while_a_health_poll_is_on_its_way_is_not_another_clients():
+    # The replica's report counts a request the gateway sees end before the report arrives:
+    # taken for another client's, it would be counted until the next poll.
+    pool, _ = make_pool()
+    a = "127.0.0.1:8100"
+    pool._replicas[a].healthy = True
+    ticket = pool.begin(a, 1, 8)
+
+    class Health:
+        async def get(self, url: str) -> httpx.Response:
+            pool.succeed(ticket)  # the stream ends while the report is on its way
+            body = {"queue_depth": 0, "running": 1}
+            return httpx.Response(200, json=body, request=httpx.Request("GET", url))
+
+    pool._health = Health()  # type: ignore[assignment]
+    asyncio.run(pool._poll(pool._replicas[a]))
+    assert view(pool, a).running == 1 and load_of(view(pool, a)) == 0
 
 
 def test_a_latency_not_refreshed_for_a_while_is_forgotten_and_relearned_from_scratch():

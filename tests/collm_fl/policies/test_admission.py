@@ -65,11 +65,33 @@ def test_nothing_is_shed_before_any_replica_is_measured():
     assert admission_decision(some, 0, 16, SLO_, shed_factor=1) is not None
 
 
-def test_the_failure_penalty_counts_as_routing_counts_it():
+def test_a_recent_failure_never_sheds_a_request_an_idle_replica_would_answer_in_time():
+    # The penalty ranks replicas for routing; it is not time the request would wait. Counted as
+    # TTFT, one failure per replica shed every request for seconds, and a request shed never
+    # reaches a replica, so no success could clear it.
     failing = view("a", consecutive_failures=3, last_error_age_s=0.0)
     assert predict_latency(failing, 0, 16).ttft_s < SLO_.ttft_s < failure_penalty_s(failing)
-    shed = admission_decision([failing], 0, 16, SLO_, shed_factor=1)
-    assert shed is not None and shed.predicted_ttft_s > SLO_.ttft_s
+    assert admission_decision([failing], 0, 16, SLO_, shed_factor=1) is None
+    # Load still sheds on such a replica.
+    assert admission_decision([replace(failing, **BURST)], 0, 16, SLO_, shed_factor=1) is not None
+
+
+def test_only_the_candidates_measurements_allow_shedding():
+    # "a" (measured) serves another model or was tried: "b" was never measured, and its
+    # prediction would rest on priors (and another replica's latencies) alone.
+    unmeasured_busy = view("b", ewma_ttft_s=None, ewma_tpot_s=None, queue_depth=10_000)
+    views = [view("a"), unmeasured_busy]
+    assert admission_decision(views, 0, 16, SLO_, shed_factor=1, exclude={"a"}) is None
+
+
+def test_a_burst_admitted_together_is_shed_though_its_mean_would_admit():
+    # 4 slots all started together with 100 tokens left each, one request queued: the new one
+    # waits for the queued one's slot, 100 steps, not the 2 · 100 / 4 = 50 a mean rate gives.
+    burst = {"in_flight": 5, "in_flight_tokens": 500, "remaining_tokens": (100,) * 5}
+    mean_only = view("a", in_flight=5, in_flight_tokens=500)
+    assert predict_latency(mean_only, 0, 16).ttft_s < SLO_.ttft_s
+    assert predict_latency(view("a", **burst), 0, 16).ttft_s > SLO_.ttft_s
+    assert admission_decision([view("a", **burst)], 0, 16, SLO_, shed_factor=1) is not None
 
 
 def test_more_load_is_shed_no_earlier_than_less_load():

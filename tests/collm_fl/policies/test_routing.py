@@ -8,7 +8,9 @@ from collm_fl.policies.routing import (
     LatencyModel,
     ReplicaView,
     choose_replica,
+    load_of,
     predict_latency,
+    queue_wait_steps,
     unloaded_tpot,
     unloaded_ttft,
 )
@@ -58,6 +60,34 @@ def test_gateway_and_replica_counts_of_the_same_requests_are_not_added():
     both = view("a", in_flight=3, in_flight_tokens=30, queue_depth=1, running=2)
     gateway_only = view("a", in_flight=3, in_flight_tokens=30)
     assert predict_latency(both, 0, 16) == predict_latency(gateway_only, 0, 16)
+
+
+def test_a_drained_burst_no_longer_counts_once_the_gateway_saw_it_end():
+    # The last poll saw 12 queued + 8 running, all 20 sent by the gateway; 8 have ended since.
+    drained = view("a", in_flight=12, queue_depth=12, running=8, in_flight_at_poll=20)
+    assert load_of(drained) == 12
+    # What the replica reported beyond the gateway's count (other clients) still counts.
+    bypassed = view("a", in_flight=12, queue_depth=17, running=8, in_flight_at_poll=20)
+    assert load_of(bypassed) == 17
+    # Without a poll's count, the larger of the two (never both).
+    assert load_of(replace(drained, in_flight_at_poll=None)) == 20
+
+
+@pytest.mark.parametrize(
+    "remaining, load, cap, expected",
+    [
+        ((5, 9), 2, 4, 0),  # a slot is free
+        ((64,) * 8, 8, 8, 64),  # a burst started together: its slots free together
+        ((64,) * 9, 9, 8, 64),  # one queued ahead takes the first, the new one the next
+        (tuple(range(1, 9)), 8, 8, 1),  # staggered: the first to finish
+        ((*range(1, 9), 8, 8), 10, 8, 3),  # two ahead take the slots freeing at 1 and 2
+        ((5,) * 4, 8, 4, 15),  # 4 the gateway did not send: max_tokens (10) each, in turn
+    ],
+)
+def test_a_new_request_waits_for_the_slot_that_frees_after_those_ahead(
+    remaining, load, cap, expected
+):
+    assert queue_wait_steps(remaining, load, cap, max_tokens=10) == expected
 
 
 def test_training_share_slows_a_replica():
