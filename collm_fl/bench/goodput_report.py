@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from collm_fl.bench.aggregation import code_note
@@ -171,7 +172,8 @@ def render_markdown(result: GoodputResult) -> str:
         + (
             f"; it refuses with a 503 a request whose best predicted TTFT exceeds "
             f"{st.shed_factor:g} × the TTFT SLO, `--shed-factor {st.shed_factor:g}`; a refused "
-            "request misses the SLO in every figure"
+            "request is a miss in goodput and SLO attainment, and is left out of the latency "
+            "percentiles"
             if st.shed_factor
             else ""
         )
@@ -184,7 +186,8 @@ def render_markdown(result: GoodputResult) -> str:
         "(`collm_fl.policies.scheduling`). No request is refused or dropped by it.",
         "- **Metrics**: goodput = requests meeting both SLOs per second of schedule; SLO "
         "attainment over all scheduled requests (failed, timed-out and dropped ones miss); "
-        "latency percentiles over successful requests. Served loss = mean over the serving "
+        "latency percentiles over successful requests (requests refused or failed are in the "
+        "*not answered* column, not in the percentiles). Served loss = mean over the serving "
         "replicas of the held-out loss of the version each serves; *final*: when the load ends; "
         "*per request*: the mean loss of the versions that answered the successful requests. "
         + (
@@ -229,19 +232,27 @@ def render_markdown(result: GoodputResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _not_answered(errors: Mapping[str, int]) -> str:
+    """Requests not answered: refused with a 503 (overload, or shed), and every other failure."""
+    refused = errors.get("http_503", 0)
+    return f"{refused} / {sum(errors.values()) - refused}"
+
+
 def _rate_table(result: GoodputResult, info: RateOutcome) -> list[str]:
     lines = [
-        "| system | goodput (req/s) | SLO attainment | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
-        "| training tokens/s | final served loss | served loss per request | time to quality (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | goodput (req/s) | SLO attainment | not answered (503 / other) "
+        "| TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | training tokens/s | final served loss "
+        "| served loss per request | time to quality (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in result.runs_at(info.rate):
         s = run.summary
         lines.append(
             f"| {result.title(run.system)} | {s.goodput_rps:.3f} | {100 * s.slo_attainment:.0f}% "
-            f"| {_ms(s.ttft_p50_s)} / {_ms(s.ttft_p99_s)} | {_ms(s.tpot_p50_s)} / "
-            f"{_ms(s.tpot_p99_s)} | {run.train_tokens_per_s:.0f} | {run.final_loss:.4f} | "
-            f"{_opt(run.request_loss, '.4f')} | {_opt(run.time_to_quality_s, '.1f')} |"
+            f"| {_not_answered(s.errors)} | {_ms(s.ttft_p50_s)} / {_ms(s.ttft_p99_s)} "
+            f"| {_ms(s.tpot_p50_s)} / {_ms(s.tpot_p99_s)} | {run.train_tokens_per_s:.0f} "
+            f"| {run.final_loss:.4f} | {_opt(run.request_loss, '.4f')} "
+            f"| {_opt(run.time_to_quality_s, '.1f')} |"
         )
     best = result.title(info.best_baseline) if info.best_baseline else "-"
     ratio = "; ".join(

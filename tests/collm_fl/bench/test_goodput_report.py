@@ -1,6 +1,8 @@
 """The goodput report's pure pieces: served quality over time against the goals; a bad
 `collm bench goodput --from-json` file (the round trip itself runs with the quick benchmark)."""
 
+from pathlib import Path
+
 import pytest
 
 from collm_fl.bench.goodput_report import served_loss_at, share_at_least_as_good
@@ -40,3 +42,15 @@ def test_a_file_that_is_not_a_goodput_report_exits_2(tmp_path, capsys):
     except SystemExit as e:
         code = int(e.code or 0)
     assert code == 2 and "--from-json" in capsys.readouterr().err
+
+
+def test_the_table_counts_the_requests_not_answered(tmp_path):
+    # The committed load-shedding run: CoLLM-FL's gateway refused 106 requests (503), rolling's
+    # replicas 16 (their queues were full). Latency percentiles are over answered requests only.
+    committed = Path(__file__).parents[3] / "docs" / "bench" / "goodput-shed" / "goodput.json"
+    assert main(["bench", "goodput", "--from-json", str(committed), "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "goodput.md").read_text()
+    assert "| SLO attainment | not answered (503 / other) |" in md
+    assert "| CoLLM-FL | 1.026 | 51% | 106 / 0 |" in md
+    assert "| rolling drain-and-train | 0.458 | 23% | 16 / 0 |" in md
+    assert "left out of the latency percentiles" in md
