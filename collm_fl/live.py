@@ -81,6 +81,7 @@ class LiveConfig:
     seed: int = 0
     max_lend_share: float = 0.0  # the replicas' --max-lend-share
     lend_early: bool = False  # ... and --lend-early
+    shed_factor: float = 0.0  # the gateway's --shed-factor (0: off)
 
     def __post_init__(self) -> None:
         """Checked before anything starts, each problem named by its ``collm live`` flag."""
@@ -110,6 +111,10 @@ class LiveConfig:
                 problems.append(f"{flag} must be >= 1, got {count}")
         if self.seed < 0:
             problems.append(f"--seed must be >= 0, got {self.seed}")
+        if not (self.shed_factor == 0 or 1 <= self.shed_factor < math.inf):
+            problems.append(
+                f"--shed-factor must be 0 (off) or a finite number >= 1, got {self.shed_factor}"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -306,7 +311,9 @@ def _run_live(
             api_key=os.environ.get("COLLM_API_KEY") or None,  # (the stack takes it from there)
         ) as fed,
     ):
-        url, _ = fed.start_gateway(ttft_slo_s=cfg.ttft_slo_s, tpot_slo_s=cfg.tpot_slo_s)
+        url, _ = fed.start_gateway(
+            ttft_slo_s=cfg.ttft_slo_s, tpot_slo_s=cfg.tpot_slo_s, shed_factor=cfg.shed_factor
+        )
         print(
             f"gateway {url}/v1 in front of {len(fed.replicas)} replicas; load: {_load_name(cfg)}",
             flush=True,
@@ -627,7 +634,13 @@ def _report(
         "",
         f"{cfg.replicas} replicas of `{cfg.model}` behind the gateway, load {_load_name(cfg)} "
         f"({cfg.prompt_tokens}-token prompts, {cfg.output_tokens} output tokens), "
-        f"SLO TTFT {cfg.ttft_slo_s}s / TPOT {cfg.tpot_slo_s}s, {cfg.rounds} rounds.",
+        f"SLO TTFT {cfg.ttft_slo_s}s / TPOT {cfg.tpot_slo_s}s, {cfg.rounds} rounds"
+        + (
+            f"; the gateway refuses (503) a request predicted to miss {cfg.shed_factor:g} × "
+            "the TTFT SLO on every replica (`--shed-factor`), counted as a miss."
+            if cfg.shed_factor
+            else "."
+        ),
         "",
         *((f"**{note}**", "") if note else ()),
         "| round | at (s) | served version | its central loss | clients ok/failed | requests "

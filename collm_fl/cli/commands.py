@@ -89,6 +89,7 @@ def dispatch(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_lend_share=args.max_lend_share,
             lend_early=args.lend_early,
+            shed_factor=args.shed_factor,
         )
         return run_live(cfg, Path(args.app).resolve())
     if args.command == "gateway":

@@ -281,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the replicas' --lend-early: lend from the round's start until its plan is done",
     )
+    p.add_argument(
+        "--shed-factor",
+        type=float,
+        default=0.0,
+        help="the gateway's --shed-factor: refuse (503) a request predicted to miss this x "
+        "--ttft-slo on every replica; 0 = off (default), else >= 1",
+    )
     p.add_argument("--out", default="outputs/live")
     p.add_argument("-c", "--run-config", default="", help="extra run-config overrides")
     p.add_argument(

@@ -73,8 +73,10 @@ def run_gateway(
 def check_shed_factor(shed_factor: float) -> None:
     """ConfigError unless ``shed_factor`` is 0 (off) or >= 1: below 1 the gateway would refuse
     requests that are predicted to meet their TTFT SLO."""
-    if not (shed_factor == 0 or shed_factor >= 1):  # NaN too
-        raise ConfigError(f"--shed-factor must be 0 (off) or >= 1, got {shed_factor}")
+    if not (shed_factor == 0 or 1 <= shed_factor < math.inf):  # NaN too
+        raise ConfigError(
+            f"--shed-factor must be 0 (off) or a finite number >= 1, got {shed_factor}"
+        )
 
 
 @contextlib.contextmanager

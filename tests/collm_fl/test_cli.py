@@ -212,10 +212,14 @@ def test_gateway_with_a_stall_timeout_not_above_zero_exits_2(capsys, value):
     assert code == 2 and "--stream-stall-timeout must be > 0" in err
 
 
-@pytest.mark.parametrize("value", ["0.5", "-1", "nan"])
-def test_gateway_with_a_shed_factor_neither_0_nor_at_least_1_exits_2(capsys, value):
-    code, err = run(capsys, "gateway", "--replica", "http://127.0.0.1:1", "--shed-factor", value)
-    assert code == 2 and "--shed-factor must be 0 (off) or >= 1" in err
+@pytest.mark.parametrize("value", ["0.5", "-1", "nan", "inf"])
+@pytest.mark.parametrize("command", ["gateway", "live"])
+def test_a_shed_factor_neither_0_nor_at_least_1_exits_2(capsys, tmp_path, value, command):
+    where = ["--replica", "http://127.0.0.1:1"] if command == "gateway" else []
+    if command == "live":
+        where = ["--model", "tiny", "--out", str(tmp_path / "live")]
+    code, err = run(capsys, command, *where, "--shed-factor", value)
+    assert code == 2 and "--shed-factor must be 0 (off) or a finite number >= 1" in err
 
 
 @pytest.mark.parametrize(
