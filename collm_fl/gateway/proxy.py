@@ -183,7 +183,7 @@ class Router:
         if shed is not None:
             self.metrics.shed.inc()
             log.debug("%s", shed.reason)
-            raise overloaded(RETRY_AFTER_S, shed.reason)
+            raise overloaded(shed.retry_after_s, shed.reason)
         excluded = set(other_models)
         last = "no healthy replica"
         refusals: list[str] = []  # the kind of each replica's refusal

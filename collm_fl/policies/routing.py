@@ -40,6 +40,7 @@ refusing real traffic on a guess could also stop the gateway from ever measuring
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
@@ -94,6 +95,7 @@ class LatencyModel:
 
 
 DEFAULT_LATENCY_MODEL = LatencyModel()
+MAX_RETRY_AFTER_S = 60  # a shed request's Retry-After at most (a prediction is no promise)
 
 
 def batch_factor(batch: int, model: LatencyModel = DEFAULT_LATENCY_MODEL) -> float:
@@ -193,6 +195,12 @@ class Shed:
     @property
     def limit_s(self) -> float:
         return self.shed_factor * self.ttft_slo_s
+
+    @property
+    def retry_after_s(self) -> int:
+        """Whole seconds until the work ahead would have drained to the limit (1 to 60): the
+        503's Retry-After, so that clients that honour it do not come back into the backlog."""
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.predicted_ttft_s - self.limit_s)))
 
     @property
     def reason(self) -> str:

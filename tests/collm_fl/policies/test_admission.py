@@ -1,11 +1,13 @@
 """Admission control: shed a request when even the best replica would miss its TTFT SLO."""
 
+import math
 from dataclasses import replace
 
 import pytest
 
 from collm_fl.policies.routing import (
     ReplicaView,
+    Shed,
     admission_decision,
     failure_penalty_s,
     predict_latency,
@@ -40,6 +42,7 @@ def test_a_burst_that_fills_every_batch_is_shed_with_the_predicted_ttft_and_the_
     assert shed.predicted_ttft_s == pytest.approx(expected)
     assert shed.predicted_ttft_s > 1.5 * SLO_.ttft_s
     assert shed.limit_s == pytest.approx(1.5)
+    assert shed.retry_after_s == max(1, math.ceil(expected - 1.5))
     assert shed.replica == "a"  # equal predictions: the first by name
     assert "shed" in shed.reason
     assert f"predicted TTFT {expected:.3g} s" in shed.reason
@@ -106,3 +109,8 @@ def test_more_load_is_shed_no_earlier_than_less_load():
     # A larger factor sheds no earlier.
     firsts = [[shed_at(d, f) for d in range(60)].index(True) for f in (1.0, 2.0, 4.0)]
     assert firsts == sorted(firsts) and firsts[0] < firsts[-1]
+
+
+@pytest.mark.parametrize(("predicted", "retry_after"), [(1.6, 1), (2.5, 1), (2.51, 2), (9.0, 8), (4000.0, 60)])
+def test_a_shed_requests_retry_after_is_when_its_backlog_drains(predicted, retry_after):
+    assert Shed("a", predicted, shed_factor=1.5, ttft_slo_s=1.0).retry_after_s == retry_after
