@@ -111,6 +111,8 @@ def test_more_load_is_shed_no_earlier_than_less_load():
     assert firsts == sorted(firsts) and firsts[0] < firsts[-1]
 
 
-@pytest.mark.parametrize(("predicted", "retry_after"), [(1.6, 1), (2.5, 1), (2.51, 2), (9.0, 8), (4000.0, 60)])
+@pytest.mark.parametrize(
+    ("predicted", "retry_after"), [(1.6, 1), (2.5, 1), (2.51, 2), (9.0, 8), (4000.0, 60)]
+)
 def test_a_shed_requests_retry_after_is_when_its_backlog_drains(predicted, retry_after):
     assert Shed("a", predicted, shed_factor=1.5, ttft_slo_s=1.0).retry_after_s == retry_after
