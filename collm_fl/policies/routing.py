@@ -15,9 +15,10 @@ replica with ``B`` batch slots and ``L`` requests already on it:
   that trains while serving is slower by its training share (the SLO guard bounds it).
 - **TPOT** ``= step(min(L + 1, B))``: the step time once this request has joined the batch.
 - **TTFT** ``= (base_ttft + prompt_tokens · prefill_s_per_token) · (1 + interference · share)
-  + step(min(L, B)) [if L > 0] + W · step(B)``: prefill, the running step a new request waits
-  out before it joins the batch, and — when the batch is full — the ``W`` decode steps until a
-  slot frees for it (:func:`queue_wait_steps`): the oldest ``B`` requests hold the slots until
+  + step(min(L, B)) [if L > 0] + max(W − 1, 0) · step(B)``: prefill, the running step a new
+  request waits out before it joins the batch, and — when the batch is full — the rest of the
+  ``W`` decode steps (the running one among them) until a slot frees for it
+  (:func:`queue_wait_steps`): the oldest ``B`` requests hold the slots until
   their remaining tokens are out, each queued request ahead of it takes the first slot to free
   for its own tokens, and it gets the next. The gateway knows each request's remaining tokens
   (``max_tokens`` less those streamed); requests it did not send count ``max_tokens`` of this
@@ -44,6 +45,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
+from collm_fl.errors import ConfigError
 from collm_fl.replica.metrics import SLO
 
 
@@ -171,7 +173,8 @@ def predict_latency(
         else:  # no per-request counts: a slot frees about every (mean remaining) / cap steps
             mean = view.in_flight_tokens / view.in_flight if view.in_flight else max_tokens
             wait = (load + 1 - cap) * max(mean, 1.0) / cap
-        ttft += wait * step(cap)
+        # The first of those steps is the running one, already in ``ttft``.
+        ttft += max(wait - 1.0, 0.0) * step(cap)
     return Prediction(ttft_s=ttft, tpot_s=step(min(load + 1, cap)))
 
 
@@ -208,6 +211,15 @@ class Shed:
             f"request shed: its predicted TTFT {self.predicted_ttft_s:.3g} s (on the best replica, "
             f"{self.replica}) exceeds shed-factor × TTFT SLO = {self.shed_factor:g} × "
             f"{self.ttft_slo_s:g} s = {self.limit_s:.3g} s"
+        )
+
+
+def check_shed_factor(shed_factor: float) -> None:
+    """ConfigError unless ``shed_factor`` is 0 (off) or a finite number >= 1: below 1 the gateway
+    would refuse requests that are predicted to meet their TTFT SLO."""
+    if not (shed_factor == 0 or 1 <= shed_factor < math.inf):  # NaN too
+        raise ConfigError(
+            f"--shed-factor must be 0 (off) or a finite number >= 1, got {shed_factor}"
         )
 
 

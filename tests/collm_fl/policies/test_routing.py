@@ -7,6 +7,7 @@ import pytest
 from collm_fl.policies.routing import (
     LatencyModel,
     ReplicaView,
+    admitted_ttft,
     choose_replica,
     load_of,
     predict_latency,
@@ -88,6 +89,18 @@ def test_a_new_request_waits_for_the_slot_that_frees_after_those_ahead(
     remaining, load, cap, expected
 ):
     assert queue_wait_steps(remaining, load, cap, max_tokens=10) == expected
+
+
+def test_a_slot_freeing_after_the_running_step_costs_that_step_once():
+    # A full batch whose rows each have one token left: the slot frees when the running step
+    # ends, so the new request waits out that one step, as on a batch with a free slot.
+    ending = view("a", in_flight=4, remaining_tokens=(1, 1, 1, 1))
+    expected = admitted_ttft(0.05, 0.01, 0, 4, 4, 0.0)
+    assert predict_latency(ending, 0, 16).ttft_s == pytest.approx(expected)
+    # Two tokens left each: one more step at the full batch's pace.
+    later = view("a", in_flight=4, remaining_tokens=(2, 2, 2, 2))
+    step = 0.01 * (1 + 0.1 * 3)
+    assert predict_latency(later, 0, 16).ttft_s == pytest.approx(expected + step)
 
 
 def test_training_share_slows_a_replica():
