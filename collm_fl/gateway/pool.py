@@ -8,7 +8,8 @@ requests in flight on it abandoned (:meth:`Ticket.abandon`), so that it does not
 until the read timeout; one that refuses connections has closed its listener (it is draining after
 SIGTERM, and finishes what it has) or is gone (and its open connections broke, which the relay
 handles), so its requests are left to end on their own. The gateway itself counts what it has sent
-to each replica and learns each replica's unloaded TTFT/TPOT (EWMAs) from the responses it proxies.
+to each replica and learns each replica's unloaded TTFT/TPOT (EWMAs) from the responses it proxies:
+a stream's from its events' arrival, a JSON reply's from the replica's ``Server-Timing`` header.
 :meth:`ReplicaPool.views` turns all of it into the :class:`ReplicaView` list the routing policy
 reads.
 
@@ -78,10 +79,12 @@ class _Replica:
     last_error_at: float | None = None  # the last error of any kind (/health polls too)
     last_error: str | None = None
     routed: int = 0
-    tickets: set[Ticket] = field(default_factory=set)  # the requests in flight on it
+    # The requests in flight on it, oldest first (sent in clock order; a dict keeps that order
+    # and drops an ended one in O(1))
+    tickets: dict[Ticket, None] = field(default_factory=dict)
 
 
-@dataclass(eq=False)  # compared and hashed by identity: the pool keeps the open ones in a set
+@dataclass(eq=False)  # compared and hashed by identity: the pool keeps the open ones in a dict
 class Ticket:
     """One request on one replica, from sending it to its end (see :meth:`ReplicaPool.begin`)."""
 
@@ -284,7 +287,7 @@ class ReplicaPool:
             )
         if r.stuck_polls >= self.unhealthy_after:
             reason = f"replica {r.name} stopped answering /health ({_describe(e)})"
-            # Each ticket leaves the set once its waiter has ended it; abandon each once.
+            # Each ticket leaves the dict once its waiter has ended it; abandon each once.
             abandoned = [t for t in r.tickets if t.abandoned is None]
             for ticket in abandoned:
                 ticket.abandon(reason)
@@ -326,9 +329,7 @@ class ReplicaPool:
                 in_flight=r.in_flight,
                 in_flight_tokens=r.in_flight_tokens,
                 in_flight_at_poll=r.in_flight_at_poll,
-                remaining_tokens=tuple(
-                    t.remaining for t in sorted(r.tickets, key=lambda t: t.sent_at) if not t.done
-                ),
+                remaining_tokens=tuple(t.remaining for t in r.tickets if not t.done),
                 # A share slows serving only while a training job actually runs.
                 training_share=r.training_share if r.training else 0.0,
                 ewma_ttft_s=self._fresh(r, r.ewma_ttft_s, r.ttft_learned_at, now),
@@ -395,7 +396,7 @@ class ReplicaPool:
         )
         r.in_flight += 1
         r.in_flight_tokens += max_tokens
-        r.tickets.add(ticket)
+        r.tickets[ticket] = None
         r.routed += 1
         return ticket
 
@@ -410,10 +411,30 @@ class ReplicaPool:
             ticket.remaining -= 1
             self._replicas[ticket.replica].in_flight_tokens -= 1
 
-    def succeed(self, ticket: Ticket, completion_tokens: int | None = None) -> None:
-        """The request ended well: learn its latencies and clear the replica's failure streak."""
+    def succeed(
+        self,
+        ticket: Ticket,
+        completion_tokens: int | None = None,
+        replica_timing: tuple[float, float] | None = None,
+    ) -> None:
+        """The request ended well: learn its latencies and clear the replica's failure streak.
+
+        ``replica_timing``: a JSON reply's (TTFT, total) in seconds as the replica measured them
+        (its Server-Timing header): the reply's last ``total − TTFT`` seconds were its decoding,
+        so the gateway learns from it as from a stream of ``completion_tokens`` tokens.
+        """
         if ticket.done:
             return
+        if (
+            replica_timing is not None
+            and completion_tokens is not None
+            and ticket.first_token_at is None
+        ):
+            ttft_s, total_s = replica_timing
+            now = self.clock()
+            ticket.first_token_at = max(now - max(total_s - ttft_s, 0.0), ticket.sent_at)
+            ticket.last_token_at = now
+            ticket.tokens = completion_tokens
         self._finish(ticket)
         r = self._replicas[ticket.replica]
         r.consecutive_failures = 0
@@ -441,7 +462,7 @@ class ReplicaPool:
     def _finish(self, ticket: Ticket) -> None:
         r = self._replicas[ticket.replica]
         ticket.done = True
-        r.tickets.discard(ticket)
+        r.tickets.pop(ticket, None)
         r.in_flight -= 1
         r.ended += 1
         r.in_flight_tokens -= ticket.remaining
@@ -470,7 +491,8 @@ class ReplicaPool:
                 r.ewma_tpot_s = self._ewma(r, r.ewma_tpot_s, r.tpot_learned_at, sample)
                 r.tpot_learned_at = self.clock()
         elif completion_tokens is not None and completion_tokens >= 2 and not queued:
-            # One JSON body at the end: split its time with the TTFT this request was predicted
+            # One JSON body at the end and no Server-Timing (a replica of another kind, or an
+            # older one): split its time with the TTFT this request was predicted
             # (its prompt's prefill and the running step included, as unloaded_ttft). (One that
             # found the batch full also waited an unknowable time for a slot: it teaches nothing,
             # as unloaded_ttft skips such streamed requests.)

@@ -21,8 +21,8 @@ until it is done, rightly sends nothing while it waits for admission: only the r
 it.)
 
 Admission control (opt-in, ``shed_factor > 0``): a request whose predicted TTFT exceeds
-``shed_factor ×`` the TTFT SLO on every replica is refused on arrival with the same 503, before
-any replica sees it (:func:`~collm_fl.policies.routing.admission_decision`).
+``shed_factor ×`` the TTFT SLO on every replica is refused on arrival with a 503 of its own code,
+``load_shed``, before any replica sees it (:func:`~collm_fl.policies.routing.admission_decision`).
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ from collm_fl.replica.metrics import SLO
 log = logging.getLogger(__name__)
 ROUTED_HEADER = "X-Routed-To"
 VERSION_HEADER = "X-Adapter-Version"
+SHED_CODE = "load_shed"  # a shed request's 503 (the others: "overloaded", no replica took it)
+TIMING_HEADER = "Server-Timing"  # a replica's JSON reply: ``ttft;dur=…, total;dur=…`` (ms)
 RETRY_AFTER_S = 1
 CHARS_PER_TOKEN = 4  # prompt-length estimate: the gateway has no tokenizer
 T = TypeVar("T")
@@ -183,7 +185,7 @@ class Router:
         if shed is not None:
             self.metrics.shed.inc()
             log.debug("%s", shed.reason)
-            raise overloaded(shed.retry_after_s, shed.reason)
+            raise overloaded(shed.retry_after_s, shed.reason, code=SHED_CODE)
         excluded = set(other_models)
         last = "no healthy replica"
         refusals: list[str] = []  # the kind of each replica's refusal
@@ -275,7 +277,7 @@ class Router:
             self.pool.release(ticket)
             self.metrics.requests.labels(name, "client_error").inc()
             return _passthrough(resp, name)
-        self.pool.succeed(ticket, _completion_tokens(resp))
+        self.pool.succeed(ticket, _completion_tokens(resp), _replica_timing(resp))
         self.metrics.requests.labels(name, "ok").inc()
         return _passthrough(resp, name)
 
@@ -533,7 +535,7 @@ def _error_message(resp: httpx.Response) -> str:
 
 def _passthrough(resp: httpx.Response, name: str) -> Response:
     headers = {ROUTED_HEADER: name}
-    for key in (VERSION_HEADER, "Retry-After", "WWW-Authenticate"):
+    for key in (VERSION_HEADER, TIMING_HEADER, "Retry-After", "WWW-Authenticate"):
         if key in resp.headers:
             headers[key] = resp.headers[key]
     media_type = resp.headers.get("content-type", "application/json")
@@ -546,3 +548,22 @@ def _completion_tokens(resp: httpx.Response) -> int | None:
     except (ValueError, KeyError, TypeError):
         return None
     return n if isinstance(n, int) else None
+
+
+def _replica_timing(resp: httpx.Response) -> tuple[float, float] | None:
+    """(TTFT, total) in seconds from a replica's Server-Timing header, or None when it has not
+    both as finite, non-negative durations with TTFT ≤ total."""
+    found: dict[str, float] = {}
+    for metric in resp.headers.get(TIMING_HEADER, "").split(","):
+        name, _, params = metric.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name in ("ttft", "total"):
+                try:
+                    found[name] = float(value) / 1000
+                except ValueError:
+                    return None
+    ttft, total = found.get("ttft"), found.get("total")
+    if ttft is None or total is None or not 0 <= ttft <= total < float("inf"):
+        return None
+    return ttft, total

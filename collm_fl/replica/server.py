@@ -60,6 +60,9 @@ from collm_fl.replica.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Adapter-Version"
+# A JSON reply's own latencies (W3C Server-Timing, ms): ``ttft;dur=…, total;dur=…`` from when
+# the request reached the engine, so that a gateway can learn TTFT from JSON traffic too.
+TIMING_HEADER = "Server-Timing"
 MAX_CHARS_PER_TOKEN = 64  # more than any tokenizer's longest tokens average (BPEs: ~4)
 
 
@@ -251,7 +254,7 @@ async def _generate(
             500, "generation failed on the replica", "server_error", code="generation_error"
         )
     usage = _usage(handle)
-    headers = _version_headers(handle)
+    headers = {**_version_headers(handle), **_timing_headers(handle)}
     out: ChatCompletionResponse | CompletionResponse
     if chat:
         out = ChatCompletionResponse(
@@ -395,6 +398,14 @@ def _usage(handle: RequestHandle) -> Usage:
 
 def _version_headers(handle: RequestHandle) -> dict[str, str]:
     return {VERSION_HEADER: "base" if handle.version is None else str(handle.version)}
+
+
+def _timing_headers(handle: RequestHandle) -> dict[str, str]:
+    if handle.first_token_at is None or handle.finished_at is None:
+        return {}
+    ttft_ms = (handle.first_token_at - handle.arrival) * 1000
+    total_ms = (handle.finished_at - handle.arrival) * 1000
+    return {TIMING_HEADER: f"ttft;dur={ttft_ms:.1f}, total;dur={total_ms:.1f}"}
 
 
 def _record(replica: Replica, handle: RequestHandle, finish: str | None) -> None:

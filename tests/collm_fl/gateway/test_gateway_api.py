@@ -68,6 +68,24 @@ def test_completion_reaches_a_replica_and_names_it_and_the_adapter_version(gatew
     assert "adapter_version" in out.model_extra and out.model_extra["adapter_version"] is None
 
 
+def test_a_json_reply_carries_the_replicas_timing_and_teaches_the_gateway_its_ttft(replicas):
+    gw = GatewayServer([r.url for r in replicas])  # its own: nothing learned yet
+    try:
+        wait_for(lambda: all(r["healthy"] for r in gw.health()["replicas"]), 30, "replicas")
+        raw = client(gw).completions.with_raw_response.create(
+            model="tiny", prompt="ROMEO:", max_tokens=8, temperature=0
+        )
+        timing = dict(
+            (m.split(";")[0].strip(), float(m.split("dur=")[1]))
+            for m in raw.headers["Server-Timing"].split(",")
+        )
+        assert 0 < timing["ttft"] <= timing["total"]
+        learned = gw.replica(raw.headers["X-Routed-To"])
+        assert learned["ewma_ttft_s"] is not None and learned["ewma_ttft_s"] > 0
+    finally:
+        gw.stop()
+
+
 def test_chat_completion_through_the_gateway(gateway):
     out = client(gateway).chat.completions.create(
         model="tiny", messages=CHAT, max_tokens=6, temperature=0

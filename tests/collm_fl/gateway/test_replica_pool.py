@@ -86,7 +86,33 @@ def test_a_json_request_teaches_tpot_from_its_duration():
     clock.now += MODEL.prior_ttft_s + 10 * 0.03
     pool.succeed(t, completion_tokens=11)
     assert view(pool, a).ewma_tpot_s == pytest.approx(0.03)
-    assert view(pool, a).ewma_ttft_s is None  # not visible in a JSON reply
+    assert view(pool, a).ewma_ttft_s is None  # not visible in a JSON reply without its timing
+
+
+def test_a_json_reply_with_the_replicas_timing_teaches_ttft_and_tpot():
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    t = pool.begin(a, 0, 11)
+    clock.now += 0.02 + 0.3 + 10 * 0.05  # 20 ms on the wire, TTFT 0.3 s, then 10 tokens
+    pool.succeed(t, completion_tokens=11, replica_timing=(0.3, 0.3 + 10 * 0.05))
+    v = view(pool, a)
+    assert v.ewma_ttft_s == pytest.approx(0.32)  # the wire counts to the client's TTFT
+    assert v.ewma_tpot_s == pytest.approx(0.05)
+
+
+def test_a_json_reply_that_queued_teaches_its_tpot_but_not_its_ttft():
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    running = [pool.begin(a, 0, 11) for _ in range(MODEL.default_max_batch)]  # the batch is full
+    queued = pool.begin(a, 0, 11)
+    clock.now += 5.0 + 10 * 0.05
+    pool.succeed(queued, completion_tokens=11, replica_timing=(5.0, 5.0 + 10 * 0.05))
+    v = view(pool, a)
+    assert v.ewma_ttft_s is None  # it waited for a slot: says nothing of the replica's TTFT
+    batch = 1 + MODEL.batch_slowdown * (MODEL.default_max_batch - 1)
+    assert v.ewma_tpot_s == pytest.approx(0.05 / batch)  # its decoding ran on a full batch
+    for t in running:
+        pool.release(t)
 
 
 def test_a_json_request_with_a_long_prompt_on_a_busy_replica_teaches_its_true_tpot():
@@ -311,3 +337,25 @@ def test_a_replica_with_requests_in_flight_keeps_what_was_learned_past_the_ttl()
     for q in queued:
         pool.release(q)
     assert view(pool, a).ewma_ttft_s is None  # idle and stale: forgotten
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ("ttft;dur=120.5, total;dur=900", (0.1205, 0.9)),
+        ("total;dur=900;desc=x, db;dur=3, ttft;dur=120", (0.12, 0.9)),  # any order, other metrics
+        ("ttft;dur=120", None),  # no total
+        ("ttft;dur=abc, total;dur=900", None),
+        ("ttft;dur=950, total;dur=900", None),  # first token after the end
+        ("ttft;dur=-1, total;dur=900", None),
+        ("ttft;dur=nan, total;dur=900", None),
+        ("ttft;dur=1, total;dur=inf", None),
+        ("", None),
+    ],
+)
+def test_a_replicas_server_timing_header_is_read_or_ignored(header, expected):
+    from collm_fl.gateway.proxy import _replica_timing
+
+    resp = httpx.Response(200, headers={"Server-Timing": header} if header else {})
+    got = _replica_timing(resp)
+    assert got == (pytest.approx(expected) if expected else None)
