@@ -62,12 +62,16 @@ def error_response(
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-def overloaded(retry_after_s: int, message: str = "server is overloaded; retry later") -> APIError:
+def overloaded(
+    retry_after_s: int,
+    message: str = "server is overloaded; retry later",
+    code: str = "overloaded",
+) -> APIError:
     return APIError(
         503,
         message,
         "server_overloaded",
-        code="overloaded",
+        code=code,
         headers={"Retry-After": str(retry_after_s)},
     )
 

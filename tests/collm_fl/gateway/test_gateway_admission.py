@@ -123,7 +123,7 @@ def test_a_request_predicted_to_miss_the_ttft_slo_everywhere_is_shed_with_a_503(
         assert r.status_code == 503, r.text
         assert r.headers["Retry-After"] == "60"  # the backlog needs far longer: at most 60 s
         err = r.json()["error"]
-        assert err["type"] == "server_overloaded" and err["code"] == "overloaded"
+        assert err["type"] == "server_overloaded" and err["code"] == "load_shed"
         assert "request shed" in err["message"]
         assert "exceeds shed-factor × TTFT SLO = 2 × 2 s = 4 s" in err["message"]
     assert gw.metric("collm_gateway_shed_total") == 2
