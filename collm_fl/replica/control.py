@@ -10,9 +10,11 @@
 - ``GET  /control/status``             versions, slots, trainer state
 
 Every call needs ``Authorization: Bearer <control token>`` (constant-time check). The calls'
-blocking work (decoding and swapping an adapter, a training job that lasts until its deadline)
-runs on the control API's own threads: the OpenAI API's server shares the event loop, and its
-tokenization the loop's default thread pool, which held training jobs would otherwise fill.
+blocking work (decoding and swapping an adapter, an exclusive training job) runs on the control
+API's own threads: the OpenAI API's server shares the event loop, and its tokenization the loop's
+default thread pool, which such work would otherwise fill. A co-executing training job, which
+lasts until its deadline, is queued on the trainer and awaited, holding no thread: however many
+are queued, pushes and rollbacks still find one.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from collm_fl.replica.wire import decode_adapter, encode_adapter
 log = logging.getLogger(__name__)
 
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
-CONTROL_THREADS = 8  # concurrent blocking control calls (queued training jobs each hold one)
+CONTROL_THREADS = 8  # concurrent blocking control calls (an exclusive training job holds one)
 
 T = TypeVar("T")
 
@@ -143,16 +145,27 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
         try:
             if body.share is not None:
                 replica.set_training_share(body.share)
-            outcome = await off_loop(
-                replica.train,
-                body.steps,
-                body.learning_rate,
-                body.deadline_s,
-                body.round,
-                exclusive=body.exclusive,
-                backfill_steps=body.backfill_steps,
-                base_version=body.base_version,
-            )
+            if body.exclusive:  # (holds a control thread: serving is paused under its locks)
+                outcome = await off_loop(
+                    replica.train,
+                    body.steps,
+                    body.learning_rate,
+                    body.deadline_s,
+                    body.round,
+                    exclusive=True,
+                    base_version=body.base_version,
+                )
+            else:  # queued on the trainer and awaited: no thread waits out the job
+                job = await off_loop(
+                    replica.submit_training,
+                    body.steps,
+                    body.learning_rate,
+                    body.deadline_s,
+                    body.round,
+                    backfill_steps=body.backfill_steps,
+                    base_version=body.base_version,
+                )
+                outcome = await asyncio.wrap_future(job)
         except VersionConflictError as e:  # a version landed after the check above
             raise APIError(409, str(e), code="version_mismatch") from e
         except ConfigError as e:

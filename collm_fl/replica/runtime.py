@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -515,37 +516,80 @@ class Replica:
         the whole job and training takes every core, with no SLO guard; a merged version is
         unmerged first (training needs the plain base) and merged back after.
         """
-        if self.trainer is None:
-            raise ConfigError("this replica has no training data (start it with --data)")
         if not exclusive:
-            if self.merged.current is not None:
-                raise ConfigError("a merged version is served: train with exclusive=True")
-            job = TrainJob(
-                self._served_state(base_version) if start_state is None else start_state,
+            return self.submit_training(
                 steps,
                 learning_rate,
                 deadline_s,
                 round_number,
-                backfill_steps=backfill_steps,
+                start_state,
+                backfill_steps,
+                base_version,
+            ).result()
+        if self.trainer is None:
+            raise ConfigError("this replica has no training data (start it with --data)")
+        # No version change mid-job; training needs the plain base (merged back after).
+        with self._push_lock, self.serving_paused(), self.merged.lifted():
+            job = TrainJob(
+                self._served_state(base_version, locked=True)
+                if start_state is None
+                else start_state,
+                steps,
+                learning_rate,
+                deadline_s,
+                round_number,
+                exclusive=True,
             )
             outcome = self.trainer.submit(job).result()
-        else:
-            # No version change mid-job; training needs the plain base (merged back after).
-            with self._push_lock, self.serving_paused(), self.merged.lifted():
-                job = TrainJob(
-                    self._served_state(base_version, locked=True)
-                    if start_state is None
-                    else start_state,
-                    steps,
-                    learning_rate,
-                    deadline_s,
-                    round_number,
-                    exclusive=True,
-                )
-                outcome = self.trainer.submit(job).result()
+        self._count_training(outcome)
+        return outcome
+
+    def submit_training(
+        self,
+        steps: int,
+        learning_rate: float,
+        deadline_s: float,
+        round_number: int,
+        start_state: Mapping[str, np.ndarray] | None = None,
+        backfill_steps: int = 0,
+        base_version: int | None = None,
+    ) -> Future[TrainOutcome]:
+        """Queue a co-executing job (as :meth:`train`, not exclusive) without waiting for it: the
+        future resolves once it has ended and been counted in the metrics, so that a caller on
+        an event loop can await it without holding a thread for the whole job."""
+        if self.trainer is None:
+            raise ConfigError("this replica has no training data (start it with --data)")
+        if self.merged.current is not None:
+            raise ConfigError("a merged version is served: train with exclusive=True")
+        job = TrainJob(
+            self._served_state(base_version) if start_state is None else start_state,
+            steps,
+            learning_rate,
+            deadline_s,
+            round_number,
+            backfill_steps=backfill_steps,
+        )
+        counted: Future[TrainOutcome] = Future()
+
+        def count(job_future: Future[TrainOutcome]) -> None:
+            # (``counted`` may have been cancelled by a caller that stopped waiting: then its
+            # result goes nowhere, but the steps trained are counted all the same.)
+            try:
+                outcome = job_future.result()
+            except BaseException as e:  # (a cancelled job's CancelledError too)
+                if counted.set_running_or_notify_cancel():
+                    counted.set_exception(e)
+                return
+            self._count_training(outcome)
+            if counted.set_running_or_notify_cancel():
+                counted.set_result(outcome)
+
+        self.trainer.submit(job).add_done_callback(count)
+        return counted
+
+    def _count_training(self, outcome: TrainOutcome) -> None:
         self.metrics.training_steps.inc(outcome.steps)
         self.metrics.training_tokens.inc(outcome.tokens)
-        return outcome
 
     def _served_state(self, expected: int | None = None, locked: bool = False) -> AdapterState:
         """The adapter new requests get (merged or in its slot), as float32 numpy.
