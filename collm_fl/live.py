@@ -47,6 +47,7 @@ from collm_fl.loadgen.client import (
     replay,
 )
 from collm_fl.loadgen.goodput import SLOSpec, summarize_results
+from collm_fl.policies.routing import check_shed_factor
 from collm_fl.reports import save_figure, write_text_atomic
 from collm_fl.store import VersionStore
 
@@ -111,10 +112,10 @@ class LiveConfig:
                 problems.append(f"{flag} must be >= 1, got {count}")
         if self.seed < 0:
             problems.append(f"--seed must be >= 0, got {self.seed}")
-        if not (self.shed_factor == 0 or 1 <= self.shed_factor < math.inf):
-            problems.append(
-                f"--shed-factor must be 0 (off) or a finite number >= 1, got {self.shed_factor}"
-            )
+        try:
+            check_shed_factor(self.shed_factor)
+        except ConfigError as e:
+            problems.append(str(e))
         if problems:
             raise ConfigError("; ".join(problems))
 

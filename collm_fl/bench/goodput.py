@@ -67,6 +67,7 @@ from collm_fl.loadgen.goodput import (
     time_to_quality,
 )
 from collm_fl.loadgen.trace import TraceRow, load_azure_trace, scale_trace
+from collm_fl.policies.routing import check_shed_factor
 from collm_fl.replica.affinity import available_cpus
 from collm_fl.training import get_adapter_state
 
@@ -117,8 +118,7 @@ def run_goodput_benchmark(
         rates = list(rates[:1]) if rates else None
     _check_args(replicas, rates, rounds, duration_per_round_s, slo_factor, server_lr)
     systems = check_systems(SYSTEMS if systems is None else systems)
-    if not (shed_factor == 0 or 1 <= shed_factor < math.inf):
-        raise ConfigError(f"shed_factor: must be 0 (off) or >= 1, got {shed_factor}")
+    check_shed_factor(shed_factor)
     if trace is None and arrivals not in ARRIVAL_KINDS:
         raise ConfigError(f"arrivals: expected one of {ARRIVAL_KINDS}, got {arrivals!r}")
     trace_rows = load_azure_trace(trace) if trace else None  # a bad trace fails before any run

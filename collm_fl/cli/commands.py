@@ -93,8 +93,9 @@ def dispatch(args: argparse.Namespace) -> int:
         )
         return run_live(cfg, Path(args.app).resolve())
     if args.command == "gateway":
-        from collm_fl.gateway.serve import check_shed_factor, run_gateway
+        from collm_fl.gateway.serve import run_gateway
         from collm_fl.launch import check_ports_free
+        from collm_fl.policies.routing import check_shed_factor
         from collm_fl.replica.metrics import SLO
 
         if not all(math.isfinite(v) and v > 0 for v in (args.ttft_slo, args.tpot_slo)):

@@ -15,6 +15,7 @@ import uvicorn
 from collm_fl.errors import ConfigError
 from collm_fl.gateway.app import create_gateway_app
 from collm_fl.gateway.pool import ReplicaPool
+from collm_fl.policies.routing import check_shed_factor
 from collm_fl.replica.metrics import SLO
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,6 @@ def run_gateway(
     with _signals_end_the_server_not_the_process():
         uvicorn.Server(config).run()
     log.info("gateway stopped")
-
-
-def check_shed_factor(shed_factor: float) -> None:
-    """ConfigError unless ``shed_factor`` is 0 (off) or >= 1: below 1 the gateway would refuse
-    requests that are predicted to meet their TTFT SLO."""
-    if not (shed_factor == 0 or 1 <= shed_factor < math.inf):  # NaN too
-        raise ConfigError(
-            f"--shed-factor must be 0 (off) or a finite number >= 1, got {shed_factor}"
-        )
 
 
 @contextlib.contextmanager
