@@ -328,10 +328,14 @@ def share_at_least_as_good(
     return good / end_s
 
 
-def quality_share(result: GoodputResult, mine: RunOutcome) -> float:
+def quality_share(result: GoodputResult, mine: RunOutcome, only: str | None = None) -> float:
     """Share of the load window in which ``mine`` served a loss no worse than every baseline at
-    its rate (1.0 when the rate had no baseline)."""
-    others = [r.quality for r in result.runs_at(mine.rate) if not is_collm_system(r.system)]
+    its rate, or than the baseline ``only`` alone (1.0 when there was none)."""
+    others = [
+        r.quality
+        for r in result.runs_at(mine.rate)
+        if not is_collm_system(r.system) and only in (None, r.system)
+    ]
     if not others:
         return 1.0
     return share_at_least_as_good(mine.quality, others, result.settings.schedule_s)
@@ -339,17 +343,19 @@ def quality_share(result: GoodputResult, mine: RunOutcome) -> float:
 
 def _goal_lines(result: GoodputResult) -> list[str]:
     """Per rate and CoLLM-FL system: the goodput ratio and its served quality over time against
-    every baseline."""
+    every baseline, and against the best one by goodput (the one the ratio divides by)."""
     lines = [
         "### Against the goals",
         "",
         f"Goals: CoLLM-FL's goodput at least {GOAL_RATIO:g}× the best baseline's at the "
         "bursty/high rates and never below it, and its served quality at least as good at "
-        "every moment.",
+        "every moment. The quality is compared two ways: with every baseline at each moment "
+        "(the strict reading: the lowest loss any of them served then, whatever its goodput), "
+        "and with the best baseline by goodput alone (the system one would otherwise run).",
         "",
         "| rate | system | goodput / best baseline | time it serves a loss no worse than every "
-        "baseline | final served loss vs best baseline |",
-        "|---|---|---:|---:|---:|",
+        "baseline | … than the best baseline by goodput | final served loss vs best baseline |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for info in result.by_rate:
         runs = result.runs_at(info.rate)
@@ -361,9 +367,15 @@ def _goal_lines(result: GoodputResult) -> list[str]:
         for mine in (r for r in runs if is_collm_system(r.system)):
             share = quality_share(result, mine)
             ratio = ratios.get(mine.system)
+            vs_best = (
+                "-"
+                if info.best_baseline is None
+                else f"{100 * quality_share(result, mine, info.best_baseline):.0f}% "
+                f"({result.title(info.best_baseline)})"
+            )
             lines.append(
                 f"| {_rate_label(result, info.rate)} | {result.title(mine.system)} | "
-                f"{'-' if ratio is None else f'{ratio:.2f}×'} | {100 * share:.0f}% | "
+                f"{'-' if ratio is None else f'{ratio:.2f}×'} | {100 * share:.0f}% | {vs_best} | "
                 f"{mine.final_loss:.4f} vs {best.final_loss:.4f} ({result.title(best.system)}) |"
             )
     return lines
