@@ -436,9 +436,14 @@ class Orchestrator:
         return time.monotonic() - started
 
     def _push(self, version: int, state: AdapterState) -> tuple[list[float], list[str]]:
-        """Push to every replica at once (serving ones in the system's mode): the swap ms of each
-        replica that took it, and why the others did not (they keep serving what they had, as a
-        SuperNode whose replica refused a version does; the run goes on)."""
+        """Push to every replica (serving ones in the system's mode): the swap ms of each replica
+        that took it, and why the others did not (they keep serving what they had, as a
+        SuperNode whose replica refused a version does; the run goes on).
+
+        At once, except behind the rolling system's balancer: there one replica at a time, out
+        of rotation while it reloads (no drain: its requests in flight wait out the reload, new
+        ones go to the others), as an operator rolls a stop-the-world update out.
+        """
 
         def one(i: int) -> dict[str, object] | ReplicaUnavailable:
             mode = self.spec.swap_mode if i in self.serving else "shadow"
@@ -447,8 +452,19 @@ class Orchestrator:
             except ReplicaUnavailable as e:
                 return e
 
-        with ThreadPoolExecutor(len(self.clients), thread_name_prefix="bench-push") as pool:
-            replies = list(pool.map(one, range(len(self.clients))))
+        def out_of_rotation(i: int) -> dict[str, object] | ReplicaUnavailable:
+            assert self.router is not None
+            self.router.take_out(i)
+            try:
+                return one(i)
+            finally:
+                self.router.put_back(i)
+
+        if self.router is not None:
+            replies = [out_of_rotation(i) for i in range(len(self.clients))]
+        else:
+            with ThreadPoolExecutor(len(self.clients), thread_name_prefix="bench-push") as pool:
+                replies = list(pool.map(one, range(len(self.clients))))
         swap_ms, failures = [], []
         for i, reply in enumerate(replies):
             if isinstance(reply, ReplicaUnavailable):

@@ -145,9 +145,10 @@ SYSTEM_SPECS = {
         "balancer's rotation, finishes its requests (at most "
         f"{DRAIN_TIMEOUT_S:g} s), trains, and comes back while the others serve every request "
         "(a different replica first each round; one that no step would fit in what is left of "
-        "the deadline stays in rotation); versions by stop-the-world reload of every replica at "
-        "once (tens to hundreds of ms: rolling it too would delay each version by the drains); "
-        "round-robin routing over the replicas in rotation, first-come-first-served admission",
+        "the deadline stays in rotation); versions by stop-the-world reload, one replica at a "
+        "time out of rotation (no drain: a reload takes tens to hundreds of ms, its requests in "
+        "flight wait it out); round-robin routing over the replicas in rotation, "
+        "first-come-first-served admission",
         rolling=True,
     ),
     COLLM: SystemSpec(

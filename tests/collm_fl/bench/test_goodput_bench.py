@@ -347,6 +347,37 @@ def test_rolling_trains_one_replica_at_a_time_out_of_rotation(monkeypatch) -> No
     assert {router.route(k) for k in range(4)} == {"http://r0", "http://r1"}
 
 
+def test_rolling_reloads_one_replica_at_a_time_out_of_rotation() -> None:
+    """Each replica is out of rotation while its reload runs and back before the next starts;
+    without the rolling balancer every replica reloads at once."""
+    from collm_fl.bench.goodput_rounds import Orchestrator, RollingRouter
+    from collm_fl.bench.goodput_systems import SYSTEM_SPECS
+
+    router = RollingRouter(["http://r0", "http://r1", "http://r2"])
+    seen: list[tuple[int, set[str]]] = []
+
+    class Client:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def push_version(self, state, peft_config, version, mode):
+            seen.append((self.i, {router.route(k) for k in range(6)}))
+            return {"promoted_at": 1.0, "load_ms": 300.0}
+
+    orch = Orchestrator.__new__(Orchestrator)
+    orch.router, orch.spec, orch.serving = router, SYSTEM_SPECS["rolling"], [0, 1, 2]
+    orch.clients = [Client(i) for i in range(3)]  # type: ignore[list-item]
+    orch.peft_config, orch._pushed_wall = {}, []
+    swap_ms, failures = orch._push(1, {})
+    assert swap_ms == [300.0] * 3 and failures == []
+    assert seen == [
+        (0, {"http://r1", "http://r2"}),
+        (1, {"http://r0", "http://r2"}),
+        (2, {"http://r0", "http://r1"}),
+    ]
+    assert {router.route(k) for k in range(6)} == {"http://r0", "http://r1", "http://r2"}
+
+
 def test_a_run_that_fails_mid_way_still_reports_the_rates_every_system_finished(
     tmp_path: Path, monkeypatch
 ) -> None:
