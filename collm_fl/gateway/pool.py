@@ -97,7 +97,7 @@ class Ticket:
     remaining: int  # output tokens still expected
     first_token_at: float | None = None
     last_token_at: float | None = None
-    tokens: int = 0  # tokens seen so far (streaming)
+    tokens: int = 0  # tokens seen so far (streamed, or a timed JSON reply's count at its end)
     done: bool = False
     abandoned: str | None = None  # why the pool gave up on the replica while this was in flight
     on_abandon: Callable[[], None] | None = None  # set by whoever waits on the replica right now
@@ -425,20 +425,30 @@ class ReplicaPool:
         """
         if ticket.done:
             return
-        if (
-            replica_timing is not None
-            and completion_tokens is not None
-            and ticket.first_token_at is None
-        ):
-            ttft_s, total_s = replica_timing
-            now = self.clock()
-            ticket.first_token_at = max(now - max(total_s - ttft_s, 0.0), ticket.sent_at)
-            ticket.last_token_at = now
-            ticket.tokens = completion_tokens
+        if replica_timing is not None and completion_tokens is not None:
+            self._timed_by_replica(ticket, completion_tokens, *replica_timing)
         self._finish(ticket)
         r = self._replicas[ticket.replica]
         r.consecutive_failures = 0
         self._learn(r, ticket, completion_tokens)
+
+    def _timed_by_replica(
+        self, ticket: Ticket, completion_tokens: int, ttft_s: float, total_s: float
+    ) -> None:
+        """Stamp a JSON reply's ticket as if it had streamed (first token ``total − TTFT`` before
+        now), unless the timing cannot be this reply's: no token, a decode span longer than the
+        gateway waited, or none at all for 2+ tokens (then the JSON fallback in :meth:`_learn`)."""
+        if ticket.first_token_at is not None or isinstance(completion_tokens, bool):
+            return
+        now = self.clock()
+        decode_s = total_s - ttft_s
+        if completion_tokens < 1 or decode_s > now - ticket.sent_at:
+            return
+        if completion_tokens >= 2 and decode_s <= 0:
+            return
+        ticket.first_token_at = now - decode_s
+        ticket.last_token_at = now
+        ticket.tokens = completion_tokens
 
     def fail(self, ticket: Ticket, reason: str, replica_down: bool = False) -> None:
         """The replica failed this request; ``replica_down`` (connection refused) marks it unhealthy
@@ -472,7 +482,7 @@ class ReplicaPool:
         batch = min(t.load_at_send + 1, t.capacity)
         queued = t.load_at_send + 1 > t.capacity  # the batch was full when it was sent
         base_tpot = r.ewma_tpot_s if r.ewma_tpot_s is not None else self.model.prior_tpot_s
-        if t.first_token_at is not None:  # streamed: TTFT and TPOT are both visible
+        if t.first_token_at is not None:  # streamed, or timed by the replica: TTFT and TPOT
             ttft = unloaded_ttft(
                 t.first_token_at - t.sent_at,
                 t.prompt_tokens,

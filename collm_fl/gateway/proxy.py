@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 ROUTED_HEADER = "X-Routed-To"
 VERSION_HEADER = "X-Adapter-Version"
 SHED_CODE = "load_shed"  # a shed request's 503 (the others: "overloaded", no replica took it)
-TIMING_HEADER = "Server-Timing"  # a replica's JSON reply: ``ttft;dur=…, total;dur=…`` (ms)
+# a replica's JSON reply: ``replica-ttft;dur=…, replica-total;dur=…`` (ms)
+TIMING_HEADER = "Server-Timing"
 RETRY_AFTER_S = 1
 CHARS_PER_TOKEN = 4  # prompt-length estimate: the gateway has no tokenizer
 T = TypeVar("T")
@@ -551,19 +552,20 @@ def _completion_tokens(resp: httpx.Response) -> int | None:
 
 
 def _replica_timing(resp: httpx.Response) -> tuple[float, float] | None:
-    """(TTFT, total) in seconds from a replica's Server-Timing header, or None when it has not
-    both as finite, non-negative durations with TTFT ≤ total."""
+    """(TTFT, total) in seconds from a replica's Server-Timing header (``replica-ttft`` and
+    ``replica-total``, the first of each), or None when it has not both as finite, non-negative
+    durations with TTFT ≤ total."""
     found: dict[str, float] = {}
     for metric in resp.headers.get(TIMING_HEADER, "").split(","):
         name, _, params = metric.strip().partition(";")
         for param in params.split(";"):
             key, _, value = param.strip().partition("=")
-            if key == "dur" and name in ("ttft", "total"):
+            if key == "dur" and name in ("replica-ttft", "replica-total") and name not in found:
                 try:
                     found[name] = float(value) / 1000
                 except ValueError:
                     return None
-    ttft, total = found.get("ttft"), found.get("total")
+    ttft, total = found.get("replica-ttft"), found.get("replica-total")
     if ttft is None or total is None or not 0 <= ttft <= total < float("inf"):
         return None
     return ttft, total

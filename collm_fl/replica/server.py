@@ -60,8 +60,9 @@ from collm_fl.replica.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Adapter-Version"
-# A JSON reply's own latencies (W3C Server-Timing, ms): ``ttft;dur=…, total;dur=…`` from when
-# the request reached the engine, so that a gateway can learn TTFT from JSON traffic too.
+# A JSON reply's own latencies (W3C Server-Timing, ms): ``replica-ttft;dur=…, replica-total;dur=…``
+# from when the request reached the engine, so that a gateway can learn TTFT from JSON traffic too
+# (the client's own TTFT adds the network and whatever came before: a gateway, its retries).
 TIMING_HEADER = "Server-Timing"
 MAX_CHARS_PER_TOKEN = 64  # more than any tokenizer's longest tokens average (BPEs: ~4)
 
@@ -405,7 +406,7 @@ def _timing_headers(handle: RequestHandle) -> dict[str, str]:
         return {}
     ttft_ms = (handle.first_token_at - handle.arrival) * 1000
     total_ms = (handle.finished_at - handle.arrival) * 1000
-    return {TIMING_HEADER: f"ttft;dur={ttft_ms:.1f}, total;dur={total_ms:.1f}"}
+    return {TIMING_HEADER: f"replica-ttft;dur={ttft_ms:.1f}, replica-total;dur={total_ms:.1f}"}
 
 
 def _record(replica: Replica, handle: RequestHandle, finish: str | None) -> None:

@@ -100,6 +100,35 @@ def test_a_json_reply_with_the_replicas_timing_teaches_ttft_and_tpot():
     assert v.ewma_tpot_s == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize(
+    "tokens, timing",
+    [
+        (0, (0.1, 0.1)),  # no token: no first token to time
+        (11, (0.3, 9.0)),  # decoding longer than the gateway waited: not this reply's timing
+        (11, (0.5, 0.5)),  # 11 tokens in no time
+    ],
+)
+def test_a_json_replys_timing_that_cannot_be_its_own_falls_back_to_its_duration(tokens, timing):
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    t = pool.begin(a, 0, 11)
+    clock.now += MODEL.prior_ttft_s + 10 * 0.03
+    pool.succeed(t, completion_tokens=tokens, replica_timing=timing)
+    v = view(pool, a)
+    assert v.ewma_ttft_s is None
+    assert v.ewma_tpot_s == (None if tokens < 2 else pytest.approx(0.03))
+
+
+def test_the_views_list_each_requests_remaining_tokens_oldest_first():
+    pool, _ = make_pool()
+    a = "127.0.0.1:8100"
+    first, middle, last = (pool.begin(a, 0, n) for n in (50, 5, 20))
+    pool.release(middle)
+    assert view(pool, a).remaining_tokens == (50, 20)
+    pool.release(first)
+    pool.release(last)
+
+
 def test_a_json_reply_that_queued_teaches_its_tpot_but_not_its_ttft():
     pool, clock = make_pool()
     a = "127.0.0.1:8100"
@@ -342,14 +371,17 @@ def test_a_replica_with_requests_in_flight_keeps_what_was_learned_past_the_ttl()
 @pytest.mark.parametrize(
     "header, expected",
     [
-        ("ttft;dur=120.5, total;dur=900", (0.1205, 0.9)),
-        ("total;dur=900;desc=x, db;dur=3, ttft;dur=120", (0.12, 0.9)),  # any order, other metrics
-        ("ttft;dur=120", None),  # no total
-        ("ttft;dur=abc, total;dur=900", None),
-        ("ttft;dur=950, total;dur=900", None),  # first token after the end
-        ("ttft;dur=-1, total;dur=900", None),
-        ("ttft;dur=nan, total;dur=900", None),
-        ("ttft;dur=1, total;dur=inf", None),
+        ("replica-ttft;dur=120.5, replica-total;dur=900", (0.1205, 0.9)),
+        # any order, other metrics; a proxy's own "total" is not the replica's
+        ("replica-total;dur=900;desc=x, total;dur=3, replica-ttft;dur=120", (0.12, 0.9)),
+        ("replica-ttft;dur=120, replica-total;dur=900, replica-total;dur=5", (0.12, 0.9)),
+        ("replica-ttft;dur=120", None),  # no total
+        ("ttft;dur=120, total;dur=900", None),  # not the replica's names
+        ("replica-ttft;dur=abc, replica-total;dur=900", None),
+        ("replica-ttft;dur=950, replica-total;dur=900", None),  # first token after the end
+        ("replica-ttft;dur=-1, replica-total;dur=900", None),
+        ("replica-ttft;dur=nan, replica-total;dur=900", None),
+        ("replica-ttft;dur=1, replica-total;dur=inf", None),
         ("", None),
     ],
 )
