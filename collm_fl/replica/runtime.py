@@ -580,11 +580,19 @@ class Replica:
                 if counted.set_running_or_notify_cancel():
                     counted.set_exception(e)
                 return
-            self._count_training(outcome)
-            if counted.set_running_or_notify_cancel():
-                counted.set_result(outcome)
+            try:
+                self._count_training(outcome)
+            finally:  # (the caller is answered whatever the metrics do)
+                if counted.set_running_or_notify_cancel():
+                    counted.set_result(outcome)
 
-        self.trainer.submit(job).add_done_callback(count)
+        def drop_if_unwanted(waiter: Future[TrainOutcome]) -> None:
+            if waiter.cancelled():  # nobody waits for it: a job not started yet never runs
+                queued.cancel()
+
+        queued = self.trainer.submit(job)
+        queued.add_done_callback(count)
+        counted.add_done_callback(drop_if_unwanted)
         return counted
 
     def _count_training(self, outcome: TrainOutcome) -> None:
