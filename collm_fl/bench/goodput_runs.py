@@ -23,6 +23,7 @@ from collm_fl.bench.goodput_report import (
     RATE_LABELS,
     offered_load,
     quality_share,
+    quality_share_vs_best,
 )
 from collm_fl.bench.goodput_result import GoodputResult, is_collm_system, result_from_json
 from collm_fl.errors import ConfigError
@@ -58,7 +59,8 @@ class RatePoint:
     ratio: float | None  # goodput / the best baseline's (None: no baseline had goodput)
     quality_share: float  # share of the window serving a loss no worse than every baseline
     goodput_rps: float = 0.0  # the system's own goodput (decides a rate no baseline served)
-    quality_share_vs_best: float = 1.0  # ... no worse than the best baseline by goodput
+    # ... no worse than the best baseline by goodput (None: no baseline had goodput)
+    quality_share_vs_best: float | None = None
 
     @property
     def compared(self) -> bool:
@@ -86,7 +88,7 @@ class Spread:
     at_goal: int  # points at >= GOAL_RATIO × the best baseline (RatePoint.at_least)
     not_below: int  # points at >= 1 ×
     quality_share_median: float
-    quality_share_vs_best_median: float = 1.0
+    quality_share_vs_best_median: float | None = None
 
 
 def load_results(paths: Sequence[str]) -> list[tuple[str, GoodputResult]]:
@@ -145,9 +147,7 @@ def rate_points(results: Sequence[tuple[str, GoodputResult]]) -> list[RatePoint]
                         info.ratios.get(run.system),
                         quality_share(result, run),
                         run.summary.goodput_rps,
-                        quality_share(result, run, info.best_baseline)
-                        if info.best_baseline
-                        else 1.0,
+                        quality_share_vs_best(result, info, run),
                     )
                 )
     return points
@@ -175,14 +175,23 @@ def spreads(points: Sequence[RatePoint]) -> list[Spread]:
                     sum(p.at_least(GOAL_RATIO) for p in mine),
                     sum(p.at_least(1.0) for p in mine),
                     statistics.median(p.quality_share for p in mine),
-                    statistics.median(p.quality_share_vs_best for p in mine),
+                    _median_or_none([p.quality_share_vs_best for p in mine]),
                 )
             )
     return out
 
 
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}×"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def render_markdown(
@@ -231,7 +240,7 @@ def render_markdown(
             f"| {titles.get(s.system, s.system)} | {s.load} | {s.points} | "
             f"{_x(s.ratio_median)} ({_x(s.ratio_min)} – {_x(s.ratio_max)}) | "
             f"{s.at_goal}/{s.compared} | {s.not_below}/{s.compared} | "
-            f"{100 * s.quality_share_median:.0f}% | {100 * s.quality_share_vs_best_median:.0f}% |"
+            f"{100 * s.quality_share_median:.0f}% | {_pct(s.quality_share_vs_best_median)} |"
         )
     lines += [
         "",
@@ -245,7 +254,7 @@ def render_markdown(
         lines.append(
             f"| {p.source} | {p.seed} | {p.rate:.2f} | {p.offered_fraction:.2f} | {p.load} | "
             f"{titles.get(p.system, p.system)} | {titles.get(p.best_baseline or '', '-')} | "
-            f"{_x(p.ratio)} | {100 * p.quality_share:.0f}% | {100 * p.quality_share_vs_best:.0f}% |"
+            f"{_x(p.ratio)} | {100 * p.quality_share:.0f}% | {_pct(p.quality_share_vs_best)} |"
         )
     lines += ["", "## Machines", ""]
     for source, result in results:
