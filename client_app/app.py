@@ -160,6 +160,7 @@ def train(msg: Message, context: Context) -> Message:
                 training_share=None if share is None else config_number(rc, "training-share", 1.0),
                 backfill_steps=config_int(rc, "backfill-steps", 0),
                 run_key=_run_key(rc),
+                start_after_s=config_number(rc, "start-after-s", 0.0),
             )
     else:
         from collm_fl.client_task import train_on_partition  # torch + transformers: devices only

@@ -166,6 +166,8 @@ class CoordinationState:
             loss_history=tuple(self.loss_history),
             min_share=cfg.min_training_share,
             backfill=cfg.backfill,
+            turns=cfg.train_in_turns,
+            rotation=rnd - 1,
         )
         budgets = allocate(inputs)
         for n in node_ids:
@@ -174,12 +176,13 @@ class CoordinationState:
         store.record_event(run_id, "allocation", {"round": rnd, **describe(inputs, budgets)})
         for b in budgets:
             log.info(
-                "round %d allocation: node %d -> %d steps + %d backfill, share %.2f (%s)",
+                "round %d allocation: node %d -> %d steps + %d backfill, share %.2f, at %.0fs (%s)",
                 rnd,
                 b.node_id,
                 b.steps,
                 b.backfill_steps,
                 b.share,
+                b.start_after_s,
                 b.reason,
             )
         return {b.node_id: b for b in budgets}

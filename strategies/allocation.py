@@ -3,6 +3,8 @@
 
 from collm_fl.policies.allocation import (
     SLO_RESERVE,
+    TURN_SLACK,
+    TURN_UTILIZATION,
     AllocationInputs,
     NodeBudget,
     NodeLoad,
@@ -12,6 +14,7 @@ from collm_fl.policies.allocation import (
     describe,
     forecast_rate,
     headroom,
+    in_turns,
     load_from_metrics,
     merge_loads,
     quality_gain_factor,
@@ -19,6 +22,8 @@ from collm_fl.policies.allocation import (
 
 __all__ = [
     "SLO_RESERVE",
+    "TURN_SLACK",
+    "TURN_UTILIZATION",
     "AllocationInputs",
     "NodeBudget",
     "NodeLoad",
@@ -28,6 +33,7 @@ __all__ = [
     "describe",
     "forecast_rate",
     "headroom",
+    "in_turns",
     "load_from_metrics",
     "merge_loads",
     "quality_gain_factor",

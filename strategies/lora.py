@@ -248,6 +248,7 @@ class LoraFedAvg(FedAvg):
                     "backfill-steps": budget.backfill_steps,
                     "training-share": budget.share,
                     "deadline-s": budget.deadline_s,
+                    "start-after-s": budget.start_after_s,
                 }
             )
             out.append(

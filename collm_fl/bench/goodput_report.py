@@ -397,7 +397,7 @@ def _allocation_lines(result: GoodputResult) -> list[str]:
         f"| {result.title(run.system)} | {run.rate:.2f} | {rr.round} | r{a['replica']} "
         f"| {a['steps']} | {a.get('backfill', 0)} | {a.get('trained', '–')} "
         f"({a.get('backfilled', 0)}) | {_seconds(a, 'lent_s')} | {_seconds(a, 'late_rest_s')} "
-        f"| {a['share']:.2f} | {a['load']} |"
+        f"| {a['share']:.2f} | {_seconds(a, 'start_s')} | {a['load']} |"
         for run in result.runs
         if is_collm_system(run.system)
         for rr in run.rounds
@@ -412,11 +412,12 @@ def _allocation_lines(result: GoodputResult) -> list[str]:
         "cycles only, or while every request the replica holds has missed its TTFT SLO; "
         "*trained*: steps the replica ran, of which backfill in parentheses; *lent*: seconds "
         "serving rested for a plan behind schedule (`--max-lend-share`); *late rest*: seconds "
-        "serving rested for a step while all its requests were late):",
+        "serving rested for a step while all its requests were late; *from*: seconds into the "
+        "round its training started, when the replicas took turns under light load):",
         "",
         "| system | rate (req/s) | round | replica | planned | backfill | trained | lent (s) "
-        "| late rest (s) | share | load report |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| late rest (s) | share | from (s) | load report |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
         *rows,
     ]
 

@@ -179,6 +179,7 @@ class Orchestrator:
         self._steps_total = 0
         self._allocation: list[dict[str, object]] = []
         self._backfill: dict[int, int] = {}  # this round's backfill steps per replica (CoLLM-FL)
+        self._start_after: dict[int, float] = {}  # ... and when each one's training starts
 
     def publish_initial(self) -> None:
         """Push version 0 to every replica before the load starts."""
@@ -202,7 +203,7 @@ class Orchestrator:
     # ---- one round ----
 
     def _round(self, rnd: int, started_s: float, t0_wall: float) -> RoundRecord:
-        budgets = self._budgets()
+        budgets = self._budgets(rnd)
         t_train = time.monotonic()
         updates, weights, trained, steps, tokens, failures = self._train(rnd, budgets)
         record = RoundRecord(
@@ -252,18 +253,18 @@ class Orchestrator:
         )
         return record
 
-    def _budgets(self) -> dict[int, tuple[int, float]]:
+    def _budgets(self, rnd: int) -> dict[int, tuple[int, float]]:
         """replica -> (steps, training share) for this round; replicas with 0 steps sit out."""
         total = self.s.steps_per_replica * self.s.replicas
-        self._backfill = {}
+        self._backfill, self._start_after = {}, {}
         if self.spec.budget == "split":
             k = len(self.training)
             return {i: (total // k + (j < total % k), 1.0) for j, i in enumerate(self.training)}
         if self.spec.budget == "allocate":
-            return self._allocate()
+            return self._allocate(rnd)
         return {i: (self.s.steps_per_replica, 1.0) for i in self.training}
 
-    def _allocate(self) -> dict[int, tuple[int, float]]:
+    def _allocate(self, rnd: int) -> dict[int, tuple[int, float]]:
         nodes = []
         for i in self.training:
             try:
@@ -300,6 +301,7 @@ class Orchestrator:
             max_steps=self.s.steps_per_replica,
             loss_history=tuple(self._history),
             min_share=self.spec.min_share,
+            rotation=rnd - 1,
         )
         decided = allocate(inputs)
         for node, b in zip(nodes, decided, strict=True):
@@ -311,6 +313,7 @@ class Orchestrator:
                     "steps": b.steps,
                     "backfill": b.backfill_steps,
                     "share": b.share,
+                    "start_s": b.start_after_s,
                     "reason": b.reason,
                     "load": (
                         f"{report.request_rate:.2f} req/s, utilization {report.utilization:.2f}, "
@@ -320,6 +323,7 @@ class Orchestrator:
                 }
             )
         self._backfill = {b.node_id: b.backfill_steps for b in decided}
+        self._start_after = {b.node_id: b.start_after_s for b in decided}
         return {b.node_id: (b.steps, b.share) for b in decided if not b.sits_out}
 
     def _train(
@@ -340,6 +344,7 @@ class Orchestrator:
                 share=None if self.spec.exclusive else share,
                 exclusive=self.spec.exclusive,
                 backfill_steps=self._backfill.get(i, 0),
+                start_after_s=self._start_after.get(i, 0.0),
             )
 
         outcomes: dict[int, tuple[AdapterState, dict[str, float]] | ReplicaUnavailable] = {}

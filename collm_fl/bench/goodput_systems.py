@@ -160,7 +160,8 @@ SYSTEM_SPECS = {
         "slo",
         "allocate",
         "shadow swaps, unmerged co-execution under the SLO guard, per-round budgets from "
-        "collm_fl.policies.allocation.allocate fed with /control/load, SLO-aware gateway, "
+        "collm_fl.policies.allocation.allocate fed with /control/load (under light load the "
+        "replicas train in turns, each with the whole replica), SLO-aware gateway, "
         "SLO-aware admission in the replicas (requests that can still meet the TTFT SLO first)",
     ),
     COLLM_FCFS: SystemSpec(

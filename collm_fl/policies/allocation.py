@@ -27,6 +27,18 @@ code runs live in the ServerApp, in tests and in the simulator):
    have already missed their TTFT SLO, which earn no goodput), and only before the deadline (the
    replica enforces both). A forecast that was too cautious then costs no training, and one that
    was right costs no goodput: backfill runs on cycles that earn none.
+5. **Turns.** While load is light, the replicas train one after another instead of all at once:
+   when the replicas are forecast to need at most ``TURN_UTILIZATION`` of all but one replica's
+   compute for serving, and every replica's target, at its measured step time (× ``TURN_SLACK``),
+   fits the deadline one after the other, each trains its whole target with the whole replica
+   (share 1, no backfill) from its turn's start (``start_after_s``, the turn order rotating with
+   the round), and sits idle for training the rest of the round. The gateway's routing sends
+   requests around a replica while it trains (its predicted latency counts the training share), so
+   serving always has replicas that no training step slows; what lands on the training replica
+   anyway still has priority over its steps. A turn that runs over its length overlaps the next.
+   (On one machine the co-executed steps of every replica at once cost light-load requests their
+   tail TTFT and TPOT, docs/bench/goodput-dc17cae-slow/; the rolling baseline, one replica at a
+   time, did not pay it.)
 
 Devices (nodes without a replica) have no serving load: they get the gain-scaled budget.
 """
@@ -36,7 +48,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 IDLE_RATE = 0.05  # requests/s below which a replica counts as idle
 # Holt's weights: the newest load report's in the forecast's level, the newest change of level's
@@ -46,6 +58,12 @@ FORECAST_ALPHA = 0.5
 FORECAST_BETA = 0.5
 SLO_RESERVE = 0.1  # extra share kept for serving by a replica missing its SLOs (pressure >= 2)
 MIN_GAIN_POINTS = 4  # loss points (three per-step rates) before the gain factor moves off 1.0
+# Turns (module doc, 5): the most serving, as a share of one replica's compute, that each replica
+# not training may be forecast to carry. Batching makes load moved onto fewer replicas cost less
+# than its sum; above this the others would queue (the light-rate reports of
+# docs/bench/goodput-dc17cae-slow/ summed to 0.43-0.56 over two replicas).
+TURN_UTILIZATION = 0.6
+TURN_SLACK = 1.25  # a turn's length: its steps' measured time × this (a step's time varies)
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,8 @@ class AllocationInputs:
     min_gain_factor: float = 0.2  # the budget never shrinks below this share of max_steps
     min_share: float = 0.1  # the least a busy (not overloaded) replica trains with
     backfill: bool = True  # replicas may train the rest of the target on idle cycles
+    turns: bool = True  # under light load replicas train one after another (module doc, 5)
+    rotation: int = 0  # which replica's turn comes first (the round number: every one in turn)
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,7 @@ class NodeBudget:
     reason: str
     backfill_steps: int = 0  # more steps, trained only while the replica is idle (see module doc)
     reports_load: bool = True  # the node sent a load report (False: a device, or not heard from)
+    start_after_s: float = 0.0  # its training starts this long after the round's (turns)
 
     @property
     def sits_out(self) -> bool:
@@ -167,12 +188,16 @@ def headroom(load: NodeLoad, forecast: float, ttft_slo_s: float, tpot_slo_s: flo
         load.ttft_p95 / ttft_slo_s if ttft_slo_s > 0 else 0.0,
         load.tpot_p95 / tpot_slo_s if tpot_slo_s > 0 else 0.0,
     )
-    # Growth in the forecast rate eats headroom proportionally.
-    growth = max(1.0, forecast / load.request_rate if load.request_rate > IDLE_RATE else 1.0)
+    growth = load_growth(load, forecast)  # growth in the forecast rate eats headroom
     if load.utilization is None:  # no measure of serving's compute: latency pressure stands in
         return float(min(1.0, max(0.0, 1.0 - pressure * growth)))
     reserve = SLO_RESERVE * min(1.0, max(0.0, pressure - 1.0))
     return float(min(1.0, max(0.0, 1.0 - load.utilization * growth - reserve)))
+
+
+def load_growth(load: NodeLoad, forecast: float) -> float:
+    """How much more serving the forecast rate needs than the reported one (never below 1)."""
+    return max(1.0, forecast / load.request_rate if load.request_rate > IDLE_RATE else 1.0)
 
 
 def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
@@ -218,7 +243,49 @@ def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
         elif backfill:
             reason += f"; +{backfill} backfill on idle or late-only cycles"
         budgets.append(NodeBudget(node.node_id, steps, room, inputs.deadline_s, reason, backfill))
-    return budgets
+    return in_turns(inputs, budgets, target, gain) if inputs.turns else budgets
+
+
+def in_turns(
+    inputs: AllocationInputs, budgets: Sequence[NodeBudget], target: int, gain: float
+) -> list[NodeBudget]:
+    """``budgets`` with the replicas taking turns when load allows (module doc, 5); else as they
+    are. ``target``: the round's steps per node (gain-scaled)."""
+    nodes = {n.node_id: n for n in inputs.nodes}
+    replicas = [b for b in budgets if nodes[b.node_id].load is not None]
+    if len(replicas) < 2:
+        return list(budgets)
+    serving, lengths = 0.0, []
+    for b in replicas:
+        node = nodes[b.node_id]
+        load = node.load
+        assert load is not None
+        measured = (load.utilization, node.step_seconds, node.forecast_rate)
+        if b.sits_out or not all(x is not None and math.isfinite(x) for x in measured):
+            return list(budgets)  # overloaded, or its serving or its steps not measured yet
+        assert load.utilization is not None and node.step_seconds is not None
+        if load.utilization < 0 or node.step_seconds <= 0:
+            return list(budgets)
+        serving += load.utilization * load_growth(load, node.forecast_rate)
+        lengths.append(target * node.step_seconds * TURN_SLACK)
+    if serving > TURN_UTILIZATION * (len(replicas) - 1) or sum(lengths) > inputs.deadline_s:
+        return list(budgets)
+    k = inputs.rotation % len(replicas)
+    order = [*range(k, len(replicas)), *range(k)]
+    turned: dict[int, NodeBudget] = {}
+    start = 0.0
+    for turn, j in enumerate(order, 1):
+        b = replicas[j]
+        reason = (
+            f"turn {turn} of {len(replicas)}, from {start:.0f}s: trains with the whole replica "
+            f"while the others serve (forecast serving {serving:.2f} of one replica's compute); "
+            f"gain {gain:.2f}"
+        )
+        turned[b.node_id] = replace(
+            b, steps=target, share=1.0, backfill_steps=0, start_after_s=start, reason=reason
+        )
+        start += lengths[j]
+    return [turned.get(b.node_id, b) for b in budgets]
 
 
 def _fit_deadline(steps: int, step_seconds: float | None, share: float, deadline_s: float) -> int:

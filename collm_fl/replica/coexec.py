@@ -81,6 +81,9 @@ class TrainJob:
     round_number: int = 0
     exclusive: bool = False  # serving is paused by the caller: no SLO guard, every thread
     backfill_steps: int = 0  # more steps after ``steps``, each run only while serving is idle
+    # Its first step waits this long after submission (the allocation's turns: the replicas of a
+    # light round train one after another; the deadline still counts from submission).
+    start_after_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ class CoTrainer:
         self._thread: threading.Thread | None = None
         self._worker: _Worker | None = None  # runs the micro-steps (started by start())
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # a job waiting for its start: set by stop() or a cancel
         self._submit_lock = threading.Lock()
         self._step_ewma = 0.0  # wall seconds per micro-step (paces the guard's re-checks)
         self._waited_s = 0.0  # the current step's waits at its layers for serving to give way
@@ -207,6 +211,7 @@ class CoTrainer:
     def stop(self, timeout: float = 30.0) -> None:
         with self._submit_lock:
             self._stopping.set()
+        self._wake.set()
         self._jobs.put(None)
         self.engine.notify_change()
         if self._thread is not None:
@@ -221,6 +226,13 @@ class CoTrainer:
             )
         if not 0 < job.learning_rate < 1:
             raise ConfigError(f"learning rate must be in (0, 1), got {job.learning_rate}")
+        if not 0 <= job.start_after_s <= job.deadline_s:  # (NaN too)
+            raise ConfigError(
+                f"start_after_s must be in [0, deadline_s={job.deadline_s:g}], "
+                f"got {job.start_after_s}"
+            )
+        if job.start_after_s and job.exclusive:
+            raise ConfigError("start_after_s is for co-executing jobs (exclusive pauses serving)")
         fut: Future[TrainOutcome] = Future()
         with self._submit_lock:  # (a job queued after stop() would wait for ever)
             if self._stopping.is_set():
@@ -239,6 +251,7 @@ class CoTrainer:
             if item is None:
                 break
             job, fut, submitted = item
+            self._await_start(job, fut, submitted)  # (stopped meanwhile: the job raises at once)
             if not fut.set_running_or_notify_cancel():
                 continue
             self.running_job = True
@@ -254,8 +267,28 @@ class CoTrainer:
                 self.running_job = False
         while not self._jobs.empty():  # fail what was never started
             item = self._jobs.get_nowait()
-            if item is not None:
+            if item is not None and item[1].set_running_or_notify_cancel():
                 item[1].set_exception(TrainerStopped("replica is shutting down"))
+
+    def _await_start(self, job: TrainJob, fut: Future[TrainOutcome], submitted: float) -> None:
+        """Wait until the job's start (``start_after_s`` after its submission), or until it is
+        cancelled or the trainer stops. Meanwhile the replica reports no training running."""
+        if job.start_after_s <= 0:
+            return
+        self._wake.clear()
+        fut.add_done_callback(lambda _: self._wake.set())  # (cancelled while waiting)
+        if self._stopping.is_set():  # (a stop before the clear above: its wake was cleared)
+            return
+        log.info(
+            "round %d: training starts in %.1fs (its turn)",
+            job.round_number,
+            job.start_after_s - (self.clock() - submitted),
+        )
+        while not (fut.cancelled() or self._stopping.is_set()):
+            left = job.start_after_s - (self.clock() - submitted)
+            if left <= 0:
+                return
+            self._wake.wait(left)
 
     def _run(self, job: TrainJob, submitted: float) -> TrainOutcome:
         before = self.engine.stats()

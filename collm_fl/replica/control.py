@@ -65,6 +65,7 @@ class TrainBody(BaseModel):
     round: int = Field(ge=0)
     steps: int = Field(ge=0, le=1_000_000)
     backfill_steps: int = Field(default=0, ge=0, le=1_000_000)  # only while no request is served
+    start_after_s: float = Field(default=0.0, ge=0, le=7 * 24 * 3600)  # its first step waits
     learning_rate: float = Field(gt=0, lt=1)
     deadline_s: float = Field(gt=0, le=7 * 24 * 3600)
     base_version: int | None = Field(default=None, ge=0)  # must be the served version if given
@@ -145,6 +146,10 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
         try:
             if body.share is not None:
                 replica.set_training_share(body.share)
+            if body.exclusive and body.start_after_s:
+                raise ConfigError(
+                    "start_after_s is for co-executing jobs (exclusive pauses serving)"
+                )
             if body.exclusive:  # (holds a control thread: serving is paused under its locks)
                 outcome = await off_loop(
                     replica.train,
@@ -164,6 +169,7 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
                     body.round,
                     backfill_steps=body.backfill_steps,
                     base_version=body.base_version,
+                    start_after_s=body.start_after_s,
                 )
                 outcome = await asyncio.wrap_future(job)
         except VersionConflictError as e:  # a version landed after the check above

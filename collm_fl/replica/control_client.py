@@ -61,10 +61,12 @@ class ReplicaClient:
         share: float | None = None,
         exclusive: bool = False,
         backfill_steps: int = 0,
+        start_after_s: float = 0.0,
     ) -> tuple[AdapterState, dict[str, float]]:
         """Train a round's budget; ``exclusive`` pauses the replica's serving (baselines only).
 
-        ``backfill_steps`` more steps run only while the replica has no request queued or running.
+        ``backfill_steps`` more steps run only while the replica has no request queued or running;
+        ``start_after_s``: the job's first step waits this long (the allocation's turns).
         """
         body: dict[str, object] = {
             "round": round_number,
@@ -79,6 +81,8 @@ class ReplicaClient:
             body["exclusive"] = True
         if backfill_steps:
             body["backfill_steps"] = backfill_steps
+        if start_after_s:
+            body["start_after_s"] = start_after_s
         r = self._call("POST", "/control/train", json=body)
         state, _, _, metrics = decode_adapter(r.content)
         return state, metrics

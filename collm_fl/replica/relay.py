@@ -29,6 +29,7 @@ def train_on_replica(
     training_share: float | None,
     backfill_steps: int = 0,
     run_key: str | None = None,
+    start_after_s: float = 0.0,
 ) -> tuple[AdapterState, dict[str, float]]:
     """A round on a co-executing replica: make sure it serves the global version, train there.
 
@@ -37,7 +38,8 @@ def train_on_replica(
     ``backfill_steps`` more steps run only while the replica has no request (see
     :mod:`collm_fl.policies.allocation`). ``run_key``: the run's name on the replica (the
     server's; default the run name). ``deadline_s`` counts from this call: the push before the
-    training job comes out of it.
+    training job comes out of it, and so does ``start_after_s`` (the allocation's turns: its
+    first step waits this long after the call).
     """
     started = monotonic()
     client.push_version(
@@ -55,6 +57,7 @@ def train_on_replica(
         base_version=global_version,
         share=training_share,
         backfill_steps=backfill_steps,
+        start_after_s=max(start_after_s - (monotonic() - started), 0.0),
     )
     load = client.load_report(reset=True)
     metrics.update({f"load-{k}": float(v) for k, v in load.items()})

@@ -505,6 +505,7 @@ class Replica:
         exclusive: bool = False,
         backfill_steps: int = 0,
         base_version: int | None = None,
+        start_after_s: float = 0.0,
     ) -> TrainOutcome:
         """Train a round's budget from ``start_state`` (default: the served version).
 
@@ -512,9 +513,10 @@ class Replica:
         when the start state is read (a push landed meanwhile), VersionConflictError.
 
         ``backfill_steps`` more steps run after ``steps``, each only while no request is queued
-        or running (co-execution only). ``exclusive`` (baselines only): serving is paused for
-        the whole job and training takes every core, with no SLO guard; a merged version is
-        unmerged first (training needs the plain base) and merged back after.
+        or running (co-execution only); ``start_after_s``: the job's first step waits this long
+        (co-execution only; the allocation's turns). ``exclusive`` (baselines only): serving is
+        paused for the whole job and training takes every core, with no SLO guard; a merged
+        version is unmerged first (training needs the plain base) and merged back after.
         """
         if not exclusive:
             return self.submit_training(
@@ -525,7 +527,10 @@ class Replica:
                 start_state,
                 backfill_steps,
                 base_version,
+                start_after_s,
             ).result()
+        if start_after_s:
+            raise ConfigError("start_after_s is for co-executing jobs (exclusive pauses serving)")
         if self.trainer is None:
             raise ConfigError("this replica has no training data (start it with --data)")
         # No version change mid-job; training needs the plain base (merged back after).
@@ -553,6 +558,7 @@ class Replica:
         start_state: Mapping[str, np.ndarray] | None = None,
         backfill_steps: int = 0,
         base_version: int | None = None,
+        start_after_s: float = 0.0,
     ) -> Future[TrainOutcome]:
         """Queue a co-executing job (as :meth:`train`, not exclusive) without waiting for it: the
         future resolves once it has ended and been counted in the metrics, so that a caller on
@@ -568,6 +574,7 @@ class Replica:
             deadline_s,
             round_number,
             backfill_steps=backfill_steps,
+            start_after_s=start_after_s,
         )
         counted: Future[TrainOutcome] = Future()
 

@@ -4,6 +4,8 @@ import pytest
 
 from strategies.allocation import (
     SLO_RESERVE,
+    TURN_SLACK,
+    TURN_UTILIZATION,
     AllocationInputs,
     NodeLoad,
     NodeState,
@@ -376,3 +378,64 @@ def test_a_speed_no_node_could_have_is_not_believed_and_old_speeds_expire():
     for _ in range(STEP_HISTORY):
         state.observe(1, {"local-steps": 2.0, "train-seconds": 4.0})
     assert state.nodes[1].step_seconds == 2.0  # not stuck at 0.5 for the rest of the run
+
+
+def serving(node_id, utilization, step_s=1.0, rate=0.2, forecast=None):
+    node = replace(load(rate, ttft=0.4, tpot=0.04), utilization=utilization)
+    return NodeState(node_id, node, rate if forecast is None else forecast, step_s)
+
+
+def test_under_light_load_replicas_train_one_after_another_with_the_whole_replica():
+    nodes = [serving(1, 0.2), serving(2, 0.3, step_s=2.0), serving(3, 0.1)]
+    device = NodeState(9, None, 0.0, 1.0)
+    budgets = {b.node_id: b for b in allocate(inputs([*nodes, device], max_steps=4))}
+    turns = sorted((budgets[n] for n in (1, 2, 3)), key=lambda b: b.start_after_s)
+    assert [b.node_id for b in turns] == [1, 2, 3]  # round 1's order: as listed
+    assert [b.start_after_s for b in turns] == pytest.approx(
+        [0.0, 4 * 1.0 * TURN_SLACK, 4 * (1.0 + 2.0) * TURN_SLACK]
+    )
+    for b in turns:
+        assert (b.steps, b.share, b.backfill_steps) == (4, 1.0, 0)
+        assert b.reason.startswith("turn ")
+    assert budgets[9].start_after_s == 0.0 and budgets[9].steps == 4  # devices do not wait
+
+
+def test_the_first_turn_rotates_with_the_round():
+    nodes = [serving(1, 0.2), serving(2, 0.2), serving(3, 0.2)]
+    for rotation, first in [(0, 1), (1, 2), (2, 3), (3, 1)]:
+        budgets = allocate(replace(inputs(nodes, max_steps=4), rotation=rotation))
+        assert min(budgets, key=lambda b: b.start_after_s).node_id == first
+
+
+def test_no_turns_when_the_others_could_not_carry_the_load():
+    # Three replicas: the two not training may carry 2 x TURN_UTILIZATION of the serving.
+    just = [serving(n, TURN_UTILIZATION * 2 / 3 - 0.01) for n in (1, 2, 3)]
+    assert any(b.start_after_s > 0 for b in allocate(inputs(just, max_steps=4)))
+    over = [serving(n, TURN_UTILIZATION * 2 / 3 + 0.01) for n in (1, 2, 3)]
+    assert all(b.start_after_s == 0.0 for b in allocate(inputs(over, max_steps=4)))
+    # ... nor when a rising forecast will make them: growth counts, as for the headroom
+    rising = [serving(1, 0.2, forecast=0.8), serving(2, 0.1)]
+    assert all(b.start_after_s == 0.0 for b in allocate(inputs(rising, max_steps=4)))
+    steady = [serving(1, 0.2), serving(2, 0.1)]
+    assert any(b.start_after_s > 0 for b in allocate(inputs(steady, max_steps=4)))
+
+
+def test_no_turns_when_they_would_not_fit_the_deadline_one_after_the_other():
+    nodes = [serving(1, 0.1, step_s=10.0), serving(2, 0.1, step_s=10.0)]
+    fits = 2 * 4 * 10.0 * TURN_SLACK
+    assert any(b.start_after_s > 0 for b in allocate(inputs(nodes, deadline=fits, max_steps=4)))
+    late = allocate(inputs(nodes, deadline=fits - 1, max_steps=4))
+    assert all(b.start_after_s == 0.0 for b in late)
+
+
+def test_no_turns_before_the_steps_and_the_serving_are_measured_or_when_turned_off():
+    unknown_speed = [serving(1, 0.1, step_s=None), serving(2, 0.1)]
+    no_utilization = [replica(1, load(0.2), step_s=1.0), serving(2, 0.1)]
+    alone = [serving(1, 0.1)]
+    broken = [serving(1, float("nan")), serving(2, 0.1)]
+    nonsense = [serving(1, 0.1, step_s=float("inf")), serving(2, 0.1, step_s=-1.0)]
+    for nodes in (unknown_speed, no_utilization, alone, broken, nonsense):
+        assert all(b.start_after_s == 0.0 for b in allocate(inputs(nodes, max_steps=4)))
+    both = [serving(1, 0.1), serving(2, 0.1)]
+    off = allocate(replace(inputs(both, max_steps=4), turns=False))
+    assert all(b.start_after_s == 0.0 and not b.reason.startswith("turn") for b in off)

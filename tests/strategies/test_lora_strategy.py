@@ -176,7 +176,7 @@ def test_backfill_budgets_reach_the_node_and_one_that_sits_out_is_asked_for_0_st
 
     s = LoraFedAvg(min_train_nodes=1, min_available_nodes=3)
     s.node_budgets = {
-        11: NodeBudget(11, 2, 0.4, 30.0, "busy", backfill_steps=3),
+        11: NodeBudget(11, 2, 0.4, 30.0, "busy", backfill_steps=3, start_after_s=7.5),
         12: NodeBudget(12, 0, 0.1, 30.0, "nothing fits", backfill_steps=5),  # idle cycles only
         13: NodeBudget(13, 0, 0.0, 30.0, "sits out"),
     }
@@ -184,6 +184,7 @@ def test_backfill_budgets_reach_the_node_and_one_that_sits_out_is_asked_for_0_st
     sent = {int(m.metadata.dst_node_id): m.content["config"] for m in msgs}
     assert sorted(sent) == [11, 12, 13]
     assert sent[11]["local-steps"] == 2 and sent[11]["backfill-steps"] == 3
+    assert sent[11]["start-after-s"] == 7.5 and sent[12]["start-after-s"] == 0.0  # (turns)
     assert sent[12]["local-steps"] == 0 and sent[12]["backfill-steps"] == 5
     # Sitting out, still asked (for 0 steps): its reply carries the load report the next
     # round's allocation needs.

@@ -294,8 +294,62 @@ def test_a_decision_recorded_before_the_rest_seconds_renders_a_dash() -> None:
         {**decision, "replica": 1, "trained": 4},  # as goodput.json held it before
     ]
     md = render_markdown(fake_result(runs, [2.0]))
-    assert "| CoLLM-FL | 2.00 | 1 | r0 | 3 | 2 | 5 (2) | 0.0 | 12.5 | 0.30 | 1.0 req/s |" in md
-    assert "| CoLLM-FL | 2.00 | 1 | r1 | 3 | 2 | 4 (0) | – | – | 0.30 | 1.0 req/s |" in md
+    assert "| CoLLM-FL | 2.00 | 1 | r0 | 3 | 2 | 5 (2) | 0.0 | 12.5 | 0.30 | – | 1.0 req/s |" in md
+    assert "| CoLLM-FL | 2.00 | 1 | r1 | 3 | 2 | 4 (0) | – | – | 0.30 | – | 1.0 req/s |" in md
+
+
+def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> None:
+    """The orchestrator passes the allocation's turns on: each replica's job starts at its turn,
+    the first turn rotating with the round; under heavy load every job starts at once."""
+    from collm_fl.bench.goodput_rounds import Orchestrator
+    from collm_fl.bench.goodput_systems import SYSTEM_SPECS
+    from collm_fl.policies.allocation import TURN_SLACK
+
+    class Client:
+        def __init__(self, utilization: float) -> None:
+            self.utilization, self.start_after_s = utilization, -1.0
+
+        def load_report(self, reset: bool) -> dict[str, float]:
+            return {
+                "request-rate": 0.2,
+                "queue-depth": 0.0,
+                "ttft-p95": 0.5,
+                "tpot-p95": 0.05,
+                "slo-attainment": 1.0,
+                "serving-utilization": self.utilization,
+            }
+
+        def train(self, rnd, steps, lr, deadline_s, **kw):
+            self.start_after_s = kw["start_after_s"]
+            metrics = {"local-steps": 2.0, "train-tokens": 10.0, "train-seconds": 10.0}
+            return {}, {**metrics, "num-examples": 5.0}
+
+    def orchestrator(utilization: float) -> Orchestrator:
+        orch = Orchestrator.__new__(Orchestrator)
+        orch.spec, orch.training, orch.router = SYSTEM_SPECS["collm-fl"], [0, 1], None
+        orch.clients = [Client(utilization), Client(utilization)]  # type: ignore[list-item]
+        orch.s = SimpleNamespace(  # type: ignore[assignment]
+            steps_per_replica=2,
+            replicas=2,
+            slo=SLOSpec(2.0, 0.2),
+            deadline_s=60.0,
+            step_seconds=5.0,
+            learning_rate=1e-3,
+        )
+        orch._forecast, orch._step_s, orch._history, orch._allocation = {}, {}, [(0, 5.0)], []
+        orch.version = 0
+        return orch
+
+    light = orchestrator(0.1)
+    for rnd, first in [(1, 0), (2, 1)]:
+        light._allocation = []
+        light._train(rnd, light._budgets(rnd))
+        starts = [c.start_after_s for c in light.clients]  # type: ignore[attr-defined]
+        assert starts[first] == 0.0 and starts[1 - first] == pytest.approx(2 * 5.0 * TURN_SLACK)
+        assert [a["start_s"] for a in light._allocation] == starts
+    heavy = orchestrator(0.5)  # together 1.0: more than one replica may carry alone
+    heavy._train(1, heavy._budgets(1))
+    assert [c.start_after_s for c in heavy.clients] == [0.0, 0.0]  # type: ignore[attr-defined]
 
 
 def test_the_rolling_balancer_skips_the_replica_out_of_rotation() -> None:

@@ -406,3 +406,51 @@ def test_a_job_submitted_after_the_trainer_stopped_fails_at_once(replica):
     assert fut.done()
     with pytest.raises(TrainerStopped):
         fut.result(timeout=0)
+
+
+def test_a_job_with_a_start_waits_for_it_and_counts_its_deadline_from_submission(replica):
+    """(The allocation's turns: a replica trains later in the round, its deadline unchanged.)"""
+    trainer = replica.trainer
+    started: list[float] = []
+    run = trainer._run
+
+    def record(job, submitted):
+        started.append(time.monotonic())
+        assert trainer.running_job  # only once it starts does the replica report training
+        return run(job, submitted)
+
+    trainer._run = record
+    try:
+        submitted = time.monotonic()
+        fut = replica.submit_training(1, 1e-3, 60.0, 1, start_after_s=0.5)
+        outcome = fut.result(timeout=60)
+    finally:
+        del trainer._run
+    assert outcome.steps == 1
+    assert started and started[0] - submitted >= 0.5
+
+
+def test_a_job_waiting_for_its_start_can_be_dropped_and_the_next_one_runs(replica):
+    waiting = replica.submit_training(1, 1e-3, 3600.0, 1, start_after_s=3000.0)
+    assert waiting.cancel()  # nobody waits for it any more: it never runs
+    outcome = replica.submit_training(1, 1e-3, 60.0, 2).result(timeout=60)
+    assert outcome.steps == 1 and replica.trainer.steps_total == 1
+
+
+def test_a_job_waiting_for_its_start_ends_with_the_trainer(replica):
+    from collm_fl.replica.coexec import TrainerStopped
+
+    waiting = replica.submit_training(1, 1e-3, 3600.0, 1, start_after_s=3000.0)
+    replica.trainer.stop()
+    with pytest.raises(TrainerStopped):
+        waiting.result(timeout=60)
+
+
+def test_a_start_is_refused_outside_the_deadline_and_for_exclusive_jobs(replica):
+    from collm_fl.errors import ConfigError
+
+    for start in (-1.0, 61.0, float("nan")):
+        with pytest.raises(ConfigError, match="start_after_s"):
+            replica.submit_training(1, 1e-3, 60.0, 1, start_after_s=start)
+    with pytest.raises(ConfigError, match="co-executing"):
+        replica.train(1, 1e-3, 60.0, 1, exclusive=True, start_after_s=5.0)

@@ -87,3 +87,18 @@ def test_queued_co_executing_training_jobs_hold_no_control_thread(replica, monke
     rollback_status, train_statuses = asyncio.run(main())
     assert rollback_status == 404
     assert train_statuses == [503] * queued
+
+
+def test_a_training_start_is_for_co_executing_jobs_and_never_negative(replica):
+    body = {"round": 1, "steps": 1, "learning_rate": 1e-3, "deadline_s": 60.0}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(create_control_app(replica, TOKEN)) as client:
+        r = client.post(
+            "/control/train",
+            json={**body, "exclusive": True, "start_after_s": 5.0},
+            headers=headers,
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "cannot_train"
+        assert "start_after_s" in r.json()["error"]["message"]
+        r = client.post("/control/train", json={**body, "start_after_s": -1.0}, headers=headers)
+        assert r.status_code in (400, 422) and "start_after_s" in r.text
