@@ -289,10 +289,11 @@ def choose_replica(
 
     Among healthy, non-excluded replicas: those predicted to meet both SLOs come first; within that
     tier the lowest predicted TTFT (plus a penalty for recent failures) wins, where TTFTs within the
-    tie tolerance count as equal and the fewest in-flight requests decide (measurement noise of a
-    few ms should spread load, not pin it), then the fewest requests routed so far (so idle
-    replicas take turns instead of the first one taking every sequential request); then predicted
-    TPOT, then the name. A replica not yet
+    tie tolerance count as equal and a replica not training goes first (a request it takes costs
+    no training step its turn; see the allocation's turns), then the fewest in-flight requests
+    decide (measurement noise of a few ms should spread load, not pin it), then the fewest
+    requests routed so far (so idle replicas take turns instead of the first one taking every
+    sequential request); then predicted TPOT, then the name. A replica not yet
     measured is assumed to be like the measured ones (they serve the same base model), so a fresh
     replica is neither shunned nor flooded because of a prior.
     """
@@ -307,7 +308,17 @@ def choose_replica(
     best = min(ttft for _, ttft, _, _ in scored)
     tolerance = max(model.tie_tolerance_s, model.tie_tolerance_frac * best)
     near = [s for s in scored if s[1] <= best + tolerance]
-    _, _, _, chosen = min(near, key=lambda s: (s[3].in_flight, s[3].routed, s[1], s[2], s[3].name))
+    _, _, _, chosen = min(
+        near,
+        key=lambda s: (
+            s[3].training_share > 0,  # (a view's share is 0 unless a training job runs)
+            s[3].in_flight,
+            s[3].routed,
+            s[1],
+            s[2],
+            s[3].name,
+        ),
+    )
     return chosen.name
 
 

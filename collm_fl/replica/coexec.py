@@ -254,6 +254,9 @@ class CoTrainer:
             self._await_start(job, fut, submitted)  # (stopped meanwhile: the job raises at once)
             if not fut.set_running_or_notify_cancel():
                 continue
+            if self._stopping.is_set():  # (stopped while it waited for its start)
+                fut.set_exception(TrainerStopped("replica is shutting down"))
+                continue
             self.running_job = True
             try:
                 fut.set_result(self._run(job, submitted))
@@ -272,7 +275,8 @@ class CoTrainer:
 
     def _await_start(self, job: TrainJob, fut: Future[TrainOutcome], submitted: float) -> None:
         """Wait until the job's start (``start_after_s`` after its submission), or until it is
-        cancelled or the trainer stops. Meanwhile the replica reports no training running."""
+        cancelled or the trainer stops. Meanwhile the replica reports no training running. (The
+        wait is in real time, measured on ``self.clock``: a test's frozen clock never starts it.)"""
         if job.start_after_s <= 0:
             return
         self._wake.clear()

@@ -143,13 +143,16 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
                 f"replica serves version {served}, not base_version {body.base_version}",
                 code="version_mismatch",
             )
+        if body.exclusive and body.start_after_s:  # (before the share: a refusal changes nothing)
+            raise APIError(
+                400,
+                "start_after_s is for co-executing jobs (exclusive pauses serving)",
+                param="start_after_s",
+                code="cannot_train",
+            )
         try:
             if body.share is not None:
                 replica.set_training_share(body.share)
-            if body.exclusive and body.start_after_s:
-                raise ConfigError(
-                    "start_after_s is for co-executing jobs (exclusive pauses serving)"
-                )
             if body.exclusive:  # (holds a control thread: serving is paused under its locks)
                 outcome = await off_loop(
                     replica.train,

@@ -169,6 +169,21 @@ def test_training_share_makes_a_replica_less_attractive_under_equal_load():
         )
 
 
+def test_a_training_replica_loses_a_tie_to_a_busier_one_that_is_not_training():
+    """(The allocation's turns: requests go around the replica taking its turn, also where the
+    two predictions are within the tie tolerance and it has fewer requests in flight.)"""
+    model = LatencyModel(tie_tolerance_frac=0.5)  # the idle training one within the busy's band
+    training = view("a", training_share=1.0)
+    busy = view("b", in_flight=2, in_flight_tokens=20)
+    ttfts = [predict_latency(v, 0, 16, model).ttft_s for v in (training, busy)]
+    assert ttfts[1] < ttfts[0] <= ttfts[1] * 1.5  # tied (the band), with fewer in flight
+    assert choose_replica([training, busy], 0, 16, SLO_, model=model) == "b"
+    assert (
+        choose_replica([replace(training, training_share=0.0), busy], 0, 16, SLO_, model=model)
+        == "a"
+    )
+
+
 def test_a_recent_failure_weighs_against_a_replica_then_fades():
     failed = view("a", consecutive_failures=2, last_error_age_s=0.5)
     assert choose_replica([failed, view("b", in_flight=1, in_flight_tokens=16)], 0, 16, SLO_) == "b"

@@ -413,21 +413,32 @@ def test_a_job_with_a_start_waits_for_it_and_counts_its_deadline_from_submission
     trainer = replica.trainer
     started: list[float] = []
     run = trainer._run
+    waiting = []
 
     def record(job, submitted):
         started.append(time.monotonic())
         assert trainer.running_job  # only once it starts does the replica report training
         return run(job, submitted)
 
+    def note(*args: object) -> None:
+        waiting.append(trainer.running_job)  # (logged as its wait begins)
+
     trainer._run = record
     try:
         submitted = time.monotonic()
-        fut = replica.submit_training(1, 1e-3, 60.0, 1, start_after_s=0.5)
-        outcome = fut.result(timeout=60)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("collm_fl.replica.coexec.log.info", note)
+            fut = replica.submit_training(1, 1e-3, 60.0, 1, start_after_s=0.5)
+            outcome = fut.result(timeout=60)
+        # Its deadline counts from the submission, not from the start: a start just before it
+        # leaves no time for a step.
+        late = replica.submit_training(1, 1e-3, 0.6, 2, start_after_s=0.59).result(timeout=60)
     finally:
         del trainer._run
     assert outcome.steps == 1
     assert started and started[0] - submitted >= 0.5
+    assert waiting and waiting[0] is False  # no training reported while it waits
+    assert late.steps == 0 and late.deadline_hit
 
 
 def test_a_job_waiting_for_its_start_can_be_dropped_and_the_next_one_runs(replica):
@@ -440,9 +451,9 @@ def test_a_job_waiting_for_its_start_can_be_dropped_and_the_next_one_runs(replic
 def test_a_job_waiting_for_its_start_ends_with_the_trainer(replica):
     from collm_fl.replica.coexec import TrainerStopped
 
-    waiting = replica.submit_training(1, 1e-3, 3600.0, 1, start_after_s=3000.0)
+    waiting = replica.submit_training(0, 1e-3, 3600.0, 1, start_after_s=3000.0)
     replica.trainer.stop()
-    with pytest.raises(TrainerStopped):
+    with pytest.raises(TrainerStopped):  # (even a job of no step: it never started)
         waiting.result(timeout=60)
 
 

@@ -95,10 +95,11 @@ def test_a_training_start_is_for_co_executing_jobs_and_never_negative(replica):
     with TestClient(create_control_app(replica, TOKEN)) as client:
         r = client.post(
             "/control/train",
-            json={**body, "exclusive": True, "start_after_s": 5.0},
+            json={**body, "exclusive": True, "start_after_s": 5.0, "share": 0.7},
             headers=headers,
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "cannot_train"
-        assert "start_after_s" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "start_after_s"
+        assert replica.training_share != 0.7  # refused: nothing changed
         r = client.post("/control/train", json={**body, "start_after_s": -1.0}, headers=headers)
         assert r.status_code in (400, 422) and "start_after_s" in r.text
