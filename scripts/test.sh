@@ -8,4 +8,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 ruff check .
 ruff format --check .
 mypy
-python -m pytest "$@"
+# Two worker processes (TEST_WORKERS; 0 runs in this process), each taking whole files: most of
+# the suite's time is end-to-end runs that wait on processes they started, so one core sits idle
+# in a serial run. Files keep their module-scoped fixtures (a federation, a replica) to one worker.
+python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"

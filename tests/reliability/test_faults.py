@@ -143,7 +143,10 @@ def test_a_replica_killed_mid_round_is_counted_failed_and_rejoins_after_restart(
         assert not list(victim_store.rglob(".tmp-*"))
 
         # It rejoins: a resumed run (one more round) gets all three replies and advances it too.
-        config3 = config.replace("num-server-rounds=2", "num-server-rounds=3")
+        # (100 local steps were for a kill window in round 1: the rejoin needs a few)
+        config3 = config.replace("num-server-rounds=2", "num-server-rounds=3").replace(
+            "local-steps=100", "local-steps=3"
+        )
         run2 = procs.spawn("flwr-run-2", fed.flwr_run_command(config3, rel.root), fed.env())
         log2 = finish(rel, run2)
         assert "resuming run 'default' from version v2" in log2

