@@ -146,12 +146,40 @@ def _covering(wildcard: str, host: str) -> str | None:
     return None
 
 
+PORT_RANGE_ENV = "COLLM_PORT_RANGE"  # LOW-HIGH: free_port() hands out ports from there only
+
+
+def port_range() -> tuple[int, int] | None:
+    """``$COLLM_PORT_RANGE`` as (low, high), None when unset (the system's ephemeral ports).
+    Processes given disjoint ranges never take each other's ports, not even one just freed."""
+    raw = os.environ.get(PORT_RANGE_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        low, high = (int(x) for x in raw.split("-"))
+    except ValueError:
+        low = high = -1
+    if not 1024 <= low <= high <= 65535:
+        raise ConfigError(f"${PORT_RANGE_ENV} must be LOW-HIGH within 1024-65535, got {raw!r}")
+    return low, high
+
+
 def free_port() -> int:
-    """A free loopback TCP port, never one this process handed out recently."""
+    """A free loopback TCP port, never one this process handed out recently (from
+    ``$COLLM_PORT_RANGE`` when set)."""
+    span = port_range()
     with _HANDED_OUT_LOCK:
         for _ in range(1000):
             with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
+                try:
+                    s.bind(
+                        (
+                            "127.0.0.1",
+                            0 if span is None else secrets.choice(range(span[0], span[1] + 1)),
+                        )
+                    )
+                except OSError:  # taken
+                    continue
                 port = int(s.getsockname()[1])
             if port not in _HANDED_OUT:
                 _HANDED_OUT.append(port)

@@ -6,6 +6,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Under pytest-xdist each worker (and every process it starts) takes ports from its own range,
+# below the system's ephemeral ports: a port one worker's test frees (a killed replica) is never
+# taken by the other's next server while the first test still talks to that address.
+if (_worker := os.environ.get("PYTEST_XDIST_WORKER", "")).startswith("gw"):
+    _span = 12000 // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    _low = 20000 + int(_worker[2:]) * _span
+    os.environ["COLLM_PORT_RANGE"] = f"{_low}-{_low + _span - 1}"
 
 import numpy as np
 import pytest
@@ -51,11 +58,9 @@ def random_adapter(shapes: dict[str, tuple[int, int]], seed: int, scale: float =
 
 
 def free_port() -> int:
-    import socket
+    from collm_fl.launch import free_port as launch_free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return launch_free_port()  # (from the worker's $COLLM_PORT_RANGE under pytest-xdist)
 
 
 class ReplicaProcess:

@@ -1,6 +1,5 @@
 """The Flower app end to end: `flwr run` on a local simulation SuperLink with the tiny model."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from collm_fl.launch import free_port as launch_free_port
+
+    return launch_free_port()  # (from the worker's $COLLM_PORT_RANGE under pytest-xdist)
 
 
 @pytest.fixture(scope="module")

@@ -186,3 +186,16 @@ def test_flwr_run_stops_when_the_federation_cannot_finish(tmp_path) -> None:
     fed.processes = [proc("replica0", sleeper)]  # type: ignore[list-item]
     flwr[:] = [sys.executable, "-c", "import time; time.sleep(2); raise SystemExit(3)"]
     assert fed.flwr_run("", tmp_path, min_nodes=1) == 3
+
+
+def test_free_ports_come_from_collm_port_range_and_a_bad_range_is_named(monkeypatch):
+    from collm_fl.errors import ConfigError
+    from collm_fl.launch import free_port
+
+    monkeypatch.setenv("COLLM_PORT_RANGE", "21000-21009")
+    ports = {free_port() for _ in range(5)}
+    assert len(ports) == 5 and all(21000 <= p <= 21009 for p in ports)
+    for bad in ("21000", "9-20", "3000-2000", "a-b"):
+        monkeypatch.setenv("COLLM_PORT_RANGE", bad)
+        with pytest.raises(ConfigError, match="COLLM_PORT_RANGE"):
+            free_port()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,9 +25,9 @@ POLL_S = 0.05  # how often a deadline poll looks at another process's state
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from collm_fl.launch import free_port as launch_free_port
+
+    return launch_free_port()  # (from the worker's $COLLM_PORT_RANGE under pytest-xdist)
 
 
 def venv_bin(name: str) -> str:
