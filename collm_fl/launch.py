@@ -170,14 +170,10 @@ def free_port() -> int:
     span = port_range()
     with _HANDED_OUT_LOCK:
         for _ in range(1000):
+            wanted = 0 if span is None else secrets.choice(range(span[0], span[1] + 1))
             with socket.socket() as s:
                 try:
-                    s.bind(
-                        (
-                            "127.0.0.1",
-                            0 if span is None else secrets.choice(range(span[0], span[1] + 1)),
-                        )
-                    )
+                    s.bind(("127.0.0.1", wanted))
                 except OSError:  # taken
                     continue
                 port = int(s.getsockname()[1])

@@ -251,7 +251,7 @@ class CoTrainer:
             if item is None:
                 break
             job, fut, submitted = item
-            self._await_start(job, fut, submitted)  # (stopped meanwhile: the job raises at once)
+            self._await_start(job, fut, submitted)
             if not fut.set_running_or_notify_cancel():
                 continue
             if self._stopping.is_set():  # (stopped while it waited for its start)
