@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
@@ -37,6 +37,7 @@ from collm_fl.flower_records import (
     state_to_arrayrecord,
 )
 from collm_fl.privacy import epsilon_spent
+from collm_fl.replica.relay import MIN_DEADLINE_S
 from collm_fl.store import (
     RUN_FAILED,
     RUN_FINISHED,
@@ -49,6 +50,7 @@ from collm_fl.store import (
 )
 from collm_fl.training import get_adapter_state
 from server_app.coordination import COORDINATION_STATE, STATE_KEY, CoordinationState
+from strategies.allocation import NodeBudget, turn_before
 from strategies.lora import NOT_DELIVERED, LoraFedAvg, ReplyOutcome
 
 log = logging.getLogger(__name__)
@@ -223,6 +225,7 @@ class Federation:
             }
         )
         messages = list(self.strategy.configure_train(rnd, arrays, train_config, self.grid))
+        messages, later = held_for_turns(messages, self.lora.node_budgets or {})
         undelivered: list[int] = []
         recipients: dict[str, int] = {}
         replies = exchange(
@@ -231,6 +234,7 @@ class Federation:
             cfg.round_timeout,
             undelivered=undelivered,
             recipients=recipients,
+            later=later,
         )
         self.lora.not_delivered, self.lora.recipients = set(undelivered), recipients
         if self.strategy is not self.lora:
@@ -453,6 +457,18 @@ POLL_FIRST_S, POLL_MAX_S = 0.05, 1.0  # how often exchange() asks the SuperLink 
 TTL_SLACK_S = 60.0
 
 
+@dataclass
+class Later:
+    """A message held back: pushed when ``after``'s reply comes, or ``due_s`` seconds into the
+    exchange if that comes first (a turn: it starts when the turn before it ends, at its own
+    start time at the latest). ``prepare(elapsed_s)`` sets it for when it goes."""
+
+    message: Message
+    after: int  # the node whose reply releases it
+    due_s: float
+    prepare: Callable[[float], None] | None = None
+
+
 def exchange(
     grid: Grid,
     messages: Sequence[Message],
@@ -461,6 +477,7 @@ def exchange(
     sleep: Callable[[float], None] = time.sleep,
     undelivered: list[int] | None = None,
     recipients: dict[str, int] | None = None,
+    later: Sequence[Later] = (),
 ) -> list[Message]:
     """Flower's ``send_and_receive``, polling for the replies sooner: push every message, then
     pull until each has its reply or ``timeout`` seconds have passed.
@@ -473,45 +490,110 @@ def exchange(
     took none: e.g. a batch refused as too large), and each stored message's id is mapped to the
     node it went to in ``recipients`` (a SuperLink's own error reply names node 1 as its sender).
 
+    The ``later`` messages are pushed one by one as they are released (see :class:`Later`; one
+    whose ``after`` node got no message, or refused it, goes at once); those not released
+    before the timeout are never sent.
+
     Each message expires ``TTL_SLACK_S`` after the wait for it ends: a node back from an outage
     longer than that is not handed a round the server has given up on (it would train, or swap in
     a version, for nothing; with Flower's default time-to-live it would work through twelve hours
     of them).
     """
-    for msg in messages:
-        msg.metadata.ttl = timeout + TTL_SLACK_S
-    ids = list(grid.push_messages(messages))
-    if len(ids) == len(messages) or not any(ids):
-        for msg, message_id in itertools.zip_longest(messages, ids[: len(messages)]):
-            node = int(msg.metadata.dst_node_id)
-            if message_id and recipients is not None:
-                recipients[message_id] = node
-            if not message_id:  # the SuperLink refused to store it (its node left meanwhile?)
-                log.warning("node %d: %s", node, NOT_DELIVERED)
+    started = clock()
+    deadline = started + timeout
+    sent_to: dict[str, int] = {}  # message id -> node
+    done: set[int] = set()  # nodes whose reply came, or whose message went nowhere
+
+    def push(batch: Sequence[Message]) -> list[str]:
+        for msg in batch:
+            msg.metadata.ttl = max(0.0, deadline - clock()) + TTL_SLACK_S
+        ids = list(grid.push_messages(batch))
+        if len(ids) == len(batch) or not any(ids):
+            for msg, message_id in itertools.zip_longest(batch, ids[: len(batch)]):
+                node = int(msg.metadata.dst_node_id)
+                if message_id:
+                    sent_to[message_id] = node
+                    if recipients is not None:
+                        recipients[message_id] = node
+                    continue
+                log.warning("node %d: %s", node, NOT_DELIVERED)  # (its node left meanwhile?)
+                done.add(node)
                 if undelivered is not None:
                     undelivered.append(node)
-    else:  # (a grid that leaves out what it refused: which ones, it does not say)
-        log.warning(
-            "the SuperLink took %d of %d messages; the others get no reply",
-            sum(1 for i in ids if i),
-            len(messages),
-        )
-    # (No reply can come for a message that was not stored: waiting for it would take the
-    # whole timeout.)
-    pending = {i for i in ids if i}
+        else:  # (a grid that leaves out what it refused: which ones, it does not say)
+            log.warning(
+                "the SuperLink took %d of %d messages; the others get no reply",
+                sum(1 for i in ids if i),
+                len(batch),
+            )
+            done.update(int(m.metadata.dst_node_id) for m in batch)
+        # (No reply can come for a message that was not stored: waiting for it would take the
+        # whole timeout.)
+        return [i for i in ids if i]
+
+    waiting = list(later)
+    # (a held message's own node counts: the turn after it waits for it to go and reply)
+    asked = {int(m.metadata.dst_node_id) for m in [*messages, *(w.message for w in waiting)]}
+
+    def release() -> list[str]:
+        now = clock() - started
+        go = [w for w in waiting if w.after in done or w.after not in asked or now >= w.due_s]
+        for w in go:
+            waiting.remove(w)
+            if w.prepare is not None:
+                w.prepare(now)
+        return push([w.message for w in go]) if go else []
+
+    pending = set(push(messages)) if messages else set()
+    pending.update(release())
     replies: list[Message] = []
-    deadline = clock() + timeout
     interval = POLL_FIRST_S
-    while pending:
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
+    while pending or waiting:
+        if pending:
+            got = list(grid.pull_messages(pending))
+            replies += got
+            for m in got:
+                answered = m.metadata.reply_to_message_id
+                pending.discard(answered)
+                if answered in sent_to:
+                    done.add(sent_to[answered])
+        released = release()
+        if released:
+            pending.update(released)
+            interval = POLL_FIRST_S  # (a reply to a new message may come quickly)
+            continue
         left = deadline - clock()
-        if not pending or left <= 0:
+        if not (pending or waiting) or left <= 0:
             break
-        sleep(min(interval, left))  # the SuperLink offers no wait-for-reply call: poll
+        due = min((w.due_s - (clock() - started) for w in waiting), default=left)
+        sleep(max(0.0, min(interval, left, due)))  # the SuperLink offers no wait-for-reply call
         interval = min(POLL_MAX_S, interval * 1.5)
     return replies
+
+
+def held_for_turns(
+    messages: Sequence[Message], budgets: Mapping[int, NodeBudget]
+) -> tuple[list[Message], list[Later]]:
+    """The train messages to push now, and those held until the turn before theirs has replied
+    (the allocation's turns, ``turn_before``): such a message goes out with ``start-after-s`` 0
+    and what is left of its ``deadline-s``."""
+    before = turn_before(budgets.values())
+    now: list[Message] = []
+    held: list[Later] = []
+    for msg in messages:
+        node = int(msg.metadata.dst_node_id)
+        if node not in before:
+            now.append(msg)
+            continue
+        budget = budgets[node]
+
+        def prepare(elapsed: float, msg: Message = msg, budget: NodeBudget = budget) -> None:
+            config = msg.content.config_records[CONFIG_KEY]
+            config["start-after-s"] = 0.0
+            config["deadline-s"] = max(budget.deadline_s - elapsed, MIN_DEADLINE_S)
+
+        held.append(Later(msg, before[node], budget.start_after_s, prepare))
+    return now, held
 
 
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # round metric: the noise of the aggregate it released

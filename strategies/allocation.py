@@ -18,6 +18,7 @@ from collm_fl.policies.allocation import (
     load_from_metrics,
     merge_loads,
     quality_gain_factor,
+    turn_before,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "load_from_metrics",
     "merge_loads",
     "quality_gain_factor",
+    "turn_before",
 ]

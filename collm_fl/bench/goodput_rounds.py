@@ -38,13 +38,16 @@ from collm_fl.loadgen.goodput import SLOSpec
 # The very policy the ServerApp runs (a pure function), not a copy of it.
 from collm_fl.policies.allocation import (
     AllocationInputs,
+    NodeBudget,
     NodeLoad,
     NodeState,
     RateForecast,
     allocate,
     forecast_rate,
+    turn_before,
 )
 from collm_fl.replica.control_client import ReplicaClient, ReplicaUnavailable
+from collm_fl.replica.relay import MIN_DEADLINE_S
 
 if TYPE_CHECKING:
     from collm_fl.bench.goodput_systems import SystemSpec
@@ -178,8 +181,7 @@ class Orchestrator:
         self._history: list[tuple[int, float]] = [(0, start.loss)]
         self._steps_total = 0
         self._allocation: list[dict[str, object]] = []
-        self._backfill: dict[int, int] = {}  # this round's backfill steps per replica (CoLLM-FL)
-        self._start_after: dict[int, float] = {}  # ... and when each one's training starts
+        self._plans: dict[int, NodeBudget] = {}  # this round's allocation (CoLLM-FL systems)
 
     def publish_initial(self) -> None:
         """Push version 0 to every replica before the load starts."""
@@ -256,7 +258,7 @@ class Orchestrator:
     def _budgets(self, rnd: int) -> dict[int, tuple[int, float]]:
         """replica -> (steps, training share) for this round; replicas with 0 steps sit out."""
         total = self.s.steps_per_replica * self.s.replicas
-        self._backfill, self._start_after = {}, {}
+        self._plans = {}
         if self.spec.budget == "split":
             k = len(self.training)
             return {i: (total // k + (j < total % k), 1.0) for j, i in enumerate(self.training)}
@@ -322,19 +324,24 @@ class Orchestrator:
                     ),
                 }
             )
-        self._backfill = {b.node_id: b.backfill_steps for b in decided}
-        self._start_after = {b.node_id: b.start_after_s for b in decided}
+        self._plans = {b.node_id: b for b in decided}
         return {b.node_id: (b.steps, b.share) for b in decided if not b.sits_out}
 
     def _train(
         self, rnd: int, budgets: dict[int, tuple[int, float]]
     ) -> tuple[list[AdapterState], list[float], list[float | None], int, int, list[str]]:
-        jobs = {i: b for i, b in budgets.items() if b[0] > 0 or self._backfill.get(i, 0) > 0}
+        plans = self._plans
+        jobs = {
+            i: b for i, b in budgets.items() if b[0] > 0 or (i in plans and not plans[i].sits_out)
+        }
         if not jobs:
             return [], [], [], 0, 0, []
 
-        def one(i: int, deadline_s: float) -> tuple[AdapterState, dict[str, float]]:
+        def one(
+            i: int, deadline_s: float, start_after_s: float | None = None
+        ) -> tuple[AdapterState, dict[str, float]]:
             steps, share = jobs[i]
+            plan = plans.get(i)
             return self.clients[i].train(
                 rnd,
                 steps,
@@ -343,14 +350,33 @@ class Orchestrator:
                 base_version=self.version,
                 share=None if self.spec.exclusive else share,
                 exclusive=self.spec.exclusive,
-                backfill_steps=self._backfill.get(i, 0),
-                start_after_s=self._start_after.get(i, 0.0),
+                backfill_steps=plan.backfill_steps if plan else 0,
+                start_after_s=(plan.start_after_s if plan else 0.0)
+                if start_after_s is None
+                else start_after_s,
             )
+
+        # Turns: as the federation's server does, each turn's train call waits for the one
+        # before it to return (at most until its planned start), then starts at once.
+        before = turn_before(plans.values())
+        returned = {i: threading.Event() for i in jobs}
+        t_round = time.monotonic()
+
+        def in_order(i: int) -> tuple[AdapterState, dict[str, float]]:
+            try:
+                if i not in before or before[i] not in returned:
+                    return one(i, self.s.deadline_s)
+                due = plans[i].start_after_s - (time.monotonic() - t_round)
+                returned[before[i]].wait(max(0.0, due))
+                left = self.s.deadline_s - (time.monotonic() - t_round)
+                return one(i, max(left, MIN_DEADLINE_S), 0.0)
+            finally:
+                returned[i].set()
 
         outcomes: dict[int, tuple[AdapterState, dict[str, float]] | ReplicaUnavailable] = {}
         if self.router is None:
             with ThreadPoolExecutor(len(jobs), thread_name_prefix="bench-train") as pool:
-                futures = {i: pool.submit(one, i, self.s.deadline_s) for i in jobs}
+                futures = {i: pool.submit(in_order, i) for i in jobs}
                 for i, fut in futures.items():
                     try:
                         outcomes[i] = fut.result()

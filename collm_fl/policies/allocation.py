@@ -31,11 +31,14 @@ code runs live in the ServerApp, in tests and in the simulator):
    when the replicas are forecast to need at most ``TURN_UTILIZATION`` of all but one replica's
    compute for serving, and every replica's target, at its measured step time (× ``TURN_SLACK``),
    fits the deadline one after the other, each trains its whole target with the whole replica
-   (share 1, no backfill) from its turn's start (``start_after_s``, the turn order rotating with
-   the round), and sits idle for training the rest of the round. The gateway's routing sends
-   requests around a replica while it trains (its predicted latency counts the training share), so
-   serving always has replicas that no training step slows; what lands on the training replica
-   anyway still has priority over its steps. A turn that runs over its length overlaps the next.
+   (share 1, no backfill) in its turn (``turn``; the order rotating with the round), and sits idle
+   for training the rest of the round. A turn starts when the one before it has sent its update
+   back (the server holds its message until then: ``turn_before``), or at its planned start
+   (``start_after_s``, the lengths before it summed) if that comes first: a turn that ends early
+   gives its time to the next, one that runs over its length overlaps the next. The gateway's
+   routing sends requests around a replica while it trains (its predicted latency counts the
+   training share), so serving always has replicas that no training step slows; what lands on
+   the training replica anyway still has priority over its steps.
    (On one machine the co-executed steps of every replica at once cost light-load requests their
    tail TTFT and TPOT, docs/bench/goodput-dc17cae-slow/; the rolling baseline, one replica at a
    time, did not pay it.)
@@ -47,7 +50,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 IDLE_RATE = 0.05  # requests/s below which a replica counts as idle
@@ -113,6 +116,7 @@ class NodeBudget:
     backfill_steps: int = 0  # more steps, trained only while the replica is idle (see module doc)
     reports_load: bool = True  # the node sent a load report (False: a device, or not heard from)
     start_after_s: float = 0.0  # its training starts this long after the round's (turns)
+    turn: int = 0  # its place in the round's turns (1, 2, ...; 0: no turns this round)
 
     @property
     def sits_out(self) -> bool:
@@ -282,10 +286,23 @@ def in_turns(
             f"gain {gain:.2f}"
         )
         turned[b.node_id] = replace(
-            b, steps=target, share=1.0, backfill_steps=0, start_after_s=start, reason=reason
+            b,
+            steps=target,
+            share=1.0,
+            backfill_steps=0,
+            start_after_s=start,
+            reason=reason,
+            turn=turn,
         )
         start += lengths[j]
     return [turned.get(b.node_id, b) for b in budgets]
+
+
+def turn_before(budgets: Iterable[NodeBudget]) -> dict[int, int]:
+    """node -> the node whose turn comes just before its own (turns 2, 3, ...): a turn starts
+    when that one's update comes back, or at its ``start_after_s`` if that comes first."""
+    by_turn = {b.turn: b.node_id for b in budgets if b.turn > 0}
+    return {node: by_turn[t - 1] for t, node in by_turn.items() if t - 1 in by_turn}
 
 
 def _fit_deadline(steps: int, step_seconds: float | None, share: float, deadline_s: float) -> int:

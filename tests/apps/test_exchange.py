@@ -134,3 +134,118 @@ def test_a_flower_message_expires_soon_after_the_wait_for_its_reply_ends():
     grid = Grid([0.0], clock)
     exchange(grid, [msg], 90.0, lambda: clock[0], lambda s: None)
     assert grid.ttls == [90.0 + TTL_SLACK_S]
+
+
+class TurnGrid:
+    """Node n's reply is ready ``took[n]`` seconds after its message was pushed (None: never)."""
+
+    def __init__(self, took: dict[int, float | None], clock: list[float]) -> None:
+        self.took, self.clock = took, clock
+        self.pushed_at: dict[int, float] = {}
+        self.refuse: set[int] = set()
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            node = int(m.metadata.dst_node_id)
+            if node in self.refuse:
+                ids.append("")
+                continue
+            self.pushed_at[node] = self.clock[0]
+            ids.append(f"n{node}")
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for node, at in self.pushed_at.items():
+            took = self.took[node]
+            if f"n{node}" in ids and took is not None and at + took <= self.clock[0]:
+                out.append(
+                    SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"n{node}"))
+                )
+        return out
+
+
+def turns(
+    took: dict[int, float | None], due: dict[int, float], timeout: float, refuse=()
+) -> tuple[TurnGrid, dict[int, float], list[float]]:
+    """Node 1 goes at once; node 2 after node 1, node 3 after node 2 (or at their due times)."""
+    from server_app.federation import Later
+
+    clock = [0.0]
+    grid = TurnGrid(took, clock)
+    grid.refuse = set(refuse)
+    prepared: dict[int, float] = {}
+
+    def sleep(s: float) -> None:
+        assert s >= 0
+        clock[0] += s
+
+    def msg(node: int) -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(ttl=0.0, dst_node_id=node))
+
+    later = [
+        Later(msg(n), n - 1, due[n], lambda elapsed, n=n: prepared.__setitem__(n, elapsed))
+        for n in (2, 3)
+    ]
+    replies = exchange(grid, [msg(1)], timeout, lambda: clock[0], sleep, later=later)  # type: ignore[arg-type]
+    return grid, prepared, [float(r.metadata.reply_to_message_id[1:]) for r in replies]
+
+
+def test_a_turn_starts_when_the_turn_before_it_replies():
+    grid, prepared, replied = turns({1: 10.0, 2: 12.0, 3: 5.0}, {2: 30.0, 3: 60.0}, 120.0)
+    assert sorted(replied) == [1, 2, 3]
+    # Each pushed within one poll interval of the reply before it, long before its due time.
+    assert 10.0 <= grid.pushed_at[2] <= 10.0 + POLL_MAX_S
+    assert 22.0 <= grid.pushed_at[3] <= 22.0 + 2 * POLL_MAX_S
+    assert prepared[2] == grid.pushed_at[2] and prepared[3] == grid.pushed_at[3]
+
+
+def test_a_turn_whose_predecessor_runs_over_starts_at_its_due_time():
+    grid, _, replied = turns({1: 50.0, 2: 5.0, 3: 5.0}, {2: 30.0, 3: 60.0}, 120.0)
+    assert grid.pushed_at[2] == pytest.approx(30.0)  # not the 50 s node 1 took
+    assert 35.0 <= grid.pushed_at[3] <= 35.0 + POLL_MAX_S
+    assert sorted(replied) == [1, 2, 3]
+
+
+def test_a_turn_after_a_node_that_got_no_message_goes_at_once():
+    grid, _, replied = turns({1: 10.0, 2: 5.0, 3: 5.0}, {2: 30.0, 3: 60.0}, 120.0, refuse=[1])
+    assert grid.pushed_at[2] == 0.0 and sorted(replied) == [2, 3]
+
+
+def test_a_turn_not_released_before_the_timeout_is_never_sent():
+    grid, prepared, replied = turns({1: None, 2: None, 3: 5.0}, {2: 30.0, 3: 200.0}, 100.0)
+    assert grid.pushed_at == {1: 0.0, 2: 30.0} and 3 not in prepared
+    assert replied == []
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_the_turns_after_the_first_are_held_and_go_with_what_is_left_of_the_deadline():
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from collm_fl.flower_records import CONFIG_KEY
+    from server_app.federation import held_for_turns
+    from strategies.allocation import NodeBudget
+
+    def train(node: int, start: float) -> Message:
+        config = ConfigRecord({"deadline-s": 60.0, "start-after-s": start, "local-steps": 4})
+        return Message(RecordDict({CONFIG_KEY: config}), dst_node_id=node, message_type="train")
+
+    budgets = {
+        1: NodeBudget(1, 4, 1.0, 60.0, "turn 1", start_after_s=0.0, turn=1),
+        2: NodeBudget(2, 4, 1.0, 60.0, "turn 2", start_after_s=20.0, turn=2),
+        9: NodeBudget(9, 4, 1.0, 60.0, "a device", reports_load=False),
+    }
+    messages = [train(1, 0.0), train(2, 20.0), train(9, 0.0)]
+    now, held = held_for_turns(messages, budgets)
+    assert [int(m.metadata.dst_node_id) for m in now] == [1, 9]
+    assert [(h.after, h.due_s) for h in held] == [(1, 20.0)]
+    assert held[0].prepare is not None
+    held[0].prepare(12.5)  # node 1 replied 12.5 s into the round
+    config = held[0].message.content.config_records[CONFIG_KEY]
+    assert (config["start-after-s"], config["deadline-s"], config["local-steps"]) == (0.0, 47.5, 4)
+    held[0].prepare(75.0)  # (released past the deadline: it may train no step)
+    assert 0 < config["deadline-s"] < 0.01
+    # Without turns every message goes at once, untouched.
+    plain = {n: NodeBudget(n, 4, 0.5, 60.0, "busy") for n in (1, 2)}
+    assert held_for_turns(messages, plain) == (messages, [])

@@ -14,6 +14,7 @@ from strategies.allocation import (
     headroom,
     load_from_metrics,
     quality_gain_factor,
+    turn_before,
 )
 
 SLO = dict(ttft_slo_s=2.0, tpot_slo_s=0.2)
@@ -398,6 +399,11 @@ def test_under_light_load_replicas_train_one_after_another_with_the_whole_replic
         assert (b.steps, b.share, b.backfill_steps) == (4, 1.0, 0)
         assert b.reason.startswith("turn ")
     assert budgets[9].start_after_s == 0.0 and budgets[9].steps == 4  # devices do not wait
+    assert [b.turn for b in turns] == [1, 2, 3] and budgets[9].turn == 0
+    # The server holds turn 2 until node 1's update is back, turn 3 until node 2's.
+    assert turn_before(budgets.values()) == {2: 1, 3: 2}
+    no_turns = allocate(replace(inputs([*nodes, device], max_steps=4), turns=False))
+    assert turn_before(no_turns) == {} and all(b.turn == 0 for b in no_turns)
 
 
 def test_the_first_turn_rotates_with_the_round():

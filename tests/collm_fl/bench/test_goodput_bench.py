@@ -4,6 +4,7 @@ pieces that turn runs into the report (served quality, time-to-quality target, r
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -309,15 +310,22 @@ def test_a_decision_recorded_before_the_rest_seconds_renders_a_dash() -> None:
 
 
 def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> None:
-    """The orchestrator passes the allocation's turns on: each replica's job starts at its turn,
-    the first turn rotating with the round; under heavy load every job starts at once."""
+    """The orchestrator passes the allocation's turns on as the federation's server does: the
+    first turn (rotating with the round) is asked at once, the next one when the first returns,
+    with what is left of the deadline, or at its planned start if the first runs over; under
+    heavy load every job starts at once."""
     from collm_fl.bench.goodput_rounds import Orchestrator
     from collm_fl.bench.goodput_systems import SYSTEM_SPECS
     from collm_fl.policies.allocation import TURN_SLACK
 
+    calls: list[tuple[int, float, float]] = []  # (replica, start_after_s, deadline_s)
+    lock = threading.Lock()
+
     class Client:
-        def __init__(self, utilization: float) -> None:
-            self.utilization, self.start_after_s = utilization, -1.0
+        def __init__(self, i: int, utilization: float) -> None:
+            self.i, self.utilization = i, utilization
+            self.hold: threading.Event | None = None  # train returns only once this is set
+            self.frees: threading.Event | None = None  # ... which being asked to train sets
 
         def load_report(self, reset: bool) -> dict[str, float]:
             return {
@@ -330,36 +338,55 @@ def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> Non
             }
 
         def train(self, rnd, steps, lr, deadline_s, **kw):
-            self.start_after_s = kw["start_after_s"]
-            metrics = {"local-steps": 2.0, "train-tokens": 10.0, "train-seconds": 10.0}
+            with lock:
+                calls.append((self.i, kw["start_after_s"], deadline_s))
+            if self.frees is not None:
+                self.frees.set()
+            if self.hold is not None:
+                assert self.hold.wait(30), "the next turn never started"
+            metrics = {"local-steps": 2.0, "train-tokens": 10.0, "train-seconds": 2 * step_s}
             return {}, {**metrics, "num-examples": 5.0}
 
     def orchestrator(utilization: float) -> Orchestrator:
         orch = Orchestrator.__new__(Orchestrator)
         orch.spec, orch.training, orch.router = SYSTEM_SPECS["collm-fl"], [0, 1], None
-        orch.clients = [Client(utilization), Client(utilization)]  # type: ignore[list-item]
+        orch.clients = [Client(0, utilization), Client(1, utilization)]  # type: ignore[list-item]
         orch.s = SimpleNamespace(  # type: ignore[assignment]
             steps_per_replica=2,
             replicas=2,
             slo=SLOSpec(2.0, 0.2),
             deadline_s=60.0,
-            step_seconds=5.0,
+            step_seconds=step_s,
             learning_rate=1e-3,
         )
         orch._forecast, orch._step_s, orch._history, orch._allocation = {}, {}, [(0, 5.0)], []
         orch.version = 0
         return orch
 
+    step_s = 5.0
     light = orchestrator(0.1)
     for rnd, first in [(1, 0), (2, 1)]:
-        light._allocation = []
+        light._allocation, calls[:] = [], []
         light._train(rnd, light._budgets(rnd))
-        starts = [c.start_after_s for c in light.clients]  # type: ignore[attr-defined]
-        assert starts[first] == 0.0 and starts[1 - first] == pytest.approx(2 * 5.0 * TURN_SLACK)
-        assert [a["start_s"] for a in light._allocation] == starts
+        planned = {a["replica"]: a["start_s"] for a in light._allocation}
+        assert planned == {first: 0.0, 1 - first: pytest.approx(2 * 5.0 * TURN_SLACK)}
+        # The second turn was asked when the first returned (at once here), from then on.
+        assert [(i, start) for i, start, _ in calls] == [(first, 0.0), (1 - first, 0.0)]
+        assert calls[0][2] == 60.0 and 50.0 < calls[1][2] <= 60.0
+    # A first turn that runs over its length: the second starts at its planned start anyway.
+    step_s = 0.02
+    slow = orchestrator(0.1)
+    calls[:] = []
+    first, second = slow.clients  # type: ignore[misc]
+    first.hold = second.frees = threading.Event()  # type: ignore[attr-defined]
+    slow._train(1, slow._budgets(1))
+    assert {a["replica"]: a["start_s"] for a in slow._allocation}[1] > 0  # (in turns)
+    assert [(i, start) for i, start, _ in calls] == [(0, 0.0), (1, 0.0)]
     heavy = orchestrator(0.5)  # together 1.0: more than one replica may carry alone
+    calls[:] = []
     heavy._train(1, heavy._budgets(1))
-    assert [c.start_after_s for c in heavy.clients] == [0.0, 0.0]  # type: ignore[attr-defined]
+    assert sorted((i, start) for i, start, _ in calls) == [(0, 0.0), (1, 0.0)]
+    assert all(deadline == 60.0 for _, _, deadline in calls)
 
 
 def test_the_rolling_balancer_skips_the_replica_out_of_rotation() -> None:
