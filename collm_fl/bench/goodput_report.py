@@ -397,7 +397,8 @@ def _allocation_lines(result: GoodputResult) -> list[str]:
         f"| {result.title(run.system)} | {run.rate:.2f} | {rr.round} | r{a['replica']} "
         f"| {a['steps']} | {a.get('backfill', 0)} | {a.get('trained', '–')} "
         f"({a.get('backfilled', 0)}) | {_seconds(a, 'lent_s')} | {_seconds(a, 'late_rest_s')} "
-        f"| {a['share']:.2f} | {_seconds(a, 'start_s')} | {a['load']} |"
+        f"| {a['share']:.2f} | {_seconds(a, 'start_s')} | {_seconds(a, 'began_s')} "
+        f"| {a['load']} |"
         for run in result.runs
         if is_collm_system(run.system)
         for rr in run.rounds
@@ -413,11 +414,14 @@ def _allocation_lines(result: GoodputResult) -> list[str]:
         "*trained*: steps the replica ran, of which backfill in parentheses; *lent*: seconds "
         "serving rested for a plan behind schedule (`--max-lend-share`); *late rest*: seconds "
         "serving rested for a step while all its requests were late; *from*: seconds into the "
-        "round its training started, when the replicas took turns under light load):",
+        "round its training was planned to start, when the replicas took turns under light load "
+        "(the turns' lengths before it summed); *began*: when it was asked to train, the turn "
+        "before it having returned (at its planned start at the latest; – in runs before this "
+        "was recorded, or without turns)):",
         "",
         "| system | rate (req/s) | round | replica | planned | backfill | trained | lent (s) "
-        "| late rest (s) | share | from (s) | load report |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| late rest (s) | share | from (s) | began (s) | load report |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         *rows,
     ]
 

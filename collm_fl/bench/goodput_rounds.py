@@ -362,14 +362,18 @@ class Orchestrator:
         returned = {i: threading.Event() for i in jobs}
         t_round = time.monotonic()
 
+        began: dict[int, float] = {}  # seconds into the round each turn was asked to train
+
         def in_order(i: int) -> tuple[AdapterState, dict[str, float]]:
             try:
                 if i not in before or before[i] not in returned:
+                    if i in plans and plans[i].turn > 0:
+                        began[i] = plans[i].start_after_s
                     return one(i, self.s.deadline_s)
                 due = plans[i].start_after_s - (time.monotonic() - t_round)
                 returned[before[i]].wait(max(0.0, due))
-                left = self.s.deadline_s - (time.monotonic() - t_round)
-                return one(i, max(left, MIN_DEADLINE_S), 0.0)
+                began[i] = time.monotonic() - t_round
+                return one(i, max(self.s.deadline_s - began[i], MIN_DEADLINE_S), 0.0)
             finally:
                 returned[i].set()
 
@@ -401,6 +405,8 @@ class Orchestrator:
                     a["backfilled"] = int(metrics.get("backfill-steps", 0))
                     a["lent_s"] = float(metrics.get("lent-seconds", 0.0))
                     a["late_rest_s"] = float(metrics.get("late-rest-seconds", 0.0))
+                    if i in began:
+                        a["began_s"] = began[i]
             if done > 0 and metrics["train-seconds"] > 0:
                 # The fastest round so far: the replica's own speed. A loaded round's slower
                 # steps are serving's load, which the allocation's share already counts.

@@ -29,16 +29,17 @@ code runs live in the ServerApp, in tests and in the simulator):
    was right costs no goodput: backfill runs on cycles that earn none.
 5. **Turns.** While load is light, the replicas train one after another instead of all at once:
    when the replicas are forecast to need at most ``TURN_UTILIZATION`` of all but one replica's
-   compute for serving, and every replica's target, at its measured step time (× ``TURN_SLACK``),
-   fits the deadline one after the other, each trains its whole target with the whole replica
-   (share 1, no backfill) in its turn (``turn``; the order rotating with the round), and sits idle
-   for training the rest of the round. A turn starts when the one before it has sent its update
-   back (the server holds its message until then: ``turn_before``), or at its planned start
-   (``start_after_s``, the lengths before it summed) if that comes first: a turn that ends early
-   gives its time to the next, one that runs over its length overlaps the next. The gateway's
-   routing sends requests around a replica while it trains (its predicted latency counts the
-   training share), so serving always has replicas that no training step slows; what lands on
-   the training replica anyway still has priority over its steps.
+   compute for serving, and every replica's target, at its measured step time, fits the deadline
+   one after the other, each trains its whole target with the whole replica (share 1, no
+   backfill) in its turn (``turn``; the order rotating with the round), and sits idle for
+   training the rest of the round. A turn starts when the one before it has sent its update back
+   (the server holds its message until then: ``turn_before``), or at its planned start
+   (``start_after_s``: the lengths before it summed, × ``TURN_SLACK``, at most the deadline less
+   its own length) if that comes first: a turn that ends early gives its time to the next, one
+   that runs over its planned length overlaps the next. The gateway's routing sends requests
+   around a replica while it trains (its predicted latency counts the training share), so
+   serving always has replicas that no training step slows; what lands on the training replica
+   anyway still has priority over its steps.
    (On one machine the co-executed steps of every replica at once cost light-load requests their
    tail TTFT and TPOT, docs/bench/goodput-dc17cae-slow/; the rolling baseline, one replica at a
    time, did not pay it.)
@@ -66,7 +67,9 @@ MIN_GAIN_POINTS = 4  # loss points (three per-step rates) before the gain factor
 # than its sum; above this the others would queue (the light-rate reports of
 # docs/bench/goodput-dc17cae-slow/ summed to 0.43-0.56 over two replicas).
 TURN_UTILIZATION = 0.6
-TURN_SLACK = 1.25  # a turn's length: its steps' measured time × this (a step's time varies)
+# A turn's planned length: its steps' measured time × this (a step's time varies); the next turn
+# starts then at the latest, or sooner when this one's update comes back sooner.
+TURN_SLACK = 1.25
 
 
 @dataclass(frozen=True)
@@ -271,15 +274,18 @@ def in_turns(
         if load.utilization < 0 or node.step_seconds <= 0:
             return list(budgets)
         serving += load.utilization * load_growth(load, node.forecast_rate)
-        lengths.append(target * node.step_seconds * TURN_SLACK)
+        lengths.append(target * node.step_seconds)
     if serving > TURN_UTILIZATION * (len(replicas) - 1) or sum(lengths) > inputs.deadline_s:
         return list(budgets)
     k = inputs.rotation % len(replicas)
     order = [*range(k, len(replicas)), *range(k)]
     turned: dict[int, NodeBudget] = {}
-    start = 0.0
+    before = 0.0  # the measured lengths of the turns before this one
     for turn, j in enumerate(order, 1):
         b = replicas[j]
+        # Planned start (for when the turn before replies late): the lengths before it with
+        # slack, but never so late that its own steps would not fit the deadline.
+        start = min(before * TURN_SLACK, inputs.deadline_s - lengths[j])
         reason = (
             f"turn {turn} of {len(replicas)}, from {start:.0f}s: trains with the whole replica "
             f"while the others serve (forecast serving {serving:.2f} of one replica's compute); "
@@ -294,7 +300,7 @@ def in_turns(
             reason=reason,
             turn=turn,
         )
-        start += lengths[j]
+        before += lengths[j]
     return [turned.get(b.node_id, b) for b in budgets]
 
 

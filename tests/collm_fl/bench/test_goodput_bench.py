@@ -303,10 +303,13 @@ def test_a_decision_recorded_before_the_rest_seconds_renders_a_dash() -> None:
     runs[1].federation.rounds[0].allocation = [
         {**decision, "trained": 5, "backfilled": 2, "lent_s": 0.0, "late_rest_s": 12.5},
         {**decision, "replica": 1, "trained": 4},  # as goodput.json held it before
+        {**decision, "replica": 2, "trained": 3, "start_s": 20.0, "began_s": 14.25},  # a turn
     ]
     md = render_markdown(fake_result(runs, [2.0]))
-    assert "| CoLLM-FL | 2.00 | 1 | r0 | 3 | 2 | 5 (2) | 0.0 | 12.5 | 0.30 | – | 1.0 req/s |" in md
-    assert "| CoLLM-FL | 2.00 | 1 | r1 | 3 | 2 | 4 (0) | – | – | 0.30 | – | 1.0 req/s |" in md
+    row = "| CoLLM-FL | 2.00 | 1 | r0 | 3 | 2 | 5 (2) | 0.0 | 12.5 | 0.30 | – | – | 1.0 req/s |"
+    assert row in md
+    assert "| CoLLM-FL | 2.00 | 1 | r1 | 3 | 2 | 4 (0) | – | – | 0.30 | – | – | 1.0 req/s |" in md
+    assert "| 1 | r2 | 3 | 2 | 3 (0) | – | – | 0.30 | 20.0 | 14.2 | 1.0 req/s |" in md
 
 
 def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> None:
@@ -373,6 +376,8 @@ def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> Non
         # The second turn was asked when the first returned (at once here), from then on.
         assert [(i, start) for i, start, _ in calls] == [(first, 0.0), (1 - first, 0.0)]
         assert calls[0][2] == 60.0 and 50.0 < calls[1][2] <= 60.0
+        began = {a["replica"]: a["began_s"] for a in light._allocation}
+        assert began[first] == 0.0 and began[1 - first] == pytest.approx(60.0 - calls[1][2])
     # A first turn that runs over its length: the second starts at its planned start anyway.
     step_s = 0.02
     slow = orchestrator(0.1)
