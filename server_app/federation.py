@@ -506,6 +506,10 @@ def exchange(
 
     def push(batch: Sequence[Message]) -> list[str]:
         for msg in batch:
+            # Flower counts a message's time-to-live from its creation: a held one was made
+            # with the others, so it is made anew here (else it would expire early by the time
+            # it was held, and one held past half its life would be refused as expired).
+            msg.metadata.created_at = time.time()
             msg.metadata.ttl = max(0.0, deadline - clock()) + TTL_SLACK_S
         ids = list(grid.push_messages(batch))
         if len(ids) == len(batch) or not any(ids):
@@ -575,9 +579,11 @@ def held_for_turns(
     messages: Sequence[Message], budgets: Mapping[int, NodeBudget]
 ) -> tuple[list[Message], list[Later]]:
     """The train messages to push now, and those held until the turn before theirs has replied
-    (the allocation's turns, ``turn_before``): such a message goes out with ``start-after-s`` 0
-    and what is left of its ``deadline-s``."""
-    before = turn_before(budgets.values())
+    (the allocation's turns, ``turn_before``, among the nodes asked: a strategy that samples
+    some nodes leaves the others' turns out), or until the turn's planned start: such a message
+    goes out with ``start-after-s`` 0 and what is left of its ``deadline-s``."""
+    asked = {int(m.metadata.dst_node_id) for m in messages}
+    before = turn_before(b for node, b in budgets.items() if node in asked)
     now: list[Message] = []
     held: list[Later] = []
     for msg in messages:

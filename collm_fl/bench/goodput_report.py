@@ -414,10 +414,11 @@ def _allocation_lines(result: GoodputResult) -> list[str]:
         "*trained*: steps the replica ran, of which backfill in parentheses; *lent*: seconds "
         "serving rested for a plan behind schedule (`--max-lend-share`); *late rest*: seconds "
         "serving rested for a step while all its requests were late; *from*: seconds into the "
-        "round its training was planned to start, when the replicas took turns under light load "
-        "(the turns' lengths before it summed); *began*: when it was asked to train, the turn "
-        "before it having returned (at its planned start at the latest; – in runs before this "
-        "was recorded, or without turns)):",
+        "round its training was to start at the latest, when the replicas took turns under "
+        "light load (the turns' measured lengths before it summed, × 1.25, at most the deadline "
+        "less its own length); *began*: when it was asked to train, the turn before it having "
+        "returned or its planned start come (– without turns, or in runs before this was "
+        "recorded)):",
         "",
         "| system | rate (req/s) | round | replica | planned | backfill | trained | lent (s) "
         "| late rest (s) | share | from (s) | began (s) | load report |",

@@ -358,7 +358,7 @@ class Orchestrator:
 
         # Turns: as the federation's server does, each turn's train call waits for the one
         # before it to return (at most until its planned start), then starts at once.
-        before = turn_before(plans.values())
+        before = turn_before(plans[i] for i in jobs if i in plans)
         returned = {i: threading.Event() for i in jobs}
         t_round = time.monotonic()
 
@@ -366,8 +366,8 @@ class Orchestrator:
 
         def in_order(i: int) -> tuple[AdapterState, dict[str, float]]:
             try:
-                if i not in before or before[i] not in returned:
-                    if i in plans and plans[i].turn > 0:
+                if i not in before:  # the first turn (planned at 0), or no turns
+                    if plans.get(i) and plans[i].turn > 0:
                         began[i] = plans[i].start_after_s
                     return one(i, self.s.deadline_s)
                 due = plans[i].start_after_s - (time.monotonic() - t_round)

@@ -118,7 +118,7 @@ class NodeBudget:
     reason: str
     backfill_steps: int = 0  # more steps, trained only while the replica is idle (see module doc)
     reports_load: bool = True  # the node sent a load report (False: a device, or not heard from)
-    start_after_s: float = 0.0  # its training starts this long after the round's (turns)
+    start_after_s: float = 0.0  # its training starts at the latest this long into the round
     turn: int = 0  # its place in the round's turns (1, 2, ...; 0: no turns this round)
 
     @property
@@ -279,17 +279,23 @@ def in_turns(
         return list(budgets)
     k = inputs.rotation % len(replicas)
     order = [*range(k, len(replicas)), *range(k)]
+    # Planned starts (for when the turn before replies late): the lengths before each with
+    # slack, but never so late that its own steps would not fit the deadline, nor after the
+    # next turn's (from the last back). Each is still after the measured lengths before it.
+    starts: list[float] = []
+    later = math.inf
+    for n, j in reversed(list(enumerate(order))):
+        before = sum(lengths[i] for i in order[:n])
+        later = min(before * TURN_SLACK, inputs.deadline_s - lengths[j], later)
+        starts.append(later)
+    starts.reverse()
     turned: dict[int, NodeBudget] = {}
-    before = 0.0  # the measured lengths of the turns before this one
-    for turn, j in enumerate(order, 1):
+    for turn, (j, start) in enumerate(zip(order, starts, strict=True), 1):
         b = replicas[j]
-        # Planned start (for when the turn before replies late): the lengths before it with
-        # slack, but never so late that its own steps would not fit the deadline.
-        start = min(before * TURN_SLACK, inputs.deadline_s - lengths[j])
         reason = (
-            f"turn {turn} of {len(replicas)}, from {start:.0f}s: trains with the whole replica "
-            f"while the others serve (forecast serving {serving:.2f} of one replica's compute); "
-            f"gain {gain:.2f}"
+            f"turn {turn} of {len(replicas)}, at {start:.0f}s at the latest: trains with the "
+            f"whole replica while the others serve (forecast serving {serving:.2f} of one "
+            f"replica's compute); gain {gain:.2f}"
         )
         turned[b.node_id] = replace(
             b,
@@ -300,15 +306,15 @@ def in_turns(
             reason=reason,
             turn=turn,
         )
-        before += lengths[j]
     return [turned.get(b.node_id, b) for b in budgets]
 
 
 def turn_before(budgets: Iterable[NodeBudget]) -> dict[int, int]:
-    """node -> the node whose turn comes just before its own (turns 2, 3, ...): a turn starts
-    when that one's update comes back, or at its ``start_after_s`` if that comes first."""
-    by_turn = {b.turn: b.node_id for b in budgets if b.turn > 0}
-    return {node: by_turn[t - 1] for t, node in by_turn.items() if t - 1 in by_turn}
+    """node -> the node whose turn comes just before its own among ``budgets`` (those asked to
+    train: a turn left out of the round passes its place on): a turn starts when that one's
+    update comes back, or at its ``start_after_s`` if that comes first."""
+    turns = sorted((b.turn, b.node_id) for b in budgets if b.turn > 0)
+    return {node: prev for (_, prev), (_, node) in itertools.pairwise(turns)}
 
 
 def _fit_deadline(steps: int, step_seconds: float | None, share: float, deadline_s: float) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -142,6 +143,7 @@ class TurnGrid:
     def __init__(self, took: dict[int, float | None], clock: list[float]) -> None:
         self.took, self.clock = took, clock
         self.pushed_at: dict[int, float] = {}
+        self.life: dict[int, tuple[float, float]] = {}  # node -> (created_at, ttl) when pushed
         self.refuse: set[int] = set()
 
     def push_messages(self, messages):
@@ -152,6 +154,7 @@ class TurnGrid:
                 ids.append("")
                 continue
             self.pushed_at[node] = self.clock[0]
+            self.life[node] = (m.metadata.created_at, m.metadata.ttl)
             ids.append(f"n{node}")
         return ids
 
@@ -182,7 +185,7 @@ def turns(
         clock[0] += s
 
     def msg(node: int) -> SimpleNamespace:
-        return SimpleNamespace(metadata=SimpleNamespace(ttl=0.0, dst_node_id=node))
+        return SimpleNamespace(metadata=SimpleNamespace(ttl=0.0, dst_node_id=node, created_at=0.0))
 
     later = [
         Later(msg(n), n - 1, due[n], lambda elapsed, n=n: prepared.__setitem__(n, elapsed))
@@ -193,12 +196,17 @@ def turns(
 
 
 def test_a_turn_starts_when_the_turn_before_it_replies():
+    started = time.time()
     grid, prepared, replied = turns({1: 10.0, 2: 12.0, 3: 5.0}, {2: 30.0, 3: 60.0}, 120.0)
     assert sorted(replied) == [1, 2, 3]
     # Each pushed within one poll interval of the reply before it, long before its due time.
     assert 10.0 <= grid.pushed_at[2] <= 10.0 + POLL_MAX_S
     assert 22.0 <= grid.pushed_at[3] <= 22.0 + 2 * POLL_MAX_S
     assert prepared[2] == grid.pushed_at[2] and prepared[3] == grid.pushed_at[3]
+    # Flower counts a message's life from its creation: a held one is created anew when it
+    # goes, and lives for what is left of the wait (+ the slack), not the whole round's.
+    created, ttl = grid.life[3]
+    assert created >= started and ttl == pytest.approx(120.0 - grid.pushed_at[3] + TTL_SLACK_S)
 
 
 def test_a_turn_whose_predecessor_runs_over_starts_at_its_due_time():
@@ -246,6 +254,11 @@ def test_the_turns_after_the_first_are_held_and_go_with_what_is_left_of_the_dead
     assert (config["start-after-s"], config["deadline-s"], config["local-steps"]) == (0.0, 47.5, 4)
     held[0].prepare(75.0)  # (released past the deadline: it may train no step)
     assert 0 < config["deadline-s"] < 0.01
+    # A strategy that sampled node 2 out of turns 1-2-3: turn 3 follows turn 1.
+    budgets[3] = NodeBudget(3, 4, 1.0, 60.0, "turn 3", start_after_s=40.0, turn=3)
+    now, held = held_for_turns([train(1, 0.0), train(3, 40.0)], budgets)
+    assert [int(m.metadata.dst_node_id) for m in now] == [1]
+    assert [(h.after, h.due_s) for h in held] == [(1, 40.0)]
     # Without turns every message goes at once, untouched.
     plain = {n: NodeBudget(n, 4, 0.5, 60.0, "busy") for n in (1, 2)}
     assert held_for_turns(messages, plain) == (messages, [])

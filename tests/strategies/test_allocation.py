@@ -403,6 +403,12 @@ def test_under_light_load_replicas_train_one_after_another_with_the_whole_replic
     # A planned start (with slack) never leaves its turn too little of the deadline.
     tight = {b.node_id: b for b in allocate(inputs([*nodes, device], deadline=16, max_steps=4))}
     assert [tight[n].start_after_s for n in (1, 2, 3)] == pytest.approx([0.0, 5.0, 12.0])
+    # ... nor comes after the next turn's (lengths 10, 1, 5 s: turn 3's cap binds turn 2 too)
+    uneven = [serving(1, 0.1, step_s=2.5), serving(2, 0.1, step_s=0.25), serving(3, 0.1, 1.25)]
+    starts = [b.start_after_s for b in allocate(inputs(uneven, deadline=16, max_steps=4))]
+    assert starts == pytest.approx([0.0, 11.0, 11.0])
+    # A turn left out of the round (a strategy sampling nodes) passes its place on.
+    assert turn_before(b for b in budgets.values() if b.node_id != 2) == {3: 1}
     # The server holds turn 2 until node 1's update is back, turn 3 until node 2's.
     assert turn_before(budgets.values()) == {2: 1, 3: 2}
     no_turns = allocate(replace(inputs([*nodes, device], max_steps=4), turns=False))

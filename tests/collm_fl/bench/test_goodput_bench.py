@@ -379,7 +379,7 @@ def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> Non
         began = {a["replica"]: a["began_s"] for a in light._allocation}
         assert began[first] == 0.0 and began[1 - first] == pytest.approx(60.0 - calls[1][2])
     # A first turn that runs over its length: the second starts at its planned start anyway.
-    step_s = 0.02
+    step_s = 0.4  # (turn 2 planned 1 s in: long after turn 1 was asked)
     slow = orchestrator(0.1)
     calls[:] = []
     first, second = slow.clients  # type: ignore[misc]
