@@ -338,7 +338,7 @@ class Orchestrator:
             return [], [], [], 0, 0, []
 
         def one(
-            i: int, deadline_s: float, start_after_s: float | None = None
+            i: int, deadline_s: float, start_after_s: float = 0.0
         ) -> tuple[AdapterState, dict[str, float]]:
             steps, share = jobs[i]
             plan = plans.get(i)
@@ -351,9 +351,7 @@ class Orchestrator:
                 share=None if self.spec.exclusive else share,
                 exclusive=self.spec.exclusive,
                 backfill_steps=plan.backfill_steps if plan else 0,
-                start_after_s=(plan.start_after_s if plan else 0.0)
-                if start_after_s is None
-                else start_after_s,
+                start_after_s=start_after_s,
             )
 
         # Turns: as the federation's server does, each turn's train call waits for the one
@@ -367,9 +365,10 @@ class Orchestrator:
         def in_order(i: int) -> tuple[AdapterState, dict[str, float]]:
             try:
                 if i not in before:  # the first turn (planned at 0), or no turns
-                    if plans.get(i) and plans[i].turn > 0:
-                        began[i] = plans[i].start_after_s
-                    return one(i, self.s.deadline_s)
+                    plan = plans.get(i)
+                    if plan and plan.turn > 0:
+                        began[i] = plan.start_after_s
+                    return one(i, self.s.deadline_s, plan.start_after_s if plan else 0.0)
                 due = plans[i].start_after_s - (time.monotonic() - t_round)
                 returned[before[i]].wait(max(0.0, due))
                 began[i] = time.monotonic() - t_round
