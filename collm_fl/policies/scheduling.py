@@ -116,7 +116,9 @@ def admission_order(
             blocked = True
             break
         cost = (tokens + w.prompt_tokens) * prefill_s_per_token
-        if cost > min(slack, budget - w.age_s):
+        # Its own deadline in is_late's form (not cost > budget - age: in floating point the two
+        # can disagree, and a first request is_late let through would then never be admitted).
+        if w.age_s + cost > budget or cost > slack:
             blocked = True
             continue  # a shorter prompt further back may still fit
         chosen.append(i)

@@ -124,3 +124,10 @@ def test_serving_earns_no_goodput_only_when_every_request_is_late_and_none_overd
     # Overdue (waited the defer limit): never put off, waiting or running.
     assert not late_only([Waiting(LIMIT, 100)], [])
     assert not late_only([], [Running(age_s=LIMIT, ttft_s=3.0)])
+
+
+def test_a_request_at_the_edge_of_its_budget_is_still_admitted():
+    # age + prefill rounds to exactly the budget (0.9 s): not late, so it must be admitted (the
+    # budget left, 0.9 - 0.9 = 0.0, is below its prefill: the check in that form refused it).
+    w = Waiting(age_s=0.9, prompt_tokens=1)
+    assert admission_order([w], 1, 1.2e-112, SLO, LIMIT) == [0]
