@@ -304,6 +304,7 @@ class Orchestrator:
             loss_history=tuple(self._history),
             min_share=self.spec.min_share,
             rotation=rnd - 1,
+            turns=self.spec.turns,
         )
         decided = allocate(inputs)
         for node, b in zip(nodes, decided, strict=True):

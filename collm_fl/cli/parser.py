@@ -361,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--systems",
         default="",
         help="comma list of the systems to run (default: separate, colocated, merged, rolling, "
-        "collm-fl, collm-fl-fcfs, collm-fl-quality; also collm-fl-fresh), rotated by one at each "
-        "rate; at least one baseline and one CoLLM-FL",
+        "collm-fl, collm-fl-fcfs, collm-fl-quality; also collm-fl-fresh, collm-fl-together), "
+        "rotated by one at each rate; at least one baseline and one CoLLM-FL",
     )
     b.add_argument("--out", default="docs/bench", help="where the report, JSON and plots go")
     b.add_argument(

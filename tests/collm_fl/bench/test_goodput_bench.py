@@ -350,9 +350,9 @@ def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> Non
             metrics = {"local-steps": 2.0, "train-tokens": 10.0, "train-seconds": 2 * step_s}
             return {}, {**metrics, "num-examples": 5.0}
 
-    def orchestrator(utilization: float) -> Orchestrator:
+    def orchestrator(utilization: float, system: str = "collm-fl") -> Orchestrator:
         orch = Orchestrator.__new__(Orchestrator)
-        orch.spec, orch.training, orch.router = SYSTEM_SPECS["collm-fl"], [0, 1], None
+        orch.spec, orch.training, orch.router = SYSTEM_SPECS[system], [0, 1], None
         orch.clients = [Client(0, utilization), Client(1, utilization)]  # type: ignore[list-item]
         orch.s = SimpleNamespace(  # type: ignore[assignment]
             steps_per_replica=2,
@@ -392,6 +392,12 @@ def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> Non
     heavy._train(1, heavy._budgets(1))
     assert sorted((i, start) for i, start, _ in calls) == [(0, 0.0), (1, 0.0)]
     assert all(deadline == 60.0 for _, _, deadline in calls)
+    # The ablation without turns: under the same light load both are planned at once.
+    for system, at_once in [("collm-fl", False), ("collm-fl-together", True)]:
+        orch = orchestrator(0.1, system)
+        orch._budgets(1)
+        plans = orch._plans.values()
+        assert all(b.turn == 0 and b.start_after_s == 0.0 for b in plans) is at_once, system
 
 
 def test_the_rolling_balancer_skips_the_replica_out_of_rotation() -> None:
