@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from collm_fl.adapters import LoraSpec
+from collm_fl.launch import free_port  # (the worker's $COLLM_PORT_RANGE under pytest-xdist)
 
 
 @pytest.fixture(scope="session")
@@ -58,12 +59,6 @@ def random_adapter(shapes: dict[str, tuple[int, int]], seed: int, scale: float =
     """A random adapter state with the given PEFT keys and shapes."""
     rng = np.random.default_rng(seed)
     return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
-
-
-def free_port() -> int:
-    from collm_fl.launch import free_port as launch_free_port
-
-    return launch_free_port()  # (from the worker's $COLLM_PORT_RANGE under pytest-xdist)
 
 
 class ReplicaProcess:

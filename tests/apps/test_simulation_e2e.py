@@ -8,17 +8,12 @@ import pytest
 
 from collm_fl.config import format_overrides
 from collm_fl.federate import few_nodes_config, find_local_superlinks, flower_env, stop_processes
+from collm_fl.launch import free_port
 from collm_fl.privacy import epsilon_spent
 from collm_fl.store import VersionStore
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    from collm_fl.launch import free_port as launch_free_port
-
-    return launch_free_port()  # (from the worker's $COLLM_PORT_RANGE under pytest-xdist)
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,10 @@ import httpx
 import psutil
 import pytest
 
+from collm_fl.launch import free_port  # (the worker's $COLLM_PORT_RANGE under pytest-xdist)
+
 ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.05  # how often a deadline poll looks at another process's state
-
-
-def free_port() -> int:
-    from collm_fl.launch import free_port as launch_free_port
-
-    return launch_free_port()  # (from the worker's $COLLM_PORT_RANGE under pytest-xdist)
 
 
 def venv_bin(name: str) -> str:
