@@ -67,7 +67,7 @@ class RunConfig:
     allocation: str = "quality-aware"  # "quality-aware" (per-node budgets) | "static"
     backfill: bool = True  # replicas may train the rest of the round's target on idle cycles
     # (and while every request they hold has missed its TTFT SLO)
-    train_in_turns: bool = True  # light load: replicas train one after another (allocation, 5.)
+    train_in_turns: bool = False  # light load: replicas train one after another (allocation, 5.)
     # the least training share the allocation plans for a busy replica (AllocationInputs.min_share)
     min_training_share: float = 0.1
     round_deadline_s: float = 600.0  # training time a replica may take per round

@@ -65,7 +65,7 @@ ROLLING = "rolling"  # one replica at a time out of rotation, training exclusive
 COLLM_QUALITY = "collm-fl-quality"  # CoLLM-FL set to train the whole budget (see SYSTEM_SPECS)
 COLLM_FRESH = "collm-fl-fresh"  # ... and to publish each version as soon as it can
 COLLM_FCFS = "collm-fl-fcfs"  # CoLLM-FL with the baselines' admission order (an ablation)
-COLLM_TOGETHER = "collm-fl-together"  # CoLLM-FL with replicas never taking turns (an ablation)
+COLLM_TURNS = "collm-fl-turns"  # CoLLM-FL with replicas taking turns under light load (ablation)
 # What a run compares by default. The FCFS ablation separates what the replicas' SLO-aware
 # admission order brings (a per-replica setting any server could use) from co-execution.
 SYSTEMS = (SEPARATE, COLOCATED, MERGED, ROLLING, COLLM, COLLM_FCFS, COLLM_QUALITY)
@@ -95,7 +95,7 @@ class SystemSpec:
     lend_share: float = 0.0  # the replicas' `--max-lend-share` (0: training never borrows)
     lend_early: bool = False  # the replicas' `--lend-early`
     rolling: bool = False  # train one replica at a time, out of the load balancer's rotation
-    turns: bool = True  # "allocate": under light load the replicas train in turns (train-in-turns)
+    turns: bool = False  # "allocate": under light load the replicas train in turns (train-in-turns)
 
 
 SYSTEM_SPECS = {
@@ -162,8 +162,7 @@ SYSTEM_SPECS = {
         "slo",
         "allocate",
         "shadow swaps, unmerged co-execution under the SLO guard, per-round budgets from "
-        "collm_fl.policies.allocation.allocate fed with /control/load (under light load the "
-        "replicas train in turns, each with the whole replica), SLO-aware gateway, "
+        "collm_fl.policies.allocation.allocate fed with /control/load, SLO-aware gateway, "
         "SLO-aware admission in the replicas (requests that can still meet the TTFT SLO first)",
     ),
     COLLM_FCFS: SystemSpec(
@@ -209,18 +208,18 @@ SYSTEM_SPECS = {
         lend_share=FRESH_SHARE,
         lend_early=True,
     ),
-    COLLM_TOGETHER: SystemSpec(
-        COLLM_TOGETHER,
-        "CoLLM-FL, no turns",
+    COLLM_TURNS: SystemSpec(
+        COLLM_TURNS,
+        "CoLLM-FL, in turns",
         "shadow",
         False,
         True,
         "slo",
         "allocate",
-        "CoLLM-FL as it ships but with the replicas never taking turns (run-config "
-        "`train-in-turns=false`): under light load every replica trains its budget at once while "
-        "it serves, instead of one after another each with the whole replica",
-        turns=False,
+        "CoLLM-FL with the replicas taking turns under light load (run-config "
+        "`train-in-turns=true`): one after another, each with the whole replica while the others "
+        "serve, instead of every replica training its budget at once while it serves",
+        turns=True,
     ),
 }
 

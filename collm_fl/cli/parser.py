@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--systems",
         default="",
         help="comma list of the systems to run (default: separate, colocated, merged, rolling, "
-        "collm-fl, collm-fl-fcfs, collm-fl-quality; also collm-fl-fresh, collm-fl-together), "
+        "collm-fl, collm-fl-fcfs, collm-fl-quality; also collm-fl-fresh, collm-fl-turns), "
         "rotated by one at each rate; at least one baseline and one CoLLM-FL",
     )
     b.add_argument("--out", default="docs/bench", help="where the report, JSON and plots go")

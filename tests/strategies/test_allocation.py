@@ -26,12 +26,13 @@ def load(rate: float, ttft: float = 0.2, tpot: float = 0.02, attain: float = 1.0
     )
 
 
-def inputs(nodes, history=(), deadline=600.0, max_steps=20):
+def inputs(nodes, history=(), deadline=600.0, max_steps=20, turns=True):
     return AllocationInputs(
         nodes=tuple(nodes),
         deadline_s=deadline,
         max_steps=max_steps,
         loss_history=tuple(history),
+        turns=turns,  # (off by default: on here, so that every test sees them where they apply)
         **SLO,
     )
 

@@ -312,7 +312,7 @@ def test_a_decision_recorded_before_the_rest_seconds_renders_a_dash() -> None:
     assert "| 1 | r2 | 3 | 2 | 3 (0) | – | – | 0.30 | 20.0 | 14.2 | 1.0 req/s |" in md
 
 
-def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> None:
+def test_replicas_set_to_take_turns_are_asked_to_under_light_load() -> None:
     """The orchestrator passes the allocation's turns on as the federation's server does: the
     first turn (rotating with the round) is asked at once, the next one when the first returns,
     with what is left of the deadline, or at its planned start if the first runs over; under
@@ -350,7 +350,7 @@ def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> Non
             metrics = {"local-steps": 2.0, "train-tokens": 10.0, "train-seconds": 2 * step_s}
             return {}, {**metrics, "num-examples": 5.0}
 
-    def orchestrator(utilization: float, system: str = "collm-fl") -> Orchestrator:
+    def orchestrator(utilization: float, system: str = "collm-fl-turns") -> Orchestrator:
         orch = Orchestrator.__new__(Orchestrator)
         orch.spec, orch.training, orch.router = SYSTEM_SPECS[system], [0, 1], None
         orch.clients = [Client(0, utilization), Client(1, utilization)]  # type: ignore[list-item]
@@ -392,8 +392,8 @@ def test_collm_fl_replicas_under_light_load_are_asked_to_train_in_turns() -> Non
     heavy._train(1, heavy._budgets(1))
     assert sorted((i, start) for i, start, _ in calls) == [(0, 0.0), (1, 0.0)]
     assert all(deadline == 60.0 for _, _, deadline in calls)
-    # The ablation without turns: under the same light load both are planned at once.
-    for system, at_once in [("collm-fl", False), ("collm-fl-together", True)]:
+    # CoLLM-FL as it ships (no turns): under the same light load both are planned at once.
+    for system, at_once in [("collm-fl-turns", False), ("collm-fl", True)]:
         orch = orchestrator(0.1, system)
         orch._budgets(1)
         plans = orch._plans.values()
