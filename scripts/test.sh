@@ -11,6 +11,4 @@ mypy
 # Two worker processes (TEST_WORKERS; 0 runs in this process), each taking whole files: most of
 # the suite's time is end-to-end runs that wait on processes they started, so one core sits idle
 # in a serial run. Files keep their module-scoped fixtures (a federation, a replica) to one worker.
-# They take the files longest first (tests/file_seconds.json, tests/conftest.py; refresh it with
-# `bash scripts/test.sh --store-file-seconds`), not xdist's default order by number of tests.
-python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"

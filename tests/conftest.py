@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-from collections import defaultdict
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -167,48 +164,10 @@ def start_module_replica(tmp_path_factory):
         proc.stop()
 
 
-FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
-UNMEASURED_SLOW_FILE_S = 60.0  # the order key of a file with end-to-end tests not yet measured
-
-
-def pytest_addoption(parser):
-    parser.addoption(
-        "--store-file-seconds",
-        action="store_true",
-        help=f"write each test file's measured seconds into {FILE_SECONDS.name} (merged with what "
-        "is there): the order the workers take files in",
-    )
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest files first, each file's tests in their order (a stable sort, the same in every
-    worker): with the workers of scripts/test.sh taking whole files in collection order
-    (``--dist loadfile --no-loadscope-reorder``), a long file started last would run alone at the
-    end. Seconds from ``file_seconds.json``; a file not in it counts
-    ``UNMEASURED_SLOW_FILE_S`` if it has ``slow`` tests, else nothing."""
-    measured = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
-    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-
-    def seconds(item) -> float:
-        name = item.nodeid.split("::")[0]
-        return measured.get(name, UNMEASURED_SLOW_FILE_S if name in slow_files else 0.0)
-
-    items.sort(key=lambda item: -seconds(item))
-
-
-_file_seconds: dict[str, float] = defaultdict(float)
-
-
-def pytest_runtest_logreport(report):
-    _file_seconds[report.nodeid.split("::")[0]] += report.duration  # setup, call and teardown
-
-
-def pytest_sessionfinish(session, exitstatus):
-    config = session.config
-    if not config.getoption("--store-file-seconds") or hasattr(config, "workerinput"):
-        return  # (the controller has every worker's reports)
-    table = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
-    table.update({name: round(s, 1) for name, s in _file_seconds.items()})
-    tmp = FILE_SECONDS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
-    tmp.replace(FILE_SECONDS)
+    """Files with end-to-end (``slow``) tests first, each file's tests in their order: with the
+    two workers of scripts/test.sh taking whole files in this order, the longest files start
+    first and the short ones fill in after, instead of a long file started last running alone
+    at the end (a stable sort, the same in every worker)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
