@@ -162,12 +162,3 @@ def start_module_replica(tmp_path_factory):
     yield start
     for proc in started:
         proc.stop()
-
-
-def pytest_collection_modifyitems(config, items):
-    """Files with end-to-end (``slow``) tests first, each file's tests in their order: with the
-    two workers of scripts/test.sh taking whole files in this order, the longest files start
-    first and the short ones fill in after, instead of a long file started last running alone
-    at the end (a stable sort, the same in every worker)."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
