@@ -42,7 +42,9 @@ code runs live in the ServerApp, in tests and in the simulator):
    anyway still has priority over its steps.
    (On one machine the co-executed steps of every replica at once cost light-load requests their
    tail TTFT and TPOT, docs/bench/goodput-dc17cae-slow/; the rolling baseline, one replica at a
-   time, did not pay it.)
+   time, did not pay it.) Off by default (``AllocationInputs.turns``, run-config
+   ``train-in-turns``): in one run beside the same system without them
+   (docs/bench/goodput-ab-5ea9eef/) they met about as many SLOs and published versions later.
 
 Devices (nodes without a replica) have no serving load: they get the gain-scaled budget.
 """
