@@ -563,8 +563,9 @@ def test_a_client_that_leaves_before_its_json_reply_cancels_the_replicas_work(
     rel, gateway, replicas
 ):
     before = cancelled(gateway, replicas)
-    body = json.dumps({"model": "tiny", "prompt": "KING:", "max_tokens": LONG, "temperature": 0})
-    body = body.encode()  # (greedy: sampled, it could end at an early EOS before it was seen)
+    # Greedy: sampled, it could end at an early EOS before it was seen routed.
+    request = {"model": "tiny", "prompt": "KING:", "max_tokens": LONG, "temperature": 0}
+    body = json.dumps(request).encode()
     for _ in range(2):
         with raw_request(gateway, f"Content-Length: {len(body)}\r\n".encode(), body):
             # Left as soon as the gateway has routed it (the replica is generating by then).
