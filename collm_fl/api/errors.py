@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from collm_fl.api.limits import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES
+
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, object]
@@ -24,9 +26,6 @@ Message = MutableMapping[str, object]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-DEFAULT_MAX_BODY_BYTES = 1_000_000
-DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 class APIError(Exception):
@@ -178,7 +177,7 @@ class BodySizeLimit:
             try:
                 message = await asyncio.wait_for(receive(), self.read_timeout_s)
             except TimeoutError:
-                msg = f"request body not received within {self.read_timeout_s:.0f} s"
+                msg = f"request body not received within {self.read_timeout_s:g} s"
                 await _reject(send, 408, msg, "body_timeout")
                 return
             if message.get("type") == "http.disconnect":

@@ -93,6 +93,7 @@ def dispatch(args: argparse.Namespace) -> int:
         )
         return run_live(cfg, Path(args.app).resolve())
     if args.command == "gateway":
+        from collm_fl.api.limits import check_body_timeout
         from collm_fl.gateway.serve import run_gateway
         from collm_fl.launch import check_ports_free
         from collm_fl.policies.routing import check_shed_factor
@@ -105,6 +106,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 f"--stream-stall-timeout must be > 0 seconds, got {args.stream_stall_timeout}"
             )
         check_shed_factor(args.shed_factor)
+        check_body_timeout(args.body_timeout)
         check_ports_free(("--port", args.host, args.port))
         api_key = args.api_key or os.environ.get("COLLM_API_KEY") or None
         replica_key = args.replica_api_key or os.environ.get("COLLM_REPLICA_API_KEY") or api_key
@@ -117,6 +119,7 @@ def dispatch(args: argparse.Namespace) -> int:
             SLO(args.ttft_slo, args.tpot_slo),
             stream_stall_timeout_s=args.stream_stall_timeout,
             shed_factor=args.shed_factor,
+            body_timeout_s=args.body_timeout,
         )
         return 0
     if args.command == "load":
@@ -313,6 +316,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def _run_replica(args: argparse.Namespace) -> int:
     from collm_fl.adapters import LoraSpec
+    from collm_fl.api.limits import check_body_timeout
     from collm_fl.launch import check_ports_free
     from collm_fl.models import check_load_target
     from collm_fl.replica.affinity import parse_cpu_list, pin_process
@@ -339,6 +343,7 @@ def _run_replica(args: argparse.Namespace) -> int:
         raise ConfigError(f"--store-dir: {args.store_dir} is not writable")
     if not all(math.isfinite(v) and v > 0 for v in (args.ttft_slo, args.tpot_slo)):
         raise ConfigError("--ttft-slo and --tpot-slo must be finite numbers > 0")
+    check_body_timeout(args.body_timeout)
     if not (math.isfinite(args.defer_limit) and args.defer_limit > 0):
         raise ConfigError(f"--defer-limit must be > 0 seconds, got {args.defer_limit}")
     if not 0 <= args.training_share <= 1:
@@ -384,7 +389,16 @@ def _run_replica(args: argparse.Namespace) -> int:
         canary=args.canary_check,
     )
     api_key = args.api_key or os.environ.get("COLLM_API_KEY") or None
-    run_replica(cfg, args.host, args.port, args.control_host, args.control_port, api_key, token)
+    run_replica(
+        cfg,
+        args.host,
+        args.port,
+        args.control_host,
+        args.control_port,
+        api_key,
+        token,
+        body_timeout_s=args.body_timeout,
+    )
     return 0
 
 

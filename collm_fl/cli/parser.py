@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from collm_fl.api.limits import DEFAULT_BODY_TIMEOUT_S
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S, SCHEDULES
 
 
@@ -46,6 +47,16 @@ class _Parser(argparse.ArgumentParser):
         if action.help is None and action.option_strings and _shows(action.default):
             action.help = "default: %(default)s"  # (argparse prints nothing for an option
         return action  # without help, not even its default)
+
+
+def _body_timeout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="seconds a client may stop sending its request body before the request is answered "
+        "with a 408 and the connection closed (a slow client cannot hold a server task)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cpus", default="", help="pin the replica to these cores, e.g. 0 or 0-1 (default: all)"
     )
+    _body_timeout_arg(p)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q_proj,v_proj")
@@ -246,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         "replica's predicted TTFT exceeds this × --ttft-slo; 0 = off (default), else >= 1. "
         "Never sheds before the gateway has measured a replica, nor a failover retry",
     )
+    _body_timeout_arg(p)
 
     p = sub.add_parser(
         "live",

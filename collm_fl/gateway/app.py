@@ -23,6 +23,7 @@ from collm_fl.api.errors import (
     check_bearer,
     install_error_handlers,
 )
+from collm_fl.api.limits import DEFAULT_BODY_TIMEOUT_S
 from collm_fl.api.schemas import ChatCompletionRequest, CompletionRequest
 from collm_fl.gateway.pool import ReplicaPool
 from collm_fl.gateway.proxy import (
@@ -46,9 +47,11 @@ def create_gateway_app(
     slo: SLO,
     max_attempts: int = 3,
     shed_factor: float = 0.0,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The gateway app; its lifespan starts and closes ``pool``. ``shed_factor`` > 0 turns on
-    admission control (:func:`~collm_fl.policies.routing.admission_decision`)."""
+    admission control (:func:`~collm_fl.policies.routing.admission_decision`); a request body not
+    received within ``body_timeout_s`` is a 408."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -60,7 +63,7 @@ def create_gateway_app(
 
     app = FastAPI(title="CoLLM-FL gateway", version="1", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit)
+    app.add_middleware(BodySizeLimit, read_timeout_s=body_timeout_s)
     router = Router(
         pool, slo, replica_api_key, max(1, max_attempts), GatewayMetrics(), shed_factor=shed_factor
     )

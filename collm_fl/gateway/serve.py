@@ -12,6 +12,7 @@ from types import FrameType
 
 import uvicorn
 
+from collm_fl.api.limits import DEFAULT_BODY_TIMEOUT_S, check_body_timeout
 from collm_fl.errors import ConfigError
 from collm_fl.gateway.app import create_gateway_app
 from collm_fl.gateway.pool import ReplicaPool
@@ -33,11 +34,12 @@ def run_gateway(
     max_attempts: int = 3,
     stream_stall_timeout_s: float = 60.0,
     shed_factor: float = 0.0,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> None:
     """Serve the gateway on ``host:port`` until SIGINT/SIGTERM (uvicorn's handlers), then stop.
 
     Raises ConfigError for an empty, malformed or duplicated replica list, a bad port, a stall
-    timeout that is not > 0 or a shed factor that is neither 0 (off) nor >= 1.
+    timeout or body timeout that is not > 0 or a shed factor that is neither 0 (off) nor >= 1.
     """
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be a TCP port, got {port}")
@@ -46,9 +48,16 @@ def run_gateway(
     if max_attempts < 1:
         raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
     check_shed_factor(shed_factor)
+    check_body_timeout(body_timeout_s)
     pool = ReplicaPool(replica_urls, stream_stall_timeout_s=stream_stall_timeout_s)
     app = create_gateway_app(
-        pool, api_key, replica_api_key, slo, max_attempts=max_attempts, shed_factor=shed_factor
+        pool,
+        api_key,
+        replica_api_key,
+        slo,
+        max_attempts=max_attempts,
+        shed_factor=shed_factor,
+        body_timeout_s=body_timeout_s,
     )
     config = uvicorn.Config(
         app,

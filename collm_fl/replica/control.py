@@ -39,6 +39,7 @@ from collm_fl.api.errors import (
     install_error_handlers,
     overloaded,
 )
+from collm_fl.api.limits import DEFAULT_BODY_TIMEOUT_S
 from collm_fl.errors import (
     AdapterValidationError,
     ConfigError,
@@ -83,7 +84,9 @@ class RollbackBody(BaseModel):
     version: int = Field(ge=0)
 
 
-def create_control_app(replica: Replica, token: str) -> FastAPI:
+def create_control_app(
+    replica: Replica, token: str, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+) -> FastAPI:
     if not token:
         raise ConfigError("the control API needs a token (--control-token or COLLM_CONTROL_TOKEN)")
     threads = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="collm-control")
@@ -101,7 +104,9 @@ def create_control_app(replica: Replica, token: str) -> FastAPI:
 
     app = FastAPI(title="CoLLM-FL replica control", version="1", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=MAX_ADAPTER_BYTES)  # type: ignore[arg-type]
+    app.add_middleware(  # type: ignore[arg-type]
+        BodySizeLimit, max_bytes=MAX_ADAPTER_BYTES, read_timeout_s=body_timeout_s
+    )
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:
         check_bearer(

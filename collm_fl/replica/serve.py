@@ -10,6 +10,7 @@ from types import FrameType
 
 import uvicorn
 
+from collm_fl.api.limits import DEFAULT_BODY_TIMEOUT_S, check_body_timeout
 from collm_fl.replica.control import create_control_app
 from collm_fl.replica.runtime import Replica, ReplicaConfig
 from collm_fl.replica.server import create_app
@@ -25,11 +26,14 @@ def run_replica(
     control_port: int,
     api_key: str | None,
     control_token: str,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> None:
-    """Load the model, recover the latest stored version, serve until SIGINT/SIGTERM."""
+    """Load the model, recover the latest stored version, serve until SIGINT/SIGTERM (both APIs
+    answer a request body not received within ``body_timeout_s`` with a 408)."""
+    check_body_timeout(body_timeout_s)
     replica = Replica(cfg)
-    api = create_app(replica, api_key=api_key)
-    control = create_control_app(replica, control_token)
+    api = create_app(replica, api_key=api_key, body_timeout_s=body_timeout_s)
+    control = create_control_app(replica, control_token, body_timeout_s=body_timeout_s)
     replica.start()
 
     once = threading.Lock()

@@ -27,6 +27,7 @@ from collm_fl.api.errors import (
     install_error_handlers,
     overloaded,
 )
+from collm_fl.api.limits import DEFAULT_BODY_TIMEOUT_S
 from collm_fl.api.schemas import (
     DEFAULT_MAX_TOKENS_CHAT,
     DEFAULT_MAX_TOKENS_COMPLETIONS,
@@ -67,11 +68,16 @@ TIMING_HEADER = "Server-Timing"
 MAX_CHARS_PER_TOKEN = 64  # more than any tokenizer's longest tokens average (BPEs: ~4)
 
 
-def create_app(replica: Replica, api_key: str | None = None) -> FastAPI:
-    """The OpenAI-compatible app of one replica (lifecycle is the caller's: see serve.py)."""
+def create_app(
+    replica: Replica,
+    api_key: str | None = None,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+) -> FastAPI:
+    """The OpenAI-compatible app of one replica (lifecycle is the caller's: see serve.py); a
+    request body not received within ``body_timeout_s`` is a 408."""
     app = FastAPI(title="CoLLM-FL replica", version="1")
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit)  # type: ignore[arg-type]
+    app.add_middleware(BodySizeLimit, read_timeout_s=body_timeout_s)  # type: ignore[arg-type]
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:
         check_bearer(authorization, api_key)

@@ -44,9 +44,11 @@ def test_bad_port_exits_2_with_the_reason(capsys):
         (["--keep-versions", "-1"], "--keep-versions"),
         (["--defer-limit", "0"], "--defer-limit"),
         (["--schedule", "lifo"], "--schedule"),
+        (["--body-timeout", "0"], "--body-timeout must be a finite number of seconds > 0"),
+        (["--body-timeout", "nan"], "--body-timeout"),
     ],
 )
-def test_bad_replica_placement_flags_exit_2(capsys, flags, message):
+def test_bad_replica_flags_exit_2_naming_the_flag(capsys, flags, message):
     code, err = run(capsys, "replica", "--control-token", "t", *flags)
     assert code == 2 and message in err
 
@@ -210,6 +212,13 @@ def test_gateway_with_a_stall_timeout_not_above_zero_exits_2(capsys, value):
         capsys, "gateway", "--replica", "http://127.0.0.1:1", "--stream-stall-timeout", value
     )
     assert code == 2 and "--stream-stall-timeout must be > 0" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf"])
+def test_gateway_with_a_body_timeout_not_a_positive_number_exits_2(capsys, value):
+    code, err = run(capsys, "gateway", "--replica", "http://127.0.0.1:1", "--body-timeout", value)
+    assert code == 2
+    assert f"--body-timeout must be a finite number of seconds > 0, got {value}" in err
 
 
 @pytest.mark.parametrize("value", ["0.5", "-1", "nan", "inf"])

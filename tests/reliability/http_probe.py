@@ -9,6 +9,7 @@ The property: a 2xx, or a 4xx/503 whose body is exactly an OpenAI error object
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -82,6 +83,12 @@ class Probe:
         assert err["code"] is None or isinstance(err["code"], str), err
         if status == 503:
             assert int(headers["retry-after"]) >= 1
+
+    def check_raw(self, s: socket.socket) -> tuple[int, bytes]:
+        """Read one response from a raw socket and check it; its status and body."""
+        status, headers, body = read_response(s)
+        self.assert_well_formed(status, httpx.Headers(dict(headers)), body)
+        return status, body
 
     def check(self, r: httpx.Response) -> httpx.Response:
         self.assert_well_formed(r.status_code, r.headers, r.content)
@@ -164,15 +171,30 @@ def fuzz_operation(probe: Probe, operation: APIOperation, mode: str) -> None:
     fuzz()
 
 
-def open_partial_request(server: Server, declared: int, sent: bytes) -> socket.socket:
-    """A completion request whose headers promise ``declared`` body bytes; ``sent`` is all sent."""
-    s = socket.create_connection(("127.0.0.1", server.port), timeout=REQUEST_TIMEOUT_S)
+def open_partial_request(
+    server: Server,
+    declared: int,
+    sent: bytes,
+    path: str = "/v1/completions",
+    port: int | None = None,
+) -> socket.socket:
+    """A POST (a completion by default) whose headers promise ``declared`` body bytes; ``sent`` is
+    all sent. ``port``: another port of the server's (a replica's control API)."""
+    port = server.port if port is None else port
+    s = socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT_S)
     s.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
         + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {declared}\r\n\r\n".encode()
         + sent
     )
     return s
+
+
+def read_response(s: socket.socket) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One HTTP response from a raw socket (chunked or not)."""
+    resp = http.client.HTTPResponse(s)
+    resp.begin()
+    return resp.status, resp.headers, resp.read()
 
 
 # ---- hostile bodies -----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ killed, then one restarted: the gateway takes it back and its log holds no trace
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -48,6 +47,7 @@ from http_probe import (
     auth,
     fuzz_operation,
     open_partial_request,
+    read_response,
 )
 
 if TYPE_CHECKING:
@@ -57,7 +57,9 @@ REPLICA_KEY = "fuzz-replica-key"  # what the gateway sends to its replicas; no c
 ROUTED = "x-routed-to"  # set on every response a replica produced, absent on the gateway's own
 PROBE = Probe()  # the requests sent by kind and responses by status: reported by the last test
 check, post_raw, timed_completion = PROBE.check, PROBE.post_raw, PROBE.timed_completion
-STALLED_BODY_BOUND_S = 40.0  # the body-read timeout (30 s) plus slack
+check_raw = PROBE.check_raw
+BODY_TIMEOUT_S = 15  # the gateway's --body-timeout (30 s by default)
+STALLED_BODY_BOUND_S = BODY_TIMEOUT_S + 10.0  # plus slack
 KEEPALIVE_CONNECTIONS = 64  # the gateway's pool to its replicas keeps this many open
 LONG = 480  # max_tokens that keep a tiny replica busy for a while (its context is 512)
 
@@ -146,6 +148,7 @@ def replicas(module_procs, rel, tmp_path_factory) -> list[Replica]:
 def gateway(module_procs, rel, replicas) -> Gateway:
     port = rel.free_port()
     cmd = [rel.venv_bin("collm"), "gateway", "--port", str(port)]
+    cmd += ["--body-timeout", str(BODY_TIMEOUT_S)]
     for r in replicas:
         cmd += ["--replica", r.url]
     env = dict(os.environ, COLLM_API_KEY=API_KEY, COLLM_REPLICA_API_KEY=REPLICA_KEY)
@@ -159,7 +162,7 @@ def gateway(module_procs, rel, replicas) -> Gateway:
 @pytest.fixture(scope="module", autouse=True)
 def stalled_from_the_start(gateway) -> Iterator[tuple[socket.socket, float]]:
     """A request whose body stops after 8 of 100 bytes, opened before the module's first test; a
-    later test checks it was dropped (the 30 s body timeout runs while the other tests do)."""
+    later test checks it was dropped (the body timeout runs while the other tests do)."""
     s = open_partial_request(gateway, 100, b'{"model"')
     PROBE.sent["raw socket"] += 1
     try:
@@ -173,19 +176,6 @@ def api_schema(gateway):
     # Imported here: without schemathesis (the `dev` extra) only the fuzzing tests skip.
     schemathesis = pytest.importorskip("schemathesis")
     return schemathesis.openapi.from_url(gateway.url + "/openapi.json")
-
-
-def read_response(s: socket.socket) -> tuple[int, http.client.HTTPMessage, bytes]:
-    """One HTTP response from a raw socket (chunked or not)."""
-    resp = http.client.HTTPResponse(s)
-    resp.begin()
-    return resp.status, resp.headers, resp.read()
-
-
-def check_raw(s: socket.socket) -> tuple[int, bytes]:
-    status, headers, body = read_response(s)
-    PROBE.assert_well_formed(status, httpx.Headers(dict(headers)), body)
-    return status, body
 
 
 # ---- schema-driven fuzzing ----------------------------------------------------------------------
@@ -499,8 +489,8 @@ def test_clients_that_stop_sending_do_not_hold_up_others(gateway):
     try:
         timings = [timed_completion(gateway) for _ in range(5)]
         assert all(status == 200 for status, _ in timings), timings
-        # Held up, they would have waited for the stalled bodies' 30 s timeout.
-        assert max(t for _, t in timings) < 20.0, timings
+        # Held up, they would have waited for the stalled bodies' body timeout.
+        assert max(t for _, t in timings) < BODY_TIMEOUT_S - 3.0, timings
     finally:
         for s in stalled:
             s.close()
@@ -702,7 +692,9 @@ def test_a_stalled_request_body_is_dropped_after_a_timeout(stalled_from_the_star
         status, body = check_raw(s)  # a 408 with an OpenAI error body, then closed
     except TimeoutError:
         pytest.fail(f"connection still open {STALLED_BODY_BOUND_S:.0f}s after its body stalled")
-    assert status == 408 and json.loads(body)["error"]["code"] == "body_timeout"
+    error = json.loads(body)["error"]
+    assert status == 408 and error["code"] == "body_timeout", body
+    assert f"not received within {BODY_TIMEOUT_S:g} s" in error["message"], body  # --body-timeout
     assert s.recv(1) == b""
 
 

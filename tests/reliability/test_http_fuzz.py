@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -47,6 +48,7 @@ from collm_fl.replica.wire import encode_adapter
 PROBE = Probe()  # the requests sent by kind and responses by status: reported by the last test
 STATS, STATUSES = PROBE.sent, PROBE.statuses
 check, post_raw, timed_completion = PROBE.check, PROBE.post_raw, PROBE.timed_completion
+check_raw = PROBE.check_raw
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +56,28 @@ def replica(start_module_replica):
     return start_module_replica("--data", "none", api_key=API_KEY)
 
 
+SPARE_BODY_TIMEOUT_S = 2
+
+
 @pytest.fixture(scope="module")
 def spare_replica(start_module_replica):
-    """A second replica for inputs that hit a known 500: the main replica's log stays clean."""
-    return start_module_replica("--data", "none", api_key=API_KEY)
+    """A second replica for inputs that hit a known 500 (the main replica's log stays clean), with
+    a short body timeout (``--body-timeout``, 30 s by default)."""
+    return start_module_replica(
+        "--data", "none", "--body-timeout", str(SPARE_BODY_TIMEOUT_S), api_key=API_KEY
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stalled_from_the_start(replica) -> Iterator[tuple[socket.socket, float]]:
+    """A request whose body stops after 8 of 100 bytes, opened before the module's first test; a
+    later test checks it was dropped (the 30 s body timeout runs while the other tests do)."""
+    s = open_partial_request(replica, 100, b'{"model"')
+    STATS["raw socket"] += 1
+    try:
+        yield s, time.monotonic()
+    finally:
+        s.close()
 
 
 @pytest.fixture(scope="module")
@@ -247,21 +267,22 @@ def test_a_client_that_stops_sending_does_not_hold_up_others(replica):
             s.close()
 
 
-STALLED_BODY_BOUND_S = 40.0  # the proposed body-read timeout (30 s) plus slack
-
-
-@pytest.mark.slow
-def test_a_stalled_request_body_is_dropped_after_a_timeout(replica):
-    s = open_partial_request(replica, 100, b'{"model"')
-    s.settimeout(STALLED_BODY_BOUND_S)
+@pytest.mark.parametrize("api", ["openai", "control"])
+def test_the_body_timeout_flag_sets_both_apis_timeout(spare_replica, api):
+    port = spare_replica.port if api == "openai" else spare_replica.control_port
+    path = "/v1/completions" if api == "openai" else "/control/train"
+    s = open_partial_request(spare_replica, 100, b'{"model"', path=path, port=port)
+    STATS["raw socket"] += 1
     try:
-        head = s.recv(4096)  # b"" (closed) or a 408 both count as dropped
-    except TimeoutError:
-        head = None
+        s.settimeout(SPARE_BODY_TIMEOUT_S + 10.0)  # (not the default's 30 s)
+        status, body = check_raw(s)
+        closed = s.recv(1) == b""
     finally:
         s.close()
-    STATS["hand-written"] += 1
-    assert head is not None, f"connection still open after {STALLED_BODY_BOUND_S:.0f}s"
+    error = json.loads(body)["error"]
+    assert status == 408 and error["code"] == "body_timeout", body
+    assert f"not received within {SPARE_BODY_TIMEOUT_S:g} s" in error["message"], body
+    assert closed
 
 
 def test_many_concurrent_connections_get_200_or_503_and_idle_ones_do_not_block(replica):
@@ -442,6 +463,20 @@ def test_a_rejected_push_leaves_no_version_on_disk(replica, tiny_lora_shapes):
 
 
 # ---- afterwards ---------------------------------------------------------------------------------
+
+STALLED_BODY_BOUND_S = 40.0  # the body-read timeout (30 s) plus slack
+
+
+def test_a_stalled_request_body_is_dropped_after_a_timeout(stalled_from_the_start):
+    """The request opened before the module's first test, its body stalled: a 408, then closed."""
+    s, opened_at = stalled_from_the_start
+    s.settimeout(max(0.1, opened_at + STALLED_BODY_BOUND_S - time.monotonic()))
+    try:
+        status, body = check_raw(s)
+    except TimeoutError:
+        pytest.fail(f"connection still open {STALLED_BODY_BOUND_S:.0f}s after its body stalled")
+    assert status == 408 and json.loads(body)["error"]["code"] == "body_timeout", body
+    assert s.recv(1) == b""
 
 
 def test_the_replica_is_healthy_after_everything_and_logged_no_unexpected_error(replica):
