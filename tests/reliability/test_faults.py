@@ -288,6 +288,8 @@ def test_a_node_that_misses_the_round_timeout_is_counted_failed(late_node_run):
     assert round1.num_failed == 1
     statuses = sorted(p.status for p in facts["participations"])
     assert statuses == ["failed", "ok", "ok"], statuses
+    # The new version reached the two others though the frozen node never acknowledged it.
+    assert "published v1 to 2/3 nodes" in facts["log"], facts["log"][-4000:]
 
 
 # ---- (d) SIGTERM while a replica trains -------------------------------------------------------
