@@ -15,6 +15,8 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 import httpx
@@ -188,6 +190,17 @@ def open_partial_request(
         + sent
     )
     return s
+
+
+@contextmanager
+def stalled_body(server: Server, probe: Probe) -> Iterator[tuple[socket.socket, float]]:
+    """A request whose body stops after 8 of 100 bytes, and when it was opened; closed at exit."""
+    s = open_partial_request(server, 100, b'{"model"')
+    probe.sent["raw socket"] += 1
+    try:
+        yield s, time.monotonic()
+    finally:
+        s.close()
 
 
 def read_response(s: socket.socket) -> tuple[int, http.client.HTTPMessage, bytes]:

@@ -48,6 +48,7 @@ from http_probe import (
     fuzz_operation,
     open_partial_request,
     read_response,
+    stalled_body,
 )
 
 if TYPE_CHECKING:
@@ -163,12 +164,8 @@ def gateway(module_procs, rel, replicas) -> Gateway:
 def stalled_from_the_start(gateway) -> Iterator[tuple[socket.socket, float]]:
     """A request whose body stops after 8 of 100 bytes, opened before the module's first test; a
     later test checks it was dropped (the body timeout runs while the other tests do)."""
-    s = open_partial_request(gateway, 100, b'{"model"')
-    PROBE.sent["raw socket"] += 1
-    try:
-        yield s, time.monotonic()
-    finally:
-        s.close()
+    with stalled_body(gateway, PROBE) as opened:
+        yield opened
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from http_probe import (
     auth,
     fuzz_operation,
     open_partial_request,
+    stalled_body,
 )
 from safetensors.numpy import save as st_save
 
@@ -72,12 +73,8 @@ def spare_replica(start_module_replica):
 def stalled_from_the_start(replica) -> Iterator[tuple[socket.socket, float]]:
     """A request whose body stops after 8 of 100 bytes, opened before the module's first test; a
     later test checks it was dropped (the 30 s body timeout runs while the other tests do)."""
-    s = open_partial_request(replica, 100, b'{"model"')
-    STATS["raw socket"] += 1
-    try:
-        yield s, time.monotonic()
-    finally:
-        s.close()
+    with stalled_body(replica, PROBE) as opened:
+        yield opened
 
 
 @pytest.fixture(scope="module")
