@@ -64,6 +64,7 @@ class RunConfig:
     torch_threads: int = 0  # 0 = leave torch's default
     round_timeout: float = 3600.0  # seconds to wait for replies in a round
     publish_versions: bool = True  # push each new version to every node right after aggregation
+    publish_timeout: float = 60.0  # seconds a publish waits for acknowledgements (<= round-timeout)
     allocation: str = "quality-aware"  # "quality-aware" (per-node budgets) | "static"
     backfill: bool = True  # replicas may train the rest of the round's target on idle cycles
     # (and while every request they hold has missed its TTFT SLO)
@@ -164,6 +165,7 @@ class RunConfig:
         )
         check(self.torch_threads >= 0, "torch-threads", self.torch_threads, "must be >= 0")
         check(self.round_timeout > 0, "round-timeout", self.round_timeout, "must be > 0")
+        check(self.publish_timeout > 0, "publish-timeout", self.publish_timeout, "must be > 0")
         check(
             self.allocation in ALLOCATIONS,
             "allocation",

@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -30,6 +31,20 @@ log = logging.getLogger(__name__)
 
 NO_RUNTIME_INSTALL = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 DEFAULT_HTTP_PORT = "39091"
+# How long the local SuperLink may take to come up. `flwr run` allows it 15 s, which a loaded
+# two-core machine can exceed ("Failed to start local SuperLink within 15s"); started here first,
+# `flwr run` finds it running.
+SUPERLINK_START_TIMEOUT_S = 120.0
+# Flower's own starter (flwr==1.42, pinned), with the allowance above: same command, database and
+# log file as `flwr run` would use, so `flwr run` and `flwr stop` treat it as theirs.
+_START_SUPERLINK = """
+import sys, click, flwr.cli.local_superlink as s
+s.LOCAL_SUPERLINK_STARTUP_TIMEOUT = float(sys.argv[1])
+try:
+    s._start_local_superlink()
+except click.ClickException as e:
+    sys.exit(e.format_message())
+"""
 
 
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
@@ -47,6 +62,28 @@ def local_superlink_running(env: dict[str, str]) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
     except httpx.HTTPError:
         return False
+
+
+def start_local_superlink(
+    env: Mapping[str, str], timeout_s: float = SUPERLINK_START_TIMEOUT_S
+) -> bool:
+    """Start the local SuperLink ``flwr run`` uses for a simulation (at ``env``'s FLWR_HOME and
+    ports) unless one answers, and wait up to ``timeout_s`` for it. Returns whether it started
+    one; CollmError (with Flower's message) when it did not come up."""
+    if local_superlink_running(dict(env)):
+        return False
+    cmd = [sys.executable, "-c", _START_SUPERLINK, str(timeout_s)]
+    try:
+        done = subprocess.run(
+            cmd, env=dict(env), capture_output=True, text=True, timeout=timeout_s + 30
+        )
+    except subprocess.TimeoutExpired as e:
+        raise CollmError(f"the local SuperLink did not start within {timeout_s:g}s") from e
+    if done.returncode != 0:
+        why = " ".join((done.stderr or done.stdout).split())[-600:]  # (the last of a traceback)
+        raise CollmError(f"could not start the local SuperLink: {why}")
+    log.info("local SuperLink started (FLWR_HOME %s)", env.get("FLWR_HOME", "~/.flwr"))
+    return True
 
 
 def find_local_superlinks(flwr_home: Path) -> list[psutil.Process]:
@@ -246,5 +283,6 @@ def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
     cmd += ["--run-config", run_config]
     log.info("running: %s", shlex.join(cmd))
     with failed_if_interrupted(cfg), managed_local_superlink(env):
+        start_local_superlink(env)
         launched = datetime.now(UTC)
         return run_outcome(cfg, subprocess.call(cmd, env=env), launched)

@@ -57,10 +57,6 @@ log = logging.getLogger(__name__)
 
 WEIGHT_USED = "weight-used"  # participation metric: the node's aggregation weight this round
 MEAN_SHARE = "mean-share"  # participation metric: its share of the aggregate (after FedNova)
-# How long a publish waits for acknowledgements. They only carry load reports, and a node that
-# misses a publish gets the version pushed with its next train message, so a node that hangs
-# must not hold the server for a round's timeout after every round.
-PUBLISH_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -413,8 +409,10 @@ class Federation:
 
         Replica nodes swap it in through their shadow slot (also those that sat the round out)
         and answer with their load report; devices ignore it. Returns how many nodes
-        acknowledged within ``PUBLISH_TIMEOUT_S`` (at most the round timeout); failures are
-        logged, never raised.
+        acknowledged within ``publish-timeout`` (at most ``round-timeout``); failures are logged,
+        never raised. Acknowledgements only carry load reports, and a node that misses a publish
+        gets the version with its next train message, so a node that hangs must not hold the
+        server for a round's timeout after every round.
         """
         started = time.perf_counter()
         nodes = list(self.grid.get_node_ids())
@@ -432,7 +430,7 @@ class Federation:
             for node in nodes
         ]
         acked = 0
-        timeout = min(self.cfg.round_timeout, PUBLISH_TIMEOUT_S)
+        timeout = min(self.cfg.round_timeout, self.cfg.publish_timeout)
         for reply in exchange(self.grid, messages, timeout):
             node = int(reply.metadata.src_node_id)
             if reply.has_error():

@@ -4,6 +4,8 @@ with its reason while the round goes on)."""
 
 from __future__ import annotations
 
+import logging
+import re
 import uuid
 
 import numpy as np
@@ -34,10 +36,12 @@ def honest(node: int, rnd: int, msg: Message, steps: float = 1.0) -> RecordDict:
 
 
 class FakeGrid:
-    """Answers each train message by calling the node's behaviour; publishes are acknowledged."""
+    """Answers each train message by calling the node's behaviour; publishes are acknowledged,
+    except by the nodes in ``deaf``."""
 
     def __init__(self, behaviours):
         self.behaviours = behaviours
+        self.deaf: set[int] = set()
 
     def get_node_ids(self):
         return list(self.behaviours)
@@ -50,6 +54,8 @@ class FakeGrid:
             m.metadata.__dict__["_message_id"] = mid
             ids.append(mid)
             if m.metadata.message_type == PUBLISH:
+                if int(m.metadata.dst_node_id) in self.deaf:
+                    continue
                 ack = RecordDict({"metrics": MetricRecord({"served-version": -1.0})})
                 self.replies[mid] = Message(ack, reply_to=m)
                 continue
@@ -164,6 +170,31 @@ def test_the_quality_gain_curve_counts_one_nodes_steps_per_round(tmp_path):
     assert [r.metrics["steps-per-node"] for r in rounds] == [3.0, 3.0]
     steps = [s for s, _ in fed.coordination.loss_history]
     assert steps == [0, 3.0, 6.0]  # the aggregate moved 3 steps a round, not 9
+
+
+def test_a_node_that_never_acknowledges_a_publish_holds_it_publish_timeout_not_round_timeout(
+    tmp_path, caplog
+):
+    fed, store = federation(
+        tmp_path,
+        {1: honest, 2: honest},
+        num_server_rounds=1,
+        round_timeout=60.0,
+        publish_timeout=0.5,
+    )
+    fed.grid.deaf = {2}  # it trains, but never answers a publish
+    with caplog.at_level(logging.INFO, logger="server_app.federation"):
+        fed.run()
+    status, rounds, _ = outcome(store, fed.run_info.id)
+    assert status == "finished" and rounds == [(1, "aggregated")]
+    published = [
+        re.fullmatch(r"published v(\d+) to 1/2 nodes in ([\d.]+)s", r.getMessage())
+        for r in caplog.records
+        if r.getMessage().startswith("published")
+    ]
+    assert [int(m[1]) for m in published if m] == [0, 1], caplog.text
+    assert all(0.5 <= float(m[2]) < 60.0 for m in published if m)  # waited for, not a round
+    store.close()
 
 
 def test_a_run_resumed_with_dp_after_rounds_without_noise_reports_no_finite_epsilon(tmp_path):

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from collm_fl.config import format_overrides
-from collm_fl.federate import few_nodes_config, find_local_superlinks, flower_env, stop_processes
+from collm_fl.federate import (
+    few_nodes_config,
+    find_local_superlinks,
+    flower_env,
+    start_local_superlink,
+    stop_processes,
+)
 from collm_fl.launch import free_port
 from collm_fl.privacy import epsilon_spent
 from collm_fl.store import VersionStore
@@ -23,6 +29,7 @@ def flower(tmp_path_factory):
     env = flower_env(home)
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    start_local_superlink(env)  # (`flwr run` gives it 15 s, too few on a loaded CI machine)
     yield env
     stop_processes(find_local_superlinks(home))
 

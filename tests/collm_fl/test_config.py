@@ -71,11 +71,19 @@ def test_a_bad_lora_value_is_named_beside_the_configs_other_problems():
         RunConfig.from_flower({"lora-rank": 0, "learning-rate": 0.01})
 
 
-@pytest.mark.parametrize("key", ["quality-gate-margin", "learning-rate", "round-timeout"])
+@pytest.mark.parametrize(
+    "key", ["quality-gate-margin", "learning-rate", "round-timeout", "publish-timeout"]
+)
 def test_a_nan_or_infinite_setting_is_refused_by_name(key):
     for value in (float("nan"), float("inf")):
         with pytest.raises(ConfigError, match=f"{key}=.*finite"):
             RunConfig.from_flower({key: value})
+
+
+def test_publish_timeout_is_read_from_flower_and_checked():
+    assert RunConfig.from_flower({"publish-timeout": 10}).publish_timeout == 10.0
+    with pytest.raises(ConfigError, match=r"publish-timeout=0.0: must be > 0"):
+        RunConfig.from_flower({"publish-timeout": 0})
 
 
 def test_min_training_share_is_read_from_flower_and_checked():

@@ -1,4 +1,5 @@
-"""The local federation wrapper: what it refuses up front, and the exit code it gives a run."""
+"""The local federation wrapper: what it refuses up front, the local SuperLink it starts, and the
+exit code it gives a run."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ from pathlib import Path
 import pytest
 
 from collm_fl.config import RunConfig, parse_overrides
-from collm_fl.errors import ConfigError
+from collm_fl.errors import CollmError, ConfigError
 from collm_fl.federate import (
     check_node_counts,
     failed_if_interrupted,
+    find_local_superlinks,
+    flower_env,
     launch_config,
+    local_superlink_running,
     run_outcome,
+    start_local_superlink,
+    stop_processes,
 )
+from collm_fl.launch import free_port
 from collm_fl.store import RUN_FAILED, RUN_FINISHED, RunInfo, VersionStore
 from server_app.federation import run_key
 
@@ -139,3 +146,31 @@ def test_a_launcher_leaves_absolute_and_home_paths_as_typed(tmp_path, monkeypatc
     assert launch_config(app, "data='~/corpus.jsonl'")[1].data == "~/corpus.jsonl"
     linked = str(tmp_path / "link.jsonl")
     assert launch_config(app, f"data='{linked}'")[1].data == linked
+
+
+def _private_flower(tmp_path: Path) -> dict[str, str]:
+    env = flower_env(tmp_path / "flwr-home")
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    return env
+
+
+def test_the_local_superlink_is_started_once_with_time_to_come_up(tmp_path):
+    env = _private_flower(tmp_path)
+    home = Path(env["FLWR_HOME"])
+    try:
+        assert start_local_superlink(env) is True
+        assert local_superlink_running(env)
+        (superlink,) = find_local_superlinks(home)  # where `flwr run` and `flwr stop` look
+        assert start_local_superlink(env) is False  # running: `flwr run` will use this one
+        assert find_local_superlinks(home) == [superlink]
+    finally:
+        stop_processes(find_local_superlinks(home))
+    assert not local_superlink_running(env)
+
+
+def test_a_local_superlink_that_does_not_come_up_in_time_is_an_error_and_is_not_left(tmp_path):
+    env = _private_flower(tmp_path)
+    with pytest.raises(CollmError, match=r"could not start the local SuperLink: .*within 0s"):
+        start_local_superlink(env, timeout_s=0.001)
+    assert find_local_superlinks(Path(env["FLWR_HOME"])) == []

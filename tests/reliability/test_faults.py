@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from collm_fl.federate import find_local_superlinks, stop_processes
+from collm_fl.federate import find_local_superlinks, start_local_superlink, stop_processes
 from collm_fl.launch import LocalFederation
 from collm_fl.store import VersionStore
 
@@ -198,6 +198,7 @@ def test_a_server_killed_mid_run_resumes_with_no_gap_and_no_duplicate(
     config = f"{COMMON} output-dir='{out}' local-steps=3 num-server-rounds=3"
     cmd = [flwr, "run", str(rel.root), "--stream", "--federation-config", "num-supernodes=2"]
     cmd += ["--run-config", config]
+    start_local_superlink(flower_home)  # (`flwr run` gives it 15 s, too few on a loaded machine)
     first = procs.spawn("flwr-run-1", cmd, flower_home)
 
     def round_one_stored() -> bool:
@@ -214,6 +215,7 @@ def test_a_server_killed_mid_run_resumes_with_no_gap_and_no_duplicate(
     print(f"\nrounds stored when the ServerApp was killed: {at_kill}")
     assert at_kill and at_kill[-1] < 3, at_kill
 
+    start_local_superlink(flower_home)
     second = procs.spawn("flwr-run-2", cmd, flower_home)
     log = finish(rel, second)
     with VersionStore(out) as store:
