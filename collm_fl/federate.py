@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from collm_fl.config import RunConfig, Scalar, format_overrides, parse_overrides
 from collm_fl.errors import CollmError, ConfigError
+from collm_fl.flower_app import stage_app
 from collm_fl.launch import descendants, terminate_all
 
 log = logging.getLogger(__name__)
@@ -276,13 +278,15 @@ def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
             "the flwr command is not on PATH: install with pip install 'flwr[simulation]'"
         )
     env = flower_env()
-    cmd = [flwr, "run", str(app), "--stream", "--federation-config", f"num-supernodes={supernodes}"]
     # A bad setting is exit 2 before Flower starts.
     run_config, cfg = launch_config(app, run_config, defaults=few_nodes_config(supernodes))
     check_node_counts(cfg, supernodes, "--supernodes")
-    cmd += ["--run-config", run_config]
-    log.info("running: %s", shlex.join(cmd))
-    with failed_if_interrupted(cfg), managed_local_superlink(env):
-        start_local_superlink(env)
-        launched = datetime.now(UTC)
-        return run_outcome(cfg, subprocess.call(cmd, env=env), launched)
+    with tempfile.TemporaryDirectory(prefix="collm-app-") as tmp:
+        staged = stage_app(app, Path(tmp) / "app")  # the same FAB, without walking a venv
+        cmd = [flwr, "run", str(staged), "--stream"]
+        cmd += ["--federation-config", f"num-supernodes={supernodes}", "--run-config", run_config]
+        log.info("running: %s", shlex.join(cmd))
+        with failed_if_interrupted(cfg), managed_local_superlink(env):
+            start_local_superlink(env)
+            launched = datetime.now(UTC)
+            return run_outcome(cfg, subprocess.call(cmd, env=env), launched)

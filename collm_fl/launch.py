@@ -33,6 +33,7 @@ import httpx
 import psutil
 
 from collm_fl.errors import ConfigError, WorkFailed
+from collm_fl.flower_app import stage_app
 
 if TYPE_CHECKING:
     from collm_fl.config import RunConfig
@@ -342,7 +343,10 @@ class LocalFederation:
             raise
 
     def flwr_run_command(self, run_config: str, app: Path) -> list[str]:
-        cmd = [executable("flwr"), "run", str(app), CONNECTION, "--stream"]
+        """``flwr run`` of the app at ``app``, copied first to ``<workdir>/app`` (see
+        :mod:`collm_fl.flower_app`: the same FAB, without walking a virtual environment)."""
+        staged = stage_app(app, self.workdir / "app")
+        cmd = [executable("flwr"), "run", str(staged), CONNECTION, "--stream"]
         if run_config:
             cmd += ["--run-config", run_config]
         return cmd

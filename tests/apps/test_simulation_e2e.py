@@ -14,6 +14,7 @@ from collm_fl.federate import (
     start_local_superlink,
     stop_processes,
 )
+from collm_fl.flower_app import stage_app
 from collm_fl.launch import free_port
 from collm_fl.privacy import epsilon_spent
 from collm_fl.store import VersionStore
@@ -30,6 +31,9 @@ def flower(tmp_path_factory):
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     start_local_superlink(env)  # (`flwr run` gives it 15 s, too few on a loaded CI machine)
+    env["APP"] = str(
+        stage_app(ROOT, tmp_path_factory.mktemp("app") / "app")
+    )  # (as `collm federate` runs it)
     yield env
     stop_processes(find_local_superlinks(home))
 
@@ -45,7 +49,7 @@ def flwr_run(
     cmd = [
         flwr,
         "run",
-        str(ROOT),
+        env["APP"],
         "--stream",
         "--federation-config",
         f"num-supernodes={supernodes}",

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from collm_fl.federate import find_local_superlinks, start_local_superlink, stop_processes
+from collm_fl.flower_app import stage_app
 from collm_fl.launch import LocalFederation
 from collm_fl.store import VersionStore
 
@@ -196,7 +197,8 @@ def test_a_server_killed_mid_run_resumes_with_no_gap_and_no_duplicate(
     out = tmp_path / "out"
     flwr = rel.venv_bin("flwr")
     config = f"{COMMON} output-dir='{out}' local-steps=3 num-server-rounds=3"
-    cmd = [flwr, "run", str(rel.root), "--stream", "--federation-config", "num-supernodes=2"]
+    app = stage_app(rel.root, tmp_path / "app")  # (as `collm federate` runs it)
+    cmd = [flwr, "run", str(app), "--stream", "--federation-config", "num-supernodes=2"]
     cmd += ["--run-config", config]
     start_local_superlink(flower_home)  # (`flwr run` gives it 15 s, too few on a loaded machine)
     first = procs.spawn("flwr-run-1", cmd, flower_home)

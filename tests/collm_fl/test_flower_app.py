@@ -1,0 +1,57 @@
+"""The copy of the Flower app `flwr run` builds its FAB from (collm_fl.flower_app)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+
+from collm_fl.errors import ConfigError
+from collm_fl.flower_app import app_files, stage_app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_ignored_folders_symlinks_and_git_are_left_out(tmp_path):
+    app = tmp_path / "app"
+    for rel in (
+        "pyproject.toml",
+        ".gitignore",
+        "pkg/mod.py",
+        "pkg/data.json",
+        ".venv/lib/site.py",
+        "pkg/__pycache__/mod.cpython-311.pyc",
+        "outputs/store.db",
+        ".git/HEAD",
+    ):
+        (app / rel).parent.mkdir(parents=True, exist_ok=True)
+        (app / rel).write_text(rel)
+    (app / ".gitignore").write_text(".venv/\n__pycache__/\noutputs/\n")
+    (app / "pkg" / "link.py").symlink_to(app / "pkg" / "mod.py")
+    assert app_files(app) == [".gitignore", "pkg/data.json", "pkg/mod.py", "pyproject.toml"]
+    staged = stage_app(app, tmp_path / "staged")
+    assert sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()) == [
+        ".gitignore",
+        "pkg/data.json",
+        "pkg/mod.py",
+        "pyproject.toml",
+    ]
+    (app / "pkg" / "mod.py").write_text("changed")
+    stage_app(app, staged)  # staged again: replaced, not merged
+    assert (staged / "pkg" / "mod.py").read_text() == "changed"
+
+
+def test_a_folder_without_pyproject_is_not_a_flower_app(tmp_path):
+    with pytest.raises(ConfigError, match="not a Flower app"):
+        stage_app(tmp_path, tmp_path / "staged")
+
+
+def test_flower_builds_the_same_fab_from_the_copy_as_from_the_checkout(tmp_path):
+    staged = build_fab_from_disk(stage_app(ROOT, tmp_path / "app"))
+    assert staged == build_fab_from_disk(ROOT)  # byte for byte
+    names = zipfile.ZipFile(io.BytesIO(staged)).namelist()
+    assert "server_app/app.py" in names and "client_app/app.py" in names
+    assert not [n for n in names if n.startswith((".venv/", ".git/")) or "__pycache__" in n]
