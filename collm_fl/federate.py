@@ -79,7 +79,8 @@ def start_local_superlink(
         done = subprocess.run(
             cmd, env=dict(env), capture_output=True, text=True, timeout=timeout_s + 30
         )
-    except subprocess.TimeoutExpired as e:
+    except subprocess.TimeoutExpired as e:  # (its SuperLink runs in a session of its own)
+        stop_processes(find_local_superlinks(Path(env.get("FLWR_HOME", Path.home() / ".flwr"))))
         raise CollmError(f"the local SuperLink did not start within {timeout_s:g}s") from e
     if done.returncode != 0:
         why = " ".join((done.stderr or done.stdout).split())[-600:]  # (the last of a traceback)

@@ -343,9 +343,9 @@ class LocalFederation:
             raise
 
     def flwr_run_command(self, run_config: str, app: Path) -> list[str]:
-        """``flwr run`` of the app at ``app``, copied first to ``<workdir>/app`` (see
+        """``flwr run`` of the app at ``app``, copied first to ``<workdir>/flower-app`` (see
         :mod:`collm_fl.flower_app`: the same FAB, without walking a virtual environment)."""
-        staged = stage_app(app, self.workdir / "app")
+        staged = stage_app(app, self.workdir / "flower-app")
         cmd = [executable("flwr"), "run", str(staged), CONNECTION, "--stream"]
         if run_config:
             cmd += ["--run-config", run_config]

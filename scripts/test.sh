@@ -12,7 +12,8 @@ ruff format --check .
 mypy_log=$(mktemp)
 mypy >"$mypy_log" 2>&1 &
 mypy_pid=$!
-trap 'kill "$mypy_pid" 2>/dev/null || true; rm -f "$mypy_log"' EXIT
+trap '[ -z "$mypy_pid" ] || kill "$mypy_pid" 2>/dev/null || true; rm -f "$mypy_log"' EXIT
+trap 'exit 130' INT TERM  # (a background job ignores Ctrl-C: the EXIT trap stops mypy)
 # Three worker processes (TEST_WORKERS; 0 runs in this process), each taking whole files: most of
 # the suite's time is end-to-end runs that wait on processes they started, so on two cores two
 # workers left them a third idle (four made every test slower: 21m33s against 20m29s). Files keep
@@ -22,6 +23,7 @@ tests=0
 python -m pytest -n "${TEST_WORKERS:-3}" --dist loadfile --durations=15 "$@" || tests=$?
 typed=0
 wait "$mypy_pid" || typed=$?
+mypy_pid=""
 echo "mypy:"
 cat "$mypy_log"
 if [ "$typed" -ne 0 ]; then

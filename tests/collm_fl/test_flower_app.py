@@ -34,6 +34,7 @@ def test_ignored_folders_symlinks_and_git_are_left_out(tmp_path):
     assert app_files(app) == [".gitignore", "pkg/data.json", "pkg/mod.py", "pyproject.toml"]
     staged = stage_app(app, tmp_path / "staged")
     assert sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()) == [
+        ".collm-staged-app",
         ".gitignore",
         "pkg/data.json",
         "pkg/mod.py",
@@ -42,6 +43,41 @@ def test_ignored_folders_symlinks_and_git_are_left_out(tmp_path):
     (app / "pkg" / "mod.py").write_text("changed")
     stage_app(app, staged)  # staged again: replaced, not merged
     assert (staged / "pkg" / "mod.py").read_text() == "changed"
+
+
+def test_a_file_a_negation_brings_back_from_an_ignored_folder_is_copied_as_flower_keeps_it(
+    tmp_path,
+):
+    app = tmp_path / "app"
+    for rel in ("pyproject.toml", "pkg/mod.py", "data/schema.json", "data/big.json", "notes.md"):
+        (app / rel).parent.mkdir(parents=True, exist_ok=True)
+        (app / rel).write_text(rel)
+    (app / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    (app / ".gitignore").write_text("data/**\n!data/schema.json\n  notes.md  \n")
+    staged = stage_app(app, tmp_path / "staged")
+    assert (staged / "data" / "schema.json").is_file() and not (
+        staged / "data" / "big.json"
+    ).exists()
+    assert not (staged / "notes.md").exists()  # (Flower strips the spaces around a pattern)
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+
+
+def test_a_copy_inside_the_app_leaves_itself_out_and_a_folder_it_did_not_make_is_kept(tmp_path):
+    app = tmp_path / "app"
+    (app / "pkg").mkdir(parents=True)
+    (app / "pyproject.toml").write_text("[project]\n")
+    (app / "pkg" / "mod.py").write_text("x = 1\n")
+    inside = stage_app(app, app / "site" / "flower-app")  # a workdir in the app, not ignored
+    again = stage_app(app, inside)  # replaced: not copied into itself
+    assert sorted(str(p.relative_to(again)) for p in again.rglob("*.py")) == ["pkg/mod.py"]
+    mine = tmp_path / "mine"
+    (mine / "keep.txt").parent.mkdir()
+    (mine / "keep.txt").write_text("the user's")
+    with pytest.raises(ConfigError, match="not a copy of the app collm made: kept"):
+        stage_app(app, mine)
+    assert (mine / "keep.txt").read_text() == "the user's"
+    with pytest.raises(ConfigError, match="a folder that holds it"):
+        stage_app(app, tmp_path)
 
 
 def test_a_folder_without_pyproject_is_not_a_flower_app(tmp_path):
