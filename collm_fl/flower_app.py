@@ -34,14 +34,14 @@ def app_files(app: Path, leave_out: Path | None = None) -> list[str]:
     never = [*ALWAYS_SKIPPED]
     if leave_out is not None and leave_out.is_relative_to(app) and leave_out != app:
         never.append("/" + leave_out.relative_to(app).as_posix() + "/")
-    git = build_pathspec(never)
+    skipped = build_pathspec(never)
     found = []
     for dirpath, dirnames, filenames in os.walk(app, followlinks=False):
         rel_dir = Path(dirpath).relative_to(app)
         kept = []
         for d in sorted(dirnames):
             rel = (rel_dir / d).as_posix() + "/"
-            if (Path(dirpath) / d).is_symlink() or git.match_file(rel):
+            if (Path(dirpath) / d).is_symlink() or skipped.match_file(rel):
                 continue
             if not (prune and spec.match_file(rel)):
                 kept.append(d)
