@@ -17,9 +17,11 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import click
 import httpx
 import psutil
 from sqlalchemy.exc import SQLAlchemyError
@@ -43,7 +45,7 @@ _START_SUPERLINK = """
 import sys, click, flwr.cli.local_superlink as s
 s.LOCAL_SUPERLINK_STARTUP_TIMEOUT = float(sys.argv[1])
 try:
-    s._start_local_superlink()
+    s._start_local_superlink(in_memory=sys.argv[2] == "in-memory")
 except click.ClickException as e:
     sys.exit(e.format_message())
 """
@@ -67,14 +69,16 @@ def local_superlink_running(env: dict[str, str]) -> bool:
 
 
 def start_local_superlink(
-    env: Mapping[str, str], timeout_s: float = SUPERLINK_START_TIMEOUT_S
+    env: Mapping[str, str], timeout_s: float = SUPERLINK_START_TIMEOUT_S, in_memory: bool = False
 ) -> bool:
     """Start the local SuperLink ``flwr run`` uses for a simulation (at ``env``'s FLWR_HOME and
-    ports) unless one answers, and wait up to ``timeout_s`` for it. Returns whether it started
-    one; CollmError (with Flower's message) when it did not come up."""
+    ports; with no database when ``in_memory``, as for a ``:local-in-memory:`` connection) unless
+    one answers, and wait up to ``timeout_s`` for it. Returns whether it started one; CollmError
+    (with Flower's message) when it did not come up."""
     if local_superlink_running(dict(env)):
         return False
-    cmd = [sys.executable, "-c", _START_SUPERLINK, str(timeout_s)]
+    store = "in-memory" if in_memory else "database"
+    cmd = [sys.executable, "-c", _START_SUPERLINK, str(timeout_s), store]
     try:
         done = subprocess.run(
             cmd, env=dict(env), capture_output=True, text=True, timeout=timeout_s + 30
@@ -87,6 +91,44 @@ def start_local_superlink(
         raise CollmError(f"could not start the local SuperLink: {why}")
     log.info("local SuperLink started (FLWR_HOME %s)", env.get("FLWR_HOME", "~/.flwr"))
     return True
+
+
+@dataclass(frozen=True)
+class LocalConnection:
+    """A SuperLink connection of the Flower configuration that names the local simulation
+    SuperLink (address ``:local:``, or ``:local-in-memory:`` for one without a database)."""
+
+    name: str
+    in_memory: bool
+
+
+def local_connection(name: str | None = None) -> LocalConnection:
+    """The connection ``collm federate`` submits to: ``name``, else the default one of this
+    process's Flower configuration (``$FLWR_HOME/config.toml``, which Flower creates with a local
+    default on first use). ConfigError when it does not exist or is not the local SuperLink: this
+    command runs a simulation on this machine, and a remote SuperLink is ``flwr run``'s to use."""
+    from flwr.cli.constant import (
+        LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE,
+        LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE_IN_MEMORY,
+    )
+    from flwr.cli.flower_config import read_superlink_connection
+
+    try:
+        conn = read_superlink_connection(name)
+    except click.ClickException as e:
+        raise ConfigError(" ".join(e.format_message().split())) from e
+    except click.exceptions.Exit as e:  # (an outdated address, after Flower's own message)
+        raise ConfigError("the Flower configuration needs the update Flower printed") from e
+    local = (LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE, LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE_IN_MEMORY)
+    if conn.address not in local:
+        which = f"'{conn.name}'" if name is not None else f"'{conn.name}' (the default)"
+        raise ConfigError(
+            f"SuperLink connection {which} is {conn.address}, not the local simulation "
+            f"SuperLink ({' or '.join(local)}): collm federate runs the federation on this "
+            f"machine; submit to that SuperLink with `flwr run <app> {conn.name} --stream`, or "
+            "name a local connection with --connection"
+        )
+    return LocalConnection(conn.name, conn.address == LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE_IN_MEMORY)
 
 
 def find_local_superlinks(flwr_home: Path) -> list[psutil.Process]:
@@ -267,8 +309,12 @@ def _absolute(path: str) -> str:
     return path if path.startswith("~") or Path(path).is_absolute() else str(Path.cwd() / path)
 
 
-def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
-    """``flwr run <app> --stream`` on a local simulation with ``supernodes`` clients."""
+def run_local_federation(
+    app: Path, supernodes: int, run_config: str, connection: str | None = None
+) -> int:
+    """``flwr run <app> <connection> --stream`` on a local simulation with ``supernodes``
+    clients; ``connection``: a local SuperLink connection of the Flower configuration (default:
+    its default connection)."""
     if supernodes < 1:
         raise ConfigError(f"--supernodes must be >= 1, got {supernodes}")
     if not (app / "pyproject.toml").is_file():
@@ -282,12 +328,13 @@ def run_local_federation(app: Path, supernodes: int, run_config: str) -> int:
     # A bad setting is exit 2 before Flower starts.
     run_config, cfg = launch_config(app, run_config, defaults=few_nodes_config(supernodes))
     check_node_counts(cfg, supernodes, "--supernodes")
+    conn = local_connection(connection)
     with tempfile.TemporaryDirectory(prefix="collm-app-") as tmp:
         staged = stage_app(app, Path(tmp) / "app")  # the same FAB, without walking a venv
-        cmd = [flwr, "run", str(staged), "--stream"]
+        cmd = [flwr, "run", str(staged), conn.name, "--stream"]
         cmd += ["--federation-config", f"num-supernodes={supernodes}", "--run-config", run_config]
         log.info("running: %s", shlex.join(cmd))
         with failed_if_interrupted(cfg), managed_local_superlink(env):
-            start_local_superlink(env)
+            start_local_superlink(env, in_memory=conn.in_memory)
             launched = datetime.now(UTC)
             return run_outcome(cfg, subprocess.call(cmd, env=env), launched)

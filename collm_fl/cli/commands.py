@@ -27,7 +27,9 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "federate":
         from collm_fl.federate import run_local_federation
 
-        return run_local_federation(Path(args.app), args.supernodes, args.run_config)
+        return run_local_federation(
+            Path(args.app), args.supernodes, args.run_config, args.connection
+        )
     if args.command == "replica":
         return _run_replica(args)
     if args.command == "site":

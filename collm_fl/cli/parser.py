@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", default=".", help="path of the Flower app (default: .)")
     p.add_argument("--supernodes", type=int, default=4, help="simulated SuperNodes (clients)")
     p.add_argument(
+        "--connection",
+        default=None,
+        help="a local SuperLink connection of the Flower configuration ($FLWR_HOME/config.toml; "
+        "address :local: or :local-in-memory:); default: its default connection",
+    )
+    p.add_argument(
         "-c",
         "--run-config",
         default="",

@@ -487,3 +487,22 @@ def test_a_hang_up_stops_a_launcher_as_sigterm_does_unless_it_is_ignored(capsys,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_federate_on_a_remote_default_connection_exits_2_and_starts_no_superlink(
+    capsys, tmp_path, monkeypatch
+):
+    from collm_fl.federate import find_local_superlinks
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "site"\n\n[superlink.site]\naddress = "10.0.0.7:9093"\n'
+    )
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    code, err = run(capsys, "federate", "--supernodes", "2")
+    assert code == 2 and "'site' (the default) is 10.0.0.7:9093, not the local" in err
+    assert "Traceback" not in err
+    code, err = run(capsys, "federate", "--connection", "local")
+    assert code == 2 and "SuperLink connection 'local' not found" in err
+    assert find_local_superlinks(home) == [] and not (home / "local-superlink").exists()

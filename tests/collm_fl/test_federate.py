@@ -16,6 +16,7 @@ from collm_fl.federate import (
     find_local_superlinks,
     flower_env,
     launch_config,
+    local_connection,
     local_superlink_running,
     run_outcome,
     start_local_superlink,
@@ -174,3 +175,48 @@ def test_a_local_superlink_that_does_not_come_up_in_time_is_an_error_and_is_not_
     with pytest.raises(CollmError, match=r"could not start the local SuperLink: .*within 0s"):
         start_local_superlink(env, timeout_s=0.001)
     assert find_local_superlinks(Path(env["FLWR_HOME"])) == []
+
+
+_CONNECTIONS = """[superlink]
+default = "{default}"
+
+[superlink.local]
+address = ":local:"
+
+[superlink.memory]
+address = ":local-in-memory:"
+
+[superlink.site]
+address = "10.0.0.7:9093"
+insecure = true
+"""
+
+
+def _flower_config(tmp_path: Path, monkeypatch, default: str) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    (tmp_path / "flwr-home").mkdir(parents=True)
+    (tmp_path / "flwr-home" / "config.toml").write_text(_CONNECTIONS.format(default=default))
+
+
+def test_the_federation_runs_on_the_default_connection_when_it_is_the_local_superlink(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    conn = local_connection()  # no configuration yet: Flower writes its own, local by default
+    assert (conn.name, conn.in_memory) == ("local", False)
+    assert (tmp_path / "flwr-home" / "config.toml").is_file()
+    _flower_config(tmp_path / "other", monkeypatch, default="memory")
+    assert local_connection() == local_connection("memory")
+    assert local_connection().in_memory
+    assert local_connection("local").in_memory is False
+
+
+def test_a_remote_or_unknown_connection_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    _flower_config(tmp_path, monkeypatch, default="site")
+    with pytest.raises(ConfigError, match=r"'site' \(the default\) is 10\.0\.0\.7:9093, not"):
+        local_connection()
+    with pytest.raises(ConfigError, match=r"flwr run <app> site --stream"):
+        local_connection("site")
+    assert local_connection("local").name == "local"  # a local one named on the command line
+    with pytest.raises(ConfigError, match=r"connection 'lab' not found"):
+        local_connection("lab")
