@@ -201,7 +201,8 @@ def run_goodput_benchmark(
                 seconds=time.monotonic() - started,
                 stopped=stopped,
             )
-            for path in write_goodput_report(result, Path(out_dir)):
+            records = {(run.system, chosen.index(run.rate)): run.results for run in runs}
+            for path in write_goodput_report(result, Path(out_dir), records):
                 say(f"wrote {path}")
             return result.to_json()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from collm_fl.bench.aggregation import code_note
@@ -16,6 +18,7 @@ from collm_fl.bench.goodput_result import (
     RunOutcome,
     is_collm_system,
 )
+from collm_fl.loadgen.client import RequestResult, write_results_jsonl
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
 from collm_fl.reports import save_figure, write_text_atomic
 
@@ -28,21 +31,28 @@ RATE_LABELS = (
     (0.7, "high"),
     (float("inf"), "overload"),
 )
+REQUESTS_DIR = "requests"  # beside the report: one JSONL of request records per system and rate
 GOAL_RATIO = 3.0  # the goal: CoLLM-FL >= 3x the best baseline at bursty/high rates
 QUALITY_TOLERANCE = 1e-3  # nats: served losses this close count as equal
 
 
-def write_goodput_report(result: GoodputResult, out: Path) -> list[Path]:
-    """Write ``goodput.json``, ``goodput.md`` and the two plots into ``out``; returns the paths."""
+def write_goodput_report(
+    result: GoodputResult,
+    out: Path,
+    records: Mapping[tuple[str, int], Sequence[RequestResult]] | None = None,
+) -> list[Path]:
+    """Write ``goodput.json``, ``goodput.md`` and the two plots into ``out``, and with
+    ``records`` the requests' (write_request_records); returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
+    written = [] if records is None else [write_request_records(out, records)]
     json_path = out / "goodput.json"
     write_text_atomic(json_path, json.dumps(result.to_json(), indent=2) + "\n")
     md_path = out / "goodput.md"
-    write_text_atomic(md_path, render_markdown(result))
+    write_text_atomic(md_path, render_markdown(result, (out / REQUESTS_DIR).is_dir()))
     rate_png, quality_png = out / "goodput_vs_rate.png", out / "quality_over_time.png"
     plot_goodput_vs_rate(result, rate_png)
     plot_quality_over_time(result, quality_png)
-    return [md_path, json_path, rate_png, quality_png]
+    return [md_path, json_path, rate_png, quality_png, *written]
 
 
 def _ms(seconds: float | None) -> str:
@@ -82,7 +92,8 @@ def _rate_label(result: GoodputResult, rate: float) -> str:
     return text + f": {fraction:.2f} × R × one replica's saturated throughput, {label}"
 
 
-def render_markdown(result: GoodputResult) -> str:
+def render_markdown(result: GoodputResult, with_records: bool = False) -> str:
+    """The report; ``with_records``: it names the folder of request records beside it."""
     cal, slo, st, r = result.calibration, result.slo, result.settings, result.replicas
     mine = sum(is_collm_system(s.name) for s in result.systems)
     lines = [
@@ -204,6 +215,12 @@ def render_markdown(result: GoodputResult) -> str:
                 else "Each rate has its own arrival seed (seed + rate index), and the systems run"
             )
             + " in an order rotated by one at each rate."
+        )
+        + (
+            f" Every request's record (`collm load`'s fields): "
+            f"`{REQUESTS_DIR}/<system>-rate<k>.jsonl` (k: the rate's place, from 1)."
+            if with_records
+            else ""
         ),
         "",
         "## Systems",
@@ -532,3 +549,27 @@ def plot_quality_over_time(result: GoodputResult, path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+def write_request_records(
+    out_dir: Path, records: Mapping[tuple[str, int], Sequence[RequestResult]]
+) -> Path:
+    """Every request's record, ``{REQUESTS_DIR}/<system>-rate<k>.jsonl`` (k from 1, in the
+    report's order of rates), for ``records`` keyed by (system, rate index). The folder is made
+    whole beside the old one and then takes its place: it never mixes two runs' files."""
+    final = out_dir / REQUESTS_DIR
+    staging = Path(tempfile.mkdtemp(prefix=f".{REQUESTS_DIR}-", dir=out_dir))
+    try:
+        for (system, k), results in records.items():
+            write_results_jsonl(results, staging / f"{system}-rate{k + 1}.jsonl")
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{REQUESTS_DIR}-old-", dir=out_dir))
+            final.rename(old / REQUESTS_DIR)
+        staging.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final

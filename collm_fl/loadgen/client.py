@@ -26,6 +26,7 @@ import numpy as np
 from collm_fl.api.streams import drain
 from collm_fl.errors import ConfigError, DataFormatError
 from collm_fl.loadgen.trace import TraceRow
+from collm_fl.reports import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -474,11 +475,10 @@ def _error_message(obj: dict[str, object]) -> str:
 
 
 def write_results_jsonl(results: Sequence[RequestResult], path: str | Path) -> Path:
-    """Write one JSON object per result (the RequestResult fields)."""
+    """Write one JSON object per result (the RequestResult fields), by a rename of a complete
+    file (a crash leaves the old file or none, never half a log)."""
     out = Path(path)
-    with out.open("w", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps(asdict(r)) + "\n")
+    write_text_atomic(out, "".join(json.dumps(asdict(r)) + "\n" for r in results))
     return out
 
 

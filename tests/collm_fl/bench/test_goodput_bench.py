@@ -19,7 +19,7 @@ from collm_fl.bench.goodput import (
     served_quality_curve,
     summarize_runs,
 )
-from collm_fl.bench.goodput_report import render_markdown
+from collm_fl.bench.goodput_report import render_markdown, write_request_records
 from collm_fl.bench.goodput_result import (
     HALF_WAY,
     result_from_json,
@@ -27,6 +27,7 @@ from collm_fl.bench.goodput_result import (
 from collm_fl.bench.goodput_systems import SYSTEMS, split_roles
 from collm_fl.cli import main
 from collm_fl.errors import ConfigError
+from collm_fl.loadgen.client import RequestResult, read_results_jsonl
 from collm_fl.loadgen.goodput import SLOSpec
 from collm_fl.loadgen.trace import TraceRow
 
@@ -82,7 +83,25 @@ def test_a_quick_run_compares_the_systems_asked_for_and_writes_every_file(tmp_pa
         )
         == 0
     )
-    assert (again / "goodput.md").read_text() == (tmp_path / "goodput.md").read_text()
+    # (the same report, but for the requests' records, which are not beside it there)
+    records = "Every request's record (`collm load`'s fields): `requests/<system>-rate<k>.jsonl`"
+    assert records in (tmp_path / "goodput.md").read_text()
+    assert records not in (again / "goodput.md").read_text()
+    md_before = (tmp_path / "goodput.md").read_text()
+    assert (
+        main(
+            [
+                "bench",
+                "goodput",
+                "--from-json",
+                str(tmp_path / "goodput.json"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "goodput.md").read_text() == md_before
     assert "### Against the goals" in (again / "goodput.md").read_text()
     assert (result["model"], result["replicas"], result["rounds"]) == ("tiny", 2, 1)
     rates = result["rates"]
@@ -92,6 +111,10 @@ def test_a_quick_run_compares_the_systems_asked_for_and_writes_every_file(tmp_pa
     for run in runs:
         assert run["rate"] == rates[0]
         assert run["summary"]["requests"] > 0
+        # every request's record, as `collm load` writes them
+        logged = read_results_jsonl(tmp_path / "requests" / f"{run['system']}-rate1.jsonl")
+        assert len(logged) == run["summary"]["requests"]
+        assert sum(r.status == "ok" for r in logged) == run["summary"]["ok"]
         assert len(run["rounds"]) == 1
         assert 0 in run["loss_by_version"]  # version 0 is evaluated before the load
         assert run["quality"][0][0] == 0.0 and run["final_loss"] > 0
@@ -516,3 +539,33 @@ def test_a_run_that_fails_mid_way_still_reports_the_rates_every_system_finished(
     md = (tmp_path / "goodput.md").read_text()
     assert "**This run did not finish** (stopped at 2.00 req/s, collm-fl" in md
     assert result_from_json(data).stopped == data["stopped"]
+
+
+def _request(index: int, status: str = "ok") -> RequestResult:
+    return RequestResult(
+        index=index,
+        sent_at=0.5 * index,
+        ttft_s=0.2 if status == "ok" else None,
+        tpot_s=0.05 if status == "ok" else None,
+        e2e_s=1.0,
+        status=status,
+        http_status=200 if status == "ok" else 503,
+        adapter_version=1,
+        prompt_tokens=48,
+        output_tokens=24 if status == "ok" else 0,
+        error=None if status == "ok" else "overloaded",
+    )
+
+
+def test_request_records_of_a_new_run_replace_the_old_runs_whole(tmp_path: Path) -> None:
+    first = {("colocated", 0): [_request(0), _request(1, "http_503")], ("collm-fl", 1): []}
+    folder = write_request_records(tmp_path, first)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "collm-fl-rate2.jsonl",
+        "colocated-rate1.jsonl",
+    ]
+    assert read_results_jsonl(folder / "colocated-rate1.jsonl") == first[("colocated", 0)]
+    assert read_results_jsonl(folder / "collm-fl-rate2.jsonl") == []
+    write_request_records(tmp_path, {("merged", 0): [_request(2)]})
+    assert [p.name for p in folder.iterdir()] == ["merged-rate1.jsonl"]  # none of the first run's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["requests"]  # no staging folder left
