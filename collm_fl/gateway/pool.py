@@ -95,6 +95,8 @@ class Ticket:
     capacity: int  # the replica's batch slots
     training_share: float  # the replica's effective training share when sent
     remaining: int  # output tokens still expected
+    stream: bool = True  # its first token will be seen (a JSON reply shows none until its end)
+    prefills_ahead: int = 0  # the replica's streamed requests without a first token when sent
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens: int = 0  # tokens seen so far (streamed, or a timed JSON reply's count at its end)
@@ -107,6 +109,11 @@ class Ticket:
         self.abandoned = reason
         if self.on_abandon is not None:
             self.on_abandon()
+
+
+def prefills_ahead(r: _Replica) -> int:
+    """``r``'s streamed requests from this gateway that have not had their first token."""
+    return sum(t.stream and t.first_token_at is None for t in r.tickets)
 
 
 def replica_name(url: str) -> str:
@@ -338,6 +345,7 @@ class ReplicaPool:
                 consecutive_failures=r.consecutive_failures,
                 last_error_age_s=None if r.failed_at is None else now - r.failed_at,
                 routed=r.routed,
+                prefills_ahead=prefills_ahead(r),
             )
             for r in self._replicas.values()
         ]
@@ -382,8 +390,9 @@ class ReplicaPool:
 
     # ---- per-request accounting ----
 
-    def begin(self, name: str, prompt_tokens: int, max_tokens: int) -> Ticket:
-        """Count a request as sent to ``name``; end it with succeed, fail or release."""
+    def begin(self, name: str, prompt_tokens: int, max_tokens: int, stream: bool = True) -> Ticket:
+        """Count a request as sent to ``name`` (``stream``: its tokens will be seen as they
+        come); end it with succeed, fail or release."""
         r = self._replicas[name]
         ticket = Ticket(
             replica=name,
@@ -393,6 +402,8 @@ class ReplicaPool:
             capacity=r.max_batch or self.model.default_max_batch,
             training_share=r.training_share if r.training else 0.0,
             remaining=max_tokens,
+            stream=stream,
+            prefills_ahead=prefills_ahead(r),
         )
         r.in_flight += 1
         r.in_flight_tokens += max_tokens
@@ -491,6 +502,7 @@ class ReplicaPool:
                 base_tpot,
                 t.training_share,
                 self.model,
+                t.prefills_ahead,
             )
             if ttft is not None:
                 r.ewma_ttft_s = self._ewma(r, r.ewma_ttft_s, r.ttft_learned_at, ttft)

@@ -196,7 +196,7 @@ class Router:
             name = choose_replica(views, job.prompt_tokens, job.max_tokens, self.slo, excluded)
             if name is None:
                 break
-            ticket = self.pool.begin(name, job.prompt_tokens, job.max_tokens)
+            ticket = self.pool.begin(name, job.prompt_tokens, job.max_tokens, job.stream)
             attempt = self._open_stream(job, ticket) if job.stream else self._forward(job, ticket)
             try:
                 return await unless_client_leaves(request, attempt)

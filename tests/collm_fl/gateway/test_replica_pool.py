@@ -391,3 +391,25 @@ def test_a_replicas_server_timing_header_is_read_or_ignored(header, expected):
     resp = httpx.Response(200, headers={"Server-Timing": header} if header else {})
     got = _replica_timing(resp)
     assert got == (pytest.approx(expected) if expected else None)
+
+
+def test_streamed_requests_count_as_prefills_ahead_until_their_first_token():
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    first, second = pool.begin(a, 64, 10), pool.begin(a, 64, 10)
+    json_reply = pool.begin(a, 64, 10, stream=False)  # shows no first token: not counted
+    assert view(pool, a).prefills_ahead == 2
+    assert (first.prefills_ahead, second.prefills_ahead, json_reply.prefills_ahead) == (0, 1, 2)
+    clock.now += 0.3
+    pool.on_token(first)
+    assert view(pool, a).prefills_ahead == 1
+    # second waited for first's prefill: it teaches the idle TTFT with that taken out
+    clock.now += 0.21  # its first token 0.51 s after it was sent, one prefill (0.7 of 0.3) ahead
+    pool.on_token(second)
+    assert view(pool, a).prefills_ahead == 0
+    pool.succeed(first)
+    taught = view(pool, a).ewma_ttft_s
+    pool.succeed(second)
+    assert view(pool, a).ewma_ttft_s == pytest.approx(taught, rel=0.1)
+    pool.release(json_reply)
+    assert view(pool, "127.0.0.1:8101").prefills_ahead == 0

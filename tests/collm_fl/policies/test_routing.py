@@ -225,3 +225,40 @@ def test_idle_equal_replicas_take_turns():
     a, b = view("a", routed=5), view("b", routed=4)
     assert choose_replica([a, b], 0, 16, SLO_) == "b"
     assert choose_replica([a, replace(b, routed=6)], 0, 16, SLO_) == "a"
+
+
+def test_prompts_still_to_prefill_on_a_replica_count_against_it():
+    # A burst: four requests just sent to a (none has its first token yet) wait for their
+    # prefills there, which the decode batch alone would not show; b is slower but idle.
+    fast_busy = view("a", ewma_ttft_s=0.26, ewma_tpot_s=0.07, max_batch=8, in_flight=4)
+    slow_idle = view("b", ewma_ttft_s=0.45, ewma_tpot_s=0.07, max_batch=8)
+    assert choose_replica([replace(fast_busy, prefills_ahead=0), slow_idle], 64, 24, SLO_) == "a"
+    busy = replace(fast_busy, prefills_ahead=4)
+    assert choose_replica([busy, slow_idle], 64, 24, SLO_) == "b"
+    model = LatencyModel()
+    extra = predict_latency(busy, 64, 24).ttft_s - predict_latency(fast_busy, 64, 24).ttft_s
+    assert extra == pytest.approx(4 * model.queued_prefill_factor * 0.26)
+    # ... slowed by training like the replica's own prefill
+    training = replace(busy, training_share=0.5)
+    slowed = (
+        predict_latency(training, 64, 24).ttft_s
+        - predict_latency(replace(training, prefills_ahead=0), 64, 24).ttft_s
+    )
+    assert slowed == pytest.approx(extra * (1 + model.training_interference * 0.5))
+
+
+def test_a_ttft_observed_behind_prefills_is_normalised_back_to_an_idle_replica():
+    loaded = view("a", in_flight=2, in_flight_tokens=40, training_share=0.4, prefills_ahead=2)
+    p = predict_latency(loaded, 100, 16)
+    base = unloaded_ttft(
+        p.ttft_s,
+        100,
+        load_at_send=2,
+        capacity=4,
+        base_tpot_s=0.01,
+        training_share=0.4,
+        prefills_ahead=2,
+    )
+    assert base == pytest.approx(0.05)
+    admitted = admitted_ttft(0.05, 0.01, 100, 2, 4, 0.4, prefills_ahead=2)
+    assert admitted == pytest.approx(p.ttft_s)
