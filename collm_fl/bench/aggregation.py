@@ -110,7 +110,8 @@ def code_note(info: Mapping[str, object]) -> str:
 def code_version() -> str:
     """The git commit of the ``collm_fl`` package that is running, ``+changes`` when the package
     has uncommitted changes; ``unknown`` outside a git checkout (an installed wheel)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the package (its bench/ folder alone missed
+    # a change to the gateway the benchmark runs)
 
     def git(*args: str) -> str:
         return subprocess.run(
