@@ -17,9 +17,10 @@ them. The ``"slo"`` order fixes both, and never refuses or drops a request:
 3. **Late ones fill spare rows.** A request that can no longer meet its TTFT SLO is admitted
    (oldest first) only when nobody who still can is waiting; it is answered, just not first.
 
-The same notion of late tells the replica when its work earns no goodput (:func:`only_late`):
-while every request it holds is late and none overdue, a co-executed training step may take the
-core (``InferenceEngine.want_late_turn``) — that time is lost to goodput either way.
+A like notion of late tells the replica when its work earns no goodput (:func:`only_late`):
+while every request it holds is late — a waiting one by its wait alone — and none overdue, a
+co-executed training step may take the core (``InferenceEngine.want_late_turn``) — that time is
+lost to goodput either way.
 
 With nothing timed yet (``prefill_s_per_token == 0``) the order is first come, first served and
 the whole batch's free rows are filled, as with ``"fcfs"``. A pure function of its inputs
@@ -63,23 +64,25 @@ def is_late(
 def only_late(
     waiting: Sequence[Waiting],
     running: Sequence[Running],
-    prefill_s_per_token: float,
     ttft_slo_s: float,
     defer_limit_s: float,
     margin: float = DEFAULT_MARGIN,
 ) -> bool:
-    """Whether serving's work now earns no goodput: at least one request, every waiting one can
-    no longer meet its TTFT SLO (:func:`is_late`), every running one got its first token after
-    the SLO, and none has waited ``defer_limit_s`` or longer (an overdue request is never put off:
-    deferring must not turn a late answer into a client timeout)."""
+    """Whether serving's work now earns no goodput: at least one request, every waiting one has
+    waited past ``margin × ttft_slo_s``, every running one got its first token after the SLO,
+    and none has waited ``defer_limit_s`` or longer (an overdue request is never put off:
+    deferring must not turn a late answer into a client timeout).
+
+    A waiting request counts by its wait alone, not by :func:`is_late`'s wait plus predicted
+    prefill: the engine rests while this holds, so a request judged late on arrival by a prefill
+    estimate would wait out the rest unprefilled and the prediction would come true (a prefill
+    timed beside a training step inflates the estimate; in one light-load run both replicas
+    rested 14 s and a fresh burst waited 16.5 s for its first token)."""
     if not waiting and not running:
         return False
     if any(r.age_s >= defer_limit_s or r.ttft_s <= ttft_slo_s for r in running):
         return False
-    return all(
-        w.age_s < defer_limit_s and is_late(w, prefill_s_per_token, ttft_slo_s, margin)
-        for w in waiting
-    )
+    return all(defer_limit_s > w.age_s > margin * ttft_slo_s for w in waiting)
 
 
 def admission_order(

@@ -358,7 +358,6 @@ class InferenceEngine:
         return only_late(
             [Waiting(now - h.arrival, h.num_prompt_tokens) for h in self._waiting],
             [Running(now - h.arrival, h.ttft if h.ttft is not None else 0.0) for h in rows],
-            self._prefill_ewma,
             self.ttft_slo_s,
             self.defer_limit_s,
         )

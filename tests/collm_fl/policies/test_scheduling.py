@@ -103,7 +103,7 @@ def test_admission_properties(waiting: list[Waiting], free: int, p: float) -> No
 
 
 def late_only(waiting: list[Waiting], running: list[Running]) -> bool:
-    return only_late(waiting, running, P, SLO, LIMIT)
+    return only_late(waiting, running, SLO, LIMIT)
 
 
 def test_a_request_is_late_once_its_wait_and_prefill_exceed_the_budget() -> None:
@@ -124,6 +124,17 @@ def test_serving_earns_no_goodput_only_when_every_request_is_late_and_none_overd
     # Overdue (waited the defer limit): never put off, waiting or running.
     assert not late_only([Waiting(LIMIT, 100)], [])
     assert not late_only([], [Running(age_s=LIMIT, ttft_s=3.0)])
+
+
+def test_a_waiting_request_ends_a_rest_until_it_has_waited_its_budget_whatever_its_prefill():
+    # Predicted by its prefill to miss (is_late), but it has not waited: resting now would hold
+    # it back until the prediction came true, so serving does not rest for it.
+    fresh_long = Waiting(0.0, 500)
+    assert is_late(fresh_long, P, SLO)
+    late_run = Running(age_s=5.0, ttft_s=3.0)
+    assert not late_only([fresh_long], [late_run])
+    assert not late_only([Waiting(0.9, 500)], [late_run])  # the budget: 0.9 × 1 s
+    assert late_only([Waiting(0.91, 500)], [late_run])
 
 
 def test_a_request_at_the_edge_of_its_budget_is_still_admitted():
