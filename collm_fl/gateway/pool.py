@@ -528,6 +528,7 @@ class ReplicaPool:
                 t.capacity,
                 t.training_share,
                 self.model,
+                t.prefills_ahead,  # (their prefills came before its first token too)
             )
             tpot = max(e2e - ttft, 0.0) / (completion_tokens - 1)
             sample = unloaded_tpot(tpot, batch, t.training_share, self.model)

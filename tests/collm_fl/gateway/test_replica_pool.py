@@ -151,14 +151,24 @@ def test_a_json_request_with_a_long_prompt_on_a_busy_replica_teaches_its_true_tp
     pool, clock = make_pool()
     a = "127.0.0.1:8100"
     true_tpot, prompt = 0.02, 4000
-    busy = pool.begin(a, 0, 50)  # one request running when it is sent
-    t = pool.begin(a, prompt, 10)
+    busy = pool.begin(a, 0, 50)  # one request running (decoding) when it is sent ...
+    pool.on_token(busy)
+    t = pool.begin(a, prompt, 10, stream=False)
     prefill = MODEL.prior_ttft_s + prompt * MODEL.prefill_s_per_token
     running_step = MODEL.prior_tpot_s * batch_factor(1, MODEL)  # (the prior: nothing learned)
     clock.now += prefill + running_step + 9 * true_tpot * batch_factor(2, MODEL)
     pool.succeed(t, completion_tokens=10)
     assert view(pool, a).ewma_tpot_s == pytest.approx(true_tpot)
     pool.release(busy)
+    # ... or one still waiting for its prefill, which came before this one's first token too
+    pool, clock = make_pool()
+    waiting = pool.begin(a, 0, 50)
+    t = pool.begin(a, prompt, 10, stream=False)
+    ahead = MODEL.queued_prefill_factor * MODEL.prior_ttft_s
+    clock.now += prefill + ahead + running_step + 9 * true_tpot * batch_factor(2, MODEL)
+    pool.succeed(t, completion_tokens=10)
+    assert view(pool, a).ewma_tpot_s == pytest.approx(true_tpot)
+    pool.release(waiting)
 
 
 def test_a_json_request_that_found_the_batch_full_teaches_no_tpot():
