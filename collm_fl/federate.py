@@ -119,6 +119,8 @@ def local_connection(name: str | None = None) -> LocalConnection:
         raise ConfigError(" ".join(e.format_message().split())) from e
     except click.exceptions.Exit as e:  # (an outdated address, after Flower's own message)
         raise ConfigError("the Flower configuration needs the update Flower printed") from e
+    except (OSError, ValueError) as e:  # not UTF-8, a folder, FLWR_HOME not writable
+        raise ConfigError(f"cannot read the Flower configuration: {e}") from e
     local = (LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE, LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE_IN_MEMORY)
     if conn.address not in local:
         which = f"'{conn.name}'" if name is not None else f"'{conn.name}' (the default)"
@@ -132,7 +134,8 @@ def local_connection(name: str | None = None) -> LocalConnection:
 
 
 def find_local_superlinks(flwr_home: Path) -> list[psutil.Process]:
-    """SuperLink processes whose database lives under ``flwr_home`` (the ones ``flwr`` starts)."""
+    """SuperLink processes whose files (database, log) live under ``flwr_home`` (the ones
+    ``flwr`` starts; an in-memory one has only its log there)."""
     marker = str(flwr_home / "local-superlink")
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):

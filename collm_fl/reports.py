@@ -37,6 +37,12 @@ def _umask() -> int:
     return mask
 
 
+def make_shared_like_files(folder: Path) -> None:
+    """Give ``folder`` the mode a new folder gets under the umask (``tempfile.mkdtemp`` makes it
+    0700, which would make what is renamed from it private)."""
+    os.chmod(folder, 0o777 & ~_umask())
+
+
 @contextlib.contextmanager
 def _replacing(path: Path):  # type: ignore[no-untyped-def]
     path = Path(path)

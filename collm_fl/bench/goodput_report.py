@@ -20,7 +20,7 @@ from collm_fl.bench.goodput_result import (
 )
 from collm_fl.loadgen.client import RequestResult, write_results_jsonl
 from collm_fl.policies.scheduling import DEFAULT_DEFER_LIMIT_S
-from collm_fl.reports import save_figure, write_text_atomic
+from collm_fl.reports import make_shared_like_files, save_figure, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def write_goodput_report(
     json_path = out / "goodput.json"
     write_text_atomic(json_path, json.dumps(result.to_json(), indent=2) + "\n")
     md_path = out / "goodput.md"
-    write_text_atomic(md_path, render_markdown(result, (out / REQUESTS_DIR).is_dir()))
+    write_text_atomic(md_path, render_markdown(result, has_request_records(out, result)))
     rate_png, quality_png = out / "goodput_vs_rate.png", out / "quality_over_time.png"
     plot_goodput_vs_rate(result, rate_png)
     plot_quality_over_time(result, quality_png)
@@ -558,18 +558,45 @@ def write_request_records(
     report's order of rates), for ``records`` keyed by (system, rate index). The folder is made
     whole beside the old one and then takes its place: it never mixes two runs' files."""
     final = out_dir / REQUESTS_DIR
+    # A run killed between the two renames below left the old folder aside: put it back, and
+    # clear what such a run left.
+    kept = sorted(out_dir.glob(f".{REQUESTS_DIR}-old-*/{REQUESTS_DIR}"))
+    if not final.exists() and kept:
+        kept[-1].rename(final)
+    for left in out_dir.glob(f".{REQUESTS_DIR}-*"):
+        shutil.rmtree(left, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{REQUESTS_DIR}-", dir=out_dir))
+    make_shared_like_files(staging)
+    old = None
     try:
         for (system, k), results in records.items():
-            write_results_jsonl(results, staging / f"{system}-rate{k + 1}.jsonl")
-        old = None
+            write_results_jsonl(results, staging / request_records_name(system, k))
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{REQUESTS_DIR}-old-", dir=out_dir))
             final.rename(old / REQUESTS_DIR)
         staging.rename(final)
-        if old is not None:
-            shutil.rmtree(old)
     except BaseException:
+        if old is not None and not final.exists():
+            (old / REQUESTS_DIR).rename(final)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def request_records_name(system: str, rate_index: int) -> str:
+    return f"{system}-rate{rate_index + 1}.jsonl"
+
+
+def has_request_records(out: Path, result: GoodputResult) -> bool:
+    """Whether ``out`` holds this report's request records: one file per system and rate, by
+    name (another run's folder of other systems or rates is not named by the report)."""
+    folder = out / REQUESTS_DIR
+    if not folder.is_dir():
+        return False
+    expected = {
+        request_records_name(s.name, k) for s in result.systems for k in range(len(result.rates))
+    }
+    return {p.name for p in folder.iterdir()} == expected

@@ -10,8 +10,9 @@ a trainer that has fallen behind its round's plan (``behind_schedule``): idle mo
 borrowed time only as late as the plan allows, and then even while requests are at risk, so
 sustained load neither cancels the allocation's plan nor lets training take more than the
 allocation's share. When the replica is idle, training takes the whole replica (all threads);
-so it does when every request the replica holds is already late (``only_late``: none can still
-meet its TTFT SLO, none overdue) — serving them earns no goodput, so planned and backfill steps
+so it does when every request the replica holds is already late (``only_late``: every waiting
+one has waited past its TTFT budget, every running one got its first token late, none
+overdue) — serving them earns no goodput, so planned and backfill steps
 alike take that time, and the engine rests for them until a fresh request arrives
 (``InferenceEngine.want_late_turn``).
 """

@@ -299,8 +299,8 @@ class InferenceEngine:
 
     def want_late_turn(self, wanted: bool) -> None:
         """A co-executed training step runs (True) or ended (False): while every request the
-        engine holds is late — no waiting one can still meet its TTFT SLO, no running one got
-        its first token in time — and none is overdue, the engine rests and the step takes the
+        engine holds is late — every waiting one has waited past its TTFT budget, no running one
+        got its first token in time — and none is overdue, the engine rests and the step takes the
         core (``wait_for_training_turn``). Serving such work earns no goodput, so the time costs
         none; a fresh request ends the rest at once, an overdue one at the next re-check. Only
         with the ``"slo"`` schedule (``collm_fl.policies.scheduling.only_late``)."""

@@ -52,7 +52,17 @@ def test_the_recorded_commit_says_when_any_part_of_the_package_was_changed(tmp_p
 
     git("init", "-q")
     git("add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    git(
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "-c",
+        "commit.gpgsign=false",
+        "commit",
+        "-qm",
+        "c",
+    )
     spec = importlib.util.spec_from_file_location(
         "copied_aggregation", pkg / "bench" / "aggregation.py"
     )

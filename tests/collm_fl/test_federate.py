@@ -220,3 +220,14 @@ def test_a_remote_or_unknown_connection_is_refused_before_anything_starts(tmp_pa
     assert local_connection("local").name == "local"  # a local one named on the command line
     with pytest.raises(ConfigError, match=r"connection 'lab' not found"):
         local_connection("lab")
+
+
+def test_an_unreadable_flower_configuration_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    (tmp_path / "config.toml").write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(ConfigError, match="Flower configuration"):
+        local_connection()
+    (tmp_path / "config.toml").unlink()
+    (tmp_path / "config.toml").mkdir()  # a folder where the file should be
+    with pytest.raises(ConfigError, match="cannot read the Flower configuration"):
+        local_connection()

@@ -569,3 +569,23 @@ def test_request_records_of_a_new_run_replace_the_old_runs_whole(tmp_path: Path)
     write_request_records(tmp_path, {("merged", 0): [_request(2)]})
     assert [p.name for p in folder.iterdir()] == ["merged-rate1.jsonl"]  # none of the first run's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["requests"]  # no staging folder left
+
+
+def test_request_records_are_readable_like_files_and_a_killed_swap_is_mended(
+    tmp_path: Path,
+) -> None:
+    import os
+    import stat
+
+    folder = write_request_records(tmp_path, {("merged", 0): [_request(0)]})
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # (mkdtemp's 0700: private)
+    # A run killed between its two renames: the old folder aside, none in place, staging left.
+    aside = tmp_path / ".requests-old-x"
+    aside.mkdir()
+    folder.rename(aside / "requests")
+    (tmp_path / ".requests-y").mkdir()
+    write_request_records(tmp_path, {("colocated", 0): [_request(1)]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["requests"]
+    assert [p.name for p in (tmp_path / "requests").iterdir()] == ["colocated-rate1.jsonl"]

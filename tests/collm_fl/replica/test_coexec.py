@@ -382,20 +382,22 @@ def test_a_fresh_request_predicted_to_miss_is_served_not_held_back_by_the_rest(l
     # new request misses its TTFT SLO; resting for training on that prediction would keep it
     # waiting, unprefilled, for as long as training runs.
     engine = late_replica.engine
-    engine.ttft_slo_s = 1.0
-    engine.pause()  # a row that got its first token after the 1 s SLO: paused past it
+    engine.ttft_slo_s = 2.0
+    engine.pause()  # a row that got its first token after the 2 s SLO: paused past it
     late = engine.submit(GenerationRequest(list(range(5, 10)), SamplingParams(max_tokens=400), "a"))
-    time.sleep(1.2)  # (its age is what is tested: the time must pass)
+    time.sleep(2.2)  # (its age is what is tested: the time must pass)
     engine.resume()
     next(iter(late.events(timeout=60)))
-    engine.want_late_turn(True)  # as if a training step ran the whole time
+    engine.want_late_turn(True)  # as if a training step ran from now on
     try:
-        assert engine.wait_for_training_turn(timeout=60)  # resting behind the late row
+        assert engine.wait_for_training_turn(timeout=60)  # resting behind the late row ...
+        assert not late.finished  # (... not idle)
         engine._prefill_ewma = 1.0  # 1 s per prompt token: every prompt "cannot make it"
         fresh = engine.submit(
             GenerationRequest(list(range(5, 9)), SamplingParams(max_tokens=3), "fresh")
         )
         assert fresh.wait(timeout=30) and fresh.finish_reason in ("length", "stop")
+        assert not late.finished  # served while the late row waited on
     finally:
         engine.want_late_turn(False)
         late.wait(timeout=120)
