@@ -167,11 +167,13 @@ def test_training_yields_while_a_request_waits_past_its_slo(replica):
     )
     assert replica.trainer is not None
     ticks = iter(range(10_000))
-    # The deadline's clock moves 50 ms per reading: a tiny-model step (milliseconds) fits the time
-    # left at every decision, so the plan is never behind and the trainer keeps waiting.
-    replica.trainer.clock = lambda: 0.05 * next(ticks)
+    # The deadline's clock moves 5 s per reading, 20 readings to the deadline: the timed step
+    # (milliseconds; seconds on a loaded machine, where a 1 s deadline once left it no room to
+    # yield at all) fits the time left at every decision, so the plan is never behind and the
+    # trainer keeps waiting.
+    replica.trainer.clock = lambda: 5.0 * next(ticks)
     try:
-        outcome = replica.train(steps=1, learning_rate=1e-3, deadline_s=1.0, round_number=2)
+        outcome = replica.train(steps=1, learning_rate=1e-3, deadline_s=100.0, round_number=2)
     finally:
         replica.trainer.clock = time.monotonic
         replica.engine.resume()
