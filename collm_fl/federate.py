@@ -60,6 +60,11 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     return env
 
 
+def flwr_home_of(env: Mapping[str, str]) -> Path:
+    """The Flower home ``flwr`` uses in ``env`` (FLWR_HOME, else ~/.flwr)."""
+    return Path(env.get("FLWR_HOME", Path.home() / ".flwr"))
+
+
 def local_superlink_running(env: dict[str, str]) -> bool:
     port = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", DEFAULT_HTTP_PORT)
     try:
@@ -84,7 +89,7 @@ def start_local_superlink(
             cmd, env=dict(env), capture_output=True, text=True, timeout=timeout_s + 30
         )
     except subprocess.TimeoutExpired as e:  # (its SuperLink runs in a session of its own)
-        stop_processes(find_local_superlinks(Path(env.get("FLWR_HOME", Path.home() / ".flwr"))))
+        stop_processes(find_local_superlinks(flwr_home_of(env)))
         raise CollmError(f"the local SuperLink did not start within {timeout_s:g}s") from e
     if done.returncode != 0:
         why = " ".join((done.stderr or done.stdout).split())[-600:]  # (the last of a traceback)
@@ -239,7 +244,7 @@ def mark_failed(cfg: RunConfig, reason: str) -> None:
 @contextmanager
 def managed_local_superlink(env: dict[str, str]) -> Iterator[None]:
     """Stop, on exit, a local SuperLink that was not running when the block started."""
-    flwr_home = Path(env.get("FLWR_HOME", Path.home() / ".flwr"))
+    flwr_home = flwr_home_of(env)
     already = local_superlink_running(env)
     try:
         yield
