@@ -189,12 +189,19 @@ def test_flwr_run_stops_when_the_federation_cannot_finish(tmp_path) -> None:
 
 
 def test_free_ports_come_from_collm_port_range_and_a_bad_range_is_named(monkeypatch):
+    from collections import deque
+
+    from collm_fl import launch
     from collm_fl.errors import ConfigError
     from collm_fl.launch import free_port
 
-    monkeypatch.setenv("COLLM_PORT_RANGE", "21000-21009")
+    # Above every pytest-xdist worker's range (tests/conftest.py: 20000-31999) and below the
+    # ephemeral ports, with a fresh record of ports handed out: this worker's earlier tests took
+    # ports from its own range, and holding five of ten there made no free port left (CI, once).
+    monkeypatch.setattr(launch, "_HANDED_OUT", deque(maxlen=4096))
+    monkeypatch.setenv("COLLM_PORT_RANGE", "32100-32109")
     ports = {free_port() for _ in range(5)}
-    assert len(ports) == 5 and all(21000 <= p <= 21009 for p in ports)
+    assert len(ports) == 5 and all(32100 <= p <= 32109 for p in ports)
     for bad in ("21000", "9-20", "3000-2000", "a-b"):
         monkeypatch.setenv("COLLM_PORT_RANGE", bad)
         with pytest.raises(ConfigError, match="COLLM_PORT_RANGE"):
