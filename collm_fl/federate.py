@@ -333,10 +333,11 @@ def run_local_federation(
             "the flwr command is not on PATH: install with pip install 'flwr[simulation]'"
         )
     env = flower_env()
-    # A bad setting is exit 2 before Flower starts.
+    # A bad setting is exit 2 before Flower starts; the connection first (read in a moment,
+    # where checking the run config loads torch).
+    conn = local_connection(connection)
     run_config, cfg = launch_config(app, run_config, defaults=few_nodes_config(supernodes))
     check_node_counts(cfg, supernodes, "--supernodes")
-    conn = local_connection(connection)
     with tempfile.TemporaryDirectory(prefix="collm-app-") as tmp:
         staged = stage_app(app, Path(tmp) / "app")  # the same FAB, without walking a venv
         cmd = [flwr, "run", str(staged), conn.name, "--stream"]
