@@ -97,6 +97,7 @@ class Ticket:
     remaining: int  # output tokens still expected
     stream: bool = True  # its first token will be seen (a JSON reply shows none until its end)
     prefills_ahead: int = 0  # the replica's streamed requests without a first token when sent
+    prompt_tokens_ahead: int = 0  # their prompt tokens
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens: int = 0  # tokens seen so far (streamed, or a timed JSON reply's count at its end)
@@ -111,9 +112,11 @@ class Ticket:
             self.on_abandon()
 
 
-def prefills_ahead(r: _Replica) -> int:
-    """``r``'s streamed requests from this gateway that have not had their first token."""
-    return sum(t.stream and t.first_token_at is None for t in r.tickets)
+def prefills_ahead(r: _Replica) -> tuple[int, int]:
+    """``r``'s streamed requests from this gateway that have not had their first token, and
+    their prompt tokens."""
+    waiting = [t.prompt_tokens for t in r.tickets if t.stream and t.first_token_at is None]
+    return len(waiting), sum(waiting)
 
 
 def replica_name(url: str) -> str:
@@ -327,28 +330,32 @@ class ReplicaPool:
 
     def views(self) -> list[ReplicaView]:
         now = self.clock()
-        return [
-            ReplicaView(
-                name=r.name,
-                healthy=r.healthy,
-                queue_depth=r.queue_depth,
-                running=r.running,
-                in_flight=r.in_flight,
-                in_flight_tokens=r.in_flight_tokens,
-                in_flight_at_poll=r.in_flight_at_poll,
-                remaining_tokens=tuple(t.remaining for t in r.tickets if not t.done),
-                # A share slows serving only while a training job actually runs.
-                training_share=r.training_share if r.training else 0.0,
-                ewma_ttft_s=self._fresh(r, r.ewma_ttft_s, r.ttft_learned_at, now),
-                ewma_tpot_s=self._fresh(r, r.ewma_tpot_s, r.tpot_learned_at, now),
-                max_batch=r.max_batch,
-                consecutive_failures=r.consecutive_failures,
-                last_error_age_s=None if r.failed_at is None else now - r.failed_at,
-                routed=r.routed,
-                prefills_ahead=prefills_ahead(r),
+        views = []
+        for r in self._replicas.values():
+            ahead, tokens_ahead = prefills_ahead(r)
+            views.append(
+                ReplicaView(
+                    name=r.name,
+                    healthy=r.healthy,
+                    queue_depth=r.queue_depth,
+                    running=r.running,
+                    in_flight=r.in_flight,
+                    in_flight_tokens=r.in_flight_tokens,
+                    in_flight_at_poll=r.in_flight_at_poll,
+                    remaining_tokens=tuple(t.remaining for t in r.tickets if not t.done),
+                    # A share slows serving only while a training job actually runs.
+                    training_share=r.training_share if r.training else 0.0,
+                    ewma_ttft_s=self._fresh(r, r.ewma_ttft_s, r.ttft_learned_at, now),
+                    ewma_tpot_s=self._fresh(r, r.ewma_tpot_s, r.tpot_learned_at, now),
+                    max_batch=r.max_batch,
+                    consecutive_failures=r.consecutive_failures,
+                    last_error_age_s=None if r.failed_at is None else now - r.failed_at,
+                    routed=r.routed,
+                    prefills_ahead=ahead,
+                    prompt_tokens_ahead=tokens_ahead,
+                )
             )
-            for r in self._replicas.values()
-        ]
+        return views
 
     def names(self) -> list[str]:
         return list(self._replicas)
@@ -394,6 +401,7 @@ class ReplicaPool:
         """Count a request as sent to ``name`` (``stream``: its tokens will be seen as they
         come); end it with succeed, fail or release."""
         r = self._replicas[name]
+        ahead, tokens_ahead = prefills_ahead(r)
         ticket = Ticket(
             replica=name,
             prompt_tokens=prompt_tokens,
@@ -403,7 +411,8 @@ class ReplicaPool:
             training_share=r.training_share if r.training else 0.0,
             remaining=max_tokens,
             stream=stream,
-            prefills_ahead=prefills_ahead(r),
+            prefills_ahead=ahead,
+            prompt_tokens_ahead=tokens_ahead,
         )
         r.in_flight += 1
         r.in_flight_tokens += max_tokens
@@ -503,6 +512,7 @@ class ReplicaPool:
                 t.training_share,
                 self.model,
                 t.prefills_ahead,
+                t.prompt_tokens_ahead,
             )
             if ttft is not None:
                 r.ewma_ttft_s = self._ewma(r, r.ewma_ttft_s, r.ttft_learned_at, ttft)
@@ -529,6 +539,7 @@ class ReplicaPool:
                 t.training_share,
                 self.model,
                 t.prefills_ahead,  # (their prefills came before its first token too)
+                t.prompt_tokens_ahead,
             )
             tpot = max(e2e - ttft, 0.0) / (completion_tokens - 1)
             sample = unloaded_tpot(tpot, batch, t.training_share, self.model)

@@ -15,9 +15,10 @@ replica with ``B`` batch slots and ``L`` requests already on it:
   that trains while serving is slower by its training share (the SLO guard bounds it).
 - **TPOT** ``= step(min(L + 1, B))``: the step time once this request has joined the batch.
 - **TTFT** ``= (base_ttft + prompt_tokens · prefill_s_per_token) · (1 + interference · share)
-  + P · queued_prefill_factor · base_ttft · (1 + interference · share)
+  + queued_prefill_factor · (P · base_ttft + A · prefill_s_per_token) · (1 + interference · share)
   + step(min(L, B)) [if L > 0] + max(W − 1, 0) · step(B)``: prefill; the prefills of the ``P``
-  requests the gateway sent that have not had their first token yet (a replica prefills what
+  requests the gateway sent that have not had their first token yet, with ``A`` prompt tokens
+  among them (a replica prefills what
   waits before, or batched with, a newcomer: under a burst that, not the decode batch, is what a
   request sent there waits for; batched, each costs a little less than on its own); the
   running step a new request waits out before it joins the batch, and — when the batch is full —
@@ -79,6 +80,7 @@ class ReplicaView:
     # The gateway's streamed requests on it without their first token yet: prefills ahead of a
     # new one (a JSON reply shows no first token, so it is not counted)
     prefills_ahead: int = 0
+    prompt_tokens_ahead: int = 0  # the prompt tokens of those prefills
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,7 @@ def predict_latency(
         view.training_share,
         model,
         view.prefills_ahead,
+        view.prompt_tokens_ahead,
     )
     if load >= cap:
         if view.remaining_tokens is not None:
@@ -379,14 +382,16 @@ def admitted_ttft(
     training_share: float,
     model: LatencyModel = DEFAULT_LATENCY_MODEL,
     prefills_ahead: int = 0,
+    prompt_tokens_ahead: int = 0,
 ) -> float:
     """The TTFT of a request admitted on arrival (the inverse of :func:`unloaded_ttft`): the idle
-    TTFT plus its prompt's prefill and the ``prefills_ahead`` still to be done before it, slowed
-    by training, after the running step."""
+    TTFT plus its prompt's prefill and the ``prefills_ahead`` (``prompt_tokens_ahead`` tokens in
+    all) still to be done before it, slowed by training, after the running step."""
     slow = interference_factor(training_share, model)
     step = base_tpot_s * batch_factor(min(load_at_send, capacity), model) * slow
     ahead = 1.0 + model.queued_prefill_factor * max(prefills_ahead, 0)
-    ttft = (base_ttft_s * ahead + max(prompt_tokens, 0) * model.prefill_s_per_token) * slow
+    tokens = max(prompt_tokens, 0) + model.queued_prefill_factor * max(prompt_tokens_ahead, 0)
+    ttft = (base_ttft_s * ahead + tokens * model.prefill_s_per_token) * slow
     return ttft + (step if load_at_send else 0.0)
 
 
@@ -399,16 +404,19 @@ def unloaded_ttft(
     training_share: float,
     model: LatencyModel = DEFAULT_LATENCY_MODEL,
     prefills_ahead: int = 0,
+    prompt_tokens_ahead: int = 0,
 ) -> float | None:
     """An observed TTFT normalised to an idle replica, or None when the request had queued.
 
     A request that found the batch full waited for an unknowable slot release, so it says little
     about the replica's own TTFT; the gateway learns only from requests admitted on arrival. The
-    ``prefills_ahead`` it was sent behind are taken out as :func:`admitted_ttft` puts them in.
+    ``prefills_ahead`` it was sent behind (``prompt_tokens_ahead`` tokens) are taken out as
+    :func:`admitted_ttft` puts them in.
     """
     if load_at_send + 1 > capacity:
         return None
     slow = interference_factor(training_share, model)
     step = base_tpot_s * batch_factor(load_at_send, model) * slow if load_at_send else 0.0
-    base = (observed_ttft_s - step) / slow - max(prompt_tokens, 0) * model.prefill_s_per_token
+    tokens = max(prompt_tokens, 0) + model.queued_prefill_factor * max(prompt_tokens_ahead, 0)
+    base = (observed_ttft_s - step) / slow - tokens * model.prefill_s_per_token
     return max(base / (1.0 + model.queued_prefill_factor * max(prefills_ahead, 0)), 0.0)

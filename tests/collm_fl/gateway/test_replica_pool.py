@@ -406,13 +406,14 @@ def test_a_replicas_server_timing_header_is_read_or_ignored(header, expected):
 def test_streamed_requests_count_as_prefills_ahead_until_their_first_token():
     pool, clock = make_pool()
     a = "127.0.0.1:8100"
-    first, second = pool.begin(a, 64, 10), pool.begin(a, 64, 10)
+    first, second = pool.begin(a, 64, 10), pool.begin(a, 30, 10)
     json_reply = pool.begin(a, 64, 10, stream=False)  # shows no first token: not counted
-    assert view(pool, a).prefills_ahead == 2
+    assert (view(pool, a).prefills_ahead, view(pool, a).prompt_tokens_ahead) == (2, 94)
     assert (first.prefills_ahead, second.prefills_ahead, json_reply.prefills_ahead) == (0, 1, 2)
+    assert (second.prompt_tokens_ahead, json_reply.prompt_tokens_ahead) == (64, 94)
     clock.now += 0.3
     pool.on_token(first)
-    assert view(pool, a).prefills_ahead == 1
+    assert (view(pool, a).prefills_ahead, view(pool, a).prompt_tokens_ahead) == (1, 30)
     # second waited for first's prefill: it teaches the idle TTFT with that taken out
     clock.now += 0.21  # its first token 0.51 s after it was sent, one prefill (0.7 of 0.3) ahead
     pool.on_token(second)

@@ -247,8 +247,29 @@ def test_prompts_still_to_prefill_on_a_replica_count_against_it():
     assert slowed == pytest.approx(extra * (1 + model.training_interference * 0.5))
 
 
+def test_the_prompts_of_prefills_ahead_count_by_their_length():
+    # Two replicas each with one prefill ahead: a's is a 4000-token prompt, b's a short one.
+    model = LatencyModel()
+    a = view("a", ewma_ttft_s=0.26, ewma_tpot_s=0.07, max_batch=8, in_flight=1, prefills_ahead=1)
+    b = replace(a, name="b")
+    long_ahead, short_ahead = (
+        replace(a, prompt_tokens_ahead=4000),
+        replace(b, prompt_tokens_ahead=40),
+    )
+    extra = predict_latency(long_ahead, 64, 24).ttft_s - predict_latency(short_ahead, 64, 24).ttft_s
+    assert extra == pytest.approx(model.queued_prefill_factor * 3960 * model.prefill_s_per_token)
+    assert choose_replica([long_ahead, short_ahead], 64, 24, SLO_) == "b"
+
+
 def test_a_ttft_observed_behind_prefills_is_normalised_back_to_an_idle_replica():
-    loaded = view("a", in_flight=2, in_flight_tokens=40, training_share=0.4, prefills_ahead=2)
+    loaded = view(
+        "a",
+        in_flight=2,
+        in_flight_tokens=40,
+        training_share=0.4,
+        prefills_ahead=2,
+        prompt_tokens_ahead=900,
+    )
     p = predict_latency(loaded, 100, 16)
     base = unloaded_ttft(
         p.ttft_s,
@@ -258,7 +279,8 @@ def test_a_ttft_observed_behind_prefills_is_normalised_back_to_an_idle_replica()
         base_tpot_s=0.01,
         training_share=0.4,
         prefills_ahead=2,
+        prompt_tokens_ahead=900,
     )
     assert base == pytest.approx(0.05)
-    admitted = admitted_ttft(0.05, 0.01, 100, 2, 4, 0.4, prefills_ahead=2)
+    admitted = admitted_ttft(0.05, 0.01, 100, 2, 4, 0.4, prefills_ahead=2, prompt_tokens_ahead=900)
     assert admitted == pytest.approx(p.ttft_s)
