@@ -26,6 +26,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -125,6 +126,7 @@ def run_goodput_benchmark(
     if trace_rows is not None and rates:
         check_trace_span(trace_rows, rates, (WARMUP_FRACTION + rounds) * duration_per_round_s)
     started = time.monotonic()
+    run_id = uuid.uuid4().hex  # names its request records too (goodput_report.has_request_records)
     load_start = list(os.getloadavg())
     gflops_start = matmul_gflops()
     code = code_version()  # (what its processes load; the tree may change during a long run)
@@ -200,6 +202,7 @@ def run_goodput_benchmark(
                 ),
                 seconds=time.monotonic() - started,
                 stopped=stopped,
+                run_id=run_id,
             )
             records = {(run.system, chosen.index(run.rate)): run.results for run in runs}
             for path in write_goodput_report(result, Path(out_dir), records):

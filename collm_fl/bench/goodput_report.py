@@ -32,6 +32,7 @@ RATE_LABELS = (
     (float("inf"), "overload"),
 )
 REQUESTS_DIR = "requests"  # beside the report: one JSONL of request records per system and rate
+RUN_ID_FILE = "run-id"  # in REQUESTS_DIR: the run the records are of (GoodputResult.run_id)
 GOAL_RATIO = 3.0  # the goal: CoLLM-FL >= 3x the best baseline at bursty/high rates
 QUALITY_TOLERANCE = 1e-3  # nats: served losses this close count as equal
 
@@ -44,7 +45,7 @@ def write_goodput_report(
     """Write ``goodput.json``, ``goodput.md`` and the two plots into ``out``, and with
     ``records`` the requests' (write_request_records); returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [] if records is None else [write_request_records(out, records)]
+    written = [] if records is None else [write_request_records(out, records, result.run_id)]
     json_path = out / "goodput.json"
     write_text_atomic(json_path, json.dumps(result.to_json(), indent=2) + "\n")
     md_path = out / "goodput.md"
@@ -552,11 +553,14 @@ def plot_quality_over_time(result: GoodputResult, path: Path) -> None:
 
 
 def write_request_records(
-    out_dir: Path, records: Mapping[tuple[str, int], Sequence[RequestResult]]
+    out_dir: Path,
+    records: Mapping[tuple[str, int], Sequence[RequestResult]],
+    run_id: str | None = None,
 ) -> Path:
     """Every request's record, ``{REQUESTS_DIR}/<system>-rate<k>.jsonl`` (k from 1, in the
-    report's order of rates), for ``records`` keyed by (system, rate index). The folder is made
-    whole beside the old one and then takes its place: it never mixes two runs' files."""
+    report's order of rates), for ``records`` keyed by (system, rate index), and ``run_id`` in
+    ``{REQUESTS_DIR}/{RUN_ID_FILE}``. The folder is made whole beside the old one and then takes
+    its place: it never mixes two runs' files."""
     final = out_dir / REQUESTS_DIR
     # A run killed between the two renames below left the old folder aside: put it back, and
     # clear what such a run left.
@@ -571,6 +575,8 @@ def write_request_records(
     try:
         for (system, k), results in records.items():
             write_results_jsonl(results, staging / request_records_name(system, k))
+        if run_id is not None:
+            (staging / RUN_ID_FILE).write_text(run_id + "\n")
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{REQUESTS_DIR}-old-", dir=out_dir))
             final.rename(old / REQUESTS_DIR)
@@ -591,12 +597,20 @@ def request_records_name(system: str, rate_index: int) -> str:
 
 
 def has_request_records(out: Path, result: GoodputResult) -> bool:
-    """Whether ``out`` holds this report's request records: one file per system and rate, by
-    name (another run's folder of other systems or rates is not named by the report)."""
+    """Whether ``out`` holds this report's request records: one file per system and rate, of this
+    run by its id (the records are written before the report: a run killed in between leaves
+    them beside the last run's report, which must not name them). A report from before run ids
+    goes by the files' names alone."""
     folder = out / REQUESTS_DIR
     if not folder.is_dir():
         return False
     expected = {
         request_records_name(s.name, k) for s in result.systems for k in range(len(result.rates))
     }
-    return {p.name for p in folder.iterdir()} == expected
+    if result.run_id is not None:
+        try:
+            if (folder / RUN_ID_FILE).read_text().strip() != result.run_id:
+                return False
+        except (OSError, UnicodeDecodeError):
+            return False
+    return {p.name for p in folder.iterdir() if p.name != RUN_ID_FILE} == expected

@@ -109,6 +109,8 @@ class GoodputResult:
     machine: MachineRecord
     seconds: float
     stopped: str | None = None  # why the run stopped before its last rate (None: it finished)
+    # this run's own id, also in its request records' folder (None: a report from before)
+    run_id: str | None = None
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)

@@ -589,3 +589,26 @@ def test_request_records_are_readable_like_files_and_a_killed_swap_is_mended(
     write_request_records(tmp_path, {("colocated", 0): [_request(1)]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["requests"]
     assert [p.name for p in (tmp_path / "requests").iterdir()] == ["colocated-rate1.jsonl"]
+
+
+def test_a_report_names_only_its_own_runs_request_records(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from collm_fl.bench.goodput_report import has_request_records, write_goodput_report
+
+    runs = [fake_run("separate", 1.0, {0: 4.0}, met=1), fake_run("collm-fl", 1.0, {0: 4.0}, met=1)]
+    result = replace(fake_result(runs, [1.0]), run_id="first")
+    records = {(s.name, 0): [_request(0)] for s in result.systems}
+    write_goodput_report(result, tmp_path, records)
+    named = "`requests/<system>-rate<k>.jsonl`"
+    assert has_request_records(tmp_path, result) and named in (tmp_path / "goodput.md").read_text()
+    # A rerun of the same systems and rate killed after its records, before its report: the
+    # files have the same names, but they are not this report's requests.
+    write_request_records(tmp_path, records, run_id="second")
+    assert not has_request_records(tmp_path, result)
+    assert has_request_records(tmp_path, replace(result, run_id="second"))
+    assert has_request_records(tmp_path, replace(result, run_id=None))  # a report from before
+    main(
+        ["bench", "goodput", "--from-json", str(tmp_path / "goodput.json"), "--out", str(tmp_path)]
+    )
+    assert named not in (tmp_path / "goodput.md").read_text()
