@@ -45,10 +45,15 @@ def write_goodput_report(
     """Write ``goodput.json``, ``goodput.md`` and the two plots into ``out``, and with
     ``records`` the requests' (write_request_records); returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [] if records is None else [write_request_records(out, records, result.run_id)]
+    md_path = out / "goodput.md"
+    written: list[Path] = []
+    if records is not None:
+        # The last run's report goes first (goodput.json renders it again): killed before the
+        # new report is written, it would name these records as its own.
+        md_path.unlink(missing_ok=True)
+        written.append(write_request_records(out, records, result.run_id))
     json_path = out / "goodput.json"
     write_text_atomic(json_path, json.dumps(result.to_json(), indent=2) + "\n")
-    md_path = out / "goodput.md"
     write_text_atomic(md_path, render_markdown(result, has_request_records(out, result)))
     rate_png, quality_png = out / "goodput_vs_rate.png", out / "quality_over_time.png"
     plot_goodput_vs_rate(result, rate_png)

@@ -256,7 +256,11 @@ def test_a_nan_slo_exits_2(capsys, sub):
 
 
 @pytest.mark.parametrize("command", ["site", "live", "federate"])
-def test_a_bad_run_config_exits_2_before_anything_starts(capsys, tmp_path, command):
+def test_a_bad_run_config_exits_2_before_anything_starts(
+    capsys, tmp_path, tmp_path_factory, monkeypatch, command
+):
+    # (federate reads Flower's configuration first: its own, never the user's ~/.flwr)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
     out = ["--out", str(tmp_path / "live")] if command == "live" else []
     workdir = ["--workdir", str(tmp_path / "site")] if command == "site" else []
     code, err = run(capsys, command, *out, *workdir, "-c", "lora-rank=0")

@@ -222,6 +222,22 @@ def test_a_remote_or_unknown_connection_is_refused_before_anything_starts(tmp_pa
         local_connection("lab")
 
 
+def test_a_bad_connection_is_refused_before_the_run_config_is_checked(tmp_path, monkeypatch):
+    # Checking the run config loads torch (seconds); a remote connection is refused first.
+    import collm_fl.federate as federate
+
+    def no_run_config(*args, **kwargs):
+        raise AssertionError("the run config was checked before the connection")
+
+    _flower_config(tmp_path, monkeypatch, default="site")
+    monkeypatch.setattr(federate, "launch_config", no_run_config)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text("")
+    with pytest.raises(ConfigError, match=r"'site' \(the default\) is 10\.0\.0\.7:9093"):
+        federate.run_local_federation(app, 2, "")
+
+
 def test_an_unreadable_flower_configuration_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     (tmp_path / "config.toml").write_bytes(b"\xff\xfe not utf-8")

@@ -604,7 +604,19 @@ def test_a_report_names_only_its_own_runs_request_records(tmp_path: Path) -> Non
     assert has_request_records(tmp_path, result) and named in (tmp_path / "goodput.md").read_text()
     # A rerun of the same systems and rate killed after its records, before its report: the
     # files have the same names, but they are not this report's requests.
-    write_request_records(tmp_path, records, run_id="second")
+    import collm_fl.bench.goodput_report as report
+
+    def killed(path: Path, text: str) -> None:
+        raise KeyboardInterrupt
+
+    old_json = (tmp_path / "goodput.json").read_text()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "write_text_atomic", killed)
+        with pytest.raises(KeyboardInterrupt):
+            write_goodput_report(replace(result, run_id="second"), tmp_path, records)
+    assert (tmp_path / "requests" / "run-id").read_text() == "second\n"
+    assert (tmp_path / "goodput.json").read_text() == old_json
+    assert not (tmp_path / "goodput.md").exists()  # (no report naming the second run's records)
     assert not has_request_records(tmp_path, result)
     assert has_request_records(tmp_path, replace(result, run_id="second"))
     assert has_request_records(tmp_path, replace(result, run_id=None))  # a report from before
