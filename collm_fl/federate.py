@@ -333,8 +333,8 @@ def run_local_federation(
             "the flwr command is not on PATH: install with pip install 'flwr[simulation]'"
         )
     env = flower_env()
-    # A bad setting is exit 2 before Flower starts; the connection first (read in a moment,
-    # where checking the run config loads torch).
+    # A bad setting is exit 2 before Flower starts. The connection is checked first: it is read
+    # in a moment, where checking the run config loads torch (seconds).
     conn = local_connection(connection)
     run_config, cfg = launch_config(app, run_config, defaults=few_nodes_config(supernodes))
     check_node_counts(cfg, supernodes, "--supernodes")

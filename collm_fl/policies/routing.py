@@ -17,10 +17,10 @@ replica with ``B`` batch slots and ``L`` requests already on it:
 - **TTFT** ``= (base_ttft + prompt_tokens · prefill_s_per_token) · (1 + interference · share)
   + queued_prefill_factor · (P · base_ttft + A · prefill_s_per_token) · (1 + interference · share)
   + step(min(L, B)) [if L > 0] + max(W − 1, 0) · step(B)``: prefill; the prefills of the ``P``
-  requests the gateway sent that have not had their first token yet, with ``A`` prompt tokens
-  among them (a replica prefills what
-  waits before, or batched with, a newcomer: under a burst that, not the decode batch, is what a
-  request sent there waits for; batched, each costs a little less than on its own); the
+  requests the gateway sent that have not had their first token yet, ``A`` prompt tokens in all
+  (a replica prefills what waits before, or batched with, a newcomer: under a burst that, not the
+  decode batch, is what a request sent there waits for; batched, each costs a little less than
+  on its own); the
   running step a new request waits out before it joins the batch, and — when the batch is full —
   the rest of the ``W`` decode steps (the running one among them) until a slot frees for it
   (:func:`queue_wait_steps`): the oldest ``B`` requests hold the slots until
