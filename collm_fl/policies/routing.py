@@ -373,6 +373,19 @@ def unloaded_tpot(
     )
 
 
+def _prefill_work(
+    prompt_tokens: int, prefills_ahead: int, prompt_tokens_ahead: int, model: LatencyModel
+) -> tuple[float, float]:
+    """What stands before a request's first token besides the running step: (how many idle TTFTs,
+    how many prompt tokens to prefill) — its own and ``queued_prefill_factor`` of each prefill
+    ahead (shared by :func:`admitted_ttft` and its inverse :func:`unloaded_ttft`)."""
+    share = model.queued_prefill_factor
+    return (
+        1.0 + share * max(prefills_ahead, 0),
+        max(prompt_tokens, 0) + share * max(prompt_tokens_ahead, 0),
+    )
+
+
 def admitted_ttft(
     base_ttft_s: float,
     base_tpot_s: float,
@@ -389,9 +402,8 @@ def admitted_ttft(
     all) still to be done before it, slowed by training, after the running step."""
     slow = interference_factor(training_share, model)
     step = base_tpot_s * batch_factor(min(load_at_send, capacity), model) * slow
-    ahead = 1.0 + model.queued_prefill_factor * max(prefills_ahead, 0)
-    tokens = max(prompt_tokens, 0) + model.queued_prefill_factor * max(prompt_tokens_ahead, 0)
-    ttft = (base_ttft_s * ahead + tokens * model.prefill_s_per_token) * slow
+    ttfts, tokens = _prefill_work(prompt_tokens, prefills_ahead, prompt_tokens_ahead, model)
+    ttft = (base_ttft_s * ttfts + tokens * model.prefill_s_per_token) * slow
     return ttft + (step if load_at_send else 0.0)
 
 
@@ -417,6 +429,6 @@ def unloaded_ttft(
         return None
     slow = interference_factor(training_share, model)
     step = base_tpot_s * batch_factor(load_at_send, model) * slow if load_at_send else 0.0
-    tokens = max(prompt_tokens, 0) + model.queued_prefill_factor * max(prompt_tokens_ahead, 0)
+    ttfts, tokens = _prefill_work(prompt_tokens, prefills_ahead, prompt_tokens_ahead, model)
     base = (observed_ttft_s - step) / slow - tokens * model.prefill_s_per_token
-    return max(base / (1.0 + model.queued_prefill_factor * max(prefills_ahead, 0)), 0.0)
+    return max(base / ttfts, 0.0)
