@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from goodput_fakes import fake_result, fake_run
 
+import collm_fl.bench.goodput_report as report
 from collm_fl.bench.goodput import (
     check_trace_span,
     quality_target,
@@ -19,7 +21,12 @@ from collm_fl.bench.goodput import (
     served_quality_curve,
     summarize_runs,
 )
-from collm_fl.bench.goodput_report import render_markdown, write_request_records
+from collm_fl.bench.goodput_report import (
+    has_request_records,
+    render_markdown,
+    write_goodput_report,
+    write_request_records,
+)
 from collm_fl.bench.goodput_result import (
     HALF_WAY,
     result_from_json,
@@ -592,20 +599,15 @@ def test_request_records_are_readable_like_files_and_a_killed_swap_is_mended(
 
 
 def test_a_report_names_only_its_own_runs_request_records(tmp_path: Path) -> None:
-    from dataclasses import replace
-
-    from collm_fl.bench.goodput_report import has_request_records, write_goodput_report
-
     runs = [fake_run("separate", 1.0, {0: 4.0}, met=1), fake_run("collm-fl", 1.0, {0: 4.0}, met=1)]
     result = replace(fake_result(runs, [1.0]), run_id="first")
     records = {(s.name, 0): [_request(0)] for s in result.systems}
     write_goodput_report(result, tmp_path, records)
     named = "`requests/<system>-rate<k>.jsonl`"
     assert has_request_records(tmp_path, result) and named in (tmp_path / "goodput.md").read_text()
+
     # A rerun of the same systems and rate killed after its records, before its report: the
     # files have the same names, but they are not this report's requests.
-    import collm_fl.bench.goodput_report as report
-
     def killed(path: Path, text: str) -> None:
         raise KeyboardInterrupt
 
