@@ -22,9 +22,18 @@ while every request it holds is late — a waiting one by its wait alone — and
 co-executed training step may take the core (``InferenceEngine.want_late_turn``) — that time is
 lost to goodput either way.
 
-With nothing timed yet (``prefill_s_per_token == 0``) the order is first come, first served and
-the whole batch's free rows are filled, as with ``"fcfs"``. A pure function of its inputs
-(the house style's rule for policies), so the engine, the tests and a simulator run the same code.
+A batched prefill's time is predicted as affine in the tokens it computes (:class:`PrefillCost`):
+a fixed part per forward plus a part per token, the batch left-padded to its longest prompt, as
+the engine runs it. Fitted from the engine's own prefills (:class:`PrefillFit`). A cost per
+token alone, learned from prompts prefilled one at a time, carries each one's share of the fixed
+part, and so overestimates every prompt added to a batch: a burst was split into turns too small,
+and the ones left for the next turn missed (SmolLM2-135M on one core fits 21.8 ms per forward
+plus 2.20 ms per token, where a single 64-token prompt reads as 2.99 ms per token:
+``docs/bench/goodput-light-checks/prefill_fit.py``, its output beside it).
+
+With nothing timed yet (a zero cost) the order is first come, first served and the whole batch's
+free rows are filled, as with ``"fcfs"``. Pure functions of their inputs (the house style's rule
+for policies), so the engine, the tests and a simulator run the same code.
 """
 
 from __future__ import annotations
@@ -35,6 +44,10 @@ from dataclasses import dataclass
 SCHEDULES = ("slo", "fcfs")
 DEFAULT_DEFER_LIMIT_S = 30.0  # "slo": no request waits longer than this for its turn
 DEFAULT_MARGIN = 0.9  # of the TTFT SLO: the HTTP path and a gateway hop add a little on top
+FIT_DECAY = 0.8  # PrefillFit: the weight an older prefill keeps with each newer one
+# PrefillFit: the fixed part is fitted only once the timed sizes spread this much (coefficient
+# of variation); over sizes all alike it cannot be told from the part per token.
+MIN_SPREAD = 0.1
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,59 @@ class Waiting:
 
 
 @dataclass(frozen=True)
+class PrefillCost:
+    """Predicted seconds of one batched prefill: ``fixed_s + per_token_s × tokens``, where
+    ``tokens`` counts the padded batch (rows × longest prompt), as the engine computes it."""
+
+    fixed_s: float = 0.0
+    per_token_s: float = 0.0
+
+    @property
+    def known(self) -> bool:
+        """Whether anything has been timed (a zero cost means first come, first served)."""
+        return self.per_token_s > 0.0 or self.fixed_s > 0.0
+
+    def batch_s(self, rows: int, longest: int) -> float:
+        """Seconds to prefill ``rows`` prompts of at most ``longest`` tokens together."""
+        return self.fixed_s + self.per_token_s * rows * longest if rows else 0.0
+
+
+@dataclass(frozen=True)
+class PrefillFit:
+    """Least squares of prefill seconds on padded tokens, the older prefills weighing less
+    (each newer one multiplies their weight by :data:`FIT_DECAY`): sums, one update per prefill.
+
+    :meth:`cost` is the affine fit when the timed sizes spread enough to tell a fixed part from a
+    part per token, and it comes out with both parts non-negative; else the cost per token
+    through the origin (what one prompt at a time can tell)."""
+
+    n: float = 0.0  # the weights' sum
+    x: float = 0.0  # weighted sums of tokens, seconds, tokens², tokens × seconds
+    y: float = 0.0
+    xx: float = 0.0
+    xy: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> PrefillFit:
+        d, x, y = FIT_DECAY, float(tokens), seconds
+        return PrefillFit(
+            d * self.n + 1, d * self.x + x, d * self.y + y, d * self.xx + x * x, d * self.xy + x * y
+        )
+
+    def cost(self) -> PrefillCost:
+        if self.n <= 0.0 or self.x <= 0.0:
+            return PrefillCost()
+        proportional = PrefillCost(0.0, self.y / self.x)
+        var = self.n * self.xx - self.x * self.x  # n² × the weighted variance of tokens
+        if var <= (MIN_SPREAD * self.x) ** 2:
+            return proportional
+        slope = (self.n * self.xy - self.x * self.y) / var
+        fixed = (self.y - slope * self.x) / self.n
+        if slope <= 0.0 or fixed < 0.0:
+            return proportional
+        return PrefillCost(fixed, slope)
+
+
+@dataclass(frozen=True)
 class Running:
     """One admitted request (its first token sent), as the engine sees it."""
 
@@ -54,11 +120,11 @@ class Running:
 
 
 def is_late(
-    w: Waiting, prefill_s_per_token: float, ttft_slo_s: float, margin: float = DEFAULT_MARGIN
+    w: Waiting, cost: PrefillCost, ttft_slo_s: float, margin: float = DEFAULT_MARGIN
 ) -> bool:
     """Whether waiting request ``w`` can no longer meet its TTFT SLO: its wait plus its own
-    prefill exceed ``margin × ttft_slo_s``."""
-    return w.age_s + w.prompt_tokens * prefill_s_per_token > margin * ttft_slo_s
+    prefill, alone, exceed ``margin × ttft_slo_s``."""
+    return w.age_s + cost.batch_s(1, w.prompt_tokens) > margin * ttft_slo_s
 
 
 def only_late(
@@ -88,7 +154,7 @@ def only_late(
 def admission_order(
     waiting: Sequence[Waiting],
     free_rows: int,
-    prefill_s_per_token: float,
+    cost: PrefillCost,
     ttft_slo_s: float,
     defer_limit_s: float,
     margin: float = DEFAULT_MARGIN,
@@ -97,12 +163,12 @@ def admission_order(
     if free_rows <= 0 or not waiting:
         return []
     order = sorted(range(len(waiting)), key=lambda i: -waiting[i].age_s)  # oldest first
-    if prefill_s_per_token <= 0.0:
+    if not cost.known:
         return order[:free_rows]
     budget = margin * ttft_slo_s
     overdue = [i for i in order if waiting[i].age_s >= defer_limit_s]
     chosen = overdue[:free_rows]
-    tokens = sum(waiting[i].prompt_tokens for i in chosen)
+    longest = max((waiting[i].prompt_tokens for i in chosen), default=0)
     # The tightest deadline among the admitted that can still meet theirs: the batch's prefill
     # must end before it. (Overdue requests are late by definition and set no deadline.)
     slack = float("inf")
@@ -112,20 +178,20 @@ def admission_order(
         if i in chosen:
             continue
         w = waiting[i]
-        if is_late(w, prefill_s_per_token, ttft_slo_s, margin):
+        if is_late(w, cost, ttft_slo_s, margin):
             late.append(i)
             continue
         if len(chosen) >= free_rows:
             blocked = True
             break
-        cost = (tokens + w.prompt_tokens) * prefill_s_per_token
-        # Its own deadline in is_late's form (not cost > budget - age: in floating point the two
-        # can disagree, and a first request is_late let through would then never be admitted).
-        if w.age_s + cost > budget or cost > slack:
+        batch_s = cost.batch_s(len(chosen) + 1, max(longest, w.prompt_tokens))
+        # Its own deadline in is_late's form (not batch_s > budget - age: in floating point the
+        # two can disagree, and a first request is_late let through would then never be admitted).
+        if w.age_s + batch_s > budget or batch_s > slack:
             blocked = True
             continue  # a shorter prompt further back may still fit
         chosen.append(i)
-        tokens += w.prompt_tokens
+        longest = max(longest, w.prompt_tokens)
         slack = min(slack, budget - w.age_s)
     if not blocked and len(chosen) == len(overdue[:free_rows]):
         # Nobody who can still make it is waiting: the late ones take the spare rows.

@@ -34,6 +34,8 @@ from collm_fl.models import model_device
 from collm_fl.policies.scheduling import (
     DEFAULT_DEFER_LIMIT_S,
     SCHEDULES,
+    PrefillCost,
+    PrefillFit,
     Running,
     Waiting,
     admission_order,
@@ -80,7 +82,7 @@ class EngineStats:
     oldest_waiting_s: float  # age of the oldest waiting request (0 if none)
     tokens_generated: int  # total since start
     decode_step_s: float  # EWMA of one batched decode step's seconds
-    prefill_s_per_token: float  # EWMA of prefill seconds per prompt token
+    prefill_s_per_token: float  # prefill seconds per (padded) prompt token, as fitted lately
     requests_finished: int  # total since start, any finish reason
     busy_s: float  # total seconds spent in engine steps since start (serving's compute time)
     admitted_late: int = 0  # admitted after their TTFT SLO had already passed (total)
@@ -88,6 +90,7 @@ class EngineStats:
     # Every request held is late and none overdue ("slo" schedule only; see want_late_turn).
     only_late: bool = False
     late_rest_s: float = 0.0  # seconds the engine rested for training while all it held was late
+    prefill_fixed_s: float = 0.0  # prefill seconds per batched forward, whatever its size
 
 
 class InferenceEngine:
@@ -174,7 +177,8 @@ class InferenceEngine:
         self._tokens_generated = 0
         self._finished = 0
         self._decode_ewma = 0.0
-        self._prefill_ewma = 0.0
+        self._prefill_fit = PrefillFit()  # seconds on padded tokens, recent prefills weighing most
+        self._prefill_cost = PrefillCost()  # its fit (refreshed with each prefill)
         # Engine-thread state: the running rows and their shared left-padded KV cache.
         self._newcomers: list[Row] = []  # admitted, not yet merged into the running batch
         self._batch = RunningBatch(self.device)
@@ -233,7 +237,8 @@ class InferenceEngine:
                 oldest_waiting_s=oldest,
                 tokens_generated=self._tokens_generated,
                 decode_step_s=self._decode_ewma,
-                prefill_s_per_token=self._prefill_ewma,
+                prefill_s_per_token=self._prefill_cost.per_token_s,
+                prefill_fixed_s=self._prefill_cost.fixed_s,
                 requests_finished=self._finished,
                 busy_s=self._busy_s,
                 admitted_late=self.admitted_late,
@@ -489,7 +494,7 @@ class InferenceEngine:
         picked = admission_order(
             [Waiting(now - h.arrival, h.num_prompt_tokens) for h in queue],
             self.max_batch_size - len(self._batch),
-            self._prefill_ewma,
+            self._prefill_cost,
             self.ttft_slo_s,
             self.defer_limit_s,
         )
@@ -527,7 +532,7 @@ class InferenceEngine:
             log.exception("prefill of %d requests failed", len(rows))
             self._fail_rows(rows, f"prefill failed: {e}")
             return
-        self._record("prefill", time.perf_counter() - started, sum(lengths))
+        self._record("prefill", time.perf_counter() - started, len(rows) * width)
         alive = [i for i, r in enumerate(rows) if not self._emit(r, int(tokens[i]))]
         if not alive:
             return
@@ -598,7 +603,8 @@ class InferenceEngine:
             if kind == "decode":
                 self._decode_ewma = _ewma(self._decode_ewma, seconds)
             else:
-                self._prefill_ewma = _ewma(self._prefill_ewma, seconds / max(tokens, 1))
+                self._prefill_fit = self._prefill_fit.add(tokens, seconds)
+                self._prefill_cost = self._prefill_fit.cost()
 
 
 def _host_logits(logits: torch.Tensor) -> torch.Tensor:

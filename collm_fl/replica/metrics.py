@@ -196,6 +196,12 @@ class ReplicaMetrics:
         self.queue_depth = Gauge("collm_queue_depth", "Requests waiting for admission", registry=r)
         self.running = Gauge("collm_running_requests", "Requests being decoded", registry=r)
         self.tokens_per_s = Gauge("collm_tokens_per_second", "Decode tokens/s (recent)", registry=r)
+        self.prefill_fixed_s = Gauge(
+            "collm_prefill_fixed_seconds", "Fitted prefill seconds per forward", registry=r
+        )
+        self.prefill_s_per_token = Gauge(
+            "collm_prefill_seconds_per_token", "Fitted prefill seconds per padded token", registry=r
+        )
         self.served_version = Gauge(
             "collm_served_adapter_version", "Version new requests get", registry=r
         )

@@ -108,6 +108,8 @@ def create_app(
         m.queue_depth.set(s.queue_depth)
         m.running.set(s.running)
         m.tokens_per_s.set(s.running / s.decode_step_s if s.decode_step_s > 0 else 0.0)
+        m.prefill_fixed_s.set(s.prefill_fixed_s)
+        m.prefill_s_per_token.set(s.prefill_s_per_token)
         return Response(m.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=guarded)

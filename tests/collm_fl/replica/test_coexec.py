@@ -10,6 +10,7 @@ import pytest
 from collm_fl.adapters import LoraSpec
 from collm_fl.data import DataSpec
 from collm_fl.errors import VersionConflictError
+from collm_fl.policies.scheduling import PrefillCost
 from collm_fl.replica.metrics import SLO
 from collm_fl.replica.requests import GenerationRequest
 from collm_fl.replica.runtime import Replica, ReplicaConfig
@@ -394,7 +395,7 @@ def test_a_fresh_request_predicted_to_miss_is_served_not_held_back_by_the_rest(l
     try:
         assert engine.wait_for_training_turn(timeout=60)  # resting behind the late row ...
         assert not late.finished  # (... not idle)
-        engine._prefill_ewma = 1.0  # 1 s per prompt token: every prompt "cannot make it"
+        engine._prefill_cost = PrefillCost(0.0, 1.0)  # 1 s a token: no prompt "can make it"
         fresh = engine.submit(
             GenerationRequest(list(range(5, 9)), SamplingParams(max_tokens=3), "fresh")
         )

@@ -248,6 +248,8 @@ def test_health_and_prometheus_metrics(replica):
         "collm_ttft_seconds_bucket",
         "collm_tpot_seconds_bucket",
         "collm_tokens_per_second",
+        "collm_prefill_fixed_seconds",
+        "collm_prefill_seconds_per_token",
         "collm_served_adapter_version",
         "collm_training_share",
         "collm_training_steps_total",
