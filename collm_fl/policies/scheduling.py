@@ -24,7 +24,8 @@ lost to goodput either way.
 
 A batched prefill's time is predicted as affine in the tokens it computes (:class:`PrefillCost`):
 a fixed part per forward plus a part per token, the batch left-padded to its longest prompt, as
-the engine runs it. Fitted from the engine's own prefills (:class:`PrefillFit`). A cost per
+the engine runs it, and never below the largest recent prefill's seconds per token. Fitted from
+the engine's own prefills (:class:`PrefillFit`). A cost per
 token alone, learned from prompts prefilled one at a time, carries each one's share of the fixed
 part, and so overestimates every prompt added to a batch: a burst was split into turns too small,
 and the ones left for the next turn missed (SmolLM2-135M on one core fits 21.8 ms per forward
@@ -60,20 +61,32 @@ class Waiting:
 
 @dataclass(frozen=True)
 class PrefillCost:
-    """Predicted seconds of one batched prefill: ``fixed_s + per_token_s × tokens``, where
-    ``tokens`` counts the padded batch (rows × longest prompt), as the engine computes it."""
+    """Predicted seconds of one batched prefill of ``tokens`` (the padded batch: rows × longest
+    prompt, as the engine computes it): ``fixed_s + per_token_s × tokens``, and never less than
+    ``floor_s_per_token × tokens``.
+
+    The floor is the seconds per token of the largest prefill timed lately. The line is fitted
+    where the timed sizes are; beyond them it may fall short: prompts timed one at a time fit a
+    slope below what a large batch costs per token (SmolLM2 on one core: 32-, 64- and 128-token
+    prompts alone fit 81 ms + 1.67 ms a token, which puts 8 × 64 tokens at 0.94 s where they took
+    1.18 s), and an underestimate lets a burst into one prefill that misses together. Seconds per
+    token fall as a prefill grows, so the largest one's rate is a floor for any larger batch."""
 
     fixed_s: float = 0.0
     per_token_s: float = 0.0
+    floor_s_per_token: float = 0.0
 
     @property
     def known(self) -> bool:
         """Whether anything has been timed (a zero cost means first come, first served)."""
-        return self.per_token_s > 0.0 or self.fixed_s > 0.0
+        return self.per_token_s > 0.0 or self.fixed_s > 0.0 or self.floor_s_per_token > 0.0
 
     def batch_s(self, rows: int, longest: int) -> float:
         """Seconds to prefill ``rows`` prompts of at most ``longest`` tokens together."""
-        return self.fixed_s + self.per_token_s * rows * longest if rows else 0.0
+        if not rows:
+            return 0.0
+        tokens = rows * longest
+        return max(self.fixed_s + self.per_token_s * tokens, self.floor_s_per_token * tokens)
 
 
 @dataclass(frozen=True)
@@ -83,24 +96,37 @@ class PrefillFit:
 
     :meth:`cost` is the affine fit when the timed sizes spread enough to tell a fixed part from a
     part per token, and it comes out with both parts non-negative; else the cost per token
-    through the origin (what one prompt at a time can tell)."""
+    through the origin (what one prompt at a time can tell). Its floor is the seconds per token
+    of the largest prefill timed lately: a size shrinks by :data:`FIT_DECAY` with each newer
+    prefill, and a newer one at least that large takes its place."""
 
     n: float = 0.0  # the weights' sum
     x: float = 0.0  # weighted sums of tokens, seconds, tokens², tokens × seconds
     y: float = 0.0
     xx: float = 0.0
     xy: float = 0.0
+    largest: float = 0.0  # the largest recent prefill's tokens (shrunk with age) ...
+    largest_rate: float = 0.0  # ... and its seconds per token
 
     def add(self, tokens: int, seconds: float) -> PrefillFit:
         d, x, y = FIT_DECAY, float(tokens), seconds
+        largest, rate = d * self.largest, self.largest_rate
+        if x >= largest and x > 0:
+            largest, rate = x, y / x
         return PrefillFit(
-            d * self.n + 1, d * self.x + x, d * self.y + y, d * self.xx + x * x, d * self.xy + x * y
+            d * self.n + 1,
+            d * self.x + x,
+            d * self.y + y,
+            d * self.xx + x * x,
+            d * self.xy + x * y,
+            largest,
+            rate,
         )
 
     def cost(self) -> PrefillCost:
         if self.n <= 0.0 or self.x <= 0.0:
             return PrefillCost()
-        proportional = PrefillCost(0.0, self.y / self.x)
+        proportional = PrefillCost(0.0, self.y / self.x, self.largest_rate)
         var = self.n * self.xx - self.x * self.x  # n² × the weighted variance of tokens
         if var <= (MIN_SPREAD * self.x) ** 2:
             return proportional
@@ -108,7 +134,7 @@ class PrefillFit:
         fixed = (self.y - slope * self.x) / self.n
         if slope <= 0.0 or fixed < 0.0:
             return proportional
-        return PrefillCost(fixed, slope)
+        return PrefillCost(fixed, slope, self.largest_rate)
 
 
 @dataclass(frozen=True)

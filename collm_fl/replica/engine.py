@@ -82,7 +82,7 @@ class EngineStats:
     oldest_waiting_s: float  # age of the oldest waiting request (0 if none)
     tokens_generated: int  # total since start
     decode_step_s: float  # EWMA of one batched decode step's seconds
-    prefill_s_per_token: float  # prefill seconds per (padded) prompt token, as fitted lately
+    prefill_s_per_token: float  # the fitted prefill seconds per padded token (PrefillCost)
     requests_finished: int  # total since start, any finish reason
     busy_s: float  # total seconds spent in engine steps since start (serving's compute time)
     admitted_late: int = 0  # admitted after their TTFT SLO had already passed (total)
@@ -90,7 +90,7 @@ class EngineStats:
     # Every request held is late and none overdue ("slo" schedule only; see want_late_turn).
     only_late: bool = False
     late_rest_s: float = 0.0  # seconds the engine rested for training while all it held was late
-    prefill_fixed_s: float = 0.0  # prefill seconds per batched forward, whatever its size
+    prefill_fixed_s: float = 0.0  # the fitted prefill seconds per batched forward
 
 
 class InferenceEngine:

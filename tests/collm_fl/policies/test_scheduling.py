@@ -172,8 +172,11 @@ def test_a_request_at_the_edge_of_its_budget_is_still_admitted():
     # budget left, 0.9 - 0.9 = 0.0, is below its prefill: the check in that form refused it).
     w = Waiting(age_s=0.9, prompt_tokens=1)
     assert admission_order([w], 1, PrefillCost(0.0, 1.2e-112), SLO, LIMIT) == [0]
-    w = Waiting(age_s=0.7, prompt_tokens=100)  # 0.7 + 0.05 + 100 · 1.5 ms = 0.9 (to rounding)
-    assert admission_order([w], 1, PrefillCost(0.05, 0.0015), SLO, LIMIT) == [0]
+    # With a fixed part: 0.7 + (0.02 + 10 · 0.018…) is exactly 0.9 in floating point, while the
+    # prefill alone (0.2000000000000001) is above 0.9 − 0.7 (0.20000000000000007).
+    w, cost = Waiting(age_s=0.7, prompt_tokens=10), PrefillCost(0.02, 0.01800000000000001)
+    assert w.age_s + cost.batch_s(1, 10) == 0.9 and cost.batch_s(1, 10) > 0.9 - w.age_s
+    assert admission_order([w], 1, cost, SLO, LIMIT) == [0]
 
 
 # ---- the fit of the prefill cost ---------------------------------------------------------------
@@ -195,7 +198,8 @@ def test_the_fit_recovers_a_fixed_part_and_a_part_per_token() -> None:
 
 def test_sizes_all_alike_give_a_cost_per_token_through_the_origin() -> None:
     got = fit([(64, 0.17)] * 5)  # nothing tells the fixed part from the part per token
-    assert got == PrefillCost(0.0, pytest.approx(0.17 / 64))
+    assert got.fixed_s == 0.0 and got.per_token_s == pytest.approx(0.17 / 64)
+    assert got.floor_s_per_token == pytest.approx(0.17 / 64)
     assert fit([]) == PrefillCost() and not fit([]).known
 
 
@@ -208,6 +212,26 @@ def test_a_fit_that_would_go_negative_falls_back_to_the_cost_per_token() -> None
     assert got.per_token_s == pytest.approx((older * 0.4 + 0.3) / (older * 64 + 512))
     got = fit([(64, 0.01), (512, 1.9)])  # a negative fixed part
     assert got.fixed_s == 0.0 and got.per_token_s > 0
+
+
+def test_a_batch_larger_than_any_timed_costs_at_least_the_largest_ones_rate_per_token() -> None:
+    # Prompts of 32, 64 and 128 tokens timed one at a time on one core (prefill_fit.txt): their
+    # line (81 ms + 1.67 ms a token) puts a batch of 8 × 64 tokens at 0.94 s, where it took
+    # 1.18 s. The 128-token prompt's 2.30 ms a token is the floor: 1.18 s.
+    got = fit([(32, 0.1329), (64, 0.1912), (128, 0.2939)])
+    assert got.fixed_s == pytest.approx(0.0815, abs=0.002)
+    assert got.fixed_s + got.per_token_s * 512 == pytest.approx(0.935, abs=0.005)
+    assert got.batch_s(8, 64) == pytest.approx(512 * 0.2939 / 128)
+    assert got.batch_s(1, 64) == pytest.approx(got.fixed_s + 64 * got.per_token_s)  # the line
+
+
+def test_the_largest_prefill_gives_way_to_newer_ones_as_it_ages() -> None:
+    f = PrefillFit().add(1024, 2.0)  # one large batch, then single prompts of 128 tokens
+    for k in range(1, 12):
+        f = f.add(128, 0.4)
+        expected = (1024, 2.0 / 1024) if FIT_DECAY**k * 1024 > 128 else (128, 0.4 / 128)
+        assert f.largest_rate == pytest.approx(expected[1]), k
+    assert f.cost().floor_s_per_token == pytest.approx(0.4 / 128)
 
 
 def test_recent_prefills_outweigh_old_ones() -> None:
