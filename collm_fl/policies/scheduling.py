@@ -25,11 +25,11 @@ lost to goodput either way.
 A batched prefill's time is predicted as affine in the tokens it computes (:class:`PrefillCost`):
 a fixed part per forward plus a part per token, the batch left-padded to its longest prompt, as
 the engine runs it, and never below the largest recent prefill's seconds per token. Fitted from
-the engine's own prefills (:class:`PrefillFit`). A cost per
-token alone, learned from prompts prefilled one at a time, carries each one's share of the fixed
-part, and so overestimates every prompt added to a batch: a burst was split into turns too small,
-and the ones left for the next turn missed (SmolLM2-135M on one core fits 21.8 ms per forward
-plus 2.20 ms per token, where a single 64-token prompt reads as 2.99 ms per token:
+the engine's own prefills (:class:`PrefillFit`). A cost per token alone, learned from prompts
+prefilled one at a time, carries each one's share of the fixed part, and so overestimates every
+prompt added to a batch: a burst was split into turns too small, and the ones left for the next
+turn missed (SmolLM2-135M on one core fits 21.8 ms per forward plus 2.20 ms per token, where a
+single 64-token prompt reads as 2.99 ms per token:
 ``docs/bench/goodput-light-checks/prefill_fit.py``, its output beside it).
 
 With nothing timed yet (a zero cost) the order is first come, first served and the whole batch's
