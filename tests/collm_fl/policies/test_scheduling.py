@@ -101,7 +101,10 @@ waitings = st.lists(
 
 
 costs = st.builds(
-    PrefillCost, st.floats(0.0, 0.5, allow_nan=False), st.floats(0.0, 0.01, allow_nan=False)
+    PrefillCost,
+    st.floats(0.0, 0.5, allow_nan=False),
+    st.floats(0.0, 0.01, allow_nan=False),
+    st.floats(0.0, 0.01, allow_nan=False),  # the floor too
 )
 
 
