@@ -115,14 +115,15 @@ def simulate(s: Settings) -> list[RoundRecord]:
     for rnd in range(1, s.rounds + 1):
         hour = (rnd - 1) % 24
         loads = {name: measure(peak * diurnal(hour), s) for name, peak in REPLICAS.items()}
-        for name, load in loads.items():
-            forecasts[name] = forecast_rate(forecasts[name], load.request_rate)
+        now = {name: forecast_rate(forecasts[name], ld.request_rate) for name, ld in loads.items()}
+        forecasts.update(now)
         states = tuple(
             NodeState(
                 node_id=i,
                 load=loads[name],
-                forecast_rate=forecast.next if (forecast := forecasts[name]) else 0.0,
+                forecast_rate=now[name].next,
                 step_seconds=None if rnd == 1 else s.step_seconds,  # measured from round 1 on
+                forecast_trend=now[name].trend,
             )
             for i, name in enumerate(REPLICAS)
         )

@@ -154,6 +154,7 @@ class CoordinationState:
                 load=self.nodes.get(n, _Node()).load,
                 forecast_rate=_next_rate(self.nodes.get(n, _Node()).forecast),
                 step_seconds=self.nodes.get(n, _Node()).step_seconds,
+                forecast_trend=_trend(self.nodes.get(n, _Node()).forecast),
             )
             for n in node_ids
         )
@@ -195,3 +196,7 @@ def _finite(x: object) -> TypeGuard[float]:
 
 def _next_rate(forecast: RateForecast | None) -> float:
     return forecast.next if forecast is not None else 0.0
+
+
+def _trend(forecast: RateForecast | None) -> float | None:
+    return forecast.trend if forecast is not None else None

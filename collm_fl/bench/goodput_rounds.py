@@ -294,7 +294,8 @@ class Orchestrator:
             )
             self._forecast[i] = forecast_rate(self._forecast.get(i), load.request_rate)
             step_s = self._step_s.get(i, self.s.step_seconds)
-            nodes.append(NodeState(i, load, self._forecast[i].next, step_s))
+            fc = self._forecast[i]
+            nodes.append(NodeState(i, load, fc.next, step_s, forecast_trend=fc.trend))
         inputs = AllocationInputs(
             nodes=tuple(nodes),
             ttft_slo_s=self.s.slo.ttft_s,

@@ -9,8 +9,9 @@ code runs live in the ServerApp, in tests and in the simulator):
 2. **Load headroom.** Training takes the compute serving leaves: a replica reports the share of
    its time its engine computed (``serving_utilization``); scaled by the forecast growth of its
    request rate (Holt's linear trend: a smoothed level plus a smoothed trend, so a rate that has
-   been rising is expected to go on rising) that is the serving it must keep, and the rest is
-   headroom. A replica whose
+   been rising is expected to go on rising; only while that trend rises: the smoothed forecast
+   lags a sudden fall, which must not cost training) that is the serving it must keep, and the
+   rest is headroom. A replica whose
    p95 latencies already exceed the SLOs keeps up to ``SLO_RESERVE`` more for serving. (Without a
    utilization report, latency relative to the SLOs stands in for it.) The training share is
    that headroom.
@@ -92,6 +93,9 @@ class NodeState:
     load: NodeLoad | None  # None: a device (no replica)
     forecast_rate: float  # forecast requests/s for the next round (see forecast_rate())
     step_seconds: float | None  # measured seconds per training micro-step (None: unknown yet)
+    # The forecast's trend (RateForecast.trend; None: not known). Only a rising forecast eats
+    # headroom: after a sudden fall the smoothed forecast still lies above the latest report.
+    forecast_trend: float | None = None
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,13 @@ def quality_gain_factor(history: Sequence[tuple[float, float]], floor: float = 0
     return float(min(1.0, max(floor, latest / early)))
 
 
-def headroom(load: NodeLoad, forecast: float, ttft_slo_s: float, tpot_slo_s: float) -> float:
+def headroom(
+    load: NodeLoad,
+    forecast: float,
+    ttft_slo_s: float,
+    tpot_slo_s: float,
+    trend: float | None = None,
+) -> float:
     """Share of a replica's compute serving can spare next round, in [0, 1]."""
     if forecast < IDLE_RATE and load.queue_depth == 0 and load.utilization is None:
         return 1.0  # (a measured utilization says it even of a few long requests)
@@ -197,15 +207,21 @@ def headroom(load: NodeLoad, forecast: float, ttft_slo_s: float, tpot_slo_s: flo
         load.ttft_p95 / ttft_slo_s if ttft_slo_s > 0 else 0.0,
         load.tpot_p95 / tpot_slo_s if tpot_slo_s > 0 else 0.0,
     )
-    growth = load_growth(load, forecast)  # growth in the forecast rate eats headroom
+    growth = load_growth(load, forecast, trend)  # growth in the forecast rate eats headroom
     if load.utilization is None:  # no measure of serving's compute: latency pressure stands in
         return float(min(1.0, max(0.0, 1.0 - pressure * growth)))
     reserve = SLO_RESERVE * min(1.0, max(0.0, pressure - 1.0))
     return float(min(1.0, max(0.0, 1.0 - load.utilization * growth - reserve)))
 
 
-def load_growth(load: NodeLoad, forecast: float) -> float:
-    """How much more serving the forecast rate needs than the reported one (never below 1)."""
+def load_growth(load: NodeLoad, forecast: float, trend: float | None = None) -> float:
+    """How much more serving the forecast rate needs than the reported one (never below 1).
+
+    Only while the forecast rises (``trend`` > 0, or not known): Holt's forecast lags a sudden
+    fall (reports 1.0 then 0.1 req/s forecast 0.325), and a fall must not cost training.
+    """
+    if trend is not None and not trend > 0:
+        return 1.0
     return max(1.0, forecast / load.request_rate if load.request_rate > IDLE_RATE else 1.0)
 
 
@@ -229,7 +245,13 @@ def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
                 )
             )
             continue
-        room = headroom(node.load, node.forecast_rate, inputs.ttft_slo_s, inputs.tpot_slo_s)
+        room = headroom(
+            node.load,
+            node.forecast_rate,
+            inputs.ttft_slo_s,
+            inputs.tpot_slo_s,
+            node.forecast_trend,
+        )
         # A busy replica still trains a little: its steps give way to serving at every layer and
         # borrow serving's time only when behind the plan, so a small share costs serving little
         # and keeps the model improving. With min_share 0 it sits the round out.
@@ -275,7 +297,7 @@ def in_turns(
         assert load.utilization is not None and node.step_seconds is not None
         if load.utilization < 0 or node.step_seconds <= 0:
             return list(budgets)
-        serving += load.utilization * load_growth(load, node.forecast_rate)
+        serving += load.utilization * load_growth(load, node.forecast_rate, node.forecast_trend)
         lengths.append(target * node.step_seconds)
     if serving > TURN_UTILIZATION * (len(replicas) - 1) or sum(lengths) > inputs.deadline_s:
         return list(budgets)

@@ -7,6 +7,7 @@ from strategies.allocation import (
     TURN_SLACK,
     TURN_UTILIZATION,
     AllocationInputs,
+    NodeBudget,
     NodeLoad,
     NodeState,
     allocate,
@@ -132,6 +133,28 @@ def test_a_rising_rate_costs_training_and_a_falling_one_does_not():
     steady = room([2.0] * 4)
     assert room([0.5, 1.0, 1.5, 2.0]) < steady
     assert room([3.5, 3.0, 2.5, 2.0]) == pytest.approx(steady)
+
+
+def test_a_sudden_fall_in_load_costs_no_training():
+    # Holt's forecast lags a sudden fall: 1.0 req/s, then 0.1 forecasts 0.325, above the report.
+    # With the same latencies (no utilization report), the quieter replica must not train less.
+    def budget(rates: list[float]) -> NodeBudget:
+        f = None
+        for r in rates:
+            f = forecast_rate(f, r)
+        assert f is not None
+        now = NodeLoad(rates[-1], 0.0, 1.0, 0.1, 1.0)
+        (b,) = allocate(inputs([NodeState(1, now, f.next, 1.0, forecast_trend=f.trend)]))
+        return b
+
+    fell = budget([1.0, 1.0, 0.1])
+    assert _forecasts([1.0, 1.0, 0.1])[-1] > 0.1  # (the lag itself)
+    assert fell.share >= budget([1.0, 1.0, 0.5]).share
+    assert fell.steps >= budget([1.0, 1.0, 0.5]).steps
+    assert fell.share == pytest.approx(budget([0.1, 0.1, 0.1]).share)  # as if it had been quiet
+    # A forecast whose trend is unknown still counts its growth (callers without a trend).
+    now = NodeLoad(0.1, 0.0, 1.0, 0.1, 1.0)
+    assert headroom(now, 0.325, **SLO) < headroom(now, 0.325, **SLO, trend=-0.2)
 
 
 def test_load_from_metrics_reads_replica_reports_and_ignores_devices():
