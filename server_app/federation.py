@@ -247,10 +247,11 @@ class Federation:
             report = self.lora.report_unaggregated(rnd, replies)
         for o in report.outcomes:
             self.coordination.observe(o.node_id, o.metrics, accepted=o.status == "ok")
+        # (a node that reports no local-steps trained one, as the strategy counts it)
         trained = [
-            o.metrics.get("local-steps", 0.0)
+            o.metrics.get("local-steps", 1.0)
             for o in report.outcomes
-            if o.status == "ok" and o.metrics.get("local-steps", 0.0) > 0
+            if o.status == "ok" and o.metrics.get("local-steps", 1.0) > 0
         ]
         steps_total = int(sum(trained))
         # How far the aggregate moved, for the policy's quality-gain fit: one node's steps, and
@@ -276,6 +277,9 @@ class Federation:
                     ev = self.evaluator.evaluate(new_state)
                 except AdapterValidationError as e:  # (the checks above should have caught it)
                     unusable = f"the aggregate cannot be evaluated: {e}"
+                else:  # finite factors can still overflow the logits: never served, gate or not
+                    if not math.isfinite(ev.loss):
+                        unusable = f"the aggregate's central eval loss is {ev.loss}"
             if unusable is not None:
                 log.error("round %d: %s; keeping the previous version", rnd, unusable)
                 new_state, failure = None, unusable

@@ -5,8 +5,10 @@ with its reason while the round goes on)."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 import uuid
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -170,6 +172,45 @@ def test_the_quality_gain_curve_counts_one_nodes_steps_per_round(tmp_path):
     assert [r.metrics["steps-per-node"] for r in rounds] == [3.0, 3.0]
     steps = [s for s, _ in fed.coordination.loss_history]
     assert steps == [0, 3.0, 6.0]  # the aggregate moved 3 steps a round, not 9
+
+
+def test_a_node_that_reports_no_local_steps_counts_one_as_the_strategy_does(tmp_path):
+    def silent(node, rnd, msg):
+        reply = honest(node, rnd, msg)
+        del reply["metrics"]["local-steps"]  # an external ClientApp need not say
+        return reply
+
+    fed, store = federation(tmp_path, {1: silent, 2: silent})
+    fed.run()
+    rounds = store.list_rounds(fed.run_info.id)
+    assert [r.status for r in rounds] == ["aggregated", "aggregated"]
+    assert [r.metrics["steps-per-node"] for r in rounds] == [1.0, 1.0]
+    assert [s for s, _ in fed.coordination.loss_history] == [0, 1.0, 2.0]  # a gain curve
+    store.close()
+
+
+def test_an_aggregate_whose_central_loss_is_not_finite_is_never_served_gate_or_not(tmp_path):
+    fed, store = federation(
+        tmp_path, {1: honest, 2: honest}, num_server_rounds=2, quality_gate_margin=-1.0
+    )
+    real = fed.evaluator.evaluate
+    calls = []
+
+    def overflowing(state):
+        ev = real(state)
+        calls.append(ev.loss)
+        return replace(ev, loss=math.inf) if len(calls) == 2 else ev  # (1: v0 at the start)
+
+    fed.evaluator.evaluate = overflowing
+    fed.run()
+    run_id = fed.run_info.id
+    status, rounds, _ = outcome(store, run_id)
+    assert status == "finished" and rounds == [(1, "failed"), (2, "aggregated")]
+    (event,) = store.events(run_id, "aggregation-failed")
+    assert event.payload["reason"] == "the aggregate's central eval loss is inf"
+    assert [v.number for v in store.list_versions(run_id)] == [0, 1]  # round 2's, not round 1's
+    assert all(math.isfinite(loss) for _, loss in fed.coordination.loss_history)
+    store.close()
 
 
 def test_a_node_that_never_acknowledges_a_publish_holds_it_publish_timeout_not_round_timeout(
