@@ -242,11 +242,37 @@ class VersionStore:
                         rec = dataclasses.replace(round, version_number=number)
                         _add_round(s, run_id, rec, row.id, participations)
             except BaseException:
-                shutil.rmtree(dest, ignore_errors=True)  # keep disk and database in agreement
-                log.error("run %r: insert of version %d failed; removed %s", run_name, number, dest)
+                # Keep disk and database in agreement. A commit can raise after it took effect
+                # (a connection lost during COMMIT, an interrupt just after it): the directory
+                # goes only when the row is known not to be there. (When the database cannot
+                # say, the directory stays: the check on the store's next open removes it if no
+                # row names it.)
+                if self._has_version_row(run_id, number) is False:
+                    shutil.rmtree(dest, ignore_errors=True)
+                    log.error(
+                        "run %r: insert of version %d failed; removed %s", run_name, number, dest
+                    )
+                else:
+                    log.error(
+                        "run %r: the insert of version %d raised, but its row may be stored: "
+                        "kept %s",
+                        run_name,
+                        number,
+                        dest,
+                    )
                 raise
         log.info("run %r: saved version %d (round %d) at %s", run_name, number, round_number, rel)
         return _version_info(row)
+
+    def _has_version_row(self, run_id: int, number: int) -> bool | None:
+        """Whether the run's version ``number`` has its row (None: the database cannot say)."""
+        try:
+            with session_scope(self._engine) as s:
+                q = select(Version.id).where(Version.run_id == run_id, Version.number == number)
+                return s.scalar(q) is not None
+        except Exception:  # (the caller is already handling a failure: this must not mask it)
+            log.exception("run id %d: cannot tell whether version %d is stored", run_id, number)
+            return None
 
     def latest_version(self, run_id: int) -> VersionInfo | None:
         with session_scope(self._engine) as s:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -287,6 +288,35 @@ def test_a_version_and_the_round_that_saved_it_are_one_transaction(
     assert store.last_completed_round(run.id) == 1
     with pytest.raises(StoreError, match="round 3 cannot save a version of 2"):
         store.save_version(run.id, 2, make_state(2), peft_config, {}, round=_round(3))
+
+
+def test_a_commit_that_raises_after_it_took_effect_keeps_the_versions_directory(
+    store: VersionStore, make_state, peft_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection lost during COMMIT after the server applied it: the row is there, so its
+    # directory must stay (removing it left a version no resume could load).
+    run = store.open_run("r", {}, "tiny")
+    store.save_version(run.id, 0, make_state(0), peft_config, {})
+    real = repository.session_scope
+    calls = []
+
+    @contextmanager
+    def lost_after_commit(engine):  # the save's second transaction: the insert
+        calls.append(1)
+        with real(engine) as s:
+            yield s
+        if len(calls) == 2:
+            raise StoreError("database error: server closed the connection unexpectedly")
+
+    monkeypatch.setattr(repository, "session_scope", lost_after_commit)
+    with pytest.raises(StoreError, match="closed the connection"):
+        store.save_version(run.id, 1, make_state(1), peft_config, {})
+    monkeypatch.setattr(repository, "session_scope", real)
+    assert [v.number for v in store.list_versions(run.id)] == [0, 1]
+    assert _dirs(store, "r") == ["v0000", "v0001"]
+    assert store.load_version(store.latest_version(run.id)).keys() == make_state(1).keys()
+    report = store.check_consistency()
+    assert not report.missing_version_dirs and not report.removed_orphan_dirs
 
 
 def test_recording_the_same_round_twice_is_refused(store: VersionStore) -> None:
