@@ -469,11 +469,12 @@ def replicas_of_other_models(
     """The replicas known to serve another model than ``model``: a request for it avoids them.
 
     A replica whose model is not known yet is not among them. APIError 404 ``model_not_found``
-    when the healthy replicas all serve other models and no replica has reported ``model`` (one
-    that serves it but is down now makes it a 503, not a 404).
+    when the healthy replicas all serve other models and every replica has reported another
+    model (one that serves it but is down now, or one down that never said what it serves, may
+    serve it: a 503, which a client retries, not a 404).
     """
     others = {name for name, m in served.items() if m is not None and m != model}
-    if healthy and set(healthy) <= others and model not in served.values():
+    if healthy and set(healthy) <= others and set(served) <= others:
         offered = ", ".join(sorted({repr(served[name]) for name in healthy}))
         raise APIError(
             404,

@@ -63,3 +63,10 @@ def test_a_model_served_only_by_a_replica_that_is_down_is_not_a_404():
     with pytest.raises(APIError) as e:
         replicas_of_other_models(served, ["a"], "m-c")
     assert e.value.status == 404 and "'m-a'" in e.value.message and "m-b" not in e.value.message
+
+
+def test_a_model_perhaps_served_by_a_replica_that_never_reported_is_not_a_404():
+    # b is still loading (never answered /health): it may serve m-b, so no 404 a client
+    # would not retry; routing finds no replica for it now, a 503.
+    served = {"a": "m-a", "b": None}
+    assert replicas_of_other_models(served, ["a"], "m-b") == {"a"}
