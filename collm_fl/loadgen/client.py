@@ -36,6 +36,7 @@ STATUS_TIMEOUT = "timeout"
 STATUS_DROPPED = "dropped"  # not sent: max_in_flight requests were already open
 STATUS_ABANDONED = "abandoned"  # sent, then given up on when the replay was abandoned
 MAX_ERROR_BODY_BYTES = 65_536
+MAX_WHOLE_REPLY_BYTES = 64 * 1024 * 1024  # a whole (not streamed) answer: long, never unbounded
 
 # Original filler in an Elizabethan manner (not from any play), cut into prompts by FillerPrompts.
 FILLER_TEXT = """
@@ -410,10 +411,15 @@ async def _send(
                             break
                 else:  # the server ignored "stream": one JSON reply, first token = last token
                     reader.whole = True
-                    reply = await _read_json(resp)
-                    reader.absorb(reply, loop.time() - sent)
-                    reader.done = "error" not in reply
-                    reader.error = _error_message(reply) if not reader.done else None
+                    reply = await _read_json(resp, MAX_WHOLE_REPLY_BYTES)
+                    if "error" in reply:
+                        reader.error = _error_message(reply)
+                    else:
+                        reader.absorb(reply, loop.time() - sent)  # (may find a failed choice)
+                        choices = reply.get("choices")
+                        if reader.error is None and not (isinstance(choices, list) and choices):
+                            reader.error = f"a reply without choices: {str(reply)[:200]}"
+                    reader.done = reader.error is None
     except (TimeoutError, httpx.TimeoutException):
         if finished is None:  # (else the timeout came while reading past [DONE]: it is whole)
             status, reader.error = STATUS_TIMEOUT, f"no complete answer within {timeout_s}s"
@@ -451,14 +457,18 @@ async def _send(
     )
 
 
-async def _read_json(resp: httpx.Response) -> dict[str, object]:
-    """A reply body as a JSON object (at most MAX_ERROR_BODY_BYTES; else a stand-in error)."""
+async def _read_json(resp: httpx.Response, limit: int = MAX_ERROR_BODY_BYTES) -> dict[str, object]:
+    """A reply body as a JSON object (at most ``limit`` bytes; else a stand-in error)."""
     raw = bytearray()
     async for chunk in resp.aiter_bytes():
         raw += chunk
-        if len(raw) > MAX_ERROR_BODY_BYTES:
-            break
-    text = raw[:MAX_ERROR_BODY_BYTES].decode("utf-8", "replace")
+        if len(raw) > limit:
+            return {
+                "error": {
+                    "message": f"a reply of more than {limit} bytes (HTTP {resp.status_code})"
+                }
+            }
+    text = raw.decode("utf-8", "replace")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:

@@ -89,9 +89,15 @@ def _fake_app() -> FastAPI:
             while not await request.is_disconnected():
                 await asyncio.sleep(0.05)
             return Response(status_code=499)
+        if "WHOLE FAILED" in prompt:  # whole replies that are not answers
+            return JSONResponse({"choices": [{"text": " w", "finish_reason": "error"}]})
+        if "WHOLE EMPTY" in prompt:
+            return JSONResponse({"detail": "upstream said nothing"})
         if "WHOLE" in prompt:  # a server that ignores "stream": one JSON reply
             await asyncio.sleep(DELAY_S * body["max_tokens"])
             text = " w" * body["max_tokens"]
+            if "LONG" in prompt:  # more than an error body's cap
+                text = " w" * 50_000
             choice = {"message": {"content": text}} if chat else {"text": text}
             usage_out = {"prompt_tokens": 11, "completion_tokens": body["max_tokens"]}
             return JSONResponse(
@@ -496,6 +502,20 @@ def test_an_answer_that_came_whole_has_no_tpot(server_url: str) -> None:
     assert r.status == "ok" and r.output_tokens == 5
     assert r.tpot_s is None
     assert r.ttft_s is not None and r.e2e_s is not None and 5 * DELAY_S <= r.ttft_s <= r.e2e_s
+
+
+def test_a_whole_reply_that_failed_or_has_no_answer_is_an_error_and_a_long_one_is_read(
+    server_url: str,
+) -> None:
+    specs = [
+        RequestSpec(0.0, "x WHOLE FAILED", 5),
+        RequestSpec(0.0, "x WHOLE EMPTY", 5),
+        RequestSpec(0.0, "x WHOLE LONG", 5),
+    ]
+    failed, empty, long = sorted(_replay(server_url, specs), key=lambda r: r.index)
+    assert failed.status == "error" and failed.error == "the server reported a generation error"
+    assert empty.status == "error" and "without choices" in (empty.error or "")
+    assert long.status == "ok" and long.output_tokens == 5  # (the usage's count)
 
 
 def test_a_trace_cut_by_the_duration_is_measured_over_the_duration(
