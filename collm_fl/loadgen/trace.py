@@ -73,8 +73,8 @@ def load_azure_trace(path: str | Path) -> list[TraceRow]:
     for fields in _rows(reader, where):
         number = reader.line_num  # the physical line a row ends on (quoted breaks count)
         begun, ended = ended + 1, number
-        if not fields or all(not f.strip() for f in fields):
-            continue  # blank lines (a trailing newline, hand-written files)
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
+            continue  # blank lines (a trailing newline, hand-written files); not ",," rows
         if number - begun > 1 and any(len(f.splitlines()) > 2 for f in fields):
             # A quote left open swallows every line after it into one field: name where it began.
             raise DataFormatError(

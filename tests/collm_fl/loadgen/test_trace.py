@@ -76,6 +76,8 @@ def test_plain_float_seconds_are_accepted(tmp_path: Path) -> None:
         ([HEADER, "-3.0,1,1"], 2, "unparseable timestamp"),
         ([HEADER, "2023-11-16 18:15:46.1,1,1", "5.0,1,1"], 3, "seconds timestamp"),
         ([HEADER, "1.0,1_000,1"], 2, "ContextTokens is not an integer"),
+        ([HEADER, "1.0,1,1", ",,"], 3, "timestamp"),  # a row of empty cells is no blank line
+        ([HEADER, "1.0,1,1", " , , "], 3, "timestamp"),
         ([HEADER, '1.0,"1\n2",1'], 3, "ContextTokens is not an integer"),  # a quoted break
         ([HEADER, "1.0,1,1\u2028", "2.0,x,1"], 3, "ContextTokens is not an integer"),
         # a quote left open swallows the rest of the file: blamed where it began
