@@ -424,7 +424,8 @@ class Router:
         )
         self.pool.fail(ticket, error)
         self.metrics.requests.labels(ticket.replica, "stream_error").inc()
-        yield error_chunk(last, job.chat, error)
+        if last.get("finish_reason") != "error":  # (else the client has the replica's own)
+            yield error_chunk(last, job.chat, error)
         yield DONE
 
     def _stalled(self, ticket: Ticket) -> str:

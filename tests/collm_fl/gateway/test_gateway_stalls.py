@@ -32,7 +32,8 @@ FIRST_EVENT = {
 class HangingReplica:
     """Answers /health while ``health_ok`` (``/v1/models`` blocks); a completion whose prompt is
     ``"after"`` streams one event first, ``"fails"`` one event then its own error chunk and
-    ``[DONE]``; every other completion blocks until :meth:`stop`."""
+    ``[DONE]`` (``"fails, cut"``: without ``[DONE]``); every other completion blocks until
+    :meth:`stop`."""
 
     def __init__(self) -> None:
         self.health_ok = True
@@ -61,13 +62,14 @@ class HangingReplica:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
                     self.end_headers()
-                    if body["prompt"] in ("after", "fails"):
+                    if body["prompt"] in ("after", "fails", "fails, cut"):
                         self.wfile.write(f"data: {json.dumps(FIRST_EVENT)}\n\n".encode())
                         self.wfile.flush()
-                    if body["prompt"] == "fails":
+                    if body["prompt"] in ("fails", "fails, cut"):
                         choice = {"index": 0, "text": "", "finish_reason": "error"}
                         failed = {**FIRST_EVENT, "choices": [choice]}
-                        self.wfile.write(f"data: {json.dumps(failed)}\n\ndata: [DONE]\n\n".encode())
+                        done = "" if body["prompt"] == "fails, cut" else "data: [DONE]\n\n"
+                        self.wfile.write(f"data: {json.dumps(failed)}\n\n{done}".encode())
                         return
                 fake.received.set()
                 fake.released.wait()
@@ -215,3 +217,14 @@ def test_a_stream_queued_for_longer_than_the_stall_timeout_is_not_a_stall(script
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert gw.metric("collm_gateway_failovers_total") == 0
     assert gw.replica(replica.name)["consecutive_failures"] == 0
+
+
+def test_a_replicas_error_chunk_then_a_cut_reaches_the_client_as_one_error_chunk(
+    hanging, start_gateway
+):
+    gw = start_gateway([hanging.url])
+    payloads = stream_payloads(gw, "fails, cut")
+    assert payloads[-1] == "[DONE]"
+    finals = [json.loads(p)["choices"][0]["finish_reason"] for p in payloads[:-1]]
+    assert finals == [None, "error"]  # the first event, then one error chunk (the replica's)
+    assert gw.metric("collm_gateway_requests_total", outcome="stream_error") == 1
