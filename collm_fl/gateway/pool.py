@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -317,8 +318,9 @@ class ReplicaPool:
         r.running = _int(body.get("running"), 0)
         r.in_flight_at_poll = r.in_flight + ended_meanwhile
         r.training = bool(body.get("training", False))
-        share = body.get("training_share", 0.0)
-        r.training_share = float(share) if isinstance(share, int | float) else 0.0
+        share = body.get("training_share", 0.0)  # (JSON's NaN would poison every ranking)
+        ok = isinstance(share, int | float) and math.isfinite(share)
+        r.training_share = min(max(float(share), 0.0), 1.0) if ok else 0.0
         batch = body.get("max_batch_size")
         r.max_batch = batch if isinstance(batch, int) and batch > 0 else None
         version = body.get("adapter_version")

@@ -1,6 +1,7 @@
 """The pool's bookkeeping (requests begun and ended by hand, on a fake clock) and health polling."""
 
 import asyncio
+import math
 import time
 
 import httpx
@@ -8,7 +9,13 @@ import pytest
 
 from collm_fl.errors import ConfigError
 from collm_fl.gateway.pool import ESTIMATE_TTL_S, ReplicaPool
-from collm_fl.policies.routing import LatencyModel, failure_penalty_s, load_of
+from collm_fl.policies.routing import (
+    LatencyModel,
+    choose_replica,
+    failure_penalty_s,
+    load_of,
+)
+from collm_fl.replica.metrics import SLO
 
 MODEL = LatencyModel(default_max_batch=4)
 
@@ -245,6 +252,19 @@ def test_views_carry_each_request_left_and_the_count_the_last_poll_saw():
     v = view(pool, a)
     assert v.remaining_tokens == (7,) and v.in_flight == 1 and v.in_flight_at_poll == 2
     assert load_of(v) == 1  # the poll's two were the gateway's own; one has ended
+
+
+def test_a_training_share_that_is_not_a_share_is_not_believed():
+    pool, _ = make_pool()
+    a, b = "127.0.0.1:8100", "127.0.0.1:8101"
+    for name in (a, b):
+        pool._replicas[name].healthy = True
+    for share, taken in ((math.nan, 0.0), (math.inf, 0.0), (7.0, 1.0), (-1.0, 0.0), (0.4, 0.4)):
+        pool._apply_health(pool._replicas[a], {"training": True, "training_share": share})
+        assert view(pool, a).training_share == taken
+    # Ranked against a sound replica (a NaN share broke the ranking: every request a 500).
+    pool._apply_health(pool._replicas[a], {"training": True, "training_share": math.nan})
+    assert choose_replica(pool.views(), 16, 8, SLO(2.0, 0.2)) in (a, b)
 
 
 def test_a_request_that_ends_while_a_health_poll_is_on_its_way_is_not_another_clients():
