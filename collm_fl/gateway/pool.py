@@ -443,7 +443,10 @@ class ReplicaPool:
 
         ``replica_timing``: a JSON reply's (TTFT, total) in seconds as the replica measured them
         (its Server-Timing header): the reply's last ``total − TTFT`` seconds were its decoding,
-        so the gateway learns from it as from a stream of ``completion_tokens`` tokens.
+        so the gateway learns from it as from a stream of ``completion_tokens`` tokens. A stream's
+        ``completion_tokens`` (its usage chunk) counts the tokens that came without an event of
+        their own (text held back for a stop string or an incomplete character, sent later with
+        the next): its decode time is divided among all of them.
         """
         if ticket.done:
             return
@@ -519,8 +522,9 @@ class ReplicaPool:
             if ttft is not None:
                 r.ewma_ttft_s = self._ewma(r, r.ewma_ttft_s, r.ttft_learned_at, ttft)
                 r.ttft_learned_at = self.clock()
-            if t.tokens >= 2 and t.last_token_at is not None:
-                tpot = (t.last_token_at - t.first_token_at) / (t.tokens - 1)
+            tokens = max(t.tokens, completion_tokens or 0)  # (events can carry several)
+            if tokens >= 2 and t.last_token_at is not None:
+                tpot = (t.last_token_at - t.first_token_at) / (tokens - 1)
                 sample = unloaded_tpot(tpot, batch, t.training_share, self.model)
                 r.ewma_tpot_s = self._ewma(r, r.ewma_tpot_s, r.tpot_learned_at, sample)
                 r.tpot_learned_at = self.clock()

@@ -408,7 +408,8 @@ class Router:
                 self.pool.on_token(ticket)
             yield event
         if error is None and last.get("finish_reason") != "error":
-            self.pool.succeed(ticket)
+            served = last.get("completion_tokens")
+            self.pool.succeed(ticket, served if isinstance(served, int) else None)
             self.metrics.requests.labels(ticket.replica, "ok").inc()
         elif error is None:  # the replica ended the stream with its own error chunk and [DONE]
             log.warning("replica %s failed a stream (its error chunk)", ticket.replica)

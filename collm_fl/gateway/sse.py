@@ -24,7 +24,8 @@ async def sse_events(resp: httpx.Response) -> AsyncGenerator[bytes, None]:
 
 def is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
     """Whether an SSE event carries generated text; remembers its envelope, its ``error`` object
-    (None if it has none) and its finish reason in ``last``."""
+    (None if it has none), its finish reason and a usage chunk's ``completion_tokens`` in
+    ``last``."""
     if not event.startswith(b"data: "):
         return False
     try:
@@ -39,6 +40,9 @@ def is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
             for k in ("id", "object", "created", "model", "adapter_version", "error")
         }
     )
+    usage = payload.get("usage")  # (the last chunk, when the client asked for include_usage)
+    if isinstance(usage, dict) and isinstance(n := usage.get("completion_tokens"), int):
+        last["completion_tokens"] = n
     choices = payload.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return False

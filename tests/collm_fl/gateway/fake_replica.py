@@ -21,6 +21,8 @@ class ScriptedReplica:
     for ``hold`` before it is sent. ``fault`` makes a stream fail right after the chat role chunk
     (before its first token): ``"drop"`` closes the connection, ``"error"`` sends the replica's
     error chunk and ``[DONE]``. A request for another model than ``model`` is a 404, as a replica's.
+    With ``usage_tokens`` set, a stream that asked for ``include_usage`` ends with a usage chunk
+    counting that many completion tokens (more than its events when text was held back).
     """
 
     def __init__(self, model: str = "tiny") -> None:
@@ -30,6 +32,7 @@ class ScriptedReplica:
         self.models_status = 200
         self.queued_s = 0.0
         self.fault: str | None = None
+        self.usage_tokens: int | None = None
         self.hold = threading.Event()
         self.hold.set()
         self.received = threading.Event()  # a completion request has arrived
@@ -87,6 +90,11 @@ class ScriptedReplica:
                             fake.hold.wait()
                     if not fake.tokens:
                         self._event(fake.chunk(chat, {} if chat else "", "stop"))
+                    asked = (body.get("stream_options") or {}).get("include_usage")
+                    if asked and fake.usage_tokens is not None:
+                        n = fake.usage_tokens
+                        usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
+                        self._event({**fake.chunk(chat, ""), "choices": [], "usage": usage})
                     self.wfile.write(b"data: [DONE]\n\n")
 
             def _event(self, payload: dict) -> None:

@@ -58,3 +58,27 @@ def test_a_chat_stream_that_finishes_without_a_token_is_relayed_not_failed_over(
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "stop"]
     assert gw.metric("collm_gateway_failovers_total") == 0
     assert gw.metric("collm_gateway_requests_total", outcome="ok") == 1
+
+
+def test_a_streams_usage_chunk_tells_the_gateway_how_many_tokens_its_events_carried(
+    scripted, start_gateway
+):
+    # Text held back for a stop string comes later in one event with the next: the replica's
+    # usage chunk counts the tokens, and the gateway learns its TPOT from that count.
+    replica = scripted()
+    replica.usage_tokens = 7  # three events ("a", "b", "c"), seven tokens
+    gw = start_gateway([replica.url])
+    learned = []
+    real = gw.pool.succeed
+
+    def succeed(ticket, completion_tokens=None, replica_timing=None):
+        learned.append((ticket.tokens, completion_tokens))
+        real(ticket, completion_tokens, replica_timing)
+
+    gw.pool.succeed = succeed
+    body = {**BODY, "stream_options": {"include_usage": True}}
+    url = gw.url + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=AUTH, timeout=30) as r:
+        payloads = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert json.loads(payloads[-2])["usage"]["completion_tokens"] == 7  # relayed unchanged
+    assert learned == [(3, 7)]

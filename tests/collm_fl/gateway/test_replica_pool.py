@@ -86,6 +86,20 @@ def test_a_streamed_request_teaches_unloaded_ttft_and_tpot():
     assert v.ewma_ttft_s == pytest.approx(0.2) and v.ewma_tpot_s == pytest.approx(0.05)
 
 
+def test_a_stream_whose_usage_counts_more_tokens_than_events_divides_its_time_among_them():
+    # A stop string held back text: 5 tokens came in 3 events (0.2 s from first to last).
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    t = pool.begin(a, 0, 10)
+    clock.now += 0.2
+    pool.on_token(t)
+    for _ in range(2):
+        clock.now += 0.1
+        pool.on_token(t)
+    pool.succeed(t, completion_tokens=5)
+    assert view(pool, a).ewma_tpot_s == pytest.approx(0.05)  # not 0.1 per event
+
+
 def test_a_json_request_teaches_tpot_from_its_duration():
     pool, clock = make_pool()
     a = "127.0.0.1:8100"
