@@ -319,8 +319,10 @@ class ReplicaPool:
         r.in_flight_at_poll = r.in_flight + ended_meanwhile
         r.training = bool(body.get("training", False))
         share = body.get("training_share", 0.0)  # (JSON's NaN would poison every ranking)
-        ok = isinstance(share, int | float) and math.isfinite(share)
-        r.training_share = min(max(float(share), 0.0), 1.0) if ok else 0.0
+        if isinstance(share, int | float) and math.isfinite(share):
+            r.training_share = min(max(float(share), 0.0), 1.0)
+        else:
+            r.training_share = 0.0
         batch = body.get("max_batch_size")
         r.max_batch = batch if isinstance(batch, int) and batch > 0 else None
         version = body.get("adapter_version")
