@@ -57,6 +57,13 @@ def app_files(app: Path, leave_out: Path | None = None) -> list[str]:
     return sorted(found)
 
 
+def check_stage_dest(dest: Path) -> None:
+    """ConfigError unless :func:`stage_app` may replace ``dest`` (absent, or a copy it made):
+    a launcher checks before it starts anything."""
+    if dest.exists() and not (dest / STAGED_MARK).is_file():
+        raise ConfigError(f"{dest} exists and is not a copy of the app collm made: kept")
+
+
 def stage_app(app: Path, dest: Path) -> Path:
     """Copy the Flower app at ``app`` (its :func:`app_files`) into ``dest``, which must not
     exist or be a copy this function made (it is replaced); returns ``dest``, for ``flwr run``.
@@ -67,9 +74,8 @@ def stage_app(app: Path, dest: Path) -> Path:
         raise ConfigError(f"{app} is not a Flower app (no pyproject.toml)")
     if app.is_relative_to(dest):
         raise ConfigError(f"cannot copy the app {app} into {dest}, a folder that holds it")
+    check_stage_dest(dest)
     if dest.exists():
-        if not (dest / STAGED_MARK).is_file():
-            raise ConfigError(f"{dest} exists and is not a copy of the app collm made: kept")
         shutil.rmtree(dest)
     files = app_files(app, leave_out=dest)
     dest.mkdir(parents=True)

@@ -33,7 +33,7 @@ import httpx
 import psutil
 
 from collm_fl.errors import ConfigError, WorkFailed
-from collm_fl.flower_app import stage_app
+from collm_fl.flower_app import check_stage_dest, stage_app
 
 if TYPE_CHECKING:
     from collm_fl.config import RunConfig
@@ -289,6 +289,8 @@ class LocalFederation:
     def start(self, timeout: float = 180.0) -> None:
         if self.num_nodes < 1:
             raise ConfigError("a federation needs at least one replica or device node")
+        if self.with_flower:  # (refused only at `flwr run`, it cost every process's start-up)
+            check_stage_dest(self.workdir / "flower-app")
         self.workdir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         try:

@@ -62,10 +62,14 @@ def main(grid: Grid, context: Context) -> None:
         cfg.output_path,
     )
     summary = Federation(grid, cfg, wrapped, strategy, store).run()
+    ran = (
+        f"rounds {summary.first_round}..{summary.last_round}"
+        if summary.first_round <= summary.last_round
+        else "no round (the run had completed them)"
+    )
     log.info(
-        "done: rounds %d..%d, latest version v%d, central eval loss %s -> %s",
-        summary.first_round,
-        summary.last_round,
+        "done: %s, latest version v%d, central eval loss %s -> %s",
+        ran,
         summary.latest_version,
         summary.initial_eval_loss,
         summary.final_eval_loss,

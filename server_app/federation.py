@@ -126,7 +126,14 @@ class Federation:
         done = max(self.store.last_completed_round(self.run_info.id), latest.round_number)
         first = done + 1
         if first > self.cfg.num_server_rounds:
-            log.info("run %r already completed %d rounds; nothing to do", self.cfg.run_name, done)
+            log.warning(
+                "run %r in %s already completed %d rounds (num-server-rounds=%d); nothing to do "
+                "(a new run needs another run-name or output-dir)",
+                self.cfg.run_name,
+                self.cfg.output_path,
+                done,
+                self.cfg.num_server_rounds,
+            )
         arrays = state_to_arrayrecord(self.store.load_version(latest))
         for rnd in range(first, self.cfg.num_server_rounds + 1):
             arrays, latest = self._round(rnd, arrays, latest)

@@ -50,7 +50,11 @@ def dispatch(args: argparse.Namespace) -> int:
         # Checked before anything starts; the replicas train as it says (data, LoRA shape, ...).
         app = Path(args.app).resolve()
         fixed = {"model": args.model}  # the replicas are started on --model
-        run_config, run_cfg = launch_config(app, args.run_config, few_nodes_config(nodes), fixed)
+        # The run's store under the workdir, as `collm live` keeps it under --out (not the app's
+        # `outputs`, where `flwr run .` keeps its own run of the same name): -c output-dir=...
+        # puts it elsewhere.
+        defaults = {**few_nodes_config(nodes), "output-dir": str(workdir / "federation")}
+        run_config, run_cfg = launch_config(app, args.run_config, defaults, fixed)
         check_node_counts(run_cfg, nodes, "--replicas + --devices is")
         flags = replica_flags(run_cfg)
         with (

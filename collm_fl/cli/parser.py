@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "runs", nargs="+", help="goodput.json files, or directories holding one (same settings)"
     )
-    b.add_argument("--out", default="docs/bench", help="where goodput-runs.{md,json,png} go")
+    b.add_argument(
+        "--out", default="docs/bench", help="where goodput-runs.{md,json} and goodput_runs.png go"
+    )
 
     b = bsub.add_parser(
         "soak", help="gateway + replicas at and above capacity with adapter swaps: errors, RSS"

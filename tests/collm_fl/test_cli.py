@@ -274,6 +274,58 @@ def test_a_bad_run_config_exits_2_before_anything_starts(
     assert list(tmp_path.iterdir()) == []  # nothing was started or written
 
 
+def test_collm_site_keeps_its_run_under_its_workdir_unless_told(capsys, tmp_path, monkeypatch):
+    # Not in the app's `outputs`, where `flwr run .` keeps a run of the same name: following
+    # the docs' examples in order, `collm site` resumed that finished run and trained nothing.
+    import collm_fl.federate
+    import collm_fl.launch
+
+    asked: list[str] = []
+
+    class Site:  # (the processes are not what is tested here)
+        def __init__(self, workdir, *args, **kwargs):
+            self.replicas = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def flwr_run(self, run_config, app, min_nodes=1):
+            asked.append(run_config)
+            return 0
+
+    monkeypatch.setattr(collm_fl.launch, "LocalFederation", Site)
+    monkeypatch.setattr(collm_fl.federate, "run_outcome", lambda *args: 0)
+    workdir = tmp_path / "site"
+    code, err = run(capsys, "site", "--workdir", str(workdir), "-c", "num-server-rounds=1")
+    assert code == 0, err
+    assert f"output-dir='{workdir / 'federation'}'" in asked[-1]
+    elsewhere = tmp_path / "mine"
+    code, err = run(capsys, "site", "--workdir", str(workdir), "-c", f"output-dir='{elsewhere}'")
+    assert code == 0, err
+    assert f"output-dir='{elsewhere}'" in asked[-1]
+
+
+def test_collm_site_refuses_a_foreign_flower_app_folder_before_starting_anything(
+    capsys, tmp_path, monkeypatch
+):
+    import collm_fl.launch
+
+    started = []
+    monkeypatch.setattr(
+        collm_fl.launch.LocalFederation, "_start_superlink", lambda *a: started.append(1)
+    )
+    mine = tmp_path / "site" / "flower-app"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    code, err = run(capsys, "site", "--workdir", str(tmp_path / "site"), "--replicas", "1")
+    assert code == 2 and "exists and is not a copy of the app collm made: kept" in err
+    assert started == [] and sorted(p.name for p in (tmp_path / "site").iterdir()) == ["flower-app"]
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
 @pytest.fixture()
 def taken_port():
     """A loopback port something is listening on."""
