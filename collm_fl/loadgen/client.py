@@ -463,11 +463,9 @@ async def _read_json(resp: httpx.Response, limit: int = MAX_ERROR_BODY_BYTES) ->
     async for chunk in resp.aiter_bytes():
         raw += chunk
         if len(raw) > limit:
-            return {
-                "error": {
-                    "message": f"a reply of more than {limit} bytes (HTTP {resp.status_code})"
-                }
-            }
+            head = raw[:200].decode("utf-8", "replace")
+            what = f"a reply of more than {limit} bytes (HTTP {resp.status_code}): {head}"
+            return {"error": {"message": what}}
     text = raw.decode("utf-8", "replace")
     try:
         obj = json.loads(text)
