@@ -26,29 +26,7 @@ def main(grid: Grid, context: Context) -> None:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
-    strategy = LoraFedAvg(
-        mode=cfg.aggregation,
-        max_update_norm=cfg.max_update_norm,
-        min_good_replies=cfg.min_good_replies,
-        robust=cfg.robust_aggregation,
-        trim_fraction=cfg.trim_fraction,
-        max_weight_ratio=cfg.max_weight_ratio,
-        server_lr=cfg.server_lr,
-        uniform_weights=cfg.dp_noise_multiplier > 0,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=0.0,
-        min_train_nodes=cfg.min_train_nodes,
-        min_available_nodes=cfg.min_train_nodes,
-    )
-    wrapped: Strategy = strategy
-    if cfg.dp_noise_multiplier > 0:
-        # Clients clip their update (dp_clipping_mod); the server adds Gaussian noise.
-        wrapped = DifferentialPrivacyClientSideFixedClipping(
-            strategy,
-            noise_multiplier=cfg.dp_noise_multiplier,
-            clipping_norm=cfg.dp_clipping_norm,
-            num_sampled_clients=cfg.min_train_nodes,
-        )
+    strategy, wrapped = build_strategies(cfg)
     store = open_store(cfg)
     log.info(
         "run %r: model=%s data=%s partitioning=%s rounds=%d aggregation=%s robust=%s -> %s",
@@ -81,3 +59,35 @@ def main(grid: Grid, context: Context) -> None:
             cfg.dp_delta,
         )
     log.info("versions (PEFT dirs): %s | store: %s", summary.versions_dir, summary.store_url)
+
+
+def build_strategies(cfg: RunConfig) -> tuple[LoraFedAvg, Strategy]:
+    """The run's LoRA strategy, and what the round loop calls (it, or Flower's DP wrapper of it)."""
+    dp = cfg.dp_noise_multiplier > 0
+    strategy = LoraFedAvg(
+        mode=cfg.aggregation,
+        max_update_norm=cfg.max_update_norm,
+        min_good_replies=cfg.min_good_replies,
+        robust=cfg.robust_aggregation,
+        trim_fraction=cfg.trim_fraction,
+        max_weight_ratio=cfg.max_weight_ratio,
+        server_lr=cfg.server_lr,
+        uniform_weights=dp,
+        # Clients clip (dp_clipping_mod): a reply over the norm was not clipped, and would
+        # weigh more than the noise is calibrated for.
+        clipping_norm=cfg.dp_clipping_norm if dp else None,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_train_nodes,
+    )
+    wrapped: Strategy = strategy
+    if dp:
+        # Clients clip their update (dp_clipping_mod); the server adds Gaussian noise.
+        wrapped = DifferentialPrivacyClientSideFixedClipping(
+            strategy,
+            noise_multiplier=cfg.dp_noise_multiplier,
+            clipping_norm=cfg.dp_clipping_norm,
+            num_sampled_clients=cfg.min_train_nodes,
+        )
+    return strategy, wrapped

@@ -34,7 +34,9 @@
   weighs 1 whatever it claims, and a node that trained nothing, failed, was rejected or did not
   answer counts as a zero update: the plain mean of the clipped updates over every node asked (at
   least ``min-train-nodes``), so one node moves it by at most C / that many, the sensitivity
-  Flower's noise (σ·C / ``min-train-nodes``) is calibrated for. Metrics are averaged over the
+  Flower's noise (σ·C / ``min-train-nodes``) is calibrated for; with ``clipping_norm`` C (the
+  ServerApp sets it under DP) a reply whose change of the factors is over C was not clipped by
+  its client and is rejected. Metrics are averaged over the
   nodes that send them, weighted by their examples weight (a reply that trained nothing weighs
   0 there);
   a ``train_metrics_aggr_fn`` given to FedAvg is not used.
@@ -93,6 +95,10 @@ ROBUST_CHOICES = ("none", *ROBUST_METHODS)
 # A claim of more examples than a float counts exactly is no count (and would overflow the
 # store's 64-bit integers, or the weights' total).
 MAX_NUM_EXAMPLES = 2**53
+# A clipped update sent as float32 factors (reference + clipped change), its norm recomputed
+# here in float64: rounding can put it a little over the clipping norm.
+CLIP_SLACK = 1e-3
+CLIP_SLACK_ABS = 1e-6
 # fedavg mode with max_update_norm: a reply whose factor change is over this x the round's median
 # is rejected (see LoraFedAvg._reject_factor_outliers)
 MAX_FACTOR_DELTA_RATIO = 10.0
@@ -140,6 +146,7 @@ class LoraFedAvg(FedAvg):
         max_weight_ratio: float = 0.0,
         server_lr: float = 1.0,
         uniform_weights: bool = False,
+        clipping_norm: float | None = None,
         **fedavg_kwargs: object,
     ) -> None:
         if mode not in ("exact", "fedavg"):
@@ -165,6 +172,8 @@ class LoraFedAvg(FedAvg):
                 f"mode='fedavg', robust='none' and server_lr=1, got mode={mode!r}, "
                 f"robust={robust!r}, server_lr={server_lr}"
             )
+        if clipping_norm is not None and not (clipping_norm > 0 and math.isfinite(clipping_norm)):
+            raise ValueError(f"clipping_norm must be a finite norm > 0, got {clipping_norm}")
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
         self.mode = mode
         self.max_update_norm = max_update_norm if max_update_norm else None
@@ -174,6 +183,9 @@ class LoraFedAvg(FedAvg):
         self.max_weight_ratio = max_weight_ratio  # 0: claimed num-examples used as they are
         self.server_lr = server_lr  # η of the server step (1: plain FedAvg)
         self.uniform_weights = uniform_weights  # DP: each reply weighs 1, claims ignored
+        # DP with client-side clipping: the L2 norm every reply's change of the factors must be
+        # within (the clients clip to it; one that did not is rejected, not trusted)
+        self.clipping_norm = clipping_norm
         self.current_arrays = ArrayRecord()
         self.last_report: RoundReport | None = None
         # Per-node budgets for the next round (set by the ServerApp from the allocation policy);
@@ -295,9 +307,9 @@ class LoraFedAvg(FedAvg):
             good.append((state, n, msg))
         # The rescaled-factor screen guards fedavg's mean of A and B apart. A robust statistic
         # combines the products B·A, which the rescaling leaves unchanged; and under uniform
-        # weights (DP) clipping already bounds every node's factors, while a screen judged
-        # against the other nodes' median would let one node decide whether others count,
-        # beyond the C / nodes the noise is calibrated for.
+        # weights (DP) clipping (each reply checked against C in _screen) bounds every node's
+        # factors, while a screen judged against the other nodes' median would let one node
+        # decide whether others count, beyond the C / nodes the noise is calibrated for.
         if (
             self.mode == "fedavg"
             and self.max_update_norm is not None
@@ -538,9 +550,16 @@ class LoraFedAvg(FedAvg):
         problems, state, metrics = self._check_reply(msg, self._asked.get(node))
         if not problems:
             check = validate_update(state, reference, self.max_update_norm)
-            if check.ok:
-                return state, metrics, check.update_norm
             problems = list(check.reasons)
+            if check.ok and self.clipping_norm is not None:
+                moved = factor_delta_norm(state, reference)
+                if not moved <= self.clipping_norm * (1 + CLIP_SLACK) + CLIP_SLACK_ABS:
+                    problems.append(
+                        f"its change of the factors has norm {moved:.6g}, over the DP clipping "
+                        f"norm {self.clipping_norm:g}: its client did not clip it"
+                    )
+            if not problems:
+                return state, metrics, check.update_norm
         reason = "; ".join(problems)
         log.warning("round %d: rejected update from node %d: %s", server_round, node, reason)
         return ReplyOutcome(node, REJECTED, reason, metrics=metrics)

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from collm_fl.config import RunConfig
 from collm_fl.flower_records import PUBLISH, arrayrecord_to_state, state_to_arrayrecord
+from server_app.app import build_strategies
 from server_app.federation import Federation, open_store
 from strategies.lora import LoraFedAvg
 
@@ -87,15 +88,9 @@ def federation(tmp_path, behaviours, wrap=None, **settings):
             **settings,
         },
     )
-    strategy = LoraFedAvg(
-        mode=cfg.aggregation,
-        min_train_nodes=cfg.min_train_nodes,
-        min_available_nodes=cfg.min_train_nodes,
-        fraction_evaluate=0.0,
-        uniform_weights=cfg.dp_noise_multiplier > 0,
-    )
+    strategy, built = build_strategies(cfg)  # as the ServerApp builds them
     store = open_store(cfg)
-    outer = strategy if wrap is None else wrap(strategy)
+    outer = built if wrap is None else wrap(strategy)
     return Federation(FakeGrid(behaviours), cfg, outer, strategy, store), store
 
 
@@ -348,6 +343,35 @@ def test_under_dp_a_node_that_left_mid_round_is_a_failed_node_not_a_lost_round(t
     assert parts[1, 7] == ("failed", "error reply: Error: Node Unavailable")
     assert (1, 1) not in parts
     assert fed.dp_releases == [0.01]  # this round's noisy aggregate was released
+    store.close()
+
+
+def test_under_dp_a_reply_its_client_did_not_clip_is_rejected(tmp_path):
+    # Clients clip (dp_clipping_mod); one without the mod (another ClientApp, or a hostile one)
+    # would enter the plain mean unclipped, beyond what the noise is calibrated for.
+    def unclipped(node, rnd, msg):
+        reply = honest(node, rnd, msg)
+        state = arrayrecord_to_state(reply["arrays"])
+        key = next(iter(state))
+        state[key] = state[key] + np.float32(1.0)  # a change of norm >> the clipping norm 1
+        reply["arrays"] = state_to_arrayrecord(state)
+        return reply
+
+    fed, store = federation(
+        tmp_path,
+        {5: honest, 6: honest, 7: unclipped},
+        num_server_rounds=1,
+        aggregation="fedavg",
+        dp_noise_multiplier=0.01,
+        dp_clipping_norm=1.0,
+        quality_gate_margin=-1.0,
+    )
+    fed.run()
+    status, rounds, parts = outcome(store, fed.run_info.id)
+    assert status == "finished" and rounds == [(1, "aggregated")]
+    assert parts[1, 5] == ("ok", None) and parts[1, 6] == ("ok", None)  # (their change: < 1)
+    assert parts[1, 7][0] == "rejected"
+    assert "over the DP clipping norm 1: its client did not clip it" in parts[1, 7][1]
     store.close()
 
 
