@@ -49,7 +49,7 @@ from collm_fl.api.schemas import (
 )
 from collm_fl.api.streams import drain
 from collm_fl.gateway.pool import ReplicaPool, Ticket
-from collm_fl.gateway.sse import DONE, error_chunk, is_token, sse_events
+from collm_fl.gateway.sse import DONE, error_chunk, is_done, is_token, sse_events
 from collm_fl.policies.routing import admission_decision, choose_replica
 from collm_fl.replica.metrics import SLO
 
@@ -361,7 +361,7 @@ class Router:
             except httpx.RequestError as e:
                 raise _refused(e) from e
             head.append(event)
-            if event.startswith(DONE.strip()):
+            if is_done(event):
                 return head
             token = is_token(event, seen, job.chat)
             if seen.get("error") is not None or seen.get("finish_reason") == "error":
@@ -376,8 +376,8 @@ class Router:
     async def _relay(
         self, job: Job, ticket: Ticket, head: list[bytes], events: AsyncIterator[bytes]
     ) -> AsyncGenerator[bytes, None]:
-        """Relay SSE events unchanged, ``head`` (read before committing) first; end a broken
-        stream cleanly with an error chunk."""
+        """Relay SSE events (their line ends as LF), ``head`` (read before committing) first;
+        end a broken stream cleanly with an error chunk."""
         last: dict[str, object] = {}
         error: str | None = None
         logged = done = False
@@ -400,7 +400,7 @@ class Router:
                 except _Abandoned as e:
                     error, logged = e.reason, True
                     break
-            if event.startswith(DONE.strip()):
+            if is_done(event):
                 yield event
                 done = True
                 break

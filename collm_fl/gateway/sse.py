@@ -4,32 +4,61 @@ gateway's own final chunk for a stream that broke."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncGenerator
 
 import httpx
 
 DONE = b"data: [DONE]\n\n"
+_EOL = re.compile(rb"\r\n|\r|\n")  # (the three line ends the SSE format allows)
 
 
 async def sse_events(resp: httpx.Response) -> AsyncGenerator[bytes, None]:
-    """Complete SSE events (``…\\n\\n``); a trailing partial event is dropped."""
+    """Complete SSE events, each ended by a blank line, its lines ended by LF whatever ends them
+    in ``resp`` (CRLF, CR or LF, as the format allows); a trailing partial event is dropped."""
     buf = b""
+    lines: list[bytes] = []
     async for chunk in resp.aiter_bytes():
         buf += chunk
-        while (end := buf.find(b"\n\n")) >= 0:
-            yield buf[: end + 2]
-            buf = buf[end + 2 :]
+        start = 0
+        while (m := _EOL.search(buf, start)) and not (m[0] == b"\r" and m.end() == len(buf)):
+            line, start = buf[start : m.start()], m.end()  # (a CR last may be half a CRLF)
+            if line:
+                lines.append(line)
+            elif lines:
+                yield b"\n".join(lines) + b"\n\n"
+                lines = []
+        buf = buf[start:]
+    if buf == b"\r" and lines:  # (the stream ended on a CR: a line end after all)
+        yield b"\n".join(lines) + b"\n\n"
+
+
+def event_data(event: bytes) -> bytes | None:
+    """An event's data: its ``data`` lines' values (one space after the colon dropped) joined by
+    LF; None for an event without any (a comment, or only other fields)."""
+    data = [
+        value[1:] if value.startswith(b" ") else value
+        for field, _, value in (line.partition(b":") for line in event.splitlines())
+        if field == b"data"
+    ]
+    return b"\n".join(data) if data else None
+
+
+def is_done(event: bytes) -> bool:
+    """Whether ``event`` is the stream's end, ``data: [DONE]``."""
+    return event_data(event) == b"[DONE]"
 
 
 def is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
     """Whether an SSE event carries generated text; remembers its envelope, its ``error`` object
     (None if it has none), its finish reason and a usage chunk's ``completion_tokens`` in
     ``last``."""
-    if not event.startswith(b"data: "):
+    data = event_data(event)
+    if data is None:
         return False
     try:
-        payload = json.loads(event[6:])
+        payload = json.loads(data)
     except ValueError:
         return False
     if not isinstance(payload, dict):

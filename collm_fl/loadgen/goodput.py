@@ -65,6 +65,17 @@ class LoadSummary:
     # from before this was recorded). Well under the TTFT SLO: the generator kept its schedule.
     send_late_p99_s: float | None = None
     send_late_max_s: float | None = None
+    # When the last request that was sent ended (answered, failed or timed out), in seconds after
+    # the replay's start (None: none sent, or a summary from before this was recorded). Past
+    # ``duration_s`` when the server fell behind: the rates above are per second of schedule.
+    last_done_s: float | None = None
+
+    @property
+    def throughput_over_run_rps(self) -> float:
+        """Successful requests per second until the last one ended (the schedule's length if it
+        ended sooner): the rate the server answered at, where ``throughput_rps`` is per second
+        of offered load."""
+        return self.ok / max(self.duration_s, self.last_done_s or 0.0)
 
 
 def meets_slo(result: RequestResult, slo: SLOSpec) -> bool:
@@ -119,7 +130,17 @@ def summarize_results(
         adapter_versions=dict(sorted(versions.items())),
         send_late_p99_s=late[2],
         send_late_max_s=max(sent_late) if sent_late else None,
+        last_done_s=max(ends) if (ends := _ends(results)) else None,
     )
+
+
+def _ends(results: Sequence[RequestResult]) -> list[float]:
+    """When each request that was sent ended, in seconds after the replay's start."""
+    return [
+        r.sent_at + r.e2e_s
+        for r in results
+        if r.status != STATUS_DROPPED and r.sent_at is not None and r.e2e_s is not None
+    ]
 
 
 def _percentiles(values: Sequence[float | None]) -> tuple[float | None, float | None, float | None]:

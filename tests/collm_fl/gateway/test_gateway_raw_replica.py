@@ -4,11 +4,12 @@ replica gives on purpose (a body cut short), and what a finished stream leaves o
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
 from gateway_harness import GATEWAY_KEY, GatewayServer, wait_for
-from raw_replica import RawReplica, good_stream
+from raw_replica import RawReplica, chunked_stream, good_stream, token
 
 from collm_fl.loadgen.client import RequestSpec, replay
 
@@ -97,3 +98,30 @@ def test_finished_streams_leave_their_connection_to_the_next_request(replicas):
     )
     assert [r.status for r in results] == ["ok"] * 5
     assert 1 <= replica.request_connections - 1 < 5
+
+
+def test_a_stream_framed_with_crlf_and_comments_is_relayed_not_refused(replicas):
+    # The SSE format allows CRLF or CR line ends, "data:" without the space, and comment lines
+    # (a keep-alive); a replica of another kind may send them. Read as LF-only, the gateway saw
+    # no event at all and refused every such stream.
+    async def crlf_stream(writer: asyncio.StreamWriter) -> bool:
+        def crlf(event: bytes) -> bytes:
+            return event.replace(b"data: ", b"data:").replace(b"\n", b"\r\n")
+
+        events = [b": keep-alive\r\n\r\n", crlf(token("hi")), crlf(token(" there", "stop"))]
+        writer.write(chunked_stream(*events, b"data:[DONE]\r\n\r\n"))
+        await writer.drain()
+        return True
+
+    replica = replicas(crlf_stream)
+    gw = GatewayServer([replica.url], poll_interval_s=3600)
+    try:
+        wait_for(lambda: gw.health()["replicas"][0]["healthy"], 10, "not healthy")
+        r = stream(gw)
+        assert r.status_code == 200, r.text
+        events = [e for e in r.text.split("\n\n") if e]
+        assert events[-1] == "data:[DONE]" and "error" not in r.text, r.text
+        assert [json.loads(e[5:])["choices"][0]["text"] for e in events[1:-1]] == ["hi", " there"]
+        assert gw.metric("collm_gateway_requests_total", outcome="ok") == 1
+    finally:
+        gw.stop()

@@ -75,6 +75,25 @@ def test_the_send_lag_is_summarized_over_the_requests_sent() -> None:
     assert summarize_results(RESULTS[9:], SLO, duration_s=1.0).send_late_max_s is None
 
 
+def test_a_run_that_ended_past_its_schedule_has_its_throughput_over_the_run_too() -> None:
+    from dataclasses import replace
+
+    from collm_fl.loadgen import format_summary
+
+    s = summarize_results(RESULTS, SLO, duration_s=5.0)
+    assert s.last_done_s == pytest.approx(8.0 + 1.0)  # request 8, sent at 8 s, failed after 1 s
+    assert s.throughput_over_run_rps == pytest.approx(6 / 9.0)  # 6 ok over 9 s, not over 5
+    assert "0.667 req/s over the 9s until the last request ended" in format_summary(s, SLO)
+    # A run whose last answer came within its schedule: the two are one rate, said once.
+    on_time = summarize_results(RESULTS, SLO, duration_s=20.0)
+    assert on_time.throughput_over_run_rps == pytest.approx(on_time.throughput_rps)
+    assert "until the last request ended" not in format_summary(on_time, SLO)
+    # A dropped request (never sent) ends nothing; a run of only dropped ones has no end.
+    dropped = replace(RESULTS[9], sent_at=30.0)
+    assert summarize_results([*RESULTS[:9], dropped], SLO, 5.0).last_done_s == pytest.approx(9)
+    assert summarize_results([dropped], SLO, 5.0).last_done_s is None
+
+
 def test_meets_slo_needs_success_and_both_bounds() -> None:
     assert [meets_slo(r, SLO) for r in RESULTS] == [True] * 3 + [False, False, True] + [False] * 4
 
