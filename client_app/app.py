@@ -7,16 +7,19 @@ Two kinds of node:
   process beside the SuperNode, serves and trains on the same base weights; this app only relays.
 - **device node**: no replica; it loads the model and trains in-process on its part of the run
   config's ``data`` (``partition-id``, ``num-partitions``), or on its own data: ``data``, a path
-  on the device's host (all of it but its held-out tail, or a part with ``partition-id`` /
-  ``num-partitions``).
-Replies carry only adapter tensors and scalar metrics.
+  on the device's host (all of it, or a part with ``partition-id`` / ``num-partitions``).
+Replies carry only adapter tensors and scalar metrics; an error in a device's data file reaches
+the server as where it is (its line), not what it says (the node's log has that).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -27,7 +30,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from collm_fl.config import RunConfig, TrainBudget, config_int, config_number
 from collm_fl.data.partition import SHAKESPEARE, DataSpec
-from collm_fl.errors import ConfigError
+from collm_fl.errors import ConfigError, DataFormatError
 from collm_fl.flower_records import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -40,6 +43,9 @@ from collm_fl.flower_records import (
 from collm_fl.logs import setup_logging
 from collm_fl.replica.control_client import ReplicaClient
 from collm_fl.replica.relay import publish_on_replica, train_on_replica
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -95,22 +101,39 @@ def _own_data(context: Context, cfg: RunConfig) -> DataSpec | None:
     path = context.node_config.get("data")
     if path is None:
         return None
-    run_corpus = _same_source(str(path), cfg.data_spec.source)
+    run_corpus = _overlaps(str(path), cfg.data_spec.source)
     heldout = cfg.data_spec.central_heldout if run_corpus else 0
     return dataclasses.replace(cfg.data_spec, source=str(path), central_heldout=heldout)
 
 
-def _same_source(a: str, b: str) -> bool:
-    """Whether two data sources name the same corpus: ``shakespeare``, or one file or folder
-    however written (``data/qa.jsonl``, ``./data/qa.jsonl``, its absolute path, a link to it)."""
+def _overlaps(a: str, b: str) -> bool:
+    """Whether two data sources share files: ``shakespeare`` both, one file or folder however
+    written (``data/qa.jsonl``, ``./data/qa.jsonl``, its absolute path, a link to it), or a file
+    in the other's folder (the server sets aside records of each file of a folder by the file's
+    name, so the same records of that file are kept out here)."""
     if a == b:
         return True
     if SHAKESPEARE in (a, b):
         return False
     try:
-        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+        pa, pb = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
     except (OSError, RuntimeError):  # (a loop of links)
         return False
+    return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
+
+
+def _on_private_data(work: Callable[[], T]) -> T:
+    """``work`` on this device's data; a malformed data file raises an error that names its
+    line only. Flower sends an error's text to the server, which logs and stores it, and a
+    :class:`DataFormatError` names the file's path and may quote the record (a name given as a
+    chat role, the keys of an unknown record): private data. The whole of it is logged here."""
+    try:
+        return work()
+    except DataFormatError as e:
+        log.error("this node's data is malformed: %s", e)
+        raise DataFormatError(
+            "this node's data file", "malformed (the node's log says what)", line=e.line
+        ) from None
 
 
 def _replica(context: Context, cfg: RunConfig) -> ReplicaClient | None:
@@ -166,15 +189,17 @@ def train(msg: Message, context: Context) -> Message:
         from collm_fl.client_task import train_on_partition  # torch + transformers: devices only
 
         partition_id, num_partitions = _partition(context)
-        state, metrics = train_on_partition(
-            cfg,
-            partition_id,
-            num_partitions,
-            global_state,
-            budget,
-            server_round,
-            deadline_s=config_number(rc, "deadline-s", cfg.round_timeout),
-            data_spec=_own_data(context, cfg),
+        state, metrics = _on_private_data(
+            lambda: train_on_partition(
+                cfg,
+                partition_id,
+                num_partitions,
+                global_state,
+                budget,
+                server_round,
+                deadline_s=config_number(rc, "deadline-s", cfg.round_timeout),
+                data_spec=_own_data(context, cfg),
+            )
         )
     content = RecordDict(
         {ARRAYS_KEY: state_to_arrayrecord(state), METRICS_KEY: metric_record(metrics)}
@@ -191,7 +216,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _partition(context)
     state = arrayrecord_to_state(message_arrays(msg))
     own = _own_data(context, cfg)
-    metrics = evaluate_on_partition(cfg, partition_id, num_partitions, state, data_spec=own)
+    metrics = _on_private_data(
+        lambda: evaluate_on_partition(cfg, partition_id, num_partitions, state, data_spec=own)
+    )
     return Message(content=RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)
 
 

@@ -57,8 +57,22 @@ def train_on_partition(
     spec = data_spec or cfg.data_spec
     data = load_client_data(spec, partition_id, num_partitions, loaded.tokenizer)
     blocks = tokenize_samples(data.train, loaded.tokenizer, cfg.seq_len)
+    if len(blocks) == 0 and data.train:  # (plain text always gives a row: these were prompts)
+        raise ConfigError(
+            f"this node's data: none of its {len(data.train)} sample(s) fits "
+            f"seq-len={cfg.seq_len}: every instruction prompt fills the row, leaving no answer "
+            "to learn (a longer seq-len, or shorter prompts)"
+        )
     batches = iterate_batches(blocks, budget.batch_size, seed=cfg.seed * 100_003 + server_round)
-    left = None if deadline_s is None else max(0.0, deadline_s - (time.perf_counter() - started))
+    loading_s = time.perf_counter() - started
+    left = None if deadline_s is None else max(0.0, deadline_s - loading_s)
+    if left == 0.0 and budget.local_steps > 0:
+        log.warning(
+            "the round's deadline (%.0fs) passed while the model and data loaded (%.1fs): no "
+            "step trained this round (a later round-deadline-s, or less data on this node)",
+            deadline_s,
+            loading_s,
+        )
     with torch.random.fork_rng(devices=[]):  # LoRA dropout: the same for the same seed
         torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + partition_id)
         result = train_lora(

@@ -38,7 +38,7 @@ class RunConfig:
     data: str = "shakespeare"  # "shakespeare" or a path to JSON/JSONL/text data
     partitioning: str = "play"  # "play" | "character" | "iid" | "dirichlet"
     dirichlet_alpha: float = 0.5
-    heldout_fraction: float = 0.1  # per-client held-out share
+    heldout_fraction: float = 0.0  # per-client tail kept from training for a local evaluate
     central_heldout: int = 2  # plays reserved for the server's central evaluation
     max_samples_per_client: int = 0  # 0 = all
     num_server_rounds: int = 3

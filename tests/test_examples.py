@@ -203,9 +203,9 @@ def test_the_own_data_file_loads_and_splits_with_the_librarys_loader():
     cfg = RunConfig.from_flower(
         {"model": "tiny", "data": str(OWN_DATA), "partitioning": "iid", "local-steps": 3}
     )
-    assert cfg.data_spec == DataSpec(source=str(OWN_DATA), partitioning="iid")
+    assert cfg.data_spec == DataSpec(source=str(OWN_DATA), partitioning="iid", heldout_fraction=0)
     parts = [load_client_data(cfg.data_spec, i, 2) for i in range(2)]
-    assert all(p.train and p.heldout for p in parts)
+    assert all(p.train and not p.heldout for p in parts)  # (no local evaluation: all of it trains)
 
 
 @pytest.fixture()

@@ -135,8 +135,8 @@ def _read_utf8(path: Path) -> str:
 def _parse_json(text: str, path: Path) -> list[Record]:
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(str(path), f"invalid JSON: {e.msg}", line=e.lineno) from e
+    except (ValueError, RecursionError) as e:
+        raise _invalid_json(e, path, getattr(e, "lineno", None)) from e
     if not isinstance(data, list):
         raise DataFormatError(str(path), f"expected a JSON list of records, got {_kind(data)}")
     records: list[Record] = []
@@ -155,13 +155,25 @@ def _parse_jsonl(text: str, path: Path) -> list[Record]:
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(str(path), f"invalid JSON: {e.msg}", line=number) from e
+        except (ValueError, RecursionError) as e:
+            raise _invalid_json(e, path, number) from e
         try:
             records.append(parse_record(item))
         except ValueError as e:
             raise DataFormatError(str(path), str(e), line=number) from e
     return records
+
+
+def _invalid_json(e: ValueError | RecursionError, path: Path, line: int | None) -> DataFormatError:
+    """What JSON the parser refused: a syntax error, and also what ``json`` raises otherwise (a
+    number of more digits than Python converts, a nesting too deep to decode)."""
+    if isinstance(e, json.JSONDecodeError):
+        why = e.msg
+    elif isinstance(e, RecursionError):
+        why = "nested too deeply"
+    else:
+        why = str(e).split(";")[0]  # (the digits limit: its advice is for programs, not files)
+    return DataFormatError(str(path), f"invalid JSON: {why}", line=line)
 
 
 def _kind(value: object) -> str:

@@ -114,7 +114,9 @@ def test_evaluate_returns_held_out_loss_only(global_state):
         dst_node_id=7,
         message_type="evaluate",
     )
-    reply = evaluate(msg, context({"partition-id": 1, "num-partitions": 3}))
+    node = {"partition-id": 1, "num-partitions": 3}
+    ctx = Context(1, 7, node, RecordDict(), {**RUN_CONFIG, "heldout-fraction": 0.1})
+    reply = evaluate(msg, ctx)
     assert not reply.content.array_records  # evaluation sends nothing back but metrics
     (metrics,) = reply.content.metric_records.values()
     assert set(metrics) == {"num-examples", "eval-loss", "eval-perplexity"}
@@ -150,9 +152,9 @@ def test_a_device_trains_on_its_own_data_file_given_in_its_node_config(global_st
     ctx = context({"data": str(data)})  # no partition-id / num-partitions: the whole file
     reply = train(train_message(global_state), ctx)
     (metrics,) = reply.content.metric_records.values()
-    # 11 of the 12 records train (one row each): nothing set aside as the server's held-out set,
-    # only the local held-out tail (a tenth: one record).
-    assert metrics["num-examples"] == 11
+    # All 12 records train (one row each): nothing set aside as the server's held-out set, nor a
+    # local held-out tail for an evaluation the server never asks for (heldout-fraction 0).
+    assert metrics["num-examples"] == 12
     with pytest.raises(ConfigError, match="data must be 'shakespeare' or an existing file"):
         train(train_message(global_state), context({"data": str(tmp_path / "missing.jsonl")}))
 
@@ -187,6 +189,65 @@ def test_the_runs_own_file_named_another_way_still_keeps_the_servers_held_out_pa
     (tmp_path / "data" / "other.jsonl").write_text('{"text": "y"}\n')
     other = _own_data(context({"data": "data/other.jsonl"}), cfg)
     assert other is not None and other.central_heldout == 0
+    # A file of the run's folder, or a folder holding the run's file: the server sets aside the
+    # same records of each file (chosen by its name) and they stay out here too (they trained).
+    folder_run = RunConfig.from_flower({**RUN_CONFIG, "data": "data", "central-heldout": 1})
+    for node_data, run in (("data/qa.jsonl", folder_run), (str(tmp_path / "data"), cfg)):
+        spec = _own_data(context({"data": node_data}), run)
+        assert spec is not None and spec.central_heldout == 1, node_data
+
+
+@pytest.fixture()
+def node_log(caplog):
+    """What the node's own log says (the ClientApp's loggers do not propagate: setup_logging)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("client_app", "collm_fl")]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
+    yield caplog
+    for logger in loggers:
+        logger.removeHandler(caplog.handler)
+
+
+def test_a_devices_malformed_data_reaches_the_server_as_its_line_not_its_content(
+    global_state, tmp_path, node_log
+):
+    # Flower sends an error's text to the server (which logs and stores it): a role holding a
+    # person's name, and the file's path, were in it.
+    from collm_fl.errors import DataFormatError
+
+    data = tmp_path / "alice-medical.jsonl"
+    chat = '{"messages": [{"role": "Dr. Alice Smith", "content": "x"}]}'
+    data.write_text('{"text": "fine"}\n' + chat + "\n")
+    with pytest.raises(DataFormatError) as raised:
+        train(train_message(global_state), context({"data": str(data)}))
+    sent = str(raised.value)
+    assert sent == "this node's data file:2: malformed (the node's log says what)"
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    logged = node_log.text  # the node's own log has all of it
+    assert "alice-medical.jsonl:2" in logged and "Dr. Alice Smith" in logged
+
+
+def test_a_device_whose_prompts_fill_seq_len_is_told_so_not_that_its_data_is_empty(
+    global_state, tmp_path
+):
+    data = tmp_path / "long.jsonl"
+    long = " ".join(f"word{i}" for i in range(200))
+    data.write_text("\n".join(f'{{"instruction": "{long}", "output": "ok"}}' for _ in range(3)))
+    ctx = Context(1, 7, {"data": str(data)}, RecordDict(), {**RUN_CONFIG, "seq-len": 32})
+    with pytest.raises(ConfigError, match=r"none of its 3 sample\(s\) fits seq-len=32"):
+        train(train_message(global_state), ctx)
+
+
+def test_a_device_whose_deadline_passed_while_it_loaded_warns(global_state, node_log):
+    msg = train_message(global_state)
+    msg.content.config_records["config"]["deadline-s"] = 0.0
+    reply = train(msg, context({"partition-id": 0, "num-partitions": 3}))
+    (metrics,) = reply.content.metric_records.values()
+    assert metrics["local-steps"] == 0
+    warned = [r for r in node_log.records if "no step trained this round" in r.getMessage()]
+    assert warned and warned[0].levelname == "WARNING", node_log.text
 
 
 def test_under_dp_a_node_that_trains_nothing_still_answers_with_its_zero_update(global_state):

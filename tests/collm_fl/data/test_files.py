@@ -58,6 +58,24 @@ def test_jsonl_bad_line_reports_its_line_number(tmp_path: Path) -> None:
     assert str(info.value).startswith(f"{path}:3: invalid JSON")
 
 
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [("[" * 100_000 + "]" * 100_000, "nested too deeply"), ("1" * 5_000, "Exceeds the limit")],
+)
+def test_json_the_parser_refuses_otherwise_is_a_format_error_with_its_line(
+    tmp_path: Path, line: str, why: str
+) -> None:
+    # json.loads raises RecursionError on deep nesting and a plain ValueError on a number of
+    # more than 4300 digits (Python 3.11+): both reached the caller bare, without the file.
+    path = _write_jsonl(tmp_path / "d.jsonl", [GOOD, line])
+    with pytest.raises(DataFormatError, match=rf"d\.jsonl:2: invalid JSON: {why}"):
+        load_records(path)
+    whole = tmp_path / "d.json"
+    whole.write_text(line)
+    with pytest.raises(DataFormatError, match=rf"d\.json(:1)?: invalid JSON: {why}"):
+        load_records(whole)
+
+
 def test_jsonl_wrong_type_reports_line_and_key(tmp_path: Path) -> None:
     bad = json.dumps({"instruction": "x", "output": 5})
     path = _write_jsonl(tmp_path / "d.jsonl", [GOOD, bad])
