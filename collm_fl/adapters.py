@@ -112,15 +112,30 @@ class LoraSpec:
             targets_t = tuple(str(t) for t in targets)
         else:
             raise AdapterValidationError([f"target_modules must be a list, got {targets!r}"])
+        # Types as PEFT writes them: a config read with coercion ("r": 8.5 or "8") was stored
+        # as it came, and PEFT could not load the version.
+        rank, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0)
+        wrong = [f"r must be an integer, got {rank!r}"] if not _is_int(rank) else []
+        wrong += [
+            f"{key} must be a number, got {value!r}"
+            for key, value in (("lora_alpha", alpha), ("lora_dropout", dropout))
+            if not (_is_int(value) or isinstance(value, float))
+        ]
+        if wrong:
+            raise AdapterValidationError(wrong)
         return cls(
-            rank=int(cfg["r"]),  # type: ignore[call-overload]
-            alpha=float(cfg["lora_alpha"]),  # type: ignore[arg-type]
-            dropout=float(cfg.get("lora_dropout", 0.0)),  # type: ignore[arg-type]
+            rank=rank,  # type: ignore[arg-type]
+            alpha=float(alpha),  # type: ignore[arg-type]
+            dropout=float(dropout),  # type: ignore[arg-type]
             target_modules=tuple(sorted(targets_t)),
         )
 
     def replace(self, **changes: object) -> LoraSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def lora_module_names(state: Mapping[str, np.ndarray]) -> list[str]:

@@ -145,9 +145,10 @@ def check_bearer(
 class BodySizeLimit:
     """ASGI middleware: read the whole request body first, bounded in size and in time.
 
-    Over ``max_bytes`` (by Content-Length, or counted when chunked) → 413; a client that stops
-    sending its body for ``read_timeout_s`` → 408 (a slow client cannot hold a connection and a
-    server task forever). The app then reads the buffered body as usual.
+    Over ``max_bytes`` (by Content-Length, or counted when chunked) → 413; a body not all
+    received within ``read_timeout_s`` of the request's start → 408 (a slow client cannot hold a
+    connection and a server task forever: the deadline is for the whole body, not per read, so
+    a byte now and then does not renew it). The app then reads the buffered body as usual.
     """
 
     def __init__(
@@ -173,9 +174,11 @@ class BodySizeLimit:
             return
         chunks: list[bytes] = []
         seen = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s
         while True:
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 msg = f"request body not received within {self.read_timeout_s:g} s"
                 await _reject(send, 408, msg, "body_timeout")

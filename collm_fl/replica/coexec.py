@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -84,6 +84,9 @@ class TrainJob:
     # Its first step waits this long after submission (the allocation's turns: the replicas of a
     # light round train one after another; the deadline still counts from submission).
     start_after_s: float = 0.0
+    # Set when nobody waits for the outcome any more (the caller left): a running job stops
+    # after its step, with the steps done (a job not started yet is cancelled instead).
+    abandoned: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,9 @@ class CoTrainer:
         while steps < total:
             if self._stopping.is_set():
                 raise TrainerStopped("replica is shutting down")
+            if job.abandoned.is_set():
+                log.info("round %d: its caller left: stopped at %d steps", job.round_number, steps)
+                break
             seen = self.engine.change_count()  # before the decision reads the serving state
             time_left = job.deadline_s - (self.clock() - started)
             if time_left <= 0 or not self._step_fits(time_left, 1.0):

@@ -32,6 +32,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from collm_fl.api.disconnect import ClientGone, unless_client_leaves
 from collm_fl.api.errors import (
     APIError,
     BodySizeLimit,
@@ -140,7 +141,7 @@ def create_control_app(
         return {"status": "served", **asdict(result)}
 
     @app.post("/control/train", dependencies=guarded)
-    async def train(body: TrainBody) -> Response:
+    async def train(body: TrainBody, request: Request) -> Response:
         served = replica.served_version
         if body.base_version is not None and served != body.base_version:
             raise APIError(
@@ -155,6 +156,7 @@ def create_control_app(
                 param="start_after_s",
                 code="cannot_train",
             )
+        before = replica.training_share
         try:
             if body.share is not None:
                 replica.set_training_share(body.share)
@@ -179,10 +181,17 @@ def create_control_app(
                     base_version=body.base_version,
                     start_after_s=body.start_after_s,
                 )
-                outcome = await asyncio.wrap_future(job)
+                # A caller that leaves (its round ended, its node stopped) takes its job along:
+                # one not started never runs, a running one stops after its step.
+                outcome = await unless_client_leaves(request, asyncio.wrap_future(job))
+        except ClientGone:
+            log.info("the caller of a training job left: job dropped")
+            return Response(status_code=499)  # (nginx's "client closed request"; unread)
         except VersionConflictError as e:  # a version landed after the check above
+            _restore_share(body.share, before)
             raise APIError(409, str(e), code="version_mismatch") from e
         except ConfigError as e:
+            _restore_share(body.share, before)
             raise APIError(400, str(e), code="cannot_train") from e
         except TrainerStopped as e:  # SIGTERM: the job ends with the replica
             raise APIError(503, str(e), "server_error", code="shutting_down") from e
@@ -208,6 +217,12 @@ def create_control_app(
             metrics,
         )
         return Response(blob, media_type="application/octet-stream")
+
+    def _restore_share(asked: float | None, before: float) -> None:
+        """A refused job changes nothing: the share it set goes back (unless another call has
+        set one since)."""
+        if asked is not None and replica.trainer is not None and replica.training_share == asked:
+            replica.set_training_share(before)
 
     @app.get("/control/load", dependencies=guarded)
     async def load(reset: bool = False) -> dict[str, float]:

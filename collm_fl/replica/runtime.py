@@ -54,6 +54,7 @@ _VERSION_DIR = re.compile(r"v(\d{4,})")
 ASIDE_PREFIX = ".aside-"  # a stored version set aside while the same version is pushed again
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ROLLED_BACK = "ROLLED_BACK"  # in a run's folder: the version a rollback serves, until a push
+SERVING_RUN = "SERVING_RUN"  # in the store: the run served last (a restart resumes it)
 
 
 def _rolled_back_to(run_dir: Path) -> int | None:
@@ -61,6 +62,14 @@ def _rolled_back_to(run_dir: Path) -> int | None:
     try:
         return int((run_dir / ROLLED_BACK).read_text().strip())
     except (OSError, ValueError):
+        return None
+
+
+def _served_run(store_dir: Path) -> str | None:
+    """The run recorded as served last in ``store_dir``, if any."""
+    try:
+        return (store_dir / SERVING_RUN).read_text().strip() or None
+    except OSError:
         return None
 
 
@@ -205,16 +214,21 @@ class Replica:
     def recover(self) -> int | None:
         """Serve the newest valid stored version (after a restart); returns its number.
 
-        Versions are kept per federation run (``<store-dir>/<run>/vNNNN``); the run written to
-        most recently is the one resumed. A rollback's version (``ROLLED_BACK`` in the run's
-        folder, until a newer version is pushed) comes first.
+        Versions are kept per federation run (``<store-dir>/<run>/vNNNN``); the run served last
+        (``SERVING_RUN`` in the store) is the one resumed, else the one written to most recently.
+        A rollback's version (``ROLLED_BACK`` in the run's folder, until a newer version is
+        pushed) comes first.
         """
         runs = [p for p in self.store_dir.iterdir() if p.is_dir() and _RUN_NAME.fullmatch(p.name)]
         for run_dir in runs:
             for tmp in cleanup_partial_dirs(run_dir):
                 log.warning("removed an interrupted version write: %s", tmp)
             _settle_aside(run_dir)
-        for run_dir in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True):
+        # (A push of another run that failed, or the clean-up above, touches that run's folder:
+        # its time alone would resume a run no longer served.)
+        served = _served_run(self.store_dir)
+        runs.sort(key=lambda p: (p.name == served, p.stat().st_mtime), reverse=True)
+        for run_dir in runs:
             stored = sorted(self.stored_versions(run_dir.name), reverse=True)
             rolled_back = _rolled_back_to(run_dir)
             if rolled_back in stored:  # served last: the versions above it were rolled back from
@@ -314,6 +328,7 @@ class Replica:
             # A newer version serves now: a restart serves the newest again, not a rollback's.
             with contextlib.suppress(FileNotFoundError):
                 (vdir.parent / ROLLED_BACK).unlink()
+            self._remember_run(run)
             self._prune_versions(run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
 
@@ -360,6 +375,15 @@ class Replica:
                     with self.serving_paused():
                         self.merged.replace(merged[1], merged[0])
                 raise
+
+    def _remember_run(self, run: str) -> None:
+        """Record ``run`` as the one served (``SERVING_RUN``), where another one was."""
+        if _served_run(self.store_dir) == run:
+            return
+        try:
+            write_text_atomic(self.store_dir / SERVING_RUN, f"{run}\n")
+        except OSError as e:  # served all the same; a restart falls back on the folders' times
+            log.warning("could not record the served run %r: %s", run, e)
 
     def _prune_versions(self, run: str) -> None:
         """Delete ``run``'s stored versions beyond the newest ``keep_versions`` (never the served
@@ -594,8 +618,9 @@ class Replica:
                     counted.set_result(outcome)
 
         def drop_if_unwanted(waiter: Future[TrainOutcome]) -> None:
-            if waiter.cancelled():  # nobody waits for it: a job not started yet never runs
+            if waiter.cancelled():  # nobody waits for it: a job not started yet never runs,
                 queued.cancel()
+                job.abandoned.set()  # and a running one stops after its step
 
         queued = self.trainer.submit(job)
         queued.add_done_callback(count)

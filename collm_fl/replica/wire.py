@@ -46,7 +46,7 @@ def decode_adapter(
                 "adapter with its PEFT config in the header (collm_fl.replica.wire.encode_adapter; "
                 "see docs/replica.md), not a bare adapter_model.safetensors"
             )
-        config = json.loads(meta["peft_config"])
+        config = json.loads(meta["peft_config"], parse_constant=_not_json)
         metrics = json.loads(meta.get("metrics") or "{}")
         version = int(meta["version"]) if meta.get("version") else None
         if not isinstance(config, dict) or not isinstance(metrics, dict):
@@ -55,6 +55,12 @@ def decode_adapter(
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise AdapterValidationError([f"malformed adapter payload: {e}"]) from e
     return dict(state), config, version, numbers
+
+
+def _not_json(constant: str) -> object:
+    """``NaN`` and ``Infinity``, which Python's json reads but JSON has not: a config holding one
+    could never be stored (the store writes strict JSON)."""
+    raise ValueError(f"the PEFT config holds {constant}, which is not JSON")
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

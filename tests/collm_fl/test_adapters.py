@@ -33,3 +33,38 @@ def test_lora_options_that_change_the_adapters_math_are_refused(key, value):
     config = {**LoraSpec().to_peft_config_dict("tiny"), key: value}
     with pytest.raises(AdapterValidationError, match=key):
         LoraSpec.from_peft_config_dict(config)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("r", 8.5),
+        ("r", "8"),
+        ("r", True),
+        ("r", None),
+        ("lora_alpha", "16"),
+        ("lora_dropout", None),
+    ],
+)
+def test_shape_fields_of_another_type_are_refused_not_coerced(key, value):
+    # Read with int() / float(), "r": 8.5 served as rank 8 and was stored as 8.5: a stored
+    # version PEFT could not load.
+    config = {**LoraSpec().to_peft_config_dict("tiny"), key: value}
+    if value is None and key == "r":
+        del config[key]
+    with pytest.raises(AdapterValidationError, match=f"{key} must be"):
+        LoraSpec.from_peft_config_dict(config)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_pushed_config_holding_a_non_json_number_is_a_malformed_payload(constant):
+    # Python's json reads NaN; the store writes strict JSON, so the push failed later, as a 500.
+    import numpy as np
+
+    from collm_fl.replica.wire import decode_adapter, encode_adapter
+
+    blob = encode_adapter({"x.lora_A.weight": np.zeros((1, 1))}, {"r": 12345678901})
+    assert b"12345678901" in blob  # (a number as long as any constant, swapped in its place)
+    tampered = blob.replace(b"12345678901", constant.encode().ljust(11))
+    with pytest.raises(AdapterValidationError, match=f"holds {constant}"):
+        decode_adapter(tampered)

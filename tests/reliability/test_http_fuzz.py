@@ -9,6 +9,7 @@ not UTF-8, bodies over the limit, slow and stalled clients, many connections at 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -280,6 +281,35 @@ def test_the_body_timeout_flag_sets_both_apis_timeout(spare_replica, api):
     assert status == 408 and error["code"] == "body_timeout", body
     assert f"not received within {SPARE_BODY_TIMEOUT_S:g} s" in error["message"], body
     assert closed
+
+
+def test_a_body_dribbled_past_the_timeout_is_a_408_though_no_read_waited_that_long(
+    spare_replica,
+):
+    # A byte every 0.4 s: no single read waits the 2 s, and with a timeout per read this client
+    # held its connection and a server task for as long as it liked (here 100 bytes: 40 s).
+    s = open_partial_request(spare_replica, 100, b"{")
+    STATS["raw socket"] += 1
+    answered = threading.Event()
+
+    def dribble() -> None:
+        with contextlib.suppress(OSError):  # (the server closes the socket after its 408)
+            for _ in range(99):
+                if answered.wait(0.4):
+                    return
+                s.sendall(b" ")
+
+    sender = threading.Thread(target=dribble)
+    sender.start()
+    try:
+        s.settimeout(SPARE_BODY_TIMEOUT_S + 10.0)  # (well before the 40 s the body would take)
+        status, body = check_raw(s)
+    finally:
+        answered.set()
+        sender.join(timeout=10)
+        s.close()
+    error = json.loads(body)["error"]
+    assert status == 408 and error["code"] == "body_timeout", body
 
 
 def test_many_concurrent_connections_get_200_or_503_and_idle_ones_do_not_block(replica):

@@ -25,11 +25,11 @@ def make_replica(tmp_path):
         r.stop()
 
 
-def push(r: Replica, version: int) -> None:
+def push(r: Replica, version: int, run: str = "default") -> None:
     rng = np.random.default_rng(version)
     shapes = r.modules.expected_shapes()
     state = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
-    r.push_version(state, LoraSpec().to_peft_config_dict("tiny"), version)
+    r.push_version(state, LoraSpec().to_peft_config_dict("tiny"), version, run=run)
 
 
 def test_only_the_newest_versions_stay_on_disk_and_rollback_still_works(make_replica):
@@ -91,6 +91,29 @@ def test_a_restart_after_a_rollback_serves_the_version_rolled_back_to(make_repli
     again.stop()
     third = make_replica(keep=0)
     assert third.recover() == 3  # the push ended the rollback: the newest again
+
+
+def test_a_restart_resumes_the_run_served_last_whatever_folder_changed_since(make_replica):
+    """Run "a" served up to v3, then run "b" from v1. A push of "a" that failed, or a restart's
+    clean-up in it, touches a's folder after b's: chosen by the folders' times, a restart served
+    a's v3 again, a version of a run no longer served."""
+    import os
+    import time
+
+    r = make_replica(keep=0)
+    for v in range(4):
+        push(r, v, run="a")
+    push(r, 1, run="b")
+    r.stop()
+    a_dir = r.version_dir(3, "a").parent
+    later = time.time() + 60
+    os.utime(a_dir, (later, later))  # (as writing and removing a failed push's files does)
+    again = make_replica(keep=0)
+    assert again.recover() == 1 and again.run == "b"
+    push(again, 4, run="a")  # the federation moves back to run a: a restart follows it
+    again.stop()
+    third = make_replica(keep=0)
+    assert third.recover() == 4 and third.run == "a"
 
 
 def test_a_restart_passes_over_a_version_whose_config_is_no_lora_config(make_replica):
