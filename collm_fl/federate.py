@@ -27,7 +27,7 @@ import psutil
 from sqlalchemy.exc import SQLAlchemyError
 
 from collm_fl.config import RunConfig, Scalar, format_overrides, parse_overrides
-from collm_fl.errors import CollmError, ConfigError
+from collm_fl.errors import CollmError, ConfigError, WorkFailed
 from collm_fl.flower_app import stage_app
 from collm_fl.launch import descendants, terminate_all
 
@@ -78,8 +78,8 @@ def start_local_superlink(
 ) -> bool:
     """Start the local SuperLink ``flwr run`` uses for a simulation (at ``env``'s FLWR_HOME and
     ports; with no database when ``in_memory``, as for a ``:local-in-memory:`` connection) unless
-    one answers, and wait up to ``timeout_s`` for it. Returns whether it started one; CollmError
-    (with Flower's message) when it did not come up."""
+    one answers, and wait up to ``timeout_s`` for it. Returns whether it started one; WorkFailed
+    (exit 1, with Flower's message) when it did not come up."""
     if local_superlink_running(dict(env)):
         return False
     store = "in-memory" if in_memory else "database"
@@ -90,10 +90,10 @@ def start_local_superlink(
         )
     except subprocess.TimeoutExpired as e:  # (its SuperLink runs in a session of its own)
         stop_processes(find_local_superlinks(flwr_home_of(env)))
-        raise CollmError(f"the local SuperLink did not start within {timeout_s:g}s") from e
+        raise WorkFailed(f"the local SuperLink did not start within {timeout_s:g}s") from e
     if done.returncode != 0:
         why = " ".join((done.stderr or done.stdout).split())[-600:]  # (the last of a traceback)
-        raise CollmError(f"could not start the local SuperLink: {why}")
+        raise WorkFailed(f"could not start the local SuperLink: {why}")
     log.info("local SuperLink started (FLWR_HOME %s)", env.get("FLWR_HOME", "~/.flwr"))
     return True
 

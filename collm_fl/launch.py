@@ -80,6 +80,20 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def process_group(pgid: int) -> list[psutil.Process]:
+    """The processes in group ``pgid`` (none when no process leads one of that id)."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.pid != os.getpid() and os.getpgid(proc.pid) == pgid:
+                found.append(proc)
+    return found
+
+
+def _union(*groups: list[psutil.Process]) -> list[psutil.Process]:
+    return list({p.pid: p for group in groups for p in group}.values())
+
+
 def terminate_all(procs: list[psutil.Process], timeout: float = 5.0) -> None:
     """SIGTERM every one of ``procs`` still running, SIGKILL what is left after ``timeout``.
 
@@ -203,7 +217,9 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM, SIGKILL after ``timeout``; then the processes it started that outlived it."""
+        """SIGTERM, SIGKILL after ``timeout``; then the processes it started that outlived it
+        (also when it had died already: see :meth:`_orphans`)."""
+        left = []
         if self.alive():
             left = descendants(self.popen.pid)
             self.popen.terminate()
@@ -213,17 +229,26 @@ class ManagedProcess:
                 log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.popen.pid)
                 self.popen.kill()
                 self.popen.wait()
-            terminate_all(left)
+        terminate_all(_union(left, self._orphans()))
         self._log.close()
 
     def kill(self) -> None:
         """SIGKILL, no grace period (when there is no time to wait for a clean stop)."""
+        left = []
         if self.alive():
             left = descendants(self.popen.pid)
             self.popen.kill()
             self.popen.wait()
-            terminate_all(left, timeout=0.0)
+        terminate_all(_union(left, self._orphans()), timeout=0.0)
         self._log.close()
+
+    def _orphans(self) -> list[psutil.Process]:
+        """What is left of the process group it led (started in a session of its own): once it
+        has died, its children are another process's and out of :func:`descendants`' reach (a
+        SuperNode killed mid-round leaves its SuperExec and ClientApp running)."""
+        if self.popen.poll() is not None and psutil.pid_exists(self.popen.pid):
+            return []  # (its id is another process's now, and so is a group of that id)
+        return process_group(self.popen.pid)
 
     def tail(self, chars: int = 3000) -> str:
         try:
@@ -536,8 +561,10 @@ class LocalFederation:
 def replica_flags(cfg: RunConfig) -> tuple[str, ...]:
     """The ``collm replica`` flags that make a local replica train as the run config says: its
     data and split (the same partitions and central held-out part as the server and devices),
-    sequence length, batch size, LoRA shape, device and quantization."""
+    sequence length, batch size, LoRA shape, device and quantization; and serve to its SLOs
+    (those the allocation judges the replicas' latencies by)."""
     return (
+        *("--ttft-slo", str(cfg.ttft_slo_s), "--tpot-slo", str(cfg.tpot_slo_s)),
         *("--data", cfg.data, "--partitioning", cfg.partitioning),
         *("--dirichlet-alpha", str(cfg.dirichlet_alpha)),
         *("--central-heldout", str(cfg.central_heldout)),

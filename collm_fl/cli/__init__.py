@@ -6,9 +6,7 @@ reason on stderr, 1 for a failure of the work itself (e.g. a local process that 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,7 +14,7 @@ from collections.abc import Sequence
 from collm_fl.cli.commands import dispatch
 from collm_fl.cli.parser import build_parser
 from collm_fl.errors import CollmError
-from collm_fl.logs import setup_logging
+from collm_fl.logs import setup_logging, silence_lost_terminal
 
 __all__ = ["build_parser", "main"]
 
@@ -54,12 +52,7 @@ def _terminated(signum: int, _frame: object) -> None:
 def _hung_up(signum: int, frame: object) -> None:
     """The terminal is gone: writing to it would fail (EIO) while the command unwinds and
     reports, so its output goes nowhere from now on; then as SIGTERM."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for fd in (1, 2):
-        with contextlib.suppress(OSError):
-            if os.isatty(fd):
-                os.dup2(devnull, fd)
-    os.close(devnull)
+    silence_lost_terminal()
     _terminated(signum, frame)
 
 

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("bench", "site"):  # (`load` and `live` check theirs as they start)
+        for flag in ("out", "workdir"):
+            if where := getattr(args, flag, None):
+                check_output_dir(Path(where), f"--{flag}")
     if args.command == "prepare":
         from collm_fl.models import load_base_model
 
@@ -318,6 +322,22 @@ def dispatch(args: argparse.Namespace) -> int:
         print((Path(args.out) / "forecast.md").read_text())
         return 0
     raise AssertionError(f"unhandled command {args}")  # argparse guarantees a known command
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Make sure ``path`` is, or can be made, a folder this process writes in, before any work
+    starts: a command finding out only when it writes its report (a file of that name, a folder
+    not its own) would lose all the work before it. Nothing is made here: input found bad later
+    leaves nothing behind."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # (a path under a file does not exist either)
+    if not existing.is_dir():
+        if existing == path:
+            raise ConfigError(f"{flag}: {path} is not a directory")
+        raise ConfigError(f"{flag}: cannot make the folder {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: {existing} is not a folder this user can write in")
 
 
 def _run_replica(args: argparse.Namespace) -> int:

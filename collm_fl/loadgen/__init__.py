@@ -48,6 +48,7 @@ from collm_fl.loadgen.trace import (
     trace_duration,
     write_sample_trace,
 )
+from collm_fl.logs import silence_lost_terminal
 from collm_fl.reports import write_text_atomic
 
 __all__ = [
@@ -169,6 +170,8 @@ def run_load_cli(
         stop, abandon, started = asyncio.Event(), asyncio.Event(), loop.time()
 
         def on_signal(sig: signal.Signals) -> None:
+            if sig == hangup:  # (the terminal is gone: what follows is written nowhere)
+                silence_lost_terminal()
             if stop.is_set():  # a second one: give up on those in flight, keep what was measured
                 abandon.set()
                 log.warning(
@@ -184,7 +187,7 @@ def run_load_cli(
                 timeout_s,
             )
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             loop.add_signal_handler(sig, on_signal, sig)
         try:
             return await replay(
@@ -200,12 +203,18 @@ def run_load_cli(
                 abandon=abandon,
             )
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
 
+    # A hang-up (the terminal or SSH session gone) ends the run as SIGTERM does, what was
+    # measured written, unless it is ignored (nohup).
+    signals = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signals.append(hangup)
     # asyncio puts back Python's defaults, not the handlers the process had (the CLI's SIGTERM
     # one, which exits cleanly): those are restored once the replay is over.
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in signals}
     try:
         results = asyncio.run(run())
     finally:
@@ -266,6 +275,17 @@ def _progress_printer(slo: SLOSpec) -> Callable[[ReplayProgress], None]:
     return show
 
 
+def _over_run(summary: LoadSummary) -> str:
+    """The throughput until the last answer, where that came after the schedule ended."""
+    last = summary.last_done_s
+    if last is None or last <= summary.duration_s + 0.5:
+        return ""
+    return (
+        f" per second of schedule; {summary.throughput_over_run_rps:.3f} req/s over the "
+        f"{last:.0f}s until the last request ended"
+    )
+
+
 def format_summary(summary: LoadSummary, slo: SLOSpec) -> str:
     """A short, human-readable table of a run's summary."""
 
@@ -284,7 +304,7 @@ def format_summary(summary: LoadSummary, slo: SLOSpec) -> str:
         f"SLO attainment   {summary.slo_attainment:.1%}",
         f"goodput          {summary.goodput_rps:.3f} req/s",
         f"throughput       {summary.throughput_rps:.3f} req/s, "
-        f"{summary.output_tokens_per_s:.1f} output tokens/s",
+        f"{summary.output_tokens_per_s:.1f} output tokens/s{_over_run(summary)}",
         f"{'latency (ms)':<16} {'p50':>9} {'p90':>9} {'p99':>9}",
         f"{'  TTFT':<16} {ttft}",
         f"{'  TPOT':<16} {tpot}",

@@ -545,6 +545,55 @@ def test_a_hang_up_stops_a_launcher_as_sigterm_does_unless_it_is_ignored(capsys,
             signal.signal(sig, handler)
 
 
+def test_an_output_folder_that_cannot_be_made_exits_2_before_any_work(capsys, tmp_path):
+    # Found when the report was written, at the end: an hour's benchmark lost to a traceback.
+    from pathlib import Path
+
+    taken = tmp_path / "report.md"
+    taken.write_text("not a folder")
+    saved = Path(__file__).parents[2] / "docs" / "bench" / "goodput.json"
+    code, err = run(capsys, "bench", "goodput", "--from-json", str(saved), "--out", str(taken))
+    assert code == 2 and f"--out: {taken} is not a directory" in err, err
+    code, err = run(capsys, "site", "--workdir", str(taken / "site"))
+    assert code == 2 and f"--workdir: cannot make the folder {taken / 'site'}" in err, err
+    assert taken.read_text() == "not a folder"
+    # Nothing made by the check: a folder to be is left for the command to make.
+    fresh = tmp_path / "new" / "report"
+    assert run(capsys, "bench", "goodput-runs", "--out", str(fresh))[0] == 2  # (no run given)
+    assert not (tmp_path / "new").exists()
+
+
+def test_after_a_hang_up_the_command_can_still_write_its_report_lines():
+    """A terminal that hung up is no longer a tty (``isatty()`` fails with EIO) and every write to
+    it fails: kept as it was, the first line of "interrupted: writing the report" raised, and
+    the report was never written. Here in a child process whose stdout is a pty that hangs up."""
+    import subprocess
+    import sys
+
+    code = """
+import os, signal, sys
+from collm_fl import cli
+master, slave = os.openpty()
+os.dup2(slave, 1)
+os.close(slave)
+os.close(master)  # the terminal hangs up
+hung = not os.isatty(1)
+try:
+    os.write(1, b"x")
+    sys.exit(4)  # (not hung up after all: the test would prove nothing)
+except OSError:
+    pass
+try:
+    cli._hung_up(signal.SIGHUP, None)
+except KeyboardInterrupt:
+    pass
+print("interrupted: writing the report of the rounds so far", flush=True)
+sys.exit(0 if hung else 3)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+
+
 def test_federate_on_a_remote_default_connection_exits_2_and_starts_no_superlink(
     capsys, tmp_path, monkeypatch
 ):

@@ -172,8 +172,9 @@ def test_the_local_superlink_is_started_once_with_time_to_come_up(tmp_path):
 
 def test_a_local_superlink_that_does_not_come_up_in_time_is_an_error_and_is_not_left(tmp_path):
     env = _private_flower(tmp_path)
-    with pytest.raises(CollmError, match=r"could not start the local SuperLink: .*within 0s"):
+    with pytest.raises(CollmError, match=r"could not start the local SuperLink: .*within 0s") as e:
         start_local_superlink(env, timeout_s=0.001)
+    assert e.value.exit_code == 1  # the work failed, not its input
     assert find_local_superlinks(Path(env["FLWR_HOME"])) == []
 
 

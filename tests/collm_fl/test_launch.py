@@ -46,7 +46,7 @@ def test_local_replicas_get_the_run_configs_data_split_and_lora_shape(tmp_path) 
     overrides = (
         f"data='{data}' partitioning='dirichlet' dirichlet-alpha=0.3 central-heldout=1 "
         "max-samples-per-client=50 seed=7 seq-len=64 batch-size=2 lora-rank=4 lora-alpha=8 "
-        "lora-targets='q_proj,k_proj' lora-dropout=0.05"
+        "lora-targets='q_proj,k_proj' lora-dropout=0.05 ttft-slo-s=5 tpot-slo-s=1"
     )
     cfg = RunConfig.from_app(Path(__file__).parents[2], overrides)
     args = build_parser().parse_args(["replica", *replica_flags(cfg)])
@@ -55,6 +55,8 @@ def test_local_replicas_get_the_run_configs_data_split_and_lora_shape(tmp_path) 
     assert dataclasses.replace(spec, heldout_fraction=cfg.heldout_fraction) == cfg.data_spec
     assert spec.heldout_fraction == 0.0  # nothing on a replica evaluates a local tail
     assert (args.seq_len, args.train_batch_size) == (64, 2)
+    # The SLOs the allocation judges the replicas by: they served to the defaults (2 s / 0.2 s).
+    assert (args.ttft_slo, args.tpot_slo) == (5.0, 1.0)
     lora = (args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
     assert lora == (4, 8.0, "q_proj,k_proj", 0.05)
 
@@ -151,6 +153,37 @@ def test_stopping_a_process_stops_what_it_started_that_outlives_it(tmp_path) -> 
     wait_for(lambda: pid_file.is_file() and pid_file.read_text() != "", 30, "no child started")
     child = psutil.Process(int(pid_file.read_text()))
     try:
+        proc.stop()
+        wait_for(lambda: not child.is_running() or child.status() == "zombie", 30, "child alive")
+    finally:
+        if child.is_running():
+            child.kill()
+
+
+def test_stopping_a_process_that_died_stops_what_it_left_behind(tmp_path) -> None:
+    """A SuperNode killed mid-round (SIGKILL, the OOM killer) leaves its SuperExec and ClientApp
+    to another parent: stopping the dead process only closed its log, and they ran on."""
+    import psutil
+
+    from collm_fl.launch import LocalFederation
+    from tests.collm_fl.gateway.gateway_harness import wait_for
+
+    pid_file = tmp_path / "child.pid"
+    parent = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    fed = LocalFederation(tmp_path / "site", 1, 0, model="tiny")
+    fed.workdir.mkdir(parents=True, exist_ok=True)
+    proc = fed.spawn("parent", [sys.executable, "-c", parent])
+    wait_for(lambda: pid_file.is_file() and pid_file.read_text() != "", 30, "no child started")
+    child = psutil.Process(int(pid_file.read_text()))
+    try:
+        proc.popen.kill()  # dies at once, its child left behind
+        proc.popen.wait(30)
+        assert child.is_running() and child.status() != "zombie"
         proc.stop()
         wait_for(lambda: not child.is_running() or child.status() == "zombie", 30, "child alive")
     finally:
