@@ -120,12 +120,12 @@ class CoordinationState:
                 continue
             node = self.nodes.setdefault(int(key), _Node())
             level, trend = entry.get("level"), entry.get("trend")
-            if _finite(level) and _finite(trend) and level >= 0:
+            if finite_number(level) and finite_number(trend) and level >= 0:
                 node.forecast = RateForecast(float(level), float(trend))
             steps = entry.get("step-seconds")
             if isinstance(steps, list):
                 node.step_history.extend(
-                    float(x) for x in steps if _finite(x) and x >= MIN_STEP_SECONDS
+                    float(x) for x in steps if finite_number(x) and x >= MIN_STEP_SECONDS
                 )
             restored += 1
         return restored
@@ -174,6 +174,14 @@ class CoordinationState:
         for n in node_ids:
             if n in self.nodes:
                 self.nodes[n].load_used = True
+        for b in budgets:
+            if b.sits_out and not b.reports_load and b.node_id in self.nodes:
+                # A device too slow for any step by its measurements is not asked, so it is never
+                # measured again: each round it sits out forgets its oldest step time, and once
+                # none is left (as many rounds as it had) its speed is unknown and it is asked.
+                history = self.nodes[b.node_id].step_history
+                if history:
+                    history.popleft()
         store.record_event(run_id, "allocation", {"round": rnd, **describe(inputs, budgets)})
         for b in budgets:
             log.info(
@@ -189,7 +197,7 @@ class CoordinationState:
         return {b.node_id: b for b in budgets}
 
 
-def _finite(x: object) -> TypeGuard[float]:
+def finite_number(x: object) -> TypeGuard[float]:
     """A JSON number that is one (not a bool, not NaN or infinite)."""
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 

@@ -49,7 +49,12 @@ from collm_fl.store import (
     VersionStore,
 )
 from collm_fl.training import get_adapter_state
-from server_app.coordination import COORDINATION_STATE, STATE_KEY, CoordinationState
+from server_app.coordination import (
+    COORDINATION_STATE,
+    STATE_KEY,
+    CoordinationState,
+    finite_number,
+)
 from strategies.allocation import NodeBudget, turn_before
 from strategies.lora import NOT_DELIVERED, LoraFedAvg, ReplyOutcome
 
@@ -185,6 +190,13 @@ class Federation:
         ok_nodes = Counter(
             p.round_number for p in self.store.participations(run_id) if p.status == "ok"
         )
+        # Every noised release on record, an attempt at a round that crashed before its row
+        # included (what came of it, a gate's loss, a log line, was out): each counts in ε.
+        releases = self.store.events(run_id, DP_RELEASE)
+        self.dp_releases.extend(
+            float(z) for e in releases if finite_number(z := e.payload.get("noise_multiplier"))
+        )
+        noised_rounds = {e.payload.get("round") for e in releases}
         for r in self.store.list_rounds(run_id):  # the loss curve so far, for the policy
             promoted = r.status == "aggregated"  # as the live loop: a gated version's loss is not
             loss = r.eval_loss if promoted else None
@@ -193,6 +205,8 @@ class Federation:
             else:  # (stored by an older collm: the total over its nodes)
                 steps = r.metrics.get("steps-total", 0.0) / max(1, ok_nodes[r.number])
             self.coordination.observe_round(steps, loss)
+            if r.number in noised_rounds:  # (counted above, with any attempt that crashed)
+                continue
             if DP_NOISE_MULTIPLIER in r.metrics:
                 self.dp_releases.append(r.metrics[DP_NOISE_MULTIPLIER])
             elif r.eval_loss is not None:  # released by a collm that did not record its noise:
@@ -276,6 +290,11 @@ class Federation:
 
         eval_loss = eval_ppl = None
         new_state, note, failure = None, "", report.failure
+        if new_arrays is not None and cfg.dp_noise_multiplier > 0:
+            # On record before anything comes of it (the gate's event holds its loss): a crash
+            # after this and before the round's row must not make its release uncounted.
+            release = {"round": rnd, "noise_multiplier": cfg.dp_noise_multiplier}
+            store.record_event(run_id, DP_RELEASE, release)
         if new_arrays is not None:
             new_state = arrayrecord_to_state(new_arrays)
             unusable = unusable_aggregate(new_state)
@@ -411,6 +430,7 @@ class Federation:
                 "loss": loss,
                 "best_version": best.number,
                 "best_loss": best.eval_loss,
+                "margin": margin,
             },
         )
         return False
@@ -442,8 +462,10 @@ class Federation:
         ]
         acked = 0
         timeout = min(self.cfg.round_timeout, self.cfg.publish_timeout)
-        for reply in exchange(self.grid, messages, timeout):
-            node = int(reply.metadata.src_node_id)
+        recipients: dict[str, int] = {}  # (a SuperLink's own error reply names node 1)
+        for reply in exchange(self.grid, messages, timeout, recipients=recipients):
+            sender = int(reply.metadata.src_node_id)
+            node = recipients.get(reply.metadata.reply_to_message_id, sender)
             if reply.has_error():
                 log.warning("publish v%d: node %d failed: %s", version, node, reply.error.reason)
                 continue
@@ -612,6 +634,7 @@ def held_for_turns(
 
 
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # round metric: the noise of the aggregate it released
+DP_RELEASE = "dp-release"  # event: a noised aggregate released (round, noise_multiplier)
 DP_EPSILON = "dp-epsilon"  # round metric: ε spent by the run so far, at the run's dp-delta
 # Metrics only the server sets (of a round, or of a node's participation): the same names in
 # the nodes' metrics are dropped.

@@ -7,8 +7,9 @@
   and reports every rejection with its node and reason, and aggregates the good ones with
   :func:`aggregate_lora_exact` (default) or :func:`aggregate_lora_fedavg`, or, with ``robust``
   set, the coordinate-wise median or trimmed mean of :func:`aggregate_lora_robust`. A round with
-  fewer good replies than ``min_good_replies`` returns no arrays, so the previous version stays in
-  force. Each good reply weighs its claimed ``num-examples``, capped at ``max_weight_ratio`` times
+  fewer good replies that trained than ``min_good_replies`` returns no arrays, so the previous
+  version stays in force (under DP too, where a reply that trained nothing stays in as a zero
+  update). Each good reply weighs its claimed ``num-examples``, capped at ``max_weight_ratio`` times
   the round's median claim when that is set (a capped node is logged and its outcome says so).
   Replies that ran different ``local-steps`` (one cut short by its deadline, or given a small
   budget by the allocation) are averaged as FedNova does (:func:`step_normalized`): the mean of
@@ -322,21 +323,24 @@ class LoraFedAvg(FedAvg):
         weights = self._cap_weights(server_round, outcomes, good_at)
 
         self._add_missing_replies(server_round, outcomes)
-        aggregated = len(good) >= self.min_good_replies
-        # Under uniform weights replies that trained nothing stay in (zero updates), but a round
-        # where none trained has nothing to release: its noise would spend privacy for nothing.
-        trained_any = any(outcomes[i].metrics.get(LOCAL_STEPS, 1.0) > 0 for i in good_at)
-        self.last_report = RoundReport(server_round, tuple(outcomes), aggregated and trained_any)
+        # Under uniform weights replies that trained nothing stay in (zero updates), but they
+        # are no updates: counted as good, one update halved (and noised) was released where
+        # without DP the round keeps the previous version. And a round where none trained has
+        # nothing to release: its noise would spend privacy for nothing.
+        n_trained = sum(outcomes[i].metrics.get(LOCAL_STEPS, 1.0) > 0 for i in good_at)
+        aggregated = n_trained >= self.min_good_replies
+        self.last_report = RoundReport(server_round, tuple(outcomes), aggregated and n_trained > 0)
         if not aggregated:
-            log.warning(
-                "round %d: %d good replies < min-good-replies=%d; keeping the previous version",
-                server_round,
-                len(good),
-                self.min_good_replies,
-            )
-            return None, None
-        if not trained_any:
-            log.warning("round %d: no node trained; keeping the previous version", server_round)
+            if good and not n_trained:
+                log.warning("round %d: no node trained; keeping the previous version", server_round)
+            else:
+                log.warning(
+                    "round %d: %d replies that trained < min-good-replies=%d; keeping the "
+                    "previous version",
+                    server_round,
+                    n_trained,
+                    self.min_good_replies,
+                )
             return None, None
         states = [state for state, _, _ in good]
         mean_weights, step_scale = weights, 1.0

@@ -64,6 +64,8 @@ RESUME_FIXED_KEYS = frozenset(
     | {"data", "central-heldout", "central-eval-samples", "seq-len", "seed"}
     | {"quantization"}  # other base weights: stored losses would not compare with new ones
 )
+# Event of a resume with settings other than the run started with: {"changed": {k: was/now}}.
+CONFIG_CHANGED = "config-changed"
 
 
 class VersionStore:
@@ -163,6 +165,11 @@ class VersionStore:
                     log.warning(
                         "resuming run %r with changed settings: %s", name, ", ".join(changed)
                     )
+                    # Stored with each resume (the run's row keeps the settings it started
+                    # with): the rounds of this attempt are aggregated and gated with these.
+                    was_now = {k: {"was": stored.get(k), "now": config.get(k)} for k in changed}
+                    payload = _dumps({"changed": was_now}, f"run {name!r} changed settings")
+                    s.add(Event(run_id=run.id, kind=CONFIG_CHANGED, payload_json=payload))
                 log.info("resuming run %r (id %d)", name, run.id)
             return _run_info(run)
 

@@ -45,6 +45,7 @@ class FakeGrid:
     def __init__(self, behaviours):
         self.behaviours = behaviours
         self.deaf: set[int] = set()
+        self.gone: set[int] = set()  # their publishes answered by the SuperLink, as node 1
 
     def get_node_ids(self):
         return list(self.behaviours)
@@ -58,6 +59,9 @@ class FakeGrid:
             ids.append(mid)
             if m.metadata.message_type == PUBLISH:
                 if int(m.metadata.dst_node_id) in self.deaf:
+                    continue
+                if int(m.metadata.dst_node_id) in self.gone:
+                    self.replies[mid] = superlink_error(0, 0, m)
                     continue
                 ack = RecordDict({"metrics": MetricRecord({"served-version": -1.0})})
                 self.replies[mid] = Message(ack, reply_to=m)
@@ -233,6 +237,17 @@ def test_a_node_that_never_acknowledges_a_publish_holds_it_publish_timeout_not_r
     store.close()
 
 
+def test_a_publish_the_superlink_answered_for_a_node_names_that_node(tmp_path, caplog):
+    # The SuperLink's error reply comes from node 1: the log named node 1 as the one that failed.
+    fed, store = federation(tmp_path, {5: honest, 6: honest}, num_server_rounds=1)
+    fed.grid.gone = {6}
+    with caplog.at_level(logging.WARNING, logger="server_app.federation"):
+        fed.run()
+    failed = [r.getMessage() for r in caplog.records if "failed:" in r.getMessage()]
+    assert failed and all(re.match(r"publish v\d+: node 6 failed: ", m) for m in failed), failed
+    store.close()
+
+
 def test_a_run_resumed_with_dp_after_rounds_without_noise_reports_no_finite_epsilon(tmp_path):
     from collm_fl.privacy import epsilon_spent
 
@@ -251,6 +266,42 @@ def test_a_run_resumed_with_dp_after_rounds_without_noise_reports_no_finite_epsi
     again._initial_version()
     assert again.dp_releases == [0.0]
     assert epsilon_spent(again.dp_releases, 1e-5) == float("inf")
+    store.close()
+
+
+def test_a_noised_release_of_a_round_that_crashed_before_its_row_still_counts(
+    tmp_path, monkeypatch
+):
+    # The gate's event (with the noised aggregate's loss) and the log were out before the round's
+    # row, which alone recorded the release: a crash between them, then a resume, redid the round
+    # with fresh noise and counted one release for two.
+    from collm_fl.privacy import epsilon_spent
+    from collm_fl.store import VersionStore
+
+    dp = {"dp_noise_multiplier": 1.0, "aggregation": "fedavg", "quality_gate_margin": -1.0}
+    fed, store = federation(tmp_path, {1: honest, 2: honest}, num_server_rounds=1, **dp)
+
+    save_version = VersionStore.save_version
+
+    def crash(*_args, **_kwargs):
+        raise KeyboardInterrupt("killed")  # (as a kill between the two)
+
+    def save_but_a_rounds(self, *args, **kwargs):  # (version 0 is saved before any round)
+        return crash() if kwargs.get("round") is not None else save_version(self, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(VersionStore, "record_round_result", crash)
+        patched.setattr(VersionStore, "save_version", save_but_a_rounds)
+        with pytest.raises(KeyboardInterrupt):
+            fed.run()
+    store.close()
+    again, store = federation(tmp_path, {1: honest, 2: honest}, num_server_rounds=1, **dp)
+    again.run()
+    assert again.dp_releases == [1.0, 1.0]  # the crashed attempt's and the redone round's
+    third, store = federation(tmp_path, {1: honest, 2: honest}, num_server_rounds=1, **dp)
+    third._initial_version()  # a resume counts them from the store: both, once each
+    assert third.dp_releases == [1.0, 1.0]
+    assert epsilon_spent(third.dp_releases, 1e-5) > epsilon_spent([1.0], 1e-5)
     store.close()
 
 

@@ -272,6 +272,25 @@ def test_the_server_side_tracker_passes_its_settings_and_records_the_decision(tm
     assert [d.payload["inputs"]["min_share"] for d in decisions] == [0.1, 0.1, 0.9]
 
 
+def test_a_device_too_slow_for_a_step_sits_out_only_until_its_speed_is_measured_again(tmp_path):
+    # One slow round (70 s a step, a 60 s deadline) sat the device out for good: not asked, it
+    # was never measured again, and its one step time stayed its speed (through a resume too).
+    from collm_fl.config import RunConfig
+    from collm_fl.store import VersionStore
+    from server_app.coordination import CoordinationState
+
+    store = VersionStore(tmp_path / "store")
+    run_id = store.open_run("r", {}, "tiny").id
+    cfg = RunConfig(local_steps=5, round_deadline_s=60.0)
+    state = CoordinationState()
+    state.observe(1, {"local-steps": 1.0, "train-seconds": 70.0})
+    state.observe(1, {"local-steps": 1.0, "train-seconds": 80.0})
+    asked = [state.budgets(cfg, [1], store, run_id, rnd)[1].steps for rnd in range(1, 5)]
+    assert asked == [0, 0, 5, 5]  # two rounds out (two measurements), then measured again
+    state.observe(1, {"local-steps": 5.0, "train-seconds": 50.0})  # a faster day: 10 s a step
+    assert state.budgets(cfg, [1], store, run_id, 5)[1].steps == 5
+
+
 def test_a_broken_rate_report_leaves_the_forecast_as_it_was():
     steady = forecast_rate(forecast_rate(None, 1.0), 1.0)
     for bad in (float("inf"), float("nan"), -1.0):

@@ -481,14 +481,18 @@ def test_a_superlink_error_reply_is_credited_to_the_node_its_message_went_to():
     assert s.recipients == {}  # for this round only
 
 
-def test_under_uniform_weights_a_round_where_no_node_trained_releases_nothing():
+def test_under_uniform_weights_a_round_where_too_few_nodes_trained_releases_nothing():
     s = strategy(uniform_weights=True, mode="fedavg", min_good_replies=2)
     idle = [reply(n, adapter(0), extra_metrics={"local-steps": 0.0}) for n in (1, 2)]
     arrays, metrics = s.aggregate_train(1, idle)
     assert arrays is None and metrics is None and not s.last_report.aggregated
     one = [reply(1, adapter(1), extra_metrics={"local-steps": 2.0}), idle[1]]
+    # One trained, fewer than min-good-replies=2: kept, as without DP (counting the zero update,
+    # one node's update halved and noised was released).
     arrays, _ = s.aggregate_train(2, one)
-    assert arrays is not None  # one trained: the mean of it and a zero update
+    assert arrays is None and not s.last_report.aggregated
+    arrays, _ = strategy(uniform_weights=True, mode="fedavg").aggregate_train(2, one)
+    assert arrays is not None  # at min-good-replies=1: the mean of it and a zero update
 
 
 def test_fedavg_factor_screening_judges_per_step_and_only_nodes_that_trained():

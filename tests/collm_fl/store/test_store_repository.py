@@ -126,7 +126,14 @@ def test_resuming_a_run_with_another_lora_shape_is_refused_and_other_changes_app
     with pytest.raises(StoreError, match="lora-alpha"):
         store.open_run("r", {"lora-rank": 8, "lora-alpha": 32.0, "num-server-rounds": 3}, "tiny")
     more_rounds = {"lora-rank": 8, "lora-alpha": 16.0, "num-server-rounds": 6}
-    assert store.open_run("r", more_rounds, "tiny").name == "r"  # resuming for more rounds
+    run = store.open_run("r", more_rounds, "tiny")
+    assert run.name == "r"  # resuming for more rounds
+    # What changed is stored with each resume (only logged, the rounds after it were aggregated
+    # with settings the store did not hold); a refused resume adds nothing, an unchanged none.
+    store.open_run("r", {"lora-rank": 8, "lora-alpha": 16.0, "num-server-rounds": 3}, "tiny")
+    (event,) = store.events(run.id, "config-changed")
+    assert event.payload == {"changed": {"num-server-rounds": {"was": 3, "now": 6}}}
+    assert store.get_run(run.id).config["num-server-rounds"] == 3  # (as the run started)
 
 
 @pytest.mark.parametrize(
