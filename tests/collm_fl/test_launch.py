@@ -130,9 +130,9 @@ def test_what_a_launcher_started_dies_with_it_even_when_it_is_sigkilled(tmp_path
             child.kill()  # (by pid: only if the test failed)
 
 
-def test_stopping_a_process_stops_what_it_started_that_outlives_it(tmp_path) -> None:
-    """A SuperNode's ClientApp blocked pushing its reply to the SuperNode that is gone retries
-    forever (CI found one alive 30 minutes on): stopping a process stops its children too."""
+def _parent_and_child(tmp_path, on_sigterm: str = ""):
+    """A process spawned as the launcher spawns (a session of its own) that starts a child which
+    ignores SIGINT; ``on_sigterm``: its own SIGTERM handler's code (default: dies of it)."""
     import psutil
 
     from collm_fl.launch import LocalFederation
@@ -144,17 +144,32 @@ def test_stopping_a_process_stops_what_it_started_that_outlives_it(tmp_path) -> 
         "child = subprocess.Popen([sys.executable, '-c', "
         "'import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)'])\n"
         f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
-        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"  # exits, leaving the child
+        f"{on_sigterm}\n"
         "time.sleep(600)\n"
     )
     fed = LocalFederation(tmp_path / "site", 1, 0, model="tiny")
     fed.workdir.mkdir(parents=True, exist_ok=True)
     proc = fed.spawn("parent", [sys.executable, "-c", parent])
     wait_for(lambda: pid_file.is_file() and pid_file.read_text() != "", 30, "no child started")
-    child = psutil.Process(int(pid_file.read_text()))
+    return proc, psutil.Process(int(pid_file.read_text()))
+
+
+def _gone(child) -> bool:
+    return not child.is_running() or child.status() == "zombie"
+
+
+def test_stopping_a_process_stops_what_it_started_that_outlives_it(tmp_path) -> None:
+    """A SuperNode's ClientApp blocked pushing its reply to the SuperNode that is gone retries
+    forever (CI found one alive 30 minutes on): stopping a process stops its children too."""
+    from tests.collm_fl.gateway.gateway_harness import wait_for
+
+    # It exits on SIGTERM, leaving the child.
+    proc, child = _parent_and_child(
+        tmp_path, "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))"
+    )
     try:
         proc.stop()
-        wait_for(lambda: not child.is_running() or child.status() == "zombie", 30, "child alive")
+        wait_for(lambda: _gone(child), 30, "child alive")
     finally:
         if child.is_running():
             child.kill()
@@ -163,29 +178,15 @@ def test_stopping_a_process_stops_what_it_started_that_outlives_it(tmp_path) -> 
 def test_stopping_a_process_that_died_stops_what_it_left_behind(tmp_path) -> None:
     """A SuperNode killed mid-round (SIGKILL, the OOM killer) leaves its SuperExec and ClientApp
     to another parent: stopping the dead process only closed its log, and they ran on."""
-    import psutil
-
-    from collm_fl.launch import LocalFederation
     from tests.collm_fl.gateway.gateway_harness import wait_for
 
-    pid_file = tmp_path / "child.pid"
-    parent = (
-        "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
-        "time.sleep(600)\n"
-    )
-    fed = LocalFederation(tmp_path / "site", 1, 0, model="tiny")
-    fed.workdir.mkdir(parents=True, exist_ok=True)
-    proc = fed.spawn("parent", [sys.executable, "-c", parent])
-    wait_for(lambda: pid_file.is_file() and pid_file.read_text() != "", 30, "no child started")
-    child = psutil.Process(int(pid_file.read_text()))
+    proc, child = _parent_and_child(tmp_path)
     try:
         proc.popen.kill()  # dies at once, its child left behind
         proc.popen.wait(30)
-        assert child.is_running() and child.status() != "zombie"
+        assert not _gone(child)
         proc.stop()
-        wait_for(lambda: not child.is_running() or child.status() == "zombie", 30, "child alive")
+        wait_for(lambda: _gone(child), 30, "child alive")
     finally:
         if child.is_running():
             child.kill()
