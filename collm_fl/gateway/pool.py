@@ -149,6 +149,13 @@ def connection_refused(e: BaseException) -> bool:
     return False
 
 
+# The gateway's connections to its replicas, all of them together (each request in flight holds
+# one), and how long a request waits for one when all are taken: then the gateway is the one
+# overloaded (a 503 to retry), not the replica it was routed to.
+MAX_CONNECTIONS = 1024
+POOL_WAIT_S = 1.0
+
+
 class ReplicaPool:
     """The replicas behind a gateway. :meth:`start` before use and :meth:`close` after."""
 
@@ -164,6 +171,7 @@ class ReplicaPool:
         ewma_alpha: float = 0.3,
         model: LatencyModel = DEFAULT_LATENCY_MODEL,
         clock: Callable[[], float] = time.monotonic,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if not urls:
             raise ConfigError("the gateway needs at least one replica URL")
@@ -184,8 +192,9 @@ class ReplicaPool:
         self.model = model
         self.clock = clock
         self.health_timeout = httpx.Timeout(health_timeout_s)  # also quick calls (/v1/models)
+        self.max_connections = max_connections
         self._proxy_timeout = httpx.Timeout(
-            connect=connect_timeout_s, read=read_timeout_s, write=30.0, pool=30.0
+            connect=connect_timeout_s, read=read_timeout_s, write=30.0, pool=POOL_WAIT_S
         )
         # A stream sends an event per token once it has its response headers: one silent for this
         # long is stalled, not busy. (Before its headers it may be queued: the read timeout holds.)
@@ -195,7 +204,7 @@ class ReplicaPool:
             connect=connect_timeout_s,
             read=max(read_timeout_s, stream_stall_timeout_s),
             write=30.0,
-            pool=30.0,
+            pool=POOL_WAIT_S,
         )
         self._proxy: httpx.AsyncClient | None = None
         self._health: httpx.AsyncClient | None = None
@@ -205,7 +214,7 @@ class ReplicaPool:
 
     async def start(self) -> None:
         """Open the HTTP clients, poll every replica once, then keep polling in the background."""
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=64)
         self._proxy = httpx.AsyncClient(timeout=self._proxy_timeout, limits=limits)
         # A separate client, so a saturated proxy pool cannot starve the health checks.
         self._health = httpx.AsyncClient(timeout=self.health_timeout)

@@ -109,6 +109,12 @@ class _Refused(Exception):
         self.reason, self.kind, self.replica_down = reason, kind, replica_down
 
 
+class _GatewayFull(Exception):
+    """Every one of the gateway's connections to its replicas is in use: the gateway is the one
+    overloaded, not the replica the request was routed to (which is neither failed over from
+    nor penalized)."""
+
+
 class _Abandoned(_Refused):
     """The gateway gave up on a replica that stopped answering (its cause is already logged)."""
 
@@ -212,6 +218,14 @@ class Router:
                 self.pool.release(ticket)
                 self.metrics.requests.labels(name, "cancelled").inc()
                 return Response(status_code=499)
+            except _GatewayFull:
+                self.pool.release(ticket)
+                self.metrics.unavailable.inc()
+                raise overloaded(
+                    RETRY_AFTER_S,
+                    f"the gateway's {self.pool.max_connections} connections to its replicas are "
+                    "all in use; retry later",
+                ) from None
             except BaseException:
                 self.pool.release(ticket)
                 raise
@@ -247,6 +261,8 @@ class Router:
                 headers=self.headers,
                 timeout=self.pool.health_timeout,
             )
+        except httpx.PoolTimeout:  # (the gateway's own limit, not the replica's doing)
+            return _Refused("the gateway's connections to its replicas are all in use", "busy")
         except httpx.RequestError as e:
             return _refused(e)
         try:
@@ -269,6 +285,8 @@ class Router:
                 self.pool.url_of(name) + job.path, content=job.body, headers=self.headers
             )
             resp = await _unless_abandoned(ticket, post)
+        except httpx.PoolTimeout as e:
+            raise _GatewayFull() from e
         except httpx.ReadTimeout as e:
             raise self._timed_out(ticket, e) from e
         except httpx.RequestError as e:
@@ -308,6 +326,8 @@ class Router:
         )
         try:
             resp = await _unless_abandoned(ticket, client.send(req, stream=True))
+        except httpx.PoolTimeout as e:
+            raise _GatewayFull() from e
         except httpx.ReadTimeout as e:
             raise self._timed_out(ticket, e) from e
         except httpx.RequestError as e:

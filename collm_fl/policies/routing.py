@@ -290,13 +290,13 @@ def _scored(
     max_tokens: int,
     exclude: Collection[str],
     model: LatencyModel,
-) -> list[tuple[float, float, ReplicaView]]:
-    """(TTFT with the failure penalty, TPOT, view) of each healthy, non-excluded replica (peer
-    estimates from those replicas alone: an excluded one may serve another model)."""
-    scored: list[tuple[float, float, ReplicaView]] = []
+) -> list[tuple[float, float, float, ReplicaView]]:
+    """(predicted TTFT, the failure penalty, TPOT, view) of each healthy, non-excluded replica
+    (peer estimates from those replicas alone: an excluded one may serve another model)."""
+    scored: list[tuple[float, float, float, ReplicaView]] = []
     for v in with_peer_estimates(_candidates(views, exclude)):
         p = predict_latency(v, prompt_tokens, max_tokens, model)
-        scored.append((p.ttft_s + failure_penalty_s(v, model), p.tpot_s, v))
+        scored.append((p.ttft_s, failure_penalty_s(v, model), p.tpot_s, v))
     return scored
 
 
@@ -310,8 +310,9 @@ def choose_replica(
 ) -> str | None:
     """The replica to send a request to, or None when no healthy one is left.
 
-    Among healthy, non-excluded replicas: those predicted to meet both SLOs come first; within that
-    tier the lowest predicted TTFT (plus a penalty for recent failures) wins, where TTFTs within the
+    Among healthy, non-excluded replicas: those predicted to meet both SLOs come first (by the
+    prediction alone); within that tier the lowest predicted TTFT plus a penalty for recent
+    failures wins, where TTFTs within the
     tie tolerance count as equal and a replica not training goes first (a request it takes costs
     no training step its turn; see the allocation's turns), then the fewest in-flight requests
     decide (measurement noise of a few ms should spread load, not pin it), then the fewest
@@ -320,9 +321,11 @@ def choose_replica(
     measured is assumed to be like the measured ones (they serve the same base model), so a fresh
     replica is neither shunned nor flooded because of a prior.
     """
+    # Whether it meets the SLOs is its prediction's; the penalty only ranks (a replica that
+    # refused a burst's requests a second ago is not predicted slower for it).
     scored = [
-        (ttft <= slo.ttft_s and tpot <= slo.tpot_s, ttft, tpot, v)
-        for ttft, tpot, v in _scored(views, prompt_tokens, max_tokens, exclude, model)
+        (ttft <= slo.ttft_s and tpot <= slo.tpot_s, ttft + penalty, tpot, v)
+        for ttft, penalty, tpot, v in _scored(views, prompt_tokens, max_tokens, exclude, model)
     ]
     if not scored:
         return None

@@ -34,12 +34,14 @@ class GatewayServer:
         stream_stall_timeout_s: float = 60.0,
         shed_factor: float = 0.0,
         read_timeout_s: float = 300.0,
+        max_connections: int = 1024,
     ) -> None:
         self.pool = ReplicaPool(
             urls,
             poll_interval_s=poll_interval_s,
             stream_stall_timeout_s=stream_stall_timeout_s,
             read_timeout_s=read_timeout_s,
+            max_connections=max_connections,
         )
         self.app = create_gateway_app(
             self.pool, api_key, replica_api_key, slo or SLO(), shed_factor=shed_factor

@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 from gateway_harness import GATEWAY_KEY, GatewayServer, wait_for
-from raw_replica import RawReplica, chunked_stream, good_stream, token
+from raw_replica import RawReplica, chunked_stream, good_stream, sse, token
 
 from collm_fl.loadgen.client import RequestSpec, replay
 
@@ -125,3 +125,47 @@ def test_a_stream_framed_with_crlf_and_comments_is_relayed_not_refused(replicas)
         assert gw.metric("collm_gateway_requests_total", outcome="ok") == 1
     finally:
         gw.stop()
+
+
+def test_a_gateway_out_of_connections_answers_503_itself_and_blames_no_replica(replicas):
+    # Its connections to the replicas are one pool for all of them: a request that found none
+    # free waited 30 s, then counted as the replica's refusal (a routing penalty, a failover to
+    # replicas behind the same full pool) and ended in a 503 naming the replica.
+    import threading
+
+    from collm_fl.gateway.pool import POOL_WAIT_S
+
+    release = threading.Event()
+
+    def chunk(event: bytes) -> bytes:
+        return b"%x\r\n" % len(event) + event + b"\r\n"
+
+    async def long_stream(writer: asyncio.StreamWriter) -> bool:
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        writer.write(head + b"transfer-encoding: chunked\r\n\r\n" + chunk(token("hi")))
+        await writer.drain()
+        await asyncio.to_thread(release.wait, 30)  # (the stream goes on until the test ends it)
+        writer.write(chunk(token(" there", "stop")) + chunk(sse(b"[DONE]")) + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    replica = replicas(long_stream)
+    gw = GatewayServer([replica.url], poll_interval_s=3600, max_connections=1)
+    first: list[httpx.Response] = []
+    holder = threading.Thread(target=lambda: first.append(stream(gw)))
+    try:
+        wait_for(lambda: gw.health()["replicas"][0]["healthy"], 10, "not healthy")
+        holder.start()
+        wait_for(lambda: replica.request_connections == 1, 10, "the first stream did not start")
+        r = stream(gw)  # the one connection is the first stream's
+        err = r.json()["error"]
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+        assert "connections to its replicas are all in use" in err["message"], err
+        assert gw.health()["replicas"][0]["consecutive_failures"] == 0  # not the replica's doing
+        assert gw.metric("collm_gateway_failovers_total") == 0
+        assert POOL_WAIT_S < 30
+    finally:
+        release.set()
+        holder.join(30)
+        gw.stop()
+    assert first[0].status_code == 200 and "there" in first[0].text

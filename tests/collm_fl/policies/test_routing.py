@@ -193,6 +193,17 @@ def test_a_recent_failure_weighs_against_a_replica_then_fades():
     )
 
 
+def test_a_penalized_replica_that_meets_the_slo_still_beats_one_predicted_to_miss_it():
+    # The penalty ranks replicas, it is no time a request waits: counted as TTFT, an idle replica
+    # that refused a burst's requests a second ago (penalty 1.35 s) fell out of the tier that
+    # meets the 1-s SLO and lost to a replica predicted to miss it.
+    idle_but_failed = view("a", consecutive_failures=3, last_error_age_s=1.0)
+    busy = view("b", in_flight=24, in_flight_tokens=24 * 16)
+    assert predict_latency(busy, 0, 16).ttft_s > SLO_.ttft_s  # misses it
+    assert predict_latency(idle_but_failed, 0, 16).ttft_s < SLO_.ttft_s  # meets it
+    assert choose_replica([idle_but_failed, busy], 0, 16, SLO_) == "a"
+
+
 def test_normalising_an_observation_inverts_the_prediction():
     loaded = view("a", in_flight=2, in_flight_tokens=40, training_share=0.4)
     p = predict_latency(loaded, 100, 16)
