@@ -201,6 +201,7 @@ def run_goodput_benchmark(
                     list(os.getloadavg()),
                 ),
                 seconds=time.monotonic() - started,
+                run_orders=[run_order(systems, seed + k) for k in range(len(chosen))],
                 stopped=stopped,
                 run_id=run_id,
             )
@@ -214,9 +215,10 @@ def run_goodput_benchmark(
         try:
             for k, rate in enumerate(chosen):
                 # Each rate its own arrival seed (not one pattern stretched to three rates), and the
-                # systems in a rotated order (none always first, or last, on a shared machine).
+                # systems in a rotated order (none always first, or last, on a shared machine;
+                # from the seed's place, so that runs of one rate on other seeds rotate too).
                 specs = _schedule(rate, settings, arrivals, trace_rows, settings.seed + k)
-                for system in run_order(systems, k):
+                for system in run_order(systems, settings.seed + k):
                     where = f"{rate:.2f} req/s, {system}"
                     say(f"[rate {k + 1}/{len(chosen)}: {rate:.2f} req/s] {system}: starting")
                     run = run_system(
@@ -354,9 +356,9 @@ def check_trace_span(rows: Sequence[TraceRow], rates: Sequence[float], schedule_
             )
 
 
-def run_order(systems: Sequence[str], k: int) -> list[str]:
-    """The order the systems run in at the ``k``-th rate: rotated by ``k``."""
-    shift = k % len(systems)
+def run_order(systems: Sequence[str], shift: int) -> list[str]:
+    """The order the systems run in, rotated by ``shift`` (the run's seed + the rate's index)."""
+    shift %= len(systems)
     return [*systems[shift:], *systems[:shift]]
 
 

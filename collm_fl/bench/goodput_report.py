@@ -220,7 +220,16 @@ def render_markdown(result: GoodputResult, with_records: bool = False) -> str:
                 if result.arrivals.startswith("trace")
                 else "Each rate has its own arrival seed (seed + rate index), and the systems run"
             )
-            + " in an order rotated by one at each rate."
+            + (
+                " in this order: "
+                + "; ".join(
+                    f"rate {k + 1}: " + ", ".join(order)
+                    for k, order in enumerate(result.run_orders)
+                )
+                + " (rotated by one at each rate, from the seed's place)."
+                if result.run_orders
+                else " in an order rotated by one at each rate."
+            )
         )
         + (
             f" Every request's record (`collm load`'s fields): "

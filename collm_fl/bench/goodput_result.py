@@ -111,6 +111,8 @@ class GoodputResult:
     stopped: str | None = None  # why the run stopped before its last rate (None: it finished)
     # this run's own id, also in its request records' folder (None: a report from before)
     run_id: str | None = None
+    # the order the systems ran in at each rate (empty: a report from before this was recorded)
+    run_orders: list[list[str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)

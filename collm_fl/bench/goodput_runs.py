@@ -212,7 +212,9 @@ def render_markdown(
         f"SLO factor {first.slo_factor:g}), seeds "
         f"{', '.join(str(r.seed) for _, r in results)}. Each rate of each run replays its own "
         "schedule; rates are pooled by the load they offered (× R × one replica's saturated "
-        "throughput).",
+        "throughput). Each run calibrates itself (its SLOs, capacity and micro-step, and from "
+        "that its training budget), and its seed also draws the adapter's initialization and the "
+        "replicas' data order: *Runs* below lists what differed.",
         "",
     ]
     arrival_seeds = [r.seed + k for _, r in results for k in range(len(r.rates))]
@@ -255,6 +257,22 @@ def render_markdown(
             f"| {p.source} | {p.seed} | {p.rate:.2f} | {p.offered_fraction:.2f} | {p.load} | "
             f"{titles.get(p.system, p.system)} | {titles.get(p.best_baseline or '', '-')} | "
             f"{_x(p.ratio)} | {100 * p.quality_share:.0f}% | {_pct(p.quality_share_vs_best)} |"
+        )
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| run | seed | SLO TTFT / TPOT (ms) | one replica's capacity (req/s) | micro-step (s) | "
+        "steps per replica and round | order the systems ran in (each rate) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for source, result in results:
+        cal, st = result.calibration, result.settings
+        orders = " / ".join(", ".join(o) for o in result.run_orders) or "not recorded"
+        lines.append(
+            f"| {source} | {result.seed} | {1000 * result.slo.ttft_s:.0f} / "
+            f"{1000 * result.slo.tpot_s:.0f} | {cal.capacity_rps:.2f} | {cal.train_step_s:.2f} | "
+            f"{st.steps_per_replica} | {orders} |"
         )
     lines += ["", "## Machines", ""]
     for source, result in results:

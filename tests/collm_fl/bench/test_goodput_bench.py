@@ -81,6 +81,12 @@ def test_a_quick_run_compares_the_systems_asked_for_and_writes_every_file(tmp_pa
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((tmp_path / "goodput.json").read_text())
     assert data["runs"]  # valid JSON
+    # The order the systems ran in is on record (seed 0, one rate: as asked).
+    assert data["run_orders"] == [QUICK_SYSTEMS]
+    assert (
+        "in this order: rate 1: separate, rolling, collm-fl"
+        in (tmp_path / "goodput.md").read_text()
+    )
     # ... that holds the whole result: `--from-json` writes the same report again without a run.
     assert json.loads(json.dumps(result_from_json(data).to_json())) == data
     again = tmp_path / "again"
@@ -274,6 +280,10 @@ def test_the_systems_run_in_an_order_rotated_at_each_rate() -> None:
         ["collm-fl", "separate", "merged"],
         ["separate", "merged", "collm-fl"],
     ]
+    # The benchmark shifts it by the seed too: runs of one rate on seeds 3, 4, 5 (rotated by the
+    # rate's index alone) ran CoLLM-FL last every time, on a machine whose speed drifted.
+    five = ["separate", "colocated", "merged", "rolling", "collm-fl"]
+    assert [run_order(five, seed + 0).index("collm-fl") for seed in (3, 4, 5)] == [1, 0, 4]
 
 
 def test_a_trace_too_short_for_the_schedule_is_refused_before_anything_runs(capsys) -> None:

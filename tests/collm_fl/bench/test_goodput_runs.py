@@ -50,6 +50,10 @@ def test_the_command_writes_its_table_json_and_plot(tmp_path: Path, capsys) -> N
     md = (out / "goodput-runs.md").read_text()
     assert "| CoLLM-FL | high | 2 | 3.50× (3.00× – 4.00×) | 2/2 | 2/2 |" in md
     assert "Seeds repeat" not in md
+    # What differed between the runs besides their arrivals (each calibrated itself): pooled
+    # under one row, their SLOs and budgets were nowhere in the report.
+    runs = md.split("## Runs")[1].split("## Machines")[0]
+    assert runs.count("| not recorded |") == 2 and "steps per replica and round" in runs
     data = json.loads((out / "goodput-runs.json").read_text())
     assert [p["ratio"] for p in data["points"]] == pytest.approx([4.0, 3.0])
     assert (out / "goodput_runs.png").stat().st_size > 0
