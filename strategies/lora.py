@@ -328,8 +328,8 @@ class LoraFedAvg(FedAvg):
         # without DP the round keeps the previous version. And a round where none trained has
         # nothing to release: its noise would spend privacy for nothing.
         n_trained = sum(outcomes[i].metrics.get(LOCAL_STEPS, 1.0) > 0 for i in good_at)
-        aggregated = n_trained >= self.min_good_replies
-        self.last_report = RoundReport(server_round, tuple(outcomes), aggregated and n_trained > 0)
+        aggregated = n_trained >= self.min_good_replies  # (>= 1: some node trained)
+        self.last_report = RoundReport(server_round, tuple(outcomes), aggregated)
         if not aggregated:
             if good and not n_trained:
                 log.warning("round %d: no node trained; keeping the previous version", server_round)
