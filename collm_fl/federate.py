@@ -233,9 +233,7 @@ def mark_failed(cfg: RunConfig, reason: str) -> None:
     try:
         with VersionStore(cfg.output_path, cfg.store_url or None) as store:
             run = store.find_run(cfg.run_name)
-            if run.status == "running":
-                store.set_run_status(run.id, "failed")
-                store.record_event(run.id, RUN_FAILED, {"error": reason})
+            if store.end_run(run.id, "failed", RUN_FAILED, {"error": reason}, only_if="running"):
                 log.warning("run %r marked failed: %s", run.name, reason)
     except (CollmError, SQLAlchemyError, OSError) as e:  # no run recorded yet, or no store
         log.debug("nothing to mark failed: %s", e)

@@ -47,6 +47,7 @@ from collm_fl.loadgen.client import (
     replay,
 )
 from collm_fl.loadgen.goodput import SLOSpec, summarize_results
+from collm_fl.logs import silence_lost_terminal
 from collm_fl.policies.routing import check_shed_factor
 from collm_fl.reports import save_figure, write_text_atomic
 from collm_fl.store import VersionStore
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 ROUND_LINE = re.compile(
     r"round (\d+) \| clients ok (\d+) rejected (\d+) failed (\d+) .*version v(\d+)"
 )
+PUBLISHED_LINE = re.compile(r"published v(\d+) to (\d+)/(\d+) nodes")
 MAX_SCHEDULE_S = 4 * 3600.0  # the load runs until the federation ends (bounded by this)
 # ... and by this many requests, all built up front (a prompt each): at 14 req/s and above the
 # schedule is shorter than 4 h, and a federation that outlives it runs without load from then on.
@@ -134,6 +136,9 @@ class RoundRow:
     shares: dict[str, float] = field(default_factory=dict)
     # the round's aggregate's loss when it was not promoted (the quality gate kept the previous)
     candidate_loss: float | None = None
+    clients_rejected: int = 0  # replies refused by the strategy (bad update, over a bound ...)
+    # why ``version`` may not be what every replica serves ("" when it was published to all)
+    version_note: str = ""
 
 
 class _Load:
@@ -215,7 +220,17 @@ class _Watch:
             self.failure = failure
             if self._flwr is not None and self._flwr.poll() is None:
                 self._flwr.kill()
-        print(f"stopping: {failure}", flush=True)
+        _say(f"stopping: {failure}")
+
+
+def _say(line: str) -> None:
+    """Progress for the person watching. Best effort: a reader gone (``collm live | tee log``
+    and a Ctrl-C, which ends ``tee`` too) must not turn the run's unwinding and its report into
+    a broken-pipe traceback; the output goes nowhere from then on."""
+    try:
+        print(line, flush=True)
+    except OSError:  # (BrokenPipeError, EIO of a terminal gone)
+        silence_lost_terminal()
 
 
 @contextlib.contextmanager
@@ -276,6 +291,11 @@ def run_live(cfg: LiveConfig, app: Path) -> int:
     defaults = {"min-train-nodes": cfg.replicas + cfg.devices}
     run_config, run_cfg = launch_config(app, cfg.run_config, defaults, fixed)
     check_node_counts(run_cfg, cfg.replicas + cfg.devices, "--replicas + --devices is")
+    from collm_fl.models import check_load_target  # (torch: only once the input is read)
+
+    # (the replicas would each refuse a device or quantization this machine lacks: after the
+    # earlier run was moved aside and the stack started)
+    check_load_target(run_cfg.quantization, run_cfg.device)
     replica_args = (*replica_flags(run_cfg), *live_replica_args(cfg))
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -298,74 +318,107 @@ def _run_live(
 ) -> int:
     kept = keep_earlier_run(out)
     if kept is not None:
-        print(f"an earlier run's federation and replica stores are kept in {kept}", flush=True)
+        _say(f"an earlier run's federation and replica stores are kept in {kept}")
     rows: list[RoundRow] = []
     timeline: list[tuple[float, str, int | None, float]] = []  # (t, replica, version, share)
-    with (
-        failed_if_interrupted(run_cfg),
-        LocalFederation(
-            out / "site",
-            cfg.replicas,
-            cfg.devices,
-            model=cfg.model,
-            replica_args=replica_args,
-            api_key=os.environ.get("COLLM_API_KEY") or None,  # (the stack takes it from there)
-        ) as fed,
-    ):
-        url, _ = fed.start_gateway(
-            ttft_slo_s=cfg.ttft_slo_s, tpot_slo_s=cfg.tpot_slo_s, shed_factor=cfg.shed_factor
-        )
-        print(
-            f"gateway {url}/v1 in front of {len(fed.replicas)} replicas; load: {_load_name(cfg)}",
-            flush=True,
-        )
-        load = _Load(url, cfg, requests, fed.api_key)
-        started, launched = time.monotonic(), datetime.now(UTC)
-        stop_monitor, watch = threading.Event(), _Watch(run_cfg.min_train_nodes)
-        monitor = threading.Thread(
-            target=_monitor, args=(fed, started, timeline, stop_monitor, watch), daemon=True
-        )
-        monitor.start()
-        load.start()
-        results: list[RequestResult] = []
-        interrupted = False
-        try:
-            code = _drive_flwr(fed, app, run_config, out, started, load, slo, rows, timeline, watch)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what ran, then stop everything
-            interrupted, code = True, 130
-            print("interrupted: writing the report of the rounds so far ...", flush=True)
-        finally:
-            ended = time.monotonic()  # the schedule's end: what follows is shutting down
-            stop_monitor.set()
-            # Requests in flight finish against the running replicas (not when interrupted or
-            # when the stack broke: the requests finished so far are reported).
+    results: list[RequestResult] = []
+    interrupted, code, stopping = False, 1, False
+    started = ended = math.nan  # (the load's start and end: set once it ran)
+    watch = _Watch(run_cfg.min_train_nodes)
+    load: _Load | None = None
+    launched = datetime.now(UTC)
+    try:
+        with (
+            failed_if_interrupted(run_cfg),
+            LocalFederation(
+                out / "site",
+                cfg.replicas,
+                cfg.devices,
+                model=cfg.model,
+                replica_args=replica_args,
+                api_key=os.environ.get("COLLM_API_KEY") or None,  # (the stack takes it from there)
+            ) as fed,
+        ):
+            url, _ = fed.start_gateway(
+                ttft_slo_s=cfg.ttft_slo_s, tpot_slo_s=cfg.tpot_slo_s, shed_factor=cfg.shed_factor
+            )
+            _say(
+                f"gateway {url}/v1 in front of {len(fed.replicas)} replicas; "
+                f"load: {_load_name(cfg)}"
+            )
+            load = _Load(url, cfg, requests, fed.api_key)
+            started, launched = time.monotonic(), datetime.now(UTC)
+            stop_monitor = threading.Event()
+            monitor = threading.Thread(
+                target=_monitor, args=(fed, started, timeline, stop_monitor, watch), daemon=True
+            )
+            monitor.start()
+            load.start()
             try:
-                results = load.stop(wait=not interrupted and watch.failure is None)
-            except KeyboardInterrupt:  # a second signal while they finish: stop waiting
-                interrupted = True
-                results = load.stop(wait=False)
-            monitor.join(timeout=10)
-    if interrupted:  # first (the interrupt stopped here never reached the wrapper's check)
-        mark_interrupted(run_cfg)
-    elif watch.failure is not None:
+                code = _drive_flwr(
+                    fed, app, run_config, out, started, load, slo, rows, timeline, watch
+                )
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what ran, then stop everything
+                interrupted, code = True, 130
+                _say("interrupted: writing the report of the rounds so far ...")
+            finally:
+                ended = time.monotonic()  # the schedule's end: what follows is shutting down
+                stop_monitor.set()
+                # Requests in flight finish against the running replicas (not when interrupted
+                # or when the stack broke: the requests finished so far are reported).
+                try:
+                    results = load.stop(wait=not interrupted and watch.failure is None)
+                except KeyboardInterrupt:  # a second signal while they finish: stop waiting
+                    interrupted = True
+                    results = load.stop(wait=False)
+                monitor.join(timeout=10)
+    except KeyboardInterrupt:
+        # A signal while the stack stopped (up to tens of seconds: streams finishing, processes
+        # given their time), or one before the load's end was taken: the processes were stopped
+        # all the same, and the rounds so far are still reported.
+        if math.isnan(started):
+            raise  # (nothing ran yet: nothing to report)
+        stopping = not math.isnan(ended)  # (the rounds were over: it came while stopping)
+        interrupted = True
+        if not stopping:
+            ended = time.monotonic()
+        if not results and load is not None:
+            results = load.stop(wait=False)
+    if watch.failure is not None:  # (marked once: a run still shown running)
         mark_failed(run_cfg, watch.failure)
-    rows = recount_rounds(rows, results, slo)
+    elif interrupted:  # (the interrupt stopped here never reached the wrapper's check)
+        mark_interrupted(run_cfg)
+    # Rates are per second of schedule: a federation outliving its load (MAX_SCHEDULE_S,
+    # MAX_LIVE_REQUESTS) is not counted as serving nothing after it.
+    load_end = load.ends_at_s if load is not None else math.inf
+    rows = recount_rounds(rows, results, slo, load_end)
     note = (
-        "Interrupted: the report covers the rounds so far."
-        if interrupted
-        else f"Stopped: {watch.failure}. The report covers the rounds so far."
+        f"Stopped: {watch.failure}. The report covers the rounds so far."
         if watch.failure is not None
+        else "Interrupted: the report covers the rounds so far."
+        if interrupted and not (stopping and code == 0)
         else ""
     )
+    if stopping:  # (what ran before it is reported as it ended)
+        note = f"{note} A signal came while the stack stopped: its processes were killed.".strip()
     lost = [g for g in watch.lost if watch.failure is None or g not in watch.failure]
     if lost:
         note = " ".join([note, *(f"{g}; the run went on without it." for g in lost)]).strip()
-    report = _report(cfg, out, rows, list(timeline), results, slo, ended - started, note)
-    print(f"report: {report}", flush=True)
+    if ended - started > load_end:
+        note = " ".join(
+            [
+                note,
+                f"The load's schedule ended at {load_end:.0f} s, before the federation: "
+                "goodput is per second of it.",
+            ]
+        ).strip()
+    duration = min(ended - started, load_end)
+    report = _report(cfg, out, rows, list(timeline), results, slo, duration, note)
+    _say(f"report: {report}")
+    if watch.failure is not None:  # (the cause, whatever signal came after it)
+        raise WorkFailed(watch.failure)
     if interrupted:
         raise KeyboardInterrupt  # (the CLI's exit code for it, once everything is stopped)
-    if watch.failure is not None:
-        raise WorkFailed(watch.failure)
     return run_outcome(run_cfg, code, launched, log_hint=f"see {out / 'flwr-run.log'}")
 
 
@@ -399,17 +452,21 @@ def _drive_flwr(
         watch.driving(popen)
     with _killed_on_exit(popen) as proc, (out / "flwr-run.log").open("w") as logf:
         last_t = 0.0
+        published: dict[int, tuple[int, int]] = {}  # version -> (nodes that took it, nodes)
         assert proc.stdout is not None
         for line in proc.stdout:
             logf.write(line)
             logf.flush()  # the log is for someone watching the run
+            if p := PUBLISHED_LINE.search(line):
+                published[int(p[1])] = (int(p[2]), int(p[3]))
+                continue
             m = ROUND_LINE.search(line)
             if not m:
                 continue
             now = time.monotonic() - started
             done = [r for r in load.snapshot() if r.sent_at is not None and r.sent_at >= last_t]
-            summary = summarize_results(done, slo, max(now - last_t, 1e-9))
-            rnd, ok, failed, version = int(m[1]), int(m[2]), int(m[4]), int(m[5])
+            summary = summarize_results(done, slo, _per_second_of(last_t, now, load.ends_at_s))
+            rnd, ok, rejected, failed, version = (int(m[i]) for i in range(1, 6))
             loss = _float_after(line, "central eval loss ")
             kept = "kept previous" in line  # the loss is the unpromoted aggregate's, if any
             served_loss = next((r.eval_loss for r in reversed(rows) if r.version == version), None)
@@ -427,6 +484,8 @@ def _drive_flwr(
                     summary.slo_attainment,
                     shares,
                     candidate_loss=loss if kept else None,
+                    clients_rejected=rejected,
+                    version_note=_version_note(version, kept, published),
                 )
             )
             share_text = " ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items())) or "-"
@@ -441,13 +500,26 @@ def _drive_flwr(
                 summary.slo_attainment,
                 schedule_over=last_t >= load.ends_at_s,
             )
-            print(
-                f"round {rnd} | served v{version} (central loss {loss_text}) | {served} | "
-                f"training share {share_text} | {now:.0f}s",
-                flush=True,
+            label = f"served v{version}" if not rows[-1].version_note else f"v{version}"
+            note = f", {rows[-1].version_note}" if rows[-1].version_note else ""
+            _say(
+                f"round {rnd} | {label} (central loss {loss_text}{note}) | {served} | "
+                f"training share {share_text} | {now:.0f}s"
             )
             last_t = now
         return proc.wait()
+
+
+def _version_note(version: int, kept: bool, published: dict[int, tuple[int, int]]) -> str:
+    """Why the round's ``version`` may not be what the replicas serve ("" when it is): the server
+    publishes each new version right after the round (``publish-versions``); a node that missed
+    it takes it with its next train message."""
+    if version in published:
+        took, nodes = published[version]
+        return "" if took >= nodes else f"published to {took} of {nodes} nodes"
+    if kept:
+        return ""  # (the version served before the round)
+    return "not published: the nodes take it with the next round's training"
 
 
 @contextlib.contextmanager
@@ -491,15 +563,19 @@ def keep_earlier_run(out: Path) -> Path | None:
 
 
 def recount_rounds(
-    rows: list[RoundRow], results: Sequence[RequestResult], slo: SLOSpec
+    rows: list[RoundRow],
+    results: Sequence[RequestResult],
+    slo: SLOSpec,
+    load_end_s: float = math.inf,
 ) -> list[RoundRow]:
     """Each round's serving figures again, from every request's final outcome: the progress line
     counted the requests finished by the round's end, so one still in flight then (often a
-    slow one, an SLO miss) was in no round. A request belongs to the round it was sent in."""
+    slow one, an SLO miss) was in no round. A request belongs to the round it was sent in; the
+    rates are per second of the round within the load's schedule (``load_end_s``)."""
     recounted, since = [], 0.0
     for row in rows:
         sent = [r for r in results if r.sent_at is not None and since <= r.sent_at < row.at_s]
-        s = summarize_results(sent, slo, max(row.at_s - since, 1e-9))
+        s = summarize_results(sent, slo, _per_second_of(since, row.at_s, load_end_s))
         recounted.append(
             replace(
                 row,
@@ -510,6 +586,13 @@ def recount_rounds(
         )
         since = row.at_s
     return recounted
+
+
+def _per_second_of(since: float, until: float, load_end_s: float) -> float:
+    """The seconds a round's rates are per: the round within the load's schedule; a round after
+    the schedule's end (its last requests sent a little late) is per its own length."""
+    within = min(until, load_end_s) - since
+    return max(within if within > 0 else until - since, 1e-9)
 
 
 def _load_name(cfg: LiveConfig) -> str:
@@ -577,7 +660,7 @@ def _monitor(
                     watch.died(fatal)
                     return
                 for gone in watch.lost[before:]:
-                    print(f"warning: {gone}; the run goes on without it", flush=True)
+                    _say(f"warning: {gone}; the run goes on without it")
             for node in fed.replicas:
                 try:
                     h = client.get(node.api_url + "/health").json()
@@ -644,7 +727,8 @@ def _report(
         ),
         "",
         *((f"**{note}**", "") if note else ()),
-        "| round | at (s) | served version | its central loss | clients ok/failed | requests "
+        "| round | at (s) | served version | its central loss | clients ok/rejected/failed "
+        "| requests "
         "| goodput (req/s) | SLO attainment | training share |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
@@ -657,9 +741,11 @@ def _report(
         served = (
             "- | -" if r.requests == 0 else f"{r.goodput_rps:.3f} | {100 * r.slo_attainment:.0f}%"
         )
+        version = f"v{r.version}" + (f" ({r.version_note})" if r.version_note else "")
         lines.append(
-            f"| {r.round} | {r.at_s:.0f} | v{r.version} | {loss} | "
-            f"{r.clients_ok}/{r.clients_failed} | {r.requests} | {served} | {shares} |"
+            f"| {r.round} | {r.at_s:.0f} | {version} | {loss} | "
+            f"{r.clients_ok}/{r.clients_rejected}/{r.clients_failed} | {r.requests} | {served} "
+            f"| {shares} |"
         )
     if any(r.requests == 0 for r in rows):
         lines += [
@@ -672,6 +758,10 @@ def _report(
         "",
         f"Whole run: {summary.requests} requests, goodput {summary.goodput_rps:.3f} req/s, "
         f"SLO attainment {100 * summary.slo_attainment:.0f}%, errors {summary.errors}.",
+        "",
+        "Each replica's served version's loss, the goodput and the training shares over the run:",
+        "",
+        "![the run over time](live.png)",
         "",
     ]
     md = out / "report.md"

@@ -2,9 +2,15 @@
 
 With ``dp-noise-multiplier`` z > 0 every node clips its update to L2 norm C (Flower's
 ``dp_clipping_mod``) and the server adds Gaussian noise of std z·C/m to the mean of the m
-updates (Flower's ``DifferentialPrivacyClientSideFixedClipping``). Adding or removing one node's
-whole contribution moves that mean by at most C/m, so each noised aggregate (a *release*) is a
-Gaussian mechanism with noise multiplier z: node-level privacy, add-or-remove-one neighbours.
+updates (Flower's ``DifferentialPrivacyClientSideFixedClipping``). The mean is over the nodes
+asked, a node that fails, is rejected or trains nothing counting as a zero update
+(``strategies.lora``), so
+replacing one node's whole contribution by none moves it by at most C/m, and each noised
+aggregate (a *release*) is a Gaussian mechanism with noise multiplier z: node-level privacy of
+what a node's data does to the model, for *zero-out* neighbours (the nodes asked, a count the
+server sees, are the same in both worlds). Under add-or-remove neighbours the mean's divisor
+changes too and one node moves it by up to about 2C/m: the ε below would then be that of
+multiplier z/2.
 
 Gaussian mechanisms compose exactly in Gaussian differential privacy (Dong, Roth & Su 2022): a
 release with multiplier z is μ-GDP with μ = 1/z, and any sequence of them (adaptively chosen)

@@ -7,6 +7,7 @@ file (or none), never half of one; a reader never sees a file being written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -52,6 +53,19 @@ def _replacing(path: Path):  # type: ignore[no-untyped-def]
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # (mkstemp's 0600 would make the report private)
-        os.replace(tmp, path)
+        _fsync(tmp, os.O_RDONLY)  # its bytes on disk before its name: a power loss right after
+        os.replace(tmp, path)  # must not leave an empty report (a new name gets no help from
+        _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # the filesystem)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # (some filesystems refuse fsync of a folder: nothing to make durable)
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)

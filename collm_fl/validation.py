@@ -50,11 +50,13 @@ def _array_problems(key: str, value: object, expected: np.ndarray) -> list[str]:
     if not isinstance(value, np.ndarray):
         return [f"{key}: expected a numpy array, got {type(value).__name__}"]
     problems = []
-    if value.shape != expected.shape:
+    if value.shape != expected.shape:  # (its values are not scanned: it is refused anyway)
         problems.append(f"{key}: shape {value.shape} != expected {expected.shape}")
     if not np.issubdtype(value.dtype, np.floating):
         problems.append(f"{key}: dtype {value.dtype} is not a floating-point type")
     else:
+        if problems:
+            return problems
         bad = int(value.size - np.count_nonzero(np.isfinite(value)))
         if bad:
             problems.append(f"{key}: {bad} non-finite values (NaN/inf)")

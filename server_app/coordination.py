@@ -16,6 +16,7 @@ from typing import TypeGuard
 from collm_fl.config import RunConfig
 from collm_fl.store import VersionStore
 from strategies.allocation import (
+    STEP_HISTORY,
     AllocationInputs,
     NodeBudget,
     NodeLoad,
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 # Below this a step time is no measurement (a LoRA micro-step of any LLM takes milliseconds at
 # least): a node claiming it would make every later budget overflow.
 MIN_STEP_SECONDS = 1e-4
-STEP_HISTORY = 5  # a node's speed: the fastest of its last few rounds
 STATE_KEY = "state"  # in each coordination-state event: the nodes' forecasts and speeds
 COORDINATION_STATE = "coordination-state"  # event after each round: what a resumed run takes back
 

@@ -119,11 +119,10 @@ class Federation:
         try:
             summary = self._run()
         except BaseException as e:
-            self.store.set_run_status(run_id, "failed")
-            self.store.record_event(run_id, RUN_FAILED, {"error": f"{type(e).__name__}: {e}"})
+            self.store.end_run(run_id, "failed", RUN_FAILED, {"error": f"{type(e).__name__}: {e}"})
             raise
-        self.store.set_run_status(run_id, "finished")
-        self.store.record_event(run_id, RUN_FINISHED, {"latest_version": summary.latest_version})
+        latest = {"latest_version": summary.latest_version}
+        self.store.end_run(run_id, "finished", RUN_FINISHED, latest)
         return summary
 
     def _run(self) -> FederationSummary:
@@ -190,13 +189,14 @@ class Federation:
         ok_nodes = Counter(
             p.round_number for p in self.store.participations(run_id) if p.status == "ok"
         )
-        # Every noised release on record, an attempt at a round that crashed before its row
-        # included (what came of it, a gate's loss, a log line, was out): each counts in ε.
+        # Every release on record (noised or not: 0), an attempt at a round that crashed before
+        # its row included (what came of it, a gate's loss, a log line, was out): each counts in
+        # ε.
         releases = self.store.events(run_id, DP_RELEASE)
         self.dp_releases.extend(
             float(z) for e in releases if finite_number(z := e.payload.get("noise_multiplier"))
         )
-        noised_rounds = {e.payload.get("round") for e in releases}
+        released_rounds = {e.payload.get("round") for e in releases}
         for r in self.store.list_rounds(run_id):  # the loss curve so far, for the policy
             promoted = r.status == "aggregated"  # as the live loop: a gated version's loss is not
             loss = r.eval_loss if promoted else None
@@ -205,7 +205,7 @@ class Federation:
             else:  # (stored by an older collm: the total over its nodes)
                 steps = r.metrics.get("steps-total", 0.0) / max(1, ok_nodes[r.number])
             self.coordination.observe_round(steps, loss)
-            if r.number in noised_rounds:  # (counted above, with any attempt that crashed)
+            if r.number in released_rounds:  # (counted above, with any attempt that crashed)
                 continue
             if DP_NOISE_MULTIPLIER in r.metrics:
                 self.dp_releases.append(r.metrics[DP_NOISE_MULTIPLIER])
@@ -290,9 +290,10 @@ class Federation:
 
         eval_loss = eval_ppl = None
         new_state, note, failure = None, "", report.failure
-        if new_arrays is not None and cfg.dp_noise_multiplier > 0:
+        if new_arrays is not None:
             # On record before anything comes of it (the gate's event holds its loss): a crash
-            # after this and before the round's row must not make its release uncounted.
+            # after this and before the round's row must not make its release uncounted. Without
+            # noise too (0): a run resumed with DP on must not count such a release as none.
             release = {"round": rnd, "noise_multiplier": cfg.dp_noise_multiplier}
             store.record_event(run_id, DP_RELEASE, release)
         if new_arrays is not None:
@@ -634,7 +635,7 @@ def held_for_turns(
 
 
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # round metric: the noise of the aggregate it released
-DP_RELEASE = "dp-release"  # event: a noised aggregate released (round, noise_multiplier)
+DP_RELEASE = "dp-release"  # event: an aggregate released (round, noise_multiplier; 0: none)
 DP_EPSILON = "dp-epsilon"  # round metric: ε spent by the run so far, at the run's dp-delta
 # Metrics only the server sets (of a round, or of a node's participation): the same names in
 # the nodes' metrics are dropped.

@@ -3,6 +3,7 @@
 
 from collm_fl.policies.allocation import (
     SLO_RESERVE,
+    STEP_HISTORY,
     TURN_SLACK,
     TURN_UTILIZATION,
     AllocationInputs,
@@ -23,6 +24,7 @@ from collm_fl.policies.allocation import (
 
 __all__ = [
     "SLO_RESERVE",
+    "STEP_HISTORY",
     "TURN_SLACK",
     "TURN_UTILIZATION",
     "AllocationInputs",

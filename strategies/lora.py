@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -286,7 +286,7 @@ class LoraFedAvg(FedAvg):
         outcomes: list[ReplyOutcome] = []
         good: list[tuple[AdapterState, int, Message]] = []
         good_at: list[int] = []  # index in outcomes of each good reply
-        for msg in replies:
+        for msg in self._first_per_node(server_round, replies):
             node = self.node_of(msg)
             screened = self._screen(server_round, msg, reference)
             if isinstance(screened, ReplyOutcome):  # failed or rejected
@@ -424,7 +424,7 @@ class LoraFedAvg(FedAvg):
         but weighing 0), and the nodes that never answered."""
         reference = arrayrecord_to_state(self.current_arrays)
         outcomes: list[ReplyOutcome] = []
-        for msg in replies:
+        for msg in self._first_per_node(server_round, replies):
             screened = self._screen(server_round, msg, reference)
             if isinstance(screened, ReplyOutcome):  # failed or rejected
                 outcomes.append(screened)
@@ -440,6 +440,24 @@ class LoraFedAvg(FedAvg):
         log.warning("round %d: %s; keeping the previous version", server_round, failure)
         self.last_report = RoundReport(server_round, tuple(outcomes), False, failure)
         return self.last_report
+
+    def _first_per_node(self, server_round: int, replies: Iterable[Message]) -> Iterator[Message]:
+        """Each node's first reply of the round; a later one is logged and dropped (the
+        SuperLink takes one reply per message: defence in depth, so that no node's update is
+        aggregated twice nor recorded twice)."""
+        seen: set[int] = set()
+        for msg in replies:
+            node = self.node_of(msg)
+            if node in seen:
+                log.warning(
+                    "round %d: rejected update from node %d: a second reply in the round "
+                    "(only its first counts)",
+                    server_round,
+                    node,
+                )
+                continue
+            seen.add(node)
+            yield msg
 
     def _add_missing_replies(self, server_round: int, outcomes: list[ReplyOutcome]) -> None:
         """Flower drops the nodes that did not answer within the round's timeout: a ``failed``
@@ -551,7 +569,7 @@ class LoraFedAvg(FedAvg):
             reason = f"error reply: {msg.error.reason}"
             log.warning("round %d: node %d failed: %s", server_round, node, reason)
             return ReplyOutcome(node, FAILED, reason)
-        problems, state, metrics = self._check_reply(msg, self._asked.get(node))
+        problems, state, metrics = self._check_reply(msg, self._asked.get(node), reference)
         if not problems:
             check = validate_update(state, reference, self.max_update_norm)
             problems = list(check.reasons)
@@ -569,10 +587,15 @@ class LoraFedAvg(FedAvg):
         return ReplyOutcome(node, REJECTED, reason, metrics=metrics)
 
     def _check_reply(
-        self, msg: Message, steps_asked: int | None = None
+        self,
+        msg: Message,
+        steps_asked: int | None = None,
+        reference: AdapterState | None = None,
     ) -> tuple[list[str], AdapterState, dict[str, float]]:
         """Structural checks Flower's own consistency check would raise on, and the metrics'
-        (finite numbers; at most the steps the node was asked for): here they reject."""
+        (finite numbers; at most the steps the node was asked for): here they reject. Keys and
+        shapes are checked on the arrays' descriptions against ``reference`` before any is
+        decoded: a reply of a huge array is refused without the server copying it twice more."""
         content = msg.content
         problems: list[str] = []
         state: AdapterState = {}
@@ -582,8 +605,12 @@ class LoraFedAvg(FedAvg):
                 f"expected one ArrayRecord {ARRAYS_KEY!r}, got {list(content.array_records)}"
             )
         else:
+            record = content.array_records[ARRAYS_KEY]
+            described = _described_problems(record, reference) if reference is not None else []
+            problems += described
             try:
-                state = arrayrecord_to_state(content.array_records[ARRAYS_KEY])
+                if not described:
+                    state = arrayrecord_to_state(record)
             except Exception as e:  # whatever a node's bytes make the decoder raise: its fault
                 problems.append(f"unreadable arrays: {type(e).__name__}: {e}")
         if len(content.metric_records) != 1:
@@ -632,3 +659,15 @@ def aggregate_metrics(
         if total > 0:
             out[key] = sum(v * w for v, w in pairs) / total
     return out
+
+
+def _described_problems(record: ArrayRecord, reference: AdapterState) -> list[str]:
+    """Missing and unexpected keys and wrong shapes, read from the arrays' descriptions (as
+    :func:`collm_fl.validation.validate_update` words them), nothing decoded."""
+    problems = [f"missing key {k!r}" for k in sorted(set(reference) - set(record))]
+    problems += [f"unexpected key {k!r}" for k in sorted(set(record) - set(reference))]
+    for key in sorted(set(record) & set(reference)):
+        shape = tuple(getattr(record[key], "shape", ()))
+        if shape != reference[key].shape:
+            problems.append(f"{key}: shape {shape} != expected {reference[key].shape}")
+    return problems

@@ -55,6 +55,9 @@ class SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(default=1, ge=1, le=1)  # one choice per request (n > 1 is refused)
     user: str | None = Field(default=None, max_length=256)
+    # vLLM's extension: generate ``max_tokens`` tokens whatever the model's end-of-sequence says
+    # (load tests replaying a trace's output lengths)
+    ignore_eos: StrictBool = False
     # OpenAI parameters this server does not implement: taken at their neutral values (clients
     # such as LangChain send them), refused otherwise (400, code ``unsupported_parameter``).
     presence_penalty: StrictFloat | StrictInt | None = None

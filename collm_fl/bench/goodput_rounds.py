@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from collm_fl.loadgen.goodput import SLOSpec
 
 # The very policy the ServerApp runs (a pure function), not a copy of it.
 from collm_fl.policies.allocation import (
+    STEP_HISTORY,
     AllocationInputs,
     NodeBudget,
     NodeLoad,
@@ -177,9 +179,13 @@ class Orchestrator:
         self.progress_line: Callable[[], str] = lambda: ""
         self._pushed_wall: list[tuple[float, int, int]] = []  # (replica time.time(), i, version)
         self._forecast: dict[int, RateForecast] = {}
-        self._step_s: dict[int, float] = {}
-        self._history: list[tuple[int, float]] = [(0, start.loss)]
-        self._steps_total = 0
+        # Each replica's last step times (its speed: the fastest of them), as the live server's
+        # coordination keeps them; before the first, the calibration's estimate.
+        self._step_s: dict[int, deque[float]] = {}
+        # (steps of one replica's share of the rounds so far, loss): the mean over the replicas
+        # that trained, as the live server's history (AllocationInputs.loss_history)
+        self._history: list[tuple[float, float]] = [(0.0, start.loss)]
+        self._steps_total = 0.0
         self._allocation: list[dict[str, object]] = []
         self._plans: dict[int, NodeBudget] = {}  # this round's allocation (CoLLM-FL systems)
 
@@ -224,7 +230,9 @@ class Orchestrator:
         record.allocation, self._allocation = self._allocation, []
         for a in record.allocation:
             self.say(f"    round {rnd}: replica {a['replica']}: {a['reason']} ({a['load']})")
-        self._steps_total += steps
+        done = [t for t in trained if t]
+        if done:
+            self._steps_total += sum(done) / len(done)
         if not updates:
             self.say(f"    round {rnd}: no update came back; still serving v{self.version}")
             return record
@@ -254,6 +262,11 @@ class Orchestrator:
             f"{record.published_s or 0:.1f}s ({self.spec.swap_mode}); {self.progress_line()}"
         )
         return record
+
+    def _step_seconds(self, i: int) -> float:
+        """Replica ``i``'s speed: the fastest of its last ``STEP_HISTORY`` rounds' step times."""
+        times = self._step_s.get(i)
+        return min(times) if times else self.s.step_seconds
 
     def _budgets(self, rnd: int) -> dict[int, tuple[int, float]]:
         """replica -> (steps, training share) for this round; replicas with 0 steps sit out."""
@@ -293,7 +306,7 @@ class Orchestrator:
                 utilization=m["serving-utilization"],
             )
             self._forecast[i] = forecast_rate(self._forecast.get(i), load.request_rate)
-            step_s = self._step_s.get(i, self.s.step_seconds)
+            step_s = self._step_seconds(i)
             fc = self._forecast[i]
             nodes.append(NodeState(i, load, fc.next, step_s, forecast_trend=fc.trend))
         inputs = AllocationInputs(
@@ -409,10 +422,10 @@ class Orchestrator:
                     if i in began:
                         a["began_s"] = began[i]
             if done > 0 and metrics["train-seconds"] > 0:
-                # The fastest round so far: the replica's own speed. A loaded round's slower
-                # steps are serving's load, which the allocation's share already counts.
-                step_s = metrics["train-seconds"] / done
-                self._step_s[i] = min(step_s, self._step_s.get(i, self.s.step_seconds))
+                # The fastest of the last rounds: the replica's own speed. A loaded round's
+                # slower steps are serving's load, which the allocation's share already counts.
+                times = self._step_s.setdefault(i, deque(maxlen=STEP_HISTORY))
+                times.append(metrics["train-seconds"] / done)
             if done > 0:
                 updates.append(state)
                 weights.append(metrics["num-examples"])
@@ -436,7 +449,7 @@ class Orchestrator:
         shift = (rnd - 1) % len(replicas) if replicas else 0
         for i in [*replicas[shift:], *replicas[:shift]]:
             left = self.s.deadline_s - (self.clock() - started)
-            step_s = self._step_s.get(i, self.s.step_seconds)
+            step_s = self._step_seconds(i)
             if left < step_s:  # not one step fits: it stays in rotation, trains nothing
                 log.info("round %d: replica %d skipped: %.1fs left of the deadline", rnd, i, left)
                 continue

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    if args.command in ("bench", "site"):  # (`load` and `live` check theirs as they start)
+    if args.command in ("bench", "site", "load", "live"):  # (a report after an hour's work)
         for flag in ("out", "workdir"):
             if where := getattr(args, flag, None):
                 check_output_dir(Path(where), f"--{flag}")
@@ -150,6 +150,7 @@ def dispatch(args: argparse.Namespace) -> int:
             api_key=args.api_key or os.environ.get("COLLM_API_KEY"),
             seed=args.seed,
             chat=args.chat,
+            ignore_eos=args.ignore_eos,
         )
     if args.command == "versions":
         from collm_fl.store import VersionStore

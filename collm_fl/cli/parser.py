@@ -228,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-slo", type=float, default=2.0)
     p.add_argument("--tpot-slo", type=float, default=0.2)
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="ask for every request's whole output length (vLLM's ignore_eos, which collm "
+        "replica and gateway take; OpenAI's API refuses it): a trace's lengths, not caps",
+    )
     p.add_argument("--api-key", default=None, help="Bearer key (default: $COLLM_API_KEY)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/load", help="where requests.jsonl/summary.json go")

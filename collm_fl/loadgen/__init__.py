@@ -9,12 +9,13 @@ together for the command line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -100,11 +101,12 @@ def run_load_cli(
     *,
     timeout_s: float = 120.0,
     max_in_flight: int = 256,
+    ignore_eos: bool = False,
 ) -> int:
     """Replay a schedule against ``target`` and write ``requests.jsonl`` and ``summary.json``.
 
     The schedule is ``kind`` arrivals at ``rate`` for ``duration_s`` with fixed lengths, or, given a
-    ``trace``, its requests rescaled to ``rate`` (``rate <= 0`` keeps the recorded timing) and cut
+    ``trace``, its requests rescaled to ``rate`` (``rate`` 0 keeps the recorded timing) and cut
     to ``duration_s`` (rates are then per the time it ran, if shorter), with
     ``prompt_tokens``/``output_tokens`` as the length caps. Returns 0, or 1
     when no request succeeded; bad arguments raise ConfigError / DataFormatError.
@@ -122,9 +124,9 @@ def run_load_cli(
     if trace:
         if not (math.isfinite(duration_s) and duration_s > 0):
             raise ConfigError(f"--duration must be a finite number > 0, got {duration_s}")
-        if not math.isfinite(rate):
+        if not (math.isfinite(rate) and rate >= 0):
             raise ConfigError(
-                f"--rate must be a finite number (0: the trace's own timing), got {rate}"
+                f"--rate must be a finite number >= 0 (0: the trace's own timing), got {rate}"
             )
         for flag, value in (("--prompt-tokens", prompt_tokens), ("--output-tokens", output_tokens)):
             if value < 1:
@@ -201,6 +203,7 @@ def run_load_cli(
                 progress_every_s=PROGRESS_EVERY_S,
                 stop=stop,
                 abandon=abandon,
+                ignore_eos=ignore_eos,
             )
         finally:
             for sig in signals:
@@ -223,7 +226,6 @@ def run_load_cli(
                 signal.signal(sig, handler)
     if stopped_at:  # what ran is measured over the time it ran
         measured_s = max(min(measured_s, stopped_at[0]), 1e-3)
-    write_results_jsonl(results, out / "requests.jsonl")
     summary = summarize_results(results, slo, measured_s)
     config = {
         "interrupted_at_s": stopped_at[0] if stopped_at else None,
@@ -241,9 +243,14 @@ def run_load_cli(
         "tpot_slo_s": tpot_slo,
         "timeout_s": timeout_s,
         "max_in_flight": max_in_flight,
+        "ignore_eos": ignore_eos,
     }
     summary_json = json.dumps({"config": config, **asdict(summary)}, indent=2)
-    write_text_atomic(out / "summary.json", summary_json + "\n")
+    # The two files are one run's: a signal while they are written (seconds for a long run's
+    # requests) waits until both are, so no new requests.jsonl sits beside an old summary.json.
+    with _signals_held(signals):
+        write_results_jsonl(results, out / "requests.jsonl")
+        write_text_atomic(out / "summary.json", summary_json + "\n")
     print(format_summary(summary, slo))
     print(f"wrote {out / 'requests.jsonl'} and {out / 'summary.json'}")
     if stopped_at:
@@ -260,10 +267,38 @@ def run_load_cli(
     return 0
 
 
+@contextlib.contextmanager
+def _signals_held(signals: list[signal.Signals]) -> Iterator[None]:
+    """Hold ``signals`` back for the block (from the main thread, which alone may set handlers):
+    one that comes meanwhile is raised again, to the handler as it was, once the block is done.
+    (Blocking them with a signal mask would not do: the kernel gives a signal sent to the
+    process to any thread not blocking it, and Python then runs its handler in the main thread
+    all the same.)"""
+    came: list[int] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in signals
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if came:
+            signal.raise_signal(came[0])
+
+
 def _progress_printer(slo: SLOSpec) -> Callable[[ReplayProgress], None]:
+    # Counted as requests finish (each once): recounting every finished request at each tick
+    # would take the replay's event loop longer and longer as a run grows, delaying sends and
+    # the timing of the chunks it reads.
+    seen, errors, met = 0, 0, 0
+
     def show(p: ReplayProgress) -> None:
-        errors = sum(r.status != "ok" for r in p.completed)
-        met = sum(meets_slo(r, slo) for r in p.completed)
+        nonlocal seen, errors, met
+        new = p.completed[seen:]
+        seen = len(p.completed)
+        errors += sum(r.status != "ok" for r in new)
+        met += sum(meets_slo(r, slo) for r in new)
         print(
             f"[{p.elapsed_s:6.0f}s] sent {p.sent}  done {len(p.completed)}  errors {errors}  "
             f"dropped {p.dropped}  in flight {p.in_flight}  "

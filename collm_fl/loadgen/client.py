@@ -162,6 +162,7 @@ async def replay(
     stop: asyncio.Event | None = None,
     route: Callable[[int], str] | None = None,
     abandon: asyncio.Event | None = None,
+    ignore_eos: bool = False,
 ) -> list[RequestResult]:
     """Send every request at its offset (open loop) and return one result per request, in order.
 
@@ -171,6 +172,9 @@ async def replay(
     (``STATUS_ABANDONED``): the replay returns at once with what it measured. ``route``, if
     given, names the base URL of request ``i`` when it is due (a load balancer whose set of
     servers changes during the replay); else every request goes to ``base_url``.
+    ``ignore_eos`` asks for every request's whole ``max_tokens`` (vLLM's ``ignore_eos``, which
+    ``collm replica`` takes too; OpenAI's API refuses it), so a trace's output lengths are the
+    lengths served, not caps a model's end-of-sequence cuts short.
     """
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ConfigError(f"timeout_s: must be a finite number > 0, got {timeout_s}")
@@ -205,7 +209,7 @@ async def replay(
             nonlocal in_flight
             sent_at = loop.time() - start
             try:
-                result = await _send(client, model, requests[i], i, start, timeout_s)
+                result = await _send(client, model, requests[i], i, start, timeout_s, ignore_eos)
                 results[i] = result
                 completed.append(result)
             except asyncio.CancelledError:
@@ -359,15 +363,25 @@ class _StreamReader:
         choice = choices[0]
         if self.chat:  # streamed chunks carry a delta, a whole reply a message
             part = choice.get("delta") or choice.get("message")
-            text = part.get("content") if isinstance(part, dict) else None
+            # The first token is the first one the server streamed, answer or not: a reasoning
+            # model's thinking (vLLM's reasoning_content, others' reasoning) and a tool call
+            # count, else TPOT would divide the time after them by tokens decoded before it.
+            shown = isinstance(part, dict) and (
+                any(isinstance(part.get(k), str) and part.get(k) for k in _CHAT_TEXT_KEYS)
+                or bool(part.get("tool_calls"))
+            )
         else:
             text = choice.get("text")
-        if isinstance(text, str) and text:
+            shown = isinstance(text, str) and bool(text)
+        if shown:
             self.chunks += 1
             if self.first_content_s is None:
                 self.first_content_s = now
         if choice.get("finish_reason") == "error":
             self.error = "the server reported a generation error"
+
+
+_CHAT_TEXT_KEYS = ("content", "reasoning_content", "reasoning")
 
 
 async def _send(
@@ -377,6 +391,7 @@ async def _send(
     index: int,
     start: float,
     timeout_s: float,
+    ignore_eos: bool = False,
 ) -> RequestResult:
     loop = asyncio.get_running_loop()
     sent = loop.time()
@@ -387,6 +402,8 @@ async def _send(
         # The served token counts: a token that decodes to no text sends no chunk to count.
         "stream_options": {"include_usage": True},
     }
+    if ignore_eos:
+        body["ignore_eos"] = True
     if spec.chat:
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": spec.prompt}]
     else:

@@ -33,10 +33,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEADER: tuple[str, str, str] = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-_COUNT_RE = re.compile(r"-?[0-9]+")  # a token count as the trace writes it
+_COUNT_RE = re.compile(r"-?[0-9]{1,18}")  # a token count as the trace writes it (int64 at most)
 
 _DATETIME_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:Z|\+00:?00)?$"
+    r"^(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(Z|[+-]\d{2}:?\d{2})?$"
 )
 _FLOAT_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -135,6 +136,16 @@ def _parse_timestamp(cell: str, where: str, line: int) -> tuple[tuple[int, float
         except ValueError as e:
             raise DataFormatError(where, f"invalid timestamp {cell!r}: {e}", line) from e
         frac = float("0." + m.group(7)) if m.group(7) else 0.0
+        offset = m.group(8)
+        if offset and offset != "Z":  # (a trace mixing zones stays in one time line)
+            sign = -1 if offset[0] == "-" else 1
+            hours, minutes = int(offset[1:3]), int(offset[-2:])
+            if hours > 23 or minutes > 59:
+                raise DataFormatError(where, f"invalid time zone offset in {cell!r}", line)
+            try:
+                dt -= sign * timedelta(hours=hours, minutes=minutes)
+            except OverflowError as e:  # (year 1 or 9999 shifted out of range)
+                raise DataFormatError(where, f"invalid timestamp {cell!r}: {e}", line) from e
         return (int((dt - _EPOCH).total_seconds()), frac), "datetime"
     if _FLOAT_RE.match(cell):
         value = float(cell)
@@ -142,13 +153,18 @@ def _parse_timestamp(cell: str, where: str, line: int) -> tuple[tuple[int, float
             whole = math.floor(value)
             return (whole, value - whole), "seconds"
     raise DataFormatError(
-        where, f"unparseable timestamp {cell!r} (expected YYYY-MM-DD HH:MM:SS[.f] or seconds)", line
+        where,
+        f"unparseable timestamp {cell!r} (expected YYYY-MM-DD HH:MM:SS[.f][Z|±HH:MM] or seconds)",
+        line,
     )
 
 
 def _parse_count(cell: str, column: str, where: str, line: int) -> int:
     if not _COUNT_RE.fullmatch(cell):  # int() would take "1_000", " 7" or "+3" too
-        raise DataFormatError(where, f"{column} is not an integer: {cell!r}", line)
+        shown = cell if len(cell) <= 40 else f"{cell[:40]}... ({len(cell)} characters)"
+        raise DataFormatError(
+            where, f"{column} is not an integer of at most 18 digits: {shown!r}", line
+        )
     value = int(cell)
     if value < 0:
         raise DataFormatError(where, f"{column} is negative: {value}", line)

@@ -9,9 +9,10 @@ code runs live in the ServerApp, in tests and in the simulator):
 2. **Load headroom.** Training takes the compute serving leaves: a replica reports the share of
    its time its engine computed (``serving_utilization``); scaled by the forecast growth of its
    request rate (Holt's linear trend: a smoothed level plus a smoothed trend, so a rate that has
-   been rising is expected to go on rising; only while that trend rises: the smoothed forecast
-   lags a sudden fall, which must not cost training) that is the serving it must keep, and the
-   rest is headroom. A replica whose
+   been rising is expected to go on rising; the growth is the forecast over the present rate,
+   the smoothed level or the latest report, whichever is higher, so a forecast lagging a sudden
+   fall, or a trend turning, costs no sudden training) that is the
+   serving it must keep, and the rest is headroom. A replica whose
    p95 latencies already exceed the SLOs keeps up to ``SLO_RESERVE`` more for serving. (Without a
    utilization report, latency relative to the SLOs stands in for it.) The training share is
    that headroom.
@@ -65,6 +66,10 @@ FORECAST_ALPHA = 0.5
 FORECAST_BETA = 0.5
 SLO_RESERVE = 0.1  # extra share kept for serving by a replica missing its SLOs (pressure >= 2)
 MIN_GAIN_POINTS = 4  # loss points (three per-step rates) before the gain factor moves off 1.0
+# A round's loss change below this share of the loss is measurement noise, no gain (the central
+# held-out set is small); real rounds gain more (1.3-2 % per round in the committed goodput
+# reports and quickstart runs).
+GAIN_NOISE = 1e-3
 # Turns (module doc, 5): the most serving, as a share of one replica's compute, that each replica
 # not training may be forecast to carry. Batching makes load moved onto fewer replicas cost less
 # than its sum; above this the others would queue (the light-rate reports of
@@ -73,6 +78,9 @@ TURN_UTILIZATION = 0.6
 # A turn's planned length: its steps' measured time × this (a step's time varies); the next turn
 # starts then at the latest, or sooner when this one's update comes back sooner.
 TURN_SLACK = 1.25
+# A node's speed (NodeState.step_seconds): the fastest of its last this many rounds' step times
+# (a loaded round's slower steps are its serving, which the share counts; an old fast one ages out)
+STEP_HISTORY = 5
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,18 @@ class AllocationInputs:
     backfill: bool = True  # replicas may train the rest of the target on idle cycles
     turns: bool = False  # under light load replicas train one after another (module doc, 5)
     rotation: int = 0  # which replica's turn comes first (the round number: every one in turn)
+
+    def __post_init__(self) -> None:
+        for name, value in (
+            ("min_gain_factor", self.min_gain_factor),
+            ("min_share", self.min_share),
+        ):
+            if not 0.0 <= value <= 1.0:  # (False for NaN)
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not self.deadline_s > 0:  # (inf: no deadline)
+            raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be at least 0, got {self.max_steps}")
 
 
 @dataclass(frozen=True)
@@ -165,11 +185,13 @@ def quality_gain_factor(history: Sequence[tuple[float, float]], floor: float = 0
     """How much training still helps, in [floor, 1]: latest per-step gain / early per-step gain.
 
     The central held-out loss is measured on a small set and each round's change is noisy, so a
-    trend needs at least ``MIN_GAIN_POINTS`` points (three per-step rates); until then: 1.0. The
-    latest gain is the mean of the last two rates (one noisy round does not cut the budget), the
-    early gain the best before those two (a large latest gain raises the factor, never lowers
-    it; and a first round that happened to measure no gain does not pin the factor to the
-    floor: with no early gain to compare, a latest gain is no sign of flattening). A loss that
+    trend needs at least ``MIN_GAIN_POINTS`` points (three per-step rates); until then: 1.0; and
+    a round whose loss moved by less than ``GAIN_NOISE`` of it gained nothing (a flat curve's
+    blip is not a gain, nor does a tiny early one set the scale). The latest gain is the mean of
+    the last two rates (one noisy round does not cut the budget), the early gain the best before
+    those two (with an early gain, a larger latest gain raises the factor, never lowers it;
+    without one, rounds that happened to measure none do not pin the factor to the floor: a
+    latest gain is then no sign of flattening but of learning that started late). A loss that
     got worse counts as no gain (the quality gate elsewhere keeps a bad version from being
     served).
     """
@@ -179,7 +201,8 @@ def quality_gain_factor(history: Sequence[tuple[float, float]], floor: float = 0
     rates = []
     for (s0, l0), (s1, l1) in itertools.pairwise(pts):
         if s1 > s0:
-            rates.append(max(0.0, (l0 - l1) / (s1 - s0)))
+            gain = l0 - l1
+            rates.append(gain / (s1 - s0) if gain > GAIN_NOISE * abs(l0) else 0.0)
     if len(rates) < MIN_GAIN_POINTS - 1:  # rounds that trained nothing add no rate
         return 1.0
     latest = sum(rates[-2:]) / 2
@@ -215,14 +238,25 @@ def headroom(
 
 
 def load_growth(load: NodeLoad, forecast: float, trend: float | None = None) -> float:
-    """How much more serving the forecast rate needs than the reported one (never below 1).
+    """How much more serving the forecast rate needs than the present one (never below 1).
 
-    Only while the forecast rises (``trend`` > 0, or not known): Holt's forecast lags a sudden
-    fall (reports 1.0 then 0.1 req/s forecast 0.325), and a fall must not cost training.
+    With the forecast's ``trend`` known and rising: the forecast over the present rate, the
+    smoothed level or the latest report, whichever is higher, so 1 at a trend of 0. Not over the
+    report alone: Holt's forecast lags a sudden fall (reports 1.0 then 0.1 req/s forecast
+    0.325), and a fall must not cost training, nor may a trend turning from falling to rising
+    cut it at once; not over the level alone: after a spike (1, 1, 1, then 10 req/s: level 5.5,
+    forecast 7.75) the report, which the utilization measured, already holds more than the
+    forecast. Without the trend: the forecast over the latest report.
     """
-    if trend is not None and not trend > 0:
-        return 1.0
-    return max(1.0, forecast / load.request_rate if load.request_rate > IDLE_RATE else 1.0)
+    rate = load.request_rate if load.request_rate > IDLE_RATE else 0.0
+    if trend is None:
+        ratio = forecast / rate if rate > 0 else 1.0
+    elif trend > 0:
+        present = max(forecast - trend, rate)  # (the level: the forecast less its trend)
+        ratio = forecast / present if present > IDLE_RATE else 1.0
+    else:
+        ratio = 1.0
+    return ratio if math.isfinite(ratio) and ratio > 1.0 else 1.0
 
 
 def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
@@ -262,7 +296,7 @@ def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
             continue
         # Busy replicas train less: as many of the target's steps as fit the deadline at the share
         # serving leaves; with the step time unknown yet, the target scaled by that share.
-        if node.step_seconds is None or node.step_seconds <= 0:
+        if _step_time(node.step_seconds) is None:
             steps = max(1, round(target * room))
         else:
             steps = _fit_deadline(target, node.step_seconds, room, inputs.deadline_s)
@@ -343,12 +377,20 @@ def turn_before(budgets: Iterable[NodeBudget]) -> dict[int, int]:
 
 def _fit_deadline(steps: int, step_seconds: float | None, share: float, deadline_s: float) -> int:
     """Cap ``steps`` so they fit the deadline at this training share (unknown speed: uncapped)."""
-    if step_seconds is None or step_seconds <= 0:
+    step_seconds = _step_time(step_seconds)
+    if step_seconds is None:
         return steps
     fit = deadline_s * share / step_seconds  # (inf for a denormal step time: no int of it)
     if not math.isfinite(fit) or fit >= steps:
         return steps
     return max(0, math.floor(fit))
+
+
+def _step_time(step_seconds: float | None) -> float | None:
+    """A measured step time, or None for one not known (None, zero, negative, NaN or inf)."""
+    if step_seconds is None or not (step_seconds > 0 and math.isfinite(step_seconds)):
+        return None
+    return step_seconds
 
 
 def merge_loads(a: NodeLoad, a_s: float, b: NodeLoad, b_s: float) -> NodeLoad:

@@ -76,7 +76,7 @@ class Row:
         string still forming) and the finish reason it brings, if any."""
         self.generated.append(token)
         params = self.params
-        finish = FINISH_STOP if token in eos_ids else None
+        finish = FINISH_STOP if token in eos_ids and not params.ignore_eos else None
         text = self.text(tokenizer)
         cut = find_stop(text, params.stop, self.sent)
         if cut is not None:

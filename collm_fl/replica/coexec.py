@@ -510,9 +510,13 @@ class CoTrainer:
         return float(loss.item()), int((batch["labels"][:, 1:] != -100).sum())
 
     def _behind(self, planned_left: int, time_left: float) -> bool:
-        """Whether the round's plan is behind (``slo_guard.behind_schedule``) at this speed."""
+        """Whether the round's plan is behind (``slo_guard.behind_schedule``) at this speed, at
+        the share the engine will lend it (the allocation's, at most ``max_lend_share``): a plan
+        judged at a larger share than it borrows starts borrowing too late to catch up."""
+        lend = self.engine.max_lend_share
+        share = min(self._share, lend) if lend > 0 else self._share
         return behind_schedule(
-            planned_left, self._step_cost_ewma, self._share, time_left, early=self.lend_early
+            planned_left, self._step_cost_ewma, share, time_left, early=self.lend_early
         )
 
     def _note_step(self, t0: float, t1: float, cost_s: float | None = None) -> None:

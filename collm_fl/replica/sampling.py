@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
     seed: int | None = None  # None: a fresh random seed per request
+    ignore_eos: bool = False  # the end-of-sequence token ends nothing (stop strings still do)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):

@@ -182,6 +182,7 @@ def _sampling(body: SamplingFields, chat: bool, room: int) -> SamplingParams:
             top_p=body.top_p,
             stop=body.stop_list(),
             seed=body.seed,
+            ignore_eos=body.ignore_eos,
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_parameter") from e

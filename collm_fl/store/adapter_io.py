@@ -42,7 +42,7 @@ def write_adapter_dir(dest: Path, state: AdapterState, peft_config: Mapping[str,
         raise StoreError(f"{dest}: already exists; refusing to overwrite a stored adapter")
     tmp = dest.parent / f"{TEMP_PREFIX}{dest.name}-{uuid.uuid4().hex}"
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(dest.parent)
         tmp.mkdir()
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
         weights = tmp / WEIGHTS_FILE
@@ -68,6 +68,19 @@ def write_adapter_dir(dest: Path, state: AdapterState, peft_config: Mapping[str,
         raise
     log.debug("wrote adapter %s (sha256 %s)", dest, checksum)
     return checksum
+
+
+def _make_dirs(folder: Path) -> None:
+    """``folder`` and its missing ancestors, each new one's name made durable in its parent: a
+    run's first version's ``runs/<name>/`` lost to a power cut would leave the store's row for an
+    adapter that has no folder."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(exist_ok=True)
+        _fsync_dir(made.parent)
 
 
 def read_adapter_dir(

@@ -191,6 +191,27 @@ class VersionStore:
         with session_scope(self._engine) as s:
             _require_run(s, run_id).status = status
 
+    def end_run(
+        self,
+        run_id: int,
+        status: RunStatus,
+        kind: str,
+        payload: Mapping[str, object],
+        only_if: RunStatus | None = None,
+    ) -> bool:
+        """Set the run's ``status`` and record its ending event in one transaction (a crash
+        between the two would leave a run finished or failed with no event saying why); with
+        ``only_if``, only a run in that status changes. Returns whether it changed."""
+        _check_choice(status, RunStatus, "run status")
+        payload_json = _dumps(dict(payload), f"event {kind!r} payload")
+        with session_scope(self._engine) as s:
+            run = _require_run(s, run_id)
+            if only_if is not None and run.status != only_if:
+                return False
+            run.status = status
+            s.add(Event(run_id=run_id, kind=kind, payload_json=payload_json))
+            return True
+
     # ---- versions -----------------------------------------------------------------------------
 
     def save_version(

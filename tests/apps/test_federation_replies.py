@@ -305,6 +305,39 @@ def test_a_noised_release_of_a_round_that_crashed_before_its_row_still_counts(
     store.close()
 
 
+def test_a_release_without_noise_of_a_round_that_crashed_counts_when_resumed_with_dp(
+    tmp_path, monkeypatch
+):
+    # Only noised releases were on record before the round's row: a crash in between, then a
+    # resume with noise on, counted none for an aggregate that was out without any (finite ε).
+    from collm_fl.privacy import epsilon_spent
+    from collm_fl.store import VersionStore
+
+    plain = {"aggregation": "fedavg", "quality_gate_margin": -1.0}
+    fed, store = federation(tmp_path, {1: honest, 2: honest}, num_server_rounds=1, **plain)
+    save_version = VersionStore.save_version
+
+    def crash(*_args, **_kwargs):
+        raise KeyboardInterrupt("killed")
+
+    def save_but_a_rounds(self, *args, **kwargs):
+        return crash() if kwargs.get("round") is not None else save_version(self, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(VersionStore, "record_round_result", crash)
+        patched.setattr(VersionStore, "save_version", save_but_a_rounds)
+        with pytest.raises(KeyboardInterrupt):
+            fed.run()
+    store.close()
+    again, store = federation(
+        tmp_path, {1: honest, 2: honest}, num_server_rounds=1, dp_noise_multiplier=1.0, **plain
+    )
+    again._initial_version()
+    assert again.dp_releases == [0.0]
+    assert epsilon_spent(again.dp_releases, 1e-5) == float("inf")
+    store.close()
+
+
 def test_a_resumed_run_takes_back_each_nodes_rate_forecast_and_speed(tmp_path):
     def busier_each_round(node, rnd, msg):
         reply = honest(node, rnd, msg)

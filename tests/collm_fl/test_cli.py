@@ -461,7 +461,7 @@ def test_live_outside_a_flower_app_says_so(capsys, tmp_path):
 def test_live_with_an_out_that_cannot_be_created_names_out(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     code, err = run(capsys, "live", "--model", "tiny", "--out", str(tmp_path / "file" / "sub"))
-    assert code == 2 and "--out" in err and "cannot create it" in err
+    assert code == 2 and "--out: cannot make the folder" in err and "is not a directory" in err
 
 
 def test_live_refuses_a_store_url_its_report_would_not_read(capsys, tmp_path):
@@ -556,6 +556,11 @@ def test_an_output_folder_that_cannot_be_made_exits_2_before_any_work(capsys, tm
     assert code == 2 and f"--out: {taken} is not a directory" in err, err
     code, err = run(capsys, "site", "--workdir", str(taken / "site"))
     assert code == 2 and f"--workdir: cannot make the folder {taken / 'site'}" in err, err
+    code, err = run(capsys, "live", "--out", str(taken / "live"))
+    assert code == 2 and f"--out: cannot make the folder {taken / 'live'}" in err, err
+    load = ("load", "--target", "http://127.0.0.1:9", "--model", "m")
+    code, err = run(capsys, *load, "--out", str(taken))
+    assert code == 2 and f"--out: {taken} is not a directory" in err, err
     assert taken.read_text() == "not a folder"
     # Nothing made by the check: a folder to be is left for the command to make.
     fresh = tmp_path / "new" / "report"

@@ -49,8 +49,8 @@ def test_report_marks_rounds_without_requests(tmp_path: Path) -> None:
     ]
     md = _report(cfg, tmp_path, rows, timeline, results, SLOSpec(5.0, 0.5), 120.0)
     table = md.read_text().splitlines()
-    assert "| 1 | 60 | v1 | 4.8000 | 2/0 | 2 | 0.033 | 100% | replica0 0.50 |" in table
-    assert "| 2 | 120 | v2 | 4.7000 | 2/0 | 0 | - | - | replica0 0.50 |" in table
+    assert "| 1 | 60 | v1 | 4.8000 | 2/0/0 | 2 | 0.033 | 100% | replica0 0.50 |" in table
+    assert "| 2 | 120 | v2 | 4.7000 | 2/0/0 | 0 | - | - | replica0 0.50 |" in table
     assert any("had no arrivals" in line for line in table)
     assert "Whole run: 2 requests, goodput 0.008 req/s, SLO attainment 50%, errors {}." in table
     data = json.loads((tmp_path / "report.json").read_text())
@@ -112,11 +112,13 @@ def test_an_earlier_runs_report_goes_aside_with_its_stores(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
 
 
+@pytest.mark.parametrize("again_while_stopping", [False, True])
 def test_an_interrupted_live_run_reports_what_ran_marks_the_run_and_stops(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, again_while_stopping: bool
 ) -> None:
     """Ctrl-C / SIGTERM mid-run: the report of the rounds so far (marked), the run marked failed
-    in the store, the interrupt passed on (exit 130) — without waiting for requests in flight."""
+    in the store, the interrupt passed on (exit 130) — without waiting for requests in flight.
+    A second one while the stack stops (tens of seconds) still leaves the report."""
     import collm_fl.live as live
 
     repo = Path(__file__).resolve().parents[2]
@@ -133,12 +135,15 @@ def test_an_interrupted_live_run_reports_what_ran_marks_the_run_and_stops(
             return self
 
         def __exit__(self, *exc) -> None:
-            pass
+            if again_while_stopping:
+                raise KeyboardInterrupt
 
         def start_gateway(self, **kwargs):
             return "http://127.0.0.1:9", None
 
     class Load:
+        ends_at_s = 1e9
+
         def __init__(self, *args) -> None:
             pass
 
@@ -164,8 +169,69 @@ def test_an_interrupted_live_run_reports_what_ran_marks_the_run_and_stops(
         live.run_live(cfg, repo)
     assert stops == [False] and marked == ["live"]
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "**Interrupted: the report covers the rounds so far.**" in md
+    assert "**Interrupted: the report covers the rounds so far." in md
+    assert ("A signal came while the stack stopped" in md) is again_while_stopping
     assert "| 1 | 60 | v1 |" in md
+
+
+@pytest.mark.parametrize("failure", [None, "superlink exited (code 1) mid-run"])
+def test_a_signal_while_a_finished_or_failed_run_stops_keeps_what_ended_it(
+    tmp_path: Path, monkeypatch, failure: str | None
+) -> None:
+    """The rounds were over (all done, or stopped by a process that died): a Ctrl-C while the
+    stack stops is noted, and neither hides the cause (exit 1, the process named) nor calls a
+    finished run's report an interrupted one."""
+    import collm_fl.live as live
+    from collm_fl.errors import WorkFailed
+
+    repo = Path(__file__).resolve().parents[2]
+
+    class Fed:
+        api_key = None
+
+        def __init__(self, *args, **kwargs) -> None:
+            self.replicas: list[object] = []
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            raise KeyboardInterrupt  # (a signal while stopping)
+
+        def start_gateway(self, **kwargs):
+            return "http://127.0.0.1:9", None
+
+    class Load:
+        ends_at_s = 1e9
+
+        def __init__(self, *args) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+        def stop(self, wait: bool = True):
+            return [_ok(0, 1.0, 0.3)]
+
+    def rounds(*args, **kwargs):
+        args[7].append(RoundRow(1, 60.0, 1, 4.8, 2, 0, 1, 0.016, 1.0, {}))
+        if failure is not None:
+            args[9].failure = failure  # (as the monitor's watch.died sets it)
+            return 1
+        return 0
+
+    monkeypatch.setattr(live, "LocalFederation", Fed)
+    monkeypatch.setattr(live, "_Load", Load)
+    monkeypatch.setattr(live, "_monitor", lambda *a: None)
+    monkeypatch.setattr(live, "_drive_flwr", rounds)
+    cfg = LiveConfig(model="tiny", out=tmp_path / "out", rounds=1)
+    expected = KeyboardInterrupt if failure is None else WorkFailed
+    with pytest.raises(expected):
+        live.run_live(cfg, repo)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "A signal came while the stack stopped" in md
+    assert "Interrupted:" not in md
+    assert (f"Stopped: {failure}." in md) is (failure is not None)
 
 
 def test_a_rounds_training_share_is_each_replicas_mean_over_the_round() -> None:
@@ -213,6 +279,50 @@ def test_a_round_whose_aggregate_was_not_promoted_shows_the_served_versions_loss
     cfg = LiveConfig(model="tiny", out=tmp_path)
     md = _report(cfg, tmp_path, rows, [], [], SLOSpec(5.0, 0.5), 10.0).read_text()
     assert "| 2 | " in md and "4.7000 (round's aggregate 4.9000, not promoted)" in md
+
+
+def test_the_progress_says_which_versions_every_replica_took_and_counts_rejected_clients(
+    tmp_path: Path, capsys
+) -> None:
+    from collm_fl.live import _drive_flwr
+
+    def round_line(rnd: int, rejected: int, version: int) -> str:
+        return (
+            f"round {rnd} | clients ok 1 rejected {rejected} failed 0 | train loss 4.9 | "
+            f"central eval loss 4.{9 - rnd}000 ppl 110.0 | version v{version} | 3.0s"
+        )
+
+    lines = [
+        "published v1 to 2/2 nodes in 0.4s",
+        round_line(1, 1, 1),
+        "publish v2: node 7 failed: timed out",
+        "published v2 to 1/2 nodes in 60.0s",
+        round_line(2, 0, 2),
+        round_line(3, 0, 3),  # (publish-versions=false: no publish line)
+    ]
+    fed = SimpleNamespace(flwr_run_command=lambda *a: _flwr_printing(lines), env=lambda: None)
+    load = SimpleNamespace(snapshot=lambda: (), ends_at_s=1e9)
+    rows: list[RoundRow] = []
+    assert _drive_flwr(fed, None, "", tmp_path, 0.0, load, SLOSpec(5.0, 0.5), rows, []) == 0
+    assert [r.clients_rejected for r in rows] == [1, 0, 0]
+    out = capsys.readouterr().out
+    assert "round 1 | served v1 (central loss 4.800) |" in out
+    assert "round 2 | v2 (central loss 4.700, published to 1 of 2 nodes) |" in out
+    assert "round 3 | v3 (central loss 4.600, not published" in out
+    cfg = LiveConfig(model="tiny", out=tmp_path)
+    md = _report(cfg, tmp_path, rows, [], [], SLOSpec(5.0, 0.5), 10.0).read_text()
+    assert "| v1 | 4.8000 | 1/1/0 |" in md
+    assert "| v2 (published to 1 of 2 nodes) |" in md
+
+
+def test_rates_are_per_second_of_the_loads_schedule_when_the_federation_outlives_it() -> None:
+    rows = [
+        RoundRow(1, 60.0, 1, 4.8, 2, 0, 0, 0.0, 0.0),
+        RoundRow(2, 120.0, 2, 4.7, 2, 0, 0, 0.0, 0.0),
+    ]
+    results = [_ok(i, 80.0 + i, 0.3) for i in range(10)]  # sent 80-89 s; the schedule ends at 90
+    again = recount_rounds(rows, results, SLOSpec(5.0, 0.5), load_end_s=90.0)
+    assert again[1].requests == 10 and again[1].goodput_rps == pytest.approx(10 / 30)
 
 
 def _proc(name: str, code: int | None) -> SimpleNamespace:
@@ -314,3 +424,43 @@ def test_the_main_jobs_schedule_is_bounded_in_requests(tmp_path: Path, monkeypat
     schedule = live.live_schedule(cfg)
     assert len(schedule) <= 500
     assert schedule[-1].offset_s < 500 / 50.0  # 10 s of load, not 4 hours
+
+
+def test_progress_to_a_reader_that_is_gone_is_dropped_not_a_traceback(monkeypatch) -> None:
+    # `collm live | tee log` and a Ctrl-C: tee ends too, and the next progress line raised
+    # BrokenPipeError out of the interrupt's report-writing path (no report, run not marked).
+    import collm_fl.live as live
+
+    class GonePipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    silenced: list[bool] = []
+    monkeypatch.setattr(live, "silence_lost_terminal", lambda: silenced.append(True))
+    monkeypatch.setattr(sys, "stdout", GonePipe())
+    live._say("round 1 | served v1")
+    assert silenced == [True]
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import collm_fl.live as live
+    from collm_fl.errors import CollmError
+
+    def started(*args, **kwargs):
+        raise AssertionError("the stack was started")
+
+    monkeypatch.setattr(live, "LocalFederation", started)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    (out / "federation").mkdir(parents=True)  # an earlier run's: left where it is
+    cfg = LiveConfig(model="tiny", out=out, run_config="device='cuda'")
+    with pytest.raises(CollmError, match="CUDA") as info:
+        live.run_live(cfg, repo)
+    assert info.value.exit_code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["federation"]

@@ -43,3 +43,29 @@ def test_a_report_is_as_readable_as_a_file_written_in_place(tmp_path):
     atomic = tmp_path / "atomic.md"
     write_text_atomic(atomic, "x")
     assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_a_reports_bytes_are_on_disk_before_its_name_and_its_name_after(tmp_path, monkeypatch):
+    # Renamed over a new name (the earlier run's report moved aside), unsynced bytes could be an
+    # empty report after a power cut.
+    import os
+    import stat
+
+    from collm_fl import reports
+
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        fsync(fd)
+
+    def recording_replace(a, b) -> None:
+        events.append("rename")
+        replace(a, b)
+
+    monkeypatch.setattr(reports.os, "fsync", recording_fsync)
+    monkeypatch.setattr(reports.os, "replace", recording_replace)
+    write_text_atomic(tmp_path / "report.md", "# report\n")
+    assert events == ["fsync file", "rename", "fsync dir"]
+    assert (tmp_path / "report.md").read_text() == "# report\n"

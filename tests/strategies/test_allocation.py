@@ -76,6 +76,9 @@ def test_no_training_beyond_the_deadline():
     node = replica(1, load(0.5, ttft=1.0, tpot=0.1), step_s=1.0)
     (b,) = allocate(inputs([node], deadline=10.0, max_steps=100))
     assert b.steps * 1.0 / b.share <= 10.0 + 1e-9
+    # A deadline fitting 5.5 steps at that share plans 5 (never rounded up past it).
+    (b,) = allocate(inputs([node], deadline=11.0, max_steps=100))
+    assert b.share == pytest.approx(0.5) and b.steps == 5
     device = NodeState(2, None, 0.0, 2.0)
     (d,) = allocate(inputs([device], deadline=10.0, max_steps=100))
     assert d.steps * 2.0 <= 10.0
@@ -98,6 +101,48 @@ def test_quality_gain_factor_is_bounded_and_neutral_without_history():
     assert quality_gain_factor([(0, 3.0), (10, 2.0), (20, 1.99)]) == 1.0
     worse = [(0, 2.0), (10, 1.0), (20, 1.5), (30, 1.6)]
     assert quality_gain_factor(worse, floor=0.2) == pytest.approx(0.2)
+
+
+def test_a_flat_loss_curve_gets_no_more_training_for_a_blip_of_gain():
+    flat = [(0, 2.0), (10, 2.0), (20, 2.0), (30, 2.0), (40, 2.0)]
+    blip = [(0, 2.0), (10, 2.0), (20, 2.0), (30, 1.999), (40, 1.999)]
+    learned_then_flat = [(0, 3.0), (10, 2.0), (20, 2.0), (30, 1.999), (40, 1.999)]
+    assert quality_gain_factor(flat) == pytest.approx(0.2)
+    assert quality_gain_factor(blip) <= quality_gain_factor(learned_then_flat)
+    assert quality_gain_factor(blip) == pytest.approx(0.2)
+    # Rounds that measured no gain are no reference: learning that starts late is not judged
+    # flattening, however many rounds came before, and a tiny early gain does not set the scale.
+    late = [(0, 3.0), (10, 3.0), (20, 3.0), (30, 2.5), (40, 2.0)]
+    assert quality_gain_factor(late) == 1.0
+    assert quality_gain_factor([(0, 3.0), (10, 2.9999), *late[2:]]) == 1.0
+
+
+def test_flattening_gains_never_raise_the_factor():
+    # The same early curve, the latest per-step gains swept down from steep to none.
+    early = [(0, 3.0), (10, 2.8), (20, 2.6)]
+    factors = [
+        quality_gain_factor([*early, (30, 2.6 - g), (40, 2.6 - 2 * g)])
+        for g in (0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.0)
+    ]
+    assert factors == sorted(factors, reverse=True)
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(0.2)
+
+
+def test_inputs_out_of_range_are_refused_and_an_unmeasurable_step_time_is_unknown():
+    node = replica(1, load(0.0))
+    for bad in (dict(min_gain_factor=float("nan")), dict(min_gain_factor=1.5)):
+        with pytest.raises(ValueError, match="min_gain_factor"):
+            replace(inputs([node]), **bad)
+    with pytest.raises(ValueError, match="min_share"):
+        replace(inputs([node]), min_share=-0.1)
+    with pytest.raises(ValueError, match="deadline_s"):
+        replace(inputs([node]), deadline_s=float("nan"))
+    # A NaN step time plans as an unknown one does (the target scaled by the share), not the
+    # whole target uncapped.
+    busy = replace(load(1.0, ttft=0.5, tpot=0.05), utilization=0.9)
+    (nan_step,) = allocate(inputs([replica(1, busy, step_s=float("nan"))], deadline=5.0))
+    (unknown,) = allocate(inputs([replica(1, busy, step_s=None)], deadline=5.0))
+    assert nan_step.steps == unknown.steps == 2
 
 
 def test_rising_forecast_eats_headroom():
@@ -155,6 +200,47 @@ def test_a_sudden_fall_in_load_costs_no_training():
     # A forecast whose trend is unknown still counts its growth (callers without a trend).
     now = NodeLoad(0.1, 0.0, 1.0, 0.1, 1.0)
     assert headroom(now, 0.325, **SLO) < headroom(now, 0.325, **SLO, trend=-0.2)
+
+
+def _budget_after(rates: list[float], utilization: float | None, ttft: float) -> NodeBudget:
+    f = None
+    for r in rates:
+        f = forecast_rate(f, r)
+    assert f is not None
+    now = NodeLoad(rates[-1], 0.0, ttft, 0.04, 1.0, utilization=utilization)
+    node = NodeState(1, now, f.next, 30.0, forecast_trend=f.trend)
+    (b,) = allocate(inputs([node], max_steps=20, turns=False))
+    return b
+
+
+@pytest.mark.parametrize("before", [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [2.0, 2.0, 2.0], [0, 0, 0]])
+@pytest.mark.parametrize("measured", [True, False])
+def test_more_load_never_means_more_training(before, measured):
+    # The latest report swept from idle to overload, its utilization and latency rising with it
+    # (or, without a utilization report, the latency alone): the share and the steps never rise.
+    # (A forecast measured against the latest report instead of its smoothed level doubled the
+    # training of a replica going from 0.69 to 3 req/s after [1, 2, 3].)
+    last: NodeBudget | None = None
+    for k in range(121):
+        x = k * 0.05
+        b = _budget_after([*before, x], min(0.95, x / 4) if measured else None, 0.2 + 0.2 * x)
+        if last is not None:
+            assert b.share <= last.share + 1e-12, (x, b, last)
+            assert b.steps <= last.steps, (x, b, last)
+        last = b
+
+
+def test_a_spike_already_in_the_report_is_not_counted_twice():
+    # 1, 1, 1, then 10 req/s: the forecast (7.75) lies below the report the utilization measured.
+    spike = _budget_after([1.0, 1.0, 1.0, 10.0], 0.5, 0.4)
+    assert spike.share == pytest.approx(0.5)
+
+
+def test_a_trend_turning_from_falling_to_rising_costs_no_sudden_training():
+    # After [1, 2, 3] a report of 0.68 or 0.69 req/s puts the trend just below or just above 0:
+    # the shares differ by no more than the reports do.
+    low, high = _budget_after([1, 2, 3, 0.68], 0.3, 0.4), _budget_after([1, 2, 3, 0.69], 0.3, 0.4)
+    assert low.share == pytest.approx(high.share, abs=0.01)
 
 
 def test_load_from_metrics_reads_replica_reports_and_ignores_devices():

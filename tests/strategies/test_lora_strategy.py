@@ -301,6 +301,55 @@ def test_a_reply_whose_arrays_cannot_be_read_is_rejected_and_the_round_goes_on()
         assert "unreadable arrays" in by_node[node].reason
 
 
+def test_a_reply_of_arrays_of_the_wrong_shape_is_refused_before_it_is_decoded(monkeypatch):
+    # A correctly named key holding a huge array (or a key of its own) was decoded and scanned
+    # whole before its shape was compared: the description says enough.
+    from flwr.app import Array, ArrayRecord, MetricRecord
+
+    import strategies.lora as lora
+
+    decoded: list[int] = []
+    real = lora.arrayrecord_to_state
+    monkeypatch.setattr(lora, "arrayrecord_to_state", lambda r: decoded.append(1) or real(r))
+    first = next(iter(SHAPES))
+    huge = {k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()}
+    huge[first] = Array(dtype="float32", shape=(100_000, 100_000), stype="numpy.ndarray", data=b"")
+    extra = {k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()}
+    extra["base_model.model.lm_head.weight"] = Array(np.zeros((3, 3), np.float32))
+    replies = [reply(1, adapter(1))]
+    for node, arrays in ((2, huge), (3, extra)):
+        replies.append(
+            Message(
+                RecordDict(
+                    {"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 10.0})}
+                ),
+                reply_to=Message(RecordDict({}), dst_node_id=node, message_type="train"),
+            )
+        )
+    s = strategy()
+    decoded.clear()
+    arrays, _ = s.aggregate_train(1, replies)
+    assert arrays is not None
+    by_node = {o.node_id: o for o in s.last_report.outcomes}
+    assert by_node[2].status == by_node[3].status == "rejected"
+    assert f"{first}: shape (100000, 100000) != expected {SHAPES[first]}" in by_node[2].reason
+    assert "unexpected key 'base_model.model.lm_head.weight'" in by_node[3].reason
+    assert len(decoded) == 2  # the reference and node 1's update: neither refused reply
+
+
+def test_a_second_reply_from_a_node_in_a_round_is_not_aggregated_again():
+    s = strategy(mode="fedavg")
+    arrays, _ = s.aggregate_train(
+        1, [reply(1, adapter(1)), reply(2, adapter(2)), reply(1, adapter(9))]
+    )
+    assert arrays is not None
+    assert sorted(o.node_id for o in s.last_report.outcomes) == [1, 2]
+    once = strategy(mode="fedavg")
+    expected, _ = once.aggregate_train(1, [reply(1, adapter(1)), reply(2, adapter(2))])
+    for k, v in arrayrecord_to_state(expected).items():
+        np.testing.assert_array_equal(arrayrecord_to_state(arrays)[k], v)
+
+
 @pytest.mark.parametrize("claim", [1e19, 1.7e308])
 def test_an_example_count_no_float_counts_exactly_is_rejected(claim):
     s = strategy()
@@ -473,7 +522,10 @@ def test_a_superlink_error_reply_is_credited_to_the_node_its_message_went_to():
     s._asked = {5: None, 6: None}
     gone = error_reply(6)
     gone.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that left
-    s.recipients = {gone.metadata.reply_to_message_id: 6}
+    # (its own message id: the test messages all answer "", which would credit node 5's reply
+    # to node 6 too)
+    gone.metadata.__dict__["_reply_to_message_id"] = "to-6"
+    s.recipients = {"to-6": 6}
     s.aggregate_train(1, [reply(5, adapter(1)), gone])
     by_node = {o.node_id: o for o in s.last_report.outcomes}
     assert set(by_node) == {5, 6}

@@ -37,6 +37,7 @@ from collm_fl.errors import ConfigError
 from collm_fl.loadgen.client import RequestResult, read_results_jsonl
 from collm_fl.loadgen.goodput import SLOSpec
 from collm_fl.loadgen.trace import TraceRow
+from collm_fl.policies.allocation import STEP_HISTORY
 
 TITLES = (
     "separate (static split)",
@@ -418,6 +419,8 @@ def test_replicas_set_to_take_turns_are_asked_to_under_light_load() -> None:
         assert calls[0][2] == 60.0 and 50.0 < calls[1][2] <= 60.0
         began = {a["replica"]: a["began_s"] for a in light._allocation}
         assert began[first] == 0.0 and began[1 - first] == pytest.approx(60.0 - calls[1][2])
+    # Each replica's speed from its replies: the fastest of its last STEP_HISTORY rounds.
+    assert light._step_seconds(0) == 5.0 and light._step_s[0].maxlen == STEP_HISTORY
     # A first turn that runs over its length: the second starts at its planned start anyway.
     step_s = 0.4  # (turn 2 planned 1 s in: long after turn 1 was asked)
     slow = orchestrator(0.1)
@@ -636,3 +639,47 @@ def test_a_report_names_only_its_own_runs_request_records(tmp_path: Path) -> Non
         ["bench", "goodput", "--from-json", str(tmp_path / "goodput.json"), "--out", str(tmp_path)]
     )
     assert named not in (tmp_path / "goodput.md").read_text()
+
+
+def test_the_benchmarks_loss_history_counts_one_replicas_steps_as_the_servers_does() -> None:
+    """The allocation's gain fit reads (steps, loss) per node (the live server's mean over the
+    nodes that trained): the sum over replicas made a round of two replicas look twice as long
+    as one of one, so its gain per step half as large."""
+    from collections import deque
+
+    import numpy as np
+
+    from collm_fl.bench.goodput_rounds import FederationLog, Orchestrator
+    from collm_fl.bench.goodput_systems import SYSTEM_SPECS
+
+    state = {
+        "m.lora_A.weight": np.ones((2, 4), np.float32),
+        "m.lora_B.weight": np.zeros((4, 2), np.float32),
+    }
+    orch = Orchestrator.__new__(Orchestrator)
+    orch.spec, orch.serving, orch.say = SYSTEM_SPECS["collm-fl"], [], lambda line: None
+    orch.progress_line = lambda: ""
+    orch.s = SimpleNamespace(server_lr=1.0, step_seconds=9.0)  # type: ignore[assignment]
+    orch.state, orch.version, orch._pushed_wall, orch._allocation = state, 0, [], []
+    orch.log = FederationLog([], [], {0: 5.0})
+    orch._history, orch._steps_total, orch._step_s = [(0.0, 5.0)], 0.0, {}
+    losses = iter([4.0, 3.5])
+    orch.evaluator = SimpleNamespace(  # type: ignore[assignment]
+        evaluate=lambda s: SimpleNamespace(loss=next(losses))
+    )
+    orch._push = lambda version, s: ([], [])  # type: ignore[method-assign]
+    orch._budgets = lambda rnd: {}  # type: ignore[method-assign]
+    rounds = iter([([state, state], [1.0, 1.0], [10, 10], 20), ([state], [1.0], [10], 10)])
+
+    def train(rnd, budgets):
+        updates, weights, trained, steps = next(rounds)
+        return updates, weights, trained, steps, 0, []
+
+    orch._train = train  # type: ignore[method-assign]
+    orch._round(1, 0.0, 0.0)
+    orch._round(2, 60.0, 0.0)
+    assert orch._history == [(0.0, 5.0), (10.0, 4.0), (20.0, 3.5)]
+    # A replica's speed: the fastest of its last rounds, the calibration's before any.
+    assert orch._step_seconds(0) == 9.0
+    orch._step_s[0] = deque([4.0, 3.0, 3.5])
+    assert orch._step_seconds(0) == 3.0

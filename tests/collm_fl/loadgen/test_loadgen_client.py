@@ -104,7 +104,10 @@ def _fake_app() -> FastAPI:
                 {"choices": [{**choice, "finish_reason": "length"}], "usage": usage_out}
             )
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        gen = _stream(chat, prompt, body["max_tokens"], request, usage)
+        n = body["max_tokens"]
+        if "SHORT" in prompt and body.get("ignore_eos") is not True:  # the model's end comes soon
+            n = min(n, 2)
+        gen = _stream(chat, prompt, n, request, usage)
         return StreamingResponse(gen, media_type="text/event-stream")
 
     @app.post("/v1/completions")
@@ -562,3 +565,110 @@ def test_results_written_before_a_defaulted_field_existed_still_read(tmp_path: P
     path.write_text(json.dumps({**old, "surprise": 1}) + "\n")
     with pytest.raises(DataFormatError, match="expected the fields"):
         read_results_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        {"reasoning_content": "Let me think"},
+        {"reasoning": "Let me think"},
+        {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ""}}]},
+        {"content": "Hello"},
+    ],
+)
+def test_the_first_token_is_the_first_streamed_answer_thought_or_tool_call(first) -> None:
+    """TTFT at the first delta a chat stream shows, whatever it holds: a reasoning model's
+    thinking counted as no token would make TPOT divide the answer's time by every token."""
+    from collm_fl.loadgen.client import _StreamReader
+
+    reader = _StreamReader(chat=True)
+
+    def chunk(delta: dict) -> str:
+        return "data: " + json.dumps({"choices": [{"index": 0, "delta": delta}]})
+
+    assert not reader.feed(chunk({"role": "assistant"}), 0.1)  # (a role alone is no token)
+    assert reader.first_content_s is None
+    assert not reader.feed(chunk(first), 0.5)
+    assert not reader.feed(chunk({"content": " world"}), 0.9)
+    assert reader.first_content_s == 0.5 and reader.chunks == 2
+
+
+def test_the_progress_line_counts_each_finished_request_once(capsys) -> None:
+    from collm_fl.loadgen import _progress_printer
+    from collm_fl.loadgen.client import ReplayProgress
+    from collm_fl.loadgen.goodput import SLOSpec
+
+    def result(i: int, status: str = "ok", ttft: float = 0.1) -> RequestResult:
+        return RequestResult(i, 0.0, ttft, 0.01, ttft + 0.1, status, 200, 1, 8, 8, None)
+
+    show = _progress_printer(SLOSpec(1.0, 0.5))
+    done = [result(0), result(1, ttft=5.0)]
+    show(ReplayProgress(10.0, 3, 1, 0, tuple(done)))
+    done += [result(2, status="error"), result(3)]
+    show(ReplayProgress(20.0, 4, 0, 0, tuple(done)))
+    first, second = capsys.readouterr().err.splitlines()
+    assert "done 2  errors 0" in first and "goodput 0.10 req/s" in first
+    assert "done 4  errors 1" in second and "goodput 0.10 req/s" in second
+
+
+def test_a_negative_rate_for_a_trace_is_refused(tmp_path: Path) -> None:
+    from collm_fl.errors import ConfigError
+
+    trace = write_sample_trace(tmp_path / "t.csv", n=20, seed=1)
+    out = tmp_path / "o"
+    args = ("poisson", -5.0, 10.0, str(trace), out, 1.0, 0.5, 16, 2, None, 0, False)
+    with pytest.raises(ConfigError, match="--rate must be a finite number >= 0"):
+        run_load_cli("http://127.0.0.1:9", MODEL, *args)
+    assert not out.exists()
+
+
+def test_a_replay_asked_to_ignore_eos_gets_every_requests_whole_length(server_url: str) -> None:
+    # A trace's GeneratedTokens were caps only: a model's end-of-sequence cut answers short.
+    specs = [RequestSpec(0.0, "hello SHORT", 5)]
+    (short,) = _replay(server_url, specs, timeout_s=10.0)
+    (whole,) = _replay(server_url, specs, timeout_s=10.0, ignore_eos=True)
+    assert (short.status, short.output_tokens) == ("ok", 2)
+    assert (whole.status, whole.output_tokens) == ("ok", 5)
+
+
+def test_a_signal_while_the_results_are_written_leaves_both_files_of_the_run(
+    server_url: str, tmp_path: Path, monkeypatch
+) -> None:
+    # (a Ctrl-C between requests.jsonl and summary.json left one run's requests beside another
+    # run's summary)
+    import os
+    import signal
+
+    import collm_fl.loadgen as loadgen
+
+    write = loadgen.write_results_jsonl
+
+    def interrupted_after(results, path):
+        write(results, path)
+        os.kill(os.getpid(), signal.SIGINT)  # (Python's default: KeyboardInterrupt)
+
+    monkeypatch.setattr(loadgen, "write_results_jsonl", interrupted_after)
+    out = tmp_path / "run"
+    args = ("poisson", 50.0, 0.2, None, out, 1.0, 0.5, 4, 2, None, 0, False)
+    with pytest.raises(KeyboardInterrupt):
+        run_load_cli(server_url, MODEL, *args)
+    assert (out / "requests.jsonl").is_file() and (out / "summary.json").is_file()
+
+
+def test_signals_wait_while_the_results_are_written() -> None:
+    # (a Ctrl-C between requests.jsonl and summary.json left one run's requests beside
+    # another run's summary)
+    import os
+    import signal
+
+    from collm_fl.loadgen import _signals_held
+
+    got: list[str] = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: got.append("delivered"))
+    try:
+        with _signals_held([signal.SIGUSR1]):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            got.append("written")
+        assert got == ["written", "delivered"]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

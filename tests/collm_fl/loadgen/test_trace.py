@@ -56,6 +56,34 @@ def test_rows_are_sorted_and_offsets_start_at_the_earliest(tmp_path: Path) -> No
     assert [(r.offset_s, r.context_tokens) for r in rows] == [(0.0, 2), (1.5, 3), (3.5, 1)]
 
 
+def test_time_zones_put_every_row_on_one_time_line_and_a_bom_is_no_header_change(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "trace.csv"
+    rows = [
+        "2023-11-16 18:00:00Z,1,1",
+        "2023-11-16 19:00:01+01:00,2,2",  # 18:00:01 UTC
+        "2023-11-16T10:00:03-0800,3,3",  # 18:00:03 UTC
+        "2023-11-16 18:00:02+00:00,4,4",
+    ]
+    path.write_text("\ufeff" + "\n".join([HEADER, *rows]) + "\n", encoding="utf-8")
+    got = load_azure_trace(path)
+    assert [(r.offset_s, r.context_tokens) for r in got] == [(0.0, 1), (1.0, 2), (2.0, 4), (3.0, 3)]
+
+
+def test_a_count_too_long_for_an_integer_is_a_format_error_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    # (int() of 4300+ digits raises ValueError: it was an exit 1 with a traceback)
+    path = _write(tmp_path, HEADER, "1.0," + "9" * 5000 + ",1")
+    with pytest.raises(DataFormatError, match=r"at most 18 digits: '9{40}\.\.\. \(5000 char"):
+        load_azure_trace(path)
+    with pytest.raises(DataFormatError, match="invalid time zone offset"):
+        load_azure_trace(_write(tmp_path, HEADER, "2023-11-16 18:00:00+25:00,1,1"))
+    with pytest.raises(DataFormatError, match="invalid timestamp"):  # (shifted out of range)
+        load_azure_trace(_write(tmp_path, HEADER, "0001-01-01 00:00:00+01:00,1,1"))
+
+
 def test_plain_float_seconds_are_accepted(tmp_path: Path) -> None:
     rows = load_azure_trace(_write(tmp_path, HEADER, "10.25,5,6", "12.5,7,8"))
     assert rows == [TraceRow(0.0, 5, 6), TraceRow(2.25, 7, 8)]

@@ -496,3 +496,22 @@ def test_a_start_is_refused_outside_the_deadline_and_for_exclusive_jobs(replica)
             replica.submit_training(1, 1e-3, 60.0, 1, start_after_s=start)
     with pytest.raises(ConfigError, match="co-executing"):
         replica.train(1, 1e-3, 60.0, 1, exclusive=True, start_after_s=5.0)
+
+
+def test_a_plan_is_judged_behind_at_the_share_the_engine_will_lend_it(replica):
+    # 20 planned steps of 1 s with 100 s left: on schedule at the allocation's share 0.5 (40 s
+    # of borrowed time), behind at the 0.2 the engine lends at most (100 s): judged at 0.5, the
+    # plan started borrowing at 50 s and fit half its steps.
+    trainer = replica.trainer
+    assert trainer is not None
+    trainer._share, trainer._step_cost_ewma = 0.5, 1.0
+    lend = replica.engine.max_lend_share
+    try:
+        replica.engine.max_lend_share = 0.2
+        assert trainer._behind(20, 100.0)
+        replica.engine.max_lend_share = 0.9  # (lends the whole share: judged at it)
+        assert not trainer._behind(20, 100.0)
+        replica.engine.max_lend_share = 0.0  # (lends nothing: judged at the share, as before)
+        assert not trainer._behind(20, 100.0)
+    finally:
+        replica.engine.max_lend_share = lend

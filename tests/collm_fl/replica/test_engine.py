@@ -180,6 +180,28 @@ def test_max_tokens_finishes_with_length(rig: Rig) -> None:
     assert h.ttft is not None and h.tpot is not None and h.num_prompt_tokens > 0
 
 
+def test_ignore_eos_generates_the_whole_max_tokens(rig: Rig) -> None:
+    # (vLLM's ignore_eos: a trace's output lengths replayed as lengths, not as caps)
+    prompt = rig.prompt(PROMPTS[0])
+    plain = rig.submit(prompt, SamplingParams(max_tokens=5, temperature=0.0))
+    finish(plain)
+    ends = plain.token_ids[1]  # made an end-of-sequence token: greedy decoding meets it early
+    eos = rig.engine.eos_ids
+    try:
+        rig.engine.eos_ids = frozenset({ends})
+        stopped = rig.submit(prompt, SamplingParams(max_tokens=5, temperature=0.0))
+        finish(stopped)
+        kept = rig.submit(prompt, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        finish(kept)
+    finally:
+        rig.engine.eos_ids = eos
+    assert (stopped.finish_reason, stopped.num_generated) == (
+        "stop",
+        plain.token_ids.index(ends) + 1,
+    )
+    assert (kept.finish_reason, kept.token_ids) == ("length", plain.token_ids)
+
+
 def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(rig: Rig) -> None:
     rig.load(version=1, seed=1)
     prompt = rig.prompt(PROMPTS[2])

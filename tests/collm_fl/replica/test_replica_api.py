@@ -150,6 +150,7 @@ def test_missing_or_wrong_api_key_is_401(replica):
         ({"model": "tiny", "prompt": "x", "max_tokens": "many"}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "max_tokens": "3"}, "invalid_parameter"),  # no coercion
         ({"model": "tiny", "prompt": "x", "stream": "yes"}, "invalid_parameter"),
+        ({"model": "tiny", "prompt": "x", "ignore_eos": "yes"}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "temperature": "0.5"}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "temperature": 9}, "invalid_parameter"),
         ({"model": "tiny", "prompt": "x", "top_p": 0}, "invalid_parameter"),
@@ -197,6 +198,9 @@ def test_what_openai_clients_send_at_its_neutral_value_is_taken(replica):
         "max_tokens": 2,
     }
     r = post(replica, "/v1/completions", {"model": "tiny", "prompt": "x", "echo": False, **neutral})
+    assert r.status_code == 200, r.text
+    # vLLM's ignore_eos (load tests replaying output lengths) is taken too
+    r = post(replica, "/v1/completions", {"model": "tiny", "prompt": "x", "ignore_eos": True})
     assert r.status_code == 200, r.text
     messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     r = post(replica, "/v1/chat/completions", {"model": "tiny", "messages": messages, **neutral})

@@ -358,6 +358,55 @@ def test_events_are_stored_in_order_and_filtered_by_kind(store: VersionStore) ->
         store.record_event(run.id, "bad", {"x": object()})
 
 
+def test_a_run_ends_with_its_status_and_its_event_together(store: VersionStore) -> None:
+    run = store.open_run("r", {}, "tiny")
+    store.set_run_status(run.id, "running")
+    with pytest.raises(StoreError, match="JSON"):  # the event cannot be stored: no status either
+        store.end_run(run.id, "failed", "run-failed", {"error": object()})
+    assert store.find_run("r").status == "running" and store.events(run.id) == []
+    # The event's insert failing inside the transaction (a crash between the two writes, as
+    # two transactions had it) leaves the status as it was.
+    from collm_fl.store import repository
+
+    def no_event(**kwargs):
+        raise RuntimeError("killed between the status and the event")
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(repository, "Event", no_event)
+        with pytest.raises(RuntimeError, match="killed"):
+            store.end_run(run.id, "finished", "run-finished", {"latest_version": 3})
+    assert store.find_run("r").status == "running"
+    assert store.end_run(run.id, "finished", "run-finished", {"latest_version": 3})
+    assert store.find_run("r").status == "finished"
+    assert [e.payload for e in store.events(run.id, "run-finished")] == [{"latest_version": 3}]
+    # A launcher marking a run that ended meanwhile changes nothing.
+    assert not store.end_run(run.id, "failed", "run-failed", {"error": "x"}, only_if="running")
+    assert store.find_run("r").status == "finished" and not store.events(run.id, "run-failed")
+
+
+def test_every_folder_a_first_version_makes_is_made_durable_in_its_parent(
+    store: VersionStore, make_state, peft_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (the runs/ and runs/<name>/ a first save made were never fsynced in their parents: a power
+    # cut could keep the version's row and lose its folder)
+    from collm_fl.store import adapter_io
+
+    synced: list[Path] = []
+    real = adapter_io._fsync_dir
+
+    def recording(path: Path) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(adapter_io, "_fsync_dir", recording)
+    run = store.open_run("fresh", {}, "tiny")
+    store.save_version(run.id, 0, make_state(0), peft_config, {})
+    runs = store.root / "runs"
+    # runs/ made in the root, runs/fresh/ in runs/, versions/ in runs/fresh/, v0000 in versions/
+    for parent in (store.root, runs, runs / "fresh", runs / "fresh" / "versions"):
+        assert parent in synced, (parent, synced)
+
+
 def test_store_works_with_a_database_url_in_another_directory(
     tmp_path: Path, make_state, assert_states_equal, peft_config
 ) -> None:
