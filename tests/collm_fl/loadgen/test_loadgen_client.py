@@ -650,8 +650,13 @@ def test_a_signal_while_the_results_are_written_leaves_both_files_of_the_run(
     monkeypatch.setattr(loadgen, "write_results_jsonl", interrupted_after)
     out = tmp_path / "run"
     args = ("poisson", 50.0, 0.2, None, out, 1.0, 0.5, 4, 2, None, 0, False)
-    with pytest.raises(KeyboardInterrupt):
-        run_load_cli(server_url, MODEL, *args)
+    # Ctrl-C as at a terminal (a test run in the background inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_load_cli(server_url, MODEL, *args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (out / "requests.jsonl").is_file() and (out / "summary.json").is_file()
 
 
