@@ -79,10 +79,14 @@ class CoordinationState:
                 node.load, node.load_window_s = load, window
             node.load_used = False
         steps = metrics.get("local-steps", 0.0)
-        if steps > 0 and metrics.get("train-seconds", 0.0) > 0:
-            # The fastest of the last rounds: the node's own speed. A loaded round's slower
-            # steps are its serving load, which the allocation's training share accounts for.
-            step_s = metrics["train-seconds"] / steps
+        # A replica's steps' own compute where it reports it (``step-cost-seconds``): a step
+        # timed while serving shared the core waited within its layers, a wait the allocation's
+        # training share counts already (taken as the speed, it was counted twice: fewer steps
+        # planned than fit). Else, as devices report, the time in steps.
+        seconds = metrics.get("step-cost-seconds", 0.0) or metrics.get("train-seconds", 0.0)
+        if steps > 0 and seconds > 0:
+            # The fastest of the last rounds: the node's own speed.
+            step_s = seconds / steps
             if step_s < MIN_STEP_SECONDS:
                 log.warning(
                     "node %d: %.3g s per step is no measurement; its speed is not updated",

@@ -179,8 +179,8 @@ class Orchestrator:
         self.progress_line: Callable[[], str] = lambda: ""
         self._pushed_wall: list[tuple[float, int, int]] = []  # (replica time.time(), i, version)
         self._forecast: dict[int, RateForecast] = {}
-        # Each replica's last step times (its speed: the fastest of them), as the live server's
-        # coordination keeps them; before the first, the calibration's estimate.
+        # Each replica's last step times (its speed: the fastest of them and the calibration's
+        # idle step, see _step_seconds)
         self._step_s: dict[int, deque[float]] = {}
         # (steps of one replica's share of the rounds so far, loss): the mean over the replicas
         # that trained, as the live server's history (AllocationInputs.loss_history)
@@ -264,9 +264,13 @@ class Orchestrator:
         return record
 
     def _step_seconds(self, i: int) -> float:
-        """Replica ``i``'s speed: the fastest of its last ``STEP_HISTORY`` rounds' step times."""
+        """Replica ``i``'s speed: the fastest of its last ``STEP_HISTORY`` rounds' step times,
+        never slower than the calibration's idle step. A step measured while serving shared the
+        core took longer than the step's compute (it waited on serving within its layers), and
+        the allocation's share already counts that wait: taken as the speed, it was counted twice
+        (a run on 9fa4e7a planned 2 steps a round where 5 fit, seed 4: 8 / 6 / 4 trained)."""
         times = self._step_s.get(i)
-        return min(times) if times else self.s.step_seconds
+        return min(self.s.step_seconds, *times) if times else self.s.step_seconds
 
     def _budgets(self, rnd: int) -> dict[int, tuple[int, float]]:
         """replica -> (steps, training share) for this round; replicas with 0 steps sit out."""
@@ -421,11 +425,12 @@ class Orchestrator:
                     a["late_rest_s"] = float(metrics.get("late-rest-seconds", 0.0))
                     if i in began:
                         a["began_s"] = began[i]
-            if done > 0 and metrics["train-seconds"] > 0:
-                # The fastest of the last rounds: the replica's own speed. A loaded round's
-                # slower steps are serving's load, which the allocation's share already counts.
+            seconds = metrics.get("step-cost-seconds", 0.0) or metrics["train-seconds"]
+            if done > 0 and seconds > 0:
+                # The fastest of the last rounds: the replica's own speed (its steps' compute,
+                # as the server reads it).
                 times = self._step_s.setdefault(i, deque(maxlen=STEP_HISTORY))
-                times.append(metrics["train-seconds"] / done)
+                times.append(seconds / done)
             if done > 0:
                 updates.append(state)
                 weights.append(metrics["num-examples"])

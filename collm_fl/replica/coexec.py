@@ -104,6 +104,9 @@ class TrainOutcome:
     abandoned_step: bool = False  # the deadline came mid-step: that step was dropped, not applied
     lent_seconds: float = 0.0  # time serving rested for this job while it was behind its plan
     late_seconds: float = 0.0  # time serving rested for its steps while all its work was late
+    # the finished steps' compute alone, their waits for serving within the layers left out:
+    # the replica's speed, which a step timed while serving shared the core overstates
+    step_cost_seconds: float = 0.0
 
 
 class _DeadlineReached(Exception):
@@ -316,6 +319,7 @@ class CoTrainer:
         # make a replica's steps other steps than a device's, which the server weighs alike.
         optimizer = torch.optim.AdamW(params, lr=job.learning_rate, weight_decay=0.0)
         loss_sum, tokens, steps, train_s, yielded_s, yields = 0.0, 0, 0, 0.0, 0.0, 0
+        cost_s = 0.0  # the finished steps' own compute (their waits for serving left out)
         deadline_hit = abandoned = False
         why_yielded: Counter[str] = Counter()
         planned = job.steps
@@ -388,7 +392,9 @@ class CoTrainer:
             t1 = time.monotonic()
             # Its cost: the worker's CPU time on one thread, else the wall time less the waits
             # at its layers while serving had the core (a burst mid-step is not its cost).
-            self._note_step(t0, t1, cpu_s if cpu_s is not None else t1 - t0 - self._waited_s)
+            cost = cpu_s if cpu_s is not None else t1 - t0 - self._waited_s
+            self._note_step(t0, t1, cost)
+            cost_s += max(0.0, cost)
             train_s += t1 - t0
             loss_sum += loss * n
             tokens += n
@@ -418,6 +424,7 @@ class CoTrainer:
             tokens=tokens,
             seconds=time.monotonic() - wall0,
             train_seconds=train_s,
+            step_cost_seconds=cost_s,
             yielded_seconds=yielded_s,
             yields=yields,
             deadline_hit=deadline_hit,

@@ -200,6 +200,7 @@ def create_control_app(
             "train-loss": outcome.loss,
             "train-tokens": float(outcome.tokens),
             "train-seconds": outcome.train_seconds,
+            "step-cost-seconds": outcome.step_cost_seconds,
             "total-seconds": outcome.seconds,
             "local-steps": float(outcome.steps),
             "backfill-steps": float(outcome.backfilled),

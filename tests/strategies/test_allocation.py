@@ -510,6 +510,19 @@ def test_a_speed_no_node_could_have_is_not_believed_and_old_speeds_expire():
     assert state.nodes[1].step_seconds == 2.0  # not stuck at 0.5 for the rest of the run
 
 
+def test_a_replicas_speed_is_its_steps_compute_not_their_waits_for_serving():
+    # 4 steps in 42 s while serving shared the core, 13.4 s of it their own compute: taken as
+    # 10.5 s a step, the share (which counts serving's part) was applied to it again, and the
+    # deadline fit planned 2 steps a round where 5 fit.
+    from server_app.coordination import CoordinationState
+
+    state = CoordinationState()
+    state.observe(1, {"local-steps": 4.0, "train-seconds": 42.0, "step-cost-seconds": 13.4})
+    assert state.nodes[1].step_seconds == pytest.approx(3.35)
+    state.observe(2, {"local-steps": 4.0, "train-seconds": 12.0})  # a device: its time in steps
+    assert state.nodes[2].step_seconds == pytest.approx(3.0)
+
+
 def serving(node_id, utilization, step_s=1.0, rate=0.2, forecast=None):
     node = replace(load(rate, ttft=0.4, tpot=0.04), utilization=utilization)
     return NodeState(node_id, node, rate if forecast is None else forecast, step_s)

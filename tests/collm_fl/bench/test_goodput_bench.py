@@ -679,7 +679,11 @@ def test_the_benchmarks_loss_history_counts_one_replicas_steps_as_the_servers_do
     orch._round(1, 0.0, 0.0)
     orch._round(2, 60.0, 0.0)
     assert orch._history == [(0.0, 5.0), (10.0, 4.0), (20.0, 3.5)]
-    # A replica's speed: the fastest of its last rounds, the calibration's before any.
+    # A replica's speed: the fastest of its last rounds and the calibration's idle step.
     assert orch._step_seconds(0) == 9.0
     orch._step_s[0] = deque([4.0, 3.0, 3.5])
     assert orch._step_seconds(0) == 3.0
+    # A step timed while serving shared the core (it waited within its layers) is no slower
+    # speed: the allocation's share counts that wait already.
+    orch._step_s[0] = deque([10.5, 12.0])
+    assert orch._step_seconds(0) == 9.0

@@ -92,6 +92,8 @@ def test_control_round_trip_push_train_load_share_rollback(start_replica, refere
         assert any(not np.array_equal(state[k], v0[k]) for k in v0)
         assert metrics["local-steps"] == 3 and metrics["train-tokens"] > 0
         assert metrics["num-examples"] > 0 and metrics["backfill-steps"] == 0
+        # The steps' own compute, what the server takes as the replica's speed: in their time
+        assert 0 < metrics["step-cost-seconds"] <= metrics["train-seconds"] * 1.05
         # Backfill steps: the idle replica runs them after the planned one.
         _, more = c.train(1, 1, 1e-3, deadline_s=60, base_version=0, backfill_steps=2)
         assert more["local-steps"] == 3 and more["backfill-steps"] == 2
