@@ -49,7 +49,9 @@ def test_a_file_a_negation_brings_back_from_an_ignored_folder_is_copied_as_flowe
     tmp_path,
 ):
     app = tmp_path / "app"
-    for rel in ("pyproject.toml", "pkg/mod.py", "data/schema.json", "data/big.json", "notes.md"):
+    # (docs/: the app's pyproject leaves its docs out of the FAB, a pattern Flower wants matched)
+    files = ("pyproject.toml", "pkg/mod.py", "data/schema.json", "data/big.json", "notes.md")
+    for rel in (*files, "docs/report.md"):
         (app / rel).parent.mkdir(parents=True, exist_ok=True)
         (app / rel).write_text(rel)
     (app / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
@@ -91,3 +93,17 @@ def test_flower_builds_the_same_fab_from_the_copy_as_from_the_checkout(tmp_path)
     names = zipfile.ZipFile(io.BytesIO(staged)).namelist()
     assert "server_app/app.py" in names and "client_app/app.py" in names
     assert not [n for n in names if n.startswith((".venv/", ".git/")) or "__pycache__" in n]
+
+
+def test_the_fab_leaves_the_docs_out_and_fits_flowers_limit():
+    # The benchmark reports under docs/ grew past the FAB's 10 MiB: `flwr run .` refused the app.
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(ROOT)
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert not [n for n in names if n.startswith("docs/")]
+    assert "server_app/app.py" in names and "client_app/app.py" in names
+    assert len(fab) < 10 * 1024 * 1024
