@@ -269,24 +269,17 @@ def test_a_run_resumed_with_dp_after_rounds_without_noise_reports_no_finite_epsi
     store.close()
 
 
-def test_a_noised_release_of_a_round_that_crashed_before_its_row_still_counts(
-    tmp_path, monkeypatch
-):
-    # The gate's event (with the noised aggregate's loss) and the log were out before the round's
-    # row, which alone recorded the release: a crash between them, then a resume, redid the round
-    # with fresh noise and counted one release for two.
-    from collm_fl.privacy import epsilon_spent
+def _killed_before_the_rounds_row(fed, monkeypatch) -> None:
+    """Run ``fed`` killed (as a kill) when it records its first round's row: after the round's
+    release and evaluation, before the row (version 0 is saved before any round)."""
     from collm_fl.store import VersionStore
-
-    dp = {"dp_noise_multiplier": 1.0, "aggregation": "fedavg", "quality_gate_margin": -1.0}
-    fed, store = federation(tmp_path, {1: honest, 2: honest}, num_server_rounds=1, **dp)
 
     save_version = VersionStore.save_version
 
     def crash(*_args, **_kwargs):
-        raise KeyboardInterrupt("killed")  # (as a kill between the two)
+        raise KeyboardInterrupt("killed")
 
-    def save_but_a_rounds(self, *args, **kwargs):  # (version 0 is saved before any round)
+    def save_but_a_rounds(self, *args, **kwargs):
         return crash() if kwargs.get("round") is not None else save_version(self, *args, **kwargs)
 
     with monkeypatch.context() as patched:
@@ -294,6 +287,20 @@ def test_a_noised_release_of_a_round_that_crashed_before_its_row_still_counts(
         patched.setattr(VersionStore, "save_version", save_but_a_rounds)
         with pytest.raises(KeyboardInterrupt):
             fed.run()
+
+
+def test_a_noised_release_of_a_round_that_crashed_before_its_row_still_counts(
+    tmp_path, monkeypatch
+):
+    # The gate's event (with the noised aggregate's loss) and the log were out before the round's
+    # row, which alone recorded the release: a crash between them, then a resume, redid the round
+    # with fresh noise and counted one release for two.
+    from collm_fl.privacy import epsilon_spent
+
+    dp = {"dp_noise_multiplier": 1.0, "aggregation": "fedavg", "quality_gate_margin": -1.0}
+    fed, store = federation(tmp_path, {1: honest, 2: honest}, num_server_rounds=1, **dp)
+
+    _killed_before_the_rounds_row(fed, monkeypatch)
     store.close()
     again, store = federation(tmp_path, {1: honest, 2: honest}, num_server_rounds=1, **dp)
     again.run()
@@ -311,23 +318,10 @@ def test_a_release_without_noise_of_a_round_that_crashed_counts_when_resumed_wit
     # Only noised releases were on record before the round's row: a crash in between, then a
     # resume with noise on, counted none for an aggregate that was out without any (finite ε).
     from collm_fl.privacy import epsilon_spent
-    from collm_fl.store import VersionStore
 
     plain = {"aggregation": "fedavg", "quality_gate_margin": -1.0}
     fed, store = federation(tmp_path, {1: honest, 2: honest}, num_server_rounds=1, **plain)
-    save_version = VersionStore.save_version
-
-    def crash(*_args, **_kwargs):
-        raise KeyboardInterrupt("killed")
-
-    def save_but_a_rounds(self, *args, **kwargs):
-        return crash() if kwargs.get("round") is not None else save_version(self, *args, **kwargs)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(VersionStore, "record_round_result", crash)
-        patched.setattr(VersionStore, "save_version", save_but_a_rounds)
-        with pytest.raises(KeyboardInterrupt):
-            fed.run()
+    _killed_before_the_rounds_row(fed, monkeypatch)
     store.close()
     again, store = federation(
         tmp_path, {1: honest, 2: honest}, num_server_rounds=1, dp_noise_multiplier=1.0, **plain

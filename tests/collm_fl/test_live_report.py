@@ -112,18 +112,9 @@ def test_an_earlier_runs_report_goes_aside_with_its_stores(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
 
 
-@pytest.mark.parametrize("again_while_stopping", [False, True])
-def test_an_interrupted_live_run_reports_what_ran_marks_the_run_and_stops(
-    tmp_path: Path, monkeypatch, again_while_stopping: bool
-) -> None:
-    """Ctrl-C / SIGTERM mid-run: the report of the rounds so far (marked), the run marked failed
-    in the store, the interrupt passed on (exit 130) — without waiting for requests in flight.
-    A second one while the stack stops (tens of seconds) still leaves the report."""
-    import collm_fl.live as live
-
-    repo = Path(__file__).resolve().parents[2]
-    marked: list[str] = []
-    stops: list[bool] = []
+def _fake_stack(stops: list[bool], signal_while_stopping: bool) -> tuple[type, type]:
+    """A LocalFederation that starts nothing (and, if asked, gets a signal while it stops) and
+    a load that has sent one request (recording each stop's ``wait``)."""
 
     class Fed:
         api_key = None
@@ -135,7 +126,7 @@ def test_an_interrupted_live_run_reports_what_ran_marks_the_run_and_stops(
             return self
 
         def __exit__(self, *exc) -> None:
-            if again_while_stopping:
+            if signal_while_stopping:
                 raise KeyboardInterrupt
 
         def start_gateway(self, **kwargs):
@@ -153,6 +144,24 @@ def test_an_interrupted_live_run_reports_what_ran_marks_the_run_and_stops(
         def stop(self, wait: bool = True):
             stops.append(wait)
             return [_ok(0, 1.0, 0.3)]
+
+    return Fed, Load
+
+
+@pytest.mark.parametrize("again_while_stopping", [False, True])
+def test_an_interrupted_live_run_reports_what_ran_marks_the_run_and_stops(
+    tmp_path: Path, monkeypatch, again_while_stopping: bool
+) -> None:
+    """Ctrl-C / SIGTERM mid-run: the report of the rounds so far (marked), the run marked failed
+    in the store, the interrupt passed on (exit 130) — without waiting for requests in flight.
+    A second one while the stack stops (tens of seconds) still leaves the report."""
+    import collm_fl.live as live
+
+    repo = Path(__file__).resolve().parents[2]
+    marked: list[str] = []
+    stops: list[bool] = []
+
+    Fed, Load = _fake_stack(stops, signal_while_stopping=again_while_stopping)
 
     def interrupted(*args, **kwargs):
         rows = args[7]
@@ -186,32 +195,7 @@ def test_a_signal_while_a_finished_or_failed_run_stops_keeps_what_ended_it(
 
     repo = Path(__file__).resolve().parents[2]
 
-    class Fed:
-        api_key = None
-
-        def __init__(self, *args, **kwargs) -> None:
-            self.replicas: list[object] = []
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc) -> None:
-            raise KeyboardInterrupt  # (a signal while stopping)
-
-        def start_gateway(self, **kwargs):
-            return "http://127.0.0.1:9", None
-
-    class Load:
-        ends_at_s = 1e9
-
-        def __init__(self, *args) -> None:
-            pass
-
-        def start(self) -> None:
-            pass
-
-        def stop(self, wait: bool = True):
-            return [_ok(0, 1.0, 0.3)]
+    Fed, Load = _fake_stack([], signal_while_stopping=True)
 
     def rounds(*args, **kwargs):
         args[7].append(RoundRow(1, 60.0, 1, 4.8, 2, 0, 1, 0.016, 1.0, {}))
