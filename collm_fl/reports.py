@@ -53,18 +53,26 @@ def _replacing(path: Path):  # type: ignore[no-untyped-def]
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # (mkstemp's 0600 would make the report private)
-        _fsync(tmp, os.O_RDONLY)  # its bytes on disk before its name: a power loss right after
-        os.replace(tmp, path)  # must not leave an empty report (a new name gets no help from
-        _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # the filesystem)
+        fd = os.open(tmp, os.O_RDONLY)  # its bytes on disk before its name: a power loss
+        try:  # right after must not leave an empty report (a new name gets no help from the
+            os.fsync(fd)  # filesystem)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (new files, renames) durable. POSIX only; a filesystem that
+    refuses to fsync a folder has nothing to make durable there."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
-    except OSError as e:  # (some filesystems refuse fsync of a folder: nothing to make durable)
+    except OSError as e:
         if e.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise
     finally:

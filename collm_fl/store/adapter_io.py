@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 
 from collm_fl.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, AdapterState, lora_module_names
 from collm_fl.errors import AdapterValidationError, StoreError
+from collm_fl.reports import fsync_dir as _fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -164,17 +165,6 @@ def _fsync_and_hash(path: Path) -> str:
             h.update(chunk)
         os.fsync(f.fileno())
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes the entries (new files, the rename) durable; POSIX only.
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _validate_state(state: Mapping[str, np.ndarray]) -> None:
