@@ -26,6 +26,7 @@ from strategies.allocation import (
     describe,
     forecast_rate,
     load_from_metrics,
+    measured_step_seconds,
     merge_loads,
 )
 
@@ -78,15 +79,8 @@ class CoordinationState:
             else:
                 node.load, node.load_window_s = load, window
             node.load_used = False
-        steps = metrics.get("local-steps", 0.0)
-        # A replica's steps' own compute where it reports it (``step-cost-seconds``): a step
-        # timed while serving shared the core waited within its layers, a wait the allocation's
-        # training share counts already (taken as the speed, it was counted twice: fewer steps
-        # planned than fit). Else, as devices report, the time in steps.
-        seconds = metrics.get("step-cost-seconds", 0.0) or metrics.get("train-seconds", 0.0)
-        if steps > 0 and seconds > 0:
-            # The fastest of the last rounds: the node's own speed.
-            step_s = seconds / steps
+        step_s = measured_step_seconds(metrics)
+        if step_s is not None:  # (the fastest of the last rounds: the node's own speed)
             if step_s < MIN_STEP_SECONDS:
                 log.warning(
                     "node %d: %.3g s per step is no measurement; its speed is not updated",

@@ -46,6 +46,7 @@ from collm_fl.policies.allocation import (
     RateForecast,
     allocate,
     forecast_rate,
+    measured_step_seconds,
     turn_before,
 )
 from collm_fl.replica.control_client import ReplicaClient, ReplicaUnavailable
@@ -425,12 +426,9 @@ class Orchestrator:
                     a["late_rest_s"] = float(metrics.get("late-rest-seconds", 0.0))
                     if i in began:
                         a["began_s"] = began[i]
-            seconds = metrics.get("step-cost-seconds", 0.0) or metrics["train-seconds"]
-            if done > 0 and seconds > 0:
-                # The fastest of the last rounds: the replica's own speed (its steps' compute,
-                # as the server reads it).
-                times = self._step_s.setdefault(i, deque(maxlen=STEP_HISTORY))
-                times.append(seconds / done)
+            step_s = measured_step_seconds(metrics)  # (as the server reads it)
+            if step_s is not None:  # the fastest of the last rounds: the replica's own speed
+                self._step_s.setdefault(i, deque(maxlen=STEP_HISTORY)).append(step_s)
             if done > 0:
                 updates.append(state)
                 weights.append(metrics["num-examples"])

@@ -386,6 +386,17 @@ def _fit_deadline(steps: int, step_seconds: float | None, share: float, deadline
     return max(0, math.floor(fit))
 
 
+def measured_step_seconds(metrics: Mapping[str, float]) -> float | None:
+    """Seconds per micro-step from a train reply's metrics (None: no step, or no time): a
+    replica's steps' own compute where it reports it (``step-cost-seconds``), else (devices)
+    the time in steps. A step timed while serving shared the core waited within its layers, a
+    wait the training share counts already: taken as the speed, it was counted twice (fewer
+    steps planned than fit)."""
+    steps = metrics.get("local-steps", 0.0)
+    seconds = metrics.get("step-cost-seconds", 0.0) or metrics.get("train-seconds", 0.0)
+    return seconds / steps if steps > 0 and seconds > 0 else None
+
+
 def _step_time(step_seconds: float | None) -> float | None:
     """A measured step time, or None for one not known (None, zero, negative, NaN or inf)."""
     if step_seconds is None or not (step_seconds > 0 and math.isfinite(step_seconds)):
