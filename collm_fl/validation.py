@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +68,13 @@ def _array_problems(key: str, value: object, expected: np.ndarray) -> list[str]:
     return problems
 
 
+def key_problems(keys: Iterable[str], reference: Mapping[str, np.ndarray]) -> list[str]:
+    """An update's missing and unexpected keys against the reference's, in a stable order."""
+    got = set(keys)
+    problems = [f"missing key {k!r}" for k in sorted(set(reference) - got)]
+    return problems + [f"unexpected key {k!r}" for k in sorted(got - set(reference))]
+
+
 def validate_update(
     update: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray],
@@ -88,8 +95,7 @@ def validate_update(
     if max_update_norm is not None and not max_update_norm > 0:
         raise ValueError(f"max_update_norm must be > 0 or None, got {max_update_norm}")
     ref_pairs = lora_pairs(reference)
-    reasons = [f"missing key {k!r}" for k in sorted(set(reference) - set(update))]
-    reasons += [f"unexpected key {k!r}" for k in sorted(set(update) - set(reference))]
+    reasons = key_problems(update, reference)
     sq_norm = 0.0
     for m, (a_ref, b_ref) in sorted(ref_pairs.items()):
         key_a, key_b = m + LORA_A_SUFFIX, m + LORA_B_SUFFIX

@@ -86,7 +86,7 @@ from collm_fl.flower_records import (
     arrayrecord_to_state,
     state_to_arrayrecord,
 )
-from collm_fl.validation import validate_update
+from collm_fl.validation import key_problems, validate_update
 from strategies.allocation import NodeBudget
 
 log = logging.getLogger(__name__)
@@ -664,8 +664,7 @@ def aggregate_metrics(
 def _described_problems(record: ArrayRecord, reference: AdapterState) -> list[str]:
     """Missing and unexpected keys and wrong shapes, read from the arrays' descriptions (as
     :func:`collm_fl.validation.validate_update` words them), nothing decoded."""
-    problems = [f"missing key {k!r}" for k in sorted(set(reference) - set(record))]
-    problems += [f"unexpected key {k!r}" for k in sorted(set(record) - set(reference))]
+    problems = key_problems(record, reference)
     for key in sorted(set(record) & set(reference)):
         shape = tuple(getattr(record[key], "shape", ()))
         if shape != reference[key].shape:
