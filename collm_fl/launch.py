@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -339,8 +340,12 @@ class LocalFederation:
                     time.monotonic() - started,
                 )
             if self.with_flower:
-                for i in range(self.num_nodes):
-                    self._start_supernode(i)
+                started_nodes = [self._start_supernode(i) for i in range(self.num_nodes)]
+                # One that failed to start fails the start, not the run ("exited mid-run").
+                deadline = time.monotonic() + timeout
+                for i, proc in enumerate(started_nodes):
+                    node_id = self._joined(i, proc, deadline)
+                    log.info("supernode%d joined the SuperLink as node %s", i, node_id)
                 self._write_flwr_config()
         except BaseException:
             self.stop()
@@ -477,12 +482,14 @@ class LocalFederation:
 
     # ---- pieces ----
 
-    def spawn(self, name: str, cmd: list[str]) -> ManagedProcess:
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+        """Start ``cmd`` as ``name`` (its log: ``<workdir>/<name>.log``), with :meth:`env` and
+        ``env``."""
         log_path = self.workdir / f"{name}.log"
         handle = open(log_path, "wb")  # noqa: SIM115 - owned by the ManagedProcess
         popen = subprocess.Popen(
             cmd,
-            env=self.env(),
+            env={**self.env(), **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -529,7 +536,20 @@ class LocalFederation:
         url = f"http://127.0.0.1:{port}"
         self.replicas.append(ReplicaNode(i, url, f"127.0.0.1:{control_port}", proc))
 
-    def _start_supernode(self, i: int) -> None:
+    def _joined(self, i: int, proc: ManagedProcess, deadline: float) -> str:
+        """SuperNode ``i``'s node id once it has joined; started again once on another port if
+        it lost its Runtime API port (found free, taken by another process before it bound)."""
+        try:
+            return wait_joined(proc, max(0.0, deadline - time.monotonic()))
+        except LaunchError:
+            if proc.alive() or "address already in use" not in proc.tail():
+                raise
+        log.warning("supernode%d lost its port to another process; starting it again", i)
+        self.processes.remove(proc)
+        proc.stop()
+        return wait_joined(self._start_supernode(i), max(0.0, deadline - time.monotonic()))
+
+    def _start_supernode(self, i: int) -> ManagedProcess:
         node_config = f"partition-id={i} num-partitions={self.num_nodes}"
         if i < self.num_replicas:
             node_config += f" replica-address='{self.replicas[i].control_address}'"
@@ -545,9 +565,12 @@ class LocalFederation:
                 "--node-config",
                 node_config,
             ],
+            # (at INFO it logs the node id it joined as, which the start waits for)
+            env={"FLWR_LOG_LEVEL": "INFO"},
         )
         if i < self.num_replicas:
             self.replicas[i].supernode = proc
+        return proc
 
     def _write_flwr_config(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
@@ -604,6 +627,31 @@ def replica_command(
         str(num_partitions),
         *extra,
     ]
+
+
+# What flower-supernode (flwr 1.42, pinned) logs once the SuperLink has registered it.
+SUPERNODE_JOINED = re.compile(r"SuperNode ID: (\d+)")
+
+
+def wait_joined(proc: ManagedProcess, timeout: float) -> str:
+    """Wait for a SuperNode to register with its SuperLink; its node id. Fails early, with its
+    log, if it exits first (its Runtime API port taken, the SuperLink refusing it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        match = SUPERNODE_JOINED.search(proc.tail(chars=1_000_000))
+        if match:
+            return match.group(1)
+        if not proc.alive():
+            raise LaunchError(
+                f"{proc.name} exited (code {proc.popen.returncode}) before it joined the "
+                f"SuperLink; its log, {proc.log_path}:\n{proc.tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise LaunchError(
+                f"{proc.name} did not join the SuperLink in {timeout:.0f}s; its log, "
+                f"{proc.log_path}:\n{proc.tail()}"
+            )
+        time.sleep(0.25)  # polling another process's log; nothing to wait on here
 
 
 def wait_http(url: str, proc: ManagedProcess, timeout: float) -> None:

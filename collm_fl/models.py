@@ -180,6 +180,51 @@ def load_base_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=str(path))
 
 
+# A hub repo's tokenizer files (``load_tokenizer``): not its weights.
+TOKENIZER_FILES = [
+    "tokenizer*",
+    "*.model",
+    "*.tiktoken",
+    "vocab.*",
+    "merges.txt",
+    "*.jinja",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "config.json",
+]
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model named as :func:`load_base_model` takes it (``collm load
+    --tokenizer``: prompts of the served model's token counts), without its weights where they
+    are not needed for it: a hub id fetches its tokenizer files only, a local folder needs only
+    those (a built-in is built whole, its tokenizer being made with it)."""
+    if not name:
+        raise ConfigError("tokenizer must be 'tiny', 'smollm2-135m', an HF model id or a path")
+    local = Path(name).expanduser()
+    if name in BUILTIN_MODELS:
+        path = materialize_model(name)
+    elif local.exists() or name.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise ModelLoadError(f"tokenizer path {name!r} is not a folder of tokenizer files")
+        path = local
+    else:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            path = Path(snapshot_download(name, allow_patterns=TOKENIZER_FILES))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+            raise ModelLoadError(
+                f"tokenizer {name!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a "
+                f"local folder, and could not be fetched from the Hugging Face hub: {e}"
+            ) from e
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r} from {path}: {e}") from e
+
+
 def materialize_model(name: str) -> Path:
     """Return a local directory ``from_pretrained`` can read for ``name``, building it if needed."""
     if not name:

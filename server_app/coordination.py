@@ -10,7 +10,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TypeGuard
 
 from collm_fl.config import RunConfig
@@ -63,8 +63,9 @@ class CoordinationState:
 
     def observe(self, node_id: int, metrics: Mapping[str, float], accepted: bool = True) -> None:
         """Take a node's train or publish reply metrics (``load-*``, ``train-seconds``...). Of a
-        reply that was not ``accepted`` only the load report counts: its claims of steps and
-        seconds are not believed (a made-up speed would stick as the node's fastest)."""
+        reply that was not ``accepted`` (a rejected update, a publish ack) only the load report
+        counts: its claims of steps and seconds are not believed (a made-up speed would stick as
+        the node's fastest)."""
         if not accepted:
             metrics = {k: v for k, v in metrics.items() if k.startswith("load-")}
         node = self.nodes.setdefault(node_id, _Node())
@@ -92,12 +93,15 @@ class CoordinationState:
 
     def snapshot(self) -> dict[str, dict[str, object]]:
         """What a resumed run cannot rebuild from its stored rounds: each node's rate forecast
-        (level and trend) and its last step times, by node id."""
+        (level and trend), its last step times and its last load report (without it a replica
+        would be budgeted as a device, with the whole replica, until it reports again), by node
+        id."""
         return {
             str(n): {
                 "level": node.forecast.level if node.forecast else None,
                 "trend": node.forecast.trend if node.forecast else None,
                 "step-seconds": list(node.step_history),
+                "load": asdict(node.load) if node.load is not None else None,
             }
             for n, node in sorted(self.nodes.items())
         }
@@ -125,6 +129,9 @@ class CoordinationState:
                 node.step_history.extend(
                     float(x) for x in steps if finite_number(x) and x >= MIN_STEP_SECONDS
                 )
+            load = _stored_load(entry.get("load"))
+            if load is not None:  # (in the forecast already: used)
+                node.load, node.load_used = load, True
             restored += 1
         return restored
 
@@ -193,6 +200,23 @@ class CoordinationState:
                 b.reason,
             )
         return {b.node_id: b for b in budgets}
+
+
+def _stored_load(entry: object) -> NodeLoad | None:
+    """A snapshot's load report, if it is one (every field a finite number >= 0; utilization
+    may be absent)."""
+    if not isinstance(entry, Mapping):
+        return None
+    values: dict[str, float | None] = {}
+    for f in fields(NodeLoad):
+        x = entry.get(f.name)
+        if x is None and f.name == "utilization":
+            values[f.name] = None
+        elif finite_number(x) and x >= 0:
+            values[f.name] = float(x)
+        else:
+            return None
+    return NodeLoad(**values)  # type: ignore[arg-type]
 
 
 def finite_number(x: object) -> TypeGuard[float]:

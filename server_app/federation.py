@@ -472,7 +472,8 @@ class Federation:
                 continue
             acked += 1
             for record in reply.content.metric_records.values():
-                self.coordination.observe(node, _floats(record))
+                # (an ack carries a load report; steps and seconds in it are no training's)
+                self.coordination.observe(node, _floats(record), accepted=False)
         log.info(
             "published v%d to %d/%d nodes in %.1fs",
             version,

@@ -151,6 +151,7 @@ def dispatch(args: argparse.Namespace) -> int:
             seed=args.seed,
             chat=args.chat,
             ignore_eos=args.ignore_eos,
+            tokenizer=args.tokenizer,
         )
     if args.command == "versions":
         from collm_fl.store import VersionStore

@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask for every request's whole output length (vLLM's ignore_eos, which collm "
         "replica and gateway take; OpenAI's API refuses it): a trace's lengths, not caps",
     )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="count prompt lengths in this model's tokens (a model as collm replica --model "
+        "takes it: smollm2-135m, an HF id or a local path); default: words (~1.3 tokens each)",
+    )
     p.add_argument("--api-key", default=None, help="Bearer key (default: $COLLM_API_KEY)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/load", help="where requests.jsonl/summary.json go")

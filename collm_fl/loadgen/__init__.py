@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from collm_fl.loadgen.client import (
     ReplayProgress,
     RequestResult,
     RequestSpec,
+    TokenizerPrompts,
     build_requests,
     read_results_jsonl,
     replay,
@@ -60,6 +62,7 @@ __all__ = [
     "RequestResult",
     "RequestSpec",
     "SLOSpec",
+    "TokenizerPrompts",
     "TraceRow",
     "arrival_times",
     "build_requests",
@@ -102,14 +105,16 @@ def run_load_cli(
     timeout_s: float = 120.0,
     max_in_flight: int = 256,
     ignore_eos: bool = False,
+    tokenizer: str | None = None,
 ) -> int:
     """Replay a schedule against ``target`` and write ``requests.jsonl`` and ``summary.json``.
 
     The schedule is ``kind`` arrivals at ``rate`` for ``duration_s`` with fixed lengths, or, given a
     ``trace``, its requests rescaled to ``rate`` (``rate`` 0 keeps the recorded timing) and cut
     to ``duration_s`` (rates are then per the time it ran, if shorter), with
-    ``prompt_tokens``/``output_tokens`` as the length caps. Returns 0, or 1
-    when no request succeeded; bad arguments raise ConfigError / DataFormatError.
+    ``prompt_tokens``/``output_tokens`` as the length caps. Prompt lengths are words, or with
+    ``tokenizer`` (a model as ``collm replica --model`` takes it) that model's tokens. Returns 0,
+    or 1 when no request succeeded; bad arguments raise ConfigError / DataFormatError.
     """
     for flag, value in (("--ttft-slo", ttft_slo), ("--tpot-slo", tpot_slo)):
         if not (math.isfinite(value) and value > 0):
@@ -121,6 +126,17 @@ def run_load_cli(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} exists and is not a directory")
+    # Prompts of this run's own (a prefix cache holds none of them from an earlier run), made once
+    # every argument has been checked (a tokenizer may need fetching).
+    prompt_tag = secrets.token_hex(2)
+
+    def prompts() -> Callable[[int], str]:
+        if not tokenizer:
+            return FillerPrompts(tag=prompt_tag)  # (lengths in words)
+        from collm_fl.models import load_tokenizer
+
+        return TokenizerPrompts(load_tokenizer(tokenizer), tag=prompt_tag)
+
     if trace:
         if not (math.isfinite(duration_s) and duration_s > 0):
             raise ConfigError(f"--duration must be a finite number > 0, got {duration_s}")
@@ -143,7 +159,7 @@ def run_load_cli(
         # before the cut would read as the trace's end).
         measured_s = trace_duration(whole, duration_s)
         rows = [r for r in whole if r.offset_s < duration_s]
-        specs = build_requests(rows, prompt_tokens, output_tokens, chat=chat)
+        specs = build_requests(rows, prompt_tokens, output_tokens, prompts(), chat=chat)
     else:
         if kind not in ARRIVAL_KINDS:
             raise ConfigError(
@@ -152,7 +168,7 @@ def run_load_cli(
             )
         offsets = arrival_times(kind, rate, duration_s, seed)
         measured_s = duration_s
-        specs = build_requests(offsets, prompt_tokens, output_tokens, chat=chat)
+        specs = build_requests(offsets, prompt_tokens, output_tokens, prompts(), chat=chat)
     if not specs:
         what = (
             f"{trace} before --duration {duration_s:g}"
@@ -244,6 +260,8 @@ def run_load_cli(
         "timeout_s": timeout_s,
         "max_in_flight": max_in_flight,
         "ignore_eos": ignore_eos,
+        "tokenizer": tokenizer,
+        "prompt_tag": prompt_tag,
     }
     summary_json = json.dumps({"config": config, **asdict(summary)}, indent=2)
     # The two files are one run's: a signal while they are written (seconds for a long run's

@@ -90,22 +90,77 @@ class FillerPrompts:
     """A prompt source: about ``n`` tokens of text per call, counted as words.
 
     Words approximate tokens (BPE tokenizers give ~1.3 tokens per English word, so prompts come out
-    somewhat longer); pass a tokenizer-based source where exact lengths matter. Each prompt starts
-    where the previous one ended (wrapping around), so consecutive prompts differ.
+    somewhat longer); :class:`TokenizerPrompts` (``collm load --tokenizer``) counts the served
+    model's tokens. Each prompt opens with its own number, ``[k]`` (``[<tag>-k]`` given a
+    ``tag``: ``collm load`` draws one per run), then filler from where the previous one ended
+    (wrapping around): no two prompts share a prefix, so a server that caches prefixes (vLLM's,
+    SGLang's) serves them none from its cache, nor, with a tag, a later run's.
     """
 
-    def __init__(self, text: str = FILLER_TEXT) -> None:
+    def __init__(self, text: str = FILLER_TEXT, tag: str = "") -> None:
         self._words = text.split()
         if not self._words:
             raise ConfigError("text: the filler text has no words")
         self._cursor = 0
+        self._count = 0
+        self._tag = f"{tag}-" if tag else ""
 
     def __call__(self, n: int) -> str:
         if n < 1:
             raise ConfigError(f"prompt_tokens: must be >= 1, got {n}")
         words, start = self._words, self._cursor
-        self._cursor = (start + n) % len(words)
-        return " ".join(words[(start + i) % len(words)] for i in range(n))
+        lead, self._count = f"[{self._tag}{self._count}]", self._count + 1
+        self._cursor = (start + n - 1) % len(words)
+        return " ".join([lead, *(words[(start + i) % len(words)] for i in range(n - 1))])
+
+
+class TokenizerPrompts:
+    """A prompt source of ``n`` tokens per call as ``tokenizer`` (the served model's) encodes the
+    text without special tokens (a server adding a BOS token, or a chat template around it, counts
+    those besides): exactly ``n``, or where no cut of the text re-encodes to ``n`` (merges across
+    its joins), the closest count below. Each prompt opens with its own number, as FillerPrompts';
+    one shorter than its number's tokens is the number cut short (so not always unique).
+    """
+
+    def __init__(self, tokenizer: Any, text: str = FILLER_TEXT, tag: str = "") -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = self._encode(" ".join(text.split()))
+        if not self._ids:
+            raise ConfigError("text: the filler text encodes to no tokens")
+        self._cursor = 0
+        self._count = 0
+        self._tag = f"{tag}-" if tag else ""
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def _body(self, start: int, length: int) -> str:
+        ids = self._ids
+        return str(self._tokenizer.decode([ids[(start + i) % len(ids)] for i in range(length)]))
+
+    def __call__(self, n: int) -> str:
+        if n < 1:
+            raise ConfigError(f"prompt_tokens: must be >= 1, got {n}")
+        lead, self._count = f"[{self._tag}{self._count}]", self._count + 1
+        start = self._cursor
+        # The text re-encodes to about its tokens' count (merges across the joins): the body is
+        # cut or lengthened by the difference until it re-encodes to n, or the closest below.
+        body = max(0, n - len(self._encode(lead + " x")) + 1)
+        best: tuple[str, int, int] | None = None  # (text, tokens, body length)
+        for _ in range(8):
+            text = f"{lead} {self._body(start, body).strip()}" if body else lead
+            got = len(self._encode(text))
+            if got <= n and (best is None or got > best[1]):
+                best = (text, got, body)
+            step = max(0, body + n - got)
+            if got == n or step == body:
+                break
+            body = step
+        if best is None:  # the number alone is more than n tokens: cut short
+            ids = self._encode(lead)[:n]
+            best = (str(self._tokenizer.decode(ids)), n, 0)
+        self._cursor = (start + best[2]) % len(self._ids)
+        return best[0]
 
 
 def build_requests(

@@ -131,8 +131,8 @@ class AllocationInputs:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if not self.deadline_s > 0:  # (inf: no deadline)
             raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
-        if self.max_steps < 0:
-            raise ValueError(f"max_steps must be at least 0, got {self.max_steps}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,9 @@ def quality_gain_factor(history: Sequence[tuple[float, float]], floor: float = 0
     The central held-out loss is measured on a small set and each round's change is noisy, so a
     trend needs at least ``MIN_GAIN_POINTS`` points (three per-step rates); until then: 1.0; and
     a round whose loss moved by less than ``GAIN_NOISE`` of it gained nothing (a flat curve's
-    blip is not a gain, nor does a tiny early one set the scale). The latest gain is the mean of
+    blip is not a gain, nor does a tiny early one set the scale), if it trained as many steps as
+    any round before; a shorter one (a busy round's few steps) is judged together with the
+    rounds after it, its change being too small to tell from noise. The latest gain is the mean of
     the last two rates (one noisy round does not cut the budget), the early gain the best before
     those two (with an early gain, a larger latest gain raises the factor, never lowers it;
     without one, rounds that happened to measure none do not pin the factor to the floor: a
@@ -198,11 +200,19 @@ def quality_gain_factor(history: Sequence[tuple[float, float]], floor: float = 0
     if len(history) < MIN_GAIN_POINTS:
         return 1.0
     pts = sorted(history)
-    rates = []
-    for (s0, l0), (s1, l1) in itertools.pairwise(pts):
-        if s1 > s0:
-            gain = l0 - l1
-            rates.append(gain / (s1 - s0) if gain > GAIN_NOISE * abs(l0) else 0.0)
+    rates: list[float] = []
+    (s0, l0), longest = pts[0], 0.0
+    for s1, l1 in pts[1:]:
+        span, gain = s1 - s0, l0 - l1
+        if span <= 0:
+            continue
+        if gain > GAIN_NOISE * abs(l0):
+            rates.append(gain / span)
+        elif span >= longest:  # a change this small over as many steps as any round's: none
+            rates.append(0.0)
+        else:  # too few steps to tell from noise (a busy round): judged with the next round's
+            continue
+        (s0, l0), longest = (s1, l1), max(longest, span)
     if len(rates) < MIN_GAIN_POINTS - 1:  # rounds that trained nothing add no rate
         return 1.0
     latest = sum(rates[-2:]) / 2
@@ -393,7 +403,7 @@ def measured_step_seconds(metrics: Mapping[str, float]) -> float | None:
     wait the training share counts already: taken as the speed, it was counted twice (fewer
     steps planned than fit)."""
     steps = metrics.get("local-steps", 0.0)
-    seconds = metrics.get("step-cost-seconds", 0.0) or metrics.get("train-seconds", 0.0)
+    seconds = metrics.get("step-cost-seconds", metrics.get("train-seconds", 0.0))
     return seconds / steps if steps > 0 and seconds > 0 else None
 
 

@@ -352,12 +352,16 @@ def test_a_resumed_run_takes_back_each_nodes_rate_forecast_and_speed(tmp_path):
     # As round 3 left it: a rising rate's forecast, every round's step time.
     left = store.events(fed.run_info.id, "coordination-state")[-1].payload["state"]
     assert left["2"]["trend"] > 0 and left["2"]["step-seconds"] == [2.0, 2.0, 2.0]
+    # and its last load report: without it a resumed replica was budgeted as a device (share 1)
+    assert left["2"]["load"]["request_rate"] == 3.0 and left["2"]["load"]["utilization"] is None
     assert left == fed.coordination.snapshot()
     store.close()
 
     again, store = federation(tmp_path, nodes, num_server_rounds=4, allocation="quality-aware")
     again._initial_version()
     assert again.coordination.snapshot() == left  # not a forecast that starts again flat
+    budgets = again.coordination.budgets(again.cfg, [1, 2], store, again.run_info.id, 4)
+    assert budgets is not None and all(b.reports_load and b.share < 1 for b in budgets.values())
     store.close()
     # Nodes that registered again (new ids): nothing of the old ids is taken back.
     third, store = federation(tmp_path, {7: busier_each_round}, num_server_rounds=4)
@@ -378,9 +382,22 @@ def test_a_stored_state_that_is_not_one_restores_nothing_it_cannot_read():
             "node-8": {"level": 1.0, "trend": 0.0},
             "9": "not an entry",
             "10": {"level": True, "trend": 0.0, "step-seconds": 3.0},
+            "11": {"load": {"request_rate": 1.0, "queue_depth": 0, "ttft_p95": float("nan")}},
+            "12": {
+                "load": {
+                    "request_rate": 1.0,
+                    "queue_depth": 0,
+                    "ttft_p95": 0.1,
+                    "tpot_p95": 0.02,
+                    "slo_attainment": 1,
+                    "utilization": None,
+                }
+            },
         }
     )
-    assert n == 2 and set(state.nodes) == {7, 10}
+    assert n == 4 and set(state.nodes) == {7, 10, 11, 12}
+    assert state.nodes[11].load is None and state.nodes[12].load is not None
+    assert state.nodes[12].load.request_rate == 1.0 and state.nodes[12].load_used
     assert state.nodes[7].forecast is None and list(state.nodes[7].step_history) == [1.0]
     assert state.nodes[10].forecast is None and state.nodes[10].step_seconds is None
 

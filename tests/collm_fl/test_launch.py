@@ -240,3 +240,62 @@ def test_free_ports_come_from_collm_port_range_and_a_bad_range_is_named(monkeypa
         monkeypatch.setenv("COLLM_PORT_RANGE", bad)
         with pytest.raises(ConfigError, match="COLLM_PORT_RANGE"):
             free_port()
+
+
+def test_a_supernode_that_cannot_start_fails_the_start_with_its_log(tmp_path, monkeypatch):
+    """A SuperNode that exits before it joins the SuperLink (here its Runtime API port is taken,
+    and again when it is started once more on another) fails the start naming it with its log,
+    and the start stops what it had started; not a run that begins and then reads "supernode0
+    exited mid-run". One that lost its port once is started again and joins."""
+    import socket
+
+    from collm_fl import launch
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    with taken:
+        # The SuperLink's port, then the SuperNode's, then the one it is started again on.
+        ports = iter([free_port(), busy, busy])
+        monkeypatch.setattr(launch, "free_port", lambda: next(ports))
+        fed = LocalFederation(tmp_path / "site", num_replicas=0, num_devices=1)
+        with pytest.raises(launch.LaunchError) as caught:
+            fed.start(timeout=120)
+        message = str(caught.value)
+        assert "supernode0 exited (code 1) before it joined the SuperLink" in message
+        assert "address already in use" in message  # (its log's tail)
+        assert fed.processes == []
+
+        ports = iter([free_port(), busy, free_port()])
+        again = LocalFederation(tmp_path / "again", num_replicas=0, num_devices=1)
+        with again:
+            names = [p.name for p in again.processes]
+            assert names == ["superlink", "supernode0"] and all(p.alive() for p in again.processes)
+        assert again.processes == []
+
+
+def test_a_supernode_joined_is_read_from_its_log(tmp_path) -> None:
+    """wait_joined returns the node id the SuperLink gave it, and fails on a process that neither
+    joins nor exits within the time allowed."""
+    import subprocess
+
+    from collm_fl.launch import LaunchError, ManagedProcess, wait_joined
+
+    def started(name: str, code: str) -> ManagedProcess:
+        log_path = tmp_path / f"{name}.log"
+        handle = open(log_path, "wb")  # noqa: SIM115 - owned by the ManagedProcess
+        popen = subprocess.Popen([sys.executable, "-c", code], stdout=handle)
+        return ManagedProcess(name, popen, log_path, handle)
+
+    joined = started(
+        "supernode0", "import time; print('INFO : SuperNode ID: 42', flush=True); time.sleep(600)"
+    )
+    silent = started("supernode1", "import time; time.sleep(600)")
+    try:
+        assert wait_joined(joined, timeout=60) == "42"
+        with pytest.raises(LaunchError, match="supernode1 did not join the SuperLink in 1s"):
+            wait_joined(silent, timeout=1)
+    finally:
+        joined.stop()
+        silent.stop()

@@ -108,13 +108,28 @@ def test_a_flat_loss_curve_gets_no_more_training_for_a_blip_of_gain():
     blip = [(0, 2.0), (10, 2.0), (20, 2.0), (30, 1.999), (40, 1.999)]
     learned_then_flat = [(0, 3.0), (10, 2.0), (20, 2.0), (30, 1.999), (40, 1.999)]
     assert quality_gain_factor(flat) == pytest.approx(0.2)
-    assert quality_gain_factor(blip) <= quality_gain_factor(learned_then_flat)
     assert quality_gain_factor(blip) == pytest.approx(0.2)
+    assert quality_gain_factor(learned_then_flat) == pytest.approx(0.2)
     # Rounds that measured no gain are no reference: learning that starts late is not judged
     # flattening, however many rounds came before, and a tiny early gain does not set the scale.
     late = [(0, 3.0), (10, 3.0), (20, 3.0), (30, 2.5), (40, 2.0)]
     assert quality_gain_factor(late) == 1.0
     assert quality_gain_factor([(0, 3.0), (10, 2.9999), *late[2:]]) == 1.0
+
+
+def test_a_busy_rounds_few_steps_are_judged_with_the_next_round_not_as_no_gain():
+    # The same gain per step (0.001) in rounds of 20 steps, then in rounds of 1 (a busy
+    # replica's): a round's change under the noise bar counted as none, and the budget fell to
+    # the floor, where the busy replica's few steps stayed under the bar.
+    steady = [(0, 2.0), (20, 1.98), (40, 1.96), (41, 1.959), (42, 1.958)]
+    assert quality_gain_factor(steady) == 1.0
+    # A curve that is flat in short rounds still reaches the floor, once as many steps as a whole
+    # round's have told nothing.
+    flat_short = [(0, 2.0), (20, 1.98), (40, 1.96), *((40 + k, 1.96) for k in range(1, 41))]
+    assert quality_gain_factor(flat_short) == pytest.approx(0.2)
+    # 20 flat steps (one round's) halve the latest gain; 19 are too few to tell yet.
+    assert quality_gain_factor(flat_short[:-20]) == pytest.approx(0.5)
+    assert quality_gain_factor(flat_short[:-21]) == 1.0
 
 
 def test_flattening_gains_never_raise_the_factor():
@@ -137,6 +152,8 @@ def test_inputs_out_of_range_are_refused_and_an_unmeasurable_step_time_is_unknow
         replace(inputs([node]), min_share=-0.1)
     with pytest.raises(ValueError, match="deadline_s"):
         replace(inputs([node]), deadline_s=float("nan"))
+    with pytest.raises(ValueError, match="max_steps"):  # (it planned one step all the same)
+        replace(inputs([node]), max_steps=0)
     # A NaN step time plans as an unknown one does (the target scaled by the share), not the
     # whole target uncapped.
     busy = replace(load(1.0, ttft=0.5, tpot=0.05), utilization=0.9)
@@ -521,6 +538,13 @@ def test_a_replicas_speed_is_its_steps_compute_not_their_waits_for_serving():
     assert state.nodes[1].step_seconds == pytest.approx(3.35)
     state.observe(2, {"local-steps": 4.0, "train-seconds": 12.0})  # a device: its time in steps
     assert state.nodes[2].step_seconds == pytest.approx(3.0)
+    # A replica's step cost of 0 (a coarse clock) is no measurement, not a cue to take the time
+    # in steps, waits and all, after all.
+    state.observe(3, {"local-steps": 4.0, "train-seconds": 42.0, "step-cost-seconds": 0.0})
+    assert state.nodes[3].step_seconds is None
+    # A publish ack's steps and seconds are no training's: only its load report counts.
+    state.observe(4, {"local-steps": 1.0, "train-seconds": 0.5, "load-request-rate": 1.0}, False)
+    assert state.nodes[4].step_seconds is None
 
 
 def serving(node_id, utilization, step_s=1.0, rate=0.2, forecast=None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -167,8 +168,44 @@ def test_filler_prompts_have_the_requested_word_count_and_differ() -> None:
 
 def test_filler_prompts_take_any_text() -> None:
     source = FillerPrompts("alpha beta gamma")
-    assert source(4) == "alpha beta gamma alpha"
-    assert source(2) == "beta gamma"
+    assert source(4) == "[0] alpha beta gamma"
+    assert source(2) == "[1] alpha"
+    assert source(1) == "[2]"
+    assert FillerPrompts("alpha beta", tag="3fa1")(3) == "[3fa1-0] alpha beta"
+
+
+def test_no_two_filler_prompts_share_a_prefix_however_many() -> None:
+    """The filler text is 219 words: prompts walking it came round to the same text every few
+    dozen requests, which a prefix-caching server (vLLM, SGLang) would answer from its cache."""
+    source = FillerPrompts()
+    prompts = [source(48) for _ in range(2000)]
+    assert len({p.split()[0] for p in prompts}) == 2000  # distinct from the first word on
+    assert all(len(p.split()) == 48 for p in prompts)
+
+
+def test_tokenizer_prompts_have_the_models_token_count_and_differ(tiny) -> None:
+    """`collm load --tokenizer`: lengths in the served model's tokens, not words (~1.3 tokens
+    each), from 1 token to past the filler text's length; no two share a first token."""
+    from collm_fl.loadgen.client import TokenizerPrompts
+    from collm_fl.models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    assert type(tokenizer) is type(tiny.tokenizer)
+    source = TokenizerPrompts(tokenizer)
+    lengths = [1, 2, 5, 17, 48, 300, 1000, *range(40, 60)]
+    prompts = [source(n) for n in lengths]
+    counts = [len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+    assert all(0 < got <= n for got, n in zip(counts, lengths, strict=True))
+    exact = sum(got == n for got, n in zip(counts, lengths, strict=True))
+    assert exact >= len(lengths) - 2, list(zip(counts, lengths, strict=True))
+    firsts = [p.split()[0] for p in prompts[2:]]  # (1 or 2 tokens are too short for a number)
+    assert len(set(firsts)) == len(firsts)
+    assert prompts[4].startswith("[4] ")
+    # Each prompt's filler starts where the one before it ended.
+    a, b = TokenizerPrompts(tokenizer), TokenizerPrompts(tokenizer)
+    whole = a(201).split(" ", 1)[1]
+    halves = b(101).split(" ", 1)[1], b(101).split(" ", 1)[1]
+    assert whole.startswith(halves[0][:40]) and halves[1][-40:] in whole
 
 
 def test_requests_from_arrivals_have_fixed_lengths_and_are_sorted() -> None:
@@ -402,6 +439,17 @@ def test_run_load_cli_writes_requests_and_summary(
     assert summary["adapter_versions"] == {str(VERSION): len(results)}
     assert summary["config"]["schedule"] == "poisson"
     assert "goodput" in capsys.readouterr().out
+    # Each run's prompts carry a tag of its own (a prefix cache holds none of an earlier run's);
+    # with --tokenizer the lengths are the named model's tokens.
+    again = tmp_path / "again"
+    code = run_load_cli(
+        server_url, MODEL, "poisson", 8.0, 1.0, None, again, 1.0, 0.5, 4, 3, None, 0, False,
+        tokenizer="tiny",
+    )  # fmt: skip
+    other = json.loads((again / "summary.json").read_text())["config"]
+    assert code == 0 and other["tokenizer"] == "tiny"
+    assert re.fullmatch("[0-9a-f]{4}", other["prompt_tag"])
+    assert other["prompt_tag"] != summary["config"]["prompt_tag"]
 
 
 def test_run_load_cli_replays_a_trace(server_url: str, tmp_path: Path) -> None:
