@@ -13,7 +13,6 @@ conversation trace); it is not a copy of the Azure data.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 import re
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEADER: tuple[str, str, str] = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+PROGRESS_ROWS = 500_000  # a progress line every this many requests read
 _COUNT_RE = re.compile(r"-?[0-9]{1,18}")  # a token count as the trace writes it (int64 at most)
 
 _DATETIME_RE = re.compile(
@@ -59,17 +59,20 @@ def load_azure_trace(path: str | Path) -> list[TraceRow]:
     a wrong header, or a trace without rows is a DataFormatError naming the file and the line.
     """
     where = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Excel
+    try:  # read as it is parsed, not whole: a week-long trace is millions of lines
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM from Excel
+            return _load(csv.reader(f), where)
     except FileNotFoundError as e:
         raise DataFormatError(where, "no such file") from e
     except (OSError, UnicodeDecodeError) as e:
         raise DataFormatError(where, f"cannot read the trace: {e}") from e
+
+
+def _load(reader: Reader, where: str) -> list[TraceRow]:
     stamps: list[tuple[int, float]] = []  # (whole seconds, fraction): float epochs lose the ticks
     lengths: list[tuple[int, int]] = []
     kind: str | None = None  # "datetime" or "seconds", fixed by the first row
     header_seen = False
-    reader = csv.reader(io.StringIO(text, newline=""))
     ended = 0  # the line the previous row ended on
     for fields in _rows(reader, where):
         number = reader.line_num  # the physical line a row ends on (quoted breaks count)
@@ -96,6 +99,8 @@ def load_azure_trace(path: str | Path) -> list[TraceRow]:
             raise DataFormatError(where, f"a {row_kind} timestamp in a trace of {kind}", number)
         kind = row_kind
         stamps.append(stamp)
+        if len(stamps) % PROGRESS_ROWS == 0:  # (a long trace takes a minute or more to read)
+            log.info("%s: %d requests read (line %d)", where, len(stamps), number)
         lengths.append(
             (
                 _parse_count(cells[1], HEADER[1], where, number),

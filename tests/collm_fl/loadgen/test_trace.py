@@ -209,3 +209,22 @@ def test_a_trace_that_ends_before_the_duration_stands_for_the_time_it_ran() -> N
     assert trace_duration(rows, 60.0) == pytest.approx(3.0)  # last arrival + one mean gap
     assert trace_duration(rows, 2.5) == 2.5
     assert trace_duration([TraceRow(0.0, 1, 1)], 60.0) == 60.0  # no rate to go by
+
+
+def test_a_long_trace_is_read_as_it_is_parsed_and_says_how_far_it_got(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read line by line (not into one string first), with a progress line every PROGRESS_ROWS
+    requests: a week-long trace takes minutes; and a bad byte half-way is a clear error."""
+    from collm_fl.loadgen import trace
+
+    monkeypatch.setattr(trace, "PROGRESS_ROWS", 2)
+    path = _write(tmp_path, HEADER, *(f"{i}.5,{i + 1},{i + 2}" for i in range(5)))
+    with caplog.at_level(logging.INFO, logger="collm_fl.loadgen.trace"):
+        rows = load_azure_trace(path)
+    assert [r.context_tokens for r in rows] == [1, 2, 3, 4, 5]
+    progress = [m for m in caplog.messages if "requests read" in m]
+    assert progress == [f"{path}: 2 requests read (line 3)", f"{path}: 4 requests read (line 5)"]
+    path.write_bytes(path.read_bytes() + b"7.5,1,\xff\n")
+    with pytest.raises(DataFormatError, match="cannot read the trace"):
+        load_azure_trace(path)
