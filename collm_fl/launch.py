@@ -565,8 +565,7 @@ class LocalFederation:
                 "--node-config",
                 node_config,
             ],
-            # (at INFO it logs the node id it joined as, which the start waits for)
-            env={"FLWR_LOG_LEVEL": "INFO"},
+            env=supernode_log_level(),
         )
         if i < self.num_replicas:
             self.replicas[i].supernode = proc
@@ -627,6 +626,13 @@ def replica_command(
         str(num_partitions),
         *extra,
     ]
+
+
+def supernode_log_level() -> dict[str, str]:
+    """``FLWR_LOG_LEVEL`` for a SuperNode: at INFO at least (it then logs the node id it joined
+    as, which the start waits for); a caller's DEBUG stays."""
+    level = os.environ.get("FLWR_LOG_LEVEL", "").strip().upper()
+    return {} if level in ("", "DEBUG", "INFO") else {"FLWR_LOG_LEVEL": "INFO"}
 
 
 # What flower-supernode (flwr 1.42, pinned) logs once the SuperLink has registered it.

@@ -102,6 +102,7 @@ class CoordinationState:
                 "trend": node.forecast.trend if node.forecast else None,
                 "step-seconds": list(node.step_history),
                 "load": asdict(node.load) if node.load is not None else None,
+                "load-used": node.load_used,  # (not yet in the forecast: taken in on restore)
             }
             for n, node in sorted(self.nodes.items())
         }
@@ -130,8 +131,11 @@ class CoordinationState:
                     float(x) for x in steps if finite_number(x) and x >= MIN_STEP_SECONDS
                 )
             load = _stored_load(entry.get("load"))
-            if load is not None:  # (in the forecast already: used)
-                node.load, node.load_used = load, True
+            if load is not None:
+                if entry.get("load-used") is False:  # the last round's report: into the forecast
+                    node.forecast = forecast_rate(node.forecast, load.request_rate)
+                if node.load is None:  # (not over a fresher one: the resume's publish ack's)
+                    node.load, node.load_used = load, True
             restored += 1
         return restored
 
@@ -209,7 +213,7 @@ def _stored_load(entry: object) -> NodeLoad | None:
         return None
     values: dict[str, float | None] = {}
     for f in fields(NodeLoad):
-        x = entry.get(f.name)
+        x = entry.get(f.name, f.default)  # (a field added since: its default)
         if x is None and f.name == "utilization":
             values[f.name] = None
         elif finite_number(x) and x >= 0:

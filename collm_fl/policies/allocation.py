@@ -181,15 +181,18 @@ def forecast_rate(
     return RateForecast(level, beta * (level - previous.level) + (1 - beta) * previous.trend)
 
 
-def quality_gain_factor(history: Sequence[tuple[float, float]], floor: float = 0.2) -> float:
+def quality_gain_factor(
+    history: Sequence[tuple[float, float]], floor: float = 0.2, round_steps: float = 0.0
+) -> float:
     """How much training still helps, in [floor, 1]: latest per-step gain / early per-step gain.
 
     The central held-out loss is measured on a small set and each round's change is noisy, so a
     trend needs at least ``MIN_GAIN_POINTS`` points (three per-step rates); until then: 1.0; and
-    a round whose loss moved by less than ``GAIN_NOISE`` of it gained nothing (a flat curve's
-    blip is not a gain, nor does a tiny early one set the scale), if it trained as many steps as
-    any round before; a shorter one (a busy round's few steps) is judged together with the
-    rounds after it, its change being too small to tell from noise. The latest gain is the mean of
+    a loss change below ``GAIN_NOISE`` of the loss is no gain (a flat curve's blip is not a gain,
+    nor does a tiny early one set the scale). A change is judged over at least ``round_steps``
+    steps (one full round's, the configured local steps): rounds that trained fewer (a busy
+    round's few steps, whose change no measurement could tell from noise) are judged together
+    with the rounds after them, by steps alone. The latest gain is the mean of
     the last two rates (one noisy round does not cut the budget), the early gain the best before
     those two (with an early gain, a larger latest gain raises the factor, never lowers it;
     without one, rounds that happened to measure none do not pin the factor to the floor: a
@@ -201,18 +204,13 @@ def quality_gain_factor(history: Sequence[tuple[float, float]], floor: float = 0
         return 1.0
     pts = sorted(history)
     rates: list[float] = []
-    (s0, l0), longest = pts[0], 0.0
+    s0, l0 = pts[0]
     for s1, l1 in pts[1:]:
         span, gain = s1 - s0, l0 - l1
-        if span <= 0:
+        if span <= 0 or span < round_steps:  # (judged with the next)
             continue
-        if gain > GAIN_NOISE * abs(l0):
-            rates.append(gain / span)
-        elif span >= longest:  # a change this small over as many steps as any round's: none
-            rates.append(0.0)
-        else:  # too few steps to tell from noise (a busy round): judged with the next round's
-            continue
-        (s0, l0), longest = (s1, l1), max(longest, span)
+        rates.append(gain / span if gain > GAIN_NOISE * abs(l0) else 0.0)
+        s0, l0 = s1, l1
     if len(rates) < MIN_GAIN_POINTS - 1:  # rounds that trained nothing add no rate
         return 1.0
     latest = sum(rates[-2:]) / 2
@@ -271,7 +269,7 @@ def load_growth(load: NodeLoad, forecast: float, trend: float | None = None) -> 
 
 def allocate(inputs: AllocationInputs) -> list[NodeBudget]:
     """Per-node training budgets for the next round (see module docstring)."""
-    gain = quality_gain_factor(inputs.loss_history, inputs.min_gain_factor)
+    gain = quality_gain_factor(inputs.loss_history, inputs.min_gain_factor, inputs.max_steps)
     target = max(1, math.ceil(inputs.max_steps * gain))
     budgets: list[NodeBudget] = []
     for node in inputs.nodes:

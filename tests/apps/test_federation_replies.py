@@ -46,6 +46,7 @@ class FakeGrid:
         self.behaviours = behaviours
         self.deaf: set[int] = set()
         self.gone: set[int] = set()  # their publishes answered by the SuperLink, as node 1
+        self.ack_metrics: dict[str, float] = {}  # more in each publish ack (a load report)
 
     def get_node_ids(self):
         return list(self.behaviours)
@@ -63,7 +64,8 @@ class FakeGrid:
                 if int(m.metadata.dst_node_id) in self.gone:
                     self.replies[mid] = superlink_error(0, 0, m)
                     continue
-                ack = RecordDict({"metrics": MetricRecord({"served-version": -1.0})})
+                ack_metrics = {"served-version": -1.0, **self.ack_metrics}
+                ack = RecordDict({"metrics": MetricRecord(ack_metrics)})
                 self.replies[mid] = Message(ack, reply_to=m)
                 continue
             node = int(m.metadata.dst_node_id)
@@ -355,13 +357,36 @@ def test_a_resumed_run_takes_back_each_nodes_rate_forecast_and_speed(tmp_path):
     # and its last load report: without it a resumed replica was budgeted as a device (share 1)
     assert left["2"]["load"]["request_rate"] == 3.0 and left["2"]["load"]["utilization"] is None
     assert left == fed.coordination.snapshot()
+    # What round 4 would have been given, had the run gone on (round 3's reports in its forecast).
+    expected = fed.coordination.budgets(fed.cfg, [1, 2], store, fed.run_info.id, 4)
     store.close()
 
     again, store = federation(tmp_path, nodes, num_server_rounds=4, allocation="quality-aware")
     again._initial_version()
-    assert again.coordination.snapshot() == left  # not a forecast that starts again flat
+    assert {k: again.coordination.snapshot()[k]["step-seconds"] for k in left} == {
+        k: v["step-seconds"] for k, v in left.items()
+    }
     budgets = again.coordination.budgets(again.cfg, [1, 2], store, again.run_info.id, 4)
-    assert budgets is not None and all(b.reports_load and b.share < 1 for b in budgets.values())
+    assert budgets is not None and expected is not None
+    assert all(b.reports_load and b.share < 1 for b in budgets.values())
+    assert budgets == expected  # not a forecast that starts again flat, nor one report short
+    for n in (1, 2):
+        assert again.coordination.nodes[n].forecast == fed.coordination.nodes[n].forecast
+    store.close()
+    # A load report in the resume's publish ack is fresher than the stored one: it stays.
+    fresh = {
+        "load-request-rate": 9.0,
+        "load-queue-depth": 0.0,
+        "load-ttft-p95": 0.2,
+        "load-tpot-p95": 0.05,
+        "load-slo-attainment": 1.0,
+        "load-window-s": 3.0,
+    }
+    later, store = federation(tmp_path, nodes, num_server_rounds=4, allocation="quality-aware")
+    later.grid.ack_metrics = fresh
+    later._initial_version()
+    assert later.coordination.nodes[2].load.request_rate == 9.0
+    assert not later.coordination.nodes[2].load_used
     store.close()
     # Nodes that registered again (new ids): nothing of the old ids is taken back.
     third, store = federation(tmp_path, {7: busier_each_round}, num_server_rounds=4)

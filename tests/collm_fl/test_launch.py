@@ -299,3 +299,18 @@ def test_a_supernode_joined_is_read_from_its_log(tmp_path) -> None:
     finally:
         joined.stop()
         silent.stop()
+
+
+def test_a_supernode_logs_at_info_at_least(monkeypatch) -> None:
+    """The start waits for the node id a SuperNode logs at INFO: a caller's FLWR_LOG_LEVEL of
+    WARNING would hide it (the start timing out on nodes that joined); DEBUG stays."""
+    from collm_fl.launch import supernode_log_level
+
+    for level, env in (
+        ("", {}),
+        ("DEBUG", {}),
+        ("info", {}),
+        ("WARNING", {"FLWR_LOG_LEVEL": "INFO"}),
+    ):
+        monkeypatch.setenv("FLWR_LOG_LEVEL", level)
+        assert supernode_log_level() == env

@@ -118,18 +118,32 @@ def test_a_flat_loss_curve_gets_no_more_training_for_a_blip_of_gain():
 
 
 def test_a_busy_rounds_few_steps_are_judged_with_the_next_round_not_as_no_gain():
-    # The same gain per step (0.001) in rounds of 20 steps, then in rounds of 1 (a busy
-    # replica's): a round's change under the noise bar counted as none, and the budget fell to
-    # the floor, where the busy replica's few steps stayed under the bar.
+    # The same gain per step (0.001) in rounds of 20 steps (the configured local steps), then in
+    # rounds of 1 (a busy replica's): a round's change under the noise bar counted as none, and
+    # the budget fell to the floor, where the busy replica's few steps stayed under the bar.
     steady = [(0, 2.0), (20, 1.98), (40, 1.96), (41, 1.959), (42, 1.958)]
-    assert quality_gain_factor(steady) == 1.0
+    assert quality_gain_factor(steady, round_steps=20) == 1.0
+    assert quality_gain_factor(steady) == pytest.approx(0.2)  # (each round judged alone)
+    steadier = [*steady, *((42 + k, 1.958 - 0.001 * k) for k in range(1, 19))]  # 20 steps on
+    assert quality_gain_factor(steadier, round_steps=20) == 1.0
     # A curve that is flat in short rounds still reaches the floor, once as many steps as a whole
     # round's have told nothing.
     flat_short = [(0, 2.0), (20, 1.98), (40, 1.96), *((40 + k, 1.96) for k in range(1, 41))]
-    assert quality_gain_factor(flat_short) == pytest.approx(0.2)
+    assert quality_gain_factor(flat_short, round_steps=20) == pytest.approx(0.2)
     # 20 flat steps (one round's) halve the latest gain; 19 are too few to tell yet.
-    assert quality_gain_factor(flat_short[:-20]) == pytest.approx(0.5)
-    assert quality_gain_factor(flat_short[:-21]) == 1.0
+    assert quality_gain_factor(flat_short[:-20], round_steps=20) == pytest.approx(0.5)
+    assert quality_gain_factor(flat_short[:-21], round_steps=20) == 1.0
+    # Spans are cut by steps alone: a short round's larger gain never lowers the factor.
+    early = [(0, 3.0), (20, 2.8), (40, 2.6)]
+    factors = [
+        quality_gain_factor([*early, (41, 2.6 - g), (61, 2.6 - g)], round_steps=20)
+        for g in (0.0, 0.002, 0.003, 0.01)
+    ]
+    assert factors == sorted(factors)
+    # Through allocate: the configured local steps are the round.
+    node = replica(1, load(0.0))
+    (busy,) = allocate(inputs([node], steady, max_steps=20))
+    assert busy.steps == 20
 
 
 def test_flattening_gains_never_raise_the_factor():
