@@ -137,9 +137,7 @@ def simulate(s: Settings) -> list[RoundRecord]:
             min_share=s.min_share,
         )
         budgets = allocate(inputs)  # the policy: everything else here is made-up measurement
-        gain = quality_gain_factor(
-            inputs.loss_history, inputs.min_gain_factor, inputs.max_steps
-        )
+        gain = quality_gain_factor(inputs.loss_history, inputs.min_gain_factor, inputs.max_steps)
         pairs = zip(REPLICAS, budgets, strict=True)
         trained = sum(trained_steps(b, loads[name]) for name, b in pairs)
         steps_so_far += trained

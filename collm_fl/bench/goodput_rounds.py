@@ -45,6 +45,7 @@ from collm_fl.policies.allocation import (
     NodeState,
     RateForecast,
     allocate,
+    describe,
     forecast_rate,
     measured_step_seconds,
     turn_before,
@@ -113,6 +114,9 @@ class RoundRecord:
     failures: list[str] = field(default_factory=list)
     # CoLLM-FL: each replica's allocation decision with the load report it was made from
     allocation: list[dict[str, object]] = field(default_factory=list)
+    # CoLLM-FL: the decision whole, with every input allocate() had (as the server stores it:
+    # `describe`), so that it can be replayed (None: a baseline, or a report from before)
+    decision: dict[str, object] | None = None
 
 
 DRAIN_TIMEOUT_S = 15.0  # rolling: how long a replica out of rotation may finish its requests
@@ -189,6 +193,7 @@ class Orchestrator:
         self._steps_total = 0.0
         self._allocation: list[dict[str, object]] = []
         self._plans: dict[int, NodeBudget] = {}  # this round's allocation (CoLLM-FL systems)
+        self._decision: dict[str, object] | None = None  # and it whole, with its inputs
 
     def publish_initial(self) -> None:
         """Push version 0 to every replica before the load starts."""
@@ -229,6 +234,7 @@ class Orchestrator:
         )
         record.failures = failures
         record.allocation, self._allocation = self._allocation, []
+        record.decision, self._decision = self._decision, None
         for a in record.allocation:
             self.say(f"    round {rnd}: replica {a['replica']}: {a['reason']} ({a['load']})")
         done = [t for t in trained if t]
@@ -326,6 +332,7 @@ class Orchestrator:
             turns=self.spec.turns,
         )
         decided = allocate(inputs)
+        self._decision = describe(inputs, decided)
         for node, b in zip(nodes, decided, strict=True):
             report = node.load
             assert report is not None  # replicas always report their load

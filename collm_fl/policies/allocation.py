@@ -57,6 +57,7 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 IDLE_RATE = 0.05  # requests/s below which a replica counts as idle
 # Holt's weights: the newest load report's in the forecast's level, the newest change of level's
@@ -463,5 +464,18 @@ def load_from_metrics(metrics: Mapping[str, float]) -> NodeLoad | None:
 
 
 def describe(inputs: AllocationInputs, budgets: Sequence[NodeBudget]) -> dict[str, object]:
-    """A JSON-able record of one decision with its inputs (stored as an event)."""
+    """A JSON-able record of one decision with its inputs (stored as an event); its inputs back:
+    :func:`inputs_from_json`."""
     return {"inputs": asdict(inputs), "budgets": [asdict(b) for b in budgets]}
+
+
+def inputs_from_json(data: Mapping[str, Any]) -> AllocationInputs:
+    """The inputs of a decision :func:`describe` recorded (read back from JSON: an ``allocation``
+    event's ``inputs``, a goodput report's round ``decision``): :func:`allocate` on them decides
+    as it did then (a pure function), so a stored run's decisions can be replayed and varied."""
+    nodes = tuple(
+        NodeState(**{**n, "load": None if n.get("load") is None else NodeLoad(**n["load"])})
+        for n in data["nodes"]
+    )
+    history = tuple((float(steps), float(loss)) for steps, loss in data["loss_history"])
+    return AllocationInputs(**{**data, "nodes": nodes, "loss_history": history})

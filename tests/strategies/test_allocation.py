@@ -387,6 +387,12 @@ def test_the_server_side_tracker_passes_its_settings_and_records_the_decision(tm
     decisions = store.events(run_id, "allocation")
     assert [d.payload["inputs"]["backfill"] for d in decisions] == [True, False, True]
     assert [d.payload["inputs"]["min_share"] for d in decisions] == [0.1, 0.1, 0.9]
+    # Stored with every input: replayed, each decides as it did.
+    from strategies.allocation import inputs_from_json
+
+    for d in decisions:
+        replayed = allocate(inputs_from_json(d.payload["inputs"]))
+        assert replayed == [NodeBudget(**b) for b in d.payload["budgets"]]
 
 
 def test_a_device_too_slow_for_a_step_sits_out_only_until_its_speed_is_measured_again(tmp_path):

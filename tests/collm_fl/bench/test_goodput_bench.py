@@ -158,6 +158,17 @@ def test_a_quick_run_compares_the_systems_asked_for_and_writes_every_file(tmp_pa
     assert len(decisions) == 2  # 1 system × 2 replicas × 1 round
     assert all(a["lent_s"] >= 0.0 and a["late_rest_s"] >= 0.0 for a in decisions)
     assert "| lent (s) | late rest (s) |" in md
+    # And each decision whole, with every input allocate() had: replayed, it decides the same.
+    from collm_fl.policies.allocation import NodeBudget, allocate, inputs_from_json
+
+    for r in runs:
+        for rr in r["rounds"]:
+            if not r["system"].startswith("collm-fl"):
+                assert rr["decision"] is None
+                continue
+            stored = json.loads(json.dumps(rr["decision"]))  # (as goodput.json holds it)
+            replayed = allocate(inputs_from_json(stored["inputs"]))
+            assert replayed == [NodeBudget(**b) for b in stored["budgets"]]
 
 
 def test_bad_arguments_are_refused_before_anything_starts(tmp_path: Path) -> None:
@@ -661,6 +672,7 @@ def test_the_benchmarks_loss_history_counts_one_replicas_steps_as_the_servers_do
     orch.progress_line = lambda: ""
     orch.s = SimpleNamespace(server_lr=1.0, step_seconds=9.0)  # type: ignore[assignment]
     orch.state, orch.version, orch._pushed_wall, orch._allocation = state, 0, [], []
+    orch._decision = None
     orch.log = FederationLog([], [], {0: 5.0})
     orch._history, orch._steps_total, orch._step_s = [(0.0, 5.0)], 0.0, {}
     losses = iter([4.0, 3.5])
