@@ -256,6 +256,11 @@ def load_growth(load: NodeLoad, forecast: float, trend: float | None = None) -> 
     cut it at once; not over the level alone: after a spike (1, 1, 1, then 10 req/s: level 5.5,
     forecast 7.75) the report, which the utilization measured, already holds more than the
     forecast. Without the trend: the forecast over the latest report.
+
+    More load, utilization and rate rising together (in proportion or faster), never gives more
+    training; a rate that rises while utilization barely does (batching absorbing it) can give a
+    little more: the serving needed is the utilization scaled by the forecast's growth over the
+    report, and a higher report lowers that growth.
     """
     rate = load.request_rate if load.request_rate > IDLE_RATE else 0.0
     if trend is None:
