@@ -294,7 +294,8 @@ def _settings(
 ) -> RunSettings:
     # Each replica is pinned to one core (goodput_systems.replica_cpu); with more replicas than
     # cores, the ones sharing a core each take about (R / cores) × the calibrated step.
-    concurrent_step_s = cal.train_step_s * max(1.0, replicas / len(available_cpus()))
+    sharing = max(1.0, replicas / len(available_cpus()))
+    concurrent_step_s = cal.train_step_s * sharing
     steps = max(1, math.floor(TRAIN_FRACTION * round_s / concurrent_step_s))
     return RunSettings(
         model=model,
@@ -305,6 +306,7 @@ def _settings(
         deadline_s=DEADLINE_FRACTION * round_s,
         steps_per_replica=steps,
         step_seconds=concurrent_step_s,
+        core_sharing=sharing,
         learning_rate=cfg.learning_rate,
         slo=slo,
         prompt_tokens=PROMPT_TOKENS,

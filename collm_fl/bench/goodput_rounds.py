@@ -83,6 +83,9 @@ class RunSettings:
     # federated systems); one dedicated trainer's update (separate) is taken as it is.
     server_lr: float = 1.0
     shed_factor: float = 0.0  # CoLLM-FL's gateway admission control (`--shed-factor`); 0 = off
+    # Replicas per core (>= 1): a step's own compute (its measured cost) takes this × as long in
+    # wall time on a core it shares with another replica (step_seconds has it already).
+    core_sharing: float = 1.0
 
     @property
     def schedule_s(self) -> float:
@@ -277,7 +280,11 @@ class Orchestrator:
         the allocation's share already counts that wait: taken as the speed, it was counted twice
         (a run on 9fa4e7a planned 2 steps a round where 5 fit, seed 4: 8 / 6 / 4 trained)."""
         times = self._step_s.get(i)
-        return min(self.s.step_seconds, *times) if times else self.s.step_seconds
+        if not times:
+            return self.s.step_seconds
+        # (a step's cost is its own compute: on a core shared with another replica it takes
+        # that many times as long, which the calibration's step_seconds counts already)
+        return min(self.s.step_seconds, *(t * self.s.core_sharing for t in times))
 
     def _budgets(self, rnd: int) -> dict[int, tuple[int, float]]:
         """replica -> (steps, training share) for this round; replicas with 0 steps sit out."""

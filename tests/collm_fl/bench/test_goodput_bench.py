@@ -670,7 +670,7 @@ def test_the_benchmarks_loss_history_counts_one_replicas_steps_as_the_servers_do
     orch = Orchestrator.__new__(Orchestrator)
     orch.spec, orch.serving, orch.say = SYSTEM_SPECS["collm-fl"], [], lambda line: None
     orch.progress_line = lambda: ""
-    orch.s = SimpleNamespace(server_lr=1.0, step_seconds=9.0)  # type: ignore[assignment]
+    orch.s = SimpleNamespace(server_lr=1.0, step_seconds=9.0, core_sharing=1.0)  # type: ignore[assignment]
     orch.state, orch.version, orch._pushed_wall, orch._allocation = state, 0, [], []
     orch._decision = None
     orch.log = FederationLog([], [], {0: 5.0})
@@ -699,3 +699,8 @@ def test_the_benchmarks_loss_history_counts_one_replicas_steps_as_the_servers_do
     # speed: the allocation's share counts that wait already.
     orch._step_s[0] = deque([10.5, 12.0])
     assert orch._step_seconds(0) == 9.0
+    # Two replicas to a core (the calibration's step 2 × an idle one): a step's own compute, its
+    # measured cost, takes twice that in wall time there (it was taken as it was: 2 × the steps).
+    orch.s.core_sharing = 2.0
+    orch._step_s[0] = deque([3.0, 3.5])
+    assert orch._step_seconds(0) == 6.0
