@@ -153,10 +153,19 @@ class CoordinationState:
         if cfg.allocation == "static":
             return None
         node_ids = sorted(node_ids)
+        stale = []  # replicas with no report since the last decision: their last one again
         for n in node_ids:  # the forecast takes one observation per round: the merged reports
             node = self.nodes.get(n)
             if node is not None and node.load is not None and not node.load_used:
                 node.forecast = forecast_rate(node.forecast, node.load.request_rate)
+            elif node is not None and node.load is not None:
+                stale.append(n)
+                log.warning(
+                    "round %d allocation: node %d sent no load report since the last decision; "
+                    "its last one is used again",
+                    rnd,
+                    n,
+                )
         states = tuple(
             NodeState(
                 node_id=n,
@@ -191,7 +200,11 @@ class CoordinationState:
                 history = self.nodes[b.node_id].step_history
                 if history:
                     history.popleft()
-        store.record_event(run_id, "allocation", {"round": rnd, **describe(inputs, budgets)})
+        store.record_event(
+            run_id,
+            "allocation",
+            {"round": rnd, **describe(inputs, budgets), "stale-loads": stale},
+        )
         for b in budgets:
             log.info(
                 "round %d allocation: node %d -> %d steps + %d backfill, share %.2f, at %.0fs (%s)",

@@ -387,6 +387,12 @@ def test_the_server_side_tracker_passes_its_settings_and_records_the_decision(tm
     decisions = store.events(run_id, "allocation")
     assert [d.payload["inputs"]["backfill"] for d in decisions] == [True, False, True]
     assert [d.payload["inputs"]["min_share"] for d in decisions] == [0.1, 0.1, 0.9]
+    assert [d.payload["stale-loads"] for d in decisions] == [[], [], []]
+    # A round with no report from the replica since (its train reply and ack both lost): its
+    # last report informs the decision again, and the decision says so.
+    state.budgets(cfg, [1], store, run_id, 3)
+    decisions = store.events(run_id, "allocation")
+    assert decisions[-1].payload["stale-loads"] == [1]
     # Stored with every input: replayed, each decides as it did.
     from strategies.allocation import inputs_from_json
 
