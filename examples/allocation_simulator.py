@@ -109,8 +109,8 @@ class RoundRecord:
 def simulate(s: Settings) -> list[RoundRecord]:
     """One record per round: the load each replica reported and the budget it was given."""
     forecasts: dict[str, RateForecast | None] = dict.fromkeys(REPLICAS)
-    loss_history: list[tuple[int, float]] = []
-    steps_so_far = 0
+    loss_history: list[tuple[float, float]] = []
+    steps_so_far, node_steps = 0, 0.0
     rounds: list[RoundRecord] = []
     for rnd in range(1, s.rounds + 1):
         hour = (rnd - 1) % 24
@@ -139,10 +139,14 @@ def simulate(s: Settings) -> list[RoundRecord]:
         budgets = allocate(inputs)  # the policy: everything else here is made-up measurement
         gain = quality_gain_factor(inputs.loss_history, inputs.min_gain_factor, inputs.max_steps)
         pairs = zip(REPLICAS, budgets, strict=True)
-        trained = sum(trained_steps(b, loads[name]) for name, b in pairs)
+        each = [trained_steps(b, loads[name]) for name, b in pairs]
+        trained = sum(each)
         steps_so_far += trained
         loss = 2.0 + 1.5 * math.exp(-steps_so_far / s.loss_scale)
-        loss_history.append((steps_so_far, loss))
+        # The policy's history counts one node's share of each round (the server's: the mean
+        # over the nodes that trained), so a round of local-steps is one round's span.
+        node_steps += trained / max(1, sum(n > 0 for n in each))
+        loss_history.append((node_steps, loss))
         replicas = tuple(
             ReplicaRound(
                 name=name,

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # Below this a step time is no measurement (a LoRA micro-step of any LLM takes milliseconds at
 # least): a node claiming it would make every later budget overflow.
 MIN_STEP_SECONDS = 1e-4
-STATE_KEY = "state"  # in each coordination-state event: the nodes' forecasts and speeds
+STATE_KEY = "state"  # in each coordination-state event: forecasts, speeds, load reports
 COORDINATION_STATE = "coordination-state"  # event after each round: what a resumed run takes back
 
 

@@ -215,13 +215,16 @@ class Federation:
                 stored = self.run_info.config.get("dp-noise-multiplier", 0.0)
                 z = float(stored) if isinstance(stored, int | float) else 0.0
                 self.dp_releases.append(z if z > 0 else 0.0)
-        saved = [  # the forecasts and speeds as the last round left them
+        saved = [  # the forecasts, speeds and load reports as the last round left them
             e.payload.get(STATE_KEY) for e in self.store.events(run_id, COORDINATION_STATE)
         ]
         if saved:
             nodes = {int(n) for n in self.grid.get_node_ids()}  # (a restarted node has a new id)
             restored = self.coordination.restore(saved[-1], nodes)
-            log.info("allocation: forecasts and step times of %d node(s) restored", restored)
+            log.info(
+                "allocation: forecasts, step times and load reports of %d node(s) restored",
+                restored,
+            )
         return latest
 
     def _round(

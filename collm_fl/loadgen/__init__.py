@@ -126,8 +126,12 @@ def run_load_cli(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} exists and is not a directory")
+    for flag, value in (("--prompt-tokens", prompt_tokens), ("--output-tokens", output_tokens)):
+        if value < 1:
+            what = "the length cap with --trace" if trace else "the length of every request"
+            raise ConfigError(f"{flag} must be >= 1 ({what}), got {value}")
     # Prompts of this run's own (a prefix cache holds none of them from an earlier run), made once
-    # every argument has been checked (a tokenizer may need fetching).
+    # the schedule has been checked (a tokenizer may need fetching).
     prompt_tag = secrets.token_hex(2)
 
     def prompts() -> Callable[[int], str]:
@@ -144,9 +148,6 @@ def run_load_cli(
             raise ConfigError(
                 f"--rate must be a finite number >= 0 (0: the trace's own timing), got {rate}"
             )
-        for flag, value in (("--prompt-tokens", prompt_tokens), ("--output-tokens", output_tokens)):
-            if value < 1:
-                raise ConfigError(f"{flag} must be >= 1 (the length cap with --trace), got {value}")
         rows = load_azure_trace(trace)
         if rate > 0 and mean_rate(rows) <= 0:
             raise ConfigError(
@@ -158,24 +159,23 @@ def run_load_cli(
         # trace ends before it; judged on the whole trace, not on what the cut left (a lull just
         # before the cut would read as the trace's end).
         measured_s = trace_duration(whole, duration_s)
-        rows = [r for r in whole if r.offset_s < duration_s]
-        specs = build_requests(rows, prompt_tokens, output_tokens, prompts(), chat=chat)
+        schedule: list[TraceRow] | list[float] = [r for r in whole if r.offset_s < duration_s]
     else:
         if kind not in ARRIVAL_KINDS:
             raise ConfigError(
                 f"--arrivals: unknown arrival process {kind!r}; expected one of "
                 f"{', '.join(ARRIVAL_KINDS)} (or --trace)"
             )
-        offsets = arrival_times(kind, rate, duration_s, seed)
+        schedule = [float(t) for t in arrival_times(kind, rate, duration_s, seed)]
         measured_s = duration_s
-        specs = build_requests(offsets, prompt_tokens, output_tokens, prompts(), chat=chat)
-    if not specs:
+    if not schedule:
         what = (
             f"{trace} before --duration {duration_s:g}"
             if trace
             else (f"--arrivals {kind} at --rate {rate:g} for --duration {duration_s:g}")
         )
         raise ConfigError(f"no request to send: {what} schedules none (raise the rate or duration)")
+    specs = build_requests(schedule, prompt_tokens, output_tokens, prompts(), chat=chat)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

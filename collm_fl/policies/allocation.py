@@ -260,7 +260,7 @@ def load_growth(load: NodeLoad, forecast: float, trend: float | None = None) -> 
     More load, utilization and rate rising together (in proportion or faster), never gives more
     training; a rate that rises while utilization barely does (batching absorbing it) can give a
     little more: the serving needed is the utilization scaled by the forecast's growth over the
-    report, and a higher report lowers that growth.
+    present rate, and a higher report lowers that growth.
     """
     rate = load.request_rate if load.request_rate > IDLE_RATE else 0.0
     if trend is None:
@@ -475,9 +475,10 @@ def describe(inputs: AllocationInputs, budgets: Sequence[NodeBudget]) -> dict[st
 
 
 def inputs_from_json(data: Mapping[str, Any]) -> AllocationInputs:
-    """The inputs of a decision :func:`describe` recorded (read back from JSON: an ``allocation``
-    event's ``inputs``, a goodput report's round ``decision``): :func:`allocate` on them decides
-    as it did then (a pure function), so a stored run's decisions can be replayed and varied."""
+    """The inputs of a decision :func:`describe` recorded, read back from JSON (an
+    ``allocation`` event's ``payload["inputs"]``, a goodput report round's
+    ``decision["inputs"]``): :func:`allocate` on them decides as it did then (a pure function),
+    so a stored run's decisions can be replayed and varied."""
     nodes = tuple(
         NodeState(**{**n, "load": None if n.get("load") is None else NodeLoad(**n["load"])})
         for n in data["nodes"]
