@@ -44,7 +44,9 @@ COORDINATION_STATE = "coordination-state"  # event after each round: what a resu
 class _Node:
     load: NodeLoad | None = None
     load_window_s: float = 0.0  # the seconds ``load`` covers
-    load_used: bool = True  # ``load`` informed a decision already: the next report replaces it
+    load_used: bool = True  # ``load`` is in the forecast already: the next report replaces it
+    # Decisions in a row this process made on ``load`` with no report since (1: a fresh one's)
+    decisions_on_load: int = 0
     forecast: RateForecast | None = None
     step_history: deque[float] = field(default_factory=lambda: deque(maxlen=STEP_HISTORY))
 
@@ -79,7 +81,7 @@ class CoordinationState:
                 node.load_window_s += window
             else:
                 node.load, node.load_window_s = load, window
-            node.load_used = False
+            node.load_used, node.decisions_on_load = False, 0
         step_s = measured_step_seconds(metrics)
         if step_s is not None:  # (the fastest of the last rounds: the node's own speed)
             if step_s < MIN_STEP_SECONDS:
@@ -156,11 +158,16 @@ class CoordinationState:
         stale = []  # replicas with no report since the last decision: their last one again
         for n in node_ids:  # the forecast takes one observation per round: the merged reports
             node = self.nodes.get(n)
-            if node is not None and node.load is not None and not node.load_used:
+            if node is None or node.load is None:
+                continue
+            if not node.load_used:
                 node.forecast = forecast_rate(node.forecast, node.load.request_rate)
-            elif node is not None and node.load is not None:
+            node.decisions_on_load += 1
+            if node.decisions_on_load > 1:
                 stale.append(n)
-                log.warning(
+                # (said once a silence; the event lists it every round)
+                log.log(
+                    logging.WARNING if node.decisions_on_load == 2 else logging.DEBUG,
                     "round %d allocation: node %d sent no load report since the last decision; "
                     "its last one is used again",
                     rnd,

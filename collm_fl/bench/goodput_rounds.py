@@ -83,8 +83,8 @@ class RunSettings:
     # federated systems); one dedicated trainer's update (separate) is taken as it is.
     server_lr: float = 1.0
     shed_factor: float = 0.0  # CoLLM-FL's gateway admission control (`--shed-factor`); 0 = off
-    # Replicas per core (>= 1): a step's own compute (its measured cost) takes this × as long in
-    # wall time on a core it shares with another replica (step_seconds has it already).
+    # Replicas per core on average (>= 1), which step_seconds is scaled by (a replica's own: the
+    # replicas pinned to its core, Orchestrator._step_seconds)
     core_sharing: float = 1.0
 
     @property
@@ -279,12 +279,16 @@ class Orchestrator:
         core took longer than the step's compute (it waited on serving within its layers), and
         the allocation's share already counts that wait: taken as the speed, it was counted twice
         (a run on 9fa4e7a planned 2 steps a round where 5 fit, seed 4: 8 / 6 / 4 trained)."""
+        from collm_fl.bench.goodput_systems import replica_cpu  # (it imports this module)
+
+        # A step's cost is its own compute: on a core it shares with k - 1 other replicas it
+        # takes k times as long; so does the calibration's idle step, which step_seconds holds
+        # scaled by the replicas per core on average.
+        core = replica_cpu(i)
+        k = sum(replica_cpu(j) == core for j in range(self.s.replicas))
+        idle_s = self.s.step_seconds / self.s.core_sharing * k
         times = self._step_s.get(i)
-        if not times:
-            return self.s.step_seconds
-        # (a step's cost is its own compute: on a core shared with another replica it takes
-        # that many times as long, which the calibration's step_seconds counts already)
-        return min(self.s.step_seconds, *(t * self.s.core_sharing for t in times))
+        return min(idle_s, *(t * k for t in times)) if times else idle_s
 
     def _budgets(self, rnd: int) -> dict[int, tuple[int, float]]:
         """replica -> (steps, training share) for this round; replicas with 0 steps sit out."""

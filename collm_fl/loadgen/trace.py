@@ -129,6 +129,10 @@ def _rows(reader: Reader, where: str) -> Iterator[list[str]]:
             return
         except csv.Error as e:
             raise DataFormatError(where, f"not a readable CSV row: {e}", reader.line_num) from e
+        except UnicodeDecodeError as e:  # (read as it is parsed: near the line after the last)
+            raise DataFormatError(
+                where, f"not UTF-8 text ({e.reason}) at or after this line", reader.line_num + 1
+            ) from e
         yield fields
 
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 IDLE_RATE = 0.05  # requests/s below which a replica counts as idle
@@ -478,10 +478,25 @@ def inputs_from_json(data: Mapping[str, Any]) -> AllocationInputs:
     """The inputs of a decision :func:`describe` recorded, read back from JSON (an
     ``allocation`` event's ``payload["inputs"]``, a goodput report round's
     ``decision["inputs"]``): :func:`allocate` on them decides as it did then (a pure function),
-    so a stored run's decisions can be replayed and varied."""
+    so a stored run's decisions can be replayed and varied. Fields a record lacks (written by an
+    older collm) take today's defaults, so such a replay is today's policy on its measurements;
+    fields it has that are no more are left out. ValueError names a required field missing."""
+
+    def make(cls: Any, record: Mapping[str, Any], **given: Any) -> Any:
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in record.items() if k in known}, **given)
+        except TypeError as e:  # (a required field missing)
+            raise ValueError(f"not a stored {cls.__name__}: {e}") from e
+
     nodes = tuple(
-        NodeState(**{**n, "load": None if n.get("load") is None else NodeLoad(**n["load"])})
-        for n in data["nodes"]
+        make(
+            NodeState,
+            {k: v for k, v in n.items() if k != "load"},
+            load=None if n.get("load") is None else make(NodeLoad, n["load"]),
+        )
+        for n in data.get("nodes", ())
     )
-    history = tuple((float(steps), float(loss)) for steps, loss in data["loss_history"])
-    return AllocationInputs(**{**data, "nodes": nodes, "loss_history": history})
+    history = tuple((float(steps), float(loss)) for steps, loss in data.get("loss_history", ()))
+    rest = {k: v for k, v in data.items() if k not in ("nodes", "loss_history")}
+    return make(AllocationInputs, rest, nodes=nodes, loss_history=history)  # type: ignore[no-any-return]

@@ -370,6 +370,8 @@ def test_a_resumed_run_takes_back_each_nodes_rate_forecast_and_speed(tmp_path):
     assert budgets is not None and expected is not None
     assert all(b.reports_load and b.share < 1 for b in budgets.values())
     assert budgets == expected  # not a forecast that starts again flat, nor one report short
+    # (round 3's reports inform a decision for the first time: not stale)
+    assert store.events(again.run_info.id, "allocation")[-1].payload["stale-loads"] == []
     for n in (1, 2):
         assert again.coordination.nodes[n].forecast == fed.coordination.nodes[n].forecast
     store.close()

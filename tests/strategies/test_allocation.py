@@ -1,3 +1,5 @@
+import json
+import logging
 from dataclasses import replace
 
 import pytest
@@ -356,7 +358,7 @@ def test_a_replica_whose_steps_do_not_fit_still_trains_on_idle_cycles():
     assert "20 on idle or late-only cycles" in b.reason
 
 
-def test_the_server_side_tracker_passes_its_settings_and_records_the_decision(tmp_path):
+def test_the_server_side_tracker_passes_its_settings_and_records_the_decision(tmp_path, caplog):
     from collm_fl.config import RunConfig
     from collm_fl.store import VersionStore
     from server_app.coordination import CoordinationState
@@ -390,15 +392,28 @@ def test_the_server_side_tracker_passes_its_settings_and_records_the_decision(tm
     assert [d.payload["stale-loads"] for d in decisions] == [[], [], []]
     # A round with no report from the replica since (its train reply and ack both lost): its
     # last report informs the decision again, and the decision says so.
-    state.budgets(cfg, [1], store, run_id, 3)
+    with caplog.at_level(logging.DEBUG, logger="server_app.coordination"):
+        state.budgets(cfg, [1], store, run_id, 3)
+        state.budgets(cfg, [1], store, run_id, 4)
     decisions = store.events(run_id, "allocation")
-    assert decisions[-1].payload["stale-loads"] == [1]
+    assert [d.payload["stale-loads"] for d in decisions[-2:]] == [[1], [1]]
+    said = [r.levelname for r in caplog.records if "sent no load report" in r.getMessage()]
+    assert said == ["WARNING", "DEBUG"]  # (once a silence)
     # Stored with every input: replayed, each decides as it did.
     from strategies.allocation import inputs_from_json
 
     for d in decisions:
         replayed = allocate(inputs_from_json(d.payload["inputs"]))
         assert replayed == [NodeBudget(**b) for b in d.payload["budgets"]]
+    # A record of an older collm: fields since removed are left out, those since added default;
+    # one without a required field is named.
+    old = json.loads(json.dumps(decisions[0].payload["inputs"]))
+    old["nodes"][0]["load"]["ttft_p99"] = 0.9
+    del old["nodes"][0]["forecast_trend"], old["turns"]
+    assert allocate(inputs_from_json(old))[0].steps == decisions[0].payload["budgets"][0]["steps"]
+    del old["nodes"][0]["load"]["request_rate"]
+    with pytest.raises(ValueError, match=r"not a stored NodeLoad: .*request_rate"):
+        inputs_from_json(old)
 
 
 def test_a_device_too_slow_for_a_step_sits_out_only_until_its_speed_is_measured_again(tmp_path):

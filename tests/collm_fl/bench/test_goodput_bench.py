@@ -652,7 +652,9 @@ def test_a_report_names_only_its_own_runs_request_records(tmp_path: Path) -> Non
     assert named not in (tmp_path / "goodput.md").read_text()
 
 
-def test_the_benchmarks_loss_history_counts_one_replicas_steps_as_the_servers_does() -> None:
+def test_the_benchmarks_loss_history_counts_one_replicas_steps_as_the_servers_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The allocation's gain fit reads (steps, loss) per node (the live server's mean over the
     nodes that trained): the sum over replicas made a round of two replicas look twice as long
     as one of one, so its gain per step half as large."""
@@ -670,7 +672,7 @@ def test_the_benchmarks_loss_history_counts_one_replicas_steps_as_the_servers_do
     orch = Orchestrator.__new__(Orchestrator)
     orch.spec, orch.serving, orch.say = SYSTEM_SPECS["collm-fl"], [], lambda line: None
     orch.progress_line = lambda: ""
-    orch.s = SimpleNamespace(server_lr=1.0, step_seconds=9.0, core_sharing=1.0)  # type: ignore[assignment]
+    orch.s = SimpleNamespace(server_lr=1.0, step_seconds=9.0, core_sharing=1.0, replicas=1)  # type: ignore[assignment]
     orch.state, orch.version, orch._pushed_wall, orch._allocation = state, 0, [], []
     orch._decision = None
     orch.log = FederationLog([], [], {0: 5.0})
@@ -699,8 +701,15 @@ def test_the_benchmarks_loss_history_counts_one_replicas_steps_as_the_servers_do
     # speed: the allocation's share counts that wait already.
     orch._step_s[0] = deque([10.5, 12.0])
     assert orch._step_seconds(0) == 9.0
-    # Two replicas to a core (the calibration's step 2 × an idle one): a step's own compute, its
-    # measured cost, takes twice that in wall time there (it was taken as it was: 2 × the steps).
-    orch.s.core_sharing = 2.0
-    orch._step_s[0] = deque([3.0, 3.5])
-    assert orch._step_seconds(0) == 6.0
+    # Three replicas on two cores (the calibration's step 1.5 × an idle one, on average): replicas
+    # 0 and 2 share a core, where a step's own compute, its measured cost, takes twice that in
+    # wall time (it was taken as it was: 2 × the steps planned); replica 1 has its core alone.
+    import collm_fl.bench.goodput_systems as systems
+
+    monkeypatch.setattr(systems, "available_cpus", lambda: [0, 1])
+    orch.s.core_sharing, orch.s.replicas, orch.s.step_seconds = 1.5, 3, 4.5  # (idle: 3 s)
+    for i in (0, 1, 2):
+        orch._step_s[i] = deque([2.5, 3.5])
+    assert [orch._step_seconds(i) for i in (0, 1, 2)] == [5.0, 2.5, 5.0]
+    del orch._step_s[0]
+    assert orch._step_seconds(0) == 6.0  # (unmeasured: the idle step, shared)

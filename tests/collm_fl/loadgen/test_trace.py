@@ -226,5 +226,6 @@ def test_a_long_trace_is_read_as_it_is_parsed_and_says_how_far_it_got(
     progress = [m for m in caplog.messages if "requests read" in m]
     assert progress == [f"{path}: 2 requests read (line 3)", f"{path}: 4 requests read (line 5)"]
     path.write_bytes(path.read_bytes() + b"7.5,1,\xff\n")
-    with pytest.raises(DataFormatError, match="cannot read the trace"):
+    with pytest.raises(DataFormatError, match="not UTF-8") as bad:
         load_azure_trace(path)
+    assert bad.value.line is not None and bad.value.line <= 7  # (the bad byte's line, or before)
