@@ -412,6 +412,7 @@ def test_replicas_set_to_take_turns_are_asked_to_under_light_load() -> None:
             slo=SLOSpec(2.0, 0.2),
             deadline_s=60.0,
             step_seconds=step_s,
+            core_sharing=1.0,
             learning_rate=1e-3,
         )
         orch._forecast, orch._step_s, orch._history, orch._allocation = {}, {}, [(0, 5.0)], []
