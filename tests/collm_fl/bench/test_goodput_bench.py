@@ -364,11 +364,14 @@ def test_a_decision_recorded_before_the_rest_seconds_renders_a_dash() -> None:
     assert "| 1 | r2 | 3 | 2 | 3 (0) | – | – | 0.30 | 20.0 | 14.2 | 1.0 req/s |" in md
 
 
-def test_replicas_set_to_take_turns_are_asked_to_under_light_load() -> None:
+def test_replicas_set_to_take_turns_are_asked_to_under_light_load(monkeypatch) -> None:
     """The orchestrator passes the allocation's turns on as the federation's server does: the
     first turn (rotating with the round) is asked at once, the next one when the first returns,
     with what is left of the deadline, or at its planned start if the first runs over; under
     heavy load every job starts at once."""
+    import collm_fl.bench.goodput_systems as systems
+
+    monkeypatch.setattr(systems, "available_cpus", lambda: [0, 1])  # (a core each, anywhere)
     from collm_fl.bench.goodput_rounds import Orchestrator
     from collm_fl.bench.goodput_systems import SYSTEM_SPECS
     from collm_fl.policies.allocation import TURN_SLACK
@@ -473,6 +476,9 @@ def test_rolling_trains_one_replica_at_a_time_out_of_rotation(monkeypatch) -> No
     """Each replica leaves the rotation before its job and is back before the next one's; a job
     gets what is left of the round's deadline; a different replica goes first each round; one
     that no step fits in what is left stays in rotation and trains nothing."""
+    import collm_fl.bench.goodput_systems as systems
+
+    monkeypatch.setattr(systems, "available_cpus", lambda: [0, 1])  # (a core each, anywhere)
     from collm_fl.bench.goodput_rounds import Orchestrator, RollingRouter
     from collm_fl.bench.goodput_systems import SYSTEM_SPECS
 
@@ -487,7 +493,9 @@ def test_rolling_trains_one_replica_at_a_time_out_of_rotation(monkeypatch) -> No
 
     orch = Orchestrator.__new__(Orchestrator)
     orch.router, orch.spec, orch._step_s = router, SYSTEM_SPECS["rolling"], {}
-    orch.s = SimpleNamespace(deadline_s=30.0, step_seconds=2.0)  # type: ignore[assignment]
+    orch.s = SimpleNamespace(  # type: ignore[assignment]
+        deadline_s=30.0, step_seconds=2.0, core_sharing=1.0, replicas=2
+    )
 
     def clock_of(*times: float):
         ticks = list(times)
