@@ -209,16 +209,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
             raise ModelLoadError(f"tokenizer path {name!r} is not a folder of tokenizer files")
         path = local
     else:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        try:
-            path = Path(snapshot_download(name, allow_patterns=TOKENIZER_FILES))
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-            raise ModelLoadError(
-                f"tokenizer {name!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a "
-                f"local folder, and could not be fetched from the Hugging Face hub: {e}"
-            ) from e
+        path = _hub_snapshot(name, tokenizer_only=True)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
@@ -249,20 +240,22 @@ def materialize_model(name: str) -> Path:
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
-def _hub_snapshot(model_id: str) -> Path:
-    """Resolve an HF id through the local HF cache or, when online, a download."""
+def _hub_snapshot(model_id: str, tokenizer_only: bool = False) -> Path:
+    """Resolve an HF id through the local HF cache or, when online, a download: a model's files
+    with its weights (PyTorch pickles where a repo has no safetensors), or its tokenizer's."""
+    patterns, what = (TOKENIZER_FILES, "tokenizer") if tokenizer_only else (HUB_FILES, "model")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        path = Path(snapshot_download(model_id, allow_patterns=HUB_FILES))
-        if not any(path.glob("*.safetensors")):  # an older repo: PyTorch pickles only
+        path = Path(snapshot_download(model_id, allow_patterns=patterns))
+        if not tokenizer_only and not any(path.glob("*.safetensors")):
             log.info("%s has no safetensors weights: fetching its *.bin weights", model_id)
             path = Path(snapshot_download(model_id, allow_patterns=[*HUB_FILES, "*.bin"]))
         return path
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         raise ModelLoadError(
-            f"model {model_id!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a local "
+            f"{what} {model_id!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a local "
             f"path, and could not be fetched from the Hugging Face hub: {e}"
         ) from e
 

@@ -86,7 +86,22 @@ class RequestResult:
     late_s: float = 0.0
 
 
-class FillerPrompts:
+class _NumberedPrompts:
+    """What both prompt sources share: each prompt's lead, ``[k]`` or ``[<tag>-k]``."""
+
+    def __init__(self, tag: str) -> None:
+        self._count = 0
+        self._tag = f"{tag}-" if tag else ""
+
+    def _lead(self, n: int) -> str:
+        """The next prompt's number, for a prompt of ``n`` tokens (checked)."""
+        if n < 1:
+            raise ConfigError(f"prompt_tokens: must be >= 1, got {n}")
+        lead, self._count = f"[{self._tag}{self._count}]", self._count + 1
+        return lead
+
+
+class FillerPrompts(_NumberedPrompts):
     """A prompt source: about ``n`` tokens of text per call, counted as words.
 
     Words approximate tokens (BPE tokenizers give ~1.3 tokens per English word, so prompts come out
@@ -98,23 +113,20 @@ class FillerPrompts:
     """
 
     def __init__(self, text: str = FILLER_TEXT, tag: str = "") -> None:
+        super().__init__(tag)
         self._words = text.split()
         if not self._words:
             raise ConfigError("text: the filler text has no words")
         self._cursor = 0
-        self._count = 0
-        self._tag = f"{tag}-" if tag else ""
 
     def __call__(self, n: int) -> str:
-        if n < 1:
-            raise ConfigError(f"prompt_tokens: must be >= 1, got {n}")
+        lead = self._lead(n)
         words, start = self._words, self._cursor
-        lead, self._count = f"[{self._tag}{self._count}]", self._count + 1
         self._cursor = (start + n - 1) % len(words)
         return " ".join([lead, *(words[(start + i) % len(words)] for i in range(n - 1))])
 
 
-class TokenizerPrompts:
+class TokenizerPrompts(_NumberedPrompts):
     """A prompt source of ``n`` tokens per call as ``tokenizer`` (the served model's) encodes the
     text without special tokens (a server adding a BOS token, or a chat template around it, counts
     those besides): exactly ``n``, or where no cut of the text re-encodes to ``n`` (merges across
@@ -123,13 +135,12 @@ class TokenizerPrompts:
     """
 
     def __init__(self, tokenizer: Any, text: str = FILLER_TEXT, tag: str = "") -> None:
+        super().__init__(tag)
         self._tokenizer = tokenizer
         self._ids: list[int] = self._encode(" ".join(text.split()))
         if not self._ids:
             raise ConfigError("text: the filler text encodes to no tokens")
         self._cursor = 0
-        self._count = 0
-        self._tag = f"{tag}-" if tag else ""
 
     def _encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -139,9 +150,7 @@ class TokenizerPrompts:
         return str(self._tokenizer.decode([ids[(start + i) % len(ids)] for i in range(length)]))
 
     def __call__(self, n: int) -> str:
-        if n < 1:
-            raise ConfigError(f"prompt_tokens: must be >= 1, got {n}")
-        lead, self._count = f"[{self._tag}{self._count}]", self._count + 1
+        lead = self._lead(n)
         start = self._cursor
         # The text re-encodes to about its tokens' count (merges across the joins): the body is
         # cut or lengthened by the difference until it re-encodes to n, or the closest below.
