@@ -19,6 +19,9 @@ import numpy as np
 from collm_fl.errors import AdapterValidationError, ConfigError
 
 MAX_SERVER_LR = 16.0  # the largest server learning rate accepted (collm_fl.aggregation)
+# A robust statistic's fewest updates: below it none can tell the outlier from the honest update
+# (collm_fl.aggregation_robust; the run config asks for as many nodes).
+MIN_ROBUST_UPDATES = 3
 
 log = logging.getLogger(__name__)
 

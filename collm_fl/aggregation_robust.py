@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from collm_fl.adapters import AdapterState, lora_pairs, state_from_pairs
+from collm_fl.adapters import MIN_ROBUST_UPDATES, AdapterState, lora_pairs, state_from_pairs
 from collm_fl.aggregation import _client_pairs, normalized_weights
 from collm_fl.errors import AdapterValidationError
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 RobustMethod = Literal["median", "trimmed-mean"]
 ROBUST_METHODS: tuple[str, ...] = ("median", "trimmed-mean")
-MIN_ROBUST_UPDATES = 3  # below this no statistic can tell the outlier from the honest update
 
 
 def cap_weights(weights: Sequence[float], max_ratio: float) -> np.ndarray:

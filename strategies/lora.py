@@ -9,7 +9,8 @@
   set, the coordinate-wise median or trimmed mean of :func:`aggregate_lora_robust`. A round with
   fewer good replies that trained than ``min_good_replies`` returns no arrays, so the previous
   version stays in force (under DP too, where a reply that trained nothing stays in as a zero
-  update). Each good reply weighs its claimed ``num-examples``, capped at ``max_weight_ratio`` times
+  update); so does a robust round of fewer than ``MIN_ROBUST_UPDATES`` (3) updates, of which no
+  statistic can outvote one. Each good reply weighs its claimed ``num-examples``, capped at ``max_weight_ratio`` times
   the round's median claim when that is set (a capped node is logged and its outcome says so).
   Replies that ran different ``local-steps`` (one cut short by its deadline, or given a small
   budget by the allocation) are averaged as FedNova does (:func:`step_normalized`): the mean of
@@ -22,7 +23,7 @@
   apart) with ``max_update_norm`` set, a reply whose factor change per step is over
   ``MAX_FACTOR_DELTA_RATIO`` × the round's lower median is rejected (2+ replies that trained):
   ``(B/c, A·c)`` passes the product-norm bound whatever c, and its A·c would multiply everyone's
-  B. (Not with a robust statistic, which combines the products, nor under uniform weights,
+  B; the median is of the replies that changed the factors. (Not with a robust statistic, which combines the products, nor under uniform weights,
   where DP's clipping bounds the factors and a screen against the others' median would let one
   node decide whether another counts.) A round in which no good reply trained a step releases
   nothing (under DP, its noise would spend privacy for nothing). A reply is credited to the
@@ -32,12 +33,13 @@
   server step as in FedOpt; see :func:`~collm_fl.aggregation.check_server_lr`) wherever 2+
   updates are averaged; one update alone is applied as it is. With
   ``uniform_weights`` (set under differential privacy) no node sits a round out, every good reply
-  weighs 1 whatever it claims, and a node that trained nothing, failed, was rejected or did not
-  answer counts as a zero update: the plain mean of the clipped updates over every node asked (at
-  least ``min-train-nodes``), so one node moves it by at most C / that many, the sensitivity
-  Flower's noise (σ·C / ``min-train-nodes``) is calibrated for; with ``clipping_norm`` C (the
-  ServerApp sets it under DP) a reply whose change of the factors is over C was not clipped by
-  its client and is rejected. Metrics are averaged over the
+  weighs 1 whatever it claims, and a node that trained nothing (whatever arrays it sent), failed,
+  was rejected or did not answer counts as a zero update: the plain mean of the clipped updates
+  over every node asked (at least ``min-train-nodes``), so one node moves it by at most C / that
+  many, the sensitivity Flower's noise (σ·C / ``min-train-nodes``) is calibrated for; with
+  ``clipping_norm`` C (the ServerApp sets it under DP) a reply whose change of the factors is
+  over C was not clipped by its client and is rejected, and one over C by no more than float32
+  rounding (``CLIP_SLACK``) is clipped to C here. Metrics are averaged over the
   nodes that send them, weighted by their examples weight (a reply that trained nothing weighs
   0 there);
   a ``train_metrics_aggr_fn`` given to FedAvg is not used.
@@ -72,6 +74,7 @@ from collm_fl.aggregation import (
     step_normalized,
 )
 from collm_fl.aggregation_robust import (
+    MIN_ROBUST_UPDATES,
     ROBUST_METHODS,
     RobustMethod,
     aggregate_lora_robust,
@@ -86,7 +89,7 @@ from collm_fl.flower_records import (
     arrayrecord_to_state,
     state_to_arrayrecord,
 )
-from collm_fl.validation import key_problems, validate_update
+from collm_fl.validation import clip_factor_update, key_problems, validate_update
 from strategies.allocation import NodeBudget
 
 log = logging.getLogger(__name__)
@@ -294,7 +297,11 @@ class LoraFedAvg(FedAvg):
                 continue
             state, metrics, norm = screened
             n = int(metrics[NUM_EXAMPLES])
-            if metrics.get(LOCAL_STEPS, 1.0) <= 0 and not self.uniform_weights:
+            if metrics.get(LOCAL_STEPS, 1.0) <= 0 and self.uniform_weights:
+                # Under DP it stays in as a zero update: the reference, not what it sent (a node
+                # that trained nothing moved nothing; its arrays would move the mean).
+                state = reference
+            elif metrics.get(LOCAL_STEPS, 1.0) <= 0:
                 # Nothing trained (the deadline came first, or a backfill-only budget found no
                 # idle time): the global state unchanged would only dilute the others' updates.
                 # (Under uniform weights it stays in: a zero update in the mean DP's noise is
@@ -329,10 +336,23 @@ class LoraFedAvg(FedAvg):
         # nothing to release: its noise would spend privacy for nothing.
         n_trained = sum(outcomes[i].metrics.get(LOCAL_STEPS, 1.0) > 0 for i in good_at)
         aggregated = n_trained >= self.min_good_replies  # (>= 1: some node trained)
+        # A robust statistic of fewer updates is their weighted mean (none can be outvoted): the
+        # defence asked for would be off in the rounds where nodes dropped out.
+        too_few_robust = self.robust != "none" and 0 < n_trained < MIN_ROBUST_UPDATES
+        aggregated = aggregated and not too_few_robust
         self.last_report = RoundReport(server_round, tuple(outcomes), aggregated)
         if not aggregated:
             if good and not n_trained:
                 log.warning("round %d: no node trained; keeping the previous version", server_round)
+            elif too_few_robust and n_trained >= self.min_good_replies:
+                log.warning(
+                    "round %d: %d updates, robust-aggregation=%s needs %d to outvote one; keeping "
+                    "the previous version",
+                    server_round,
+                    n_trained,
+                    self.robust,
+                    MIN_ROBUST_UPDATES,
+                )
             else:
                 log.warning(
                     "round %d: %d replies that trained < min-good-replies=%d; keeping the "
@@ -506,8 +526,12 @@ class LoraFedAvg(FedAvg):
             for k, steps in trained
         }
         # The lower median: with two replies the smaller one (a mean of the two would put the
-        # rescaled one at 2x its own yardstick), with an odd count the median.
-        ordered = sorted(per_step.values())
+        # rescaled one at 2x its own yardstick), with an odd count the median; of the replies that
+        # changed the factors (ones that claim steps and send the global adapter back unchanged
+        # would put the median, and the limit, at 0: every honest reply rejected).
+        ordered = sorted(v for v in per_step.values() if v > 0)
+        if len(ordered) < 2:
+            return good, good_at
         median = ordered[(len(ordered) - 1) // 2]
         limit = MAX_FACTOR_DELTA_RATIO * median
         kept: list[tuple[AdapterState, int, Message]] = []
@@ -580,6 +604,10 @@ class LoraFedAvg(FedAvg):
                         f"its change of the factors has norm {moved:.6g}, over the DP clipping "
                         f"norm {self.clipping_norm:g}: its client did not clip it"
                     )
+                elif moved > self.clipping_norm:
+                    # Within the slack (float32 rounding of a clipped change), but the noise is
+                    # sized for C: clipped to C here, so no node moves the mean by more.
+                    state, _ = clip_factor_update(state, reference, self.clipping_norm)
             if not problems:
                 return state, metrics, check.update_norm
         reason = "; ".join(problems)

@@ -157,7 +157,7 @@ def run_forecast_benchmark(
         what[p.name] = p.what
     if trace is not None:
         rows = load_azure_trace(trace)
-        offsets = np.array([r.offset_s for r in rows])
+        offsets = rows.offsets
         n = int(offsets[-1] // round_s) + 1
         if n <= WARMUP_ROUNDS + 1:
             raise ConfigError(

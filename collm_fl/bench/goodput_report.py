@@ -125,9 +125,9 @@ def render_markdown(result: GoodputResult, with_records: bool = False) -> str:
         f"- **Replicas**: {r} `collm replica` processes of `{result.model}` on this machine, "
         + (
             "each pinned to its own core (`--cpus`)"
-            if r <= int(result.machine.info["cpu_count"] or r)
-            else f"each pinned to one core (`--cpus`, round-robin over "
-            f"{result.machine.info['cpu_count']} cores)"
+            if st.core_sharing <= 1
+            else f"each pinned to one core (`--cpus`, round-robin: {st.core_sharing:g} replicas "
+            "a core on average)"
         )
         + ", started fresh for every system × rate (same "
         "weights, data order and empty queues at the start of every run); replica *i* holds "
@@ -152,9 +152,11 @@ def render_markdown(result: GoodputResult, with_records: bool = False) -> str:
         f"- **Training budget**: {st.steps_per_replica} micro-steps (batch 4 × 128 tokens) per "
         f"replica and round, {r} × that in total for every system, deadline "
         f"{st.deadline_s:.0f} s: about "
-        f"{100 * st.steps_per_replica * cal.train_step_s / result.round_s:.0f} % of the "
-        "replicas' compute per round (idle step "
-        f"{cal.train_step_s:.3f} s on a replica's core).",
+        f"{100 * st.steps_per_replica * cal.train_step_s * st.core_sharing / result.round_s:.0f}"
+        " % of the replicas' compute per round (idle step "
+        f"{cal.train_step_s:.3f} s on a replica's core"
+        + (f", {st.core_sharing:g} × that with the core shared" if st.core_sharing > 1 else "")
+        + ").",
         "- **Federation**: emulated by the benchmark process (not Flower): each round the "
         "training replicas train (`/control/train`), the updates are aggregated exactly "
         "(`aggregate_lora_exact`, weighted by examples; when replicas ran different steps, "

@@ -16,7 +16,7 @@ import math
 import secrets
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from collm_fl.loadgen.goodput import (
     time_to_quality,
 )
 from collm_fl.loadgen.trace import (
+    Trace,
     TraceRow,
     load_azure_trace,
     mean_rate,
@@ -63,6 +64,7 @@ __all__ = [
     "RequestSpec",
     "SLOSpec",
     "TokenizerPrompts",
+    "Trace",
     "TraceRow",
     "arrival_times",
     "build_requests",
@@ -159,7 +161,7 @@ def run_load_cli(
         # trace ends before it; judged on the whole trace, not on what the cut left (a lull just
         # before the cut would read as the trace's end).
         measured_s = trace_duration(whole, duration_s)
-        schedule: list[TraceRow] | list[float] = [r for r in whole if r.offset_s < duration_s]
+        schedule: Sequence[TraceRow] | list[float] = whole.before(duration_s)
     else:
         if kind not in ARRIVAL_KINDS:
             raise ConfigError(

@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 STATUS_OK = "ok"
 STATUS_ERROR = "error"  # transport failure, malformed stream, or an error reported mid-stream
 STATUS_TIMEOUT = "timeout"
-STATUS_DROPPED = "dropped"  # not sent: max_in_flight requests were already open
+# not sent: max_in_flight requests were already open, or the load was stopped after it was due
+STATUS_DROPPED = "dropped"
 STATUS_ABANDONED = "abandoned"  # sent, then given up on when the replay was abandoned
+STOPPED_DUE = "not sent: the load was stopped after it was due (the generator was behind)"
 MAX_ERROR_BODY_BYTES = 65_536
 MAX_WHOLE_REPLY_BYTES = 64 * 1024 * 1024  # a whole (not streamed) answer: long, never unbounded
 
@@ -295,11 +297,21 @@ async def replay(
         async with asyncio.TaskGroup() as tg:
             reporter = tg.create_task(report()) if progress is not None else None
             tasks: list[asyncio.Task[None]] = []
-            for i in order:
+            for pos, i in enumerate(order):
                 delay = start + requests[i].offset_s - loop.time()
                 if delay > 0:
                     await _sleep_unless(stop, delay)
                 if stop is not None and stop.is_set():
+                    due_by = loop.time() - start
+                    unsent = [j for j in order[pos:] if requests[j].offset_s < due_by]
+                    for j in unsent:  # (a lagging generator had not sent them yet)
+                        results[j] = _dropped(j, requests[j].offset_s, requests[j], STOPPED_DUE)
+                    if unsent:
+                        log.warning(
+                            "%d requests were due but not sent when the load was stopped: "
+                            "counted as not meeting the SLO",
+                            len(unsent),
+                        )
                     break
                 if in_flight >= max_in_flight:
                     dropped += 1
@@ -366,9 +378,11 @@ def _abandoned(index: int, sent_at: float, now: float, spec: RequestSpec) -> Req
     )
 
 
-def _dropped(index: int, due_at: float, spec: RequestSpec) -> RequestResult:
+def _dropped(
+    index: int, due_at: float, spec: RequestSpec, error: str | None = None
+) -> RequestResult:
     return RequestResult(
-        index, due_at, None, None, None, STATUS_DROPPED, None, None, spec.prompt_tokens, 0, None
+        index, due_at, None, None, None, STATUS_DROPPED, None, None, spec.prompt_tokens, 0, error
     )
 
 

@@ -16,11 +16,12 @@ import csv
 import logging
 import math
 import re
+from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
@@ -41,9 +42,10 @@ _DATETIME_RE = re.compile(
 )
 _FLOAT_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_SECONDS = 2**53  # plain-seconds timestamps below this (a float's whole numbers are exact)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TraceRow:
     """One request of a trace: when it arrives and how long its prompt and its answer are."""
 
@@ -52,7 +54,92 @@ class TraceRow:
     generated_tokens: int  # answer length
 
 
-def load_azure_trace(path: str | Path) -> list[TraceRow]:
+_ITER_CHUNK = 65_536  # rows made at a time when a Trace is iterated
+
+
+class Trace(Sequence[TraceRow]):
+    """A trace's requests as three columns (offsets, prompt and answer lengths): 24 bytes a
+    request, where a list of TraceRow objects takes about 170 (a week-long trace is tens of
+    millions of requests). Indexing and iteration give TraceRow values; a slice is a Trace.
+
+    Traces compare equal when their columns are equal; a Trace is not equal to a list of the
+    same rows (as a tuple is not equal to a list): compare ``list(trace)``.
+    """
+
+    __slots__ = ("context", "generated", "offsets")
+
+    def __init__(
+        self,
+        offsets: np.ndarray | Sequence[float],
+        context: np.ndarray | Sequence[int],
+        generated: np.ndarray | Sequence[int],
+    ) -> None:
+        self.offsets = np.asarray(offsets, dtype=np.float64)
+        self.context = np.asarray(context, dtype=np.int64)
+        self.generated = np.asarray(generated, dtype=np.int64)
+        n = {len(self.offsets), len(self.context), len(self.generated)}
+        if self.offsets.ndim != 1 or len(n) != 1:
+            raise ValueError("a Trace's three columns must be 1-D and of one length")
+        for column in (self.offsets, self.context, self.generated):
+            column.flags.writeable = False  # (a slice shares its parent's memory)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[TraceRow]) -> Trace:
+        """A Trace of the rows, in their order (a Trace is returned as it is)."""
+        if isinstance(rows, Trace):
+            return rows
+        return cls(
+            [r.offset_s for r in rows],
+            [r.context_tokens for r in rows],
+            [r.generated_tokens for r in rows],
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @overload
+    def __getitem__(self, index: int) -> TraceRow: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Trace: ...
+
+    def __getitem__(self, index: int | slice) -> TraceRow | Trace:
+        if isinstance(index, slice):
+            return Trace(self.offsets[index], self.context[index], self.generated[index])
+        i = range(len(self))[index]  # (IndexError for one out of range, negatives from the end)
+        return TraceRow(float(self.offsets[i]), int(self.context[i]), int(self.generated[i]))
+
+    def __iter__(self) -> Iterator[TraceRow]:
+        for start in range(0, len(self), _ITER_CHUNK):
+            end = start + _ITER_CHUNK
+            yield from map(
+                TraceRow,
+                self.offsets[start:end].tolist(),
+                self.context[start:end].tolist(),
+                self.generated[start:end].tolist(),
+            )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Trace):
+            return NotImplemented
+        return (
+            np.array_equal(self.offsets, other.offsets)
+            and np.array_equal(self.context, other.context)
+            and np.array_equal(self.generated, other.generated)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # (mutable-looking, like a list)
+
+    def __repr__(self) -> str:
+        span = f", {self.offsets[-1] - self.offsets[0]:.1f}s" if len(self) else ""
+        return f"Trace({len(self)} requests{span})"
+
+    def before(self, offset_s: float) -> Trace:
+        """The requests sent before ``offset_s`` (the rows must be sorted by offset)."""
+        return self[: int(np.searchsorted(self.offsets, offset_s, side="left"))]
+
+
+def load_azure_trace(path: str | Path) -> Trace:
     """The rows of an Azure-format trace CSV, sorted by arrival, offsets from the first arrival.
 
     Every malformed row (wrong column count, non-integer or negative length, unparseable timestamp),
@@ -68,9 +155,10 @@ def load_azure_trace(path: str | Path) -> list[TraceRow]:
         raise DataFormatError(where, f"cannot read the trace: {e}") from e
 
 
-def _load(reader: Reader, where: str) -> list[TraceRow]:
-    stamps: list[tuple[int, float]] = []  # (whole seconds, fraction): float epochs lose the ticks
-    lengths: list[tuple[int, int]] = []
+def _load(reader: Reader, where: str) -> Trace:
+    # Columns as they are read, 32 bytes a request: whole seconds and their fraction apart (a float
+    # epoch loses the 100 ns ticks), then the two lengths.
+    whole, fraction, context, generated = array("q"), array("d"), array("q"), array("q")
     kind: str | None = None  # "datetime" or "seconds", fixed by the first row
     header_seen = False
     ended = 0  # the line the previous row ended on
@@ -98,24 +186,27 @@ def _load(reader: Reader, where: str) -> list[TraceRow]:
         if kind is not None and row_kind != kind:
             raise DataFormatError(where, f"a {row_kind} timestamp in a trace of {kind}", number)
         kind = row_kind
-        stamps.append(stamp)
-        if len(stamps) % PROGRESS_ROWS == 0:  # (a long trace takes a minute or more to read)
-            log.info("%s: %d requests read (line %d)", where, len(stamps), number)
-        lengths.append(
-            (
-                _parse_count(cells[1], HEADER[1], where, number),
-                _parse_count(cells[2], HEADER[2], where, number),
-            )
-        )
-    if not stamps:
+        ctx = _parse_count(cells[1], HEADER[1], where, number)
+        gen = _parse_count(cells[2], HEADER[2], where, number)
+        whole.append(stamp[0])
+        fraction.append(stamp[1])
+        context.append(ctx)
+        generated.append(gen)
+        if len(whole) % PROGRESS_ROWS == 0:  # (a long trace takes a minute or more to read)
+            log.info("%s: %d requests read (line %d)", where, len(whole), number)
+    if not whole:
         raise DataFormatError(where, "the trace has no requests")
-    base_s, base_frac = min(stamps)
-    rows = [
-        TraceRow((s - base_s) + (f - base_frac), ctx, gen)
-        for (s, f), (ctx, gen) in zip(stamps, lengths, strict=True)
-    ]
-    rows.sort(key=lambda r: r.offset_s)
-    log.info("loaded %d requests spanning %.1fs from %s", len(rows), rows[-1].offset_s, where)
+    seconds = np.frombuffer(whole, dtype=np.int64)
+    ticks = np.frombuffer(fraction, dtype=np.float64)
+    first = np.lexsort((ticks, seconds))[0]  # the earliest: by whole seconds, then fraction
+    offsets = (seconds - seconds[first]).astype(np.float64) + (ticks - ticks[first])
+    order = np.argsort(offsets, kind="stable")  # (ties keep the file's order)
+    rows = Trace(
+        offsets[order],
+        np.frombuffer(context, dtype=np.int64)[order],
+        np.frombuffer(generated, dtype=np.int64)[order],
+    )
+    log.info("loaded %d requests spanning %.1fs from %s", len(rows), rows.offsets[-1], where)
     return rows
 
 
@@ -159,6 +250,10 @@ def _parse_timestamp(cell: str, where: str, line: int) -> tuple[tuple[int, float
     if _FLOAT_RE.match(cell):
         value = float(cell)
         if math.isfinite(value) and value >= 0:
+            if value >= _MAX_SECONDS:
+                raise DataFormatError(
+                    where, f"timestamp {cell!r} is beyond 2**53 seconds: not exact as a float", line
+                )
             whole = math.floor(value)
             return (whole, value - whole), "seconds"
     raise DataFormatError(
@@ -209,7 +304,7 @@ def scale_trace(
     duration_s: float | None,
     max_context_tokens: int,
     max_generated_tokens: int,
-) -> list[TraceRow]:
+) -> Trace:
     """A trace replayable on a given replica: time-scaled, lengths clipped, cut to a duration.
 
     ``target_rate`` (requests/s) stretches or compresses time so that the mean inter-arrival gap is
@@ -226,8 +321,10 @@ def scale_trace(
             raise ConfigError(f"{name}: must be >= 1, got {limit}")
     if duration_s is not None and not (math.isfinite(duration_s) and duration_s > 0):
         raise ConfigError(f"duration_s: must be a finite number > 0, got {duration_s!r}")
-    ordered = sorted(rows, key=lambda r: r.offset_s)
-    t0 = ordered[0].offset_s
+    ordered = Trace.from_rows(rows)
+    if not np.all(ordered.offsets[1:] >= ordered.offsets[:-1]):
+        order = np.argsort(ordered.offsets, kind="stable")
+        ordered = Trace(ordered.offsets[order], ordered.context[order], ordered.generated[order])
     factor = 1.0
     if target_rate is not None:
         if not (math.isfinite(target_rate) and target_rate > 0):
@@ -236,23 +333,16 @@ def scale_trace(
         if recorded <= 0:
             raise ConfigError("target_rate: the trace spans no time (one request?), cannot rescale")
         factor = recorded / target_rate
-    out: list[TraceRow] = []
-    clipped_ctx = clipped_gen = 0
-    for row in ordered:
-        offset = (row.offset_s - t0) * factor
-        if duration_s is not None and offset >= duration_s:
-            break
-        ctx, gen = row.context_tokens, row.generated_tokens
-        clipped_ctx += ctx > max_context_tokens
-        clipped_gen += gen > max_generated_tokens
-        out.append(
-            replace(
-                row,
-                offset_s=offset,
-                context_tokens=min(ctx, max_context_tokens),
-                generated_tokens=min(gen, max_generated_tokens),
-            )
-        )
+    offsets = (ordered.offsets - ordered.offsets[0]) * factor
+    n = len(offsets)
+    if duration_s is not None:  # (the first request is at 0 < duration_s: at least one is kept)
+        n = int(np.searchsorted(offsets, duration_s, side="left"))
+    ctx, gen = ordered.context[:n], ordered.generated[:n]
+    clipped_ctx = int(np.count_nonzero(ctx > max_context_tokens))
+    clipped_gen = int(np.count_nonzero(gen > max_generated_tokens))
+    out = Trace(
+        offsets[:n], np.minimum(ctx, max_context_tokens), np.minimum(gen, max_generated_tokens)
+    )
     if clipped_ctx or clipped_gen:
         log.info(
             "clipped %d of %d prompts to %d tokens and %d answers to %d tokens",
@@ -266,7 +356,7 @@ def scale_trace(
         "trace scaled by %.4g: %d requests in %.1fs (mean rate %.3f/s)",
         factor,
         len(out),
-        out[-1].offset_s,
+        out.offsets[-1],
         mean_rate(out),
     )
     return out

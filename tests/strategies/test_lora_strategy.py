@@ -581,3 +581,58 @@ def test_one_update_alone_takes_no_server_step():
     expected = aggregate_lora_exact(two, [10, 10], server_lr=3.0, reference=adapter(0))
     for k, v in arrayrecord_to_state(arrays).items():
         np.testing.assert_allclose(v, expected[k], rtol=1e-4, atol=1e-5)
+
+
+def test_under_uniform_weights_a_zero_step_reply_is_a_zero_update_whatever_it_sent():
+    # It stays in the mean (DP's noise counts every node asked), as the reference: a node that
+    # trained nothing moves nothing, even if its arrays (within the clipping norm) would.
+    s = strategy(mode="fedavg", uniform_weights=True, clipping_norm=10.0)
+    trained, sneaky = adapter(1), adapter(7)
+    arrays, _ = s.aggregate_train(
+        1,
+        [reply(1, trained, 10, {"local-steps": 3.0}), reply(2, sneaky, 10, {"local-steps": 0.0})],
+    )
+    got = arrayrecord_to_state(arrays)
+    mean = aggregate_lora_fedavg([trained, adapter(0)], [1.0, 1.0])
+    for k, v in mean.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6)
+    assert [o.status for o in s.last_report.outcomes] == ["ok", "ok"]
+
+
+def test_under_dp_a_reply_within_the_clipping_slack_is_clipped_to_the_norm_on_the_server():
+    # Accepted (float32 rounding of a clipped change can put it a hair over C), but averaged as
+    # clipped to C: the noise is sized for C / nodes, not for C·(1 + slack).
+    from collm_fl.aggregation import factor_delta_norm
+
+    reference = adapter(0)
+    delta = {k: adapter(3)[k] - reference[k] for k in reference}
+    norm = float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())))
+    c = norm / (1 + 5e-4)  # the reply is 0.05 % over C: within CLIP_SLACK (0.1 %)
+    s = strategy(mode="fedavg", uniform_weights=True, clipping_norm=c)
+    arrays, _ = s.aggregate_train(1, [reply(1, adapter(3), 10, {"local-steps": 2.0})])
+    assert s.last_report.outcomes[0].status == "ok"
+    moved = factor_delta_norm(arrayrecord_to_state(arrays), reference)
+    assert moved == pytest.approx(c, rel=1e-6) and moved < norm * (1 - 4e-4)
+
+
+def test_a_robust_round_of_fewer_than_three_updates_keeps_the_previous_version(caplog):
+    # Of two updates no statistic can outvote one: their weighted mean would be published, the
+    # defence off exactly when nodes dropped out.
+    s = strategy(robust="median")
+    with caplog.at_level("WARNING", logger="strategies.lora"):
+        arrays, _ = s.aggregate_train(1, [reply(1, adapter(1)), reply(2, adapter(2))])
+    assert arrays is None and not s.last_report.aggregated
+    assert "robust-aggregation=median needs 3 to outvote one" in caplog.text
+    arrays, _ = s.aggregate_train(2, [reply(n, adapter(n)) for n in (1, 2, 3)])
+    assert arrays is not None and s.last_report.aggregated
+
+
+def test_fedavg_screening_is_not_vetoed_by_replies_that_changed_nothing():
+    # Two nodes claim steps and send the global adapter back: a median of 0 made the limit 0 and
+    # rejected both honest replies (the "aggregate" then was the old adapter, published anew).
+    reference = adapter(0)
+    honest = [{k: reference[k] + 0.01 * v for k, v in adapter(10 + i).items()} for i in range(2)]
+    s = strategy(mode="fedavg", max_update_norm=1.0)
+    replies = [reply(1, honest[0]), reply(2, honest[1]), reply(3, reference), reply(4, reference)]
+    s.aggregate_train(1, replies)
+    assert [o.status for o in s.last_report.outcomes] == ["ok"] * 4

@@ -284,6 +284,42 @@ def test_without_improvement_there_is_no_target() -> None:
     assert quality_target([]) == (None, None)
 
 
+def test_a_gain_within_twice_the_tolerance_sets_no_target_version_0_would_meet() -> None:
+    # A target half-way to a 0.0015 gain is met within the 0.001 tolerance by version 0 itself:
+    # every system's time to quality read 0.0 s.
+    slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
+    runs = [
+        fake_run("merged", 1.0, {0: 4.0, 1: 3.9985}, met=1),
+        fake_run("collm-fl", 1.0, {0: 4.0}, met=1),
+    ]
+    outcomes, (rate,) = summarize_runs(runs, [1.0], slo, schedule_s=10.0)
+    assert (rate.target_loss, rate.target_source) == (None, None)
+    assert all(o.time_to_quality_s is None for o in outcomes)
+    # Past twice the tolerance there is a target, and version 0 does not meet it.
+    runs[0] = fake_run("merged", 1.0, {0: 4.0, 1: 3.9975}, met=1)
+    outcomes, (rate,) = summarize_runs(runs, [1.0], slo, schedule_s=10.0)
+    assert rate.target_loss == pytest.approx(3.99875)
+    assert [o.time_to_quality_s for o in outcomes] == [5.0, None]
+
+
+def test_of_two_baselines_with_the_same_goodput_the_best_serves_the_lower_loss() -> None:
+    slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
+    worse = fake_run("separate", 1.0, {0: 4.0, 1: 3.8}, met=2)
+    better = fake_run("merged", 1.0, {0: 4.0, 1: 3.5}, met=2)
+    collm = fake_run("collm-fl", 1.0, {0: 4.0, 1: 3.6}, met=4)
+    for runs in ([worse, better, collm], [better, worse, collm]):  # (not --systems' order)
+        _, (rate,) = summarize_runs(runs, [1.0], slo, schedule_s=10.0)
+        assert (rate.best_baseline, rate.ratios) == ("merged", {"collm-fl": 2.0})
+
+
+def test_training_tokens_per_second_count_the_time_rounds_ran_past_the_load() -> None:
+    slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
+    run = fake_run("merged", 1.0, {0: 4.0, 1: 3.5}, met=1)
+    run.federation.rounds[0] = replace(run.federation.rounds[0], started_s=9.0, train_s=6.0)
+    (outcome,), _ = summarize_runs([run], [1.0], slo, schedule_s=10.0)
+    assert outcome.train_tokens_per_s == 300 / 15.0  # its 300 tokens trained until 15 s, not 10
+
+
 def test_the_systems_run_in_an_order_rotated_at_each_rate() -> None:
     systems = ["separate", "merged", "collm-fl"]
     assert [run_order(systems, k) for k in range(4)] == [
@@ -329,6 +365,18 @@ def test_each_collm_fl_system_is_held_against_the_baselines_only() -> None:
     )
     assert "| CoLLM-FL, quality first | 1.50× | 100% | 100% (merged) | 3.5000 vs 3.6000" in quality
     assert "Goodput / best baseline (merged): CoLLM-FL **2.00×**; CoLLM-FL, quality first" in md
+
+
+def test_the_setup_states_trainings_share_of_a_core_replicas_share() -> None:
+    # 3 steps of 1.0 s a 10-s round: 30 % of a core of its own; with two replicas a core, each
+    # has half a core, and the same 3 steps (each taking 2 s) are 60 % of it (it said 30 %).
+    runs = [fake_run("merged", 2.0, {0: 4.0}, met=2), fake_run("collm-fl", 2.0, {0: 4.0}, met=4)]
+    result = fake_result(runs, [2.0])
+    own = render_markdown(result)
+    assert "each pinned to its own core" in own and "about 30 % of the replicas' compute" in own
+    shared = render_markdown(replace(result, settings=replace(result.settings, core_sharing=2.0)))
+    assert "2 replicas a core on average" in shared
+    assert "about 60 % of the replicas' compute" in shared and "2 × that with the core" in shared
 
 
 def test_a_report_from_before_the_variant_still_renders_its_ratio() -> None:

@@ -29,6 +29,7 @@ from collm_fl.loadgen.client import (
     replay,
     write_results_jsonl,
 )
+from collm_fl.loadgen.goodput import SLOSpec, summarize_results
 from collm_fl.loadgen.trace import TraceRow, write_sample_trace
 
 MODEL = "fake-model"
@@ -354,6 +355,24 @@ def test_a_stopped_replay_sends_nothing_more_and_lets_requests_in_flight_finish(
     results = asyncio.run(run())
     assert [(r.index, r.status) for r in results] == [(0, "ok")]
     assert results[0].output_tokens == 10
+
+
+def test_requests_due_but_not_sent_when_the_load_stops_count_as_misses(server_url: str) -> None:
+    """A generator behind its schedule when Ctrl-C came had requests due it never sent: they are
+    recorded as dropped (not meeting the SLO), not left out of the attainment's denominator.
+    Requests not yet due are not recorded (the run is measured up to the stop)."""
+    specs = [RequestSpec(0.0, "x", 2), RequestSpec(0.0, "x", 2), RequestSpec(3600.0, "x", 2)]
+
+    async def run() -> list[RequestResult]:
+        stop = asyncio.Event()
+        stop.set()  # (the stop came before the replay sent its first due request)
+        return await asyncio.wait_for(replay(server_url, MODEL, specs, stop=stop), timeout=30.0)
+
+    results = asyncio.run(run())
+    assert [(r.index, r.status) for r in results] == [(0, "dropped"), (1, "dropped")]
+    assert all(r.error is not None and "stopped after it was due" in r.error for r in results)
+    summary = summarize_results(results, SLOSpec(1.0, 1.0), 1.0)
+    assert summary.requests == 2 and summary.slo_met == 0
 
 
 def test_an_abandoned_replay_returns_at_once_with_its_requests_in_flight_marked(

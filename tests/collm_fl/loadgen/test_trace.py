@@ -10,6 +10,7 @@ import pytest
 
 from collm_fl.errors import ConfigError, DataFormatError
 from collm_fl.loadgen.trace import (
+    Trace,
     TraceRow,
     load_azure_trace,
     mean_rate,
@@ -86,7 +87,7 @@ def test_a_count_too_long_for_an_integer_is_a_format_error_not_a_traceback(
 
 def test_plain_float_seconds_are_accepted(tmp_path: Path) -> None:
     rows = load_azure_trace(_write(tmp_path, HEADER, "10.25,5,6", "12.5,7,8"))
-    assert rows == [TraceRow(0.0, 5, 6), TraceRow(2.25, 7, 8)]
+    assert list(rows) == [TraceRow(0.0, 5, 6), TraceRow(2.25, 7, 8)]
 
 
 @pytest.mark.parametrize(
@@ -176,7 +177,10 @@ def test_scaling_cuts_to_the_duration_and_clips_lengths(
 
 def test_scaling_without_target_keeps_the_recorded_timing() -> None:
     rows = [TraceRow(0.0, 1, 1), TraceRow(1.0, 2, 2), TraceRow(5.0, 3, 3)]
-    assert scale_trace(rows, None, 2.0, 10, 10) == rows[:2]
+    assert list(scale_trace(rows, None, 2.0, 10, 10)) == rows[:2]
+    # Unsorted rows are replayed in arrival order (ties in their given order).
+    shuffled = [TraceRow(5.0, 3, 3), TraceRow(1.0, 2, 2), TraceRow(0.0, 1, 1), TraceRow(1.0, 4, 4)]
+    assert [r.context_tokens for r in scale_trace(shuffled, None, None, 10, 10)] == [1, 2, 4, 3]
 
 
 @pytest.mark.parametrize(
@@ -229,3 +233,41 @@ def test_a_long_trace_is_read_as_it_is_parsed_and_says_how_far_it_got(
     with pytest.raises(DataFormatError, match="not UTF-8") as bad:
         load_azure_trace(path)
     assert bad.value.line is not None and bad.value.line <= 7  # (the bad byte's line, or before)
+
+
+def test_a_loaded_trace_holds_three_columns_of_24_bytes_a_request_and_reads_as_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A million-request trace held as TraceRow objects took 174 MB (tracemalloc); as columns,
+    8 bytes each for the offset and the two lengths. Indexing, slicing and iteration (made in
+    chunks) give the same rows."""
+    from collm_fl.loadgen import trace as trace_module
+
+    rows = load_azure_trace(write_sample_trace(tmp_path / "s.csv", n=1000, seed=3))
+    assert isinstance(rows, Trace) and len(rows) == 1000
+    assert rows.offsets.nbytes + rows.context.nbytes + rows.generated.nbytes == 24 * 1000
+    monkeypatch.setattr(trace_module, "_ITER_CHUNK", 7)  # (chunks end inside the trace)
+    as_list = list(rows)
+    assert len(as_list) == 1000 and all(isinstance(r, TraceRow) for r in as_list)
+    assert as_list[-1] == rows[-1] == rows[999] and as_list[123] == rows[123]
+    assert isinstance(rows[123].context_tokens, int) and isinstance(rows[0].offset_s, float)
+    assert list(rows[10:20]) == as_list[10:20] and isinstance(rows[10:20], Trace)
+    with pytest.raises(IndexError):
+        rows[1000]
+    assert rows == Trace.from_rows(as_list) and rows != as_list  # (as a tuple is not a list)
+    assert rows[:500] != rows[500:]
+    cut = rows.before(rows[400].offset_s)
+    assert len(cut) == 400 and all(r.offset_s < rows[400].offset_s for r in cut)
+    with pytest.raises(ValueError, match="one length"):
+        Trace([0.0, 1.0], [1], [1, 2])
+    with pytest.raises(ValueError, match="read-only"):
+        rows.offsets[0] = 5.0  # (a slice shares its parent's memory: none can change it)
+
+
+def test_plain_seconds_beyond_a_floats_exact_whole_numbers_are_a_format_error(
+    tmp_path: Path,
+) -> None:
+    path = _write(tmp_path, HEADER, "0.5,1,1", "1e300,1,1")
+    with pytest.raises(DataFormatError, match="beyond 2\\*\\*53 seconds") as bad:
+        load_azure_trace(path)
+    assert bad.value.line == 3
