@@ -1,7 +1,9 @@
 """Serving metrics of a load run, as pure functions of the per-request results.
 
-Goodput follows DistServe (Zhong et al., OSDI'24): the rate of requests that meet *both* latency
-SLOs — time to first token (TTFT) and time per output token (TPOT) — per second of offered load.
+Goodput counts what DistServe (Zhong et al., OSDI'24) counts: requests that meet *both* latency
+SLOs — time to first token (TTFT) and time per output token (TPOT) — here per second of offered
+load at one given rate (DistServe's headline figure is the highest rate a system sustains at a
+target attainment; a ratio of these goodputs at one rate is a ratio of SLO-meeting requests).
 Unlike throughput it does not reward a server for answering late. SLO attainment is the share of
 *all* scheduled requests meeting both SLOs, so a failed, timed-out or dropped request is a miss.
 
