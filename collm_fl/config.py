@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collm_fl.adapters import MAX_SERVER_LR, MIN_ROBUST_UPDATES, LoraSpec
+from collm_fl.adapters import MAX_SERVER_LR, LoraSpec
 from collm_fl.data.partition import DataSpec
 from collm_fl.errors import ConfigError
 
@@ -114,13 +114,6 @@ class RunConfig:
         )
         check(self.min_train_nodes >= 1, "min-train-nodes", self.min_train_nodes, "must be >= 1")
         check(self.min_good_replies >= 1, "min-good-replies", self.min_good_replies, "must be >= 1")
-        check(
-            self.robust_aggregation == "none" or self.min_train_nodes >= MIN_ROBUST_UPDATES,
-            "min-train-nodes",
-            self.min_train_nodes,
-            f"must be >= {MIN_ROBUST_UPDATES} with robust-aggregation={self.robust_aggregation!r}: "
-            f"a round of fewer updates keeps the previous version (none could be outvoted)",
-        )
         check(self.local_steps >= 1, "local-steps", self.local_steps, "must be >= 1")
         check(self.batch_size >= 1, "batch-size", self.batch_size, "must be >= 1")
         check(8 <= self.seq_len <= 8192, "seq-len", self.seq_len, "must be in [8, 8192]")

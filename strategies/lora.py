@@ -10,8 +10,10 @@
   fewer good replies that trained than ``min_good_replies`` returns no arrays, so the previous
   version stays in force (under DP too, where a reply that trained nothing stays in as a zero
   update); so does a robust round of fewer than ``MIN_ROBUST_UPDATES`` (3) updates, of which no
-  statistic can outvote one. Each good reply weighs its claimed ``num-examples``, capped at ``max_weight_ratio`` times
-  the round's median claim when that is set (a capped node is logged and its outcome says so).
+  statistic can outvote one. A reply that claims steps but sends the global adapter back as it
+  was is left out as one that trained nothing is. Each good reply weighs its claimed
+  ``num-examples``, capped at ``max_weight_ratio`` times the round's median claim when that is
+  set (a capped node is logged and its outcome says so).
   Replies that ran different ``local-steps`` (one cut short by its deadline, or given a small
   budget by the allocation) are averaged as FedNova does (:func:`step_normalized`): the mean of
   their per-step updates, moved the examples-weighted mean number of steps, so an update cut
@@ -23,7 +25,7 @@
   apart) with ``max_update_norm`` set, a reply whose factor change per step is over
   ``MAX_FACTOR_DELTA_RATIO`` × the round's lower median is rejected (2+ replies that trained):
   ``(B/c, A·c)`` passes the product-norm bound whatever c, and its A·c would multiply everyone's
-  B; the median is of the replies that changed the factors. (Not with a robust statistic, which combines the products, nor under uniform weights,
+  B. (Not with a robust statistic, which combines the products, nor under uniform weights,
   where DP's clipping bounds the factors and a screen against the others' median would let one
   node decide whether another counts.) A round in which no good reply trained a step releases
   nothing (under DP, its noise would spend privacy for nothing). A reply is credited to the
@@ -179,6 +181,14 @@ class LoraFedAvg(FedAvg):
         if clipping_norm is not None and not (clipping_norm > 0 and math.isfinite(clipping_norm)):
             raise ValueError(f"clipping_norm must be a finite norm > 0, got {clipping_norm}")
         super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        if robust != "none" and self.min_train_nodes < MIN_ROBUST_UPDATES:
+            log.warning(
+                "robust-aggregation=%s with min-train-nodes=%d: a round of fewer than %d updates "
+                "keeps the previous version (none of them could be outvoted)",
+                robust,
+                self.min_train_nodes,
+                MIN_ROBUST_UPDATES,
+            )
         self.mode = mode
         self.max_update_norm = max_update_norm if max_update_norm else None
         self.min_good_replies = min_good_replies
@@ -297,16 +307,22 @@ class LoraFedAvg(FedAvg):
                 continue
             state, metrics, norm = screened
             n = int(metrics[NUM_EXAMPLES])
-            if metrics.get(LOCAL_STEPS, 1.0) <= 0 and self.uniform_weights:
+            idle = metrics.get(LOCAL_STEPS, 1.0) <= 0
+            if idle and self.uniform_weights:
                 # Under DP it stays in as a zero update: the reference, not what it sent (a node
                 # that trained nothing moved nothing; its arrays would move the mean).
                 state = reference
-            elif metrics.get(LOCAL_STEPS, 1.0) <= 0:
+            elif idle or _unchanged(state, reference):
                 # Nothing trained (the deadline came first, or a backfill-only budget found no
-                # idle time): the global state unchanged would only dilute the others' updates.
-                # (Under uniform weights it stays in: a zero update in the mean DP's noise is
-                # calibrated for.)
-                reason = "trained 0 steps: nothing to aggregate"
+                # idle time), or steps claimed and the global state sent back as it was: it would
+                # only dilute the others' updates (and, in fedavg mode, a rescaled update's A·c
+                # would pass the factor screen beside it). (Under uniform weights it stays in: a
+                # zero update in the mean DP's noise is calibrated for.)
+                reason = (
+                    "trained 0 steps: nothing to aggregate"
+                    if idle
+                    else "claimed steps but changed nothing: nothing to aggregate"
+                )
                 log.info("round %d: node %d %s", server_round, node, reason)
                 outcomes.append(ReplyOutcome(node, OK, reason, n, metrics, norm, weight_used=0.0))
                 continue
@@ -698,3 +714,8 @@ def _described_problems(record: ArrayRecord, reference: AdapterState) -> list[st
         if shape != reference[key].shape:
             problems.append(f"{key}: shape {shape} != expected {reference[key].shape}")
     return problems
+
+
+def _unchanged(state: AdapterState, reference: AdapterState) -> bool:
+    """Whether an update is the reference itself, array for array."""
+    return all(np.array_equal(state[k], reference[k]) for k in reference)

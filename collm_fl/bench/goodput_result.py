@@ -155,7 +155,11 @@ def result_from_json(data: dict[str, Any]) -> GoodputResult:
         old = d.get("goodput_ratio")
         return {} if old is None else {"collm-fl": float(old)}
 
-    settings = data["settings"]
+    settings = dict(data["settings"])
+    if "core_sharing" not in settings:  # (a report from before it was stored: as it was sized)
+        cpus = data.get("machine", {}).get("info", {}).get("cpu_count") or 0
+        replicas = int(settings.get("replicas", 1))
+        settings["core_sharing"] = max(1.0, replicas / cpus) if cpus else 1.0
     return make(
         GoodputResult,
         data,

@@ -427,6 +427,13 @@ class Router:
             if is_token(event, last, job.chat):
                 self.pool.on_token(ticket)
             yield event
+        if error is not None and last.get("finish_reason") not in (None, "error"):
+            # Its answer was whole (its finish chunk relayed): only the end of the stream was
+            # lost. Ended here with [DONE], no error chunk after the finish, and no failure.
+            log.info(
+                "replica %s: a finished stream broke before [DONE] (%s)", ticket.replica, error
+            )
+            error = None
         if error is None and last.get("finish_reason") != "error":
             served = last.get("completion_tokens")
             self.pool.succeed(ticket, served if isinstance(served, int) else None)
@@ -438,6 +445,8 @@ class Router:
         if done:  # the rest of the body (its end), so the connection goes back to the pool
             await drain(events)
         if error is None:
+            if not done:
+                yield DONE
             return
         level = logging.INFO if logged else logging.WARNING
         log.log(

@@ -75,9 +75,37 @@ def run_gateway(
         len(pool.names()),
         ", ".join(pool.names()),
     )
+    raise_open_files_limit()
     with _signals_end_the_server_not_the_process():
         uvicorn.Server(config).run()
     log.info("gateway stopped")
+
+
+MAX_OPEN_FILES = 1 << 20  # the soft limit raised to at most this (a hard limit may be unlimited)
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit; return the new limit.
+
+    Every stream holds two sockets (the client's, the replica's): at the common soft limit of
+    1,024, about 500 streams in, connects fail with EMFILE, which reads as every replica being
+    down. (Only the soft limit: any process may raise it up to the hard one.)
+    """
+    try:
+        import resource
+    except ImportError:  # (not on Windows)
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("could not raise the open-files limit from %d to %d: %s", soft, target, e)
+        return soft
+    log.info("open-files limit raised from %d to %d", soft, target)
+    return target
 
 
 @contextlib.contextmanager

@@ -42,7 +42,8 @@ _DATETIME_RE = re.compile(
 )
 _FLOAT_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_SECONDS = 2**53  # plain-seconds timestamps below this (a float's whole numbers are exact)
+_MAX_SECONDS = 2**63  # plain-seconds timestamps below this (whole seconds are a 64-bit count)
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +253,7 @@ def _parse_timestamp(cell: str, where: str, line: int) -> tuple[tuple[int, float
         if math.isfinite(value) and value >= 0:
             if value >= _MAX_SECONDS:
                 raise DataFormatError(
-                    where, f"timestamp {cell!r} is beyond 2**53 seconds: not exact as a float", line
+                    where, f"timestamp {cell!r} is beyond 2**63 seconds (a 64-bit count)", line
                 )
             whole = math.floor(value)
             return (whole, value - whole), "seconds"
@@ -338,11 +339,11 @@ def scale_trace(
     if duration_s is not None:  # (the first request is at 0 < duration_s: at least one is kept)
         n = int(np.searchsorted(offsets, duration_s, side="left"))
     ctx, gen = ordered.context[:n], ordered.generated[:n]
-    clipped_ctx = int(np.count_nonzero(ctx > max_context_tokens))
-    clipped_gen = int(np.count_nonzero(gen > max_generated_tokens))
-    out = Trace(
-        offsets[:n], np.minimum(ctx, max_context_tokens), np.minimum(gen, max_generated_tokens)
-    )
+    # (a cap above int64's range caps nothing: NumPy refuses to compare with it)
+    ctx_cap, gen_cap = min(max_context_tokens, _INT64_MAX), min(max_generated_tokens, _INT64_MAX)
+    clipped_ctx = int(np.count_nonzero(ctx > ctx_cap))
+    clipped_gen = int(np.count_nonzero(gen > gen_cap))
+    out = Trace(offsets[:n], np.minimum(ctx, ctx_cap), np.minimum(gen, gen_cap))
     if clipped_ctx or clipped_gen:
         log.info(
             "clipped %d of %d prompts to %d tokens and %d answers to %d tokens",

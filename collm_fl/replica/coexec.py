@@ -113,6 +113,10 @@ class _DeadlineReached(Exception):
     """Raised at a LoRA layer boundary when the round's deadline passes mid-step."""
 
 
+class _CallerLeft(_DeadlineReached):
+    """Raised at a LoRA layer boundary when the job's caller left mid-step (``abandoned``)."""
+
+
 class TrainerStopped(WorkFailed):
     """The trainer was stopped before the job finished."""
 
@@ -372,16 +376,20 @@ class CoTrainer:
             t0 = time.monotonic()
             self.engine.want_late_turn(not job.exclusive)
             try:
-                checkpoint = self._checkpoint(abort_at, 0 if as_backfill else planned - steps)
+                checkpoint = self._checkpoint(
+                    abort_at, 0 if as_backfill else planned - steps, job.abandoned
+                )
                 loss, n, cpu_s = self._step(optimizer, params, checkpoint, decision.threads)
-            except _DeadlineReached:
+            except _DeadlineReached as e:
                 # The optimizer has not stepped: the adapter is the last finished step's.
                 optimizer.zero_grad(set_to_none=True)
                 train_s += time.monotonic() - t0
-                deadline_hit = abandoned = True
+                abandoned = True
+                deadline_hit = not isinstance(e, _CallerLeft)
                 log.info(
-                    "round %d: deadline reached during step %d: dropped it (%d/%d steps done)",
+                    "round %d: %s during step %d: dropped it (%d/%d steps done)",
                     job.round_number,
+                    "its caller left" if isinstance(e, _CallerLeft) else "deadline reached",
                     steps + 1,
                     steps,
                     total,
@@ -465,14 +473,17 @@ class CoTrainer:
 
         return self._worker.run(step)
 
-    def _checkpoint(self, abort_at: float, planned_left: int = 0) -> Callable[[], None]:
+    def _checkpoint(
+        self, abort_at: float, planned_left: int = 0, left: threading.Event | None = None
+    ) -> Callable[[], None]:
         """What every LoRA layer of a micro-step calls, forward and backward: stop there at
         shutdown or the deadline, and give way to serving — wait while the engine has work and
         is not resting for training (``InferenceEngine.wait_for_training_turn``).
 
         A planned step (``planned_left``: the round's planned steps left, this one included)
         that falls behind the plan while it waits asks serving to lend it its share; the loan
-        ends with the step (the next decision sets it again).
+        ends with the step (the next decision sets it again). Once ``left`` is set (the job's
+        caller left) the step stops at its next layer, dropped: nobody waits for its result.
         """
 
         self._waited_s = 0.0  # this step's waits for its turn (see _train's cost)
@@ -481,6 +492,8 @@ class CoTrainer:
             while True:
                 if self._stopping.is_set():
                     raise TrainerStopped("replica is shutting down")
+                if left is not None and left.is_set():
+                    raise _CallerLeft
                 time_left = abort_at - self.clock()
                 if time_left <= 0:
                     raise _DeadlineReached
@@ -512,7 +525,10 @@ class CoTrainer:
             raise FloatingPointError(f"non-finite training loss {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not torch.isfinite(norm):  # (clipping by an infinite norm makes every weight NaN)
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite gradient norm {norm.item()}")
         optimizer.step()
         return float(loss.item()), int((batch["labels"][:, 1:] != -100).sum())
 

@@ -71,6 +71,9 @@ class TrainBody(BaseModel):
     learning_rate: float = Field(gt=0, lt=1)
     deadline_s: float = Field(gt=0, le=7 * 24 * 3600)
     base_version: int | None = Field(default=None, ge=0)  # must be the served version if given
+    # the run whose version base_version is (a replica serves one run's versions at a time: two
+    # runs' v3 are different adapters); must be the served run if given
+    base_run: str | None = Field(default=None, min_length=1, max_length=200)
     share: float | None = Field(default=None, ge=0, le=1)
     exclusive: bool = False  # baselines: pause serving for the job (see Replica.train)
 
@@ -149,6 +152,12 @@ def create_control_app(
                 f"replica serves version {served}, not base_version {body.base_version}",
                 code="version_mismatch",
             )
+        if body.base_run is not None and replica.run != body.base_run:
+            raise APIError(
+                409,
+                f"replica serves run {replica.run!r}, not base_run {body.base_run!r}",
+                code="version_mismatch",
+            )
         if body.exclusive and body.start_after_s:  # (before the share: a refusal changes nothing)
             raise APIError(
                 400,
@@ -169,6 +178,7 @@ def create_control_app(
                     body.round,
                     exclusive=True,
                     base_version=body.base_version,
+                    base_run=body.base_run,
                 )
             else:  # queued on the trainer and awaited: no thread waits out the job
                 job = await off_loop(
@@ -180,6 +190,7 @@ def create_control_app(
                     backfill_steps=body.backfill_steps,
                     base_version=body.base_version,
                     start_after_s=body.start_after_s,
+                    base_run=body.base_run,
                 )
                 # A caller that leaves (its round ended, its node stopped) takes its job along:
                 # one not started never runs, a running one stops after its step.
@@ -195,6 +206,11 @@ def create_control_app(
             raise APIError(400, str(e), code="cannot_train") from e
         except TrainerStopped as e:  # SIGTERM: the job ends with the replica
             raise APIError(503, str(e), "server_error", code="shutting_down") from e
+        except FloatingPointError as e:  # a non-finite loss or gradient: no state to send
+            _restore_share(body.share, before)
+            raise APIError(
+                500, f"training diverged: {e}", "server_error", code="training_diverged"
+            ) from e
         metrics = {
             "num-examples": float(replica.num_train_rows),
             "train-loss": outcome.loss,

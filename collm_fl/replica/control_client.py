@@ -62,11 +62,13 @@ class ReplicaClient:
         exclusive: bool = False,
         backfill_steps: int = 0,
         start_after_s: float = 0.0,
+        base_run: str | None = None,
     ) -> tuple[AdapterState, dict[str, float]]:
         """Train a round's budget; ``exclusive`` pauses the replica's serving (baselines only).
 
         ``backfill_steps`` more steps run only while the replica has no request queued or running;
-        ``start_after_s``: the job's first step waits this long (the allocation's turns).
+        ``start_after_s``: the job's first step waits this long (the allocation's turns);
+        ``base_run``: the run ``base_version`` is a version of (checked with it, if given).
         """
         body: dict[str, object] = {
             "round": round_number,
@@ -83,6 +85,8 @@ class ReplicaClient:
             body["backfill_steps"] = backfill_steps
         if start_after_s:
             body["start_after_s"] = start_after_s
+        if base_run is not None:
+            body["base_run"] = base_run
         r = self._call("POST", "/control/train", json=body)
         state, _, _, metrics = decode_adapter(r.content)
         return state, metrics

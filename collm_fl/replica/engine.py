@@ -470,6 +470,8 @@ class InferenceEngine:
                 self._active += 1
                 gen = make_generator(handle.request.params)
                 rows.append(Row(handle=handle, slot=slot, generator=gen, generated=[]))
+            if rows:  # (a trainer waiting on "TTFT at risk" decides anew: the queue moved)
+                self._changed()
         return rows
 
     def _ordered_for_admission(self) -> Iterator[RequestHandle]:

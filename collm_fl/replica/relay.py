@@ -42,12 +42,8 @@ def train_on_replica(
     first step waits this long after the call).
     """
     started = monotonic()
-    client.push_version(
-        global_state,
-        cfg.lora.to_peft_config_dict(cfg.model),
-        global_version,
-        run_key or cfg.run_name,
-    )
+    run = run_key or cfg.run_name
+    client.push_version(global_state, cfg.lora.to_peft_config_dict(cfg.model), global_version, run)
     state, metrics = client.train(
         server_round,
         budget.local_steps,
@@ -55,6 +51,7 @@ def train_on_replica(
         # (a push that took the whole deadline leaves the job a moment: it trains no step)
         max(deadline_s - (monotonic() - started), MIN_DEADLINE_S),
         base_version=global_version,
+        base_run=run,
         share=training_share,
         backfill_steps=backfill_steps,
         start_after_s=max(start_after_s - (monotonic() - started), 0.0),

@@ -530,11 +530,13 @@ class Replica:
         backfill_steps: int = 0,
         base_version: int | None = None,
         start_after_s: float = 0.0,
+        base_run: str | None = None,
     ) -> TrainOutcome:
         """Train a round's budget from ``start_state`` (default: the served version).
 
         ``base_version``: the version the caller means by "the served one"; if another is served
-        when the start state is read (a push landed meanwhile), VersionConflictError.
+        when the start state is read (a push landed meanwhile), VersionConflictError; so too if
+        ``base_run`` is given and another run's versions are served.
 
         ``backfill_steps`` more steps run after ``steps``, each only while no request is queued
         or running (co-execution only); ``start_after_s``: the job's first step waits this long
@@ -552,6 +554,7 @@ class Replica:
                 backfill_steps,
                 base_version,
                 start_after_s,
+                base_run,
             ).result()
         if start_after_s:
             raise ConfigError("start_after_s is for co-executing jobs (exclusive pauses serving)")
@@ -560,7 +563,7 @@ class Replica:
         # No version change mid-job; training needs the plain base (merged back after).
         with self._push_lock, self.serving_paused(), self.merged.lifted():
             job = TrainJob(
-                self._served_state(base_version, locked=True)
+                self._served_state(base_version, locked=True, run=base_run)
                 if start_state is None
                 else start_state,
                 steps,
@@ -583,6 +586,7 @@ class Replica:
         backfill_steps: int = 0,
         base_version: int | None = None,
         start_after_s: float = 0.0,
+        base_run: str | None = None,
     ) -> Future[TrainOutcome]:
         """Queue a co-executing job (as :meth:`train`, not exclusive) without waiting for it: the
         future resolves once it has ended and been counted in the metrics, so that a caller on
@@ -592,7 +596,7 @@ class Replica:
         if self.merged.current is not None:
             raise ConfigError("a merged version is served: train with exclusive=True")
         job = TrainJob(
-            self._served_state(base_version) if start_state is None else start_state,
+            self._served_state(base_version, run=base_run) if start_state is None else start_state,
             steps,
             learning_rate,
             deadline_s,
@@ -631,17 +635,22 @@ class Replica:
         self.metrics.training_steps.inc(outcome.steps)
         self.metrics.training_tokens.inc(outcome.tokens)
 
-    def _served_state(self, expected: int | None = None, locked: bool = False) -> AdapterState:
+    def _served_state(
+        self, expected: int | None = None, locked: bool = False, run: str | None = None
+    ) -> AdapterState:
         """The adapter new requests get (merged or in its slot), as float32 numpy.
 
         Read under the push lock (``locked``: the caller holds it), so no version lands between
-        checking ``expected`` and reading, and no load rewrites the slot being read.
+        checking ``expected`` (and ``run``, the run it is a version of) and reading, and no load
+        rewrites the slot being read.
         """
         with contextlib.nullcontext() if locked else self._push_lock:
             if expected is not None and self.served_version != expected:
                 raise VersionConflictError(
                     f"replica serves version {self.served_version}, not base_version {expected}"
                 )
+            if run is not None and self.run != run:
+                raise VersionConflictError(f"replica serves run {self.run!r}, not base_run {run!r}")
             if self.merged.state is not None:
                 return self.merged.state
             slot = self.slots.current_slot

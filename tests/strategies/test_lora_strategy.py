@@ -617,8 +617,14 @@ def test_under_dp_a_reply_within_the_clipping_slack_is_clipped_to_the_norm_on_th
 
 def test_a_robust_round_of_fewer_than_three_updates_keeps_the_previous_version(caplog):
     # Of two updates no statistic can outvote one: their weighted mean would be published, the
-    # defence off exactly when nodes dropped out.
-    s = strategy(robust="median")
+    # defence off exactly when nodes dropped out. (min-train-nodes is a floor, not the count of
+    # nodes: a run of 2 may sample 5, so it is said at the start, not refused.)
+    with caplog.at_level("WARNING", logger="strategies.lora"):
+        s = strategy(robust="median")
+    assert (
+        "robust-aggregation=median with min-train-nodes=1: a round of fewer than 3" in caplog.text
+    )
+    caplog.clear()
     with caplog.at_level("WARNING", logger="strategies.lora"):
         arrays, _ = s.aggregate_train(1, [reply(1, adapter(1)), reply(2, adapter(2))])
     assert arrays is None and not s.last_report.aggregated
@@ -627,12 +633,28 @@ def test_a_robust_round_of_fewer_than_three_updates_keeps_the_previous_version(c
     assert arrays is not None and s.last_report.aggregated
 
 
-def test_fedavg_screening_is_not_vetoed_by_replies_that_changed_nothing():
-    # Two nodes claim steps and send the global adapter back: a median of 0 made the limit 0 and
-    # rejected both honest replies (the "aggregate" then was the old adapter, published anew).
+def test_replies_that_claim_steps_and_change_nothing_are_left_out_as_idle_ones_are():
+    # Two nodes claim steps and send the global adapter back: a median of 0 made fedavg's factor
+    # screen limit 0 and rejected both honest replies (the "aggregate" then was the old adapter,
+    # published anew); and they diluted the mean. Left out, as replies that trained 0 steps are.
     reference = adapter(0)
     honest = [{k: reference[k] + 0.01 * v for k, v in adapter(10 + i).items()} for i in range(2)]
     s = strategy(mode="fedavg", max_update_norm=1.0)
     replies = [reply(1, honest[0]), reply(2, honest[1]), reply(3, reference), reply(4, reference)]
-    s.aggregate_train(1, replies)
+    arrays, _ = s.aggregate_train(1, replies)
     assert [o.status for o in s.last_report.outcomes] == ["ok"] * 4
+    assert [o.weight_used for o in s.last_report.outcomes][2:] == [0.0, 0.0]
+    assert "changed nothing" in s.last_report.outcomes[2].reason
+    expected = aggregate_lora_fedavg(honest, [10.0, 10.0])
+    for k, v in arrayrecord_to_state(arrays).items():
+        np.testing.assert_allclose(v, expected[k], rtol=1e-5, atol=1e-6)
+    # Nor can one beside a rescaled (B/c, A·c) update turn the screen off for it: that update
+    # is then one update alone, which the product-norm bound holds exactly.
+    c = 1e3
+    base = {k: reference[k] + 0.01 * v for k, v in adapter(20).items()}
+    attacker = {k: (v * c if "lora_A" in k else v / c) for k, v in base.items()}
+    s = strategy(mode="fedavg", max_update_norm=1.0)
+    arrays, _ = s.aggregate_train(1, [reply(1, attacker), reply(2, reference)])
+    got = arrayrecord_to_state(arrays)
+    for k in got:
+        np.testing.assert_allclose(got[k], attacker[k], rtol=1e-5, atol=1e-6)  # not A·c / 2

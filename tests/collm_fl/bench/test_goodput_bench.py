@@ -377,6 +377,14 @@ def test_the_setup_states_trainings_share_of_a_core_replicas_share() -> None:
     shared = render_markdown(replace(result, settings=replace(result.settings, core_sharing=2.0)))
     assert "2 replicas a core on average" in shared
     assert "about 60 % of the replicas' compute" in shared and "2 × that with the core" in shared
+    # A report stored before core sharing was: as the run sized it, replicas over its cores.
+    data = fake_result(runs, [2.0]).to_json()
+    del data["settings"]["core_sharing"]
+    data["settings"]["replicas"] = 4
+    data["machine"]["info"]["cpu_count"] = 2
+    assert result_from_json(data).settings.core_sharing == 2.0
+    data["machine"]["info"]["cpu_count"] = 8
+    assert result_from_json(data).settings.core_sharing == 1.0
 
 
 def test_a_report_from_before_the_variant_still_renders_its_ratio() -> None:

@@ -32,7 +32,8 @@ FIRST_EVENT = {
 class HangingReplica:
     """Answers /health while ``health_ok`` (``/v1/models`` blocks); a completion whose prompt is
     ``"after"`` streams one event first, ``"fails"`` one event then its own error chunk and
-    ``[DONE]`` (``"fails, cut"``: without ``[DONE]``); every other completion blocks until
+    ``[DONE]`` (``"fails, cut"``: without ``[DONE]``), ``"finished, cut"`` one event and its
+    finish chunk, then closes without ``[DONE]``; every other completion blocks until
     :meth:`stop`."""
 
     def __init__(self) -> None:
@@ -62,9 +63,15 @@ class HangingReplica:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
                     self.end_headers()
-                    if body["prompt"] in ("after", "fails", "fails, cut"):
+                    if body["prompt"] in ("after", "fails", "fails, cut", "finished, cut"):
                         self.wfile.write(f"data: {json.dumps(FIRST_EVENT)}\n\n".encode())
                         self.wfile.flush()
+                    if body["prompt"] == "finished, cut":  # its finish chunk, then no [DONE]
+                        choice = {"index": 0, "text": "b", "finish_reason": "stop"}
+                        self.wfile.write(
+                            f"data: {json.dumps({**FIRST_EVENT, 'choices': [choice]})}\n\n".encode()
+                        )
+                        return
                     if body["prompt"] in ("fails", "fails, cut"):
                         choice = {"index": 0, "text": "", "finish_reason": "error"}
                         failed = {**FIRST_EVENT, "choices": [choice]}
@@ -228,3 +235,34 @@ def test_a_replicas_error_chunk_then_a_cut_reaches_the_client_as_one_error_chunk
     finals = [json.loads(p)["choices"][0]["finish_reason"] for p in payloads[:-1]]
     assert finals == [None, "error"]  # the first event, then one error chunk (the replica's)
     assert gw.metric("collm_gateway_requests_total", outcome="stream_error") == 1
+
+
+def test_a_finished_stream_cut_before_its_done_ends_cleanly_not_with_an_error(
+    hanging, start_gateway
+):
+    # Its finish chunk relayed, only [DONE] was lost: an error chunk after it gave choice 0 a
+    # second finish ("error"), SDKs reported the answer failed, and the replica was penalised.
+    gw = start_gateway([hanging.url])
+    payloads = stream_payloads(gw, "finished, cut")
+    assert payloads[-1] == "[DONE]"
+    finals = [json.loads(p)["choices"][0]["finish_reason"] for p in payloads[:-1]]
+    assert finals == [None, "stop"]
+    assert gw.metric("collm_gateway_requests_total", outcome="ok") == 1
+    assert gw.metric("collm_gateway_requests_total", outcome="stream_error") == 0
+    assert gw.health()["replicas"][0]["consecutive_failures"] == 0
+
+
+def test_the_gateway_raises_its_open_files_limit_to_the_hard_one() -> None:
+    # Two sockets a stream: at a soft limit of 1,024, ~500 streams in, connects failed with
+    # EMFILE and every replica read as down.
+    import resource
+
+    from collm_fl.gateway.serve import raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        got = raise_open_files_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == got > 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -264,10 +264,18 @@ def test_a_loaded_trace_holds_three_columns_of_24_bytes_a_request_and_reads_as_r
         rows.offsets[0] = 5.0  # (a slice shares its parent's memory: none can change it)
 
 
-def test_plain_seconds_beyond_a_floats_exact_whole_numbers_are_a_format_error(
-    tmp_path: Path,
-) -> None:
+def test_plain_seconds_beyond_a_64_bit_count_are_a_format_error(tmp_path: Path) -> None:
+    # Epoch nanoseconds (above 2**53, below 2**63) are a trace rescaling puts right: kept.
+    rows = load_azure_trace(
+        _write(tmp_path, HEADER, "1700000000000000000,1,1", "1700000000500000000,2,2")
+    )
+    assert [r.offset_s for r in rows] == [0.0, 500000000.0]
     path = _write(tmp_path, HEADER, "0.5,1,1", "1e300,1,1")
-    with pytest.raises(DataFormatError, match="beyond 2\\*\\*53 seconds") as bad:
+    with pytest.raises(DataFormatError, match="beyond 2\\*\\*63 seconds") as bad:
         load_azure_trace(path)
     assert bad.value.line == 3
+
+
+def test_a_length_cap_beyond_int64_caps_nothing() -> None:
+    rows = [TraceRow(0.0, 5, 6), TraceRow(1.0, 7, 8)]
+    assert list(scale_trace(rows, None, None, 10**19, 10**30)) == rows

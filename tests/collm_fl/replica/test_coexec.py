@@ -15,6 +15,7 @@ from collm_fl.replica.metrics import SLO
 from collm_fl.replica.requests import GenerationRequest
 from collm_fl.replica.runtime import Replica, ReplicaConfig
 from collm_fl.replica.sampling import SamplingParams
+from tests.collm_fl.gateway.gateway_harness import wait_for
 
 
 def started_replica(tmp_path, **config) -> Replica:
@@ -515,3 +516,34 @@ def test_a_plan_is_judged_behind_at_the_share_the_engine_will_lend_it(replica):
         assert not trainer._behind(20, 100.0)
     finally:
         replica.engine.max_lend_share = lend
+
+
+def test_a_step_whose_caller_left_stops_at_its_next_layer(replica, monkeypatch):
+    # Under sustained load a step parked at a layer held the trainer until serving went idle or
+    # the job's deadline passed (here 600 s), though nobody waited for its result any more.
+    trainer = replica.trainer
+    assert trainer is not None
+    job: list = []
+
+    def serving_keeps_the_core(timeout: float) -> bool:
+        job[0].cancel()  # the caller leaves while the step waits for its turn
+        return False
+
+    monkeypatch.setattr(replica.engine, "wait_for_training_turn", serving_keeps_the_core)
+    job.append(replica.submit_training(steps=3, learning_rate=1e-3, deadline_s=600, round_number=1))
+    wait_for(lambda: job[0].cancelled() and not trainer.running_job, 60, "the step waited on")
+    assert trainer.steps_total == 0
+
+
+def test_a_non_finite_gradient_fails_the_step_before_the_weights_change(replica, monkeypatch):
+    # Clipping by an infinite norm makes every factor NaN: that state was sent to the server.
+    import torch
+
+    def infinite_norm(params, max_norm, *args, **kwargs):
+        return torch.tensor(float("inf"))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", infinite_norm)
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm"):
+        replica.train(steps=1, learning_rate=1e-3, deadline_s=60, round_number=1)
+    trained = replica.modules.get_training_state()
+    assert all(np.isfinite(v).all() for v in trained.values())

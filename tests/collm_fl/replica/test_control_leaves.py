@@ -102,6 +102,8 @@ def test_a_refused_job_leaves_the_training_share_as_it_was(control) -> None:
     refusals = [
         {"start_after_s": 90.0, "share": 0.7},  # its start after its deadline
         {"base_version": 7, "share": 0.7},  # not the served version
+        # the served version's number, of another run (two runs' v1 are different adapters)
+        {"base_version": 1, "base_run": "another-run", "share": 0.7},
     ]
     for body in refusals:
         r = _train(url, timeout=30.0, **body)
@@ -109,3 +111,21 @@ def test_a_refused_job_leaves_the_training_share_as_it_was(control) -> None:
         assert replica.training_share == before, body
     r = _train(url, timeout=60.0, share=0.7)  # an accepted one sets it
     assert r.status_code == 200 and replica.training_share == 0.7
+
+
+def test_a_diverged_job_is_a_500_naming_it_and_leaves_the_share_as_it_was(control, monkeypatch):
+    import torch
+
+    replica, url = control
+    before = replica.training_share
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan"))
+    )
+    r = _train(url, timeout=60.0, share=0.7)
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert error["code"] == "training_diverged" and "non-finite gradient norm" in error["message"]
+    assert replica.training_share == before
+    monkeypatch.undo()
+    r = _train(url, timeout=60.0, base_version=1, base_run=replica.run)  # the served run: fine
+    assert r.status_code == 200, r.text
