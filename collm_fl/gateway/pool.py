@@ -101,6 +101,11 @@ class Ticket:
     prompt_tokens_ahead: int = 0  # their prompt tokens
     first_token_at: float | None = None
     last_token_at: float | None = None
+    # Seconds the client held the relay (it read slowly: the gateway could not take the next
+    # event meanwhile), in all and as of the first and the last token: not the replica's time.
+    held_s: float = 0.0
+    held_at_first: float = 0.0
+    held_at_last: float = 0.0
     tokens: int = 0  # tokens seen so far (streamed, or a timed JSON reply's count at its end)
     done: bool = False
     abandoned: str | None = None  # why the pool gave up on the replica while this was in flight
@@ -438,7 +443,9 @@ class ReplicaPool:
         now = self.clock()
         if ticket.first_token_at is None:
             ticket.first_token_at = now
+            ticket.held_at_first = ticket.held_s
         ticket.last_token_at = now
+        ticket.held_at_last = ticket.held_s
         ticket.tokens += 1
         if ticket.remaining > 0 and not ticket.done:
             ticket.remaining -= 1
@@ -535,7 +542,8 @@ class ReplicaPool:
                 r.ttft_learned_at = self.clock()
             tokens = max(t.tokens, completion_tokens or 0)  # (events can carry several)
             if tokens >= 2 and t.last_token_at is not None:
-                tpot = (t.last_token_at - t.first_token_at) / (tokens - 1)
+                held = t.held_at_last - t.held_at_first  # (a slow client's pauses between them)
+                tpot = max(0.0, t.last_token_at - t.first_token_at - held) / (tokens - 1)
                 sample = unloaded_tpot(tpot, batch, t.training_share, self.model)
                 r.ewma_tpot_s = self._ewma(r, r.ewma_tpot_s, r.tpot_learned_at, sample)
                 r.tpot_learned_at = self.clock()

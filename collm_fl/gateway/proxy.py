@@ -367,8 +367,9 @@ class Router:
         self, job: Job, ticket: Ticket, events: AsyncIterator[bytes]
     ) -> list[bytes]:
         """The events up to the first that commits the stream to this replica: one that carries a
-        token or a finish, or ``[DONE]``. Until then nothing has reached the client, so a stream
-        that breaks, stalls or sends an error event is a refusal (failed over)."""
+        token or a finish. Until then nothing has reached the client, so a stream that breaks,
+        stalls, sends an error event or ends (``[DONE]``) before either is a refusal (failed
+        over): an empty answer is no success."""
         head: list[bytes] = []
         seen: dict[str, object] = {}
         while True:
@@ -382,7 +383,7 @@ class Router:
                 raise _refused(e) from e
             head.append(event)
             if is_done(event):
-                return head
+                raise _Refused("the stream ended before its first token or finish", "empty_stream")
             token = is_token(event, seen, job.chat)
             if seen.get("error") is not None or seen.get("finish_reason") == "error":
                 raise _Refused("the replica sent an error event before any token", "error_event")
@@ -426,7 +427,9 @@ class Router:
                 break
             if is_token(event, last, job.chat):
                 self.pool.on_token(ticket)
-            yield event
+            sent_at = self.pool.clock()
+            yield event  # (returns once the client took it: a slow reader holds it here)
+            ticket.held_s += self.pool.clock() - sent_at
         if error is not None and last.get("finish_reason") not in (None, "error"):
             # Its answer was whole (its finish chunk relayed): only the end of the stream was
             # lost. Ended here with [DONE], no error chunk after the finish, and no failure.

@@ -33,8 +33,8 @@ class HangingReplica:
     """Answers /health while ``health_ok`` (``/v1/models`` blocks); a completion whose prompt is
     ``"after"`` streams one event first, ``"fails"`` one event then its own error chunk and
     ``[DONE]`` (``"fails, cut"``: without ``[DONE]``), ``"finished, cut"`` one event and its
-    finish chunk, then closes without ``[DONE]``; every other completion blocks until
-    :meth:`stop`."""
+    finish chunk, then closes without ``[DONE]``, ``"done only"`` just ``[DONE]``; every other
+    completion blocks until :meth:`stop`."""
 
     def __init__(self) -> None:
         self.health_ok = True
@@ -66,6 +66,9 @@ class HangingReplica:
                     if body["prompt"] in ("after", "fails", "fails, cut", "finished, cut"):
                         self.wfile.write(f"data: {json.dumps(FIRST_EVENT)}\n\n".encode())
                         self.wfile.flush()
+                    if body["prompt"] == "done only":  # an empty answer
+                        self.wfile.write(b"data: [DONE]\n\n")
+                        return
                     if body["prompt"] == "finished, cut":  # its finish chunk, then no [DONE]
                         choice = {"index": 0, "text": "b", "finish_reason": "stop"}
                         self.wfile.write(
@@ -266,3 +269,15 @@ def test_the_gateway_raises_its_open_files_limit_to_the_hard_one() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == got > 256
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_stream_of_done_alone_is_a_refusal_not_an_empty_success(hanging, start_gateway):
+    # No token and no finish: nothing had reached the client, so it could still fail over; it
+    # was relayed as an empty answer, counted ok, and cleared the replica's failure streak.
+    gw = start_gateway([hanging.url])
+    body = completion("done only", stream=True)
+    r = httpx.post(gw.url + "/v1/completions", json=body, headers=AUTH, timeout=HANG_BOUND_S)
+    assert r.status_code in (502, 503), r.text
+    assert r.json()["error"]["message"]
+    assert gw.metric("collm_gateway_requests_total", outcome="ok") == 0
+    assert gw.health()["replicas"][0]["consecutive_failures"] >= 1

@@ -86,6 +86,25 @@ def test_a_streamed_request_teaches_unloaded_ttft_and_tpot():
     assert v.ewma_ttft_s == pytest.approx(0.2) and v.ewma_tpot_s == pytest.approx(0.05)
 
 
+def test_a_slow_readers_pauses_are_not_learned_as_the_replicas_decode_time():
+    # The relay takes the next event only once the client took the last: a client that paused
+    # 2 s mid-stream put 2 s between two tokens the replica sent 0.05 s apart.
+    pool, clock = make_pool()
+    a = "127.0.0.1:8100"
+    t = pool.begin(a, 0, 10)
+    clock.now += 0.2
+    pool.on_token(t)
+    for k in range(4):
+        clock.now += 0.05
+        if k == 2:
+            clock.now += 2.0
+            t.held_s += 2.0  # the client held the relay
+        pool.on_token(t)
+    t.held_s += 5.0  # held after the last token: not between the first and the last
+    pool.succeed(t)
+    assert view(pool, a).ewma_tpot_s == pytest.approx(0.05)
+
+
 def test_a_stream_whose_usage_counts_more_tokens_than_events_divides_its_time_among_them():
     # A stop string held back text: 5 tokens came in 3 events (0.2 s from first to last).
     pool, clock = make_pool()
