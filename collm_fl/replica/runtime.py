@@ -445,10 +445,21 @@ class Replica:
             if self.merged.current is not None:
                 with self.serving_paused():
                     self.merged.clear()
-            previous = self._load_and_promote(state, config, version, self.run)
-            # Remembered: a restart serves this version again, not the newest stored one (which
-            # was rolled back from; a later push clears it).
-            write_text_atomic(self.version_dir(version).parent / ROLLED_BACK, f"{version}\n")
+            # Remembered before it is served: a restart serves this version again, not the
+            # newest stored one (which was rolled back from; a later push clears it). Written
+            # after, a crash between the two served the version rolled back from again.
+            marker = self.version_dir(version).parent / ROLLED_BACK
+            before = marker.read_text() if marker.exists() else None
+            write_text_atomic(marker, f"{version}\n")
+            try:
+                previous = self._load_and_promote(state, config, version, self.run)
+            except BaseException:  # not served: the marker as it was
+                with contextlib.suppress(OSError):
+                    if before is None:
+                        marker.unlink(missing_ok=True)
+                    else:
+                        write_text_atomic(marker, before)
+                raise
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
 
     def _load_and_promote(

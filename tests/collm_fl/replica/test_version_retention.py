@@ -203,3 +203,31 @@ def test_a_version_set_aside_by_a_crashed_re_push_is_put_back_at_start(make_repl
     again = make_replica(keep=0)
     assert again.recover() == 2 and again.stored_versions() == [0, 1, 2]
     assert not [p for p in run_dir.iterdir() if p.name.startswith(ASIDE_PREFIX)]
+
+
+def test_a_rollback_is_remembered_before_it_is_served_and_not_if_it_fails(
+    make_replica, monkeypatch
+):
+    """The marker was written after the promotion: a crash between the two made a restart serve
+    the version rolled back from. A rollback that fails leaves the marker as it was."""
+    from collm_fl.replica.runtime import ROLLED_BACK
+
+    r = make_replica(keep=0)
+    for v in range(4):
+        push(r, v)
+    marker = r.version_dir(1).parent / ROLLED_BACK
+    promote = r._load_and_promote
+    seen: list[str | None] = []
+
+    def promoting(*args, **kwargs):
+        seen.append(marker.read_text() if marker.exists() else None)
+        if len(seen) == 2:
+            raise RuntimeError("the load failed")
+        return promote(*args, **kwargs)
+
+    monkeypatch.setattr(r, "_load_and_promote", promoting)
+    r.rollback(1)
+    assert seen == ["1\n"] and r.served_version == 1
+    with pytest.raises(RuntimeError, match="the load failed"):
+        r.rollback(2)
+    assert marker.read_text() == "1\n" and r.served_version == 1
