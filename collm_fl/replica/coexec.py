@@ -84,8 +84,9 @@ class TrainJob:
     # Its first step waits this long after submission (the allocation's turns: the replicas of a
     # light round train one after another; the deadline still counts from submission).
     start_after_s: float = 0.0
-    # Set when nobody waits for the outcome any more (the caller left): a running job stops
-    # after its step, with the steps done (a job not started yet is cancelled instead).
+    # Set when nobody waits for the outcome any more (the caller left): a running job stops at
+    # its step's next layer (that step dropped), with the steps done (a job not started yet is
+    # cancelled instead).
     abandoned: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
 

@@ -193,7 +193,7 @@ def create_control_app(
                     base_run=body.base_run,
                 )
                 # A caller that leaves (its round ended, its node stopped) takes its job along:
-                # one not started never runs, a running one stops after its step.
+                # one not started never runs, a running one stops at its step's next layer.
                 outcome = await unless_client_leaves(request, asyncio.wrap_future(job))
         except ClientGone:
             log.info("the caller of a training job left: job dropped")

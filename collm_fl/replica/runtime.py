@@ -635,7 +635,7 @@ class Replica:
         def drop_if_unwanted(waiter: Future[TrainOutcome]) -> None:
             if waiter.cancelled():  # nobody waits for it: a job not started yet never runs,
                 queued.cancel()
-                job.abandoned.set()  # and a running one stops after its step
+                job.abandoned.set()  # and a running one stops at its next layer
 
         queued = self.trainer.submit(job)
         queued.add_done_callback(count)
