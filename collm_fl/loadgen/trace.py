@@ -42,8 +42,7 @@ _DATETIME_RE = re.compile(
 )
 _FLOAT_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_SECONDS = 2**63  # plain-seconds timestamps below this (whole seconds are a 64-bit count)
-_INT64_MAX = 2**63 - 1
+_INT64_MAX = 2**63 - 1  # the columns' counts (and a plain-seconds timestamp's whole seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +128,7 @@ class Trace(Sequence[TraceRow]):
             and np.array_equal(self.generated, other.generated)
         )
 
-    __hash__ = None  # type: ignore[assignment]  # (mutable-looking, like a list)
+    __hash__ = None  # type: ignore[assignment]  # (compared by value, over arrays: as a list)
 
     def __repr__(self) -> str:
         span = f", {self.offsets[-1] - self.offsets[0]:.1f}s" if len(self) else ""
@@ -251,7 +250,7 @@ def _parse_timestamp(cell: str, where: str, line: int) -> tuple[tuple[int, float
     if _FLOAT_RE.match(cell):
         value = float(cell)
         if math.isfinite(value) and value >= 0:
-            if value >= _MAX_SECONDS:
+            if value > _INT64_MAX:
                 raise DataFormatError(
                     where, f"timestamp {cell!r} is beyond 2**63 seconds (a 64-bit count)", line
                 )
