@@ -244,9 +244,9 @@ def test_a_trainer_behind_its_plan_borrows_its_share_while_a_request_waits(repli
     )
     try:
         # 10,000 planned steps cannot fit 10 s: behind schedule from the first decision. (Not 1 s
-        # or 3 s: on a loaded machine the timed step, the first, with its warm-up, can cost a
-        # second or more, and a planned step that cannot end in time at the share serving
-        # lends is run as backfill, which waits while a request does: a CI run trained 0 steps.)
+        # or 3 s: on a loaded machine the timed step, the first, with its warm-up, can cost
+        # seconds, and a step that does not fit the time left is not started: a CI run trained
+        # 0 steps in 3 s.)
         behind = replica.train(steps=10_000, learning_rate=1e-3, deadline_s=10.0, round_number=2)
         behind_loans = len(loans)
         # One step that fits the time left at every decision is on schedule: it waits instead.
