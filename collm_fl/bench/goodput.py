@@ -46,7 +46,7 @@ from collm_fl.bench.goodput_result import (
     SystemInfo,
     is_collm_system,
 )
-from collm_fl.bench.goodput_rounds import RunSettings, StartVersion
+from collm_fl.bench.goodput_rounds import RunSettings, StartVersion, core_sharing
 from collm_fl.bench.goodput_systems import (
     SYSTEM_SPECS,
     SYSTEMS,
@@ -294,7 +294,7 @@ def _settings(
 ) -> RunSettings:
     # Each replica is pinned to one core (goodput_systems.replica_cpu); with more replicas than
     # cores, the ones sharing a core each take about (R / cores) × the calibrated step.
-    sharing = max(1.0, replicas / len(available_cpus()))
+    sharing = core_sharing(replicas, len(available_cpus()))
     concurrent_step_s = cal.train_step_s * sharing
     steps = max(1, math.floor(TRAIN_FRACTION * round_s / concurrent_step_s))
     return RunSettings(

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from collm_fl.bench.aggregation import MachineInfo
-from collm_fl.bench.goodput_rounds import RoundRecord, RunSettings
+from collm_fl.bench.goodput_rounds import RoundRecord, RunSettings, core_sharing
 from collm_fl.loadgen.goodput import LoadSummary, SLOSpec
 
 
@@ -158,8 +158,7 @@ def result_from_json(data: dict[str, Any]) -> GoodputResult:
     settings = dict(data["settings"])
     if "core_sharing" not in settings:  # (a report from before it was stored: as it was sized)
         cpus = data.get("machine", {}).get("info", {}).get("cpu_count") or 0
-        replicas = int(settings.get("replicas", 1))
-        settings["core_sharing"] = max(1.0, replicas / cpus) if cpus else 1.0
+        settings["core_sharing"] = core_sharing(int(settings.get("replicas", 1)), int(cpus))
     return make(
         GoodputResult,
         data,

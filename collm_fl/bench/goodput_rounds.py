@@ -93,6 +93,11 @@ class RunSettings:
         return self.warmup_s + self.rounds * self.round_s
 
 
+def core_sharing(replicas: int, cores: int) -> float:
+    """Replicas per core on average (>= 1), each pinned to one of ``cores`` (0: unknown, 1)."""
+    return max(1.0, replicas / cores) if cores > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class StartVersion:
     """Version 0: the fresh LoRA init (B = 0, so it serves the base model) and its held-out loss."""
