@@ -4,7 +4,8 @@
   (``?mode=reload|merge``: stop-the-world swaps, for baselines only)
 - ``POST /control/train``              JSON budget → trained adapter (safetensors, with metrics)
   (``"exclusive": true``: serving pauses for the job, for baselines only)
-- ``GET  /control/load[?reset=true]`` load report since the last reset (and start a new window)
+- ``GET  /control/load``               load report since the last reset (only looks)
+- ``POST /control/load/reset``         the same report; a new window starts (the allocation reads)
 - ``PUT  /control/share``              ``{"share": 0..1}``: training share, changeable at run time
 - ``POST /control/rollback``           ``{"version": N}``: serve a stored older version again
 - ``GET  /control/status``             versions, slots, trainer state
@@ -243,7 +244,18 @@ def create_control_app(
 
     @app.get("/control/load", dependencies=guarded)
     async def load(reset: bool = False) -> dict[str, float]:
-        return replica.load_report(reset=reset).to_metrics(prefix="")
+        if reset:  # a GET must not change state: a retried one would split the window
+            raise APIError(
+                400,
+                "GET /control/load only looks; POST /control/load/reset ends the window",
+                param="reset",
+                code="use_post",
+            )
+        return replica.load_report(reset=False).to_metrics(prefix="")
+
+    @app.post("/control/load/reset", dependencies=guarded)
+    async def load_reset() -> dict[str, float]:
+        return replica.load_report(reset=True).to_metrics(prefix="")
 
     @app.put("/control/share", dependencies=guarded)
     async def share(body: ShareBody) -> dict[str, float]:

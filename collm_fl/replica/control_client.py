@@ -92,7 +92,10 @@ class ReplicaClient:
         return state, metrics
 
     def load_report(self, reset: bool = False) -> dict[str, float]:
-        return self._call("GET", "/control/load", params={"reset": str(reset).lower()}).json()  # type: ignore[no-any-return]
+        """The load since the window began; ``reset`` ends the window (a POST: it changes state)."""
+        if reset:
+            return self._call("POST", "/control/load/reset").json()  # type: ignore[no-any-return]
+        return self._call("GET", "/control/load").json()  # type: ignore[no-any-return]
 
     def set_share(self, share: float) -> None:
         self._call("PUT", "/control/share", json={"share": share})

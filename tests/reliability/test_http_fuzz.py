@@ -364,6 +364,7 @@ CONTROL_CALLS = [
     ("PUT", "/control/adapters/1", b"x"),
     ("POST", "/control/train", b'{"round": 1, "steps": 1, "learning_rate": 0.1, "deadline_s": 1}'),
     ("GET", "/control/load", None),
+    ("POST", "/control/load/reset", None),
     ("PUT", "/control/share", b'{"share": 0.5}'),
     ("POST", "/control/rollback", b'{"version": 0}'),
     ("GET", "/control/status", None),
@@ -464,6 +465,7 @@ def test_garbage_adapter_pushes_are_a_400_and_serving_is_unchanged(replica, tiny
             b'{"round": 1, "steps": 1, "learning_rate": Infinity, "deadline_s": 1}',
         ),
         ("GET", "/control/load?reset=maybe", None),
+        ("GET", "/control/load?reset=true", None),
     ],
 )
 def test_bad_control_parameters_are_a_4xx(replica, method, path, body):

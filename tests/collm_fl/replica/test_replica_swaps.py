@@ -132,6 +132,14 @@ def test_looking_at_the_load_report_does_not_reset_its_window(start_replica):
         assert c.load_report()["requests"] == 1  # a plain GET only looks
         assert c.load_report(reset=True)["requests"] == 1  # the allocation's read starts anew
         assert c.load_report()["requests"] == 0
+    # A GET never changes state (a retried one would split the window): reset=true is refused.
+    stream_completion(replica, "another request")
+    url = f"http://{replica.control_address}/control/load"
+    auth = {"Authorization": f"Bearer {replica.token}"}
+    r = httpx.get(url, params={"reset": "true"}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "use_post", r.text
+    with control(replica) as c:
+        assert c.load_report()["requests"] == 1
 
 
 def test_invalid_versions_are_rejected_and_serving_keeps_the_old_one(start_replica, reference):
