@@ -42,6 +42,24 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _answer_ids(
+    tokenizer: PreTrainedTokenizerBase, sample: TextSample, prompt_ids: list[int]
+) -> list[int]:
+    """The answer's tokens as they follow the prompt's at serving time.
+
+    The whole text is tokenized, and the answer is what follows the prompt's own tokens: a
+    SentencePiece ("Metaspace") tokenizer marks the start of any text it is given with a word
+    boundary, so an answer tokenized alone after a prompt ending in a newline began with a space
+    the model would then learn to write. Where the whole text's tokens do not begin with the
+    prompt's (a merge across the boundary), the answer is tokenized alone: the prompt's tokens are
+    what serving feeds the model, whatever the answer's merge would have been.
+    """
+    whole = _ids(tokenizer, sample.text)
+    if whole[: len(prompt_ids)] == prompt_ids:
+        return whole[len(prompt_ids) :]
+    return _ids(tokenizer, sample.text[len(sample.prompt) :])
+
+
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     """(eos id, pad id); pad falls back to eos, which is harmless since padding is masked."""
     eos = tokenizer.eos_token_id
@@ -72,21 +90,29 @@ def tokenize_samples(
             stream.append(eos)
     rows.extend((stream[i : i + seq_len], 0) for i in range(0, len(stream), seq_len))
 
-    skipped = 0
+    skipped = cut = 0
     for sample in samples:
         if not sample.prompt:
             continue
         prompt_ids = _ids(tokenizer, sample.prompt)
-        answer_ids = _ids(tokenizer, sample.text[len(sample.prompt) :])
+        answer_ids = _answer_ids(tokenizer, sample, prompt_ids)
         if not answer_ids or answer_ids[-1] != eos:
             answer_ids.append(eos)
         if len(prompt_ids) >= seq_len:
             skipped += 1  # the answer would start after the row ends
             continue
+        cut += len(prompt_ids) + len(answer_ids) > seq_len
         rows.append(((prompt_ids + answer_ids)[:seq_len], len(prompt_ids)))
     if skipped:
         logger.warning(
             "%d instruction samples dropped: prompt fills seq_len=%d tokens", skipped, seq_len
+        )
+    if cut:
+        logger.warning(
+            "%d instruction samples' answers cut at seq_len=%d tokens (their ends, eos included, "
+            "are not learned)",
+            cut,
+            seq_len,
         )
 
     rows = [(ids, n_prompt) for ids, n_prompt in rows if n_prompt or len(ids) >= 2]

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from collm_fl.data.tokenize import (
@@ -73,6 +73,46 @@ def test_instruction_prompt_tokens_are_masked(tokenizer: PreTrainedTokenizerFast
     assert blocks.labels[0, n_prompt : n_prompt + len(answer)].tolist() == answer
     assert bool((blocks.labels[0, n_prompt + len(answer) :] == IGNORE_INDEX).all())
     assert int(blocks.attention_mask[0].sum()) == n_prompt + len(answer)
+
+
+def test_an_answer_is_tokenized_as_it_follows_its_prompt_with_a_sentencepiece_tokenizer() -> None:
+    """A Metaspace tokenizer (Llama 2, Mistral, TinyLlama) marks the start of any text with a word
+    boundary: an answer tokenized alone after a prompt ending in a newline began with "▁", and the
+    model learned to answer with a leading space."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", "isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+        ]
+    )
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.train_from_iterator(
+        [CORPUS.replace(". ", ".\n")] * 20,
+        trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>", "<pad>"]),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
+    prompt, answer = "Who's there?\n", "Long live the king!"
+    assert _ids(tok, answer)[0] == tok.convert_tokens_to_ids("▁")  # alone: a leading boundary
+    blocks = tokenize_samples([TextSample(text=prompt + answer, prompt=prompt)], tok, seq_len=32)
+    row = blocks.input_ids[0][blocks.attention_mask[0].bool()].tolist()
+    assert row == [*_ids(tok, prompt + answer), tok.eos_token_id]
+    assert tok.decode(row, skip_special_tokens=True) == prompt + answer
+    learned = blocks.labels[0][blocks.labels[0] != IGNORE_INDEX].tolist()
+    assert tok.decode(learned, skip_special_tokens=True) == answer
+
+
+def test_an_answer_cut_at_seq_len_is_logged(
+    tokenizer: PreTrainedTokenizerFast, caplog: pytest.LogCaptureFixture
+) -> None:
+    prompt = "Q: "
+    fits = TextSample(text="Q: hi", prompt=prompt)
+    with caplog.at_level("WARNING", logger="collm_fl.data.tokenize"):
+        tokenize_samples([fits], tokenizer, seq_len=12)
+    assert "cut" not in caplog.text
+    with caplog.at_level("WARNING", logger="collm_fl.data.tokenize"):
+        tokenize_samples([fits, TextSample(text=prompt + CORPUS, prompt=prompt)], tokenizer, 12)
+    assert "1 instruction samples' answers cut at seq_len=12" in caplog.text
 
 
 def test_instruction_samples_get_one_row_each_truncated_to_seq_len(
