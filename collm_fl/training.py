@@ -138,8 +138,13 @@ def train_lora(
                 raise FloatingPointError(f"non-finite training loss at step {step}: {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            # max_norm inf measures without clipping (max_grad_norm <= 0: clipping off)
+            norm = torch.nn.utils.clip_grad_norm_(
+                params, max_grad_norm if max_grad_norm > 0 else math.inf
+            )
+            if not torch.isfinite(norm):  # clipping by it made every gradient NaN: no step
+                optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"non-finite gradient norm at step {step}: {norm.item()}")
             optimizer.step()
             n = int((batch["labels"][:, 1:] != -100).sum())
             loss_sum += loss.item() * n

@@ -107,6 +107,24 @@ def test_no_step_starts_after_the_deadline(tiny_fresh, lora_spec):
     assert ample.steps == 3 and ample.tokens > 0
 
 
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_an_infinite_gradient_fails_the_step_before_the_weights_change(
+    tiny_fresh, lora_spec, max_grad_norm
+):
+    """Clipping by an infinite norm turns every gradient into NaN and AdamW every weight: a
+    device sent that adapter as a trained one. The step fails before the optimizer instead."""
+    blocks = tokenize_samples([TextSample(TEXT)], tiny_fresh.tokenizer, seq_len=32)
+    model = attach_lora(tiny_fresh.model, lora_spec)
+    before = get_adapter_state(model)
+    name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+    param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    batches = iterate_batches(blocks, 4, seed=0)
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm at step 0"):
+        train_lora(model, batches, steps=2, learning_rate=1e-2, max_grad_norm=max_grad_norm)
+    after = get_adapter_state(model)
+    assert all(np.array_equal(v, before[k]) for k, v in after.items()), name
+
+
 def test_the_runs_first_adapter_is_the_same_for_the_same_seed():
     from collm_fl.central_eval import CentralEvaluator
     from collm_fl.config import RunConfig
