@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -122,18 +123,46 @@ def _overlaps(a: str, b: str) -> bool:
     return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
 
 
-def _on_private_data(work: Callable[[], T]) -> T:
+def _on_private_data(work: Callable[[], T], own_data: str | None = None) -> T:
     """``work`` on this device's data; a malformed data file raises an error that names its
-    line only. Flower sends an error's text to the server, which logs and stores it, and a
-    :class:`DataFormatError` names the file's path and may quote the record (a name given as a
-    chat role, the keys of an unknown record): private data. The whole of it is logged here."""
+    line (or record) only. Flower sends an error's text to the server, which logs and stores it,
+    and a :class:`DataFormatError` names the file's path and may quote the record (a name given
+    as a chat role, the keys of an unknown record): private data. The whole of it is logged here.
+    With the device's ``own_data`` (a path on its host), a config or OS error (no such file, no
+    permission, no sample fits) reaches the server with that path and its files' names left out.
+    """
     try:
         return work()
     except DataFormatError as e:
         log.error("this node's data is malformed: %s", e)
+        where = "" if e.record is None or e.line is not None else f"record {e.record}: "
         raise DataFormatError(
-            "this node's data file", "malformed (the node's log says what)", line=e.line
+            "this node's data file",
+            f"{where}malformed (the node's log says what)",
+            line=e.line,
+            record=e.record,
         ) from None
+    except (ConfigError, OSError) as e:
+        if own_data is None:
+            raise
+        log.error("this node's data cannot be used: %s", e)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"this node's data: {_redacted(reason, own_data)}") from None
+
+
+def _redacted(text: str, path: str) -> str:
+    """``text`` with ``path`` (as given, expanded, resolved) and the names of its files left out."""
+    try:
+        where = Path(path).expanduser()
+        resolved = where.resolve()
+        files = list(resolved.iterdir()) if resolved.is_dir() else [resolved]
+    except (OSError, RuntimeError):
+        where, resolved, files = Path(path), Path(path), []
+    names = {path, str(where), str(resolved)}
+    names |= {n for f in files for n in (f.name, f.stem)}
+    for name in sorted((n for n in names if n), key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", "<private>", text)
+    return text
 
 
 def _replica(context: Context, cfg: RunConfig) -> ReplicaClient | None:
@@ -149,6 +178,19 @@ def _replica(context: Context, cfg: RunConfig) -> ReplicaClient | None:
             "SuperNode (or set replica-token in its node config)"
         )
     return ReplicaClient(str(address), token, timeout=cfg.round_timeout)
+
+
+def _own_path(context: Context) -> str | None:
+    data = context.node_config.get("data")
+    return None if data is None else str(data)
+
+
+def _required_int(config: ConfigRecord, key: str) -> int:
+    """An integer the server must send (a replica's versions: a default would name the arrays
+    another version)."""
+    if key not in config:
+        raise ConfigError(f"the server's message has no {key!r} (a ServerApp of another app?)")
+    return config_int(config, key, 0)
 
 
 def _round_config(msg: Message) -> ConfigRecord:
@@ -176,10 +218,10 @@ def train(msg: Message, context: Context) -> Message:
                 cfg,
                 replica,
                 global_state,
-                config_int(rc, "global-version", 0),
+                _required_int(rc, "global-version"),
                 budget,
                 server_round,
-                deadline_s=config_number(rc, "deadline-s", cfg.round_timeout),
+                deadline_s=config_number(rc, "deadline-s", cfg.round_deadline_s),
                 training_share=None if share is None else config_number(rc, "training-share", 1.0),
                 backfill_steps=config_int(rc, "backfill-steps", 0),
                 run_key=_run_key(rc),
@@ -197,9 +239,10 @@ def train(msg: Message, context: Context) -> Message:
                 global_state,
                 budget,
                 server_round,
-                deadline_s=config_number(rc, "deadline-s", cfg.round_timeout),
+                deadline_s=config_number(rc, "deadline-s", cfg.round_deadline_s),
                 data_spec=_own_data(context, cfg),
-            )
+            ),
+            _own_path(context),
         )
     content = RecordDict(
         {ARRAYS_KEY: state_to_arrayrecord(state), METRICS_KEY: metric_record(metrics)}
@@ -213,11 +256,18 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     setup_logging()
     cfg = RunConfig.from_flower(context.run_config)
+    if context.node_config.get("replica-address"):
+        raise ConfigError(
+            "this node relays to a replica, which evaluates nothing for the federation: the "
+            "server evaluates each version on its central held-out set (fraction-evaluate 0)"
+        )
     partition_id, num_partitions = _partition(context)
     state = arrayrecord_to_state(message_arrays(msg))
-    own = _own_data(context, cfg)
     metrics = _on_private_data(
-        lambda: evaluate_on_partition(cfg, partition_id, num_partitions, state, data_spec=own)
+        lambda: evaluate_on_partition(
+            cfg, partition_id, num_partitions, state, data_spec=_own_data(context, cfg)
+        ),
+        _own_path(context),
     )
     return Message(content=RecordDict({METRICS_KEY: metric_record(metrics)}), reply_to=msg)
 
@@ -227,10 +277,10 @@ def publish(msg: Message, context: Context) -> Message:
     """A new global version: a replica node swaps it in now (shadow slot); a device ignores it."""
     setup_logging()
     cfg = RunConfig.from_flower(context.run_config)
-    version = config_int(_round_config(msg), "version", -1)
     replica = _replica(context, cfg)
     metrics = {"served-version": -1.0}
     if replica is not None:
+        version = _required_int(_round_config(msg), "version")
         with replica:
             state = arrayrecord_to_state(message_arrays(msg))
             metrics = publish_on_replica(cfg, replica, state, version, _run_key(_round_config(msg)))

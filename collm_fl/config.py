@@ -244,6 +244,18 @@ class RunConfig:
     def output_path(self) -> Path:
         return Path(self.output_dir).expanduser().resolve()
 
+    def ignored_settings(self) -> list[str]:
+        """Settings changed from their defaults that this config leaves without effect (the
+        ServerApp warns of them): the allocation's under ``allocation='static'``."""
+        if self.allocation != "static":
+            return []
+        defaults = RunConfig()
+        return [
+            f"{name.replace('_', '-')}={getattr(self, name)!r}"
+            for name in ("backfill", "train_in_turns", "min_training_share")
+            if getattr(self, name) != getattr(defaults, name)
+        ]
+
     def to_flat(self) -> dict[str, Scalar]:
         """The config as Flower-style flat kebab-case keys (what is stored with a run)."""
         out: dict[str, Scalar] = {}
@@ -435,8 +447,19 @@ class TrainBudget:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, overrides: Mapping[str, object]) -> TrainBudget:
-        return cls(
+        """The round's budget from a train message's config (``overrides``), checked as the run
+        config's own values are (0 steps is a budget: a node asked for its load report only)."""
+        budget = cls(
             local_steps=config_int(overrides, "local-steps", cfg.local_steps),
             learning_rate=config_number(overrides, "learning-rate", cfg.learning_rate),
             batch_size=config_int(overrides, "batch-size", cfg.batch_size),
         )
+        if budget.local_steps < 0:
+            raise ConfigError(f"config 'local-steps' must be >= 0, got {budget.local_steps}")
+        if not 0.0 < budget.learning_rate < 1.0:  # (NaN fails this too)
+            raise ConfigError(
+                f"config 'learning-rate' must be in (0, 1), got {budget.learning_rate!r}"
+            )
+        if budget.batch_size < 1:
+            raise ConfigError(f"config 'batch-size' must be >= 1, got {budget.batch_size}")
+        return budget

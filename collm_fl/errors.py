@@ -29,11 +29,15 @@ class ChatTemplateError(CollmError):
 
 
 class DataFormatError(CollmError):
-    """A data file is malformed; the message names the file and, where known, the line."""
+    """A data file is malformed; the message names the file and, where known, the line (a JSON
+    list's records have none: ``record``, their index, is in the reason)."""
 
-    def __init__(self, path: str, reason: str, line: int | None = None) -> None:
+    def __init__(
+        self, path: str, reason: str, line: int | None = None, record: int | None = None
+    ) -> None:
         self.path = path
         self.line = line
+        self.record = record
         self.reason = reason
         where = f"{path}:{line}" if line is not None else path
         super().__init__(f"{where}: {reason}")

@@ -39,6 +39,11 @@ def main(grid: Grid, context: Context) -> None:
         cfg.robust_aggregation,
         cfg.output_path,
     )
+    if ignored := cfg.ignored_settings():
+        log.warning(
+            "allocation='static' sends every node the same budget: %s has no effect",
+            ", ".join(ignored),
+        )
     summary = Federation(grid, cfg, wrapped, strategy, store).run()
     ran = (
         f"rounds {summary.first_round}..{summary.last_round}"

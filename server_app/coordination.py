@@ -142,8 +142,9 @@ class CoordinationState:
         return restored
 
     def observe_round(self, steps_trained: float, eval_loss: float | None) -> None:
-        """A round's training (the mean steps of the nodes that trained: the aggregate moves
-        about that far, however many nodes took part) and its central loss, if promoted."""
+        """A round's training (how far the aggregate moved, in one node's steps: the mean steps
+        of the updates in it, under DP over every node asked) and its central loss, if
+        promoted."""
         self.cumulative_steps += steps_trained
         if eval_loss is not None:
             self.loss_history.append((self.cumulative_steps, eval_loss))
@@ -151,7 +152,8 @@ class CoordinationState:
     def budgets(
         self, cfg: RunConfig, node_ids: Iterable[int], store: VersionStore, run_id: int, rnd: int
     ) -> dict[int, NodeBudget] | None:
-        """Per-node budgets for round ``rnd`` (None: static allocation, same config for all)."""
+        """Per-node budgets for round ``rnd`` of the nodes asked, ``node_ids`` (None: static
+        allocation, the same config for all)."""
         if cfg.allocation == "static":
             return None
         node_ids = sorted(node_ids)

@@ -56,7 +56,7 @@ from server_app.coordination import (
     finite_number,
 )
 from strategies.allocation import NodeBudget, turn_before
-from strategies.lora import NOT_DELIVERED, LoraFedAvg, ReplyOutcome
+from strategies.lora import NOT_DELIVERED, LoraFedAvg, ReplyOutcome, RoundReport
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,9 @@ class Federation:
     ) -> tuple[ArrayRecord, VersionInfo]:
         cfg, store, run_id = self.cfg, self.store, self.run_info.id
         started_at, started = datetime.now(UTC), time.perf_counter()
-        nodes = list(self.grid.get_node_ids())
-        self.lora.node_budgets = self.coordination.budgets(cfg, nodes, store, run_id, rnd)
+        self.lora.plan_budgets = lambda nodes: self.coordination.budgets(
+            cfg, nodes, store, run_id, rnd
+        )
         train_config = ConfigRecord(
             {
                 "local-steps": cfg.local_steps,
@@ -278,9 +279,7 @@ class Federation:
             if o.status == "ok" and o.metrics.get("local-steps", 1.0) > 0
         ]
         steps_total = int(sum(trained))
-        # How far the aggregate moved, for the policy's quality-gain fit: one node's steps, and
-        # none when no aggregate came of them (too few good replies, refused by the DP wrapper).
-        steps_per_node = steps_total / len(trained) if trained and new_arrays is not None else 0.0
+        steps_per_node = _aggregate_steps(report, self.lora.uniform_weights, new_arrays is not None)
         # The nodes' averaged metrics, less what only the server may say (a node sending
         # dp-epsilon must not set the run's privacy account) and anything not finite (a sum of
         # large finite claims can overflow; stored JSON and some databases refuse infinities).
@@ -611,13 +610,31 @@ def exchange(
     return replies
 
 
+def _aggregate_steps(report: RoundReport, uniform_weights: bool, aggregated: bool) -> float:
+    """How far the aggregate moved, in one node's steps, for the policy's quality-gain fit: the
+    mean steps of the updates in it (a reply left out, weighing 0, moved nothing), under uniform
+    weights (DP) over every node asked (the mean's divisor: those that trained nothing, failed or
+    were rejected are zero updates in it); none when no aggregate came of them."""
+    if not aggregated:
+        return 0.0
+    steps = [
+        o.metrics.get("local-steps", 1.0)  # (no local-steps: one, as the strategy counts it)
+        for o in report.outcomes
+        if o.status == "ok" and o.weight_used != 0.0 and o.metrics.get("local-steps", 1.0) > 0
+    ]
+    divisor = len(report.outcomes) if uniform_weights else len(steps)
+    return sum(steps) / divisor if steps else 0.0
+
+
 def held_for_turns(
     messages: Sequence[Message], budgets: Mapping[int, NodeBudget]
 ) -> tuple[list[Message], list[Later]]:
     """The train messages to push now, and those held until the turn before theirs has replied
     (the allocation's turns, ``turn_before``, among the nodes asked: a strategy that samples
     some nodes leaves the others' turns out), or until the turn's planned start: such a message
-    goes out with ``start-after-s`` 0 and what is left of its ``deadline-s``."""
+    goes out with ``start-after-s`` 0 and what is left of its ``deadline-s``. The first turn
+    asked goes now, with ``start-after-s`` 0 too: a turn left out before it (a node sampled out,
+    or gone) leaves no one to wait for."""
     asked = {int(m.metadata.dst_node_id) for m in messages}
     before = turn_before(b for node, b in budgets.items() if node in asked)
     now: list[Message] = []
@@ -625,6 +642,8 @@ def held_for_turns(
     for msg in messages:
         node = int(msg.metadata.dst_node_id)
         if node not in before:
+            if node in budgets and budgets[node].turn > 0:
+                msg.content.config_records[CONFIG_KEY]["start-after-s"] = 0.0
             now.append(msg)
             continue
         budget = budgets[node]

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -202,10 +202,14 @@ class LoraFedAvg(FedAvg):
         self.clipping_norm = clipping_norm
         self.current_arrays = ArrayRecord()
         self.last_report: RoundReport | None = None
-        # Per-node budgets for the next round (set by the ServerApp from the allocation policy);
-        # a replica sitting the round out is asked for 0 steps (for its load report), a device
-        # that sits out is not asked. None: every sampled node gets the round config.
+        # Per-node budgets for the next round (from the allocation policy); a replica sitting
+        # the round out is asked for 0 steps (for its load report), a device that sits out is
+        # not asked. None: every sampled node gets the round config.
         self.node_budgets: dict[int, NodeBudget] | None = None
+        # Set by the ServerApp: the budgets of the nodes sampled (called once Flower's sampling
+        # has waited for its nodes: budgets planned before it missed a node that connected in
+        # the wait, which then trained the plain round config, its decision stored nowhere).
+        self.plan_budgets: Callable[[list[int]], dict[int, NodeBudget] | None] | None = None
         # Nodes asked to train this round -> most steps they were asked for (None: not known).
         self._asked: dict[int, int | None] = {}
         # Nodes of this round whose message the SuperLink did not take (set by the ServerApp).
@@ -239,7 +243,13 @@ class LoraFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current_arrays = arrays
-        messages = super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+        messages = list(
+            super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid)
+        )
+        if self.plan_budgets is not None:
+            self.node_budgets = self.plan_budgets(
+                sorted(int(m.metadata.dst_node_id) for m in messages)
+            )
         if not self.node_budgets:
             messages = list(messages)
             self._asked = {int(m.metadata.dst_node_id): _steps_asked(m) for m in messages}

@@ -144,7 +144,7 @@ def _parse_json(text: str, path: Path) -> list[Record]:
         try:
             records.append(parse_record(item))
         except ValueError as e:
-            raise DataFormatError(str(path), f"record {index}: {e}") from e
+            raise DataFormatError(str(path), f"record {index}: {e}", record=index) from e
     return records
 
 
@@ -284,7 +284,9 @@ def format_records(
         try:
             prompt = chat_prompt(history, tokenizer)
         except ChatTemplateError as e:
-            raise DataFormatError(source or "<records>", f"record {number}: {e}") from e
+            raise DataFormatError(
+                source or "<records>", f"record {number}: {e}", record=number
+            ) from e
         samples.append(TextSample(text=f"{prompt}{answer}{eos}", prompt=prompt))
     return samples
 

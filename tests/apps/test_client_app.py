@@ -229,6 +229,81 @@ def test_a_devices_malformed_data_reaches_the_server_as_its_line_not_its_content
     assert "alice-medical.jsonl:2" in logged and "Dr. Alice Smith" in logged
 
 
+def test_a_devices_data_path_and_file_names_never_reach_the_server(global_state, tmp_path):
+    """A config or OS error on a device's own data named its path (no such file, a folder with
+    no data files, no permission): Flower sends the text to the server."""
+    missing = tmp_path / "secret-name" / "missing.jsonl"
+    with pytest.raises(ConfigError) as raised:
+        train(train_message(global_state), context({"data": str(missing)}))
+    assert "secret-name" not in str(raised.value) and "missing" not in str(raised.value)
+    assert "existing file or folder" in str(raised.value)  # what was wrong stays
+    folder = tmp_path / "alice-notes"
+    folder.mkdir()
+    (folder / "alice-diary.bin").write_bytes(b"not a data file")
+    with pytest.raises(ConfigError) as raised:
+        train(train_message(global_state), context({"data": str(folder)}))
+    assert "alice" not in str(raised.value) and "holds no" in str(raised.value)
+
+
+def test_a_malformed_record_of_a_json_list_reaches_the_server_as_its_index(
+    global_state, tmp_path, node_log
+):
+    from collm_fl.errors import DataFormatError
+
+    data = tmp_path / "private.json"
+    data.write_text('[{"text": "fine"}, {"what": "Dr. Alice Smith"}]')
+    with pytest.raises(DataFormatError) as raised:
+        train(train_message(global_state), context({"data": str(data)}))
+    assert str(raised.value) == (
+        "this node's data file: record 1: malformed (the node's log says what)"
+    )
+    assert "private.json: record 1: unknown record" in node_log.text  # the node's log: all
+
+
+def test_a_device_without_a_deadline_in_its_message_trains_to_the_runs_round_deadline(
+    global_state, monkeypatch
+):
+    # (round-timeout, the old fallback, is when the server stops waiting: a node training
+    # until then always answers too late)
+    import collm_fl.client_task
+
+    seen = {}
+
+    def record(cfg, *args, deadline_s, **kwargs):
+        seen["deadline_s"] = deadline_s
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(collm_fl.client_task, "train_on_partition", record)
+    ctx = Context(
+        1,
+        7,
+        {"partition-id": 0, "num-partitions": 3},
+        RecordDict(),
+        {**RUN_CONFIG, "round-deadline-s": 30.0, "round-timeout": 90.0},
+    )
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(train_message(global_state), ctx)
+    assert seen == {"deadline_s": 30.0}
+
+
+def test_a_replica_node_is_told_it_does_not_evaluate(global_state):
+    msg = Message(
+        RecordDict({"arrays": state_to_arrayrecord(global_state), "config": ConfigRecord({})}),
+        dst_node_id=7,
+        message_type="evaluate",
+    )
+    with pytest.raises(ConfigError, match="relays to a replica"):
+        evaluate(msg, context({"replica-address": "127.0.0.1:1"}))
+
+
+def test_a_replica_node_refuses_a_message_without_its_version(global_state, monkeypatch):
+    monkeypatch.setenv("COLLM_CONTROL_TOKEN", "t")
+    msg = train_message(global_state)
+    del msg.content.config_records["config"]["global-version"]
+    with pytest.raises(ConfigError, match="no 'global-version'"):
+        train(msg, context({"replica-address": "127.0.0.1:1"}))
+
+
 def test_a_device_whose_prompts_fill_seq_len_is_told_so_not_that_its_data_is_empty(
     global_state, tmp_path
 ):

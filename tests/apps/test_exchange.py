@@ -259,6 +259,12 @@ def test_the_turns_after_the_first_are_held_and_go_with_what_is_left_of_the_dead
     now, held = held_for_turns([train(1, 0.0), train(3, 40.0)], budgets)
     assert [int(m.metadata.dst_node_id) for m in now] == [1]
     assert [(h.after, h.due_s) for h in held] == [(1, 40.0)]
+    # Turn 1 left out: turn 2 is the first asked, and goes now without waiting for its planned
+    # start (nothing runs before it); turn 3 follows it.
+    now, held = held_for_turns([train(2, 20.0), train(3, 40.0)], budgets)
+    assert [int(m.metadata.dst_node_id) for m in now] == [2]
+    assert now[0].content.config_records[CONFIG_KEY]["start-after-s"] == 0.0
+    assert [(h.after, h.due_s) for h in held] == [(2, 40.0)]
     # Without turns every message goes at once, untouched.
     plain = {n: NodeBudget(n, 4, 0.5, 60.0, "busy") for n in (1, 2)}
     assert held_for_turns(messages, plain) == (messages, [])

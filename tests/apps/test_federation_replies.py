@@ -175,6 +175,71 @@ def test_the_quality_gain_curve_counts_one_nodes_steps_per_round(tmp_path):
     assert steps == [0, 3.0, 6.0]  # the aggregate moved 3 steps a round, not 9
 
 
+def test_a_node_that_connects_while_flower_waits_for_nodes_gets_its_budget(tmp_path):
+    """Flower's sampling waits until min-train-nodes are connected: budgets planned before it
+    missed a node that connected in the wait (it trained the plain round config, its decision
+    stored nowhere)."""
+    shares: dict[int, object] = {}
+
+    def replica(node, rnd, msg):
+        shares[node] = msg.content["config"].get("training-share")
+        return honest(node, rnd, msg)
+
+    fed, store = federation(
+        tmp_path, {1: replica, 2: replica}, num_server_rounds=1, allocation="quality-aware"
+    )
+    # The start's publish finds both; the round's first look finds node 1 alone (node 2 is
+    # reconnecting), and Flower's sampling waits until node 2 is back.
+    seen = iter([[1, 2], [1]])
+    fed.grid.get_node_ids = lambda: next(seen, [1, 2])
+    fed.run()
+    assert set(shares) == {1, 2} and all(isinstance(v, float) for v in shares.values()), shares
+    (decision,) = store.events(fed.run_info.id, "allocation")
+    assert sorted(b["node_id"] for b in decision.payload["budgets"]) == [1, 2]
+    store.close()
+
+
+def test_the_gain_curve_counts_only_the_steps_the_aggregate_took_in(tmp_path):
+    """A reply left out (weighing 0) moved nothing; under DP the mean is over every node asked,
+    so one node's 10 steps among four move the aggregate about 2.5 steps, not 10."""
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    def ten(node, rnd, msg):
+        return honest(node, rnd, msg, steps=10.0)
+
+    def idle(node, rnd, msg):
+        return honest(node, rnd, msg, steps=0.0)
+
+    def unchanged(node, rnd, msg):  # claims a step, sends the global adapter back
+        metrics = {"num-examples": 10, "train-loss": 3.0, "local-steps": 1.0}
+        return RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord(metrics)})
+
+    fed, store = federation(tmp_path, {1: ten, 2: unchanged}, num_server_rounds=1)
+    fed.run()
+    (r,) = store.list_rounds(fed.run_info.id)
+    assert r.status == "aggregated" and r.metrics["steps-per-node"] == 10.0
+    store.close()
+
+    def dp(strategy: LoraFedAvg) -> DifferentialPrivacyClientSideFixedClipping:
+        return DifferentialPrivacyClientSideFixedClipping(
+            strategy, noise_multiplier=0.01, clipping_norm=1.0, num_sampled_clients=4
+        )
+
+    fed, store = federation(
+        tmp_path / "dp",
+        {1: ten, 2: idle, 3: idle, 4: idle},
+        wrap=dp,
+        num_server_rounds=1,
+        aggregation="fedavg",
+        dp_noise_multiplier=0.01,
+        quality_gate_margin=-1.0,
+    )
+    fed.run()
+    (r,) = store.list_rounds(fed.run_info.id)
+    assert r.status == "aggregated" and r.metrics["steps-per-node"] == 2.5
+    store.close()
+
+
 def test_a_node_that_reports_no_local_steps_counts_one_as_the_strategy_does(tmp_path):
     def silent(node, rnd, msg):
         reply = honest(node, rnd, msg)

@@ -203,3 +203,28 @@ def test_a_lora_alpha_that_is_not_a_finite_positive_number_is_refused(value):
 def test_a_seed_beyond_what_the_random_generators_take_is_refused():
     with pytest.raises(ConfigError, match=r"seed=1000000000000000: must be in \[0, 2\*\*32\)"):
         RunConfig.from_flower({"seed": 10**15})
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("local-steps", -1),
+        ("learning-rate", float("nan")),
+        ("learning-rate", float("inf")),
+        ("learning-rate", -0.1),
+        ("batch-size", 0),
+    ],
+)
+def test_a_train_message_budget_out_of_range_is_a_config_error_naming_its_key(key, value):
+    from collm_fl.config import TrainBudget
+
+    with pytest.raises(ConfigError, match=f"'{key}' must be"):
+        TrainBudget.from_config(RunConfig(), {key: value})
+    assert TrainBudget.from_config(RunConfig(), {"local-steps": 0}).local_steps == 0
+
+
+def test_allocation_settings_under_static_allocation_are_named_as_ignored():
+    assert RunConfig(allocation="static").ignored_settings() == []
+    assert RunConfig(train_in_turns=True).ignored_settings() == []  # quality-aware: used
+    ignored = RunConfig(allocation="static", train_in_turns=True, min_training_share=0.4)
+    assert ignored.ignored_settings() == ["train-in-turns=True", "min-training-share=0.4"]
