@@ -43,7 +43,33 @@ PLAIN_LORA_OPTIONS: dict[str, tuple[object, ...]] = {
     "modules_to_save": (None, [], ()),
     "layers_to_transform": (None,),
     "lora_bias": (None, False),
+    # how the factors were initialized: PiSSA, OLoRA, LoftQ and the like change the base weights
+    # too (an adapter of theirs is not a plain LoRA of the base served here)
+    "init_lora_weights": (None, True, False, "gaussian"),
 }
+# Keys that name, describe or only set up the adapter (any value): the rest of an
+# adapter_config.json must be left at a value meaning "not used" (None, False, empty), so that an
+# option of a newer PEFT (activated LoRA, QALoRA, layer replication...) is refused, not served as
+# plain LoRA.
+DESCRIPTIVE_LORA_KEYS = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+        "megatron_core",  # (a module name, used only with megatron_config)
+        "qalora_group_size",  # (used only with use_qalora)
+        "layers_pattern",  # (used only with layers_to_transform)
+        "loftq_config",  # (LoftQ's settings, used only with init_lora_weights="loftq")
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -104,6 +130,13 @@ class LoraSpec:
             for key, plain in PLAIN_LORA_OPTIONS.items()
             if cfg.get(key) not in plain
         ]
+        unsupported += [
+            f"{key}={value!r}"
+            for key, value in sorted(cfg.items())
+            if key not in PLAIN_LORA_OPTIONS
+            and key not in DESCRIPTIVE_LORA_KEYS
+            and not _unused(value)
+        ]
         if unsupported:
             raise AdapterValidationError(
                 [f"unsupported LoRA options (plain LoRA only): {', '.join(unsupported)}"]
@@ -135,6 +168,11 @@ class LoraSpec:
 
     def replace(self, **changes: object) -> LoraSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _unused(value: object) -> bool:
+    """Whether an adapter_config.json value means "option not used": None, False or empty."""
+    return value is None or value is False or (isinstance(value, dict | list | tuple) and not value)
 
 
 def _is_int(value: object) -> bool:

@@ -80,6 +80,7 @@ class _Replica:
     last_error_at: float | None = None  # the last error of any kind (/health polls too)
     last_error: str | None = None
     routed: int = 0
+    last_routed: int = 0  # the pool's send count when it last sent this one a request (0: never)
     # The requests in flight on it, oldest first (sent in clock order; a dict keeps that order
     # and drops an ended one in O(1))
     tickets: dict[Ticket, None] = field(default_factory=dict)
@@ -213,6 +214,7 @@ class ReplicaPool:
         )
         self._proxy: httpx.AsyncClient | None = None
         self._health: httpx.AsyncClient | None = None
+        self._sent = 0  # requests begun on any replica (each replica's last_routed is one)
         self._pollers: list[asyncio.Task[None]] = []
 
     # ---- lifecycle ----
@@ -368,7 +370,7 @@ class ReplicaPool:
                     max_batch=r.max_batch,
                     consecutive_failures=r.consecutive_failures,
                     last_error_age_s=None if r.failed_at is None else now - r.failed_at,
-                    routed=r.routed,
+                    last_routed=r.last_routed,
                     prefills_ahead=ahead,
                     prompt_tokens_ahead=tokens_ahead,
                 )
@@ -436,6 +438,8 @@ class ReplicaPool:
         r.in_flight_tokens += max_tokens
         r.tickets[ticket] = None
         r.routed += 1
+        self._sent += 1  # (routing breaks ties by the least recently routed, see ReplicaView)
+        r.last_routed = self._sent
         return ticket
 
     def on_token(self, ticket: Ticket) -> None:

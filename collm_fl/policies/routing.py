@@ -26,8 +26,11 @@ replica with ``B`` batch slots and ``L`` requests already on it:
   (:func:`queue_wait_steps`): the oldest ``B`` requests hold the slots until
   their remaining tokens are out, each queued request ahead of it takes the first slot to free
   for its own tokens, and it gets the next. The gateway knows each request's remaining tokens
-  (``max_tokens`` less those streamed); requests it did not send count ``max_tokens`` of this
-  one. A burst admitted together frees its slots together, which an average rate would miss.
+  (``max_tokens`` less those streamed); requests it did not send count the mean of those on
+  that replica, or the chat default ``max_tokens`` when it has none
+  (:func:`typical_remaining_tokens`), never the newcomer's own ``max_tokens``: its length does not
+  delay its first token. A burst admitted together frees its slots together, which an average
+  rate would miss.
 
 ``base_ttft`` and ``base_tpot`` are learned per replica by the gateway (EWMAs normalised back to
 an unloaded, non-training replica with :func:`unloaded_tpot` / :func:`unloaded_ttft`), with priors
@@ -50,6 +53,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
+from collm_fl.api.schemas import DEFAULT_MAX_TOKENS_CHAT
 from collm_fl.errors import ConfigError
 from collm_fl.replica.metrics import SLO
 
@@ -76,7 +80,9 @@ class ReplicaView:
     max_batch: int | None = None  # batch slots of the replica, if it reports them
     consecutive_failures: int = 0  # failed proxied requests since the last success
     last_error_age_s: float | None = None  # seconds since the last failure (None: never)
-    routed: int = 0  # requests the gateway has sent it so far (spreads ties)
+    # The gateway's count of requests sent (to any replica) when it last sent this one a request
+    # (0: never): ties go to the least recently routed, so idle replicas take turns
+    last_routed: int = 0
     # The gateway's streamed requests on it without their first token yet: prefills ahead of a
     # new one (a JSON reply shows no first token, so it is not counted)
     prefills_ahead: int = 0
@@ -107,6 +113,12 @@ class LatencyModel:
     tie_tolerance_frac: float = 0.1
     failure_penalty_s: float = 0.5  # added TTFT per consecutive failure ...
     failure_memory_s: float = 10.0  # ... fading out linearly over this many seconds
+    # A replica whose last this-many proxied requests failed, while the penalty has not faded,
+    # does not count as meeting the SLO (see :func:`is_failing`).
+    failing_streak: int = 5
+    # The output tokens a request the gateway did not send is taken to have left when the gateway
+    # has none of its own on that replica to go by (see :func:`typical_remaining_tokens`)
+    default_remaining_tokens: int = DEFAULT_MAX_TOKENS_CHAT
 
 
 DEFAULT_LATENCY_MODEL = LatencyModel()
@@ -138,20 +150,24 @@ def current_load(in_flight: int, reported: int, in_flight_at_poll: int | None) -
     return in_flight + max(0, reported - in_flight_at_poll)
 
 
-def queue_wait_steps(remaining: Sequence[int], load: int, capacity: int, max_tokens: int) -> int:
+def queue_wait_steps(
+    remaining: Sequence[int], load: int, capacity: int, external_tokens: int
+) -> int:
     """Decode steps until a slot frees for a new request behind ``load`` requests on ``capacity``
     slots (0 when one is free now).
 
     ``remaining``: the output tokens each request the gateway sent still has to produce, oldest
     first; the oldest ``capacity`` of the ``load`` hold the slots, the rest wait in order, and the
     requests the gateway did not send (``load`` beyond ``remaining``) are taken to wait behind
-    them with ``max_tokens`` each. Each waiting request takes the first slot to free and holds it
-    for its own tokens; the new one gets the slot that frees after them.
+    them with ``external_tokens`` each (:func:`typical_remaining_tokens`; not the new request's
+    ``max_tokens``, which would make a long request wait longer behind the same work). Each
+    waiting request takes the first slot to free and holds it for its own tokens; the new one
+    gets the slot that frees after them.
     """
     if load < capacity:
         return 0
     tokens = [max(int(r), 1) for r in remaining[:load]]
-    tokens += [max(max_tokens, 1)] * (load - len(tokens))
+    tokens += [max(external_tokens, 1)] * (load - len(tokens))
     frees = sorted(tokens[:capacity])  # the step at which each slot frees
     heapq.heapify(frees)
     for own in tokens[capacity:]:  # each queued request ahead, in order
@@ -163,13 +179,31 @@ def capacity_of(view: ReplicaView, model: LatencyModel = DEFAULT_LATENCY_MODEL) 
     return max(1, view.max_batch or model.default_max_batch)
 
 
+def typical_remaining_tokens(
+    view: ReplicaView, model: LatencyModel = DEFAULT_LATENCY_MODEL
+) -> float:
+    """The output tokens a request on ``view`` is taken to have left when the gateway does not
+    know (one it did not send): the mean of the gateway's own in-flight requests there, else
+    ``model.default_remaining_tokens``. Independent of any new request's ``max_tokens``."""
+    if view.remaining_tokens:
+        return sum(view.remaining_tokens) / len(view.remaining_tokens)
+    if view.in_flight > 0:
+        return view.in_flight_tokens / view.in_flight
+    return float(model.default_remaining_tokens)
+
+
 def predict_latency(
     view: ReplicaView,
     prompt_tokens: int,
     max_tokens: int,
     model: LatencyModel = DEFAULT_LATENCY_MODEL,
 ) -> Prediction:
-    """Predicted TTFT and TPOT of a new request sent to ``view`` now (module docstring)."""
+    """Predicted TTFT and TPOT of a new request sent to ``view`` now (module docstring).
+
+    ``max_tokens`` does not change the prediction: a request's own length does not delay its
+    first token, and the requests ahead of it the gateway did not send are counted at
+    :func:`typical_remaining_tokens`, not at the newcomer's length (which predicted a request for
+    4096 tokens to wait ~250× longer than one for 16 behind the same work, and shed it)."""
     load, cap = load_of(view), capacity_of(view, model)
     slow = interference_factor(view.training_share, model)
     base_tpot = view.ewma_tpot_s if view.ewma_tpot_s is not None else model.prior_tpot_s
@@ -191,11 +225,11 @@ def predict_latency(
         view.prompt_tokens_ahead,
     )
     if load >= cap:
+        typical = typical_remaining_tokens(view, model)
         if view.remaining_tokens is not None:
-            wait = float(queue_wait_steps(view.remaining_tokens, load, cap, max_tokens))
+            wait = float(queue_wait_steps(view.remaining_tokens, load, cap, round(typical)))
         else:  # no per-request counts: a slot frees about every (mean remaining) / cap steps
-            mean = view.in_flight_tokens / view.in_flight if view.in_flight else max_tokens
-            wait = (load + 1 - cap) * max(mean, 1.0) / cap
+            wait = (load + 1 - cap) * max(typical, 1.0) / cap
         # The first of those steps is the running one, already in ``ttft``.
         ttft += max(wait - 1.0, 0.0) * step(cap)
     return Prediction(ttft_s=ttft, tpot_s=step(min(load + 1, cap)))
@@ -207,6 +241,13 @@ def failure_penalty_s(view: ReplicaView, model: LatencyModel = DEFAULT_LATENCY_M
         return 0.0
     fade = 1.0 - view.last_error_age_s / model.failure_memory_s
     return model.failure_penalty_s * view.consecutive_failures * max(fade, 0.0)
+
+
+def is_failing(view: ReplicaView, model: LatencyModel = DEFAULT_LATENCY_MODEL) -> bool:
+    """Whether ``view`` failed its last ``model.failing_streak`` (or more) proxied requests and
+    its penalty has not faded: it answers /health but fails what it is sent (a wrong replica key,
+    a broken model), so :func:`choose_replica` does not count it as meeting the SLO."""
+    return view.consecutive_failures >= model.failing_streak and failure_penalty_s(view, model) > 0
 
 
 @dataclass(frozen=True)
@@ -311,20 +352,29 @@ def choose_replica(
     """The replica to send a request to, or None when no healthy one is left.
 
     Among healthy, non-excluded replicas: those predicted to meet both SLOs come first (by the
-    prediction alone); within that tier the lowest predicted TTFT plus a penalty for recent
-    failures wins, where TTFTs within the
-    tie tolerance count as equal and a replica not training goes first (a request it takes costs
-    no training step its turn; see the allocation's turns), then the fewest in-flight requests
-    decide (measurement noise of a few ms should spread load, not pin it), then the fewest
-    requests routed so far (so idle replicas take turns instead of the first one taking every
-    sequential request); then predicted TPOT, then the name. A replica not yet
-    measured is assumed to be like the measured ones (they serve the same base model), so a fresh
-    replica is neither shunned nor flooded because of a prior.
+    prediction alone, except that a replica that :func:`is_failing` never counts as meeting them:
+    every request sent there would pay a failed attempt first; it is still chosen when none meets
+    them and it ranks best). Within that tier the lowest predicted TTFT plus a penalty for recent
+    failures wins, where TTFTs within the tie tolerance count as equal and then: a replica not
+    training goes first (a request it takes costs no training step its turn; see the
+    allocation's turns), then the fewest in-flight requests (measurement noise of a few ms should
+    spread load, not pin it), then the least recently routed (so idle replicas take turns instead
+    of the first one taking every sequential request, and one back from downtime takes its turn,
+    not every request until a lifetime count caught up), then the lower predicted TTFT plus
+    penalty, then predicted TPOT, then the name. A replica not yet measured is assumed to be like
+    the measured ones (they serve the same base model), so a fresh replica is neither shunned nor
+    flooded because of a prior.
     """
     # Whether it meets the SLOs is its prediction's; the penalty only ranks (a replica that
-    # refused a burst's requests a second ago is not predicted slower for it).
+    # refused a burst's requests a second ago is not predicted slower for it) — unless its
+    # streak says it fails whatever it is sent.
     scored = [
-        (ttft <= slo.ttft_s and tpot <= slo.tpot_s, ttft + penalty, tpot, v)
+        (
+            ttft <= slo.ttft_s and tpot <= slo.tpot_s and not is_failing(v, model),
+            ttft + penalty,
+            tpot,
+            v,
+        )
         for ttft, penalty, tpot, v in _scored(views, prompt_tokens, max_tokens, exclude, model)
     ]
     if not scored:
@@ -339,7 +389,7 @@ def choose_replica(
         key=lambda s: (
             s[3].training_share > 0,  # (a view's share is 0 unless a training job runs)
             s[3].in_flight,
-            s[3].routed,
+            s[3].last_routed,
             s[1],
             s[2],
             s[3].name,

@@ -14,8 +14,11 @@ them. The ``"slo"`` order fixes both, and never refuses or drops a request:
    whole batch's predicted prefill time still lets every member already in it meet its SLO (one
    batched prefill delays each member's first token until the whole batch is done). The rest wait
    for the next step — by then some may have become late.
-3. **Late ones fill spare rows.** A request that can no longer meet its TTFT SLO is admitted
-   (oldest first) only when nobody who still can is waiting; it is answered, just not first.
+3. **Late ones fill the rows of a step that admits nobody else.** A request that can no longer
+   meet its TTFT SLO is admitted (oldest first, overdue ones aside) only at a step where no
+   request that can still make it is admitted or left waiting: in a batch with fresh ones, its
+   prompt would lengthen their prefill (and with it their first tokens). It is answered, just
+   not first.
 
 A like notion of late tells the replica when its work earns no goodput (:func:`only_late`):
 while every request it holds is late — a waiting one by its wait alone — and none overdue, a
@@ -220,6 +223,7 @@ def admission_order(
         longest = max(longest, w.prompt_tokens)
         slack = min(slack, budget - w.age_s)
     if not blocked and len(chosen) == len(overdue[:free_rows]):
-        # Nobody who can still make it is waiting: the late ones take the spare rows.
+        # Nobody who can still make it is waiting or joins this step's prefill (a late prompt
+        # beside theirs would delay their first tokens): the late ones take the spare rows.
         chosen += late[: free_rows - len(chosen)]
     return chosen

@@ -9,12 +9,15 @@ rests that share of its time for it (``InferenceEngine.lend_to_training``). It s
 a trainer that has fallen behind its round's plan (``behind_schedule``): idle moments first,
 borrowed time only as late as the plan allows, and then even while requests are at risk, so
 sustained load neither cancels the allocation's plan nor lets training take more than the
-allocation's share. When the replica is idle, training takes the whole replica (all threads);
-so it does when every request the replica holds is already late (``only_late``: every waiting
-one has waited past its TTFT budget, every running one got its first token late, none
-overdue) — serving them earns no goodput, so planned and backfill steps
-alike take that time, and the engine rests for them until a fresh request arrives
-(``InferenceEngine.want_late_turn``).
+allocation's share — where the replica lends (``--max-lend-share`` above 0, which caps the share
+lent). Under the default 0 nothing is lent and no plan counts as behind (the share a plan is
+judged at is the share it can borrow): training runs on serving's idle moments alone, the TTFT
+and TPOT rules always hold, and sustained load can leave a round's plan unmet. When the replica
+is idle, training takes the whole replica (all threads); so it does when every request the
+replica holds is already late (``only_late``: every waiting one has waited past its TTFT budget,
+every running one got its first token late, none overdue) — serving them earns no goodput, so
+planned and backfill steps alike take that time, and the engine rests for them until a fresh
+request arrives (``InferenceEngine.want_late_turn``).
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = Fals
         # time would cancel the round's plan instead of slowing it. Serving lends the share.
         return GuardDecision(
             True,
-            max(1, x.total_threads - 1),
+            shared_threads(x.total_threads),
             0.0,
             "behind the round's plan: taking the share",
             lend_share=x.training_share,
@@ -85,7 +88,13 @@ def training_decision(x: GuardInputs, margin: float = 0.8, backfill: bool = Fals
     if x.running > 0 and x.decode_step_s > margin * x.tpot_slo_s:
         return GuardDecision(False, 0, _recheck_s(x), "TPOT at risk")
     # Serving keeps its own core; training takes the rest (its steps wait while serving works).
-    return GuardDecision(True, max(1, x.total_threads - 1), 0.0, "within share and SLOs")
+    return GuardDecision(True, shared_threads(x.total_threads), 0.0, "within share and SLOs")
+
+
+def shared_threads(total_threads: int) -> int:
+    """Threads a training step gets while serving has work: all but serving's own (at least
+    one). A step behind its round's plan runs on these, so its plan is costed at them."""
+    return max(1, total_threads - 1)
 
 
 def behind_schedule(

@@ -18,10 +18,11 @@ fresh request arrives. A planned step that falls behind its round's plan (the pl
 the training share, need most of the time left) asks the engine to rest for it: the share of
 serving's time the allocation gave, no more, and only while behind — idle moments first, borrowed
 time as late as the plan allows. The engine lends only up to its ``max_lend_share`` (replica
-``--max-lend-share``; 0 by default: then training runs on idle moments alone, see
-``InferenceEngine.lend_to_training``). Backfill steps never borrow. (Kernel priorities cannot do
-this: a step at the lowest priority gets almost nothing from a busy core, also from every other
-process on it, and an unprivileged thread cannot raise its priority again.)
+``--max-lend-share``; 0 by default: then no plan counts as behind and training runs on idle
+moments alone, see ``InferenceEngine.lend_to_training``). Backfill steps never borrow. (Kernel
+priorities cannot do this: a step at the lowest priority gets almost nothing from a busy core,
+also from every other process on it, and an unprivileged thread cannot raise its priority
+again.)
 
 Thread budget (2 cores): the engine thread uses 1 compute thread; the trainer uses 1 while
 requests are present and both when the replica is idle (one compute thread per core interferes
@@ -51,6 +52,7 @@ from collm_fl.policies.slo_guard import (
     GuardDecision,
     GuardInputs,
     behind_schedule,
+    shared_threads,
     training_decision,
 )
 from collm_fl.replica.affinity import available_cpus, lower_thread_priority
@@ -194,7 +196,8 @@ class CoTrainer:
         self._submit_lock = threading.Lock()
         self._step_ewma = 0.0  # wall seconds per micro-step (paces the guard's re-checks)
         self._waited_s = 0.0  # the current step's waits at its layers for serving to give way
-        self._step_cost_ewma = 0.0  # compute seconds per micro-step (what the plan needs)
+        # compute seconds per micro-step (what the plan needs), by the threads it ran on
+        self._step_costs: dict[int, float] = {}
         self.clock: Callable[[], float] = time.monotonic  # the deadline's clock (tests replace it)
         self.steps_total = 0
         self.tokens_total = 0
@@ -402,7 +405,7 @@ class CoTrainer:
             # Its cost: the worker's CPU time on one thread, else the wall time less the waits
             # at its layers while serving had the core (a burst mid-step is not its cost).
             cost = cpu_s if cpu_s is not None else t1 - t0 - self._waited_s
-            self._note_step(t0, t1, cost)
+            self._note_step(t0, t1, cost, decision.threads)
             cost_s += max(0.0, cost)
             train_s += t1 - t0
             loss_sum += loss * n
@@ -446,10 +449,12 @@ class CoTrainer:
     def _step_fits(self, time_left: float, rate: float) -> bool:
         """Whether a step can end before the deadline with ``rate`` of the core (its measured
         compute time / rate <= the time left; unknown cost: yes). One that cannot would be
-        dropped at the deadline, its compute wasted."""
-        if self._step_cost_ewma <= 0:
+        dropped at the deadline, its compute wasted. Costed as :meth:`_plan_step_cost`: on the
+        threads a step gets while serving has work."""
+        cost = self._plan_step_cost()
+        if cost <= 0:
             return True
-        return rate > 0 and self._step_cost_ewma / rate <= time_left
+        return rate > 0 and cost / rate <= time_left
 
     def _step(
         self,
@@ -536,16 +541,37 @@ class CoTrainer:
     def _behind(self, planned_left: int, time_left: float) -> bool:
         """Whether the round's plan is behind (``slo_guard.behind_schedule``) at this speed, at
         the share the engine will lend it (the allocation's, at most ``max_lend_share``): a plan
-        judged at a larger share than it borrows starts borrowing too late to catch up."""
-        lend = self.engine.max_lend_share
-        share = min(self._share, lend) if lend > 0 else self._share
+        judged at a larger share than it borrows starts borrowing too late to catch up.
+
+        Never while the engine lends nothing (``max_lend_share`` 0, the default): judged at the
+        full share, a plan counted as behind (its first step always did), and the guard ran its
+        step "taking the share" — none lent — past its TTFT and TPOT rules."""
+        share = min(self._share, max(self.engine.max_lend_share, 0.0))
         return behind_schedule(
-            planned_left, self._step_cost_ewma, share, time_left, early=self.lend_early
+            planned_left, self._plan_step_cost(), share, time_left, early=self.lend_early
         )
 
-    def _note_step(self, t0: float, t1: float, cost_s: float | None = None) -> None:
+    def _note_step(self, t0: float, t1: float, cost_s: float, threads: int) -> None:
+        """Time a finished step: its wall time (paces re-checks) and its cost on ``threads``."""
         self._step_ewma = _ewma(self._step_ewma, t1 - t0)
-        self._step_cost_ewma = _ewma(self._step_cost_ewma, t1 - t0 if cost_s is None else cost_s)
+        self._step_costs[threads] = _ewma(self._step_costs.get(threads, 0.0), cost_s)
+
+    def _step_cost(self, threads: int) -> float:
+        """Compute seconds of a step on ``threads`` threads (0: none timed yet).
+
+        Kept per thread count: a step on every thread of an idle replica is timed by its wall
+        time, one beside serving by its CPU time on one thread, and one average of both
+        underestimated the one-thread steps a plan borrows for. Before a step was timed on
+        ``threads``, an upper bound from the others: a step timed on ``m`` threads takes at most
+        ``m / threads`` times as long on fewer, and no longer on more."""
+        if threads in self._step_costs:
+            return self._step_costs[threads]
+        return min((c * max(m / threads, 1.0) for m, c in self._step_costs.items()), default=0.0)
+
+    def _plan_step_cost(self) -> float:
+        """The cost a plan is judged at: a step on the threads it gets while serving has work
+        (``slo_guard.shared_threads``), as a step behind its plan runs."""
+        return self._step_cost(shared_threads(self.total_threads))
 
     def _guard_inputs(self, behind: bool = False) -> GuardInputs:
         s = self.engine.stats()

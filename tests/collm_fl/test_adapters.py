@@ -11,6 +11,12 @@ def test_plain_lora_configs_are_read_back_as_peft_writes_them():
     assert LoraSpec.from_peft_config_dict(plain) == LoraSpec()
     peft_saved = {**plain, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
     assert LoraSpec.from_peft_config_dict({**peft_saved, "lora_bias": False}) == LoraSpec()
+    # every key PEFT 0.21 writes for a plain LoRA, at its value
+    from peft import LoraConfig
+
+    saved = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]).to_dict()
+    saved = {**saved, "peft_type": "LORA", "target_modules": sorted(saved["target_modules"])}
+    assert LoraSpec.from_peft_config_dict(saved) == LoraSpec()
 
 
 @pytest.mark.parametrize(
@@ -25,6 +31,13 @@ def test_plain_lora_configs_are_read_back_as_peft_writes_them():
         ("layers_to_transform", [0]),
         ("lora_bias", True),
         ("fan_in_fan_out", True),
+        # newer PEFT options, and any a later one adds: refused unless left unused
+        ("alora_invocation_tokens", [1]),
+        ("use_qalora", True),
+        ("layer_replication", [[0, 1]]),
+        ("target_parameters", ["mlp.experts.down_proj"]),
+        ("some_future_option", "on"),
+        ("init_lora_weights", "pissa"),
     ],
 )
 def test_lora_options_that_change_the_adapters_math_are_refused(key, value):

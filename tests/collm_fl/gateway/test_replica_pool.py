@@ -253,6 +253,24 @@ def test_a_replica_that_comes_back_healthy_carries_no_penalty_for_its_downtime()
     assert view(pool, a).consecutive_failures == 1
 
 
+def test_idle_replicas_take_turns_also_after_one_took_every_request_while_the_other_was_down():
+    # Ties went to the fewest requests routed ever: a replica back after its peer had taken
+    # 1,000 requests took the next 1,000 in a row. The least recently routed goes instead.
+    pool, _ = make_pool()
+    a, b = pool.names()
+    for name in (a, b):
+        pool._replicas[name].healthy = True
+    for _ in range(1000):  # b is down meanwhile
+        pool.succeed(pool.begin(a, 0, 4))
+    chosen = []
+    for _ in range(6):  # sequential requests, both idle again
+        name = choose_replica(pool.views(), 0, 4, SLO(ttft_s=1.0, tpot_s=0.1), model=MODEL)
+        assert name is not None
+        pool.succeed(pool.begin(name, 0, 4))
+        chosen.append(name)
+    assert chosen == [b, a, b, a, b, a]
+
+
 def test_a_failed_health_poll_does_not_renew_a_failed_requests_penalty():
     # The penalty fades from the last failed request; a /health poll that failed once (not
     # enough to mark the replica unhealthy) renewed it, so an occasional slow /health kept it.

@@ -12,6 +12,7 @@ from collm_fl.policies.routing import (
     load_of,
     predict_latency,
     queue_wait_steps,
+    typical_remaining_tokens,
     unloaded_tpot,
     unloaded_ttft,
 )
@@ -82,13 +83,53 @@ def test_a_drained_burst_no_longer_counts_once_the_gateway_saw_it_end():
         ((64,) * 9, 9, 8, 64),  # one queued ahead takes the first, the new one the next
         (tuple(range(1, 9)), 8, 8, 1),  # staggered: the first to finish
         ((*range(1, 9), 8, 8), 10, 8, 3),  # two ahead take the slots freeing at 1 and 2
-        ((5,) * 4, 8, 4, 15),  # 4 the gateway did not send: max_tokens (10) each, in turn
+        ((5,) * 4, 8, 4, 15),  # 4 the gateway did not send: external_tokens (10) each, in turn
     ],
 )
 def test_a_new_request_waits_for_the_slot_that_frees_after_those_ahead(
     remaining, load, cap, expected
 ):
-    assert queue_wait_steps(remaining, load, cap, max_tokens=10) == expected
+    assert queue_wait_steps(remaining, load, cap, external_tokens=10) == expected
+
+
+@pytest.mark.parametrize(
+    "external",
+    [
+        {"queue_depth": 8, "running": 4},  # no request of the gateway's own: the default length
+        {
+            "in_flight": 4,
+            "remaining_tokens": (30,) * 4,
+            "queue_depth": 8,
+            "running": 4,
+            "in_flight_at_poll": 4,
+        },  # the mean of its own
+        {
+            "in_flight": 4,
+            "in_flight_tokens": 120,
+            "queue_depth": 8,
+            "running": 4,
+            "in_flight_at_poll": 4,
+        },  # (no per-request counts)
+    ],
+)
+def test_a_requests_own_length_does_not_lengthen_its_wait_behind_requests_of_other_clients(
+    external,
+):
+    # 8 requests the gateway did not send wait on a full replica: they were counted at the new
+    # request's max_tokens, so one asking for 4096 tokens was predicted ~250x the wait of one
+    # asking for 16 behind the same work (and shed).
+    busy = view("a", **external)
+    assert load_of(busy) > 4  # beyond the 4 slots: the external requests are queued
+    short, long = predict_latency(busy, 0, 16), predict_latency(busy, 0, 4096)
+    assert long.ttft_s == pytest.approx(short.ttft_s)
+    assert short.ttft_s > predict_latency(IDLE, 0, 16).ttft_s
+
+
+def test_requests_of_other_clients_count_at_the_mean_left_of_the_gateways_own():
+    model = LatencyModel()
+    assert typical_remaining_tokens(view("a", remaining_tokens=(10, 30)), model) == 20
+    assert typical_remaining_tokens(view("a", in_flight=4, in_flight_tokens=120), model) == 30
+    assert typical_remaining_tokens(view("a"), model) == model.default_remaining_tokens
 
 
 def test_a_slot_freeing_after_the_running_step_costs_that_step_once():
@@ -204,6 +245,20 @@ def test_a_penalized_replica_that_meets_the_slo_still_beats_one_predicted_to_mis
     assert choose_replica([idle_but_failed, busy], 0, 16, SLO_) == "a"
 
 
+def test_a_replica_failing_every_request_does_not_count_as_meeting_the_slo():
+    # It answers /health but fails whatever it is sent (a wrong replica key, a broken model):
+    # in the tier that meets the SLO it won every request, each paying a failed attempt first.
+    failing = view("a", consecutive_failures=20, last_error_age_s=0.1)
+    busy = view("b", in_flight=24, in_flight_tokens=24 * 16)
+    assert (
+        predict_latency(failing, 0, 16).ttft_s < SLO_.ttft_s < predict_latency(busy, 0, 16).ttft_s
+    )
+    assert choose_replica([failing, busy], 0, 16, SLO_) == "b"
+    # ... still chosen when it is all there is, and once its penalty has faded
+    assert choose_replica([failing], 0, 16, SLO_) == "a"
+    assert choose_replica([replace(failing, last_error_age_s=60.0), busy], 0, 16, SLO_) == "a"
+
+
 def test_normalising_an_observation_inverts_the_prediction():
     loaded = view("a", in_flight=2, in_flight_tokens=40, training_share=0.4)
     p = predict_latency(loaded, 100, 16)
@@ -232,10 +287,25 @@ def test_an_unmeasured_replica_is_assumed_to_be_like_its_peers():
 
 
 def test_idle_equal_replicas_take_turns():
-    # Sequential requests at light load: both idle and equally fast; the one routed to less goes.
-    a, b = view("a", routed=5), view("b", routed=4)
+    # Sequential requests at light load: both idle and equally fast; the least recently routed
+    # goes.
+    a, b = view("a", last_routed=5), view("b", last_routed=4)
     assert choose_replica([a, b], 0, 16, SLO_) == "b"
-    assert choose_replica([a, replace(b, routed=6)], 0, 16, SLO_) == "a"
+    assert choose_replica([a, replace(b, last_routed=6)], 0, 16, SLO_) == "a"
+
+
+def test_a_replica_back_from_downtime_takes_turns_instead_of_every_tied_request():
+    # Ties went to the fewest requests routed ever: a replica back after 1,000 requests went to
+    # its peer took the next 1,000 in a row. By the least recently routed, they alternate.
+    views = {"a": view("a", last_routed=1000), "b": view("b", last_routed=0)}
+    sent, chosen = 1000, []
+    for _ in range(6):
+        name = choose_replica(list(views.values()), 0, 16, SLO_)
+        assert name is not None
+        sent += 1
+        views[name] = replace(views[name], last_routed=sent)
+        chosen.append(name)
+    assert chosen == ["b", "a", "b", "a", "b", "a"]
 
 
 def test_prompts_still_to_prefill_on_a_replica_count_against_it():

@@ -3,6 +3,7 @@
 import itertools
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from collm_fl.adapters import LoraSpec
 from collm_fl.data import DataSpec
 from collm_fl.errors import VersionConflictError
 from collm_fl.policies.scheduling import PrefillCost
+from collm_fl.policies.slo_guard import GuardInputs, training_decision
 from collm_fl.replica.metrics import SLO
 from collm_fl.replica.requests import GenerationRequest
 from collm_fl.replica.runtime import Replica, ReplicaConfig
@@ -131,7 +133,7 @@ def test_a_steps_cost_leaves_out_its_waits_for_serving(replica, monkeypatch):
     t0 = time.monotonic()
     assert replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1).steps == 1
     wall = time.monotonic() - t0
-    assert wall >= 1.0 and trainer._step_cost_ewma < wall - 0.9
+    assert wall >= 1.0 and trainer._step_cost(2) < wall - 0.9
 
 
 def test_a_replica_trains_with_the_optimizer_settings_a_device_uses(replica, monkeypatch):
@@ -233,6 +235,8 @@ def test_backfill_waits_while_a_request_is_served(replica):
 def test_a_trainer_behind_its_plan_borrows_its_share_while_a_request_waits(replica, monkeypatch):
     assert replica.trainer is not None
     replica.train(steps=1, learning_rate=1e-3, deadline_s=120, round_number=1)  # a timed step
+    # An engine that lends (with max_lend_share 0, the default, no plan is ever behind).
+    monkeypatch.setattr(replica.engine, "max_lend_share", 0.9)
     loans: list[float] = []
     lend = replica.engine.lend_to_training
     monkeypatch.setattr(
@@ -268,7 +272,7 @@ def test_a_trainer_behind_its_plan_borrows_its_share_while_a_request_waits(repli
         replica.trainer.clock = time.monotonic
         replica.engine.resume()
     assert behind.steps > 0 and behind.deadline_hit
-    # It asked serving for its share (1.0 here; the engine caps what it lends) and ended the
+    # It asked serving for its share (1.0 here; the engine caps what it lends at 0.9) and ended the
     # loan with the job (a decision to wait mid-job ends it too, until the next step); the
     # trainer on schedule never borrowed.
     assert loans[0] == 1.0 and loans[behind_loans - 1] == 0.0
@@ -506,17 +510,74 @@ def test_a_plan_is_judged_behind_at_the_share_the_engine_will_lend_it(replica):
     # plan started borrowing at 50 s and fit half its steps.
     trainer = replica.trainer
     assert trainer is not None
-    trainer._share, trainer._step_cost_ewma = 0.5, 1.0
+    trainer._share, trainer._step_costs = 0.5, {1: 1.0}  # (on one thread)
     lend = replica.engine.max_lend_share
     try:
         replica.engine.max_lend_share = 0.2
         assert trainer._behind(20, 100.0)
         replica.engine.max_lend_share = 0.9  # (lends the whole share: judged at it)
         assert not trainer._behind(20, 100.0)
-        replica.engine.max_lend_share = 0.0  # (lends nothing: judged at the share, as before)
-        assert not trainer._behind(20, 100.0)
     finally:
         replica.engine.max_lend_share = lend
+
+
+def test_a_plan_is_never_behind_while_the_engine_lends_nothing(replica):
+    # max_lend_share 0 (the default): judged at the full share, the plan counted as behind (its
+    # first step always did), and the guard ran the step "taking the share" (capped to nothing)
+    # past its rule that a request near its TTFT SLO is left the whole machine.
+    trainer = replica.trainer
+    assert trainer is not None
+    lend = replica.engine.max_lend_share
+    at_risk = GuardInputs(
+        queue_depth=1,
+        running=0,
+        oldest_waiting_s=0.9,  # past 0.8 × the 1-s TTFT SLO
+        decode_step_s=0.01,
+        training_share=0.5,
+        train_step_s=0.2,
+        ttft_slo_s=1.0,
+        tpot_slo_s=0.2,
+        total_threads=2,
+    )
+    try:
+        replica.engine.max_lend_share = 0.0
+        # No step timed yet; then 20 steps of 1 s at the share 0.5 need all the 40 s left.
+        for costs in ({}, {1: 1.0}):
+            trainer._share, trainer._step_costs = 0.5, costs
+            behind = trainer._behind(20, 40.0)
+            assert not behind
+            d = training_decision(replace(at_risk, behind_schedule=behind))
+            assert not d.run and d.reason == "TTFT at risk"
+        replica.engine.max_lend_share = 0.5  # (one that lends: behind, it borrows its share)
+        d = training_decision(replace(at_risk, behind_schedule=trainer._behind(20, 40.0)))
+        assert d.run and d.lend_share == 0.5
+    finally:
+        replica.engine.max_lend_share = lend
+
+
+def test_a_plan_is_costed_at_the_threads_a_step_behind_it_runs_on(replica):
+    # Steps on both threads of an idle replica (0.6 s of wall time) and on one thread beside
+    # serving (1 s of CPU time) were averaged into one cost (0.68 s): a plan borrowing for
+    # one-thread steps was judged on time and a step to fit where neither held.
+    trainer = replica.trainer
+    assert trainer is not None
+    total, lend = trainer.total_threads, replica.engine.max_lend_share
+    try:
+        trainer.total_threads, trainer._share, trainer._step_costs = 2, 0.5, {}
+        replica.engine.max_lend_share = 0.5
+        trainer._note_step(0.0, 0.6, 0.6, threads=2)  # idle: every thread
+        # Only steps on both threads timed yet: a one-thread step takes at most twice as long.
+        assert trainer._plan_step_cost() == pytest.approx(1.2)
+        trainer._note_step(0.0, 3.0, 1.0, threads=1)  # beside serving: its CPU time
+        assert trainer._step_cost(2) == pytest.approx(0.6)
+        assert trainer._plan_step_cost() == pytest.approx(1.0)
+        # 20 steps of 1 s at the share 0.5 need 40 s: behind with 45 s left (80 %: 36 s) ...
+        assert trainer._behind(20, 45.0)
+        # ... and a step lent half the core takes 2 s: it does not fit in 1.5 s.
+        assert not trainer._step_fits(1.5, 0.5)
+        assert trainer._step_fits(2.0, 0.5)
+    finally:
+        trainer.total_threads, replica.engine.max_lend_share = total, lend
 
 
 def test_a_step_whose_caller_left_stops_at_its_next_layer(replica, monkeypatch):
