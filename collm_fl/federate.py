@@ -84,12 +84,13 @@ def start_local_superlink(
         return False
     store = "in-memory" if in_memory else "database"
     cmd = [sys.executable, "-c", _START_SUPERLINK, str(timeout_s), store]
+    earlier = set(find_local_superlinks(flwr_home_of(env)))
     try:
         done = subprocess.run(
             cmd, env=dict(env), capture_output=True, text=True, timeout=timeout_s + 30
         )
     except subprocess.TimeoutExpired as e:  # (its SuperLink runs in a session of its own)
-        stop_processes(find_local_superlinks(flwr_home_of(env)))
+        stop_processes(started_since(flwr_home_of(env), earlier))
         raise WorkFailed(f"the local SuperLink did not start within {timeout_s:g}s") from e
     if done.returncode != 0:
         why = " ".join((done.stderr or done.stdout).split())[-600:]  # (the last of a traceback)
@@ -148,6 +149,12 @@ def find_local_superlinks(flwr_home: Path) -> list[psutil.Process]:
         if any("flower-superlink" in part for part in cmd[:2]) and any(marker in c for c in cmd):
             found.append(proc)
     return found
+
+
+def started_since(flwr_home: Path, earlier: set[psutil.Process]) -> list[psutil.Process]:
+    """The SuperLinks under ``flwr_home`` that are not among ``earlier`` (a process is its pid
+    and its start time: a pid used again is another process)."""
+    return [p for p in find_local_superlinks(flwr_home) if p not in earlier]
 
 
 def stop_processes(procs: list[psutil.Process], timeout: float = 10.0) -> None:
@@ -241,14 +248,15 @@ def mark_failed(cfg: RunConfig, reason: str) -> None:
 
 @contextmanager
 def managed_local_superlink(env: dict[str, str]) -> Iterator[None]:
-    """Stop, on exit, a local SuperLink that was not running when the block started."""
+    """Stop, on exit, the local SuperLink(s) started during the block (by it or by ``flwr run``),
+    and only those: one running before it is someone else's, even if it was too slow to answer
+    the health check that would have found it."""
     flwr_home = flwr_home_of(env)
-    already = local_superlink_running(env)
+    earlier = set(find_local_superlinks(flwr_home))
     try:
         yield
     finally:
-        if not already:
-            stop_processes(find_local_superlinks(flwr_home))
+        stop_processes(started_since(flwr_home, earlier))
 
 
 def few_nodes_config(nodes: int) -> dict[str, Scalar]:
@@ -284,9 +292,15 @@ def launch_config(
         raise ConfigError(f"{', '.join(named)}: set by this command, not by -c")
     values: dict[str, Scalar] = {**(defaults or {}), **user, **(fixed or {})}
     cfg = RunConfig.from_app(app, values)
+    if cfg.store_url and _in_memory(cfg.store_url):
+        raise ConfigError(
+            f"store-url={cfg.store_url!r}: an in-memory database lives in the process that opens "
+            "it, so this command would read the ServerApp's run back from an empty one (and "
+            "report it failed): use a file (sqlite:///runs.db) or a database server"
+        )
     values["output-dir"] = str(cfg.output_path)
     sqlite = "sqlite:///"
-    if cfg.store_url.startswith(sqlite) and cfg.store_url != sqlite + ":memory:":
+    if cfg.store_url.startswith(sqlite):
         # (sqlite:///x.db is relative to the process's directory, the ServerApp's elsewhere;
         # sqlite:////abs/x.db is absolute)
         values["store-url"] = sqlite + _absolute(cfg.store_url[len(sqlite) :])
@@ -308,6 +322,17 @@ def launch_config(
         elif cfg.model.startswith((".", "/", "~")):
             raise ConfigError(f"model: no such path: {cfg.model}")
     return format_overrides(values), RunConfig.from_app(app, values)
+
+
+def _in_memory(store_url: str) -> bool:
+    """Whether ``store_url`` (a valid SQLAlchemy URL) is an SQLite database in memory."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(store_url)
+    database = url.database or ""  # ("" too is a database in memory)
+    return url.get_backend_name() == "sqlite" and (
+        not database or ":memory:" in database or "mode=memory" in store_url
+    )
 
 
 def _absolute(path: str) -> str:

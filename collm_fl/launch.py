@@ -181,12 +181,20 @@ def port_range() -> tuple[int, int] | None:
 
 
 def free_port() -> int:
-    """A free loopback TCP port, never one this process handed out recently (from
-    ``$COLLM_PORT_RANGE`` when set)."""
+    """A free loopback TCP port (from ``$COLLM_PORT_RANGE`` when set), one this process has not
+    handed out recently; when every free one it found has been, the one handed out longest ago
+    (a narrow range runs out of fresh ports, not of free ones)."""
     span = port_range()
+    if span is None:
+        tries: list[int] = [0] * 1000  # (the kernel's pick)
+    elif span[1] - span[0] < 1000:
+        tries = list(range(span[0], span[1] + 1))  # every one, in a random order
+        secrets.SystemRandom().shuffle(tries)
+    else:
+        tries = [secrets.choice(range(span[0], span[1] + 1)) for _ in range(1000)]
     with _HANDED_OUT_LOCK:
-        for _ in range(1000):
-            wanted = 0 if span is None else secrets.choice(range(span[0], span[1] + 1))
+        handed_out_free: set[int] = set()
+        for wanted in tries:
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", wanted))
@@ -196,6 +204,12 @@ def free_port() -> int:
             if port not in _HANDED_OUT:
                 _HANDED_OUT.append(port)
                 return port
+            handed_out_free.add(port)
+        if handed_out_free:
+            port = next(p for p in _HANDED_OUT if p in handed_out_free)  # (oldest first)
+            _HANDED_OUT.remove(port)
+            _HANDED_OUT.append(port)
+            return port
     raise LaunchError("no free loopback port found")
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from collm_fl.config import RunConfig, Scalar, parse_overrides
-from collm_fl.errors import ConfigError, StoreError, WorkFailed
+from collm_fl.errors import CollmError, ConfigError, StoreError, WorkFailed
 from collm_fl.federate import (
     check_node_counts,
     failed_if_interrupted,
@@ -130,15 +130,18 @@ class RoundRow:
     eval_loss: float | None
     clients_ok: int
     clients_failed: int
-    requests: int
+    requests: int  # sent in the round and finished (by its line; in the report, by the end)
     goodput_rps: float
-    slo_attainment: float
+    slo_attainment: float  # (meaningless when ``requests`` is 0: None in report.json)
     shares: dict[str, float] = field(default_factory=dict)
     # the round's aggregate's loss when it was not promoted (the quality gate kept the previous)
     candidate_loss: float | None = None
     clients_rejected: int = 0  # replies refused by the strategy (bad update, over a bound ...)
     # why ``version`` may not be what every replica serves ("" when it was published to all)
     version_note: str = ""
+    # requests the load's schedule had due in the round, finished or not: a round whose
+    # requests were all still in flight (when the run was stopped) is not one without arrivals
+    sent: int = 0
 
 
 class _Load:
@@ -162,6 +165,10 @@ class _Load:
 
     def snapshot(self) -> tuple[RequestResult, ...]:
         return self._completed
+
+    def due_between(self, since: float, until: float) -> int:
+        """How many requests the schedule sends in ``[since, until)`` (seconds after its start)."""
+        return sum(1 for r in self.requests if since <= r.offset_s < until)
 
     def _progress(self, p: ReplayProgress) -> None:
         self._completed = p.completed
@@ -265,6 +272,11 @@ def live_schedule(cfg: LiveConfig) -> list[RequestSpec]:
     # A diurnal cycle as long as the schedule (4 h) would show a run of minutes only its rise.
     shape = {"period_s": DIURNAL_PERIOD_S} if cfg.arrivals == "diurnal" else {}
     offsets = arrival_times(cfg.arrivals, cfg.rate, schedule_s, cfg.seed, **shape)
+    if len(offsets) == 0:  # (the report would measure a load that never came)
+        raise ConfigError(
+            f"--rate {cfg.rate:g} req/s sends no request in the load's {schedule_s / 3600:g}-h "
+            f"schedule (--arrivals {cfg.arrivals}, --seed {cfg.seed}): raise --rate"
+        )
     # (a bursty schedule may hold more than rate × duration)
     return build_requests(offsets[:MAX_LIVE_REQUESTS], cfg.prompt_tokens, cfg.output_tokens)
 
@@ -272,7 +284,8 @@ def live_schedule(cfg: LiveConfig) -> list[RequestSpec]:
 def run_live(cfg: LiveConfig, app: Path) -> int:
     """Run the co-executing main job; returns flwr's exit code."""
     slo = SLOSpec(cfg.ttft_slo_s, cfg.tpot_slo_s)
-    # The schedule first: a bad arrival process or rate fails before anything starts.
+    # The schedule first: a bad arrival process, or a rate that sends nothing, fails before
+    # anything starts.
     requests = live_schedule(cfg)
     out = cfg.out.resolve()
     # Checked before anything starts; the replicas train as it says (data, LoRA shape, ...).
@@ -326,6 +339,7 @@ def _run_live(
     started = ended = math.nan  # (the load's start and end: set once it ran)
     watch = _Watch(run_cfg.min_train_nodes)
     load: _Load | None = None
+    crashed: Exception | None = None  # what ended the job's driving of flwr run, if not flwr
     launched = datetime.now(UTC)
     try:
         with (
@@ -361,6 +375,11 @@ def _run_live(
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report what ran, then stop everything
                 interrupted, code = True, 130
                 _say("interrupted: writing the report of the rounds so far ...")
+            except Exception as e:  # (its log not writable, ...): a failed run, with a report
+                if not isinstance(e, CollmError):
+                    log.exception("driving flwr run failed")
+                crashed = e
+                watch.died(f"driving flwr run failed: {type(e).__name__}: {e}")
             finally:
                 ended = time.monotonic()  # the schedule's end: what follows is shutting down
                 stop_monitor.set()
@@ -404,7 +423,7 @@ def _run_live(
     lost = [g for g in watch.lost if watch.failure is None or g not in watch.failure]
     if lost:
         note = " ".join([note, *(f"{g}; the run went on without it." for g in lost)]).strip()
-    if ended - started > load_end:
+    if 0 < load_end < ended - started:
         note = " ".join(
             [
                 note,
@@ -412,11 +431,13 @@ def _run_live(
                 "goodput is per second of it.",
             ]
         ).strip()
-    duration = min(ended - started, load_end)
+    duration = _per_second_of(0.0, ended - started, load_end)
     report = _report(cfg, out, rows, list(timeline), results, slo, duration, note)
     _say(f"report: {report}")
     if watch.failure is not None:  # (the cause, whatever signal came after it)
-        raise WorkFailed(watch.failure)
+        if isinstance(crashed, CollmError):
+            raise crashed  # (with its own exit code)
+        raise WorkFailed(watch.failure) from crashed
     if interrupted:
         raise KeyboardInterrupt  # (the CLI's exit code for it, once everything is stopped)
     return run_outcome(run_cfg, code, launched, log_hint=f"see {out / 'flwr-run.log'}")
@@ -445,6 +466,7 @@ def _drive_flwr(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        errors="replace",  # (a ClientApp's stray bytes must not end the job)
         preexec_fn=dies_with_parent(),  # a SIGKILLed job must not leave its run driving on
         start_new_session=True,  # a Ctrl-C reaches the job, which stops it (LocalFederation.spawn)
     )
@@ -486,6 +508,7 @@ def _drive_flwr(
                     candidate_loss=loss if kept else None,
                     clients_rejected=rejected,
                     version_note=_version_note(version, kept, published),
+                    sent=load.due_between(last_t, now),
                 )
             )
             share_text = " ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items())) or "-"
@@ -499,6 +522,7 @@ def _drive_flwr(
                 summary.goodput_rps,
                 summary.slo_attainment,
                 schedule_over=last_t >= load.ends_at_s,
+                sent=rows[-1].sent,
             )
             label = f"served v{version}" if not rows[-1].version_note else f"v{version}"
             note = f", {rows[-1].version_note}" if rows[-1].version_note else ""
@@ -602,12 +626,18 @@ def _load_name(cfg: LiveConfig) -> str:
 
 
 def _load_text(
-    requests: int, goodput_rps: float, slo_attainment: float, schedule_over: bool = False
+    requests: int,
+    goodput_rps: float,
+    slo_attainment: float,
+    schedule_over: bool = False,
+    sent: int = 0,
 ) -> str:
-    """A round's serving figures; a round in which no request arrived says so (bursty loads have
-    gaps longer than a round; the schedule may have ended) instead of reading as 0 % SLO
-    attainment."""
+    """A round's serving figures; a round in which no request finished says why (none arrived:
+    bursty loads have gaps longer than a round, the schedule may have ended; or those ``sent``
+    are still in flight) instead of reading as 0 % SLO attainment."""
     if requests == 0:
+        if sent > 0:
+            return f"{sent} sent, none finished yet"
         if schedule_over:
             return "no requests: the load schedule ended before this round"
         return "no requests arrived since the previous round"
@@ -706,8 +736,8 @@ def _report(
     data = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "slo": asdict(slo),
-        "rounds": [asdict(r) for r in rows],
-        "summary": asdict(summary),
+        "rounds": [_undefined_attainment_none(asdict(r)) for r in rows],
+        "summary": _undefined_attainment_none(asdict(summary)),
         "loss_by_version": losses,
         "timeline": timeline,
         "note": note,
@@ -741,23 +771,31 @@ def _report(
         served = (
             "- | -" if r.requests == 0 else f"{r.goodput_rps:.3f} | {100 * r.slo_attainment:.0f}%"
         )
+        requests = f"0 ({r.sent} sent, none finished)" if r.requests == 0 and r.sent else r.requests
         version = f"v{r.version}" + (f" ({r.version_note})" if r.version_note else "")
         lines.append(
             f"| {r.round} | {r.at_s:.0f} | {version} | {loss} | "
-            f"{r.clients_ok}/{r.clients_rejected}/{r.clients_failed} | {r.requests} | {served} "
+            f"{r.clients_ok}/{r.clients_rejected}/{r.clients_failed} | {requests} | {served} "
             f"| {shares} |"
         )
-    if any(r.requests == 0 for r in rows):
+    if any(r.requests == 0 and not r.sent for r in rows):
         lines += [
             "",
             f"A round with 0 requests had no arrivals: {cfg.arrivals} load has gaps longer than a "
             f"round, or the load schedule ({MAX_LIVE_REQUESTS} requests at most, 4 h) had ended; "
             "its goodput and SLO attainment are undefined (-).",
         ]
+    if any(r.requests == 0 and r.sent for r in rows):
+        lines += [
+            "",
+            "A round with requests sent but none finished: the run was stopped while they were "
+            "in flight; its goodput and SLO attainment are undefined (-).",
+        ]
+    attainment = "-" if summary.requests == 0 else f"{100 * summary.slo_attainment:.0f}%"
     lines += [
         "",
         f"Whole run: {summary.requests} requests, goodput {summary.goodput_rps:.3f} req/s, "
-        f"SLO attainment {100 * summary.slo_attainment:.0f}%, errors {summary.errors}.",
+        f"SLO attainment {attainment}, errors {summary.errors}.",
         "",
         "Each replica's served version's loss, the goodput and the training shares over the run:",
         "",
@@ -768,6 +806,14 @@ def _report(
     write_text_atomic(md, "\n".join(lines))
     _plot(out, timeline, losses, results, slo)
     return md
+
+
+def _undefined_attainment_none(figures: dict[str, object]) -> dict[str, object]:
+    """``figures`` (a round's, the whole run's) with the SLO attainment of no requests, 0/0,
+    as None (JSON null) rather than a 0.0 that reads as every request missing its SLO."""
+    if figures["requests"] == 0:
+        return {**figures, "slo_attainment": None}
+    return figures
 
 
 def _plot(

@@ -273,8 +273,15 @@ def _materialize(name: str, build: Callable[[Path], None]) -> Path:
         build(tmp)
         try:
             tmp.rename(dest)
-        except OSError:
-            if not (dest / "config.json").is_file():  # a concurrent builder did not win either
+        except OSError as e:
+            if (dest / "config.json").is_file():  # a concurrent builder won: its model is whole
+                pass
+            elif dest.exists():  # (ours are renamed into place whole: another's, or half-deleted)
+                raise ModelLoadError(
+                    f"the model cache's {dest} holds no complete model (no config.json): "
+                    f"delete that folder and run again ({e})"
+                ) from e
+            else:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

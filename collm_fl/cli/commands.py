@@ -360,6 +360,7 @@ def _run_replica(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--{name.replace('_', '-')} must be a TCP port, got {getattr(args, name)}"
             )
+    _check_replica_sizes(args)
     check_ports_free(
         ("--port", args.host, args.port), ("--control-port", args.control_host, args.control_port)
     )
@@ -428,6 +429,30 @@ def _run_replica(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout,
     )
     return 0
+
+
+def _check_replica_sizes(args: argparse.Namespace) -> None:
+    """``collm replica``'s batch, queue, sequence and partition flags, each named when wrong:
+    before the model loads (else a zero batch size failed only at the first training job, an
+    unknown partition or a 1-token sequence once the model had loaded, under internal names)."""
+    problems = [
+        f"{flag} must be >= {least}, got {value}"
+        for flag, value, least in (
+            ("--max-batch-size", args.max_batch_size, 1),
+            ("--max-queue", args.max_queue, 1),
+            ("--train-batch-size", args.train_batch_size, 1),
+            ("--seq-len", args.seq_len, 2),  # (a token to predict from, and one to predict)
+            ("--num-partitions", args.num_partitions, 1),
+        )
+        if value < least
+    ]
+    if not 0 <= args.partition_id < max(args.num_partitions, 1):
+        problems.append(
+            f"--partition-id must be >= 0 and < --num-partitions ({args.num_partitions}), "
+            f"got {args.partition_id}"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _command_line() -> str:

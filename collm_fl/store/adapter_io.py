@@ -21,7 +21,13 @@ import numpy as np
 import safetensors.numpy as st_np
 from safetensors import SafetensorError
 
-from collm_fl.adapters import LORA_A_SUFFIX, LORA_B_SUFFIX, AdapterState, lora_module_names
+from collm_fl.adapters import (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    AdapterState,
+    LoraSpec,
+    lora_module_names,
+)
 from collm_fl.errors import AdapterValidationError, StoreError
 from collm_fl.reports import fsync_dir as _fsync_dir
 
@@ -38,7 +44,7 @@ def write_adapter_dir(dest: Path, state: AdapterState, peft_config: Mapping[str,
 
     Returns the sha256 of ``adapter_model.safetensors``. Refuses to replace an existing ``dest``.
     """
-    _validate_state(state)
+    _validate_state(state, peft_config)
     if dest.exists():
         raise StoreError(f"{dest}: already exists; refusing to overwrite a stored adapter")
     tmp = dest.parent / f"{TEMP_PREFIX}{dest.name}-{uuid.uuid4().hex}"
@@ -114,7 +120,12 @@ def read_adapter_dir(
         raise StoreError(f"{config_path}: invalid JSON: {e}") from e
     if not isinstance(config, dict):
         raise StoreError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    state: AdapterState = {k: np.asarray(v, dtype=np.float32) for k, v in loaded.items()}
+    with np.errstate(over="ignore"):  # (a float64 beyond float32's range: refused below)
+        state: AdapterState = {k: np.asarray(v, dtype=np.float32) for k, v in loaded.items()}
+    try:
+        _validate_state(state, config)
+    except AdapterValidationError as e:
+        raise StoreError(f"{path}: not a valid stored adapter: {e}") from e
     return state, config
 
 
@@ -167,8 +178,11 @@ def _fsync_and_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _validate_state(state: Mapping[str, np.ndarray]) -> None:
-    """Collect every structural problem (pairs, ranks, dtype, finiteness) and raise once."""
+def _validate_state(
+    state: Mapping[str, np.ndarray], peft_config: Mapping[str, object] | None = None
+) -> None:
+    """Collect every structural problem (pairs, ranks, dtype, finiteness; with ``peft_config``,
+    its rank ``r`` and ``target_modules``: PEFT loads a version by them) and raise once."""
     if not state:
         raise AdapterValidationError(["adapter state is empty"])
     modules = lora_module_names(state)  # raises on unpaired or foreign keys
@@ -186,5 +200,16 @@ def _validate_state(state: Mapping[str, np.ndarray]) -> None:
             a, b = np.asarray(state[m + LORA_A_SUFFIX]), np.asarray(state[m + LORA_B_SUFFIX])
             if a.shape[0] != b.shape[1]:  # A (r, d_in), B (d_out, r)
                 problems.append(f"{m}: rank mismatch, A {a.shape} vs B {b.shape}")
+    if not problems and peft_config is not None:
+        spec = LoraSpec.from_peft_config_dict(peft_config)  # (refuses a config PEFT's is not)
+        for m in modules:
+            rank = np.asarray(state[m + LORA_A_SUFFIX]).shape[0]
+            if rank != spec.rank:
+                problems.append(f"{m}: rank {rank}, but the adapter config says r={spec.rank}")
+            # (PEFT's match of a list of targets: the module's name, or its dotted tail)
+            if not any(m == t or m.endswith(f".{t}") for t in spec.target_modules):
+                problems.append(
+                    f"{m}: not one of the config's target_modules {list(spec.target_modules)}"
+                )
     if problems:
         raise AdapterValidationError(problems)

@@ -83,13 +83,18 @@ class VersionStore:
         # version), and a store opened between writes finds nothing of a live writer to repair.
         # The lock dies with its process, so a crashed writer's leftovers are repaired on the
         # next open.
-        self._lock_file: IO[str] | None = open(self.root / ".writer.lock", "a+")  # noqa: SIM115
-        with self._disk_lock(wait=False) as locked:
-            if locked:
-                self.consistency = self.check_consistency()
-            else:
-                log.debug("store %s: a version is being written: skipping repair", self.root)
-                self.consistency = ConsistencyReport()
+        self._lock_file: IO[str] | None = None
+        try:
+            self._lock_file = open(self.root / ".writer.lock", "a+")  # noqa: SIM115
+            with self._disk_lock(wait=False) as locked:
+                if locked:
+                    self.consistency = self.check_consistency()
+                else:
+                    log.debug("store %s: a version is being written: skipping repair", self.root)
+                    self.consistency = ConsistencyReport()
+        except BaseException:  # (a repair that failed: no open engine or lock file left behind)
+            self.close()
+            raise
 
     @contextlib.contextmanager
     def _disk_lock(self, wait: bool) -> Iterator[bool]:
@@ -121,13 +126,23 @@ class VersionStore:
     # ---- runs ---------------------------------------------------------------------------------
 
     def open_run(self, name: str, config: Mapping[str, ConfigValue], base_model: str) -> RunInfo:
-        """Create the run ``name`` or resume it; resuming on another base model is refused."""
+        """Create the run ``name`` or resume it; resuming on another base model is refused.
+
+        Under the root's disk lock: two processes opening the same new run at once (SQLite's
+        default transactions take no lock before the insert) would both insert it, and the
+        second fail on the name's unique constraint instead of resuming it."""
         if not _RUN_NAME.fullmatch(name):
             raise StoreError(
                 f"run name {name!r} must be 1-128 characters of letters, digits, '.', '_' or '-' "
                 "and start with a letter or digit"
             )
         config_json = _dumps(dict(config), f"run {name!r} config")
+        with self._disk_lock(wait=True):
+            return self._open_run(name, config, config_json, base_model)
+
+    def _open_run(
+        self, name: str, config: Mapping[str, ConfigValue], config_json: str, base_model: str
+    ) -> RunInfo:
         with session_scope(self._engine) as s:
             run = s.scalar(select(Run).where(Run.name == name))
             if run is None:

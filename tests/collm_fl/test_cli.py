@@ -53,6 +53,37 @@ def test_bad_replica_flags_exit_2_naming_the_flag(capsys, flags, message):
     assert code == 2 and message in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train-batch-size", "0"], "--train-batch-size must be >= 1, got 0"),
+        (["--max-batch-size", "0"], "--max-batch-size must be >= 1, got 0"),
+        (["--max-queue", "0"], "--max-queue must be >= 1, got 0"),
+        (["--seq-len", "1"], "--seq-len must be >= 2, got 1"),
+        (["--num-partitions", "0"], "--num-partitions must be >= 1, got 0"),
+        (
+            ["--partition-id", "2", "--num-partitions", "2"],
+            "--partition-id must be >= 0 and < --num-partitions (2), got 2",
+        ),
+        (["--partition-id", "-1"], "--partition-id must be >= 0"),
+    ],
+)
+def test_bad_replica_sizes_exit_2_naming_the_flag_before_the_model_loads(
+    capsys, monkeypatch, tmp_path, flags, message
+):
+    # A zero training batch failed only at the first training job; the others once the model
+    # had loaded, some under internal names (max_batch_size, seq_len).
+    import collm_fl.replica.serve as serve
+
+    def built(*args, **kwargs):
+        raise AssertionError("the replica was built")
+
+    monkeypatch.setattr(serve, "Replica", built)
+    store = ["--store-dir", str(tmp_path / "store")]
+    code, err = run(capsys, "replica", "--control-token", "t", *store, *flags)
+    assert code == 2 and message in err
+
+
 def test_goodput_bench_with_an_unknown_system_exits_2(capsys):
     code, err = run(capsys, "bench", "goodput", "--systems", "merged,fastest")
     assert code == 2 and "unknown 'fastest'" in err

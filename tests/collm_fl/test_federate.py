@@ -3,6 +3,8 @@ exit code it gives a run."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from collm_fl.federate import (
     launch_config,
     local_connection,
     local_superlink_running,
+    managed_local_superlink,
     run_outcome,
     start_local_superlink,
     stop_processes,
@@ -121,6 +124,15 @@ def test_a_launcher_puts_the_users_settings_over_its_defaults_and_keeps_what_it_
         launch_config(app, "local-steps=2 local-steps=3")
 
 
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite+pysqlite:///:memory:"])
+def test_a_launcher_refuses_an_in_memory_store_it_could_not_read_the_run_back_from(url):
+    # The ServerApp's run is in its own process's memory: the launcher read an empty database
+    # and reported every run failed.
+    app = Path(__file__).parents[2]
+    with pytest.raises(ConfigError, match=r"store-url=.*: an in-memory database lives in"):
+        launch_config(app, f"store-url='{url}'")
+
+
 def test_a_launcher_refuses_a_model_or_data_path_that_is_not_there(tmp_path, monkeypatch):
     app = Path(__file__).parents[2]
     monkeypatch.chdir(tmp_path)
@@ -176,6 +188,38 @@ def test_a_local_superlink_that_does_not_come_up_in_time_is_an_error_and_is_not_
         start_local_superlink(env, timeout_s=0.001)
     assert e.value.exit_code == 1  # the work failed, not its input
     assert find_local_superlinks(Path(env["FLWR_HOME"])) == []
+
+
+def test_the_wrapper_stops_the_local_superlink_it_started_and_no_other(tmp_path):
+    """One running before the block (here: one that does not answer its health check, as a
+    SuperLink too busy to answer in time) is someone else's: it was stopped too, by its command
+    line under the same FLWR_HOME."""
+    env = _private_flower(tmp_path)  # (nothing answers on its HTTP port)
+    fake = tmp_path / "bin" / "flower-superlink"  # a SuperLink as find_local_superlinks sees one
+    fake.parent.mkdir()
+    fake.write_text("import time\nprint('up', flush=True)\ntime.sleep(600)\n")
+    database = Path(env["FLWR_HOME"]) / "local-superlink" / "state.db"
+
+    def superlink() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, str(fake), "--database", str(database)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"  # (running now)
+        return proc
+
+    someone_elses = superlink()
+    procs = [someone_elses]
+    try:
+        with managed_local_superlink(env):
+            procs.append(superlink())  # as start_local_superlink or `flwr run` starts one
+        assert procs[1].wait(timeout=30) is not None
+        assert someone_elses.poll() is None
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 _CONNECTIONS = """[superlink]

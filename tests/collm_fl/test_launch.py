@@ -242,6 +242,20 @@ def test_free_ports_come_from_collm_port_range_and_a_bad_range_is_named(monkeypa
             free_port()
 
 
+def test_a_narrow_port_range_hands_out_its_ports_again_oldest_first(monkeypatch):
+    # Every port of the range handed out once, none was ever handed out again: free_port failed
+    # with all of them free (until 4096 others had been handed out).
+    from collections import deque
+
+    from collm_fl import launch
+
+    monkeypatch.setattr(launch, "_HANDED_OUT", deque(maxlen=4096))
+    monkeypatch.setenv("COLLM_PORT_RANGE", "32110-32113")  # (above the test workers' ranges)
+    ports = [free_port() for _ in range(10)]
+    assert sorted(set(ports[:4])) == [32110, 32111, 32112, 32113]  # fresh ones first
+    assert ports[4:8] == ports[:4] and ports[8:] == ports[:2]  # then the longest ago
+
+
 def test_a_supernode_that_cannot_start_fails_the_start_with_its_log(tmp_path, monkeypatch):
     """A SuperNode that exits before it joins the SuperLink (here its Runtime API port is taken,
     and again when it is started once more on another) fails the start naming it with its log,

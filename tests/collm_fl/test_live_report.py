@@ -21,7 +21,7 @@ from collm_fl.live import (
     recount_rounds,
     round_shares,
 )
-from collm_fl.loadgen.client import RequestResult
+from collm_fl.loadgen.client import RequestResult, build_requests
 from collm_fl.loadgen.goodput import SLOSpec
 
 
@@ -34,6 +34,11 @@ def test_a_round_without_requests_says_so_instead_of_zero_attainment() -> None:
     over = "no requests: the load schedule ended before this round"
     assert _load_text(0, 0.0, 0.0, schedule_over=True) == over
     assert _load_text(4, 0.25, 0.75) == "4 requests, goodput 0.25 req/s, SLO attainment 75%"
+
+
+def test_a_round_whose_requests_are_all_still_in_flight_is_not_one_without_arrivals() -> None:
+    assert _load_text(0, 0.0, 0.0, sent=3) == "3 sent, none finished yet"
+    assert _load_text(0, 0.0, 0.0, schedule_over=True, sent=3) == "3 sent, none finished yet"
 
 
 def test_report_marks_rounds_without_requests(tmp_path: Path) -> None:
@@ -55,7 +60,15 @@ def test_report_marks_rounds_without_requests(tmp_path: Path) -> None:
     assert "Whole run: 2 requests, goodput 0.008 req/s, SLO attainment 50%, errors {}." in table
     data = json.loads((tmp_path / "report.json").read_text())
     assert [r["requests"] for r in data["rounds"]] == [2, 0]
+    # No requests: no attainment (null), not 0 % (every request missing its SLO)
+    assert [r["slo_attainment"] for r in data["rounds"]] == [1.0, None]
+    assert data["summary"]["slo_attainment"] == 0.5
     assert (tmp_path / "live.png").exists()
+    md = _report(cfg, tmp_path, rows, timeline, [], SLOSpec(5.0, 0.5), 120.0)
+    assert "Whole run: 0 requests, goodput 0.000 req/s, SLO attainment -, errors {}." in (
+        md.read_text().splitlines()
+    )
+    assert json.loads((tmp_path / "report.json").read_text())["summary"]["slo_attainment"] is None
     # An interrupted run's report says so.
     note = "Interrupted: the report covers the rounds so far."
     md = _report(cfg, tmp_path, rows[:1], timeline, results, SLOSpec(5.0, 0.5), 60.0, note)
@@ -250,7 +263,7 @@ def test_a_round_whose_aggregate_was_not_promoted_shows_the_served_versions_loss
         "ppl 134.3 | version v1 (quality gate: kept previous) | 3.0s",
     ]
     fed = SimpleNamespace(flwr_run_command=lambda *a: _flwr_printing(lines), env=lambda: None)
-    load = SimpleNamespace(snapshot=lambda: (), ends_at_s=1e9)
+    load = SimpleNamespace(snapshot=lambda: (), ends_at_s=1e9, due_between=lambda *a: 0)
     rows: list[RoundRow] = []
     code = _drive_flwr(fed, None, "", tmp_path, 0.0, load, SLOSpec(5.0, 0.5), rows, [])
     assert code == 0
@@ -285,7 +298,7 @@ def test_the_progress_says_which_versions_every_replica_took_and_counts_rejected
         round_line(3, 0, 3),  # (publish-versions=false: no publish line)
     ]
     fed = SimpleNamespace(flwr_run_command=lambda *a: _flwr_printing(lines), env=lambda: None)
-    load = SimpleNamespace(snapshot=lambda: (), ends_at_s=1e9)
+    load = SimpleNamespace(snapshot=lambda: (), ends_at_s=1e9, due_between=lambda *a: 0)
     rows: list[RoundRow] = []
     assert _drive_flwr(fed, None, "", tmp_path, 0.0, load, SLOSpec(5.0, 0.5), rows, []) == 0
     assert [r.clients_rejected for r in rows] == [1, 0, 0]
@@ -448,3 +461,124 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_starts(
         live.run_live(cfg, repo)
     assert info.value.exit_code == 2
     assert sorted(p.name for p in out.iterdir()) == ["federation"]
+
+
+def test_a_rate_that_schedules_no_request_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # It ran the whole federation, then failed computing the report of a load that never came
+    # (no report, exit 2 at the end).
+    import collm_fl.live as live
+    from collm_fl.errors import ConfigError
+
+    def started(*args, **kwargs):
+        raise AssertionError("the stack was started")
+
+    monkeypatch.setattr(live, "LocalFederation", started)
+    repo = Path(__file__).resolve().parents[2]
+    cfg = LiveConfig(model="tiny", out=tmp_path / "out", rate=1e-6)
+    with pytest.raises(ConfigError, match=r"--rate 1e-06 req/s sends no request in the load's 4-h"):
+        live.run_live(cfg, repo)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_load_whose_only_request_is_due_at_once_is_still_reported(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # (its schedule "ends" at 0 s: the summary's rates were per second of a 0-s schedule)
+    import collm_fl.live as live
+
+    Fed, Load = _fake_stack([], signal_while_stopping=False)
+    Load.ends_at_s = 0.0
+    monkeypatch.setattr(live, "LocalFederation", Fed)
+    monkeypatch.setattr(live, "_Load", Load)
+    monkeypatch.setattr(live, "_monitor", lambda *a: None)
+    monkeypatch.setattr(live, "_drive_flwr", lambda *a: 0)
+    monkeypatch.setattr(live, "run_outcome", lambda *a, **k: 0)
+    cfg = LiveConfig(model="tiny", out=tmp_path / "out", rounds=1)
+    assert live.run_live(cfg, Path(__file__).resolve().parents[2]) == 0
+    assert "Whole run: 1 requests" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_progress_and_the_report_tell_requests_in_flight_from_no_arrivals(
+    tmp_path: Path, capsys
+) -> None:
+    """Requests sent in a round and not finished by its line (or by the run's stop): "sent, none
+    finished", not "no requests arrived"; the report's note about rounds without arrivals is
+    kept for rounds that had none."""
+    from collm_fl.live import _drive_flwr
+
+    lines = [
+        "round 1 | clients ok 2 rejected 0 failed 0 | central eval loss 4.8 | version v1 | 3.0s",
+    ]
+    fed = SimpleNamespace(flwr_run_command=lambda *a: _flwr_printing(lines), env=lambda: None)
+    load = _live_load(build_requests([0.0, 0.001], 16, 8), finished=())
+    rows: list[RoundRow] = []
+    assert _drive_flwr(fed, None, "", tmp_path, 0.0, load, SLOSpec(5.0, 0.5), rows, []) == 0
+    assert rows[0].sent == 2
+    assert "| 2 sent, none finished yet |" in capsys.readouterr().out
+    # Interrupted (nothing finished is reported): the round had arrivals all the same.
+    (row,) = recount_rounds(rows, [], SLOSpec(5.0, 0.5))
+    assert (row.requests, row.sent) == (0, 2)
+    cfg = LiveConfig(model="tiny", out=tmp_path)
+    md = _report(cfg, tmp_path, [row], [], [], SLOSpec(5.0, 0.5), row.at_s).read_text()
+    assert "| 0 (2 sent, none finished) | - | - |" in md
+    assert "had no arrivals" not in md and "none finished: the run was stopped" in md
+
+
+def _live_load(requests, finished) -> object:
+    """A ``_Load`` of ``requests`` that has finished ``finished`` (its thread never started)."""
+    from collm_fl.live import _Load
+
+    load = _Load("http://127.0.0.1:9", LiveConfig(model="tiny"), requests)
+    load._completed = tuple(finished)
+    return load
+
+
+def test_output_of_flwr_run_that_is_not_utf8_does_not_end_the_job(tmp_path: Path) -> None:
+    from collm_fl.live import _drive_flwr
+
+    line = b"round 1 | clients ok 2 rejected 0 failed 0 | version v1 | 3.0s\n"
+    script = f"import sys; sys.stdout.buffer.write(b'\\xff\\xfe a stray byte\\n' + {line!r})"
+    fed = SimpleNamespace(
+        flwr_run_command=lambda *a: [sys.executable, "-c", script], env=lambda: None
+    )
+    load = _live_load(build_requests([0.0], 16, 8), finished=())
+    rows: list[RoundRow] = []
+    assert _drive_flwr(fed, None, "", tmp_path, 0.0, load, SLOSpec(5.0, 0.5), rows, []) == 0
+    assert [r.round for r in rows] == [1]
+    assert "\ufffd\ufffd a stray byte" in (tmp_path / "flwr-run.log").read_text()
+
+
+def test_a_failure_driving_flwr_run_fails_the_run_with_a_report(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """An error of the job itself (its flwr-run.log not writable, ...) skipped marking the run
+    and writing the report: the run showed as running, and nothing said what had run."""
+    import collm_fl.live as live
+    from collm_fl.cli import main
+    from collm_fl.store import VersionStore
+
+    Fed, Load = _fake_stack([], signal_while_stopping=False)
+
+    def crash(*args, **kwargs):
+        rows, out = args[7], args[3]
+        rows.append(RoundRow(1, 60.0, 1, 4.8, 2, 0, 1, 0.016, 1.0, {}))
+        with VersionStore(out / "federation") as store:  # (as the ServerApp left it)
+            store.open_run("live", {}, "tiny")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(live, "LocalFederation", Fed)
+    monkeypatch.setattr(live, "_Load", Load)
+    monkeypatch.setattr(live, "_monitor", lambda *a: None)
+    monkeypatch.setattr(live, "_drive_flwr", crash)
+    out = tmp_path / "out"
+    repo = str(Path(__file__).resolve().parents[2])
+    code = main(["live", "--model", "tiny", "--rounds", "3", "--out", str(out), "--app", repo])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "collm: error: driving flwr run failed: OSError: [Errno 28] No space left" in err
+    md = (out / "report.md").read_text()
+    assert "**Stopped: driving flwr run failed: OSError" in md and "| 1 | 60 | v1 |" in md
+    with VersionStore(out / "federation") as store:
+        assert store.find_run("live").status == "failed"

@@ -48,6 +48,18 @@ def test_local_dir_without_config_is_a_clear_error(tmp_path):
         materialize_model(str(tmp_path))
 
 
+def test_a_half_deleted_cache_folder_of_a_built_in_model_is_a_clear_error(tmp_path, monkeypatch):
+    from collm_fl import models
+
+    monkeypatch.setenv("COLLM_CACHE", str(tmp_path))
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "model.safetensors").write_bytes(b"left over")
+    with pytest.raises(ModelLoadError, match=r"holds no complete model.*delete that folder"):
+        models._materialize(
+            "tiny", lambda out: (out.mkdir(), (out / "config.json").write_text("{}"))
+        )
+
+
 def test_local_path_loads_a_saved_model(tiny, tmp_path):
     tiny.model.save_pretrained(tmp_path)
     tiny.tokenizer.save_pretrained(tmp_path)

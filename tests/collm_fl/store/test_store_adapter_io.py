@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -118,3 +119,23 @@ def test_cleanup_partial_dirs_removes_only_temp_dirs(tmp_path: Path) -> None:
     assert [p.name for p in removed] == [".tmp-v0003-abc"]
     assert [p.name for p in tmp_path.iterdir()] == ["v0002"]
     assert cleanup_partial_dirs(tmp_path / "absent") == []
+
+
+def test_an_adapter_that_does_not_match_its_own_config_is_never_stored_or_read(
+    tmp_path, make_state, peft_config
+):
+    """PEFT loads a version by its config's r and target_modules: a state of another rank, or of
+    modules the config does not target, was stored and checksummed, and failed only in PEFT."""
+    with pytest.raises(AdapterValidationError, match="rank 8, but the adapter config says r=4"):
+        write_adapter_dir(tmp_path / "a", make_state(0, rank=8), peft_config)
+    only_q = {**peft_config, "target_modules": ["q_proj"]}
+    with pytest.raises(AdapterValidationError, match="v_proj: not one of the config's target"):
+        write_adapter_dir(tmp_path / "b", make_state(0), only_q)
+    dotted = {**peft_config, "target_modules": ["self_attn.q_proj", "self_attn.v_proj"]}
+    write_adapter_dir(tmp_path / "c", make_state(0), dotted)  # PEFT's dotted tails match
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # A folder written by something else (a config edited after): read back, it is refused.
+    write_adapter_dir(tmp_path / "d", make_state(0), peft_config)
+    (tmp_path / "d" / "adapter_config.json").write_text(json.dumps({**peft_config, "r": 8}))
+    with pytest.raises(StoreError, match=r"not a valid stored adapter: .*r=8"):
+        read_adapter_dir(tmp_path / "d")

@@ -525,3 +525,38 @@ def test_an_example_count_the_strategy_accepts_fits_the_column_on_every_database
     for dialect in (postgresql.dialect(), mysql.dialect()):
         ddl = str(CreateTable(Participation.__table__).compile(dialect=dialect))
         assert "num_examples BIGINT" in ddl
+
+
+def test_two_stores_opening_the_same_new_run_at_once_both_get_it(tmp_path, monkeypatch):
+    """SQLite's default transactions take no lock before an insert: two processes that both
+    looked for a new run before either inserted it both inserted it, and the second failed on
+    the name's unique constraint instead of resuming the run."""
+    import contextlib
+    import threading
+
+    looked = threading.Barrier(2, timeout=1.0)  # (a store under the lock never gets here twice)
+    select = repository.select
+
+    def select_then_meet(*args, **kwargs):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            looked.wait()  # both stores have looked before either inserts, if nothing locks
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "select", select_then_meet)
+    stores = [VersionStore(tmp_path / "s"), VersionStore(tmp_path / "s")]
+    got: dict[int, object] = {}
+
+    def open_it(i: int) -> None:
+        try:
+            got[i] = stores[i].open_run("r", {}, "tiny").id
+        except StoreError as e:
+            got[i] = e
+
+    threads = [threading.Thread(target=open_it, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert got[0] == got[1] and isinstance(got[0], int), got
