@@ -260,8 +260,9 @@ def managed_local_superlink(env: dict[str, str]) -> Iterator[None]:
 
 
 def few_nodes_config(nodes: int) -> dict[str, Scalar]:
-    """Run-config for a federation of fewer nodes than the app's ``min-train-nodes`` (2), which
-    would otherwise wait for a node that never comes; {} when there are enough. The user's own
+    """Run-config for a federation of fewer nodes than the default ``min-train-nodes`` (2, the
+    run config's; an app setting more is refused by ``check_node_counts``), which would
+    otherwise wait for a node that never comes; {} when there are enough. The user's own
     settings go on top of it."""
     return {"min-train-nodes": nodes} if nodes < RunConfig.min_train_nodes else {}
 

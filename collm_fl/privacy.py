@@ -1,11 +1,11 @@
 """Privacy accounting for the server's Gaussian noise: how much (ε, δ) a run has spent.
 
-With ``dp-noise-multiplier`` z > 0 every node clips its update to L2 norm C (Flower's
-``dp_clipping_mod``) and the server adds Gaussian noise of std z·C/m to the mean of the m
-updates (Flower's ``DifferentialPrivacyClientSideFixedClipping``). The mean is over the nodes
-asked, a node that fails, is rejected or trains nothing counting as a zero update
-(``strategies.lora``), so
-replacing one node's whole contribution by none moves it by at most C/m, and each noised
+With ``dp-noise-multiplier`` z > 0 every node clips its update to L2 norm C (the ClientApp's
+``dp_clipping_mod``, around Flower's ``fixedclipping_mod``) and the server adds Gaussian noise of
+std z·C/n to the mean of the m updates of the nodes asked, n = ``min-train-nodes`` <= m
+(Flower's ``DifferentialPrivacyClientSideFixedClipping``). A node that fails, is rejected or
+trains nothing counts as a zero update in that mean (``strategies.lora``), so replacing one
+node's whole contribution by none moves it by at most C/m <= C/n, and each noised
 aggregate (a *release*) is a Gaussian mechanism with noise multiplier z: node-level privacy of
 what a node's data does to the model, for *zero-out* neighbours (the nodes asked, a count the
 server sees, are the same in both worlds). Under add-or-remove neighbours the mean's divisor

@@ -118,7 +118,7 @@ class AllocationInputs:
     # (live: the mean over the nodes that trained), so nodes joining or leaving move no gain
     loss_history: tuple[tuple[float, float], ...]
     min_gain_factor: float = 0.2  # the budget never shrinks below this share of max_steps
-    min_share: float = 0.1  # the least a busy (not overloaded) replica trains with
+    min_share: float = 0.1  # the least a replica trains with, however busy
     backfill: bool = True  # replicas may train the rest of the target on idle cycles
     turns: bool = False  # under light load replicas train one after another (module doc, 5)
     rotation: int = 0  # which replica's turn comes first (the round number: every one in turn)
