@@ -266,6 +266,11 @@ class VersionStore:
             number = parent + 1 if parent is not None else (0 if round_number == 0 else 1)
             rel = f"runs/{run_name}/versions/v{number:04d}"
             dest = self.root / rel
+            if dest.exists() and self._has_version_row(run_id, number) is False:
+                # Left by a save of this process that failed after its rename (an fsync of the
+                # folder, an interrupt): no row names it, and no writer is live (the disk lock).
+                log.warning("run %r: removing %s, left by a save that failed", run_name, dest)
+                shutil.rmtree(dest)
             sha = write_adapter_dir(dest, state, peft_config)  # nothing inserted if this raises
             row = Version(
                 run_id=run_id,

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.numpy as st_np
 from sqlalchemy import event
@@ -560,3 +561,31 @@ def test_two_stores_opening_the_same_new_run_at_once_both_get_it(tmp_path, monke
     for s in stores:
         s.close()
     assert got[0] == got[1] and isinstance(got[0], int), got
+
+
+def test_a_save_that_failed_after_its_rename_does_not_block_the_next(
+    store, make_state, peft_config, monkeypatch
+):
+    """A folder fsync failing after the version's rename left its folder with no row: the next
+    save picked the same number and refused for good ("already exists")."""
+    from collm_fl.store import adapter_io
+
+    run = store.open_run("r", {}, "tiny")
+    store.save_version(run.id, 0, make_state(0), peft_config, {})
+    fsync = adapter_io._fsync_dir
+    failed = []
+
+    def fails_once_after_the_rename(folder):
+        if not failed and (folder / "v0001").exists():
+            failed.append(folder)
+            raise OSError("fsync: input/output error")
+        fsync(folder)
+
+    monkeypatch.setattr(adapter_io, "_fsync_dir", fails_once_after_the_rename)
+    with pytest.raises(StoreError, match="input/output error"):
+        store.save_version(run.id, 1, make_state(1), peft_config, {})
+    assert failed and (failed[0] / "v0001").exists()  # (the case: renamed, no row)
+    info = store.save_version(run.id, 1, make_state(2), peft_config, {})
+    assert info.number == 1
+    state = store.load_version(info)
+    np.testing.assert_array_equal(state[sorted(state)[0]], make_state(2)[sorted(state)[0]])
