@@ -128,8 +128,9 @@ def _on_private_data(work: Callable[[], T], own_data: str | None = None) -> T:
     line (or record) only. Flower sends an error's text to the server, which logs and stores it,
     and a :class:`DataFormatError` names the file's path and may quote the record (a name given
     as a chat role, the keys of an unknown record): private data. The whole of it is logged here.
-    With the device's ``own_data`` (a path on its host), a config or OS error (no such file, no
-    permission, no sample fits) reaches the server with that path and its files' names left out.
+    With the device's ``own_data`` (a path on its host), a config or OS error naming that path or
+    its files (no such file, no permission, a folder with no data file) reaches the server with
+    them left out; one naming neither (a model that cannot load) goes as it is.
     """
     try:
         return work()
@@ -143,11 +144,11 @@ def _on_private_data(work: Callable[[], T], own_data: str | None = None) -> T:
             record=e.record,
         ) from None
     except (ConfigError, OSError) as e:
-        if own_data is None:
+        private = None if own_data is None else _redacted(str(e), own_data)
+        if private is None or private == str(e):
             raise
         log.error("this node's data cannot be used: %s", e)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ConfigError(f"this node's data: {_redacted(reason, own_data)}") from None
+        raise ConfigError(f"this node's data: {private}") from None
 
 
 def _redacted(text: str, path: str) -> str:

@@ -33,13 +33,27 @@ running() {  # those of the given processes still running (an exited child of th
     case $state in Z*) ;; *) echo "$pid" ;; esac
   done
 }
-stop_everything() {
+stop_everything() {  # $1: "forward" to pass a signal on to the tests as a Ctrl-C
   trap '' INT TERM  # (a second Ctrl-C must not cut the stopping short)
-  local pids
+  local pids workers
   # The tests' workers and the servers they started (some in sessions of their own), listed
   # before any of them ends: a server whose test process ended first is no longer under it.
-  pids=$(tree $tests_pid $mypy_pid)
-  if [ -n "$pids" ]; then
+  pids=$(tree $tests_pid $mypy_pid) || pids="$tests_pid $mypy_pid"
+  [ -z "$mypy_pid" ] || kill -TERM "$mypy_pid" 2>/dev/null || true
+  if [ -n "$tests_pid" ]; then
+    # pytest first stops as on a Ctrl-C (at a terminal it got one already): its fixtures'
+    # teardown stops what the tests started, also what left their process tree (a SuperLink)
+    if [ "${1:-}" = forward ]; then
+      workers=$(ps -o pid= --ppid "$tests_pid" 2>/dev/null) || workers=""
+      kill -INT $tests_pid $workers 2>/dev/null || true
+    fi
+    for _ in $(seq 120); do  # up to 60 s
+      [ -n "$(running "$tests_pid")" ] || break
+      sleep 0.5
+    done
+  fi
+  pids=$(running $pids)
+  if [ -n "$pids" ]; then  # what is left of them
     kill -TERM $pids 2>/dev/null || true
     for _ in $(seq 60); do  # up to 30 s for the servers to stop on their own
       pids=$(running $pids)
@@ -52,15 +66,16 @@ stop_everything() {
   tests_pid="" mypy_pid=""
 }
 trap 'stop_everything; exit 130' INT
-trap 'stop_everything; exit 143' TERM
+trap 'stop_everything forward; exit 143' TERM
 trap '[ -z "$tests_pid$mypy_pid" ] || stop_everything; rm -f "$mypy_log"' EXIT
 # Three worker processes (TEST_WORKERS; 0 runs in this process), each taking whole files: most of
 # the suite's time is end-to-end runs that wait on processes they started, so on two cores two
 # workers left them a third idle (four made every test slower: 21m33s against 20m29s). Files keep
 # their module-scoped fixtures (a federation, a replica) to one worker. (Which files start first
 # made no difference: longest first, the tests took the same 21m46s.)
-# (Ctrl-C reaches the tests as at a terminal: a background job would otherwise ignore it.)
-(trap - INT && exec python -m pytest -n "${TEST_WORKERS:-3}" --dist loadfile --durations=15 "$@") &
+# (Ctrl-C reaches the tests as at a terminal: a background job would otherwise ignore it; and
+# they keep the script's stdin, which a background job would otherwise lose: --pdb reads it.)
+(trap - INT && exec python -m pytest -n "${TEST_WORKERS:-3}" --dist loadfile --durations=15 "$@") <&0 &
 tests_pid=$!
 tests=0
 wait "$tests_pid" || tests=$?

@@ -340,7 +340,10 @@ class CoTrainer:
                 break
             seen = self.engine.change_count()  # before the decision reads the serving state
             time_left = job.deadline_s - (self.clock() - started)
-            if time_left <= 0 or not self._step_fits(time_left, 1.0):
+            # (an exclusive job's steps run on every thread; a co-executed one's are costed on
+            # those serving leaves them)
+            threads = self.total_threads if job.exclusive else None
+            if time_left <= 0 or not self._step_fits(time_left, 1.0, threads):
                 deadline_hit = True
                 log.info(
                     "round %d: deadline %s after %d/%d steps",
@@ -446,12 +449,12 @@ class CoTrainer:
             late_seconds=after.late_rest_s - late_before,
         )
 
-    def _step_fits(self, time_left: float, rate: float) -> bool:
+    def _step_fits(self, time_left: float, rate: float, threads: int | None = None) -> bool:
         """Whether a step can end before the deadline with ``rate`` of the core (its measured
         compute time / rate <= the time left; unknown cost: yes). One that cannot would be
         dropped at the deadline, its compute wasted. Costed as :meth:`_plan_step_cost`: on the
         threads a step gets while serving has work."""
-        cost = self._plan_step_cost()
+        cost = self._plan_step_cost() if threads is None else self._step_cost(threads)
         if cost <= 0:
             return True
         return rate > 0 and cost / rate <= time_left

@@ -28,7 +28,7 @@ from collm_fl.adapters import (
     LoraSpec,
     lora_module_names,
 )
-from collm_fl.errors import AdapterValidationError, StoreError
+from collm_fl.errors import AdapterValidationError, ConfigError, StoreError
 from collm_fl.reports import fsync_dir as _fsync_dir
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def read_adapter_dir(
         state: AdapterState = {k: np.asarray(v, dtype=np.float32) for k, v in loaded.items()}
     try:
         _validate_state(state, config)
-    except AdapterValidationError as e:
+    except (AdapterValidationError, ConfigError) as e:  # (a config LoraSpec refuses: r 0, ...)
         raise StoreError(f"{path}: not a valid stored adapter: {e}") from e
     return state, config
 

@@ -77,6 +77,7 @@ class VersionStore:
         self.url = url if url is not None else f"sqlite:///{self.root / 'store.db'}"
         self._engine = make_engine(self.url)
         self._write_lock = threading.Lock()
+        self._failed_saves: set[Path] = set()  # version folders a failed save left behind
         # The root's disk lock is held for every version write (directory and row) and for the
         # repair on open, by any process: so a repair never runs while a write is under way (a
         # reader opened mid-write must not delete the writer's temp dir or its just-renamed
@@ -137,7 +138,9 @@ class VersionStore:
                 "and start with a letter or digit"
             )
         config_json = _dumps(dict(config), f"run {name!r} config")
-        with self._disk_lock(wait=True):
+        # (and this store's write lock: its threads share the lock file, whose flock they would
+        # each take and release as their own)
+        with self._write_lock, self._disk_lock(wait=True):
             return self._open_run(name, config, config_json, base_model)
 
     def _open_run(
@@ -266,12 +269,19 @@ class VersionStore:
             number = parent + 1 if parent is not None else (0 if round_number == 0 else 1)
             rel = f"runs/{run_name}/versions/v{number:04d}"
             dest = self.root / rel
-            if dest.exists() and self._has_version_row(run_id, number) is False:
-                # Left by a save of this process that failed after its rename (an fsync of the
-                # folder, an interrupt): no row names it, and no writer is live (the disk lock).
+            if dest in self._failed_saves and self._has_version_row(run_id, number) is False:
+                # Left by a save of this store that failed after its rename (an fsync of the
+                # folder, an interrupt): no row names it. (A folder of no save of ours is left
+                # alone: the root may be shared with another database.)
                 log.warning("run %r: removing %s, left by a save that failed", run_name, dest)
                 shutil.rmtree(dest)
-            sha = write_adapter_dir(dest, state, peft_config)  # nothing inserted if this raises
+            self._failed_saves.discard(dest)
+            try:
+                sha = write_adapter_dir(dest, state, peft_config)  # no row inserted if it raises
+            except BaseException:
+                if dest.exists():  # (renamed into place, then failed: the next save removes it)
+                    self._failed_saves.add(dest)
+                raise
             row = Version(
                 run_id=run_id,
                 number=number,

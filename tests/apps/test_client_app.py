@@ -245,6 +245,16 @@ def test_a_devices_data_path_and_file_names_never_reach_the_server(global_state,
     assert "alice" not in str(raised.value) and "holds no" in str(raised.value)
 
 
+def test_an_error_that_names_nothing_of_a_devices_data_goes_as_it_is(tmp_path):
+    from client_app.app import _on_private_data
+
+    def model_cache_broken():
+        raise OSError("Can't load the configuration of 'HuggingFaceTB/SmolLM2-135M'")
+
+    with pytest.raises(OSError, match="Can't load the configuration"):
+        _on_private_data(model_cache_broken, str(tmp_path / "data.jsonl"))
+
+
 def test_a_malformed_record_of_a_json_list_reaches_the_server_as_its_index(
     global_state, tmp_path, node_log
 ):

@@ -24,9 +24,13 @@ def _fake_venv(where: Path) -> Path:
         "activate": f'PATH="{bin_dir}:$PATH"\n',
         "ruff": "#!/usr/bin/env bash\nexit 0\n",
         "mypy": '#!/usr/bin/env bash\necho "mypy $$" >&"$PID_FD"\nexec sleep 600\n',
-        # (pytest stops its tests on Ctrl-C before it exits: this one does not exit of it)
-        "python": "#!/usr/bin/env bash\ntrap '' INT\nsetsid sleep 600 </dev/null &\n"
-        'echo "server $!" >&"$PID_FD"\necho "pytest $$" >&"$PID_FD"\nwait\n',
+        # (on a Ctrl-C pytest runs its fixtures' teardown, which stops the servers its tests
+        # started, and exits; with $LEAK set this one leaves its server, in a session of its
+        # own, for the script to stop)
+        "python": "#!/usr/bin/env bash\n"
+        'trap \'echo "interrupted $$" >&"$PID_FD"; [ -n "$LEAK" ] || kill $server; exit 2\' INT\n'
+        "setsid sleep 600 </dev/null &\nserver=$!\n"
+        'echo "server $server" >&"$PID_FD"\necho "pytest $$" >&"$PID_FD"\nwait\n',
     }
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
@@ -41,14 +45,25 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("sig", "code", "leak"),
+    [
+        (signal.SIGTERM, 143, "1"),  # (the tests are listed before they are interrupted)
+        (signal.SIGTERM, 143, ""),
+        (signal.SIGINT, 130, ""),  # (a leak here races the listing with the tests' end)
+    ],
+)
 def test_a_signal_stops_the_tests_mypy_and_the_servers_they_started(
-    tmp_path: Path, sig: signal.Signals, code: int
+    tmp_path: Path, sig: signal.Signals, code: int, leak: str
 ) -> None:
+    """A Ctrl-C (to the whole job) or a SIGTERM (a CI timeout, to the script): the tests are
+    interrupted as by a Ctrl-C, so their teardown stops what they started, then whatever is
+    left of them and mypy is stopped."""
     read, write = os.pipe()
+    venv = _fake_venv(tmp_path / "venv")
     proc = subprocess.Popen(
         ["bash", str(ROOT / "scripts" / "test.sh")],
-        env={**os.environ, "VENV": str(_fake_venv(tmp_path / "venv")), "PID_FD": str(write)},
+        env={**os.environ, "VENV": str(venv), "PID_FD": str(write), "LEAK": leak},
         pass_fds=(write,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -72,6 +87,9 @@ def test_a_signal_stops_the_tests_mypy_and_the_servers_they_started(
             else:
                 proc.send_signal(sig)
             assert proc.wait(timeout=120) == code
+            # pytest was interrupted first, as by a Ctrl-C (its fixtures' teardown stops what
+            # left the tests' process tree), then what was left was stopped
+            assert f"interrupted {pids['pytest']}" in told.read()
         assert {name: _gone(pid) for name, pid in pids.items()} == dict.fromkeys(pids, True)
     finally:
         for pid in [proc.pid, *pids.values()]:

@@ -576,6 +576,8 @@ def test_a_plan_is_costed_at_the_threads_a_step_behind_it_runs_on(replica):
         # ... and a step lent half the core takes 2 s: it does not fit in 1.5 s.
         assert not trainer._step_fits(1.5, 0.5)
         assert trainer._step_fits(2.0, 0.5)
+        # An exclusive job's step runs on every thread: 0.6 s fits in 0.7 s.
+        assert not trainer._step_fits(0.7, 1.0) and trainer._step_fits(0.7, 1.0, threads=2)
     finally:
         trainer.total_threads, replica.engine.max_lend_share = total, lend
 

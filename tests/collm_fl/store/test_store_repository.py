@@ -543,8 +543,8 @@ def test_two_stores_opening_the_same_new_run_at_once_both_get_it(tmp_path, monke
             looked.wait()  # both stores have looked before either inserts, if nothing locks
         return select(*args, **kwargs)
 
-    monkeypatch.setattr(repository, "select", select_then_meet)
     stores = [VersionStore(tmp_path / "s"), VersionStore(tmp_path / "s")]
+    monkeypatch.setattr(repository, "select", select_then_meet)  # (after their own repairs)
     got: dict[int, object] = {}
 
     def open_it(i: int) -> None:
@@ -589,3 +589,9 @@ def test_a_save_that_failed_after_its_rename_does_not_block_the_next(
     assert info.number == 1
     state = store.load_version(info)
     np.testing.assert_array_equal(state[sorted(state)[0]], make_state(2)[sorted(state)[0]])
+    # A folder no save of this store left (the root may be shared with another database) stays.
+    other = failed[0] / "v0002"
+    other.mkdir()
+    with pytest.raises(StoreError, match="already exists"):
+        store.save_version(run.id, 2, make_state(3), peft_config, {})
+    assert other.exists()
