@@ -100,6 +100,27 @@ def federation(tmp_path, behaviours, wrap=None, **settings):
     return Federation(FakeGrid(behaviours), cfg, outer, strategy, store), store
 
 
+def dp_federation(tmp_path, behaviours):
+    """One round under Flower's client-side DP wrapper (noise 0.01, clipping norm 1, every node
+    sampled), fedavg, the quality gate off."""
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    def dp(strategy: LoraFedAvg) -> DifferentialPrivacyClientSideFixedClipping:
+        return DifferentialPrivacyClientSideFixedClipping(
+            strategy, noise_multiplier=0.01, clipping_norm=1.0, num_sampled_clients=len(behaviours)
+        )
+
+    return federation(
+        tmp_path,
+        behaviours,
+        wrap=dp,
+        num_server_rounds=1,
+        aggregation="fedavg",
+        dp_noise_multiplier=0.01,
+        quality_gate_margin=-1.0,
+    )
+
+
 def outcome(store, run_id):
     rounds = [(r.number, r.status) for r in store.list_rounds(run_id)]
     parts = {
@@ -202,7 +223,6 @@ def test_a_node_that_connects_while_flower_waits_for_nodes_gets_its_budget(tmp_p
 def test_the_gain_curve_counts_only_the_steps_the_aggregate_took_in(tmp_path):
     """A reply left out (weighing 0) moved nothing; under DP the mean is over every node asked,
     so one node's 10 steps among four move the aggregate about 2.5 steps, not 10."""
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
     def ten(node, rnd, msg):
         return honest(node, rnd, msg, steps=10.0)
@@ -220,20 +240,7 @@ def test_the_gain_curve_counts_only_the_steps_the_aggregate_took_in(tmp_path):
     assert r.status == "aggregated" and r.metrics["steps-per-node"] == 10.0
     store.close()
 
-    def dp(strategy: LoraFedAvg) -> DifferentialPrivacyClientSideFixedClipping:
-        return DifferentialPrivacyClientSideFixedClipping(
-            strategy, noise_multiplier=0.01, clipping_norm=1.0, num_sampled_clients=4
-        )
-
-    fed, store = federation(
-        tmp_path / "dp",
-        {1: ten, 2: idle, 3: idle, 4: idle},
-        wrap=dp,
-        num_server_rounds=1,
-        aggregation="fedavg",
-        dp_noise_multiplier=0.01,
-        quality_gate_margin=-1.0,
-    )
+    fed, store = dp_federation(tmp_path / "dp", {1: ten, 2: idle, 3: idle, 4: idle})
     fed.run()
     (r,) = store.list_rounds(fed.run_info.id)
     assert r.status == "aggregated" and r.metrics["steps-per-node"] == 2.5
@@ -505,23 +512,7 @@ def superlink_error(node: int, rnd: int, msg: Message) -> Message:
 
 
 def test_under_dp_a_node_that_left_mid_round_is_a_failed_node_not_a_lost_round(tmp_path):
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
-    def dp(strategy: LoraFedAvg) -> DifferentialPrivacyClientSideFixedClipping:
-        return DifferentialPrivacyClientSideFixedClipping(
-            strategy, noise_multiplier=0.01, clipping_norm=1.0, num_sampled_clients=3
-        )
-
-    behaviours = {5: honest, 6: honest, 7: superlink_error}
-    fed, store = federation(
-        tmp_path,
-        behaviours,
-        wrap=dp,
-        num_server_rounds=1,
-        aggregation="fedavg",
-        dp_noise_multiplier=0.01,
-        quality_gate_margin=-1.0,
-    )
+    fed, store = dp_federation(tmp_path, {5: honest, 6: honest, 7: superlink_error})
     fed.run()
     status, rounds, parts = outcome(store, fed.run_info.id)
     assert status == "finished" and rounds == [(1, "aggregated")]
