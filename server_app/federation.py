@@ -272,13 +272,7 @@ class Federation:
             report = self.lora.report_unaggregated(rnd, replies)
         for o in report.outcomes:
             self.coordination.observe(o.node_id, o.metrics, accepted=o.status == "ok")
-        # (a node that reports no local-steps trained one, as the strategy counts it)
-        trained = [
-            o.metrics.get("local-steps", 1.0)
-            for o in report.outcomes
-            if o.status == "ok" and o.metrics.get("local-steps", 1.0) > 0
-        ]
-        steps_total = int(sum(trained))
+        steps_total = int(sum(_trained_steps(report)))
         steps_per_node = _aggregate_steps(report, self.lora.uniform_weights, new_arrays is not None)
         # The nodes' averaged metrics, less what only the server may say (a node sending
         # dp-epsilon must not set the run's privacy account) and anything not finite (a sum of
@@ -617,13 +611,21 @@ def _aggregate_steps(report: RoundReport, uniform_weights: bool, aggregated: boo
     were rejected are zero updates in it); none when no aggregate came of them."""
     if not aggregated:
         return 0.0
-    steps = [
-        o.metrics.get("local-steps", 1.0)  # (no local-steps: one, as the strategy counts it)
-        for o in report.outcomes
-        if o.status == "ok" and o.weight_used != 0.0 and o.metrics.get("local-steps", 1.0) > 0
-    ]
+    steps = _trained_steps(report, in_aggregate=True)
     divisor = len(report.outcomes) if uniform_weights else len(steps)
     return sum(steps) / divisor if steps else 0.0
+
+
+def _trained_steps(report: RoundReport, in_aggregate: bool = False) -> list[float]:
+    """The steps of each accepted reply that trained (``in_aggregate``: and was not left out,
+    weighing 0); a node that reports no local-steps trained one, as the strategy counts it."""
+    return [
+        steps
+        for o in report.outcomes
+        if o.status == "ok"
+        and not (in_aggregate and o.weight_used == 0.0)
+        and (steps := o.metrics.get("local-steps", 1.0)) > 0
+    ]
 
 
 def held_for_turns(
