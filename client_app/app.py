@@ -99,12 +99,12 @@ def _own_data(context: Context, cfg: RunConfig) -> DataSpec | None:
     is set aside. The run's own corpus named again (``shakespeare`` in a run on it) keeps the
     server's held-out part out, as every other client does: trained on, it would pass the
     quality gate for the wrong reason."""
-    path = context.node_config.get("data")
+    path = _own_path(context)
     if path is None:
         return None
-    run_corpus = _overlaps(str(path), cfg.data_spec.source)
+    run_corpus = _overlaps(path, cfg.data_spec.source)
     heldout = cfg.data_spec.central_heldout if run_corpus else 0
-    return dataclasses.replace(cfg.data_spec, source=str(path), central_heldout=heldout)
+    return dataclasses.replace(cfg.data_spec, source=path, central_heldout=heldout)
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -182,6 +182,7 @@ def _replica(context: Context, cfg: RunConfig) -> ReplicaClient | None:
 
 
 def _own_path(context: Context) -> str | None:
+    """The device's own data as its node config names it (``data``), or None."""
     data = context.node_config.get("data")
     return None if data is None else str(data)
 
