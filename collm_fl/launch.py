@@ -231,27 +231,39 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    _left: list[psutil.Process] = field(default_factory=list)  # its children when signalled
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM, SIGKILL after ``timeout``; then the processes it started that outlived it
         (also when it had died already: see :meth:`_orphans`)."""
-        left = []
+        self.signal_stop()
+        self.finish_stop(time.monotonic() + timeout)
+
+    def signal_stop(self) -> None:
+        """The first half of :meth:`stop`: SIGTERM (several processes stop at once when each is
+        signalled before any is waited for)."""
         if self.alive():
-            left = descendants(self.popen.pid)
+            self._left = descendants(self.popen.pid)
             self.popen.terminate()
+
+    def finish_stop(self, deadline: float) -> None:
+        """The second half of :meth:`stop`: wait until ``deadline`` (time.monotonic), then
+        SIGKILL; then stop what it started that outlived it."""
+        if self.alive():
             try:
-                self.popen.wait(timeout)
+                self.popen.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("%s (pid %d) ignored SIGTERM; killing it", self.name, self.popen.pid)
                 self.popen.kill()
                 self.popen.wait()
-        terminate_all(_union(left, self._orphans()))
+        terminate_all(_union(self._left, self._orphans()))
         self._log.close()
 
     def kill(self) -> None:
         """SIGKILL, no grace period (when there is no time to wait for a clean stop)."""
-        left = []
+        left = self._left
         if self.alive():
-            left = descendants(self.popen.pid)
+            left = _union(left, descendants(self.popen.pid))
             self.popen.kill()
             self.popen.wait()
         terminate_all(_union(left, self._orphans()), timeout=0.0)
@@ -334,10 +346,16 @@ class LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         try:
+            # Everything starts at once, and is waited for after: the replicas load their model
+            # and data while the SuperLink starts and the SuperNodes join it (a SuperNode calls
+            # its replica only when a run sends it a message, after this start).
             if self.with_flower:
-                self._start_superlink(timeout)
+                superlink = self._start_superlink()
             for i in range(self.num_replicas):
                 self._start_replica(i)
+            if self.with_flower:
+                wait_http(f"http://127.0.0.1:{self.superlink_port}/health", superlink, timeout)
+                started_nodes = [self._start_supernode(i) for i in range(self.num_nodes)]
             if self.replicas:  # (loading a model takes a while: say what is being waited for)
                 log.info(
                     "waiting for %d replica(s) of %s to load (logs in %s)",
@@ -354,7 +372,6 @@ class LocalFederation:
                     time.monotonic() - started,
                 )
             if self.with_flower:
-                started_nodes = [self._start_supernode(i) for i in range(self.num_nodes)]
                 # One that failed to start fails the start, not the run ("exited mid-run").
                 deadline = time.monotonic() + timeout
                 for i, proc in enumerate(started_nodes):
@@ -372,17 +389,27 @@ class LocalFederation:
             self.num_devices,
         )
 
-    def stop(self) -> None:
-        """Stop every process, the last started first; interrupted meanwhile (a second Ctrl-C),
-        kill the rest at once rather than leave them running."""
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop every process: all but the SuperLink at once (each SuperNode says goodbye to
+        it as it leaves), then the SuperLink; each SIGKILLed ``timeout`` after its SIGTERM.
+        Interrupted meanwhile (a second Ctrl-C), kill the rest at once rather than leave them
+        running."""
         pending = list(reversed(self.processes))
         self.processes.clear()
         if pending:
             log.info("stopping %s", ", ".join(f"{p.name} (pid {p.popen.pid})" for p in pending))
+        waves = [
+            [p for p in pending if p.name != "superlink"],
+            [p for p in pending if p.name == "superlink"],
+        ]
         try:
-            while pending:
-                pending[0].stop()
-                pending.pop(0)
+            for wave in waves:
+                for proc in wave:
+                    proc.signal_stop()
+                deadline = time.monotonic() + timeout
+                for proc in wave:
+                    proc.finish_stop(deadline)
+                    pending.remove(proc)
         except BaseException:
             for proc in pending:
                 proc.kill()
@@ -518,9 +545,9 @@ class LocalFederation:
         log.debug("started %s (pid %d): %s", name, popen.pid, shlex.join(cmd))
         return proc
 
-    def _start_superlink(self, timeout: float) -> None:
+    def _start_superlink(self) -> ManagedProcess:
         self.superlink_port = free_port()
-        proc = self.spawn(
+        return self.spawn(
             "superlink",
             [
                 executable("flower-superlink"),
@@ -533,7 +560,6 @@ class LocalFederation:
                 str(self.workdir / "superlink.db"),
             ],
         )
-        wait_http(f"http://127.0.0.1:{self.superlink_port}/health", proc, timeout)
 
     def _start_replica(self, i: int) -> None:
         port, control_port = free_port(), free_port()

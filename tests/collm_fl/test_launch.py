@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,14 +26,62 @@ def test_a_stop_interrupted_midway_still_kills_every_process(
     tmp_path.mkdir(exist_ok=True)
     procs = [fed.spawn(f"sleeper{i}", SLEEPER) for i in range(3)]
 
-    def second_ctrl_c(timeout: float = 20.0) -> None:
+    def second_ctrl_c(deadline: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(procs[-1], "stop", second_ctrl_c)  # the first one stop() reaches
+    monkeypatch.setattr(procs[-1], "finish_stop", second_ctrl_c)  # the first one waited for
     with pytest.raises(KeyboardInterrupt):
         fed.stop()
     assert all(p.popen.wait(timeout=30) is not None for p in procs)
     assert not any(p.alive() for p in procs) and fed.processes == []
+
+
+# On SIGTERM: note it, then exit only once every other process but the SuperLink has noted
+# its own (each waits for the others: stopped one after another, the first one waited for never
+# exits by itself). The SuperLink notes which of the others were still running.
+STOPS_TOGETHER = """
+import os, pathlib, signal, sys, time
+me, others = sys.argv[1], sys.argv[2:]
+here = pathlib.Path(os.environ["STOP_DIR"])
+def on_term(*_):
+    if me == "superlink":
+        alive = [o for o in others if (here / f"{o}.alive").exists()]
+        (here / "superlink.saw").write_text(",".join(alive))
+        sys.exit(0)
+    (here / f"{me}.term").touch()
+    while not all((here / f"{o}.term").exists() for o in others):
+        time.sleep(0.05)
+    (here / f"{me}.alive").unlink()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+(here / f"{me}.alive").touch()
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_stop_signals_every_process_at_once_then_the_superlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stopped one by one, each waiting for the one before to exit, a site's processes took 2-3 s
+    # each (a SuperNode leaving the SuperLink, a replica draining): a federation's stop added up.
+    monkeypatch.setenv("STOP_DIR", str(tmp_path))
+    fed = LocalFederation(tmp_path / "site", with_flower=False)
+    fed.workdir.mkdir()
+    names = ["superlink", "replica0", "replica1", "supernode0", "supernode1"]
+    procs = []
+    for name in names:
+        others = [n for n in names if n not in (name, "superlink")]
+        procs.append(fed.spawn(name, [sys.executable, "-c", STOPS_TOGETHER, name, *others]))
+    for name in names:  # each has its handler in place
+        deadline = time.monotonic() + 60
+        while not (tmp_path / f"{name}.alive").exists():
+            assert procs[names.index(name)].alive() and time.monotonic() < deadline, name
+            time.sleep(0.05)
+    fed.stop(timeout=20)
+    assert [p.popen.returncode for p in procs] == [0] * len(names)  # none was killed
+    assert (tmp_path / "superlink.saw").read_text() == ""  # the others were gone by then
+    assert fed.processes == []
 
 
 def test_local_replicas_get_the_run_configs_data_split_and_lora_shape(tmp_path) -> None:

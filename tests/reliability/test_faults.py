@@ -85,7 +85,7 @@ def test_a_replica_killed_mid_round_is_counted_failed_and_rejoins_after_restart(
     out = tmp_path / "out"
     config = (
         f"{COMMON} output-dir='{out}' local-steps=100 min-train-nodes=3 min-good-replies=1 "
-        "num-server-rounds=2"
+        "num-server-rounds=1"
     )
     with LocalFederation(tmp_path / "site", num_replicas=3, model="tiny") as fed:
         victim, others = fed.replicas[2], fed.replicas[:2]
@@ -122,15 +122,14 @@ def test_a_replica_killed_mid_round_is_counted_failed_and_rejoins_after_restart(
         log = finish(rel, run)
         rounds = round_lines(log)
         print(f"rounds (ok, rejected, failed): {rounds}")
-        assert rounds[1] == (2, 0, 1), log[-4000:]  # the victim's round-1 reply: failed
-        assert rounds[2] == (2, 0, 1), log[-4000:]  # and again while it stays down
+        assert rounds == {1: (2, 0, 1)}, log[-4000:]  # the victim's round-1 reply: failed
         for node in others:  # the survivors advanced to the newest version
-            assert health(node.api_url)["adapter_version"] == 2
+            assert health(node.api_url)["adapter_version"] == 1
         with VersionStore(out) as store:
             run_id = store.find_run("default").id
-            assert [v.number for v in store.list_versions(run_id)] == [0, 1, 2]
+            assert [v.number for v in store.list_versions(run_id)] == [0, 1]
             failed = [p for p in store.participations(run_id) if p.status == "failed"]
-            assert [p.round_number for p in failed] == [1, 2]
+            assert [p.round_number for p in failed] == [1]
             assert all(p.reason and "error reply" in p.reason for p in failed), failed
 
         # Restarted with the same command (ports, store), it serves the newest version it stored.
@@ -145,15 +144,15 @@ def test_a_replica_killed_mid_round_is_counted_failed_and_rejoins_after_restart(
 
         # It rejoins: a resumed run (one more round) gets all three replies and advances it too.
         # (100 local steps were for a kill window in round 1: the rejoin needs a few)
-        config3 = config.replace("num-server-rounds=2", "num-server-rounds=3").replace(
+        config2 = config.replace("num-server-rounds=1", "num-server-rounds=2").replace(
             "local-steps=100", "local-steps=3"
         )
-        run2 = procs.spawn("flwr-run-2", fed.flwr_run_command(config3, rel.root), fed.env())
+        run2 = procs.spawn("flwr-run-2", fed.flwr_run_command(config2, rel.root), fed.env())
         log2 = finish(rel, run2)
-        assert "resuming run 'default' from version v2" in log2
-        assert round_lines(log2) == {3: (3, 0, 0)}, log2[-4000:]
+        assert "resuming run 'default' from version v1" in log2
+        assert round_lines(log2) == {2: (3, 0, 0)}, log2[-4000:]
         for node in fed.replicas:
-            assert health(node.api_url)["adapter_version"] == 3
+            assert health(node.api_url)["adapter_version"] == 2
 
 
 # ---- (b) the server killed mid-run --------------------------------------------------------------
@@ -249,7 +248,8 @@ def late_node_run(tmp_path_factory, module_procs, rel):
     out = workdir / "out"
     config = (
         f"{COMMON} output-dir='{out}' local-steps=5 min-train-nodes=3 num-server-rounds=1 "
-        f"allocation='static' round-timeout={ROUND_TIMEOUT_S} round-deadline-s=20"
+        f"allocation='static' round-timeout={ROUND_TIMEOUT_S} round-deadline-s=20 "
+        "publish-timeout=20"
     )
     with LocalFederation(workdir / "site", num_replicas=3, model="tiny") as fed:
         frozen = psutil.Process(fed.replicas[2].process.popen.pid)
