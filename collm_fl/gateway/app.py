@@ -68,6 +68,7 @@ def create_gateway_app(
         pool, slo, replica_api_key, max(1, max_attempts), GatewayMetrics(), shed_factor=shed_factor
     )
     app.state.metrics = router.metrics
+    app.state.router = router  # (run_gateway's server ends its requests as it stops)
 
     def auth(authorization: Annotated[str | None, Header()] = None) -> None:
         check_bearer(authorization, api_key)

@@ -511,6 +511,14 @@ class ReplicaPool:
             r.healthy = False
             log.warning("replica %s marked unhealthy: %s", r.name, reason)
 
+    def abandon_all(self, reason: str) -> int:
+        """Give up on every request in flight, on every replica (the gateway is stopping); each
+        waiter ends its request. How many were abandoned."""
+        open_ = [t for r in self._replicas.values() for t in r.tickets if t.abandoned is None]
+        for ticket in open_:
+            ticket.abandon(reason)
+        return len(open_)
+
     def release(self, ticket: Ticket) -> None:
         """The request ended without saying anything about the replica (client left, 4xx)."""
         if not ticket.done:

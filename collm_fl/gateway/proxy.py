@@ -20,6 +20,10 @@ once its response headers came is given up on. (Before its headers a stream, lik
 until it is done, rightly sends nothing while it waits for admission: only the read timeout bounds
 it.)
 
+Shutdown: the requests still in flight shortly before the gateway's graceful shutdown runs out are
+ended by the gateway (:meth:`Router.shut_down`), not cut by uvicorn: a 503 ``shutting_down`` with
+Retry-After for one not yet answered, an error chunk then ``data: [DONE]`` for a committed stream.
+
 Admission control (opt-in, ``shed_factor > 0``): a request whose predicted TTFT exceeds
 ``shed_factor ×`` the TTFT SLO on every replica is refused on arrival with a 503 of its own code,
 ``load_shed``, before any replica sees it (:func:`~collm_fl.policies.routing.admission_decision`).
@@ -49,7 +53,7 @@ from collm_fl.api.schemas import (
 )
 from collm_fl.api.streams import drain
 from collm_fl.gateway.pool import ReplicaPool, Ticket
-from collm_fl.gateway.sse import DONE, error_chunk, is_done, is_token, sse_events
+from collm_fl.gateway.sse import DONE, error_chunk, is_done, is_token, replica_failed, sse_events
 from collm_fl.policies.routing import admission_decision, choose_replica
 from collm_fl.replica.metrics import SLO
 
@@ -57,6 +61,8 @@ log = logging.getLogger(__name__)
 ROUTED_HEADER = "X-Routed-To"
 VERSION_HEADER = "X-Adapter-Version"
 SHED_CODE = "load_shed"  # a shed request's 503 (the others: "overloaded", no replica took it)
+SHUTDOWN_CODE = "shutting_down"  # a request the gateway ended as it stopped (503, error chunk)
+SHUTDOWN_REASON = "the gateway is shutting down"
 # a replica's JSON reply: ``replica-ttft;dur=…, replica-total;dur=…`` (ms)
 TIMING_HEADER = "Server-Timing"
 RETRY_AFTER_S = 1
@@ -71,7 +77,8 @@ class GatewayMetrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "collm_gateway_requests",
-            "Requests routed to a replica, by outcome (ok, client_error, stream_error, cancelled)",
+            "Requests routed to a replica, by outcome (ok, client_error, stream_error, "
+            "cancelled, timeout, shutdown)",
             ["replica", "outcome"],
             registry=r,
         )
@@ -175,6 +182,7 @@ class Router:
     ) -> None:
         self.pool, self.slo, self.max_attempts, self.metrics = pool, slo, max_attempts, metrics
         self.shed_factor = shed_factor  # 0: admission control off
+        self.shutting_down = False  # set by shut_down: no new attempt, no failover
         self.headers = {"Content-Type": "application/json"}
         if replica_api_key:
             self.headers["Authorization"] = f"Bearer {replica_api_key}"
@@ -197,6 +205,8 @@ class Router:
         last = "no healthy replica"
         refusals: list[str] = []  # the kind of each replica's refusal
         for attempt_no in range(self.max_attempts):
+            if self.shutting_down:
+                raise _shutting_down()
             if attempt_no:  # a failover: the refusal changed the pool's view
                 views = self.pool.views()
             name = choose_replica(views, job.prompt_tokens, job.max_tokens, self.slo, excluded)
@@ -207,6 +217,10 @@ class Router:
             try:
                 return await unless_client_leaves(request, attempt)
             except _Refused as e:
+                if isinstance(e, _Abandoned) and self.shutting_down:  # not the replica's doing
+                    self.pool.release(ticket)
+                    self.metrics.requests.labels(name, "shutdown").inc()
+                    raise _shutting_down() from None
                 self.pool.fail(ticket, e.reason, e.replica_down)
                 self.metrics.failovers.labels(name, e.kind).inc()
                 excluded.add(name)
@@ -231,6 +245,14 @@ class Router:
                 raise
         self.metrics.unavailable.inc()
         raise _unavailable(refusals, last, "no replica can take the request now")
+
+    def shut_down(self) -> int:
+        """End every request in flight now, the gateway's graceful shutdown being nearly over:
+        one not yet answered (a JSON request, a stream before its first token) gets a 503
+        ``shutting_down`` with Retry-After instead of a failover, a committed stream an error chunk
+        then ``[DONE]``; a request not yet sent is refused alike. How many were in flight."""
+        self.shutting_down = True
+        return self.pool.abandon_all(SHUTDOWN_REASON)
 
     async def models(self) -> Response:
         """The models of every healthy replica, each listed once (the first replica's card)."""
@@ -385,7 +407,7 @@ class Router:
             if is_done(event):
                 raise _Refused("the stream ended before its first token or finish", "empty_stream")
             token = is_token(event, seen, job.chat)
-            if seen.get("error") is not None or seen.get("finish_reason") == "error":
+            if replica_failed(seen):
                 raise _Refused("the replica sent an error event before any token", "error_event")
             if token or seen.get("finish_reason") is not None:
                 return head
@@ -401,7 +423,7 @@ class Router:
         end a broken stream cleanly with an error chunk."""
         last: dict[str, object] = {}
         error: str | None = None
-        logged = done = False
+        logged = done = stopping = False
         pending = deque(head)
         while True:
             if pending:
@@ -419,7 +441,7 @@ class Router:
                     error = f"the replica failed mid-stream ({type(e).__name__})"
                     break
                 except _Abandoned as e:
-                    error, logged = e.reason, True
+                    error, logged, stopping = e.reason, True, self.shutting_down
                     break
             if is_done(event):
                 yield event
@@ -430,19 +452,20 @@ class Router:
             sent_at = self.pool.clock()
             yield event  # (returns once the client took it: a slow reader holds it here)
             ticket.held_s += self.pool.clock() - sent_at
-        if error is not None and last.get("finish_reason") not in (None, "error"):
+        failed = replica_failed(last)  # its own error chunk or error event, relayed as it came
+        if error is not None and not failed and last.get("finish_reason") is not None:
             # Its answer was whole (its finish chunk relayed): only the end of the stream was
             # lost. Ended here with [DONE], no error chunk after the finish, and no failure.
             log.info(
                 "replica %s: a finished stream broke before [DONE] (%s)", ticket.replica, error
             )
             error = None
-        if error is None and last.get("finish_reason") != "error":
+        if error is None and not failed:
             served = last.get("completion_tokens")
             self.pool.succeed(ticket, served if isinstance(served, int) else None)
             self.metrics.requests.labels(ticket.replica, "ok").inc()
-        elif error is None:  # the replica ended the stream with its own error chunk and [DONE]
-            log.warning("replica %s failed a stream (its error chunk)", ticket.replica)
+        elif error is None:  # the replica ended the stream with its own error and [DONE]
+            log.warning("replica %s failed a stream (its error event)", ticket.replica)
             self.pool.fail(ticket, "the replica's generation failed mid-stream")
             self.metrics.requests.labels(ticket.replica, "stream_error").inc()
         if done:  # the rest of the body (its end), so the connection goes back to the pool
@@ -451,14 +474,19 @@ class Router:
             if not done:
                 yield DONE
             return
-        level = logging.INFO if logged else logging.WARNING
-        log.log(
-            level, "stream from replica %s broke after %d tokens", ticket.replica, ticket.tokens
-        )
-        self.pool.fail(ticket, error)
-        self.metrics.requests.labels(ticket.replica, "stream_error").inc()
-        if last.get("finish_reason") != "error":  # (else the client has the replica's own)
-            yield error_chunk(last, job.chat, error)
+        if stopping:  # not the replica's doing: no penalty
+            self.pool.release(ticket)
+            self.metrics.requests.labels(ticket.replica, "shutdown").inc()
+        else:
+            level = logging.INFO if logged else logging.WARNING
+            log.log(
+                level, "stream from replica %s broke after %d tokens", ticket.replica, ticket.tokens
+            )
+            self.pool.fail(ticket, error)
+            self.metrics.requests.labels(ticket.replica, "stream_error").inc()
+        if not failed:  # (else the client has the replica's own)
+            code = SHUTDOWN_CODE if stopping else "replica_failed"
+            yield error_chunk(last, job.chat, error, code)
         yield DONE
 
     def _stalled(self, ticket: Ticket) -> str:
@@ -541,6 +569,16 @@ def _unavailable(refusals: Collection[str], last: str, what: str) -> APIError:
             code="replica_failed",
         )
     return overloaded(RETRY_AFTER_S, f"{what} ({last})")
+
+
+def _shutting_down() -> APIError:
+    return APIError(
+        503,
+        f"{SHUTDOWN_REASON}; retry later",
+        "server_error",
+        code=SHUTDOWN_CODE,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def _refused(e: httpx.RequestError) -> _Refused:

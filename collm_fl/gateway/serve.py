@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -16,12 +18,16 @@ from collm_fl.api.limits import DEFAULT_BODY_TIMEOUT_S, check_body_timeout
 from collm_fl.errors import ConfigError
 from collm_fl.gateway.app import create_gateway_app
 from collm_fl.gateway.pool import ReplicaPool
+from collm_fl.gateway.proxy import Router
 from collm_fl.policies.routing import check_shed_factor
 from collm_fl.replica.metrics import SLO
 
 log = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 10  # open streams get this long to finish after SIGINT/SIGTERM
+# What the gateway ends itself is ended this long before the grace runs out (at most half of it),
+# time enough to write each request's 503 or final chunks before uvicorn cancels what is left.
+SHUTDOWN_MARGIN_S = 1.0
 
 
 def run_gateway(
@@ -35,14 +41,20 @@ def run_gateway(
     stream_stall_timeout_s: float = 60.0,
     shed_factor: float = 0.0,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    graceful_shutdown_s: int = GRACEFUL_SHUTDOWN_S,
 ) -> None:
-    """Serve the gateway on ``host:port`` until SIGINT/SIGTERM (uvicorn's handlers), then stop.
+    """Serve the gateway on ``host:port`` until SIGINT/SIGTERM (uvicorn's handlers), then stop:
+    the requests in flight get ``graceful_shutdown_s`` to finish, those still open then are ended
+    by the gateway (see :class:`_GatewayServer`).
 
     Raises ConfigError for an empty, malformed or duplicated replica list, a bad port, a stall
-    timeout or body timeout that is not > 0 or a shed factor that is neither 0 (off) nor >= 1.
+    timeout or body timeout that is not > 0, a graceful shutdown under 1 s or a shed factor that
+    is neither 0 (off) nor >= 1.
     """
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be a TCP port, got {port}")
+    if graceful_shutdown_s < 1:
+        raise ConfigError(f"graceful_shutdown_s must be >= 1 (seconds), got {graceful_shutdown_s}")
     if not all(math.isfinite(v) and v > 0 for v in (slo.ttft_s, slo.tpot_s)):
         raise ConfigError("--ttft-slo and --tpot-slo must be finite numbers > 0")
     if max_attempts < 1:
@@ -66,7 +78,7 @@ def run_gateway(
         log_level="warning",
         ws="none",  # HTTP only
         timeout_keep_alive=30,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        timeout_graceful_shutdown=graceful_shutdown_s,
     )
     log.info(
         "gateway on http://%s:%d/v1 in front of %d replica(s): %s",
@@ -77,8 +89,40 @@ def run_gateway(
     )
     raise_open_files_limit()
     with _signals_end_the_server_not_the_process():
-        uvicorn.Server(config).run()
+        _GatewayServer(config, app.state.router, graceful_shutdown_s).run()
     log.info("gateway stopped")
+
+
+class _GatewayServer(uvicorn.Server):
+    """uvicorn's server, whose graceful shutdown the gateway ends itself.
+
+    Once ``timeout_graceful_shutdown`` has passed, uvicorn cancels every request still running: a
+    JSON request gets uvicorn's plain-text 500, a stream is cut without an error chunk or
+    ``[DONE]``, and each is logged as an exception. Shortly before that the router ends them
+    (:meth:`Router.shut_down`), each as an OpenAI-style 503 or an error chunk then ``[DONE]``.
+    """
+
+    def __init__(self, config: uvicorn.Config, router: Router, grace_s: float) -> None:
+        super().__init__(config)
+        self.router = router
+        self.end_requests_after_s = max(grace_s - SHUTDOWN_MARGIN_S, grace_s / 2)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.end_requests_after_s, self._end_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _end_requests(self) -> None:
+        n = self.router.shut_down()
+        if n:
+            log.warning(
+                "gateway shutting down: ending %d request(s) still in flight after %g s",
+                n,
+                self.end_requests_after_s,
+            )
 
 
 MAX_OPEN_FILES = 1 << 20  # the soft limit raised to at most this (a hard limit may be unlimited)

@@ -50,10 +50,14 @@ def is_done(event: bytes) -> bool:
     return event_data(event) == b"[DONE]"
 
 
+ENVELOPE = ("id", "object", "created", "model", "adapter_version")
+
+
 def is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
-    """Whether an SSE event carries generated text; remembers its envelope, its ``error`` object
-    (None if it has none), its finish reason and a usage chunk's ``completion_tokens`` in
-    ``last``."""
+    """Whether an SSE event carries generated text; remembers in ``last`` the envelope fields it
+    has (an event without them, such as a bare ``{"error": …}``, keeps those remembered), its
+    ``error`` object (once one came, it stays), its finish reason and a usage chunk's
+    ``completion_tokens``."""
     data = event_data(event)
     if data is None:
         return False
@@ -63,12 +67,9 @@ def is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
         return False
     if not isinstance(payload, dict):
         return False
-    last.update(
-        {
-            k: payload.get(k)
-            for k in ("id", "object", "created", "model", "adapter_version", "error")
-        }
-    )
+    last.update({k: payload[k] for k in ENVELOPE if k in payload})
+    if payload.get("error") is not None:
+        last["error"] = payload["error"]
     usage = payload.get("usage")  # (the last chunk, when the client asked for include_usage)
     if isinstance(usage, dict) and isinstance(n := usage.get("completion_tokens"), int):
         last["completion_tokens"] = n
@@ -80,7 +81,15 @@ def is_token(event: bytes, last: dict[str, object], chat: bool) -> bool:
     return isinstance(part, dict) and bool(part.get("content" if chat else "text"))
 
 
-def error_chunk(last: dict[str, object], chat: bool, message: str) -> bytes:
+def replica_failed(last: dict[str, object]) -> bool:
+    """Whether the events ``last`` remembers include the replica's own report of a failure: an
+    ``error`` object, or ``finish_reason: "error"``."""
+    return last.get("error") is not None or last.get("finish_reason") == "error"
+
+
+def error_chunk(
+    last: dict[str, object], chat: bool, message: str, code: str = "replica_failed"
+) -> bytes:
     """The final chunk the gateway sends on a stream that broke: ``finish_reason: "error"`` and an
     OpenAI-style ``error`` object, in the envelope ``last`` remembered."""
     choice: dict[str, object] = {"index": 0, "finish_reason": "error"}
@@ -99,7 +108,7 @@ def error_chunk(last: dict[str, object], chat: bool, message: str) -> bytes:
             "message": message,
             "type": "server_error",
             "param": None,
-            "code": "replica_failed",
+            "code": code,
         },
     }
     return f"data: {json.dumps(payload)}\n\n".encode()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from collm_fl.api.urls import normalize_url
 from collm_fl.errors import ConfigError
-from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, arrival_times
+from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, MAX_ARRIVALS, arrival_times
 from collm_fl.loadgen.client import (
     STOPPED_DUE,
     FillerPrompts,
@@ -124,6 +124,16 @@ def run_load_cli(
             raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
     if seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {seed}")
+    # None is "not given"; an empty name is a mistake (an unset shell variable), not a request
+    # for the default: it would silently replay Poisson arrivals, or count words, instead.
+    for flag, name, what, absent in (
+        ("--trace", trace, "a trace CSV", "to replay --arrivals"),
+        ("--tokenizer", tokenizer, "a model", "to count prompt lengths in words"),
+    ):
+        if name is not None and not name.strip():
+            raise ConfigError(
+                f"{flag} must name {what}, got an empty value {name!r} (leave it out {absent})"
+            )
     slo = SLOSpec(ttft_s=ttft_slo, tpot_s=tpot_slo)
     target = normalize_url(target, "target")  # ".../v1", as OpenAI clients take it, is fine
     out = Path(out)
@@ -131,20 +141,22 @@ def run_load_cli(
         raise ConfigError(f"--out: {out} exists and is not a directory")
     for flag, value in (("--prompt-tokens", prompt_tokens), ("--output-tokens", output_tokens)):
         if value < 1:
-            what = "the length cap with --trace" if trace else "the length of every request"
+            what = "the length of every request"
+            if trace is not None:
+                what = "the length cap with --trace"
             raise ConfigError(f"{flag} must be >= 1 ({what}), got {value}")
     # Prompts of this run's own (a prefix cache holds none of them from an earlier run), made once
     # the schedule has been checked (a tokenizer may need fetching).
     prompt_tag = secrets.token_hex(2)
 
     def prompts() -> Callable[[int], str]:
-        if not tokenizer:
+        if tokenizer is None:
             return FillerPrompts(tag=prompt_tag)  # (lengths in words)
         from collm_fl.models import load_tokenizer
 
         return TokenizerPrompts(load_tokenizer(tokenizer), tag=prompt_tag)
 
-    if trace:
+    if trace is not None:
         if not (math.isfinite(duration_s) and duration_s > 0):
             raise ConfigError(f"--duration must be a finite number > 0, got {duration_s}")
         if not (math.isfinite(rate) and rate >= 0):
@@ -169,12 +181,22 @@ def run_load_cli(
                 f"--arrivals: unknown arrival process {kind!r}; expected one of "
                 f"{', '.join(ARRIVAL_KINDS)} (or --trace)"
             )
+        # Checked here, under the flags' names (arrival_times names its own parameters).
+        if not (math.isfinite(rate) and rate > 0):
+            raise ConfigError(f"--rate must be a finite number > 0, got {rate}")
+        if not (math.isfinite(duration_s) and duration_s > 0):
+            raise ConfigError(f"--duration must be a finite number > 0, got {duration_s}")
+        if rate * duration_s > MAX_ARRIVALS:
+            raise ConfigError(
+                f"--rate × --duration = {rate * duration_s:.0f} requests exceeds {MAX_ARRIVALS} "
+                "(lower the rate or the duration)"
+            )
         schedule = [float(t) for t in arrival_times(kind, rate, duration_s, seed)]
         measured_s = duration_s
     if not schedule:
         what = (
             f"{trace} before --duration {duration_s:g}"
-            if trace
+            if trace is not None
             else (f"--arrivals {kind} at --rate {rate:g} for --duration {duration_s:g}")
         )
         raise ConfigError(f"no request to send: {what} schedules none (raise the rate or duration)")
@@ -188,7 +210,11 @@ def run_load_cli(
 
     async def run() -> list[RequestResult]:
         loop = asyncio.get_running_loop()
-        stop, abandon, started = asyncio.Event(), asyncio.Event(), loop.time()
+        stop, abandon = asyncio.Event(), asyncio.Event()
+        # The loop time the schedule's offsets count from, as the replay publishes it: a clock
+        # of our own, started before the replay sorts the requests and builds its clients, would
+        # count that setup into the time the run is measured over.
+        schedule_start: list[float] = []
 
         def on_signal(sig: signal.Signals) -> None:
             if sig == hangup:  # (the terminal is gone: what follows is written nowhere)
@@ -199,7 +225,9 @@ def run_load_cli(
                     "%s: abandoning the requests in flight; writing what was measured", sig.name
                 )
                 return
-            stopped_at.append(loop.time() - started)
+            # (before the replay started: nothing of the schedule ran)
+            since = loop.time() - schedule_start[0] if schedule_start else 0.0
+            stopped_at.append(max(0.0, since))
             stop.set()
             log.warning(
                 "%s: sending no more requests; waiting for those in flight (at most %.0fs; "
@@ -223,6 +251,7 @@ def run_load_cli(
                 stop=stop,
                 abandon=abandon,
                 ignore_eos=ignore_eos,
+                on_start=schedule_start.append,
             )
         finally:
             for sig in signals:
@@ -257,7 +286,7 @@ def run_load_cli(
         "interrupted_at_s": stopped_at[0] if stopped_at else None,
         "target": target,
         "model": model,
-        "schedule": "trace" if trace else kind,
+        "schedule": "trace" if trace is not None else kind,
         "trace": trace,
         "rate": rate,
         "duration_s": duration_s,

@@ -229,6 +229,7 @@ async def replay(
     route: Callable[[int], str] | None = None,
     abandon: asyncio.Event | None = None,
     ignore_eos: bool = False,
+    on_start: Callable[[float], None] | None = None,
 ) -> list[RequestResult]:
     """Send every request at its offset (open loop) and return one result per request, in order.
 
@@ -240,7 +241,9 @@ async def replay(
     servers changes during the replay); else every request goes to ``base_url``.
     ``ignore_eos`` asks for every request's whole ``max_tokens`` (vLLM's ``ignore_eos``, which
     ``collm replica`` takes too; OpenAI's API refuses it), so a trace's output lengths are the
-    lengths served, not caps a model's end-of-sequence cuts short.
+    lengths served, not caps a model's end-of-sequence cuts short. ``on_start``, if given, is
+    called with the event-loop time the offsets count from once the replay has set up (its
+    clients built), so a caller times a stop on the schedule's clock, not from before the setup.
     """
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ConfigError(f"timeout_s: must be a finite number > 0, got {timeout_s}")
@@ -270,6 +273,8 @@ async def replay(
 
         client_for(base_url)
         start = loop.time()
+        if on_start is not None:
+            on_start(start)
 
         async def run_one(i: int, client: httpx.AsyncClient) -> None:
             nonlocal in_flight
@@ -375,6 +380,7 @@ def _abandoned(index: int, sent_at: float, now: float, spec: RequestSpec) -> Req
         spec.prompt_tokens,
         0,
         "abandoned: the load was stopped before it finished",
+        late_s=max(0.0, sent_at - spec.offset_s),  # (it was sent: its lag counts as any other's)
     )
 
 

@@ -180,6 +180,19 @@ def test_load_where_nothing_answers_says_why(capsys, tmp_path, monkeypatch):
     assert "the first error: error: ConnectError" in said[0]
 
 
+@pytest.mark.parametrize("flag", ["--trace", "--tokenizer"])
+@pytest.mark.parametrize("value", ["", "  "], ids=["empty", "blank"])
+def test_load_with_an_empty_trace_or_tokenizer_exits_2_naming_the_flag(
+    capsys, tmp_path, flag, value
+):
+    # Empty is not "not given": it replayed Poisson arrivals, or counted words, instead.
+    out = tmp_path / "out"
+    args = ["--target", "http://127.0.0.1:9", "--model", "m", "--rate", "5", "--duration", "1"]
+    code, err = run(capsys, "load", *args, flag, value, "--out", str(out))
+    assert code == 2 and f"{flag} must name" in err and "empty" in err
+    assert not out.exists()
+
+
 def test_load_into_an_existing_file_exits_2(capsys, tmp_path):
     taken = tmp_path / "taken"
     taken.write_text("")
@@ -473,6 +486,16 @@ def test_port_overlap_knows_which_wildcard_covers_which_family():
         (["live", "--model", "tiny", "--arrivals", "foo"], "--arrivals must be one of"),
         (["live", "--model", "tiny", "--ttft-slo", "nan"], "--ttft-slo must be a finite"),
         (["load", "--target", "http://x:1", "--model", "m", "--seed", "-1"], "--seed must be >="),
+        (["load", "--target", "http://x:1", "--model", "m", "--rate", "-1"], "--rate must be a"),
+        (["load", "--target", "http://x:1", "--model", "m", "--rate", "nan"], "--rate must be a"),
+        (
+            ["load", "--target", "http://x:1", "--model", "m", "--duration", "0"],
+            "--duration must be a finite number > 0",
+        ),
+        (
+            ["load", "--target", "http://x:1", "--model", "m", "--rate", "1e6", "--duration", "10"],
+            "--rate × --duration = 10000000 requests exceeds 5000000",
+        ),
     ],
 )
 def test_bad_values_are_named_by_their_flag_without_a_traceback(capsys, tmp_path, argv, message):

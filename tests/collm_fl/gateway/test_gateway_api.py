@@ -20,6 +20,7 @@ from gateway_harness import (
     start_replicas,
     wait_for,
 )
+from hanging_replica import FIRST_EVENT, HangingReplica
 
 from collm_fl.launch import free_port
 
@@ -289,28 +290,39 @@ def test_a_client_that_disconnects_cancels_the_upstream_request(gateway, replica
         assert replica_cancelled(next(r for r in replicas if name_of(r) == name)) > before[name]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_run_gateway_serves_until_a_signal_then_exits_cleanly(replicas, sig):
+def start_run_gateway(urls: list[str], **kw: object) -> tuple[subprocess.Popen, str]:
+    """``run_gateway`` in a process of its own (it takes the signals), once it answers; its URL."""
     port = free_port()
-    urls = [r.url for r in replicas]
+    args = "".join(f", {k}={v!r}" for k, v in kw.items())
     code = (
         "from collm_fl.gateway.serve import run_gateway; from collm_fl.replica.metrics import SLO; "
-        f"run_gateway({urls!r}, '127.0.0.1', {port}, 'k', {REPLICA_KEY!r}, SLO())"
+        f"run_gateway({urls!r}, '127.0.0.1', {port}, 'k', {REPLICA_KEY!r}, SLO(){args})"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], env=dict(os.environ), stderr=subprocess.PIPE, text=True
     )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, "run_gateway exited early"
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            assert proc.poll() is None, "run_gateway exited early"
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
         wait_for(up, 30, "run_gateway did not come up")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_gateway_serves_until_a_signal_then_exits_cleanly(replicas, sig):
+    proc, url = start_run_gateway([r.url for r in replicas])
+    try:
         r = httpx.post(
             url + "/v1/completions",
             json={"model": "tiny", "prompt": "A", "max_tokens": 2},
@@ -325,6 +337,45 @@ def test_run_gateway_serves_until_a_signal_then_exits_cleanly(replicas, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_requests_still_open_at_the_end_of_the_shutdown_grace_get_the_gateways_own_end():
+    # uvicorn cancels what still runs once its graceful shutdown has passed: a JSON request got
+    # its plain-text 500, a stream was cut with no error chunk and no [DONE], and each logged
+    # "Exception in ASGI application". The gateway ends them itself a little before that.
+    hanging = HangingReplica()  # blocks every request (a stream after one event) until stopped
+    proc, url = start_run_gateway([hanging.url], graceful_shutdown_s=2)
+    auth = {"Authorization": "Bearer k"}
+    body = {"model": "tiny", "prompt": "after", "max_tokens": 8}
+    with ThreadPoolExecutor(1) as ex:
+        try:
+            stream_body = body | {"stream": True}
+            with httpx.stream(
+                "POST", url + "/v1/completions", json=stream_body, headers=auth, timeout=30
+            ) as stream:
+                events = (ln[6:] for ln in stream.iter_lines() if ln.startswith("data: "))
+                assert json.loads(next(events)) == FIRST_EVENT
+                reply = ex.submit(
+                    httpx.post, url + "/v1/completions", json=body, headers=auth, timeout=30
+                )
+                wait_for(lambda: hanging.blocked == 2, 30, "the replica did not get both")
+                os.kill(proc.pid, signal.SIGTERM)
+                rest = list(events)
+            r = reply.result()
+            assert proc.wait(timeout=20) == 0
+            stderr = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            hanging.stop()
+    assert rest[-1] == "[DONE]"
+    final = json.loads(rest[-2])
+    assert final["id"] == FIRST_EVENT["id"] and final["choices"][0]["finish_reason"] == "error"
+    assert final["error"]["code"] == "shutting_down"
+    assert r.status_code == 503 and r.headers["Retry-After"].isdigit()
+    assert r.json()["error"]["code"] == "shutting_down"
+    assert "Exception in ASGI application" not in stderr and "Traceback" not in stderr
 
 
 def test_replicas_refusing_the_gateways_key_is_a_502_naming_the_setting_not_an_overload(replicas):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 
-from collm_fl.gateway.sse import event_data, is_done, is_token, sse_events
+from collm_fl.gateway.sse import error_chunk, event_data, is_done, is_token, sse_events
 
 
 def events_of(*chunks: bytes) -> list[bytes]:
@@ -47,3 +48,24 @@ def test_data_without_the_space_comments_and_other_fields_are_read_as_the_format
     chunk = b'event: message\ndata:{"choices": [{"text": "hi", "finish_reason": null}]}\n\n'
     assert is_token(chunk, last, chat=False) and last["finish_reason"] is None
     assert not is_token(b": ping\n\n", last, chat=False)
+
+
+def test_an_event_without_the_envelope_keeps_the_remembered_one():
+    # A foreign replica's mid-stream {"error": …} has no id, model or adapter_version: read as
+    # None, they wiped those of the stream, and the gateway's own final chunk lost them.
+    token = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "tiny",
+             "adapter_version": 3,
+             "choices": [{"index": 0, "text": "a", "finish_reason": None}]}  # fmt: skip
+    failure = {"error": {"message": "boom", "type": "server_error", "param": None, "code": 500}}
+    last: dict[str, object] = {}
+    assert is_token(f"data: {json.dumps(token)}\n\n".encode(), last, chat=False)
+    assert not is_token(f"data: {json.dumps(failure)}\n\n".encode(), last, chat=False)
+    assert {k: last[k] for k in ("id", "created", "model", "adapter_version")} == {
+        "id": "cmpl-1",
+        "created": 7,
+        "model": "tiny",
+        "adapter_version": 3,
+    }
+    assert last["error"] == failure["error"]
+    final = json.loads(error_chunk(last, chat=False, message="cut")[6:])
+    assert (final["id"], final["model"], final["adapter_version"]) == ("cmpl-1", "tiny", 3)

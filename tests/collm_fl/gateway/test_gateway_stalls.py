@@ -1,102 +1,23 @@
 """A replica that hangs: its stream stalls, or its /health stops answering while requests wait.
 
-The upstream is an in-process stand-in (a threaded HTTP server) that sends what the prompt says,
-then blocks until the test ends, so each case is a hang unless the gateway ends it. The client's
+The upstream is :class:`~hanging_replica.HangingReplica`, which sends what the prompt says, then
+blocks until the test ends, so each case is a hang unless the gateway ends it. The client's
 timeout is the hang bound: far below the gateway's 300 s read timeout, far above the cases' own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from gateway_harness import GATEWAY_KEY, wait_for
+from hanging_replica import ERROR_EVENT, FIRST_EVENT, HangingReplica
 
 AUTH = {"Authorization": f"Bearer {GATEWAY_KEY}"}
 HANG_BOUND_S = 30.0
-FIRST_EVENT = {
-    "id": "cmpl-stall",
-    "object": "text_completion",
-    "created": 0,
-    "model": "tiny",
-    "choices": [{"index": 0, "text": "a", "logprobs": None, "finish_reason": None}],
-}
-
-
-class HangingReplica:
-    """Answers /health while ``health_ok`` (``/v1/models`` blocks); a completion whose prompt is
-    ``"after"`` streams one event first, ``"fails"`` one event then its own error chunk and
-    ``[DONE]`` (``"fails, cut"``: without ``[DONE]``), ``"finished, cut"`` one event and its
-    finish chunk, then closes without ``[DONE]``, ``"done only"`` just ``[DONE]``; every other
-    completion blocks until :meth:`stop`."""
-
-    def __init__(self) -> None:
-        self.health_ok = True
-        self.health_status = 500  # /health's status while not ok
-        self.received = threading.Event()  # a completion request has arrived
-        self.released = threading.Event()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                if self.path == "/v1/models":
-                    fake.released.wait()
-                    return
-                with contextlib.suppress(ConnectionError):  # the gateway hung up as it stopped
-                    self.send_response(200 if fake.health_ok else fake.health_status)
-                    self.send_header("Content-Type", "application/json")
-                    self.end_headers()
-                    self.wfile.write(b"{}")
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if body.get("stream"):
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.end_headers()
-                    if body["prompt"] in ("after", "fails", "fails, cut", "finished, cut"):
-                        self.wfile.write(f"data: {json.dumps(FIRST_EVENT)}\n\n".encode())
-                        self.wfile.flush()
-                    if body["prompt"] == "done only":  # an empty answer
-                        self.wfile.write(b"data: [DONE]\n\n")
-                        return
-                    if body["prompt"] == "finished, cut":  # its finish chunk, then no [DONE]
-                        choice = {"index": 0, "text": "b", "finish_reason": "stop"}
-                        self.wfile.write(
-                            f"data: {json.dumps({**FIRST_EVENT, 'choices': [choice]})}\n\n".encode()
-                        )
-                        return
-                    if body["prompt"] in ("fails", "fails, cut"):
-                        choice = {"index": 0, "text": "", "finish_reason": "error"}
-                        failed = {**FIRST_EVENT, "choices": [choice]}
-                        done = "" if body["prompt"] == "fails, cut" else "data: [DONE]\n\n"
-                        self.wfile.write(f"data: {json.dumps(failed)}\n\n{done}".encode())
-                        return
-                fake.received.set()
-                fake.released.wait()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def stop(self) -> None:
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture()
@@ -208,6 +129,18 @@ def test_a_stream_the_replica_ends_with_its_own_error_chunk_counts_as_a_stream_e
     assert json.loads(payloads[-2])["choices"][0]["finish_reason"] == "error"
     assert gw.metric("collm_gateway_requests_total", outcome="stream_error") == 1
     assert gw.metric("collm_gateway_requests_total", outcome="ok") == 0
+
+
+def test_an_error_event_without_choices_mid_stream_counts_as_a_stream_error(hanging, start_gateway):
+    # A foreign (vLLM-style) replica reports a failure mid-stream as a bare {"error": …} event:
+    # read only for its finish reason, it counted as a success and cleared the failure streak.
+    gw = start_gateway([hanging.url])
+    payloads = stream_payloads(gw, "error event")
+    assert [json.loads(p) for p in payloads[:-1]] == [FIRST_EVENT, ERROR_EVENT]  # none added
+    assert payloads[-1] == "[DONE]"
+    assert gw.metric("collm_gateway_requests_total", outcome="stream_error") == 1
+    assert gw.metric("collm_gateway_requests_total", outcome="ok") == 0
+    assert gw.health()["replicas"][0]["consecutive_failures"] == 1
 
 
 def test_listing_models_on_a_stuck_replica_is_a_503_not_a_hang(hanging, start_gateway):

@@ -406,6 +406,46 @@ def test_an_abandoned_replay_returns_at_once_with_its_requests_in_flight_marked(
     assert results[1].e2e_s is not None and results[1].error.startswith("abandoned")
 
 
+def test_an_abandoned_request_keeps_how_late_it_was_sent(server_url: str) -> None:
+    # A router slow to answer (0.2 s) makes the generator send the request late; abandoned in
+    # flight, it still counts that lag (else send_late_p99/max would read 0 for it).
+    specs = [RequestSpec(0.0, "HANG", 5), RequestSpec(3600.0, "x", 2)]
+    before = RECEIVED[0]
+
+    def slow_route(i: int) -> str:
+        time.sleep(0.2)  # (the lag under test, not a wait for anything)
+        return server_url
+
+    async def run() -> list[RequestResult]:
+        stop, abandon = asyncio.Event(), asyncio.Event()
+
+        def give_up_once_the_server_has_it(_: ReplayProgress) -> None:
+            if RECEIVED[0] > before:
+                stop.set()
+                abandon.set()
+
+        abandoned = replay(
+            server_url,
+            MODEL,
+            specs,
+            timeout_s=600.0,
+            progress=give_up_once_the_server_has_it,
+            progress_every_s=0.01,
+            stop=stop,
+            route=slow_route,
+            abandon=abandon,
+        )
+        return await asyncio.wait_for(abandoned, timeout=30.0)
+
+    results = asyncio.run(run())
+    assert [(r.index, r.status) for r in results] == [(0, "abandoned")]
+    lag = results[0]
+    assert lag.sent_at is not None and lag.late_s == lag.sent_at - specs[0].offset_s
+    assert lag.late_s >= 0.2
+    summary = summarize_results(results, SLOSpec(1.0, 1.0), 1.0)
+    assert summary.send_late_max_s == lag.late_s
+
+
 def test_results_round_trip_through_jsonl(tmp_path: Path) -> None:
     results = [
         RequestResult(0, 0.0, 0.1, 0.02, 0.3, "ok", 200, 3, 12, 11, None),
@@ -573,6 +613,52 @@ def test_ctrl_c_stops_the_load_and_keeps_what_it_measured(
     assert 3 <= summary["requests"] < 600 and summary["ok"] >= 3
     assert summary["duration_s"] == pytest.approx(summary["config"]["interrupted_at_s"])
     assert len(read_results_jsonl(out / "requests.jsonl")) == summary["requests"]
+
+
+def test_an_interrupted_run_is_measured_from_when_its_schedule_started(
+    server_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The time a stopped run is measured over counts from the replay's own start (offset 0),
+    not from before it sorted the requests and built its clients: a setup slowed by 0.5 s is no
+    part of it."""
+    import os
+    import signal
+
+    from collm_fl.loadgen.arrivals import arrival_times
+
+    rate, duration, seed = 0.05, 60.0, 1
+    assert arrival_times("poisson", rate, duration, seed)[0] > 10  # nothing due before the stop
+    built, built_at, signalled_at = threading.Event(), [], []
+
+    class SlowToBuild(httpx.AsyncClient):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            time.sleep(0.5)  # (a slow setup, before the schedule's clock starts)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            built_at.append(time.monotonic())  # (the clock asyncio's loop.time() reads)
+            built.set()
+
+    def interrupt() -> None:
+        assert built.wait(30.0)
+        time.sleep(1.0)  # (the stop comes a second into the schedule: the time under test)
+        signalled_at.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(httpx, "AsyncClient", SlowToBuild)
+    stopper = threading.Thread(target=interrupt, daemon=True)
+    stopper.start()
+    out = tmp_path / "run"
+    code = run_load_cli(
+        server_url, MODEL, "poisson", rate, duration, None, out, 1.0, 0.5, 4, 3, None, seed, False
+    )
+    returned_at = time.monotonic()
+    stopper.join(timeout=10.0)
+    summary = json.loads((out / "summary.json").read_text())
+    stopped = summary["config"]["interrupted_at_s"]
+    assert code == 130 and summary["requests"] == 0
+    assert summary["duration_s"] == stopped
+    # The schedule started once its client was built, and the signal was handled between its
+    # sending and run_load_cli's return: a clock started before the setup reads 0.5 s more.
+    assert signalled_at[0] - built_at[0] - 0.1 <= stopped <= returned_at - built_at[0]
 
 
 def test_an_answer_that_came_whole_has_no_tpot(server_url: str) -> None:
