@@ -57,7 +57,7 @@ from collm_fl.bench.goodput_systems import (
 from collm_fl.central_eval import CentralEvaluator
 from collm_fl.config import RunConfig
 from collm_fl.errors import ConfigError
-from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, arrival_times
+from collm_fl.loadgen.arrivals import ARRIVAL_KINDS, MAX_ARRIVALS, arrival_times
 from collm_fl.loadgen.client import RequestSpec, build_requests
 from collm_fl.loadgen.goodput import (
     LoadSummary,
@@ -125,6 +125,9 @@ def run_goodput_benchmark(
     trace_rows = load_azure_trace(trace) if trace else None  # a bad trace fails before any run
     if trace_rows is not None and rates:
         check_trace_span(trace_rows, rates, (WARMUP_FRACTION + rounds) * duration_per_round_s)
+    if rates:  # (as the runs will build them: settings.schedule_s, the seed of each rate)
+        schedule_s = WARMUP_FRACTION * duration_per_round_s + rounds * duration_per_round_s
+        check_rate_schedules(rates, schedule_s, arrivals, trace_rows, seed)
     started = time.monotonic()
     run_id = uuid.uuid4().hex  # names its request records too (goodput_report.has_request_records)
     load_start = list(os.getloadavg())
@@ -217,7 +220,9 @@ def run_goodput_benchmark(
                 # Each rate its own arrival seed (not one pattern stretched to three rates), and the
                 # systems in a rotated order (none always first, or last, on a shared machine;
                 # from the seed's place, so that runs of one rate on other seeds rotate too).
-                specs = _schedule(rate, settings, arrivals, trace_rows, settings.seed + k)
+                specs = _schedule(
+                    rate, settings.schedule_s, arrivals, trace_rows, settings.seed + k
+                )
                 for system in run_order(systems, settings.seed + k):
                     where = f"{rate:.2f} req/s, {system}"
                     say(f"[rate {k + 1}/{len(chosen)}: {rate:.2f} req/s] {system}: starting")
@@ -364,18 +369,43 @@ def run_order(systems: Sequence[str], shift: int) -> list[str]:
     return [*systems[shift:], *systems[:shift]]
 
 
+def check_rate_schedules(
+    rates: Sequence[float],
+    schedule_s: float,
+    arrivals: str,
+    trace_rows: Sequence[TraceRow] | None,
+    seed: int,
+) -> None:
+    """Each rate asked for must make a schedule the runs can hold, checked before anything runs
+    (it was found after the calibration, or never): at most ``MAX_ARRIVALS`` requests, and at
+    least one (a report of runs without a request would compare nothing)."""
+    for k, rate in enumerate(rates):
+        expected = rate * schedule_s
+        if expected > MAX_ARRIVALS:
+            raise ConfigError(
+                f"--rates: {rate:g} req/s over the {schedule_s:g} s of load is {expected:.0f} "
+                f"requests, more than the {MAX_ARRIVALS} a schedule holds; pass a lower rate, or "
+                "fewer or shorter rounds"
+            )
+        if not _schedule(rate, schedule_s, arrivals, trace_rows, seed + k):
+            raise ConfigError(
+                f"--rates: {rate:g} req/s sends no request in the {schedule_s:g} s of load; "
+                "pass a higher rate, or more or longer rounds"
+            )
+
+
 def _schedule(
     rate: float,
-    settings: RunSettings,
+    schedule_s: float,
     arrivals: str,
     trace_rows: Sequence[TraceRow] | None,
     seed: int,
 ) -> list[RequestSpec]:
-    p, o = settings.prompt_tokens, settings.output_tokens
+    p, o = PROMPT_TOKENS, OUTPUT_TOKENS  # (the runs' RunSettings.prompt_tokens, output_tokens)
     if trace_rows is not None:
-        rows = scale_trace(trace_rows, rate, settings.schedule_s, p, o)
+        rows = scale_trace(trace_rows, rate, schedule_s, p, o)
         return build_requests(rows, p, o)
-    return build_requests(arrival_times(arrivals, rate, settings.schedule_s, seed), p, o)
+    return build_requests(arrival_times(arrivals, rate, schedule_s, seed), p, o)
 
 
 def summarize_runs(

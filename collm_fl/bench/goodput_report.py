@@ -52,9 +52,14 @@ def write_goodput_report(
         # new report is written, it would name these records as its own.
         md_path.unlink(missing_ok=True)
         written.append(write_request_records(out, records, result.run_id))
+    # Both made before either is written: a report that cannot be rendered (a malformed
+    # goodput.json given to --from-json) leaves the last report whole, not its markdown beside
+    # a new JSON.
+    json_text = json.dumps(result.to_json(), indent=2) + "\n"
+    md_text = render_markdown(result, has_request_records(out, result))
     json_path = out / "goodput.json"
-    write_text_atomic(json_path, json.dumps(result.to_json(), indent=2) + "\n")
-    write_text_atomic(md_path, render_markdown(result, has_request_records(out, result)))
+    write_text_atomic(json_path, json_text)
+    write_text_atomic(md_path, md_text)
     rate_png, quality_png = out / "goodput_vs_rate.png", out / "quality_over_time.png"
     plot_goodput_vs_rate(result, rate_png)
     plot_quality_over_time(result, quality_png)

@@ -34,6 +34,7 @@ import torch
 from collm_fl.adapters import MAX_SERVER_LR, AdapterState
 from collm_fl.aggregation import aggregate_lora_exact, step_normalized
 from collm_fl.central_eval import CentralEvaluator
+from collm_fl.errors import WorkFailed
 from collm_fl.loadgen.goodput import SLOSpec
 
 # The very policy the ServerApp runs (a pure function), not a copy of it.
@@ -167,7 +168,8 @@ class FederationLog:
 
 
 class Orchestrator:
-    """Drives one system's rounds; :meth:`publish_initial` first, then :meth:`run` in a thread."""
+    """Drives one system's rounds; :meth:`publish_initial` first, then :meth:`run` in a thread
+    (:meth:`stop` ends it early)."""
 
     def __init__(
         self,
@@ -202,10 +204,25 @@ class Orchestrator:
         self._allocation: list[dict[str, object]] = []
         self._plans: dict[int, NodeBudget] = {}  # this round's allocation (CoLLM-FL systems)
         self._decision: dict[str, object] | None = None  # and it whole, with its inputs
+        # Set by stop(): the run ends (a Ctrl-C, a failed load) without its remaining rounds.
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to end: no round starts after this (one under way ends as its calls
+        to the replicas do, which stopping the replicas cuts short)."""
+        self._stop.set()
 
     def publish_initial(self) -> None:
-        """Push version 0 to every replica before the load starts."""
-        self._push(0, self.state)
+        """Push version 0 to every replica before the load starts. A replica that does not take
+        it fails the run (WorkFailed) before its load: every run starts from the same version on
+        every replica, and a serving replica with no version has no served quality (the run
+        would go on for its whole schedule and its report be lost at the end)."""
+        _, failures = self._push(0, self.state)
+        if failures:
+            raise WorkFailed(
+                f"{self.spec.name}: {'; '.join(failures)} (every replica serves version 0 "
+                "before the load starts)"
+            )
 
     def run(self, t0: float, t0_wall: float) -> FederationLog:
         # The server's evaluation shares the replicas' cores here (it would run elsewhere in a
@@ -213,7 +230,10 @@ class Orchestrator:
         torch.set_num_threads(1)
         for rnd in range(1, self.s.rounds + 1):
             due = t0 + self.s.warmup_s + (rnd - 1) * self.s.round_s
-            time.sleep(max(0.0, due - time.monotonic()))  # pacing the rounds in wall time
+            # Pacing the rounds in wall time, or until stopped
+            if self._stop.wait(max(0.0, due - time.monotonic())):
+                log.info("stopped before round %d of %d", rnd, self.s.rounds)
+                break
             self.log.rounds.append(self._round(rnd, time.monotonic() - t0, t0_wall))
         self.log.switches = sorted(
             (max(0.0, wall - t0_wall), i, v)
@@ -474,6 +494,8 @@ class Orchestrator:
         # short whenever the deadline runs out.
         shift = (rnd - 1) % len(replicas) if replicas else 0
         for i in [*replicas[shift:], *replicas[:shift]]:
+            if self._stop.is_set():
+                break
             left = self.s.deadline_s - (self.clock() - started)
             step_s = self._step_seconds(i)
             if left < step_s:  # not one step fits: it stays in rotation, trains nothing
@@ -508,14 +530,15 @@ class Orchestrator:
                     break  # (its training call will say what is wrong)
                 busy = int(h.get("running", 0)) + int(h.get("queue_depth", 0))
                 idle = idle + 1 if busy == 0 else 0
-                if idle < 2:
-                    time.sleep(DRAIN_POLL_S)
+                if idle < 2 and self._stop.wait(DRAIN_POLL_S):
+                    break
         return time.monotonic() - started
 
     def _push(self, version: int, state: AdapterState) -> tuple[list[float], list[str]]:
         """Push to every replica (serving ones in the system's mode): the swap ms of each replica
         that took it, and why the others did not (they keep serving what they had, as a
-        SuperNode whose replica refused a version does; the run goes on).
+        SuperNode whose replica refused a version does; the run goes on, but for version 0:
+        :meth:`publish_initial`).
 
         At once, except behind the rolling system's balancer: there one replica at a time, out
         of rotation while it reloads (no drain: its requests in flight wait out the reload, new

@@ -18,13 +18,16 @@ Every process started here is stopped by pid at the end of its run, even on fail
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from collm_fl.adapters import AdapterState
 from collm_fl.bench.goodput_result import Calibration
@@ -59,6 +62,7 @@ from collm_fl.replica.control_client import ReplicaClient
 from collm_fl.replica.engine import LEND_SHARE_LIMIT
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SEPARATE, COLOCATED, MERGED, COLLM = "separate", "colocated", "merged", "collm-fl"
 ROLLING = "rolling"  # one replica at a time out of rotation, training exclusively
@@ -324,6 +328,7 @@ def run_system(
     fed = LocalFederation(workdir, num_replicas=settings.replicas, model=settings.model)
     workdir.mkdir(parents=True, exist_ok=True)
     clients: list[ReplicaClient] = []
+    orchestrator: Orchestrator | None = None
     started = time.monotonic()
     try:
         urls, controls = _start_replicas(fed, settings, spec)
@@ -353,6 +358,8 @@ def run_system(
             _load_and_rounds(targets, settings, specs, orchestrator, progress, router)
         )
     finally:
+        if orchestrator is not None:  # (no round starts while the replicas are stopped)
+            orchestrator.stop()
         for c in clients:
             c.close()
         fed.stop()
@@ -385,12 +392,31 @@ async def _load_and_rounds(
         )
     load = asyncio.create_task(replaying)
     try:
-        federation = await asyncio.to_thread(orchestrator.run, t0, t0_wall)
+        federation = await _in_daemon_thread(lambda: orchestrator.run(t0, t0_wall))
     except BaseException:
         load.cancel()
         raise
     results = await load
     return results, federation, time.monotonic() - t0
+
+
+async def _in_daemon_thread(work: Callable[[], T]) -> T:
+    """``work()`` on a daemon thread of its own, its outcome handed back through a future of
+    the running loop. Not ``asyncio.to_thread``: ``asyncio.run`` joins the default executor's
+    threads as it ends, so a Ctrl-C waited for every remaining round before the run's processes
+    were stopped (run_system's ``finally`` stops the orchestrator instead)."""
+    done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def target() -> None:
+        if not done.set_running_or_notify_cancel():  # (cancelled before it started)
+            return
+        try:
+            done.set_result(work())
+        except BaseException as e:  # handed to the awaiting task, which raises it
+            done.set_exception(e)
+
+    threading.Thread(target=target, name="bench-rounds", daemon=True).start()
+    return await asyncio.wrap_future(done)
 
 
 def _start_replicas(

@@ -202,12 +202,25 @@ def dispatch(args: argparse.Namespace) -> int:
         from collm_fl.bench.goodput_report import write_goodput_report
         from collm_fl.bench.goodput_result import result_from_json
 
+        # A field missing or of the wrong shape, found reading the file or rendering it: the
+        # command's input is at fault (exit 2). The report is rendered before anything is
+        # written, so the last one in --out stays whole.
+        malformed = (ValueError, KeyError, TypeError, AttributeError, IndexError, ArithmeticError)
         try:
             data = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
             report = result_from_json(data)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"--from-json: not a goodput report {args.from_json!r}: {e}") from e
-        for path in write_goodput_report(report, Path(args.out)):
+        except (OSError, *malformed) as e:
+            raise ConfigError(
+                f"--from-json: not a goodput report {args.from_json!r}: {type(e).__name__}: {e}"
+            ) from e
+        try:
+            written = write_goodput_report(report, Path(args.out))
+        except malformed as e:
+            raise ConfigError(
+                f"--from-json: the report in {args.from_json!r} cannot be rendered: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        for path in written:
             print(f"wrote {path}")
         return 0
     if args.command == "bench" and args.bench == "goodput":

@@ -8,6 +8,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 from goodput_fakes import fake_result, fake_run
@@ -33,11 +34,12 @@ from collm_fl.bench.goodput_result import (
 )
 from collm_fl.bench.goodput_systems import SYSTEMS, split_roles
 from collm_fl.cli import main
-from collm_fl.errors import ConfigError
+from collm_fl.errors import ConfigError, WorkFailed
 from collm_fl.loadgen.client import RequestResult, read_results_jsonl
 from collm_fl.loadgen.goodput import SLOSpec
 from collm_fl.loadgen.trace import TraceRow
 from collm_fl.policies.allocation import STEP_HISTORY
+from collm_fl.replica.control_client import ReplicaUnavailable
 
 TITLES = (
     "separate (static split)",
@@ -344,6 +346,26 @@ def test_a_trace_too_short_for_the_schedule_is_refused_before_anything_runs(caps
     assert code == 2 and "last 20 s at 1.00 req/s, less than the 192 s" in capsys.readouterr().err
 
 
+def test_rates_the_schedule_cannot_hold_are_refused_before_calibration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Too high a rate failed only after the model was loaded and a replica calibrated (over the
+    # schedule's cap), too low a one not at all (no request in the schedule: an empty report).
+    from collm_fl.bench import goodput
+
+    def started(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the rates were not checked before the run started")
+
+    monkeypatch.setattr(goodput, "CentralEvaluator", started)
+    monkeypatch.setattr(goodput, "calibrate", started)
+    args = ["--rounds", "3", "--duration-per-round", "60", "--out", str(tmp_path / "out")]
+    for rate, why in (("1e9", "more than the 5000000 a schedule holds"), ("1e-4", "no request")):
+        assert main(["bench", "goodput", "--rates", f"1,{rate}", *args]) == 2, rate
+        err = capsys.readouterr().err
+        assert f"--rates: {float(rate):g} req/s" in err and why in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_each_collm_fl_system_is_held_against_the_baselines_only() -> None:
     runs = [
         fake_run("separate", 2.0, {0: 4.0, 1: 3.8}, met=1),
@@ -549,6 +571,7 @@ def test_rolling_trains_one_replica_at_a_time_out_of_rotation(monkeypatch) -> No
 
     orch = Orchestrator.__new__(Orchestrator)
     orch.router, orch.spec, orch._step_s = router, SYSTEM_SPECS["rolling"], {}
+    orch._stop = threading.Event()
     orch.s = SimpleNamespace(  # type: ignore[assignment]
         deadline_s=30.0, step_seconds=2.0, core_sharing=1.0, replicas=2
     )
@@ -635,6 +658,189 @@ def test_a_run_that_fails_mid_way_still_reports_the_rates_every_system_finished(
     md = (tmp_path / "goodput.md").read_text()
     assert "**This run did not finish** (stopped at 2.00 req/s, collm-fl" in md
     assert result_from_json(data).stopped == data["stopped"]
+
+
+class _Federation:
+    """`LocalFederation` for run_system, without processes: it records that it was stopped."""
+
+    made: ClassVar[list[_Federation]] = []
+
+    def __init__(self, workdir: Path, num_replicas: int, model: str) -> None:
+        self.control_token, self.stopped = "token", False
+        _Federation.made.append(self)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class _Client:
+    """A replica's control client that takes every version, or refuses them (`refuses`)."""
+
+    def __init__(self, address: str, refuses: bool) -> None:
+        self.address, self.refuses, self.closed = address, refuses, False
+
+    def push_version(self, state, peft_config, version, mode):
+        if self.refuses:
+            raise ReplicaUnavailable(f"replica at {self.address}: 409 refused version {version}")
+        return {"promoted_at": 1.0, "load_ms": 2.0}
+
+    def load_report(self, reset: bool) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _fake_processes(monkeypatch: pytest.MonkeyPatch, refuse: bool) -> list[_Client]:
+    """run_system with replicas that are not processes (replica 1 refusing every version
+    when ``refuse``); the clients it made."""
+    import collm_fl.bench.goodput_systems as systems
+
+    clients: list[_Client] = []
+
+    def client(address: str, token: str) -> _Client:
+        clients.append(_Client(address, refuse and address.endswith(":1")))  # (replica 1's)
+        return clients[-1]
+
+    _Federation.made.clear()
+    monkeypatch.setattr(systems, "LocalFederation", _Federation)
+    monkeypatch.setattr(systems, "ReplicaClient", client)
+    monkeypatch.setattr(
+        systems,
+        "_start_replicas",
+        lambda fed, s, spec: (
+            [f"http://127.0.0.1:{k}" for k in range(s.replicas)],
+            [f"127.0.0.1:{k}" for k in range(s.replicas)],
+        ),
+    )
+    return clients
+
+
+def _run_system(tmp_path: Path, system: str = "merged"):
+    from collm_fl.bench.goodput_rounds import RunSettings, StartVersion
+    from collm_fl.bench.goodput_systems import run_system
+
+    slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
+    settings = RunSettings("tiny", 2, 3, 10.0, 2.0, 7.0, 3, 1.0, 5e-4, slo, 8, 4, 30.0, 0)
+    evaluator = SimpleNamespace(
+        cfg=SimpleNamespace(lora=SimpleNamespace(to_peft_config_dict=lambda model: {}))
+    )
+    return run_system(
+        system,
+        1.0,
+        [],
+        settings,
+        evaluator,  # type: ignore[arg-type]
+        StartVersion({}, 4.0),
+        tmp_path / "run",
+        lambda line: None,
+    )
+
+
+def test_a_replica_that_refuses_version_0_fails_the_run_before_its_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run went on without it, for its whole schedule, and then lost the whole report (exit
+    # 2: "0.0 is before the first version switch"): that replica had never served a version.
+    import collm_fl.bench.goodput_systems as systems
+
+    clients = _fake_processes(monkeypatch, refuse=True)
+    loads: list[object] = []
+
+    def load(*args: object, **kwargs: object) -> None:
+        loads.append(args)
+        raise AssertionError("the load started")
+
+    monkeypatch.setattr(systems, "_load_and_rounds", load)
+    with pytest.raises(WorkFailed, match=r"replica 1: version 0 not taken: .*409 refused") as e:
+        _run_system(tmp_path)
+    assert "replica 0" not in str(e.value)  # (it took version 0)
+    assert loads == []
+    assert [f.stopped for f in _Federation.made] == [True]
+    assert [c.closed for c in clients] == [True, True]
+
+
+def test_an_interrupt_does_not_wait_for_the_runs_remaining_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C (or SIGTERM, which the CLI raises as one) during a run left the replicas training
+    # until every remaining round was over: asyncio.run joined the thread the rounds ran on
+    # before run_system's `finally` could stop anything.
+    import asyncio
+
+    import collm_fl.bench.goodput_systems as systems
+    from collm_fl.bench.goodput_rounds import FederationLog
+
+    _fake_processes(monkeypatch, refuse=False)
+    rounds: list[Rounds] = []
+
+    class Rounds:
+        def __init__(self, *args: object) -> None:
+            self.running, self.told_to_stop = threading.Event(), threading.Event()
+            self.ran_every_round = False
+            self.progress_line = lambda: ""
+            rounds.append(self)
+
+        def publish_initial(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            self.told_to_stop.set()
+
+        def run(self, t0: float, t0_wall: float) -> FederationLog:
+            self.running.set()
+            # Its rounds, until it is told to stop (5 s: far longer than the run needs to end)
+            self.ran_every_round = not self.told_to_stop.wait(5.0)
+            return FederationLog([], [], {0: 4.0})
+
+    async def interrupted_load(*args: object, **kwargs: object) -> None:
+        while not rounds[0].running.is_set():  # (once the rounds run)
+            await asyncio.sleep(0.01)
+        raise KeyboardInterrupt  # as the CLI's SIGTERM handler raises it
+
+    monkeypatch.setattr(systems, "Orchestrator", Rounds)
+    monkeypatch.setattr(systems, "replay_round_robin", interrupted_load)
+    with pytest.raises(KeyboardInterrupt):
+        _run_system(tmp_path)
+    (orchestrator,) = rounds
+    # Told to stop while its rounds were still running, and the processes stopped.
+    assert orchestrator.told_to_stop.is_set() and not orchestrator.ran_every_round
+    assert [f.stopped for f in _Federation.made] == [True]
+
+
+def test_a_stopped_orchestrator_starts_no_more_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its pacing waits on the stop: told to stop an hour before its first round, it ends now."""
+    import time
+
+    import torch
+
+    from collm_fl.bench.goodput_rounds import Orchestrator, RunSettings, StartVersion
+    from collm_fl.bench.goodput_systems import SYSTEM_SPECS
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # (the test process's)
+    slo = SLOSpec(ttft_s=1.0, tpot_s=0.1)
+    settings = RunSettings("tiny", 2, 3, 10.0, 3600.0, 7.0, 3, 1.0, 5e-4, slo, 8, 4, 30.0, 0)
+    evaluator = SimpleNamespace(
+        cfg=SimpleNamespace(lora=SimpleNamespace(to_peft_config_dict=lambda model: {}))
+    )
+    orch = Orchestrator(
+        SYSTEM_SPECS["merged"],
+        settings,
+        [],
+        [],
+        [],
+        evaluator,  # type: ignore[arg-type]
+        StartVersion({}, 4.0),
+        lambda line: None,
+    )
+    logs = []
+    t0, t0_wall = time.monotonic(), time.time()
+    rounds = threading.Thread(target=lambda: logs.append(orch.run(t0, t0_wall)), daemon=True)
+    rounds.start()
+    orch.stop()
+    rounds.join(timeout=10.0)
+    assert not rounds.is_alive(), "the rounds went on after stop()"
+    assert logs[0].rounds == []
 
 
 def _request(index: int, status: str = "ok") -> RequestResult:

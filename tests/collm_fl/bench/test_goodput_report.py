@@ -1,11 +1,17 @@
 """The goodput report's pure pieces: served quality over time against the goals; a bad
 `collm bench goodput --from-json` file (the round trip itself runs with the quick benchmark)."""
 
+import json
 from pathlib import Path
 
 import pytest
+from goodput_fakes import fake_result, fake_run
 
-from collm_fl.bench.goodput_report import served_loss_at, share_at_least_as_good
+from collm_fl.bench.goodput_report import (
+    served_loss_at,
+    share_at_least_as_good,
+    write_goodput_report,
+)
 from collm_fl.cli import main
 
 
@@ -42,6 +48,27 @@ def test_a_file_that_is_not_a_goodput_report_exits_2(tmp_path, capsys):
     except SystemExit as e:
         code = int(e.code or 0)
     assert code == 2 and "--from-json" in capsys.readouterr().err
+
+
+def test_a_report_that_cannot_be_rendered_exits_2_and_leaves_the_last_report_whole(
+    tmp_path, capsys
+):
+    # A malformed goodput.json crashed `--from-json` (a traceback, exit 1) after it had written
+    # the new JSON beside the last run's markdown.
+    runs = [fake_run("merged", 2.0, {0: 4.0}, met=2), fake_run("collm-fl", 2.0, {0: 4.0}, met=4)]
+    out = tmp_path / "out"
+    write_goodput_report(fake_result(runs, [2.0]), out)
+    before = {name: (out / name).read_text() for name in ("goodput.json", "goodput.md")}
+    for machine in ({"info": {}, "load_avg_start": [], "load_avg_end": []}, None):
+        data = json.loads(before["goodput.json"])
+        data["machine"] = machine  # no machine description (KeyError), or none (AttributeError)
+        data["command"] = "a report that cannot be rendered"
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(data))
+        code = main(["bench", "goodput", "--from-json", str(bad), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and "--from-json: " in err and str(bad) in err, machine
+        assert {name: (out / name).read_text() for name in before} == before, machine
 
 
 def test_the_table_counts_the_requests_not_answered(tmp_path):
