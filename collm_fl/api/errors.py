@@ -142,6 +142,40 @@ def check_bearer(
         )
 
 
+class BearerAuth:
+    """ASGI middleware: check ``Authorization: Bearer <token>`` (as :func:`check_bearer`) before
+    anything reads the request's body.
+
+    Placed outside :class:`BodySizeLimit`, a request without the token is answered 401 having
+    read none of its body: a caller without it cannot make the server buffer a large body (a
+    route's dependency runs only after the body was read). Every HTTP request needs the token.
+    """
+
+    def __init__(
+        self, app: ASGIApp, token: str, what: str = "API key", code: str = "invalid_api_key"
+    ) -> None:
+        self.app = app
+        self.token = token
+        self.what = what
+        self.code = code
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "http":
+            headers = dict(scope.get("headers", []))  # type: ignore[call-overload]
+            authorization = headers.get(b"authorization")
+            try:
+                check_bearer(
+                    None if authorization is None else authorization.decode("latin-1"),
+                    self.token,
+                    self.what,
+                    self.code,
+                )
+            except APIError as e:
+                await _send_error(send, e)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodySizeLimit:
     """ASGI middleware: read the whole request body first, bounded in size and in time.
 
@@ -196,34 +230,39 @@ class BodySizeLimit:
             if not message.get("more_body", False):
                 break
         buffered = b"".join(chunks)
+        del chunks  # (held while the app runs, the body would take twice its size)
         delivered = False
 
         async def replay() -> Message:
-            nonlocal delivered
+            nonlocal delivered, buffered
             if not delivered:
                 delivered = True
-                return {"type": "http.request", "body": buffered, "more_body": False}
+                body, buffered = buffered, b""  # (the app holds it now)
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: disconnect notifications, as usual
 
         await self.app(scope, replay, send)
 
 
 async def _reject(send: Send, status: int, message: str, code: str) -> None:
+    await _send_error(send, APIError(status, message, code=code))
+
+
+async def _send_error(send: Send, error: APIError) -> None:
+    """Answer ``error`` from an ASGI middleware, the body unread (so the connection closes)."""
     body = json.dumps(
         {
             "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "param": None,
-                "code": code,
+                "message": error.message,
+                "type": error.type,
+                "param": error.param,
+                "code": error.code,
             }
         }
     ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-        }
-    )
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+    headers += [
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()
+    ]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -86,10 +86,15 @@ class TrainJob:
     # Its first step waits this long after submission (the allocation's turns: the replicas of a
     # light round train one after another; the deadline still counts from submission).
     start_after_s: float = 0.0
-    # Set when nobody waits for the outcome any more (the caller left): a running job stops at
-    # its step's next layer (that step dropped), with the steps done (a job not started yet is
-    # cancelled instead).
+    # The federation run the round belongs to: a job of a later round of the same run supersedes
+    # this one (see CoTrainer.submit).
+    run: str | None = None
+    # Set when nobody waits for the outcome any more (the caller left, or a later round of its
+    # run superseded it): a running job stops at its step's next layer (that step dropped), with
+    # the steps done (a job not started yet is cancelled, or fails with JobSuperseded, instead).
     abandoned: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
+    # Set (with ``abandoned``) when a later round of its run superseded it.
+    superseded: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,23 @@ class _CallerLeft(_DeadlineReached):
 
 class TrainerStopped(WorkFailed):
     """The trainer was stopped before the job finished."""
+
+
+class JobSuperseded(WorkFailed):
+    """A later round of the job's run was submitted before the job started: it never runs (its
+    round is over; the trainer is the new round's)."""
+
+
+@dataclass(eq=False)
+class _Queued:
+    """A submitted job until the trainer is done with it."""
+
+    job: TrainJob
+    future: Future[TrainOutcome]
+    submitted: float  # the trainer clock's reading at submission (the deadline counts from it)
+    # Its future has left PENDING (started, cancelled, or answered as superseded): read and set
+    # under the trainer's submit lock only, so that exactly one thread takes it out of PENDING.
+    claimed: bool = False
 
 
 class _Worker:
@@ -188,11 +210,13 @@ class CoTrainer:
         checkpoint_output_layer(model)  # steps give way around the LM head too
         self._share = 0.0
         self.set_share(training_share)
-        self._jobs: queue.Queue[tuple[TrainJob, Future[TrainOutcome], float] | None] = queue.Queue()
+        self._jobs: queue.Queue[_Queued | None] = queue.Queue()
+        self._live: list[_Queued] = []  # queued or running (under _submit_lock)
         self._thread: threading.Thread | None = None
         self._worker: _Worker | None = None  # runs the micro-steps (started by start())
         self._stopping = threading.Event()
-        self._wake = threading.Event()  # a job waiting for its start: set by stop() or a cancel
+        # a job waiting for its start: set by stop(), a cancel or a later round's submission
+        self._wake = threading.Event()
         self._submit_lock = threading.Lock()
         self._step_ewma = 0.0  # wall seconds per micro-step (paces the guard's re-checks)
         self._waited_s = 0.0  # the current step's waits at its layers for serving to give way
@@ -234,6 +258,14 @@ class CoTrainer:
             self._worker.stop()
 
     def submit(self, job: TrainJob) -> Future[TrainOutcome]:
+        """Queue ``job``; jobs run one at a time, in order of submission.
+
+        A job of a later round supersedes the queued and running jobs of earlier rounds of its
+        run (``TrainJob.run``): their rounds are over, and the new round's deadline must not
+        pass while they wait for their starts or train. One not started yet fails at once with
+        :class:`JobSuperseded`; a running one stops at its step's next layer, with the steps
+        done. Jobs of the same round (a retry) queue behind each other as before.
+        """
         if job.steps < 0 or job.backfill_steps < 0:
             raise ConfigError(
                 f"steps and backfill steps must be >= 0, got {job.steps} and {job.backfill_steps}"
@@ -248,62 +280,125 @@ class CoTrainer:
         if job.start_after_s and job.exclusive:
             raise ConfigError("start_after_s is for co-executing jobs (exclusive pauses serving)")
         fut: Future[TrainOutcome] = Future()
+        superseded: list[_Queued] = []
         with self._submit_lock:  # (a job queued after stop() would wait for ever)
             if self._stopping.is_set():
                 fut.set_exception(TrainerStopped("replica is shutting down"))
             else:
+                superseded = self._supersede_earlier_rounds(job)
                 # Its deadline counts from now: a job queued behind another (a retry, the next
                 # round) must not train for its whole deadline once it starts.
-                self._jobs.put((job, fut, self.clock()))
+                entry = _Queued(job, fut, self.clock())
+                self._live.append(entry)
+                self._jobs.put(entry)
+        # (answered outside the lock: a callback of the future may submit again)
+        for entry in superseded:
+            log.info(
+                "round %d: training job superseded by round %d before it started",
+                entry.job.round_number,
+                job.round_number,
+            )
+            entry.future.set_exception(
+                JobSuperseded(
+                    f"the training job of round {entry.job.round_number} was superseded by "
+                    f"round {job.round_number} before it started"
+                )
+            )
         return fut
+
+    def _supersede_earlier_rounds(self, job: TrainJob) -> list[_Queued]:
+        """Abandon the live jobs of ``job``'s run from earlier rounds (caller holds the submit
+        lock): a running one stops at its step's next layer; those not started are claimed and
+        returned, for the caller to answer."""
+        not_started: list[_Queued] = []
+        earlier = [
+            e
+            for e in self._live
+            if e.job.run == job.run
+            and e.job.round_number < job.round_number
+            and not e.job.superseded.is_set()
+        ]
+        for entry in earlier:
+            entry.job.superseded.set()
+            entry.job.abandoned.set()
+            if self._claim(entry):  # not started (nor cancelled): it never runs
+                not_started.append(entry)
+        if earlier:
+            self._wake.set()  # (one waiting for its start re-checks)
+            self.engine.notify_change()  # (so does a running one yielding to serving)
+        return not_started
+
+    def _claim(self, entry: _Queued) -> bool:
+        """Take a job's future out of PENDING (caller holds the submit lock): True if it is now
+        running; False if it was cancelled or already claimed."""
+        if entry.claimed:
+            return False
+        entry.claimed = True
+        return entry.future.set_running_or_notify_cancel()  # (False: cancelled)
 
     # ---- trainer thread ----
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            item = self._jobs.get()
-            if item is None:
+            entry = self._jobs.get()
+            if entry is None:
                 break
-            job, fut, submitted = item
-            self._await_start(job, fut, submitted)
-            if not fut.set_running_or_notify_cancel():
-                continue
-            if self._stopping.is_set():  # (stopped while it waited for its start)
-                fut.set_exception(TrainerStopped("replica is shutting down"))
-                continue
-            self.running_job = True
             try:
-                fut.set_result(self._run(job, submitted))
-            except TrainerStopped as e:  # the replica is shutting down: no failure of the job
-                log.info("training job for round %d stopped: %s", job.round_number, e)
-                fut.set_exception(e)
-            except Exception as e:  # the job fails; the trainer (and serving) carry on
-                log.exception("training job for round %d failed", job.round_number)
-                fut.set_exception(e)
+                self._run_entry(entry)
             finally:
-                self.running_job = False
+                with self._submit_lock:
+                    self._live.remove(entry)
         while not self._jobs.empty():  # fail what was never started
-            item = self._jobs.get_nowait()
-            if item is not None and item[1].set_running_or_notify_cancel():
-                item[1].set_exception(TrainerStopped("replica is shutting down"))
+            entry = self._jobs.get_nowait()
+            if entry is None:
+                continue
+            with self._submit_lock:
+                unanswered = self._claim(entry)
+                self._live.remove(entry)
+            if unanswered:
+                entry.future.set_exception(TrainerStopped("replica is shutting down"))
 
-    def _await_start(self, job: TrainJob, fut: Future[TrainOutcome], submitted: float) -> None:
+    def _run_entry(self, entry: _Queued) -> None:
+        """Run a queued job once its start comes, unless it was cancelled or superseded."""
+        job, fut = entry.job, entry.future
+        self._await_start(entry)
+        with self._submit_lock:  # (submit() may have answered it as superseded meanwhile)
+            if not self._claim(entry):
+                return
+        if self._stopping.is_set():  # (stopped while it waited for its start)
+            fut.set_exception(TrainerStopped("replica is shutting down"))
+            return
+        self.running_job = True
+        try:
+            fut.set_result(self._run(job, entry.submitted))
+        except TrainerStopped as e:  # the replica is shutting down: no failure of the job
+            log.info("training job for round %d stopped: %s", job.round_number, e)
+            fut.set_exception(e)
+        except Exception as e:  # the job fails; the trainer (and serving) carry on
+            log.exception("training job for round %d failed", job.round_number)
+            fut.set_exception(e)
+        finally:
+            self.running_job = False
+
+    def _await_start(self, entry: _Queued) -> None:
         """Wait until the job's start (``start_after_s`` after its submission), or until it is
-        cancelled or the trainer stops. Meanwhile the replica reports no training running. (The
-        wait is in real time, measured on ``self.clock``: a test's frozen clock never starts it.)"""
+        cancelled, abandoned (superseded) or the trainer stops. Meanwhile the replica reports no
+        training running. (The wait is in real time, measured on ``self.clock``: a test's
+        frozen clock never starts it.)"""
+        job, fut = entry.job, entry.future
         if job.start_after_s <= 0:
             return
         self._wake.clear()
         fut.add_done_callback(lambda _: self._wake.set())  # (cancelled while waiting)
-        if self._stopping.is_set():  # (a stop before the clear above: its wake was cleared)
+        if self._stopping.is_set() or job.abandoned.is_set():  # (its wake was cleared above)
             return
         log.info(
             "round %d: training starts in %.1fs (its turn)",
             job.round_number,
-            job.start_after_s - (self.clock() - submitted),
+            job.start_after_s - (self.clock() - entry.submitted),
         )
-        while not (fut.cancelled() or self._stopping.is_set()):
-            left = job.start_after_s - (self.clock() - submitted)
+        while not (fut.done() or job.abandoned.is_set() or self._stopping.is_set()):
+            left = job.start_after_s - (self.clock() - entry.submitted)
             if left <= 0:
                 return
             self._wake.wait(left)
@@ -336,7 +431,7 @@ class CoTrainer:
             if self._stopping.is_set():
                 raise TrainerStopped("replica is shutting down")
             if job.abandoned.is_set():
-                log.info("round %d: its caller left: stopped at %d steps", job.round_number, steps)
+                log.info("round %d: %s: stopped at %d steps", job.round_number, _why(job), steps)
                 break
             seen = self.engine.change_count()  # before the decision reads the serving state
             time_left = job.deadline_s - (self.clock() - started)
@@ -396,7 +491,7 @@ class CoTrainer:
                 log.info(
                     "round %d: %s during step %d: dropped it (%d/%d steps done)",
                     job.round_number,
-                    "its caller left" if isinstance(e, _CallerLeft) else "deadline reached",
+                    _why(job) if isinstance(e, _CallerLeft) else "deadline reached",
                     steps + 1,
                     steps,
                     total,
@@ -591,6 +686,11 @@ class CoTrainer:
             behind_schedule=behind,
             only_late=s.only_late,
         )
+
+
+def _why(job: TrainJob) -> str:
+    """Why an abandoned job stops (for the log)."""
+    return "a later round superseded it" if job.superseded.is_set() else "its caller left"
 
 
 def _ewma(old: float, new: float) -> float:

@@ -10,12 +10,15 @@
 - ``POST /control/rollback``           ``{"version": N}``: serve a stored older version again
 - ``GET  /control/status``             versions, slots, trainer state
 
-Every call needs ``Authorization: Bearer <control token>`` (constant-time check). The calls'
-blocking work (decoding and swapping an adapter, an exclusive training job) runs on the control
-API's own threads: the OpenAI API's server shares the event loop, and its tokenization the loop's
-default thread pool, which such work would otherwise fill. A co-executing training job, which
-lasts until its deadline, is queued on the trainer and awaited, holding no thread: however many
-are queued, pushes and rollbacks still find one.
+Every call needs ``Authorization: Bearer <control token>`` (constant-time check), checked before
+any of its body is read: a caller without the token cannot make the replica buffer an adapter's
+worth of body (up to ``MAX_ADAPTER_BYTES``). The calls' blocking work (decoding and swapping an
+adapter, an exclusive training job) runs on the control API's own threads: the OpenAI API's
+server shares the event loop, and its tokenization the loop's default thread pool, which such
+work would otherwise fill. A co-executing training job, which lasts until its deadline, is queued
+on the trainer and awaited, holding no thread: however many are queued, pushes and rollbacks
+still find one. A job of a later round of its run supersedes it (``CoTrainer.submit``): one not
+started yet is answered 409 ``superseded``.
 """
 
 from __future__ import annotations
@@ -27,17 +30,17 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Annotated, TypeVar
+from typing import TypeVar
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from collm_fl.api.disconnect import ClientGone, unless_client_leaves
 from collm_fl.api.errors import (
     APIError,
+    BearerAuth,
     BodySizeLimit,
-    check_bearer,
     install_error_handlers,
     overloaded,
 )
@@ -49,7 +52,7 @@ from collm_fl.errors import (
     VersionConflictError,
     VersionNotStoredError,
 )
-from collm_fl.replica.coexec import TrainerStopped
+from collm_fl.replica.coexec import JobSuperseded, TrainerStopped
 from collm_fl.replica.runtime import DEFAULT_RUN, SWAP_MODES, Replica
 from collm_fl.replica.slots import NoFreeSlotError, ShadowStateError
 from collm_fl.replica.wire import decode_adapter, encode_adapter
@@ -112,18 +115,15 @@ def create_control_app(
     app.add_middleware(  # type: ignore[arg-type]
         BodySizeLimit, max_bytes=MAX_ADAPTER_BYTES, read_timeout_s=body_timeout_s
     )
+    # Added last, so it runs first: the token is checked before the body is read.
+    app.add_middleware(  # type: ignore[arg-type]
+        BearerAuth,
+        token=token,
+        what="control token (the replica's --control-token or $COLLM_CONTROL_TOKEN)",
+        code="invalid_control_token",
+    )
 
-    def auth(authorization: Annotated[str | None, Header()] = None) -> None:
-        check_bearer(
-            authorization,
-            token,
-            "control token (the replica's --control-token or $COLLM_CONTROL_TOKEN)",
-            code="invalid_control_token",
-        )
-
-    guarded = [Depends(auth)]
-
-    @app.put("/control/adapters/{version}", dependencies=guarded)
+    @app.put("/control/adapters/{version}")
     async def push(
         version: int, request: Request, run: str = DEFAULT_RUN, mode: str = "shadow"
     ) -> dict[str, object]:
@@ -144,7 +144,7 @@ def create_control_app(
             raise error from e
         return {"status": "served", **asdict(result)}
 
-    @app.post("/control/train", dependencies=guarded)
+    @app.post("/control/train")
     async def train(body: TrainBody, request: Request) -> Response:
         served = replica.served_version
         if body.base_version is not None and served != body.base_version:
@@ -205,6 +205,8 @@ def create_control_app(
         except ConfigError as e:
             _restore_share(body.share, before)
             raise APIError(400, str(e), code="cannot_train") from e
+        except JobSuperseded as e:  # a later round's job came before this one started
+            raise APIError(409, str(e), code="superseded") from e
         except TrainerStopped as e:  # SIGTERM: the job ends with the replica
             raise APIError(503, str(e), "server_error", code="shutting_down") from e
         except FloatingPointError as e:  # a non-finite loss or gradient: no state to send
@@ -242,7 +244,7 @@ def create_control_app(
         if asked is not None and replica.trainer is not None and replica.training_share == asked:
             replica.set_training_share(before)
 
-    @app.get("/control/load", dependencies=guarded)
+    @app.get("/control/load")
     async def load(reset: bool = False) -> dict[str, float]:
         if reset:  # a GET must not change state: a retried one would split the window
             raise APIError(
@@ -253,11 +255,11 @@ def create_control_app(
             )
         return replica.load_report(reset=False).to_metrics(prefix="")
 
-    @app.post("/control/load/reset", dependencies=guarded)
+    @app.post("/control/load/reset")
     async def load_reset() -> dict[str, float]:
         return replica.load_report(reset=True).to_metrics(prefix="")
 
-    @app.put("/control/share", dependencies=guarded)
+    @app.put("/control/share")
     async def share(body: ShareBody) -> dict[str, float]:
         try:
             replica.set_training_share(body.share)
@@ -265,7 +267,7 @@ def create_control_app(
             raise APIError(400, str(e), code="cannot_train") from e
         return {"share": replica.training_share}
 
-    @app.post("/control/rollback", dependencies=guarded)
+    @app.post("/control/rollback")
     async def rollback(body: RollbackBody) -> dict[str, object]:
         try:
             result = await off_loop(replica.rollback, body.version)
@@ -281,7 +283,7 @@ def create_control_app(
             raise error from e
         return {"status": "served", **asdict(result)}
 
-    @app.get("/control/status", dependencies=guarded)
+    @app.get("/control/status")
     async def status() -> dict[str, object]:
         return {
             "model": replica.cfg.model,

@@ -77,7 +77,7 @@ LATE_RECHECK_S = 0.25
 class EngineStats:
     """A consistent snapshot of the engine's load, for the SLO guard and the co-execution loop."""
 
-    queue_depth: int  # submitted, not yet admitted
+    queue_depth: int  # submitted, not yet admitted (nor cancelled)
     running: int  # admitted, not yet finished
     oldest_waiting_s: float  # age of the oldest waiting request (0 if none)
     tokens_generated: int  # total since start
@@ -219,6 +219,10 @@ class InferenceEngine:
             if self._thread is None or self._stopping:
                 raise EngineStoppedError("the inference engine is not running")
             if len(self._waiting) >= self.max_queue:
+                # A step can last seconds: requests whose clients left meanwhile go now, not
+                # at its end, so they never turn a live request away.
+                self._drop_cancelled_waiting()
+            if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests already waiting")
             self._waiting.append(handle)
             self._changed()
@@ -227,12 +231,13 @@ class InferenceEngine:
     def stats(self) -> EngineStats:
         with self.busy_changed:
             now = time.monotonic()
-            oldest = now - self._waiting[0].arrival if self._waiting else 0.0
+            live = [h for h in self._waiting if not h.cancelled]  # (cancelled: leaving)
+            oldest = now - live[0].arrival if live else 0.0
             late_rest = self._late_rest_s
             if self._late_rest_since is not None:
                 late_rest += now - self._late_rest_since
             return EngineStats(
-                queue_depth=len(self._waiting),
+                queue_depth=len(live),
                 running=self._active,
                 oldest_waiting_s=oldest,
                 tokens_generated=self._tokens_generated,
@@ -459,8 +464,11 @@ class InferenceEngine:
     def _admit(self) -> list[Row]:
         rows: list[Row] = []
         with self.busy_changed:
+            # Every step, also when no row is free: a request whose client left stops counting
+            # as queued.
+            self._drop_cancelled_waiting()
             for handle in self._ordered_for_admission():
-                if handle.cancelled:  # never admitted: nothing to release
+                if handle.cancelled:  # (cancelled since) never admitted: nothing to release
                     self._finished += 1
                     handle._push(TokenEvent(None, "", FINISH_CANCELLED))
                     continue
@@ -474,16 +482,21 @@ class InferenceEngine:
                 self._changed()
         return rows
 
-    def _ordered_for_admission(self) -> Iterator[RequestHandle]:
-        """Take the requests to admit now off the queue, in order (``busy_changed`` held).
+    def _drop_cancelled_waiting(self) -> None:
+        """Finish the waiting requests whose clients left (``busy_changed`` held); never
+        admitted, they hold nothing to release."""
+        cancelled = [h for h in self._waiting if h.cancelled]
+        if not cancelled:
+            return
+        self._waiting = deque(h for h in self._waiting if not h.cancelled)
+        self._finished += len(cancelled)
+        for handle in cancelled:
+            handle._push(TokenEvent(None, "", FINISH_CANCELLED))
+        self._changed()
 
-        Cancelled requests are yielded first, every step, also when no row is free (they take
-        none): the caller finishes them, so a request whose client left stops counting as queued.
-        """
+    def _ordered_for_admission(self) -> Iterator[RequestHandle]:
+        """Take the requests to admit now off the queue, in order (``busy_changed`` held)."""
         now = time.monotonic()
-        for handle in [h for h in self._waiting if h.cancelled]:
-            self._waiting.remove(handle)
-            yield handle
         if self.schedule == "fcfs":
             admitted = 0
             while self._waiting and len(self._batch) + admitted < self.max_batch_size:

@@ -75,6 +75,7 @@ class LoadWindow:
         self._records: deque[RequestRecord] = deque(maxlen=max_records)
         self._since = time.monotonic()
         self._busy_at_since = 0.0  # the engine's cumulative busy seconds at the window start
+        self._steps_at_since = 0  # the trainer's cumulative steps at the window start
         self._overflowed = False  # older records of this window were dropped
 
     def add(self, record: RequestRecord) -> None:
@@ -91,12 +92,15 @@ class LoadWindow:
         reset: bool,
         serving_busy_s: float = 0.0,
     ) -> LoadReport:
-        """Summary since the last reset; ``serving_busy_s`` is the engine's cumulative busy time."""
+        """Summary since the last reset. ``training_steps`` and ``serving_busy_s`` are the
+        trainer's cumulative steps and the engine's cumulative busy time: the report has those
+        of this window."""
         with self._lock:
             records = list(self._records)
             now = time.monotonic()
             window = max(now - self._since, 1e-9)
             busy = max(0.0, serving_busy_s - self._busy_at_since)
+            steps = max(0, training_steps - self._steps_at_since)
             # Rates are per the time the kept records span: over a full window, the oldest ones
             # were dropped, and dividing what is left by the whole window would undercount.
             kept = max(now - records[0].finished_at, 1e-9) if self._overflowed else window
@@ -104,6 +108,7 @@ class LoadWindow:
                 self._records.clear()
                 self._since = now
                 self._busy_at_since = serving_busy_s
+                self._steps_at_since = training_steps
                 self._overflowed = False
         report = summarize(
             records,
@@ -112,7 +117,7 @@ class LoadWindow:
             queue_depth,
             running,
             training_share,
-            training_steps,
+            steps,
             min(1.0, busy / window),
         )
         return replace(report, window_s=window) if kept < window else report

@@ -323,12 +323,15 @@ class Replica:
                     if aside is not None:
                         aside.rename(vdir)
                 raise
-            if aside is not None:
-                remove_adapter_dir(aside)
             # A newer version serves now: a restart serves the newest again, not a rollback's.
             with contextlib.suppress(FileNotFoundError):
                 (vdir.parent / ROLLED_BACK).unlink()
             self._remember_run(run)
+            if aside is not None:
+                try:
+                    remove_adapter_dir(aside)
+                except StoreError as e:  # served and stored all the same; a restart removes it
+                    log.warning("could not remove the old copy of version %d: %s", version, e)
             self._prune_versions(run)
             return SwapResult(version, previous, 1e3 * (time.perf_counter() - started), time.time())
 
@@ -442,18 +445,24 @@ class Replica:
                 )
             started = time.perf_counter()
             state, config = read_adapter_dir(self.version_dir(version))
-            if self.merged.current is not None:
-                with self.serving_paused():
-                    self.merged.clear()
             # Remembered before it is served: a restart serves this version again, not the
             # newest stored one (which was rolled back from; a later push clears it). Written
             # after, a crash between the two served the version rolled back from again.
             marker = self.version_dir(version).parent / ROLLED_BACK
             before = marker.read_text() if marker.exists() else None
             write_text_atomic(marker, f"{version}\n")
+            merged = self.merged.current
             try:
+                if merged is not None:
+                    with self.serving_paused():
+                        self.merged.clear()
                 previous = self._load_and_promote(state, config, version, self.run)
-            except BaseException:  # not served: the marker as it was
+            except BaseException:
+                # Not served: serving goes on with what it served (merged back, as ``_swap``
+                # does, never the plain base), and the marker is as it was.
+                if merged is not None and self.merged.current is None:
+                    with self.serving_paused():
+                        self.merged.replace(merged[1], merged[0])
                 with contextlib.suppress(OSError):
                     if before is None:
                         marker.unlink(missing_ok=True)
@@ -601,7 +610,10 @@ class Replica:
     ) -> Future[TrainOutcome]:
         """Queue a co-executing job (as :meth:`train`, not exclusive) without waiting for it: the
         future resolves once it has ended and been counted in the metrics, so that a caller on
-        an event loop can await it without holding a thread for the whole job."""
+        an event loop can await it without holding a thread for the whole job.
+
+        The job is of the served run (``base_run`` if given): it supersedes that run's jobs of
+        earlier rounds (``CoTrainer.submit``), one not started failing with ``JobSuperseded``."""
         if self.trainer is None:
             raise ConfigError("this replica has no training data (start it with --data)")
         if self.merged.current is not None:
@@ -614,6 +626,7 @@ class Replica:
             round_number,
             backfill_steps=backfill_steps,
             start_after_s=start_after_s,
+            run=self.run if base_run is None else base_run,
         )
         counted: Future[TrainOutcome] = Future()
 

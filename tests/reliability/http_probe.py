@@ -164,7 +164,7 @@ def fuzz_operation(probe: Probe, operation: APIOperation, mode: str) -> None:
         # The same body with a valid key and model reaches validation, the engine, generation.
         if case.method == "POST" and isinstance(case.body, dict):
             case.headers = {**(case.headers or {}), **auth()}
-            case.body = {**case.body, "model": "tiny"}
+            case.body = {**case.body, "model": "tiny", **short_output(case.body)}
             r = case.call(timeout=REQUEST_TIMEOUT_S)
             STATS[f"fuzz {mode}, valid key+model"] += 1
             assert_well_formed(r.status_code, r.headers, r.content)
@@ -173,20 +173,43 @@ def fuzz_operation(probe: Probe, operation: APIOperation, mode: str) -> None:
     fuzz()
 
 
+# The output a valid fuzzed request may ask for: generation is not what is fuzzed, and a chat
+# request without a limit (the room its prompt leaves) or with a large one made the chat cases
+# take 90 s of the suite's time. Values out of range or of the wrong type, and two limits that
+# differ, are left as generated (their errors are what is fuzzed).
+SHORT_OUTPUT = 8
+LIMITS = ("max_tokens", "max_completion_tokens")
+
+
+def short_output(body: dict[str, object]) -> dict[str, object]:
+    """The output limits of ``body`` (with a valid key and model) to send instead."""
+    given = {k: body[k] for k in LIMITS if k in body}
+    if len(set(map(repr, given.values()))) > 1:  # two limits that differ: a 400 to check
+        return {}
+    if not given:
+        return {"max_tokens": SHORT_OUTPUT}
+    return {
+        k: SHORT_OUTPUT if type(v) is int and SHORT_OUTPUT < v <= 1_000_000 else v
+        for k, v in given.items()
+    }
+
+
 def open_partial_request(
     server: Server,
     declared: int,
     sent: bytes,
     path: str = "/v1/completions",
     port: int | None = None,
+    key: str = API_KEY,
 ) -> socket.socket:
     """A POST (a completion by default) whose headers promise ``declared`` body bytes; ``sent`` is
-    all sent. ``port``: another port of the server's (a replica's control API)."""
+    all sent. ``port``: another port of the server's (a replica's control API, with its ``key``:
+    a call without the token is refused before its body is read)."""
     port = server.port if port is None else port
     s = socket.create_connection(("127.0.0.1", port), timeout=REQUEST_TIMEOUT_S)
     s.sendall(
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
-        + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {declared}\r\n\r\n".encode()
+        + f"Authorization: Bearer {key}\r\nContent-Length: {declared}\r\n\r\n".encode()
         + sent
     )
     return s

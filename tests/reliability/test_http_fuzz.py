@@ -267,9 +267,13 @@ def test_a_client_that_stops_sending_does_not_hold_up_others(replica):
 
 @pytest.mark.parametrize("api", ["openai", "control"])
 def test_the_body_timeout_flag_sets_both_apis_timeout(spare_replica, api):
-    port = spare_replica.port if api == "openai" else spare_replica.control_port
+    port, key = (
+        (spare_replica.port, API_KEY)
+        if api == "openai"
+        else (spare_replica.control_port, spare_replica.token)
+    )
     path = "/v1/completions" if api == "openai" else "/control/train"
-    s = open_partial_request(spare_replica, 100, b'{"model"', path=path, port=port)
+    s = open_partial_request(spare_replica, 100, b'{"model"', path=path, port=port, key=key)
     STATS["raw socket"] += 1
     try:
         s.settimeout(SPARE_BODY_TIMEOUT_S + 10.0)  # (not the default's 30 s)

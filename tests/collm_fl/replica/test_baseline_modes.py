@@ -312,6 +312,28 @@ def test_a_reload_that_fails_after_leaving_a_merged_version_serves_it_again(
     assert_base_weights(replica, served)
 
 
+def test_a_failed_rollback_from_a_merged_version_keeps_serving_it(
+    make_replica, monkeypatch
+) -> None:
+    replica = make_replica()
+    shapes = replica.modules.expected_shapes()
+    replica.push_version(adapter(shapes, 1, 0.01), CONFIG, 1)
+    replica.push_version(adapter(shapes, 2, 0.01), CONFIG, 2, mode="merge")
+    assert (replica.served_version, replica.slots.merged_version) == (2, 2)
+    served = base_weights(replica)
+
+    def no_slot(*_: object, **__: object) -> None:
+        raise NoFreeSlotError("every slot pinned")
+
+    monkeypatch.setattr(replica.slots, "load_shadow", no_slot)
+    with pytest.raises(NoFreeSlotError):
+        replica.rollback(1)
+    assert (replica.served_version, replica.slots.merged_version) == (2, 2)
+    assert_base_weights(replica, served)
+    handle = generate(replica, "To be, or not to be", "after")
+    assert (handle.slot, handle.version) == (NO_SLOT, 2)
+
+
 def test_control_api_passes_mode_and_exclusive_through(
     start_replica, tiny_fresh: LoadedModel
 ) -> None:

@@ -611,3 +611,82 @@ def test_a_non_finite_gradient_fails_the_step_before_the_weights_change(replica,
         replica.train(steps=1, learning_rate=1e-3, deadline_s=60, round_number=1)
     trained = replica.modules.get_training_state()
     assert all(np.isfinite(v).all() for v in trained.values())
+
+
+def test_a_later_round_supersedes_an_earlier_rounds_job_not_started(replica):
+    # The round-2 job waited behind round 1's (its turn 50 s away, then its steps) and trained
+    # no step before its own deadline; round 1's was answered only after its turn.
+    from collm_fl.replica.coexec import JobSuperseded
+
+    old = replica.submit_training(2, 1e-3, 60, 1, start_after_s=50)
+    new = replica.submit_training(2, 1e-3, 60, 2)
+    assert old.done()  # answered as the later round came, not when its turn would have
+    with pytest.raises(JobSuperseded, match="round 1 was superseded by round 2"):
+        old.result(timeout=0)
+    outcome = new.result(timeout=45)  # (long before round 1's turn)
+    assert outcome.steps == 2 and not outcome.deadline_hit
+
+
+def test_a_later_round_stops_an_earlier_rounds_running_step_at_its_next_layer(replica, monkeypatch):
+    trainer = replica.trainer
+    assert trainer is not None
+    turn = replica.engine.wait_for_training_turn
+    old: list = []
+
+    def serving_keeps_the_core_while_round_1_runs(timeout: float) -> bool:
+        return turn(timeout) if old[0].done() else False
+
+    monkeypatch.setattr(
+        replica.engine, "wait_for_training_turn", serving_keeps_the_core_while_round_1_runs
+    )
+    old.append(replica.submit_training(3, 1e-3, 600, 1))
+    wait_for(lambda: trainer.running_job, 60, "round 1's step to start")
+    new = replica.submit_training(1, 1e-3, 60, 2)
+    stopped = old[0].result(timeout=30)  # (its deadline is 600 s away)
+    assert stopped.steps == 0 and stopped.abandoned_step and not stopped.deadline_hit
+    assert new.result(timeout=60).steps == 1
+
+
+def test_jobs_of_the_same_or_an_earlier_round_or_another_run_queue_as_before(replica):
+    jobs = [
+        replica.submit_training(1, 1e-3, 60, 2),
+        replica.submit_training(1, 1e-3, 60, 2),  # (a retry)
+        replica.submit_training(1, 1e-3, 60, 1),  # (late: it supersedes nothing)
+    ]
+    assert [j.result(timeout=60).steps for j in jobs] == [1, 1, 1]
+    trainer = replica.trainer
+    assert trainer is not None
+    from collm_fl.replica.coexec import TrainJob
+
+    state = replica.modules.get_training_state()
+    other = trainer.submit(TrainJob(state, 1, 1e-3, 60, 1, start_after_s=0.5, run="other"))
+    mine = replica.submit_training(1, 1e-3, 60, 2)
+    assert other.result(timeout=60).steps == 1 and mine.result(timeout=60).steps == 1
+
+
+def test_a_superseded_training_job_is_a_409_superseded(monkeypatch):
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from collm_fl.replica.coexec import JobSuperseded
+    from collm_fl.replica.control import create_control_app
+
+    def submit_training(*args: object, **kwargs: object) -> Future:
+        job: Future = Future()
+        job.set_exception(JobSuperseded("the training job of round 1 was superseded by round 2"))
+        return job
+
+    replica = SimpleNamespace(
+        served_version=0, training_share=0.5, submit_training=submit_training, trainer=object()
+    )
+    with TestClient(create_control_app(replica, "t0ken")) as client:
+        r = client.post(
+            "/control/train",
+            json={"round": 1, "steps": 1, "learning_rate": 1e-3, "deadline_s": 60},
+            headers={"Authorization": "Bearer t0ken"},
+        )
+    assert r.status_code == 409
+    error = r.json()["error"]
+    assert error["code"] == "superseded" and "superseded by round 2" in error["message"]

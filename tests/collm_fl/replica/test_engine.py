@@ -240,6 +240,21 @@ def test_full_queue_bad_prompts_and_stopped_engine_are_refused(rig: Rig) -> None
         rig.submit(prompt)
 
 
+def test_requests_whose_clients_left_do_not_fill_the_queue(rig: Rig) -> None:
+    prompt = rig.prompt(PROMPTS[0])
+    finished_before = rig.engine.stats().requests_finished
+    with rig.engine.busy_changed:  # holds the engine thread off the queue: no step purges it
+        left = [rig.submit(prompt) for _ in range(rig.engine.max_queue)]
+        for h in left:
+            h.cancel()
+        assert rig.engine.stats().queue_depth == 0
+        live = rig.submit(prompt)
+        assert rig.engine.stats().queue_depth == 1
+    assert all(h.finished and h.finish_reason == "cancelled" for h in left)
+    assert live.wait(TIMEOUT) and live.finish_reason in ("length", "stop")
+    assert rig.engine.stats().requests_finished == finished_before + len(left) + 1
+
+
 def test_cancel_drops_the_row_and_releases_its_slot(rig: Rig) -> None:
     rig.load(version=1, seed=1)
     prompt = rig.prompt(PROMPTS[0])

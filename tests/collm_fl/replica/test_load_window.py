@@ -74,3 +74,13 @@ def test_rates_over_a_full_window_are_per_the_time_its_kept_records_span(clock):
     window.add(RequestRecord(200.0, ttft=0.2, tpot=0.05, status="ok", output_tokens=1))
     clock[0] = 210.0
     assert window.report(0, 0, 0.0, 0, reset=True).request_rate == pytest.approx(0.1)
+
+
+def test_training_steps_are_those_since_the_last_reset(clock):
+    # The trainer's lifetime total was reported: every window after the first counted the
+    # steps of all earlier ones too.
+    window = LoadWindow(SLO(ttft_s=1.0, tpot_s=0.1))
+    assert window.report(0, 0, 0.5, training_steps=4, reset=True).training_steps == 4
+    assert window.report(0, 0, 0.5, training_steps=4, reset=True).training_steps == 0
+    assert window.report(0, 0, 0.5, training_steps=7, reset=False).training_steps == 3
+    assert window.report(0, 0, 0.5, training_steps=9, reset=True).training_steps == 5

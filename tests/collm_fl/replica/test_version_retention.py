@@ -231,3 +231,36 @@ def test_a_rollback_is_remembered_before_it_is_served_and_not_if_it_fails(
     with pytest.raises(RuntimeError, match="the load failed"):
         r.rollback(2)
     assert marker.read_text() == "1\n" and r.served_version == 1
+
+
+def test_a_served_push_is_remembered_even_if_its_old_copy_cannot_be_removed(
+    make_replica, monkeypatch
+):
+    """v3 pushed again after a rollback to v1: the new copy serves, so the push succeeded even
+    if the old copy set aside cannot be removed (a restart removes it); a restart serves v3,
+    not the rollback's v1."""
+    import collm_fl.replica.runtime as runtime
+    from collm_fl.errors import StoreError
+    from collm_fl.replica.runtime import ASIDE_PREFIX, ROLLED_BACK
+
+    r = make_replica(keep=0)
+    for v in range(4):
+        push(r, v)
+    r.rollback(1)
+    marker = r.version_dir(1).parent / ROLLED_BACK
+    assert marker.exists()
+    remove = runtime.remove_adapter_dir
+
+    def removing(path):
+        if path.name.startswith(ASIDE_PREFIX):
+            raise StoreError(f"{path}: cannot remove adapter: device busy")
+        remove(path)
+
+    monkeypatch.setattr(runtime, "remove_adapter_dir", removing)
+    push(r, 3)
+    monkeypatch.undo()
+    assert r.served_version == 3 and not marker.exists()
+    r.stop()
+    again = make_replica(keep=0)
+    assert again.recover() == 3 and again.served_version == 3
+    assert not [p for p in marker.parent.iterdir() if p.name.startswith(ASIDE_PREFIX)]
