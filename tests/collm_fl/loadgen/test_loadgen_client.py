@@ -8,7 +8,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -375,17 +375,19 @@ def test_requests_due_but_not_sent_when_the_load_stops_count_as_misses(server_ur
     assert summary.requests == 2 and summary.slo_met == 0
 
 
-def test_an_abandoned_replay_returns_at_once_with_its_requests_in_flight_marked(
+def _replay_until_abandoned(
     server_url: str,
-) -> None:
-    # A second Ctrl-C: what finished is kept, what is still in flight is recorded as abandoned.
-    specs = [RequestSpec(0.0, "x", 2), RequestSpec(0.0, "HANG", 5), RequestSpec(3600.0, "x", 2)]
+    specs: list[RequestSpec],
+    give_up: Callable[[ReplayProgress], bool],
+    route: Callable[[int], str] | None = None,
+) -> list[RequestResult]:
+    """Replay ``specs``, then stop and abandon it (a second Ctrl-C) once ``give_up`` says so."""
 
     async def run() -> list[RequestResult]:
         stop, abandon = asyncio.Event(), asyncio.Event()
 
-        def give_up_once_one_finished(p: ReplayProgress) -> None:
-            if p.completed:  # the quick one is done, the hanging one is in flight
+        def progress(p: ReplayProgress) -> None:
+            if give_up(p):
                 stop.set()
                 abandon.set()
 
@@ -394,14 +396,24 @@ def test_an_abandoned_replay_returns_at_once_with_its_requests_in_flight_marked(
             MODEL,
             specs,
             timeout_s=600.0,
-            progress=give_up_once_one_finished,
+            progress=progress,
             progress_every_s=0.01,
             stop=stop,
             abandon=abandon,
+            route=route,
         )
         return await asyncio.wait_for(abandoned, timeout=30.0)  # not the 600-s timeout
 
-    results = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_an_abandoned_replay_returns_at_once_with_its_requests_in_flight_marked(
+    server_url: str,
+) -> None:
+    # A second Ctrl-C: what finished is kept, what is still in flight is recorded as abandoned.
+    specs = [RequestSpec(0.0, "x", 2), RequestSpec(0.0, "HANG", 5), RequestSpec(3600.0, "x", 2)]
+    # (the quick one is done, the hanging one is in flight)
+    results = _replay_until_abandoned(server_url, specs, lambda p: bool(p.completed))
     assert [(r.index, r.status) for r in results] == [(0, "ok"), (1, "abandoned")]
     assert results[1].e2e_s is not None and results[1].error.startswith("abandoned")
 
@@ -416,28 +428,9 @@ def test_an_abandoned_request_keeps_how_late_it_was_sent(server_url: str) -> Non
         time.sleep(0.2)  # (the lag under test, not a wait for anything)
         return server_url
 
-    async def run() -> list[RequestResult]:
-        stop, abandon = asyncio.Event(), asyncio.Event()
-
-        def give_up_once_the_server_has_it(_: ReplayProgress) -> None:
-            if RECEIVED[0] > before:
-                stop.set()
-                abandon.set()
-
-        abandoned = replay(
-            server_url,
-            MODEL,
-            specs,
-            timeout_s=600.0,
-            progress=give_up_once_the_server_has_it,
-            progress_every_s=0.01,
-            stop=stop,
-            route=slow_route,
-            abandon=abandon,
-        )
-        return await asyncio.wait_for(abandoned, timeout=30.0)
-
-    results = asyncio.run(run())
+    results = _replay_until_abandoned(
+        server_url, specs, lambda _: RECEIVED[0] > before, route=slow_route
+    )
     assert [(r.index, r.status) for r in results] == [(0, "abandoned")]
     lag = results[0]
     assert lag.sent_at is not None and lag.late_s == lag.sent_at - specs[0].offset_s
