@@ -123,10 +123,10 @@ def run_goodput_benchmark(
     if trace is None and arrivals not in ARRIVAL_KINDS:
         raise ConfigError(f"arrivals: expected one of {ARRIVAL_KINDS}, got {arrivals!r}")
     trace_rows = load_azure_trace(trace) if trace else None  # a bad trace fails before any run
-    if trace_rows is not None and rates:
-        check_trace_span(trace_rows, rates, (WARMUP_FRACTION + rounds) * duration_per_round_s)
     if rates:  # (as the runs will build them: settings.schedule_s, the seed of each rate)
-        schedule_s = WARMUP_FRACTION * duration_per_round_s + rounds * duration_per_round_s
+        schedule_s = (WARMUP_FRACTION + rounds) * duration_per_round_s
+        if trace_rows is not None:
+            check_trace_span(trace_rows, rates, schedule_s)
         check_rate_schedules(rates, schedule_s, arrivals, trace_rows, seed)
     started = time.monotonic()
     run_id = uuid.uuid4().hex  # names its request records too (goodput_report.has_request_records)
